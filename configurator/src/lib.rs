@@ -1,0 +1,16 @@
+//! Per-application TOML configuration for appshot.
+//!
+//! The whole point of this crate is that a malformed file is refused with a
+//! message naming the file, the line and column, and the offending field, so
+//! an operator can fix it without guessing.
+#![forbid(unsafe_code)]
+
+mod error;
+mod model;
+mod parse;
+
+pub use error::ConfigError;
+pub use model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol};
+
+#[cfg(test)]
+mod tests;

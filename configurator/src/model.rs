@@ -1,0 +1,199 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// A validated application config; every field already holds a usable value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppConfig {
+    pub aid: Option<String>,
+    pub name: Option<String>,
+    pub command: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub allocation_timeout: Duration,
+    pub port_range: PortRange,
+    /// Empty means every TCP port below the ephemeral range is multiplexed.
+    pub ports: Vec<PortSpec>,
+}
+
+impl AppConfig {
+    const DEFAULT_ALLOCATION_TIMEOUT: Duration = Duration::from_millis(2000);
+    /// Ten minutes: beyond this a blocked bind looks like a hang, so a larger
+    /// value is far more likely a unit mix-up (seconds vs ms) than intent.
+    pub(crate) const MAX_ALLOCATION_TIMEOUT_MS: u64 = 600_000;
+
+    pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// `origin` only labels error messages; nothing is read from it.
+    pub fn parse(text: &str, origin: &Path) -> Result<AppConfig, ConfigError> {
+        crate::parse::parse(text, origin)
+    }
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            aid: None,
+            name: None,
+            command: Vec::new(),
+            cwd: None,
+            env: BTreeMap::new(),
+            allocation_timeout: Self::DEFAULT_ALLOCATION_TIMEOUT,
+            port_range: PortRange::default(),
+            ports: Vec::new(),
+        }
+    }
+}
+
+/// Inclusive range of real ports the allocator may hand out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange {
+            start: 20000,
+            end: 29999,
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (start, end) = s.split_once('-').ok_or_else(|| {
+            format!("port range `{s}` must look like START-END, e.g. 20000-29999")
+        })?;
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!(
+                "port range `{s}`: `{}` is not a port number between 1 and 65535",
+                p.trim()
+            )),
+            Ok(port) => Ok(port),
+        };
+        let (start, end) = (port(start)?, port(end)?);
+        if start > end {
+            return Err(format!(
+                "port range `{s}` is empty: start {start} is above end {end}"
+            ));
+        }
+        Ok(PortRange { start, end })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+/// Checks an application id. The id names directories and appears in paths,
+/// so it is held to a conservative, shell- and filesystem-safe alphabet.
+pub fn validate_aid(aid: &str) -> Result<(), String> {
+    validate_identifier("application id", aid)
+}
+
+/// Checks an instance name; same rules as the AID because it also becomes a
+/// directory name.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    validate_identifier("instance name", name)
+}
+
+fn validate_identifier(what: &str, value: &str) -> Result<(), String> {
+    const MAX_LEN: usize = 64;
+    if value.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} `{value}` contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    // Only ASCII is left, so the byte length is the character count.
+    if value.len() > MAX_LEN {
+        return Err(format!(
+            "{what} is {} characters long; at most {MAX_LEN} are allowed",
+            value.len()
+        ));
+    }
+    // Both consist of allowed characters but would escape or alias the
+    // directory the identifier is meant to name.
+    if value == "." || value == ".." {
+        return Err(format!("{what} must not be `{value}`"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_round_trips() {
+        let range: PortRange = "1-65535".parse().unwrap();
+        assert_eq!(
+            range,
+            PortRange {
+                start: 1,
+                end: 65535
+            }
+        );
+        assert_eq!(range.to_string(), "1-65535");
+        assert_eq!(PortRange::default().to_string(), "20000-29999");
+        assert_eq!("80-80".parse::<PortRange>().unwrap().start, 80);
+    }
+
+    #[test]
+    fn port_range_rejects_nonsense() {
+        for bad in ["", "abc", "300-200", "0-10", "1-70000", "-5", "5-", "1-2-3"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn identifiers() {
+        for good in ["shop", "Shop_1.v2-x", &"a".repeat(64)] {
+            assert_eq!(validate_aid(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a/b", "a b", "é", ".", "..", &"a".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_aid("a/b").unwrap_err().contains("'/'"));
+    }
+}

@@ -1,0 +1,294 @@
+//! Deserialization into a span-carrying mirror of the file, then validation
+//! into [`AppConfig`]. Keeping the raw structs private lets every field keep
+//! its `Spanned` position without leaking that into the public model.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_path_to_error::Segment;
+use toml::Spanned;
+
+use crate::error::ConfigError;
+use crate::model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    aid: Option<Spanned<String>>,
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    command: Vec<Spanned<String>>,
+    cwd: Option<Spanned<String>>,
+    // Keys stay plain strings: a `Spanned` key hides the key from
+    // serde_path_to_error, and the value's span is on the same line anyway.
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    // Signed so a negative value gets our range message, not a serde type error.
+    allocation_timeout_ms: Option<Spanned<i64>>,
+    port_range: Option<Spanned<String>>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    // Wider than u16 so 0 and 70000 share one clear range message.
+    port: Spanned<i64>,
+    protocol: Option<Spanned<String>>,
+}
+
+/// The file being parsed, for turning spans into located errors.
+struct Source<'a> {
+    text: &'a str,
+    origin: &'a Path,
+}
+
+impl Source<'_> {
+    fn invalid(
+        &self,
+        span: Range<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::invalid(self.origin, self.text, Some(span), field, message)
+    }
+
+    /// A string that ends up in argv, environ or a path, where NUL cannot be
+    /// represented and would only fail later, far from the config file.
+    fn c_string(
+        &self,
+        value: Spanned<String>,
+        field: &str,
+        allow_empty: bool,
+    ) -> Result<String, ConfigError> {
+        if !allow_empty && value.get_ref().is_empty() {
+            return Err(self.invalid(value.span(), field, "must not be empty"));
+        }
+        if value.get_ref().contains('\0') {
+            return Err(self.invalid(value.span(), field, "must not contain a NUL character"));
+        }
+        Ok(value.into_inner())
+    }
+}
+
+pub(crate) fn parse(text: &str, origin: &Path) -> Result<AppConfig, ConfigError> {
+    let src = Source { text, origin };
+    let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        .map_err(|err| deserialize_error(&src, err))?;
+    raw.validate(&src)
+}
+
+impl RawConfig {
+    fn validate(self, src: &Source<'_>) -> Result<AppConfig, ConfigError> {
+        let defaults = AppConfig::default();
+        let identifier =
+            |value: Option<Spanned<String>>, field: &str, check: fn(&str) -> Result<(), String>| {
+                value
+                    .map(|v| match check(v.get_ref()) {
+                        Ok(()) => Ok(v.into_inner()),
+                        Err(message) => Err(src.invalid(v.span(), field, message)),
+                    })
+                    .transpose()
+            };
+        let aid = identifier(self.aid, "aid", validate_aid)?;
+        let name = identifier(self.name, "name", validate_name)?;
+
+        let command = self
+            .command
+            .into_iter()
+            .enumerate()
+            .map(|(i, arg)| src.c_string(arg, &format!("command[{i}]"), false))
+            .collect::<Result<_, _>>()?;
+
+        let env = self
+            .env
+            .into_iter()
+            .map(|(key, value)| {
+                let field = format!("env.{key}");
+                if key.is_empty() || key.contains(['=', '\0']) {
+                    return Err(src.invalid(
+                        value.span(),
+                        field,
+                        "environment variable names must be non-empty and contain neither '=' nor NUL",
+                    ));
+                }
+                Ok((key, src.c_string(value, &field, true)?))
+            })
+            .collect::<Result<_, _>>()?;
+
+        let allocation_timeout = match self.allocation_timeout_ms {
+            None => defaults.allocation_timeout,
+            Some(ms) => match u64::try_from(*ms.get_ref()) {
+                Ok(v) if v <= AppConfig::MAX_ALLOCATION_TIMEOUT_MS => Duration::from_millis(v),
+                _ => {
+                    return Err(src.invalid(
+                        ms.span(),
+                        "allocation_timeout_ms",
+                        format!(
+                            "{} is out of range; expected 0 to {} milliseconds",
+                            ms.get_ref(),
+                            AppConfig::MAX_ALLOCATION_TIMEOUT_MS
+                        ),
+                    ))
+                }
+            },
+        };
+
+        let port_range = match self.port_range {
+            None => defaults.port_range,
+            Some(range) => range
+                .get_ref()
+                .parse::<PortRange>()
+                .map_err(|message| src.invalid(range.span(), "port_range", message))?,
+        };
+
+        let mut ports: Vec<PortSpec> = Vec::with_capacity(self.ports.len());
+        for (i, raw) in self.ports.into_iter().enumerate() {
+            let spec = raw.validate(src, i)?;
+            if let Some(first) = ports.iter().position(|p| *p == spec) {
+                return Err(src.invalid(
+                    raw.port.span(),
+                    format!("ports[{i}].port"),
+                    format!(
+                        "port {}/{} is already listed in ports[{first}]",
+                        spec.port, spec.protocol
+                    ),
+                ));
+            }
+            ports.push(spec);
+        }
+
+        Ok(AppConfig {
+            aid,
+            name,
+            command,
+            cwd: self
+                .cwd
+                .map(|cwd| src.c_string(cwd, "cwd", false).map(PathBuf::from))
+                .transpose()?,
+            env,
+            allocation_timeout,
+            port_range,
+            ports,
+        })
+    }
+}
+
+impl RawPort {
+    fn validate(&self, src: &Source<'_>, index: usize) -> Result<PortSpec, ConfigError> {
+        let port = match u16::try_from(*self.port.get_ref()) {
+            Ok(port) if port != 0 => port,
+            _ => {
+                return Err(src.invalid(
+                    self.port.span(),
+                    format!("ports[{index}].port"),
+                    format!(
+                        "{} is not a port number between 1 and 65535",
+                        self.port.get_ref()
+                    ),
+                ))
+            }
+        };
+        let protocol = match &self.protocol {
+            None => Protocol::Tcp,
+            Some(p) => match p.get_ref().to_ascii_lowercase().as_str() {
+                "tcp" => Protocol::Tcp,
+                other => {
+                    let message = if other == "udp" {
+                        "UDP multiplexing is not supported yet; only tcp".to_owned()
+                    } else {
+                        format!("unknown protocol `{}`; only tcp is supported", p.get_ref())
+                    };
+                    return Err(src.invalid(p.span(), format!("ports[{index}].protocol"), message));
+                }
+            },
+        };
+        Ok(PortSpec { port, protocol })
+    }
+}
+
+fn deserialize_error(
+    src: &Source<'_>,
+    err: serde_path_to_error::Error<toml::de::Error>,
+) -> ConfigError {
+    let mut field = field_path(err.path());
+    let inner = err.inner();
+    let span = inner.span();
+    // serde reports a missing field at the enclosing table; naming the field
+    // itself tells the reader what to add.
+    if let Some(missing) = inner
+        .message()
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
+    {
+        if !field.is_empty() {
+            field.push('.');
+        }
+        field.push_str(missing);
+    }
+    if field.is_empty() {
+        // Syntax errors happen before any field is visited.
+        field = span
+            .as_ref()
+            .and_then(|s| nearest_key(src.text, s.start))
+            .unwrap_or_else(|| "<document>".to_owned());
+    }
+    // toml splits some messages over lines and leaves a few empty; ours must
+    // stay on one line after the location prefix.
+    let message = match inner.message().trim() {
+        "" => "invalid TOML syntax".to_owned(),
+        m => m.replace('\n', "; "),
+    };
+    ConfigError::invalid(src.origin, src.text, span, field, message)
+}
+
+/// Renders a path as it would be written in the file, e.g. `ports[1].protocol`.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => {
+                let _ = write!(out, "[{index}]");
+            }
+            // `Spanned<T>` is deserialized as a map with private keys; they
+            // are an implementation detail, not something the user wrote.
+            Segment::Map { key } if key.starts_with("$__serde_spanned_private") => {}
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(name);
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    out
+}
+
+/// Best-effort key for a syntax error: the `key = ...` on the error's line or,
+/// when toml points past the end of a construct (e.g. an unclosed array at
+/// end of file), on the closest preceding line with content.
+fn nearest_key(text: &str, offset: usize) -> Option<String> {
+    let line_end = text
+        .get(offset..)?
+        .find('\n')
+        .map_or(text.len(), |i| offset + i);
+    let line = text[..line_end]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))?;
+    let key = line.split_once('=')?.0.trim().trim_matches(['"', '\'']);
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
