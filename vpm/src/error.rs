@@ -1,0 +1,21 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VpmError {
+    #[error("registry {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("registry {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("instance name `{0}` is already in use by a running instance")]
+    NameInUse(String),
+}
+
+impl VpmError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> VpmError {
+        let path = path.into();
+        move |source| VpmError::Io { path, source }
+    }
+}

@@ -1,0 +1,18 @@
+//! Virtual port multiplexer: the table of translations between the fixed
+//! ("virtual") ports apps believe they use and the real ports they bind,
+//! the routing and allocation rules over it, and the host-wide registry that
+//! independent supervisor processes share.
+#![forbid(unsafe_code)]
+
+mod address;
+pub mod allocator;
+pub mod error;
+pub mod registry;
+pub mod routing;
+pub mod translation;
+
+pub use allocator::PortRange;
+pub use error::VpmError;
+pub use registry::{is_alive, CachedRegistry, InstanceLock, Registry};
+pub use routing::Route;
+pub use translation::{InstanceRecord, Protocol, RegistryState, Translation};

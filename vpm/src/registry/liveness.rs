@@ -1,0 +1,121 @@
+//! Whether an instance's supervisor is still running: it holds an flock on
+//! `instances/NAME/lock` for as long as it lives, and the kernel drops the
+//! lock however the supervisor dies.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+use super::{Registry, INSTANCES_DIR};
+use crate::error::VpmError;
+
+const LOCK_FILE: &str = "lock";
+/// Liveness probes by lock-free readers hold an instance's lock for a moment,
+/// so a contended lock is only reported as in use once it stays contended.
+const ACQUIRE_ATTEMPTS: u32 = 5;
+const ACQUIRE_RETRY_DELAY: Duration = Duration::from_millis(5);
+
+/// Proof that this process is the live supervisor of one instance name.
+#[derive(Debug)]
+pub struct InstanceLock {
+    registry: Registry,
+    dir: PathBuf,
+    _held: Flock<File>,
+}
+
+impl InstanceLock {
+    /// Must not be called, nor the lock dropped, inside
+    /// [`Registry::transaction`]: both take the registry lock themselves.
+    pub fn acquire(registry: &Registry, name: &str) -> Result<InstanceLock, VpmError> {
+        let dir = instance_dir(registry.dir(), name).ok_or_else(|| VpmError::Io {
+            path: registry.instances_dir(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid instance name `{name}`"),
+            ),
+        })?;
+        // Reclaim removes dead directories under this lock; holding it too
+        // keeps it from deleting ours between creation and locking.
+        let _registry_lock = registry.lock()?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(VpmError::io(&dir))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(VpmError::io(&path))?;
+        let mut attempt = 1;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => {
+                    return Ok(InstanceLock {
+                        registry: registry.clone(),
+                        dir,
+                        _held: held,
+                    })
+                }
+                Err((again, Errno::EWOULDBLOCK)) if attempt < ACQUIRE_ATTEMPTS => {
+                    file = again;
+                    attempt += 1;
+                    thread::sleep(ACQUIRE_RETRY_DELAY);
+                }
+                Err((_, Errno::EWOULDBLOCK)) => return Err(VpmError::NameInUse(name.to_owned())),
+                Err((_, errno)) => return Err(VpmError::io(&path)(errno.into())),
+            }
+        }
+    }
+
+    pub fn instance_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Under the registry lock so that a successor acquiring the same name
+        // cannot have its fresh lock file deleted by this removal.
+        let registry_lock = self.registry.lock();
+        if let Err(error) = &registry_lock {
+            tracing::warn!(%error, "removing instance directory without the registry lock");
+        }
+        if let Err(error) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), %error, "cannot remove instance directory");
+        }
+    }
+}
+
+pub fn is_alive(registry_dir: &Path, name: &str) -> bool {
+    instance_dir(registry_dir, name).is_some_and(|dir| holder_alive(&dir))
+}
+
+/// Whether some process holds the lock in instance directory `dir`.
+pub(super) fn holder_alive(dir: &Path) -> bool {
+    let file = match File::open(dir.join(LOCK_FILE)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        // Undecidable; never reclaim what might be a live instance.
+        Err(_) => return true,
+    };
+    // EWOULDBLOCK means held; any other failure is undecidable, as above.
+    // A successful probe unlocks again as it is dropped.
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
+/// `None` for names that are not a single path component.
+fn instance_dir(registry_dir: &Path, name: &str) -> Option<PathBuf> {
+    let valid = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0']);
+    valid.then(|| registry_dir.join(INSTANCES_DIR).join(name))
+}

@@ -1,0 +1,281 @@
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use super::*;
+use crate::translation::tests::{record, tcp};
+
+fn registry() -> (tempfile::TempDir, Registry) {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::open(&tmp.path().join("run/appshot")).unwrap();
+    (tmp, registry)
+}
+
+fn register(registry: &Registry, name: &str, aid: &str, real_port: u16) {
+    registry
+        .transaction(|s| {
+            s.instances.insert(name.into(), record(name, aid));
+            s.insert(tcp("0.0.0.0", 9000, aid, real_port, name));
+        })
+        .unwrap();
+}
+
+#[test]
+fn open_creates_the_directories() {
+    let (_tmp, registry) = registry();
+    assert!(registry.dir().join("instances").is_dir());
+    assert!(Registry::open(registry.dir()).is_ok());
+}
+
+#[test]
+fn transaction_round_trip() {
+    let (_tmp, registry) = registry();
+    assert_eq!(registry.read().unwrap(), RegistryState::default());
+    let _alive = InstanceLock::acquire(&registry, "i1").unwrap();
+
+    let answer = registry
+        .transaction(|s| {
+            s.instances.insert("i1".into(), record("i1", "a"));
+            s.insert(tcp("0.0.0.0", 9000, "a", 9000, "i1"));
+            42
+        })
+        .unwrap();
+    assert_eq!(answer, 42);
+
+    let state = registry.read().unwrap();
+    assert_eq!(state.generation, 1);
+    assert_eq!(state.instances["i1"], record("i1", "a"));
+    assert_eq!(state.translations, [tcp("0.0.0.0", 9000, "a", 9000, "i1")]);
+    assert!(!registry.dir().join(STAGING_FILE).exists());
+
+    let seen = registry.transaction(|s| s.clone()).unwrap();
+    assert_eq!(seen, state);
+    assert_eq!(
+        registry.read().unwrap().generation,
+        1,
+        "no change, no commit"
+    );
+
+    registry
+        .transaction(|s| s.remove_socket("i1", 9000))
+        .unwrap();
+    let state = registry.read().unwrap();
+    assert_eq!(state.generation, 2);
+    assert!(state.translations.is_empty());
+}
+
+#[test]
+fn corrupt_state_is_reported_with_its_path() {
+    let (_tmp, registry) = registry();
+    let path = registry.dir().join(STATE_FILE);
+    fs::write(&path, b"{ not json").unwrap();
+
+    let expect_corrupt = |err: VpmError| match err {
+        VpmError::Corrupt { path: reported, .. } => assert_eq!(reported, path),
+        other => panic!("expected Corrupt, got {other:?}"),
+    };
+    expect_corrupt(registry.transaction(|_| ()).unwrap_err());
+    expect_corrupt(registry.read().unwrap_err());
+    let err = registry.read().unwrap_err().to_string();
+    assert!(err.contains(&path.display().to_string()), "{err}");
+}
+
+#[test]
+fn handles_see_each_others_commits() {
+    let (_tmp, first) = registry();
+    let second = Registry::open(first.dir()).unwrap();
+    let _a = InstanceLock::acquire(&first, "a1").unwrap();
+    let _b = InstanceLock::acquire(&second, "b1").unwrap();
+
+    register(&first, "a1", "a", 9000);
+    register(&second, "b1", "b", 40000);
+
+    for handle in [&first, &second] {
+        let state = handle.read().unwrap();
+        assert_eq!(state.generation, 2);
+        assert_eq!(state.instances.keys().collect::<Vec<_>>(), ["a1", "b1"]);
+        assert_eq!(state.translations.len(), 2);
+    }
+}
+
+#[test]
+fn name_in_use_within_one_process() {
+    let (_tmp, registry) = registry();
+    let held = InstanceLock::acquire(&registry, "web").unwrap();
+    assert!(held.instance_dir().is_dir());
+    assert!(is_alive(registry.dir(), "web"));
+    match InstanceLock::acquire(&registry, "web") {
+        Err(VpmError::NameInUse(name)) => assert_eq!(name, "web"),
+        other => panic!("expected NameInUse, got {other:?}"),
+    }
+    assert!(
+        held.instance_dir().is_dir(),
+        "a refused acquire leaves the holder alone"
+    );
+    assert!(is_alive(registry.dir(), "web"));
+
+    let dir = held.instance_dir().to_path_buf();
+    drop(held);
+    assert!(!dir.exists());
+    assert!(!is_alive(registry.dir(), "web"));
+    assert!(InstanceLock::acquire(&registry, "web").is_ok());
+}
+
+#[test]
+fn invalid_names_are_rejected() {
+    let (_tmp, registry) = registry();
+    for name in ["", ".", "..", "a/b", "../x"] {
+        match InstanceLock::acquire(&registry, name) {
+            Err(VpmError::Io { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::InvalidInput)
+            }
+            other => panic!("expected InvalidInput for {name:?}, got {other:?}"),
+        }
+        assert!(!is_alive(registry.dir(), name));
+    }
+}
+
+#[test]
+fn dead_instances_are_hidden_from_reads_and_reclaimed_by_transactions() {
+    let (_tmp, registry) = registry();
+    let survivor = InstanceLock::acquire(&registry, "live").unwrap();
+    let stale = InstanceLock::acquire(&registry, "dead").unwrap();
+    register(&registry, "live", "a", 9000);
+    register(&registry, "dead", "a", 40000);
+    // An orphan translation without a record is reclaimed too.
+    registry
+        .transaction(|s| s.insert(tcp("::", 8080, "a", 40001, "dead")))
+        .unwrap();
+    assert!(is_alive(registry.dir(), "dead"));
+    drop(stale);
+    assert!(!is_alive(registry.dir(), "dead"));
+
+    let read = registry.read().unwrap();
+    assert_eq!(read.instances.keys().collect::<Vec<_>>(), ["live"]);
+    assert!(read.translations.iter().all(|t| t.owner == "live"));
+    let on_disk = load(&registry.dir().join(STATE_FILE)).unwrap();
+    assert_eq!(on_disk.translations.len(), 3, "reads never write");
+
+    let seen = registry.transaction(|s| s.clone()).unwrap();
+    assert_eq!(seen.instances.keys().collect::<Vec<_>>(), ["live"]);
+    assert_eq!(seen.translations, [tcp("0.0.0.0", 9000, "a", 9000, "live")]);
+    let committed = load(&registry.dir().join(STATE_FILE)).unwrap();
+    assert_eq!(committed.generation, on_disk.generation + 1);
+    assert_eq!(committed.translations, seen.translations);
+    assert!(survivor.instance_dir().is_dir());
+}
+
+#[test]
+fn directories_of_dead_supervisors_are_removed() {
+    let (_tmp, registry) = registry();
+    let live = InstanceLock::acquire(&registry, "live").unwrap();
+    let ghost = registry.dir().join("instances/ghost");
+    fs::create_dir_all(&ghost).unwrap();
+    fs::write(ghost.join("lock"), b"").unwrap();
+    let empty = registry.dir().join("instances/empty");
+    fs::create_dir_all(&empty).unwrap();
+
+    registry.transaction(|_| ()).unwrap();
+    assert!(!ghost.exists());
+    assert!(!empty.exists());
+    assert!(live.instance_dir().is_dir());
+    assert!(!registry.dir().join(STATE_FILE).exists(), "nothing changed");
+}
+
+const CHILD_ENV: &str = "APPSHOT_VPM_TEST_LOCK_CHILD";
+const CHILD_READY: &str = "instance lock held";
+
+/// Not a test: the body of the child process in
+/// `a_killed_supervisor_is_reclaimed`, which holds an instance lock until its
+/// stdin closes or it is killed.
+#[test]
+#[ignore]
+fn instance_lock_child() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let registry = Registry::open(Path::new(&dir)).unwrap();
+    let _lock = InstanceLock::acquire(&registry, "child").unwrap();
+    println!("{CHILD_READY}");
+    io::copy(&mut io::stdin(), &mut io::sink()).unwrap();
+}
+
+#[test]
+fn a_killed_supervisor_is_reclaimed() {
+    let (_tmp, registry) = registry();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "registry::tests::instance_lock_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, registry.dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let ready = stdout
+        .lines()
+        .map(Result::unwrap)
+        .any(|line| line.contains(CHILD_READY));
+    assert!(ready, "child exited without taking the lock");
+
+    assert!(is_alive(registry.dir(), "child"));
+    assert!(matches!(
+        InstanceLock::acquire(&registry, "child"),
+        Err(VpmError::NameInUse(_))
+    ));
+    register(&registry, "child", "a", 9000);
+    assert_eq!(registry.read().unwrap().translations.len(), 1);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!is_alive(registry.dir(), "child"));
+    assert!(registry.dir().join("instances/child").is_dir());
+
+    let state = registry.transaction(|s| s.clone()).unwrap();
+    assert!(state.instances.is_empty());
+    assert!(state.translations.is_empty());
+    assert!(!registry.dir().join("instances/child").exists());
+}
+
+#[test]
+fn cache_rereads_only_after_a_commit() {
+    let (_tmp, registry) = registry();
+    let _lock = InstanceLock::acquire(&registry, "i1").unwrap();
+    let mut cache = CachedRegistry::new(registry.clone());
+    assert_eq!(*cache.get().unwrap(), RegistryState::default());
+
+    register(&registry, "i1", "a", 9000);
+    assert_eq!(cache.get().unwrap().generation, 1);
+    assert_eq!(cache.get().unwrap().translations.len(), 1);
+
+    // Rewriting in place keeps the inode: a cache that re-read would fail.
+    let path = registry.dir().join(STATE_FILE);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"garbage")
+        .unwrap();
+    assert_eq!(cache.get().unwrap().generation, 1);
+    assert!(Registry::open(registry.dir()).unwrap().read().is_err());
+
+    // A file renamed over it is a new inode, whatever it holds.
+    fs::write(registry.dir().join(STAGING_FILE), b"{}").unwrap();
+    fs::rename(registry.dir().join(STAGING_FILE), &path).unwrap();
+    assert!(matches!(cache.get(), Err(VpmError::Corrupt { .. })));
+
+    fs::remove_file(&path).unwrap();
+    assert_eq!(*cache.get().unwrap(), RegistryState::default());
+    registry
+        .transaction(|s| {
+            s.instances.insert("i1".into(), record("i1", "b"));
+        })
+        .unwrap();
+    let state = cache.get().unwrap();
+    assert_eq!(state.generation, 1);
+    assert_eq!(state.instances["i1"].aid, "b");
+    assert_eq!(cache.registry().dir(), registry.dir());
+}
