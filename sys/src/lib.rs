@@ -1,0 +1,12 @@
+//! The one thin layer of raw syscalls appshot needs that `nix` does not wrap.
+//!
+//! Every `unsafe` block of the project lives in this crate, each with a
+//! `// SAFETY:` comment. Functions return `std::io::Result` carrying the raw
+//! errno, so callers can hand the exact error back to a supervised
+//! application.
+
+pub mod fd;
+pub mod net;
+pub mod pidfd;
+pub mod seccomp;
+pub mod spawn;

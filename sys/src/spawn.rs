@@ -1,0 +1,105 @@
+//! Process creation that the standard library cannot express: a child that
+//! is PID 1 of a new PID namespace, and a `Command` that loads the seccomp
+//! filter and hands its listener to the supervisor just before `exec`.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use crate::seccomp::{self, SockFilter};
+
+/// Starts `argv` (absolute path first) as PID 1 of a new PID namespace and
+/// returns its PID in ours. The child gets SIGKILL when the calling thread
+/// exits, and because it is the namespace's init, its death takes every
+/// process of the namespace with it: a supervisor killed with SIGKILL leaves
+/// no orphaned instance behind.
+///
+/// The calling process may be multi-threaded: between clone and exec the
+/// child only makes raw syscalls on memory prepared before the clone.
+pub fn spawn_namespace_init(argv: &[CString], env: &[CString]) -> io::Result<u32> {
+    if argv.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+
+    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork:
+    // the child runs on a private copy of this stack.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: in the child only async-signal-safe raw syscalls follow, on
+        // pointers into memory that was fully built before the clone.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    Ok(pid as u32)
+}
+
+/// Arranges for `cmd`'s child to load `program` right before `exec` and send
+/// the new listener fd over `channel` (a connected Unix socket) with
+/// SCM_RIGHTS. The application itself never holds the listener: it is
+/// closed before `exec`, so the application cannot answer its own
+/// notifications.
+pub fn load_filter_before_exec(cmd: &mut Command, program: Vec<SockFilter>, channel: OwnedFd) {
+    let hook = move || -> io::Result<()> {
+        let listener = seccomp::load_with_listener(&program)?;
+        let sent = send_fd(channel.as_raw_fd(), listener);
+        // SAFETY: `listener` was returned by the kernel above and is ours.
+        unsafe { libc::close(listener) };
+        sent
+    };
+    // SAFETY: the hook runs between fork and exec; it allocates nothing and
+    // makes only raw syscalls (seccomp, prctl, sendmsg, close).
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Sends one fd with SCM_RIGHTS, without allocating.
+fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
+    // Aligned storage for one cmsghdr carrying one int.
+    let mut control = [0u64; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero msghdr is valid; the fields are filled in below and
+    // all point at live stack storage of the stated sizes. CMSG_* compute
+    // offsets inside `control`, which is large enough for CMSG_SPACE(4).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        if libc::sendmsg(channel, &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
