@@ -1,0 +1,172 @@
+//! `appshot ps`, `appshot ports` and `appshot stop`: views of the host-wide
+//! registry and requests to an instance's control socket.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use appshot_vpm::{is_alive, Registry, RegistryState};
+use serde::Serialize;
+
+use crate::control::{self, Request};
+use crate::error::RuntimeError;
+
+#[derive(Serialize)]
+struct PsRow {
+    name: String,
+    aid: String,
+    pid: u32,
+    supervisor_pid: u32,
+    state: String,
+    command: Vec<String>,
+    ports: Vec<PortPair>,
+}
+
+#[derive(Serialize)]
+struct PortPair {
+    protocol: String,
+    address: String,
+    #[serde(rename = "virtual")]
+    virtual_port: u16,
+    real: u16,
+}
+
+fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
+    // A transaction, not a plain read, so stale entries of supervisors that
+    // died are reclaimed before anyone sees them.
+    let registry = Registry::open(run_dir)?;
+    Ok(registry.transaction(|s| s.clone())?)
+}
+
+pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
+    let st = state(run_dir)?;
+    let rows: Vec<PsRow> = st
+        .instances
+        .values()
+        .map(|i| {
+            let dir = run_dir.join("instances").join(&i.name);
+            let state = control::request(&dir, &Request::Status)
+                .map(|r| r.state)
+                .unwrap_or_else(|_| "unresponsive".into());
+            PsRow {
+                name: i.name.clone(),
+                aid: i.aid.clone(),
+                pid: i.pid,
+                supervisor_pid: i.supervisor_pid,
+                state,
+                command: i.command.clone(),
+                ports: st
+                    .translations_of(&i.name)
+                    .map(|t| PortPair {
+                        protocol: t.protocol.to_string(),
+                        address: t.addr.to_string(),
+                        virtual_port: t.virtual_port,
+                        real: t.real_port,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows).expect("serialisable"));
+    }
+    let mut table = vec![["NAME", "AID", "PID", "STATE", "PORTS", "COMMAND"]
+        .map(String::from)
+        .to_vec()];
+    for r in &rows {
+        let ports: Vec<String> = r
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real))
+            .collect();
+        table.push(vec![
+            r.name.clone(),
+            r.aid.clone(),
+            r.pid.to_string(),
+            r.state.clone(),
+            if ports.is_empty() {
+                "-".into()
+            } else {
+                ports.join(",")
+            },
+            r.command.join(" "),
+        ]);
+    }
+    Ok(render(&table))
+}
+
+pub fn ports(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
+    let st = state(run_dir)?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&st.translations).expect("serialisable"));
+    }
+    let mut table = vec![["PROTO", "ADDRESS", "VIRTUAL", "REAL", "AID", "INSTANCE"]
+        .map(String::from)
+        .to_vec()];
+    for t in &st.translations {
+        table.push(vec![
+            t.protocol.to_string(),
+            t.addr.to_string(),
+            t.virtual_port.to_string(),
+            t.real_port.to_string(),
+            t.aid.clone(),
+            t.owner.clone(),
+        ]);
+    }
+    Ok(render(&table))
+}
+
+/// Asks the instance to stop (SIGTERM, SIGKILL after `grace`) and waits
+/// until its supervisor is gone.
+pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeError> {
+    if !is_alive(run_dir, name) {
+        return Err(RuntimeError::NoInstance(name.to_string()));
+    }
+    let dir = run_dir.join("instances").join(name);
+    let reply = control::request(
+        &dir,
+        &Request::Stop {
+            grace_secs: grace.as_secs(),
+        },
+    )?;
+    if !reply.ok {
+        return Err(RuntimeError::Control {
+            path: dir,
+            message: reply.message,
+        });
+    }
+    let deadline = Instant::now() + grace + Duration::from_secs(5);
+    while is_alive(run_dir, name) {
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Control {
+                path: dir,
+                message: format!("instance `{name}` still running {}s after SIGKILL", 5),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn render(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i + 1 == cols {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,34 @@
+//! Errors of the supervisor and its commands. The binary edge wraps them in
+//! `anyhow` for context; each variant names the object it failed on.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("building the seccomp filter: {0}")]
+    Filter(String),
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("instance `{name}` did not start: {reason}")]
+    Start { name: String, reason: String },
+    #[error("no running instance named `{0}`")]
+    NoInstance(String),
+    #[error("control socket {path}: {message}")]
+    Control { path: PathBuf, message: String },
+    #[error(transparent)]
+    Vpm(#[from] appshot_vpm::VpmError),
+    #[error(transparent)]
+    Config(#[from] appshot_configurator::ConfigError),
+}
+
+impl RuntimeError {
+    pub fn sys(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        RuntimeError::Sys {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}

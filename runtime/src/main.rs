@@ -1,0 +1,322 @@
+//! `appshot`: run unmodified applications under a supervisor that
+//! multiplexes their fixed ports across instances.
+#![forbid(unsafe_code)]
+
+mod commands;
+mod control;
+mod error;
+mod filter;
+mod init;
+mod multiplex;
+mod notify;
+mod sockaddr;
+mod supervisor;
+mod tree;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange};
+use appshot_vpm::Registry;
+use clap::{ArgAction, Parser, Subcommand};
+
+use supervisor::{Launch, LAUNCH_ENV};
+
+#[derive(Parser)]
+#[command(
+    name = "appshot",
+    version,
+    about = "Run many instances of an unmodified application on one fixed port"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Directory of the host-wide registry and instance state.
+    #[arg(
+        long,
+        env = "APPSHOT_RUN_DIR",
+        default_value = "/run/appshot",
+        global = true
+    )]
+    run_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command as a supervised instance.
+    Run(RunArgs),
+    /// List running instances.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the port translation table.
+    Ports {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an instance: SIGTERM, then SIGKILL after the grace time.
+    Stop {
+        name: String,
+        /// Seconds to wait after SIGTERM before SIGKILL.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+    },
+    #[command(name = "__init", hide = true)]
+    Init {
+        #[arg(long)]
+        channel_fd: i32,
+        #[arg(long)]
+        cwd: Option<PathBuf>,
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    #[command(name = "__supervise", hide = true)]
+    Supervise,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Application id: clients reach instances of their own AID only.
+    #[arg(long)]
+    aid: Option<String>,
+    /// Instance name (default: AID and a random suffix).
+    #[arg(long)]
+    name: Option<String>,
+    /// Application config file (TOML); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A port to multiplex (repeatable). Default: every TCP port below the
+    /// ephemeral range.
+    #[arg(long = "port")]
+    ports: Vec<u16>,
+    /// Real ports the allocator hands out, e.g. 20000-29999.
+    #[arg(long)]
+    port_range: Option<PortRange>,
+    /// How long a bind waits for a free real port before EADDRINUSE.
+    #[arg(long)]
+    allocation_timeout_ms: Option<u64>,
+    /// Return once the instance runs; its supervisor lives on.
+    #[arg(short, long)]
+    detach: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match (&cli.command, cli.verbose) {
+        (_, 1) => "info",
+        (_, 2) => "debug",
+        (_, n) if n > 2 => "trace",
+        (Cmd::Supervise, _) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("appshot: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let run_dir = cli.run_dir;
+    match cli.command {
+        Cmd::Run(args) => {
+            let detach = args.detach;
+            let launch = resolve(args, &run_dir)?;
+            if detach {
+                detach_supervisor(&launch, cli.verbose)
+            } else {
+                Ok(supervisor::run(launch)?)
+            }
+        }
+        Cmd::Supervise => {
+            let json = std::env::var(LAUNCH_ENV)
+                .context("__supervise is started by `appshot run --detach`")?;
+            std::env::remove_var(LAUNCH_ENV);
+            let launch: Launch =
+                serde_json::from_str(&json).context("decoding the launch description")?;
+            // Its own session: no terminal signals reach a detached instance.
+            nix::unistd::setsid().context("setsid")?;
+            Ok(supervisor::run(launch)?)
+        }
+        Cmd::Init {
+            channel_fd,
+            cwd,
+            env,
+            command,
+        } => {
+            let env = env
+                .into_iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                    None => Err(anyhow!("--env {kv}: expected KEY=VALUE")),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            init::run(init::InitArgs {
+                channel_fd,
+                cwd,
+                env,
+                command,
+            })
+        }
+        Cmd::Ps { json } => {
+            print!("{}", commands::ps(&run_dir, json)?);
+            Ok(0)
+        }
+        Cmd::Ports { json } => {
+            print!("{}", commands::ports(&run_dir, json)?);
+            Ok(0)
+        }
+        Cmd::Stop { name, time } => {
+            commands::stop(&run_dir, &name, Duration::from_secs(time))?;
+            Ok(0)
+        }
+    }
+}
+
+/// Flags over config over defaults.
+fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
+    let config = match &args.config {
+        Some(path) => AppConfig::load(path)?,
+        None => AppConfig::default(),
+    };
+    let aid = args.aid.or(config.aid).unwrap_or_else(|| "default".into());
+    validate_aid(&aid).map_err(|e| anyhow!("--aid {aid:?}: {e}"))?;
+    let name = match args.name.or(config.name) {
+        Some(n) => n,
+        None => format!("{aid}-{:06x}", random_suffix()),
+    };
+    validate_name(&name).map_err(|e| anyhow!("--name {name:?}: {e}"))?;
+    let command = if args.command.is_empty() {
+        config.command
+    } else {
+        args.command
+    };
+    if command.is_empty() {
+        bail!("no command: give it after `--` or as `command` in the config");
+    }
+    let ports = if args.ports.is_empty() {
+        config.ports.iter().map(|p| p.port).collect()
+    } else {
+        args.ports
+    };
+    if ports.contains(&0) {
+        bail!("--port 0: port 0 asks the kernel for any port and is never multiplexed");
+    }
+    let range = args.port_range.unwrap_or(config.port_range);
+    let (eph_lo, eph_hi) = ephemeral_range()?;
+    if range.start <= eph_hi && range.end >= eph_lo {
+        tracing::warn!("port range {range} overlaps the ephemeral range {eph_lo}-{eph_hi}: allocations may collide with outgoing connections");
+    }
+    Ok(Launch {
+        name,
+        aid,
+        command,
+        cwd: config.cwd,
+        env: config.env.into_iter().collect(),
+        ports,
+        ephemeral_start: eph_lo,
+        range: (range.start, range.end),
+        allocation_timeout_ms: args
+            .allocation_timeout_ms
+            .unwrap_or(config.allocation_timeout.as_millis() as u64),
+        run_dir: run_dir.to_path_buf(),
+    })
+}
+
+fn ephemeral_range() -> anyhow::Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => Ok((lo, hi)),
+        _ => bail!("{path}: unexpected contents {text:?}"),
+    }
+}
+
+fn random_suffix() -> u32 {
+    let mut b = [0u8; 4];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        return std::process::id();
+    }
+    u32::from_ne_bytes(b) & 0xff_ffff
+}
+
+/// Starts `appshot __supervise` in its own session with output to
+/// `RUN_DIR/logs/NAME.log`, and returns once the instance is registered.
+fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
+    let logs = launch.run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let log_path = logs.join(format!("{}.log", launch.name));
+    let log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the appshot binary")?;
+    let mut cmd = Command::new(exe);
+    if verbose > 0 {
+        cmd.arg(format!("-{}", "v".repeat(verbose as usize)));
+    }
+    let mut child = cmd
+        .arg("--run-dir")
+        .arg(&launch.run_dir)
+        .arg("__supervise")
+        .env(LAUNCH_ENV, serde_json::to_string(launch)?)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the supervisor")?;
+    let registry = Registry::open(&launch.run_dir)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if registry.read()?.instances.contains_key(&launch.name) {
+            println!("{}", launch.name);
+            return Ok(0);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "instance `{}` exited during start ({status}); {}:\n{}",
+                launch.name,
+                log_path.display(),
+                log.trim_end()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "instance `{}` did not register within 30s; see {}",
+                launch.name,
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

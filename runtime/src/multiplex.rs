@@ -1,0 +1,410 @@
+//! The virtual port multiplexer as the supervisor runs it: bind, connect,
+//! getsockname and getpeername of a supervised instance, decided by the
+//! host-wide registry (`appshot_vpm`) and performed on the task's own socket.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use appshot_sys::net::connect_unspec;
+use appshot_sys::seccomp::Response;
+use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::socket::{
+    getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrIn,
+    SockaddrIn6, SockaddrLike, SockaddrStorage,
+};
+use tracing::{debug, info, warn};
+
+use crate::notify::Call;
+use crate::sockaddr;
+use crate::tree;
+
+/// Which virtual ports this instance multiplexes.
+#[derive(Clone, Debug)]
+pub enum PortSet {
+    /// Ports named by `--port` or the config.
+    Listed(BTreeSet<u16>),
+    /// Every port below the start of the ephemeral range.
+    Below(u16),
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        match self {
+            PortSet::Listed(set) => set.contains(&port),
+            PortSet::Below(limit) => port < *limit,
+        }
+    }
+}
+
+/// What the multiplexer needs to know about its instance.
+pub struct Settings {
+    pub instance: String,
+    pub aid: String,
+    pub multiplexed: PortSet,
+    pub range: PortRange,
+    pub allocation_timeout: Duration,
+    /// PID (ours) of the instance's namespace init; its descendants are the
+    /// instance.
+    pub init_pid: u32,
+}
+
+/// How often a bind waiting for a free real port looks again.
+const ALLOCATION_RETRY: Duration = Duration::from_millis(50);
+/// How long the host's own addresses are trusted before they are re-read.
+const LOCAL_ADDRS_TTL: Duration = Duration::from_secs(2);
+
+pub struct Multiplexer {
+    settings: Settings,
+    registry: Registry,
+    cache: Mutex<CachedRegistry>,
+    next_pick: AtomicUsize,
+    local_addrs: Mutex<(Instant, HashSet<IpAddr>)>,
+}
+
+/// A task's INET socket, duplicated into the supervisor.
+struct InetSocket {
+    fd: OwnedFd,
+    domain: i32,
+    stream: bool,
+}
+
+enum Side {
+    Local,
+    Peer,
+}
+
+impl Multiplexer {
+    pub fn new(settings: Settings, registry: Registry, cache: CachedRegistry) -> Multiplexer {
+        Multiplexer {
+            settings,
+            registry,
+            cache: Mutex::new(cache),
+            next_pick: AtomicUsize::new(0),
+            local_addrs: Mutex::new((Instant::now() - LOCAL_ADDRS_TTL, HashSet::new())),
+        }
+    }
+
+    pub fn handle(self: &Arc<Self>, call: Call) {
+        match call.nr {
+            libc::SYS_bind => self.bind(call),
+            libc::SYS_connect => self.connect(call),
+            libc::SYS_getsockname => self.get_name(call, Side::Local),
+            libc::SYS_getpeername => self.get_name(call, Side::Peer),
+            libc::SYS_sendto | libc::SYS_sendmsg | libc::SYS_sendmmsg => {
+                // A TCP Fast Open send connects without routing.
+                debug!(tid = call.tid, "MSG_FASTOPEN refused: connect is routed");
+                call.answer(Response::Errno(libc::EOPNOTSUPP));
+            }
+            nr => {
+                warn!(tid = call.tid, nr, "unexpected notified syscall");
+                call.answer(Response::Errno(libc::ENOSYS));
+            }
+        }
+    }
+
+    /// `Ok(None)` for sockets of other families (Unix, netlink, …), which the
+    /// multiplexer leaves to the kernel.
+    fn inet_socket(call: &Call) -> Result<Option<InetSocket>, i32> {
+        let fd = call.task_fd(call.int_arg(0))?;
+        let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e as i32)?;
+        let domain = match local.family() {
+            Some(AddressFamily::Inet) => libc::AF_INET,
+            Some(AddressFamily::Inet6) => libc::AF_INET6,
+            _ => return Ok(None),
+        };
+        let stream = getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? == SockType::Stream;
+        Ok(Some(InetSocket { fd, domain, stream }))
+    }
+
+    /// The address argument (pointer in arg 1, length in arg 2).
+    fn address_arg(call: &Call) -> Result<Vec<u8>, i32> {
+        let len = call.args[2] as u32 as usize;
+        if len > sockaddr::MAX_LEN {
+            return Err(libc::EINVAL);
+        }
+        call.read(call.args[1], len)
+    }
+
+    fn bind(self: &Arc<Self>, call: Call) {
+        let sock = match Self::inet_socket(&call) {
+            Ok(Some(s)) => s,
+            Ok(None) => return call.answer(Response::Continue),
+            Err(e) => return call.answer(Response::Errno(e)),
+        };
+        let addr = match Self::address_arg(&call).and_then(|b| sockaddr::decode(sock.domain, &b)) {
+            Ok(a) => a,
+            Err(e) => return call.answer(Response::Errno(e)),
+        };
+        if !sock.stream || addr.port() == 0 || !self.settings.multiplexed.contains(addr.port()) {
+            return call.answer(outcome(bind_to(&sock.fd, addr)));
+        }
+        match self.allocate(&sock, addr) {
+            Ok(Some(_)) => call.answer(Response::Value(0)),
+            Err(e) => call.answer(Response::Errno(e)),
+            Ok(None) => {
+                // Exhausted: wait for a port to come free, off the receive
+                // loop so the instance's other calls go on meanwhile.
+                let mux = Arc::clone(self);
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + mux.settings.allocation_timeout;
+                    while Instant::now() < deadline && call.still_pending() {
+                        std::thread::sleep(ALLOCATION_RETRY);
+                        match mux.allocate(&sock, addr) {
+                            Ok(Some(_)) => return call.answer(Response::Value(0)),
+                            Ok(None) => {}
+                            Err(e) => return call.answer(Response::Errno(e)),
+                        }
+                    }
+                    warn!(
+                        instance = %mux.settings.instance,
+                        aid = %mux.settings.aid,
+                        port = addr.port(),
+                        range = ?mux.settings.range,
+                        "no real port free for virtual port {} within {:?}: bind fails with EADDRINUSE",
+                        addr.port(),
+                        mux.settings.allocation_timeout
+                    );
+                    call.answer(Response::Errno(libc::EADDRINUSE));
+                });
+            }
+        }
+    }
+
+    /// Binds the socket to the first real port the registry offers that the
+    /// kernel accepts, and records the translation. `Ok(None)`: none free.
+    fn allocate(&self, sock: &InetSocket, addr: SocketAddr) -> Result<Option<u16>, i32> {
+        let inode = nix::sys::stat::fstat(sock.fd.as_raw_fd())
+            .map_err(|e| e as i32)?
+            .st_ino;
+        let s = &self.settings;
+        let hint = std::process::id() as usize + self.next_pick.fetch_add(1, Ordering::Relaxed);
+        let live = tree::socket_inodes(s.init_pid);
+        let result = self.registry.transaction(|state| {
+            // Translations whose socket the instance has closed since: their
+            // ports are free again, and routing to them would fail.
+            let closed: Vec<u64> = state
+                .translations_of(&s.instance)
+                .map(|t| t.socket_inode)
+                .filter(|i| !live.contains(i))
+                .collect();
+            for i in closed {
+                state.remove_socket(&s.instance, i);
+            }
+            let candidates =
+                state.bind_candidates(Protocol::Tcp, addr.ip(), addr.port(), &s.aid, s.range, hint);
+            for real_port in candidates {
+                let mut real = addr;
+                real.set_port(real_port);
+                match bind_to(&sock.fd, real) {
+                    Ok(()) => {
+                        state.insert(Translation {
+                            protocol: Protocol::Tcp,
+                            addr: addr.ip(),
+                            virtual_port: addr.port(),
+                            aid: s.aid.clone(),
+                            real_port,
+                            owner: s.instance.clone(),
+                            socket_inode: inode,
+                        });
+                        return Ok(Some(real_port));
+                    }
+                    Err(libc::EADDRINUSE) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(None)
+        });
+        match result {
+            Ok(Ok(Some(real))) => {
+                info!(instance = %s.instance, aid = %s.aid, "tcp {} -> real port {real}", addr);
+                Ok(Some(real))
+            }
+            Ok(other) => other,
+            Err(e) => {
+                warn!(instance = %s.instance, "registry unusable, bind of {addr} refused: {e}");
+                Err(libc::ENOBUFS)
+            }
+        }
+    }
+
+    fn connect(self: &Arc<Self>, call: Call) {
+        let sock = match Self::inet_socket(&call) {
+            Ok(Some(s)) => s,
+            Ok(None) => return call.answer(Response::Continue),
+            Err(e) => return call.answer(Response::Errno(e)),
+        };
+        let bytes = match Self::address_arg(&call) {
+            Ok(b) => b,
+            Err(e) => return call.answer(Response::Errno(e)),
+        };
+        if bytes.len() >= 2 && u16::from_ne_bytes([bytes[0], bytes[1]]) == libc::AF_UNSPEC as u16 {
+            return call.answer(outcome(
+                connect_unspec(&sock.fd).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL)),
+            ));
+        }
+        let dest = match sockaddr::decode(sock.domain, &bytes) {
+            Ok(a) => a,
+            Err(e) => return call.answer(Response::Errno(e)),
+        };
+        let target = match self.route(&sock, dest) {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(
+                    tid = call.tid,
+                    "connect to {dest} refused: no instance of AID {}", self.settings.aid
+                );
+                return call.answer(Response::Errno(e));
+            }
+        };
+        let blocking = fcntl(sock.fd.as_raw_fd(), FcntlArg::F_GETFL)
+            .map(|f| !OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
+            .unwrap_or(true);
+        if blocking {
+            // A blocking connect may take as long as the network does; the
+            // receive loop must not wait on it.
+            std::thread::spawn(move || call.answer(outcome(connect_to(&sock.fd, target))));
+        } else {
+            call.answer(outcome(connect_to(&sock.fd, target)));
+        }
+    }
+
+    /// Where a connect to `dest` really goes, or the errno that refuses it.
+    fn route(&self, sock: &InetSocket, dest: SocketAddr) -> Result<SocketAddr, i32> {
+        if !sock.stream || !self.is_local(dest.ip()) {
+            return Ok(dest);
+        }
+        let pick = self.next_pick.fetch_add(1, Ordering::Relaxed);
+        let mut cache = self.cache.lock().expect("registry cache lock");
+        let state = match cache.get() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("registry unreadable, connect to {dest} refused: {e}");
+                return Err(libc::ECONNREFUSED);
+            }
+        };
+        match state.route(
+            Protocol::Tcp,
+            dest.ip(),
+            dest.port(),
+            &self.settings.aid,
+            pick,
+        ) {
+            Route::PassThrough => Ok(dest),
+            Route::To { real_port, owner } => {
+                debug!(%dest, real_port, %owner, "connect routed");
+                let mut real = dest;
+                real.set_port(real_port);
+                Ok(real)
+            }
+            Route::Refused => Err(libc::ECONNREFUSED),
+        }
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        if ip.is_loopback() || ip.is_unspecified() {
+            return true;
+        }
+        let mut cached = self.local_addrs.lock().expect("local address lock");
+        if cached.0.elapsed() >= LOCAL_ADDRS_TTL {
+            let addrs = nix::ifaddrs::getifaddrs()
+                .map(|it| {
+                    it.filter_map(|i| i.address)
+                        .filter_map(|a| {
+                            a.as_sockaddr_in()
+                                .map(|v4| IpAddr::V4(v4.ip()))
+                                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            *cached = (Instant::now(), addrs);
+        }
+        cached.1.contains(&ip)
+    }
+
+    fn get_name(&self, call: Call, side: Side) {
+        let sock = match Self::inet_socket(&call) {
+            Ok(Some(s)) => s,
+            Ok(None) => return call.answer(Response::Continue),
+            Err(e) => return call.answer(Response::Errno(e)),
+        };
+        let raw: Result<SockaddrStorage, Errno> = match side {
+            Side::Local => getsockname(sock.fd.as_raw_fd()),
+            Side::Peer => getpeername(sock.fd.as_raw_fd()),
+        };
+        let mut addr = match raw.map(|s| to_std(&s)) {
+            Ok(Some(a)) => a,
+            Ok(None) => return call.answer(Response::Errno(libc::EAFNOSUPPORT)),
+            Err(e) => return call.answer(Response::Errno(e as i32)),
+        };
+        if sock.stream {
+            let mut cache = self.cache.lock().expect("registry cache lock");
+            if let Ok(state) = cache.get() {
+                if let Some(v) = state.virtual_port_of(Protocol::Tcp, addr.ip(), addr.port()) {
+                    addr.set_port(v);
+                }
+            }
+        }
+        let written = write_sockaddr(&call, &addr);
+        call.answer(outcome(written));
+    }
+}
+
+/// Writes `addr` to the (pointer, length pointer) pair in args 1 and 2 with
+/// the kernel's truncation rule: copy at most the caller's length, report
+/// the full length.
+fn write_sockaddr(call: &Call, addr: &SocketAddr) -> Result<(), i32> {
+    let len_bytes = call.read(call.args[2], 4)?;
+    let len = i32::from_ne_bytes(len_bytes.try_into().expect("4 bytes"));
+    if len < 0 {
+        return Err(libc::EINVAL);
+    }
+    let encoded = sockaddr::encode(addr);
+    let n = encoded.len().min(len as usize);
+    call.write(call.args[1], &encoded[..n])?;
+    call.write(call.args[2], &(encoded.len() as u32).to_ne_bytes())
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn to_std(s: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    s.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+fn bind_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
+    let r = match addr {
+        SocketAddr::V4(a) => nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    };
+    r.map_err(|e| e as i32)
+}
+
+fn connect_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
+    let r = match addr {
+        SocketAddr::V4(a) => nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    };
+    r.map_err(|e| e as i32)
+}
+
+fn outcome(r: Result<(), i32>) -> Response {
+    match r {
+        Ok(()) => Response::Value(0),
+        Err(e) => Response::Errno(e),
+    }
+}

@@ -1,0 +1,278 @@
+//! One supervisor per instance, like a container shim: it starts the
+//! namespace init, owns the seccomp listener and the instance's registry
+//! entries, serves the control socket, and cleans up when the instance ends.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use appshot_sys::{fd, seccomp, spawn};
+use appshot_vpm::{CachedRegistry, InstanceLock, InstanceRecord, PortRange, Registry};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::control::{self, Reply, Request};
+use crate::error::RuntimeError;
+use crate::multiplex::{Multiplexer, PortSet, Settings};
+use crate::{notify, tree};
+
+/// Everything a supervisor needs, resolved from flags and config by the CLI
+/// (serialised to a detached supervisor).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Launch {
+    pub name: String,
+    pub aid: String,
+    pub command: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    /// Empty: every port below `ephemeral_start`.
+    pub ports: Vec<u16>,
+    pub ephemeral_start: u16,
+    pub range: (u16, u16),
+    pub allocation_timeout_ms: u64,
+    pub run_dir: PathBuf,
+}
+
+/// The variable a detached supervisor receives its `Launch` in; removed
+/// before the application starts.
+pub const LAUNCH_ENV: &str = "APPSHOT_LAUNCH";
+/// Signals the supervisor forwards to the instance.
+const FORWARDED: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+const SI_KERNEL: i32 = 0x80;
+
+/// Runs the instance to its end and returns its exit status.
+pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
+    let registry = Registry::open(&launch.run_dir)?;
+    let lock = InstanceLock::acquire(&registry, &launch.name)?;
+
+    // Blocked before any thread exists so every thread inherits the mask
+    // and the signal thread alone receives them.
+    let mut forwarded = SigSet::empty();
+    for s in FORWARDED {
+        forwarded.add(*s);
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded), None)
+        .map_err(|e| RuntimeError::sys("blocking signals", e))?;
+
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::empty(),
+    )
+    .map_err(|e| RuntimeError::sys("socketpair", e))?;
+    nix::fcntl::fcntl(
+        ours.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| RuntimeError::sys("fcntl", e))?;
+
+    let init_pid = start_init(&launch, &theirs)?;
+    drop(theirs);
+    let listener = match fd::recv_fd(&ours) {
+        Ok(Some(l)) => Arc::new(l),
+        Ok(None) => {
+            let status = wait_exit(init_pid);
+            return Err(RuntimeError::Start {
+                name: launch.name.clone(),
+                reason: format!(
+                    "`{}` could not be started (init exited with {status})",
+                    launch.command[0]
+                ),
+            });
+        }
+        Err(e) => return Err(RuntimeError::sys("receiving the seccomp listener", e)),
+    };
+    drop(ours);
+    if let Err(e) = seccomp::set_sync_wakeup(&listener) {
+        warn!("SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}");
+    }
+
+    let app_pid = tree::descendants(init_pid)
+        .get(1)
+        .copied()
+        .unwrap_or(init_pid);
+    let ports: Vec<u16> = launch.ports.clone();
+    registry.transaction(|s| {
+        s.instances.insert(
+            launch.name.clone(),
+            InstanceRecord {
+                name: launch.name.clone(),
+                aid: launch.aid.clone(),
+                supervisor_pid: std::process::id(),
+                pid: app_pid,
+                command: launch.command.clone(),
+                started_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                multiplexed: ports.clone(),
+            },
+        );
+    })?;
+    info!(name = %launch.name, aid = %launch.aid, pid = app_pid, "instance started");
+
+    let multiplexed = if ports.is_empty() {
+        PortSet::Below(launch.ephemeral_start)
+    } else {
+        PortSet::Listed(ports.into_iter().collect())
+    };
+    let settings = Settings {
+        instance: launch.name.clone(),
+        aid: launch.aid.clone(),
+        multiplexed,
+        range: PortRange {
+            start: launch.range.0,
+            end: launch.range.1,
+        },
+        allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
+        init_pid,
+    };
+    let mux = Arc::new(Multiplexer::new(
+        settings,
+        Registry::open(&launch.run_dir)?,
+        CachedRegistry::new(Registry::open(&launch.run_dir)?),
+    ));
+    std::thread::Builder::new()
+        .name("notify".into())
+        .spawn(move || notify::serve(listener, mux))
+        .map_err(|e| RuntimeError::sys("spawning the notification thread", e))?;
+
+    let exited = Arc::new(AtomicBool::new(false));
+    spawn_signal_forwarder(forwarded, init_pid)?;
+    let stop_exited = Arc::clone(&exited);
+    control::serve(lock.instance_dir(), move |req| {
+        handle_control(req, init_pid, &stop_exited)
+    })?;
+
+    let status = wait_exit(init_pid);
+    exited.store(true, Ordering::SeqCst);
+    info!(name = %launch.name, status, "instance exited");
+    registry.transaction(|s| s.remove_instance(&launch.name))?;
+    drop(lock);
+    Ok(status)
+}
+
+fn start_init(launch: &Launch, channel: &OwnedFd) -> Result<u32, RuntimeError> {
+    let exe =
+        std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
+    let cstr = |s: &[u8]| {
+        CString::new(s).map_err(|_| {
+            RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
+        })
+    };
+    let mut argv = vec![
+        cstr(exe.as_os_str().as_bytes())?,
+        cstr(b"__init")?,
+        cstr(b"--channel-fd")?,
+        cstr(channel.as_raw_fd().to_string().as_bytes())?,
+    ];
+    if let Some(cwd) = &launch.cwd {
+        argv.push(cstr(b"--cwd")?);
+        argv.push(cstr(cwd.as_os_str().as_bytes())?);
+    }
+    for (k, v) in &launch.env {
+        argv.push(cstr(b"--env")?);
+        argv.push(cstr(format!("{k}={v}").as_bytes())?);
+    }
+    argv.push(cstr(b"--")?);
+    for a in &launch.command {
+        argv.push(cstr(a.as_bytes())?);
+    }
+    let env = std::env::vars_os()
+        .filter(|(k, _)| k != LAUNCH_ENV)
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(&kv)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    spawn::spawn_namespace_init(&argv, &env)
+        .map_err(|e| RuntimeError::sys("starting the namespace init", e))
+}
+
+fn spawn_signal_forwarder(set: SigSet, init_pid: u32) -> Result<(), RuntimeError> {
+    let sfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| RuntimeError::sys("signalfd", e))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let Ok(Some(info)) = sfd.read_signal() else {
+                continue;
+            };
+            // Terminal keys and hangups reach the application through its
+            // process group already.
+            if info.ssi_code == SI_KERNEL {
+                continue;
+            }
+            if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                let _ = kill(Pid::from_raw(init_pid as i32), sig);
+            }
+        })
+        .map_err(|e| RuntimeError::sys("spawning the signal thread", e))?;
+    Ok(())
+}
+
+fn handle_control(req: Request, init_pid: u32, exited: &Arc<AtomicBool>) -> Reply {
+    match req {
+        Request::Status => Reply {
+            ok: true,
+            state: "running".into(),
+            message: String::new(),
+        },
+        Request::Stop { grace_secs } => {
+            let init = Pid::from_raw(init_pid as i32);
+            let _ = kill(init, Signal::SIGTERM);
+            let exited = Arc::clone(exited);
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(grace_secs);
+                while Instant::now() < deadline && !exited.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if !exited.load(Ordering::SeqCst) {
+                    warn!(
+                        pid = init_pid,
+                        "instance ignored SIGTERM for {grace_secs}s: SIGKILL"
+                    );
+                    // Killing the namespace init kills every process in it.
+                    let _ = kill(init, Signal::SIGKILL);
+                }
+            });
+            Reply {
+                ok: true,
+                state: "stopping".into(),
+                message: format!("SIGTERM sent; SIGKILL in {grace_secs}s"),
+            }
+        }
+    }
+}
+
+/// Waits for `pid` and returns its status the way a shell reports it.
+fn wait_exit(pid: u32) -> i32 {
+    loop {
+        match waitpid(Pid::from_raw(pid as i32), None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return 1,
+        }
+    }
+}
