@@ -58,9 +58,12 @@ pub fn spawn_namespace_init(argv: &[CString], env: &[CString]) -> io::Result<u32
 /// the new listener fd over `channel` (a connected Unix socket) with
 /// SCM_RIGHTS. The application itself never holds the listener: it is
 /// closed before `exec`, so the application cannot answer its own
-/// notifications.
+/// notifications. The child's signal mask is emptied first: the namespace
+/// init blocks every signal, and an application that inherited that mask
+/// would never see SIGTERM.
 pub fn load_filter_before_exec(cmd: &mut Command, program: Vec<SockFilter>, channel: OwnedFd) {
     let hook = move || -> io::Result<()> {
+        unblock_all_signals()?;
         let listener = seccomp::load_with_listener(&program)?;
         let sent = send_fd(channel.as_raw_fd(), listener);
         // SAFETY: `listener` was returned by the kernel above and is ours.
@@ -68,10 +71,25 @@ pub fn load_filter_before_exec(cmd: &mut Command, program: Vec<SockFilter>, chan
         sent
     };
     // SAFETY: the hook runs between fork and exec; it allocates nothing and
-    // makes only raw syscalls (seccomp, prctl, sendmsg, close).
+    // makes only raw syscalls (rt_sigprocmask, seccomp, prctl, sendmsg,
+    // close).
     unsafe {
         cmd.pre_exec(hook);
     }
+}
+
+fn unblock_all_signals() -> io::Result<()> {
+    // SAFETY: sigemptyset initialises the set on the stack before
+    // pthread_sigmask reads it.
+    let ret = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut())
+    };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
 }
 
 /// Sends one fd with SCM_RIGHTS, without allocating.
