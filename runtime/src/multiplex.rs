@@ -165,7 +165,7 @@ impl Multiplexer {
                         instance = %mux.settings.instance,
                         aid = %mux.settings.aid,
                         port = addr.port(),
-                        range = ?mux.settings.range,
+                        range = %mux.settings.range,
                         "no real port free for virtual port {} within {:?}: bind fails with EADDRINUSE",
                         addr.port(),
                         mux.settings.allocation_timeout

@@ -15,7 +15,7 @@ pub type SockFilter = libc::sock_filter;
 /// Decodes the bytes `seccomp_export_bpf` writes into instructions.
 pub fn decode_program(bytes: &[u8]) -> io::Result<Vec<SockFilter>> {
     const INSN: usize = std::mem::size_of::<SockFilter>();
-    if bytes.is_empty() || bytes.len() % INSN != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(INSN) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(

@@ -29,6 +29,12 @@ impl PortRange {
     }
 }
 
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
 impl RegistryState {
     /// Real ports to try, in order, for a bind of `addr:virtual_port` by an
     /// instance of `aid`. The kernel is the final judge: the caller binds
