@@ -71,6 +71,17 @@ impl RegistryState {
                 owner: owner.to_owned(),
             },
             None if served => Route::Refused,
+            // Connecting straight to another group's real port would bypass
+            // the AID check.
+            None if self.translations.iter().any(|t| {
+                t.protocol == protocol
+                    && t.real_port == virtual_port
+                    && t.aid != aid
+                    && serves(t.addr, dest).is_some()
+            }) =>
+            {
+                Route::Refused
+            }
             None => Route::PassThrough,
         }
     }
@@ -131,6 +142,19 @@ mod tests {
         assert_eq!(
             s.route(Protocol::Tcp, ip("127.0.0.1"), 9000, "a", 0),
             to(9000, "i1")
+        );
+    }
+
+    #[test]
+    fn real_ports_of_other_aids_are_refused() {
+        let s = state(vec![tcp("::", 9000, "b", 28731, "i2")]);
+        assert_eq!(
+            s.route(Protocol::Tcp, ip("127.0.0.1"), 28731, "a", 0),
+            Route::Refused
+        );
+        assert_eq!(
+            s.route(Protocol::Tcp, ip("127.0.0.1"), 28731, "b", 0),
+            Route::PassThrough
         );
     }
 
