@@ -27,9 +27,9 @@ impl AppConfig {
     pub(crate) const MAX_ALLOCATION_TIMEOUT_MS: u64 = 600_000;
 
     pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }

@@ -96,8 +96,9 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
 
 pub fn ports(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
     let mut st = state(run_dir)?;
-    st.translations
-        .sort_by(|a, b| (a.virtual_port, &a.aid, &a.owner).cmp(&(b.virtual_port, &b.aid, &b.owner)));
+    st.translations.sort_by(|a, b| {
+        (a.virtual_port, &a.aid, &a.owner).cmp(&(b.virtual_port, &b.aid, &b.owner))
+    });
     if json {
         return Ok(serde_json::to_string_pretty(&st.translations).expect("serialisable"));
     }

@@ -7,11 +7,8 @@ use std::path::PathBuf;
 pub enum RuntimeError {
     #[error("building the seccomp filter: {0}")]
     Filter(String),
-    #[error("{what}: {source}")]
-    Sys {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
     #[error("no running instance named `{0}`")]
@@ -25,10 +22,10 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    pub fn sys(what: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+    pub fn sys(what: impl Into<String>, error: impl Into<std::io::Error>) -> Self {
         RuntimeError::Sys {
             what: what.into(),
-            source: source.into(),
+            error: error.into(),
         }
     }
 }

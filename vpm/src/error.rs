@@ -2,10 +2,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VpmError {
-    #[error("registry {path}: {source}")]
+    #[error("registry {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("registry {path} is corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
@@ -16,6 +16,6 @@ pub enum VpmError {
 impl VpmError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> VpmError {
         let path = path.into();
-        move |source| VpmError::Io { path, source }
+        move |error| VpmError::Io { path, error }
     }
 }

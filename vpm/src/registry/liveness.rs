@@ -35,7 +35,7 @@ impl InstanceLock {
     pub fn acquire(registry: &Registry, name: &str) -> Result<InstanceLock, VpmError> {
         let dir = instance_dir(registry.dir(), name).ok_or_else(|| VpmError::Io {
             path: registry.instances_dir(),
-            source: io::Error::new(
+            error: io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("invalid instance name `{name}`"),
             ),

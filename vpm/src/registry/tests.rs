@@ -125,8 +125,8 @@ fn invalid_names_are_rejected() {
     let (_tmp, registry) = registry();
     for name in ["", ".", "..", "a/b", "../x"] {
         match InstanceLock::acquire(&registry, name) {
-            Err(VpmError::Io { source, .. }) => {
-                assert_eq!(source.kind(), io::ErrorKind::InvalidInput)
+            Err(VpmError::Io { error, .. }) => {
+                assert_eq!(error.kind(), io::ErrorKind::InvalidInput)
             }
             other => panic!("expected InvalidInput for {name:?}, got {other:?}"),
         }
