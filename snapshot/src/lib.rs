@@ -1,6 +1,14 @@
-//! Snapshot, restore and templates.
-//!
-//! Nothing is implemented here yet: `appshot snapshot`, `restore` and `clone`
-//! arrive with their own issues. The crate exists so the workspace already has
-//! the shape the design describes.
+//! Snapshot and restore of a supervised instance's process: freeze with
+//! ptrace, dump through /proc and injected syscalls, write a checked image,
+//! and rebuild the process from it.
 #![forbid(unsafe_code)]
+
+pub mod dump;
+pub mod error;
+pub mod image;
+pub mod proc;
+pub mod ptrace;
+pub mod regs;
+pub mod restore;
+
+pub use error::SnapshotError;

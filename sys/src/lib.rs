@@ -8,5 +8,6 @@
 pub mod fd;
 pub mod net;
 pub mod pidfd;
+pub mod ptrace;
 pub mod seccomp;
 pub mod spawn;

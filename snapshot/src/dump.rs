@@ -1,0 +1,581 @@
+//! Dumping a frozen process into an image.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use appshot_sys::{pidfd, ptrace as xptrace};
+use nix::fcntl::{fcntl, tee, FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use tracing::debug;
+
+use crate::error::SnapshotError;
+use crate::image::model::*;
+use crate::image::{ImageWriter, PAGE};
+use crate::proc::parse::{self, MapsLine};
+use crate::ptrace::{Frozen, Injector, Memory};
+use crate::regs;
+
+/// Scratch memory mapped into the process for the duration of the
+/// injected calls: code at its start, data after the first page.
+const SCRATCH: u64 = 64 * PAGE;
+const DATA: u64 = PAGE;
+/// Largest run of pages read and written at once.
+const CHUNK_PAGES: u64 = 1024;
+const RLIMIT_COUNT: u32 = 16;
+
+pub struct DumpRequest<'a> {
+    pub instance: InstanceInfo,
+    /// The process's PID in its own namespace.
+    pub ns_pid: u32,
+    /// Maps a listening socket's real address to the one its application
+    /// believes it bound.
+    pub virtualize: &'a dyn Fn(SocketAddr) -> SocketAddr,
+    /// Called with (bytes done, bytes total) while pages are saved.
+    pub progress: &'a dyn Fn(u64, u64),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct DumpStats {
+    pub pages_bytes: u64,
+    pub image_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Dumps the frozen process into `path`. The process stays frozen; the
+/// caller releases or kills it. On error no file is left behind.
+pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
+    let started = Instant::now();
+    let pid = frozen.pid;
+    let proc_dir = format!("/proc/{pid}");
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{proc_dir}/{name}"))
+            .map_err(|e| SnapshotError::process(pid, format!("reading {proc_dir}/{name}"), e))
+    };
+    let status = read("status")?;
+    let uid = parse::status_field(&status, "Uid").unwrap_or("");
+    if uid.split_whitespace().any(|u| u != "0") {
+        return Err(SnapshotError::Unsupported {
+            pid,
+            what: format!("runs with uids {uid}; only root processes can be restored yet"),
+        });
+    }
+    // Everything that could make the dump impossible is checked before the
+    // process is touched.
+    let fds = dump_fds(pid, req)?;
+    let mem = Memory::open(pid)?;
+    let maps_before = parse::maps(&read("maps")?).ok_or_else(|| {
+        SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
+    })?;
+    let exe_path = std::fs::read_link(format!("{proc_dir}/exe"))
+        .map_err(|e| SnapshotError::process(pid, "reading exe link", e))?;
+    let text = maps_before
+        .iter()
+        .find(|m| m.exec && !m.shared && Path::new(&m.name) == exe_path)
+        .or_else(|| {
+            maps_before
+                .iter()
+                .find(|m| m.exec && m.name.starts_with('/'))
+        })
+        .ok_or_else(|| SnapshotError::Unsupported {
+            pid,
+            what: "no executable file mapping to inject from".into(),
+        })?
+        .start;
+
+    let asked = ask_process(frozen, &mem, text)?;
+
+    let maps = parse::maps(&read("maps")?).ok_or_else(|| {
+        SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
+    })?;
+    let mut mm = parse::stat_mm(&read("stat")?).ok_or_else(|| {
+        SnapshotError::process(pid, "parsing stat", std::io::ErrorKind::InvalidData)
+    })?;
+    mm.brk = asked.brk;
+    let auxv = std::fs::read(format!("{proc_dir}/auxv"))
+        .map_err(|e| SnapshotError::process(pid, "reading auxv", e))?
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let umask = parse::status_field(&status, "Umask")
+        .and_then(|u| u32::from_str_radix(u, 8).ok())
+        .unwrap_or(0o022);
+    let cwd = std::fs::read_link(format!("{proc_dir}/cwd"))
+        .map_err(|e| SnapshotError::process(pid, "reading cwd", e))?;
+
+    let mut threads = Vec::new();
+    for (i, &tid) in frozen.tids.iter().enumerate() {
+        let r = nix::sys::ptrace::getregs(nix::unistd::Pid::from_raw(tid as i32))
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?;
+        let t = &asked.threads[i];
+        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+        let ns_tid = parse::status_field(&status, "NSpid")
+            .and_then(|v| v.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(tid);
+        let rseq = xptrace::rseq_config(tid)
+            .ok()
+            .filter(|c| c.pointer != 0)
+            .map(|c| (c.pointer, c.len, c.signature));
+        threads.push(ThreadImage {
+            ns_tid,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .unwrap_or_default()
+                .trim_end()
+                .to_string(),
+            regs: regs::to_vec(&r),
+            xstate: xptrace::get_xstate(tid)
+                .map_err(|e| SnapshotError::process(tid, "reading XSTATE", e))?,
+            sigmask: xptrace::get_sigmask(tid)
+                .map_err(|e| SnapshotError::process(tid, "PTRACE_GETSIGMASK", e))?,
+            pending: xptrace::pending_signals(tid, false)
+                .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKSIGINFO", e))?
+                .iter()
+                .map(|s| s.to_vec())
+                .collect(),
+            tid_address: t.tid_address,
+            robust_list: t.robust_list,
+            altstack: t.altstack,
+            rseq,
+        });
+    }
+    let shared_pending = xptrace::pending_signals(pid, true)
+        .map_err(|e| SnapshotError::process(pid, "PTRACE_PEEKSIGINFO", e))?
+        .iter()
+        .map(|s| s.to_vec())
+        .collect();
+
+    let mut writer = ImageWriter::create(path)?;
+    let vmas = match dump_memory(pid, &mem, &maps, &mut writer, req.progress) {
+        Ok(v) => v,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
+    let pages_bytes = vmas
+        .iter()
+        .flat_map(|v| &v.pages)
+        .map(|r| r.pages * PAGE)
+        .sum();
+    let manifest = Manifest {
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        instance: req.instance.clone(),
+        process: ProcessImage {
+            ns_pid: req.ns_pid,
+            exe: file_ref(&exe_path.to_string_lossy(), pid)?,
+            cwd: cwd.to_string_lossy().into_owned(),
+            umask,
+            rlimits: asked.rlimits,
+            mm,
+            auxv,
+            vmas,
+            sigactions: asked.sigactions,
+            shared_pending,
+            threads,
+            fds,
+            pages_bytes,
+        },
+    };
+    let image_bytes = writer.finish(&manifest)?;
+    Ok(DumpStats {
+        pages_bytes,
+        image_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+struct ThreadAnswers {
+    tid_address: u64,
+    robust_list: (u64, u64),
+    altstack: (u64, u32, u64),
+}
+
+struct Answers {
+    brk: u64,
+    sigactions: Vec<SigAction>,
+    rlimits: Vec<(u32, u64, u64)>,
+    threads: Vec<ThreadAnswers>,
+}
+
+/// What only the process itself can tell: asked with injected syscalls
+/// from a scratch mapping that is removed again before memory is read.
+fn ask_process(frozen: &Frozen, mem: &Memory, text: u64) -> Result<Answers, SnapshotError> {
+    let main = frozen.pid;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let scratch = mem.with_code_at(text, |code| {
+        frozen.injector(code).ok(
+            main,
+            "mmap of scratch memory",
+            libc::SYS_mmap,
+            &[0, SCRATCH, prot, flags, u64::MAX, 0],
+        )
+    })?;
+    let result = (|| {
+        mem.write(scratch, &crate::ptrace::SYSCALL_INT3)?;
+        let inj = frozen.injector(scratch);
+        let data = scratch + DATA;
+        let mut sigactions = Vec::new();
+        for signo in 1..=64u32 {
+            if signo == libc::SIGKILL as u32 || signo == libc::SIGSTOP as u32 {
+                continue;
+            }
+            if inj
+                .call(main, libc::SYS_rt_sigaction, &[signo as u64, 0, data, 8])?
+                .ret
+                < 0
+            {
+                continue;
+            }
+            let mut b = [0u8; 32];
+            mem.read(data, &mut b)?;
+            let f = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            sigactions.push(SigAction {
+                signo,
+                handler: f(0),
+                flags: f(1),
+                restorer: f(2),
+                mask: f(3),
+            });
+        }
+        let mut rlimits = Vec::new();
+        for res in 0..RLIMIT_COUNT {
+            if inj
+                .call(main, libc::SYS_prlimit64, &[0, res as u64, 0, data])?
+                .ret
+                == 0
+            {
+                rlimits.push((res, mem.read_u64(data)?, mem.read_u64(data + 8)?));
+            }
+        }
+        let brk = inj.ok(main, "brk(0)", libc::SYS_brk, &[0])?;
+        let mut threads = Vec::new();
+        for &tid in &frozen.tids {
+            threads.push(ask_thread(&inj, mem, tid, data)?);
+        }
+        Ok(Answers {
+            brk,
+            sigactions,
+            rlimits,
+            threads,
+        })
+    })();
+    mem.with_code_at(text, |code| {
+        frozen.injector(code).ok(
+            main,
+            "munmap of scratch memory",
+            libc::SYS_munmap,
+            &[scratch, SCRATCH],
+        )
+    })?;
+    result
+}
+
+fn ask_thread(
+    inj: &Injector,
+    mem: &Memory,
+    tid: u32,
+    data: u64,
+) -> Result<ThreadAnswers, SnapshotError> {
+    inj.ok(
+        tid,
+        "PR_GET_TID_ADDRESS",
+        libc::SYS_prctl,
+        &[libc::PR_GET_TID_ADDRESS as u64, data],
+    )?;
+    let tid_address = mem.read_u64(data)?;
+    inj.ok(
+        tid,
+        "get_robust_list",
+        libc::SYS_get_robust_list,
+        &[0, data, data + 8],
+    )?;
+    let robust_list = (mem.read_u64(data)?, mem.read_u64(data + 8)?);
+    inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[0, data])?;
+    let mut b = [0u8; 24];
+    mem.read(data, &mut b)?;
+    let altstack = (
+        u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
+        u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes")),
+        u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
+    );
+    Ok(ThreadAnswers {
+        tid_address,
+        robust_list,
+        altstack,
+    })
+}
+
+pub(crate) fn file_ref(path: &str, pid: u32) -> Result<FileRef, SnapshotError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| SnapshotError::process(pid, format!("stat {path}"), e))?;
+    Ok(FileRef {
+        path: path.to_string(),
+        size: meta.size(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ino: meta.ino(),
+    })
+}
+
+fn vma_kind(m: &MapsLine, pid: u32) -> Result<Option<VmaKind>, SnapshotError> {
+    let unsupported = |what: String| SnapshotError::Unsupported { pid, what };
+    Ok(Some(match m.name.as_str() {
+        "" | "[heap]" | "[stack]" => VmaKind::Anon,
+        n if n.starts_with("[anon:") => VmaKind::Anon,
+        "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
+        "[vsyscall]" => return Ok(None),
+        n if n.ends_with(" (deleted)") => {
+            return Err(unsupported(format!(
+                "mapping {:#x}-{:#x} of deleted file {n}",
+                m.start, m.end
+            )))
+        }
+        n if n.starts_with('/') => VmaKind::File {
+            file: file_ref(n, pid)?,
+            offset: m.offset,
+        },
+        n => {
+            return Err(unsupported(format!(
+                "mapping {:#x}-{:#x} of kind {n}",
+                m.start, m.end
+            )))
+        }
+    }))
+}
+
+/// Saves the pages that hold data: every present or swapped page of a
+/// private mapping, except pages of private file mappings still identical
+/// to the file (pagemap's file-page bit), which restore maps from the file.
+fn dump_memory(
+    pid: u32,
+    mem: &Memory,
+    maps: &[MapsLine],
+    writer: &mut ImageWriter,
+    progress: &dyn Fn(u64, u64),
+) -> Result<Vec<Vma>, SnapshotError> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_PAGE: u64 = 1 << 61;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))?;
+    let mut vmas = Vec::new();
+    let mut plan = Vec::new();
+    for m in maps {
+        let Some(kind) = vma_kind(m, pid)? else {
+            continue;
+        };
+        if m.shared && !matches!(kind, VmaKind::File { .. }) {
+            return Err(SnapshotError::Unsupported {
+                pid,
+                what: format!(
+                    "shared anonymous mapping {:#x}-{:#x} ({})",
+                    m.start, m.end, m.name
+                ),
+            });
+        }
+        let save = !m.shared && !matches!(kind, VmaKind::Vdso(_));
+        let file_backed = matches!(kind, VmaKind::File { .. });
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        if save {
+            let npages = (m.end - m.start) / PAGE;
+            let mut entries = vec![0u8; (npages * 8) as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&pagemap, &mut entries, m.start / PAGE * 8)
+                .map_err(|e| SnapshotError::process(pid, "reading pagemap", e))?;
+            for (i, e) in entries.chunks_exact(8).enumerate() {
+                let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                let has_data = e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
+                if !has_data {
+                    continue;
+                }
+                let addr = m.start + i as u64 * PAGE;
+                match runs.last_mut() {
+                    Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => *n += 1,
+                    _ => runs.push((addr, 1)),
+                }
+            }
+        }
+        plan.push((m, kind, runs));
+    }
+    let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
+    let mut done = 0;
+    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
+    for (m, kind, runs) in plan {
+        let mut pages = Vec::with_capacity(runs.len());
+        for (addr, n) in runs {
+            let len = (n * PAGE) as usize;
+            mem.read(addr, &mut buf[..len])?;
+            let offset = writer.write_pages(&buf[..len])?;
+            pages.push(PageRun {
+                addr,
+                pages: n,
+                offset,
+            });
+            done += len as u64;
+            progress(done, total);
+        }
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            shared: m.shared,
+            kind,
+            pages,
+        });
+    }
+    debug!(pid, bytes = total, "memory saved");
+    Ok(vmas)
+}
+
+fn dump_fds(pid: u32, req: &DumpRequest) -> Result<Vec<FdImage>, SnapshotError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| SnapshotError::process(pid, format!("listing {dir}"), e))?;
+    let mut fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    fds.sort_unstable();
+    let pidfd =
+        pidfd::open_thread(pid).map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
+    let mut pipes_seen = HashSet::new();
+    let mut out = Vec::new();
+    for fd in fds {
+        let unsupported = |what: String| SnapshotError::Unsupported {
+            pid,
+            what: format!("fd {fd}: {what}"),
+        };
+        let link = std::fs::read_link(format!("{dir}/{fd}"))
+            .map_err(|e| SnapshotError::process(pid, format!("reading fd {fd}"), e))?
+            .to_string_lossy()
+            .into_owned();
+        let info_text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .map_err(|e| SnapshotError::process(pid, format!("reading fdinfo {fd}"), e))?;
+        let info =
+            parse::fdinfo(&info_text).ok_or_else(|| unsupported("unreadable fdinfo".into()))?;
+        let cloexec = info.flags & libc::O_CLOEXEC != 0;
+        let flags = info.flags & !libc::O_CLOEXEC;
+        let kind = if fd <= 2 {
+            FdKind::Stdio
+        } else if link.ends_with(" (deleted)") {
+            return Err(unsupported(format!("deleted file {link}")));
+        } else if link.starts_with('/') {
+            FdKind::Path {
+                file: file_ref(&link, pid)?,
+                flags,
+                pos: info.pos,
+            }
+        } else if let Some(ino) = link
+            .strip_prefix("pipe:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            let inode: u64 = ino
+                .parse()
+                .map_err(|_| unsupported(format!("odd pipe link {link}")))?;
+            let theirs = pidfd::get_fd(&pidfd, fd)
+                .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+            let capacity = fcntl(theirs.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
+                .map_err(|e| SnapshotError::process(pid, format!("F_GETPIPE_SZ on fd {fd}"), e))?
+                as u32;
+            let data = if pipes_seen.insert(inode) {
+                peek_pipe(pid, fd, capacity)?
+            } else {
+                Vec::new()
+            };
+            FdKind::Pipe {
+                inode,
+                write_end: flags & libc::O_ACCMODE == libc::O_WRONLY,
+                flags,
+                capacity,
+                data,
+            }
+        } else if link.starts_with("socket:[") {
+            let sock = pidfd::get_fd(&pidfd, fd)
+                .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+            listening_socket(&sock, flags, req).map_err(unsupported)?
+        } else if link == "anon_inode:[eventpoll]" {
+            FdKind::Epoll {
+                flags,
+                targets: info.epoll,
+            }
+        } else if link == "anon_inode:[eventfd]" {
+            FdKind::EventFd {
+                count: info
+                    .eventfd_count
+                    .ok_or_else(|| unsupported("eventfd without a count".into()))?,
+                flags,
+                semaphore: info.eventfd_semaphore,
+            }
+        } else {
+            return Err(unsupported(format!("{link} cannot be saved yet")));
+        };
+        out.push(FdImage { fd, cloexec, kind });
+    }
+    Ok(out)
+}
+
+/// Copies a pipe's unread bytes without consuming them: tee(2) from a new
+/// read end of the same pipe into a private pipe.
+fn peek_pipe(pid: u32, fd: i32, capacity: u32) -> Result<Vec<u8>, SnapshotError> {
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let rd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| SnapshotError::process(pid, format!("opening {path} to read pipe data"), e))?;
+    let (ours_r, ours_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .map_err(|e| SnapshotError::process(pid, "pipe2", e))?;
+    let _ = fcntl(ours_w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(capacity as i32));
+    let n = match tee(
+        rd.as_fd(),
+        ours_w.as_fd(),
+        capacity as usize,
+        SpliceFFlags::SPLICE_F_NONBLOCK,
+    ) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => {
+            return Err(SnapshotError::process(
+                pid,
+                format!("tee of pipe fd {fd}"),
+                e,
+            ))
+        }
+    };
+    let mut data = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        got += nix::unistd::read(ours_r.as_raw_fd(), &mut data[got..])
+            .map_err(|e| SnapshotError::process(pid, "reading pipe copy", e))?;
+    }
+    Ok(data)
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+fn listening_socket(sock: &OwnedFd, flags: i32, req: &DumpRequest) -> Result<FdKind, String> {
+    let listening = getsockopt(sock, sockopt::AcceptConn).map_err(|e| e.to_string())?;
+    let stype = getsockopt(sock, sockopt::SockType).map_err(|e| e.to_string())?;
+    let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(|e| e.to_string())?;
+    let addr: Option<SocketAddr> = local
+        .as_sockaddr_in()
+        .map(|a| SocketAddr::V4((*a).into()))
+        .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())));
+    let Some(addr) = addr.filter(|_| listening && stype == SockType::Stream) else {
+        return Err("only listening TCP sockets can be saved yet (established connections, UDP and Unix sockets cannot)".into());
+    };
+    Ok(FdKind::TcpListen {
+        addr: (req.virtualize)(addr).to_string(),
+        flags,
+        v6only: addr.is_ipv6()
+            && getsockopt(sock, sockopt::Ipv6V6Only).map_err(|e| e.to_string())?,
+        reuseaddr: getsockopt(sock, sockopt::ReuseAddr).map_err(|e| e.to_string())?,
+        reuseport: getsockopt(sock, sockopt::ReusePort).map_err(|e| e.to_string())?,
+    })
+}

@@ -1,0 +1,407 @@
+//! The image file: a 4 KiB header, the pages section (page-aligned, so it
+//! can be mapped directly), then the postcard manifest.
+//!
+//! ```text
+//! 0      header: magic, version, section offsets/lengths, CRC32s, header CRC
+//! 4096   pages   (pages_len bytes)
+//! ...    manifest (postcard)
+//! ```
+//! Every section is checked before restore touches any process. Images are
+//! written to a temporary file (mode 0600: they hold process memory) and
+//! renamed into place, so an interrupted snapshot leaves the previous image
+//! intact.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::SnapshotError;
+use crate::image::model::Manifest;
+
+pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
+pub const VERSION: u32 = 1;
+pub const PAGE: u64 = 4096;
+const HEADER_LEN: usize = 64;
+/// A manifest larger than this is not one appshot wrote.
+const MANIFEST_MAX: u64 = 256 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    version: u32,
+    pages_off: u64,
+    pages_len: u64,
+    pages_crc: u32,
+    manifest_off: u64,
+    manifest_len: u64,
+    manifest_crc: u32,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
+        b[12..20].copy_from_slice(&self.pages_off.to_le_bytes());
+        b[20..28].copy_from_slice(&self.pages_len.to_le_bytes());
+        b[28..32].copy_from_slice(&self.pages_crc.to_le_bytes());
+        b[32..40].copy_from_slice(&self.manifest_off.to_le_bytes());
+        b[40..48].copy_from_slice(&self.manifest_len.to_le_bytes());
+        b[48..52].copy_from_slice(&self.manifest_crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(path: &Path, b: &[u8; HEADER_LEN]) -> Result<Header, SnapshotError> {
+        let corrupt = |why: &str| SnapshotError::corrupt(path, why);
+        if b[0..8] != MAGIC {
+            return Err(corrupt("not an appshot image (bad magic)"));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(SnapshotError::Version {
+                path: path.to_path_buf(),
+                found: version,
+                supported: VERSION,
+            });
+        }
+        if crc32fast::hash(&b[..60]) != u32_at(60) {
+            return Err(corrupt("header checksum mismatch"));
+        }
+        Ok(Header {
+            version,
+            pages_off: u64_at(12),
+            pages_len: u64_at(20),
+            pages_crc: u32_at(28),
+            manifest_off: u64_at(32),
+            manifest_len: u64_at(40),
+            manifest_crc: u32_at(48),
+        })
+    }
+}
+
+/// Writes an image: pages are streamed in with [`ImageWriter::write_pages`]
+/// (each call page-aligned), then [`ImageWriter::finish`] adds the manifest
+/// and moves the file into place.
+pub struct ImageWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    pages_len: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl ImageWriter {
+    pub fn create(path: &Path) -> Result<ImageWriter, SnapshotError> {
+        let io = |e| SnapshotError::io(path, e);
+        let name = path
+            .file_name()
+            .ok_or_else(|| SnapshotError::io(path, std::io::ErrorKind::InvalidInput.into()))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| SnapshotError::io(&tmp, e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&[0u8; PAGE as usize]).map_err(io)?;
+        Ok(ImageWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out,
+            pages_len: 0,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Appends page data; returns its offset within the pages section.
+    pub fn write_pages(&mut self, data: &[u8]) -> Result<u64, SnapshotError> {
+        debug_assert_eq!(data.len() as u64 % PAGE, 0);
+        let off = self.pages_len;
+        self.out
+            .write_all(data)
+            .map_err(|e| SnapshotError::io(&self.tmp, e))?;
+        self.crc.update(data);
+        self.pages_len += data.len() as u64;
+        Ok(off)
+    }
+
+    pub fn finish(mut self, manifest: &Manifest) -> Result<u64, SnapshotError> {
+        let tmp = self.tmp.clone();
+        let result = (|| {
+            let io = |e| SnapshotError::io(&tmp, e);
+            let encoded =
+                postcard::to_stdvec(manifest).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+            self.out.write_all(&encoded).map_err(io)?;
+            let header = Header {
+                version: VERSION,
+                pages_off: PAGE,
+                pages_len: self.pages_len,
+                pages_crc: self.crc.clone().finalize(),
+                manifest_off: PAGE + self.pages_len,
+                manifest_len: encoded.len() as u64,
+                manifest_crc: crc32fast::hash(&encoded),
+            };
+            let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
+            file.write_all_at(&header.encode(), 0).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &self.path).map_err(|e| SnapshotError::io(&self.path, e))?;
+            Ok(PAGE + self.pages_len + encoded.len() as u64)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Removes the partial file (a failed dump leaves nothing behind).
+    pub fn abandon(self) {
+        drop(self.out);
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// A checked image: header, manifest and pages section all verified.
+pub struct Image {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub file: File,
+    /// Offset of the pages section in `file`.
+    pub pages_off: u64,
+    pub pages_len: u64,
+    pub size: u64,
+}
+
+impl Image {
+    /// Opens and verifies an image. Nothing is trusted until every checksum
+    /// and every offset has been checked against the file's real length.
+    pub fn open(path: &Path) -> Result<Image, SnapshotError> {
+        let io = |e| SnapshotError::io(path, e);
+        let corrupt = |why: String| SnapshotError::corrupt(path, &why);
+        let mut file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        let mut hb = [0u8; HEADER_LEN];
+        if size < PAGE {
+            return Err(corrupt(format!(
+                "truncated: {size} bytes, shorter than the header"
+            )));
+        }
+        file.read_exact(&mut hb).map_err(io)?;
+        let h = Header::decode(path, &hb)?;
+        if h.pages_off != PAGE || h.pages_len % PAGE != 0 || h.manifest_len > MANIFEST_MAX {
+            return Err(corrupt("header describes an impossible layout".into()));
+        }
+        let end = h
+            .manifest_off
+            .checked_add(h.manifest_len)
+            .filter(|&e| h.manifest_off == h.pages_off + h.pages_len && e == size)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "truncated or extended: header says {} bytes, file has {size}",
+                    h.manifest_off.saturating_add(h.manifest_len)
+                ))
+            })?;
+        debug_assert_eq!(end, size);
+
+        let mut manifest_bytes = vec![0u8; h.manifest_len as usize];
+        file.seek(SeekFrom::Start(h.manifest_off)).map_err(io)?;
+        file.read_exact(&mut manifest_bytes).map_err(io)?;
+        if crc32fast::hash(&manifest_bytes) != h.manifest_crc {
+            return Err(corrupt("manifest checksum mismatch".into()));
+        }
+        let manifest: Manifest = postcard::from_bytes(&manifest_bytes)
+            .map_err(|e| corrupt(format!("manifest does not decode: {e}")))?;
+
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        file.seek(SeekFrom::Start(h.pages_off)).map_err(io)?;
+        let mut left = h.pages_len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n]).map_err(io)?;
+            crc.update(&buf[..n]);
+            left -= n as u64;
+        }
+        if crc.finalize() != h.pages_crc {
+            return Err(corrupt("pages checksum mismatch".into()));
+        }
+        for vma in &manifest.process.vmas {
+            for run in &vma.pages {
+                let len = run.pages * PAGE;
+                let inside = run.addr >= vma.start
+                    && run.addr.checked_add(len).is_some_and(|e| e <= vma.end)
+                    && run
+                        .offset
+                        .checked_add(len)
+                        .is_some_and(|e| e <= h.pages_len);
+                if !inside {
+                    return Err(corrupt(format!(
+                        "page run at {:#x} lies outside its mapping or the pages section",
+                        run.addr
+                    )));
+                }
+            }
+        }
+        Ok(Image {
+            path: path.to_path_buf(),
+            manifest,
+            file,
+            pages_off: h.pages_off,
+            pages_len: h.pages_len,
+            size,
+        })
+    }
+
+    /// Reads `len` bytes of page data at `offset` of the pages section.
+    pub fn read_pages(&self, offset: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
+        self.file
+            .read_exact_at(buf, self.pages_off + offset)
+            .map_err(|e| SnapshotError::io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::model::*;
+
+    pub(crate) fn sample_manifest(pages: Vec<PageRun>) -> Manifest {
+        Manifest {
+            created_unix: 1,
+            instance: InstanceInfo {
+                name: "web-a".into(),
+                aid: "a".into(),
+                command: vec!["python3".into()],
+                multiplexed: vec![9000],
+            },
+            process: ProcessImage {
+                ns_pid: 2,
+                exe: FileRef {
+                    path: "/usr/bin/python3".into(),
+                    size: 1,
+                    mtime_ns: 2,
+                    ino: 3,
+                },
+                cwd: "/".into(),
+                umask: 0o22,
+                rlimits: vec![],
+                mm: MmFields::default(),
+                auxv: vec![],
+                vmas: vec![Vma {
+                    start: 0x1000,
+                    end: 0x4000,
+                    prot: 3,
+                    shared: false,
+                    kind: VmaKind::Anon,
+                    pages,
+                }],
+                sigactions: vec![],
+                shared_pending: vec![],
+                threads: vec![],
+                fds: vec![],
+                pages_bytes: 0,
+            },
+        }
+    }
+
+    fn write_sample(path: &Path) -> Manifest {
+        let m = sample_manifest(vec![PageRun {
+            addr: 0x1000,
+            pages: 2,
+            offset: 0,
+        }]);
+        let mut w = ImageWriter::create(path).unwrap();
+        w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
+        w.finish(&m).unwrap();
+        m
+    }
+
+    #[test]
+    fn round_trip_and_private_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let m = write_sample(&path);
+        let img = Image::open(&path).unwrap();
+        assert_eq!(img.manifest, m);
+        let mut buf = vec![0u8; PAGE as usize];
+        img.read_pages(PAGE, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
+    }
+
+    fn expect_corrupt(path: &Path, needle: &str) {
+        match Image::open(path) {
+            Err(e) => assert!(e.to_string().contains(needle), "{e}"),
+            Ok(_) => panic!("corrupt image accepted"),
+        }
+    }
+
+    #[test]
+    fn truncated_flipped_and_foreign_images_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        write_sample(&path);
+        let good = std::fs::read(&path).unwrap();
+
+        std::fs::write(&path, &good[..good.len() - 3]).unwrap();
+        expect_corrupt(&path, "truncated");
+        std::fs::write(&path, &good[..100]).unwrap();
+        expect_corrupt(&path, "truncated");
+
+        let mut flipped = good.clone();
+        flipped[PAGE as usize + 10] ^= 0x40;
+        std::fs::write(&path, &flipped).unwrap();
+        expect_corrupt(&path, "pages checksum");
+
+        let mut flipped = good.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        expect_corrupt(&path, "manifest checksum");
+
+        let mut flipped = good.clone();
+        flipped[20] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        expect_corrupt(&path, "header checksum");
+
+        let mut other = good.clone();
+        other[0] = b'X';
+        std::fs::write(&path, &other).unwrap();
+        expect_corrupt(&path, "bad magic");
+
+        let mut newer = good.clone();
+        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        std::fs::write(&path, &newer).unwrap();
+        match Image::open(&path) {
+            Err(SnapshotError::Version { found: 2, .. }) => {}
+            other => panic!("expected a version error, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn interrupted_write_keeps_previous_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let m = write_sample(&path);
+        let mut w = ImageWriter::create(&path).unwrap();
+        w.write_pages(&vec![1u8; PAGE as usize]).unwrap();
+        w.abandon();
+        assert_eq!(Image::open(&path).unwrap().manifest, m);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,8 @@
+//! The image: what it holds ([`model`]) and how it is laid out on disk
+//! ([`format`]).
+
+pub mod format;
+pub mod model;
+
+pub use format::{Image, ImageWriter, PAGE};
+pub use model::*;

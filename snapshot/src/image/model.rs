@@ -1,0 +1,186 @@
+//! What an image holds: one instance's process, its threads, memory layout,
+//! file descriptors and the VPM view of its sockets.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub created_unix: u64,
+    pub instance: InstanceInfo,
+    pub process: ProcessImage,
+}
+
+/// The instance the image was taken from. The AID and the virtual ports of
+/// its listening sockets are what restore re-registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub name: String,
+    pub aid: String,
+    pub command: Vec<String>,
+    /// Ports the instance multiplexes (empty: all below the ephemeral range).
+    pub multiplexed: Vec<u16>,
+}
+
+/// Identity of a file the image refers to instead of copying: restore
+/// refuses to map a file that changed since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    /// PID inside the instance's PID namespace (restored exactly).
+    pub ns_pid: u32,
+    pub exe: FileRef,
+    pub cwd: String,
+    pub umask: u32,
+    /// (resource, soft, hard)
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub mm: MmFields,
+    pub auxv: Vec<u64>,
+    pub vmas: Vec<Vma>,
+    pub sigactions: Vec<SigAction>,
+    /// Raw siginfo of signals pending for the whole process.
+    pub shared_pending: Vec<Vec<u8>>,
+    pub threads: Vec<ThreadImage>,
+    pub fds: Vec<FdImage>,
+    /// Bytes of page data in the image's pages section.
+    pub pages_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    pub shared: bool,
+    pub kind: VmaKind,
+    /// Saved pages, in address order.
+    pub pages: Vec<PageRun>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    Anon,
+    File {
+        file: FileRef,
+        offset: u64,
+    },
+    /// `[vvar]`, `[vvar_vclock]` or `[vdso]`: moved as one block.
+    Vdso(String),
+    Vsyscall,
+}
+
+/// `pages` contiguous pages from `addr`, stored at `offset` of the pages
+/// section (page-aligned, so a restore can map them directly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub addr: u64,
+    pub pages: u64,
+    pub offset: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub signo: u32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    pub ns_tid: u32,
+    /// Thread name (/proc/TID/comm).
+    pub comm: String,
+    /// `user_regs_struct`, field by field.
+    pub regs: Vec<u64>,
+    pub xstate: Vec<u8>,
+    pub sigmask: u64,
+    pub pending: Vec<Vec<u8>>,
+    pub tid_address: u64,
+    pub robust_list: (u64, u64),
+    /// (ss_sp, ss_flags, ss_size)
+    pub altstack: (u64, u32, u64),
+    /// (pointer, len, signature), if the thread registered rseq.
+    pub rseq: Option<(u64, u32, u32)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdImage {
+    pub fd: i32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// 0, 1, 2: the restoring supervisor's own stdio takes their place, as a
+    /// terminal or log of the old supervisor may not exist any more.
+    Stdio,
+    /// Regular file, directory or device, reopened by path.
+    Path { file: FileRef, flags: i32, pos: u64 },
+    Pipe {
+        inode: u64,
+        write_end: bool,
+        flags: i32,
+        capacity: u32,
+        /// Unread bytes, stored once per pipe (on its lowest fd).
+        data: Vec<u8>,
+    },
+    TcpListen {
+        /// The address the application believes it bound (virtual port).
+        addr: String,
+        flags: i32,
+        v6only: bool,
+        reuseaddr: bool,
+        reuseport: bool,
+    },
+    Epoll {
+        flags: i32,
+        targets: Vec<EpollTarget>,
+    },
+    EventFd {
+        count: u64,
+        flags: i32,
+        semaphore: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+impl ProcessImage {
+    /// Virtual ports of the listening sockets, for display and registration.
+    pub fn listening(&self) -> impl Iterator<Item = &str> {
+        self.fds.iter().filter_map(|f| match &f.kind {
+            FdKind::TcpListen { addr, .. } => Some(addr.as_str()),
+            _ => None,
+        })
+    }
+}

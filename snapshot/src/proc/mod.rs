@@ -1,0 +1,3 @@
+//! Reading a process through /proc.
+
+pub mod parse;

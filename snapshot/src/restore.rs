@@ -1,0 +1,778 @@
+//! Rebuilding a process from an image inside a stub process.
+//!
+//! The stub is a fresh child of the instance's namespace init, created with
+//! the saved PID. Restore freezes it, maps a scratch page, and through
+//! injected syscalls replaces everything it has with the saved state:
+//! address space (vDSO moved to its saved place), mm fields, files,
+//! sockets, signal state, the seccomp filter and the threads with their
+//! saved TIDs. Last, each thread gets its saved registers and runs on from
+//! the instruction it was stopped at.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+
+use appshot_sys::pidfd;
+use appshot_sys::ptrace as xptrace;
+use appshot_sys::seccomp::SockFilter;
+use nix::sys::ptrace::{self, Options};
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use crate::error::SnapshotError;
+use crate::image::model::*;
+use crate::image::{Image, PAGE};
+use crate::proc::parse;
+use crate::ptrace::{Frozen, Injector, Memory, SYSCALL_INT3};
+use crate::regs;
+
+const SCRATCH: u64 = 256 * PAGE;
+const DATA: u64 = PAGE;
+const DATA_LEN: u64 = SCRATCH - DATA;
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+const SECCOMP_SET_MODE_FILTER: u64 = 1;
+const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
+const THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
+/// A listening socket the caller must provide, bound to a real port that
+/// stands for `addr` and listening.
+pub struct ListenSpec {
+    pub addr: SocketAddr,
+    pub v6only: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+}
+
+pub struct RestoreHooks<'a> {
+    /// The seccomp program the restored process runs under.
+    pub filter: &'a [SockFilter],
+    pub listen: &'a dyn Fn(&ListenSpec) -> Result<OwnedFd, String>,
+}
+
+pub struct Restored {
+    /// The seccomp listener of the restored process's filter.
+    pub listener: OwnedFd,
+}
+
+/// Checks that every file the image maps or opens is still there and, for
+/// mapped files, unchanged. Runs before anything is created.
+pub fn check_files(image: &Image) -> Result<(), SnapshotError> {
+    let p = &image.manifest.process;
+    let strict = std::iter::once(&p.exe).chain(p.vmas.iter().filter_map(|v| match &v.kind {
+        VmaKind::File { file, .. } => Some(file),
+        _ => None,
+    }));
+    for f in strict {
+        let meta = std::fs::metadata(&f.path).map_err(|e| SnapshotError::FileChanged {
+            path: f.path.clone(),
+            why: format!("missing ({e})"),
+        })?;
+        let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+        if meta.ino() != f.ino || meta.size() != f.size || mtime != f.mtime_ns {
+            return Err(SnapshotError::FileChanged {
+                path: f.path.clone(),
+                why: "changed since the snapshot (inode, size or mtime differ)".into(),
+            });
+        }
+    }
+    for fd in &p.fds {
+        if let FdKind::Path { file, .. } = &fd.kind {
+            std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
+                path: file.path.clone(),
+                why: format!("open as fd {} but missing ({e})", fd.fd),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Restores the image into the stub `stub_pid` (our PID namespace's view).
+/// On error the stub is left for the caller to kill.
+pub fn restore(
+    stub_pid: u32,
+    image: &Image,
+    hooks: &RestoreHooks,
+) -> Result<Restored, SnapshotError> {
+    let p = &image.manifest.process;
+    let main_image = p
+        .threads
+        .iter()
+        .find(|t| t.ns_tid == p.ns_pid)
+        .ok_or_else(|| SnapshotError::Restore("image has no main thread".into()))?;
+    let mut frozen = Frozen::seize(stub_pid, Options::PTRACE_O_TRACECLONE)?;
+    if frozen.tids.len() != 1 {
+        return Err(SnapshotError::Restore(format!(
+            "stub {stub_pid} has {} threads",
+            frozen.tids.len()
+        )));
+    }
+    let mem = Memory::open(stub_pid)?;
+    let stub_maps =
+        parse::maps(&std::fs::read_to_string(format!("/proc/{stub_pid}/maps")).unwrap_or_default())
+            .ok_or_else(|| SnapshotError::Restore("unreadable stub maps".into()))?;
+    let scratch = choose_scratch(&stub_maps, &p.vmas)?;
+    let text = stub_maps
+        .iter()
+        .find(|m| m.exec && m.name.starts_with('/'))
+        .ok_or_else(|| SnapshotError::Restore("stub has no executable mapping".into()))?
+        .start;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+    let pid = stub_pid;
+    mem.with_code_at(text, |code| {
+        frozen.injector(code).ok(
+            pid,
+            "mmap of scratch memory",
+            libc::SYS_mmap,
+            &[scratch, SCRATCH, prot, flags, u64::MAX, 0],
+        )
+    })?;
+    mem.write(scratch, &SYSCALL_INT3)?;
+    let data = scratch + DATA;
+
+    {
+        let inj = frozen.injector(scratch);
+        // The stub inherited its parent's rseq registration; the kernel
+        // would write into memory about to disappear.
+        if let Ok(c) = xptrace::rseq_config(pid) {
+            if c.pointer != 0 {
+                inj.ok(
+                    pid,
+                    "rseq unregister",
+                    libc::SYS_rseq,
+                    &[
+                        c.pointer,
+                        c.len as u64,
+                        RSEQ_FLAG_UNREGISTER,
+                        c.signature as u64,
+                    ],
+                )?;
+            }
+        }
+        close_stub_fds(&inj, pid)?;
+        for m in &stub_maps {
+            let ours = m.start == scratch;
+            if !ours && m.name != "[vsyscall]" {
+                inj.ok(
+                    pid,
+                    "munmap of stub memory",
+                    libc::SYS_munmap,
+                    &[m.start, m.end - m.start],
+                )?;
+            }
+        }
+        map_vdso(&inj, pid, &p.vmas)?;
+        map_memory(&inj, &mem, pid, data, image)?;
+        set_mm(&inj, &mem, pid, data, p)?;
+        restore_fds(&inj, &mem, pid, data, p, hooks)?;
+        let cwd = write_str(&mem, data, &p.cwd)?;
+        inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
+        inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
+        for &(res, cur, max) in &p.rlimits {
+            mem.write(data, &[cur.to_ne_bytes(), max.to_ne_bytes()].concat())?;
+            if inj
+                .call(pid, libc::SYS_prlimit64, &[0, res as u64, data, 0])?
+                .ret
+                < 0
+            {
+                warn!(resource = res, "rlimit could not be restored");
+            }
+        }
+        for a in &p.sigactions {
+            let act = [a.handler, a.flags, a.restorer, a.mask]
+                .map(u64::to_ne_bytes)
+                .concat();
+            mem.write(data, &act)?;
+            inj.ok(
+                pid,
+                &format!("rt_sigaction {}", a.signo),
+                libc::SYS_rt_sigaction,
+                &[a.signo as u64, data, 0, 8],
+            )?;
+        }
+    }
+    let listener = install_filter(&frozen, &mem, scratch, data, hooks.filter)?;
+
+    let mut host_tids: BTreeMap<u32, u32> = BTreeMap::new();
+    host_tids.insert(main_image.ns_tid, pid);
+    for t in p.threads.iter().filter(|t| t.ns_tid != p.ns_pid) {
+        let args = clone_args(data + 128);
+        mem.write(data, &args)?;
+        mem.write(data + 128, &(t.ns_tid as i32).to_ne_bytes())?;
+        let injected =
+            frozen
+                .injector(scratch)
+                .call(pid, libc::SYS_clone3, &[data, args.len() as u64])?;
+        if injected.ret < 0 {
+            return Err(SnapshotError::Restore(format!(
+                "clone3 of thread {} failed: {}",
+                t.ns_tid,
+                std::io::Error::from_raw_os_error(-injected.ret as i32)
+            )));
+        }
+        let host = injected.cloned.ok_or_else(|| {
+            SnapshotError::Restore(format!("clone of thread {} was not reported", t.ns_tid))
+        })?;
+        frozen.adopt(host)?;
+        host_tids.insert(t.ns_tid, host);
+    }
+
+    for t in &p.threads {
+        let tid = host_tids[&t.ns_tid];
+        restore_thread_state(&frozen.injector(scratch), &mem, tid, data, t, p.ns_pid)?;
+    }
+    for info in &p.shared_pending {
+        mem.write(data, info)?;
+        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
+        frozen.injector(scratch).ok(
+            pid,
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            &[p.ns_pid as u64, signo as u64, data],
+        )?;
+    }
+
+    // The scratch mapping goes last, unmapped by code briefly written over
+    // the restored program's own text.
+    let text = p
+        .vmas
+        .iter()
+        .find(|v| v.prot & libc::PROT_EXEC as u32 != 0 && matches!(v.kind, VmaKind::File { .. }))
+        .ok_or_else(|| SnapshotError::Restore("image has no executable file mapping".into()))?
+        .start;
+    mem.with_code_at(text, |code| {
+        frozen.injector(code).ok(
+            pid,
+            "munmap of scratch memory",
+            libc::SYS_munmap,
+            &[scratch, SCRATCH],
+        )
+    })?;
+
+    for t in &p.threads {
+        let tid = host_tids[&t.ns_tid];
+        let mut r = regs::from_slice(&t.regs)
+            .ok_or_else(|| SnapshotError::Restore("bad register set".into()))?;
+        regs::restart_interrupted_syscall(&mut r);
+        ptrace::setregs(Pid::from_raw(tid as i32), r)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+        xptrace::set_xstate(tid, &t.xstate)
+            .map_err(|e| SnapshotError::process(tid, "restoring XSTATE", e))?;
+        xptrace::set_sigmask(tid, t.sigmask)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETSIGMASK", e))?;
+        if !t.comm.is_empty() {
+            let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
+        }
+    }
+    frozen.release();
+    Ok(Restored { listener })
+}
+
+/// An address for the scratch mapping that collides with neither the
+/// stub's mappings nor the saved ones.
+fn choose_scratch(stub: &[parse::MapsLine], saved: &[Vma]) -> Result<u64, SnapshotError> {
+    let busy = |a: u64| {
+        let end = a + SCRATCH;
+        stub.iter().any(|m| m.start < end && a < m.end)
+            || saved.iter().any(|v| v.start < end && a < v.end)
+    };
+    (1u64..4096)
+        .map(|i| i << 32)
+        .find(|&a| !busy(a))
+        .ok_or_else(|| SnapshotError::Restore("no free address for the scratch mapping".into()))
+}
+
+fn close_stub_fds(inj: &Injector, pid: u32) -> Result<(), SnapshotError> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| SnapshotError::process(pid, "listing fds", e))?;
+    for fd in fds
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()))
+    {
+        if fd > 2 {
+            inj.call(pid, libc::SYS_close, &[fd])?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the vDSO block to its saved address (all three special mappings
+/// move together, which `arch_prctl(ARCH_MAP_VDSO_64)` does once they are
+/// unmapped).
+fn map_vdso(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), SnapshotError> {
+    let block: Vec<&Vma> = vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Vdso(_)))
+        .collect();
+    let Some(start) = block.iter().map(|v| v.start).min() else {
+        return Ok(());
+    };
+    inj.ok(
+        pid,
+        "ARCH_MAP_VDSO_64",
+        libc::SYS_arch_prctl,
+        &[ARCH_MAP_VDSO_64, start],
+    )?;
+    let maps =
+        parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
+            .unwrap_or_default();
+    for v in block {
+        let VmaKind::Vdso(name) = &v.kind else {
+            continue;
+        };
+        if !maps
+            .iter()
+            .any(|m| &m.name == name && m.start == v.start && m.end == v.end)
+        {
+            return Err(SnapshotError::Restore(format!(
+                "{name} did not land at {:#x}-{:#x} (this kernel lays the vDSO out differently)",
+                v.start, v.end
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn write_str(mem: &Memory, at: u64, s: &str) -> Result<u64, SnapshotError> {
+    let mut b = s.as_bytes().to_vec();
+    b.push(0);
+    if b.len() as u64 > DATA_LEN {
+        return Err(SnapshotError::Restore(format!("path too long: {s}")));
+    }
+    mem.write(at, &b)?;
+    Ok(at)
+}
+
+fn open_in(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    path: &str,
+    flags: i32,
+) -> Result<u64, SnapshotError> {
+    let p = write_str(mem, data, path)?;
+    inj.ok(
+        pid,
+        &format!("open {path}"),
+        libc::SYS_openat,
+        &[libc::AT_FDCWD as u64, p, flags as u64, 0],
+    )
+}
+
+fn map_memory(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    image: &Image,
+) -> Result<(), SnapshotError> {
+    let mut files: HashMap<&str, u64> = HashMap::new();
+    let mut buf = Vec::new();
+    for v in &image.manifest.process.vmas {
+        let len = v.end - v.start;
+        let fixed = libc::MAP_FIXED as u64;
+        match &v.kind {
+            VmaKind::Vdso(_) | VmaKind::Vsyscall => continue,
+            VmaKind::Anon => {
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed;
+                inj.ok(
+                    pid,
+                    "mmap anonymous",
+                    libc::SYS_mmap,
+                    &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
+                )?;
+            }
+            VmaKind::File { file, offset } => {
+                let fd = match files.get(file.path.as_str()) {
+                    Some(&fd) => fd,
+                    None => {
+                        let mode = if v.shared && v.prot & libc::PROT_WRITE as u32 != 0 {
+                            libc::O_RDWR
+                        } else {
+                            libc::O_RDONLY
+                        };
+                        let fd = open_in(inj, mem, pid, data, &file.path, mode | libc::O_CLOEXEC)?;
+                        files.insert(&file.path, fd);
+                        fd
+                    }
+                };
+                let share = if v.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                inj.ok(
+                    pid,
+                    &format!("mmap {}", file.path),
+                    libc::SYS_mmap,
+                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
+                )?;
+            }
+        }
+        for run in &v.pages {
+            let n = (run.pages * PAGE) as usize;
+            buf.resize(n, 0);
+            image.read_pages(run.offset, &mut buf[..n])?;
+            mem.write(run.addr, &buf[..n])?;
+        }
+    }
+    for fd in files.into_values() {
+        inj.call(pid, libc::SYS_close, &[fd])?;
+    }
+    debug!(pid, "address space rebuilt");
+    Ok(())
+}
+
+fn set_mm(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    p: &ProcessImage,
+) -> Result<(), SnapshotError> {
+    let exe_fd = open_in(
+        inj,
+        mem,
+        pid,
+        data,
+        &p.exe.path,
+        libc::O_RDONLY | libc::O_CLOEXEC,
+    )?;
+    let m = &p.mm;
+    let auxv_at = data + 256;
+    let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    mem.write(auxv_at, &auxv)?;
+    let mut map = Vec::with_capacity(104);
+    for v in [
+        m.start_code,
+        m.end_code,
+        m.start_data,
+        m.end_data,
+        m.start_brk,
+        m.brk,
+        m.start_stack,
+        m.arg_start,
+        m.arg_end,
+        m.env_start,
+        m.env_end,
+        auxv_at,
+    ] {
+        map.extend_from_slice(&v.to_ne_bytes());
+    }
+    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
+    map.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
+    mem.write(data, &map)?;
+    inj.ok(
+        pid,
+        "PR_SET_MM_MAP",
+        libc::SYS_prctl,
+        &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
+    )?;
+    inj.call(pid, libc::SYS_close, &[exe_fd])?;
+    Ok(())
+}
+
+fn restore_fds(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    p: &ProcessImage,
+    hooks: &RestoreHooks,
+) -> Result<(), SnapshotError> {
+    // Temporaries live above every saved fd so placing one never
+    // overwrites another.
+    let high = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) as u64 + 1;
+    let to_high = |fd: u64| -> Result<u64, SnapshotError> {
+        let moved = inj.ok(
+            pid,
+            "F_DUPFD_CLOEXEC",
+            libc::SYS_fcntl,
+            &[fd, libc::F_DUPFD_CLOEXEC as u64, high],
+        )?;
+        inj.call(pid, libc::SYS_close, &[fd])?;
+        Ok(moved)
+    };
+    let place = |temp: u64, f: &FdImage, status_flags: i32| -> Result<(), SnapshotError> {
+        let cloexec = if f.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        inj.ok(
+            pid,
+            &format!("dup3 to fd {}", f.fd),
+            libc::SYS_dup3,
+            &[temp, f.fd as u64, cloexec],
+        )?;
+        let settable = status_flags
+            & (libc::O_NONBLOCK
+                | libc::O_APPEND
+                | libc::O_ASYNC
+                | libc::O_DIRECT
+                | libc::O_NOATIME);
+        inj.ok(
+            pid,
+            "F_SETFL",
+            libc::SYS_fcntl,
+            &[f.fd as u64, libc::F_SETFL as u64, settable as u64],
+        )?;
+        Ok(())
+    };
+
+    let mut pipes: BTreeMap<u64, Vec<&FdImage>> = BTreeMap::new();
+    for f in &p.fds {
+        match &f.kind {
+            FdKind::Stdio | FdKind::Epoll { .. } => {}
+            FdKind::Pipe { inode, .. } => pipes.entry(*inode).or_default().push(f),
+            FdKind::Path { file, flags, pos } => {
+                let open_flags =
+                    flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) | libc::O_CLOEXEC;
+                let temp = to_high(open_in(inj, mem, pid, data, &file.path, open_flags)?)?;
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+                if *pos != 0 {
+                    inj.ok(
+                        pid,
+                        &format!("lseek fd {}", f.fd),
+                        libc::SYS_lseek,
+                        &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+                    )?;
+                }
+            }
+            FdKind::TcpListen {
+                addr,
+                flags,
+                v6only,
+                reuseaddr,
+                reuseport,
+            } => {
+                let addr: SocketAddr = addr.parse().map_err(|_| {
+                    SnapshotError::Restore(format!("fd {}: bad address {addr}", f.fd))
+                })?;
+                let spec = ListenSpec {
+                    addr,
+                    v6only: *v6only,
+                    reuseaddr: *reuseaddr,
+                    reuseport: *reuseport,
+                };
+                let sock = (hooks.listen)(&spec).map_err(|e| {
+                    SnapshotError::Restore(format!("fd {}: listening socket for {addr}: {e}", f.fd))
+                })?;
+                let temp = to_high(take_from_us(inj, pid, sock.as_raw_fd())?)?;
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+            }
+            FdKind::EventFd {
+                count,
+                flags,
+                semaphore,
+            } => {
+                let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+                let temp = to_high(inj.ok(
+                    pid,
+                    "eventfd2",
+                    libc::SYS_eventfd2,
+                    &[*count, (sem | libc::EFD_CLOEXEC) as u64],
+                )?)?;
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+            }
+        }
+    }
+    for fds in pipes.values() {
+        inj.ok(
+            pid,
+            "pipe2",
+            libc::SYS_pipe2,
+            &[data, libc::O_CLOEXEC as u64],
+        )?;
+        let mut b = [0u8; 8];
+        mem.read(data, &mut b)?;
+        let rd = to_high(i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as u64)?;
+        let wr = to_high(i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")) as u64)?;
+        for f in fds {
+            let FdKind::Pipe {
+                write_end,
+                flags,
+                capacity,
+                data: bytes,
+                ..
+            } = &f.kind
+            else {
+                continue;
+            };
+            if !bytes.is_empty() || fds.iter().position(|x| std::ptr::eq(*x, *f)) == Some(0) {
+                inj.call(
+                    pid,
+                    libc::SYS_fcntl,
+                    &[wr, libc::F_SETPIPE_SZ as u64, *capacity as u64],
+                )?;
+            }
+            for chunk in bytes.chunks(DATA_LEN as usize) {
+                mem.write(data, chunk)?;
+                inj.ok(
+                    pid,
+                    "write of pipe data",
+                    libc::SYS_write,
+                    &[wr, data, chunk.len() as u64],
+                )?;
+            }
+            place(if *write_end { wr } else { rd }, f, *flags)?;
+        }
+        inj.call(pid, libc::SYS_close, &[rd])?;
+        inj.call(pid, libc::SYS_close, &[wr])?;
+    }
+    for f in &p.fds {
+        let FdKind::Epoll { flags, targets } = &f.kind else {
+            continue;
+        };
+        let temp = to_high(inj.ok(
+            pid,
+            "epoll_create1",
+            libc::SYS_epoll_create1,
+            &[libc::EPOLL_CLOEXEC as u64],
+        )?)?;
+        place(temp, f, *flags)?;
+        inj.call(pid, libc::SYS_close, &[temp])?;
+        for t in targets {
+            // struct epoll_event is packed on x86_64: u32 events, u64 data.
+            let mut ev = t.events.to_ne_bytes().to_vec();
+            ev.extend_from_slice(&t.data.to_ne_bytes());
+            mem.write(data, &ev)?;
+            inj.ok(
+                pid,
+                &format!("epoll_ctl add fd {}", t.fd),
+                libc::SYS_epoll_ctl,
+                &[f.fd as u64, libc::EPOLL_CTL_ADD as u64, t.fd as u64, data],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies one of our fds into the process: it opens a pidfd of us and
+/// takes the fd with pidfd_getfd.
+fn take_from_us(inj: &Injector, pid: u32, ours: i32) -> Result<u64, SnapshotError> {
+    let pfd = inj.ok(
+        pid,
+        "pidfd_open of the supervisor",
+        libc::SYS_pidfd_open,
+        &[std::process::id() as u64, 0],
+    )?;
+    let got = inj
+        .call(pid, libc::SYS_pidfd_getfd, &[pfd, ours as u64, 0])?
+        .ret;
+    inj.call(pid, libc::SYS_close, &[pfd])?;
+    if got < 0 {
+        return Err(SnapshotError::process(
+            pid,
+            "pidfd_getfd from the supervisor",
+            std::io::Error::from_raw_os_error(-got as i32),
+        ));
+    }
+    Ok(got as u64)
+}
+
+fn install_filter(
+    frozen: &Frozen,
+    mem: &Memory,
+    scratch: u64,
+    data: u64,
+    filter: &[SockFilter],
+) -> Result<OwnedFd, SnapshotError> {
+    let pid = frozen.pid;
+    let prog_at = data + 64;
+    let mut prog = Vec::with_capacity(filter.len() * 8);
+    for i in filter {
+        prog.extend_from_slice(&i.code.to_ne_bytes());
+        prog.push(i.jt);
+        prog.push(i.jf);
+        prog.extend_from_slice(&i.k.to_ne_bytes());
+    }
+    mem.write(prog_at, &prog)?;
+    let mut fprog = (filter.len() as u64).to_ne_bytes().to_vec();
+    fprog.extend_from_slice(&prog_at.to_ne_bytes());
+    mem.write(data, &fprog)?;
+    let inj = frozen.injector(scratch);
+    let theirs = inj.ok(
+        pid,
+        "seccomp filter",
+        libc::SYS_seccomp,
+        &[
+            SECCOMP_SET_MODE_FILTER,
+            SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            data,
+        ],
+    )?;
+    let pfd = pidfd::open_thread(pid).map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
+    let listener = pidfd::get_fd(&pfd, theirs as i32)
+        .map_err(|e| SnapshotError::process(pid, "taking the seccomp listener", e))?;
+    inj.call(pid, libc::SYS_close, &[theirs])?;
+    Ok(listener)
+}
+
+fn clone_args(set_tid_at: u64) -> Vec<u8> {
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size, cgroup. A zero stack
+    // keeps the parent's stack pointer; the thread only ever stops at the
+    // int3 that follows the syscall before getting its own registers.
+    [THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid_at, 1, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect()
+}
+
+fn restore_thread_state(
+    inj: &Injector,
+    mem: &Memory,
+    tid: u32,
+    data: u64,
+    t: &ThreadImage,
+    ns_pid: u32,
+) -> Result<(), SnapshotError> {
+    inj.call(tid, libc::SYS_set_tid_address, &[t.tid_address])?;
+    if t.robust_list.0 != 0 {
+        inj.ok(
+            tid,
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            &[t.robust_list.0, t.robust_list.1],
+        )?;
+    }
+    if t.altstack.1 as i32 & libc::SS_DISABLE == 0 {
+        let mut ss = t.altstack.0.to_ne_bytes().to_vec();
+        ss.extend_from_slice(&(t.altstack.1 as i32).to_ne_bytes());
+        ss.extend_from_slice(&[0u8; 4]);
+        ss.extend_from_slice(&t.altstack.2.to_ne_bytes());
+        mem.write(data, &ss)?;
+        inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[data, 0])?;
+    }
+    if let Some((ptr, len, sig)) = t.rseq {
+        if let Err(e) = inj.ok(
+            tid,
+            "rseq",
+            libc::SYS_rseq,
+            &[ptr, len as u64, 0, sig as u64],
+        ) {
+            warn!("rseq not re-registered: {e}");
+        }
+    }
+    for info in &t.pending {
+        mem.write(data, info)?;
+        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
+        inj.ok(
+            tid,
+            "rt_tgsigqueueinfo",
+            libc::SYS_rt_tgsigqueueinfo,
+            &[ns_pid as u64, t.ns_tid as u64, signo as u64, data],
+        )?;
+    }
+    Ok(())
+}

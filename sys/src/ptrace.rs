@@ -1,0 +1,148 @@
+//! ptrace requests `nix` does not wrap: extended FPU/AVX state, signal masks,
+//! pending signals and rseq configuration of a stopped thread.
+
+use std::io;
+
+use libc::pid_t;
+
+const NT_X86_XSTATE: libc::c_int = 0x202;
+/// Larger than any XSAVE area x86_64 defines today (AMX makes it ~11 KiB).
+const XSTATE_MAX: usize = 16384;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The thread's XSAVE area (FPU, SSE, AVX, AVX-512 state).
+pub fn get_xstate(tid: u32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_MAX];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel writes at most iov_len bytes into `buf` and updates
+    // iov_len to the size written.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid as pid_t,
+            NT_X86_XSTATE,
+            &mut iov,
+        )
+    })?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+pub fn set_xstate(tid: u32, xstate: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: xstate.as_ptr() as *mut libc::c_void,
+        iov_len: xstate.len(),
+    };
+    // SAFETY: the kernel only reads iov_len bytes from the buffer.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid as pid_t,
+            NT_X86_XSTATE,
+            &mut iov,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn get_sigmask(tid: u32) -> io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes 8 bytes (the size passed) into `mask`.
+    check(unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, tid as pid_t, 8usize, &mut mask) })?;
+    Ok(mask)
+}
+
+pub fn set_sigmask(tid: u32, mask: u64) -> io::Result<()> {
+    // SAFETY: the kernel reads 8 bytes from `mask`.
+    check(unsafe { libc::ptrace(PTRACE_SETSIGMASK, tid as pid_t, 8usize, &mask) })?;
+    Ok(())
+}
+
+/// Pending signals (as raw 128-byte siginfo), thread-private or shared by
+/// the whole process.
+pub fn pending_signals(tid: u32, shared: bool) -> io::Result<Vec<[u8; 128]>> {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [[0u8; 128]; 32];
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: buf.len() as i32,
+        };
+        // SAFETY: the kernel writes at most `nr` siginfo structures (128
+        // bytes each) into `buf`, which holds exactly that many.
+        let n = check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_PEEKSIGINFO,
+                tid as pid_t,
+                &args,
+                buf.as_mut_ptr(),
+            )
+        })? as usize;
+        out.extend_from_slice(&buf[..n]);
+        if n < buf.len() {
+            return Ok(out);
+        }
+    }
+}
+
+/// A thread's registered rseq area (glibc registers one per thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RseqConfig {
+    pub pointer: u64,
+    pub len: u32,
+    pub flags: u32,
+    pub signature: u32,
+}
+
+pub fn rseq_config(tid: u32) -> io::Result<RseqConfig> {
+    #[repr(C)]
+    struct Raw {
+        pointer: u64,
+        len: u32,
+        flags: u32,
+        signature: u32,
+        pad: u32,
+    }
+    let mut raw = Raw {
+        pointer: 0,
+        len: 0,
+        flags: 0,
+        signature: 0,
+        pad: 0,
+    };
+    // SAFETY: the kernel writes at most `size_of::<Raw>()` bytes into `raw`.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid as pid_t,
+            std::mem::size_of::<Raw>(),
+            &mut raw,
+        )
+    })?;
+    Ok(RseqConfig {
+        pointer: raw.pointer,
+        len: raw.len,
+        flags: raw.flags,
+        signature: raw.signature,
+    })
+}
