@@ -19,6 +19,8 @@ pub enum RuntimeError {
     Vpm(#[from] appshot_vpm::VpmError),
     #[error(transparent)]
     Config(#[from] appshot_configurator::ConfigError),
+    #[error(transparent)]
+    Snapshot(#[from] appshot_snapshot::SnapshotError),
 }
 
 impl RuntimeError {

@@ -26,32 +26,40 @@ use crate::filter;
 const SI_KERNEL: i32 = 0x80;
 
 pub struct InitArgs {
-    pub channel_fd: RawFd,
+    /// Where the filter's listener goes (launch).
+    pub channel_fd: Option<RawFd>,
+    /// Instead of launching: fork a stub with this PID for a restore to
+    /// rebuild, and look after it as the application.
+    pub restore_pid: Option<u32>,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub command: Vec<String>,
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<i32> {
-    let channel = take_channel(args.channel_fd)?;
+    let channel = args.channel_fd.map(take_channel).transpose()?;
     let all = SigSet::all();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None)
         .context("blocking signals in init")?;
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+    keep_inherited_fds_from_app();
 
-    let program = filter::build()?;
-    let Some((path, rest)) = args.command.split_first() else {
-        bail!("no command to run");
+    let main = match (args.restore_pid, channel) {
+        (Some(pid), _) => {
+            let child = appshot_sys::spawn::fork_with_pid(pid)
+                .with_context(|| format!("creating PID {pid} to restore into"))?;
+            if child == 0 {
+                // The restore replaces everything this process has; until
+                // then it must do nothing.
+                loop {
+                    nix::unistd::pause();
+                }
+            }
+            Pid::from_raw(child as i32)
+        }
+        (None, Some(channel)) => launch(&args, channel)?,
+        (None, None) => bail!("__init needs --channel-fd or --restore-pid"),
     };
-    let mut cmd = Command::new(path);
-    cmd.args(rest).envs(args.env.iter().map(|(k, v)| (k, v)));
-    if let Some(cwd) = &args.cwd {
-        cmd.current_dir(cwd);
-    }
-    appshot_sys::spawn::load_filter_before_exec(&mut cmd, program, channel);
-    let child = cmd.spawn().with_context(|| format!("starting `{path}`"))?;
-    drop(cmd);
-    let main = Pid::from_raw(child.id() as i32);
     let mut status: Option<i32> = None;
 
     loop {
@@ -87,6 +95,41 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
             Pid::from_raw(-1)
         };
         let _ = kill(target, sig);
+    }
+}
+
+fn launch(args: &InitArgs, channel: OwnedFd) -> anyhow::Result<Pid> {
+    let program = filter::build()?;
+    let Some((path, rest)) = args.command.split_first() else {
+        bail!("no command to run");
+    };
+    let mut cmd = Command::new(path);
+    cmd.args(rest).envs(args.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &args.cwd {
+        cmd.current_dir(cwd);
+    }
+    appshot_sys::spawn::load_filter_before_exec(&mut cmd, program, channel);
+    let child = cmd.spawn().with_context(|| format!("starting `{path}`"))?;
+    Ok(Pid::from_raw(child.id() as i32))
+}
+
+/// Descriptors the supervisor inherited from whoever started it (a shell's
+/// stray fds) must not reach the application: like a container runtime,
+/// the application starts with stdio only.
+fn keep_inherited_fds_from_app() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
     }
 }
 

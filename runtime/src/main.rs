@@ -9,6 +9,7 @@ mod filter;
 mod init;
 mod multiplex;
 mod notify;
+mod snapshots;
 mod sockaddr;
 mod supervisor;
 mod tree;
@@ -69,15 +70,46 @@ enum Cmd {
         #[arg(short, long, default_value_t = 10)]
         time: u64,
     },
+    /// Save a running instance into an image (then stop it, unless
+    /// --leave-running).
+    Snapshot {
+        name: String,
+        /// Image file to write (replaced atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Let the instance run on after the snapshot.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Bring an instance back from an image, continuing where it stopped.
+    Restore {
+        image: PathBuf,
+        /// Instance name (default: the snapshotted instance's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// AID (default: the snapshotted instance's AID).
+        #[arg(long)]
+        aid: Option<String>,
+        #[arg(short, long)]
+        detach: bool,
+    },
+    /// Show what an image holds.
+    Inspect {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = "__init", hide = true)]
     Init {
         #[arg(long)]
-        channel_fd: i32,
+        channel_fd: Option<i32>,
+        #[arg(long)]
+        restore_pid: Option<u32>,
         #[arg(long)]
         cwd: Option<PathBuf>,
         #[arg(long = "env")]
         env: Vec<String>,
-        #[arg(last = true, required = true)]
+        #[arg(last = true)]
         command: Vec<String>,
     },
     #[command(name = "__supervise", hide = true)]
@@ -162,6 +194,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Init {
             channel_fd,
+            restore_pid,
             cwd,
             env,
             command,
@@ -175,6 +208,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 .collect::<anyhow::Result<_>>()?;
             init::run(init::InitArgs {
                 channel_fd,
+                restore_pid,
                 cwd,
                 env,
                 command,
@@ -187,6 +221,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ports { json } => {
             print!("{}", commands::ports(&run_dir, json)?);
             Ok(0)
+        }
+        Cmd::Snapshot {
+            name,
+            output,
+            leave_running,
+        } => {
+            println!(
+                "{}",
+                snapshots::snapshot(&run_dir, &name, &output, leave_running)?
+            );
+            Ok(0)
+        }
+        Cmd::Inspect { image, json } => {
+            print!("{}", snapshots::inspect(&image, json)?);
+            Ok(0)
+        }
+        Cmd::Restore {
+            image,
+            name,
+            aid,
+            detach,
+        } => {
+            let launch = restore_launch(&image, name, aid, &run_dir)?;
+            if detach {
+                detach_supervisor(&launch, cli.verbose)
+            } else {
+                Ok(supervisor::run(launch)?)
+            }
         }
         Cmd::Stop { name, time } => {
             commands::stop(&run_dir, &name, Duration::from_secs(time))?;
@@ -242,6 +304,40 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
             .allocation_timeout_ms
             .unwrap_or(config.allocation_timeout.as_millis() as u64),
         run_dir: run_dir.to_path_buf(),
+        restore: None,
+    })
+}
+
+/// A supervisor launch that restores `image`. The image is checked in full
+/// here, before any process exists.
+fn restore_launch(
+    image: &Path,
+    name: Option<String>,
+    aid: Option<String>,
+    run_dir: &Path,
+) -> anyhow::Result<Launch> {
+    let path =
+        std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
+    let img = appshot_snapshot::image::Image::open(&path)?;
+    appshot_snapshot::restore::check_files(&img)?;
+    let info = &img.manifest.instance;
+    let aid = aid.unwrap_or_else(|| info.aid.clone());
+    validate_aid(&aid).map_err(|e| anyhow!("--aid {aid:?}: {e}"))?;
+    let name = name.unwrap_or_else(|| info.name.clone());
+    validate_name(&name).map_err(|e| anyhow!("--name {name:?}: {e}"))?;
+    let defaults = AppConfig::default();
+    Ok(Launch {
+        name,
+        aid,
+        command: info.command.clone(),
+        cwd: None,
+        env: Vec::new(),
+        ports: info.multiplexed.clone(),
+        ephemeral_start: ephemeral_range()?.0,
+        range: (defaults.port_range.start, defaults.port_range.end),
+        allocation_timeout_ms: defaults.allocation_timeout.as_millis() as u64,
+        run_dir: run_dir.to_path_buf(),
+        restore: Some(path),
     })
 }
 

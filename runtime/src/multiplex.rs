@@ -9,14 +9,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use appshot_snapshot::restore::ListenSpec;
 use appshot_sys::net::connect_unspec;
 use appshot_sys::seccomp::Response;
 use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{
-    getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrIn,
-    SockaddrIn6, SockaddrLike, SockaddrStorage,
+    getpeername, getsockname, getsockopt, listen, setsockopt, sockopt, AddressFamily, Backlog,
+    SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
 };
 use tracing::{debug, info, warn};
 
@@ -231,6 +232,59 @@ impl Multiplexer {
                 Err(libc::ENOBUFS)
             }
         }
+    }
+
+    /// Sets up a restored process's listening socket (`fd` duplicates it):
+    /// options, a real port for `spec.addr` chosen exactly as the
+    /// application's own bind would get one, and listen.
+    pub fn listen_restored(&self, spec: &ListenSpec, fd: OwnedFd) -> Result<(), String> {
+        let domain = if spec.addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let opt = |r: nix::Result<()>, name: &str| r.map_err(|e| format!("{name}: {e}"));
+        opt(
+            setsockopt(&fd, sockopt::ReuseAddr, &spec.reuseaddr),
+            "SO_REUSEADDR",
+        )?;
+        opt(
+            setsockopt(&fd, sockopt::ReusePort, &spec.reuseport),
+            "SO_REUSEPORT",
+        )?;
+        if spec.addr.is_ipv6() {
+            opt(
+                setsockopt(&fd, sockopt::Ipv6V6Only, &spec.v6only),
+                "IPV6_V6ONLY",
+            )?;
+        }
+        let sock = InetSocket {
+            fd,
+            domain,
+            stream: true,
+        };
+        let port = spec.addr.port();
+        if port != 0 && self.settings.multiplexed.contains(port) {
+            let deadline = Instant::now() + self.settings.allocation_timeout;
+            loop {
+                match self.allocate(&sock, spec.addr) {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
+                    Ok(None) => {
+                        return Err(format!(
+                            "no real port free for virtual port {port} in {}",
+                            self.settings.range
+                        ))
+                    }
+                    Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+                }
+            }
+        } else {
+            bind_to(&sock.fd, spec.addr)
+                .map_err(|e| std::io::Error::from_raw_os_error(e).to_string())?;
+        }
+        let backlog = Backlog::new(i32::MAX).unwrap_or(Backlog::MAXCONN);
+        listen(&sock.fd, backlog).map_err(|e| format!("listen: {e}"))
     }
 
     fn connect(self: &Arc<Self>, call: Call) {

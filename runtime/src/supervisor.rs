@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use appshot_snapshot::image::Image;
+use appshot_snapshot::restore;
 use appshot_sys::{fd, seccomp, spawn};
 use appshot_vpm::{CachedRegistry, InstanceLock, InstanceRecord, PortRange, Registry};
 use nix::errno::Errno;
@@ -24,7 +26,7 @@ use tracing::{info, warn};
 use crate::control::{self, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::{notify, tree};
+use crate::{filter, notify, tree};
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
 /// (serialised to a detached supervisor).
@@ -41,6 +43,8 @@ pub struct Launch {
     pub range: (u16, u16),
     pub allocation_timeout_ms: u64,
     pub run_dir: PathBuf,
+    /// Restore this image instead of starting `command`.
+    pub restore: Option<PathBuf>,
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -71,44 +75,62 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded), None)
         .map_err(|e| RuntimeError::sys("blocking signals", e))?;
 
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::empty(),
-    )
-    .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    nix::fcntl::fcntl(
-        ours.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| RuntimeError::sys("fcntl", e))?;
-
-    let init_pid = start_init(&launch, &theirs)?;
-    drop(theirs);
-    let listener = match fd::recv_fd(&ours) {
-        Ok(Some(l)) => Arc::new(l),
-        Ok(None) => {
-            let status = wait_exit(init_pid);
-            return Err(RuntimeError::Start {
-                name: launch.name.clone(),
-                reason: format!(
-                    "`{}` could not be started (init exited with {status})",
-                    launch.command[0]
-                ),
-            });
-        }
-        Err(e) => return Err(RuntimeError::sys("receiving the seccomp listener", e)),
+    let multiplexed = if launch.ports.is_empty() {
+        PortSet::Below(launch.ephemeral_start)
+    } else {
+        PortSet::Listed(launch.ports.iter().copied().collect())
     };
-    drop(ours);
+    let settings = |init_pid| Settings {
+        instance: launch.name.clone(),
+        aid: launch.aid.clone(),
+        multiplexed: multiplexed.clone(),
+        range: PortRange {
+            start: launch.range.0,
+            end: launch.range.1,
+        },
+        allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
+        init_pid,
+    };
+    let new_mux = |init_pid| -> Result<Arc<Multiplexer>, RuntimeError> {
+        Ok(Arc::new(Multiplexer::new(
+            settings(init_pid),
+            Registry::open(&launch.run_dir)?,
+            CachedRegistry::new(Registry::open(&launch.run_dir)?),
+        )))
+    };
+    let (init_pid, listener, mux, app_pid) = match &launch.restore {
+        None => {
+            let (init_pid, listener) = launch_application(&launch)?;
+            let app_pid = tree::descendants(init_pid)
+                .get(1)
+                .copied()
+                .unwrap_or(init_pid);
+            (init_pid, listener, new_mux(init_pid)?, app_pid)
+        }
+        Some(path) => {
+            let image = Image::open(path)?;
+            restore::check_files(&image)?;
+            let init_pid = start_init(&launch, None, Some(image.manifest.process.ns_pid))?;
+            let mux = new_mux(init_pid)?;
+            match restore_into(init_pid, &image, &mux) {
+                Ok((listener, stub)) => (init_pid, listener, mux, stub),
+                Err(e) => {
+                    // Nothing half-built survives: the namespace goes with
+                    // its init, and the sockets' translations with the
+                    // instance record.
+                    let _ = kill(Pid::from_raw(init_pid as i32), Signal::SIGKILL);
+                    wait_exit(init_pid);
+                    registry.transaction(|s| s.remove_instance(&launch.name))?;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let listener = Arc::new(listener);
     if let Err(e) = seccomp::set_sync_wakeup(&listener) {
         warn!("SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}");
     }
 
-    let app_pid = tree::descendants(init_pid)
-        .get(1)
-        .copied()
-        .unwrap_or(init_pid);
     let ports: Vec<u16> = launch.ports.clone();
     registry.transaction(|s| {
         s.instances.insert(
@@ -129,27 +151,6 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     })?;
     info!(name = %launch.name, aid = %launch.aid, pid = app_pid, "instance started");
 
-    let multiplexed = if ports.is_empty() {
-        PortSet::Below(launch.ephemeral_start)
-    } else {
-        PortSet::Listed(ports.into_iter().collect())
-    };
-    let settings = Settings {
-        instance: launch.name.clone(),
-        aid: launch.aid.clone(),
-        multiplexed,
-        range: PortRange {
-            start: launch.range.0,
-            end: launch.range.1,
-        },
-        allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
-        init_pid,
-    };
-    let mux = Arc::new(Multiplexer::new(
-        settings,
-        Registry::open(&launch.run_dir)?,
-        CachedRegistry::new(Registry::open(&launch.run_dir)?),
-    ));
     std::thread::Builder::new()
         .name("notify".into())
         .spawn(move || notify::serve(listener, mux))
@@ -170,7 +171,73 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     Ok(status)
 }
 
-fn start_init(launch: &Launch, channel: &OwnedFd) -> Result<u32, RuntimeError> {
+/// Starts the namespace init, which launches the command under the filter
+/// and sends back the filter's listener.
+fn launch_application(launch: &Launch) -> Result<(u32, OwnedFd), RuntimeError> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::empty(),
+    )
+    .map_err(|e| RuntimeError::sys("socketpair", e))?;
+    nix::fcntl::fcntl(
+        ours.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| RuntimeError::sys("fcntl", e))?;
+    let init_pid = start_init(launch, Some(&theirs), None)?;
+    drop(theirs);
+    match fd::recv_fd(&ours) {
+        Ok(Some(l)) => Ok((init_pid, l)),
+        Ok(None) => {
+            let status = wait_exit(init_pid);
+            Err(RuntimeError::Start {
+                name: launch.name.clone(),
+                reason: format!(
+                    "`{}` could not be started (init exited with {status})",
+                    launch.command[0]
+                ),
+            })
+        }
+        Err(e) => Err(RuntimeError::sys("receiving the seccomp listener", e)),
+    }
+}
+
+/// Rebuilds the image's process in the stub the init created for it.
+fn restore_into(
+    init_pid: u32,
+    image: &Image,
+    mux: &Arc<Multiplexer>,
+) -> Result<(OwnedFd, u32), RuntimeError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stub = loop {
+        if let Some(&stub) = tree::descendants(init_pid).get(1) {
+            break stub;
+        }
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Start {
+                name: image.manifest.instance.name.clone(),
+                reason: "the namespace init created no process to restore into".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let program = filter::build()?;
+    let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
+    let hooks = restore::RestoreHooks {
+        filter: &program,
+        listen: &listen,
+    };
+    let restored = restore::restore(stub, image, &hooks)?;
+    Ok((restored.listener, stub))
+}
+
+fn start_init(
+    launch: &Launch,
+    channel: Option<&OwnedFd>,
+    restore_pid: Option<u32>,
+) -> Result<u32, RuntimeError> {
     let exe =
         std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
     let cstr = |s: &[u8]| {
@@ -178,12 +245,15 @@ fn start_init(launch: &Launch, channel: &OwnedFd) -> Result<u32, RuntimeError> {
             RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
         })
     };
-    let mut argv = vec![
-        cstr(exe.as_os_str().as_bytes())?,
-        cstr(b"__init")?,
-        cstr(b"--channel-fd")?,
-        cstr(channel.as_raw_fd().to_string().as_bytes())?,
-    ];
+    let mut argv = vec![cstr(exe.as_os_str().as_bytes())?, cstr(b"__init")?];
+    if let Some(channel) = channel {
+        argv.push(cstr(b"--channel-fd")?);
+        argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
+    }
+    if let Some(pid) = restore_pid {
+        argv.push(cstr(b"--restore-pid")?);
+        argv.push(cstr(pid.to_string().as_bytes())?);
+    }
     if let Some(cwd) = &launch.cwd {
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);

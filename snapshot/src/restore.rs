@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 
 use appshot_sys::pidfd;
@@ -43,8 +43,9 @@ const THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_THREAD
     | libc::CLONE_SYSVSEM) as u64;
 
-/// A listening socket the caller must provide, bound to a real port that
-/// stands for `addr` and listening.
+/// A listening socket the caller must set up on a new TCP socket of the
+/// process (given to it as a duplicate): options, a real port that stands
+/// for `addr`, listen.
 pub struct ListenSpec {
     pub addr: SocketAddr,
     pub v6only: bool,
@@ -55,7 +56,7 @@ pub struct ListenSpec {
 pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
     pub filter: &'a [SockFilter],
-    pub listen: &'a dyn Fn(&ListenSpec) -> Result<OwnedFd, String>,
+    pub listen: &'a dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
 }
 
 pub struct Restored {
@@ -562,10 +563,21 @@ fn restore_fds(
                     reuseaddr: *reuseaddr,
                     reuseport: *reuseport,
                 };
-                let sock = (hooks.listen)(&spec).map_err(|e| {
+                let domain = if addr.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                let kind = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+                let temp =
+                    to_high(inj.ok(pid, "socket", libc::SYS_socket, &[domain as u64, kind, 0])?)?;
+                let pfd = pidfd::open_thread(pid)
+                    .map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
+                let ours = pidfd::get_fd(&pfd, temp as i32)
+                    .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {temp}"), e))?;
+                (hooks.listen)(&spec, ours).map_err(|e| {
                     SnapshotError::Restore(format!("fd {}: listening socket for {addr}: {e}", f.fd))
                 })?;
-                let temp = to_high(take_from_us(inj, pid, sock.as_raw_fd())?)?;
                 place(temp, f, *flags)?;
                 inj.call(pid, libc::SYS_close, &[temp])?;
             }
@@ -655,29 +667,6 @@ fn restore_fds(
         }
     }
     Ok(())
-}
-
-/// Copies one of our fds into the process: it opens a pidfd of us and
-/// takes the fd with pidfd_getfd.
-fn take_from_us(inj: &Injector, pid: u32, ours: i32) -> Result<u64, SnapshotError> {
-    let pfd = inj.ok(
-        pid,
-        "pidfd_open of the supervisor",
-        libc::SYS_pidfd_open,
-        &[std::process::id() as u64, 0],
-    )?;
-    let got = inj
-        .call(pid, libc::SYS_pidfd_getfd, &[pfd, ours as u64, 0])?
-        .ret;
-    inj.call(pid, libc::SYS_close, &[pfd])?;
-    if got < 0 {
-        return Err(SnapshotError::process(
-            pid,
-            "pidfd_getfd from the supervisor",
-            std::io::Error::from_raw_os_error(-got as i32),
-        ));
-    }
-    Ok(got as u64)
 }
 
 fn install_filter(

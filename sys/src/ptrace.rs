@@ -119,15 +119,15 @@ pub fn rseq_config(tid: u32) -> io::Result<RseqConfig> {
     struct Raw {
         pointer: u64,
         len: u32,
-        flags: u32,
         signature: u32,
+        flags: u32,
         pad: u32,
     }
     let mut raw = Raw {
         pointer: 0,
         len: 0,
-        flags: 0,
         signature: 0,
+        flags: 0,
         pad: 0,
     };
     // SAFETY: the kernel writes at most `size_of::<Raw>()` bytes into `raw`.

@@ -54,6 +54,42 @@ pub fn spawn_namespace_init(argv: &[CString], env: &[CString]) -> io::Result<u32
     Ok(pid as u32)
 }
 
+/// Forks the calling (single-threaded) process into a child with PID `pid`
+/// in the caller's PID namespace (`clone3` with `set_tid`). Returns 0 in the
+/// child and the child's PID in the parent.
+pub fn fork_with_pid(pid: u32) -> io::Result<u32> {
+    let set_tid = [pid as libc::pid_t];
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+    let args: [u64; 11] = [
+        0,
+        0,
+        0,
+        0,
+        libc::SIGCHLD as u64,
+        0,
+        0,
+        0,
+        set_tid.as_ptr() as u64,
+        1,
+        0,
+    ];
+    // SAFETY: clone3 without CLONE_VM is a fork; `args` and `set_tid` live
+    // on this stack for the duration of the call, and the kernel reads
+    // exactly `size_of_val(&args)` bytes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args.as_ptr(),
+            std::mem::size_of_val(&args),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret as u32)
+}
+
 /// Arranges for `cmd`'s child to load `program` right before `exec` and send
 /// the new listener fd over `channel` (a connected Unix socket) with
 /// SCM_RIGHTS. The application itself never holds the listener: it is
