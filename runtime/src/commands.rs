@@ -94,28 +94,94 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
     Ok(render(&table))
 }
 
-pub fn ports(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
+/// The translation table, then the source rules and the recent cross-host
+/// negotiations when there are any. `--json` alone keeps printing the
+/// translation array (scripts rely on it); with `remote` it prints
+/// `{"source_rules": [...], "negotiations": [...]}`.
+pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, RuntimeError> {
     let mut st = state(run_dir)?;
     st.translations.sort_by(|a, b| {
         (a.virtual_port, &a.aid, &a.owner).cmp(&(b.virtual_port, &b.aid, &b.owner))
     });
+    st.source_rules.sort_by(|a, b| {
+        (a.virtual_port, &a.owner, &a.source).cmp(&(b.virtual_port, &b.owner, &b.source))
+    });
+    let negotiations = crate::remote::read_records(run_dir);
     if json {
+        if remote_only {
+            let view = serde_json::json!({
+                "source_rules": st.source_rules,
+                "negotiations": negotiations,
+            });
+            return Ok(serde_json::to_string_pretty(&view).expect("serialisable") + "\n");
+        }
         return Ok(serde_json::to_string_pretty(&st.translations).expect("serialisable"));
     }
-    let mut table = vec![["PROTO", "ADDRESS", "VIRTUAL", "REAL", "AID", "INSTANCE"]
+    let mut out = String::new();
+    if !remote_only {
+        let mut table = vec![["PROTO", "ADDRESS", "VIRTUAL", "REAL", "AID", "INSTANCE"]
+            .map(String::from)
+            .to_vec()];
+        for t in &st.translations {
+            table.push(vec![
+                t.protocol.to_string(),
+                t.addr.to_string(),
+                t.virtual_port.to_string(),
+                t.real_port.to_string(),
+                t.aid.clone(),
+                t.owner.clone(),
+            ]);
+        }
+        out.push_str(&render(&table));
+    }
+    if !st.source_rules.is_empty() {
+        let mut table = vec![["SOURCE", "SPORT", "VIRTUAL", "TO", "AID", "INSTANCE"]
+            .map(String::from)
+            .to_vec()];
+        for r in &st.source_rules {
+            table.push(vec![
+                r.source.clone(),
+                r.source_port.map_or("*".into(), |p| p.to_string()),
+                r.virtual_port.to_string(),
+                r.real_port.map_or("reset".into(), |p| p.to_string()),
+                r.aid.clone(),
+                r.owner.clone(),
+            ]);
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str("source rules (outside clients, nftables):\n");
+        out.push_str(&render(&table));
+    }
+    if !negotiations.is_empty() {
+        let now = crate::remote::now_ms();
+        let mut table = vec![[
+            "SIDE", "PEER", "DEST", "VIRTUAL", "AID", "ANSWER", "REAL", "COUNT", "AGO", "INSTANCE",
+        ]
         .map(String::from)
         .to_vec()];
-    for t in &st.translations {
-        table.push(vec![
-            t.protocol.to_string(),
-            t.addr.to_string(),
-            t.virtual_port.to_string(),
-            t.real_port.to_string(),
-            t.aid.clone(),
-            t.owner.clone(),
-        ]);
+        for n in &negotiations {
+            table.push(vec![
+                n.side.clone(),
+                n.peer.clone(),
+                n.dest.clone(),
+                n.virtual_port.to_string(),
+                n.aid.clone(),
+                n.answer.clone(),
+                n.real_port.map_or("-".into(), |p| p.to_string()),
+                n.count.to_string(),
+                format!("{}s", now.saturating_sub(n.last_unix_ms) / 1000),
+                n.instance.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str("recent cross-host negotiations:\n");
+        out.push_str(&render(&table));
     }
-    Ok(render(&table))
+    Ok(out)
 }
 
 /// Asks the instance to stop (SIGTERM, SIGKILL after `grace`) and waits

@@ -2,6 +2,7 @@
 //! multiplexes their fixed ports across instances.
 #![forbid(unsafe_code)]
 
+mod agent;
 mod commands;
 mod control;
 mod error;
@@ -9,8 +10,10 @@ mod filter;
 mod init;
 mod multiplex;
 mod notify;
+mod remote;
 mod snapshots;
 mod sockaddr;
+mod sourcerules;
 mod supervisor;
 mod tree;
 
@@ -58,10 +61,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show the port translation table.
+    /// Show the port translation table (with source rules and recent
+    /// cross-host negotiations).
     Ports {
         #[arg(long)]
         json: bool,
+        /// Only source rules and negotiations (with --json: as an object).
+        #[arg(long)]
+        remote: bool,
+    },
+    /// Cross-host multiplexing: the negotiation agent.
+    Vpm {
+        #[command(subcommand)]
+        command: VpmCmd,
     },
     /// Stop an instance: SIGTERM, then SIGKILL after the grace time.
     Stop {
@@ -116,6 +128,21 @@ enum Cmd {
     Supervise,
 }
 
+#[derive(Subcommand)]
+enum VpmCmd {
+    /// Answer other hosts' negotiations from this host's registry (runs in
+    /// the foreground).
+    Agent {
+        /// Address and port to listen on, e.g. 10.200.1.1:7946.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Cluster key (default: $APPSHOT_CLUSTER_KEY_FILE, then
+        /// /etc/appshot/cluster.key).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Application id: clients reach instances of their own AID only.
@@ -151,7 +178,7 @@ fn main() -> ExitCode {
         (_, 1) => "info",
         (_, 2) => "debug",
         (_, n) if n > 2 => "trace",
-        (Cmd::Supervise, _) => "info",
+        (Cmd::Supervise | Cmd::Vpm { .. }, _) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -172,6 +199,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
+    appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
     match cli.command {
         Cmd::Run(args) => {
             let detach = args.detach;
@@ -218,10 +246,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", commands::ps(&run_dir, json)?);
             Ok(0)
         }
-        Cmd::Ports { json } => {
-            print!("{}", commands::ports(&run_dir, json)?);
+        Cmd::Ports { json, remote } => {
+            print!("{}", commands::ports(&run_dir, json, remote)?);
             Ok(0)
         }
+        Cmd::Vpm {
+            command: VpmCmd::Agent { listen, key_file },
+        } => agent::run(agent::AgentArgs {
+            listen,
+            key_file,
+            run_dir,
+        }),
         Cmd::Snapshot {
             name,
             output,
@@ -263,6 +298,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         Some(path) => AppConfig::load(path)?,
         None => AppConfig::default(),
     };
+    let cluster = remote::ClusterSettings::resolve(&config)?;
     let aid = args.aid.or(config.aid).unwrap_or_else(|| "default".into());
     validate_aid(&aid).map_err(|e| anyhow!("--aid {aid:?}: {e}"))?;
     let name = match args.name.or(config.name) {
@@ -305,6 +341,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
             .unwrap_or(config.allocation_timeout.as_millis() as u64),
         run_dir: run_dir.to_path_buf(),
         restore: None,
+        cluster,
     })
 }
 
@@ -338,6 +375,7 @@ fn restore_launch(
         allocation_timeout_ms: defaults.allocation_timeout.as_millis() as u64,
         run_dir: run_dir.to_path_buf(),
         restore: Some(path),
+        cluster: remote::ClusterSettings::resolve(&defaults)?,
     })
 }
 
@@ -393,7 +431,15 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
     let registry = Registry::open(&launch.run_dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if registry.read()?.instances.contains_key(&launch.name) {
+        // The record must be this supervisor's: an instance of the same name
+        // may still be on its way out.
+        let ours = registry
+            .read()?
+            .instances
+            .get(&launch.name)
+            .map(|r| r.supervisor_pid)
+            == Some(child.id());
+        if ours {
             println!("{}", launch.name);
             return Ok(0);
         }

@@ -53,6 +53,8 @@ pub struct Settings {
     /// PID (ours) of the instance's namespace init; its descendants are the
     /// instance.
     pub init_pid: u32,
+    /// Source rules and negotiation with other hosts.
+    pub cluster: Arc<crate::remote::Cluster>,
 }
 
 /// How often a bind waiting for a free real port looks again.
@@ -199,7 +201,13 @@ impl Multiplexer {
             }
             let candidates =
                 state.bind_candidates(Protocol::Tcp, addr.ip(), addr.port(), &s.aid, s.range, hint);
-            for real_port in candidates {
+            // Under source rules the fixed port itself must stay free, so
+            // that every connection to it meets the rules.
+            let rules = s.cluster.source_rules_active();
+            for real_port in candidates
+                .into_iter()
+                .filter(|&p| !(rules && p == addr.port()))
+            {
                 let mut real = addr;
                 real.set_port(real_port);
                 match bind_to(&sock.fd, real) {
@@ -224,6 +232,7 @@ impl Multiplexer {
         match result {
             Ok(Ok(Some(real))) => {
                 info!(instance = %s.instance, aid = %s.aid, "tcp {} -> real port {real}", addr);
+                s.cluster.after_bind(&self.registry);
                 Ok(Some(real))
             }
             Ok(other) => other,
@@ -306,6 +315,13 @@ impl Multiplexer {
             Ok(a) => a,
             Err(e) => return call.answer(Response::Errno(e)),
         };
+        if sock.stream && self.settings.cluster.negotiates(dest.ip()) && !self.is_local(dest.ip()) {
+            // Negotiating takes a round trip to the other host: off the
+            // receive loop, like a blocking connect.
+            let mux = Arc::clone(self);
+            std::thread::spawn(move || mux.connect_remote(call, sock, dest));
+            return;
+        }
         let target = match self.route(&sock, dest) {
             Ok(t) => t,
             Err(e) => {
@@ -326,6 +342,29 @@ impl Multiplexer {
         } else {
             call.answer(outcome(connect_to(&sock.fd, target)));
         }
+    }
+
+    /// A connect to another host, after asking its agent (FIG. 6): to the
+    /// real port it names, refused, or as the application asked.
+    fn connect_remote(&self, call: Call, sock: InetSocket, dest: SocketAddr) {
+        let cluster = &self.settings.cluster;
+        let target = match cluster.negotiate(dest) {
+            crate::remote::Route::Plain => dest,
+            crate::remote::Route::Refused => {
+                debug!(
+                    tid = call.tid,
+                    "connect to {dest} refused by its host's agent"
+                );
+                return call.answer(Response::Errno(libc::ECONNREFUSED));
+            }
+            crate::remote::Route::To(real) => {
+                if let Ok(st) = nix::sys::stat::fstat(sock.fd.as_raw_fd()) {
+                    cluster.remember_peer(st.st_ino, real, dest.port());
+                }
+                real
+            }
+        };
+        call.answer(outcome(connect_to(&sock.fd, target)));
     }
 
     /// Where a connect to `dest` really goes, or the errno that refuses it.
@@ -398,7 +437,19 @@ impl Multiplexer {
             Ok(None) => return call.answer(Response::Errno(libc::EAFNOSUPPORT)),
             Err(e) => return call.answer(Response::Errno(e as i32)),
         };
-        if sock.stream {
+        let negotiated = match side {
+            Side::Peer if sock.stream && self.settings.cluster.has_peers() => {
+                nix::sys::stat::fstat(sock.fd.as_raw_fd())
+                    .ok()
+                    .and_then(|st| self.settings.cluster.peer_virtual_port(st.st_ino, addr))
+            }
+            _ => None,
+        };
+        if let Some(v) = negotiated {
+            addr.set_port(v);
+        } else if sock.stream && (matches!(side, Side::Local) || self.is_local(addr.ip())) {
+            // A peer on another host is never one of this registry's
+            // sockets, whatever its port.
             let mut cache = self.cache.lock().expect("registry cache lock");
             if let Ok(state) = cache.get() {
                 if let Some(v) = state.virtual_port_of(Protocol::Tcp, addr.ip(), addr.port()) {

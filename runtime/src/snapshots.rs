@@ -117,9 +117,10 @@ pub fn snapshot(
     } else {
         // Killed while still frozen: the instance never runs past the
         // snapshot. Killing the namespace init takes every process with it.
-        frozen.into_stopped();
         frozen_for = started.elapsed();
-        let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
+        frozen.kill(|| {
+            let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
+        });
         let deadline = Instant::now() + Duration::from_secs(10);
         while is_alive(run_dir, name) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

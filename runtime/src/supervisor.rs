@@ -45,6 +45,9 @@ pub struct Launch {
     pub run_dir: PathBuf,
     /// Restore this image instead of starting `command`.
     pub restore: Option<PathBuf>,
+    /// Source rules and cross-host negotiation.
+    #[serde(default)]
+    pub cluster: crate::remote::ClusterSettings,
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -80,6 +83,7 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     } else {
         PortSet::Listed(launch.ports.iter().copied().collect())
     };
+    let cluster = crate::remote::cluster_for(&launch)?;
     let settings = |init_pid| Settings {
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
@@ -90,6 +94,7 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
         },
         allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
         init_pid,
+        cluster: Arc::clone(&cluster),
     };
     let new_mux = |init_pid| -> Result<Arc<Multiplexer>, RuntimeError> {
         Ok(Arc::new(Multiplexer::new(
@@ -120,6 +125,7 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
                     // instance record.
                     let _ = kill(Pid::from_raw(init_pid as i32), Signal::SIGKILL);
                     wait_exit(init_pid);
+                    cluster.shutdown();
                     registry.transaction(|s| s.remove_instance(&launch.name))?;
                     return Err(e);
                 }
@@ -166,6 +172,7 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     let status = wait_exit(init_pid);
     exited.store(true, Ordering::SeqCst);
     info!(name = %launch.name, status, "instance exited");
+    cluster.shutdown();
     registry.transaction(|s| s.remove_instance(&launch.name))?;
     drop(lock);
     Ok(status)

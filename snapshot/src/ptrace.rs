@@ -122,10 +122,33 @@ impl Frozen {
         self.detach_all();
     }
 
-    /// Leaves the threads stopped for the caller to kill (a snapshot that
-    /// stops the instance must not let it run one more instruction).
-    pub fn into_stopped(mut self) {
+    /// Kills the process while it is still frozen (a snapshot that stops
+    /// the instance must not let it run one more instruction) by running
+    /// `kill`, then waits, as tracer, until every thread is gone: a traced
+    /// thread cannot be reaped, nor its PID namespace torn down, until its
+    /// tracer has seen it die.
+    pub fn kill(mut self, kill: impl FnOnce()) {
         self.released = true;
+        kill();
+        // A thread-group leader is reported only after its other threads,
+        // so it is waited for last.
+        let leader = self.pid;
+        let order = self
+            .tids
+            .iter()
+            .filter(|&&t| t != leader)
+            .chain(std::iter::once(&leader));
+        for &tid in order {
+            loop {
+                match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
+                    Ok(WaitStatus::Exited(..))
+                    | Ok(WaitStatus::Signaled(..))
+                    | Err(Errno::ECHILD) => break,
+                    Ok(_) | Err(Errno::EINTR) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
     }
 
     fn detach_all(&mut self) {
