@@ -57,7 +57,14 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
             }
             Pid::from_raw(child as i32)
         }
-        (None, Some(channel)) => launch(&args, channel)?,
+        (None, Some(channel)) => {
+            let confirm = channel.try_clone().context("duplicating the channel")?;
+            let main = launch(&args, channel)?;
+            // The listener went out before exec; only now is it known that
+            // exec succeeded, and the supervisor waits for this word.
+            nix::unistd::write(&confirm, b"started").context("confirming the start")?;
+            main
+        }
         (None, None) => bail!("__init needs --channel-fd or --restore-pid"),
     };
     let mut status: Option<i32> = None;

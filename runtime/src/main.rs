@@ -403,6 +403,10 @@ fn random_suffix() -> u32 {
 /// Starts `appshot __supervise` in its own session with output to
 /// `RUN_DIR/logs/NAME.log`, and returns once the instance is registered.
 fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
+    // Checked before the log is opened: it belongs to the running instance.
+    if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
+        return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
+    }
     let logs = launch.run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let log_path = logs.join(format!("{}.log", launch.name));

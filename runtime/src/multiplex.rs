@@ -88,7 +88,15 @@ impl Multiplexer {
             settings,
             registry,
             cache: Mutex::new(cache),
-            next_pick: AtomicUsize::new(0),
+            // Every client process has its own supervisor; starting each
+            // at a different place spreads them over a same-AID group.
+            next_pick: AtomicUsize::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos() as usize)
+                    .unwrap_or(0)
+                    ^ std::process::id() as usize,
+            ),
             local_addrs: Mutex::new((Instant::now() - LOCAL_ADDRS_TTL, HashSet::new())),
         }
     }

@@ -195,9 +195,13 @@ fn launch_application(launch: &Launch) -> Result<(u32, OwnedFd), RuntimeError> {
     .map_err(|e| RuntimeError::sys("fcntl", e))?;
     let init_pid = start_init(launch, Some(&theirs), None)?;
     drop(theirs);
+    let started = |ours: &OwnedFd| {
+        let mut word = [0u8; 16];
+        matches!(nix::unistd::read(ours.as_raw_fd(), &mut word), Ok(n) if &word[..n] == b"started")
+    };
     match fd::recv_fd(&ours) {
-        Ok(Some(l)) => Ok((init_pid, l)),
-        Ok(None) => {
+        Ok(Some(l)) if started(&ours) => Ok((init_pid, l)),
+        Ok(_) => {
             let status = wait_exit(init_pid);
             Err(RuntimeError::Start {
                 name: launch.name.clone(),
