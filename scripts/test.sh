@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The test command: installs what the build and the integration tests need
+# (Debian 12, as root; only what is missing), builds every target, and runs
+# the unit tests of all crates plus the integration tests in tests/.
+# Extra arguments go to `cargo test`, e.g. `scripts/test.sh -- --nocapture`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# gcc/libc6-dev link Rust binaries and ca-certificates lets rustup download;
+# a fresh machine has none of them.
+packages=(libseccomp-dev pkg-config python3 curl redis-server redis-tools
+          nginx-light iproute2 procps ca-certificates gcc libc6-dev)
+
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+missing=()
+for p in "${packages[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "scripts/test.sh: missing packages ${missing[*]}; install them as root" >&2
+        exit 1
+    fi
+    echo "scripts/test.sh: installing ${missing[*]}" >&2
+    apt-get update
+    # Debian starts redis-server and nginx on install; the tests do not mind
+    # (they never assume a virtual port is free on the host), so leave them.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# nginx lives in /usr/sbin, which non-login shells may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
+if ! command -v cargo >/dev/null; then
+    if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        # Debian's own rustc is older than the workspace's rust-version.
+        echo "scripts/test.sh: no cargo; installing a stable toolchain with rustup" >&2
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+            sh -s -- -y --profile minimal --default-toolchain stable
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+fi
+
+cargo build --workspace --all-targets
+# All failures in one run, not just those of the first failing test binary.
+cargo test --workspace --no-fail-fast "$@"

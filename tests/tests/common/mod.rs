@@ -1,0 +1,592 @@
+//! Shared harness of the integration tests: one private registry
+//! (`APPSHOT_RUN_DIR`) per test, detached instances that are always stopped
+//! again, supervised clients, and bounded polling instead of sleeps.
+
+// Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// How long an application may take to start serving or to die.
+pub const READY: Duration = Duration::from_secs(10);
+/// Upper bound for any single appshot or client invocation, so a hang fails
+/// the test instead of stalling the suite.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(20);
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Outside CI a machine that cannot run a test (not root, program missing)
+/// skips it; in CI that same gap means the CI image is broken, so it fails.
+fn skip(test: &str, reason: &str) {
+    if in_ci() {
+        panic!("{test}: {reason} (CI=true: a missing capability is a failure)");
+    }
+    uncaptured(&format!("SKIP {test}: {reason}"));
+}
+
+/// libtest swallows `eprintln!` of passing tests; a skip or a stale binary
+/// must be visible in a plain `cargo test` run.
+fn uncaptured(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// `program` as an absolute path: searched in PATH and the sbin
+/// directories, which a non-login root shell may lack but nginx lives in.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"])
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| is_executable(p));
+    found
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate lives inside the workspace")
+        .to_path_buf()
+}
+
+fn appshot_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("APPSHOT_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            is_executable(&bin),
+            "APPSHOT_BIN={} is not an executable file",
+            bin.display()
+        );
+        return bin;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let bin = target.join("debug").join("appshot");
+    assert!(
+        is_executable(&bin),
+        "appshot binary not found at {}: run `cargo build -p appshot` first \
+         (scripts/test.sh does) or point APPSHOT_BIN at it",
+        bin.display()
+    );
+    static STALE_CHECK: std::sync::Once = std::sync::Once::new();
+    STALE_CHECK.call_once(|| warn_if_stale(&bin));
+    bin
+}
+
+/// `cargo test -p appshot-tests` does not rebuild the binary, so tests could
+/// silently exercise old code after a runtime change.
+fn warn_if_stale(bin: &Path) {
+    let Ok(built) = fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = workspace_root();
+    let newest = ["runtime", "vpm", "sys", "configurator", "snapshot"]
+        .iter()
+        .filter_map(|c| newest_mtime(&root.join(c).join("src")))
+        .max();
+    if newest.is_some_and(|n| n > built) {
+        uncaptured(&format!(
+            "WARNING: {} is older than the runtime sources; run `cargo build -p appshot`",
+            bin.display()
+        ));
+    }
+}
+
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                newest_mtime(&path)
+            } else {
+                e.metadata().and_then(|m| m.modified()).ok()
+            }
+        })
+        .max()
+}
+
+/// Result of a finished command.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl fmt::Display for Ran {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`. Output is drained
+/// on threads so a chatty child cannot block on a full pipe.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Ran {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {timeout:?}: killed");
+        }
+        std::thread::sleep(POLL);
+    };
+    Ran {
+        code: status.code(),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Whether `pid` is a running process (zombies count as dead: they hold no
+/// sockets and run no code).
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command, which may contain spaces.
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+pub fn cmdline(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// A process identified by PID and start time, so a PID the kernel reused
+/// for something else is never mistaken for it (and never killed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Proc {
+    pid: u32,
+    start: u64,
+}
+
+impl Proc {
+    fn of(pid: u32) -> Option<Proc> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 22 (starttime); fields after the command start at 3.
+        let start = stat.rsplit_once(") ")?.1.split(' ').nth(19)?.parse().ok()?;
+        Some(Proc { pid, start })
+    }
+
+    fn ppid(&self) -> Option<u32> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    }
+
+    fn running(&self) -> bool {
+        alive(self.pid) && Proc::of(self.pid) == Some(*self)
+    }
+
+    fn kill(&self) {
+        if self.running() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Whether IPv6 loopback works here; containers often run without it.
+/// Without it the IPv6 half of a test is skipped (a failure in CI).
+pub fn ipv6_or_skip(test: &str) -> bool {
+    if TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+        return true;
+    }
+    skip(test, "no IPv6 loopback: IPv6 checks skipped");
+    false
+}
+
+/// A port in `range` that nothing on the host listens on, IPv4 or IPv6.
+/// Only a snapshot: the caller must choose ranges no other test uses.
+pub fn free_port(range: std::ops::RangeInclusive<u16>) -> u16 {
+    range
+        .clone()
+        .find(|&p| {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok()
+                && TcpListener::bind((Ipv6Addr::UNSPECIFIED, p)).is_ok()
+        })
+        .unwrap_or_else(|| panic!("no free port in {range:?}"))
+}
+
+/// Path of a helper script in `tests/py/`.
+pub fn script(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("py")
+        .join(name);
+    assert!(path.is_file(), "missing helper script {}", path.display());
+    path.to_string_lossy().into_owned()
+}
+
+/// One port translation of an instance as `ps --json` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPair {
+    pub address: String,
+    pub virtual_port: u16,
+    pub real: u16,
+}
+
+pub fn port_pairs(row: &Value) -> Vec<PortPair> {
+    row["ports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("ps row without ports: {row}"))
+        .iter()
+        .map(|p| PortPair {
+            address: p["address"].as_str().expect("address").to_string(),
+            virtual_port: p["virtual"].as_u64().expect("virtual") as u16,
+            real: p["real"].as_u64().expect("real") as u16,
+        })
+        .collect()
+}
+
+/// A private appshot registry plus the instances a test started in it.
+pub struct Harness {
+    test: String,
+    bin: PathBuf,
+    run_dir: TempDir,
+    work: TempDir,
+    started: Vec<String>,
+    /// Namespace init and supervisor of every instance started, killed on
+    /// drop if still there: a broken runtime must not leak processes that
+    /// `appshot stop` and `ps` no longer know about.
+    processes: Vec<Proc>,
+}
+
+impl Harness {
+    /// `None` (after printing SKIP) when the test cannot run here; see
+    /// [`skip`] for CI.
+    pub fn new(test: &str, programs: &[&str]) -> Option<Harness> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            skip(
+                test,
+                "needs root (PID namespaces and seccomp user notification)",
+            );
+            return None;
+        }
+        if let Some(missing) = programs.iter().find(|p| which(p).is_none()) {
+            skip(test, &format!("`{missing}` is not installed"));
+            return None;
+        }
+        Some(Self::unprivileged(test))
+    }
+
+    /// For tests that never start an instance (config validation).
+    pub fn unprivileged(test: &str) -> Harness {
+        Harness {
+            test: test.to_string(),
+            bin: appshot_bin(),
+            run_dir: tempfile::Builder::new()
+                .prefix("appshot-run-")
+                .tempdir()
+                .expect("creating the run dir"),
+            work: tempfile::Builder::new()
+                .prefix("appshot-work-")
+                .tempdir()
+                .expect("creating the work dir"),
+            started: Vec::new(),
+            processes: Vec::new(),
+        }
+    }
+
+    /// An `appshot` command bound to this test's registry.
+    pub fn appshot(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("APPSHOT_RUN_DIR", self.run_dir.path())
+            // Assertions read the supervisor's default (info) log output.
+            .env_remove("RUST_LOG")
+            // Python block-buffers a redirected stdout; polled logs need it now.
+            .env("PYTHONUNBUFFERED", "1")
+            .current_dir(self.work.path());
+        cmd
+    }
+
+    /// A fresh directory private to this test (cwd of an instance, configs).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let dir = self.work.path().join(name);
+        fs::create_dir_all(&dir).expect("creating a work dir");
+        dir
+    }
+
+    /// `appshot run --aid AID --name NAME -d FLAGS -- COMMAND` in `cwd`.
+    pub fn start(&mut self, name: &str, aid: &str, cwd: &Path, flags: &[&str], command: &[&str]) {
+        let ran = self.try_start(name, aid, cwd, flags, command);
+        self.assert_started(name, &ran);
+    }
+
+    /// Like [`Harness::start`], for starts that may fail; whatever did start
+    /// is still cleaned up on drop.
+    pub fn try_start(
+        &mut self,
+        name: &str,
+        aid: &str,
+        cwd: &Path,
+        flags: &[&str],
+        command: &[&str],
+    ) -> Ran {
+        let mut cmd = self.appshot();
+        cmd.args(["run", "--aid", aid, "--name", name, "--detach"])
+            .args(flags)
+            .arg("--")
+            .args(command)
+            .current_dir(cwd);
+        self.launch(name, cmd)
+    }
+
+    /// `appshot run --config CONFIG -d`; the config names the instance.
+    pub fn start_config(&mut self, name: &str, config: &Path) {
+        let mut cmd = self.appshot();
+        cmd.args(["run", "--detach", "--config"]).arg(config);
+        let ran = self.launch(name, cmd);
+        self.assert_started(name, &ran);
+    }
+
+    fn launch(&mut self, name: &str, mut cmd: Command) -> Ran {
+        self.started.push(name.to_string());
+        let ran = run(&mut cmd, COMMAND_TIMEOUT);
+        if let Some(row) = self.instance(name) {
+            let pid = |key: &str| row[key].as_u64().and_then(|p| Proc::of(p as u32));
+            let init = pid("pid").and_then(|app| app.ppid()).and_then(Proc::of);
+            self.processes
+                .extend([init, pid("supervisor_pid")].into_iter().flatten());
+        }
+        ran
+    }
+
+    fn assert_started(&self, name: &str, ran: &Ran) {
+        assert!(
+            ran.success(),
+            "{}: starting {name} failed: {ran}",
+            self.test
+        );
+        assert_eq!(
+            ran.stdout.trim(),
+            name,
+            "{}: run --detach output",
+            self.test
+        );
+    }
+
+    /// Runs `command` in the foreground under `aid`, like a client would.
+    pub fn client(&self, aid: &str, command: &[&str]) -> Ran {
+        let mut cmd = self.appshot();
+        cmd.args(["run", "--aid", aid, "--"]).args(command);
+        run(&mut cmd, COMMAND_TIMEOUT)
+    }
+
+    /// `curl` under `aid`; exit code 7 is curl's "connection refused".
+    pub fn curl(&self, aid: &str, url: &str) -> Ran {
+        self.client(aid, &["curl", "-sS", "--max-time", "10", url])
+    }
+
+    pub fn ps(&self) -> Vec<Value> {
+        self.json(&["ps", "--json"])
+    }
+
+    pub fn ports(&self) -> Vec<Value> {
+        self.json(&["ports", "--json"])
+    }
+
+    fn json(&self, args: &[&str]) -> Vec<Value> {
+        let ran = run(self.appshot().args(args), COMMAND_TIMEOUT);
+        assert!(ran.success(), "{}: appshot {args:?}: {ran}", self.test);
+        match serde_json::from_str(&ran.stdout) {
+            Ok(Value::Array(rows)) => rows,
+            other => panic!(
+                "{}: appshot {args:?}: not a JSON array: {other:?}",
+                self.test
+            ),
+        }
+    }
+
+    /// The `ps --json` row of `name`, if it is listed.
+    pub fn instance(&self, name: &str) -> Option<Value> {
+        self.ps().into_iter().find(|r| r["name"] == name)
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.run_dir.path().join("logs").join(format!("{name}.log"))
+    }
+
+    /// Everything the instance's supervisor and application wrote so far.
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// Waits until the log of `name` contains `needle`; returns the log.
+    pub fn wait_log(&self, name: &str, needle: &str) -> String {
+        let mut log = String::new();
+        let found = poll(READY, || {
+            log = self.log(name);
+            log.contains(needle)
+        });
+        assert!(
+            found,
+            "{}: log of {name} lacks {needle:?} after {READY:?}:\n{log}",
+            self.test
+        );
+        log
+    }
+
+    /// `appshot stop`, asserting it succeeds and the instance is gone.
+    pub fn stop(&mut self, name: &str) {
+        let ran = run(
+            self.appshot().args(["stop", "-t", "5", name]),
+            COMMAND_TIMEOUT,
+        );
+        assert!(ran.success(), "{}: appshot stop {name}: {ran}", self.test);
+        self.started.retain(|n| n != name);
+        assert!(
+            self.instance(name).is_none(),
+            "{}: {name} still listed after stop",
+            self.test
+        );
+    }
+
+    fn dump_logs(&self) {
+        let Ok(entries) = fs::read_dir(self.run_dir.path().join("logs")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            eprintln!(
+                "--- {}: {} ---\n{}",
+                self.test,
+                e.path().display(),
+                text.trim_end()
+            );
+        }
+    }
+}
+
+impl Drop for Harness {
+    /// Nothing may outlive its test: stop what we started, then SIGKILL
+    /// whatever survived, found both through `ps` and through the processes
+    /// recorded at start, in case the runtime lost track of them. Killing a
+    /// namespace init takes every process of its instance along. Never
+    /// panics: this also runs while a failed test unwinds.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for name in std::mem::take(&mut self.started).iter().rev() {
+            let mut cmd = self.appshot();
+            cmd.args(["stop", "-t", "2", name])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // Fails harmlessly for instances that already ended.
+            let _ = cmd.status();
+        }
+        let mut cmd = self.appshot();
+        cmd.args(["ps", "--json"]).stdin(Stdio::null());
+        let listed: Vec<Value> = cmd
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default();
+        let mut survivors = self.processes.clone();
+        survivors.extend(
+            listed
+                .iter()
+                .filter_map(|row| row["supervisor_pid"].as_u64())
+                .filter_map(|pid| Proc::of(pid as u32)),
+        );
+        survivors.retain(Proc::running);
+        for p in &survivors {
+            eprintln!(
+                "{}: {} ({}) outlived appshot stop: SIGKILL",
+                self.test,
+                p.pid,
+                cmdline(p.pid).trim_end()
+            );
+            p.kill();
+        }
+        poll(READY, || !survivors.iter().any(Proc::running));
+    }
+}

@@ -1,0 +1,70 @@
+//! Malformed application configs are refused before anything runs, with an
+//! error that points at the file, line and field.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::{run, Harness};
+
+/// Runs `appshot run --config` on `text` and returns (config path, stderr),
+/// asserting the run failed and its command never started.
+fn refused(h: &Harness, file: &str, text: &str) -> (String, String) {
+    let dir = h.dir("configs");
+    let config = dir.join(file);
+    fs::write(&config, text).unwrap();
+    let marker = dir.join(format!("{file}.ran"));
+    let ran = run(
+        h.appshot()
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--", "touch"])
+            .arg(&marker),
+        Duration::from_secs(30),
+    );
+    assert!(!ran.success(), "{file} must be refused: {ran}");
+    assert!(!marker.exists(), "{file}: the command ran anyway");
+    (config.to_string_lossy().into_owned(), ran.stderr)
+}
+
+#[test]
+fn malformed_configs_name_file_line_and_field() {
+    // Parsing needs no privileges, so this runs everywhere.
+    let h = Harness::unprivileged("malformed_configs_name_file_line_and_field");
+
+    let (path, err) = refused(
+        &h,
+        "bad-port.toml",
+        "aid = \"cfg\"\n[[ports]]\nport = \"abc\"\n",
+    );
+    assert!(
+        err.contains(&format!("{path}:3:")),
+        "error should point at {path} line 3: {err}"
+    );
+    assert!(
+        err.contains("ports[0].port"),
+        "error should name the field: {err}"
+    );
+
+    let (path, err) = refused(
+        &h,
+        "unknown-field.toml",
+        "aid = \"cfg\"\nname = \"cfg-1\"\n\ncolour = \"red\"\n",
+    );
+    assert!(
+        err.contains(&format!("{path}:4:")),
+        "error should point at {path} line 4: {err}"
+    );
+    assert!(err.contains("colour"), "error should name the field: {err}");
+
+    let (path, err) = refused(
+        &h,
+        "unknown-port-field.toml",
+        "aid = \"cfg\"\n\n[[ports]]\nport = 9000\nprotocl = \"tcp\"\n",
+    );
+    assert!(err.contains(&format!("{path}:5:")), "{err}");
+    assert!(err.contains("ports[0].protocl"), "{err}");
+
+    assert!(h.ps().is_empty(), "no instance may be registered");
+}
