@@ -75,6 +75,8 @@ struct InetSocket {
     fd: OwnedFd,
     domain: i32,
     stream: bool,
+    /// Its local address, read to learn the family.
+    local: SockaddrStorage,
 }
 
 enum Side {
@@ -130,7 +132,12 @@ impl Multiplexer {
             _ => return Ok(None),
         };
         let stream = getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? == SockType::Stream;
-        Ok(Some(InetSocket { fd, domain, stream }))
+        Ok(Some(InetSocket {
+            fd,
+            domain,
+            stream,
+            local,
+        }))
     }
 
     /// The address argument (pointer in arg 1, length in arg 2).
@@ -275,10 +282,12 @@ impl Multiplexer {
                 "IPV6_V6ONLY",
             )?;
         }
+        let local = getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
         let sock = InetSocket {
             fd,
             domain,
             stream: true,
+            local,
         };
         let port = spec.addr.port();
         if port != 0 && self.settings.multiplexed.contains(port) {
@@ -437,7 +446,7 @@ impl Multiplexer {
             Err(e) => return call.answer(Response::Errno(e)),
         };
         let raw: Result<SockaddrStorage, Errno> = match side {
-            Side::Local => getsockname(sock.fd.as_raw_fd()),
+            Side::Local => Ok(sock.local),
             Side::Peer => getpeername(sock.fd.as_raw_fd()),
         };
         let mut addr = match raw.map(|s| to_std(&s)) {
@@ -481,8 +490,8 @@ fn write_sockaddr(call: &Call, addr: &SocketAddr) -> Result<(), i32> {
     }
     let encoded = sockaddr::encode(addr);
     let n = encoded.len().min(len as usize);
-    call.write(call.args[1], &encoded[..n])?;
-    call.write(call.args[2], &(encoded.len() as u32).to_ne_bytes())
+    let full_len = (encoded.len() as u32).to_ne_bytes();
+    call.write(&[(call.args[1], &encoded[..n]), (call.args[2], &full_len)])
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {

@@ -63,24 +63,25 @@ impl Call {
         Ok(buf)
     }
 
-    /// Writes a syscall's output into the task. Refuses unless the
-    /// notification is still pending, so a TID recycled since the call was
-    /// made never receives it.
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), i32> {
+    /// Writes a syscall's outputs (address, bytes) into the task in one
+    /// call. Refuses unless the notification is still pending, so a TID
+    /// recycled since the call was made never receives them.
+    pub fn write(&self, outputs: &[(u64, &[u8])]) -> Result<(), i32> {
         if !self.still_pending() {
             return Err(libc::ESRCH);
         }
-        let remote = [RemoteIoVec {
-            base: addr as usize,
-            len: data.len(),
-        }];
-        let n = process_vm_writev(
-            Pid::from_raw(self.tid as i32),
-            &[IoSlice::new(data)],
-            &remote,
-        )
-        .map_err(|_| libc::EFAULT)?;
-        if n != data.len() {
+        let local: Vec<IoSlice> = outputs.iter().map(|(_, d)| IoSlice::new(d)).collect();
+        let remote: Vec<RemoteIoVec> = outputs
+            .iter()
+            .map(|(addr, d)| RemoteIoVec {
+                base: *addr as usize,
+                len: d.len(),
+            })
+            .collect();
+        let total: usize = outputs.iter().map(|(_, d)| d.len()).sum();
+        let n = process_vm_writev(Pid::from_raw(self.tid as i32), &local, &remote)
+            .map_err(|_| libc::EFAULT)?;
+        if n != total {
             return Err(libc::EFAULT);
         }
         Ok(())
