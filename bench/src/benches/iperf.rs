@@ -1,0 +1,138 @@
+//! Data path: bulk TCP throughput over loopback with iperf3. appshot traps
+//! no read, write, send or recv, so its figure should match native; the
+//! socat proxy copies every byte through user space.
+//!
+//! Every run gets a fresh one-off server (`iperf3 -s -1`): it exits after
+//! its test, which tells that the server side finished cleanly too.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+
+use super::servers::{native_server, socat_proxy};
+use super::{argv, Ctx, Outcome};
+use crate::measure::{interleaved, Trial, Unit};
+use crate::procs;
+use crate::table::Row;
+
+pub const TITLE: &str = "TCP throughput (iperf3)";
+const AID: &str = "a";
+/// How long a one-off server may take to exit after its client is done.
+const SERVER_EXIT: Duration = Duration::from_secs(30);
+
+pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
+    let logs = ctx.logs();
+    let secs = ctx.plan.iperf_seconds;
+    let timeout = Duration::from_secs(u64::from(secs) + 60);
+    let server = |port: u16| argv(["iperf3", "-s", "-1", "-p", &port.to_string()]);
+    let client = |port: u16| {
+        argv([
+            "iperf3",
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+    };
+
+    let native_port = ctx.ports.take()?;
+    let virtual_port = ctx.ports.take()?;
+    let upstream = ctx.ports.take()?;
+    let proxy_port = ctx.ports.take()?;
+    let _proxy = socat_proxy(proxy_port, upstream, &logs)?;
+    let appshot = ctx.appshot;
+
+    // One native run: a one-off server on `server_port`, the client on
+    // `client_port` (the proxy's, for the peer).
+    let native_run = |server_port: u16, client_port: u16, what: &'static str| {
+        let logs = logs.clone();
+        let (server, client) = (server(server_port), client(client_port));
+        move || -> anyhow::Result<f64> {
+            let mut srv = native_server(server_port, &server, what, &logs)?;
+            let out = procs::run(
+                Command::new(&client[0]).args(&client[1..]),
+                &format!("iperf3 client ({what})"),
+                timeout,
+            )?;
+            srv.wait_success(SERVER_EXIT)?;
+            gbits(&out)
+        }
+    };
+    let trials = vec![
+        Trial::new(
+            "native",
+            native_run(native_port, native_port, "native iperf3 server"),
+        ),
+        Trial::new("appshot", || {
+            let srv = appshot
+                .server(AID, virtual_port, &server(virtual_port))
+                .context("starting the iperf3 server under appshot")?;
+            let out = procs::run(
+                &mut appshot.foreground(AID, &client(virtual_port)),
+                "iperf3 client under appshot",
+                timeout,
+            )?;
+            srv.wait_exit(SERVER_EXIT)?;
+            gbits(&out)
+        }),
+        Trial::new(
+            "socat proxy",
+            native_run(upstream, proxy_port, "iperf3 server behind socat"),
+        ),
+    ];
+    let m = interleaved(TITLE, Unit::GbitPerSec, ctx.plan, trials)?;
+    let rows = vec![
+        Row::compared(
+            TITLE,
+            &format!("bulk, 1 stream, {secs}s; server and client under appshot"),
+            "native",
+            &m[0],
+            &m[1],
+        ),
+        Row::compared(
+            TITLE,
+            "peer: socat proxy (ratio: appshot/socat)",
+            "socat",
+            &m[2],
+            &m[1],
+        ),
+    ];
+    Ok(Outcome {
+        rows,
+        measurements: m,
+    })
+}
+
+/// Received throughput of an `iperf3 -J` report, in Gbit/s.
+fn gbits(json: &str) -> anyhow::Result<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J printed no JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {e}");
+    }
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .map(|bps| bps / 1e9)
+        .ok_or_else(|| anyhow!("iperf3 -J has no end.sum_received.bits_per_second"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_comes_from_the_received_sum() {
+        let report = r#"{"start":{},"end":{"sum_sent":{"bits_per_second":9e10},
+            "sum_received":{"bits_per_second":4.5e10}}}"#;
+        assert_eq!(gbits(report).unwrap(), 45.0);
+        assert!(gbits(r#"{"error":"unable to connect"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("unable to connect"));
+        assert!(gbits("{}").is_err());
+        assert!(gbits("garbage").is_err());
+    }
+}

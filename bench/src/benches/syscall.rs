@@ -1,0 +1,76 @@
+//! The cost of one notified syscall: getsockname() is trapped by appshot's
+//! seccomp filter and answered by the supervisor, so its time under appshot
+//! is the round trip of a user notification. getsockopt(SO_TYPE) on the
+//! same socket is not trapped and shows what the filter alone costs.
+
+use std::process::Command;
+use std::time::Duration;
+
+use super::{argv, Ctx, Outcome};
+use crate::measure::{interleaved, Trial, Unit};
+use crate::probes::{self, SYSCALL_COST};
+use crate::procs;
+use crate::table::Row;
+
+pub const TITLE: &str = "syscall cost";
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// Only the bind to port 0 and these calls are made: port 0 is never
+/// multiplexed, so the socket is a plain kernel socket under appshot too.
+const AID: &str = "bench";
+const UNTRAPPED_FACTOR: u64 = 20;
+
+pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
+    let probe = SYSCALL_COST.build(ctx.work)?;
+    let mut out = Outcome::default();
+    let n = ctx.plan.syscall_iterations;
+    // An untrapped call is ~100 times cheaper: more of them keep its run
+    // long enough (a quarter second and up) not to be timer noise.
+    let cases = [
+        (
+            "notified syscall",
+            "getsockname() on a bound TCP socket",
+            "getsockname",
+            n,
+        ),
+        (
+            "untrapped syscall",
+            "getsockopt(SO_TYPE), same socket",
+            "getsockopt",
+            n * UNTRAPPED_FACTOR,
+        ),
+    ];
+    for (benchmark, configuration, call, iterations) in cases {
+        let args = argv([
+            probe.display().to_string(),
+            call.to_string(),
+            iterations.to_string(),
+        ]);
+        let micros = |output: String| Ok(probes::parse_value(&output, "ns_per_call")? / 1e3);
+        let trials = vec![
+            Trial::new("native", || {
+                micros(procs::run(
+                    Command::new(&args[0]).args(&args[1..]),
+                    "syscall_cost (native)",
+                    TIMEOUT,
+                )?)
+            }),
+            Trial::new("appshot", || {
+                micros(procs::run(
+                    &mut ctx.appshot.foreground(AID, &args),
+                    "syscall_cost under appshot",
+                    TIMEOUT,
+                )?)
+            }),
+        ];
+        let m = interleaved(benchmark, Unit::MicrosPerCall, ctx.plan, trials)?;
+        out.rows.push(Row::compared(
+            benchmark,
+            configuration,
+            "native",
+            &m[0],
+            &m[1],
+        ));
+        out.measurements.extend(m);
+    }
+    Ok(out)
+}

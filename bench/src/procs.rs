@@ -1,0 +1,353 @@
+//! Child processes: run-to-completion with a deadline, and background
+//! servers that are stopped when their guard goes out of scope, on success,
+//! error or interrupt alike.
+//!
+//! Every child gets its own process group, so that stopping it reaches the
+//! processes it forked (socat's per-connection children, appshot's
+//! namespace init and application), and so that a Ctrl-C at the terminal
+//! reaches the bench alone, which then tears everything down in order.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+/// Set by SIGINT, SIGTERM or SIGHUP.
+static INTERRUPTED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+/// Whether the interrupt has been reported yet.
+static ANNOUNCED: AtomicBool = AtomicBool::new(false);
+
+/// How often waits look at their child; the figures are measured inside the
+/// probes and tools, so this only bounds the bench's own reaction time.
+const POLL: Duration = Duration::from_millis(5);
+/// How long a background process gets between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Turns SIGINT, SIGTERM and SIGHUP into a flag that every wait checks, so
+/// an interrupted bench unwinds through the guards and stops what it
+/// started. A second signal exits at once. A handler rather than a blocked
+/// mask and `sigwait`: children inherit a mask (std does not reset it) and
+/// would then ignore the SIGTERM that stops them, while handlers are reset
+/// by exec.
+pub fn watch_signals() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    use signal_hook::flag;
+    let interrupted = INTERRUPTED.get_or_init(Arc::default);
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        flag::register_conditional_shutdown(sig, 130, Arc::clone(interrupted))
+            .context("installing signal handlers")?;
+        flag::register(sig, Arc::clone(interrupted)).context("installing signal handlers")?;
+    }
+    Ok(())
+}
+
+pub fn interrupted() -> bool {
+    let set = INTERRUPTED.get().is_some_and(|f| f.load(Ordering::SeqCst));
+    if set && !ANNOUNCED.swap(true, Ordering::SeqCst) {
+        eprintln!(
+            "appshot-bench: interrupted: stopping everything it started (again to exit at once)"
+        );
+    }
+    set
+}
+
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` to its end and returns its standard output. Fails, with the
+/// tail of its output, on a non-zero exit, after `timeout`, or when the
+/// bench is interrupted (the process group is then killed).
+pub fn run(cmd: &mut Command, what: &str, timeout: Duration) -> anyhow::Result<String> {
+    run_inner(cmd, what, timeout, true)
+}
+
+/// `run` for cleanup (`appshot stop`), which must go on after an interrupt.
+pub fn run_cleanup(cmd: &mut Command, what: &str, timeout: Duration) -> anyhow::Result<String> {
+    run_inner(cmd, what, timeout, false)
+}
+
+fn run_inner(
+    cmd: &mut Command,
+    what: &str,
+    timeout: Duration,
+    interruptible: bool,
+) -> anyhow::Result<String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    // Readers on their own threads: a child filling one pipe while we read
+    // the other would otherwise deadlock.
+    let out = drain(child.stdout.take().expect("piped"));
+    let err = drain(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let reason = if interruptible && interrupted() {
+            Some("interrupted".to_string())
+        } else if Instant::now() > deadline {
+            Some(format!("timed out after {}s", timeout.as_secs()))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            bail!("{what}: {reason}");
+        }
+        std::thread::sleep(POLL);
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "{what} failed ({}){}{}",
+            describe(status),
+            tail("stderr", &stderr),
+            tail("stdout", &stdout)
+        );
+    }
+    Ok(stdout)
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = r.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The last lines of some output, as a labelled block for an error.
+pub fn tail(label: &str, text: &str) -> String {
+    const LINES: usize = 15;
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let from = lines.len().saturating_sub(LINES);
+    format!(
+        "\n--- {label} (last lines) ---\n{}",
+        lines[from..].join("\n")
+    )
+}
+
+/// A process that runs until its guard is dropped, with its output in a
+/// log file.
+pub struct Background {
+    what: String,
+    child: Child,
+    log: PathBuf,
+    reaped: Option<ExitStatus>,
+}
+
+impl Background {
+    pub fn spawn(mut cmd: Command, what: &str, log_dir: &Path) -> anyhow::Result<Background> {
+        let log = log_dir.join(format!("{}.log", sanitize(what)));
+        let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Background {
+            what: what.to_string(),
+            child,
+            log,
+            reaped: None,
+        })
+    }
+
+    /// An error, with its log, if the process has ended.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.poll()? {
+            bail!(
+                "{} exited ({}){}",
+                self.what,
+                describe(status),
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for a process that is meant to end on its own (a one-off
+    /// server) and fails unless it ends successfully within `timeout`.
+    pub fn wait_success(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.poll()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "{} failed ({}){}",
+                    self.what,
+                    describe(status),
+                    self.log_tail()
+                );
+            }
+            check_interrupted()?;
+            if Instant::now() > deadline {
+                return Err(anyhow!(
+                    "{} still running {}s after its client finished{}",
+                    self.what,
+                    timeout.as_secs(),
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(
+            &self.log.display().to_string(),
+            &std::fs::read_to_string(&self.log).unwrap_or_default(),
+        )
+    }
+
+    fn poll(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        if self.reaped.is_none() {
+            self.reaped = self.child.try_wait()?;
+        }
+        Ok(self.reaped)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let group = Pid::from_raw(self.child.id() as i32);
+        if self.reaped.is_none() {
+            // The leader stays a zombie, its PID and group ID reserved,
+            // until it is reaped below: the SIGKILL cannot reach a stranger.
+            let _ = killpg(group, Signal::SIGTERM);
+            let deadline = Instant::now() + GRACE;
+            while Instant::now() < deadline && !is_zombie_or_gone(self.child.id()) {
+                std::thread::sleep(POLL);
+            }
+        }
+        // Also for a leader already gone: its forked children may remain.
+        let _ = killpg(group, Signal::SIGKILL);
+        if self.reaped.is_none() {
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn is_zombie_or_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_returns_stdout_and_reports_failures_with_output() {
+        let out = run(
+            Command::new("sh").args(["-c", "echo hello"]),
+            "echo",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(out, "hello\n");
+        let err = run(
+            Command::new("sh").args(["-c", "echo oops >&2; exit 3"]),
+            "failing",
+            Duration::from_secs(10),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("failing failed (exit status 3)"), "{err}");
+        assert!(err.contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn run_kills_at_the_deadline() {
+        let start = Instant::now();
+        let err = run(
+            Command::new("sleep").arg("30"),
+            "sleeper",
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("timed out"));
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn dropping_a_background_process_stops_its_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
+        let mut bg = Background::spawn(cmd, "group test", dir.path()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let grandchild = loop {
+            if let Ok(p) = std::fs::read_to_string(&pidfile) {
+                if let Ok(p) = p.trim().parse::<u32>() {
+                    break p;
+                }
+            }
+            assert!(Instant::now() < deadline, "no grandchild");
+            std::thread::sleep(POLL);
+        };
+        bg.check_running().unwrap();
+        drop(bg);
+        // The grandchild was reparented and may linger as a zombie for a
+        // moment, but it must not be running.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_zombie_or_gone(grandchild) {
+            assert!(Instant::now() < deadline, "grandchild survived");
+            std::thread::sleep(POLL);
+        }
+    }
+}
