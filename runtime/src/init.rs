@@ -31,6 +31,9 @@ pub struct InitArgs {
     /// Instead of launching: fork a stub with this PID for a restore to
     /// rebuild, and look after it as the application.
     pub restore_pid: Option<u32>,
+    /// (source, target): bind-mount the instance's own identity file over
+    /// `target` in a mount namespace of the instance's own.
+    pub identity: Option<(PathBuf, PathBuf)>,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
     pub command: Vec<String>,
@@ -43,6 +46,9 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
         .context("blocking signals in init")?;
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
     keep_inherited_fds_from_app();
+    if let Some((source, target)) = &args.identity {
+        mount_identity(source, target)?;
+    }
 
     let main = match (args.restore_pid, channel) {
         (Some(pid), _) => {
@@ -103,6 +109,30 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
         };
         let _ = kill(target, sig);
     }
+}
+
+fn mount_identity(source: &std::path::Path, target: &std::path::Path) -> anyhow::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("unsharing the mount namespace")?;
+    // Private, so the bind mount below stays inside this instance.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private")?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind-mounting the identity file over {}", target.display()))?;
+    Ok(())
 }
 
 fn launch(args: &InitArgs, channel: OwnedFd) -> anyhow::Result<Pid> {

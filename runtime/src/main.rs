@@ -92,6 +92,30 @@ enum Cmd {
         /// Let the instance run on after the snapshot.
         #[arg(long)]
         leave_running: bool,
+        /// Take the image as a template for `appshot clone`.
+        #[arg(long)]
+        template: bool,
+    },
+    /// Start instances from a template: each with its own AID, real ports
+    /// and PID namespace, sharing the template's unchanged memory.
+    Clone {
+        template: PathBuf,
+        /// AID of the clone; with --count N the clones get AID-1 … AID-N.
+        #[arg(long)]
+        aid: String,
+        /// Instance name (default: the clone's AID); with --count N,
+        /// NAME-1 … NAME-N.
+        #[arg(long)]
+        name: Option<String>,
+        /// How many clones (more than one implies --detach).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// A path at which each clone sees its own identity file (its AID
+        /// and name), e.g. a file the application serves or reads.
+        #[arg(long)]
+        identity_file: Option<PathBuf>,
+        #[arg(short, long)]
+        detach: bool,
     },
     /// Bring an instance back from an image, continuing where it stopped.
     Restore {
@@ -117,6 +141,10 @@ enum Cmd {
         channel_fd: Option<i32>,
         #[arg(long)]
         restore_pid: Option<u32>,
+        #[arg(long, requires = "identity_target")]
+        identity_source: Option<PathBuf>,
+        #[arg(long, requires = "identity_source")]
+        identity_target: Option<PathBuf>,
         #[arg(long)]
         cwd: Option<PathBuf>,
         #[arg(long = "env")]
@@ -223,6 +251,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Init {
             channel_fd,
             restore_pid,
+            identity_source,
+            identity_target,
             cwd,
             env,
             command,
@@ -237,6 +267,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             init::run(init::InitArgs {
                 channel_fd,
                 restore_pid,
+                identity: identity_source.zip(identity_target),
                 cwd,
                 env,
                 command,
@@ -261,11 +292,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             name,
             output,
             leave_running,
+            template,
         } => {
             println!(
                 "{}",
-                snapshots::snapshot(&run_dir, &name, &output, leave_running)?
+                snapshots::snapshot(&run_dir, &name, &output, leave_running, template)?
             );
+            Ok(0)
+        }
+        Cmd::Clone {
+            template,
+            aid,
+            name,
+            count,
+            identity_file,
+            detach,
+        } => {
+            let launches = clone_launches(&template, &aid, name, count, identity_file, &run_dir)?;
+            if launches.len() == 1 && !detach {
+                let launch = launches.into_iter().next().expect("one launch");
+                return Ok(supervisor::run(launch)?);
+            }
+            for launch in &launches {
+                detach_supervisor(launch, cli.verbose)?;
+            }
             Ok(0)
         }
         Cmd::Inspect { image, json } => {
@@ -342,6 +392,8 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         run_dir: run_dir.to_path_buf(),
         restore: None,
         cluster,
+        is_clone: false,
+        identity_file: None,
     })
 }
 
@@ -353,14 +405,95 @@ fn restore_launch(
     aid: Option<String>,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
+    let (path, img) = checked_image(image)?;
+    let info = &img.manifest.instance;
+    image_launch(
+        path,
+        &img,
+        name.unwrap_or_else(|| info.name.clone()),
+        aid.unwrap_or_else(|| info.aid.clone()),
+        run_dir,
+    )
+}
+
+fn checked_image(image: &Path) -> anyhow::Result<(PathBuf, appshot_snapshot::image::Image)> {
     let path =
         std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
     let img = appshot_snapshot::image::Image::open(&path)?;
     appshot_snapshot::restore::check_files(&img)?;
+    Ok((path, img))
+}
+
+/// Launches for `count` clones of a template. Everything that could make a
+/// clone fail for a reason known now (not a template, changed files, names
+/// in use, too few real ports) is checked before the first one starts. The
+/// template's pages are verified once here; the clones skip that.
+fn clone_launches(
+    template: &Path,
+    aid: &str,
+    name: Option<String>,
+    count: u32,
+    identity_file: Option<PathBuf>,
+    run_dir: &Path,
+) -> anyhow::Result<Vec<Launch>> {
+    if count == 0 {
+        bail!("--count 0: nothing to clone");
+    }
+    let (path, img) = checked_image(template)?;
+    if !img.manifest.instance.template {
+        bail!(
+            "{} is not a template: take one with `appshot snapshot NAME --template -o {}`",
+            template.display(),
+            template.display()
+        );
+    }
+    let mut launches = Vec::new();
+    for i in 1..=count {
+        let suffix = |base: &str| {
+            if count == 1 {
+                base.to_string()
+            } else {
+                format!("{base}-{i}")
+            }
+        };
+        let clone_aid = suffix(aid);
+        let clone_name = suffix(name.as_deref().unwrap_or(aid));
+        if appshot_vpm::is_alive(run_dir, &clone_name) {
+            return Err(appshot_vpm::VpmError::NameInUse(clone_name).into());
+        }
+        let mut launch = image_launch(path.clone(), &img, clone_name, clone_aid, run_dir)?;
+        launch.is_clone = true;
+        launch.identity_file = identity_file.clone();
+        launches.push(launch);
+    }
+    let sockets = img.manifest.process.listening().count();
+    let range = AppConfig::default().port_range;
+    let registry = appshot_vpm::Registry::open(run_dir)?;
+    let used = registry
+        .read()?
+        .translations
+        .iter()
+        .filter(|t| (range.start..=range.end).contains(&t.real_port))
+        .count();
+    let free = (usize::from(range.end) - usize::from(range.start) + 1).saturating_sub(used);
+    let needed = sockets * count as usize;
+    if needed > free {
+        bail!(
+            "{count} clones of a template with {sockets} listening sockets need {needed} real ports; port range {range} has {free} free"
+        );
+    }
+    Ok(launches)
+}
+
+fn image_launch(
+    path: PathBuf,
+    img: &appshot_snapshot::image::Image,
+    name: String,
+    aid: String,
+    run_dir: &Path,
+) -> anyhow::Result<Launch> {
     let info = &img.manifest.instance;
-    let aid = aid.unwrap_or_else(|| info.aid.clone());
     validate_aid(&aid).map_err(|e| anyhow!("--aid {aid:?}: {e}"))?;
-    let name = name.unwrap_or_else(|| info.name.clone());
     validate_name(&name).map_err(|e| anyhow!("--name {name:?}: {e}"))?;
     let defaults = AppConfig::default();
     Ok(Launch {
@@ -376,6 +509,8 @@ fn restore_launch(
         run_dir: run_dir.to_path_buf(),
         restore: Some(path),
         cluster: remote::ClusterSettings::resolve(&defaults)?,
+        is_clone: false,
+        identity_file: None,
     })
 }
 

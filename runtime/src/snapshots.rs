@@ -29,6 +29,7 @@ pub fn snapshot(
     name: &str,
     output: &Path,
     leave_running: bool,
+    template: bool,
 ) -> Result<String, RuntimeError> {
     let registry = Registry::open(run_dir)?;
     let state = registry.transaction(|s| s.clone())?;
@@ -97,6 +98,7 @@ pub fn snapshot(
             aid: rec.aid.clone(),
             command: rec.command.clone(),
             multiplexed: rec.multiplexed.clone(),
+            template,
         },
         ns_pid,
         virtualize: &virtualize,
@@ -212,6 +214,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                 prot: prot(v.prot, v.shared),
                 kind: match &v.kind {
                     VmaKind::Anon => "anonymous".into(),
+                    VmaKind::Stack => "[stack]".into(),
                     VmaKind::File { file, .. } => file.path.clone(),
                     VmaKind::Vdso(n) => n.clone(),
                     VmaKind::Vsyscall => "[vsyscall]".into(),

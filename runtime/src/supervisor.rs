@@ -48,6 +48,14 @@ pub struct Launch {
     /// Source rules and cross-host negotiation.
     #[serde(default)]
     pub cluster: crate::remote::ClusterSettings,
+    /// The restore is a clone of a template (already verified by the
+    /// `appshot clone` that started it): map its pages, don't copy them.
+    #[serde(default)]
+    pub is_clone: bool,
+    /// A path inside the instance where its own identity file (its AID and
+    /// name) appears, in a mount namespace of its own.
+    #[serde(default)]
+    pub identity_file: Option<PathBuf>,
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -113,11 +121,30 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
             (init_pid, listener, new_mux(init_pid)?, app_pid)
         }
         Some(path) => {
-            let image = Image::open(path)?;
+            let image = if launch.is_clone {
+                Image::open_verified_template(path)?
+            } else {
+                Image::open(path)?
+            };
             restore::check_files(&image)?;
-            let init_pid = start_init(&launch, None, Some(image.manifest.process.ns_pid))?;
+            let identity = match &launch.identity_file {
+                Some(target) => Some((
+                    write_identity(&launch, lock.instance_dir())?,
+                    target.clone(),
+                )),
+                None => None,
+            };
+            let init_pid = start_init(
+                &launch,
+                None,
+                Some(image.manifest.process.ns_pid),
+                identity.as_ref(),
+            )?;
             let mux = new_mux(init_pid)?;
-            match restore_into(init_pid, &image, &mux) {
+            let started = Instant::now();
+            let restored = restore_into(init_pid, &image, &mux, launch.is_clone);
+            info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = launch.is_clone, "restore work done");
+            match restored {
                 Ok((listener, stub)) => (init_pid, listener, mux, stub),
                 Err(e) => {
                     // Nothing half-built survives: the namespace goes with
@@ -193,7 +220,7 @@ fn launch_application(launch: &Launch) -> Result<(u32, OwnedFd), RuntimeError> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .map_err(|e| RuntimeError::sys("fcntl", e))?;
-    let init_pid = start_init(launch, Some(&theirs), None)?;
+    let init_pid = start_init(launch, Some(&theirs), None, None)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -216,10 +243,20 @@ fn launch_application(launch: &Launch) -> Result<(u32, OwnedFd), RuntimeError> {
 }
 
 /// Rebuilds the image's process in the stub the init created for it.
+/// The per-clone identity file: what differs between clones of one
+/// template, readable by the application at the path its rules name.
+fn write_identity(launch: &Launch, dir: &std::path::Path) -> Result<PathBuf, RuntimeError> {
+    let path = dir.join("identity");
+    std::fs::write(&path, format!("aid={}\nname={}\n", launch.aid, launch.name))
+        .map_err(|e| RuntimeError::sys(format!("writing {}", path.display()), e))?;
+    Ok(path)
+}
+
 fn restore_into(
     init_pid: u32,
     image: &Image,
     mux: &Arc<Multiplexer>,
+    share_pages: bool,
 ) -> Result<(OwnedFd, u32), RuntimeError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let stub = loop {
@@ -239,6 +276,7 @@ fn restore_into(
     let hooks = restore::RestoreHooks {
         filter: &program,
         listen: &listen,
+        share_pages,
     };
     let restored = restore::restore(stub, image, &hooks)?;
     Ok((restored.listener, stub))
@@ -248,6 +286,7 @@ fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pid: Option<u32>,
+    identity: Option<&(PathBuf, PathBuf)>,
 ) -> Result<u32, RuntimeError> {
     let exe =
         std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
@@ -264,6 +303,12 @@ fn start_init(
     if let Some(pid) = restore_pid {
         argv.push(cstr(b"--restore-pid")?);
         argv.push(cstr(pid.to_string().as_bytes())?);
+    }
+    if let Some((source, target)) = identity {
+        argv.push(cstr(b"--identity-source")?);
+        argv.push(cstr(source.as_os_str().as_bytes())?);
+        argv.push(cstr(b"--identity-target")?);
+        argv.push(cstr(target.as_os_str().as_bytes())?);
     }
     if let Some(cwd) = &launch.cwd {
         argv.push(cstr(b"--cwd")?);

@@ -327,7 +327,8 @@ pub(crate) fn file_ref(path: &str, pid: u32) -> Result<FileRef, SnapshotError> {
 fn vma_kind(m: &MapsLine, pid: u32) -> Result<Option<VmaKind>, SnapshotError> {
     let unsupported = |what: String| SnapshotError::Unsupported { pid, what };
     Ok(Some(match m.name.as_str() {
-        "" | "[heap]" | "[stack]" => VmaKind::Anon,
+        "" | "[heap]" => VmaKind::Anon,
+        "[stack]" => VmaKind::Stack,
         n if n.starts_with("[anon:") => VmaKind::Anon,
         "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
         "[vsyscall]" => return Ok(None),

@@ -57,6 +57,9 @@ pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
     pub filter: &'a [SockFilter],
     pub listen: &'a dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
+    /// Map saved pages from the image file (MAP_PRIVATE, copy-on-write)
+    /// instead of copying them: how clones of a template share its memory.
+    pub share_pages: bool,
 }
 
 pub struct Restored {
@@ -172,7 +175,7 @@ pub fn restore(
             }
         }
         map_vdso(&inj, pid, &p.vmas)?;
-        map_memory(&inj, &mem, pid, data, image)?;
+        map_memory(&inj, &mem, pid, data, image, hooks.share_pages)?;
         set_mm(&inj, &mem, pid, data, p)?;
         restore_fds(&inj, &mem, pid, data, p, hooks)?;
         let cwd = write_str(&mem, data, &p.cwd)?;
@@ -376,16 +379,35 @@ fn map_memory(
     pid: u32,
     data: u64,
     image: &Image,
+    share_pages: bool,
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
     let mut buf = Vec::new();
+    let image_path = image.path.to_string_lossy();
+    let image_fd = if share_pages {
+        Some(open_in(
+            inj,
+            mem,
+            pid,
+            data,
+            &image_path,
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )?)
+    } else {
+        None
+    };
     for v in &image.manifest.process.vmas {
         let len = v.end - v.start;
         let fixed = libc::MAP_FIXED as u64;
         match &v.kind {
             VmaKind::Vdso(_) | VmaKind::Vsyscall => continue,
-            VmaKind::Anon => {
-                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed;
+            VmaKind::Anon | VmaKind::Stack => {
+                let grows = if v.kind == VmaKind::Stack {
+                    libc::MAP_GROWSDOWN
+                } else {
+                    0
+                };
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
                 inj.ok(
                     pid,
                     "mmap anonymous",
@@ -422,11 +444,26 @@ fn map_memory(
         }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
+            if let Some(fd) = image_fd {
+                // A private mapping of the image's page-aligned pages: read
+                // through the page cache that every clone shares, copied
+                // only when written.
+                let flags = (libc::MAP_PRIVATE as u64) | fixed;
+                let off = image.pages_off + run.offset;
+                inj.ok(
+                    pid,
+                    "mmap of template pages",
+                    libc::SYS_mmap,
+                    &[run.addr, n as u64, v.prot as u64, flags, fd, off],
+                )?;
+                continue;
+            }
             buf.resize(n, 0);
             image.read_pages(run.offset, &mut buf[..n])?;
             mem.write(run.addr, &buf[..n])?;
         }
     }
+    files.extend(image_fd.map(|fd| ("", fd)));
     for fd in files.into_values() {
         inj.call(pid, libc::SYS_close, &[fd])?;
     }

@@ -184,6 +184,18 @@ impl Image {
     /// Opens and verifies an image. Nothing is trusted until every checksum
     /// and every offset has been checked against the file's real length.
     pub fn open(path: &Path) -> Result<Image, SnapshotError> {
+        Image::open_checked(path, true)
+    }
+
+    /// Like [`Image::open`] but without reading the pages section to check
+    /// its CRC: for clones of a template whose pages one `appshot clone`
+    /// already verified, so that a clone's cost does not grow with the
+    /// template's size. Header, manifest and layout are still checked.
+    pub fn open_verified_template(path: &Path) -> Result<Image, SnapshotError> {
+        Image::open_checked(path, false)
+    }
+
+    fn open_checked(path: &Path, verify_pages: bool) -> Result<Image, SnapshotError> {
         let io = |e| SnapshotError::io(path, e);
         let corrupt = |why: String| SnapshotError::corrupt(path, &why);
         let mut file = File::open(path).map_err(io)?;
@@ -220,18 +232,20 @@ impl Image {
         let manifest: Manifest = postcard::from_bytes(&manifest_bytes)
             .map_err(|e| corrupt(format!("manifest does not decode: {e}")))?;
 
-        let mut crc = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        file.seek(SeekFrom::Start(h.pages_off)).map_err(io)?;
-        let mut left = h.pages_len;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..n]).map_err(io)?;
-            crc.update(&buf[..n]);
-            left -= n as u64;
-        }
-        if crc.finalize() != h.pages_crc {
-            return Err(corrupt("pages checksum mismatch".into()));
+        if verify_pages {
+            let mut crc = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            file.seek(SeekFrom::Start(h.pages_off)).map_err(io)?;
+            let mut left = h.pages_len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                file.read_exact(&mut buf[..n]).map_err(io)?;
+                crc.update(&buf[..n]);
+                left -= n as u64;
+            }
+            if crc.finalize() != h.pages_crc {
+                return Err(corrupt("pages checksum mismatch".into()));
+            }
         }
         for vma in &manifest.process.vmas {
             for run in &vma.pages {
@@ -281,6 +295,7 @@ mod tests {
                 aid: "a".into(),
                 command: vec!["python3".into()],
                 multiplexed: vec![9000],
+                template: false,
             },
             process: ProcessImage {
                 ns_pid: 2,

@@ -19,6 +19,8 @@ pub struct InstanceInfo {
     pub command: Vec<String>,
     /// Ports the instance multiplexes (empty: all below the ephemeral range).
     pub multiplexed: Vec<u16>,
+    /// Taken to be cloned: clones map its pages instead of copying them.
+    pub template: bool,
 }
 
 /// Identity of a file the image refers to instead of copying: restore
@@ -82,6 +84,8 @@ pub struct Vma {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
     Anon,
+    /// The main thread's stack, which must keep growing down after restore.
+    Stack,
     File {
         file: FileRef,
         offset: u64,
