@@ -16,6 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use appshot_sys::pidfd;
 use appshot_sys::ptrace as xptrace;
 use appshot_sys::seccomp::SockFilter;
+use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
 use tracing::{debug, warn};
@@ -113,6 +114,9 @@ pub fn restore(
         .find(|t| t.ns_tid == p.ns_pid)
         .ok_or_else(|| SnapshotError::Restore("image has no main thread".into()))?;
     let mut frozen = Frozen::seize(stub_pid, Options::PTRACE_O_TRACECLONE)?;
+    // Every injected syscall is a ptrace round trip; with tracer and stub
+    // on one CPU it costs a few microseconds instead of a cross-CPU wake-up.
+    let _pinned = SameCpu::pin(stub_pid);
     if frozen.tids.len() != 1 {
         return Err(SnapshotError::Restore(format!(
             "stub {stub_pid} has {} threads",
@@ -279,6 +283,50 @@ pub fn restore(
     }
     frozen.release();
     Ok(Restored { listener })
+}
+
+/// Keeps the calling thread and the stub on the CPU the caller runs on, and
+/// gives both back their CPU sets when dropped (restored threads inherit the
+/// stub's, so they get the full set back too).
+struct SameCpu {
+    stub: Pid,
+    ours: Option<CpuSet>,
+    theirs: Option<CpuSet>,
+}
+
+impl SameCpu {
+    fn pin(stub: u32) -> SameCpu {
+        let stub = Pid::from_raw(stub as i32);
+        let me = Pid::from_raw(0);
+        let ours = sched_getaffinity(me).ok();
+        let theirs = sched_getaffinity(stub).ok();
+        if let Ok(cpu) = sched_getcpu() {
+            let mut one = CpuSet::new();
+            if one.set(cpu).is_ok() {
+                let _ = sched_setaffinity(me, &one);
+                let _ = sched_setaffinity(stub, &one);
+            }
+        }
+        SameCpu { stub, ours, theirs }
+    }
+}
+
+impl Drop for SameCpu {
+    fn drop(&mut self) {
+        if let Some(set) = &self.ours {
+            let _ = sched_setaffinity(Pid::from_raw(0), set);
+        }
+        if let Some(set) = &self.theirs {
+            let tasks = std::fs::read_dir(format!("/proc/{}/task", self.stub))
+                .into_iter()
+                .flatten();
+            for t in tasks.flatten() {
+                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    let _ = sched_setaffinity(Pid::from_raw(tid), set);
+                }
+            }
+        }
+    }
 }
 
 /// An address for the scratch mapping that collides with neither the
