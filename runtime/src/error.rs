@@ -11,6 +11,8 @@ pub enum RuntimeError {
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
+    #[error("instance `{name}` cannot be snapshotted: {reason}")]
+    NotSnapshottable { name: String, reason: String },
     #[error("no running instance named `{0}`")]
     NoInstance(String),
     #[error("control socket {path}: {message}")]

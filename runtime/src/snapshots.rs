@@ -40,10 +40,10 @@ pub fn snapshot(
     let app = rec.pid;
     let procs = tree::descendants(app);
     if procs.len() > 1 {
-        return Err(RuntimeError::Start {
+        return Err(RuntimeError::NotSnapshottable {
             name: name.to_string(),
             reason: format!(
-                "has {} processes ({procs:?}); only single-process instances (any number of threads) can be snapshotted yet",
+                "it has {} processes ({procs:?}); only single-process instances (any number of threads) can be snapshotted yet",
                 procs.len()
             ),
         });

@@ -201,11 +201,18 @@ impl Image {
         let mut file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         let mut hb = [0u8; HEADER_LEN];
+        // The magic first: a small file that is no image at all must be
+        // called that, not a truncated image.
+        let n = file.read(&mut hb).map_err(io)?;
+        if n < MAGIC.len() || hb[..MAGIC.len()] != MAGIC {
+            return Err(corrupt("not an appshot image (bad magic)".into()));
+        }
         if size < PAGE {
             return Err(corrupt(format!(
                 "truncated: {size} bytes, shorter than the header"
             )));
         }
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.read_exact(&mut hb).map_err(io)?;
         let h = Header::decode(path, &hb)?;
         if h.pages_off != PAGE || h.pages_len % PAGE != 0 || h.manifest_len > MANIFEST_MAX {
@@ -377,6 +384,8 @@ mod tests {
         expect_corrupt(&path, "truncated");
         std::fs::write(&path, &good[..100]).unwrap();
         expect_corrupt(&path, "truncated");
+        std::fs::write(&path, b"aid = \"a\"\n").unwrap();
+        expect_corrupt(&path, "bad magic");
 
         let mut flipped = good.clone();
         flipped[PAGE as usize + 10] ^= 0x40;

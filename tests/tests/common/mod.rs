@@ -5,6 +5,7 @@
 // Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::fs;
 use std::io::Read;
@@ -303,6 +304,21 @@ pub fn script(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Live processes (of our PID namespace) whose command line contains
+/// `needle`: with a needle unique to a test, every process an instance of
+/// it runs, its namespace init included.
+pub fn pids_with_arg(needle: &str) -> BTreeSet<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|&pid| alive(pid) && cmdline(pid).contains(needle))
+        .collect()
+}
+
 /// One port translation of an instance as `ps --json` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPair {
@@ -450,6 +466,74 @@ impl Harness {
             "{}: run --detach output",
             self.test
         );
+    }
+
+    /// Compiles `tests/programs/SOURCE` (C, with pthreads) with gcc into
+    /// this test's work dir; returns the executable's path.
+    pub fn compile(&self, source: &str, output: &str) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("programs")
+            .join(source);
+        assert!(src.is_file(), "missing test program {}", src.display());
+        let out = self.dir("bin").join(output);
+        let ran = run(
+            Command::new("gcc")
+                .args(["-O2", "-pthread", "-o"])
+                .arg(&out)
+                .arg(&src),
+            COMMAND_TIMEOUT,
+        );
+        assert!(ran.success(), "{}: gcc {}: {ran}", self.test, src.display());
+        out
+    }
+
+    /// `appshot snapshot NAME -o IMAGE FLAGS`.
+    pub fn snapshot(&self, name: &str, image: &Path, flags: &[&str]) -> Ran {
+        let mut cmd = self.appshot();
+        cmd.args(["snapshot", name, "-o"]).arg(image).args(flags);
+        run(&mut cmd, COMMAND_TIMEOUT)
+    }
+
+    /// `appshot restore IMAGE --detach FLAGS`, expected to bring back an
+    /// instance called `name` (the image's name, or `--name` in FLAGS);
+    /// like [`Harness::try_start`], whatever started is cleaned up on drop.
+    pub fn try_restore(&mut self, name: &str, image: &Path, flags: &[&str]) -> Ran {
+        let mut cmd = self.appshot();
+        cmd.arg("restore").arg(image).arg("--detach").args(flags);
+        self.launch(name, cmd)
+    }
+
+    /// [`Harness::try_restore`], asserting the instance `name` runs.
+    pub fn restore(&mut self, name: &str, image: &Path, flags: &[&str]) {
+        let ran = self.try_restore(name, image, flags);
+        self.assert_started(name, &ran);
+    }
+
+    /// `appshot inspect IMAGE --json`.
+    pub fn inspect(&self, image: &Path) -> Value {
+        let mut cmd = self.appshot();
+        cmd.arg("inspect").arg(image).arg("--json");
+        let ran = run(&mut cmd, COMMAND_TIMEOUT);
+        assert!(
+            ran.success(),
+            "{}: appshot inspect {}: {ran}",
+            self.test,
+            image.display()
+        );
+        serde_json::from_str(&ran.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{}: appshot inspect --json: not JSON ({e}): {ran}",
+                self.test
+            )
+        })
+    }
+
+    /// The rows of `ports --json` owned by instance `name`.
+    pub fn translations(&self, name: &str) -> Vec<Value> {
+        self.ports()
+            .into_iter()
+            .filter(|r| r["owner"] == name)
+            .collect()
     }
 
     /// Runs `command` in the foreground under `aid`, like a client would.
