@@ -8,9 +8,11 @@
 mod error;
 mod model;
 mod parse;
+mod remote;
 
 pub use error::ConfigError;
 pub use model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol};
+pub use remote::{Cidr, Peer, SourceRule};
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::remote::{Peer, SourceRule};
 
 /// A validated application config; every field already holds a usable value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +19,17 @@ pub struct AppConfig {
     pub port_range: PortRange,
     /// Empty means every TCP port below the ephemeral range is multiplexed.
     pub ports: Vec<PortSpec>,
+    /// Which AID clients outside appshot reach, by their source address.
+    pub source_rules: Vec<SourceRule>,
+    /// The AID of sources no rule names; `None`: they are reset.
+    pub default_aid: Option<String>,
+    /// Hosts whose agents negotiate; empty: every non-local destination is
+    /// asked.
+    pub peers: Vec<Peer>,
+    pub agent_port: Option<u16>,
+    pub cluster_key_file: Option<PathBuf>,
+    /// How long a client waits for an agent before connecting plainly.
+    pub agent_timeout: Option<Duration>,
 }
 
 impl AppConfig {
@@ -25,6 +37,9 @@ impl AppConfig {
     /// Ten minutes: beyond this a blocked bind looks like a hang, so a larger
     /// value is far more likely a unit mix-up (seconds vs ms) than intent.
     pub(crate) const MAX_ALLOCATION_TIMEOUT_MS: u64 = 600_000;
+    /// An agent slower than this is better treated as absent: every
+    /// outbound connect to its host would wait that long.
+    pub(crate) const MAX_AGENT_TIMEOUT_MS: u64 = 10_000;
 
     pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
@@ -51,6 +66,12 @@ impl Default for AppConfig {
             allocation_timeout: Self::DEFAULT_ALLOCATION_TIMEOUT,
             port_range: PortRange::default(),
             ports: Vec::new(),
+            source_rules: Vec::new(),
+            default_aid: None,
+            peers: Vec::new(),
+            agent_port: None,
+            cluster_key_file: None,
+            agent_timeout: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use toml::Spanned;
 
 use crate::error::ConfigError;
 use crate::model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol};
+use crate::remote::{Cidr, Peer, SourceRule};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +33,22 @@ struct RawConfig {
     port_range: Option<Spanned<String>>,
     #[serde(default)]
     ports: Vec<RawPort>,
+    #[serde(default)]
+    source_rules: Vec<RawSourceRule>,
+    default_aid: Option<Spanned<String>>,
+    #[serde(default)]
+    peers: Vec<Spanned<String>>,
+    agent_port: Option<Spanned<i64>>,
+    cluster_key_file: Option<Spanned<String>>,
+    agent_timeout_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSourceRule {
+    source: Spanned<String>,
+    source_port: Option<Spanned<i64>>,
+    aid: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +73,20 @@ impl Source<'_> {
         message: impl Into<String>,
     ) -> ConfigError {
         ConfigError::invalid(self.origin, self.text, Some(span), field, message)
+    }
+
+    fn port(&self, value: &Spanned<i64>, field: &str) -> Result<u16, ConfigError> {
+        match u16::try_from(*value.get_ref()) {
+            Ok(port) if port != 0 => Ok(port),
+            _ => Err(self.invalid(
+                value.span(),
+                field,
+                format!(
+                    "{} is not a port number between 1 and 65535",
+                    value.get_ref()
+                ),
+            )),
+        }
     }
 
     /// A string that ends up in argv, environ or a path, where NUL cannot be
@@ -163,7 +194,76 @@ impl RawConfig {
             ports.push(spec);
         }
 
+        let mut source_rules: Vec<SourceRule> = Vec::with_capacity(self.source_rules.len());
+        for (i, raw) in self.source_rules.into_iter().enumerate() {
+            let rule = raw.validate(src, i)?;
+            if let Some(first) = source_rules
+                .iter()
+                .position(|r| r.source == rule.source && r.source_port == rule.source_port)
+            {
+                return Err(src.invalid(
+                    raw.source.span(),
+                    format!("source_rules[{i}].source"),
+                    format!(
+                        "source {}{} is already routed by source_rules[{first}]",
+                        rule.source,
+                        rule.source_port
+                            .map(|p| format!(" port {p}"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            source_rules.push(rule);
+        }
+        let default_aid = identifier(self.default_aid, "default_aid", validate_aid)?;
+        let peers = self
+            .peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.get_ref()
+                    .parse::<Peer>()
+                    .map_err(|message| src.invalid(p.span(), format!("peers[{i}]"), message))
+            })
+            .collect::<Result<_, _>>()?;
+        let agent_port = self
+            .agent_port
+            .map(|p| src.port(&p, "agent_port"))
+            .transpose()?;
+        let agent_timeout = match self.agent_timeout_ms {
+            None => None,
+            Some(ms) => match u64::try_from(*ms.get_ref()) {
+                Ok(v) if (1..=AppConfig::MAX_AGENT_TIMEOUT_MS).contains(&v) => {
+                    Some(Duration::from_millis(v))
+                }
+                _ => {
+                    return Err(src.invalid(
+                        ms.span(),
+                        "agent_timeout_ms",
+                        format!(
+                            "{} is out of range; expected 1 to {} milliseconds",
+                            ms.get_ref(),
+                            AppConfig::MAX_AGENT_TIMEOUT_MS
+                        ),
+                    ))
+                }
+            },
+        };
+        let cluster_key_file = self
+            .cluster_key_file
+            .map(|f| {
+                src.c_string(f, "cluster_key_file", false)
+                    .map(PathBuf::from)
+            })
+            .transpose()?;
+
         Ok(AppConfig {
+            source_rules,
+            default_aid,
+            peers,
+            agent_port,
+            cluster_key_file,
+            agent_timeout,
             aid,
             name,
             command,
@@ -175,6 +275,35 @@ impl RawConfig {
             allocation_timeout,
             port_range,
             ports,
+        })
+    }
+}
+
+impl RawSourceRule {
+    fn validate(&self, src: &Source<'_>, index: usize) -> Result<SourceRule, ConfigError> {
+        let source = self.source.get_ref().parse::<Cidr>().map_err(|message| {
+            src.invalid(
+                self.source.span(),
+                format!("source_rules[{index}].source"),
+                message,
+            )
+        })?;
+        let source_port = self
+            .source_port
+            .as_ref()
+            .map(|p| src.port(p, &format!("source_rules[{index}].source_port")))
+            .transpose()?;
+        validate_aid(self.aid.get_ref()).map_err(|message| {
+            src.invalid(
+                self.aid.span(),
+                format!("source_rules[{index}].aid"),
+                message,
+            )
+        })?;
+        Ok(SourceRule {
+            source,
+            source_port,
+            aid: self.aid.get_ref().clone(),
         })
     }
 }

@@ -306,3 +306,116 @@ fn duplicate_ports() {
         "port 9000/tcp is already listed in ports[0]",
     );
 }
+
+#[test]
+fn cross_host_settings() {
+    let config = parse(
+        r#"
+default_aid = "a"
+peers = ["10.200.1.1", "[fd00::1]:7000"]
+agent_port = 7947
+cluster_key_file = "/etc/appshot/cluster.key"
+agent_timeout_ms = 250
+
+[[source_rules]]
+source = "10.9.0.0/24"
+aid = "b"
+
+[[source_rules]]
+source = "10.9.0.7"
+source_port = 5000
+aid = "c"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.default_aid.as_deref(), Some("a"));
+    assert_eq!(config.agent_port, Some(7947));
+    assert_eq!(config.agent_timeout, Some(Duration::from_millis(250)));
+    assert_eq!(
+        config.cluster_key_file.as_deref(),
+        Some(Path::new("/etc/appshot/cluster.key"))
+    );
+    assert_eq!(
+        config.peers,
+        [
+            crate::Peer {
+                addr: "10.200.1.1".parse().unwrap(),
+                agent_port: None
+            },
+            crate::Peer {
+                addr: "fd00::1".parse().unwrap(),
+                agent_port: Some(7000)
+            }
+        ]
+    );
+    let rules: Vec<(String, Option<u16>, &str)> = config
+        .source_rules
+        .iter()
+        .map(|r| (r.source.to_string(), r.source_port, r.aid.as_str()))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("10.9.0.0/24".to_string(), None, "b"),
+            ("10.9.0.7/32".to_string(), Some(5000), "c")
+        ]
+    );
+    assert!(parse("").unwrap().source_rules.is_empty());
+}
+
+#[test]
+fn bad_cross_host_settings_name_their_field() {
+    assert_invalid(
+        "[[source_rules]]\nsource = \"10.9.0.1/24\"\naid = \"b\"\n",
+        2,
+        "source_rules[0].source",
+        "host bits",
+    );
+    assert_invalid(
+        "[[source_rules]]\nsource = \"nowhere\"\naid = \"b\"\n",
+        2,
+        "source_rules[0].source",
+        "not an IP address",
+    );
+    assert_invalid(
+        "[[source_rules]]\nsource = \"10.9.0.0/24\"\nsource_port = 70000\naid = \"b\"\n",
+        3,
+        "source_rules[0].source_port",
+        "70000",
+    );
+    assert_invalid(
+        "[[source_rules]]\nsource = \"10.9.0.0/24\"\naid = \"b/c\"\n",
+        3,
+        "source_rules[0].aid",
+        "'/'",
+    );
+    assert_invalid(
+        "[[source_rules]]\nsource = \"10.9.0.0/24\"\n",
+        1,
+        "source_rules[0].aid",
+        "missing field",
+    );
+    assert_invalid(
+        "[[source_rules]]\nsource = \"10.9.0.0/24\"\naid = \"b\"\n\n[[source_rules]]\nsource = \"10.9.0.0/24\"\naid = \"c\"\n",
+        6,
+        "source_rules[1].source",
+        "already routed by source_rules[0]",
+    );
+    assert_invalid("default_aid = \"\"\n", 1, "default_aid", "empty");
+    assert_invalid("peers = [\"10.200.1.1:0\"]\n", 1, "peers[0]", "port 0");
+    assert_invalid("peers = [\"hostname\"]\n", 1, "peers[0]", "ADDRESS");
+    assert_invalid("agent_port = 0\n", 1, "agent_port", "between 1 and 65535");
+    assert_invalid(
+        "agent_timeout_ms = 0\n",
+        1,
+        "agent_timeout_ms",
+        "out of range",
+    );
+    assert_invalid(
+        "agent_timeout_ms = 60000\n",
+        1,
+        "agent_timeout_ms",
+        "1 to 10000",
+    );
+    assert_invalid("cluster_key_file = \"\"\n", 1, "cluster_key_file", "empty");
+}

@@ -245,7 +245,7 @@ pub fn read_records(run_dir: &Path) -> Vec<NegotiationRecord> {
         }
         out.extend(records.into_iter().filter(|r| r.last_unix_ms >= oldest));
     }
-    out.sort_by(|a, b| b.last_unix_ms.cmp(&a.last_unix_ms));
+    out.sort_by_key(|r| std::cmp::Reverse(r.last_unix_ms));
     out
 }
 

@@ -8,11 +8,12 @@ mod address;
 pub mod allocator;
 pub mod error;
 pub mod registry;
+pub mod remote;
 pub mod routing;
 pub mod translation;
 
 pub use allocator::PortRange;
 pub use error::VpmError;
-pub use registry::{is_alive, CachedRegistry, InstanceLock, Registry};
+pub use registry::{is_alive, set_reclaim_hook, CachedRegistry, InstanceLock, Registry};
 pub use routing::Route;
-pub use translation::{InstanceRecord, Protocol, RegistryState, Translation};
+pub use translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};

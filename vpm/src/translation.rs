@@ -51,11 +51,30 @@ pub struct InstanceRecord {
     pub multiplexed: Vec<u16>,
 }
 
+/// A kernel (nftables) rule an instance installed so that clients outside
+/// appshot reach it by their source address; recorded so that `appshot
+/// ports` can show it. The rules themselves live in the instance's own
+/// chains, which go with the instance (or with its reclaim).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRuleRecord {
+    pub owner: String,
+    pub aid: String,
+    /// Address or CIDR; `*` for every source no other rule names.
+    pub source: String,
+    pub source_port: Option<u16>,
+    pub virtual_port: u16,
+    /// Where matching connections go; `None`: they are reset.
+    pub real_port: Option<u16>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryState {
     pub generation: u64,
     pub instances: BTreeMap<String, InstanceRecord>,
     pub translations: Vec<Translation>,
+    /// Older registries have none.
+    #[serde(default)]
+    pub source_rules: Vec<SourceRuleRecord>,
 }
 
 impl RegistryState {
@@ -80,6 +99,7 @@ impl RegistryState {
     pub fn remove_instance(&mut self, name: &str) {
         self.instances.remove(name);
         self.translations.retain(|t| t.owner != name);
+        self.source_rules.retain(|r| r.owner != name);
     }
 
     pub fn translations_of<'a>(&'a self, owner: &'a str) -> impl Iterator<Item = &'a Translation> {

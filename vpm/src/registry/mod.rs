@@ -9,6 +9,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -23,6 +24,18 @@ const LOCK_FILE: &str = "registry.lock";
 const STATE_FILE: &str = "registry.json";
 const STAGING_FILE: &str = "registry.json.tmp";
 const INSTANCES_DIR: &str = "instances";
+
+/// Called with the registry directory and the names of the instances a
+/// transaction reclaimed, so that state kept outside the registry (the
+/// kernel's nftables chains of source rules) goes with them.
+pub type ReclaimHook = fn(&Path, &[String]);
+
+static RECLAIM_HOOK: OnceLock<ReclaimHook> = OnceLock::new();
+
+/// Installs the process-wide reclaim hook; the first call wins.
+pub fn set_reclaim_hook(hook: ReclaimHook) {
+    let _ = RECLAIM_HOOK.set(hook);
+}
 
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -104,10 +117,12 @@ impl Registry {
     }
 
     fn reclaim(&self, state: &mut RegistryState) {
+        let mut reclaimed = Vec::new();
         for name in owners(state) {
             if is_alive(&self.dir, &name) {
                 continue;
             }
+            reclaimed.push(name.clone());
             let ports: Vec<String> = state
                 .translations_of(&name)
                 .map(|t| format!("{} {}->{}", t.protocol, t.virtual_port, t.real_port))
@@ -118,6 +133,11 @@ impl Registry {
                 "reclaiming stale instance whose supervisor is gone"
             );
             state.remove_instance(&name);
+        }
+        if let (false, Some(hook)) = (reclaimed.is_empty(), RECLAIM_HOOK.get()) {
+            // Under the registry lock, so a successor of the same name
+            // cannot install its rules before the stale ones are gone.
+            hook(&self.dir, &reclaimed);
         }
         self.remove_dead_instance_dirs();
     }
@@ -177,12 +197,14 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<RegistryState, VpmError> {
     })
 }
 
-/// Every instance the state mentions, whether by record or by translation.
+/// Every instance the state mentions, whether by record, translation or
+/// source rule.
 fn owners(state: &RegistryState) -> BTreeSet<String> {
     state
         .instances
         .keys()
         .chain(state.translations.iter().map(|t| &t.owner))
+        .chain(state.source_rules.iter().map(|r| &r.owner))
         .cloned()
         .collect()
 }

@@ -279,3 +279,38 @@ fn cache_rereads_only_after_a_commit() {
     assert_eq!(state.instances["i1"].aid, "b");
     assert_eq!(cache.registry().dir(), registry.dir());
 }
+
+static RECLAIMED: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn record_reclaim(dir: &Path, names: &[String]) {
+    let mut seen = RECLAIMED.lock().unwrap();
+    seen.extend(names.iter().map(|n| (dir.to_path_buf(), n.clone())));
+}
+
+#[test]
+fn reclaim_drops_source_rules_and_tells_the_hook() {
+    set_reclaim_hook(record_reclaim);
+    let (_tmp, registry) = registry();
+    let _alive = InstanceLock::acquire(&registry, "live").unwrap();
+    let rule = |owner: &str| crate::SourceRuleRecord {
+        owner: owner.into(),
+        aid: "b".into(),
+        source: "10.9.0.0/24".into(),
+        source_port: None,
+        virtual_port: 9000,
+        real_port: Some(20001),
+    };
+    // "gone" holds no lock: its supervisor is dead. Its only trace is a
+    // source rule, which must be enough to reclaim it.
+    registry
+        .transaction(|s| s.source_rules.extend([rule("live"), rule("gone")]))
+        .unwrap();
+    let after = registry.transaction(|s| s.clone()).unwrap();
+    assert_eq!(after.source_rules, vec![rule("live")]);
+    let seen = RECLAIMED.lock().unwrap();
+    assert!(
+        seen.contains(&(registry.dir().to_path_buf(), "gone".to_string())),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|(_, n)| n == "live"), "{seen:?}");
+}
