@@ -22,9 +22,12 @@ appshot="$PWD/target/release/appshot"
 APPSHOT_RUN_DIR="$(mktemp -d /tmp/appshot-demo.XXXXXX)"
 export APPSHOT_RUN_DIR
 www="$(mktemp -d /tmp/appshot-demo-www.XXXXXX)"
+images="$(mktemp -d /tmp/appshot-demo-images.XXXXXX)"
 cleanup() {
-  for aid in a b c; do "$appshot" stop "web-$aid" -t 3 2>/dev/null || true; done
-  rm -rf "$www" "$APPSHOT_RUN_DIR"
+  for name in web-a web-b web-c web-b2 tpl clone-1 clone-2 clone-3; do
+    "$appshot" stop "$name" -t 3 2>/dev/null || true
+  done
+  rm -rf "$www" "$images" "$APPSHOT_RUN_DIR"
 }
 trap cleanup EXIT
 
@@ -62,9 +65,40 @@ if "$appshot" run --aid z -- curl -sS http://127.0.0.1:9000/; then
   exit 1
 fi
 
-step "stop"
-for aid in a b c; do "$appshot" stop "web-$aid" && echo "stopped web-$aid"; done
-"$appshot" ps
+serves() { # AID FILE: curl under AID must list FILE
+  "$appshot" run --aid "$1" -- curl -s http://127.0.0.1:9000/ | grep -q "$2"
+}
 
-echo
-echo "Snapshot, restore and clone are not implemented yet; the demo will show them when they land."
+step "snapshot web-b (it stops), then restore it: same process, same PID, new real port"
+"$appshot" snapshot web-b -o "$images/web-b.img"
+"$appshot" inspect "$images/web-b.img" | head -8
+"$appshot" ps
+"$appshot" restore "$images/web-b.img" --detach
+"$appshot" ps
+serves b hello-b.txt && echo "AID b is served by the restored web-b again"
+
+step "snapshot --leave-running, restore a second copy under AID b2 beside the original"
+"$appshot" snapshot web-b -o "$images/web-b-live.img" --leave-running
+"$appshot" restore "$images/web-b-live.img" --name web-b2 --aid b2 --detach
+serves b hello-b.txt && serves b2 hello-b.txt && echo "web-b and its copy web-b2 both serve port 9000, each to its own AID"
+
+step "a template, cloned three times: each clone its own AID and its own identity file"
+mkdir -p "$www/tpl"
+echo "template" > "$www/tpl/whoami.txt"
+(cd "$www/tpl" && "$appshot" run --aid tpl --name tpl --detach -- python3 -m http.server 9000)
+for _ in $(seq 100); do serves tpl whoami.txt && break; sleep 0.05; done
+"$appshot" snapshot tpl --template -o "$images/tpl.img"
+"$appshot" clone "$images/tpl.img" --aid clone --count 3 --identity-file "$www/tpl/whoami.txt"
+"$appshot" ps
+for i in 1 2 3; do
+  printf 'clone-%s serves /whoami.txt: ' "$i"
+  "$appshot" run --aid "clone-$i" -- curl -s http://127.0.0.1:9000/whoami.txt | tr '\n' ' '
+  echo
+done
+printf 'on the host the file still says: '; cat "$www/tpl/whoami.txt"
+
+step "stop everything"
+for name in web-a web-b web-c web-b2 clone-1 clone-2 clone-3; do
+  "$appshot" stop "$name" && echo "stopped $name"
+done
+"$appshot" ps
