@@ -10,6 +10,7 @@ mod filter;
 mod init;
 mod multiplex;
 mod notify;
+mod pool;
 mod remote;
 mod snapshots;
 mod sockaddr;

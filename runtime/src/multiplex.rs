@@ -22,6 +22,7 @@ use nix::sys::socket::{
 use tracing::{debug, info, warn};
 
 use crate::notify::Call;
+use crate::pool::Pool;
 use crate::sockaddr;
 use crate::tree;
 
@@ -68,6 +69,7 @@ pub struct Multiplexer {
     cache: Mutex<CachedRegistry>,
     next_pick: AtomicUsize,
     local_addrs: Mutex<(Instant, HashSet<IpAddr>)>,
+    workers: Pool,
 }
 
 /// A task's INET socket, duplicated into the supervisor.
@@ -100,6 +102,7 @@ impl Multiplexer {
                     ^ std::process::id() as usize,
             ),
             local_addrs: Mutex::new((Instant::now() - LOCAL_ADDRS_TTL, HashSet::new())),
+            workers: Pool::default(),
         }
     }
 
@@ -169,7 +172,7 @@ impl Multiplexer {
                 // Exhausted: wait for a port to come free, off the receive
                 // loop so the instance's other calls go on meanwhile.
                 let mux = Arc::clone(self);
-                std::thread::spawn(move || {
+                self.workers.run(move || {
                     let deadline = Instant::now() + mux.settings.allocation_timeout;
                     while Instant::now() < deadline && call.still_pending() {
                         std::thread::sleep(ALLOCATION_RETRY);
@@ -336,7 +339,8 @@ impl Multiplexer {
             // Negotiating takes a round trip to the other host: off the
             // receive loop, like a blocking connect.
             let mux = Arc::clone(self);
-            std::thread::spawn(move || mux.connect_remote(call, sock, dest));
+            self.workers
+                .run(move || mux.connect_remote(call, sock, dest));
             return;
         }
         let target = match self.route(&sock, dest) {
@@ -355,7 +359,8 @@ impl Multiplexer {
         if blocking {
             // A blocking connect may take as long as the network does; the
             // receive loop must not wait on it.
-            std::thread::spawn(move || call.answer(outcome(connect_to(&sock.fd, target))));
+            self.workers
+                .run(move || call.answer(outcome(connect_to(&sock.fd, target))));
         } else {
             call.answer(outcome(connect_to(&sock.fd, target)));
         }
