@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# gcc/libc6-dev link Rust binaries and ca-certificates lets rustup download;
+# gcc/libc6-dev link Rust binaries (and build the test programs),
+# ca-certificates lets rustup download, nftables carries source rules;
 # a fresh machine has none of them.
 packages=(libseccomp-dev pkg-config python3 curl redis-server redis-tools
-          nginx-light iproute2 procps ca-certificates gcc libc6-dev)
+          nginx-light iproute2 procps ca-certificates gcc libc6-dev nftables)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

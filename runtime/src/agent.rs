@@ -19,15 +19,16 @@ use tracing::{debug, info, warn};
 
 use crate::remote::{agent_key_file, load_key, now_ms, records_dir, NegotiationRecord, RecordLog};
 
-/// Connections served at once, and from one peer address.
-const MAX_CONNECTIONS: usize = 256;
-const MAX_PER_PEER: usize = 32;
+/// Connections served at once, and from one peer address (all supervisors
+/// of a client host share the latter; each keeps at most two idle).
+const MAX_CONNECTIONS: usize = 512;
+const MAX_PER_PEER: usize = 64;
 /// A peer must send a complete, authentic first frame within this; a
 /// frame's body must follow its header within it too.
 const FIRST_FRAME: Duration = Duration::from_secs(2);
 /// An authenticated peer may keep its connection idle this long between
-/// requests (clients pool connections).
-const IDLE: Duration = Duration::from_secs(30);
+/// requests (clients pool connections, and drop them after 5 s).
+const IDLE: Duration = Duration::from_secs(10);
 
 pub struct AgentArgs {
     pub listen: SocketAddr,

@@ -33,9 +33,11 @@ const DEFAULT_AGENT_TIMEOUT_MS: u64 = 300;
 /// ordinary outbound traffic is not slowed, short enough that a newly
 /// started agent is found soon.
 const NO_AGENT_TTL: Duration = Duration::from_secs(10);
-/// Idle pooled connections are dropped before the agent's own idle
-/// timeout closes them.
-const POOL_IDLE: Duration = Duration::from_secs(20);
+/// Idle pooled connections are dropped well before the agent's own idle
+/// timeout closes them; and few are kept, because the agent limits the
+/// connections of one peer host, which all its supervisors share.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+const POOL_KEPT: usize = 2;
 const PEER_MAP_CAPACITY: usize = 4096;
 /// Records older than this are not shown by `appshot ports`.
 pub const RECORD_TTL: Duration = Duration::from_secs(600);
@@ -448,14 +450,16 @@ impl Client {
                 None => {}
             }
         }
-        let ex = Exchange::new(&self.key, dest.ip(), dest.port(), aid, now_ms());
         // A pooled connection may have been closed by the agent meanwhile;
-        // one fresh attempt follows any failure on it.
+        // one fresh attempt follows any failure on it, with a fresh nonce
+        // in case the agent did see the first one.
         if let Some(stream) = self.pooled(agent) {
+            let ex = Exchange::new(&self.key, dest.ip(), dest.port(), aid, now_ms());
             if let Ok(frame) = exchange(&stream, &ex.frame) {
                 return self.conclude(agent, dest, stream, &ex, &frame);
             }
         }
+        let ex = Exchange::new(&self.key, dest.ip(), dest.port(), aid, now_ms());
         let stream = match TcpStream::connect_timeout(&agent, self.timeout) {
             Ok(s) => s,
             Err(e) => {
@@ -491,12 +495,12 @@ impl Client {
     ) -> (Route, &'static str, Option<u16>) {
         match ex.answer(&self.key, frame) {
             Ok(answer) => {
-                self.pool
-                    .lock()
-                    .expect("pool lock")
-                    .entry(agent)
-                    .or_default()
-                    .push((stream, Instant::now()));
+                let mut pool = self.pool.lock().expect("pool lock");
+                let idle = pool.entry(agent).or_default();
+                if idle.len() < POOL_KEPT {
+                    idle.push((stream, Instant::now()));
+                }
+                drop(pool);
                 match answer {
                     Answer::Ack { real_port } => {
                         info!(%dest, %agent, real_port, "negotiated");
