@@ -16,7 +16,7 @@ use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{ImageWriter, PAGE};
 use crate::proc::parse::{self, MapsLine};
-use crate::ptrace::{Frozen, Injector, Memory};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
 
 /// Scratch memory mapped into the process for the duration of the
@@ -208,18 +208,8 @@ struct Answers {
 /// from a scratch mapping that is removed again before memory is read.
 fn ask_process(frozen: &Frozen, mem: &Memory, text: u64) -> Result<Answers, SnapshotError> {
     let main = frozen.pid;
-    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
-    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
-    let scratch = mem.with_code_at(text, |code| {
-        frozen.injector(code).ok(
-            main,
-            "mmap of scratch memory",
-            libc::SYS_mmap,
-            &[0, SCRATCH, prot, flags, u64::MAX, 0],
-        )
-    })?;
+    let scratch = map_scratch(frozen, mem, text, None, SCRATCH)?;
     let result = (|| {
-        mem.write(scratch, &crate::ptrace::SYSCALL_INT3)?;
         let inj = frozen.injector(scratch);
         let data = scratch + DATA;
         let mut sigactions = Vec::new();
@@ -267,14 +257,7 @@ fn ask_process(frozen: &Frozen, mem: &Memory, text: u64) -> Result<Answers, Snap
             threads,
         })
     })();
-    mem.with_code_at(text, |code| {
-        frozen.injector(code).ok(
-            main,
-            "munmap of scratch memory",
-            libc::SYS_munmap,
-            &[scratch, SCRATCH],
-        )
-    })?;
+    unmap_scratch(frozen, mem, text, scratch, SCRATCH)?;
     result
 }
 

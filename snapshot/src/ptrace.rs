@@ -269,6 +269,53 @@ impl Injector<'_> {
     }
 }
 
+/// Maps `len` bytes of scratch memory (read, write, execute) in the frozen
+/// process, at `at` or wherever the kernel likes, starting with
+/// `syscall; int3` so it can carry every later injected call. The first
+/// call needs code the process already has: `text`, an executable page of
+/// its own, lends its first bytes for the one mmap.
+pub fn map_scratch(
+    frozen: &Frozen,
+    mem: &Memory,
+    text: u64,
+    at: Option<u64>,
+    len: u64,
+) -> Result<u64, SnapshotError> {
+    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+    let mut flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    if at.is_some() {
+        flags |= libc::MAP_FIXED_NOREPLACE as u64;
+    }
+    let args = [at.unwrap_or(0), len, prot, flags, u64::MAX, 0];
+    let scratch = mem.with_code_at(text, |code| {
+        frozen
+            .injector(code)
+            .ok(frozen.pid, "mmap of scratch memory", libc::SYS_mmap, &args)
+    })?;
+    mem.write(scratch, &SYSCALL_INT3)?;
+    Ok(scratch)
+}
+
+/// Removes the scratch mapping again, with the call made from `text`: code
+/// cannot unmap the page it runs from and then trap in it.
+pub fn unmap_scratch(
+    frozen: &Frozen,
+    mem: &Memory,
+    text: u64,
+    scratch: u64,
+    len: u64,
+) -> Result<(), SnapshotError> {
+    mem.with_code_at(text, |code| {
+        frozen.injector(code).ok(
+            frozen.pid,
+            "munmap of scratch memory",
+            libc::SYS_munmap,
+            &[scratch, len],
+        )
+    })?;
+    Ok(())
+}
+
 /// The process's memory through /proc/PID/mem, which reads and writes
 /// regardless of page protection.
 pub struct Memory {

@@ -25,7 +25,7 @@ use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{Image, PAGE};
 use crate::proc::parse;
-use crate::ptrace::{Frozen, Injector, Memory, SYSCALL_INT3};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
 
 const SCRATCH: u64 = 256 * PAGE;
@@ -133,18 +133,8 @@ pub fn restore(
         .find(|m| m.exec && m.name.starts_with('/'))
         .ok_or_else(|| SnapshotError::Restore("stub has no executable mapping".into()))?
         .start;
-    let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
-    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let pid = stub_pid;
-    mem.with_code_at(text, |code| {
-        frozen.injector(code).ok(
-            pid,
-            "mmap of scratch memory",
-            libc::SYS_mmap,
-            &[scratch, SCRATCH, prot, flags, u64::MAX, 0],
-        )
-    })?;
-    mem.write(scratch, &SYSCALL_INT3)?;
+    map_scratch(&frozen, &mem, text, Some(scratch), SCRATCH)?;
     let data = scratch + DATA;
 
     {
@@ -257,14 +247,7 @@ pub fn restore(
         .find(|v| v.prot & libc::PROT_EXEC as u32 != 0 && matches!(v.kind, VmaKind::File { .. }))
         .ok_or_else(|| SnapshotError::Restore("image has no executable file mapping".into()))?
         .start;
-    mem.with_code_at(text, |code| {
-        frozen.injector(code).ok(
-            pid,
-            "munmap of scratch memory",
-            libc::SYS_munmap,
-            &[scratch, SCRATCH],
-        )
-    })?;
+    unmap_scratch(&frozen, &mem, text, scratch, SCRATCH)?;
 
     for t in &p.threads {
         let tid = host_tids[&t.ns_tid];
