@@ -261,9 +261,10 @@ impl Multiplexer {
         }
     }
 
-    /// Sets up a restored process's listening socket (`fd` duplicates it):
-    /// options, a real port for `spec.addr` chosen exactly as the
-    /// application's own bind would get one, and listen.
+    /// Sets up a restored process's unconnected TCP socket (`fd` duplicates
+    /// it): options, a real port for `spec.addr` chosen exactly as the
+    /// application's own bind would get one (none if it was never bound),
+    /// and listen if it listened.
     pub fn listen_restored(&self, spec: &ListenSpec, fd: OwnedFd) -> Result<(), String> {
         let domain = if spec.addr.is_ipv4() {
             libc::AF_INET
@@ -308,9 +309,12 @@ impl Multiplexer {
                     Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
                 }
             }
-        } else {
+        } else if port != 0 || !spec.addr.ip().is_unspecified() {
             bind_to(&sock.fd, spec.addr)
                 .map_err(|e| std::io::Error::from_raw_os_error(e).to_string())?;
+        }
+        if !spec.listen {
+            return Ok(());
         }
         let backlog = Backlog::new(i32::MAX).unwrap_or(Backlog::MAXCONN);
         listen(&sock.fd, backlog).map_err(|e| format!("listen: {e}"))

@@ -240,7 +240,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                         if *write_end { "write" } else { "read" },
                         data.len()
                     ),
-                    FdKind::TcpListen { addr, .. } => format!("tcp listen {addr}"),
+                    FdKind::TcpSocket {
+                        addr, listening, ..
+                    } => format!("tcp {} {addr}", if *listening { "listen" } else { "bound" }),
                     FdKind::Epoll { targets, .. } => format!("epoll, {} fds", targets.len()),
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
                 },

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::{pidfd, ptrace as xptrace};
 use nix::fcntl::{fcntl, tee, FcntlArg, OFlag, SpliceFFlags};
-use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use nix::sys::socket::{getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use tracing::debug;
 
 use crate::error::SnapshotError;
@@ -482,7 +482,7 @@ fn dump_fds(pid: u32, req: &DumpRequest) -> Result<Vec<FdImage>, SnapshotError> 
         } else if link.starts_with("socket:[") {
             let sock = pidfd::get_fd(&pidfd, fd)
                 .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
-            listening_socket(&sock, flags, req).map_err(unsupported)?
+            tcp_socket(&sock, flags, req).map_err(unsupported)?
         } else if link == "anon_inode:[eventpoll]" {
             FdKind::Epoll {
                 flags,
@@ -543,19 +543,23 @@ fn peek_pipe(pid: u32, fd: i32, capacity: u32) -> Result<Vec<u8>, SnapshotError>
 
 use std::os::unix::fs::OpenOptionsExt;
 
-fn listening_socket(sock: &OwnedFd, flags: i32, req: &DumpRequest) -> Result<FdKind, String> {
+/// An unconnected TCP socket. Connected ones (established connections)
+/// cannot be saved yet.
+fn tcp_socket(sock: &OwnedFd, flags: i32, req: &DumpRequest) -> Result<FdKind, String> {
     let listening = getsockopt(sock, sockopt::AcceptConn).map_err(|e| e.to_string())?;
+    let connected = getpeername::<SockaddrStorage>(sock.as_raw_fd()).is_ok();
     let stype = getsockopt(sock, sockopt::SockType).map_err(|e| e.to_string())?;
     let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(|e| e.to_string())?;
     let addr: Option<SocketAddr> = local
         .as_sockaddr_in()
         .map(|a| SocketAddr::V4((*a).into()))
         .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())));
-    let Some(addr) = addr.filter(|_| listening && stype == SockType::Stream) else {
-        return Err("only listening TCP sockets can be saved yet (established connections, UDP and Unix sockets cannot)".into());
+    let Some(addr) = addr.filter(|_| !connected && stype == SockType::Stream) else {
+        return Err("only unconnected TCP sockets (listening, bound or new) can be saved yet; established connections, UDP and Unix sockets cannot".into());
     };
-    Ok(FdKind::TcpListen {
+    Ok(FdKind::TcpSocket {
         addr: (req.virtualize)(addr).to_string(),
+        listening,
         flags,
         v6only: addr.is_ipv6()
             && getsockopt(sock, sockopt::Ipv6V6Only).map_err(|e| e.to_string())?,

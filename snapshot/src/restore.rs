@@ -48,7 +48,10 @@ const THREAD_FLAGS: u64 = (libc::CLONE_VM
 /// process (given to it as a duplicate): options, a real port that stands
 /// for `addr`, listen.
 pub struct ListenSpec {
+    /// Port 0: the socket was never bound.
     pub addr: SocketAddr,
+    /// Listening, or only bound.
+    pub listen: bool,
     pub v6only: bool,
     pub reuseaddr: bool,
     pub reuseport: bool,
@@ -615,8 +618,9 @@ fn restore_fds(
                     )?;
                 }
             }
-            FdKind::TcpListen {
+            FdKind::TcpSocket {
                 addr,
+                listening,
                 flags,
                 v6only,
                 reuseaddr,
@@ -627,6 +631,7 @@ fn restore_fds(
                 })?;
                 let spec = ListenSpec {
                     addr,
+                    listen: *listening,
                     v6only: *v6only,
                     reuseaddr: *reuseaddr,
                     reuseport: *reuseport,
@@ -644,7 +649,7 @@ fn restore_fds(
                 let ours = pidfd::get_fd(&pfd, temp as i32)
                     .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {temp}"), e))?;
                 (hooks.listen)(&spec, ours).map_err(|e| {
-                    SnapshotError::Restore(format!("fd {}: listening socket for {addr}: {e}", f.fd))
+                    SnapshotError::Restore(format!("fd {}: TCP socket for {addr}: {e}", f.fd))
                 })?;
                 place(temp, f, *flags)?;
                 inj.call(pid, libc::SYS_close, &[temp])?;

@@ -153,9 +153,12 @@ pub enum FdKind {
         /// Unread bytes, stored once per pipe (on its lowest fd).
         data: Vec<u8>,
     },
-    TcpListen {
+    /// An unconnected TCP socket: listening, bound, or not yet bound
+    /// (port 0).
+    TcpSocket {
         /// The address the application believes it bound (virtual port).
         addr: String,
+        listening: bool,
         flags: i32,
         v6only: bool,
         reuseaddr: bool,
@@ -183,7 +186,11 @@ impl ProcessImage {
     /// Virtual ports of the listening sockets, for display and registration.
     pub fn listening(&self) -> impl Iterator<Item = &str> {
         self.fds.iter().filter_map(|f| match &f.kind {
-            FdKind::TcpListen { addr, .. } => Some(addr.as_str()),
+            FdKind::TcpSocket {
+                addr,
+                listening: true,
+                ..
+            } => Some(addr.as_str()),
             _ => None,
         })
     }
