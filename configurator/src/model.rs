@@ -30,6 +30,8 @@ pub struct AppConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// How long a client waits for an agent before connecting plainly.
     pub agent_timeout: Option<Duration>,
+    /// Where each clone of a template sees its own identity file.
+    pub clone_identity_file: Option<PathBuf>,
 }
 
 impl AppConfig {
@@ -72,6 +74,7 @@ impl Default for AppConfig {
             agent_port: None,
             cluster_key_file: None,
             agent_timeout: None,
+            clone_identity_file: None,
         }
     }
 }

@@ -41,6 +41,15 @@ struct RawConfig {
     agent_port: Option<Spanned<i64>>,
     cluster_key_file: Option<Spanned<String>>,
     agent_timeout_ms: Option<Spanned<i64>>,
+    clone: Option<RawClone>,
+}
+
+/// What must differ between clones of a template (the specification's
+/// non-sharable data).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClone {
+    identity_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -257,7 +266,25 @@ impl RawConfig {
             })
             .transpose()?;
 
+        let clone_identity_file = self
+            .clone
+            .and_then(|c| c.identity_file)
+            .map(|f| {
+                let span = f.span();
+                let path = PathBuf::from(src.c_string(f, "clone.identity_file", false)?);
+                if !path.is_absolute() {
+                    return Err(src.invalid(
+                        span,
+                        "clone.identity_file",
+                        "must be an absolute path (it names a file inside every clone)",
+                    ));
+                }
+                Ok(path)
+            })
+            .transpose()?;
+
         Ok(AppConfig {
+            clone_identity_file,
             source_rules,
             default_aid,
             peers,

@@ -419,3 +419,25 @@ fn bad_cross_host_settings_name_their_field() {
     );
     assert_invalid("cluster_key_file = \"\"\n", 1, "cluster_key_file", "empty");
 }
+
+#[test]
+fn clone_rules() {
+    let c = parse("aid = \"a\"\n[clone]\nidentity_file = \"/srv/www/whoami.txt\"\n").unwrap();
+    assert_eq!(
+        c.clone_identity_file.as_deref(),
+        Some(Path::new("/srv/www/whoami.txt"))
+    );
+    assert_eq!(parse("aid = \"a\"\n").unwrap().clone_identity_file, None);
+    assert_invalid(
+        "aid = \"a\"\n[clone]\nidentity_file = \"whoami.txt\"\n",
+        3,
+        "clone.identity_file",
+        "absolute path",
+    );
+    assert_invalid(
+        "[clone]\nidentity = \"/x\"\n",
+        2,
+        "clone.identity",
+        "unknown field",
+    );
+}

@@ -113,8 +113,12 @@ enum Cmd {
         count: u32,
         /// A path at which each clone sees its own identity file (its AID
         /// and name), e.g. a file the application serves or reads.
+        /// Overrides the config's `[clone] identity_file`.
         #[arg(long)]
         identity_file: Option<PathBuf>,
+        /// Application config: its `[clone]` rules and `port_range` apply.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -307,9 +311,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             name,
             count,
             identity_file,
+            config,
             detach,
         } => {
-            let launches = clone_launches(&template, &aid, name, count, identity_file, &run_dir)?;
+            let config = match &config {
+                Some(path) => AppConfig::load(path)?,
+                None => AppConfig::default(),
+            };
+            let identity_file = identity_file.or(config.clone_identity_file.clone());
+            let launches = clone_launches(
+                &template,
+                &aid,
+                name,
+                count,
+                identity_file,
+                &config,
+                &run_dir,
+            )?;
             if launches.len() == 1 && !detach {
                 let launch = launches.into_iter().next().expect("one launch");
                 return Ok(supervisor::run(launch)?);
@@ -435,6 +453,7 @@ fn clone_launches(
     name: Option<String>,
     count: u32,
     identity_file: Option<PathBuf>,
+    config: &AppConfig,
     run_dir: &Path,
 ) -> anyhow::Result<Vec<Launch>> {
     if count == 0 {
@@ -465,10 +484,11 @@ fn clone_launches(
         let mut launch = image_launch(path.clone(), &img, clone_name, clone_aid, run_dir)?;
         launch.is_clone = true;
         launch.identity_file = identity_file.clone();
+        launch.range = (config.port_range.start, config.port_range.end);
         launches.push(launch);
     }
     let sockets = img.manifest.process.listening().count();
-    let range = AppConfig::default().port_range;
+    let range = config.port_range;
     let registry = appshot_vpm::Registry::open(run_dir)?;
     let used = registry
         .read()?

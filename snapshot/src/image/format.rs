@@ -20,7 +20,9 @@ use crate::error::SnapshotError;
 use crate::image::model::Manifest;
 
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
-pub const VERSION: u32 = 1;
+/// 2: unconnected TCP sockets (bound, not only listening), templates, the
+/// main stack as its own kind of mapping.
+pub const VERSION: u32 = 2;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -409,10 +411,10 @@ mod tests {
         expect_corrupt(&path, "bad magic");
 
         let mut newer = good.clone();
-        newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
         std::fs::write(&path, &newer).unwrap();
         match Image::open(&path) {
-            Err(SnapshotError::Version { found: 2, .. }) => {}
+            Err(SnapshotError::Version { found: 3, .. }) => {}
             other => panic!("expected a version error, got {:?}", other.err()),
         }
     }
