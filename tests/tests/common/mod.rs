@@ -509,6 +509,49 @@ impl Harness {
         self.assert_started(name, &ran);
     }
 
+    /// `appshot clone TEMPLATE --detach FLAGS`, expected to start the
+    /// instances `names` (all of them, or none when it is refused); like
+    /// [`Harness::try_start`], whatever did start is cleaned up on drop.
+    pub fn try_clone(&mut self, names: &[String], template: &Path, flags: &[&str]) -> Ran {
+        self.started.extend(names.iter().cloned());
+        let mut cmd = self.appshot();
+        cmd.arg("clone").arg(template).arg("--detach").args(flags);
+        let ran = run(&mut cmd, COMMAND_TIMEOUT);
+        for row in self.ps() {
+            if names.iter().any(|n| row["name"] == n.as_str()) {
+                self.record_processes(&row);
+            }
+        }
+        ran
+    }
+
+    /// [`Harness::try_clone`], asserting it succeeds and prints `names`,
+    /// one a line, in order.
+    pub fn clone_template(&mut self, names: &[String], template: &Path, flags: &[&str]) {
+        let ran = self.try_clone(names, template, flags);
+        assert!(
+            ran.success(),
+            "{}: appshot clone {} {flags:?} failed: {ran}",
+            self.test,
+            template.display()
+        );
+        let printed: Vec<&str> = ran.stdout.lines().map(str::trim).collect();
+        assert_eq!(
+            printed, names,
+            "{}: clone --detach output: {ran}",
+            self.test
+        );
+    }
+
+    /// Namespace init and supervisor of a `ps --json` row, so that drop
+    /// kills them even if the runtime lost track of them.
+    fn record_processes(&mut self, row: &Value) {
+        let pid = |key: &str| row[key].as_u64().and_then(|p| Proc::of(p as u32));
+        let init = pid("pid").and_then(|app| app.ppid()).and_then(Proc::of);
+        self.processes
+            .extend([init, pid("supervisor_pid")].into_iter().flatten());
+    }
+
     /// `appshot inspect IMAGE --json`.
     pub fn inspect(&self, image: &Path) -> Value {
         let mut cmd = self.appshot();

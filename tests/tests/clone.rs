@@ -1,0 +1,705 @@
+//! `appshot snapshot --template` and `appshot clone`: every clone of a
+//! template is an instance of its own (AID, name, real ports, PID
+//! namespace) that starts with the template's state, shares the template's
+//! unchanged memory with the other clones, and sees its own identity file;
+//! a clone that cannot succeed is refused, with a message saying why,
+//! before any clone starts.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::{pids_with_arg, port_pairs, Harness, Ran};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// The real ports `appshot clone` hands out (the default range).
+const RANGE: std::ops::RangeInclusive<u64> = 20000..=29999;
+
+/// Shown in a plain `cargo test` run too: libtest captures `println!` of
+/// passing tests, not direct writes to stderr.
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The instance names `appshot clone --count COUNT` gives: BASE-1 … BASE-N.
+fn numbered(base: &str, count: u32) -> Vec<String> {
+    (1..=count).map(|i| format!("{base}-{i}")).collect()
+}
+
+fn redis_cli(h: &Harness, aid: &str, args: &[&str]) -> String {
+    let mut command = vec!["redis-cli", "-p", "6379"];
+    command.extend_from_slice(args);
+    let ran = h.client(aid, &command);
+    assert!(ran.success(), "redis-cli {args:?} under {aid}: {ran}");
+    // redis-cli reports a refused connection as text, possibly with exit 0.
+    assert!(
+        !ran.stdout.contains("Could not connect") && !ran.stderr.contains("Could not connect"),
+        "redis-cli {args:?} under {aid}: {ran}"
+    );
+    ran.stdout.trim().to_string()
+}
+
+fn info_field(info: &str, key: &str) -> String {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("INFO without {key}:\n{info}"))
+        .to_string()
+}
+
+/// (Rss, Pss) of `pid` in bytes, from /proc/PID/smaps_rollup.
+fn rss_pss(pid: u32) -> (u64, u64) {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{path} without {key}:\n{text}"))
+            * 1024
+    };
+    (field("Rss"), field("Pss"))
+}
+
+fn pid_of(row: &Value) -> u32 {
+    row["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("ps row without pid: {row}")) as u32
+}
+
+/// The `ps --json` rows of `names`, in that order; each must be listed once.
+fn rows_of(h: &Harness, names: &[String]) -> Vec<Value> {
+    let ps = h.ps();
+    names
+        .iter()
+        .map(|n| {
+            let rows: Vec<&Value> = ps.iter().filter(|r| r["name"] == n.as_str()).collect();
+            assert_eq!(rows.len(), 1, "{n} listed once: {ps:#?}");
+            rows[0].clone()
+        })
+        .collect()
+}
+
+/// Each clone (`rows`, with `aids`): its own AID, only translations of
+/// `virtual_port`, with real ports that no other listed instance (a running
+/// template included) has.
+fn assert_own_ports(h: &Harness, rows: &[Value], aids: &[String], virtual_port: u16) {
+    let mut reals = BTreeSet::new();
+    for row in h.ps() {
+        if !rows.iter().any(|r| r["name"] == row["name"]) {
+            reals.extend(port_pairs(&row).iter().map(|p| p.real));
+        }
+    }
+    for (row, aid) in rows.iter().zip(aids) {
+        assert_eq!(row["aid"], aid.as_str(), "{row}");
+        let pairs = port_pairs(row);
+        assert!(!pairs.is_empty(), "a clone listens: {row}");
+        for p in pairs {
+            assert_eq!(p.virtual_port, virtual_port, "{row}");
+            assert!(
+                reals.insert(p.real),
+                "real port {} of {} is another instance's too: {:#?}",
+                p.real,
+                row["name"],
+                h.ps()
+            );
+        }
+        let name = row["name"].as_str().expect("name");
+        let translations = h.translations(name);
+        assert!(
+            !translations.is_empty() && translations.iter().all(|t| t["aid"] == aid.as_str()),
+            "translations of {name} are registered under {aid}: {translations:#?}"
+        );
+    }
+}
+
+/// A refused clone: fails, its message contains every one of `says`, and
+/// none of `names` is listed, has a log, owns a translation, and no
+/// process beyond `processes` has `marker` on its command line.
+fn assert_refused(
+    h: &Harness,
+    ran: &Ran,
+    names: &[String],
+    says: &[&str],
+    marker: &str,
+    processes: &BTreeSet<u32>,
+) {
+    assert!(!ran.success(), "clone as {names:?} must be refused: {ran}");
+    for s in says {
+        assert!(
+            ran.stderr.contains(s),
+            "clone as {names:?}: the message must say {s:?}: {ran}"
+        );
+    }
+    let ps = h.ps();
+    for name in names {
+        assert!(
+            !ps.iter().any(|r| r["name"] == name.as_str()),
+            "refused clone left instance {name} listed: {ps:#?}"
+        );
+        assert!(
+            !h.log_path(name).exists(),
+            "refused clone started a supervisor for {name}: its log {} exists:\n{}",
+            h.log_path(name).display(),
+            h.log(name)
+        );
+        assert_eq!(
+            h.translations(name),
+            Vec::<Value>::new(),
+            "refused clone left translations of {name}"
+        );
+    }
+    let extra: Vec<String> = pids_with_arg(marker)
+        .difference(processes)
+        .map(|p| format!("{p} ({})", common::cmdline(*p).trim_end()))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "refused clone as {names:?} left processes behind: {extra:?}"
+    );
+}
+
+/// One connection to statekeeper on 127.0.0.1:9000; prints its answer.
+const QUERY: &str = "import socket\n\
+s = socket.create_connection(('127.0.0.1', 9000), timeout=10)\n\
+s.shutdown(socket.SHUT_WR)\n\
+print(s.makefile().read(), end='')\n";
+
+/// statekeeper's `secret=HEX` under `aid`.
+fn keeper_secret(h: &Harness, aid: &str) -> String {
+    let ran = h.client(aid, &["python3", "-c", QUERY]);
+    assert!(ran.success(), "statekeeper query under AID {aid}: {ran}");
+    ran.stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("secret="))
+        .unwrap_or_else(|| panic!("statekeeper answer without a secret under {aid}: {ran}"))
+        .to_string()
+}
+
+/// Starts statekeeper `bin` as `name` under `aid` on port 9000; returns its
+/// data file's path, unique to the test, which every process of the
+/// instance (and of its clones) has on its command line.
+fn start_keeper(h: &mut Harness, name: &str, aid: &str, bin: &Path) -> String {
+    let dir = h.dir(name);
+    let data = dir.join(format!("{name}.data"));
+    let data = data.to_str().expect("utf-8 path").to_string();
+    let bin = bin.to_str().expect("utf-8 path");
+    h.start(name, aid, &dir, &[], &[bin, "9000", &data]);
+    h.wait_log(name, "statekeeper listening on port 9000");
+    data
+}
+
+/// `appshot snapshot NAME --template -o IMAGE FLAGS`, asserted to succeed.
+fn template(h: &Harness, name: &str, image: &Path, flags: &[&str]) -> Ran {
+    let mut all = vec!["--template"];
+    all.extend_from_slice(flags);
+    let ran = h.snapshot(name, image, &all);
+    assert!(ran.success(), "appshot snapshot {name} {all:?}: {ran}");
+    ran
+}
+
+#[test]
+fn ten_redis_clones_share_the_template_memory_and_keep_their_writes_apart() {
+    let Some(mut h) = Harness::new(
+        "ten_redis_clones_share_the_template_memory_and_keep_their_writes_apart",
+        &["redis-server", "redis-cli"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("redis");
+    h.start(
+        "redis-t",
+        "rt",
+        &dir,
+        &[],
+        &[
+            "redis-server",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "yes",
+        ],
+    );
+    h.wait_log("redis-t", "Ready to accept connections");
+    // 200 000 values of 1 KiB: keys key:0 … key:199999.
+    assert_eq!(
+        redis_cli(&h, "rt", &["DEBUG", "POPULATE", "200000", "key", "1024"]),
+        "OK"
+    );
+    assert_eq!(
+        redis_cli(&h, "rt", &["SET", "marker", "from-template"]),
+        "OK"
+    );
+    let used: u64 = info_field(&redis_cli(&h, "rt", &["INFO", "memory"]), "used_memory")
+        .parse()
+        .expect("used_memory");
+    assert!(
+        used >= 200 * MIB,
+        "the template holds at least 200 MiB of data: used_memory {} MiB",
+        used / MIB
+    );
+    let value = redis_cli(&h, "rt", &["GET", "key:123"]);
+    assert!(value.starts_with("value:123"), "GET key:123: {value:?}");
+    let digest = redis_cli(&h, "rt", &["DEBUG", "DIGEST"]);
+    let server = redis_cli(&h, "rt", &["INFO", "server"]);
+    let template_pid = info_field(&server, "process_id");
+    let template_row = h.instance("redis-t").expect("redis-t listed");
+    let (template_rss, template_pss) = rss_pss(pid_of(&template_row));
+
+    // Left running: the original is checked for isolation too.
+    let image = h.dir("images").join("redis.img");
+    let ran = template(&h, "redis-t", &image, &["--leave-running"]);
+    assert!(ran.stdout.contains("left running"), "{ran}");
+
+    let names = numbered("rc", 10);
+    h.clone_template(&names, &image, &["--aid", "rc", "--count", "10"]);
+    let rows = rows_of(&h, &names);
+    // Names default to the AID: rc-i is the name and the AID of clone i.
+    assert_own_ports(&h, &rows, &names, 6379);
+
+    for aid in &names {
+        assert_eq!(
+            redis_cli(&h, aid, &["GET", "marker"]),
+            "from-template",
+            "{aid}"
+        );
+        assert_eq!(redis_cli(&h, aid, &["GET", "key:123"]), value, "{aid}");
+        let server = redis_cli(&h, aid, &["INFO", "server"]);
+        assert_eq!(
+            info_field(&server, "process_id"),
+            template_pid,
+            "{aid}: a clone runs with the template's PID in a namespace of its own"
+        );
+        // Reads every key and value: the clone holds the whole data set
+        // (and has all of it resident for the measurement below).
+        assert_eq!(
+            redis_cli(&h, aid, &["DEBUG", "DIGEST"]),
+            digest,
+            "{aid}: the clone's data set differs from the template's"
+        );
+    }
+    let refused = h.client("rc", &["redis-cli", "-p", "6379", "PING"]);
+    assert!(
+        !refused.stdout.contains("PONG")
+            && format!("{}{}", refused.stdout, refused.stderr).contains("refused"),
+        "AID rc has no instance (its clones are rc-1 … rc-10): {refused}"
+    );
+
+    let mut total_pss = 0;
+    let mut per_clone = Vec::new();
+    for row in &rows {
+        let (rss, pss) = rss_pss(pid_of(row));
+        per_clone.push(format!(
+            "{}: Rss {} MiB Pss {} MiB",
+            row["name"].as_str().unwrap_or("?"),
+            rss / MIB,
+            pss / MIB
+        ));
+        // Otherwise the PSS sum says nothing about sharing.
+        assert!(
+            rss * 4 >= template_rss * 3,
+            "{}: after DEBUG DIGEST a clone has the data set resident: Rss {} MiB, template Rss {} MiB",
+            row["name"],
+            rss / MIB,
+            template_rss / MIB
+        );
+        total_pss += pss;
+    }
+    let limit = 10 * template_rss / 2;
+    report(&format!(
+        "redis template: used_memory {} MiB, Rss {} MiB, Pss {} MiB; ten clones: total Pss {} MiB \
+         (limit {} MiB = 0.5 x 10 x template Rss; unshared would be ~{} MiB)\n  {}",
+        used / MIB,
+        template_rss / MIB,
+        template_pss / MIB,
+        total_pss / MIB,
+        limit / MIB,
+        10 * template_rss / MIB,
+        per_clone.join("\n  ")
+    ));
+    assert!(
+        total_pss < limit,
+        "ten clones must share the template's pages: total Pss {} MiB, limit {} MiB (template Rss {} MiB):\n  {}",
+        total_pss / MIB,
+        limit / MIB,
+        template_rss / MIB,
+        per_clone.join("\n  ")
+    );
+
+    // Writes stay in the clone (or original) that made them.
+    assert_eq!(redis_cli(&h, "rc-1", &["SET", "only-rc-1", "1"]), "OK");
+    assert_eq!(redis_cli(&h, "rt", &["SET", "only-template", "1"]), "OK");
+    assert_eq!(redis_cli(&h, "rc-1", &["EXISTS", "only-rc-1"]), "1");
+    assert_eq!(redis_cli(&h, "rc-2", &["EXISTS", "only-rc-1"]), "0");
+    assert_eq!(redis_cli(&h, "rc-10", &["EXISTS", "only-rc-1"]), "0");
+    assert_eq!(redis_cli(&h, "rt", &["EXISTS", "only-rc-1"]), "0");
+    assert_eq!(redis_cli(&h, "rc-1", &["EXISTS", "only-template"]), "0");
+    assert_eq!(redis_cli(&h, "rc-2", &["DBSIZE"]), "200001");
+    assert_eq!(redis_cli(&h, "rc-1", &["DBSIZE"]), "200002");
+    assert_eq!(redis_cli(&h, "rt", &["DBSIZE"]), "200002");
+    assert_eq!(redis_cli(&h, "rc-2", &["DEBUG", "DIGEST"]), digest);
+}
+
+#[test]
+fn http_server_clones_serve_their_own_identity_file() {
+    let Some(mut h) = Harness::new(
+        "http_server_clones_serve_their_own_identity_file",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("www");
+    let id_file = dir.join("clone-id.txt");
+    fs::write(&id_file, "template\n").unwrap();
+    // Unique to this test's work dir: no other server lists it.
+    let listed = format!(
+        "listed-{}.txt",
+        dir.parent().unwrap().file_name().unwrap().to_string_lossy()
+    );
+    fs::write(dir.join(&listed), "x").unwrap();
+    let host_inode = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&id_file).unwrap().ino()
+    };
+
+    h.start(
+        "web-t",
+        "wt",
+        &dir,
+        &[],
+        &["python3", "-m", "http.server", "9000"],
+    );
+    h.wait_log("web-t", "port 9000");
+    let got = h.curl("wt", "http://127.0.0.1:9000/clone-id.txt");
+    assert!(got.success() && got.stdout == "template\n", "{got}");
+
+    let image = h.dir("images").join("web.img");
+    let ran = template(&h, "web-t", &image, &[]);
+    assert!(ran.stdout.contains("stopped"), "{ran}");
+    assert!(h.instance("web-t").is_none(), "{:#?}", h.ps());
+
+    let names = numbered("web-c", 3);
+    let aids = numbered("wc", 3);
+    let id_path = id_file.to_str().unwrap();
+    h.clone_template(
+        &names,
+        &image,
+        &[
+            "--aid",
+            "wc",
+            "--name",
+            "web-c",
+            "--count",
+            "3",
+            "--identity-file",
+            id_path,
+        ],
+    );
+    let rows = rows_of(&h, &names);
+    assert_own_ports(&h, &rows, &aids, 9000);
+
+    for (name, aid) in names.iter().zip(&aids) {
+        let got = h.curl(aid, "http://127.0.0.1:9000/");
+        assert!(got.success(), "curl / under {aid}: {got}");
+        assert!(
+            got.stdout.contains(&listed) && got.stdout.contains("clone-id.txt"),
+            "{name} lists its directory to {aid}: {got}"
+        );
+        let got = h.curl(aid, "http://127.0.0.1:9000/clone-id.txt");
+        assert!(got.success(), "curl /clone-id.txt under {aid}: {got}");
+        assert_eq!(
+            got.stdout,
+            format!("aid={aid}\nname={name}\n"),
+            "{name} serves its own identity file to {aid}"
+        );
+    }
+    let refused = h.curl("wc", "http://127.0.0.1:9000/");
+    assert_eq!(
+        refused.code,
+        Some(7),
+        "AID wc has no instance (its clones are wc-1 … wc-3): {refused}"
+    );
+
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        fs::read_to_string(&id_file).unwrap(),
+        "template\n",
+        "the host's {id_path} is untouched"
+    );
+    assert_eq!(fs::metadata(&id_file).unwrap().ino(), host_inode);
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(id_path),
+        "the identity bind mount leaked into the host's mount namespace:\n{mounts}"
+    );
+}
+
+#[test]
+fn a_template_whose_files_changed_is_refused() {
+    let Some(mut h) = Harness::new(
+        "a_template_whose_files_changed_is_refused",
+        &["gcc", "python3"],
+    ) else {
+        return;
+    };
+    // Run from a copy, so the test can change the executable.
+    let compiled = h.compile("statekeeper.c", "statekeeper");
+    let bin = h.dir("copy").join("statekeeper-copy");
+    fs::copy(&compiled, &bin).unwrap();
+    let exe = bin.to_str().unwrap().to_string();
+    let data = start_keeper(&mut h, "keeper-f", "kf", &bin);
+    let secret = keeper_secret(&h, "kf");
+    let image = h.dir("images").join("keeper.img");
+    template(&h, "keeper-f", &image, &[]);
+    let none = BTreeSet::new();
+    assert_eq!(
+        pids_with_arg(&data),
+        none,
+        "the template's instance stopped"
+    );
+
+    // The template is good as long as the executable is unchanged.
+    let ok = vec!["ok".to_string()];
+    h.clone_template(&ok, &image, &["--aid", "f0", "--name", "ok"]);
+    assert_eq!(keeper_secret(&h, "f0"), secret, "a clone has the heap");
+    h.stop("ok");
+    assert_eq!(pids_with_arg(&data), none, "ok stopped");
+
+    let mtime = fs::metadata(&bin).unwrap().modified().unwrap();
+    let set_mtime = |path: &Path, t: SystemTime| {
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(t))
+            .unwrap_or_else(|e| panic!("setting the mtime of {}: {e}", path.display()))
+    };
+
+    // Touched: same file, another mtime.
+    set_mtime(&bin, mtime + Duration::from_secs(5));
+    let names = vec!["touched".to_string()];
+    let ran = h.try_clone(&names, &image, &["--aid", "f1", "--name", "touched"]);
+    assert_refused(&h, &ran, &names, &[&exe, "changed"], &data, &none);
+
+    // Replaced by a copy with the same bytes and mtime: another inode.
+    set_mtime(&bin, mtime);
+    let fresh = bin.with_extension("new");
+    fs::copy(&compiled, &fresh).unwrap();
+    set_mtime(&fresh, mtime);
+    fs::rename(&fresh, &bin).unwrap();
+    let names = numbered("replaced", 2);
+    let ran = h.try_clone(
+        &names,
+        &image,
+        &["--aid", "f2", "--name", "replaced", "--count", "2"],
+    );
+    assert_refused(&h, &ran, &names, &[&exe, "changed"], &data, &none);
+
+    // Gone.
+    fs::remove_file(&bin).unwrap();
+    let names = vec!["gone".to_string()];
+    let ran = h.try_clone(&names, &image, &["--aid", "f3", "--name", "gone"]);
+    assert_refused(&h, &ran, &names, &[&exe, "missing"], &data, &none);
+}
+
+#[test]
+fn more_clones_than_the_port_range_holds_are_refused() {
+    let Some(mut h) = Harness::new(
+        "more_clones_than_the_port_range_holds_are_refused",
+        &["gcc", "python3"],
+    ) else {
+        return;
+    };
+    let bin = h.compile("statekeeper.c", "statekeeper");
+    let data = start_keeper(&mut h, "keeper-n", "kn", &bin);
+    let image = h.dir("images").join("keeper.img");
+    template(&h, "keeper-n", &image, &["--leave-running"]);
+    let info = h.inspect(&image);
+    assert_eq!(
+        info["listening"],
+        serde_json::json!(["0.0.0.0:9000"]),
+        "one listening socket: {info:#}"
+    );
+    // One clone first: its real port comes from the range, so the free
+    // count in the refusal is not simply the size of the range.
+    h.clone_template(
+        &["one".to_string()],
+        &image,
+        &["--aid", "n1", "--name", "one"],
+    );
+    let running = pids_with_arg(&data);
+    assert!(!running.is_empty(), "keeper-n and one run");
+    let used = h
+        .ports()
+        .iter()
+        .filter_map(|t| t["real_port"].as_u64())
+        .filter(|p| RANGE.contains(p))
+        .count() as u64;
+    assert!(
+        used >= 1,
+        "clone one holds a real port of the range: {:#?}",
+        h.ports()
+    );
+    let free = RANGE.end() - RANGE.start() + 1 - used;
+
+    // Only a few of the 20000 names are checked (and stopped on drop, which
+    // also kills whatever `ps` lists); the `ps` check below covers the rest.
+    let names = numbered("many", 3);
+    let ran = h.try_clone(&names, &image, &["--aid", "many", "--count", "20000"]);
+    let free_text = format!("has {free} free");
+    assert_refused(
+        &h,
+        &ran,
+        &names,
+        &[
+            "20000 clones",
+            "1 listening socket",
+            "need 20000 real ports",
+            "20000-29999",
+            &free_text,
+        ],
+        &data,
+        &running,
+    );
+    assert_eq!(pids_with_arg(&data), running, "keeper-n and one run on");
+    let ps = h.ps();
+    assert_eq!(ps.len(), 2, "only keeper-n and one run: {ps:#?}");
+    let mut logs: Vec<String> = fs::read_dir(h.log_path("keeper-n").parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    logs.sort();
+    assert_eq!(
+        logs,
+        ["keeper-n.log", "one.log"],
+        "no other clone's supervisor started"
+    );
+    assert_eq!(
+        keeper_secret(&h, "n1"),
+        keeper_secret(&h, "kn"),
+        "one and keeper-n run on, with the same heap"
+    );
+}
+
+#[test]
+fn an_image_that_is_no_template_is_refused() {
+    let Some(mut h) = Harness::new(
+        "an_image_that_is_no_template_is_refused",
+        &["gcc", "python3"],
+    ) else {
+        return;
+    };
+    let bin = h.compile("statekeeper.c", "statekeeper");
+    let data = start_keeper(&mut h, "keeper-p", "kp", &bin);
+    let images = h.dir("images");
+    let plain = images.join("plain.img");
+    let ran = h.snapshot("keeper-p", &plain, &["--leave-running"]);
+    assert!(ran.success(), "plain snapshot: {ran}");
+    let tmpl = images.join("template.img");
+    template(&h, "keeper-p", &tmpl, &[]);
+    let none = BTreeSet::new();
+    assert_eq!(pids_with_arg(&data), none, "keeper-p stopped");
+
+    let plain_path = plain.to_str().unwrap();
+    for (flags, names) in [
+        (vec!["--aid", "p"], vec!["p".to_string()]),
+        (vec!["--aid", "p", "--count", "3"], numbered("p", 3)),
+    ] {
+        let ran = h.try_clone(&names, &plain, &flags);
+        assert_refused(
+            &h,
+            &ran,
+            &names,
+            &[plain_path, "is not a template"],
+            &data,
+            &none,
+        );
+    }
+
+    // The same instance, taken as a template, clones.
+    let names = vec!["p".to_string()];
+    h.clone_template(&names, &tmpl, &["--aid", "p"]);
+    assert!(!keeper_secret(&h, "p").is_empty());
+}
+
+#[test]
+fn a_clone_name_in_use_is_refused_before_any_clone_starts() {
+    let Some(mut h) = Harness::new(
+        "a_clone_name_in_use_is_refused_before_any_clone_starts",
+        &["gcc", "python3"],
+    ) else {
+        return;
+    };
+    let bin = h.compile("statekeeper.c", "statekeeper");
+    let data = start_keeper(&mut h, "keeper-u", "ku", &bin);
+    let image = h.dir("images").join("keeper.img");
+    template(&h, "keeper-u", &image, &[]);
+
+    // Two running instances: `busy`, and `set-2` in the middle of a set.
+    h.clone_template(
+        &["busy".to_string()],
+        &image,
+        &["--aid", "u1", "--name", "busy"],
+    );
+    h.clone_template(
+        &["set-2".to_string()],
+        &image,
+        &["--aid", "u2", "--name", "set-2"],
+    );
+    let running = rows_of(&h, &["busy".to_string(), "set-2".to_string()]);
+    let processes = pids_with_arg(&data);
+    let secrets = [keeper_secret(&h, "u1"), keeper_secret(&h, "u2")];
+
+    for (flags, names, taken) in [
+        (
+            vec!["--aid", "x", "--name", "busy"],
+            vec!["busy".to_string()],
+            "`busy`",
+        ),
+        (
+            vec!["--aid", "s", "--name", "set", "--count", "3"],
+            numbered("set", 3),
+            "`set-2`",
+        ),
+    ] {
+        let ran = h.try_clone(&names, &image, &flags);
+        assert!(!ran.success(), "clone {flags:?} must be refused: {ran}");
+        assert!(
+            ran.stderr.contains(taken) && ran.stderr.contains("already in use"),
+            "clone {flags:?}: the message must name {taken} as in use: {ran}"
+        );
+        let fresh: Vec<String> = names
+            .iter()
+            .filter(|n| !["busy", "set-2"].contains(&n.as_str()))
+            .cloned()
+            .collect();
+        assert_refused(&h, &ran, &fresh, &[taken], &data, &processes);
+        assert_eq!(pids_with_arg(&data), processes, "processes after {flags:?}");
+        assert_eq!(
+            rows_of(&h, &["busy".to_string(), "set-2".to_string()]),
+            running,
+            "the running instances are untouched by {flags:?}"
+        );
+        for name in ["busy", "set-2"] {
+            assert!(
+                h.log(name).contains("instance started"),
+                "{name}'s log kept after {flags:?}:\n{}",
+                h.log(name)
+            );
+        }
+        assert_eq!([keeper_secret(&h, "u1"), keeper_secret(&h, "u2")], secrets);
+        for aid in ["x", "s-1", "s-3"] {
+            let ran = h.client(aid, &["python3", "-c", QUERY]);
+            assert!(!ran.success(), "AID {aid} has no instance: {ran}");
+        }
+    }
+}
