@@ -102,11 +102,9 @@ impl ImageWriter {
         let name = path
             .file_name()
             .ok_or_else(|| SnapshotError::io(path, std::io::ErrorKind::InvalidInput.into()))?;
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp.{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let prefix = format!(".{}.tmp.", name.to_string_lossy());
+        remove_orphaned_temporaries(path, &prefix);
+        let tmp = path.with_file_name(format!("{prefix}{}", std::process::id()));
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -168,6 +166,34 @@ impl ImageWriter {
     pub fn abandon(self) {
         drop(self.out);
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Removes temporaries of earlier snapshots to `path` whose writer died
+/// (a snapshot killed with SIGKILL cannot clean up after itself); the
+/// image itself was never touched by them.
+fn remove_orphaned_temporaries(path: &Path, prefix: &str) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let dead = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if dead {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -417,6 +443,25 @@ mod tests {
             Err(SnapshotError::Version { found: 3, .. }) => {}
             other => panic!("expected a version error, got {:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn temporaries_of_dead_writers_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        // No process has PID 0x7fffffff (above pid_max).
+        let orphan = dir.path().join(".img.tmp.2147483647");
+        std::fs::write(&orphan, b"partial").unwrap();
+        let live = dir.path().join(format!(".img.tmp.{}", std::process::id()));
+        write_sample(&path);
+        assert!(!orphan.exists());
+        assert!(!live.exists(), "our own temporary is renamed into place");
+        std::fs::write(&live, b"in flight").unwrap();
+        write_sample(&path.with_file_name("other"));
+        assert!(
+            live.exists(),
+            "a live writer's temporary (another image) is left alone"
+        );
     }
 
     #[test]
