@@ -9,46 +9,22 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use common::{pids_with_arg, port_pairs, Harness, Ran};
+use common::{
+    assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg, port_pairs,
+    query_keeper, redis_cli, start_keeper, start_redis, uncaptured, Harness, Ran,
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 /// The real ports `appshot clone` hands out (the default range).
 const RANGE: std::ops::RangeInclusive<u64> = 20000..=29999;
 
-/// Shown in a plain `cargo test` run too: libtest captures `println!` of
-/// passing tests, not direct writes to stderr.
-fn report(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 /// The instance names `appshot clone --count COUNT` gives: BASE-1 … BASE-N.
 fn numbered(base: &str, count: u32) -> Vec<String> {
     (1..=count).map(|i| format!("{base}-{i}")).collect()
-}
-
-fn redis_cli(h: &Harness, aid: &str, args: &[&str]) -> String {
-    let mut command = vec!["redis-cli", "-p", "6379"];
-    command.extend_from_slice(args);
-    let ran = h.client(aid, &command);
-    assert!(ran.success(), "redis-cli {args:?} under {aid}: {ran}");
-    // redis-cli reports a refused connection as text, possibly with exit 0.
-    assert!(
-        !ran.stdout.contains("Could not connect") && !ran.stderr.contains("Could not connect"),
-        "redis-cli {args:?} under {aid}: {ran}"
-    );
-    ran.stdout.trim().to_string()
-}
-
-fn info_field(info: &str, key: &str) -> String {
-    info.lines()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("INFO without {key}:\n{info}"))
-        .to_string()
 }
 
 /// (Rss, Pss) of `pid` in bytes, from /proc/PID/smaps_rollup.
@@ -64,12 +40,6 @@ fn rss_pss(pid: u32) -> (u64, u64) {
             * 1024
     };
     (field("Rss"), field("Pss"))
-}
-
-fn pid_of(row: &Value) -> u32 {
-    row["pid"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("ps row without pid: {row}")) as u32
 }
 
 /// The `ps --json` rows of `names`, in that order; each must be listed once.
@@ -118,10 +88,10 @@ fn assert_own_ports(h: &Harness, rows: &[Value], aids: &[String], virtual_port: 
     }
 }
 
-/// A refused clone: fails, its message contains every one of `says`, and
-/// none of `names` is listed, has a log, owns a translation, and no
-/// process beyond `processes` has `marker` on its command line.
-fn assert_refused(
+/// A refused clone: fails, its message contains every one of `says`, it
+/// leaves nothing behind ([`common::assert_left_nothing`]), and none of
+/// `names` has a log: the refusal came before any supervisor started.
+fn assert_clone_refused(
     h: &Harness,
     ran: &Ran,
     names: &[String],
@@ -136,62 +106,15 @@ fn assert_refused(
             "clone as {names:?}: the message must say {s:?}: {ran}"
         );
     }
-    let ps = h.ps();
+    assert_left_nothing(h, "clone", names, marker, processes);
     for name in names {
-        assert!(
-            !ps.iter().any(|r| r["name"] == name.as_str()),
-            "refused clone left instance {name} listed: {ps:#?}"
-        );
         assert!(
             !h.log_path(name).exists(),
             "refused clone started a supervisor for {name}: its log {} exists:\n{}",
             h.log_path(name).display(),
             h.log(name)
         );
-        assert_eq!(
-            h.translations(name),
-            Vec::<Value>::new(),
-            "refused clone left translations of {name}"
-        );
     }
-    let extra: Vec<String> = pids_with_arg(marker)
-        .difference(processes)
-        .map(|p| format!("{p} ({})", common::cmdline(*p).trim_end()))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "refused clone as {names:?} left processes behind: {extra:?}"
-    );
-}
-
-/// One connection to statekeeper on 127.0.0.1:9000; prints its answer.
-const QUERY: &str = "import socket\n\
-s = socket.create_connection(('127.0.0.1', 9000), timeout=10)\n\
-s.shutdown(socket.SHUT_WR)\n\
-print(s.makefile().read(), end='')\n";
-
-/// statekeeper's `secret=HEX` under `aid`.
-fn keeper_secret(h: &Harness, aid: &str) -> String {
-    let ran = h.client(aid, &["python3", "-c", QUERY]);
-    assert!(ran.success(), "statekeeper query under AID {aid}: {ran}");
-    ran.stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("secret="))
-        .unwrap_or_else(|| panic!("statekeeper answer without a secret under {aid}: {ran}"))
-        .to_string()
-}
-
-/// Starts statekeeper `bin` as `name` under `aid` on port 9000; returns its
-/// data file's path, unique to the test, which every process of the
-/// instance (and of its clones) has on its command line.
-fn start_keeper(h: &mut Harness, name: &str, aid: &str, bin: &Path) -> String {
-    let dir = h.dir(name);
-    let data = dir.join(format!("{name}.data"));
-    let data = data.to_str().expect("utf-8 path").to_string();
-    let bin = bin.to_str().expect("utf-8 path");
-    h.start(name, aid, &dir, &[], &[bin, "9000", &data]);
-    h.wait_log(name, "statekeeper listening on port 9000");
-    data
 }
 
 /// `appshot snapshot NAME --template -o IMAGE FLAGS`, asserted to succeed.
@@ -211,25 +134,7 @@ fn ten_redis_clones_share_the_template_memory_and_keep_their_writes_apart() {
     ) else {
         return;
     };
-    let dir = h.dir("redis");
-    h.start(
-        "redis-t",
-        "rt",
-        &dir,
-        &[],
-        &[
-            "redis-server",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--enable-debug-command",
-            "yes",
-        ],
-    );
-    h.wait_log("redis-t", "Ready to accept connections");
+    start_redis(&mut h, "redis-t", "rt", &["--enable-debug-command", "yes"]);
     // 200 000 values of 1 KiB: keys key:0 … key:199999.
     assert_eq!(
         redis_cli(&h, "rt", &["DEBUG", "POPULATE", "200000", "key", "1024"]),
@@ -315,7 +220,7 @@ fn ten_redis_clones_share_the_template_memory_and_keep_their_writes_apart() {
         total_pss += pss;
     }
     let limit = 10 * template_rss / 2;
-    report(&format!(
+    uncaptured(&format!(
         "redis template: used_memory {} MiB, Rss {} MiB, Pss {} MiB; ten clones: total Pss {} MiB \
          (limit {} MiB = 0.5 x 10 x template Rss; unshared would be ~{} MiB)\n  {}",
         used / MIB,
@@ -452,12 +357,10 @@ fn a_template_whose_files_changed_is_refused() {
         return;
     };
     // Run from a copy, so the test can change the executable.
-    let compiled = h.compile("statekeeper.c", "statekeeper");
-    let bin = h.dir("copy").join("statekeeper-copy");
-    fs::copy(&compiled, &bin).unwrap();
+    let (compiled, bin) = keeper_copy(&h);
     let exe = bin.to_str().unwrap().to_string();
     let data = start_keeper(&mut h, "keeper-f", "kf", &bin);
-    let secret = keeper_secret(&h, "kf");
+    let secret = keeper(&h, "kf").secret;
     let image = h.dir("images").join("keeper.img");
     template(&h, "keeper-f", &image, &[]);
     let none = BTreeSet::new();
@@ -470,7 +373,7 @@ fn a_template_whose_files_changed_is_refused() {
     // The template is good as long as the executable is unchanged.
     let ok = vec!["ok".to_string()];
     h.clone_template(&ok, &image, &["--aid", "f0", "--name", "ok"]);
-    assert_eq!(keeper_secret(&h, "f0"), secret, "a clone has the heap");
+    assert_eq!(keeper(&h, "f0").secret, secret, "a clone has the heap");
     h.stop("ok");
     assert_eq!(pids_with_arg(&data), none, "ok stopped");
 
@@ -487,7 +390,7 @@ fn a_template_whose_files_changed_is_refused() {
     set_mtime(&bin, mtime + Duration::from_secs(5));
     let names = vec!["touched".to_string()];
     let ran = h.try_clone(&names, &image, &["--aid", "f1", "--name", "touched"]);
-    assert_refused(&h, &ran, &names, &[&exe, "changed"], &data, &none);
+    assert_clone_refused(&h, &ran, &names, &[&exe, "changed"], &data, &none);
 
     // Replaced by a copy with the same bytes and mtime: another inode.
     set_mtime(&bin, mtime);
@@ -501,13 +404,13 @@ fn a_template_whose_files_changed_is_refused() {
         &image,
         &["--aid", "f2", "--name", "replaced", "--count", "2"],
     );
-    assert_refused(&h, &ran, &names, &[&exe, "changed"], &data, &none);
+    assert_clone_refused(&h, &ran, &names, &[&exe, "changed"], &data, &none);
 
     // Gone.
     fs::remove_file(&bin).unwrap();
     let names = vec!["gone".to_string()];
     let ran = h.try_clone(&names, &image, &["--aid", "f3", "--name", "gone"]);
-    assert_refused(&h, &ran, &names, &[&exe, "missing"], &data, &none);
+    assert_clone_refused(&h, &ran, &names, &[&exe, "missing"], &data, &none);
 }
 
 #[test]
@@ -555,7 +458,7 @@ fn more_clones_than_the_port_range_holds_are_refused() {
     let names = numbered("many", 3);
     let ran = h.try_clone(&names, &image, &["--aid", "many", "--count", "20000"]);
     let free_text = format!("has {free} free");
-    assert_refused(
+    assert_clone_refused(
         &h,
         &ran,
         &names,
@@ -584,8 +487,8 @@ fn more_clones_than_the_port_range_holds_are_refused() {
         "no other clone's supervisor started"
     );
     assert_eq!(
-        keeper_secret(&h, "n1"),
-        keeper_secret(&h, "kn"),
+        keeper(&h, "n1").secret,
+        keeper(&h, "kn").secret,
         "one and keeper-n run on, with the same heap"
     );
 }
@@ -615,7 +518,7 @@ fn an_image_that_is_no_template_is_refused() {
         (vec!["--aid", "p", "--count", "3"], numbered("p", 3)),
     ] {
         let ran = h.try_clone(&names, &plain, &flags);
-        assert_refused(
+        assert_clone_refused(
             &h,
             &ran,
             &names,
@@ -628,7 +531,7 @@ fn an_image_that_is_no_template_is_refused() {
     // The same instance, taken as a template, clones.
     let names = vec!["p".to_string()];
     h.clone_template(&names, &tmpl, &["--aid", "p"]);
-    assert!(!keeper_secret(&h, "p").is_empty());
+    assert!(!keeper(&h, "p").secret.is_empty());
 }
 
 #[test]
@@ -657,7 +560,7 @@ fn a_clone_name_in_use_is_refused_before_any_clone_starts() {
     );
     let running = rows_of(&h, &["busy".to_string(), "set-2".to_string()]);
     let processes = pids_with_arg(&data);
-    let secrets = [keeper_secret(&h, "u1"), keeper_secret(&h, "u2")];
+    let secrets = [keeper(&h, "u1").secret, keeper(&h, "u2").secret];
 
     for (flags, names, taken) in [
         (
@@ -682,7 +585,7 @@ fn a_clone_name_in_use_is_refused_before_any_clone_starts() {
             .filter(|n| !["busy", "set-2"].contains(&n.as_str()))
             .cloned()
             .collect();
-        assert_refused(&h, &ran, &fresh, &[taken], &data, &processes);
+        assert_clone_refused(&h, &ran, &fresh, &[taken], &data, &processes);
         assert_eq!(pids_with_arg(&data), processes, "processes after {flags:?}");
         assert_eq!(
             rows_of(&h, &["busy".to_string(), "set-2".to_string()]),
@@ -696,9 +599,9 @@ fn a_clone_name_in_use_is_refused_before_any_clone_starts() {
                 h.log(name)
             );
         }
-        assert_eq!([keeper_secret(&h, "u1"), keeper_secret(&h, "u2")], secrets);
+        assert_eq!([keeper(&h, "u1").secret, keeper(&h, "u2").secret], secrets);
         for aid in ["x", "s-1", "s-3"] {
-            let ran = h.client(aid, &["python3", "-c", QUERY]);
+            let ran = query_keeper(&h, aid, "");
             assert!(!ran.success(), "AID {aid} has no instance: {ran}");
         }
     }

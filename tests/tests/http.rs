@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 
-use common::{port_pairs, Harness};
+use common::{pid_of, port_pairs, Harness};
 
 #[test]
 fn three_http_servers_on_port_9000_each_serve_their_own_aid() {
@@ -110,7 +110,7 @@ fn children_of_the_application_stay_supervised() {
 
     let row = h.instance("shell-m").expect("shell-m listed");
     assert!(
-        common::cmdline(row["pid"].as_u64().unwrap() as u32).starts_with("sh "),
+        common::cmdline(pid_of(&row)).starts_with("sh "),
         "the application is the shell, python its child: {row}"
     );
     // The bind came from the shell's child, yet it is translated.

@@ -4,7 +4,7 @@ mod common;
 
 use std::fs;
 
-use common::{alive, free_port, poll, port_pairs, script, Harness, READY};
+use common::{alive, free_port, pid_of, poll, port_pairs, script, Harness, READY};
 
 #[test]
 fn killing_the_supervisor_takes_the_instance_with_it() {
@@ -20,7 +20,7 @@ fn killing_the_supervisor_takes_the_instance_with_it() {
     h.start("web-e", "e", &dir, &[], &command);
     h.wait_log("web-e", "port 9400");
     let row = h.instance("web-e").expect("web-e listed");
-    let app = row["pid"].as_u64().unwrap() as u32;
+    let app = pid_of(&row);
     let supervisor = row["supervisor_pid"].as_u64().unwrap() as u32;
     assert!(alive(app) && alive(supervisor), "{row}");
 
@@ -43,7 +43,7 @@ fn killing_the_supervisor_takes_the_instance_with_it() {
     assert!(got.success(), "{got}");
     assert!(got.stdout.contains("survivor.txt"), "{got}");
     let row = h.instance("web-e").expect("new web-e listed");
-    assert_ne!(row["pid"].as_u64().unwrap() as u32, app, "{row}");
+    assert_ne!(pid_of(&row), app, "{row}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{alive, children, cmdline, poll, Harness, READY};
+use common::{alive, children, cmdline, pid_of, poll, Harness, READY};
 
 /// Everything nginx writes goes below `dir`, so instances share nothing.
 fn write_config(dir: &Path, greeting: &str) -> String {
@@ -80,7 +80,7 @@ fn nginx_instances_serve_their_own_aid_and_stop_completely() {
                 "daemon off;",
             ],
         );
-        let master = h.instance(&name).expect("listed")["pid"].as_u64().unwrap() as u32;
+        let master = pid_of(&h.instance(&name).expect("listed"));
         assert!(
             cmdline(master).contains("nginx: master process"),
             "ps pid {master} should be the nginx master: {:?}",

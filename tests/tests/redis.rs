@@ -4,24 +4,10 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{port_pairs, Harness};
-
-fn cli(h: &Harness, aid: &str, args: &[&str]) -> String {
-    let mut command = vec!["redis-cli", "-p", "6379"];
-    command.extend_from_slice(args);
-    let ran = h.client(aid, &command);
-    assert!(ran.success(), "redis-cli {args:?} under {aid}: {ran}");
-    // redis-cli exits 0 on connection errors too; they go to stderr/stdout
-    // as text, so a refused connection must not pass for an answer.
-    assert!(
-        !ran.stdout.contains("Could not connect") && !ran.stderr.contains("Could not connect"),
-        "redis-cli {args:?} under {aid}: {ran}"
-    );
-    ran.stdout.trim().to_string()
-}
+use common::{port_pairs, redis_cli, start_redis, Harness};
 
 fn dbsize(h: &Harness, aid: &str) -> u64 {
-    let out = cli(h, aid, &["DBSIZE"]);
+    let out = redis_cli(h, aid, &["DBSIZE"]);
     out.parse()
         .unwrap_or_else(|_| panic!("DBSIZE under {aid}: {out:?}"))
 }
@@ -36,25 +22,7 @@ fn redis_instances_on_6379_keep_their_data_apart() {
     };
     let aids = ["ra", "rb", "rc"];
     for aid in aids {
-        let dir = h.dir(aid);
-        h.start(
-            &format!("redis-{aid}"),
-            aid,
-            &dir,
-            &[],
-            &[
-                "redis-server",
-                "--port",
-                "6379",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        );
-    }
-    for aid in aids {
-        h.wait_log(&format!("redis-{aid}"), "Ready to accept connections");
+        start_redis(&mut h, &format!("redis-{aid}"), aid, &[]);
     }
 
     // Not assuming real == virtual: the host may run its own redis on 6379.
@@ -68,13 +36,17 @@ fn redis_instances_on_6379_keep_their_data_apart() {
         }
     }
 
-    assert_eq!(cli(&h, "ra", &["SET", "owner", "value-of-ra"]), "OK");
-    assert_eq!(cli(&h, "rb", &["SET", "owner", "value-of-rb"]), "OK");
-    assert_eq!(cli(&h, "rb", &["SET", "only-rb", "1"]), "OK");
-    assert_eq!(cli(&h, "ra", &["GET", "owner"]), "value-of-ra");
-    assert_eq!(cli(&h, "rb", &["GET", "owner"]), "value-of-rb");
-    assert_eq!(cli(&h, "rc", &["GET", "owner"]), "", "rc never set it");
-    assert_eq!(cli(&h, "ra", &["EXISTS", "only-rb"]), "0");
+    assert_eq!(redis_cli(&h, "ra", &["SET", "owner", "value-of-ra"]), "OK");
+    assert_eq!(redis_cli(&h, "rb", &["SET", "owner", "value-of-rb"]), "OK");
+    assert_eq!(redis_cli(&h, "rb", &["SET", "only-rb", "1"]), "OK");
+    assert_eq!(redis_cli(&h, "ra", &["GET", "owner"]), "value-of-ra");
+    assert_eq!(redis_cli(&h, "rb", &["GET", "owner"]), "value-of-rb");
+    assert_eq!(
+        redis_cli(&h, "rc", &["GET", "owner"]),
+        "",
+        "rc never set it"
+    );
+    assert_eq!(redis_cli(&h, "ra", &["EXISTS", "only-rb"]), "0");
     assert_eq!(
         [dbsize(&h, "ra"), dbsize(&h, "rb"), dbsize(&h, "rc")],
         [1, 2, 0]
@@ -101,7 +73,7 @@ fn redis_instances_on_6379_keep_their_data_apart() {
             "redis-benchmark did not finish {test}: {bench}"
         );
     }
-    assert_eq!(cli(&h, "rc", &["EXISTS", "key:__rand_int__"]), "1");
+    assert_eq!(redis_cli(&h, "rc", &["EXISTS", "key:__rand_int__"]), "1");
     assert_eq!(
         [dbsize(&h, "ra"), dbsize(&h, "rb"), dbsize(&h, "rc")],
         [1, 2, 1],

@@ -11,64 +11,11 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{alive, pids_with_arg, poll, port_pairs, Harness, Ran, READY};
+use common::{
+    alive, ask_keeper, assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg,
+    poll, port_pairs, redis_cli, start_keeper, start_redis, Harness, Keeper, Ran, READY,
+};
 use serde_json::Value;
-
-/// One connection to 127.0.0.1:9000: sends argv[1] (possibly nothing),
-/// half-closes so statekeeper answers at once, prints the answer.
-const QUERY: &str = "import socket, sys\n\
-s = socket.create_connection(('127.0.0.1', 9000), timeout=10)\n\
-s.sendall(sys.argv[1].encode())\n\
-s.shutdown(socket.SHUT_WR)\n\
-print(s.makefile().read(), end='')\n";
-
-/// What statekeeper answers: `secret=HEX counters=A,B,C offset=N next=XY pid=P`.
-#[derive(Debug, Clone)]
-struct Keeper {
-    line: String,
-    secret: String,
-    counters: [u64; 3],
-    offset: u64,
-    next: String,
-    pid: u32,
-}
-
-fn parse_keeper(line: &str) -> Keeper {
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-            .unwrap_or_else(|| panic!("statekeeper answer without {key}: {line:?}"))
-            .to_string()
-    };
-    let counters: Vec<u64> = field("counters")
-        .split(',')
-        .map(|c| c.parse().unwrap_or_else(|_| panic!("counters in {line:?}")))
-        .collect();
-    Keeper {
-        line: line.to_string(),
-        secret: field("secret"),
-        counters: counters
-            .try_into()
-            .unwrap_or_else(|_| panic!("three counters in {line:?}")),
-        offset: field("offset").parse().expect("offset"),
-        next: field("next"),
-        pid: field("pid").parse().expect("pid"),
-    }
-}
-
-/// One statekeeper connection under `aid`; `send` is "" or "pipe\n".
-fn ask(h: &Harness, aid: &str, send: &str) -> String {
-    let ran = h.client(aid, &["python3", "-c", QUERY, send]);
-    assert!(
-        ran.success(),
-        "statekeeper query {send:?} under AID {aid}: {ran}"
-    );
-    ran.stdout.trim_end().to_string()
-}
-
-fn keeper(h: &Harness, aid: &str) -> Keeper {
-    parse_keeper(&ask(h, aid, ""))
-}
 
 /// Polls until every counter has passed those of `than` (the worker threads
 /// run); returns that answer.
@@ -86,27 +33,13 @@ fn counters_pass(h: &Harness, aid: &str, than: &Keeper) -> Keeper {
     now
 }
 
-/// Starts statekeeper `bin` as `name` under `aid` on port 9000; returns its
-/// data file, a path unique to this test (so it finds the instance's
-/// processes, too).
-fn start_keeper(h: &mut Harness, name: &str, aid: &str, bin: &Path) -> String {
-    let dir = h.dir(name);
-    let data = dir.join(format!("{name}.data"));
-    let data = data.to_str().expect("utf-8 path").to_string();
-    let bin = bin.to_str().expect("utf-8 path");
-    h.start(name, aid, &dir, &[], &[bin, "9000", &data]);
-    h.wait_log(name, "statekeeper listening on port 9000");
-    data
-}
-
 /// `appshot snapshot NAME -o IMAGE` (no --leave-running): succeeds, and the
 /// instance is gone, with its translations and its application process.
 fn snapshot_and_stop(h: &Harness, name: &str, image: &Path) {
-    let app = h
-        .instance(name)
-        .unwrap_or_else(|| panic!("{name} listed before its snapshot"))["pid"]
-        .as_u64()
-        .expect("pid") as u32;
+    let app = pid_of(
+        &h.instance(name)
+            .unwrap_or_else(|| panic!("{name} listed before its snapshot")),
+    );
     let ran = h.snapshot(name, image, &[]);
     assert!(ran.success(), "appshot snapshot {name}: {ran}");
     assert!(ran.stdout.contains("stopped"), "snapshot {name}: {ran}");
@@ -137,10 +70,9 @@ fn snapshot_and_stop(h: &Harness, name: &str, image: &Path) {
     );
 }
 
-/// A refused restore: fails, says `object` and one of `why`, and leaves no
-/// instance `name`, no translation of it, and no process beyond `processes`
-/// of those whose command line contains `marker`.
-fn assert_refused(
+/// A refused restore: fails, says `object` and one of `why`, and leaves
+/// nothing behind ([`common::assert_left_nothing`]).
+fn assert_restore_refused(
     h: &Harness,
     ran: &Ran,
     name: &str,
@@ -154,25 +86,7 @@ fn assert_refused(
         ran.stderr.contains(object) && why.iter().any(|w| ran.stderr.contains(w)),
         "restore as {name}: the message must name {object} and say one of {why:?}: {ran}"
     );
-    assert!(
-        h.instance(name).is_none(),
-        "refused restore left instance {name} listed: {:#?}",
-        h.ps()
-    );
-    assert_eq!(
-        h.translations(name),
-        Vec::<Value>::new(),
-        "refused restore left translations of {name} in the registry"
-    );
-    let now = pids_with_arg(marker);
-    let extra: Vec<String> = now
-        .difference(processes)
-        .map(|p| format!("{p} ({})", common::cmdline(*p).trim_end()))
-        .collect();
-    assert!(
-        extra.is_empty(),
-        "refused restore as {name} left processes behind: {extra:?}"
-    );
+    assert_left_nothing(h, "restore", &[name], marker, processes);
 }
 
 fn header_u64(image: &[u8], at: usize) -> usize {
@@ -306,11 +220,15 @@ fn statekeeper_continues_where_it_stopped() {
     counters_pass(&h, "s", &after);
 
     assert_eq!(
-        ask(&h, "s", "pipe\n"),
+        ask_keeper(&h, "s", "pipe\n"),
         "pipe=pipe-bytes",
         "the unread pipe bytes survive"
     );
-    assert_eq!(ask(&h, "s", "pipe\n"), "pipe=", "and are read only once");
+    assert_eq!(
+        ask_keeper(&h, "s", "pipe\n"),
+        "pipe=",
+        "and are read only once"
+    );
     assert_eq!(keeper(&h, "s").secret, before.secret);
 }
 
@@ -376,25 +294,6 @@ fn http_server_serves_its_aid_again_after_restore() {
     );
 }
 
-fn redis_cli(h: &Harness, aid: &str, args: &[&str]) -> String {
-    let mut command = vec!["redis-cli", "-p", "6379"];
-    command.extend_from_slice(args);
-    let ran = h.client(aid, &command);
-    assert!(ran.success(), "redis-cli {args:?} under {aid}: {ran}");
-    assert!(
-        !ran.stdout.contains("Could not connect") && !ran.stderr.contains("Could not connect"),
-        "redis-cli {args:?} under {aid}: {ran}"
-    );
-    ran.stdout.trim().to_string()
-}
-
-fn info_field(info: &str, key: &str) -> String {
-    info.lines()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("INFO server without {key}:\n{info}"))
-        .to_string()
-}
-
 #[test]
 fn redis_keeps_its_keys_and_identity_across_restore() {
     let Some(mut h) = Harness::new(
@@ -403,23 +302,7 @@ fn redis_keeps_its_keys_and_identity_across_restore() {
     ) else {
         return;
     };
-    let dir = h.dir("redis");
-    h.start(
-        "redis-r",
-        "r",
-        &dir,
-        &[],
-        &[
-            "redis-server",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-    );
-    h.wait_log("redis-r", "Ready to accept connections");
+    start_redis(&mut h, "redis-r", "r", &[]);
     for i in 0..20 {
         let (k, v) = (format!("key-{i}"), format!("value-{i}"));
         assert_eq!(redis_cli(&h, "r", &["SET", &k, &v]), "OK");
@@ -506,14 +389,22 @@ fn leave_running_snapshot_restores_a_copy_beside_the_original() {
 
     // Each AID reaches its own process: the copy's pipe is drained, the
     // original's still holds its bytes.
-    assert_eq!(ask(&h, "lb", "pipe\n"), "pipe=pipe-bytes", "copy's pipe");
-    assert_eq!(ask(&h, "lb", "pipe\n"), "pipe=", "copy's pipe drained");
     assert_eq!(
-        ask(&h, "la", "pipe\n"),
+        ask_keeper(&h, "lb", "pipe\n"),
+        "pipe=pipe-bytes",
+        "copy's pipe"
+    );
+    assert_eq!(
+        ask_keeper(&h, "lb", "pipe\n"),
+        "pipe=",
+        "copy's pipe drained"
+    );
+    assert_eq!(
+        ask_keeper(&h, "la", "pipe\n"),
         "pipe=pipe-bytes",
         "the original's pipe is its own (and survived the snapshot)"
     );
-    assert_eq!(ask(&h, "la", "pipe\n"), "pipe=");
+    assert_eq!(ask_keeper(&h, "la", "pipe\n"), "pipe=");
     counters_pass(&h, "la", &orig_now);
     counters_pass(&h, "lb", &copy);
 
@@ -566,7 +457,7 @@ fn damaged_images_are_refused_and_leave_nothing_behind() {
             !ran.success(),
             "case {case} ({what}): restore must be refused: {ran}"
         );
-        assert_refused(&h, &ran, &name, path, why, &data, &none);
+        assert_restore_refused(&h, &ran, &name, path, why, &data, &none);
         // The image's own name is not taken by it either.
         assert!(h.instance("damaged").is_none(), "case {case} ({what})");
     };
@@ -624,7 +515,7 @@ fn a_small_text_file_is_refused_as_not_an_image() {
     let path = h.dir("images").join("notes.txt");
     fs::write(&path, "hello, I am a text file\n").unwrap();
     let ran = h.try_restore("notes", &path, &["--name", "notes"]);
-    assert_refused(
+    assert_restore_refused(
         &h,
         &ran,
         "notes",
@@ -644,9 +535,7 @@ fn restore_refuses_a_name_in_use_and_changed_files_and_leaves_nothing_behind() {
         return;
     };
     // Run from a copy, so the test can take the executable away.
-    let compiled = h.compile("statekeeper.c", "statekeeper");
-    let bin = h.dir("copy").join("statekeeper-copy");
-    fs::copy(&compiled, &bin).unwrap();
+    let (_, bin) = keeper_copy(&h);
     let data = start_keeper(&mut h, "held", "e", &bin);
     let image = h.dir("images").join("held.img");
     snapshot_and_stop(&h, "held", &image);
@@ -687,7 +576,7 @@ fn restore_refuses_a_name_in_use_and_changed_files_and_leaves_nothing_behind() {
     fs::remove_file(&data).unwrap();
     fs::create_dir(&data).unwrap();
     let ran = h.try_restore("late", &image, &["--name", "late"]);
-    assert_refused(&h, &ran, "late", &data, &["directory"], &data, &none);
+    assert_restore_refused(&h, &ran, "late", &data, &["directory"], &data, &none);
     fs::remove_dir(&data).unwrap();
     fs::write(&data, "0123456789").unwrap();
 
@@ -695,12 +584,12 @@ fn restore_refuses_a_name_in_use_and_changed_files_and_leaves_nothing_behind() {
     let exe = bin.to_str().unwrap();
     fs::remove_file(&bin).unwrap();
     let ran = h.try_restore("held", &image, &[]);
-    assert_refused(&h, &ran, "held", exe, &["missing"], &data, &none);
+    assert_restore_refused(&h, &ran, "held", exe, &["missing"], &data, &none);
 
     // The executable is back, but another file.
     fs::write(&bin, b"#!/bin/sh\nexit 0\n").unwrap();
     let ran = h.try_restore("held", &image, &[]);
-    assert_refused(&h, &ran, "held", exe, &["changed"], &data, &none);
+    assert_restore_refused(&h, &ran, "held", exe, &["changed"], &data, &none);
 }
 
 #[test]
@@ -722,7 +611,7 @@ fn multi_process_instance_is_not_snapshotted_and_runs_on() {
     );
     h.wait_log("family", "port 9000");
     let row = h.instance("family").expect("family listed");
-    let app = row["pid"].as_u64().unwrap() as u32;
+    let app = pid_of(&row);
     assert!(
         !common::children(app).is_empty(),
         "the application has a child: {row}"

@@ -37,9 +37,9 @@ fn skip(test: &str, reason: &str) {
     uncaptured(&format!("SKIP {test}: {reason}"));
 }
 
-/// libtest swallows `eprintln!` of passing tests; a skip or a stale binary
-/// must be visible in a plain `cargo test` run.
-fn uncaptured(line: &str) {
+/// libtest swallows `eprintln!` of passing tests; a skip, a stale binary or
+/// a measurement must be visible in a plain `cargo test` run.
+pub fn uncaptured(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
 }
@@ -231,6 +231,13 @@ pub fn children(pid: u32) -> Vec<u32> {
                 .collect::<Vec<u32>>()
         })
         .collect()
+}
+
+/// The application's PID of a `ps --json` row.
+pub fn pid_of(row: &Value) -> u32 {
+    row["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("ps row without pid: {row}")) as u32
 }
 
 pub fn cmdline(pid: u32) -> String {
@@ -446,10 +453,7 @@ impl Harness {
         self.started.push(name.to_string());
         let ran = run(&mut cmd, COMMAND_TIMEOUT);
         if let Some(row) = self.instance(name) {
-            let pid = |key: &str| row[key].as_u64().and_then(|p| Proc::of(p as u32));
-            let init = pid("pid").and_then(|app| app.ppid()).and_then(Proc::of);
-            self.processes
-                .extend([init, pid("supervisor_pid")].into_iter().flatten());
+            self.record_processes(&row);
         }
         ran
     }
@@ -716,4 +720,170 @@ impl Drop for Harness {
         }
         poll(READY, || !survivors.iter().any(Proc::running));
     }
+}
+
+/// What a refused `appshot restore` or `appshot clone` (`refused`, for the
+/// messages) must leave: none of `names` listed or owning a translation, and
+/// no process beyond `processes` with `marker` (a path unique to the test) on
+/// its command line. A refusal can come after processes were started, so
+/// this also checks that they were taken down again.
+pub fn assert_left_nothing<N: AsRef<str> + fmt::Debug>(
+    h: &Harness,
+    refused: &str,
+    names: &[N],
+    marker: &str,
+    processes: &BTreeSet<u32>,
+) {
+    let ps = h.ps();
+    for name in names.iter().map(AsRef::as_ref) {
+        assert!(
+            !ps.iter().any(|r| r["name"] == name),
+            "refused {refused} left instance {name} listed: {ps:#?}"
+        );
+        assert_eq!(
+            h.translations(name),
+            Vec::<Value>::new(),
+            "refused {refused} left translations of {name} in the registry"
+        );
+    }
+    let extra: Vec<String> = pids_with_arg(marker)
+        .difference(processes)
+        .map(|p| format!("{p} ({})", cmdline(*p).trim_end()))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "refused {refused} as {names:?} left processes behind: {extra:?}"
+    );
+}
+
+/// Starts an unmodified `redis-server` on port 6379 as `name` under `aid`,
+/// persisting nothing (no RDB, no AOF), with `extra` flags; waits until it
+/// accepts connections.
+pub fn start_redis(h: &mut Harness, name: &str, aid: &str, extra: &[&str]) {
+    let dir = h.dir(name);
+    let mut command = vec![
+        "redis-server",
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    command.extend_from_slice(extra);
+    h.start(name, aid, &dir, &[], &command);
+    h.wait_log(name, "Ready to accept connections");
+}
+
+/// `redis-cli -p 6379 ARGS` under `aid`; its trimmed answer. redis-cli
+/// exits 0 on connection errors too, printing them as text, so this also
+/// makes sure a refused connection does not pass for an answer.
+pub fn redis_cli(h: &Harness, aid: &str, args: &[&str]) -> String {
+    let mut command = vec!["redis-cli", "-p", "6379"];
+    command.extend_from_slice(args);
+    let ran = h.client(aid, &command);
+    assert!(ran.success(), "redis-cli {args:?} under {aid}: {ran}");
+    assert!(
+        !ran.stdout.contains("Could not connect") && !ran.stderr.contains("Could not connect"),
+        "redis-cli {args:?} under {aid}: {ran}"
+    );
+    ran.stdout.trim().to_string()
+}
+
+/// The value of `key` in the `key:value` lines of a redis `INFO` answer.
+pub fn info_field(info: &str, key: &str) -> String {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("INFO without {key}:\n{info}"))
+        .to_string()
+}
+
+/// statekeeper compiled, and a copy of it to run from, so that a test can
+/// change or take away the executable of an instance: (compiled, copy).
+pub fn keeper_copy(h: &Harness) -> (PathBuf, PathBuf) {
+    let compiled = h.compile("statekeeper.c", "statekeeper");
+    let copy = h.dir("copy").join("statekeeper-copy");
+    fs::copy(&compiled, &copy)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", compiled.display(), copy.display()));
+    (compiled, copy)
+}
+
+/// Starts statekeeper (`tests/programs/statekeeper.c`, compiled to `bin`)
+/// as `name` under `aid` on port 9000; returns its data file's path, unique
+/// to the test, which every process of the instance (and of its clones and
+/// restored copies) has on its command line.
+pub fn start_keeper(h: &mut Harness, name: &str, aid: &str, bin: &Path) -> String {
+    let dir = h.dir(name);
+    let data = dir.join(format!("{name}.data"));
+    let data = data.to_str().expect("utf-8 path").to_string();
+    let bin = bin.to_str().expect("utf-8 path");
+    h.start(name, aid, &dir, &[], &[bin, "9000", &data]);
+    h.wait_log(name, "statekeeper listening on port 9000");
+    data
+}
+
+/// One connection to statekeeper on 127.0.0.1:9000: sends argv[1] (possibly
+/// nothing), half-closes so statekeeper answers at once, prints the answer.
+const KEEPER_QUERY: &str = "import socket, sys\n\
+s = socket.create_connection(('127.0.0.1', 9000), timeout=10)\n\
+s.sendall(sys.argv[1].encode())\n\
+s.shutdown(socket.SHUT_WR)\n\
+print(s.makefile().read(), end='')\n";
+
+/// One statekeeper connection under `aid`, sending `send` ("" or "pipe\n"),
+/// whether or not it succeeds.
+pub fn query_keeper(h: &Harness, aid: &str, send: &str) -> Ran {
+    h.client(aid, &["python3", "-c", KEEPER_QUERY, send])
+}
+
+/// [`query_keeper`], asserted to succeed; the answer without its newline.
+pub fn ask_keeper(h: &Harness, aid: &str, send: &str) -> String {
+    let ran = query_keeper(h, aid, send);
+    assert!(
+        ran.success(),
+        "statekeeper query {send:?} under AID {aid}: {ran}"
+    );
+    ran.stdout.trim_end().to_string()
+}
+
+/// What statekeeper answers: `secret=HEX counters=A,B,C offset=N next=XY pid=P`.
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    pub line: String,
+    /// Random bytes on the heap: the same only in the same process, or a
+    /// snapshot, restore or clone of it.
+    pub secret: String,
+    pub counters: [u64; 3],
+    pub offset: u64,
+    pub next: String,
+    pub pid: u32,
+}
+
+/// Parses a statekeeper answer; every field must be there.
+fn parse_keeper(line: &str) -> Keeper {
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("statekeeper answer without {key}: {line:?}"))
+            .to_string()
+    };
+    let counters: Vec<u64> = field("counters")
+        .split(',')
+        .map(|c| c.parse().unwrap_or_else(|_| panic!("counters in {line:?}")))
+        .collect();
+    Keeper {
+        line: line.to_string(),
+        secret: field("secret"),
+        counters: counters
+            .try_into()
+            .unwrap_or_else(|_| panic!("three counters in {line:?}")),
+        offset: field("offset").parse().expect("offset"),
+        next: field("next"),
+        pid: field("pid").parse().expect("pid"),
+    }
+}
+
+/// statekeeper's state under `aid`, from one connection.
+pub fn keeper(h: &Harness, aid: &str) -> Keeper {
+    parse_keeper(&ask_keeper(h, aid, ""))
 }
