@@ -651,3 +651,79 @@ fn multi_process_instance_is_not_snapshotted_and_runs_on() {
         "the instance runs; the message must not say it did not start: {ran}"
     );
 }
+
+const PY_BIG: &str = r#"
+import os, socket, sys
+data = bytearray(os.urandom(1 << 20)) * 768   # 768 MiB that is not zero
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"alive %d\n" % sum(data[::1 << 20]))
+    c.close()
+"#;
+
+/// The inode, size and mtime of a file: an image replaced by rename gets a
+/// new inode, so an unchanged triple means the file was never touched.
+fn identity(path: &Path) -> (u64, u64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("image exists");
+    (
+        m.ino(),
+        m.size(),
+        m.mtime_nsec() + m.mtime() * 1_000_000_000,
+    )
+}
+
+#[test]
+fn a_snapshot_killed_midway_leaves_the_instance_running_and_the_image_intact() {
+    let test = "a_snapshot_killed_midway_leaves_the_instance_running_and_the_image_intact";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("big");
+    let program = dir.join("big.py");
+    std::fs::write(&program, PY_BIG).unwrap();
+    let program = program.to_string_lossy().into_owned();
+    h.start("big", "big", &dir, &[], &["python3", &program, "9600"]);
+    h.wait_log("big", "ready");
+    let ask = "import socket; s = socket.create_connection(('127.0.0.1', 9600)); print(s.recv(64).decode().strip())";
+    let before = h.client("big", &["python3", "-c", ask]);
+    assert!(before.stdout.starts_with("alive"), "{before}");
+
+    let image = h.dir("images").join("big.img");
+    let first = h.snapshot("big", &image, &["--leave-running"]);
+    assert!(first.success(), "{first}");
+    let kept = identity(&image);
+
+    let mut cmd = h.appshot();
+    cmd.args(["snapshot", "big", "--leave-running", "-o"])
+        .arg(&image);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut second = cmd.spawn().expect("appshot snapshot starts");
+    let temporary = image.with_file_name(format!(".big.img.tmp.{}", second.id()));
+    // The temporary appears once the process is frozen and its pages are
+    // being written: the middle of the dump.
+    let midway = common::poll(std::time::Duration::from_secs(30), || temporary.exists());
+    second.kill().unwrap();
+    let _ = second.wait();
+    assert!(midway, "the second snapshot never started writing");
+
+    let after = h.client("big", &["python3", "-c", ask]);
+    assert_eq!(
+        after.stdout, before.stdout,
+        "the instance runs on with its memory: {after}"
+    );
+    assert!(h.instance("big").is_some(), "big is still listed");
+    assert_eq!(identity(&image), kept, "the previous image was not touched");
+
+    let third = h.snapshot("big", &image, &["--leave-running"]);
+    assert!(third.success(), "{third}");
+    assert!(
+        !temporary.exists(),
+        "the killed snapshot's temporary is swept"
+    );
+}
