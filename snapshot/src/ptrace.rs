@@ -164,8 +164,25 @@ impl Frozen {
     }
 
     /// An injector for this process's threads, with its code at `code`.
+    /// Each thread's registers are put back after every call.
     pub fn injector(&self, code: u64) -> Injector<'_> {
-        Injector { frozen: self, code }
+        Injector {
+            frozen: self,
+            code,
+            template: None,
+        }
+    }
+
+    /// An injector for a process being rebuilt, whose registers are all
+    /// set at the end anyway: every call starts from `template` (any valid
+    /// user-mode register set of the process) and nothing is put back,
+    /// which saves two of the six ptrace requests of a call.
+    pub fn rebuilding_injector(&self, code: u64, template: libc::user_regs_struct) -> Injector<'_> {
+        Injector {
+            frozen: self,
+            code,
+            template: Some(template),
+        }
     }
 }
 
@@ -180,6 +197,7 @@ impl Drop for Frozen {
 pub struct Injector<'a> {
     frozen: &'a Frozen,
     pub code: u64,
+    template: Option<libc::user_regs_struct>,
 }
 
 /// What an injected syscall returned, and the new thread if it cloned one.
@@ -190,10 +208,14 @@ pub struct Injected {
 
 impl Injector<'_> {
     /// Executes syscall `nr` in thread `tid` and returns its raw result
-    /// (negative errno on failure). The thread's registers are put back.
+    /// (negative errno on failure). The thread's registers are put back,
+    /// unless this injector is rebuilding the process.
     pub fn call(&self, tid: u32, nr: i64, args: &[u64]) -> Result<Injected, SnapshotError> {
-        let saved = ptrace::getregs(pid(tid))
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?;
+        let saved = match self.template {
+            Some(t) => t,
+            None => ptrace::getregs(pid(tid))
+                .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?,
+        };
         let mut regs = saved;
         let a = |i: usize| args.get(i).copied().unwrap_or(0);
         regs.rax = nr as u64;
@@ -246,11 +268,15 @@ impl Injector<'_> {
                 Err(e) => return Err(SnapshotError::process(tid, "waitpid", e)),
             }
         }
-        let ret = ptrace::getregs(pid(tid))
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?
-            .rax as i64;
-        ptrace::setregs(pid(tid), saved)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+        // rax alone, rather than the whole register set.
+        const RAX: usize = 10 * 8;
+        let ret = ptrace::read_user(pid(tid), RAX as ptrace::AddressType)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKUSER rax", e))?
+            as i64;
+        if self.template.is_none() {
+            ptrace::setregs(pid(tid), saved)
+                .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+        }
         Ok(Injected { ret, cloned })
     }
 

@@ -138,10 +138,12 @@ pub fn restore(
         .start;
     let pid = stub_pid;
     map_scratch(&frozen, &mem, text, Some(scratch), SCRATCH)?;
+    let template = ptrace::getregs(Pid::from_raw(pid as i32))
+        .map_err(|e| SnapshotError::process(pid, "PTRACE_GETREGS", e))?;
     let data = scratch + DATA;
 
     {
-        let inj = frozen.injector(scratch);
+        let inj = frozen.rebuilding_injector(scratch, template);
         // The stub inherited its parent's rseq registration; the kernel
         // would write into memory about to disappear.
         if let Ok(c) = xptrace::rseq_config(pid) {
@@ -201,7 +203,13 @@ pub fn restore(
             )?;
         }
     }
-    let listener = install_filter(&frozen, &mem, scratch, data, hooks.filter)?;
+    let listener = install_filter(
+        &frozen.rebuilding_injector(scratch, template),
+        pid,
+        &mem,
+        data,
+        hooks.filter,
+    )?;
 
     let mut host_tids: BTreeMap<u32, u32> = BTreeMap::new();
     host_tids.insert(main_image.ns_tid, pid);
@@ -229,12 +237,19 @@ pub fn restore(
 
     for t in &p.threads {
         let tid = host_tids[&t.ns_tid];
-        restore_thread_state(&frozen.injector(scratch), &mem, tid, data, t, p.ns_pid)?;
+        restore_thread_state(
+            &frozen.rebuilding_injector(scratch, template),
+            &mem,
+            tid,
+            data,
+            t,
+            p.ns_pid,
+        )?;
     }
     for info in &p.shared_pending {
         mem.write(data, info)?;
         let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
-        frozen.injector(scratch).ok(
+        frozen.rebuilding_injector(scratch, template).ok(
             pid,
             "rt_sigqueueinfo",
             libc::SYS_rt_sigqueueinfo,
@@ -743,13 +758,12 @@ fn restore_fds(
 }
 
 fn install_filter(
-    frozen: &Frozen,
+    inj: &Injector,
+    pid: u32,
     mem: &Memory,
-    scratch: u64,
     data: u64,
     filter: &[SockFilter],
 ) -> Result<OwnedFd, SnapshotError> {
-    let pid = frozen.pid;
     let prog_at = data + 64;
     let mut prog = Vec::with_capacity(filter.len() * 8);
     for i in filter {
@@ -762,7 +776,6 @@ fn install_filter(
     let mut fprog = (filter.len() as u64).to_ne_bytes().to_vec();
     fprog.extend_from_slice(&prog_at.to_ne_bytes());
     mem.write(data, &fprog)?;
-    let inj = frozen.injector(scratch);
     let theirs = inj.ok(
         pid,
         "seccomp filter",
