@@ -6,12 +6,16 @@
 //! memory once; the task's memory is never rewritten to then let the kernel
 //! continue, which would race with the task's other threads.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use appshot_sys::{pidfd, seccomp};
-use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::sys::uio::{process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use seccomp::Response;
 use tracing::{debug, warn};
@@ -20,6 +24,51 @@ use crate::multiplex::Multiplexer;
 
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 
+/// What the supervisor holds on a supervised thread, kept from one of its
+/// notifications to the next: opening them costs a ptrace access check
+/// each time. A handle outlived by its thread fails (a pidfd names one
+/// task, never its TID's next owner; /proc/TID/mem reads nothing once the
+/// address space it was opened on is gone), and is then opened anew.
+struct TaskHandles {
+    pidfd: OwnedFd,
+    mem: File,
+}
+
+impl TaskHandles {
+    fn open(tid: u32) -> std::io::Result<TaskHandles> {
+        Ok(TaskHandles {
+            pidfd: pidfd::open_thread(tid)?,
+            mem: File::open(format!("/proc/{tid}/mem"))?,
+        })
+    }
+}
+
+/// The handles of the threads that made notifications recently.
+#[derive(Default)]
+struct Tasks(HashMap<u32, Arc<TaskHandles>>);
+
+/// Beyond this many threads the cache starts over rather than grow.
+const TASKS_MAX: usize = 4096;
+
+impl Tasks {
+    fn get(&mut self, tid: u32) -> std::io::Result<Arc<TaskHandles>> {
+        if let Some(h) = self.0.get(&tid) {
+            return Ok(Arc::clone(h));
+        }
+        if self.0.len() >= TASKS_MAX {
+            self.0.clear();
+        }
+        let h = Arc::new(TaskHandles::open(tid)?);
+        self.0.insert(tid, Arc::clone(&h));
+        Ok(h)
+    }
+
+    fn reopen(&mut self, tid: u32) -> std::io::Result<Arc<TaskHandles>> {
+        self.0.remove(&tid);
+        self.get(tid)
+    }
+}
+
 /// One pending notified syscall and the means to act for its task.
 pub struct Call {
     pub id: u64,
@@ -27,7 +76,8 @@ pub struct Call {
     pub nr: i64,
     pub args: [u64; 6],
     listener: Arc<OwnedFd>,
-    pidfd: OwnedFd,
+    handles: RefCell<Arc<TaskHandles>>,
+    tasks: Arc<Mutex<Tasks>>,
 }
 
 impl Call {
@@ -36,9 +86,33 @@ impl Call {
         self.args[i] as u32 as i32
     }
 
+    /// Runs `op` on the task's handles; if it fails, once more on handles
+    /// opened anew, in case the cached ones outlived their thread. The
+    /// notification is checked after the reopen, as on first use: only
+    /// while it is pending does its TID name the notifying thread.
+    fn with_handles<T>(
+        &self,
+        mut op: impl FnMut(&TaskHandles) -> Result<T, i32>,
+    ) -> Result<T, i32> {
+        let first = op(&self.handles.borrow());
+        if first.is_ok() {
+            return first;
+        }
+        let fresh = self.tasks.lock().expect("task handles").reopen(self.tid);
+        match fresh {
+            Ok(h) if self.still_pending() => {
+                *self.handles.borrow_mut() = h;
+                op(&self.handles.borrow())
+            }
+            _ => first,
+        }
+    }
+
     /// The task's file descriptor `fd`, duplicated into the supervisor.
     pub fn task_fd(&self, fd: RawFd) -> Result<OwnedFd, i32> {
-        pidfd::get_fd(&self.pidfd, fd).map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
+        self.with_handles(|h| {
+            pidfd::get_fd(&h.pidfd, fd).map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
+        })
     }
 
     /// Copies `len` bytes from the task's address `addr`.
@@ -47,19 +121,11 @@ impl Call {
         if len == 0 {
             return Ok(buf);
         }
-        let remote = [RemoteIoVec {
-            base: addr as usize,
-            len,
-        }];
-        let n = process_vm_readv(
-            Pid::from_raw(self.tid as i32),
-            &mut [IoSliceMut::new(&mut buf)],
-            &remote,
-        )
-        .map_err(|_| libc::EFAULT)?;
-        if n != len {
-            return Err(libc::EFAULT);
-        }
+        self.with_handles(|h| {
+            h.mem
+                .read_exact_at(&mut buf, addr)
+                .map_err(|_| libc::EFAULT)
+        })?;
         Ok(buf)
     }
 
@@ -104,6 +170,7 @@ impl Call {
 
 /// Receives and handles notifications until the listener is gone.
 pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
+    let tasks = Arc::new(Mutex::new(Tasks::default()));
     loop {
         let n = match seccomp::recv(&listener) {
             Ok(n) => n,
@@ -126,10 +193,11 @@ pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
             let _ = seccomp::respond(&listener, n.id, Response::Errno(libc::ENOSYS));
             continue;
         }
-        // Resolve the TID to a pidfd first, then check the notification is
-        // still pending: only then is the pidfd known to be the caller.
-        let pidfd = match pidfd::open_thread(n.pid) {
-            Ok(fd) => fd,
+        // Resolve the TID to its handles first, then check the
+        // notification is still pending: only then do handles opened here
+        // belong to the caller (cached ones are checked on use).
+        let handles = match tasks.lock().expect("task handles").get(n.pid) {
+            Ok(h) => h,
             Err(_) => continue,
         };
         if !seccomp::id_valid(&listener, n.id) {
@@ -141,7 +209,8 @@ pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
             nr: i64::from(n.nr),
             args: n.args,
             listener: Arc::clone(&listener),
-            pidfd,
+            handles: RefCell::new(handles),
+            tasks: Arc::clone(&tasks),
         };
         mux.handle(call);
     }
