@@ -8,6 +8,10 @@
 # the bench from the repository root. The table goes to stdout; results.json
 # and results.md to bench/results/. --quick takes under 2 minutes, the full
 # run under 20.
+#
+# CRIU, the snapshot benchmark's peer, is not installed here: its rows get a
+# peer figure only where `criu` is already installed and `criu check` passes
+# (Debian 12's criu 3.17.1 fails it on Linux 6.18); otherwise they say why not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

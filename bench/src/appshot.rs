@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use serde::Deserialize;
@@ -16,6 +16,8 @@ use crate::procs;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// `appshot stop --time`: the grace before SIGKILL.
 const STOP_GRACE_SECS: u64 = 2;
+/// `appshot snapshot` of a GiB-sized instance on a busy machine.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct Appshot {
     binary: PathBuf,
@@ -28,6 +30,8 @@ pub struct Appshot {
 #[derive(Deserialize)]
 struct PsRow {
     name: String,
+    /// The application process, as the host sees it.
+    pid: u32,
     supervisor_pid: u32,
 }
 
@@ -59,7 +63,7 @@ impl Appshot {
     }
 
     /// A unique instance name: `PREFIX-N`.
-    fn name(&self, prefix: &str) -> String {
+    pub fn name(&self, prefix: &str) -> String {
         format!("{prefix}-{}", self.names.fetch_add(1, Ordering::Relaxed))
     }
 
@@ -121,14 +125,77 @@ impl Appshot {
         Ok(instance)
     }
 
-    /// The subcommands `appshot help` lists.
-    pub fn commands(&self) -> anyhow::Result<Vec<String>> {
-        let help = procs::run(
-            self.command().arg("help"),
-            "appshot help",
-            Duration::from_secs(30),
-        )?;
-        Ok(subcommands(&help))
+    /// `appshot snapshot NAME -o IMAGE FLAGS…`; returns its output line.
+    pub fn snapshot(&self, name: &str, image: &Path, flags: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = self.command();
+        cmd.args(["snapshot", name, "-o"]).arg(image).args(flags);
+        procs::run(
+            &mut cmd,
+            &format!("appshot snapshot {name} {}", flags.join(" ")),
+            SNAPSHOT_TIMEOUT,
+        )
+    }
+
+    /// `appshot restore IMAGE --detach --name NAME` (the image's AID);
+    /// returns the restored instance's guard and how long the command took.
+    pub fn restore(&self, image: &Path, name: &str) -> anyhow::Result<(Instance<'_>, Duration)> {
+        let mut cmd = self.command();
+        cmd.arg("restore")
+            .arg(image)
+            .args(["--detach", "--name", name]);
+        let what = format!("appshot restore {} --name {name}", image.display());
+        let started = Instant::now();
+        procs::run(&mut cmd, &format!("`{what}`"), START_TIMEOUT)?;
+        let took = started.elapsed();
+        Ok((self.adopt(name, what), took))
+    }
+
+    /// `appshot clone TEMPLATE --aid AID --count COUNT --detach`; returns a
+    /// guard for each clone it printed and how long the command took.
+    pub fn clone_template(
+        &self,
+        template: &Path,
+        aid: &str,
+        count: u32,
+    ) -> anyhow::Result<(Vec<Instance<'_>>, Duration)> {
+        let mut cmd = self.command();
+        cmd.arg("clone").arg(template).args([
+            "--aid",
+            aid,
+            "--count",
+            &count.to_string(),
+            "--detach",
+        ]);
+        let what = format!("appshot clone {} --aid {aid}", template.display());
+        let started = Instant::now();
+        let out = procs::run(&mut cmd, &format!("`{what}`"), START_TIMEOUT)?;
+        let took = started.elapsed();
+        let clones: Vec<Instance<'_>> = out
+            .split_whitespace()
+            .map(|name| self.adopt(name, format!("clone {name} ({what})")))
+            .collect();
+        if clones.len() != count as usize {
+            return Err(anyhow!(
+                "`{what} --count {count}` printed {} instance names: {out:?}",
+                clones.len()
+            ));
+        }
+        Ok((clones, took))
+    }
+
+    /// The guard of an instance started by another command.
+    fn adopt(&self, name: &str, what: String) -> Instance<'_> {
+        let supervisor_pid = self
+            .ps()
+            .ok()
+            .and_then(|rows| rows.into_iter().find(|r| r.name == name))
+            .map(|r| r.supervisor_pid);
+        Instance {
+            appshot: self,
+            name: name.to_string(),
+            what,
+            supervisor_pid,
+        }
     }
 
     /// Not interruptible: guards use it to clean up after an interrupt.
@@ -186,17 +253,6 @@ impl Drop for Appshot {
     }
 }
 
-/// The names of clap's "Commands:" section.
-fn subcommands(help: &str) -> Vec<String> {
-    help.lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with(' '))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(String::from)
-        .collect()
-}
-
 /// SIGKILL of the supervisor ends the instance too: its namespace init dies
 /// with it (parent-death signal), and every process of the namespace with
 /// the init.
@@ -216,15 +272,38 @@ pub struct Instance<'a> {
 }
 
 impl Instance<'_> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The application's PID, as the host sees it.
+    pub fn app_pid(&self) -> anyhow::Result<u32> {
+        self.appshot
+            .ps()?
+            .into_iter()
+            .find(|r| r.name == self.name)
+            .map(|r| r.pid)
+            .ok_or_else(|| anyhow!("{} is not listed by `appshot ps`", self.what))
+    }
+
+    /// The supervisor's log: `RUN_DIR/logs/NAME.log`.
+    pub fn log(&self) -> anyhow::Result<String> {
+        let path = self.log_path();
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.appshot
+            .run_dir
+            .join("logs")
+            .join(format!("{}.log", self.name))
+    }
+
     pub fn check_running(&self) -> anyhow::Result<()> {
         if self.appshot.is_running(&self.name)? {
             return Ok(());
         }
-        let log = self
-            .appshot
-            .run_dir
-            .join("logs")
-            .join(format!("{}.log", self.name));
+        let log = self.log_path();
         Err(anyhow!(
             "{} has exited{}",
             self.what,
@@ -292,17 +371,5 @@ impl Drop for Instance<'_> {
                 kill_supervisor(pid);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subcommands_come_from_the_commands_section() {
-        let help = "Run things\n\nUsage: appshot [OPTIONS] <COMMAND>\n\nCommands:\n  run       Run a command\n  snapshot  Save an instance\n  help      Print this message\n\nOptions:\n  -v, --verbose  More\n";
-        assert_eq!(subcommands(help), ["run", "snapshot", "help"]);
-        assert!(subcommands("no commands here").is_empty());
     }
 }

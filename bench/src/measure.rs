@@ -20,6 +20,11 @@ pub struct Plan {
     pub iperf_seconds: u32,
     pub redis_requests: u64,
     pub redis_pipelined_requests: u64,
+    /// Memory of the snapshot/restore/clone workload, MiB per size.
+    pub snapshot_sizes_mib: Vec<u64>,
+    /// Counted runs per snapshot size (after `warmup`): each run dumps,
+    /// restores and clones a process of that size.
+    pub snapshot_runs: usize,
 }
 
 impl Plan {
@@ -33,6 +38,8 @@ impl Plan {
             iperf_seconds: 2,
             redis_requests: 30_000,
             redis_pipelined_requests: 300_000,
+            snapshot_sizes_mib: vec![64, 256],
+            snapshot_runs: 3,
         }
     }
 
@@ -46,6 +53,8 @@ impl Plan {
             iperf_seconds: 3,
             redis_requests: 100_000,
             redis_pipelined_requests: 2_000_000,
+            snapshot_sizes_mib: vec![64, 256, 1024],
+            snapshot_runs: 5,
         }
     }
 }
@@ -58,6 +67,9 @@ pub enum Unit {
     ConnsPerSec,
     GbitPerSec,
     RequestsPerSec,
+    /// Milliseconds: lower is better.
+    Millis,
+    MiB,
 }
 
 impl Unit {
@@ -67,6 +79,8 @@ impl Unit {
             Unit::ConnsPerSec => "conn/s",
             Unit::GbitPerSec => "Gbit/s",
             Unit::RequestsPerSec => "req/s",
+            Unit::Millis => "ms",
+            Unit::MiB => "MiB",
         }
     }
 }
@@ -81,6 +95,47 @@ pub struct Measurement {
     pub warmup: Vec<f64>,
     pub samples: Vec<f64>,
     pub summary: Summary,
+}
+
+impl Measurement {
+    /// A measurement from the figures of consecutive runs, the first
+    /// `warmup` of them discarded: for benchmarks whose every run yields
+    /// several figures, which `interleaved` cannot collect. Fails on a
+    /// figure that is not positive and finite, or on too few runs.
+    pub fn from_runs(
+        benchmark: &str,
+        configuration: &str,
+        unit: Unit,
+        mut values: Vec<f64>,
+        warmup: usize,
+    ) -> anyhow::Result<Measurement> {
+        if let Some((i, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite() || **v <= 0.0)
+        {
+            return Err(anyhow!(
+                "{benchmark} / {configuration}: run {} gave {v}, not a positive figure",
+                i + 1
+            ));
+        }
+        if values.len() <= warmup {
+            return Err(anyhow!(
+                "{benchmark} / {configuration}: {} runs, none left after {warmup} warm-up",
+                values.len()
+            ));
+        }
+        let samples = values.split_off(warmup);
+        let summary = summarize(&samples).expect("finite samples");
+        Ok(Measurement {
+            benchmark: benchmark.to_string(),
+            configuration: configuration.to_string(),
+            unit,
+            warmup: values,
+            samples,
+            summary,
+        })
+    }
 }
 
 /// A configuration and how to run it once; it returns the figure of that
@@ -207,6 +262,20 @@ mod tests {
         let text = format!("{err:#}");
         assert!(text.contains("bench / broken"), "{text}");
         assert!(text.contains("server died"), "{text}");
+    }
+
+    #[test]
+    fn from_runs_discards_the_warmup_and_rejects_bad_figures() {
+        let m = Measurement::from_runs("b", "c", Unit::Millis, vec![90.0, 12.0, 10.0, 11.0], 1)
+            .unwrap();
+        assert_eq!(m.warmup, [90.0]);
+        assert_eq!(m.samples, [12.0, 10.0, 11.0]);
+        assert_eq!(m.summary.median, 11.0);
+        assert_eq!((m.summary.min, m.summary.max), (10.0, 12.0));
+        let err = Measurement::from_runs("b", "c", Unit::Millis, vec![1.0, 0.0], 1).unwrap_err();
+        assert!(err.to_string().contains("run 2 gave 0"), "{err}");
+        assert!(Measurement::from_runs("b", "c", Unit::Millis, vec![1.0, f64::NAN], 1).is_err());
+        assert!(Measurement::from_runs("b", "c", Unit::Millis, vec![1.0], 1).is_err());
     }
 
     #[test]

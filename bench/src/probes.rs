@@ -18,6 +18,11 @@ pub const CONNRATE: Probe = Probe {
     source: include_str!("../probes/connrate.c"),
 };
 
+pub const MEMHOLD: Probe = Probe {
+    name: "memhold",
+    source: include_str!("../probes/memhold.c"),
+};
+
 pub struct Probe {
     pub name: &'static str,
     pub source: &'static str,

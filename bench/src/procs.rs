@@ -13,6 +13,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -263,6 +264,117 @@ impl Drop for Background {
     }
 }
 
+/// A child whose output is read line by line as it comes, each line with
+/// the instant it arrived: when another process answered, measured without
+/// a clock shared with it. Killed (with its process group) if dropped
+/// before it ended.
+pub struct Lines {
+    what: String,
+    child: Child,
+    lines: Receiver<(Instant, String)>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    reaped: bool,
+}
+
+impl Lines {
+    pub fn spawn(cmd: &mut Command, what: &str) -> anyhow::Result<Lines> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = drain(child.stderr.take().expect("piped"));
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Lines {
+            what: what.to_string(),
+            child,
+            lines,
+            stderr: Some(stderr),
+            reaped: false,
+        })
+    }
+
+    /// The next line and when it arrived. Fails, with the child's stderr,
+    /// when the child ends its output first or after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> anyhow::Result<(Instant, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            match self.lines.recv_timeout(POLL) {
+                Ok(line) => return Ok(line),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait()?;
+                    self.reaped = true;
+                    let stderr = self.stderr_tail();
+                    bail!(
+                        "{} ended ({}) without printing the line expected{stderr}",
+                        self.what,
+                        describe(status),
+                    );
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                    bail!("{}: no line within {}s", self.what, timeout.as_secs())
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    /// Waits for the child to end; fails unless it ends successfully
+    /// within `timeout`.
+    pub fn wait_success(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.reaped = true;
+                break status;
+            }
+            check_interrupted()?;
+            if Instant::now() > deadline {
+                bail!("{} still running after {}s", self.what, timeout.as_secs());
+            }
+            std::thread::sleep(POLL);
+        };
+        if !status.success() {
+            let stderr = self.stderr_tail();
+            bail!("{} failed ({}){stderr}", self.what, describe(status));
+        }
+        Ok(())
+    }
+
+    fn stderr_tail(&mut self) -> String {
+        let text = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        tail("stderr", &text)
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        // Only while the leader is unreaped: its group ID is reserved until
+        // then, so the signal cannot reach a stranger.
+        if !self.reaped {
+            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn is_zombie_or_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
@@ -320,6 +432,35 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("timed out"));
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn lines_arrive_one_by_one_with_their_time() {
+        let mut lines = Lines::spawn(
+            Command::new("sh").args(["-c", "echo first; sleep 0.3; echo second"]),
+            "two lines",
+        )
+        .unwrap();
+        let (t1, first) = lines.next_line(Duration::from_secs(10)).unwrap();
+        let (t2, second) = lines.next_line(Duration::from_secs(10)).unwrap();
+        assert_eq!((first.as_str(), second.as_str()), ("first", "second"));
+        assert!(t2 - t1 >= Duration::from_millis(250), "{:?}", t2 - t1);
+        lines.wait_success(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn lines_report_a_child_that_ends_without_the_line() {
+        let mut lines = Lines::spawn(
+            Command::new("sh").args(["-c", "echo refused >&2; exit 1"]),
+            "silent child",
+        )
+        .unwrap();
+        let err = lines
+            .next_line(Duration::from_secs(10))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("silent child ended (exit status 1)"), "{err}");
+        assert!(err.contains("refused"), "{err}");
     }
 
     #[test]

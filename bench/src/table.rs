@@ -34,10 +34,13 @@ pub enum RowResult {
         /// appshot's median over the baseline's.
         ratio: f64,
     },
-    /// A feature appshot does not have yet: a row, never a number.
-    NotAvailable { reason: String },
-    /// A feature appshot has that the bench does not time yet.
-    NotMeasured { reason: String },
+    /// appshot alone: no peer is installed that does the same, so the
+    /// native/peer and ratio cells stay empty; `peer` says why.
+    Alone {
+        unit: Unit,
+        appshot: Summary,
+        peer: String,
+    },
     /// The configuration could not be measured; the error says why.
     Failed { error: String },
 }
@@ -64,22 +67,14 @@ impl Row {
         }
     }
 
-    pub fn not_available(benchmark: &str, configuration: &str, reason: &str) -> Row {
+    pub fn alone(benchmark: &str, configuration: &str, appshot: &Measurement, peer: &str) -> Row {
         Row {
             benchmark: benchmark.into(),
             configuration: configuration.into(),
-            result: RowResult::NotAvailable {
-                reason: reason.into(),
-            },
-        }
-    }
-
-    pub fn not_measured(benchmark: &str, configuration: &str, reason: &str) -> Row {
-        Row {
-            benchmark: benchmark.into(),
-            configuration: configuration.into(),
-            result: RowResult::NotMeasured {
-                reason: reason.into(),
+            result: RowResult::Alone {
+                unit: appshot.unit,
+                appshot: appshot.summary,
+                peer: peer.into(),
             },
         }
     }
@@ -112,8 +107,12 @@ impl Row {
                     range(appshot, *unit)
                 ),
             ),
-            RowResult::NotAvailable { .. } => dash("not available"),
-            RowResult::NotMeasured { .. } => dash("not measured"),
+            RowResult::Alone { unit, appshot, .. } => (
+                String::new(),
+                format_value(appshot.median, *unit),
+                String::new(),
+                format!("appshot {}", range(appshot, *unit)),
+            ),
             RowResult::Failed { .. } => dash("FAILED"),
         };
         [
@@ -208,8 +207,12 @@ pub fn sig3(v: f64) -> String {
         format!("{v:.1}")
     } else if a >= 1.0 {
         format!("{v:.2}")
-    } else {
+    } else if a >= 0.1 || a == 0.0 || !a.is_finite() {
         format!("{v:.3}")
+    } else {
+        // Below 0.1: as many decimals as three significant digits take.
+        let decimals = (2 - a.log10().floor() as i32).clamp(3, 12) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
@@ -235,6 +238,9 @@ mod tests {
         assert_eq!(sig3(18.738), "18.7");
         assert_eq!(sig3(1.5), "1.50");
         assert_eq!(sig3(512.4), "512");
+        assert_eq!(sig3(0.0156), "0.0156");
+        assert_eq!(sig3(0.0000622), "0.0000622");
+        assert_eq!(sig3(0.0), "0.000");
         assert_eq!(format_value(23203.2, Unit::ConnsPerSec), "23.2k conn/s");
         assert_eq!(
             format_value(1_234_567.0, Unit::RequestsPerSec),
@@ -264,6 +270,20 @@ mod tests {
     }
 
     #[test]
+    fn a_row_without_peer_leaves_peer_and_ratio_empty() {
+        let appshot = measurement(Unit::Millis, &[9.0, 12.5, 10.0]);
+        let row = Row::alone("clone", "256 MiB", &appshot, "criu: not installed");
+        assert_eq!(
+            row.cells(),
+            ["clone", "256 MiB", "", "10.0 ms", "", "appshot 9.00–12.5"]
+        );
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["result"]["status"], "alone");
+        assert_eq!(json["result"]["peer"], "criu: not installed");
+        assert_eq!(format_value(256.1, Unit::MiB), "256 MiB");
+    }
+
+    #[test]
     fn table_is_aligned_markdown_with_the_fixed_header() {
         let native = measurement(Unit::MicrosPerCall, &[0.25, 0.3, 0.28]);
         let appshot = measurement(Unit::MicrosPerCall, &[18.0, 19.0, 20.0]);
@@ -275,13 +295,17 @@ mod tests {
                 &native,
                 &appshot,
             ),
-            Row::not_available("clone", "redis-server", "no such command"),
-            Row::not_measured("snapshot", "redis-server", "not timed yet"),
+            Row::alone(
+                "clone",
+                "256 MiB",
+                &measurement(Unit::Millis, &[9.0]),
+                "none",
+            ),
             Row::failed("iperf3", "appshot", "boom"),
         ];
         let table = render(&rows);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 6);
+        assert_eq!(lines.len(), 5);
         assert!(lines[0].starts_with("| benchmark "));
         assert!(lines[0].contains("| ratio (appshot/native) |"));
         assert!(lines[1].starts_with("| ---"));
@@ -289,9 +313,8 @@ mod tests {
         assert!(lines[2].contains("0.280 µs"));
         assert!(lines[2].contains("19.0 µs"));
         assert!(lines[2].contains(" 67.9 |"));
-        assert!(lines[3].contains("not available"));
-        assert!(lines[4].contains("not measured"));
-        assert!(lines[5].contains("FAILED"));
+        assert!(lines[3].contains("| 9.00 ms |"));
+        assert!(lines[4].contains("FAILED"));
         // Every line has the same width and the same number of columns.
         let width = lines[0].chars().count();
         for l in &lines {

@@ -9,6 +9,7 @@ use crate::net::PortPool;
 use crate::table::Row;
 
 mod connrate;
+mod criu;
 mod iperf;
 mod redis;
 mod servers;
@@ -73,7 +74,7 @@ pub const ALL: &[Benchmark] = &[
     Benchmark {
         name: "snapshot",
         title: snapshot::TITLE,
-        needs: &[],
+        needs: &["gcc"],
         run: snapshot::run,
     },
 ];

@@ -1,44 +1,853 @@
-//! Snapshot, restore and clone of an instance. The bench does not time
-//! them yet, so their rows carry no figure: "not available" while appshot
-//! lacks the command, "not measured" once it has it (the bench asks
-//! `appshot help`), so the table never claims a missing feature that exists.
+//! Snapshot, restore and clone of an instance holding N MiB of touched,
+//! non-zero memory (bench/probes/memhold.c, blocked in accept on a virtual
+//! port), with CRIU as the peer where it is installed and works.
 //!
-//! To measure one: start a redis-server instance as `redis::run` does,
-//! time the operation in a `Trial` (with a peer such as CRIU as the
-//! baseline, if one is installed), and replace its row with
-//! `Row::compared`.
+//! Each run, for each size in turn:
+//! 1. a fresh instance; `appshot snapshot --leave-running` twice: how long
+//!    it was frozen the second time. The first snapshot is kept apart (in
+//!    results.json only): on this project's VMs it also pays for the page
+//!    cache's fresh memory, which the VM has returned to its host, and
+//!    takes up to 3 times longer at 1 GiB; the snapshots after it reuse the
+//!    page cache freed by deleting the image before;
+//! 2. `appshot snapshot` (the instance stops): dump time, image size;
+//! 3. `appshot restore IMAGE --detach`: wall time from the command's start
+//!    until a supervised client of the AID, already retrying its connect,
+//!    gets its first answer; and the supervisor's "restore work done ms=";
+//! 4. `appshot clone TEMPLATE --aid X --detach` of a template of the same
+//!    size (taken once, before the runs): the same two figures.
+//!
+//! For the 256 MiB template, 5 clones at once also give the memory each
+//! adds: the sum of their Pss over 5, and their private pages, against
+//! the RSS of the instance the template was taken from.
+//!
+//! Every original, restored and cloned process must answer the checksum of
+//! its whole memory, which the bench computes itself (`expected_sum`): a
+//! broken restore fails the benchmark instead of producing a figure. The
+//! images live in a temporary directory removed whatever happens, and every
+//! instance is stopped by its guard.
 
-use super::{Ctx, Outcome};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::criu::{self, CriuRun};
+use super::{argv, Ctx, Outcome};
+use crate::appshot::Appshot;
+use crate::measure::{Measurement, Unit};
+use crate::probes::MEMHOLD;
+use crate::procs::{self, Lines};
 use crate::table::Row;
 
 pub const TITLE: &str = "snapshot/restore/clone";
+pub const HOST: &str = "127.0.0.1";
+const TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a client waits for the instance of its AID to appear.
+pub const WAIT_MS: u64 = 120_000;
+/// How long a client waits to be told "refused" by the first connect.
+pub const START: Duration = Duration::from_secs(30);
+const MEMORY_MIB: u64 = 256;
+const MEMORY_CLONES: u32 = 5;
+
+/// One run's figures for one size.
+#[derive(Default)]
+struct RunFigures {
+    dump_ms: f64,
+    dump_wall_ms: f64,
+    image_mib: f64,
+    memory_mib: f64,
+    frozen_ms: f64,
+    frozen_dump_ms: f64,
+    first_frozen_ms: f64,
+    restore_answer_ms: f64,
+    restore_cmd_ms: f64,
+    restore_work_ms: f64,
+    clone_answer_ms: f64,
+    clone_cmd_ms: f64,
+    clone_work_ms: f64,
+}
+
+struct Figure {
+    benchmark: &'static str,
+    /// After "N MiB".
+    what: &'static str,
+    unit: Unit,
+    get: fn(&RunFigures) -> f64,
+    /// A table row; the others are kept in results.json only.
+    row: bool,
+    /// The same figure for CRIU, when it works.
+    peer: Option<fn(&CriuRun) -> f64>,
+}
+
+/// In table order: each figure for every size, so its trend with size
+/// reads down the column.
+const FIGURES: &[Figure] = &[
+    Figure {
+        benchmark: "snapshot",
+        what: "process, then stopped: dump time",
+        unit: Unit::Millis,
+        get: |f| f.dump_ms,
+        row: true,
+        peer: Some(|c| c.dump_ms),
+    },
+    Figure {
+        benchmark: "snapshot",
+        what: "process: image size",
+        unit: Unit::MiB,
+        get: |f| f.image_mib,
+        row: true,
+        peer: Some(|c| c.image_mib),
+    },
+    Figure {
+        benchmark: "snapshot --leave-running",
+        what: "process: time frozen",
+        unit: Unit::Millis,
+        get: |f| f.frozen_ms,
+        row: true,
+        peer: Some(|c| c.frozen_ms),
+    },
+    Figure {
+        benchmark: "restore",
+        what: "image, warm page cache: wall time to first answer",
+        unit: Unit::Millis,
+        get: |f| f.restore_answer_ms,
+        row: true,
+        peer: Some(|c| c.restore_answer_ms),
+    },
+    Figure {
+        benchmark: "restore",
+        what: "image: supervisor's restore work",
+        unit: Unit::Millis,
+        get: |f| f.restore_work_ms,
+        row: true,
+        peer: None,
+    },
+    Figure {
+        benchmark: "clone",
+        what: "template: supervisor's restore work",
+        unit: Unit::Millis,
+        get: |f| f.clone_work_ms,
+        row: true,
+        peer: None,
+    },
+    Figure {
+        benchmark: "clone",
+        what: "template: wall time to first answer",
+        unit: Unit::Millis,
+        get: |f| f.clone_answer_ms,
+        row: true,
+        peer: None,
+    },
+    Figure {
+        benchmark: "snapshot",
+        what: "process, then stopped: wall time of the command",
+        unit: Unit::Millis,
+        get: |f| f.dump_wall_ms,
+        row: false,
+        peer: None,
+    },
+    Figure {
+        benchmark: "snapshot",
+        what: "process: memory saved",
+        unit: Unit::MiB,
+        get: |f| f.memory_mib,
+        row: false,
+        peer: None,
+    },
+    Figure {
+        benchmark: "snapshot --leave-running",
+        what: "process: dump time",
+        unit: Unit::Millis,
+        get: |f| f.frozen_dump_ms,
+        row: false,
+        peer: None,
+    },
+    Figure {
+        benchmark: "snapshot --leave-running",
+        what: "process: time frozen, first snapshot after start (fresh page-cache memory)",
+        unit: Unit::Millis,
+        get: |f| f.first_frozen_ms,
+        row: false,
+        peer: None,
+    },
+    Figure {
+        benchmark: "restore",
+        what: "image: wall time of `appshot restore --detach`",
+        unit: Unit::Millis,
+        get: |f| f.restore_cmd_ms,
+        row: false,
+        peer: None,
+    },
+    Figure {
+        benchmark: "clone",
+        what: "template: wall time of `appshot clone --detach`",
+        unit: Unit::Millis,
+        get: |f| f.clone_cmd_ms,
+        row: false,
+        peer: None,
+    },
+];
+
+/// One workload size: its port, its template and its runs.
+struct Size {
+    mib: u64,
+    /// The virtual port of its instances.
+    port: u16,
+    /// CRIU's native process's port.
+    native_port: u16,
+    /// What `sum` must answer.
+    expected: String,
+    template: PathBuf,
+    /// Of the instance the template was taken from.
+    template_rss_mib: f64,
+    runs: Vec<RunFigures>,
+    criu: Vec<CriuRun>,
+}
 
 pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
-    let commands = ctx.appshot.commands()?;
-    let rows = [
-        ("snapshot", "redis-server instance, time to snapshot"),
-        ("restore", "redis-server instance, time to restore"),
-        ("clone", "redis-server instance, time to a serving clone"),
-    ]
-    .into_iter()
-    .map(|(command, configuration)| {
-        if commands.iter().any(|c| c == command) {
-            Row::not_measured(
-                command,
-                configuration,
-                &format!("`appshot {command}` exists; bench/src/benches/snapshot.rs does not time it yet"),
-            )
-        } else {
-            Row::not_available(
-                command,
-                configuration,
-                &format!("appshot has no `{command}` command yet"),
-            )
+    let appshot = ctx.appshot;
+    let probe = MEMHOLD.build(ctx.work)?.display().to_string();
+    // Every image in here, removed with it whatever happens.
+    let images = tempfile::Builder::new()
+        .prefix("images.")
+        .tempdir_in(ctx.work)
+        .context("creating the image directory")?;
+    let dir = images.path();
+    let peer = criu::usable();
+    match &peer {
+        Ok(version) => eprintln!("  {TITLE}: peer: criu {version}"),
+        Err(why) => eprintln!("  {TITLE}: no peer figures: {why}"),
+    }
+
+    let mut sizes = Vec::new();
+    for &mib in &ctx.plan.snapshot_sizes_mib {
+        let size = Size::new(
+            appshot,
+            &probe,
+            dir,
+            mib,
+            ctx.ports.take()?,
+            ctx.ports.take()?,
+        )
+        .with_context(|| format!("{TITLE} / {mib} MiB: taking the template"))?;
+        sizes.push(size);
+    }
+
+    let warmup = ctx.plan.warmup;
+    let total = warmup + ctx.plan.snapshot_runs;
+    let mut memory: Vec<(f64, f64)> = Vec::new();
+    for round in 0..total {
+        for size in &mut sizes {
+            procs::check_interrupted()?;
+            let failed = || {
+                format!(
+                    "{TITLE} / {} MiB: run {} of {total} failed",
+                    size.mib,
+                    round + 1
+                )
+            };
+            let f = one_run(appshot, &probe, dir, size, round).with_context(failed)?;
+            eprintln!(
+                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
+                size.mib,
+                round + 1,
+                if round < warmup { " (warm-up)" } else { "" },
+                f.dump_ms,
+                f.image_mib,
+                f.frozen_ms,
+                f.first_frozen_ms,
+                f.restore_answer_ms,
+                f.restore_work_ms,
+                f.clone_answer_ms,
+                f.clone_work_ms,
+            );
+            size.runs.push(f);
+            if peer.is_ok() {
+                let c = criu::one_run(
+                    &probe,
+                    dir,
+                    size.mib,
+                    size.native_port,
+                    &size.expected,
+                    round,
+                )
+                .with_context(failed)
+                .context("criu (the peer)")?;
+                eprintln!(
+                    "  {TITLE} / {} MiB: run {}/{total}: criu dump {:.0} ms (images {:.1} MiB), dump --leave-running {:.0} ms, restore {:.0} ms to first answer",
+                    size.mib, round + 1, c.dump_ms, c.image_mib, c.frozen_ms, c.restore_answer_ms
+                );
+                size.criu.push(c);
+            }
+            if size.mib == MEMORY_MIB {
+                let m = clone_memory(appshot, &probe, size, round).with_context(|| {
+                    format!("{TITLE} / {MEMORY_CLONES} clones of {MEMORY_MIB} MiB: run {} of {total} failed", round + 1)
+                })?;
+                eprintln!(
+                    "  {TITLE} / {MEMORY_CLONES} clones of {MEMORY_MIB} MiB: run {}/{total}{}: Pss {:.1} MiB and private {:.3} MiB per clone (template RSS {:.1} MiB)",
+                    round + 1, if round < warmup { " (warm-up)" } else { "" }, m.0, m.1, size.template_rss_mib
+                );
+                memory.push(m);
+            }
         }
+    }
+
+    let mut out = Outcome::default();
+    for fig in FIGURES {
+        for size in &sizes {
+            let configuration = format!("{} MiB {}", size.mib, fig.what);
+            let values = size.runs.iter().map(fig.get).collect();
+            let m =
+                Measurement::from_runs(fig.benchmark, &configuration, fig.unit, values, warmup)?;
+            if fig.row {
+                match (&peer, fig.peer) {
+                    (Ok(_), Some(get)) => {
+                        let values = size.criu.iter().map(get).collect();
+                        let c = Measurement::from_runs(
+                            fig.benchmark,
+                            &format!("{configuration} (criu)"),
+                            fig.unit,
+                            values,
+                            warmup,
+                        )?;
+                        out.rows
+                            .push(Row::compared(fig.benchmark, &configuration, "criu", &c, &m));
+                        out.measurements.push(c);
+                    }
+                    (Ok(_), None) => out.rows.push(Row::alone(
+                        fig.benchmark,
+                        &configuration,
+                        &m,
+                        "CRIU has no such figure",
+                    )),
+                    (Err(why), _) => {
+                        out.rows
+                            .push(Row::alone(fig.benchmark, &configuration, &m, why))
+                    }
+                }
+            }
+            out.measurements.push(m);
+        }
+    }
+    if let Some(size) = sizes.iter().find(|s| s.mib == MEMORY_MIB) {
+        let template = Measurement::from_runs(
+            "clone memory",
+            &format!("RSS of the {MEMORY_MIB} MiB instance the template was taken from"),
+            Unit::MiB,
+            vec![size.template_rss_mib],
+            0,
+        )?;
+        for (what, get) in [
+            (
+                "Pss per clone",
+                (|m: &(f64, f64)| m.0) as fn(&(f64, f64)) -> f64,
+            ),
+            ("private memory per clone", |m| m.1),
+        ] {
+            let configuration = format!(
+                "{MEMORY_CLONES} clones of a {MEMORY_MIB} MiB template: {what}; peer: template's RSS"
+            );
+            let m = Measurement::from_runs(
+                "clone memory",
+                &configuration,
+                Unit::MiB,
+                memory.iter().map(get).collect(),
+                warmup,
+            )?;
+            out.rows.push(Row::compared(
+                "clone memory",
+                &configuration,
+                "template RSS",
+                &template,
+                &m,
+            ));
+            out.measurements.push(m);
+        }
+        out.measurements.push(template);
+    }
+    Ok(out)
+}
+
+impl Size {
+    /// Starts an instance of `mib` MiB, checks its answer, notes its RSS and
+    /// takes the template of its size from it (which stops it).
+    fn new(
+        appshot: &Appshot,
+        probe: &str,
+        dir: &Path,
+        mib: u64,
+        port: u16,
+        native_port: u16,
+    ) -> anyhow::Result<Size> {
+        let expected = format!("mib={mib} sum={:016x}", expected_sum(mib));
+        let aid = format!("t{mib}");
+        let instance = appshot.server(&aid, port, &serve(probe, port, mib))?;
+        let what = format!("instance {} ({mib} MiB)", instance.name());
+        verify(appshot, probe, &aid, port, &expected, &what)?;
+        let rollup = smaps_rollup(instance.app_pid()?)?;
+        let template_rss_mib = kib(&rollup, "Rss")? as f64 / 1024.0;
+        let template = dir.join(format!("template-{mib}.img"));
+        let out = appshot.snapshot(instance.name(), &template, &["--template"])?;
+        let line = parse_snapshot(&out)?;
+        if line.after != After::Stopped {
+            bail!("`appshot snapshot --template` of {what} did not stop it: {out:?}");
+        }
+        Ok(Size {
+            mib,
+            port,
+            native_port,
+            expected,
+            template,
+            template_rss_mib,
+            runs: Vec::new(),
+            criu: Vec::new(),
+        })
+    }
+}
+
+fn one_run(
+    appshot: &Appshot,
+    probe: &str,
+    dir: &Path,
+    size: &Size,
+    round: usize,
+) -> anyhow::Result<RunFigures> {
+    let mib = size.mib;
+    let mut f = RunFigures::default();
+    let aid = format!("s{mib}-{round}");
+    let instance = appshot.server(&aid, size.port, &serve(probe, size.port, mib))?;
+    let what = format!("instance {} ({mib} MiB)", instance.name());
+    verify(appshot, probe, &aid, size.port, &size.expected, &what)?;
+
+    let image = dir.join(format!("{aid}.img"));
+    let leave_running = || -> anyhow::Result<SnapshotLine> {
+        let out = appshot.snapshot(instance.name(), &image, &["--leave-running"])?;
+        let line = parse_snapshot(&out)?;
+        if line.after != After::LeftRunning {
+            bail!("`appshot snapshot --leave-running` of {what} did not leave it running: {out:?}");
+        }
+        remove(&image)?;
+        Ok(line)
+    };
+    f.first_frozen_ms = leave_running()?.frozen_ms;
+    let line = leave_running()?;
+    (f.frozen_ms, f.frozen_dump_ms) = (line.frozen_ms, line.dump_ms);
+    verify(
+        appshot,
+        probe,
+        &aid,
+        size.port,
+        &size.expected,
+        &format!("{what} after its --leave-running snapshot"),
+    )?;
+
+    let started = Instant::now();
+    let out = appshot.snapshot(instance.name(), &image, &[])?;
+    f.dump_wall_ms = millis(started.elapsed());
+    let line = parse_snapshot(&out)?;
+    if line.after != After::Stopped {
+        bail!("`appshot snapshot` of {what} did not stop it: {out:?}");
+    }
+    (f.dump_ms, f.image_mib, f.memory_mib) = (line.dump_ms, line.image_mib, line.memory_mib);
+    drop(instance);
+
+    let name = appshot.name(&format!("restored{mib}"));
+    let (answer_ms, (restored, took)) =
+        time_to_answer(appshot, probe, &aid, size.port, mib, "the restore", || {
+            appshot.restore(&image, &name)
+        })?;
+    (f.restore_answer_ms, f.restore_cmd_ms) = (answer_ms, millis(took));
+    let work = restore_work(&restored.log()?, &name)?;
+    if work.clone {
+        bail!("the supervisor of restored instance {name} says it restored a clone");
+    }
+    f.restore_work_ms = work.ms;
+    verify(
+        appshot,
+        probe,
+        &aid,
+        size.port,
+        &size.expected,
+        &format!("restored instance {name} ({mib} MiB)"),
+    )?;
+    drop(restored);
+    remove(&image)?;
+
+    let clone_aid = format!("c{mib}-{round}");
+    let (answer_ms, (clones, took)) = time_to_answer(
+        appshot,
+        probe,
+        &clone_aid,
+        size.port,
+        mib,
+        "the clone",
+        || appshot.clone_template(&size.template, &clone_aid, 1),
+    )?;
+    (f.clone_answer_ms, f.clone_cmd_ms) = (answer_ms, millis(took));
+    let clone = &clones[0];
+    let work = restore_work(&clone.log()?, clone.name())?;
+    if !work.clone {
+        bail!(
+            "the supervisor of clone {} says it did not restore a clone",
+            clone.name()
+        );
+    }
+    f.clone_work_ms = work.ms;
+    verify(
+        appshot,
+        probe,
+        &clone_aid,
+        size.port,
+        &size.expected,
+        &format!("clone {} ({mib} MiB)", clone.name()),
+    )?;
+    Ok(f)
+}
+
+/// Starts 5 clones of the template, has each read all of its memory, and
+/// returns the memory each adds: (sum of Pss / 5, private per clone), MiB.
+fn clone_memory(
+    appshot: &Appshot,
+    probe: &str,
+    size: &Size,
+    round: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let aid = format!("m{round}");
+    let (clones, _) = appshot.clone_template(&size.template, &aid, MEMORY_CLONES)?;
+    for (i, clone) in clones.iter().enumerate() {
+        // `--count N` names the clones AID-1 … AID-N, as their AIDs.
+        let clone_aid = format!("{aid}-{}", i + 1);
+        if clone.name() != clone_aid {
+            bail!(
+                "clone {i} of `appshot clone --aid {aid} --count {MEMORY_CLONES}` is named {}, not {clone_aid}",
+                clone.name()
+            );
+        }
+        verify(
+            appshot,
+            probe,
+            &clone_aid,
+            size.port,
+            &size.expected,
+            &format!("clone {clone_aid} ({} MiB)", size.mib),
+        )?;
+    }
+    let (mut pss, mut private) = (0, 0);
+    for clone in &clones {
+        let rollup = smaps_rollup(clone.app_pid()?)?;
+        pss += kib(&rollup, "Pss")?;
+        private += kib(&rollup, "Private_Clean")? + kib(&rollup, "Private_Dirty")?;
+    }
+    let per_clone = |kib: u64| kib as f64 / 1024.0 / f64::from(MEMORY_CLONES);
+    Ok((per_clone(pss), per_clone(private)))
+}
+
+/// Starts a supervised client of `aid` that retries its connect until an
+/// instance of the AID answers, runs `start` (the restore or clone) once
+/// the client has been refused, and returns the milliseconds from just
+/// before `start` to the client's first answer, with what `start` returned.
+fn time_to_answer<T>(
+    appshot: &Appshot,
+    probe: &str,
+    aid: &str,
+    port: u16,
+    mib: u64,
+    what: &str,
+    start: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(f64, T)> {
+    let client = ask(probe, port, "ping", WAIT_MS);
+    let mut client = Lines::spawn(
+        &mut appshot.foreground(aid, &client),
+        &format!("client of AID {aid} waiting for {what}"),
+    )?;
+    first_answer(&mut client, mib, what, start)
+}
+
+/// The waiting half of `time_to_answer`, for any client running
+/// `memhold ask … ping`.
+pub fn first_answer<T>(
+    client: &mut Lines,
+    mib: u64,
+    what: &str,
+    start: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(f64, T)> {
+    let (_, first) = client.next_line(START)?;
+    if first != "waiting" {
+        bail!("a client was answered ({first:?}) before {what} started: something else serves its port");
+    }
+    let t0 = Instant::now();
+    let started = start()?;
+    let (t1, line) = client.next_line(TIMEOUT)?;
+    let want = format!("answer mib={mib}");
+    if line != want {
+        bail!("after {what}, the client got {line:?}, not {want:?}");
+    }
+    client.wait_success(TIMEOUT)?;
+    Ok((millis(t1.saturating_duration_since(t0)), started))
+}
+
+/// Asks the instance of `aid` for the checksum of its memory; fails unless
+/// it is `expected`.
+fn verify(
+    appshot: &Appshot,
+    probe: &str,
+    aid: &str,
+    port: u16,
+    expected: &str,
+    what: &str,
+) -> anyhow::Result<()> {
+    let out = procs::run(
+        &mut appshot.foreground(aid, &ask(probe, port, "sum", 10_000)),
+        &format!("checksum query to {what}"),
+        TIMEOUT,
+    )?;
+    check_answer(&out, expected, what)
+}
+
+pub fn check_answer(out: &str, expected: &str, what: &str) -> anyhow::Result<()> {
+    let answer = out
+        .lines()
+        .find_map(|l| l.strip_prefix("answer "))
+        .ok_or_else(|| anyhow!("no answer from {what}: {out:?}"))?;
+    if answer != expected {
+        bail!(
+            "{what} answered {answer:?}, expected {expected:?}: its memory is not what was saved"
+        );
+    }
+    Ok(())
+}
+
+pub fn serve(probe: &str, port: u16, mib: u64) -> Vec<String> {
+    argv([probe, "serve", HOST, &port.to_string(), &mib.to_string()])
+}
+
+pub fn ask(probe: &str, port: u16, request: &str, wait_ms: u64) -> Vec<String> {
+    argv([
+        probe,
+        "ask",
+        HOST,
+        &port.to_string(),
+        request,
+        &wait_ms.to_string(),
+    ])
+}
+
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn remove(path: &Path) -> anyhow::Result<()> {
+    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+}
+
+fn smaps_rollup(pid: u32) -> anyhow::Result<String> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
+}
+
+/// The value of `KEY:   N kB` in /proc/PID/smaps_rollup.
+fn kib(rollup: &str, key: &str) -> anyhow::Result<u64> {
+    rollup
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k == key).then(|| v.trim().strip_suffix(" kB"))?
+        })
+        .ok_or_else(|| anyhow!("no `{key}: … kB` in smaps_rollup: {rollup:?}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("`{key}` in smaps_rollup"))
+}
+
+/// memhold's fill: word `i` of its memory.
+fn pattern(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    if z == 0 {
+        1
+    } else {
+        z
+    }
+}
+
+/// What memhold's `sum` answers for `mib` MiB: the wrapping sum over the
+/// words of word[i] * (2i + 1).
+fn expected_sum(mib: u64) -> u64 {
+    let words = mib << 20 >> 3;
+    (0..words).fold(0u64, |sum, i| {
+        sum.wrapping_add(pattern(i).wrapping_mul(2 * i + 1))
     })
-    .collect();
-    Ok(Outcome {
-        rows,
-        measurements: Vec::new(),
+}
+
+#[derive(Debug, PartialEq)]
+enum After {
+    Stopped,
+    LeftRunning,
+}
+
+/// The figures of `appshot snapshot`'s line.
+#[derive(Debug, PartialEq)]
+struct SnapshotLine {
+    memory_mib: f64,
+    image_mib: f64,
+    dump_ms: f64,
+    frozen_ms: f64,
+    after: After,
+}
+
+/// Parses `snapshot of NAME written to PATH: 256.1 MiB of memory, image
+/// 256.1 MiB, 1366 ms (frozen 1372 ms); instance left running`.
+fn parse_snapshot(out: &str) -> anyhow::Result<SnapshotLine> {
+    let bad = || anyhow!("unexpected `appshot snapshot` output: {out:?}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("snapshot of "))
+        .ok_or_else(bad)?;
+    // The figures follow the path's last ": "; they hold none themselves.
+    let (_, figures) = line.rsplit_once(": ").ok_or_else(bad)?;
+    let (figures, after) = figures.split_once("; instance ").ok_or_else(bad)?;
+    let after = match after.trim() {
+        "stopped" => After::Stopped,
+        "left running" => After::LeftRunning,
+        _ => return Err(bad()),
+    };
+    let mut parts = figures.split(", ");
+    let mut number = |prefix: &str, suffix: &str| -> anyhow::Result<(f64, String)> {
+        let part = parts.next().ok_or_else(bad)?;
+        let rest = part.strip_prefix(prefix).ok_or_else(bad)?;
+        let (n, tail) = rest.split_once(suffix).ok_or_else(bad)?;
+        Ok((n.trim().parse().map_err(|_| bad())?, tail.to_string()))
+    };
+    let (memory_mib, _) = number("", " MiB of memory")?;
+    let (image_mib, _) = number("image ", " MiB")?;
+    let (dump_ms, tail) = number("", " ms (frozen ")?;
+    let frozen_ms = tail
+        .strip_suffix(" ms)")
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(bad)?;
+    Ok(SnapshotLine {
+        memory_mib,
+        image_mib,
+        dump_ms,
+        frozen_ms,
+        after,
     })
+}
+
+#[derive(Debug, PartialEq)]
+struct RestoreWork {
+    ms: f64,
+    clone: bool,
+}
+
+/// The supervisor's `restore work done name=NAME ms=… clone=…` line.
+fn restore_work(log: &str, name: &str) -> anyhow::Result<RestoreWork> {
+    let field = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    let line = log
+        .lines()
+        .find(|l| l.contains("restore work done") && field(l, "name").as_deref() == Some(name))
+        .ok_or_else(|| {
+            anyhow!(
+                "no `restore work done name={name}` line in the supervisor's log{}",
+                procs::tail("log", log)
+            )
+        })?;
+    let bad = || anyhow!("unexpected restore line: {line:?}");
+    Ok(RestoreWork {
+        ms: field(line, "ms")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(bad)?,
+        clone: match field(line, "clone").as_deref() {
+            Some("true") => true,
+            Some("false") => false,
+            _ => return Err(bad()),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_lines_give_their_figures() {
+        let stopped = "snapshot of m1 written to /tmp/mh/s.img: 256.1 MiB of memory, image 256.1 MiB, 1754 ms (frozen 1765 ms); instance stopped\n";
+        assert_eq!(
+            parse_snapshot(stopped).unwrap(),
+            SnapshotLine {
+                memory_mib: 256.1,
+                image_mib: 256.1,
+                dump_ms: 1754.0,
+                frozen_ms: 1765.0,
+                after: After::Stopped,
+            }
+        );
+        // A path with ": " in it does not confuse the parser.
+        let running = "snapshot of a-1 written to /tmp/odd: dir/lr.img: 64.0 MiB of memory, image 64.2 MiB, 80 ms (frozen 81 ms); instance left running";
+        let line = parse_snapshot(running).unwrap();
+        assert_eq!((line.image_mib, line.frozen_ms), (64.2, 81.0));
+        assert_eq!(line.after, After::LeftRunning);
+    }
+
+    #[test]
+    fn malformed_snapshot_lines_are_errors() {
+        for bad in [
+            "",
+            "snapshot of x written to y: 1 MiB of memory, image 1 MiB, 3 ms; instance stopped",
+            "snapshot of x written to y: 1 MiB of memory, image 1 MiB, 3 ms (frozen 4 ms); instance exploded",
+            "snapshot of x written to y: lots of memory, image 1 MiB, 3 ms (frozen 4 ms); instance stopped",
+            "snapshot of x written to y: 1 MiB of memory, 3 ms (frozen 4 ms); instance stopped",
+        ] {
+            assert!(parse_snapshot(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn restore_work_is_found_by_instance_name() {
+        let log = "2026-11-21T12:54:07.248349Z  INFO appshot::multiplex: tcp 127.0.0.1:18555 -> real port 18555 instance=r1 aid=m1\n\
+            2026-11-21T12:54:07.252574Z  INFO appshot::supervisor: restore work done name=r1 ms=393.10896699999995 clone=false\n\
+            2026-11-21T12:54:07.253633Z  INFO appshot::supervisor: instance started name=r1 aid=m1 pid=1822\n";
+        assert_eq!(
+            restore_work(log, "r1").unwrap(),
+            RestoreWork {
+                ms: 393.10896699999995,
+                clone: false
+            }
+        );
+        assert!(restore_work(log, "r").is_err());
+        let clone = "x INFO appshot::supervisor: restore work done name=c1 ms=13.85 clone=true";
+        assert!(restore_work(clone, "c1").unwrap().clone);
+        assert!(restore_work("restore work done name=c1 ms=abc clone=true", "c1").is_err());
+    }
+
+    #[test]
+    fn smaps_rollup_values_are_read_by_key() {
+        let rollup = "55a5d4582000-7ffd1b9e5000 ---p 00000000 00:00 0 [rollup]\nRss:              263200 kB\nPss:               52481 kB\nPss_Dirty:            20 kB\nPrivate_Clean:         0 kB\n";
+        assert_eq!(kib(rollup, "Pss").unwrap(), 52481);
+        assert_eq!(kib(rollup, "Private_Clean").unwrap(), 0);
+        assert!(kib(rollup, "Private_Dirty").is_err());
+    }
+
+    #[test]
+    fn expected_sums_match_the_c_probe() {
+        // Answers of bench/probes/memhold.c built with gcc -O2.
+        assert_eq!(pattern(0), 0xe220_a839_7b1d_cdaf, "splitmix64 of 0");
+        assert_eq!(format!("{:016x}", expected_sum(1)), "12c99037e91aaf8a");
+        assert_eq!(format!("{:016x}", expected_sum(64)), "8baaa827d5bcecd4");
+    }
+
+    #[test]
+    fn answers_must_match_exactly() {
+        let want = "mib=1 sum=12c99037e91aaf8a";
+        assert!(check_answer("answer mib=1 sum=12c99037e91aaf8a\n", want, "x").is_ok());
+        let err = check_answer("answer mib=1 sum=0000000000000000\n", want, "x").unwrap_err();
+        assert!(err.to_string().contains("not what was saved"), "{err}");
+        assert!(check_answer("waiting\n", want, "x").is_err());
+    }
 }

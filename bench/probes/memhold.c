@@ -1,0 +1,219 @@
+/*
+ * memhold: a process holding MIB MiB of touched, non-zero memory, for the
+ * snapshot, restore and clone benchmarks.
+ *
+ *   memhold serve HOST PORT MIB
+ *       Allocates MIB MiB and fills it with a pattern (64-bit word i holds
+ *       pattern(i), never zero), then listens on HOST:PORT and serves one
+ *       request per connection, forever, blocked in accept in between:
+ *         "ping" -> "mib=MIB"                 (cheap: the first answer)
+ *         "sum"  -> "mib=MIB sum=<16 hex>"    (reads all of the memory)
+ *       sum is the wrapping sum over i of word[i] * (2i + 1): every word
+ *       and its position count, so a page restored wrong or in the wrong
+ *       place changes it. The bench computes the expected value itself.
+ *       Prints "memhold listening" once it listens.
+ *
+ *   memhold ask HOST PORT REQUEST WAIT_MS
+ *       Connects, retrying every 0.5 ms while the connection is refused
+ *       (no instance of the client's AID yet) for up to WAIT_MS; prints
+ *       "waiting" at the first refusal, then, once answered,
+ *       "answer <the answer>". The bench notes when each line arrives, so
+ *       the time to the first answer needs no clock shared between
+ *       processes.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* splitmix64's finaliser of i + a constant; bench/src/benches/snapshot.rs
+ * has the same function. */
+static uint64_t pattern(uint64_t i) {
+    uint64_t z = i + 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return z ? z : 1;
+}
+
+static int parse_addr(const char *host, const char *port, struct sockaddr_in *a) {
+    memset(a, 0, sizeof *a);
+    a->sin_family = AF_INET;
+    a->sin_port = htons((unsigned short)atoi(port));
+    return inet_pton(AF_INET, host, &a->sin_addr) == 1 ? 0 : -1;
+}
+
+static int write_all(int fd, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Reads up to a newline or EOF into buf (NUL-terminated, newline dropped). */
+static ssize_t read_line(int fd, char *buf, size_t cap) {
+    size_t len = 0;
+    while (len + 1 < cap) {
+        ssize_t n = read(fd, buf + len, 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0 || buf[len] == '\n')
+            break;
+        len++;
+    }
+    buf[len] = '\0';
+    return (ssize_t)len;
+}
+
+static int serve(const struct sockaddr_in *a, long mib) {
+    size_t words = (size_t)mib * (1 << 20) / sizeof(uint64_t);
+    uint64_t *mem = malloc(words * sizeof *mem);
+    if (mem == NULL) {
+        perror("malloc");
+        return 1;
+    }
+    for (size_t i = 0; i < words; i++)
+        mem[i] = pattern(i);
+
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
+        perror("socket");
+        return 1;
+    }
+    if (bind(fd, (const struct sockaddr *)a, sizeof *a) != 0) {
+        perror("bind");
+        return 1;
+    }
+    if (listen(fd, 64) != 0) {
+        perror("listen");
+        return 1;
+    }
+    printf("memhold listening\n");
+    fflush(stdout);
+    for (;;) {
+        int c = accept(fd, NULL, NULL);
+        if (c < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            perror("accept");
+            return 1;
+        }
+        char req[32], answer[96];
+        if (read_line(c, req, sizeof req) < 0) {
+            close(c);
+            continue;
+        }
+        if (strcmp(req, "ping") == 0) {
+            snprintf(answer, sizeof answer, "mib=%ld\n", mib);
+        } else if (strcmp(req, "sum") == 0) {
+            uint64_t sum = 0;
+            for (size_t i = 0; i < words; i++)
+                sum += mem[i] * (2 * (uint64_t)i + 1);
+            snprintf(answer, sizeof answer, "mib=%ld sum=%016llx\n", mib,
+                     (unsigned long long)sum);
+        } else {
+            snprintf(answer, sizeof answer, "unknown request\n");
+        }
+        if (write_all(c, answer, strlen(answer)) != 0)
+            perror("write");
+        close(c);
+    }
+}
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+static int ask(const struct sockaddr_in *a, const char *request, long wait_ms) {
+    double deadline = now_ms() + (double)wait_ms;
+    int said_waiting = 0;
+    int fd;
+    for (;;) {
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) {
+            perror("socket");
+            return 1;
+        }
+        if (connect(fd, (const struct sockaddr *)a, sizeof *a) == 0)
+            break;
+        int err = errno;
+        close(fd);
+        if (err != ECONNREFUSED) {
+            fprintf(stderr, "connect: %s\n", strerror(err));
+            return 1;
+        }
+        if (!said_waiting) {
+            printf("waiting\n");
+            fflush(stdout);
+            said_waiting = 1;
+        }
+        if (now_ms() > deadline) {
+            fprintf(stderr, "connection still refused after %ld ms\n", wait_ms);
+            return 1;
+        }
+        struct timespec pause = {0, 500000};
+        nanosleep(&pause, NULL);
+    }
+    char line[40];
+    snprintf(line, sizeof line, "%s\n", request);
+    if (write_all(fd, line, strlen(line)) != 0) {
+        perror("write");
+        return 1;
+    }
+    char answer[128];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(fd, answer + len, sizeof answer - 1 - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            perror("read");
+            return 1;
+        }
+        if (n == 0 || len + (size_t)n == sizeof answer - 1) {
+            len += (size_t)(n > 0 ? n : 0);
+            break;
+        }
+        len += (size_t)n;
+    }
+    answer[len] = '\0';
+    answer[strcspn(answer, "\n")] = '\0';
+    if (len == 0) {
+        fprintf(stderr, "the server closed without answering\n");
+        return 1;
+    }
+    printf("answer %s\n", answer);
+    fflush(stdout);
+    close(fd);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    struct sockaddr_in a;
+    if (argc >= 4 && parse_addr(argv[2], argv[3], &a) == 0) {
+        if (argc == 5 && strcmp(argv[1], "serve") == 0 && atol(argv[4]) > 0)
+            return serve(&a, atol(argv[4]));
+        if (argc == 6 && strcmp(argv[1], "ask") == 0 && atol(argv[5]) > 0)
+            return ask(&a, argv[4], atol(argv[5]));
+    }
+    fprintf(stderr, "usage: %s serve HOST PORT MIB | ask HOST PORT REQUEST WAIT_MS\n",
+            argv[0]);
+    return 2;
+}
