@@ -39,14 +39,22 @@ if ! command -v cargo >/dev/null; then
     if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     else
-        # Debian's own rustc is older than the workspace's rust-version.
-        echo "scripts/test.sh: no cargo; installing a stable toolchain with rustup" >&2
-        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
-            sh -s -- -y --profile minimal --default-toolchain stable
-        export PATH="$HOME/.cargo/bin:$PATH"
+        echo "scripts/test.sh: no cargo on PATH or in ~/.cargo/bin; install a Rust toolchain (rust-version in Cargo.toml)" >&2
+        exit 1
     fi
 fi
 
 cargo build --workspace --all-targets
-# All failures in one run, not just those of the first failing test binary.
-cargo test --workspace --no-fail-fast "$@"
+
+# All failures in one run, not just those of the first failing test binary;
+# the totals close the output, since cargo's own last line is a doc-test
+# summary of whichever crate came last.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+total() { grep '^test result:' "$log" | grep -Eo "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
+echo "tests: $(total passed) passed, $(total failed) failed"
+exit "$status"
