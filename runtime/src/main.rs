@@ -446,7 +446,8 @@ fn checked_image(image: &Path) -> anyhow::Result<(PathBuf, appshot_snapshot::ima
 /// Launches for `count` clones of a template. Everything that could make a
 /// clone fail for a reason known now (not a template, changed files, names
 /// in use, too few real ports) is checked before the first one starts. The
-/// template's pages are verified once here; the clones skip that.
+/// template's pages are verified here (once per unchanged file, see
+/// `snapshots::open_template`); the clones skip that.
 fn clone_launches(
     template: &Path,
     aid: &str,
@@ -459,7 +460,10 @@ fn clone_launches(
     if count == 0 {
         bail!("--count 0: nothing to clone");
     }
-    let (path, img) = checked_image(template)?;
+    let path = std::fs::canonicalize(template)
+        .with_context(|| format!("template {}", template.display()))?;
+    let img = snapshots::open_template(&path, run_dir)?;
+    appshot_snapshot::restore::check_files(&img)?;
     if !img.manifest.instance.template {
         bail!(
             "{} is not a template: take one with `appshot snapshot NAME --template -o {}`",

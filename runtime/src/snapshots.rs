@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,34 @@ use serde::Serialize;
 
 use crate::error::RuntimeError;
 use crate::tree;
+
+/// Opens a template for cloning. Its pages section (the part whose check
+/// grows with the template) is verified in full once; a marker in the run
+/// directory then records the file's identity, and later clones of the
+/// same, unchanged file skip that scan. Any write to the file changes its
+/// ctime, which no user can set back, so a changed template is verified
+/// again. Header, manifest and layout are checked every time.
+pub fn open_template(path: &Path, run_dir: &Path) -> Result<Image, RuntimeError> {
+    let dir = run_dir.join("verified");
+    let meta = std::fs::metadata(path)
+        .map_err(|e| RuntimeError::sys(format!("image {}", path.display()), e))?;
+    let marker = dir.join(format!("{}-{}", meta.dev(), meta.ino()));
+    let identity = format!(
+        "{} {}.{} {}.{}\n",
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(identity.as_str()) {
+        return Ok(Image::open_verified_template(path)?);
+    }
+    let image = Image::open(path)?;
+    // A marker that cannot be written only costs the next clone a scan.
+    let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&marker, identity));
+    Ok(image)
+}
 
 /// Dumps below this size finish before a progress bar would be read.
 const PROGRESS_FROM: u64 = 64 << 20;

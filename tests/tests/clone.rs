@@ -532,6 +532,22 @@ fn an_image_that_is_no_template_is_refused() {
     let names = vec!["p".to_string()];
     h.clone_template(&names, &tmpl, &["--aid", "p"]);
     assert!(!keeper(&h, "p").secret.is_empty());
+
+    // The first clone left a mark that this template's pages were checked;
+    // a byte changed in place since must be found all the same.
+    let mut bytes = std::fs::read(&tmpl).unwrap();
+    bytes[4096 + 100] ^= 0x20;
+    std::fs::write(&tmpl, &bytes).unwrap();
+    let again = vec!["p2".to_string()];
+    let ran = h.try_clone(&again, &tmpl, &["--aid", "p2"]);
+    assert_clone_refused(
+        &h,
+        &ran,
+        &again,
+        &[tmpl.to_str().unwrap(), "pages checksum"],
+        &data,
+        &pids_with_arg(&data),
+    );
 }
 
 #[test]
