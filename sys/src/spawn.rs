@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -101,7 +101,7 @@ pub fn load_filter_before_exec(cmd: &mut Command, program: Vec<SockFilter>, chan
     let hook = move || -> io::Result<()> {
         unblock_all_signals()?;
         let listener = seccomp::load_with_listener(&program)?;
-        let sent = send_fd(channel.as_raw_fd(), listener);
+        let sent = crate::fd::send_fd(channel.as_raw_fd(), listener);
         // SAFETY: `listener` was returned by the kernel above and is ours.
         unsafe { libc::close(listener) };
         sent
@@ -124,36 +124,6 @@ fn unblock_all_signals() -> io::Result<()> {
     };
     if ret != 0 {
         return Err(io::Error::from_raw_os_error(ret));
-    }
-    Ok(())
-}
-
-/// Sends one fd with SCM_RIGHTS, without allocating.
-fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
-    // Aligned storage for one cmsghdr carrying one int.
-    let mut control = [0u64; 4];
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: an all-zero msghdr is valid; the fields are filled in below and
-    // all point at live stack storage of the stated sizes. CMSG_* compute
-    // offsets inside `control`, which is large enough for CMSG_SPACE(4).
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        if libc::sendmsg(channel, &msg, libc::MSG_NOSIGNAL) < 0 {
-            return Err(io::Error::last_os_error());
-        }
     }
     Ok(())
 }
