@@ -24,36 +24,16 @@
 #include <time.h>
 #include <unistd.h>
 
-static int parse_addr(const char *host, const char *port, struct sockaddr_in *a) {
-    memset(a, 0, sizeof *a);
-    a->sin_family = AF_INET;
-    a->sin_port = htons((unsigned short)atoi(port));
-    return inet_pton(AF_INET, host, &a->sin_addr) == 1 ? 0 : -1;
-}
+#include "common.h"
 
 static int serve(const struct sockaddr_in *a, int decoy) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int one = 1;
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
-        perror("socket");
+    int fd = listen_on(a, 4096);
+    if (fd < 0)
         return 1;
-    }
-    if (bind(fd, (const struct sockaddr *)a, sizeof *a) != 0) {
-        perror("bind");
-        return 1;
-    }
-    if (listen(fd, 4096) != 0) {
-        perror("listen");
-        return 1;
-    }
     for (;;) {
-        int c = accept(fd, NULL, NULL);
-        if (c < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            perror("accept");
+        int c = accept_next(fd);
+        if (c < 0)
             return 1;
-        }
         if (decoy && write(c, "decoy\n", 6) < 0)
             perror("write");
         close(c);

@@ -32,6 +32,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 /* splitmix64's finaliser of i + a constant; bench/src/benches/snapshot.rs
  * has the same function. */
 static uint64_t pattern(uint64_t i) {
@@ -40,13 +42,6 @@ static uint64_t pattern(uint64_t i) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     z ^= z >> 31;
     return z ? z : 1;
-}
-
-static int parse_addr(const char *host, const char *port, struct sockaddr_in *a) {
-    memset(a, 0, sizeof *a);
-    a->sin_family = AF_INET;
-    a->sin_port = htons((unsigned short)atoi(port));
-    return inet_pton(AF_INET, host, &a->sin_addr) == 1 ? 0 : -1;
 }
 
 static int write_all(int fd, const char *buf, size_t len) {
@@ -89,30 +84,15 @@ static int serve(const struct sockaddr_in *a, long mib) {
     for (size_t i = 0; i < words; i++)
         mem[i] = pattern(i);
 
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int one = 1;
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) {
-        perror("socket");
+    int fd = listen_on(a, 64);
+    if (fd < 0)
         return 1;
-    }
-    if (bind(fd, (const struct sockaddr *)a, sizeof *a) != 0) {
-        perror("bind");
-        return 1;
-    }
-    if (listen(fd, 64) != 0) {
-        perror("listen");
-        return 1;
-    }
     printf("memhold listening\n");
     fflush(stdout);
     for (;;) {
-        int c = accept(fd, NULL, NULL);
-        if (c < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            perror("accept");
+        int c = accept_next(fd);
+        if (c < 0)
             return 1;
-        }
         char req[32], answer[96];
         if (read_line(c, req, sizeof req) < 0) {
             close(c);

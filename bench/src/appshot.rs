@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::net;
@@ -18,6 +19,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE_SECS: u64 = 2;
 /// `appshot snapshot` of a GiB-sized instance on a busy machine.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often waits on an instance ask `appshot ps` or `appshot ports`.
+const POLL: Duration = Duration::from_millis(20);
 
 pub struct Appshot {
     binary: PathBuf,
@@ -200,21 +203,27 @@ impl Appshot {
 
     /// Not interruptible: guards use it to clean up after an interrupt.
     fn ps(&self) -> anyhow::Result<Vec<PsRow>> {
-        let out = procs::run_cleanup(
-            self.command().args(["ps", "--json"]),
-            "appshot ps --json",
-            Duration::from_secs(30),
-        )?;
-        serde_json::from_str(&out).context("parsing `appshot ps --json`")
+        self.json("ps", procs::run_cleanup)
     }
 
     fn ports(&self) -> anyhow::Result<Vec<PortRow>> {
-        let out = procs::run(
-            self.command().args(["ports", "--json"]),
-            "appshot ports --json",
+        self.json("ports", procs::run)
+    }
+
+    /// `appshot COMMAND --json`, run by `run` (`procs::run` or
+    /// `procs::run_cleanup`), parsed.
+    fn json<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        run: fn(&mut Command, &str, Duration) -> anyhow::Result<String>,
+    ) -> anyhow::Result<T> {
+        let what = format!("appshot {command} --json");
+        let out = run(
+            self.command().args([command, "--json"]),
+            &what,
             Duration::from_secs(30),
         )?;
-        serde_json::from_str(&out).context("parsing `appshot ports --json`")
+        serde_json::from_str(&out).with_context(|| format!("parsing `{what}`"))
     }
 
     fn is_running(&self, name: &str) -> anyhow::Result<bool> {
@@ -316,45 +325,39 @@ impl Instance<'_> {
 
     /// Waits for an instance meant to end on its own (a one-off server).
     pub fn wait_exit(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
-        while self.appshot.is_running(&self.name)? {
-            procs::check_interrupted()?;
-            if std::time::Instant::now() > deadline {
-                return Err(anyhow!(
-                    "{} still running {}s after its client finished",
-                    self.what,
-                    timeout.as_secs()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        procs::wait_for(timeout, POLL, || {
+            Ok((!self.appshot.is_running(&self.name)?).then_some(()))
+        })?
+        .ok_or_else(|| {
+            anyhow!(
+                "{} still running {}s after its client finished",
+                self.what,
+                timeout.as_secs()
+            )
+        })
     }
 
     /// The real port this instance's socket on `virtual_port` is bound to,
     /// once its bind has gone through the multiplexer.
     fn wait_translation(&self, virtual_port: u16) -> anyhow::Result<u16> {
-        let deadline = std::time::Instant::now() + START_TIMEOUT;
-        loop {
+        procs::wait_for(START_TIMEOUT, POLL, || {
             let found = self
                 .appshot
                 .ports()?
                 .into_iter()
                 .find(|t| t.owner == self.name && t.virtual_port == virtual_port);
-            if let Some(t) = found {
-                return Ok(t.real_port);
+            if found.is_none() {
+                self.check_running()?;
             }
-            self.check_running()?;
-            procs::check_interrupted()?;
-            if std::time::Instant::now() > deadline {
-                return Err(anyhow!(
-                    "{}: no translation for virtual port {virtual_port} after {}s",
-                    self.what,
-                    START_TIMEOUT.as_secs()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            Ok(found.map(|t| t.real_port))
+        })?
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no translation for virtual port {virtual_port} after {}s",
+                self.what,
+                START_TIMEOUT.as_secs()
+            )
+        })
     }
 }
 

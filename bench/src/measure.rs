@@ -190,11 +190,7 @@ pub fn interleaved(
                 "  {benchmark} / {}: run {}/{total}{}: {}",
                 trial.configuration,
                 round + 1,
-                if round < plan.warmup {
-                    " (warm-up)"
-                } else {
-                    ""
-                },
+                warmup_mark(round, plan.warmup),
                 crate::table::format_value(v, unit)
             );
             out.push(v);
@@ -216,6 +212,16 @@ pub fn interleaved(
             }
         })
         .collect())
+}
+
+/// What follows "run N/TOTAL" in the progress lines: whether run `round`
+/// (from 0) is one of the first `warmup`, which are discarded.
+pub fn warmup_mark(round: usize, warmup: usize) -> &'static str {
+    if round < warmup {
+        " (warm-up)"
+    } else {
+        ""
+    }
 }
 
 #[cfg(test)]

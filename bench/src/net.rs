@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -93,21 +93,20 @@ pub fn wait_listening(
     timeout: Duration,
     mut alive: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let listening = crate::procs::wait_for(timeout, Duration::from_millis(10), || {
         if is_listening(port)? {
-            return Ok(());
+            return Ok(Some(()));
         }
         alive()?;
-        crate::procs::check_interrupted()?;
-        if Instant::now() > deadline {
-            bail!(
-                "nothing listens on port {port} after {}s",
-                timeout.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+        Ok(None)
+    })?;
+    if listening.is_none() {
+        bail!(
+            "nothing listens on port {port} after {}s",
+            timeout.as_secs()
+        );
     }
+    Ok(())
 }
 
 #[cfg(test)]

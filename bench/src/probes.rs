@@ -1,6 +1,6 @@
 //! The C probes, built with gcc into the bench's temporary directory. Their
-//! sources are compiled into the bench binary, so it runs from any working
-//! directory.
+//! sources, and the header the serving ones share, are compiled into the
+//! bench binary, so it runs from any working directory.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +23,10 @@ pub const MEMHOLD: Probe = Probe {
     source: include_str!("../probes/memhold.c"),
 };
 
+/// `#include "common.h"`: written next to every probe's source, where gcc
+/// looks for a quoted include first.
+const COMMON_H: &str = include_str!("../probes/common.h");
+
 pub struct Probe {
     pub name: &'static str,
     pub source: &'static str,
@@ -33,6 +37,7 @@ impl Probe {
     pub fn build(&self, dir: &Path) -> anyhow::Result<PathBuf> {
         let src = dir.join(format!("{}.c", self.name));
         let bin = dir.join(self.name);
+        std::fs::write(dir.join("common.h"), COMMON_H)?;
         std::fs::write(&src, self.source)?;
         procs::run(
             Command::new("gcc")

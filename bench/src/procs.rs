@@ -68,6 +68,49 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `argv[0]` with the arguments `argv[1..]`.
+pub fn command(argv: &[String]) -> Command {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
+
+/// Starts `cmd` in a process group of its own, with no standard input.
+pub fn spawn(
+    cmd: &mut Command,
+    what: &str,
+    stdout: impl Into<Stdio>,
+    stderr: impl Into<Stdio>,
+) -> anyhow::Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {what}"))
+}
+
+/// Asks `ready` every `every` until it gives a value and returns that
+/// value, or `None` once `timeout` has passed. Fails as soon as `ready`
+/// fails or the bench is interrupted.
+pub fn wait_for<T>(
+    timeout: Duration,
+    every: Duration,
+    mut ready: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<Option<T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = ready()? {
+            return Ok(Some(value));
+        }
+        check_interrupted()?;
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// Runs `cmd` to its end and returns its standard output. Fails, with the
 /// tail of its output, on a non-zero exit, after `timeout`, or when the
 /// bench is interrupted (the process group is then killed).
@@ -86,13 +129,7 @@ fn run_inner(
     timeout: Duration,
     interruptible: bool,
 ) -> anyhow::Result<String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {what}"))?;
+    let mut child = spawn(cmd, what, Stdio::piped(), Stdio::piped())?;
     // Readers on their own threads: a child filling one pipe while we read
     // the other would otherwise deadlock.
     let out = drain(child.stdout.take().expect("piped"));
@@ -172,13 +209,7 @@ impl Background {
     pub fn spawn(mut cmd: Command, what: &str, log_dir: &Path) -> anyhow::Result<Background> {
         let log = log_dir.join(format!("{}.log", sanitize(what)));
         let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {what}"))?;
+        let child = spawn(&mut cmd, what, file.try_clone()?, file)?;
         Ok(Background {
             what: what.to_string(),
             child,
@@ -203,29 +234,20 @@ impl Background {
     /// Waits for a process that is meant to end on its own (a one-off
     /// server) and fails unless it ends successfully within `timeout`.
     pub fn wait_success(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.poll()? {
-                if status.success() {
-                    return Ok(());
-                }
-                bail!(
-                    "{} failed ({}){}",
-                    self.what,
-                    describe(status),
-                    self.log_tail()
-                );
-            }
-            check_interrupted()?;
-            if Instant::now() > deadline {
-                return Err(anyhow!(
-                    "{} still running {}s after its client finished{}",
-                    self.what,
-                    timeout.as_secs(),
-                    self.log_tail()
-                ));
-            }
-            std::thread::sleep(POLL);
+        match wait_for(timeout, POLL, || self.poll())? {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => bail!(
+                "{} failed ({}){}",
+                self.what,
+                describe(status),
+                self.log_tail()
+            ),
+            None => Err(anyhow!(
+                "{} still running {}s after its client finished{}",
+                self.what,
+                timeout.as_secs(),
+                self.log_tail()
+            )),
         }
     }
 
@@ -278,13 +300,7 @@ pub struct Lines {
 
 impl Lines {
     pub fn spawn(cmd: &mut Command, what: &str) -> anyhow::Result<Lines> {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {what}"))?;
+        let mut child = spawn(cmd, what, Stdio::piped(), Stdio::piped())?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = drain(child.stderr.take().expect("piped"));
         let (tx, lines) = mpsc::channel();
@@ -335,18 +351,10 @@ impl Lines {
     /// Waits for the child to end; fails unless it ends successfully
     /// within `timeout`.
     pub fn wait_success(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.reaped = true;
-                break status;
-            }
-            check_interrupted()?;
-            if Instant::now() > deadline {
-                bail!("{} still running after {}s", self.what, timeout.as_secs());
-            }
-            std::thread::sleep(POLL);
+        let Some(status) = wait_for(timeout, POLL, || Ok(self.child.try_wait()?))? else {
+            bail!("{} still running after {}s", self.what, timeout.as_secs());
         };
+        self.reaped = true;
         if !status.success() {
             let stderr = self.stderr_tail();
             bail!("{} failed ({}){stderr}", self.what, describe(status));
@@ -401,24 +409,28 @@ fn sanitize(s: &str) -> String {
 mod tests {
     use super::*;
 
+    const TEN_SECS: Duration = Duration::from_secs(10);
+
+    fn sh(script: &str) -> Command {
+        command(&["sh".into(), "-c".into(), script.into()])
+    }
+
+    /// Fails unless the error's message has every one of `parts`.
+    fn assert_mentions<T: std::fmt::Debug>(result: anyhow::Result<T>, parts: &[&str]) {
+        let err = result.unwrap_err().to_string();
+        for part in parts {
+            assert!(err.contains(part), "{err}");
+        }
+    }
+
     #[test]
     fn run_returns_stdout_and_reports_failures_with_output() {
-        let out = run(
-            Command::new("sh").args(["-c", "echo hello"]),
-            "echo",
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let out = run(&mut sh("echo hello"), "echo", TEN_SECS).unwrap();
         assert_eq!(out, "hello\n");
-        let err = run(
-            Command::new("sh").args(["-c", "echo oops >&2; exit 3"]),
-            "failing",
-            Duration::from_secs(10),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("failing failed (exit status 3)"), "{err}");
-        assert!(err.contains("oops"), "{err}");
+        assert_mentions(
+            run(&mut sh("echo oops >&2; exit 3"), "failing", TEN_SECS),
+            &["failing failed (exit status 3)", "oops"],
+        );
     }
 
     #[test]
@@ -436,40 +448,29 @@ mod tests {
 
     #[test]
     fn lines_arrive_one_by_one_with_their_time() {
-        let mut lines = Lines::spawn(
-            Command::new("sh").args(["-c", "echo first; sleep 0.3; echo second"]),
-            "two lines",
-        )
-        .unwrap();
-        let (t1, first) = lines.next_line(Duration::from_secs(10)).unwrap();
-        let (t2, second) = lines.next_line(Duration::from_secs(10)).unwrap();
+        let mut lines =
+            Lines::spawn(&mut sh("echo first; sleep 0.3; echo second"), "two lines").unwrap();
+        let (t1, first) = lines.next_line(TEN_SECS).unwrap();
+        let (t2, second) = lines.next_line(TEN_SECS).unwrap();
         assert_eq!((first.as_str(), second.as_str()), ("first", "second"));
         assert!(t2 - t1 >= Duration::from_millis(250), "{:?}", t2 - t1);
-        lines.wait_success(Duration::from_secs(10)).unwrap();
+        lines.wait_success(TEN_SECS).unwrap();
     }
 
     #[test]
     fn lines_report_a_child_that_ends_without_the_line() {
-        let mut lines = Lines::spawn(
-            Command::new("sh").args(["-c", "echo refused >&2; exit 1"]),
-            "silent child",
-        )
-        .unwrap();
-        let err = lines
-            .next_line(Duration::from_secs(10))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("silent child ended (exit status 1)"), "{err}");
-        assert!(err.contains("refused"), "{err}");
+        let mut lines = Lines::spawn(&mut sh("echo refused >&2; exit 1"), "silent child").unwrap();
+        assert_mentions(
+            lines.next_line(TEN_SECS),
+            &["silent child ended (exit status 1)", "refused"],
+        );
     }
 
     #[test]
     fn dropping_a_background_process_stops_its_whole_group() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("grandchild");
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
+        let cmd = sh(&format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
         let mut bg = Background::spawn(cmd, "group test", dir.path()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let grandchild = loop {

@@ -2,17 +2,14 @@
 //! server and the client both native, both under appshot, and through a
 //! socat proxy, which stands in for docker-proxy style port publishing.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::servers::{native_server, socat_proxy};
-use super::{argv, Ctx, Outcome};
-use crate::measure::{interleaved, Trial, Unit};
+use super::servers::{native_server, rows_with_socat, socat_proxy};
+use super::{argv, Client, Ctx, Outcome};
+use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE};
-use crate::procs;
-use crate::table::Row;
 
 pub const TITLE: &str = "connection setup";
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -26,6 +23,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let probe = CONNRATE.build(ctx.work)?.display().to_string();
     let logs = ctx.logs();
     let server = |port: u16| argv([probe.as_str(), "server", HOST, &port.to_string()]);
+    let native = |port: u16, what: &str| native_server(port, &server(port), what, &logs);
     let client = |port: u16| {
         argv([
             probe.as_str(),
@@ -37,12 +35,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     };
 
     let native_port = ctx.ports.take()?;
-    let _native = native_server(
-        native_port,
-        &server(native_port),
-        "native connrate server",
-        &logs,
-    )?;
+    let _native = native(native_port, "native connrate server")?;
 
     // The decoys start first: the first instance on a port gets the virtual
     // port itself as its real port, and the measured instance should sit on
@@ -63,59 +56,28 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
 
     let upstream = ctx.ports.take()?;
     let proxy_port = ctx.ports.take()?;
-    let _upstream = native_server(
-        upstream,
-        &server(upstream),
-        "connrate server behind socat",
-        &logs,
-    )?;
+    let _upstream = native(upstream, "connrate server behind socat")?;
     let _proxy = socat_proxy(proxy_port, upstream, &logs)?;
 
-    let conns = |out: String| probes::parse_value(&out, "conns_per_s");
-    let native_client = |port: u16, what: &'static str| {
-        let args = client(port);
-        move || {
-            conns(procs::run(
-                Command::new(&args[0]).args(&args[1..]),
-                what,
-                TIMEOUT,
-            )?)
-        }
+    let connrate = Client {
+        appshot: ctx.appshot,
+        aid: AID,
+        timeout: TIMEOUT,
+        figure: |out: &str| probes::parse_value(out, "conns_per_s"),
     };
-    let appshot_args = client(virtual_port);
     let trials = vec![
-        Trial::new("native", native_client(native_port, "connrate client")),
-        Trial::new("appshot", || {
-            conns(procs::run(
-                &mut ctx.appshot.foreground(AID, &appshot_args),
-                "connrate client under appshot",
-                TIMEOUT,
-            )?)
-        }),
-        Trial::new(
+        connrate.native("native", client(native_port), "connrate client"),
+        connrate.appshot(client(virtual_port), "connrate client under appshot"),
+        connrate.native(
             "socat proxy",
-            native_client(proxy_port, "connrate client via socat"),
+            client(proxy_port),
+            "connrate client via socat",
         ),
     ];
     let m = interleaved(TITLE, Unit::ConnsPerSec, ctx.plan, trials)?;
-    let rows = vec![
-        Row::compared(
-            TITLE,
-            "appshot: same AID, 2 other AIDs on the port",
-            "native",
-            &m[0],
-            &m[1],
-        ),
-        Row::compared(
-            TITLE,
-            "peer: socat proxy (ratio: appshot/socat)",
-            "socat",
-            &m[2],
-            &m[1],
-        ),
-    ];
-    Ok(Outcome {
-        rows,
-        measurements: m,
-    })
+    Ok(rows_with_socat(
+        TITLE,
+        "appshot: same AID, 2 other AIDs on the port",
+        m,
+    ))
 }

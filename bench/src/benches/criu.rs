@@ -9,7 +9,6 @@
 //! only been exercised as far as that check.
 
 use std::io::ErrorKind;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -129,15 +128,8 @@ pub fn one_run(
 ) -> anyhow::Result<CriuRun> {
     let what = format!("native memhold ({mib} MiB) for criu");
     // No output: files CRIU would have to find unchanged at restore.
-    let args = serve(probe, port, mib);
-    let child = Command::new(&args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {what}"))?;
+    let mut cmd = procs::command(&serve(probe, port, mib));
+    let child = procs::spawn(&mut cmd, &what, Stdio::null(), Stdio::null())?;
     let mut native = Native {
         child,
         reaped: false,
@@ -181,9 +173,8 @@ pub fn one_run(
 
     let pidfile = images.join("restored.pid");
     let pidfile_arg = pidfile.display().to_string();
-    let client = ask(probe, port, "ping", WAIT_MS);
     let mut client = Lines::spawn(
-        Command::new(&client[0]).args(&client[1..]),
+        &mut procs::command(&ask(probe, port, "ping", WAIT_MS)),
         &format!("native client waiting for criu restore ({mib} MiB)"),
     )?;
     let (restore_answer_ms, ()) = first_answer(&mut client, mib, "criu restore", || {
@@ -234,9 +225,8 @@ fn run_criu(dir: &Path, args: &[&str], what: &str) -> anyhow::Result<f64> {
 }
 
 fn verify(probe: &str, port: u16, expected: &str, what: &str) -> anyhow::Result<()> {
-    let args = ask(probe, port, "sum", 10_000);
     let out = procs::run(
-        Command::new(&args[0]).args(&args[1..]),
+        &mut procs::command(&ask(probe, port, "sum", 10_000)),
         &format!("checksum query to {what}"),
         TIMEOUT,
     )?;

@@ -5,16 +5,14 @@
 //! Every run gets a fresh one-off server (`iperf3 -s -1`): it exits after
 //! its test, which tells that the server side finished cleanly too.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
-use super::servers::{native_server, socat_proxy};
+use super::servers::{native_server, rows_with_socat, socat_proxy};
 use super::{argv, Ctx, Outcome};
 use crate::measure::{interleaved, Trial, Unit};
 use crate::procs;
-use crate::table::Row;
 
 pub const TITLE: &str = "TCP throughput (iperf3)";
 const AID: &str = "a";
@@ -54,7 +52,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         move || -> anyhow::Result<f64> {
             let mut srv = native_server(server_port, &server, what, &logs)?;
             let out = procs::run(
-                Command::new(&client[0]).args(&client[1..]),
+                &mut procs::command(&client),
                 &format!("iperf3 client ({what})"),
                 timeout,
             )?;
@@ -85,26 +83,11 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         ),
     ];
     let m = interleaved(TITLE, Unit::GbitPerSec, ctx.plan, trials)?;
-    let rows = vec![
-        Row::compared(
-            TITLE,
-            &format!("bulk, 1 stream, {secs}s; server and client under appshot"),
-            "native",
-            &m[0],
-            &m[1],
-        ),
-        Row::compared(
-            TITLE,
-            "peer: socat proxy (ratio: appshot/socat)",
-            "socat",
-            &m[2],
-            &m[1],
-        ),
-    ];
-    Ok(Outcome {
-        rows,
-        measurements: m,
-    })
+    Ok(rows_with_socat(
+        TITLE,
+        &format!("bulk, 1 stream, {secs}s; server and client under appshot"),
+        m,
+    ))
 }
 
 /// Received throughput of an `iperf3 -J` report, in Gbit/s.

@@ -2,10 +2,12 @@
 //! (`measure::interleaved`) and turns the measurements into table rows.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::appshot::Appshot;
-use crate::measure::{Measurement, Plan};
+use crate::measure::{Measurement, Plan, Trial};
 use crate::net::PortPool;
+use crate::procs;
 use crate::table::Row;
 
 mod connrate;
@@ -35,6 +37,21 @@ impl Ctx<'_> {
 pub struct Outcome {
     pub rows: Vec<Row>,
     pub measurements: Vec<Measurement>,
+}
+
+impl Outcome {
+    /// Adds the measurements `m`, native and appshot first, and the row of
+    /// appshot against native, as `configuration`.
+    pub fn add_against_native(
+        &mut self,
+        benchmark: &str,
+        configuration: &str,
+        m: Vec<Measurement>,
+    ) {
+        let row = Row::compared(benchmark, configuration, "native", &m[0], &m[1]);
+        self.rows.push(row);
+        self.measurements.extend(m);
+    }
 }
 
 pub struct Benchmark {
@@ -90,4 +107,37 @@ where
     S: ToString,
 {
     parts.into_iter().map(|p| p.to_string()).collect()
+}
+
+/// A benchmark's client: each run of a trial runs it to its end, natively
+/// or under appshot as `aid`, and `figure` of its output is the run's
+/// figure.
+#[derive(Clone, Copy)]
+pub struct Client<'a, F> {
+    pub appshot: &'a Appshot,
+    pub aid: &'a str,
+    pub timeout: Duration,
+    pub figure: F,
+}
+
+impl<'a, F> Client<'a, F>
+where
+    F: Fn(&str) -> anyhow::Result<f64> + Copy + 'a,
+{
+    /// The trial `configuration`: `argv` run natively; `what` names the
+    /// client in errors.
+    pub fn native(self, configuration: &str, argv: Vec<String>, what: &'a str) -> Trial<'a> {
+        Trial::new(configuration, move || {
+            let out = procs::run(&mut procs::command(&argv), what, self.timeout)?;
+            (self.figure)(&out)
+        })
+    }
+
+    /// The trial "appshot": `argv` run under appshot as the AID.
+    pub fn appshot(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
+        Trial::new("appshot", move || {
+            let mut cmd = self.appshot.foreground(self.aid, &argv);
+            (self.figure)(&procs::run(&mut cmd, what, self.timeout)?)
+        })
+    }
 }

@@ -1,16 +1,13 @@
 //! redis-benchmark SET and GET against redis-server, both native or both
 //! under appshot with one AID, without and with pipelining (-P 16).
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 
 use super::servers::native_server;
-use super::{argv, Ctx, Outcome};
-use crate::measure::{interleaved, Trial, Unit};
-use crate::procs;
-use crate::table::Row;
+use super::{argv, Client, Ctx, Outcome};
+use crate::measure::{interleaved, Unit};
 
 pub const TITLE: &str = "redis-benchmark";
 const AID: &str = "a";
@@ -62,7 +59,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     ];
     for (pipeline, requests) in cases {
         for test in ["SET", "GET"] {
-            let client = |port: u16| {
+            let args = |port: u16| {
                 argv([
                     "redis-benchmark",
                     "-h",
@@ -79,28 +76,15 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                     &pipeline.to_string(),
                 ])
             };
-            let (native_args, appshot_args) = (client(native_port), client(virtual_port));
+            let client = Client {
+                appshot: ctx.appshot,
+                aid: AID,
+                timeout: TIMEOUT,
+                figure: move |csv: &str| rps(csv, test),
+            };
             let trials = vec![
-                Trial::new("native", || {
-                    rps(
-                        &procs::run(
-                            Command::new(&native_args[0]).args(&native_args[1..]),
-                            "redis-benchmark (native)",
-                            TIMEOUT,
-                        )?,
-                        test,
-                    )
-                }),
-                Trial::new("appshot", || {
-                    rps(
-                        &procs::run(
-                            &mut ctx.appshot.foreground(AID, &appshot_args),
-                            "redis-benchmark under appshot",
-                            TIMEOUT,
-                        )?,
-                        test,
-                    )
-                }),
+                client.native("native", args(native_port), "redis-benchmark (native)"),
+                client.appshot(args(virtual_port), "redis-benchmark under appshot"),
             ];
             let benchmark = format!("redis {test}");
             let m = interleaved(&benchmark, Unit::RequestsPerSec, ctx.plan, trials)?;
@@ -109,14 +93,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             } else {
                 format!("50 clients, pipelined -P {pipeline}; same AID")
             };
-            out.rows.push(Row::compared(
-                &benchmark,
-                &configuration,
-                "native",
-                &m[0],
-                &m[1],
-            ));
-            out.measurements.extend(m);
+            out.add_against_native(&benchmark, &configuration, m);
         }
     }
     Ok(out)

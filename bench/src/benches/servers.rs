@@ -1,13 +1,15 @@
 //! Native servers and the socat peer, shared by the benchmarks.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
+use super::Outcome;
+use crate::measure::Measurement;
 use crate::net;
-use crate::procs::Background;
+use crate::procs::{self, Background};
+use crate::table::Row;
 
 /// How long a server may take to listen.
 pub const START: Duration = Duration::from_secs(30);
@@ -20,9 +22,7 @@ pub fn native_server(
     what: &str,
     logs: &Path,
 ) -> anyhow::Result<Background> {
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]);
-    let mut bg = Background::spawn(cmd, what, logs)?;
+    let mut bg = Background::spawn(procs::command(argv), what, logs)?;
     net::wait_listening(port, START, || bg.check_running())
         .with_context(|| format!("starting the {what} on port {port}"))?;
     Ok(bg)
@@ -43,4 +43,21 @@ pub fn socat_proxy(listen: u16, upstream: u16, logs: &Path) -> anyhow::Result<Ba
         &format!("socat proxy {listen}->{upstream}"),
         logs,
     )
+}
+
+/// The rows of a benchmark measured native, under appshot and through the
+/// socat proxy (`m` in that order): appshot against native, as
+/// `configuration`, then against the socat peer.
+pub fn rows_with_socat(title: &str, configuration: &str, m: Vec<Measurement>) -> Outcome {
+    let socat = Row::compared(
+        title,
+        "peer: socat proxy (ratio: appshot/socat)",
+        "socat",
+        &m[2],
+        &m[1],
+    );
+    let mut out = Outcome::default();
+    out.add_against_native(title, configuration, m);
+    out.rows.push(socat);
+    out
 }

@@ -33,8 +33,8 @@ use anyhow::{anyhow, bail, Context};
 
 use super::criu::{self, CriuRun};
 use super::{argv, Ctx, Outcome};
-use crate::appshot::Appshot;
-use crate::measure::{Measurement, Unit};
+use crate::appshot::{Appshot, Instance};
+use crate::measure::{warmup_mark, Measurement, Unit};
 use crate::probes::MEMHOLD;
 use crate::procs::{self, Lines};
 use crate::table::Row;
@@ -80,113 +80,55 @@ struct Figure {
 }
 
 /// In table order: each figure for every size, so its trend with size
-/// reads down the column.
+/// reads down the column. One figure a line: benchmark, what follows
+/// "N MiB", unit, the figure, and for a table row CRIU's figure (if any).
+#[rustfmt::skip]
 const FIGURES: &[Figure] = &[
-    Figure {
-        benchmark: "snapshot",
-        what: "process, then stopped: dump time",
-        unit: Unit::Millis,
-        get: |f| f.dump_ms,
-        row: true,
-        peer: Some(|c| c.dump_ms),
-    },
-    Figure {
-        benchmark: "snapshot",
-        what: "process: image size",
-        unit: Unit::MiB,
-        get: |f| f.image_mib,
-        row: true,
-        peer: Some(|c| c.image_mib),
-    },
-    Figure {
-        benchmark: "snapshot --leave-running",
-        what: "process: time frozen",
-        unit: Unit::Millis,
-        get: |f| f.frozen_ms,
-        row: true,
-        peer: Some(|c| c.frozen_ms),
-    },
-    Figure {
-        benchmark: "restore",
-        what: "image, warm page cache: wall time to first answer",
-        unit: Unit::Millis,
-        get: |f| f.restore_answer_ms,
-        row: true,
-        peer: Some(|c| c.restore_answer_ms),
-    },
-    Figure {
-        benchmark: "restore",
-        what: "image: supervisor's restore work",
-        unit: Unit::Millis,
-        get: |f| f.restore_work_ms,
-        row: true,
-        peer: None,
-    },
-    Figure {
-        benchmark: "clone",
-        what: "template: supervisor's restore work",
-        unit: Unit::Millis,
-        get: |f| f.clone_work_ms,
-        row: true,
-        peer: None,
-    },
-    Figure {
-        benchmark: "clone",
-        what: "template: wall time to first answer",
-        unit: Unit::Millis,
-        get: |f| f.clone_answer_ms,
-        row: true,
-        peer: None,
-    },
-    Figure {
-        benchmark: "snapshot",
-        what: "process, then stopped: wall time of the command",
-        unit: Unit::Millis,
-        get: |f| f.dump_wall_ms,
-        row: false,
-        peer: None,
-    },
-    Figure {
-        benchmark: "snapshot",
-        what: "process: memory saved",
-        unit: Unit::MiB,
-        get: |f| f.memory_mib,
-        row: false,
-        peer: None,
-    },
-    Figure {
-        benchmark: "snapshot --leave-running",
-        what: "process: dump time",
-        unit: Unit::Millis,
-        get: |f| f.frozen_dump_ms,
-        row: false,
-        peer: None,
-    },
-    Figure {
-        benchmark: "snapshot --leave-running",
-        what: "process: time frozen, first snapshot after start (fresh page-cache memory)",
-        unit: Unit::Millis,
-        get: |f| f.first_frozen_ms,
-        row: false,
-        peer: None,
-    },
-    Figure {
-        benchmark: "restore",
-        what: "image: wall time of `appshot restore --detach`",
-        unit: Unit::Millis,
-        get: |f| f.restore_cmd_ms,
-        row: false,
-        peer: None,
-    },
-    Figure {
-        benchmark: "clone",
-        what: "template: wall time of `appshot clone --detach`",
-        unit: Unit::Millis,
-        get: |f| f.clone_cmd_ms,
-        row: false,
-        peer: None,
-    },
+    row("snapshot", "process, then stopped: dump time", Unit::Millis, |f| f.dump_ms, Some(|c| c.dump_ms)),
+    row("snapshot", "process: image size", Unit::MiB, |f| f.image_mib, Some(|c| c.image_mib)),
+    row("snapshot --leave-running", "process: time frozen", Unit::Millis, |f| f.frozen_ms, Some(|c| c.frozen_ms)),
+    row("restore", "image, warm page cache: wall time to first answer", Unit::Millis, |f| f.restore_answer_ms, Some(|c| c.restore_answer_ms)),
+    row("restore", "image: supervisor's restore work", Unit::Millis, |f| f.restore_work_ms, None),
+    row("clone", "template: supervisor's restore work", Unit::Millis, |f| f.clone_work_ms, None),
+    row("clone", "template: wall time to first answer", Unit::Millis, |f| f.clone_answer_ms, None),
+    kept("snapshot", "process, then stopped: wall time of the command", Unit::Millis, |f| f.dump_wall_ms),
+    kept("snapshot", "process: memory saved", Unit::MiB, |f| f.memory_mib),
+    kept("snapshot --leave-running", "process: dump time", Unit::Millis, |f| f.frozen_dump_ms),
+    kept("snapshot --leave-running", "process: time frozen, first snapshot after start (fresh page-cache memory)", Unit::Millis, |f| f.first_frozen_ms),
+    kept("restore", "image: wall time of `appshot restore --detach`", Unit::Millis, |f| f.restore_cmd_ms),
+    kept("clone", "template: wall time of `appshot clone --detach`", Unit::Millis, |f| f.clone_cmd_ms),
 ];
+
+/// A table row, beside CRIU's figure where it has one.
+const fn row(
+    benchmark: &'static str,
+    what: &'static str,
+    unit: Unit,
+    get: fn(&RunFigures) -> f64,
+    peer: Option<fn(&CriuRun) -> f64>,
+) -> Figure {
+    Figure {
+        benchmark,
+        what,
+        unit,
+        get,
+        row: true,
+        peer,
+    }
+}
+
+/// A figure kept in results.json only.
+const fn kept(
+    benchmark: &'static str,
+    what: &'static str,
+    unit: Unit,
+    get: fn(&RunFigures) -> f64,
+) -> Figure {
+    Figure {
+        row: false,
+        ..row(benchmark, what, unit, get, None)
+    }
+}
 
 /// One workload size: its port, its template and its runs.
 struct Size {
@@ -251,7 +193,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
                 size.mib,
                 round + 1,
-                if round < warmup { " (warm-up)" } else { "" },
+                warmup_mark(round, warmup),
                 f.dump_ms,
                 f.image_mib,
                 f.frozen_ms,
@@ -285,7 +227,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 })?;
                 eprintln!(
                     "  {TITLE} / {MEMORY_CLONES} clones of {MEMORY_MIB} MiB: run {}/{total}{}: Pss {:.1} MiB and private {:.3} MiB per clone (template RSS {:.1} MiB)",
-                    round + 1, if round < warmup { " (warm-up)" } else { "" }, m.0, m.1, size.template_rss_mib
+                    round + 1, warmup_mark(round, warmup), m.0, m.1, size.template_rss_mib
                 );
                 memory.push(m);
             }
@@ -387,11 +329,7 @@ impl Size {
         let rollup = smaps_rollup(instance.app_pid()?)?;
         let template_rss_mib = kib(&rollup, "Rss")? as f64 / 1024.0;
         let template = dir.join(format!("template-{mib}.img"));
-        let out = appshot.snapshot(instance.name(), &template, &["--template"])?;
-        let line = parse_snapshot(&out)?;
-        if line.after != After::Stopped {
-            bail!("`appshot snapshot --template` of {what} did not stop it: {out:?}");
-        }
+        take_snapshot(appshot, &instance, &template, &["--template"], &what)?;
         Ok(Size {
             mib,
             port,
@@ -402,6 +340,11 @@ impl Size {
             runs: Vec::new(),
             criu: Vec::new(),
         })
+    }
+
+    /// `verify` of the instance of `aid`, one of this size's.
+    fn verify(&self, appshot: &Appshot, probe: &str, aid: &str, what: &str) -> anyhow::Result<()> {
+        verify(appshot, probe, aid, self.port, &self.expected, what)
     }
 }
 
@@ -417,37 +360,22 @@ fn one_run(
     let aid = format!("s{mib}-{round}");
     let instance = appshot.server(&aid, size.port, &serve(probe, size.port, mib))?;
     let what = format!("instance {} ({mib} MiB)", instance.name());
-    verify(appshot, probe, &aid, size.port, &size.expected, &what)?;
+    size.verify(appshot, probe, &aid, &what)?;
 
     let image = dir.join(format!("{aid}.img"));
     let leave_running = || -> anyhow::Result<SnapshotLine> {
-        let out = appshot.snapshot(instance.name(), &image, &["--leave-running"])?;
-        let line = parse_snapshot(&out)?;
-        if line.after != After::LeftRunning {
-            bail!("`appshot snapshot --leave-running` of {what} did not leave it running: {out:?}");
-        }
+        let (line, _) = take_snapshot(appshot, &instance, &image, &["--leave-running"], &what)?;
         remove(&image)?;
         Ok(line)
     };
     f.first_frozen_ms = leave_running()?.frozen_ms;
     let line = leave_running()?;
     (f.frozen_ms, f.frozen_dump_ms) = (line.frozen_ms, line.dump_ms);
-    verify(
-        appshot,
-        probe,
-        &aid,
-        size.port,
-        &size.expected,
-        &format!("{what} after its --leave-running snapshot"),
-    )?;
+    let after_leave_running = format!("{what} after its --leave-running snapshot");
+    size.verify(appshot, probe, &aid, &after_leave_running)?;
 
-    let started = Instant::now();
-    let out = appshot.snapshot(instance.name(), &image, &[])?;
-    f.dump_wall_ms = millis(started.elapsed());
-    let line = parse_snapshot(&out)?;
-    if line.after != After::Stopped {
-        bail!("`appshot snapshot` of {what} did not stop it: {out:?}");
-    }
+    let (line, took) = take_snapshot(appshot, &instance, &image, &[], &what)?;
+    f.dump_wall_ms = millis(took);
     (f.dump_ms, f.image_mib, f.memory_mib) = (line.dump_ms, line.image_mib, line.memory_mib);
     drop(instance);
 
@@ -457,19 +385,7 @@ fn one_run(
             appshot.restore(&image, &name)
         })?;
     (f.restore_answer_ms, f.restore_cmd_ms) = (answer_ms, millis(took));
-    let work = restore_work(&restored.log()?, &name)?;
-    if work.clone {
-        bail!("the supervisor of restored instance {name} says it restored a clone");
-    }
-    f.restore_work_ms = work.ms;
-    verify(
-        appshot,
-        probe,
-        &aid,
-        size.port,
-        &size.expected,
-        &format!("restored instance {name} ({mib} MiB)"),
-    )?;
+    f.restore_work_ms = check_started(appshot, probe, size, &restored, &aid, false)?;
     drop(restored);
     remove(&image)?;
 
@@ -484,23 +400,7 @@ fn one_run(
         || appshot.clone_template(&size.template, &clone_aid, 1),
     )?;
     (f.clone_answer_ms, f.clone_cmd_ms) = (answer_ms, millis(took));
-    let clone = &clones[0];
-    let work = restore_work(&clone.log()?, clone.name())?;
-    if !work.clone {
-        bail!(
-            "the supervisor of clone {} says it did not restore a clone",
-            clone.name()
-        );
-    }
-    f.clone_work_ms = work.ms;
-    verify(
-        appshot,
-        probe,
-        &clone_aid,
-        size.port,
-        &size.expected,
-        &format!("clone {} ({mib} MiB)", clone.name()),
-    )?;
+    f.clone_work_ms = check_started(appshot, probe, size, &clones[0], &clone_aid, true)?;
     Ok(f)
 }
 
@@ -523,14 +423,8 @@ fn clone_memory(
                 clone.name()
             );
         }
-        verify(
-            appshot,
-            probe,
-            &clone_aid,
-            size.port,
-            &size.expected,
-            &format!("clone {clone_aid} ({} MiB)", size.mib),
-        )?;
+        let what = format!("clone {clone_aid} ({} MiB)", size.mib);
+        size.verify(appshot, probe, &clone_aid, &what)?;
     }
     let (mut pss, mut private) = (0, 0);
     for clone in &clones {
@@ -602,6 +496,39 @@ fn verify(
         TIMEOUT,
     )?;
     check_answer(&out, expected, what)
+}
+
+/// `appshot snapshot` of `instance` (`what`) to `image` with `flags`: the
+/// figures of its line and the command's wall time. Fails unless it left
+/// the instance running exactly when `flags` has `--leave-running`.
+fn take_snapshot(
+    appshot: &Appshot,
+    instance: &Instance<'_>,
+    image: &Path,
+    flags: &[&str],
+    what: &str,
+) -> anyhow::Result<(SnapshotLine, Duration)> {
+    let after = if flags.contains(&"--leave-running") {
+        After::LeftRunning
+    } else {
+        After::Stopped
+    };
+    let started = Instant::now();
+    let out = appshot.snapshot(instance.name(), image, flags)?;
+    let took = started.elapsed();
+    let line = parse_snapshot(&out)?;
+    if line.after != after {
+        let command = ["appshot snapshot"].iter().chain(flags).copied();
+        let did_not = match after {
+            After::Stopped => "stop it",
+            After::LeftRunning => "leave it running",
+        };
+        bail!(
+            "`{}` of {what} did not {did_not}: {out:?}",
+            command.collect::<Vec<_>>().join(" ")
+        );
+    }
+    Ok((line, took))
 }
 
 pub fn check_answer(out: &str, expected: &str, what: &str) -> anyhow::Result<()> {
@@ -734,6 +661,34 @@ fn parse_snapshot(out: &str) -> anyhow::Result<SnapshotLine> {
         frozen_ms,
         after,
     })
+}
+
+/// Checks an instance of `aid` that a restore or, when `clone`, a clone
+/// started: its supervisor must say it restored a clone exactly when
+/// `clone`, and its memory must be whole. Returns the supervisor's restore
+/// work, ms.
+fn check_started(
+    appshot: &Appshot,
+    probe: &str,
+    size: &Size,
+    instance: &Instance<'_>,
+    aid: &str,
+    clone: bool,
+) -> anyhow::Result<f64> {
+    let name = instance.name();
+    let what = if clone { "clone" } else { "restored instance" };
+    let work = restore_work(&instance.log()?, name)?;
+    if work.clone != clone {
+        let said = if work.clone {
+            "restored a clone"
+        } else {
+            "did not restore a clone"
+        };
+        bail!("the supervisor of {what} {name} says it {said}");
+    }
+    let mib = size.mib;
+    size.verify(appshot, probe, aid, &format!("{what} {name} ({mib} MiB)"))?;
+    Ok(work.ms)
 }
 
 #[derive(Debug, PartialEq)]

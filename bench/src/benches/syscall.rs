@@ -3,14 +3,11 @@
 //! is the round trip of a user notification. getsockopt(SO_TYPE) on the
 //! same socket is not trapped and shows what the filter alone costs.
 
-use std::process::Command;
 use std::time::Duration;
 
-use super::{argv, Ctx, Outcome};
-use crate::measure::{interleaved, Trial, Unit};
+use super::{argv, Client, Ctx, Outcome};
+use crate::measure::{interleaved, Unit};
 use crate::probes::{self, SYSCALL_COST};
-use crate::procs;
-use crate::table::Row;
 
 pub const TITLE: &str = "syscall cost";
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -22,6 +19,12 @@ const UNTRAPPED_FACTOR: u64 = 20;
 pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let probe = SYSCALL_COST.build(ctx.work)?;
     let mut out = Outcome::default();
+    let client = Client {
+        appshot: ctx.appshot,
+        aid: AID,
+        timeout: TIMEOUT,
+        figure: |output: &str| Ok(probes::parse_value(output, "ns_per_call")? / 1e3),
+    };
     let n = ctx.plan.syscall_iterations;
     // An untrapped call is ~100 times cheaper: more of them keep its run
     // long enough (a quarter second and up) not to be timer noise.
@@ -45,32 +48,12 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             call.to_string(),
             iterations.to_string(),
         ]);
-        let micros = |output: String| Ok(probes::parse_value(&output, "ns_per_call")? / 1e3);
         let trials = vec![
-            Trial::new("native", || {
-                micros(procs::run(
-                    Command::new(&args[0]).args(&args[1..]),
-                    "syscall_cost (native)",
-                    TIMEOUT,
-                )?)
-            }),
-            Trial::new("appshot", || {
-                micros(procs::run(
-                    &mut ctx.appshot.foreground(AID, &args),
-                    "syscall_cost under appshot",
-                    TIMEOUT,
-                )?)
-            }),
+            client.native("native", args.clone(), "syscall_cost (native)"),
+            client.appshot(args, "syscall_cost under appshot"),
         ];
         let m = interleaved(benchmark, Unit::MicrosPerCall, ctx.plan, trials)?;
-        out.rows.push(Row::compared(
-            benchmark,
-            configuration,
-            "native",
-            &m[0],
-            &m[1],
-        ));
-        out.measurements.extend(m);
+        out.add_against_native(benchmark, configuration, m);
     }
     Ok(out)
 }
