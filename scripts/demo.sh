@@ -37,7 +37,7 @@ step "three instances of python3 -m http.server 9000, AIDs a, b, c"
 for aid in a b c; do
   mkdir -p "$www/$aid"
   echo "hello from instance $aid" > "$www/$aid/hello-$aid.txt"
-  (cd "$www/$aid" && "$appshot" run --aid "$aid" --name "web-$aid" --detach -- python3 -m http.server 9000)
+  (cd "$www/$aid" && "$appshot" run --aid "$aid" --name "web-$aid" --detach -- python3 -m http.server 9000 --bind ::)
 done
 for aid in a b c; do
   for _ in $(seq 100); do

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::restore::ListenSpec;
-use appshot_sys::net::connect_unspec;
+use appshot_sys::net::{bind_raw, connect_raw};
 use appshot_sys::seccomp::Response;
 use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
 use nix::errno::Errno;
@@ -70,6 +70,8 @@ pub struct Multiplexer {
     next_pick: AtomicUsize,
     local_addrs: Mutex<(Instant, HashSet<IpAddr>)>,
     workers: Pool,
+    /// Ports below this need CAP_NET_BIND_SERVICE.
+    unprivileged_port_start: u16,
 }
 
 /// A task's INET socket, duplicated into the supervisor.
@@ -103,6 +105,12 @@ impl Multiplexer {
             ),
             local_addrs: Mutex::new((Instant::now() - LOCAL_ADDRS_TTL, HashSet::new())),
             workers: Pool::default(),
+            unprivileged_port_start: std::fs::read_to_string(
+                "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+            )
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1024),
         }
     }
 
@@ -124,23 +132,69 @@ impl Multiplexer {
         }
     }
 
-    /// `Ok(None)` for sockets of other families (Unix, netlink, …), which the
-    /// multiplexer leaves to the kernel.
-    fn inet_socket(call: &Call) -> Result<Option<InetSocket>, i32> {
+    /// The task's socket: INET ones are multiplexed; for others the
+    /// multiplexer only performs the call (`Err(Other)`), never letting the
+    /// kernel continue: by then another thread may have put a TCP socket
+    /// behind the same fd number.
+    fn task_socket(call: &Call) -> Result<Result<InetSocket, Other>, i32> {
         let fd = call.task_fd(call.int_arg(0))?;
         let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e as i32)?;
         let domain = match local.family() {
             Some(AddressFamily::Inet) => libc::AF_INET,
             Some(AddressFamily::Inet6) => libc::AF_INET6,
-            _ => return Ok(None),
+            family => {
+                let unix = family == Some(AddressFamily::Unix);
+                return Ok(Err(Other { fd, unix }));
+            }
         };
         let stream = getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? == SockType::Stream;
-        Ok(Some(InetSocket {
+        Ok(Ok(InetSocket {
             fd,
             domain,
             stream,
             local,
         }))
+    }
+
+    /// For `getsockname`/`getpeername`: `Ok(None)` for sockets of other
+    /// families, whose names the multiplexer does not change.
+    fn inet_socket(call: &Call) -> Result<Option<InetSocket>, i32> {
+        Ok(Self::task_socket(call)?.ok())
+    }
+
+    /// bind or connect on a socket of another family, with the task's own
+    /// address bytes. Unix socket paths resolve against the task's root and
+    /// working directory, in a thread that has taken both (so the kernel
+    /// records the path the task gave); a connect that may block runs off
+    /// the receive loop.
+    fn other_family(&self, call: Call, sock: Other, bytes: Vec<u8>, bind: bool) {
+        let op = move |fd: &OwnedFd, bytes: &[u8]| {
+            let r = if bind {
+                bind_raw(fd, bytes)
+            } else {
+                connect_raw(fd, bytes)
+            };
+            r.map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))
+        };
+        let path = sock.unix && bytes.len() > 2 && bytes[2] != 0;
+        if path {
+            let spawned = std::thread::Builder::new()
+                .name("unix-path".into())
+                .spawn(move || {
+                    let r = in_task_fs(call.tid).and_then(|()| op(&sock.fd, &bytes));
+                    call.answer(outcome(r));
+                });
+            if let Err(e) = spawned {
+                warn!("no thread for a Unix socket path: {e}");
+            }
+            return;
+        }
+        if !bind && is_blocking(&sock.fd) {
+            self.workers
+                .run(move || call.answer(outcome(op(&sock.fd, &bytes))));
+        } else {
+            call.answer(outcome(op(&sock.fd, &bytes)));
+        }
     }
 
     /// The address argument (pointer in arg 1, length in arg 2).
@@ -153,17 +207,38 @@ impl Multiplexer {
     }
 
     fn bind(self: &Arc<Self>, call: Call) {
-        let sock = match Self::inet_socket(&call) {
-            Ok(Some(s)) => s,
-            Ok(None) => return call.answer(Response::Continue),
+        let bytes = match Self::address_arg(&call) {
+            Ok(b) => b,
             Err(e) => return call.answer(Response::Errno(e)),
         };
-        let addr = match Self::address_arg(&call).and_then(|b| sockaddr::decode(sock.domain, &b)) {
-            Ok(a) => a,
+        let sock = match Self::task_socket(&call) {
+            Ok(Ok(s)) => s,
+            Ok(Err(other)) => return self.other_family(call, other, bytes, true),
             Err(e) => return call.answer(Response::Errno(e)),
         };
-        if !sock.stream || addr.port() == 0 || !self.settings.multiplexed.contains(addr.port()) {
-            return call.answer(outcome(bind_to(&sock.fd, addr)));
+        let raw = |sock: &InetSocket| outcome(bind_raw(&sock.fd, &bytes).map_err(errno));
+        let Ok(addr) = sockaddr::decode(sock.domain, &bytes) else {
+            // Malformed: the kernel says how, with its own errno.
+            return call.answer(raw(&sock));
+        };
+        let port = addr.port();
+        // The supervisor binds as root; the task may not be allowed to.
+        if port != 0 && port < self.unprivileged_port_start && !may_bind_privileged(call.tid) {
+            return call.answer(Response::Errno(libc::EACCES));
+        }
+        let multiplexed = sock.stream && port != 0 && self.settings.multiplexed.contains(port);
+        // A bind interrupted by a signal after the supervisor performed it
+        // is restarted by the kernel: the same bind again succeeds.
+        if self.already_bound(&sock, addr, multiplexed) {
+            return call.answer(Response::Value(0));
+        }
+        if !multiplexed {
+            if sock.stream && self.is_others_real_port(port) {
+                // Another instance's real port: binding it would capture
+                // that instance's clients.
+                return call.answer(Response::Errno(libc::EADDRINUSE));
+            }
+            return call.answer(raw(&sock));
         }
         match self.allocate(&sock, addr) {
             Ok(Some(_)) => call.answer(Response::Value(0)),
@@ -195,6 +270,41 @@ impl Multiplexer {
                 });
             }
         }
+    }
+
+    /// Whether the socket is bound already as this bind asks: directly to
+    /// `addr`, or (multiplexed) to a real port recorded for it and `addr`.
+    fn already_bound(&self, sock: &InetSocket, addr: SocketAddr, multiplexed: bool) -> bool {
+        let Some(local) = to_std(&sock.local).filter(|l| l.port() != 0) else {
+            return false;
+        };
+        if !multiplexed {
+            return local == addr;
+        }
+        let Ok(inode) = nix::sys::stat::fstat(sock.fd.as_raw_fd()).map(|st| st.st_ino) else {
+            return false;
+        };
+        let mut cache = self.cache.lock().expect("registry cache lock");
+        cache.get().is_ok_and(|st| {
+            st.translations_of(&self.settings.instance).any(|t| {
+                t.socket_inode == inode
+                    && t.virtual_port == addr.port()
+                    && t.addr == addr.ip()
+                    && t.real_port == local.port()
+            })
+        })
+    }
+
+    /// Whether `port` is the real port of another instance's translation.
+    fn is_others_real_port(&self, port: u16) -> bool {
+        let mut cache = self.cache.lock().expect("registry cache lock");
+        cache.get().is_ok_and(|st| {
+            st.translations.iter().any(|t| {
+                t.protocol == Protocol::Tcp
+                    && t.real_port == port
+                    && t.owner != self.settings.instance
+            })
+        })
     }
 
     /// Binds the socket to the first real port the registry offers that the
@@ -321,23 +431,22 @@ impl Multiplexer {
     }
 
     fn connect(self: &Arc<Self>, call: Call) {
-        let sock = match Self::inet_socket(&call) {
-            Ok(Some(s)) => s,
-            Ok(None) => return call.answer(Response::Continue),
-            Err(e) => return call.answer(Response::Errno(e)),
-        };
         let bytes = match Self::address_arg(&call) {
             Ok(b) => b,
             Err(e) => return call.answer(Response::Errno(e)),
         };
-        if bytes.len() >= 2 && u16::from_ne_bytes([bytes[0], bytes[1]]) == libc::AF_UNSPEC as u16 {
-            return call.answer(outcome(
-                connect_unspec(&sock.fd).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL)),
-            ));
-        }
-        let dest = match sockaddr::decode(sock.domain, &bytes) {
-            Ok(a) => a,
+        let sock = match Self::task_socket(&call) {
+            Ok(Ok(s)) => s,
+            Ok(Err(other)) => return self.other_family(call, other, bytes, false),
             Err(e) => return call.answer(Response::Errno(e)),
+        };
+        let decoded = sockaddr::decode(sock.domain, &bytes);
+        let dest = match decoded {
+            Ok(a) if sock.stream => a,
+            // Datagram sockets are not multiplexed, and an address that does
+            // not decode (AF_UNSPEC, an IPv4 address on an IPv6 socket, a
+            // short one) is the kernel's to judge: the task's own bytes.
+            _ => return call.answer(outcome(connect_raw(&sock.fd, &bytes).map_err(errno))),
         };
         if sock.stream && self.settings.cluster.negotiates(dest.ip()) && !self.is_local(dest.ip()) {
             // Negotiating takes a round trip to the other host: off the
@@ -357,10 +466,7 @@ impl Multiplexer {
                 return call.answer(Response::Errno(e));
             }
         };
-        let blocking = fcntl(sock.fd.as_raw_fd(), FcntlArg::F_GETFL)
-            .map(|f| !OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
-            .unwrap_or(true);
-        if blocking {
+        if is_blocking(&sock.fd) {
             // A blocking connect may take as long as the network does; the
             // receive loop must not wait on it.
             self.workers
@@ -531,6 +637,51 @@ fn connect_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
         SocketAddr::V6(a) => nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a)),
     };
     r.map_err(|e| e as i32)
+}
+
+/// A task's non-INET socket.
+struct Other {
+    fd: OwnedFd,
+    unix: bool,
+}
+
+fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EINVAL)
+}
+
+fn is_blocking(fd: &OwnedFd) -> bool {
+    fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)
+        .map(|f| !OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
+        .unwrap_or(true)
+}
+
+/// Gives the calling thread (a fresh one, which then ends) the root and
+/// working directory of task `tid`, so that a path it passed resolves as it
+/// would have for the task itself.
+fn in_task_fs(tid: u32) -> Result<(), i32> {
+    let dir = |what: &str| {
+        std::fs::File::open(format!("/proc/{tid}/{what}"))
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::ESRCH))
+    };
+    let (root, cwd) = (dir("root")?, dir("cwd")?);
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(|e| e as i32)?;
+    nix::unistd::fchdir(root.as_raw_fd()).map_err(|e| e as i32)?;
+    nix::unistd::chroot(".").map_err(|e| e as i32)?;
+    nix::unistd::fchdir(cwd.as_raw_fd()).map_err(|e| e as i32)?;
+    Ok(())
+}
+
+/// Whether task `tid` holds CAP_NET_BIND_SERVICE in its effective set.
+fn may_bind_privileged(tid: u32) -> bool {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_NET_BIND_SERVICE) != 0)
 }
 
 fn outcome(r: Result<(), i32>) -> Response {

@@ -3,17 +3,31 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-/// `connect(fd, {AF_UNSPEC})`: dissolves a socket's association (UDP
-/// disconnect, TCP abort). `nix` has no way to build an AF_UNSPEC address.
-pub fn connect_unspec(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: an all-zero sockaddr has family AF_UNSPEC; the kernel reads
-    // `size_of::<sockaddr>()` bytes from a live stack value.
+/// `bind(fd, addr)` with the address exactly as a task passed it, so the
+/// kernel applies its own checks and errnos for every family.
+pub fn bind_raw(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
+    // SAFETY: the kernel reads `addr.len()` bytes from a live slice.
     let ret = unsafe {
-        let addr: libc::sockaddr = std::mem::zeroed();
+        libc::bind(
+            fd.as_raw_fd(),
+            addr.as_ptr().cast(),
+            addr.len() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `connect(fd, addr)` with the address exactly as a task passed it.
+pub fn connect_raw(fd: &OwnedFd, addr: &[u8]) -> io::Result<()> {
+    // SAFETY: the kernel reads `addr.len()` bytes from a live slice.
+    let ret = unsafe {
         libc::connect(
             fd.as_raw_fd(),
-            &addr,
-            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            addr.as_ptr().cast(),
+            addr.len() as libc::socklen_t,
         )
     };
     if ret < 0 {

@@ -75,3 +75,49 @@ fn escape_routes_around_the_filter_are_closed() {
         "{under}"
     );
 }
+
+/// Another thread swapping sockets behind one fd number cannot make the
+/// supervisor judge one socket while the kernel connects another: calls on
+/// non-INET sockets are performed by the supervisor too, never continued.
+#[test]
+fn swapping_sockets_behind_an_fd_does_not_reach_another_aid() {
+    let Some(mut h) = Harness::new(
+        "swapping_sockets_behind_an_fd_does_not_reach_another_aid",
+        &["python3", "gcc"],
+    ) else {
+        return;
+    };
+    let swap = h.compile("fdswap.c", "fdswap");
+    let dir = h.dir("www");
+    // Two instances on 9650, so AID b's gets a real port other than 9650.
+    h.start(
+        "held",
+        "a",
+        &dir,
+        &[],
+        &["python3", "-m", "http.server", "9650"],
+    );
+    h.wait_log("held", "Serving HTTP");
+    h.start(
+        "victim",
+        "b",
+        &dir,
+        &[],
+        &["python3", "-m", "http.server", "9650"],
+    );
+    h.wait_log("victim", "Serving HTTP");
+    let row = h.instance("victim").expect("victim listed");
+    let real = common::port_pairs(&row)
+        .into_iter()
+        .map(|p| p.real)
+        .find(|&p| p != 9650)
+        .expect("victim has a real port of its own");
+
+    let ran = h.client("a", &[swap.to_str().unwrap(), &real.to_string(), "3000"]);
+    assert!(ran.success(), "{ran}");
+    assert_eq!(
+        ran.stdout.trim(),
+        "REFUSED 3000",
+        "AID a reached AID b's real port: {ran}"
+    );
+}

@@ -22,7 +22,10 @@ fn three_http_servers_on_port_9000_each_serve_their_own_aid() {
         let dir = h.dir(&format!("www-{aid}"));
         fs::write(dir.join(format!("only-in-{aid}.txt")), aid).unwrap();
         let name = format!("web-{aid}");
-        let command = ["python3", "-m", "http.server", "9000"];
+        // Which family http.server binds by default follows getaddrinfo's
+        // ordering on the host; `--bind ::` asks for the dual-stack listener
+        // that both the IPv4 and the IPv6 requests below need.
+        let command = ["python3", "-m", "http.server", "9000", "--bind", "::"];
         if aid == "c" {
             // One instance through a config file, so its `cwd` is exercised.
             let config = h.dir("config").join("web-c.toml");
