@@ -15,7 +15,7 @@ use appshot_snapshot::ptrace::Frozen;
 use appshot_vpm::{is_alive, Protocol, Registry};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::ptrace::Options;
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
@@ -135,6 +135,9 @@ pub fn snapshot(
     };
 
     let started = Instant::now();
+    // Declared before `frozen`, so dropped after it on every path: the
+    // signals stay blocked until the instance is released or killed.
+    let blocked = BlockTermination::block();
     let frozen = Frozen::seize(app, Options::empty())?;
     let stats = dump(&frozen, &req, output)?;
     if let Some(b) = bar.get() {
@@ -143,6 +146,7 @@ pub fn snapshot(
     let frozen_for;
     let after = if leave_running {
         frozen.release();
+        drop(blocked);
         frozen_for = started.elapsed();
         "left running"
     } else {
@@ -152,6 +156,7 @@ pub fn snapshot(
         frozen.kill(|| {
             let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
         });
+        drop(blocked);
         let deadline = Instant::now() + Duration::from_secs(10);
         while is_alive(run_dir, name) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -166,6 +171,43 @@ pub fn snapshot(
         stats.seconds * 1e3,
         frozen_for.as_secs_f64() * 1e3
     ))
+}
+
+/// Blocks the signals that would end `appshot snapshot` (SIGINT, SIGTERM,
+/// SIGHUP, SIGQUIT) while it is the tracer of a frozen instance: dying then
+/// would detach threads in the middle of an injected syscall. Dropping it
+/// restores the previous mask, and a signal that arrived meanwhile acts as
+/// usual then. SIGKILL cannot be blocked; its window is the few
+/// microseconds of a text swap.
+struct BlockTermination {
+    previous: Option<SigSet>,
+}
+
+impl BlockTermination {
+    fn block() -> BlockTermination {
+        let mut set = SigSet::empty();
+        for s in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ] {
+            set.add(s);
+        }
+        let mut previous = SigSet::empty();
+        let previous = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous))
+            .ok()
+            .map(|()| previous);
+        BlockTermination { previous }
+    }
+}
+
+impl Drop for BlockTermination {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous {
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(previous), None);
+        }
+    }
 }
 
 fn mib(bytes: u64) -> String {

@@ -26,6 +26,8 @@ const DATA: u64 = PAGE;
 /// Largest run of pages read and written at once.
 const CHUNK_PAGES: u64 = 1024;
 const RLIMIT_COUNT: u32 = 16;
+/// Pagemap entries read at once (512 KiB).
+const PAGEMAP_ENTRIES: u64 = 64 * 1024;
 
 pub struct DumpRequest<'a> {
     pub instance: InstanceInfo,
@@ -70,6 +72,19 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
     let maps_before = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
     })?;
+    let timers = parse::posix_timers(&read("timers")?);
+    if timers > 0 {
+        return Err(SnapshotError::Unsupported {
+            pid,
+            what: format!("has {timers} POSIX timer(s) (timer_create), which cannot be saved yet"),
+        });
+    }
+    // Every mapping must be one a restore can rebuild; refused before any
+    // syscall is injected.
+    let growsdown = growsdown(pid)?;
+    for m in &maps_before {
+        classify(m, pid, &growsdown)?;
+    }
     let exe_path = std::fs::read_link(format!("{proc_dir}/exe"))
         .map_err(|e| SnapshotError::process(pid, "reading exe link", e))?;
     let text = maps_before
@@ -87,6 +102,12 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         .start;
 
     let asked = ask_process(frozen, &mem, text)?;
+    if let Some(which) = asked.armed_itimer {
+        return Err(SnapshotError::Unsupported {
+            pid,
+            what: format!("has an armed interval timer ({which}), which cannot be saved yet"),
+        });
+    }
 
     let maps = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
@@ -149,7 +170,8 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         .collect();
 
     let mut writer = ImageWriter::create(path)?;
-    let vmas = match dump_memory(pid, &mem, &maps, &mut writer, req.progress) {
+    let growsdown = self::growsdown(pid)?;
+    let vmas = match dump_memory(pid, &mem, &maps, &growsdown, &mut writer, req.progress) {
         Ok(v) => v,
         Err(e) => {
             writer.abandon();
@@ -199,6 +221,8 @@ struct ThreadAnswers {
 
 struct Answers {
     brk: u64,
+    /// The first of ITIMER_REAL/VIRTUAL/PROF found armed.
+    armed_itimer: Option<&'static str>,
     sigactions: Vec<SigAction>,
     rlimits: Vec<(u32, u64, u64)>,
     threads: Vec<ThreadAnswers>,
@@ -246,12 +270,31 @@ fn ask_process(frozen: &Frozen, mem: &Memory, text: u64) -> Result<Answers, Snap
             }
         }
         let brk = inj.ok(main, "brk(0)", libc::SYS_brk, &[0])?;
+        let mut armed_itimer = None;
+        for (which, name) in [
+            (libc::ITIMER_REAL, "ITIMER_REAL: setitimer or alarm"),
+            (libc::ITIMER_VIRTUAL, "ITIMER_VIRTUAL"),
+            (libc::ITIMER_PROF, "ITIMER_PROF"),
+        ] {
+            inj.ok(
+                main,
+                "getitimer",
+                libc::SYS_getitimer,
+                &[which as u64, data],
+            )?;
+            // struct itimerval: it_interval, then it_value (sec, usec).
+            let value = (mem.read_u64(data + 16)?, mem.read_u64(data + 24)?);
+            if value != (0, 0) && armed_itimer.is_none() {
+                armed_itimer = Some(name);
+            }
+        }
         let mut threads = Vec::new();
         for &tid in &frozen.tids {
             threads.push(ask_thread(&inj, mem, tid, data)?);
         }
         Ok(Answers {
             brk,
+            armed_itimer,
             sigactions,
             rlimits,
             threads,
@@ -307,12 +350,37 @@ pub(crate) fn file_ref(path: &str, pid: u32) -> Result<FileRef, SnapshotError> {
     })
 }
 
-fn vma_kind(m: &MapsLine, pid: u32) -> Result<Option<VmaKind>, SnapshotError> {
+/// Start addresses of the process's grows-down mappings.
+fn growsdown(pid: u32) -> Result<HashSet<u64>, SnapshotError> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SnapshotError::process(pid, format!("reading {path}"), e))?;
+    Ok(parse::smaps_growsdown(&text)
+        .ok_or_else(|| {
+            SnapshotError::process(pid, "parsing smaps", std::io::ErrorKind::InvalidData)
+        })?
+        .into_iter()
+        .collect())
+}
+
+/// What a mapping is saved as (`None`: not saved), or why it cannot be.
+/// Anonymous memory that grows down is a stack even without the `[stack]`
+/// name (a piece of a split stack keeps VM_GROWSDOWN but not the name).
+fn classify(
+    m: &MapsLine,
+    pid: u32,
+    growsdown: &HashSet<u64>,
+) -> Result<Option<VmaKind>, SnapshotError> {
     let unsupported = |what: String| SnapshotError::Unsupported { pid, what };
-    Ok(Some(match m.name.as_str() {
-        "" | "[heap]" => VmaKind::Anon,
+    let anon = if growsdown.contains(&m.start) {
+        VmaKind::Stack
+    } else {
+        VmaKind::Anon
+    };
+    let kind = match m.name.as_str() {
+        "" | "[heap]" => anon,
         "[stack]" => VmaKind::Stack,
-        n if n.starts_with("[anon:") => VmaKind::Anon,
+        n if n.starts_with("[anon:") => anon,
         "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
         "[vsyscall]" => return Ok(None),
         n if n.ends_with(" (deleted)") => {
@@ -331,7 +399,14 @@ fn vma_kind(m: &MapsLine, pid: u32) -> Result<Option<VmaKind>, SnapshotError> {
                 m.start, m.end
             )))
         }
-    }))
+    };
+    if m.shared && !matches!(kind, VmaKind::File { .. }) {
+        return Err(unsupported(format!(
+            "shared anonymous mapping {:#x}-{:#x} ({})",
+            m.start, m.end, m.name
+        )));
+    }
+    Ok(Some(kind))
 }
 
 /// Saves the pages that hold data: every present or swapped page of a
@@ -341,6 +416,7 @@ fn dump_memory(
     pid: u32,
     mem: &Memory,
     maps: &[MapsLine],
+    growsdown: &HashSet<u64>,
     writer: &mut ImageWriter,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Vec<Vma>, SnapshotError> {
@@ -351,38 +427,43 @@ fn dump_memory(
         .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))?;
     let mut vmas = Vec::new();
     let mut plan = Vec::new();
+    // Read in bounded pieces: a mapping may be a huge reservation.
+    let mut pagemap_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
     for m in maps {
-        let Some(kind) = vma_kind(m, pid)? else {
+        let Some(kind) = classify(m, pid, growsdown)? else {
             continue;
         };
-        if m.shared && !matches!(kind, VmaKind::File { .. }) {
-            return Err(SnapshotError::Unsupported {
-                pid,
-                what: format!(
-                    "shared anonymous mapping {:#x}-{:#x} ({})",
-                    m.start, m.end, m.name
-                ),
-            });
-        }
         let save = !m.shared && !matches!(kind, VmaKind::Vdso(_));
         let file_backed = matches!(kind, VmaKind::File { .. });
         let mut runs: Vec<(u64, u64)> = Vec::new();
         if save {
             let npages = (m.end - m.start) / PAGE;
-            let mut entries = vec![0u8; (npages * 8) as usize];
-            std::os::unix::fs::FileExt::read_exact_at(&pagemap, &mut entries, m.start / PAGE * 8)
+            let mut first = 0;
+            while first < npages {
+                let count = (npages - first).min(PAGEMAP_ENTRIES);
+                let entries = &mut pagemap_buf[..(count * 8) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(
+                    &pagemap,
+                    entries,
+                    (m.start / PAGE + first) * 8,
+                )
                 .map_err(|e| SnapshotError::process(pid, "reading pagemap", e))?;
-            for (i, e) in entries.chunks_exact(8).enumerate() {
-                let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
-                let has_data = e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
-                if !has_data {
-                    continue;
+                for (i, e) in entries.chunks_exact(8).enumerate() {
+                    let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                    let has_data =
+                        e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
+                    if !has_data {
+                        continue;
+                    }
+                    let addr = m.start + (first + i as u64) * PAGE;
+                    match runs.last_mut() {
+                        Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => {
+                            *n += 1
+                        }
+                        _ => runs.push((addr, 1)),
+                    }
                 }
-                let addr = m.start + i as u64 * PAGE;
-                match runs.last_mut() {
-                    Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => *n += 1,
-                    _ => runs.push((addr, 1)),
-                }
+                first += count;
             }
         }
         plan.push((m, kind, runs));

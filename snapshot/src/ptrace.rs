@@ -6,16 +6,19 @@
 //! puts its registers back afterwards; this is how a dump asks a process
 //! what only it can answer (signal handlers, tid address) and how a restore
 //! rebuilds a process from the inside.
+//!
+//! Wait statuses are decoded here rather than by nix, whose `waitpid`
+//! fails with EINVAL on a stop by a real-time signal: such a stop is a
+//! signal like any other, owed to the thread and delivered on release.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
+use appshot_sys::ptrace as xptrace;
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Event, Options};
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::error::SnapshotError;
@@ -27,14 +30,66 @@ fn pid(tid: u32) -> Pid {
     Pid::from_raw(tid as i32)
 }
 
+/// A decoded wait status of a traced thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// Signal-delivery-stop (including the SIGTRAP of an `int3`).
+    Signal(i32),
+    /// A ptrace event stop (`PTRACE_EVENT_*`: clone, interrupt/group stop),
+    /// with the stop signal.
+    Event { event: i32, sig: i32 },
+    /// Exited or killed.
+    Gone,
+    /// Anything else (continued).
+    Other,
+}
+
+pub(crate) fn decode(status: i32) -> Status {
+    if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+        Status::Gone
+    } else if libc::WIFSTOPPED(status) {
+        let sig = libc::WSTOPSIG(status);
+        match (status >> 16) & 0xff {
+            0 => Status::Signal(sig),
+            event => Status::Event { event, sig },
+        }
+    } else {
+        Status::Other
+    }
+}
+
+/// Waits for the next state change of `tid`, retrying on EINTR.
+fn wait(tid: u32) -> std::io::Result<Status> {
+    loop {
+        match xptrace::wait_raw(tid) {
+            Ok(s) => return Ok(decode(s)),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A signal that stopped a thread while it was frozen: suppressed then,
+/// delivered again on release.
+#[derive(Clone, Copy, Debug)]
+struct Deferred {
+    tid: u32,
+    sig: i32,
+    info: Option<[u8; 128]>,
+}
+
 /// A process whose threads are all stopped under our ptrace. Dropping it
 /// detaches every thread, so any error path leaves the process running as
 /// it was.
 pub struct Frozen {
     pub pid: u32,
     pub tids: Vec<u32>,
-    /// Signals that arrived while frozen; delivered again on release.
-    deferred: Mutex<Vec<(u32, Signal)>>,
+    /// Signals that arrived while frozen, in order; delivered again on
+    /// release.
+    deferred: Mutex<Vec<Deferred>>,
+    /// Threads auto-attached by an injected clone, before they are adopted:
+    /// [`Frozen::kill`] must see them die too.
+    attached: Mutex<Vec<u32>>,
     released: bool,
 }
 
@@ -46,6 +101,7 @@ impl Frozen {
             pid: pid_,
             tids: Vec::new(),
             deferred: Mutex::new(Vec::new()),
+            attached: Mutex::new(Vec::new()),
             released: false,
         };
         let mut seen = BTreeSet::new();
@@ -77,28 +133,31 @@ impl Frozen {
     /// Adopts a thread that was auto-attached (PTRACE_O_TRACECLONE).
     pub fn adopt(&mut self, tid: u32) -> Result<(), SnapshotError> {
         self.tids.push(tid);
+        self.attached
+            .lock()
+            .expect("attached threads")
+            .retain(|&t| t != tid);
         self.wait_stopped(tid)
     }
 
     fn wait_stopped(&self, tid: u32) -> Result<(), SnapshotError> {
         loop {
-            match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::PtraceEvent(..)) => return Ok(()),
-                Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => return Ok(()),
-                Ok(WaitStatus::Stopped(_, sig)) => {
+            match wait(tid) {
+                Ok(Status::Event { .. }) => return Ok(()),
+                Ok(Status::Signal(sig)) => {
                     // A signal arrived first; the thread is stopped now, and
                     // the signal is owed to it.
                     self.defer(tid, sig);
                     return Ok(());
                 }
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
+                Ok(Status::Gone) => {
                     return Err(SnapshotError::process(
                         tid,
                         "thread exited while freezing",
                         Errno::ESRCH,
                     ))
                 }
-                Ok(_) | Err(Errno::EINTR) => continue,
+                Ok(Status::Other) => continue,
                 Err(e) => {
                     return Err(SnapshotError::process(
                         tid,
@@ -110,11 +169,14 @@ impl Frozen {
         }
     }
 
-    fn defer(&self, tid: u32, sig: Signal) {
+    /// Records signal `sig` that `tid` is in a signal-delivery-stop for,
+    /// with its siginfo, to deliver it again on release.
+    fn defer(&self, tid: u32, sig: i32) {
+        let info = xptrace::get_siginfo(tid).ok();
         self.deferred
             .lock()
             .expect("deferred signals")
-            .push((tid, sig));
+            .push(Deferred { tid, sig, info });
     }
 
     /// Resumes every thread, delivering signals that arrived meanwhile.
@@ -133,18 +195,22 @@ impl Frozen {
         // A thread-group leader is reported only after its other threads,
         // so it is waited for last.
         let leader = self.pid;
-        let order = self
+        let attached = std::mem::take(&mut *self.attached.lock().expect("attached threads"));
+        let mut order: Vec<u32> = self
             .tids
             .iter()
-            .filter(|&&t| t != leader)
-            .chain(std::iter::once(&leader));
-        for &tid in order {
+            .chain(&attached)
+            .copied()
+            .filter(|&t| t != leader)
+            .collect();
+        order.dedup();
+        order.push(leader);
+        for tid in order {
             loop {
-                match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
-                    Ok(WaitStatus::Exited(..))
-                    | Ok(WaitStatus::Signaled(..))
-                    | Err(Errno::ECHILD) => break,
-                    Ok(_) | Err(Errno::EINTR) => continue,
+                match wait(tid) {
+                    Ok(Status::Gone) => break,
+                    Ok(_) => continue,
+                    // ECHILD: already reaped, or never ours.
                     Err(_) => break,
                 }
             }
@@ -156,10 +222,14 @@ impl Frozen {
             return;
         }
         self.released = true;
-        let deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred signals"));
         for &tid in &self.tids {
-            let sig = deferred.iter().find(|(t, _)| *t == tid).map(|(_, s)| *s);
-            let _ = ptrace::detach(pid(tid), sig);
+            let _ = ptrace::detach(pid(tid), None);
+        }
+        // Delivered only once every thread runs again: a signal sent to a
+        // thread still traced would stop it once more.
+        let deferred = std::mem::take(&mut *self.deferred.lock().expect("deferred signals"));
+        for d in deferred {
+            redeliver(self.pid, d);
         }
     }
 
@@ -175,8 +245,8 @@ impl Frozen {
 
     /// An injector for a process being rebuilt, whose registers are all
     /// set at the end anyway: every call starts from `template` (any valid
-    /// user-mode register set of the process) and nothing is put back,
-    /// which saves two of the six ptrace requests of a call.
+    /// user-mode register set of the process) and nothing is put back on
+    /// success, which saves two of the six ptrace requests of a call.
     pub fn rebuilding_injector(&self, code: u64, template: libc::user_regs_struct) -> Injector<'_> {
         Injector {
             frozen: self,
@@ -184,6 +254,18 @@ impl Frozen {
             template: Some(template),
         }
     }
+}
+
+/// Sends a deferred signal again: with its original siginfo where the
+/// kernel allows that (codes a process may queue, such as a timer's or
+/// sigqueue's), else as a plain tgkill.
+fn redeliver(tgid: u32, d: Deferred) {
+    if let Some(info) = &d.info {
+        if xptrace::tgsigqueueinfo(tgid, d.tid, d.sig, info).is_ok() {
+            return;
+        }
+    }
+    let _ = xptrace::tgkill(tgid, d.tid, d.sig);
 }
 
 impl Drop for Frozen {
@@ -206,10 +288,28 @@ pub struct Injected {
     pub cloned: Option<u32>,
 }
 
+/// Puts a thread's registers back when dropped, unless disarmed: whatever
+/// way an injected call fails, the thread never resumes at the injection
+/// site.
+struct PutBack {
+    tid: u32,
+    saved: libc::user_regs_struct,
+    armed: bool,
+}
+
+impl Drop for PutBack {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = ptrace::setregs(pid(self.tid), self.saved);
+        }
+    }
+}
+
 impl Injector<'_> {
     /// Executes syscall `nr` in thread `tid` and returns its raw result
     /// (negative errno on failure). The thread's registers are put back,
-    /// unless this injector is rebuilding the process.
+    /// unless this injector is rebuilding the process; on error they are
+    /// put back in every case.
     pub fn call(&self, tid: u32, nr: i64, args: &[u64]) -> Result<Injected, SnapshotError> {
         let saved = match self.template {
             Some(t) => t,
@@ -228,43 +328,56 @@ impl Injector<'_> {
         regs.rip = self.code;
         // Not in a syscall: the kernel must not apply restart logic.
         regs.orig_rax = u64::MAX;
+        let mut guard = PutBack {
+            tid,
+            saved,
+            armed: true,
+        };
         ptrace::setregs(pid(tid), regs)
             .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
         ptrace::cont(pid(tid), None).map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
         let mut cloned = None;
         loop {
-            match waitpid(pid(tid), Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
-                Ok(WaitStatus::PtraceEvent(_, _, ev)) => {
-                    if ev == Event::PTRACE_EVENT_CLONE as i32 {
+            match wait(tid) {
+                Ok(Status::Signal(libc::SIGTRAP)) => break,
+                Ok(Status::Event { event, .. }) => {
+                    if event == Event::PTRACE_EVENT_CLONE as i32 {
                         let child = ptrace::getevent(pid(tid))
-                            .map_err(|e| SnapshotError::process(tid, "PTRACE_GETEVENTMSG", e))?;
-                        cloned = Some(child as u32);
+                            .map_err(|e| SnapshotError::process(tid, "PTRACE_GETEVENTMSG", e))?
+                            as u32;
+                        self.frozen
+                            .attached
+                            .lock()
+                            .expect("attached threads")
+                            .push(child);
+                        cloned = Some(child);
                     }
                     ptrace::cont(pid(tid), None)
                         .map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
                 }
-                Ok(WaitStatus::Stopped(_, sig)) => {
-                    if matches!(sig, Signal::SIGSEGV | Signal::SIGBUS | Signal::SIGILL) {
-                        let _ = ptrace::setregs(pid(tid), saved);
+                Ok(Status::Signal(sig)) => {
+                    if matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) {
                         return Err(SnapshotError::process(
                             tid,
-                            format!("injected syscall {nr} faulted ({sig})"),
+                            format!("injected syscall {nr} faulted (signal {sig})"),
                             Errno::EFAULT,
                         ));
                     }
+                    // Any other signal, real-time ones included, is owed
+                    // to the thread: suppressed now, delivered on release.
                     self.frozen.defer(tid, sig);
                     ptrace::cont(pid(tid), None)
                         .map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
                 }
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
+                Ok(Status::Gone) => {
+                    guard.armed = false;
                     return Err(SnapshotError::process(
                         tid,
                         format!("died during injected syscall {nr}"),
                         Errno::ESRCH,
-                    ))
+                    ));
                 }
-                Ok(_) | Err(Errno::EINTR) => continue,
+                Ok(Status::Other) => continue,
                 Err(e) => return Err(SnapshotError::process(tid, "waitpid", e)),
             }
         }
@@ -273,6 +386,7 @@ impl Injector<'_> {
         let ret = ptrace::read_user(pid(tid), RAX as ptrace::AddressType)
             .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKUSER rax", e))?
             as i64;
+        guard.armed = false;
         if self.template.is_none() {
             ptrace::setregs(pid(tid), saved)
                 .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
@@ -393,5 +507,42 @@ impl Memory {
         let value = result?;
         restored?;
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stopped(sig: i32, event: i32) -> i32 {
+        (event << 16) | (sig << 8) | 0x7f
+    }
+
+    #[test]
+    fn wait_statuses_decode_real_time_signals_and_events() {
+        let rtmin = libc::SIGRTMIN();
+        assert_eq!(decode(stopped(rtmin, 0)), Status::Signal(rtmin));
+        assert_eq!(decode(stopped(64, 0)), Status::Signal(64));
+        assert_eq!(
+            decode(stopped(libc::SIGTRAP, 0)),
+            Status::Signal(libc::SIGTRAP)
+        );
+        assert_eq!(
+            decode(stopped(libc::SIGTRAP, libc::PTRACE_EVENT_CLONE)),
+            Status::Event {
+                event: libc::PTRACE_EVENT_CLONE,
+                sig: libc::SIGTRAP
+            }
+        );
+        assert_eq!(
+            decode(stopped(libc::SIGSTOP, libc::PTRACE_EVENT_STOP)),
+            Status::Event {
+                event: libc::PTRACE_EVENT_STOP,
+                sig: libc::SIGSTOP
+            }
+        );
+        assert_eq!(decode(3 << 8), Status::Gone, "exit(3)");
+        assert_eq!(decode(libc::SIGKILL), Status::Gone, "killed");
+        assert_eq!(decode(0xffff), Status::Other, "continued");
     }
 }

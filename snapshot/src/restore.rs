@@ -37,6 +37,9 @@ const PR_SET_MM_MAP: u64 = 14;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 const SECCOMP_SET_MODE_FILTER: u64 = 1;
 const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
+/// The status flags F_SETFL can change.
+const SETTABLE_FLAGS: i32 =
+    libc::O_NONBLOCK | libc::O_APPEND | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
 const THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_FS
     | libc::CLONE_FILES
@@ -104,7 +107,9 @@ pub fn check_files(image: &Image) -> Result<(), SnapshotError> {
 }
 
 /// Restores the image into the stub `stub_pid` (our PID namespace's view).
-/// On error the stub is left for the caller to kill.
+/// On error after the stub was seized, the stub is killed while still
+/// traced and seen dead by us, its tracer: a half-built process never runs
+/// one instruction of the application's code.
 pub fn restore(
     stub_pid: u32,
     image: &Image,
@@ -116,16 +121,87 @@ pub fn restore(
         .iter()
         .find(|t| t.ns_tid == p.ns_pid)
         .ok_or_else(|| SnapshotError::Restore("image has no main thread".into()))?;
+    let mut saved_regs = Vec::with_capacity(p.threads.len());
+    for t in &p.threads {
+        let r = regs::from_slice(&t.regs).ok_or_else(|| {
+            SnapshotError::Restore(format!("bad register set of thread {}", t.ns_tid))
+        })?;
+        saved_regs.push(r);
+    }
     let mut frozen = Frozen::seize(stub_pid, Options::PTRACE_O_TRACECLONE)?;
     // Every injected syscall is a ptrace round trip; with tracer and stub
     // on one CPU it costs a few microseconds instead of a cross-CPU wake-up.
-    let _pinned = SameCpu::pin(stub_pid);
+    let pinned = SameCpu::pin(stub_pid);
+    let result = rebuild(&mut frozen, main_image, &saved_regs, image, hooks);
+    // Affinity first, while every thread is still stopped: restored threads
+    // inherit the stub's full CPU set, never the pinned one.
+    drop(pinned);
+    match result {
+        Ok(restored) => {
+            frozen.release();
+            Ok(restored)
+        }
+        Err(e) => {
+            frozen.kill(|| {
+                let _ = nix::sys::signal::kill(
+                    Pid::from_raw(stub_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            });
+            Err(e)
+        }
+    }
+}
+
+/// XSTATE areas are as large as the CPU's XSAVE features need; one of
+/// another size cannot be set here.
+fn check_xstate(stub_pid: u32, threads: &[ThreadImage]) -> Result<(), SnapshotError> {
+    let ours = xptrace::get_xstate(stub_pid)
+        .map_err(|e| SnapshotError::process(stub_pid, "reading XSTATE", e))?
+        .len();
+    for t in threads {
+        if t.xstate.len() != ours {
+            return Err(SnapshotError::Restore(format!(
+                "thread {} has an XSTATE (FPU/AVX) area of {} bytes, this CPU's is {ours} bytes: \
+                 the image was taken on a CPU with other features and cannot be restored here",
+                t.ns_tid,
+                t.xstate.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn set_rlimit(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    (res, cur, max): (u32, u64, u64),
+) -> Result<bool, SnapshotError> {
+    mem.write(data, &[cur.to_ne_bytes(), max.to_ne_bytes()].concat())?;
+    Ok(inj
+        .call(pid, libc::SYS_prlimit64, &[0, res as u64, data, 0])?
+        .ret
+        >= 0)
+}
+
+fn rebuild(
+    frozen: &mut Frozen,
+    main_image: &ThreadImage,
+    saved_regs: &[libc::user_regs_struct],
+    image: &Image,
+    hooks: &RestoreHooks,
+) -> Result<Restored, SnapshotError> {
+    let p = &image.manifest.process;
+    let stub_pid = frozen.pid;
     if frozen.tids.len() != 1 {
         return Err(SnapshotError::Restore(format!(
             "stub {stub_pid} has {} threads",
             frozen.tids.len()
         )));
     }
+    check_xstate(stub_pid, &p.threads)?;
     let mem = Memory::open(stub_pid)?;
     let stub_maps =
         parse::maps(&std::fs::read_to_string(format!("/proc/{stub_pid}/maps")).unwrap_or_default())
@@ -137,7 +213,7 @@ pub fn restore(
         .ok_or_else(|| SnapshotError::Restore("stub has no executable mapping".into()))?
         .start;
     let pid = stub_pid;
-    map_scratch(&frozen, &mem, text, Some(scratch), SCRATCH)?;
+    map_scratch(frozen, &mem, text, Some(scratch), SCRATCH)?;
     let template = ptrace::getregs(Pid::from_raw(pid as i32))
         .map_err(|e| SnapshotError::process(pid, "PTRACE_GETREGS", e))?;
     let data = scratch + DATA;
@@ -176,20 +252,25 @@ pub fn restore(
         map_vdso(&inj, pid, &p.vmas)?;
         map_memory(&inj, &mem, pid, data, image, hooks.share_pages)?;
         set_mm(&inj, &mem, pid, data, p)?;
-        restore_fds(&inj, &mem, pid, data, p, hooks)?;
-        let cwd = write_str(&mem, data, &p.cwd)?;
-        inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
-        inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
+        // Limits before fds: a process that raised RLIMIT_NOFILE may hold
+        // fds above the stub's limit. Its temporaries sit above its highest
+        // fd, so the soft limit is the hard one until the fds are placed.
+        let nofile = libc::RLIMIT_NOFILE;
         for &(res, cur, max) in &p.rlimits {
-            mem.write(data, &[cur.to_ne_bytes(), max.to_ne_bytes()].concat())?;
-            if inj
-                .call(pid, libc::SYS_prlimit64, &[0, res as u64, data, 0])?
-                .ret
-                < 0
-            {
+            let raised = res == nofile && set_rlimit(&inj, &mem, pid, data, (res, max, max))?;
+            if !raised && !set_rlimit(&inj, &mem, pid, data, (res, cur, max))? {
                 warn!(resource = res, "rlimit could not be restored");
             }
         }
+        restore_fds(&inj, &mem, pid, data, p, hooks)?;
+        for &limit in p.rlimits.iter().filter(|l| l.0 == nofile) {
+            if !set_rlimit(&inj, &mem, pid, data, limit)? {
+                warn!(resource = limit.0, "rlimit could not be restored");
+            }
+        }
+        let cwd = write_str(&mem, data, &p.cwd)?;
+        inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
+        inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
         for a in &p.sigactions {
             let act = [a.handler, a.flags, a.restorer, a.mask]
                 .map(u64::to_ne_bytes)
@@ -265,15 +346,13 @@ pub fn restore(
         .find(|v| v.prot & libc::PROT_EXEC as u32 != 0 && matches!(v.kind, VmaKind::File { .. }))
         .ok_or_else(|| SnapshotError::Restore("image has no executable file mapping".into()))?
         .start;
-    unmap_scratch(&frozen, &mem, text, scratch, SCRATCH)?;
+    unmap_scratch(frozen, &mem, text, scratch, SCRATCH)?;
 
+    // Extended state and signal masks of every thread first, registers
+    // last: a failure in between leaves no thread with its saved registers
+    // (and the stub is killed anyway).
     for t in &p.threads {
         let tid = host_tids[&t.ns_tid];
-        let mut r = regs::from_slice(&t.regs)
-            .ok_or_else(|| SnapshotError::Restore("bad register set".into()))?;
-        regs::restart_interrupted_syscall(&mut r);
-        ptrace::setregs(Pid::from_raw(tid as i32), r)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
         xptrace::set_xstate(tid, &t.xstate)
             .map_err(|e| SnapshotError::process(tid, "restoring XSTATE", e))?;
         xptrace::set_sigmask(tid, t.sigmask)
@@ -282,7 +361,13 @@ pub fn restore(
             let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
         }
     }
-    frozen.release();
+    for (t, r) in p.threads.iter().zip(saved_regs) {
+        let tid = host_tids[&t.ns_tid];
+        let mut r = *r;
+        regs::restart_interrupted_syscall(&mut r);
+        ptrace::setregs(Pid::from_raw(tid as i32), r)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+    }
     Ok(Restored { listener })
 }
 
@@ -493,7 +578,9 @@ fn map_memory(
         }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
-            if let Some(fd) = image_fd {
+            // A stack's pages are copied: a piece mapped from the image
+            // would split the stack, and only its lowest piece can grow.
+            if let Some(fd) = image_fd.filter(|_| v.kind != VmaKind::Stack) {
                 // A private mapping of the image's page-aligned pages: read
                 // through the page cache that every clone shares, copied
                 // only when written.
@@ -598,15 +685,23 @@ fn restore_fds(
             libc::SYS_dup3,
             &[temp, f.fd as u64, cloexec],
         )?;
-        let settable = status_flags
-            & (libc::O_NONBLOCK
-                | libc::O_APPEND
-                | libc::O_ASYNC
-                | libc::O_DIRECT
-                | libc::O_NOATIME);
+        // An O_PATH fd refuses F_SETFL (EBADF), and has no such flags.
+        if status_flags & libc::O_PATH != 0 {
+            return Ok(());
+        }
+        let settable = status_flags & SETTABLE_FLAGS;
+        let current = inj.ok(
+            pid,
+            "F_GETFL",
+            libc::SYS_fcntl,
+            &[f.fd as u64, libc::F_GETFL as u64],
+        )? as i32;
+        if current & SETTABLE_FLAGS == settable {
+            return Ok(());
+        }
         inj.ok(
             pid,
-            "F_SETFL",
+            &format!("F_SETFL on fd {}", f.fd),
             libc::SYS_fcntl,
             &[f.fd as u64, libc::F_SETFL as u64, settable as u64],
         )?;
@@ -675,12 +770,22 @@ fn restore_fds(
                 semaphore,
             } => {
                 let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+                // eventfd2 takes an unsigned int: a 64-bit count is written.
                 let temp = to_high(inj.ok(
                     pid,
                     "eventfd2",
                     libc::SYS_eventfd2,
-                    &[*count, (sem | libc::EFD_CLOEXEC) as u64],
+                    &[0, (sem | libc::EFD_CLOEXEC) as u64],
                 )?)?;
+                if *count != 0 {
+                    mem.write(data, &count.to_ne_bytes())?;
+                    inj.ok(
+                        pid,
+                        &format!("write of eventfd {} count", f.fd),
+                        libc::SYS_write,
+                        &[temp, data, 8],
+                    )?;
+                }
                 place(temp, f, *flags)?;
                 inj.call(pid, libc::SYS_close, &[temp])?;
             }
@@ -804,6 +909,23 @@ fn clone_args(set_tid_at: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A `stack_t` for sigaltstack(2) from the saved (ss_sp, ss_flags,
+/// ss_size): a disabled stack is set as SS_DISABLE with no area.
+fn altstack_bytes((sp, flags, size): (u64, u32, u64)) -> [u8; 24] {
+    let flags = flags as i32;
+    let (sp, flags, size) = if flags & libc::SS_DISABLE != 0 {
+        (0, libc::SS_DISABLE, 0)
+    } else {
+        // SS_ONSTACK only reports that the thread was running on it.
+        (sp, flags & !libc::SS_ONSTACK, size)
+    };
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(&sp.to_ne_bytes());
+    b[8..12].copy_from_slice(&flags.to_ne_bytes());
+    b[16..24].copy_from_slice(&size.to_ne_bytes());
+    b
+}
+
 fn restore_thread_state(
     inj: &Injector,
     mem: &Memory,
@@ -821,14 +943,10 @@ fn restore_thread_state(
             &[t.robust_list.0, t.robust_list.1],
         )?;
     }
-    if t.altstack.1 as i32 & libc::SS_DISABLE == 0 {
-        let mut ss = t.altstack.0.to_ne_bytes().to_vec();
-        ss.extend_from_slice(&(t.altstack.1 as i32).to_ne_bytes());
-        ss.extend_from_slice(&[0u8; 4]);
-        ss.extend_from_slice(&t.altstack.2.to_ne_bytes());
-        mem.write(data, &ss)?;
-        inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[data, 0])?;
-    }
+    // Set even when disabled: the stub inherited its parent's alternate
+    // stack, which lies in memory that is gone now.
+    mem.write(data, &altstack_bytes(t.altstack))?;
+    inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[data, 0])?;
     if let Some((ptr, len, sig)) = t.rseq {
         if let Err(e) = inj.ok(
             tid,
@@ -850,4 +968,43 @@ fn restore_thread_state(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack_t(b: [u8; 24]) -> (u64, i32, u64) {
+        (
+            u64::from_ne_bytes(b[0..8].try_into().unwrap()),
+            i32::from_ne_bytes(b[8..12].try_into().unwrap()),
+            u64::from_ne_bytes(b[16..24].try_into().unwrap()),
+        )
+    }
+
+    #[test]
+    fn a_disabled_alternate_stack_is_set_disabled() {
+        // What sigaltstack(NULL, &old) reports for a thread without one.
+        let saved = (0, libc::SS_DISABLE as u32, 0);
+        assert_eq!(stack_t(altstack_bytes(saved)), (0, libc::SS_DISABLE, 0));
+        let odd = (0x7000, libc::SS_DISABLE as u32, 0x2000);
+        assert_eq!(stack_t(altstack_bytes(odd)), (0, libc::SS_DISABLE, 0));
+    }
+
+    #[test]
+    fn an_alternate_stack_keeps_its_area_and_autodisarm() {
+        let saved = (0x7f00_0000, 0, 0x8000);
+        assert_eq!(stack_t(altstack_bytes(saved)), (0x7f00_0000, 0, 0x8000));
+        let running_on_it = (0x7f00_0000, libc::SS_ONSTACK as u32, 0x8000);
+        assert_eq!(
+            stack_t(altstack_bytes(running_on_it)),
+            (0x7f00_0000, 0, 0x8000)
+        );
+        const SS_AUTODISARM: i32 = 1 << 31;
+        let autodisarm = (0x1000, SS_AUTODISARM as u32, 0x4000);
+        assert_eq!(
+            stack_t(altstack_bytes(autodisarm)),
+            (0x1000, SS_AUTODISARM, 0x4000)
+        );
+    }
 }

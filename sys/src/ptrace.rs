@@ -146,3 +146,65 @@ pub fn rseq_config(tid: u32) -> io::Result<RseqConfig> {
         signature: raw.signature,
     })
 }
+
+/// Waits for a state change of thread `tid` (traced or a child, of any
+/// kind: `__WALL`) and returns the raw wait status for the caller to
+/// decode. Unlike nix's `waitpid`, which fails with EINVAL on a stop by a
+/// real-time signal, every status is returned.
+pub fn wait_raw(tid: u32) -> io::Result<libc::c_int> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: waitpid writes one int into `status`, a valid local.
+    let r = unsafe { libc::waitpid(tid as pid_t, &mut status, libc::__WALL) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(status)
+}
+
+/// The siginfo (raw, 128 bytes) of the signal a thread in a
+/// signal-delivery-stop is stopped for.
+pub fn get_siginfo(tid: u32) -> io::Result<[u8; 128]> {
+    let mut info = [0u8; 128];
+    // SAFETY: the kernel writes one siginfo_t (128 bytes on Linux) into
+    // `info`, which holds exactly that many.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGINFO,
+            tid as pid_t,
+            std::ptr::null_mut::<libc::c_void>(),
+            info.as_mut_ptr(),
+        )
+    })?;
+    Ok(info)
+}
+
+/// Sends signal `sig` to thread `tid` of thread group `tgid`.
+pub fn tgkill(tgid: u32, tid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: tgkill takes three integers and touches no memory of ours.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            tgid as pid_t,
+            tid as pid_t,
+            sig as libc::c_int,
+        )
+    })?;
+    Ok(())
+}
+
+/// Queues signal `sig` with the raw siginfo `info` to thread `tid` of
+/// thread group `tgid` (the kernel refuses kernel-generated codes and
+/// SI_TKILL from another process with EPERM).
+pub fn tgsigqueueinfo(tgid: u32, tid: u32, sig: i32, info: &[u8; 128]) -> io::Result<()> {
+    // SAFETY: the kernel reads one siginfo_t (128 bytes) from `info`.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            tgid as pid_t,
+            tid as pid_t,
+            sig as libc::c_int,
+            info.as_ptr(),
+        )
+    })?;
+    Ok(())
+}

@@ -727,3 +727,307 @@ fn a_snapshot_killed_midway_leaves_the_instance_running_and_the_image_intact() {
         "the killed snapshot's temporary is swept"
     );
 }
+
+/// A small C program for the restore fixes: raises RLIMIT_NOFILE and holds
+/// an O_PATH fd at 3000, an eventfd whose count needs more than 32 bits, an
+/// SA_ONSTACK handler without an alternate stack (raised every tick), a
+/// SIGRTMIN handler, and grows its stack by 2 MiB once a file `grow`
+/// appears in its cwd. Prints `tick N usr1 U rt R` every 10 ticks.
+const FIXES_C: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t usr1, rt;
+static void on_usr1(int s) { (void)s; usr1++; }
+static void on_rt(int s) { (void)s; rt++; }
+
+static __attribute__((noinline)) int grow(void) {
+    size_t n = 2u << 20;
+    volatile char *buf = __builtin_alloca(n);
+    for (size_t i = n; i > 0; i -= 4096) buf[i - 1] = 1;
+    return buf[n - 1];
+}
+
+int main(void) {
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = 4096;
+    if (rl.rlim_max < 4096) rl.rlim_max = 4096;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) { perror("setrlimit"); return 1; }
+    int p = open(".", O_PATH | O_DIRECTORY);
+    if (p < 0 || dup2(p, 3000) != 3000) { perror("O_PATH fd 3000"); return 1; }
+    close(p);
+    int e = eventfd(0, EFD_NONBLOCK);
+    uint64_t big = 0x100000005ULL;
+    if (e < 0 || write(e, &big, 8) != 8) { perror("eventfd"); return 1; }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sa.sa_flags = SA_ONSTACK | SA_RESTART;
+    sigaction(SIGUSR1, &sa, 0);
+    sa.sa_handler = on_rt;
+    sigaction(SIGRTMIN, &sa, 0);
+    printf("ready eventfd %d\n", e);
+    fflush(stdout);
+    int grown = 0;
+    for (unsigned long tick = 1;; tick++) {
+        raise(SIGUSR1);
+        if (!grown && access("grow", F_OK) == 0) {
+            grow();
+            grown = 1;
+            printf("grew\n");
+            fflush(stdout);
+        }
+        if (tick % 10 == 0) {
+            printf("tick %lu usr1 %d rt %d\n", tick, (int)usr1, (int)rt);
+            fflush(stdout);
+        }
+        usleep(5000);
+    }
+}
+"#;
+
+/// Compiles [`FIXES_C`] into the test's work dir.
+fn compile_fixes(h: &Harness) -> std::path::PathBuf {
+    let dir = h.dir("fixes-src");
+    let src = dir.join("fixes.c");
+    fs::write(&src, FIXES_C).unwrap();
+    let out = dir.join("fixes");
+    let ran = common::run(
+        std::process::Command::new("gcc")
+            .args(["-O2", "-o"])
+            .arg(&out)
+            .arg(&src),
+        READY,
+    );
+    assert!(ran.success(), "gcc fixes.c: {ran}");
+    out
+}
+
+/// The number of `tick` lines in `log`.
+fn ticks(log: &str) -> usize {
+    log.lines().filter(|l| l.starts_with("tick ")).count()
+}
+
+/// Waits until `name` logged `more` ticks beyond `from` (its SIGUSR1
+/// handler ran each time, or the process would have died).
+fn wait_ticks(h: &Harness, name: &str, from: usize, more: usize) {
+    let mut log = String::new();
+    let ok = poll(READY, || {
+        log = h.log(name);
+        ticks(&log) >= from + more
+    });
+    assert!(ok, "{name} stopped ticking after {from} ticks:\n{log}");
+}
+
+#[test]
+fn restore_under_a_low_fd_limit_keeps_fds_limits_eventfd_and_signal_stack() {
+    let test = "restore_under_a_low_fd_limit_keeps_fds_limits_eventfd_and_signal_stack";
+    let Some(mut h) = Harness::new(test, &["gcc", "sh"]) else {
+        return;
+    };
+    let bin = compile_fixes(&h);
+    let cwd = h.dir("fx");
+    let bin = bin.to_str().unwrap();
+    h.start("fx", "fx", &cwd, &[], &[bin]);
+    h.wait_log("fx", "tick ");
+    let image = h.dir("images").join("fx.img");
+    snapshot_and_stop(&h, "fx", &image);
+    let before = ticks(&h.log("fx"));
+
+    // The restoring supervisor (and so the stub) runs under a soft limit
+    // of 1024 fds; the process held fd 3000 under its own, raised limit.
+    let base = h.appshot();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "ulimit -Sn 1024 && exec \"$0\" \"$@\""])
+        .arg(base.get_program())
+        .arg("restore")
+        .arg(&image)
+        .arg("--detach");
+    if let Some(dir) = base.get_current_dir() {
+        cmd.current_dir(dir);
+    }
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let ran = common::run(&mut cmd, std::time::Duration::from_secs(60));
+    assert!(ran.success(), "restore under ulimit -n 1024: {ran}");
+    let row = h.instance("fx").expect("fx listed after restore");
+    let app = pid_of(&row);
+
+    let fd3000 = fs::read_link(format!("/proc/{app}/fd/3000"))
+        .unwrap_or_else(|e| panic!("restored fd 3000: {e}"));
+    assert_eq!(fd3000, cwd, "the O_PATH fd 3000");
+    let info = fs::read_to_string(format!("/proc/{app}/fdinfo/3000")).unwrap();
+    assert!(
+        info.contains("flags:\t01"),
+        "O_PATH (010000000) kept: {info}"
+    );
+    let limits = fs::read_to_string(format!("/proc/{app}/limits")).unwrap();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("NOFILE line");
+    assert_eq!(
+        nofile.split_whitespace().nth(3),
+        Some("4096"),
+        "the saved soft limit: {nofile}"
+    );
+    let efd = fs::read_dir(format!("/proc/{app}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]")
+        })
+        .expect("the eventfd is restored");
+    let info = fs::read_to_string(format!(
+        "/proc/{app}/fdinfo/{}",
+        efd.file_name().to_string_lossy()
+    ))
+    .unwrap();
+    let count = info
+        .lines()
+        .find_map(|l| l.strip_prefix("eventfd-count:"))
+        .map(str::trim);
+    assert_eq!(
+        count,
+        Some("100000005"),
+        "64-bit eventfd count survives: {info}"
+    );
+
+    // The SA_ONSTACK handler runs every tick: the stub's inherited
+    // alternate stack must not be used.
+    wait_ticks(&h, "fx", before, 5);
+    assert!(alive(app), "restored fx died");
+}
+
+#[test]
+fn snapshots_under_a_storm_of_real_time_signals_leave_the_instance_intact() {
+    let test = "snapshots_under_a_storm_of_real_time_signals_leave_the_instance_intact";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    let bin = compile_fixes(&h);
+    let cwd = h.dir("storm");
+    h.start("storm", "st", &cwd, &[], &[bin.to_str().unwrap()]);
+    h.wait_log("storm", "tick ");
+    let app = pid_of(&h.instance("storm").expect("storm listed"));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // About one signal per ptrace round trip: every injected
+            // syscall is likely to be interrupted by one.
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: kill takes plain integers; the target is the
+                // test's own instance.
+                unsafe { libc::kill(app as i32, libc::SIGRTMIN()) };
+                sent += 1;
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            sent
+        })
+    };
+    let images = h.dir("images");
+    let mut failures = Vec::new();
+    for i in 0..8 {
+        let image = images.join(format!("storm-{i}.img"));
+        let ran = h.snapshot("storm", &image, &["--leave-running"]);
+        if !ran.success() {
+            failures.push(format!("snapshot {i}: {ran}"));
+        }
+        assert!(alive(app), "storm died during snapshot {i}: {ran}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    assert!(sent > 0);
+    assert!(failures.is_empty(), "{failures:#?}");
+    let before = ticks(&h.log("storm"));
+    wait_ticks(&h, "storm", before, 3);
+    assert!(alive(app), "storm died after the snapshots");
+    let last = h.log("storm");
+    let rt: u64 = last
+        .lines()
+        .rev()
+        .find_map(|l| l.split_whitespace().nth(5)?.parse().ok())
+        .expect("a tick line");
+    assert!(rt > 0, "the SIGRTMIN handler ran: {last}");
+}
+
+#[test]
+fn a_snapshot_of_a_clone_keeps_a_stack_that_grows() {
+    let test = "a_snapshot_of_a_clone_keeps_a_stack_that_grows";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    let bin = compile_fixes(&h);
+    let cwd = h.dir("gd");
+    h.start("tpl", "gd", &cwd, &[], &[bin.to_str().unwrap()]);
+    h.wait_log("tpl", "tick ");
+    let images = h.dir("images");
+    let tpl = images.join("tpl.img");
+    let ran = h.snapshot("tpl", &tpl, &["--template"]);
+    assert!(ran.success(), "snapshot --template: {ran}");
+    h.clone_template(&["c1".to_string()], &tpl, &["--aid", "gd1", "--name", "c1"]);
+    wait_ticks(&h, "c1", 0, 2);
+    let of_clone = images.join("c1.img");
+    snapshot_and_stop(&h, "c1", &of_clone);
+    let info = h.inspect(&of_clone);
+    assert!(
+        info["mappings"]
+            .as_array()
+            .expect("mappings")
+            .iter()
+            .any(|m| m["kind"] == "[stack]"),
+        "the clone's stack is saved as a stack: {info:#}"
+    );
+    h.restore("c1", &of_clone, &[]);
+    let app = pid_of(&h.instance("c1").expect("c1 restored"));
+    fs::write(cwd.join("grow"), "").unwrap();
+    h.wait_log("c1", "grew");
+    let before = ticks(&h.log("c1"));
+    wait_ticks(&h, "c1", before, 2);
+    assert!(alive(app), "c1 died growing its stack");
+}
+
+#[test]
+fn an_armed_interval_timer_refuses_the_snapshot_and_the_instance_runs_on() {
+    let test = "an_armed_interval_timer_refuses_the_snapshot_and_the_instance_runs_on";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("itimer");
+    let program = "import signal, time\n\
+        signal.signal(signal.SIGALRM, lambda *a: None)\n\
+        signal.setitimer(signal.ITIMER_REAL, 100, 100)\n\
+        print('ready', flush=True)\n\
+        while True:\n    time.sleep(0.05)\n";
+    h.start("timed", "ti", &dir, &[], &["python3", "-c", program]);
+    h.wait_log("timed", "ready");
+    let app = pid_of(&h.instance("timed").expect("timed listed"));
+    let images = h.dir("images");
+    let ran = h.snapshot("timed", &images.join("timed.img"), &[]);
+    assert!(
+        !ran.success(),
+        "an armed itimer must refuse the snapshot: {ran}"
+    );
+    assert!(
+        ran.stderr.contains("ITIMER_REAL"),
+        "the refusal names the timer: {ran}"
+    );
+    assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
+    assert!(alive(app), "the refused instance runs on");
+    assert!(h.instance("timed").is_some(), "timed still listed");
+}

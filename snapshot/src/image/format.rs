@@ -282,23 +282,7 @@ impl Image {
                 return Err(corrupt("pages checksum mismatch".into()));
             }
         }
-        for vma in &manifest.process.vmas {
-            for run in &vma.pages {
-                let len = run.pages * PAGE;
-                let inside = run.addr >= vma.start
-                    && run.addr.checked_add(len).is_some_and(|e| e <= vma.end)
-                    && run
-                        .offset
-                        .checked_add(len)
-                        .is_some_and(|e| e <= h.pages_len);
-                if !inside {
-                    return Err(corrupt(format!(
-                        "page run at {:#x} lies outside its mapping or the pages section",
-                        run.addr
-                    )));
-                }
-            }
-        }
+        check_manifest(&manifest, h.pages_len).map_err(corrupt)?;
         Ok(Image {
             path: path.to_path_buf(),
             manifest,
@@ -315,6 +299,81 @@ impl Image {
             .read_exact_at(buf, self.pages_off + offset)
             .map_err(|e| SnapshotError::io(&self.path, e))
     }
+}
+
+/// Size of a raw siginfo.
+const SIGINFO_LEN: usize = 128;
+/// Fields of a `user_regs_struct`.
+const REGS_LEN: usize = 27;
+
+/// Checks what the CRCs cannot: that a manifest (which may have been
+/// tampered with and checksummed again) describes nothing a restore would
+/// index out of bounds, overflow on or loop over forever.
+fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
+    use crate::image::model::FdKind;
+    let p = &manifest.process;
+    if p.auxv.len() & 1 != 0 {
+        return Err(format!("auxv has an odd length ({})", p.auxv.len()));
+    }
+    for (i, info) in p.shared_pending.iter().enumerate() {
+        if info.len() != SIGINFO_LEN {
+            return Err(format!(
+                "pending signal {i} of the process has {} bytes of siginfo, not {SIGINFO_LEN}",
+                info.len()
+            ));
+        }
+    }
+    for t in &p.threads {
+        if t.regs.len() != REGS_LEN {
+            return Err(format!(
+                "thread {} has {} registers, not {REGS_LEN}",
+                t.ns_tid,
+                t.regs.len()
+            ));
+        }
+        if let Some(info) = t.pending.iter().find(|i| i.len() != SIGINFO_LEN) {
+            return Err(format!(
+                "a pending signal of thread {} has {} bytes of siginfo, not {SIGINFO_LEN}",
+                t.ns_tid,
+                info.len()
+            ));
+        }
+    }
+    for vma in &p.vmas {
+        if vma.start >= vma.end || vma.start % PAGE != 0 || vma.end % PAGE != 0 {
+            return Err(format!(
+                "mapping {:#x}-{:#x} is empty, reversed or not page-aligned",
+                vma.start, vma.end
+            ));
+        }
+        for run in &vma.pages {
+            let inside = run.addr % PAGE == 0
+                && run.offset % PAGE == 0
+                && run.pages.checked_mul(PAGE).is_some_and(|len| {
+                    run.addr >= vma.start
+                        && run.addr.checked_add(len).is_some_and(|e| e <= vma.end)
+                        && run.offset.checked_add(len).is_some_and(|e| e <= pages_len)
+                });
+            if !inside {
+                return Err(format!(
+                    "page run at {:#x} lies outside its mapping or the pages section",
+                    run.addr
+                ));
+            }
+        }
+    }
+    for fd in &p.fds {
+        if let FdKind::Pipe { capacity, data, .. } = &fd.kind {
+            if data.len() as u64 > *capacity as u64 {
+                return Err(format!(
+                    "fd {}: {} bytes of pipe data exceed its capacity of {capacity}",
+                    fd.fd,
+                    data.len()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -462,6 +521,95 @@ mod tests {
             live.exists(),
             "a live writer's temporary (another image) is left alone"
         );
+    }
+
+    fn thread() -> ThreadImage {
+        ThreadImage {
+            ns_tid: 2,
+            comm: "main".into(),
+            regs: vec![0; REGS_LEN],
+            xstate: vec![0; 64],
+            sigmask: 0,
+            pending: vec![vec![0; SIGINFO_LEN]],
+            tid_address: 0,
+            robust_list: (0, 0),
+            altstack: (0, 2, 0),
+            rseq: None,
+        }
+    }
+
+    /// Manifests that pass every checksum (the writer computes them) but
+    /// describe impossible state are refused as corrupt, without a panic.
+    #[test]
+    fn tampered_but_checksummed_manifests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let write = |m: &Manifest| {
+            let mut w = ImageWriter::create(&path).unwrap();
+            w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
+            w.finish(m).unwrap();
+        };
+        let run = |addr, pages, offset| PageRun {
+            addr,
+            pages,
+            offset,
+        };
+        let mut good = sample_manifest(vec![run(0x1000, 2, 0)]);
+        good.process.threads = vec![thread()];
+        good.process.auxv = vec![6, 4096, 0, 0];
+        write(&good);
+        Image::open(&path).expect("the untampered manifest is accepted");
+
+        let mut cases: Vec<(Manifest, &str)> = Vec::new();
+        let mut m = good.clone();
+        m.process.threads[0].regs.pop();
+        cases.push((m, "registers"));
+        let mut m = good.clone();
+        m.process.threads[0].pending[0].truncate(8);
+        cases.push((m, "siginfo"));
+        let mut m = good.clone();
+        m.process.shared_pending = vec![vec![0; 4096]];
+        cases.push((m, "siginfo"));
+        let mut m = good.clone();
+        m.process.auxv.push(1);
+        cases.push((m, "auxv"));
+        let mut m = good.clone();
+        m.process.vmas[0].end = m.process.vmas[0].start;
+        m.process.vmas[0].pages.clear();
+        cases.push((m, "empty, reversed"));
+        let mut m = good.clone();
+        m.process.vmas[0].start = 0x1001;
+        m.process.vmas[0].pages.clear();
+        cases.push((m, "not page-aligned"));
+        let mut m = good.clone();
+        m.process.vmas[0].pages = vec![run(0x1000, u64::MAX / 2, 0)];
+        cases.push((m, "page run"));
+        let mut m = good.clone();
+        m.process.vmas[0].pages = vec![run(0x1000, 1, 100)];
+        cases.push((m, "page run"));
+        let mut m = good.clone();
+        m.process.fds = vec![FdImage {
+            fd: 3,
+            cloexec: false,
+            kind: FdKind::Pipe {
+                inode: 1,
+                write_end: false,
+                flags: 0,
+                capacity: 4,
+                data: vec![1; 5],
+            },
+        }];
+        cases.push((m, "capacity"));
+        for (m, needle) in cases {
+            write(&m);
+            match Image::open(&path) {
+                Err(e @ SnapshotError::Corrupt { .. }) => {
+                    assert!(e.to_string().contains(needle), "{needle}: {e}")
+                }
+                Err(e) => panic!("{needle}: not refused as corrupt: {e}"),
+                Ok(_) => panic!("{needle}: tampered manifest accepted"),
+            }
+        }
     }
 
     #[test]

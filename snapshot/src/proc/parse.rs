@@ -65,6 +65,30 @@ fn maps_line(line: &str) -> Option<MapsLine> {
     })
 }
 
+/// Start addresses of the mappings /proc/PID/smaps marks as growing down
+/// (`gd` in VmFlags): a main stack, or a stack that lost its `[stack]`
+/// name by being split into pieces.
+pub fn smaps_growsdown(text: &str) -> Option<Vec<u64>> {
+    let mut out = Vec::new();
+    let mut current = None;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "gd") {
+                out.push(current?);
+            }
+        } else if !first.ends_with(':') && first.contains('-') {
+            current = Some(maps_line(line)?.start);
+        }
+    }
+    Some(out)
+}
+
+/// How many POSIX timers /proc/PID/timers lists.
+pub fn posix_timers(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with("ID:")).count()
+}
+
 /// The memory-layout fields of /proc/PID/stat (fields 26–28 and 45–51);
 /// `brk` is not there and is filled in by the caller.
 pub fn stat_mm(text: &str) -> Option<MmFields> {
@@ -197,6 +221,34 @@ mod tests {
         .unwrap();
         assert_eq!((ev.eventfd_count, ev.eventfd_semaphore), (Some(42), true));
         assert_eq!(fdinfo("pos:\t12345\nflags:\t0100002\n").unwrap().pos, 12345);
+    }
+
+    #[test]
+    fn smaps_grows_down_flags() {
+        let text = "55d0c0a00000-55d0c0a28000 r--p 00000000 fe:01 1312 /usr/bin/x\n\
+             Size:                160 kB\n\
+             VmFlags: rd mr mw me sd\n\
+             7ffeeb100000-7ffeeb1a5000 rw-p 00000000 00:00 0\n\
+             Size:                660 kB\n\
+             Rss:                   8 kB\n\
+             VmFlags: rd wr mr mw me gd ac\n\
+             7ffeeb1a5000-7ffeeb1c6000 rw-p 00000000 00:00 0                          [stack]\n\
+             Size:                132 kB\n\
+             VmFlags: rd wr mr mw me gd ac\n";
+        assert_eq!(
+            smaps_growsdown(text),
+            Some(vec![0x7ffeeb100000, 0x7ffeeb1a5000])
+        );
+        assert_eq!(smaps_growsdown("VmFlags: rd gd\n"), None);
+        assert_eq!(smaps_growsdown(""), Some(vec![]));
+    }
+
+    #[test]
+    fn posix_timer_listing() {
+        let text = "ID: 0\nsignal: 34/0000000000000000\nnotify: signal/pid.7\nClockID: 1\n\
+                    ID: 1\nsignal: 14/0000000000000000\nnotify: signal/pid.7\nClockID: 0\n";
+        assert_eq!(posix_timers(text), 2);
+        assert_eq!(posix_timers(""), 0);
     }
 
     #[test]
