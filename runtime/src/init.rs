@@ -19,6 +19,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::filter;
+use crate::supervisor::APP_ENV;
 
 /// Signals the kernel sends on its own (terminal keys, hangups) reach the
 /// application directly through its process group; init forwards only those
@@ -35,11 +36,11 @@ pub struct InitArgs {
     /// `target` in a mount namespace of the instance's own.
     pub identity: Option<(PathBuf, PathBuf)>,
     pub cwd: Option<PathBuf>,
-    pub env: Vec<(String, String)>,
     pub command: Vec<String>,
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<i32> {
+    let app_env = app_env()?;
     let channel = args.channel_fd.map(take_channel).transpose()?;
     let all = SigSet::all();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None)
@@ -65,7 +66,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
         }
         (None, Some(channel)) => {
             let confirm = channel.try_clone().context("duplicating the channel")?;
-            let main = launch(&args, channel)?;
+            let main = launch(&args, &app_env, channel)?;
             // The listener went out before exec; only now is it known that
             // exec succeeded, and the supervisor waits for this word.
             nix::unistd::write(&confirm, b"started").context("confirming the start")?;
@@ -135,13 +136,28 @@ fn mount_identity(source: &std::path::Path, target: &std::path::Path) -> anyhow:
     Ok(())
 }
 
-fn launch(args: &InitArgs, channel: OwnedFd) -> anyhow::Result<Pid> {
+/// The config's variables for the application, which the supervisor passes
+/// in [`APP_ENV`] rather than on init's command line.
+fn app_env() -> anyhow::Result<Vec<(String, String)>> {
+    match std::env::var(APP_ENV) {
+        Ok(json) => serde_json::from_str(&json).with_context(|| format!("decoding {APP_ENV}")),
+        Err(std::env::VarError::NotPresent) => Ok(Vec::new()),
+        Err(e) => bail!("{APP_ENV}: {e}"),
+    }
+}
+
+fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> anyhow::Result<Pid> {
     let program = filter::build()?;
     let Some((path, rest)) = args.command.split_first() else {
         bail!("no command to run");
     };
+    // The application gets init's environment (the supervisor's, which is
+    // its starter's) with the config's variables over it, and none of
+    // appshot's internal ones.
     let mut cmd = Command::new(path);
-    cmd.args(rest).envs(args.env.iter().map(|(k, v)| (k, v)));
+    cmd.args(rest)
+        .env_remove(APP_ENV)
+        .envs(app_env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &args.cwd {
         cmd.current_dir(cwd);
     }

@@ -152,8 +152,6 @@ enum Cmd {
         identity_target: Option<PathBuf>,
         #[arg(long)]
         cwd: Option<PathBuf>,
-        #[arg(long = "env")]
-        env: Vec<String>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -259,25 +257,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             identity_source,
             identity_target,
             cwd,
-            env,
             command,
-        } => {
-            let env = env
-                .into_iter()
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, v)) => Ok((k.to_string(), v.to_string())),
-                    None => Err(anyhow!("--env {kv}: expected KEY=VALUE")),
-                })
-                .collect::<anyhow::Result<_>>()?;
-            init::run(init::InitArgs {
-                channel_fd,
-                restore_pid,
-                identity: identity_source.zip(identity_target),
-                cwd,
-                env,
-                command,
-            })
-        }
+        } => init::run(init::InitArgs {
+            channel_fd,
+            restore_pid,
+            identity: identity_source.zip(identity_target),
+            cwd,
+            command,
+        }),
         Cmd::Ps { json } => {
             print!("{}", commands::ps(&run_dir, json)?);
             Ok(0)
@@ -567,8 +554,9 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
     if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
         return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
     }
-    let logs = launch.run_dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    // Opened first: it creates the run directory private, and so the logs.
+    let registry = Registry::open(&launch.run_dir)?;
+    let logs = registry.private_subdir("logs")?;
     let log_path = logs.join(format!("{}.log", launch.name));
     let log = OpenOptions::new()
         .create(true)
@@ -592,7 +580,6 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         .stderr(log)
         .spawn()
         .context("starting the supervisor")?;
-    let registry = Registry::open(&launch.run_dir)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         // The record must be this supervisor's: an instance of the same name

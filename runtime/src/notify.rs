@@ -8,14 +8,12 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::IoSlice;
+use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
 use appshot_sys::{pidfd, seccomp};
-use nix::sys::uio::{process_vm_writev, RemoteIoVec};
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use seccomp::Response;
 use tracing::{debug, warn};
@@ -23,48 +21,56 @@ use tracing::{debug, warn};
 use crate::multiplex::Multiplexer;
 
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+/// The error a notified call fails with when the supervisor cannot act for
+/// its task (out of file descriptors or memory itself).
+const RESOURCES: i32 = libc::ENOMEM;
 
-/// What the supervisor holds on a supervised thread, kept from one of its
-/// notifications to the next: opening them costs a ptrace access check
-/// each time. A handle outlived by its thread fails (a pidfd names one
-/// task, never its TID's next owner; /proc/TID/mem reads nothing once the
-/// address space it was opened on is gone), and is then opened anew.
-struct TaskHandles {
-    pidfd: OwnedFd,
-    mem: File,
+/// The pidfds of the threads that made notifications recently, kept from
+/// one notification of a thread to the next: opening one costs a lookup
+/// and an fd each time. A pidfd names one task, never its TID's next owner,
+/// and `pidfd_getfd` on it reaches the task's current file table; one
+/// outlived by its thread fails and is then opened anew.
+///
+/// Only pidfds are kept: the task's memory is read with
+/// `process_vm_readv`, which finds the task's address space at each call.
+/// A cached `/proc/TID/mem` would stay tied to the address space it was
+/// opened on, which can outlive an exec of the task (a vfork parent keeps
+/// it alive) and then yield another process's memory.
+struct Tasks {
+    pidfds: HashMap<u32, Arc<OwnedFd>>,
+    /// Beyond this many threads the cache starts over rather than grow.
+    max: usize,
 }
 
-impl TaskHandles {
-    fn open(tid: u32) -> std::io::Result<TaskHandles> {
-        Ok(TaskHandles {
-            pidfd: pidfd::open_thread(tid)?,
-            mem: File::open(format!("/proc/{tid}/mem"))?,
-        })
-    }
-}
-
-/// The handles of the threads that made notifications recently.
-#[derive(Default)]
-struct Tasks(HashMap<u32, Arc<TaskHandles>>);
-
-/// Beyond this many threads the cache starts over rather than grow.
-const TASKS_MAX: usize = 4096;
+/// The most pidfds kept; fewer under a low limit of open files, so that
+/// the cache never takes more than a quarter of the supervisor's.
+const TASKS_MAX: usize = 256;
 
 impl Tasks {
-    fn get(&mut self, tid: u32) -> std::io::Result<Arc<TaskHandles>> {
-        if let Some(h) = self.0.get(&tid) {
+    fn new() -> Tasks {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        let max = usize::try_from(limit / 4).map_or(TASKS_MAX, |m| m.clamp(1, TASKS_MAX));
+        Tasks {
+            pidfds: HashMap::new(),
+            max,
+        }
+    }
+
+    fn get(&mut self, tid: u32) -> std::io::Result<Arc<OwnedFd>> {
+        if let Some(h) = self.pidfds.get(&tid) {
             return Ok(Arc::clone(h));
         }
-        if self.0.len() >= TASKS_MAX {
-            self.0.clear();
+        if self.pidfds.len() >= self.max {
+            self.pidfds.clear();
         }
-        let h = Arc::new(TaskHandles::open(tid)?);
-        self.0.insert(tid, Arc::clone(&h));
+        let h = Arc::new(pidfd::open_thread(tid)?);
+        self.pidfds.insert(tid, Arc::clone(&h));
         Ok(h)
     }
 
-    fn reopen(&mut self, tid: u32) -> std::io::Result<Arc<TaskHandles>> {
-        self.0.remove(&tid);
+    fn reopen(&mut self, tid: u32) -> std::io::Result<Arc<OwnedFd>> {
+        self.pidfds.remove(&tid);
         self.get(tid)
     }
 }
@@ -76,7 +82,7 @@ pub struct Call {
     pub nr: i64,
     pub args: [u64; 6],
     listener: Arc<OwnedFd>,
-    handles: RefCell<Arc<TaskHandles>>,
+    pidfd: RefCell<Arc<OwnedFd>>,
     tasks: Arc<Mutex<Tasks>>,
 }
 
@@ -86,46 +92,48 @@ impl Call {
         self.args[i] as u32 as i32
     }
 
-    /// Runs `op` on the task's handles; if it fails, once more on handles
-    /// opened anew, in case the cached ones outlived their thread. The
-    /// notification is checked after the reopen, as on first use: only
-    /// while it is pending does its TID name the notifying thread.
-    fn with_handles<T>(
-        &self,
-        mut op: impl FnMut(&TaskHandles) -> Result<T, i32>,
-    ) -> Result<T, i32> {
-        let first = op(&self.handles.borrow());
+    /// The task's file descriptor `fd`, duplicated into the supervisor.
+    /// If the cached pidfd fails, once more on a pidfd opened anew, in case
+    /// the cached one outlived its thread. The notification is checked after
+    /// the reopen, as on first use: only while it is pending does its TID
+    /// name the notifying thread.
+    pub fn task_fd(&self, fd: RawFd) -> Result<OwnedFd, i32> {
+        let get =
+            |p: &OwnedFd| pidfd::get_fd(p, fd).map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF));
+        let first = get(&self.pidfd.borrow());
         if first.is_ok() {
             return first;
         }
-        let fresh = self.tasks.lock().expect("task handles").reopen(self.tid);
+        let fresh = self.tasks.lock().expect("task pidfds").reopen(self.tid);
         match fresh {
-            Ok(h) if self.still_pending() => {
-                *self.handles.borrow_mut() = h;
-                op(&self.handles.borrow())
+            Ok(p) if self.still_pending() => {
+                *self.pidfd.borrow_mut() = p;
+                get(&self.pidfd.borrow())
             }
             _ => first,
         }
     }
 
-    /// The task's file descriptor `fd`, duplicated into the supervisor.
-    pub fn task_fd(&self, fd: RawFd) -> Result<OwnedFd, i32> {
-        self.with_handles(|h| {
-            pidfd::get_fd(&h.pidfd, fd).map_err(|e| e.raw_os_error().unwrap_or(libc::EBADF))
-        })
-    }
-
-    /// Copies `len` bytes from the task's address `addr`.
+    /// Copies `len` bytes from the task's address `addr`, in the address
+    /// space the task has now.
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, i32> {
         let mut buf = vec![0u8; len];
         if len == 0 {
             return Ok(buf);
         }
-        self.with_handles(|h| {
-            h.mem
-                .read_exact_at(&mut buf, addr)
-                .map_err(|_| libc::EFAULT)
-        })?;
+        let remote = [RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        let n = process_vm_readv(
+            Pid::from_raw(self.tid as i32),
+            &mut [IoSliceMut::new(&mut buf)],
+            &remote,
+        )
+        .map_err(|_| libc::EFAULT)?;
+        if n != len {
+            return Err(libc::EFAULT);
+        }
         Ok(buf)
     }
 
@@ -170,7 +178,7 @@ impl Call {
 
 /// Receives and handles notifications until the listener is gone.
 pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
-    let tasks = Arc::new(Mutex::new(Tasks::default()));
+    let tasks = Arc::new(Mutex::new(Tasks::new()));
     loop {
         let n = match seccomp::recv(&listener) {
             Ok(n) => n,
@@ -193,12 +201,28 @@ pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
             let _ = seccomp::respond(&listener, n.id, Response::Errno(libc::ENOSYS));
             continue;
         }
-        // Resolve the TID to its handles first, then check the
-        // notification is still pending: only then do handles opened here
-        // belong to the caller (cached ones are checked on use).
-        let handles = match tasks.lock().expect("task handles").get(n.pid) {
-            Ok(h) => h,
-            Err(_) => continue,
+        // Resolve the TID to its pidfd first, then check the notification
+        // is still pending: only then does a pidfd opened here belong to the
+        // caller (cached ones are checked on use).
+        let pidfd = match tasks.lock().expect("task pidfds").get(n.pid) {
+            Ok(p) => p,
+            Err(e) => {
+                // Answered, never dropped: an unanswered notification
+                // leaves its task blocked for good.
+                if seccomp::id_valid(&listener, n.id) {
+                    warn!(
+                        tid = n.pid,
+                        nr = n.nr,
+                        "no pidfd for a notifying thread: {e}"
+                    );
+                    if let Err(e) = seccomp::respond(&listener, n.id, Response::Errno(RESOURCES)) {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            warn!(tid = n.pid, nr = n.nr, "answering notification: {e}");
+                        }
+                    }
+                }
+                continue;
+            }
         };
         if !seccomp::id_valid(&listener, n.id) {
             continue;
@@ -209,7 +233,7 @@ pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
             nr: i64::from(n.nr),
             args: n.args,
             listener: Arc::clone(&listener),
-            handles: RefCell::new(handles),
+            pidfd: RefCell::new(pidfd),
             tasks: Arc::clone(&tasks),
         };
         mux.handle(call);

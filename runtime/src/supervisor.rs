@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_snapshot::image::Image;
 use appshot_snapshot::restore;
-use appshot_sys::{fd, seccomp, spawn};
+use appshot_sys::{fd, pidfd, seccomp, spawn};
 use appshot_vpm::{CachedRegistry, InstanceLock, InstanceRecord, PortRange, Registry};
 use nix::errno::Errno;
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -61,6 +62,10 @@ pub struct Launch {
 /// The variable a detached supervisor receives its `Launch` in; removed
 /// before the application starts.
 pub const LAUNCH_ENV: &str = "APPSHOT_LAUNCH";
+/// The variable the namespace init receives the config's `env` in (never
+/// on its command line, which every user can read); init removes it before
+/// the application starts.
+pub const APP_ENV: &str = "APPSHOT_APP_ENV";
 /// Signals the supervisor forwards to the instance.
 const FORWARDED: &[Signal] = &[
     Signal::SIGTERM,
@@ -74,7 +79,10 @@ const SI_KERNEL: i32 = 0x80;
 
 /// Runs the instance to its end and returns its exit status.
 pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
+    let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
+    // Also removes whatever a dead earlier instance of this name left in
+    // the registry and the kernel's source rules.
     let lock = InstanceLock::acquire(&registry, &launch.name)?;
 
     // Blocked before any thread exists so every thread inherits the mask
@@ -111,14 +119,14 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
-    let (init_pid, listener, mux, app_pid) = match &launch.restore {
+    let (init_pid, init, listener, mux, app_pid) = match &launch.restore {
         None => {
-            let (init_pid, listener) = launch_application(&launch)?;
+            let (init_pid, init, listener) = launch_application(&launch, nofile)?;
             let app_pid = tree::descendants(init_pid)
                 .get(1)
                 .copied()
                 .unwrap_or(init_pid);
-            (init_pid, listener, new_mux(init_pid)?, app_pid)
+            (init_pid, init, listener, new_mux(init_pid)?, app_pid)
         }
         Some(path) => {
             let image = if launch.is_clone {
@@ -134,23 +142,24 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
                 )),
                 None => None,
             };
-            let init_pid = start_init(
+            let (init_pid, init) = start_init(
                 &launch,
                 None,
                 Some(image.manifest.process.ns_pid),
                 identity.as_ref(),
+                nofile,
             )?;
             let mux = new_mux(init_pid)?;
             let started = Instant::now();
             let restored = restore_into(init_pid, &image, &mux, launch.is_clone);
             info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = launch.is_clone, "restore work done");
             match restored {
-                Ok((listener, stub)) => (init_pid, listener, mux, stub),
+                Ok((listener, stub)) => (init_pid, init, listener, mux, stub),
                 Err(e) => {
                     // Nothing half-built survives: the namespace goes with
                     // its init, and the sockets' translations with the
                     // instance record.
-                    let _ = kill(Pid::from_raw(init_pid as i32), Signal::SIGKILL);
+                    let _ = pidfd::send_signal(&init, libc::SIGKILL);
                     wait_exit(init_pid);
                     cluster.shutdown();
                     registry.transaction(|s| s.remove_instance(&launch.name))?;
@@ -189,11 +198,15 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
         .spawn(move || notify::serve(listener, mux))
         .map_err(|e| RuntimeError::sys("spawning the notification thread", e))?;
 
+    // Signals reach init through its pidfd: once `wait_exit` below has
+    // reaped it, its PID may belong to another process.
+    let init = Arc::new(init);
     let exited = Arc::new(AtomicBool::new(false));
-    spawn_signal_forwarder(forwarded, init_pid)?;
+    spawn_signal_forwarder(forwarded, Arc::clone(&init))?;
     let stop_exited = Arc::clone(&exited);
+    let stop_init = Arc::clone(&init);
     control::serve(lock.instance_dir(), move |req| {
-        handle_control(req, init_pid, &stop_exited)
+        handle_control(req, init_pid, &stop_init, &stop_exited)
     })?;
 
     let status = wait_exit(init_pid);
@@ -205,29 +218,51 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     Ok(status)
 }
 
+/// Raises the supervisor's soft limit of open files to the hard limit: it
+/// holds descriptors for every thread of the instance that is in a notified
+/// call. Returns the limits as they were, for the namespace init (and so
+/// the application) to start with; `None` if they could not be read.
+fn raise_nofile_limit() -> Option<(u64, u64)> {
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!("reading RLIMIT_NOFILE: {e}");
+            return None;
+        }
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            warn!(soft, hard, "raising RLIMIT_NOFILE to its hard limit: {e}");
+        }
+    }
+    Some((soft, hard))
+}
+
 /// Starts the namespace init, which launches the command under the filter
-/// and sends back the filter's listener.
-fn launch_application(launch: &Launch) -> Result<(u32, OwnedFd), RuntimeError> {
+/// and sends back the filter's listener. Returns init's PID, a pidfd of it
+/// and the listener.
+fn launch_application(
+    launch: &Launch,
+    nofile: Option<(u64, u64)>,
+) -> Result<(u32, OwnedFd, OwnedFd), RuntimeError> {
+    // Both ends close-on-exec from the start, so no process spawned
+    // meanwhile by another thread inherits them; init's process alone
+    // keeps `theirs` across its exec.
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
-        SockFlag::empty(),
+        SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    nix::fcntl::fcntl(
-        ours.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| RuntimeError::sys("fcntl", e))?;
-    let init_pid = start_init(launch, Some(&theirs), None, None)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), None, None, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
         matches!(nix::unistd::read(ours.as_raw_fd(), &mut word), Ok(n) if &word[..n] == b"started")
     };
     match fd::recv_fd(&ours) {
-        Ok(Some(l)) if started(&ours) => Ok((init_pid, l)),
+        Ok(Some(l)) if started(&ours) => Ok((init_pid, init, l)),
         Ok(_) => {
             let status = wait_exit(init_pid);
             Err(RuntimeError::Start {
@@ -282,12 +317,16 @@ fn restore_into(
     Ok((restored.listener, stub))
 }
 
+/// Starts the namespace init; returns its PID and a pidfd of it. It
+/// starts with the open-files limit `nofile` (the one the supervisor had
+/// before raising its own), which the application inherits.
 fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pid: Option<u32>,
     identity: Option<&(PathBuf, PathBuf)>,
-) -> Result<u32, RuntimeError> {
+    nofile: Option<(u64, u64)>,
+) -> Result<(u32, OwnedFd), RuntimeError> {
     let exe =
         std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
     let cstr = |s: &[u8]| {
@@ -314,16 +353,36 @@ fn start_init(
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);
     }
-    for (k, v) in &launch.env {
-        argv.push(cstr(b"--env")?);
-        argv.push(cstr(format!("{k}={v}").as_bytes())?);
-    }
     argv.push(cstr(b"--")?);
     for a in &launch.command {
         argv.push(cstr(a.as_bytes())?);
     }
+    // The config's variables travel in init's environment, readable by the
+    // instance's owner only (unlike argv), and apart from init's own
+    // variables so that they apply to the application alone.
+    let app_env = if launch.env.is_empty() {
+        None
+    } else {
+        let pairs = launch
+            .env
+            .iter()
+            .map(|(k, v)| {
+                if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                    return Err(RuntimeError::Start {
+                        name: launch.name.clone(),
+                        reason: format!("environment variable {k:?}: invalid name or value"),
+                    });
+                }
+                Ok((k.as_str(), v.as_str()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let json = serde_json::to_string(&pairs)
+            .map_err(|e| RuntimeError::sys("encoding the environment", std::io::Error::other(e)))?;
+        Some((std::ffi::OsString::from(APP_ENV), json.into()))
+    };
     let env = std::env::vars_os()
-        .filter(|(k, _)| k != LAUNCH_ENV)
+        .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
+        .chain(app_env)
         .map(|(k, v)| {
             let mut kv = k.as_bytes().to_vec();
             kv.push(b'=');
@@ -331,11 +390,15 @@ fn start_init(
             cstr(&kv)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    spawn::spawn_namespace_init(&argv, &env)
+    let setup = spawn::InitSetup {
+        keep_fd: channel.map(|c| c.as_raw_fd()),
+        nofile,
+    };
+    spawn::spawn_namespace_init(&argv, &env, setup)
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))
 }
 
-fn spawn_signal_forwarder(set: SigSet, init_pid: u32) -> Result<(), RuntimeError> {
+fn spawn_signal_forwarder(set: SigSet, init: Arc<OwnedFd>) -> Result<(), RuntimeError> {
     let sfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC)
         .map_err(|e| RuntimeError::sys("signalfd", e))?;
     std::thread::Builder::new()
@@ -350,14 +413,19 @@ fn spawn_signal_forwarder(set: SigSet, init_pid: u32) -> Result<(), RuntimeError
                 continue;
             }
             if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
-                let _ = kill(Pid::from_raw(init_pid as i32), sig);
+                let _ = pidfd::send_signal(&init, sig as i32);
             }
         })
         .map_err(|e| RuntimeError::sys("spawning the signal thread", e))?;
     Ok(())
 }
 
-fn handle_control(req: Request, init_pid: u32, exited: &Arc<AtomicBool>) -> Reply {
+fn handle_control(
+    req: Request,
+    init_pid: u32,
+    init: &Arc<OwnedFd>,
+    exited: &Arc<AtomicBool>,
+) -> Reply {
     match req {
         Request::Status => Reply {
             ok: true,
@@ -365,8 +433,8 @@ fn handle_control(req: Request, init_pid: u32, exited: &Arc<AtomicBool>) -> Repl
             message: String::new(),
         },
         Request::Stop { grace_secs } => {
-            let init = Pid::from_raw(init_pid as i32);
-            let _ = kill(init, Signal::SIGTERM);
+            let _ = pidfd::send_signal(init, libc::SIGTERM);
+            let init = Arc::clone(init);
             let exited = Arc::clone(exited);
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(grace_secs);
@@ -379,7 +447,7 @@ fn handle_control(req: Request, init_pid: u32, exited: &Arc<AtomicBool>) -> Repl
                         "instance ignored SIGTERM for {grace_secs}s: SIGKILL"
                     );
                     // Killing the namespace init kills every process in it.
-                    let _ = kill(init, Signal::SIGKILL);
+                    let _ = pidfd::send_signal(&init, libc::SIGKILL);
                 }
             });
             Reply {

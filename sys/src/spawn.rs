@@ -4,21 +4,41 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use crate::seccomp::{self, SockFilter};
 
+/// What the namespace init's process changes about itself between clone
+/// and exec.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InitSetup {
+    /// A descriptor the parent created close-on-exec, so that no other
+    /// process it spawns meanwhile inherits it, which this child alone keeps
+    /// across its exec (its FD_CLOEXEC is cleared in the child).
+    pub keep_fd: Option<RawFd>,
+    /// `RLIMIT_NOFILE` (soft, hard) for the child, e.g. the limit the
+    /// parent had before it raised its own.
+    pub nofile: Option<(u64, u64)>,
+}
+
 /// Starts `argv` (absolute path first) as PID 1 of a new PID namespace and
-/// returns its PID in ours. The child gets SIGKILL when the calling thread
-/// exits, and because it is the namespace's init, its death takes every
-/// process of the namespace with it: a supervisor killed with SIGKILL leaves
-/// no orphaned instance behind.
+/// returns its PID in ours and a pidfd of it (close-on-exec), obtained
+/// atomically with the clone (`CLONE_PIDFD`): signals sent through it can
+/// never reach another process that later got the same PID. The child gets
+/// SIGKILL when the calling thread exits, and because it is the namespace's
+/// init, its death takes every process of the namespace with it: a
+/// supervisor killed with SIGKILL leaves no orphaned instance behind.
 ///
 /// The calling process may be multi-threaded: between clone and exec the
-/// child only makes raw syscalls on memory prepared before the clone.
-pub fn spawn_namespace_init(argv: &[CString], env: &[CString]) -> io::Result<u32> {
+/// child only makes raw syscalls on memory prepared before the clone, and
+/// exits with status 127 if one of them fails.
+pub fn spawn_namespace_init(
+    argv: &[CString],
+    env: &[CString],
+    setup: InitSetup,
+) -> io::Result<(u32, OwnedFd)> {
     if argv.is_empty() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
     }
@@ -26,15 +46,22 @@ pub fn spawn_namespace_init(argv: &[CString], env: &[CString]) -> io::Result<u32
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
+    let nofile = setup.nofile.map(|(cur, max)| libc::rlimit {
+        rlim_cur: cur,
+        rlim_max: max,
+    });
+    let mut pidfd: libc::c_int = -1;
 
     // SAFETY: clone without CLONE_VM and with a null stack behaves like fork:
-    // the child runs on a private copy of this stack.
+    // the child runs on a private copy of this stack. With CLONE_PIDFD the
+    // kernel writes the new pidfd to `pidfd` (x86_64 argument order: flags,
+    // stack, parent_tid, child_tid, tls), which lives on this stack.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            (libc::CLONE_NEWPID | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
             0usize,
-            0usize,
+            &mut pidfd as *mut libc::c_int,
             0usize,
             0usize,
         )
@@ -47,11 +74,31 @@ pub fn spawn_namespace_init(argv: &[CString], env: &[CString]) -> io::Result<u32
         // pointers into memory that was fully built before the clone.
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            if let Some(fd) = setup.keep_fd {
+                if libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, 0) < 0 {
+                    libc::_exit(127);
+                }
+            }
+            if let Some(limit) = &nofile {
+                let set = libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    libc::RLIMIT_NOFILE,
+                    limit as *const libc::rlimit,
+                    std::ptr::null_mut::<libc::rlimit>(),
+                );
+                if set < 0 {
+                    libc::_exit(127);
+                }
+            }
             libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr());
             libc::_exit(127);
         }
     }
-    Ok(pid as u32)
+    // SAFETY: the kernel stored a new pidfd there for the child it created;
+    // nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok((pid as u32, pidfd))
 }
 
 /// Forks the calling (single-threaded) process into a child with PID `pid`
@@ -126,4 +173,85 @@ fn unblock_all_signals() -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(ret));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A pipe with both ends close-on-exec.
+    fn pipe() -> (std::fs::File, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new fds into the array it is given.
+        let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(ret, 0, "pipe2: {}", io::Error::last_os_error());
+        // SAFETY: both fds were just returned by the kernel and are ours.
+        unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    fn cstrings(items: &[&str]) -> Vec<CString> {
+        items.iter().map(|s| CString::new(*s).unwrap()).collect()
+    }
+
+    #[test]
+    fn namespace_init_keeps_only_the_named_fd_and_starts_with_the_given_limit() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: a new PID namespace needs root");
+            return;
+        }
+        let (mut out, kept) = pipe();
+        let (_other_r, other) = pipe();
+        let (k, o) = (kept.as_raw_fd(), other.as_raw_fd());
+        let script = format!(
+            "echo pid=$$ nofile=$(ulimit -n):$(ulimit -Hn) >&{k}; \
+             if (: >&{o}) 2>/dev/null; then echo leaked >&{k}; fi; exit 3"
+        );
+        let argv = cstrings(&["/bin/sh", "-c", &script]);
+        let env = cstrings(&["PATH=/usr/bin:/bin"]);
+        let mut limits = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one struct rlimit we own.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) },
+            0
+        );
+        let soft = limits.rlim_max.min(1000) - 1;
+        let setup = InitSetup {
+            keep_fd: Some(k),
+            nofile: Some((soft, limits.rlim_max)),
+        };
+        let (pid, pidfd) = spawn_namespace_init(&argv, &env, setup).unwrap();
+        drop(kept);
+        drop(other);
+
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap();
+        assert!(fdinfo.contains(&format!("Pid:\t{pid}\n")), "{fdinfo}");
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert_eq!(
+            text,
+            format!("pid=1 nofile={soft}:{}\n", limits.rlim_max),
+            "the kept fd works, no other fd of ours leaks, the limit applies"
+        );
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into an int we own.
+        assert_eq!(
+            unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) },
+            pid as libc::pid_t
+        );
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3);
+        // Reaped: its PID may be anyone's now, the pidfd still names it.
+        let err = crate::pidfd::send_signal(&pidfd, libc::SIGKILL).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
+    }
 }

@@ -621,6 +621,75 @@ fn outside_clients_follow_source_rules_and_stale_rules_are_reclaimed() {
     );
 }
 
+#[test]
+fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
+    let test = "a_new_instance_under_a_killed_ones_name_starts_without_its_entries";
+    let Some(lab) = Lab::new(test, "nr") else {
+        return;
+    };
+    let config = lab.dir("config").join("web.toml");
+    fs::write(
+        &config,
+        format!("default_aid = \"x1\"\n\n[[source_rules]]\nsource = \"{C1}\"\naid = \"x1\"\n"),
+    )
+    .unwrap();
+    lab.web(0, "web-x", "x1", Some(&config));
+    let mine = |v: &Value| v.as_array().unwrap().clone();
+    let ports = mine(&lab.json(0, &["ports", "--json"]));
+    assert!(
+        ports
+            .iter()
+            .any(|t| t["owner"] == "web-x" && t["aid"] == "x1"),
+        "{ports:#?}"
+    );
+    assert!(lab.nft_ruleset(0).contains("/web-x/src"));
+    let ps = mine(&lab.json(0, &["ps", "--json"]));
+    let sup = ps.iter().find(|r| r["name"] == "web-x").unwrap()["supervisor_pid"]
+        .as_u64()
+        .unwrap();
+
+    // SIGKILL the supervisor and, before anything else touches the
+    // registry (`ps` and `ports` would reclaim), start another instance
+    // under the same name and another AID: the name is alive again, so
+    // only the new supervisor can remove what the dead one left.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    assert!(
+        poll(READY, || !Path::new(&format!("/proc/{sup}")).exists()
+            || fs::read_to_string(format!("/proc/{sup}/stat"))
+                .is_ok_and(|s| s.contains(") Z"))),
+        "supervisor {sup} did not die"
+    );
+    let ran = run(
+        lab.appshot(0).args([
+            "run", "--aid", "x2", "--name", "web-x", "--detach", "--", "sleep", "60",
+        ]),
+        TIMEOUT,
+    );
+    assert!(ran.success(), "{ran}");
+
+    let ruleset = lab.nft_ruleset(0);
+    assert!(
+        !ruleset.contains("/web-x/"),
+        "the dead web-x's source rules survived its successor's start:\n{ruleset}"
+    );
+    let ports = mine(&lab.json(0, &["ports", "--json"]));
+    assert!(
+        ports.iter().all(|t| t["owner"] != "web-x"),
+        "the dead web-x's translations survived its successor's start: {ports:#?}"
+    );
+    let remote = lab.json(0, &["ports", "--remote", "--json"]);
+    assert_eq!(remote["source_rules"], Value::Array(vec![]), "{remote:#}");
+    let ps = mine(&lab.json(0, &["ps", "--json"]));
+    let row = ps
+        .iter()
+        .find(|r| r["name"] == "web-x")
+        .expect("web-x listed");
+    assert_eq!(row["aid"], "x2", "{row}");
+    let ran = run(lab.appshot(0).args(["stop", "-t", "2", "web-x"]), TIMEOUT);
+    assert!(ran.success(), "{ran}");
+}
+
 /// Speaks the protocol independently of the Rust code (stdlib hmac), and
 /// throws malformed, truncated, replayed, stale, oversized and idle
 /// connections at the agent before one valid request.

@@ -25,6 +25,7 @@ const ACQUIRE_RETRY_DELAY: Duration = Duration::from_millis(5);
 #[derive(Debug)]
 pub struct InstanceLock {
     registry: Registry,
+    name: String,
     dir: PathBuf,
     _held: Flock<File>,
 }
@@ -32,6 +33,10 @@ pub struct InstanceLock {
 impl InstanceLock {
     /// Must not be called, nor the lock dropped, inside
     /// [`Registry::transaction`]: both take the registry lock themselves.
+    ///
+    /// Whatever a dead earlier instance of the same name left in the
+    /// registry is removed (and the reclaim hook called for the name)
+    /// before this returns.
     pub fn acquire(registry: &Registry, name: &str) -> Result<InstanceLock, VpmError> {
         let dir = instance_dir(registry.dir(), name).ok_or_else(|| VpmError::Io {
             path: registry.instances_dir(),
@@ -42,7 +47,7 @@ impl InstanceLock {
         })?;
         // Reclaim removes dead directories under this lock; holding it too
         // keeps it from deleting ours between creation and locking.
-        let _registry_lock = registry.lock()?;
+        let registry_lock = registry.lock()?;
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -58,15 +63,9 @@ impl InstanceLock {
             .open(&path)
             .map_err(VpmError::io(&path))?;
         let mut attempt = 1;
-        loop {
+        let held = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(held) => {
-                    return Ok(InstanceLock {
-                        registry: registry.clone(),
-                        dir,
-                        _held: held,
-                    })
-                }
+                Ok(held) => break held,
                 Err((again, Errno::EWOULDBLOCK)) if attempt < ACQUIRE_ATTEMPTS => {
                     file = again;
                     attempt += 1;
@@ -75,7 +74,29 @@ impl InstanceLock {
                 Err((_, Errno::EWOULDBLOCK)) => return Err(VpmError::NameInUse(name.to_owned())),
                 Err((_, errno)) => return Err(VpmError::io(&path)(errno.into())),
             }
-        }
+        };
+        // The name is alive again from here on, so no reclaim would ever
+        // remove what a dead predecessor of the name left: this holder
+        // starts clean, under the same registry lock, before it records
+        // anything.
+        let forgotten = registry.transaction_locked(&registry_lock, |state| {
+            registry.forget_predecessor(state, name)
+        });
+        // Released before `lock` can be dropped: its drop takes the
+        // registry lock itself.
+        drop(registry_lock);
+        let lock = InstanceLock {
+            registry: registry.clone(),
+            name: name.to_owned(),
+            dir,
+            _held: held,
+        };
+        forgotten?;
+        Ok(lock)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn instance_dir(&self) -> &Path {

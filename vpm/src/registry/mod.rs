@@ -1,5 +1,11 @@
 //! Host-wide state shared by independent supervisor processes: a JSON file
 //! replaced atomically under an flock, plus one liveness lock per instance.
+//!
+//! The run directory and everything in it is its owner's alone (0700 and
+//! 0600): any user who could open `registry.lock` could flock it (a
+//! read-only descriptor suffices) and stall every supervisor, whose port
+//! allocations run under that lock, and `registry.json` holds the
+//! instances' command lines.
 
 mod cache;
 mod liveness;
@@ -7,7 +13,7 @@ mod liveness;
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -43,16 +49,29 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Opens the registry in `dir`, creating it (and its `instances`
+    /// directory) accessible to its owner only. An existing registry left
+    /// accessible to others by an older version is made private, if it is
+    /// ours.
     pub fn open(dir: &Path) -> Result<Registry, VpmError> {
+        private_dir(dir, true).map_err(VpmError::io(dir))?;
         let instances = dir.join(INSTANCES_DIR);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&instances)
-            .map_err(VpmError::io(&instances))?;
+        private_dir(&instances, false).map_err(VpmError::io(&instances))?;
+        for name in [LOCK_FILE, STATE_FILE] {
+            let path = dir.join(name);
+            private_file(&path).map_err(VpmError::io(&path))?;
+        }
         Ok(Registry {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The directory `name` inside the run directory (e.g. the instances'
+    /// logs), created or made accessible to its owner only.
+    pub fn private_subdir(&self, name: &str) -> Result<PathBuf, VpmError> {
+        let path = self.dir.join(name);
+        private_dir(&path, false).map_err(VpmError::io(&path))?;
+        Ok(path)
     }
 
     pub fn dir(&self) -> &Path {
@@ -63,7 +82,17 @@ impl Registry {
     /// excluded, after dropping instances whose supervisor has died, and
     /// commits the result if anything changed.
     pub fn transaction<R>(&self, f: impl FnOnce(&mut RegistryState) -> R) -> Result<R, VpmError> {
-        let _lock = self.lock()?;
+        let held = self.lock()?;
+        self.transaction_locked(&held, f)
+    }
+
+    /// [`Registry::transaction`] for a caller that already holds the
+    /// registry lock.
+    fn transaction_locked<R>(
+        &self,
+        _held: &Flock<File>,
+        f: impl FnOnce(&mut RegistryState) -> R,
+    ) -> Result<R, VpmError> {
         let committed = load(&self.state_path())?;
         let mut state = committed.clone();
         self.reclaim(&mut state);
@@ -73,6 +102,37 @@ impl Registry {
             self.commit(&state)?;
         }
         Ok(result)
+    }
+
+    /// For the new live holder of `name`: whatever an earlier instance of
+    /// that name left behind (its supervisor died, and no transaction could
+    /// reclaim it since, the name now being alive again) is removed, and the
+    /// reclaim hook is told, so that state kept outside the registry goes
+    /// too. Called under the registry lock, before the new holder records
+    /// anything.
+    fn forget_predecessor(&self, state: &mut RegistryState, name: &str) {
+        if owners(state).contains(name) {
+            let ports: Vec<String> = state
+                .translations_of(name)
+                .map(|t| {
+                    format!(
+                        "{} {}->{} ({})",
+                        t.protocol, t.virtual_port, t.real_port, t.aid
+                    )
+                })
+                .collect();
+            tracing::warn!(
+                instance = %name,
+                ports = %ports.join(", "),
+                "removing what a dead instance of the same name left behind"
+            );
+            state.remove_instance(name);
+        }
+        // Also without registry entries: a predecessor may have died
+        // between installing its kernel rules and recording them.
+        if let Some(hook) = RECLAIM_HOOK.get() {
+            hook(&self.dir, &[name.to_owned()]);
+        }
     }
 
     /// The last committed state without taking the lock (commits are atomic
@@ -104,7 +164,7 @@ impl Registry {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
             .open(&path)
             .map_err(VpmError::io(&path))?;
         loop {
@@ -167,11 +227,18 @@ impl Registry {
         let staging = self.dir.join(STAGING_FILE);
         let bytes =
             serde_json::to_vec_pretty(state).map_err(|e| VpmError::io(&staging)(e.into()))?;
+        // A leftover of an interrupted commit keeps its mode when truncated;
+        // created anew, the file gets 0600 and so does the registry.
+        match fs::remove_file(&staging) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(VpmError::io(&staging)(e));
+            }
+            _ => {}
+        }
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
+            .create_new(true)
+            .mode(0o600)
             .open(&staging)
             .map_err(VpmError::io(&staging))?;
         file.write_all(&bytes)
@@ -180,6 +247,81 @@ impl Registry {
         let path = self.state_path();
         fs::rename(&staging, &path).map_err(VpmError::io(&path))
     }
+}
+
+/// What appshot keeps in a run directory (registry, instances, logs,
+/// verified templates, negotiation records).
+const RUN_DIR_ENTRIES: &[&str] = &[
+    LOCK_FILE,
+    STATE_FILE,
+    STAGING_FILE,
+    INSTANCES_DIR,
+    "logs",
+    "verified",
+    "remote",
+];
+
+/// Creates directory `dir` with mode 0700 (missing parents with the
+/// default mode), or makes an existing one of ours 0700. With `guard`, an
+/// existing directory holding anything appshot does not keep there keeps
+/// its mode, with a warning, as does one with the sticky bit (`/tmp`) or
+/// of another owner: a run directory pointed at a shared directory must
+/// not lock others out of it.
+fn private_dir(dir: &Path, guard: bool) -> io::Result<()> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a directory",
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let ours = meta.uid() == nix::unistd::geteuid().as_raw();
+    let shared = mode & 0o1000 != 0;
+    let registry_like = || -> io::Result<bool> {
+        for entry in fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            if !RUN_DIR_ENTRIES.iter().any(|known| name == *known) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    if ours && !shared && (!guard || registry_like()?) {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    } else {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            "directory open to other users left as it is (not ours, sticky, or holding what appshot does not keep there): make it 0700 or use another run directory"
+        );
+        Ok(())
+    }
+}
+
+/// Makes an existing file of ours 0600 (a missing one is created so later).
+fn private_file(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let ours = meta.uid() == nix::unistd::geteuid().as_raw();
+    if meta.is_file() && ours && meta.mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
 }
 
 fn load(path: &Path) -> Result<RegistryState, VpmError> {

@@ -199,9 +199,9 @@ fn instance_lock_child() {
     io::copy(&mut io::stdin(), &mut io::sink()).unwrap();
 }
 
-#[test]
-fn a_killed_supervisor_is_reclaimed() {
-    let (_tmp, registry) = registry();
+/// A process holding the instance lock of "child" in `registry`, until it
+/// is killed or its stdin closes.
+fn lock_holding_child(registry: &Registry) -> std::process::Child {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "registry::tests::instance_lock_child",
@@ -220,6 +220,13 @@ fn a_killed_supervisor_is_reclaimed() {
         .map(Result::unwrap)
         .any(|line| line.contains(CHILD_READY));
     assert!(ready, "child exited without taking the lock");
+    child
+}
+
+#[test]
+fn a_killed_supervisor_is_reclaimed() {
+    let (_tmp, registry) = registry();
+    let mut child = lock_holding_child(&registry);
 
     assert!(is_alive(registry.dir(), "child"));
     assert!(matches!(
@@ -287,30 +294,147 @@ fn record_reclaim(dir: &Path, names: &[String]) {
     seen.extend(names.iter().map(|n| (dir.to_path_buf(), n.clone())));
 }
 
-#[test]
-fn reclaim_drops_source_rules_and_tells_the_hook() {
-    set_reclaim_hook(record_reclaim);
-    let (_tmp, registry) = registry();
-    let _alive = InstanceLock::acquire(&registry, "live").unwrap();
-    let rule = |owner: &str| crate::SourceRuleRecord {
+/// What the hook was told about `dir` so far (other tests share the hook).
+fn reclaimed_in(dir: &Path) -> Vec<String> {
+    RECLAIMED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d == dir)
+        .map(|(_, n)| n.clone())
+        .collect()
+}
+
+fn source_rule(owner: &str) -> crate::SourceRuleRecord {
+    crate::SourceRuleRecord {
         owner: owner.into(),
         aid: "b".into(),
         source: "10.9.0.0/24".into(),
         source_port: None,
         virtual_port: 9000,
         real_port: Some(20001),
-    };
+    }
+}
+
+#[test]
+fn reclaim_drops_source_rules_and_tells_the_hook() {
+    set_reclaim_hook(record_reclaim);
+    let (_tmp, registry) = registry();
+    let _alive = InstanceLock::acquire(&registry, "live").unwrap();
+    let before = reclaimed_in(registry.dir()).len();
     // "gone" holds no lock: its supervisor is dead. Its only trace is a
     // source rule, which must be enough to reclaim it.
     registry
-        .transaction(|s| s.source_rules.extend([rule("live"), rule("gone")]))
+        .transaction(|s| {
+            s.source_rules
+                .extend([source_rule("live"), source_rule("gone")])
+        })
         .unwrap();
     let after = registry.transaction(|s| s.clone()).unwrap();
-    assert_eq!(after.source_rules, vec![rule("live")]);
-    let seen = RECLAIMED.lock().unwrap();
-    assert!(
-        seen.contains(&(registry.dir().to_path_buf(), "gone".to_string())),
-        "{seen:?}"
+    assert_eq!(after.source_rules, vec![source_rule("live")]);
+    let seen = reclaimed_in(registry.dir());
+    assert_eq!(seen[before..], ["gone".to_string()], "{seen:?}");
+}
+
+#[test]
+fn a_new_holder_of_a_name_drops_what_its_dead_predecessor_left() {
+    set_reclaim_hook(record_reclaim);
+    let (_tmp, registry) = registry();
+    let _other = InstanceLock::acquire(&registry, "other").unwrap();
+    register(&registry, "other", "b", 9100);
+    let mut child = lock_holding_child(&registry);
+    register(&registry, "child", "a", 9000);
+    registry
+        .transaction(|s| s.source_rules.push(source_rule("child")))
+        .unwrap();
+
+    // The supervisor is killed: nothing reclaims its entries before a new
+    // instance takes the name.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let told = reclaimed_in(registry.dir()).len();
+    let successor = InstanceLock::acquire(&registry, "child").unwrap();
+    assert_eq!(successor.name(), "child");
+
+    // The name is alive again, so reads and transactions would keep the
+    // old entries for good had the acquire not removed them.
+    for state in [
+        registry.read().unwrap(),
+        registry.transaction(|s| s.clone()).unwrap(),
+        load(&registry.dir().join(STATE_FILE)).unwrap(),
+    ] {
+        assert!(!state.instances.contains_key("child"), "{state:?}");
+        assert!(state.translations_of("child").next().is_none(), "{state:?}");
+        assert!(state.source_rules.is_empty(), "{state:?}");
+        assert_eq!(state.translations_of("other").count(), 1, "{state:?}");
+        assert!(state.instances.contains_key("other"), "{state:?}");
+    }
+    let seen = reclaimed_in(registry.dir());
+    assert_eq!(seen[told..], ["child".to_string()], "{seen:?}");
+    assert!(successor.instance_dir().join("lock").is_file());
+    assert!(is_alive(registry.dir(), "child"));
+}
+
+#[test]
+fn the_run_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let (tmp, registry) = registry();
+    let _lock = InstanceLock::acquire(&registry, "i1").unwrap();
+    register(&registry, "i1", "a", 9000);
+    let dir = registry.dir();
+    assert_eq!(mode(dir), 0o700);
+    assert_eq!(mode(&dir.join("instances")), 0o700);
+    assert_eq!(mode(&dir.join("instances/i1")), 0o700);
+    assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+    assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
+    assert_eq!(mode(&dir.join("instances/i1/lock")), 0o600);
+    let logs = registry.private_subdir("logs").unwrap();
+    assert_eq!(logs, dir.join("logs"));
+    assert_eq!(mode(&logs), 0o700);
+
+    // A registry made by an older version, open to everyone, is closed.
+    let chmod = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    for d in [dir.to_path_buf(), dir.join("instances"), logs.clone()] {
+        chmod(&d, 0o755);
+    }
+    chmod(&dir.join(LOCK_FILE), 0o644);
+    chmod(&dir.join(STATE_FILE), 0o644);
+    fs::write(dir.join(STAGING_FILE), b"left by a killed commit").unwrap();
+    chmod(&dir.join(STAGING_FILE), 0o644);
+    let reopened = Registry::open(dir).unwrap();
+    assert_eq!(reopened.private_subdir("logs").unwrap(), logs);
+    assert_eq!(mode(dir), 0o700);
+    assert_eq!(mode(&dir.join("instances")), 0o700);
+    assert_eq!(mode(&logs), 0o700);
+    assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+    assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
+    register(&reopened, "i1", "b", 9001);
+    assert_eq!(
+        mode(&dir.join(STATE_FILE)),
+        0o600,
+        "commit via a stale staging file"
     );
-    assert!(!seen.iter().any(|(_, n)| n == "live"), "{seen:?}");
+
+    // A shared directory (sticky, like /tmp) or one that is no run
+    // directory is left as it is.
+    let shared = tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o1777);
+    Registry::open(&shared).unwrap();
+    assert_eq!(mode(&shared), 0o1777);
+    let foreign = tmp.path().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("somebody-elses-file"), b"").unwrap();
+    chmod(&foreign, 0o755);
+    Registry::open(&foreign).unwrap();
+    assert_eq!(mode(&foreign), 0o755);
+    assert_eq!(mode(&foreign.join("instances")), 0o700);
+    // One that holds only what appshot keeps there is a run directory,
+    // e.g. one `appshot clone` made before any registry existed.
+    let early = tmp.path().join("early");
+    fs::create_dir_all(early.join("verified")).unwrap();
+    chmod(&early, 0o755);
+    Registry::open(&early).unwrap();
+    assert_eq!(mode(&early), 0o700);
 }
