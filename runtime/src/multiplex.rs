@@ -338,7 +338,7 @@ impl Multiplexer {
             {
                 let mut real = addr;
                 real.set_port(real_port);
-                match bind_exclusive(&sock.fd, real) {
+                match bind_to(&sock.fd, real) {
                     Ok(()) => {
                         state.insert(Translation {
                             protocol: Protocol::Tcp,
@@ -629,23 +629,6 @@ fn bind_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
         SocketAddr::V6(a) => nix::sys::socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
     };
     r.map_err(|e| e as i32)
-}
-
-/// Binds a candidate real port only if no other socket holds it, listening
-/// or not. With the application's SO_REUSEADDR two sockets can both bind a
-/// port neither listens on yet, and the second listen then fails; so the
-/// option is off while the kernel judges the candidate, and the
-/// application's value is put back afterwards.
-fn bind_exclusive(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
-    let reuse = getsockopt(fd, sockopt::ReuseAddr).map_err(|e| e as i32)?;
-    if reuse {
-        setsockopt(fd, sockopt::ReuseAddr, &false).map_err(|e| e as i32)?;
-    }
-    let bound = bind_to(fd, addr);
-    if reuse {
-        setsockopt(fd, sockopt::ReuseAddr, &true).map_err(|e| e as i32)?;
-    }
-    bound
 }
 
 fn connect_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
