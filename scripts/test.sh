@@ -52,7 +52,10 @@ cargo build --workspace --all-targets
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+# One test at a time: the integration tests bind the same host ports
+# (9000, 6379) through registries of their own, and two registries can
+# offer the same real port at once, which one registry per host never does.
+cargo test --workspace --no-fail-fast "$@" -- --test-threads=1 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 total() { grep '^test result:' "$log" | grep -Eo "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
