@@ -31,4 +31,5 @@ if ((${#missing[@]})); then
 fi
 
 cargo build --release -p appshot -p appshot-bench >&2
-exec target/release/appshot-bench "$@" --appshot target/release/appshot --out bench/results
+release="${CARGO_TARGET_DIR:-target}/release"
+exec "$release/appshot-bench" "$@" --appshot "$release/appshot" --out bench/results
