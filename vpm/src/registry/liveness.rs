@@ -2,9 +2,9 @@
 //! `instances/NAME/lock` for as long as it lives, and the kernel drops the
 //! lock however the supervisor dies.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -54,14 +54,7 @@ impl InstanceLock {
             .create(&dir)
             .map_err(VpmError::io(&dir))?;
         let path = dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(VpmError::io(&path))?;
+        let mut file = super::open_lock_file(&path)?;
         let mut attempt = 1;
         let held = loop {
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

@@ -159,14 +159,7 @@ impl Registry {
     /// instance directories so a liveness probe never races them.
     fn lock(&self) -> Result<Flock<File>, VpmError> {
         let path = self.dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(VpmError::io(&path))?;
+        let mut file = open_lock_file(&path)?;
         loop {
             match Flock::lock(file, FlockArg::LockExclusive) {
                 Ok(lock) => return Ok(lock),
@@ -353,3 +346,16 @@ fn owners(state: &RegistryState) -> BTreeSet<String> {
 
 #[cfg(test)]
 mod tests;
+
+/// Opens (creating, never truncating) a file whose only use is to be
+/// flocked; private, since anyone who can open it can hold the lock.
+pub(crate) fn open_lock_file(path: &Path) -> Result<File, VpmError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(VpmError::io(path))
+}
