@@ -86,17 +86,8 @@ fn a_supervisor_out_of_file_descriptors_still_answers_every_call() {
     // duplicate of its socket, until a supervisor limited to 128 open
     // files has none left. Every call must still be answered, if only with
     // an error; none may stay blocked.
-    let virt = free_port(9700..=9749).to_string();
-    let spare = free_port(30200..=30249);
-    let range = format!("{spare}-{spare}");
-    let flags = [
-        "--port",
-        &virt,
-        "--port-range",
-        &range,
-        "--allocation-timeout-ms",
-        "1000",
-    ];
+    let (virt, _spare, flags) = common::one_spare_port(9700..=9749, 30200..=30249, 1000);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let ran = many_threads(&h, (128, 128), &flags, &["100", "bind", &virt]);
     assert!(ran.success(), "a call was left unanswered: {ran}");
     assert!(ran.stdout.contains("answered=100 of=100 "), "{ran}");

@@ -4,7 +4,7 @@ mod common;
 
 use std::fs;
 
-use common::{alive, free_port, pid_of, poll, port_pairs, script, Harness, READY};
+use common::{alive, pid_of, poll, port_pairs, script, Harness, READY};
 
 #[test]
 fn killing_the_supervisor_takes_the_instance_with_it() {
@@ -57,17 +57,8 @@ fn exhausted_port_range_fails_bind_after_the_timeout_until_a_port_frees() {
     let sockets = script("sockets.py");
     // The virtual port must be free on the host for instance p to get it
     // itself; the one range port lies outside every other test's ports.
-    let virt = free_port(9200..=9299).to_string();
-    let spare = free_port(30100..=30199);
-    let range = format!("{spare}-{spare}");
-    let flags = [
-        "--port",
-        &virt,
-        "--port-range",
-        &range,
-        "--allocation-timeout-ms",
-        "300",
-    ];
+    let (virt, spare, flags) = common::one_spare_port(9200..=9299, 30100..=30199, 300);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let dir = h.dir("cwd");
     let serve = |name: &'static str| ["python3", &sockets, "serve", name, &virt, "0.0.0.0"];
     let real_of = |h: &Harness, name: &str| {

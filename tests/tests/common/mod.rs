@@ -302,6 +302,27 @@ pub fn free_port(range: std::ops::RangeInclusive<u16>) -> u16 {
 }
 
 /// Path of a helper script in `tests/py/`.
+/// `appshot run` flags that multiplex one free virtual port from `virt`
+/// with a single free real port from `spare` to hand out, so the second
+/// instance of another AID takes it and a third finds none.
+pub fn one_spare_port(
+    virt: std::ops::RangeInclusive<u16>,
+    spare: std::ops::RangeInclusive<u16>,
+    allocation_timeout_ms: u32,
+) -> (String, u16, Vec<String>) {
+    let virt = free_port(virt).to_string();
+    let spare = free_port(spare);
+    let flags = vec![
+        "--port".to_string(),
+        virt.clone(),
+        "--port-range".to_string(),
+        format!("{spare}-{spare}"),
+        "--allocation-timeout-ms".to_string(),
+        allocation_timeout_ms.to_string(),
+    ];
+    (virt, spare, flags)
+}
+
 pub fn script(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
