@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod astask;
 mod commands;
 mod control;
 mod error;

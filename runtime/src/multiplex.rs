@@ -21,6 +21,7 @@ use nix::sys::socket::{
 };
 use tracing::{debug, info, warn};
 
+use crate::astask;
 use crate::notify::Call;
 use crate::pool::Pool;
 use crate::sockaddr;
@@ -58,6 +59,8 @@ pub struct Settings {
     pub cluster: Arc<crate::remote::Cluster>,
 }
 
+/// Bit of CAP_NET_BIND_SERVICE in a capability set.
+const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
 /// How often a bind waiting for a free real port looks again.
 const ALLOCATION_RETRY: Duration = Duration::from_millis(50);
 /// How long the host's own addresses are trusted before they are re-read.
@@ -142,10 +145,7 @@ impl Multiplexer {
         let domain = match local.family() {
             Some(AddressFamily::Inet) => libc::AF_INET,
             Some(AddressFamily::Inet6) => libc::AF_INET6,
-            family => {
-                let unix = family == Some(AddressFamily::Unix);
-                return Ok(Err(Other { fd, unix }));
-            }
+            _ => return Ok(Err(Other { fd })),
         };
         let stream = getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? == SockType::Stream;
         Ok(Ok(InetSocket {
@@ -162,39 +162,27 @@ impl Multiplexer {
         Ok(Self::task_socket(call)?.ok())
     }
 
-    /// bind or connect on a socket of another family, with the task's own
-    /// address bytes. Unix socket paths resolve against the task's root and
-    /// working directory, in a thread that has taken both (so the kernel
-    /// records the path the task gave); a connect that may block runs off
-    /// the receive loop.
-    fn other_family(&self, call: Call, sock: Other, bytes: Vec<u8>, bind: bool) {
-        let op = move |fd: &OwnedFd, bytes: &[u8]| {
+    /// bind or connect on a socket of another family (Unix, netlink, …)
+    /// with the task's own address bytes, as the task: the kernel resolves
+    /// its paths and judges its permissions and capabilities as for the
+    /// task's own call. Never CONTINUE: by then another thread may have put
+    /// a TCP socket behind the same fd number.
+    fn other_family(call: Call, sock: Other, bytes: Vec<u8>, bind: bool) {
+        astask::perform(call, move || {
             let r = if bind {
-                bind_raw(fd, bytes)
+                bind_raw(&sock.fd, &bytes)
             } else {
-                connect_raw(fd, bytes)
+                connect_raw(&sock.fd, &bytes)
             };
-            r.map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))
-        };
-        let path = sock.unix && bytes.len() > 2 && bytes[2] != 0;
-        if path {
-            let spawned = std::thread::Builder::new()
-                .name("unix-path".into())
-                .spawn(move || {
-                    let r = in_task_fs(call.tid).and_then(|()| op(&sock.fd, &bytes));
-                    call.answer(outcome(r));
-                });
-            if let Err(e) = spawned {
-                warn!("no thread for a Unix socket path: {e}");
-            }
-            return;
-        }
-        if !bind && is_blocking(&sock.fd) {
-            self.workers
-                .run(move || call.answer(outcome(op(&sock.fd, &bytes))));
-        } else {
-            call.answer(outcome(op(&sock.fd, &bytes)));
-        }
+            r.map_err(errno)
+        });
+    }
+
+    /// A bind whose address the kernel judges as given (not multiplexed,
+    /// or malformed), performed as the task, so that the kernel's own
+    /// privileged-port and permission checks see the task.
+    fn bind_as_task(call: Call, fd: OwnedFd, bytes: Vec<u8>) {
+        astask::perform(call, move || bind_raw(&fd, &bytes).map_err(errno));
     }
 
     /// The address argument (pointer in arg 1, length in arg 2).
@@ -213,20 +201,23 @@ impl Multiplexer {
         };
         let sock = match Self::task_socket(&call) {
             Ok(Ok(s)) => s,
-            Ok(Err(other)) => return self.other_family(call, other, bytes, true),
+            Ok(Err(other)) => return Self::other_family(call, other, bytes, true),
             Err(e) => return call.answer(Response::Errno(e)),
         };
-        let raw = |sock: &InetSocket| outcome(bind_raw(&sock.fd, &bytes).map_err(errno));
-        let Ok(addr) = sockaddr::decode(sock.domain, &bytes) else {
+        let Ok(addr) = sockaddr::decode_bind(sock.domain, &bytes) else {
             // Malformed: the kernel says how, with its own errno.
-            return call.answer(raw(&sock));
+            return Self::bind_as_task(call, sock.fd, bytes);
         };
         let port = addr.port();
-        // The supervisor binds as root; the task may not be allowed to.
-        if port != 0 && port < self.unprivileged_port_start && !may_bind_privileged(call.tid) {
+        let multiplexed = sock.stream && port != 0 && self.settings.multiplexed.contains(port);
+        // The supervisor binds a real port of its own choosing; holding the
+        // privilege the virtual port needs is the task's affair.
+        if multiplexed
+            && port < self.unprivileged_port_start
+            && astask::effective_caps(call.tid) & CAP_NET_BIND_SERVICE == 0
+        {
             return call.answer(Response::Errno(libc::EACCES));
         }
-        let multiplexed = sock.stream && port != 0 && self.settings.multiplexed.contains(port);
         // A bind interrupted by a signal after the supervisor performed it
         // is restarted by the kernel: the same bind again succeeds.
         if self.already_bound(&sock, addr, multiplexed) {
@@ -238,7 +229,7 @@ impl Multiplexer {
                 // that instance's clients.
                 return call.answer(Response::Errno(libc::EADDRINUSE));
             }
-            return call.answer(raw(&sock));
+            return Self::bind_as_task(call, sock.fd, bytes);
         }
         match self.allocate(&sock, addr) {
             Ok(Some(_)) => call.answer(Response::Value(0)),
@@ -437,7 +428,7 @@ impl Multiplexer {
         };
         let sock = match Self::task_socket(&call) {
             Ok(Ok(s)) => s,
-            Ok(Err(other)) => return self.other_family(call, other, bytes, false),
+            Ok(Err(other)) => return Self::other_family(call, other, bytes, false),
             Err(e) => return call.answer(Response::Errno(e)),
         };
         let decoded = sockaddr::decode(sock.domain, &bytes);
@@ -642,7 +633,6 @@ fn connect_to(fd: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
 /// A task's non-INET socket.
 struct Other {
     fd: OwnedFd,
-    unix: bool,
 }
 
 fn errno(e: std::io::Error) -> i32 {
@@ -655,36 +645,7 @@ fn is_blocking(fd: &OwnedFd) -> bool {
         .unwrap_or(true)
 }
 
-/// Gives the calling thread (a fresh one, which then ends) the root and
-/// working directory of task `tid`, so that a path it passed resolves as it
-/// would have for the task itself.
-fn in_task_fs(tid: u32) -> Result<(), i32> {
-    let dir = |what: &str| {
-        std::fs::File::open(format!("/proc/{tid}/{what}"))
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::ESRCH))
-    };
-    let (root, cwd) = (dir("root")?, dir("cwd")?);
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(|e| e as i32)?;
-    nix::unistd::fchdir(root.as_raw_fd()).map_err(|e| e as i32)?;
-    nix::unistd::chroot(".").map_err(|e| e as i32)?;
-    nix::unistd::fchdir(cwd.as_raw_fd()).map_err(|e| e as i32)?;
-    Ok(())
-}
-
-/// Whether task `tid` holds CAP_NET_BIND_SERVICE in its effective set.
-fn may_bind_privileged(tid: u32) -> bool {
-    const CAP_NET_BIND_SERVICE: u32 = 10;
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_NET_BIND_SERVICE) != 0)
-}
-
-fn outcome(r: Result<(), i32>) -> Response {
+pub(crate) fn outcome(r: Result<(), i32>) -> Response {
     match r {
         Ok(()) => Response::Value(0),
         Err(e) => Response::Errno(e),

@@ -56,6 +56,22 @@ pub fn decode(domain: i32, bytes: &[u8]) -> Result<SocketAddr, i32> {
     }
 }
 
+/// Decodes the address of a bind as the kernel's inet bind does, which
+/// (for compatibility) takes `AF_UNSPEC` with `INADDR_ANY` on an IPv4
+/// socket for `AF_INET`: such a bind must be multiplexed like any other.
+pub fn decode_bind(domain: i32, bytes: &[u8]) -> Result<SocketAddr, i32> {
+    let unspec_any = domain == libc::AF_INET
+        && bytes.len() >= SOCKADDR_IN_LEN
+        && i32::from(u16::from_ne_bytes([bytes[0], bytes[1]])) == libc::AF_UNSPEC
+        && bytes[4..8] == [0; 4];
+    if unspec_any {
+        let mut as_inet = bytes.to_vec();
+        as_inet[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        return decode(domain, &as_inet);
+    }
+    decode(domain, bytes)
+}
+
 /// Encodes `addr` as the kernel lays out `sockaddr_in`/`sockaddr_in6`.
 pub fn encode(addr: &SocketAddr) -> Vec<u8> {
     match addr {
@@ -111,5 +127,26 @@ mod tests {
         assert_eq!(decode(libc::AF_INET, &v6[..16]), Err(libc::EAFNOSUPPORT));
         assert_eq!(decode(libc::AF_INET6, &v6[..24]).unwrap().port(), 80);
         assert_eq!(decode(libc::AF_INET6, &v4), Err(libc::EINVAL));
+    }
+
+    #[test]
+    fn unspec_any_binds_as_inet_like_the_kernel() {
+        let mut b = encode(&"0.0.0.0:80".parse().unwrap());
+        b[..2].copy_from_slice(&(libc::AF_UNSPEC as u16).to_ne_bytes());
+        assert_eq!(decode(libc::AF_INET, &b), Err(libc::EAFNOSUPPORT));
+        assert_eq!(
+            decode_bind(libc::AF_INET, &b),
+            Ok("0.0.0.0:80".parse().unwrap())
+        );
+        // Only with INADDR_ANY, and only on IPv4 sockets.
+        let mut specific = encode(&"127.0.0.1:80".parse().unwrap());
+        specific[..2].copy_from_slice(&(libc::AF_UNSPEC as u16).to_ne_bytes());
+        assert_eq!(
+            decode_bind(libc::AF_INET, &specific),
+            Err(libc::EAFNOSUPPORT)
+        );
+        let mut v6 = encode(&"[::]:80".parse().unwrap());
+        v6[..2].copy_from_slice(&(libc::AF_UNSPEC as u16).to_ne_bytes());
+        assert_eq!(decode_bind(libc::AF_INET6, &v6), Err(libc::EAFNOSUPPORT));
     }
 }
