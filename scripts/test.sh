@@ -7,10 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # gcc/libc6-dev link Rust binaries (and build the test programs),
-# ca-certificates lets rustup download, nftables carries source rules;
+# ca-certificates lets rustup download, nftables carries source rules,
+# memcached is the server that drops privileges before its Unix socket;
 # a fresh machine has none of them.
 packages=(libseccomp-dev pkg-config python3 curl redis-server redis-tools
-          nginx-light iproute2 procps ca-certificates gcc libc6-dev nftables)
+          nginx-light iproute2 procps ca-certificates gcc libc6-dev nftables
+          memcached)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
