@@ -11,7 +11,7 @@ mod parse;
 mod remote;
 
 pub use error::ConfigError;
-pub use model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol};
+pub use model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec};
 pub use remote::{Cidr, Peer, SourceRule};
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct AppConfig {
     pub agent_timeout: Option<Duration>,
     /// Where each clone of a template sees its own identity file.
     pub clone_identity_file: Option<PathBuf>,
+    /// Who the application runs as; `None`: as the supervisor (root).
+    pub user: Option<UserSpec>,
 }
 
 impl AppConfig {
@@ -75,6 +77,49 @@ impl Default for AppConfig {
             cluster_key_file: None,
             agent_timeout: None,
             clone_identity_file: None,
+            user: None,
+        }
+    }
+}
+
+/// `USER[:GROUP]`, each a name or a number, as `--user` and the config's
+/// `user` give it; resolved against the host's user database when the
+/// instance starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserSpec {
+    pub user: String,
+    pub group: Option<String>,
+}
+
+impl FromStr for UserSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        let part = |p: &str, what: &str| {
+            if p.is_empty() || p.contains([':', '\0']) || p.chars().any(char::is_whitespace) {
+                Err(format!(
+                    "user `{s}`: the {what} must be a name or number, like `redis` or `redis:redis` or `1000:1000`"
+                ))
+            } else {
+                Ok(p.to_string())
+            }
+        };
+        Ok(UserSpec {
+            user: part(user, "user")?,
+            group: group.map(|g| part(g, "group")).transpose()?,
+        })
+    }
+}
+
+impl fmt::Display for UserSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.group {
+            Some(g) => write!(f, "{}:{g}", self.user),
+            None => f.write_str(&self.user),
         }
     }
 }

@@ -13,7 +13,9 @@ use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use crate::error::ConfigError;
-use crate::model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol};
+use crate::model::{
+    validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec,
+};
 use crate::remote::{Cidr, Peer, SourceRule};
 
 #[derive(Deserialize)]
@@ -42,6 +44,7 @@ struct RawConfig {
     cluster_key_file: Option<Spanned<String>>,
     agent_timeout_ms: Option<Spanned<i64>>,
     clone: Option<RawClone>,
+    user: Option<Spanned<String>>,
 }
 
 /// What must differ between clones of a template (the specification's
@@ -283,7 +286,18 @@ impl RawConfig {
             })
             .transpose()?;
 
+        let user = self
+            .user
+            .map(|u| {
+                let span = u.span();
+                u.get_ref()
+                    .parse::<UserSpec>()
+                    .map_err(|e| src.invalid(span, "user", e))
+            })
+            .transpose()?;
+
         Ok(AppConfig {
+            user,
             clone_identity_file,
             source_rules,
             default_aid,

@@ -1,7 +1,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{AppConfig, ConfigError, PortRange, PortSpec, Protocol};
+use crate::{AppConfig, ConfigError, PortRange, PortSpec, Protocol, UserSpec};
 
 const ORIGIN: &str = "/etc/appshot/shop.toml";
 
@@ -440,4 +440,23 @@ fn clone_rules() {
         "clone.identity",
         "unknown field",
     );
+}
+
+#[test]
+fn user_is_a_name_or_number_with_an_optional_group() {
+    let c = parse("user = \"redis\"\n").unwrap();
+    assert_eq!(
+        c.user,
+        Some(UserSpec {
+            user: "redis".into(),
+            group: None
+        })
+    );
+    let c = parse("user = \"1000:www-data\"\n").unwrap();
+    assert_eq!(c.user.unwrap().to_string(), "1000:www-data");
+    assert_eq!(parse("aid = \"a\"\n").unwrap().user, None);
+    assert_invalid("user = \"\"\n", 1, "user", "name or number");
+    assert_invalid("user = \"a:b:c\"\n", 1, "user", "group");
+    assert_invalid("aid = \"a\"\nuser = \"redis:\"\n", 2, "user", "group");
+    assert_invalid("user = 1000\n", 1, "user", "expected a string");
 }

@@ -13,6 +13,8 @@ pub enum RuntimeError {
     Start { name: String, reason: String },
     #[error("instance `{name}` cannot be snapshotted: {reason}")]
     NotSnapshottable { name: String, reason: String },
+    #[error("--user {user}: {why}")]
+    User { user: String, why: String },
     #[error("no running instance named `{0}`")]
     NoInstance(String),
     #[error("control socket {path}: {message}")]

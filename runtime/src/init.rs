@@ -36,6 +36,8 @@ pub struct InitArgs {
     /// `target` in a mount namespace of the instance's own.
     pub identity: Option<(PathBuf, PathBuf)>,
     pub cwd: Option<PathBuf>,
+    /// Who the launched application runs as.
+    pub user: Option<crate::user::RunAs>,
     pub command: Vec<String>,
 }
 
@@ -162,6 +164,14 @@ fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> an
         cmd.current_dir(cwd);
     }
     appshot_sys::spawn::load_filter_before_exec(&mut cmd, program, channel);
+    if let Some(user) = &args.user {
+        appshot_sys::spawn::become_user_before_exec(
+            &mut cmd,
+            user.uid,
+            user.gid,
+            user.groups.clone(),
+        );
+    }
     let child = cmd.spawn().with_context(|| format!("starting `{path}`"))?;
     Ok(Pid::from_raw(child.id() as i32))
 }

@@ -18,6 +18,7 @@ mod sockaddr;
 mod sourcerules;
 mod supervisor;
 mod tree;
+mod user;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -26,7 +27,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange};
+use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange, UserSpec};
 use appshot_vpm::Registry;
 use clap::{ArgAction, Parser, Subcommand};
 
@@ -153,6 +154,8 @@ enum Cmd {
         identity_target: Option<PathBuf>,
         #[arg(long)]
         cwd: Option<PathBuf>,
+        #[arg(long, value_parser = parse_run_as)]
+        user: Option<user::RunAs>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -199,6 +202,10 @@ struct RunArgs {
     /// Return once the instance runs; its supervisor lives on.
     #[arg(short, long)]
     detach: bool,
+    /// Run the application as USER[:GROUP] (names or numbers); the
+    /// supervisor stays root.
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
+    user: Option<UserSpec>,
     /// The command and its arguments, after `--`.
     #[arg(last = true)]
     command: Vec<String>,
@@ -258,12 +265,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             identity_source,
             identity_target,
             cwd,
+            user,
             command,
         } => init::run(init::InitArgs {
             channel_fd,
             restore_pid,
             identity: identity_source.zip(identity_target),
             cwd,
+            user,
             command,
         }),
         Cmd::Ps { json } => {
@@ -379,6 +388,11 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
     if ports.contains(&0) {
         bail!("--port 0: port 0 asks the kernel for any port and is never multiplexed");
     }
+    let user = args
+        .user
+        .or(config.user)
+        .map(|spec| user::resolve(&spec))
+        .transpose()?;
     let range = args.port_range.unwrap_or(config.port_range);
     let (eph_lo, eph_hi) = ephemeral_range()?;
     if range.start <= eph_hi && range.end >= eph_lo {
@@ -401,7 +415,12 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         cluster,
         is_clone: false,
         identity_file: None,
+        user,
     })
+}
+
+fn parse_run_as(arg: &str) -> Result<user::RunAs, String> {
+    user::RunAs::from_arg(arg).ok_or_else(|| format!("`{arg}` is not UID:GID:GROUPS"))
 }
 
 /// A supervisor launch that restores `image`. The image is checked in full
@@ -524,6 +543,7 @@ fn image_launch(
         cluster: remote::ClusterSettings::resolve(&defaults)?,
         is_clone: false,
         identity_file: None,
+        user: None,
     })
 }
 

@@ -57,6 +57,10 @@ pub struct Launch {
     /// name) appears, in a mount namespace of its own.
     #[serde(default)]
     pub identity_file: Option<PathBuf>,
+    /// Who a launched application runs as (restores take theirs from the
+    /// image).
+    #[serde(default)]
+    pub user: Option<crate::user::RunAs>,
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -349,6 +353,10 @@ fn start_init(
         argv.push(cstr(b"--identity-target")?);
         argv.push(cstr(target.as_os_str().as_bytes())?);
     }
+    if let Some(user) = &launch.user {
+        argv.push(cstr(b"--user")?);
+        argv.push(cstr(user.to_arg().as_bytes())?);
+    }
     if let Some(cwd) = &launch.cwd {
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);
@@ -360,12 +368,21 @@ fn start_init(
     // The config's variables travel in init's environment, readable by the
     // instance's owner only (unlike argv), and apart from init's own
     // variables so that they apply to the application alone.
-    let app_env = if launch.env.is_empty() {
+    // Like `docker run --user`, HOME is the user's unless the config
+    // sets it.
+    let home = launch
+        .user
+        .as_ref()
+        .and_then(|u| u.home.as_ref())
+        .filter(|_| !launch.env.iter().any(|(k, _)| k == "HOME"))
+        .map(|h| ("HOME".to_string(), h.to_string_lossy().into_owned()));
+    let app_env = if launch.env.is_empty() && home.is_none() {
         None
     } else {
         let pairs = launch
             .env
             .iter()
+            .chain(home.iter())
             .map(|(k, v)| {
                 if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
                     return Err(RuntimeError::Start {

@@ -161,6 +161,36 @@ pub fn load_filter_before_exec(cmd: &mut Command, program: Vec<SockFilter>, chan
     }
 }
 
+/// Makes the child of `cmd` run as `uid`/`gid` with the supplementary
+/// `groups` just before `exec`. Registered after
+/// [`load_filter_before_exec`], so the filter is loaded while the child is
+/// still root (loading it unprivileged would need no_new_privs, which would
+/// take set-uid programs away from the application).
+pub fn become_user_before_exec(cmd: &mut Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    let hook = move || -> io::Result<()> {
+        // SAFETY: setgroups reads `groups.len()` gids from a vector
+        // allocated before the fork; the child has a single thread.
+        if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: integer arguments only.
+        if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: integer arguments only; the last change, after which the
+        // child holds no capability.
+        if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and makes only raw
+    // syscalls on memory it owns.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
 fn unblock_all_signals() -> io::Result<()> {
     // SAFETY: sigemptyset initialises the set on the stack before
     // pthread_sigmask reads it.
