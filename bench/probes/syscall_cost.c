@@ -8,6 +8,10 @@
  *                user notification the supervisor answers.
  *   getsockopt   getsockopt(SO_TYPE): not trapped, the untrapped baseline
  *                (it still runs through the seccomp filter program).
+ *   unixconnect  socket + connect to a Unix socket path + accept + close:
+ *                under appshot the connect is performed for the task as
+ *                the task (its credentials, root, cwd, umask), the
+ *                costliest kind of notified call.
  *
  * Port 0 is never multiplexed, so the bind passes through appshot as is.
  * The socket is bound before timing so both calls see the same socket.
@@ -19,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -28,7 +33,28 @@ static double now_ns(void) {
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
+static struct sockaddr_un unix_path;
+
+/* fd is the listener the connect reaches. */
+static int unix_connect(int fd) {
+    int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c < 0)
+        return -1;
+    if (connect(c, (struct sockaddr *)&unix_path, sizeof unix_path) != 0) {
+        close(c);
+        return -1;
+    }
+    int a = accept(fd, NULL, NULL);
+    close(c);
+    if (a < 0)
+        return -1;
+    close(a);
+    return 0;
+}
+
 static int one_call(const char *call, int fd) {
+    if (strcmp(call, "unixconnect") == 0)
+        return unix_connect(fd);
     if (strcmp(call, "getsockname") == 0) {
         struct sockaddr_in a;
         socklen_t len = sizeof a;
@@ -40,8 +66,9 @@ static int one_call(const char *call, int fd) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 || (strcmp(argv[1], "getsockname") != 0 && strcmp(argv[1], "getsockopt") != 0)) {
-        fprintf(stderr, "usage: %s getsockname|getsockopt ITERATIONS\n", argv[0]);
+    if (argc != 3 || (strcmp(argv[1], "getsockname") != 0 && strcmp(argv[1], "getsockopt") != 0 &&
+                      strcmp(argv[1], "unixconnect") != 0)) {
+        fprintf(stderr, "usage: %s getsockname|getsockopt|unixconnect ITERATIONS\n", argv[0]);
         return 2;
     }
     const char *call = argv[1];
@@ -50,16 +77,29 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ITERATIONS must be positive\n");
         return 2;
     }
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) {
-        perror("socket");
-        return 1;
-    }
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        perror("bind 127.0.0.1:0");
-        return 1;
+    int fd;
+    if (strcmp(call, "unixconnect") == 0) {
+        fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        unix_path.sun_family = AF_UNIX;
+        snprintf(unix_path.sun_path, sizeof unix_path.sun_path, "/tmp/syscall_cost.%d.sock",
+                 (int)getpid());
+        if (fd < 0 || bind(fd, (struct sockaddr *)&unix_path, sizeof unix_path) != 0 ||
+            listen(fd, 16) != 0) {
+            perror("unix listener");
+            return 1;
+        }
+    } else {
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) {
+            perror("socket");
+            return 1;
+        }
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+            perror("bind 127.0.0.1:0");
+            return 1;
+        }
     }
     /* A short untimed warm-up: page faults of the first calls and, under
      * appshot, the supervisor's first wake-ups stay out of the figure. */
@@ -77,6 +117,8 @@ int main(int argc, char **argv) {
         }
     }
     double elapsed = now_ns() - start;
+    if (unix_path.sun_path[0])
+        unlink(unix_path.sun_path);
     printf("ns_per_call=%.3f\n", elapsed / (double)n);
     return 0;
 }

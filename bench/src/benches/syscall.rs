@@ -1,7 +1,10 @@
 //! The cost of one notified syscall: getsockname() is trapped by appshot's
 //! seccomp filter and answered by the supervisor, so its time under appshot
 //! is the round trip of a user notification. getsockopt(SO_TYPE) on the
-//! same socket is not trapped and shows what the filter alone costs.
+//! same socket is not trapped and shows what the filter alone costs. A
+//! connect to a Unix socket path is the costliest notified call: the
+//! supervisor performs it as the task, in a thread that takes on the
+//! task's credentials, root, cwd and umask.
 
 use std::time::Duration;
 
@@ -15,6 +18,9 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// multiplexed, so the socket is a plain kernel socket under appshot too.
 const AID: &str = "bench";
 const UNTRAPPED_FACTOR: u64 = 20;
+/// A Unix connect round (four syscalls, one notified and performed in a
+/// thread of its own) costs several notified calls.
+const UNIX_CONNECT_DIVISOR: u64 = 10;
 
 pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let probe = SYSCALL_COST.build(ctx.work)?;
@@ -34,6 +40,12 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             "getsockname() on a bound TCP socket",
             "getsockname",
             n,
+        ),
+        (
+            "notified connect as the task",
+            "socket + connect(Unix path) + accept + close",
+            "unixconnect",
+            n / UNIX_CONNECT_DIVISOR,
         ),
         (
             "untrapped syscall",
