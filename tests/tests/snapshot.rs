@@ -12,8 +12,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::{
-    alive, ask_keeper, assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg,
-    poll, port_pairs, redis_cli, start_keeper, start_redis, Harness, Keeper, Ran, READY,
+    alive, ask_keeper, assert_left_nothing, info_field, keeper, keeper_copy, mkfifo, pid_of,
+    pids_with_arg, poll, port_pairs, redis_cli, refused_as_fifo, start_keeper, start_redis,
+    Harness, Keeper, Ran, READY,
 };
 use serde_json::Value;
 
@@ -524,6 +525,21 @@ fn a_small_text_file_is_refused_as_not_an_image() {
         path.to_str().unwrap(),
         &BTreeSet::new(),
     );
+}
+
+#[test]
+fn a_fifo_as_image_is_refused_at_once_by_inspect_restore_and_clone() {
+    let h =
+        Harness::unprivileged("a_fifo_as_image_is_refused_at_once_by_inspect_restore_and_clone");
+    let fifo = h.dir("images").join("fifo.img");
+    mkfifo(&fifo);
+    refused_as_fifo(h.appshot().arg("inspect").arg(&fifo), &fifo);
+    refused_as_fifo(h.appshot().arg("restore").arg(&fifo), &fifo);
+    refused_as_fifo(
+        h.appshot().arg("clone").arg(&fifo).args(["--aid", "f"]),
+        &fifo,
+    );
+    assert!(h.ps().is_empty(), "no instance may be registered");
 }
 
 #[test]
