@@ -8,6 +8,8 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("config {path} is {what}, not a regular file")]
+    NotRegularFile { path: PathBuf, what: &'static str },
     #[error("{path}:{line}:{column}: field `{field}`: {message}")]
     Invalid {
         path: PathBuf,

@@ -1,8 +1,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+
+use appshot_sys::fd::OpenRegularError;
 
 use crate::error::ConfigError;
 use crate::remote::{Peer, SourceRule};
@@ -45,11 +48,22 @@ impl AppConfig {
     /// outbound connect to its host would wait that long.
     pub(crate) const MAX_AGENT_TIMEOUT_MS: u64 = 10_000;
 
+    /// A FIFO, directory or device is refused at once: reading a FIFO
+    /// would wait for a writer forever.
     pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        let read = |error| ConfigError::Read {
             path: path.to_path_buf(),
             error,
+        };
+        let mut file = appshot_sys::fd::open_regular(path).map_err(|e| match e {
+            OpenRegularError::Io(error) => read(error),
+            OpenRegularError::NotRegular(what) => ConfigError::NotRegularFile {
+                path: path.to_path_buf(),
+                what,
+            },
         })?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(read)?;
         Self::parse(&text, path)
     }
 

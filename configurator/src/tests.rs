@@ -123,6 +123,19 @@ fn load_reads_the_file_and_reports_unreadable_ones() {
 }
 
 #[test]
+fn load_refuses_what_is_not_a_regular_file_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = AppConfig::load(dir.path()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "config {} is a directory, not a regular file",
+            dir.path().display()
+        )
+    );
+}
+
+#[test]
 fn syntax_errors() {
     assert_invalid(
         "aid = \"shop\"\nname = \"a\" b\n",

@@ -1,6 +1,7 @@
 //! `appshot __init`: PID 1 of an instance's PID namespace.
 //!
-//! It starts the application under the seccomp filter (the filter's
+//! It gives the instance a mount namespace and a `/proc` of its own, starts
+//! the application under the seccomp filter (the filter's
 //! listener goes to the supervisor over the inherited channel), forwards the
 //! signals the supervisor sends it, and reaps every process of the
 //! namespace. It exits when the last of them is gone, with the
@@ -33,7 +34,7 @@ pub struct InitArgs {
     /// rebuild, and look after it as the application.
     pub restore_pid: Option<u32>,
     /// (source, target): bind-mount the instance's own identity file over
-    /// `target` in a mount namespace of the instance's own.
+    /// `target` in the instance's mount namespace.
     pub identity: Option<(PathBuf, PathBuf)>,
     pub cwd: Option<PathBuf>,
     /// Who the launched application runs as.
@@ -49,9 +50,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
         .context("blocking signals in init")?;
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
     keep_inherited_fds_from_app();
-    if let Some((source, target)) = &args.identity {
-        mount_identity(source, target)?;
-    }
+    own_mounts(args.identity.as_ref())?;
 
     let main = match (args.restore_pid, channel) {
         (Some(pid), _) => {
@@ -114,27 +113,43 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
     }
 }
 
-fn mount_identity(source: &std::path::Path, target: &std::path::Path) -> anyhow::Result<()> {
+/// Gives the instance a mount namespace of its own, with a `/proc` of its
+/// PID namespace, so that it sees its own processes only (and `/proc/1` is
+/// this init), and with the identity file, if any, bind-mounted over its
+/// target. The application and a restore's stub are forked after this and
+/// inherit it.
+fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .context("unsharing the mount namespace")?;
-    // Private, so the bind mount below stays inside this instance.
+    // Slave: mounts the host makes later (a volume with files a restore
+    // maps) still appear here, and nothing mounted here reaches the host.
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .context("making / private")?;
+    .context("making / a slave of the host's mounts")?;
     mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND,
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .with_context(|| format!("bind-mounting the identity file over {}", target.display()))?;
+    .context("mounting the instance's /proc")?;
+    if let Some((source, target)) = identity {
+        mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting the identity file over {}", target.display()))?;
+    }
     Ok(())
 }
 

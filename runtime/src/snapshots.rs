@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::dump::{dump, DumpRequest};
-use appshot_snapshot::image::{FdKind, Image, InstanceInfo, VmaKind, PAGE};
+use appshot_snapshot::image::{open_file, FdKind, Image, InstanceInfo, VmaKind, PAGE};
 use appshot_snapshot::proc::parse;
 use appshot_snapshot::ptrace::Frozen;
 use appshot_vpm::{is_alive, Protocol, Registry};
@@ -30,7 +30,11 @@ use crate::tree;
 /// again. Header, manifest and layout are checked every time.
 pub fn open_template(path: &Path, run_dir: &Path) -> Result<Image, RuntimeError> {
     let dir = run_dir.join("verified");
-    let meta = std::fs::metadata(path)
+    // The identity comes from the opened file, so the marker speaks for the
+    // very file whose pages it lets go unread.
+    let file = open_file(path)?;
+    let meta = file
+        .metadata()
         .map_err(|e| RuntimeError::sys(format!("image {}", path.display()), e))?;
     let marker = dir.join(format!("{}-{}", meta.dev(), meta.ino()));
     let identity = format!(
@@ -42,9 +46,9 @@ pub fn open_template(path: &Path, run_dir: &Path) -> Result<Image, RuntimeError>
         meta.ctime_nsec()
     );
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(identity.as_str()) {
-        return Ok(Image::open_verified_template(path)?);
+        return Ok(Image::from_file(path, file, false)?);
     }
-    let image = Image::open(path)?;
+    let image = Image::from_file(path, file, true)?;
     // A marker that cannot be written only costs the next clone a scan.
     let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&marker, identity));
     Ok(image)

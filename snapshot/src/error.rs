@@ -7,6 +7,8 @@ pub enum SnapshotError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("image {path} is {what}, not a regular file")]
+    NotRegularFile { path: PathBuf, what: &'static str },
     #[error("image {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
     #[error("image {path} has format version {found}; this appshot reads version {supported}")]

@@ -1,8 +1,11 @@
 //! Taking ownership of file descriptors that arrive from outside Rust's
 //! view: inherited across exec, or received with SCM_RIGHTS.
 
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 
 /// Claims an fd this process inherited by number (passed on the command
 /// line), after checking it is open.
@@ -14,6 +17,71 @@ pub fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the fd is open, and by the exec contract with our parent no
     // other owner exists in this process.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Why a path that must name a regular file was not opened.
+#[derive(Debug)]
+pub enum OpenRegularError {
+    Io(io::Error),
+    /// What the path is instead: "a FIFO", "a directory", …
+    NotRegular(&'static str),
+}
+
+impl From<io::Error> for OpenRegularError {
+    fn from(e: io::Error) -> Self {
+        OpenRegularError::Io(e)
+    }
+}
+
+/// Opens `path` read-only, refusing at once anything but a regular file.
+/// Opening a FIFO waits for a writer and reading one (or a terminal) waits
+/// for data, and some devices act on open; an image or config that is one
+/// would hang the command. So the type is checked before the open, the open
+/// cannot block (`O_NONBLOCK`, `O_NOCTTY`), and the type is checked again on
+/// the opened descriptor, which no rename of the path can swap. Reads then
+/// block as usual.
+pub fn open_regular(path: &Path) -> Result<File, OpenRegularError> {
+    not_regular(fs::metadata(path)?.file_type())?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    not_regular(file.metadata()?.file_type())?;
+    clear_nonblock(&file)?;
+    Ok(file)
+}
+
+fn not_regular(t: fs::FileType) -> Result<(), OpenRegularError> {
+    let what = if t.is_file() {
+        return Ok(());
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "of an unknown type"
+    };
+    Err(OpenRegularError::NotRegular(what))
+}
+
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL only reads the status flags of an fd `file` owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL only changes the status flags of an fd `file` owns.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Runs `f` with a message header for one byte of data and room for one
@@ -90,4 +158,49 @@ pub fn recv_fd(channel: &OwnedFd) -> io::Result<Option<OwnedFd>> {
             Ok(Some(OwnedFd::from_raw_fd(fd)))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{open_regular, OpenRegularError};
+    use std::ffi::CString;
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn refused_as(path: &std::path::Path) -> &'static str {
+        match open_regular(path) {
+            Err(OpenRegularError::NotRegular(what)) => what,
+            Err(OpenRegularError::Io(e)) => panic!("{}: {e}", path.display()),
+            Ok(_) => panic!("{} accepted", path.display()),
+        }
+    }
+
+    #[test]
+    fn only_regular_files_open_and_a_fifo_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo reads one NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(refused_as(&fifo), "a FIFO");
+        assert_eq!(refused_as(dir.path()), "a directory");
+        assert_eq!(
+            refused_as(std::path::Path::new("/dev/null")),
+            "a character device"
+        );
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, "text").unwrap();
+        let mut opened = open_regular(&file).unwrap();
+        let mut text = String::new();
+        opened.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "text");
+        // SAFETY: F_GETFL only reads the flags of an fd `opened` owns.
+        let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&opened), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "reads block again");
+        assert!(matches!(
+            open_regular(&dir.path().join("missing")),
+            Err(OpenRegularError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound
+        ));
+    }
 }

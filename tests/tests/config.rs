@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::time::Duration;
 
-use common::{run, Harness};
+use common::{mkfifo, refused_as_fifo, run, Harness};
 
 /// Runs `appshot run --config` on `text` and returns (config path, stderr),
 /// asserting the run failed and its command never started.
@@ -67,4 +67,18 @@ fn malformed_configs_name_file_line_and_field() {
     assert!(err.contains("ports[0].protocl"), "{err}");
 
     assert!(h.ps().is_empty(), "no instance may be registered");
+}
+
+#[test]
+fn a_fifo_as_config_is_refused_at_once() {
+    let h = Harness::unprivileged("a_fifo_as_config_is_refused_at_once");
+    let fifo = h.dir("configs").join("app.toml");
+    mkfifo(&fifo);
+    refused_as_fifo(
+        h.appshot()
+            .args(["run", "--config"])
+            .arg(&fifo)
+            .args(["--", "true"]),
+        &fifo,
+    );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -266,4 +266,47 @@ fn the_run_directory_is_private() {
         assert_eq!(mode(&path), want, "{}", path.display());
     }
     h.stop("private");
+}
+
+/// The numeric entries of a `/proc` listing, one name a line.
+fn pids_listed(listing: &str) -> BTreeSet<u32> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn an_instance_sees_its_own_processes_in_proc_and_no_others() {
+    let test = "an_instance_sees_its_own_processes_in_proc_and_no_others";
+    let Some(h) = Harness::new(test, &["sh", "cat", "ls"]) else {
+        return;
+    };
+    let ran = run(
+        h.appshot().args([
+            "run",
+            "--aid",
+            "p",
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/1/cmdline; echo; echo ---; ls /proc",
+        ]),
+        TIMEOUT,
+    );
+    assert!(ran.success(), "{ran}");
+    let (init, listing) = ran.stdout.split_once("---").expect("both parts printed");
+    assert!(
+        init.contains("__init"),
+        "PID 1 inside is the instance's init, not the host's: {init:?}"
+    );
+    let pids = pids_listed(listing);
+    assert!(pids.contains(&1), "{pids:?}");
+    assert!(
+        !pids.contains(&std::process::id()),
+        "the test's own pid {} is visible inside: {pids:?}",
+        std::process::id()
+    );
+    // init, sh and what sh ran: nothing of the host.
+    assert!(pids.iter().all(|&p| p < 10), "{pids:?}");
 }

@@ -12,8 +12,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::{
-    alive, ask_keeper, assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg,
-    poll, port_pairs, redis_cli, start_keeper, start_redis, Harness, Keeper, Ran, READY,
+    alive, ask_keeper, assert_left_nothing, info_field, keeper, keeper_copy, mkfifo, pid_of,
+    pids_with_arg, poll, port_pairs, redis_cli, refused_as_fifo, start_keeper, start_redis,
+    Harness, Keeper, Ran, READY,
 };
 use serde_json::Value;
 
@@ -343,6 +344,49 @@ fn redis_keeps_its_keys_and_identity_across_restore() {
     );
 }
 
+/// Writes, every 50 ms, the pids listed in `/proc` and `/proc/1/cmdline` to
+/// `report` in its cwd (renamed into place: never read half-written).
+const PROC_REPORTER: &str = "
+import os, time
+while True:
+    pids = ' '.join(p for p in os.listdir('/proc') if p.isdigit())
+    init = open('/proc/1/cmdline', 'rb').read().replace(b'\\0', b' ').decode()
+    with open('report.tmp', 'w') as f:
+        f.write(pids + '|' + init)
+    os.replace('report.tmp', 'report')
+    time.sleep(0.05)
+";
+
+#[test]
+fn a_restored_instance_sees_its_own_proc() {
+    let Some(mut h) = Harness::new("a_restored_instance_sees_its_own_proc", &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("proc");
+    let report = dir.join("report");
+    h.start("procs", "pr", &dir, &[], &["python3", "-c", PROC_REPORTER]);
+    assert!(poll(READY, || report.exists()), "{}", h.log("procs"));
+    let image = h.dir("images").join("procs.img");
+    snapshot_and_stop(&h, "procs", &image);
+    fs::remove_file(&report).unwrap();
+
+    h.restore("procs", &image, &[]);
+    assert!(poll(READY, || report.exists()), "{}", h.log("procs"));
+    let text = fs::read_to_string(&report).unwrap();
+    let (pids, init) = text.split_once('|').expect("pids|init");
+    assert!(
+        init.contains("__init") && init.contains("--restore-pid"),
+        "PID 1 of a restored instance is its restoring init: {init:?}"
+    );
+    let pids: BTreeSet<u32> = pids.split(' ').map(|p| p.parse().unwrap()).collect();
+    let app = pid_of(&h.instance("procs").expect("procs listed"));
+    assert!(
+        !pids.contains(&std::process::id()) && !pids.contains(&app),
+        "host pids (the test's, the application's) visible inside: {pids:?}"
+    );
+    assert!(pids.iter().all(|&p| p < 10), "{pids:?}");
+}
+
 #[test]
 fn leave_running_snapshot_restores_a_copy_beside_the_original() {
     let Some(mut h) = Harness::new(
@@ -524,6 +568,21 @@ fn a_small_text_file_is_refused_as_not_an_image() {
         path.to_str().unwrap(),
         &BTreeSet::new(),
     );
+}
+
+#[test]
+fn a_fifo_as_image_is_refused_at_once_by_inspect_restore_and_clone() {
+    let h =
+        Harness::unprivileged("a_fifo_as_image_is_refused_at_once_by_inspect_restore_and_clone");
+    let fifo = h.dir("images").join("fifo.img");
+    mkfifo(&fifo);
+    refused_as_fifo(h.appshot().arg("inspect").arg(&fifo), &fifo);
+    refused_as_fifo(h.appshot().arg("restore").arg(&fifo), &fifo);
+    refused_as_fifo(
+        h.appshot().arg("clone").arg(&fifo).args(["--aid", "f"]),
+        &fifo,
+    );
+    assert!(h.ps().is_empty(), "no instance may be registered");
 }
 
 #[test]

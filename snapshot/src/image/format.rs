@@ -16,6 +16,8 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use appshot_sys::fd::OpenRegularError;
+
 use crate::error::SnapshotError;
 use crate::image::model::Manifest;
 
@@ -197,6 +199,18 @@ fn remove_orphaned_temporaries(path: &Path, prefix: &str) {
     }
 }
 
+/// Opens an image file for [`Image::from_file`]. A FIFO, directory or
+/// device is refused at once: reading one would block or make no sense.
+pub fn open_file(path: &Path) -> Result<File, SnapshotError> {
+    appshot_sys::fd::open_regular(path).map_err(|e| match e {
+        OpenRegularError::Io(e) => SnapshotError::io(path, e),
+        OpenRegularError::NotRegular(what) => SnapshotError::NotRegularFile {
+            path: path.to_path_buf(),
+            what,
+        },
+    })
+}
+
 /// A checked image: header, manifest and pages section all verified.
 pub struct Image {
     pub path: PathBuf,
@@ -212,7 +226,7 @@ impl Image {
     /// Opens and verifies an image. Nothing is trusted until every checksum
     /// and every offset has been checked against the file's real length.
     pub fn open(path: &Path) -> Result<Image, SnapshotError> {
-        Image::open_checked(path, true)
+        Image::from_file(path, open_file(path)?, true)
     }
 
     /// Like [`Image::open`] but without reading the pages section to check
@@ -220,13 +234,18 @@ impl Image {
     /// already verified, so that a clone's cost does not grow with the
     /// template's size. Header, manifest and layout are still checked.
     pub fn open_verified_template(path: &Path) -> Result<Image, SnapshotError> {
-        Image::open_checked(path, false)
+        Image::from_file(path, open_file(path)?, false)
     }
 
-    fn open_checked(path: &Path, verify_pages: bool) -> Result<Image, SnapshotError> {
+    /// Verifies the image `file`, opened from `path` with [`open_file`];
+    /// with `verify_pages` false, as [`Image::open_verified_template`].
+    pub fn from_file(
+        path: &Path,
+        mut file: File,
+        verify_pages: bool,
+    ) -> Result<Image, SnapshotError> {
         let io = |e| SnapshotError::io(path, e);
         let corrupt = |why: String| SnapshotError::corrupt(path, &why);
-        let mut file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         let mut hb = [0u8; HEADER_LEN];
         // The magic first: a small file that is no image at all must be
@@ -451,6 +470,18 @@ mod tests {
             1,
             "no temporary left"
         );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_as_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRUSR).unwrap();
+        match Image::open(&path) {
+            Err(SnapshotError::NotRegularFile { what, .. }) => assert_eq!(what, "a FIFO"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a FIFO accepted as an image"),
+        }
     }
 
     fn expect_corrupt(path: &Path, needle: &str) {

@@ -191,6 +191,26 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Ran {
     }
 }
 
+/// Makes a FIFO at `path`. Nothing ever writes to it: a command that opens
+/// it for reading and waits hangs.
+pub fn mkfifo(path: &Path) {
+    let ran = run(Command::new("mkfifo").arg(path), COMMAND_TIMEOUT);
+    assert!(ran.success(), "mkfifo {}: {ran}", path.display());
+}
+
+/// Runs `cmd`, which names the FIFO `fifo` as an image or config, and asserts
+/// it is refused within a second (not left hanging) with a message that
+/// names the path and says FIFO.
+pub fn refused_as_fifo(cmd: &mut Command, fifo: &Path) {
+    let ran = run(cmd, Duration::from_secs(1));
+    assert!(!ran.success(), "a FIFO must be refused: {ran}");
+    let path = fifo.to_str().expect("a UTF-8 path");
+    assert!(
+        ran.stderr.contains(path) && ran.stderr.contains("FIFO"),
+        "the message must name {path} and say FIFO: {ran}"
+    );
+}
+
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
 pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
