@@ -58,13 +58,6 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             .map_err(|e| SnapshotError::process(pid, format!("reading {proc_dir}/{name}"), e))
     };
     let status = read("status")?;
-    let uid = parse::status_field(&status, "Uid").unwrap_or("");
-    if uid.split_whitespace().any(|u| u != "0") {
-        return Err(SnapshotError::Unsupported {
-            pid,
-            what: format!("runs with uids {uid}; only root processes can be restored yet"),
-        });
-    }
     // Everything that could make the dump impossible is checked before the
     // process is touched.
     let fds = dump_fds(pid, req)?;
@@ -161,6 +154,7 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             robust_list: t.robust_list,
             altstack: t.altstack,
             rseq,
+            creds: t.creds.clone(),
         });
     }
     let shared_pending = xptrace::pending_signals(pid, true)
@@ -214,6 +208,7 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
 }
 
 struct ThreadAnswers {
+    creds: Credentials,
     tid_address: u64,
     robust_list: (u64, u64),
     altstack: (u64, u32, u64),
@@ -333,6 +328,7 @@ fn ask_thread(
         u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
     );
     Ok(ThreadAnswers {
+        creds: crate::creds::save(tid, inj)?,
         tid_address,
         robust_list,
         altstack,

@@ -25,6 +25,12 @@ pub enum SnapshotError {
         what: String,
         error: std::io::Error,
     },
+    #[error("pid {pid}: reading /proc/{pid}/status")]
+    Status {
+        pid: u32,
+        #[source]
+        error: procfs::ProcError,
+    },
     #[error("pid {pid}: {what}")]
     Unsupported { pid: u32, what: String },
     #[error("{path}: {why}; the image cannot be restored")]

@@ -3,6 +3,7 @@
 //! and rebuild the process from it.
 #![forbid(unsafe_code)]
 
+pub mod creds;
 pub mod dump;
 pub mod error;
 pub mod image;

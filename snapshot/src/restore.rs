@@ -338,6 +338,19 @@ fn rebuild(
         )?;
     }
 
+    // Credentials last among the injected work: everything above may need
+    // root, and a thread that is no longer root may not regain it.
+    for t in &p.threads {
+        let tid = host_tids[&t.ns_tid];
+        crate::creds::restore(
+            &frozen.rebuilding_injector(scratch, template),
+            &mem,
+            tid,
+            data,
+            &t.creds,
+        )?;
+    }
+
     // The scratch mapping goes last, unmapped by code briefly written over
     // the restored program's own text.
     let text = p

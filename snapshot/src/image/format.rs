@@ -23,8 +23,8 @@ use crate::image::model::Manifest;
 
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
-/// main stack as its own kind of mapping.
-pub const VERSION: u32 = 2;
+/// main stack as its own kind of mapping. 3: credentials of every thread.
+pub const VERSION: u32 = 3;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -527,10 +527,10 @@ mod tests {
         expect_corrupt(&path, "bad magic");
 
         let mut newer = good.clone();
-        newer[8..12].copy_from_slice(&3u32.to_le_bytes());
+        newer[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
         std::fs::write(&path, &newer).unwrap();
         match Image::open(&path) {
-            Err(SnapshotError::Version { found: 3, .. }) => {}
+            Err(SnapshotError::Version { found, .. }) if found == VERSION + 1 => {}
             other => panic!("expected a version error, got {:?}", other.err()),
         }
     }
@@ -566,6 +566,7 @@ mod tests {
             robust_list: (0, 0),
             altstack: (0, 2, 0),
             rseq: None,
+            creds: Default::default(),
         }
     }
 

@@ -129,6 +129,32 @@ pub struct ThreadImage {
     pub altstack: (u64, u32, u64),
     /// (pointer, len, signature), if the thread registered rseq.
     pub rseq: Option<(u64, u32, u32)>,
+    /// Credentials are per thread in Linux, so each has its own.
+    pub creds: Credentials,
+}
+
+/// Who a thread is to the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// Real, effective, saved and filesystem uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and filesystem gid.
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
+    pub caps: CapSets,
+    /// `prctl(PR_GET_SECUREBITS)`.
+    pub securebits: u32,
+    pub no_new_privs: bool,
+}
+
+/// Capability sets, bit N for capability N.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapSets {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
