@@ -430,6 +430,11 @@ impl Harness {
         cmd
     }
 
+    /// The run directory the test's instances share (their registry).
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
     /// A fresh directory private to this test (cwd of an instance, configs).
     pub fn dir(&self, name: &str) -> PathBuf {
         let dir = self.work.path().join(name);
