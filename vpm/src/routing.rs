@@ -15,7 +15,8 @@ pub enum Route {
         real_port: u16,
         owner: String,
     },
-    /// Instances serve the destination, but none of the caller's AID.
+    /// Instances serve the destination, but none of the caller's AID; or
+    /// the registry is damaged and one might.
     Refused,
 }
 
@@ -82,6 +83,10 @@ impl RegistryState {
             {
                 Route::Refused
             }
+            // A live instance whose translations are lost may hold this very
+            // port (the first instance of a port holds the fixed port
+            // itself): passing through could reach another AID's instance.
+            None if !self.damaged.is_empty() => Route::Refused,
             None => Route::PassThrough,
         }
     }

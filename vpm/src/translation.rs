@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -75,6 +75,10 @@ pub struct RegistryState {
     /// Older registries have none.
     #[serde(default)]
     pub source_rules: Vec<SourceRuleRecord>,
+    /// Live instances whose records could be neither found in the registry
+    /// nor read from their own copy, as a load found them (never stored).
+    #[serde(skip)]
+    pub damaged: BTreeSet<String>,
 }
 
 impl RegistryState {

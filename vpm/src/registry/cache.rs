@@ -5,12 +5,15 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use super::{parse, Registry};
+use super::{parse_json, Registry};
 use crate::error::VpmError;
 use crate::translation::RegistryState;
 
-/// Re-reads the registry only when a commit has replaced the file, at the
-/// cost of one stat per [`get`](Self::get) otherwise.
+/// Re-reads the registry only when a commit has replaced the file (or it
+/// vanished), at the cost of one stat per [`get`](Self::get) otherwise. A
+/// re-read also holds it against the live instances' own records (a scan of
+/// the instance directories), so a registry that lost them routes as if it
+/// had not, or refuses where it cannot tell.
 ///
 /// Unlike [`Registry::read`], it does not filter out dead instances: that
 /// would cost a lock probe per instance on every call. Entries of a dead
@@ -25,12 +28,17 @@ pub struct CachedRegistry {
 }
 
 #[derive(Debug)]
-struct Loaded {
-    dev: u64,
-    ino: u64,
-    // Kept open so the inode cannot be freed and reused by a later commit,
-    // which would make a replaced file look unchanged.
-    _file: File,
+enum Loaded {
+    File {
+        dev: u64,
+        ino: u64,
+        // Kept open so the inode cannot be freed and reused by a later
+        // commit, which would make a replaced file look unchanged.
+        _file: File,
+    },
+    /// Commits never remove the file: it was deleted, and `state` is what
+    /// the live instances' own records rebuilt.
+    Missing,
 }
 
 impl CachedRegistry {
@@ -51,15 +59,19 @@ impl CachedRegistry {
     pub fn get(&mut self) -> Result<&RegistryState, VpmError> {
         match fs::metadata(&self.path) {
             Ok(meta) => {
-                let unchanged = self
-                    .loaded
-                    .as_ref()
-                    .is_some_and(|l| l.dev == meta.dev() && l.ino == meta.ino());
+                let unchanged = matches!(
+                    self.loaded,
+                    Some(Loaded::File { dev, ino, .. }) if dev == meta.dev() && ino == meta.ino()
+                );
                 if !unchanged {
                     self.reload()?;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => self.forget(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !matches!(self.loaded, Some(Loaded::Missing)) {
+                    self.rebuild_missing()?;
+                }
+            }
             Err(e) => return Err(VpmError::io(&self.path)(e)),
         }
         Ok(&self.state)
@@ -70,18 +82,18 @@ impl CachedRegistry {
     fn reload(&mut self) -> Result<(), VpmError> {
         let mut file = match File::open(&self.path) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget();
-                return Ok(());
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.rebuild_missing(),
             Err(e) => return Err(VpmError::io(&self.path)(e)),
         };
         let meta = file.metadata().map_err(VpmError::io(&self.path))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(VpmError::io(&self.path))?;
-        self.state = parse(&self.path, &bytes)?;
-        self.loaded = Some(Loaded {
+        let mut state: RegistryState = parse_json(&self.path, &bytes)?;
+        let backwards = state.generation < self.state.generation;
+        self.registry.reconcile_read(&mut state, backwards)?;
+        self.state = state;
+        self.loaded = Some(Loaded::File {
             dev: meta.dev(),
             ino: meta.ino(),
             _file: file,
@@ -89,8 +101,11 @@ impl CachedRegistry {
         Ok(())
     }
 
-    fn forget(&mut self) {
-        self.state = RegistryState::default();
-        self.loaded = None;
+    fn rebuild_missing(&mut self) -> Result<(), VpmError> {
+        let mut state = RegistryState::default();
+        self.registry.reconcile_read(&mut state, true)?;
+        self.state = state;
+        self.loaded = Some(Loaded::Missing);
+        Ok(())
     }
 }

@@ -53,6 +53,7 @@ impl InstanceLock {
             .mode(0o700)
             .create(&dir)
             .map_err(VpmError::io(&dir))?;
+        super::own::create_empty(&dir)?;
         let path = dir.join(LOCK_FILE);
         let mut file = super::open_lock_file(&path)?;
         let mut attempt = 1;
@@ -72,7 +73,7 @@ impl InstanceLock {
         // remove what a dead predecessor of the name left: this holder
         // starts clean, under the same registry lock, before it records
         // anything.
-        let forgotten = registry.transaction_locked(&registry_lock, |state| {
+        let forgotten = registry.transaction_locked(&registry_lock, Some(name), |state| {
             registry.forget_predecessor(state, name)
         });
         // Released before `lock` can be dropped: its drop takes the

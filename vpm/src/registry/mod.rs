@@ -9,6 +9,7 @@
 
 mod cache;
 mod liveness;
+mod own;
 
 use std::collections::BTreeSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -19,12 +20,15 @@ use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 pub use cache::CachedRegistry;
 pub use liveness::{is_alive, InstanceLock};
 
 use crate::error::VpmError;
 use crate::translation::RegistryState;
+use own::OwnRecords;
 
 const LOCK_FILE: &str = "registry.lock";
 const STATE_FILE: &str = "registry.json";
@@ -81,25 +85,54 @@ impl Registry {
     /// Runs `f` on the current state with every other writer on the host
     /// excluded, after dropping instances whose supervisor has died, and
     /// commits the result if anything changed.
+    ///
+    /// Live instances' records the registry has lost (or that differ from
+    /// their own copies) are put back first, and the repair is committed.
     pub fn transaction<R>(&self, f: impl FnOnce(&mut RegistryState) -> R) -> Result<R, VpmError> {
         let held = self.lock()?;
-        self.transaction_locked(&held, f)
+        self.transaction_locked(&held, None, f)
     }
 
     /// [`Registry::transaction`] for a caller that already holds the
-    /// registry lock.
+    /// registry lock. `fresh` names an instance whose lock was just taken:
+    /// its own copy, if any, is a dead predecessor's and is not restored;
+    /// the copy is rewritten from what `f` leaves.
     fn transaction_locked<R>(
         &self,
         _held: &Flock<File>,
+        fresh: Option<&str>,
         f: impl FnOnce(&mut RegistryState) -> R,
     ) -> Result<R, VpmError> {
-        let committed = load(&self.state_path())?;
-        let mut state = committed.clone();
+        let path = self.state_path();
+        let committed = load(&path)?;
+        let live = self.live_instances()?;
+        let mut base = committed.clone();
+        // Under the lock no commit is in flight: any difference is damage.
+        let found = own::reconcile(
+            &mut base,
+            live.iter().filter(|(name, _)| Some(name.as_str()) != fresh),
+        );
+        found.report(&path, true);
+        let mut state = base.clone();
         self.reclaim(&mut state);
         let result = f(&mut state);
+        // Own copies first: a commit interrupted between the two leaves the
+        // copies ahead, and the next load completes it from them.
+        for (name, _) in &live {
+            if found.damaged.contains_key(name) {
+                // Rewriting it from a registry that lost it would make the
+                // loss permanent; the damage lasts until the instance ends.
+                continue;
+            }
+            let own = OwnRecords::of(&state, name);
+            if Some(name.as_str()) == fresh || own != OwnRecords::of(&base, name) {
+                let dir = self.instances_dir().join(name);
+                own::write(&dir, &own)?;
+            }
+        }
         if state != committed {
             state.generation = committed.generation + 1;
-            self.commit(&state)?;
+            write_atomically(&self.dir.join(STAGING_FILE), &path, &state)?;
         }
         Ok(result)
     }
@@ -136,15 +169,57 @@ impl Registry {
     }
 
     /// The last committed state without taking the lock (commits are atomic
-    /// renames), minus instances whose supervisor has died since.
+    /// renames), minus instances whose supervisor has died since, plus live
+    /// instances' records the registry has lost (put back in the returned
+    /// state only; the next transaction commits the repair).
     pub fn read(&self) -> Result<RegistryState, VpmError> {
         let mut state = load(&self.state_path())?;
+        let live = self.reconcile_read(&mut state, false)?;
         for name in owners(&state) {
-            if !is_alive(&self.dir, &name) {
+            if !live.contains(&name) {
                 state.remove_instance(&name);
             }
         }
         Ok(state)
+    }
+
+    /// Every instance whose supervisor holds its liveness lock, with its own
+    /// copy of its records as read.
+    fn live_instances(&self) -> Result<Vec<own::Live>, VpmError> {
+        let instances = self.instances_dir();
+        let entries = match fs::read_dir(&instances) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(VpmError::io(&instances)(e)),
+        };
+        let mut live = Vec::new();
+        for entry in entries {
+            let dir = entry.map_err(VpmError::io(&instances))?.path();
+            // A name that is not UTF-8 is no instance's: names are strings.
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if liveness::holder_alive(&dir) {
+                live.push((name.to_owned(), own::read(&dir)));
+            }
+        }
+        Ok(live)
+    }
+
+    /// Holds `state`, as read without the lock, against the live
+    /// instances' own records, and returns their names. `certain`: the
+    /// caller knows the registry was damaged (it vanished, or its generation
+    /// went backwards), so a difference is no commit in flight.
+    fn reconcile_read(
+        &self,
+        state: &mut RegistryState,
+        certain: bool,
+    ) -> Result<BTreeSet<String>, VpmError> {
+        let live = self.live_instances()?;
+        let found = own::reconcile(state, &live);
+        found.report(&self.state_path(), certain);
+        state.damaged = found.damaged.into_keys().collect();
+        Ok(live.into_iter().map(|(name, _)| name).collect())
     }
 
     fn state_path(&self) -> PathBuf {
@@ -215,31 +290,34 @@ impl Registry {
             }
         }
     }
+}
 
-    fn commit(&self, state: &RegistryState) -> Result<(), VpmError> {
-        let staging = self.dir.join(STAGING_FILE);
-        let bytes =
-            serde_json::to_vec_pretty(state).map_err(|e| VpmError::io(&staging)(e.into()))?;
-        // A leftover of an interrupted commit keeps its mode when truncated;
-        // created anew, the file gets 0600 and so does the registry.
-        match fs::remove_file(&staging) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(VpmError::io(&staging)(e));
-            }
-            _ => {}
+/// Writes `value` to `staging` then renames it over `path`, so readers see
+/// the old file or the new one, never part of one.
+fn write_atomically(staging: &Path, path: &Path, value: &impl Serialize) -> Result<(), VpmError> {
+    write_staging(staging, value)?;
+    fs::rename(staging, path).map_err(VpmError::io(path))
+}
+
+fn write_staging(staging: &Path, value: &impl Serialize) -> Result<(), VpmError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| VpmError::io(staging)(e.into()))?;
+    // A leftover of an interrupted commit keeps its mode when truncated;
+    // created anew, the file gets 0600 and so does what it is renamed to.
+    match fs::remove_file(staging) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(VpmError::io(staging)(e));
         }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&staging)
-            .map_err(VpmError::io(&staging))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_data())
-            .map_err(VpmError::io(&staging))?;
-        let path = self.state_path();
-        fs::rename(&staging, &path).map_err(VpmError::io(&path))
+        _ => {}
     }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(staging)
+        .map_err(VpmError::io(staging))?;
+    file.write_all(&bytes)
+        .and_then(|()| file.sync_data())
+        .map_err(VpmError::io(staging))
 }
 
 /// What appshot keeps in a run directory (registry, instances, logs,
@@ -317,15 +395,17 @@ fn private_file(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A missing registry reads as empty: whatever live instances it should
+/// hold is put back from their own copies by every load.
 fn load(path: &Path) -> Result<RegistryState, VpmError> {
     match fs::read(path) {
-        Ok(bytes) => parse(path, &bytes),
+        Ok(bytes) => parse_json(path, &bytes),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(RegistryState::default()),
         Err(e) => Err(VpmError::io(path)(e)),
     }
 }
 
-fn parse(path: &Path, bytes: &[u8]) -> Result<RegistryState, VpmError> {
+fn parse_json<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, VpmError> {
     serde_json::from_slice(bytes).map_err(|e| VpmError::Corrupt {
         path: path.to_path_buf(),
         message: e.to_string(),

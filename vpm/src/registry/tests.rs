@@ -274,8 +274,14 @@ fn cache_rereads_only_after_a_commit() {
     fs::rename(registry.dir().join(STAGING_FILE), &path).unwrap();
     assert!(matches!(cache.get(), Err(VpmError::Corrupt { .. })));
 
+    // Gone while i1 runs: i1's records come back from its own copy.
     fs::remove_file(&path).unwrap();
-    assert_eq!(*cache.get().unwrap(), RegistryState::default());
+    let rebuilt = cache.get().unwrap();
+    assert_eq!(rebuilt.instances["i1"], record("i1", "a"));
+    assert_eq!(
+        rebuilt.translations,
+        [tcp("0.0.0.0", 9000, "a", 9000, "i1")]
+    );
     registry
         .transaction(|s| {
             s.instances.insert("i1".into(), record("i1", "b"));
@@ -437,4 +443,227 @@ fn the_run_directory_and_its_files_are_private() {
     chmod(&early, 0o755);
     Registry::open(&early).unwrap();
     assert_eq!(mode(&early), 0o700);
+}
+
+fn own_copy(registry: &Registry, name: &str) -> PathBuf {
+    registry
+        .dir()
+        .join("instances")
+        .join(name)
+        .join("records.json")
+}
+
+fn route_for(state: &RegistryState, port: u16, aid: &str) -> crate::Route {
+    state.route(
+        crate::Protocol::Tcp,
+        "127.0.0.1".parse().unwrap(),
+        port,
+        aid,
+        0,
+    )
+}
+
+#[test]
+fn every_commit_keeps_a_private_own_copy_per_live_instance() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_tmp, registry) = registry();
+    let _lock = InstanceLock::acquire(&registry, "i1").unwrap();
+    // There from the moment the lock is held, so readers never take the
+    // new instance for a damaged one.
+    assert_eq!(
+        own::read(_lock.instance_dir()).unwrap(),
+        OwnRecords::default()
+    );
+    register(&registry, "i1", "a", 9000);
+    let copy = own_copy(&registry, "i1");
+    let own = own::read(copy.parent().unwrap()).unwrap();
+    assert_eq!(own.instance, Some(record("i1", "a")));
+    assert_eq!(own.translations, [tcp("0.0.0.0", 9000, "a", 9000, "i1")]);
+    assert_eq!(
+        fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn a_deleted_registry_is_rebuilt_from_the_live_instances() {
+    let (_tmp, registry) = registry();
+    let _a = InstanceLock::acquire(&registry, "web-a").unwrap();
+    let _b = InstanceLock::acquire(&registry, "web-b").unwrap();
+    register(&registry, "web-a", "a", 9000);
+    register(&registry, "web-b", "b", 40000);
+    let before = registry.read().unwrap();
+    let mut cache = CachedRegistry::new(registry.clone());
+    cache.get().unwrap();
+
+    let path = registry.dir().join(STATE_FILE);
+    fs::remove_file(&path).unwrap();
+    for state in [registry.read().unwrap(), cache.get().unwrap().clone()] {
+        assert_eq!(state.instances, before.instances);
+        assert_eq!(state.translations.len(), 2, "{state:?}");
+        assert!(state.damaged.is_empty());
+        assert_eq!(
+            route_for(&state, 9000, "b"),
+            crate::Route::To {
+                real_port: 40000,
+                owner: "web-b".into()
+            }
+        );
+        assert_eq!(route_for(&state, 9000, "z"), crate::Route::Refused);
+    }
+    assert!(!path.exists(), "reads never write");
+
+    // A transaction commits the repair.
+    let repaired = registry.transaction(|s| s.clone()).unwrap();
+    assert_eq!(repaired.instances, before.instances);
+    let on_disk = load(&path).unwrap();
+    assert_eq!(on_disk.instances, before.instances);
+    assert_eq!(on_disk.translations.len(), 2);
+}
+
+#[test]
+fn a_registry_emptied_or_altered_gets_the_live_instances_own_records_back() {
+    let (_tmp, registry) = registry();
+    let _a = InstanceLock::acquire(&registry, "web-a").unwrap();
+    register(&registry, "web-a", "a", 9000);
+    let mut cache = CachedRegistry::new(registry.clone());
+    assert_eq!(cache.get().unwrap().translations.len(), 1);
+
+    // Valid JSON, a later generation, and web-a's port handed to AID z.
+    let path = registry.dir().join(STATE_FILE);
+    let mut forged = load(&path).unwrap();
+    forged.generation += 10;
+    forged.translations = vec![tcp("0.0.0.0", 9000, "z", 9000, "web-a")];
+    fs::write(
+        registry.dir().join(STAGING_FILE),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .unwrap();
+    fs::rename(registry.dir().join(STAGING_FILE), &path).unwrap();
+    let routed = route_for(cache.get().unwrap(), 9000, "z");
+    assert_eq!(routed, crate::Route::Refused);
+
+    fs::write(
+        &path,
+        br#"{"generation": 0, "instances": {}, "translations": []}"#,
+    )
+    .unwrap();
+    for state in [
+        registry.read().unwrap(),
+        registry.transaction(|s| s.clone()).unwrap(),
+        load(&path).unwrap(),
+    ] {
+        assert_eq!(state.instances["web-a"], record("web-a", "a"));
+        assert_eq!(
+            state.translations,
+            [tcp("0.0.0.0", 9000, "a", 9000, "web-a")]
+        );
+    }
+}
+
+#[test]
+fn unreadable_own_records_of_a_live_instance_fail_closed() {
+    let (_tmp, registry) = registry();
+    let a_lock = InstanceLock::acquire(&registry, "web-a").unwrap();
+    let _b = InstanceLock::acquire(&registry, "web-b").unwrap();
+    register(&registry, "web-a", "a", 9000);
+    register(&registry, "web-b", "b", 40000);
+    fs::remove_file(own_copy(&registry, "web-a")).unwrap();
+    fs::remove_file(registry.dir().join(STATE_FILE)).unwrap();
+
+    let mut cache = CachedRegistry::new(registry.clone());
+    for state in [registry.read().unwrap(), cache.get().unwrap().clone()] {
+        assert_eq!(state.damaged, BTreeSet::from(["web-a".to_string()]));
+        // web-a may hold 9000 itself, or any port: nothing passes through.
+        assert_eq!(route_for(&state, 9000, "z"), crate::Route::Refused);
+        assert_eq!(route_for(&state, 5432, "z"), crate::Route::Refused);
+        // What is known still routes.
+        assert_eq!(
+            route_for(&state, 9000, "b"),
+            crate::Route::To {
+                real_port: 40000,
+                owner: "web-b".into()
+            }
+        );
+    }
+
+    // Commits neither rewrite the lost copy from what the registry holds
+    // nor clear the damage, until web-a ends.
+    registry
+        .transaction(|s| s.insert(tcp("0.0.0.0", 9001, "a", 9001, "web-a")))
+        .unwrap();
+    assert!(!own_copy(&registry, "web-a").exists());
+    assert_eq!(registry.read().unwrap().damaged.len(), 1);
+    drop(a_lock);
+    registry
+        .transaction(|s| s.remove_instance("web-a"))
+        .unwrap();
+    let state = registry.read().unwrap();
+    assert!(state.damaged.is_empty());
+    assert_eq!(route_for(&state, 5432, "z"), crate::Route::PassThrough);
+}
+
+#[test]
+fn reconcile_restores_differences_and_reports_unreadable_copies() {
+    let mut state = RegistryState::default();
+    state.instances.insert("same".into(), record("same", "a"));
+    state.insert(tcp("0.0.0.0", 9000, "a", 9000, "same"));
+    state.insert(tcp("0.0.0.0", 9000, "b", 40000, "lost"));
+    let same = OwnRecords::of(&state, "same");
+    let lost = OwnRecords {
+        instance: Some(record("lost", "b")),
+        translations: vec![tcp("0.0.0.0", 9000, "b", 40001, "lost")],
+        source_rules: vec![source_rule("lost")],
+    };
+    let live = vec![
+        ("same".to_string(), Ok(same)),
+        ("lost".to_string(), Ok(lost.clone())),
+        (
+            "gone".to_string(),
+            Err(VpmError::Corrupt {
+                path: "x".into(),
+                message: "y".into(),
+            }),
+        ),
+    ];
+    let found = own::reconcile(&mut state, &live);
+    assert_eq!(found.repaired, BTreeSet::from(["lost".to_string()]));
+    assert_eq!(found.damaged.keys().collect::<Vec<_>>(), ["gone"]);
+    assert_eq!(OwnRecords::of(&state, "lost"), lost);
+    assert_eq!(state.translations_of("same").count(), 1);
+}
+
+#[test]
+fn an_own_copy_speaking_for_another_instance_is_corrupt() {
+    let (_tmp, registry) = registry();
+    let lock = InstanceLock::acquire(&registry, "web-a").unwrap();
+    let copy = own_copy(&registry, "web-a");
+    let own = OwnRecords {
+        translations: vec![tcp("0.0.0.0", 9000, "a", 9000, "web-b")],
+        ..OwnRecords::default()
+    };
+    fs::write(&copy, serde_json::to_vec(&own).unwrap()).unwrap();
+    match own::read(lock.instance_dir()) {
+        Err(VpmError::Corrupt { path, .. }) => assert_eq!(path, copy),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_new_holder_does_not_inherit_its_dead_predecessors_copy() {
+    let (_tmp, registry) = registry();
+    let mut child = lock_holding_child(&registry);
+    register(&registry, "child", "a", 9000);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    fs::remove_file(registry.dir().join(STATE_FILE)).unwrap();
+
+    let successor = InstanceLock::acquire(&registry, "child").unwrap();
+    let state = registry.read().unwrap();
+    assert!(state.translations.is_empty(), "{state:?}");
+    assert!(state.damaged.is_empty());
+    assert_eq!(
+        own::read(successor.instance_dir()).unwrap(),
+        OwnRecords::default()
+    );
 }
