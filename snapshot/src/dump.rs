@@ -328,7 +328,7 @@ fn ask_thread(
         u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
     );
     Ok(ThreadAnswers {
-        creds: crate::creds::save(tid, inj)?,
+        creds: crate::kinds::creds::save(tid, inj)?,
         tid_address,
         robust_list,
         altstack,

@@ -3,10 +3,10 @@
 //! and rebuild the process from it.
 #![forbid(unsafe_code)]
 
-pub mod creds;
 pub mod dump;
 pub mod error;
 pub mod image;
+pub mod kinds;
 pub mod proc;
 pub mod ptrace;
 pub mod regs;

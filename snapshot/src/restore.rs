@@ -342,7 +342,7 @@ fn rebuild(
     // root, and a thread that is no longer root may not regain it.
     for t in &p.threads {
         let tid = host_tids[&t.ns_tid];
-        crate::creds::restore(
+        crate::kinds::creds::restore(
             &frozen.rebuilding_injector(scratch, template),
             &mem,
             tid,
