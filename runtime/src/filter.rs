@@ -22,6 +22,12 @@ pub const NOTIFIED: &[&str] = &["bind", "connect", "getsockname", "getpeername"]
 /// so ordinary sends stay on the native data path.
 const FASTOPEN_SENDS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)];
 
+/// SCTP binds and connects addresses through setsockopt
+/// (`SCTP_SOCKOPT_BINDX_ADD`, `SCTP_SOCKOPT_CONNECTX`), out of the
+/// multiplexer's sight: INET sockets of that protocol, named or the default
+/// of SOCK_SEQPACKET, are not supported, as on a kernel without SCTP.
+const IPPROTO_SCTP: u64 = 132;
+
 /// io_uring could run socket operations the filter never sees.
 const DENIED_ENOSYS: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
 
@@ -48,6 +54,32 @@ pub fn build() -> Result<Vec<SockFilter>, RuntimeError> {
         let cmp = ScmpArgCompare::new(*flags_arg, ScmpCompareOp::MaskedEqual(fastopen), fastopen);
         ctx.add_rule_conditional(ScmpAction::Notify, sc, &[cmp])
             .map_err(err)?;
+    }
+    // The kernel reads these arguments as 32-bit ints: compare only the
+    // low half, or a task could slip past with high bits set.
+    let int = |arg: u32, value: u64| {
+        ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(0xffff_ffff), value)
+    };
+    let socket = ScmpSyscall::from_name("socket").map_err(err)?;
+    for domain in [libc::AF_INET, libc::AF_INET6] {
+        let domain = int(0, domain as u64);
+        ctx.add_rule_conditional(
+            ScmpAction::Errno(libc::EPROTONOSUPPORT),
+            socket,
+            &[domain, int(2, IPPROTO_SCTP)],
+        )
+        .map_err(err)?;
+        let seqpacket = ScmpArgCompare::new(
+            1,
+            ScmpCompareOp::MaskedEqual(0xf),
+            libc::SOCK_SEQPACKET as u64,
+        );
+        ctx.add_rule_conditional(
+            ScmpAction::Errno(libc::ESOCKTNOSUPPORT),
+            socket,
+            &[domain, seqpacket],
+        )
+        .map_err(err)?;
     }
     for name in DENIED_ENOSYS {
         let sc = ScmpSyscall::from_name(name).map_err(err)?;
@@ -140,6 +172,36 @@ mod tests {
             eval(&p, X86_64, libc::SYS_sendmsg, [3, 0, fastopen, 0, 0, 0]),
             NOTIFY
         );
+    }
+
+    #[test]
+    fn sctp_sockets_are_not_supported() {
+        let p = build().unwrap();
+        let errno = |e: i32| 0x0005_0000 | e as u32;
+        let inet = libc::AF_INET as u64;
+        let inet6 = libc::AF_INET6 as u64;
+        let stream = libc::SOCK_STREAM as u64;
+        let seqpacket = (libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC) as u64;
+        let socket = libc::SYS_socket;
+        assert_eq!(
+            eval(&p, X86_64, socket, [inet, stream, 132, 0, 0, 0]),
+            errno(libc::EPROTONOSUPPORT)
+        );
+        assert_eq!(
+            eval(&p, X86_64, socket, [1 << 32 | inet6, stream, 132, 0, 0, 0]),
+            errno(libc::EPROTONOSUPPORT)
+        );
+        assert_eq!(
+            eval(&p, X86_64, socket, [inet, seqpacket, 0, 0, 0, 0]),
+            errno(libc::ESOCKTNOSUPPORT)
+        );
+        for ok in [
+            [inet, stream, 0, 0, 0, 0],
+            [inet6, stream, libc::IPPROTO_MPTCP as u64, 0, 0, 0],
+            [libc::AF_UNIX as u64, seqpacket, 0, 0, 0, 0],
+        ] {
+            assert_eq!(eval(&p, X86_64, socket, ok), ALLOW, "{ok:?}");
+        }
     }
 
     #[test]
