@@ -1,13 +1,19 @@
 //! The per-instance control socket: `appshot ps` asks it for the state,
-//! `appshot stop` asks it to stop. Only root or the supervisor's own user
-//! may talk to it (checked with SO_PEERCRED on every connection).
+//! `appshot stop` asks it to stop.
+//!
+//! Only root or the supervisor's own user may talk to it (SO_PEERCRED on
+//! every connection), and never a supervisor of this run directory or a
+//! process running under one: a supervised application is root too, and
+//! must not stop other instances.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use appshot_vpm::Registry;
 use nix::sys::socket::{getsockopt, sockopt};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
@@ -17,6 +23,8 @@ use crate::error::RuntimeError;
 pub const SOCKET_NAME: &str = "control.sock";
 const MAX_REQUEST: u64 = 4096;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ancestors followed from a peer before giving up on its lineage.
+const MAX_LINEAGE: usize = 256;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -35,9 +43,48 @@ pub struct Reply {
     pub message: String,
 }
 
+/// Why a peer may not use the control socket, or `None` if it may.
+/// `lineage` is the peer's pid then its ancestors' (empty if the peer is
+/// gone); `supervisors` are the supervisors of this run directory, the
+/// serving one included.
+pub fn refusal(uid: u32, me: u32, lineage: &[u32], supervisors: &BTreeSet<u32>) -> Option<String> {
+    if uid != 0 && uid != me {
+        return Some(format!("uid {uid} is neither root nor {me}"));
+    }
+    let Some(&pid) = lineage.first() else {
+        return Some("the peer's process is gone or not visible".into());
+    };
+    match lineage.iter().find(|p| supervisors.contains(p)) {
+        Some(&s) if s == pid => Some(format!("pid {pid} is a supervisor")),
+        Some(&s) => Some(format!("pid {pid} runs under the supervisor {s}")),
+        None => None,
+    }
+}
+
+/// `pid` and its ancestors up to (not including) PID 1 or the first that
+/// cannot be read; empty if `pid` itself cannot be read.
+fn lineage(pid: u32) -> Vec<u32> {
+    let mut chain = Vec::new();
+    let mut next = pid;
+    while next > 1 && chain.len() < MAX_LINEAGE {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{next}/stat")) else {
+            break;
+        };
+        chain.push(next);
+        next = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+    }
+    chain
+}
+
 /// Serves requests on `dir/control.sock` until the process exits.
+/// `run_dir`'s registry names the supervisors whose processes are refused.
 pub fn serve(
     dir: &Path,
+    run_dir: &Path,
     handler: impl Fn(Request) -> Reply + Send + 'static,
 ) -> Result<(), RuntimeError> {
     let path = dir.join(SOCKET_NAME);
@@ -46,6 +93,7 @@ pub fn serve(
         .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
+    let registry = Registry::open(run_dir)?;
     let me = nix::unistd::geteuid().as_raw();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -56,11 +104,28 @@ pub fn serve(
                     continue;
                 }
             };
-            if cred.uid() != 0 && cred.uid() != me {
+            let mut supervisors: BTreeSet<u32> = match registry.read() {
+                Ok(state) => state.instances.values().map(|i| i.supervisor_pid).collect(),
+                Err(e) => {
+                    warn!(
+                        pid = cred.pid(),
+                        "control socket: reading the registry: {e}"
+                    );
+                    continue;
+                }
+            };
+            supervisors.insert(std::process::id());
+            let peer_pid = u32::try_from(cred.pid()).unwrap_or(0);
+            let lineage = if peer_pid == 0 {
+                Vec::new()
+            } else {
+                lineage(peer_pid)
+            };
+            if let Some(why) = refusal(cred.uid(), me, &lineage, &supervisors) {
                 warn!(
                     uid = cred.uid(),
                     pid = cred.pid(),
-                    "control socket: peer refused"
+                    "control socket: peer refused: {why}"
                 );
                 continue;
             }
@@ -107,4 +172,26 @@ pub fn request(dir: &Path, req: &Request) -> Result<Reply, RuntimeError> {
         .read_line(&mut line)
         .map_err(|e| err(e.to_string()))?;
     serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervisors_and_their_descendants_are_refused() {
+        let supervisors: BTreeSet<u32> = [100, 200].into();
+        // A CLI started from a shell.
+        assert_eq!(refusal(0, 0, &[500, 400, 300], &supervisors), None);
+        // The supervisor itself, and an application under another one
+        // (app, then its namespace init, then the supervisor).
+        assert!(refusal(0, 0, &[200, 50], &supervisors).is_some_and(|w| w.contains("200")));
+        let why = refusal(0, 0, &[202, 201, 200, 50], &supervisors).expect("refused");
+        assert!(why.contains("202") && why.contains("200"), "{why}");
+        // A peer gone before it could be looked at.
+        assert!(refusal(0, 0, &[], &supervisors).is_some());
+        // Another user, however it was started.
+        assert!(refusal(1000, 0, &[500], &supervisors).is_some());
+        assert_eq!(refusal(1000, 1000, &[500], &supervisors), None);
+    }
 }

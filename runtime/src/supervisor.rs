@@ -205,7 +205,7 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     spawn_signal_forwarder(forwarded, Arc::clone(&init))?;
     let stop_exited = Arc::clone(&exited);
     let stop_init = Arc::clone(&init);
-    control::serve(lock.instance_dir(), move |req| {
+    control::serve(lock.instance_dir(), &launch.run_dir, move |req| {
         handle_control(req, init_pid, &stop_init, &stop_exited)
     })?;
 
