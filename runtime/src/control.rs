@@ -1,20 +1,27 @@
 //! The per-instance control socket: `appshot ps` asks it for the state,
-//! `appshot stop` asks it to stop.
+//! `appshot stop` asks it to stop, `appshot snapshot` asks it to dump the
+//! instance (the supervisor is the tracer, so a requester that dies cannot
+//! leave the instance half-frozen). One JSON request a line; the answer is
+//! one [`Reply`] line, preceded for a snapshot by [`Progress`] lines.
 //!
 //! Only root or the supervisor's own user may talk to it (SO_PEERCRED on
 //! every connection), and never a supervisor of this run directory or a
 //! process running under one: a supervised application is root too, and
-//! must not stop other instances.
+//! must not stop or snapshot other instances.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use appshot_vpm::Registry;
-use nix::sys::socket::{getsockopt, sockopt};
+use nix::errno::Errno;
+use nix::sys::socket::{getsockopt, recv, sockopt, MsgFlags};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -23,6 +30,9 @@ use crate::error::RuntimeError;
 pub const SOCKET_NAME: &str = "control.sock";
 const MAX_REQUEST: u64 = 4096;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A requester that stops reading progress for this long is treated as
+/// gone: the instance must not stay frozen behind a full socket buffer.
+const PROGRESS_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Ancestors followed from a peer before giving up on its lineage.
 const MAX_LINEAGE: usize = 256;
 
@@ -34,6 +44,14 @@ pub enum Request {
     Stop {
         grace_secs: u64,
     },
+    /// Dump the instance into `output` (an absolute path), then let it run
+    /// on or stop it. Abandoned, with the instance released unchanged, if
+    /// the requester's connection closes before the image is in place.
+    Snapshot {
+        output: PathBuf,
+        leave_running: bool,
+        template: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +59,62 @@ pub struct Reply {
     pub ok: bool,
     pub state: String,
     pub message: String,
+}
+
+/// Bytes of memory saved so far, of `total`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Progress { progress: Progress },
+    Reply(Reply),
+}
+
+/// The connection a request came on, for handlers that take long.
+pub struct Peer<'a> {
+    conn: &'a UnixStream,
+    lost: Cell<bool>,
+}
+
+impl Peer<'_> {
+    /// Sends a progress line; a peer that cannot take it counts as gone.
+    pub fn progress(&self, done: u64, total: u64) {
+        if self.lost.get() {
+            return;
+        }
+        let line = serde_json::json!({ "progress": Progress { done, total } });
+        let mut out = line.to_string().into_bytes();
+        out.push(b'\n');
+        if (&*self.conn).write_all(&out).is_err() {
+            self.lost.set(true);
+        }
+    }
+
+    /// Whether the requester closed its end (it exited or was killed).
+    pub fn gone(&self) -> bool {
+        if self.lost.get() {
+            return true;
+        }
+        // A peek that neither waits nor consumes: end of file (or an error)
+        // means the requester's end is closed; nothing to read means it is
+        // still there, waiting for the reply.
+        let mut byte = [0u8; 1];
+        let gone = !matches!(
+            recv(
+                self.conn.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
+            Ok(1..) | Err(Errno::EAGAIN | Errno::EINTR)
+        );
+        self.lost.set(gone);
+        gone
+    }
 }
 
 /// Why a peer may not use the control socket, or `None` if it may.
@@ -80,12 +154,14 @@ fn lineage(pid: u32) -> Vec<u32> {
     chain
 }
 
-/// Serves requests on `dir/control.sock` until the process exits.
-/// `run_dir`'s registry names the supervisors whose processes are refused.
+/// Serves requests on `dir/control.sock` until the process exits, each
+/// connection on a thread of its own (a snapshot takes long, and `ps`
+/// must still get an answer meanwhile). `run_dir`'s registry names the
+/// supervisors whose processes are refused.
 pub fn serve(
     dir: &Path,
     run_dir: &Path,
-    handler: impl Fn(Request) -> Reply + Send + 'static,
+    handler: impl Fn(Request, &Peer) -> Reply + Send + Sync + 'static,
 ) -> Result<(), RuntimeError> {
     let path = dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
@@ -95,6 +171,7 @@ pub fn serve(
         .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
     let registry = Registry::open(run_dir)?;
     let me = nix::unistd::geteuid().as_raw();
+    let handler = Arc::new(handler);
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let cred = match getsockopt(&conn, sockopt::PeerCredentials) {
@@ -129,20 +206,33 @@ pub fn serve(
                 );
                 continue;
             }
-            if let Err(e) = answer(&conn, &handler) {
-                debug!("control connection: {e}");
+            let handler = Arc::clone(&handler);
+            let spawned = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || {
+                    if let Err(e) = answer(&conn, &*handler) {
+                        debug!("control connection: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!("control socket: no thread for a connection: {e}");
             }
         }
     });
     Ok(())
 }
 
-fn answer(conn: &UnixStream, handler: &impl Fn(Request) -> Reply) -> std::io::Result<()> {
+fn answer(conn: &UnixStream, handler: &impl Fn(Request, &Peer) -> Reply) -> std::io::Result<()> {
     conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(PROGRESS_WRITE_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line)?;
+    let peer = Peer {
+        conn,
+        lost: Cell::new(false),
+    };
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handler(req),
+        Ok(req) => handler(req, &peer),
         Err(e) => Reply {
             ok: false,
             state: String::new(),
@@ -156,22 +246,45 @@ fn answer(conn: &UnixStream, handler: &impl Fn(Request) -> Reply) -> std::io::Re
 
 /// Sends one request to the instance whose directory is `dir`.
 pub fn request(dir: &Path, req: &Request) -> Result<Reply, RuntimeError> {
+    request_with_progress(dir, req, CLIENT_TIMEOUT, |_| {})
+}
+
+/// Sends one request and returns its reply, passing the progress lines
+/// before it to `progress`; waits at most `idle` for each line.
+pub fn request_with_progress(
+    dir: &Path,
+    req: &Request,
+    idle: Duration,
+    mut progress: impl FnMut(Progress),
+) -> Result<Reply, RuntimeError> {
     let path: PathBuf = dir.join(SOCKET_NAME);
     let err = |message: String| RuntimeError::Control {
         path: path.clone(),
         message,
     };
     let mut conn = UnixStream::connect(&path).map_err(|e| err(e.to_string()))?;
-    conn.set_read_timeout(Some(CLIENT_TIMEOUT))
+    conn.set_read_timeout(Some(idle))
         .map_err(|e| err(e.to_string()))?;
     let mut msg = serde_json::to_vec(req).map_err(|e| err(e.to_string()))?;
     msg.push(b'\n');
     conn.write_all(&msg).map_err(|e| err(e.to_string()))?;
-    let mut line = String::new();
-    BufReader::new(conn.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .map_err(|e| err(e.to_string()))?;
-    serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        let n = (&mut reader)
+            .take(MAX_REQUEST)
+            .read_line(&mut line)
+            .map_err(|e| err(e.to_string()))?;
+        if n == 0 {
+            return Err(err(
+                "the supervisor closed the connection without a reply".into()
+            ));
+        }
+        match serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))? {
+            Line::Progress { progress: p } => progress(p),
+            Line::Reply(reply) => return Ok(reply),
+        }
+    }
 }
 
 #[cfg(test)]

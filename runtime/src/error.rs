@@ -13,6 +13,8 @@ pub enum RuntimeError {
     Start { name: String, reason: String },
     #[error("instance `{name}` cannot be snapshotted: {reason}")]
     NotSnapshottable { name: String, reason: String },
+    #[error("snapshot of `{name}` failed: {message}")]
+    SnapshotFailed { name: String, message: String },
     #[error("no running instance named `{0}`")]
     NoInstance(String),
     #[error("control socket {path}: {message}")]
