@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::dump::{dump, DumpRequest};
+use appshot_snapshot::image::format::temporary_path;
 use appshot_snapshot::image::{FdKind, Image, InstanceInfo, VmaKind, PAGE};
 use appshot_snapshot::proc::parse;
 use appshot_snapshot::ptrace::Frozen;
@@ -25,6 +26,7 @@ use tracing::info;
 
 use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
+use crate::pending::Pending;
 use crate::tree;
 
 /// Opens a template for cloning. Its pages section (the part whose check
@@ -196,10 +198,13 @@ pub fn take(
     if requester.gone() {
         return Err(SnapshotError::Cancelled { pid: app }.into());
     }
+    let pending = Pending::begin(subject.run_dir, &temporary_path(output)?)?;
+
     let started = Instant::now();
     let frozen = Frozen::seize(app, Options::empty())?;
     frozen_flag.store(true, Ordering::SeqCst);
     let dumped = dump(&frozen, &req, output);
+    drop(pending);
     let stats = match dumped {
         Ok(stats) => stats,
         Err(e) => {

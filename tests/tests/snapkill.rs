@@ -2,8 +2,7 @@
 //! traces the instance, so the instance runs on with its memory intact,
 //! the previous image stays as it was, and no temporary outlives the next
 //! appshot command. And control sockets refuse supervised applications,
-//! which are root like any operator: an application cannot stop another
-//! instance.
+//! which are root like any operator.
 
 mod common;
 
@@ -15,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{alive, pid_of, poll, port_pairs, Harness};
+use common::{alive, pid_of, poll, port_pairs, Harness, READY};
 
 /// The port the big-memory program listens on.
 const PORT: u16 = 19401;
@@ -189,6 +188,42 @@ fn ps_says_snapshotting_while_the_instance_is_frozen() {
     );
     assert_eq!(h.instance("frozen").unwrap()["state"], "running");
     assert_eq!(ask(real), before);
+}
+
+#[test]
+fn a_dead_writers_temporary_is_swept_by_the_next_command() {
+    let test = "a_dead_writers_temporary_is_swept_by_the_next_command";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    start_bigmem(&mut h, "victim", PORT + 1);
+    let images = h.dir("images");
+    let image = images.join("victim.img");
+    let mut cli = spawn_snapshot(&h, "victim", &image);
+    // Whoever writes the image names its temporary after itself.
+    let mut writer = None;
+    poll(Duration::from_secs(30), || {
+        writer = others(&images, "victim.img")
+            .iter()
+            .find_map(|n| n.strip_prefix(".victim.img.tmp.")?.parse::<u32>().ok());
+        writer.is_some()
+    });
+    let writer = writer.expect("a temporary appears while the image is written");
+    // SAFETY: kill takes plain integers.
+    unsafe { libc::kill(writer as i32, libc::SIGKILL) };
+    assert!(poll(READY, || !alive(writer)), "writer {writer} still runs");
+    let _ = cli.kill();
+    let _ = cli.wait();
+    assert!(
+        !others(&images, "victim.img").is_empty(),
+        "the killed writer left its temporary"
+    );
+    h.ps();
+    let left = others(&images, "victim.img");
+    assert!(
+        left.is_empty(),
+        "`appshot ps` leaves the dead writer's temporaries: {left:?}"
+    );
 }
 
 /// A supervised client (root, like its supervisor) that sends a stop
