@@ -1,14 +1,27 @@
 //! The per-instance control socket: `appshot ps` asks it for the state,
-//! `appshot stop` asks it to stop. Only root or the supervisor's own user
-//! may talk to it (checked with SO_PEERCRED on every connection).
+//! `appshot stop` asks it to stop, `appshot snapshot` asks it to dump the
+//! instance (the supervisor is the tracer, so a requester that dies cannot
+//! leave the instance half-frozen). One JSON request a line; the answer is
+//! one [`Reply`] line, preceded for a snapshot by [`Progress`] lines.
+//!
+//! Only root or the supervisor's own user may talk to it (SO_PEERCRED on
+//! every connection), and never a supervisor of this run directory or a
+//! process running under one: a supervised application is root too, and
+//! must not stop or snapshot other instances.
 
+use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::socket::{getsockopt, sockopt};
+use appshot_vpm::Registry;
+use nix::errno::Errno;
+use nix::sys::socket::{getsockopt, recv, sockopt, MsgFlags};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -17,6 +30,11 @@ use crate::error::RuntimeError;
 pub const SOCKET_NAME: &str = "control.sock";
 const MAX_REQUEST: u64 = 4096;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A requester that stops reading progress for this long is treated as
+/// gone: the instance must not stay frozen behind a full socket buffer.
+const PROGRESS_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ancestors followed from a peer before giving up on its lineage.
+const MAX_LINEAGE: usize = 256;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -25,6 +43,14 @@ pub enum Request {
     /// SIGTERM now, SIGKILL after `grace_secs`.
     Stop {
         grace_secs: u64,
+    },
+    /// Dump the instance into `output` (an absolute path), then let it run
+    /// on or stop it. Abandoned, with the instance released unchanged, if
+    /// the requester's connection closes before the image is in place.
+    Snapshot {
+        output: PathBuf,
+        leave_running: bool,
+        template: bool,
     },
 }
 
@@ -35,10 +61,107 @@ pub struct Reply {
     pub message: String,
 }
 
-/// Serves requests on `dir/control.sock` until the process exits.
+/// Bytes of memory saved so far, of `total`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Progress { progress: Progress },
+    Reply(Reply),
+}
+
+/// The connection a request came on, for handlers that take long.
+pub struct Peer<'a> {
+    conn: &'a UnixStream,
+    lost: Cell<bool>,
+}
+
+impl Peer<'_> {
+    /// Sends a progress line; a peer that cannot take it counts as gone.
+    pub fn progress(&self, done: u64, total: u64) {
+        if self.lost.get() {
+            return;
+        }
+        let line = serde_json::json!({ "progress": Progress { done, total } });
+        let mut out = line.to_string().into_bytes();
+        out.push(b'\n');
+        if (&*self.conn).write_all(&out).is_err() {
+            self.lost.set(true);
+        }
+    }
+
+    /// Whether the requester closed its end (it exited or was killed).
+    pub fn gone(&self) -> bool {
+        if self.lost.get() {
+            return true;
+        }
+        // A peek that neither waits nor consumes: end of file (or an error)
+        // means the requester's end is closed; nothing to read means it is
+        // still there, waiting for the reply.
+        let mut byte = [0u8; 1];
+        let gone = !matches!(
+            recv(
+                self.conn.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
+            Ok(1..) | Err(Errno::EAGAIN | Errno::EINTR)
+        );
+        self.lost.set(gone);
+        gone
+    }
+}
+
+/// Why a peer may not use the control socket, or `None` if it may.
+/// `lineage` is the peer's pid then its ancestors' (empty if the peer is
+/// gone); `supervisors` are the supervisors of this run directory, the
+/// serving one included.
+pub fn refusal(uid: u32, me: u32, lineage: &[u32], supervisors: &BTreeSet<u32>) -> Option<String> {
+    if uid != 0 && uid != me {
+        return Some(format!("uid {uid} is neither root nor {me}"));
+    }
+    let Some(&pid) = lineage.first() else {
+        return Some("the peer's process is gone or not visible".into());
+    };
+    match lineage.iter().find(|p| supervisors.contains(p)) {
+        Some(&s) if s == pid => Some(format!("pid {pid} is a supervisor")),
+        Some(&s) => Some(format!("pid {pid} runs under the supervisor {s}")),
+        None => None,
+    }
+}
+
+/// `pid` and its ancestors up to (not including) PID 1 or the first that
+/// cannot be read; empty if `pid` itself cannot be read.
+fn lineage(pid: u32) -> Vec<u32> {
+    let mut chain = Vec::new();
+    let mut next = pid;
+    while next > 1 && chain.len() < MAX_LINEAGE {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{next}/stat")) else {
+            break;
+        };
+        chain.push(next);
+        next = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+    }
+    chain
+}
+
+/// Serves requests on `dir/control.sock` until the process exits, each
+/// connection on a thread of its own (a snapshot takes long, and `ps`
+/// must still get an answer meanwhile). `run_dir`'s registry names the
+/// supervisors whose processes are refused.
 pub fn serve(
     dir: &Path,
-    handler: impl Fn(Request) -> Reply + Send + 'static,
+    run_dir: &Path,
+    handler: impl Fn(Request, &Peer) -> Reply + Send + Sync + 'static,
 ) -> Result<(), RuntimeError> {
     let path = dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
@@ -46,7 +169,9 @@ pub fn serve(
         .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
+    let registry = Registry::open(run_dir)?;
     let me = nix::unistd::geteuid().as_raw();
+    let handler = Arc::new(handler);
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let cred = match getsockopt(&conn, sockopt::PeerCredentials) {
@@ -56,28 +181,58 @@ pub fn serve(
                     continue;
                 }
             };
-            if cred.uid() != 0 && cred.uid() != me {
+            let mut supervisors: BTreeSet<u32> = match registry.read() {
+                Ok(state) => state.instances.values().map(|i| i.supervisor_pid).collect(),
+                Err(e) => {
+                    warn!(
+                        pid = cred.pid(),
+                        "control socket: reading the registry: {e}"
+                    );
+                    continue;
+                }
+            };
+            supervisors.insert(std::process::id());
+            let peer_pid = u32::try_from(cred.pid()).unwrap_or(0);
+            let lineage = if peer_pid == 0 {
+                Vec::new()
+            } else {
+                lineage(peer_pid)
+            };
+            if let Some(why) = refusal(cred.uid(), me, &lineage, &supervisors) {
                 warn!(
                     uid = cred.uid(),
                     pid = cred.pid(),
-                    "control socket: peer refused"
+                    "control socket: peer refused: {why}"
                 );
                 continue;
             }
-            if let Err(e) = answer(&conn, &handler) {
-                debug!("control connection: {e}");
+            let handler = Arc::clone(&handler);
+            let spawned = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || {
+                    if let Err(e) = answer(&conn, &*handler) {
+                        debug!("control connection: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!("control socket: no thread for a connection: {e}");
             }
         }
     });
     Ok(())
 }
 
-fn answer(conn: &UnixStream, handler: &impl Fn(Request) -> Reply) -> std::io::Result<()> {
+fn answer(conn: &UnixStream, handler: &impl Fn(Request, &Peer) -> Reply) -> std::io::Result<()> {
     conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(PROGRESS_WRITE_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line)?;
+    let peer = Peer {
+        conn,
+        lost: Cell::new(false),
+    };
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handler(req),
+        Ok(req) => handler(req, &peer),
         Err(e) => Reply {
             ok: false,
             state: String::new(),
@@ -91,20 +246,65 @@ fn answer(conn: &UnixStream, handler: &impl Fn(Request) -> Reply) -> std::io::Re
 
 /// Sends one request to the instance whose directory is `dir`.
 pub fn request(dir: &Path, req: &Request) -> Result<Reply, RuntimeError> {
+    request_with_progress(dir, req, CLIENT_TIMEOUT, |_| {})
+}
+
+/// Sends one request and returns its reply, passing the progress lines
+/// before it to `progress`; waits at most `idle` for each line.
+pub fn request_with_progress(
+    dir: &Path,
+    req: &Request,
+    idle: Duration,
+    mut progress: impl FnMut(Progress),
+) -> Result<Reply, RuntimeError> {
     let path: PathBuf = dir.join(SOCKET_NAME);
     let err = |message: String| RuntimeError::Control {
         path: path.clone(),
         message,
     };
     let mut conn = UnixStream::connect(&path).map_err(|e| err(e.to_string()))?;
-    conn.set_read_timeout(Some(CLIENT_TIMEOUT))
+    conn.set_read_timeout(Some(idle))
         .map_err(|e| err(e.to_string()))?;
     let mut msg = serde_json::to_vec(req).map_err(|e| err(e.to_string()))?;
     msg.push(b'\n');
     conn.write_all(&msg).map_err(|e| err(e.to_string()))?;
-    let mut line = String::new();
-    BufReader::new(conn.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .map_err(|e| err(e.to_string()))?;
-    serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        let n = (&mut reader)
+            .take(MAX_REQUEST)
+            .read_line(&mut line)
+            .map_err(|e| err(e.to_string()))?;
+        if n == 0 {
+            return Err(err(
+                "the supervisor closed the connection without a reply".into()
+            ));
+        }
+        match serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))? {
+            Line::Progress { progress: p } => progress(p),
+            Line::Reply(reply) => return Ok(reply),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervisors_and_their_descendants_are_refused() {
+        let supervisors: BTreeSet<u32> = [100, 200].into();
+        // A CLI started from a shell.
+        assert_eq!(refusal(0, 0, &[500, 400, 300], &supervisors), None);
+        // The supervisor itself, and an application under another one
+        // (app, then its namespace init, then the supervisor).
+        assert!(refusal(0, 0, &[200, 50], &supervisors).is_some_and(|w| w.contains("200")));
+        let why = refusal(0, 0, &[202, 201, 200, 50], &supervisors).expect("refused");
+        assert!(why.contains("202") && why.contains("200"), "{why}");
+        // A peer gone before it could be looked at.
+        assert!(refusal(0, 0, &[], &supervisors).is_some());
+        // Another user, however it was started.
+        assert!(refusal(1000, 0, &[500], &supervisors).is_some());
+        assert_eq!(refusal(1000, 1000, &[500], &supervisors), None);
+    }
 }

@@ -15,6 +15,8 @@ pub enum RuntimeError {
     NotSnapshottable { name: String, reason: String },
     #[error("--user {user}: {why}")]
     User { user: String, why: String },
+    #[error("snapshot of `{name}` failed: {message}")]
+    SnapshotFailed { name: String, message: String },
     #[error("no running instance named `{0}`")]
     NoInstance(String),
     #[error("control socket {path}: {message}")]

@@ -11,6 +11,7 @@ mod filter;
 mod init;
 mod multiplex;
 mod notify;
+mod pending;
 mod pool;
 mod remote;
 mod snapshots;
@@ -239,6 +240,9 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
+    if !matches!(cli.command, Cmd::Init { .. } | Cmd::Supervise) {
+        pending::sweep(&run_dir);
+    }
     match cli.command {
         Cmd::Run(args) => {
             let detach = args.detach;

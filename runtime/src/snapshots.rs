@@ -1,25 +1,32 @@
 //! `appshot snapshot` and `appshot inspect`: freezing an instance into an
-//! image, and showing what an image holds. (`appshot restore` is a
-//! supervisor started with an image; see `supervisor::run`.)
+//! image (the CLI asks, the instance's supervisor dumps), and showing what
+//! an image holds. (`appshot restore` is a supervisor started with an
+//! image; see `supervisor::run`.)
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::dump::{dump, DumpRequest};
+use appshot_snapshot::image::format::temporary_path;
 use appshot_snapshot::image::{open_file, FdKind, Image, InstanceInfo, VmaKind, PAGE};
 use appshot_snapshot::proc::parse;
 use appshot_snapshot::ptrace::Frozen;
+use appshot_snapshot::SnapshotError;
+use appshot_sys::pidfd;
 use appshot_vpm::{is_alive, Protocol, Registry};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::ptrace::Options;
-use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
-use nix::unistd::Pid;
 use serde::Serialize;
+use tracing::info;
 
+use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
+use crate::pending::Pending;
 use crate::tree;
 
 /// Opens a template for cloning. Its pages section (the part whose check
@@ -56,7 +63,13 @@ pub fn open_template(path: &Path, run_dir: &Path) -> Result<Image, RuntimeError>
 
 /// Dumps below this size finish before a progress bar would be read.
 const PROGRESS_FROM: u64 = 64 << 20;
+/// How long `appshot snapshot` waits for the next line from the supervisor:
+/// freezing, asking the process and stopping it send none.
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(120);
 
+/// `appshot snapshot`: asks the instance's supervisor to dump it, drawing
+/// the progress it reports. The supervisor is the tracer; if this process
+/// dies midway, the supervisor releases the instance unchanged.
 pub fn snapshot(
     run_dir: &Path,
     name: &str,
@@ -64,13 +77,88 @@ pub fn snapshot(
     leave_running: bool,
     template: bool,
 ) -> Result<String, RuntimeError> {
-    let registry = Registry::open(run_dir)?;
-    let state = registry.transaction(|s| s.clone())?;
-    let rec = state
-        .instances
-        .get(name)
-        .ok_or_else(|| RuntimeError::NoInstance(name.to_string()))?;
-    let app = rec.pid;
+    if !is_alive(run_dir, name) {
+        return Err(RuntimeError::NoInstance(name.to_string()));
+    }
+    // The supervisor has a cwd of its own.
+    let output = std::path::absolute(output)
+        .map_err(|e| RuntimeError::sys(format!("image {}", output.display()), e))?;
+    let dir = run_dir.join("instances").join(name);
+    let bar = std::cell::OnceCell::new();
+    let progress = |p: Progress| {
+        if p.total < PROGRESS_FROM || !std::io::stderr().is_terminal() {
+            return;
+        }
+        let b = bar.get_or_init(|| {
+            let b = ProgressBar::new(p.total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("valid template"),
+            );
+            b.set_message(format!("saving {name}"));
+            b
+        });
+        b.set_position(p.done);
+    };
+    let req = Request::Snapshot {
+        output,
+        leave_running,
+        template,
+    };
+    let reply = control::request_with_progress(&dir, &req, SNAPSHOT_IDLE, progress);
+    if let Some(b) = bar.get() {
+        b.finish_and_clear();
+    }
+    let reply = reply?;
+    if !reply.ok {
+        return Err(RuntimeError::SnapshotFailed {
+            name: name.to_string(),
+            message: reply.message,
+        });
+    }
+    if !leave_running {
+        // The supervisor answers once the instance is dead; its registry
+        // entries go when the supervisor itself exits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while is_alive(run_dir, name) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(reply.message)
+}
+
+/// What a supervisor knows of its instance, for a snapshot of it.
+pub struct Subject<'a> {
+    pub run_dir: &'a Path,
+    pub name: &'a str,
+    pub aid: &'a str,
+    pub command: &'a [String],
+    pub multiplexed: &'a [u16],
+    /// The application process.
+    pub app: u32,
+    /// The namespace init: killing it stops the instance.
+    pub init: &'a OwnedFd,
+}
+
+/// Dumps the instance into `output` and releases or stops it; returns the
+/// summary `appshot snapshot` prints. Runs in the supervisor, on the
+/// calling thread alone (every ptrace request must come from the thread
+/// that seized). `frozen` is set while the instance is stopped by it.
+/// Until the image is in place, a `requester` that went away abandons the
+/// dump: the instance is released exactly as it was and the temporary
+/// removed; after that, a stopping snapshot completes without it.
+pub fn take(
+    subject: &Subject,
+    output: &Path,
+    leave_running: bool,
+    template: bool,
+    requester: &Peer,
+    frozen_flag: &AtomicBool,
+) -> Result<String, RuntimeError> {
+    let name = subject.name;
+    let app = subject.app;
     let procs = tree::descendants(app);
     if procs.len() > 1 {
         return Err(RuntimeError::NotSnapshottable {
@@ -81,25 +169,13 @@ pub fn snapshot(
             ),
         });
     }
-    let stat = std::fs::read_to_string(format!("/proc/{app}/stat"))
-        .map_err(|e| RuntimeError::sys(format!("reading /proc/{app}/stat"), e))?;
-    let init = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|p| p.parse::<i32>().ok())
-        .ok_or_else(|| {
-            RuntimeError::sys(
-                format!("parsing /proc/{app}/stat"),
-                std::io::ErrorKind::InvalidData,
-            )
-        })?;
     let status = std::fs::read_to_string(format!("/proc/{app}/status"))
         .map_err(|e| RuntimeError::sys(format!("reading /proc/{app}/status"), e))?;
     let ns_pid = parse::status_field(&status, "NSpid")
         .and_then(|v| v.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(app);
-
+    let state = Registry::open(subject.run_dir)?.read()?;
     let virtualize = |addr: SocketAddr| {
         let mut a = addr;
         if let Some(v) = state.virtual_port_of(Protocol::Tcp, addr.ip(), addr.port()) {
@@ -107,66 +183,57 @@ pub fn snapshot(
         }
         a
     };
-    let bar = std::cell::OnceCell::new();
-    let progress = |done: u64, total: u64| {
-        if total < PROGRESS_FROM || !std::io::stderr().is_terminal() {
-            return;
-        }
-        let b = bar.get_or_init(|| {
-            let b = ProgressBar::new(total);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-                )
-                .expect("valid template"),
-            );
-            b.set_message(format!("saving {name}"));
-            b
-        });
-        b.set_position(done);
-    };
+    let progress = |done: u64, total: u64| requester.progress(done, total);
+    let cancelled = || requester.gone();
     let req = DumpRequest {
         instance: InstanceInfo {
-            name: rec.name.clone(),
-            aid: rec.aid.clone(),
-            command: rec.command.clone(),
-            multiplexed: rec.multiplexed.clone(),
+            name: name.to_string(),
+            aid: subject.aid.to_string(),
+            command: subject.command.to_vec(),
+            multiplexed: subject.multiplexed.to_vec(),
             template,
         },
         ns_pid,
         virtualize: &virtualize,
         progress: &progress,
+        cancelled: &cancelled,
     };
+    // A requester gone before anything was touched: nothing to undo.
+    if requester.gone() {
+        return Err(SnapshotError::Cancelled { pid: app }.into());
+    }
+    let pending = Pending::begin(subject.run_dir, &temporary_path(output)?)?;
 
     let started = Instant::now();
-    // Declared before `frozen`, so dropped after it on every path: the
-    // signals stay blocked until the instance is released or killed.
-    let blocked = BlockTermination::block();
     let frozen = Frozen::seize(app, Options::empty())?;
-    let stats = dump(&frozen, &req, output)?;
-    if let Some(b) = bar.get() {
-        b.finish_and_clear();
-    }
+    frozen_flag.store(true, Ordering::SeqCst);
+    let dumped = dump(&frozen, &req, output);
+    drop(pending);
+    let stats = match dumped {
+        Ok(stats) => stats,
+        Err(e) => {
+            // Dropping `frozen` releases every thread as it was.
+            drop(frozen);
+            frozen_flag.store(false, Ordering::SeqCst);
+            return Err(e.into());
+        }
+    };
     let frozen_for;
     let after = if leave_running {
         frozen.release();
-        drop(blocked);
         frozen_for = started.elapsed();
+        frozen_flag.store(false, Ordering::SeqCst);
         "left running"
     } else {
         // Killed while still frozen: the instance never runs past the
         // snapshot. Killing the namespace init takes every process with it.
         frozen_for = started.elapsed();
         frozen.kill(|| {
-            let _ = kill(Pid::from_raw(init), Signal::SIGKILL);
+            let _ = pidfd::send_signal(subject.init, libc::SIGKILL);
         });
-        drop(blocked);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while is_alive(run_dir, name) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
         "stopped"
     };
+    info!(name, image = %output.display(), after, "snapshot taken");
     Ok(format!(
         "snapshot of {name} written to {}: {} of memory, image {}, {:.0} ms (frozen {:.0} ms); instance {after}",
         output.display(),
@@ -175,43 +242,6 @@ pub fn snapshot(
         stats.seconds * 1e3,
         frozen_for.as_secs_f64() * 1e3
     ))
-}
-
-/// Blocks the signals that would end `appshot snapshot` (SIGINT, SIGTERM,
-/// SIGHUP, SIGQUIT) while it is the tracer of a frozen instance: dying then
-/// would detach threads in the middle of an injected syscall. Dropping it
-/// restores the previous mask, and a signal that arrived meanwhile acts as
-/// usual then. SIGKILL cannot be blocked; its window is the few
-/// microseconds of a text swap.
-struct BlockTermination {
-    previous: Option<SigSet>,
-}
-
-impl BlockTermination {
-    fn block() -> BlockTermination {
-        let mut set = SigSet::empty();
-        for s in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGQUIT,
-        ] {
-            set.add(s);
-        }
-        let mut previous = SigSet::empty();
-        let previous = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut previous))
-            .ok()
-            .map(|()| previous);
-        BlockTermination { previous }
-    }
-}
-
-impl Drop for BlockTermination {
-    fn drop(&mut self) {
-        if let Some(previous) = &self.previous {
-            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(previous), None);
-        }
-    }
 }
 
 fn mib(bytes: u64) -> String {

@@ -5,9 +5,9 @@
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_snapshot::image::Image;
@@ -24,10 +24,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::control::{self, Reply, Request};
+use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::{filter, notify, tree};
+use crate::{filter, notify, snapshots, tree};
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
 /// (serialised to a detached supervisor).
@@ -207,14 +207,25 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     let init = Arc::new(init);
     let exited = Arc::new(AtomicBool::new(false));
     spawn_signal_forwarder(forwarded, Arc::clone(&init))?;
-    let stop_exited = Arc::clone(&exited);
-    let stop_init = Arc::clone(&init);
-    control::serve(lock.instance_dir(), move |req| {
-        handle_control(req, init_pid, &stop_init, &stop_exited)
+    let control = Arc::new(Control {
+        launch: launch.clone(),
+        app_pid,
+        init_pid,
+        init: Arc::clone(&init),
+        exited: Arc::clone(&exited),
+        frozen: AtomicBool::new(false),
+        snapshot: Mutex::new(()),
+    });
+    let serving = Arc::clone(&control);
+    control::serve(lock.instance_dir(), &launch.run_dir, move |req, peer| {
+        serving.handle(req, peer)
     })?;
 
     let status = wait_exit(init_pid);
     exited.store(true, Ordering::SeqCst);
+    // A snapshot that stopped the instance answers its requester before
+    // the supervisor goes.
+    drop(control.snapshot.lock());
     info!(name = %launch.name, status, "instance exited");
     cluster.shutdown();
     registry.transaction(|s| s.remove_instance(&launch.name))?;
@@ -437,40 +448,109 @@ fn spawn_signal_forwarder(set: SigSet, init: Arc<OwnedFd>) -> Result<(), Runtime
     Ok(())
 }
 
-fn handle_control(
-    req: Request,
+/// What the control socket's requests act on.
+struct Control {
+    launch: Launch,
+    app_pid: u32,
     init_pid: u32,
-    init: &Arc<OwnedFd>,
-    exited: &Arc<AtomicBool>,
-) -> Reply {
-    match req {
-        Request::Status => Reply {
-            ok: true,
-            state: "running".into(),
-            message: String::new(),
-        },
-        Request::Stop { grace_secs } => {
-            let _ = pidfd::send_signal(init, libc::SIGTERM);
-            let init = Arc::clone(init);
-            let exited = Arc::clone(exited);
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(grace_secs);
-                while Instant::now() < deadline && !exited.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if !exited.load(Ordering::SeqCst) {
-                    warn!(
-                        pid = init_pid,
-                        "instance ignored SIGTERM for {grace_secs}s: SIGKILL"
-                    );
-                    // Killing the namespace init kills every process in it.
-                    let _ = pidfd::send_signal(&init, libc::SIGKILL);
-                }
-            });
-            Reply {
+    init: Arc<OwnedFd>,
+    exited: Arc<AtomicBool>,
+    /// The instance is stopped by a snapshot.
+    frozen: AtomicBool,
+    /// Held for the whole of a snapshot, reply included: one at a time.
+    snapshot: Mutex<()>,
+}
+
+impl Control {
+    fn handle(&self, req: Request, peer: &Peer) -> Reply {
+        match req {
+            Request::Status => Reply {
                 ok: true,
-                state: "stopping".into(),
-                message: format!("SIGTERM sent; SIGKILL in {grace_secs}s"),
+                state: if self.frozen.load(Ordering::SeqCst) {
+                    "snapshotting".into()
+                } else {
+                    "running".into()
+                },
+                message: String::new(),
+            },
+            Request::Stop { grace_secs } => self.stop(grace_secs),
+            Request::Snapshot {
+                output,
+                leave_running,
+                template,
+            } => self.snapshot(&output, leave_running, template, peer),
+        }
+    }
+
+    fn stop(&self, grace_secs: u64) -> Reply {
+        let _ = pidfd::send_signal(&self.init, libc::SIGTERM);
+        let init = Arc::clone(&self.init);
+        let exited = Arc::clone(&self.exited);
+        let init_pid = self.init_pid;
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(grace_secs);
+            while Instant::now() < deadline && !exited.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !exited.load(Ordering::SeqCst) {
+                warn!(
+                    pid = init_pid,
+                    "instance ignored SIGTERM for {grace_secs}s: SIGKILL"
+                );
+                // Killing the namespace init kills every process in it.
+                let _ = pidfd::send_signal(&init, libc::SIGKILL);
+            }
+        });
+        Reply {
+            ok: true,
+            state: "stopping".into(),
+            message: format!("SIGTERM sent; SIGKILL in {grace_secs}s"),
+        }
+    }
+
+    fn snapshot(&self, output: &Path, leave_running: bool, template: bool, peer: &Peer) -> Reply {
+        let refused = |message: String| Reply {
+            ok: false,
+            state: "running".into(),
+            message,
+        };
+        if !output.is_absolute() {
+            return refused(format!("{}: not an absolute path", output.display()));
+        }
+        let Ok(_one) = self.snapshot.try_lock() else {
+            return refused(format!(
+                "a snapshot of {} is already under way",
+                self.launch.name
+            ));
+        };
+        if self.exited.load(Ordering::SeqCst) {
+            return refused(format!("instance {} has exited", self.launch.name));
+        }
+        let subject = snapshots::Subject {
+            run_dir: &self.launch.run_dir,
+            name: &self.launch.name,
+            aid: &self.launch.aid,
+            command: &self.launch.command,
+            multiplexed: &self.launch.ports,
+            app: self.app_pid,
+            init: &self.init,
+        };
+        match snapshots::take(
+            &subject,
+            output,
+            leave_running,
+            template,
+            peer,
+            &self.frozen,
+        ) {
+            Ok(message) => Reply {
+                ok: true,
+                state: if leave_running { "running" } else { "stopped" }.into(),
+                message,
+            },
+            Err(e) => {
+                warn!(name = %self.launch.name, image = %output.display(), "snapshot failed: {e}");
+                refused(e.to_string())
             }
         }
     }

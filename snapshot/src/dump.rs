@@ -38,6 +38,10 @@ pub struct DumpRequest<'a> {
     pub virtualize: &'a dyn Fn(SocketAddr) -> SocketAddr,
     /// Called with (bytes done, bytes total) while pages are saved.
     pub progress: &'a dyn Fn(u64, u64),
+    /// Asked between steps that leave the process whole (no injected code
+    /// in it): `true` abandons the dump, the caller then releases the
+    /// process as it was.
+    pub cancelled: &'a dyn Fn() -> bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -48,10 +52,19 @@ pub struct DumpStats {
 }
 
 /// Dumps the frozen process into `path`. The process stays frozen; the
-/// caller releases or kills it. On error no file is left behind.
+/// caller releases or kills it. On error (cancellation included) no file
+/// is left behind; once the image is renamed into place the dump is no
+/// longer cancelled.
 pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
     let started = Instant::now();
     let pid = frozen.pid;
+    let check = || {
+        if (req.cancelled)() {
+            Err(SnapshotError::Cancelled { pid })
+        } else {
+            Ok(())
+        }
+    };
     let proc_dir = format!("/proc/{pid}");
     let read = |name: &str| {
         std::fs::read_to_string(format!("{proc_dir}/{name}"))
@@ -94,7 +107,9 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         })?
         .start;
 
+    check()?;
     let asked = ask_process(frozen, &mem, text)?;
+    check()?;
     if let Some(which) = asked.armed_itimer {
         return Err(SnapshotError::Unsupported {
             pid,
@@ -165,7 +180,7 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
 
     let mut writer = ImageWriter::create(path)?;
     let growsdown = self::growsdown(pid)?;
-    let vmas = match dump_memory(pid, &mem, &maps, &growsdown, &mut writer, req.progress) {
+    let vmas = match dump_memory(pid, &mem, &maps, &growsdown, &mut writer, req, &check) {
         Ok(v) => v,
         Err(e) => {
             writer.abandon();
@@ -199,6 +214,10 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             pages_bytes,
         },
     };
+    if let Err(e) = check() {
+        writer.abandon();
+        return Err(e);
+    }
     let image_bytes = writer.finish(&manifest)?;
     Ok(DumpStats {
         pages_bytes,
@@ -414,7 +433,8 @@ fn dump_memory(
     maps: &[MapsLine],
     growsdown: &HashSet<u64>,
     writer: &mut ImageWriter,
-    progress: &dyn Fn(u64, u64),
+    req: &DumpRequest,
+    check: &dyn Fn() -> Result<(), SnapshotError>,
 ) -> Result<Vec<Vma>, SnapshotError> {
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
@@ -479,7 +499,8 @@ fn dump_memory(
                 offset,
             });
             done += len as u64;
-            progress(done, total);
+            (req.progress)(done, total);
+            check()?;
         }
         vmas.push(Vma {
             start: m.start,

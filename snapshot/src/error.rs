@@ -37,6 +37,10 @@ pub enum SnapshotError {
     FileChanged { path: String, why: String },
     #[error("restore: {0}")]
     Restore(String),
+    #[error(
+        "pid {pid}: snapshot cancelled (its requester went away); the process runs on unchanged"
+    )]
+    Cancelled { pid: u32 },
 }
 
 impl SnapshotError {

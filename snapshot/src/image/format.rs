@@ -101,12 +101,9 @@ pub struct ImageWriter {
 impl ImageWriter {
     pub fn create(path: &Path) -> Result<ImageWriter, SnapshotError> {
         let io = |e| SnapshotError::io(path, e);
-        let name = path
-            .file_name()
-            .ok_or_else(|| SnapshotError::io(path, std::io::ErrorKind::InvalidInput.into()))?;
-        let prefix = format!(".{}.tmp.", name.to_string_lossy());
+        let prefix = temporary_prefix(path)?;
         remove_orphaned_temporaries(path, &prefix);
-        let tmp = path.with_file_name(format!("{prefix}{}", std::process::id()));
+        let tmp = temporary_path(path)?;
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -169,6 +166,29 @@ impl ImageWriter {
         drop(self.out);
         let _ = std::fs::remove_file(&self.tmp);
     }
+}
+
+fn temporary_prefix(path: &Path) -> Result<String, SnapshotError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| SnapshotError::io(path, std::io::ErrorKind::InvalidInput.into()))?;
+    Ok(format!(".{}.tmp.", name.to_string_lossy()))
+}
+
+/// The temporary file this process writes an image for `path` into
+/// before renaming it there: `.NAME.tmp.PID` beside it.
+pub fn temporary_path(path: &Path) -> Result<PathBuf, SnapshotError> {
+    let prefix = temporary_prefix(path)?;
+    Ok(path.with_file_name(format!("{prefix}{}", std::process::id())))
+}
+
+/// Whether `file_name` is one [`temporary_path`] gives a writer with
+/// process id `pid`.
+pub fn is_temporary_name(file_name: &str, pid: u32) -> bool {
+    file_name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(&format!(".tmp.{pid}")))
+        .is_some_and(|image| !image.is_empty())
 }
 
 /// Removes temporaries of earlier snapshots to `path` whose writer died
@@ -552,6 +572,17 @@ mod tests {
             live.exists(),
             "a live writer's temporary (another image) is left alone"
         );
+    }
+
+    #[test]
+    fn temporary_names_are_recognised_for_their_writer_only() {
+        let tmp = temporary_path(Path::new("/x/img")).unwrap();
+        let name = tmp.file_name().unwrap().to_str().unwrap();
+        assert!(is_temporary_name(name, std::process::id()));
+        assert!(!is_temporary_name(name, std::process::id() + 1));
+        assert!(!is_temporary_name("img", std::process::id()));
+        assert!(!is_temporary_name("..tmp.1", 1));
+        assert!(!is_temporary_name("img.tmp.1", 1));
     }
 
     fn thread() -> ThreadImage {

@@ -666,6 +666,15 @@ impl Harness {
         self.ps().into_iter().find(|r| r["name"] == name)
     }
 
+    /// The control socket of instance `name`.
+    pub fn control_socket(&self, name: &str) -> PathBuf {
+        self.run_dir
+            .path()
+            .join("instances")
+            .join(name)
+            .join("control.sock")
+    }
+
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.run_dir.path().join("logs").join(format!("{name}.log"))
     }
