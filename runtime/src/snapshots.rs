@@ -323,6 +323,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     VmaKind::File { file, .. } => file.path.clone(),
                     VmaKind::Vdso(n) => n.clone(),
                     VmaKind::Vsyscall => "[vsyscall]".into(),
+                    VmaKind::SysvShm { id } => format!("System V shm segment {id}"),
                 },
                 saved_bytes: v.pages.iter().map(|r| r.pages * PAGE).sum(),
             })

@@ -108,6 +108,13 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         .start;
 
     check()?;
+    let ipc = crate::kinds::sysv::save(pid)?;
+    for m in &maps_before {
+        if let Some(VmaKind::SysvShm { id }) = classify(m, pid, &growsdown)? {
+            ipc.check_attached(pid, id, m.end - m.start)?;
+        }
+    }
+
     let asked = ask_process(frozen, &mem, text)?;
     check()?;
     if let Some(which) = asked.armed_itimer {
@@ -187,6 +194,13 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             return Err(e);
         }
     };
+    let ipc = match ipc.write(&mut writer) {
+        Ok(ipc) => ipc,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
     let pages_bytes = vmas
         .iter()
         .flat_map(|v| &v.pages)
@@ -213,6 +227,7 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             fds,
             pages_bytes,
         },
+        ipc,
     };
     if let Err(e) = check() {
         writer.abandon();
@@ -398,6 +413,10 @@ fn classify(
         n if n.starts_with("[anon:") => anon,
         "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
         "[vsyscall]" => return Ok(None),
+        n if n.starts_with("/SYSV") && n.ends_with(" (deleted)") && m.shared => {
+            // The inode of a System V segment's mapping is its id.
+            VmaKind::SysvShm { id: m.inode as i32 }
+        }
         n if n.ends_with(" (deleted)") => {
             return Err(unsupported(format!(
                 "mapping {:#x}-{:#x} of deleted file {n}",
@@ -415,7 +434,7 @@ fn classify(
             )))
         }
     };
-    if m.shared && !matches!(kind, VmaKind::File { .. }) {
+    if m.shared && !matches!(kind, VmaKind::File { .. } | VmaKind::SysvShm { .. }) {
         return Err(unsupported(format!(
             "shared anonymous mapping {:#x}-{:#x} ({})",
             m.start, m.end, m.name

@@ -23,7 +23,8 @@ use crate::image::model::Manifest;
 
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
-/// main stack as its own kind of mapping. 3: credentials of every thread.
+/// main stack as its own kind of mapping. 3: credentials of every thread,
+/// System V IPC objects.
 pub const VERSION: u32 = 3;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
@@ -378,6 +379,19 @@ fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
             ));
         }
     }
+    for seg in &manifest.ipc.shm {
+        let inside = seg.offset % PAGE == 0
+            && seg
+                .offset
+                .checked_add(seg.size)
+                .is_some_and(|end| end <= pages_len);
+        if !inside {
+            return Err(format!(
+                "System V segment {} ({} bytes at {}) lies outside the pages section",
+                seg.perm.id, seg.size, seg.offset
+            ));
+        }
+    }
     for vma in &p.vmas {
         if vma.start >= vma.end || vma.start % PAGE != 0 || vma.end % PAGE != 0 {
             return Err(format!(
@@ -422,6 +436,7 @@ mod tests {
 
     pub(crate) fn sample_manifest(pages: Vec<PageRun>) -> Manifest {
         Manifest {
+            ipc: SysvIpc::default(),
             created_unix: 1,
             instance: InstanceInfo {
                 name: "web-a".into(),
