@@ -11,4 +11,5 @@ pub mod net;
 pub mod pidfd;
 pub mod ptrace;
 pub mod seccomp;
+pub mod sockdiag;
 pub mod spawn;
