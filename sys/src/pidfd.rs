@@ -1,4 +1,4 @@
-//! pidfd_open, pidfd_getfd and pidfd_send_signal: how the supervisor
+//! pidfd_open, pidfd_getfd, pidfd_send_signal and kcmp: how the supervisor
 //! reaches into a supervised task's file table without ptrace, and signals
 //! a process without racing the reuse of its PID.
 
@@ -48,6 +48,30 @@ pub fn send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// `KCMP_FILE` of `linux/kcmp.h`.
+const KCMP_FILE: libc::c_int = 0;
+
+/// Whether fds `a` and `b` of process `pid` refer to one open file
+/// description (`dup`, `dup2`, `F_DUPFD`, or one received twice), which
+/// the fd links in /proc cannot tell apart from two opens of one file.
+pub fn same_file(pid: u32, a: RawFd, b: RawFd) -> io::Result<bool> {
+    // SAFETY: kcmp takes five integers and touches no memory of ours.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid as libc::pid_t,
+            pid as libc::pid_t,
+            KCMP_FILE,
+            a as libc::c_ulong,
+            b as libc::c_ulong,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret == 0)
+}
+
 fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
@@ -59,6 +83,16 @@ fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_file_tells_a_dup_from_a_second_open() {
+        let me = std::process::id();
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let g = std::fs::File::open("/proc/self/status").unwrap();
+        let d = f.try_clone().unwrap();
+        assert!(same_file(me, f.as_raw_fd(), d.as_raw_fd()).unwrap());
+        assert!(!same_file(me, f.as_raw_fd(), g.as_raw_fd()).unwrap());
+    }
 
     #[test]
     fn send_signal_reaches_the_process_and_fails_once_it_is_reaped() {

@@ -24,8 +24,9 @@ use crate::image::model::Manifest;
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
 /// main stack as its own kind of mapping. 3: credentials of every thread,
-/// System V IPC objects.
-pub const VERSION: u32 = 3;
+/// System V IPC objects. 5: Unix sockets and fds sharing one open file
+/// description.
+pub const VERSION: u32 = 5;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
