@@ -7,8 +7,10 @@
 
 pub mod creds;
 pub mod fd;
+pub mod handle;
 pub mod net;
 pub mod pidfd;
 pub mod ptrace;
 pub mod seccomp;
 pub mod spawn;
+pub mod timerfd;
