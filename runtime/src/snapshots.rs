@@ -320,6 +320,14 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     } => format!("tcp {} {addr}", if *listening { "listen" } else { "bound" }),
                     FdKind::Epoll { targets, .. } => format!("epoll, {} fds", targets.len()),
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
+                    FdKind::TimerFd(t) => format!(
+                        "timerfd clock {}, {} ns left, period {} ns, {} unread",
+                        t.clockid, t.time.value_ns, t.time.interval_ns, t.ticks
+                    ),
+                    FdKind::SignalFd { mask, .. } => format!("signalfd mask {mask:#x}"),
+                    FdKind::Inotify { watches, .. } => {
+                        format!("inotify, {} watches", watches.len())
+                    }
                 },
             })
             .collect(),

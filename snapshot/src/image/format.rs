@@ -24,7 +24,8 @@ use crate::image::model::Manifest;
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
 /// main stack as its own kind of mapping. 3: credentials of every thread.
-pub const VERSION: u32 = 3;
+/// 4: timerfd, signalfd and inotify fds, interval and POSIX timers.
+pub const VERSION: u32 = 4;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -435,6 +436,8 @@ mod tests {
                 shared_pending: vec![],
                 threads: vec![],
                 fds: vec![],
+                itimers: vec![],
+                posix_timers: vec![],
                 pages_bytes: 0,
             },
         }
