@@ -340,9 +340,10 @@ fn rebuild(
     }
 
     // Timers as late as possible, so that the time they had left runs
-    // from about when the process runs again; before the credentials, as
-    // asking for timer ids may need root. A signal of one that fires
-    // meanwhile is held and delivered on release.
+    // from about when the process runs again; before the credentials, as a
+    // timer on an alarm clock needs CAP_WAKE_ALARM, which the process may
+    // have given up since it made it. A signal of one that fires meanwhile
+    // is held and delivered on release.
     {
         let inj = frozen.rebuilding_injector(scratch, template);
         kinds::posix_timer::restore(&inj, &mem, pid, data, &p.posix_timers)?;
