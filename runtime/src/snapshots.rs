@@ -353,6 +353,14 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
                     FdKind::Dup { of } => format!("same open file as fd {of}"),
                     FdKind::Unix(u) => appshot_snapshot::kinds::unix::describe(u),
+                    FdKind::TimerFd(t) => format!(
+                        "timerfd clock {}, {} ns left, period {} ns, {} unread",
+                        t.clockid, t.time.value_ns, t.time.interval_ns, t.ticks
+                    ),
+                    FdKind::SignalFd { mask, .. } => format!("signalfd mask {mask:#x}"),
+                    FdKind::Inotify { watches, .. } => {
+                        format!("inotify, {} watches", watches.len())
+                    }
                 },
             })
             .collect(),

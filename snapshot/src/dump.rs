@@ -18,6 +18,7 @@ use tracing::debug;
 use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{ImageWriter, PAGE};
+use crate::kinds;
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
@@ -76,18 +77,13 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
     let status = read("status")?;
     // Everything that could make the dump impossible is checked before the
     // process is touched.
-    let fds = dump_fds(pid, req)?;
+    let mut fds = dump_fds(pid, req)?;
     let mem = Memory::open(pid)?;
     let maps_before = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
     })?;
-    let timers = parse::posix_timers(&read("timers")?);
-    if timers > 0 {
-        return Err(SnapshotError::Unsupported {
-            pid,
-            what: format!("has {timers} POSIX timer(s) (timer_create), which cannot be saved yet"),
-        });
-    }
+    let ns_tids: HashMap<u32, u32> = frozen.tids.iter().map(|&t| (t, ns_tid(t))).collect();
+    let mut posix_timers = kinds::posix_timer::list(pid, &read("timers")?, &ns_tids)?;
     // Every mapping must be one a restore can rebuild; refused before any
     // syscall is injected.
     let growsdown = growsdown(pid)?;
@@ -118,14 +114,11 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         }
     }
 
-    let asked = ask_process(frozen, &mem, text)?;
+    // Last before injecting: it reads timerfds (putting their counts back),
+    // so every refusal above comes first.
+    kinds::timerfd::catch_up(pid, &mut fds)?;
+    let asked = ask_process(frozen, &mem, text, &mut posix_timers)?;
     check()?;
-    if let Some(which) = asked.armed_itimer {
-        return Err(SnapshotError::Unsupported {
-            pid,
-            what: format!("has an armed interval timer ({which}), which cannot be saved yet"),
-        });
-    }
 
     let maps = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
@@ -150,17 +143,12 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         let r = nix::sys::ptrace::getregs(nix::unistd::Pid::from_raw(tid as i32))
             .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?;
         let t = &asked.threads[i];
-        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
-        let ns_tid = parse::status_field(&status, "NSpid")
-            .and_then(|v| v.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(tid);
         let rseq = xptrace::rseq_config(tid)
             .ok()
             .filter(|c| c.pointer != 0)
             .map(|c| (c.pointer, c.len, c.signature));
         threads.push(ThreadImage {
-            ns_tid,
+            ns_tid: ns_tids[&tid],
             comm: std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
                 .unwrap_or_default()
                 .trim_end()
@@ -228,6 +216,8 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             shared_pending,
             threads,
             fds,
+            itimers: asked.itimers,
+            posix_timers,
             pages_bytes,
         },
         ipc,
@@ -253,8 +243,7 @@ struct ThreadAnswers {
 
 struct Answers {
     brk: u64,
-    /// The first of ITIMER_REAL/VIRTUAL/PROF found armed.
-    armed_itimer: Option<&'static str>,
+    itimers: Vec<ITimer>,
     sigactions: Vec<SigAction>,
     rlimits: Vec<(u32, u64, u64)>,
     threads: Vec<ThreadAnswers>,
@@ -262,7 +251,13 @@ struct Answers {
 
 /// What only the process itself can tell: asked with injected syscalls
 /// from a scratch mapping that is removed again before memory is read.
-fn ask_process(frozen: &Frozen, mem: &Memory, text: u64) -> Result<Answers, SnapshotError> {
+/// Fills in the time left of `posix_timers`.
+fn ask_process(
+    frozen: &Frozen,
+    mem: &Memory,
+    text: u64,
+    posix_timers: &mut [PosixTimer],
+) -> Result<Answers, SnapshotError> {
     let main = frozen.pid;
     let scratch = map_scratch(frozen, mem, text, None, SCRATCH)?;
     let result = (|| {
@@ -302,31 +297,15 @@ fn ask_process(frozen: &Frozen, mem: &Memory, text: u64) -> Result<Answers, Snap
             }
         }
         let brk = inj.ok(main, "brk(0)", libc::SYS_brk, &[0])?;
-        let mut armed_itimer = None;
-        for (which, name) in [
-            (libc::ITIMER_REAL, "ITIMER_REAL: setitimer or alarm"),
-            (libc::ITIMER_VIRTUAL, "ITIMER_VIRTUAL"),
-            (libc::ITIMER_PROF, "ITIMER_PROF"),
-        ] {
-            inj.ok(
-                main,
-                "getitimer",
-                libc::SYS_getitimer,
-                &[which as u64, data],
-            )?;
-            // struct itimerval: it_interval, then it_value (sec, usec).
-            let value = (mem.read_u64(data + 16)?, mem.read_u64(data + 24)?);
-            if value != (0, 0) && armed_itimer.is_none() {
-                armed_itimer = Some(name);
-            }
-        }
+        let itimers = kinds::itimer::save(&inj, mem, main, data)?;
+        kinds::posix_timer::save_times(&inj, mem, main, data, posix_timers)?;
         let mut threads = Vec::new();
         for &tid in &frozen.tids {
             threads.push(ask_thread(&inj, mem, tid, data)?);
         }
         Ok(Answers {
             brk,
-            armed_itimer,
+            itimers,
             sigactions,
             rlimits,
             threads,
@@ -365,11 +344,20 @@ fn ask_thread(
         u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
     );
     Ok(ThreadAnswers {
-        creds: crate::kinds::creds::save(tid, inj)?,
+        creds: kinds::creds::save(tid, inj)?,
         tid_address,
         robust_list,
         altstack,
     })
+}
+
+/// Thread `tid` (host TID) as its own PID namespace numbers it.
+fn ns_tid(tid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    parse::status_field(&status, "NSpid")
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tid)
 }
 
 pub(crate) fn file_ref(path: &str, pid: u32) -> Result<FileRef, SnapshotError> {
@@ -662,6 +650,12 @@ fn dump_fds(pid: u32, req: &DumpRequest) -> Result<Vec<FdImage>, SnapshotError> 
                 flags,
                 semaphore: info.eventfd_semaphore,
             }
+        } else if link == "anon_inode:[timerfd]" {
+            kinds::timerfd::save(pid, fd, &info_text, flags)?
+        } else if link == "anon_inode:[signalfd]" {
+            kinds::signalfd::save(pid, fd, &info_text, flags)?
+        } else if link == "anon_inode:inotify" {
+            kinds::inotify::save(pid, fd, &info_text, flags)?
         } else {
             return Err(unsupported(format!("{link} cannot be saved yet")));
         };

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{Image, PAGE};
+use crate::kinds;
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
@@ -341,11 +342,22 @@ fn rebuild(
         )?;
     }
 
+    // Timers as late as possible, so that the time they had left runs
+    // from about when the process runs again; before the credentials, as a
+    // timer on an alarm clock needs CAP_WAKE_ALARM, which the process may
+    // have given up since it made it. A signal of one that fires meanwhile
+    // is held and delivered on release.
+    {
+        let inj = frozen.rebuilding_injector(scratch, template);
+        kinds::posix_timer::restore(&inj, &mem, pid, data, &p.posix_timers)?;
+        kinds::itimer::restore(&inj, &mem, pid, data, &p.itimers)?;
+    }
+
     // Credentials last among the injected work: everything above may need
     // root, and a thread that is no longer root may not regain it.
     for t in &p.threads {
         let tid = host_tids[&t.ns_tid];
-        crate::kinds::creds::restore(
+        kinds::creds::restore(
             &frozen.rebuilding_injector(scratch, template),
             &mem,
             tid,
@@ -823,6 +835,21 @@ fn restore_fds(
                         &[temp, data, 8],
                     )?;
                 }
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+            }
+            FdKind::TimerFd(t) => {
+                let temp = to_high(kinds::timerfd::restore(inj, mem, pid, data, f.fd, t)?)?;
+                place(temp, f, t.flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+            }
+            FdKind::SignalFd { mask, flags } => {
+                let temp = to_high(kinds::signalfd::restore(inj, mem, pid, data, f.fd, *mask)?)?;
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+            }
+            FdKind::Inotify { flags, watches } => {
+                let temp = to_high(kinds::inotify::restore(inj, mem, pid, data, f.fd, watches)?)?;
                 place(temp, f, *flags)?;
                 inj.call(pid, libc::SYS_close, &[temp])?;
             }

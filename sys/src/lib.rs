@@ -7,6 +7,7 @@
 
 pub mod creds;
 pub mod fd;
+pub mod handle;
 pub mod net;
 pub mod pidfd;
 pub mod ptrace;
@@ -14,3 +15,4 @@ pub mod seccomp;
 pub mod sockdiag;
 pub mod spawn;
 pub mod sysv;
+pub mod timerfd;

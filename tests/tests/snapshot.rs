@@ -1066,33 +1066,3 @@ fn a_snapshot_of_a_clone_keeps_a_stack_that_grows() {
     wait_ticks(&h, "c1", before, 2);
     assert!(alive(app), "c1 died growing its stack");
 }
-
-#[test]
-fn an_armed_interval_timer_refuses_the_snapshot_and_the_instance_runs_on() {
-    let test = "an_armed_interval_timer_refuses_the_snapshot_and_the_instance_runs_on";
-    let Some(mut h) = Harness::new(test, &["python3"]) else {
-        return;
-    };
-    let dir = h.dir("itimer");
-    let program = "import signal, time\n\
-        signal.signal(signal.SIGALRM, lambda *a: None)\n\
-        signal.setitimer(signal.ITIMER_REAL, 100, 100)\n\
-        print('ready', flush=True)\n\
-        while True:\n    time.sleep(0.05)\n";
-    h.start("timed", "ti", &dir, &[], &["python3", "-c", program]);
-    h.wait_log("timed", "ready");
-    let app = pid_of(&h.instance("timed").expect("timed listed"));
-    let images = h.dir("images");
-    let ran = h.snapshot("timed", &images.join("timed.img"), &[]);
-    assert!(
-        !ran.success(),
-        "an armed itimer must refuse the snapshot: {ran}"
-    );
-    assert!(
-        ran.stderr.contains("ITIMER_REAL"),
-        "the refusal names the timer: {ran}"
-    );
-    assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
-    assert!(alive(app), "the refused instance runs on");
-    assert!(h.instance("timed").is_some(), "timed still listed");
-}

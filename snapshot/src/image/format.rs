@@ -24,8 +24,8 @@ use crate::image::model::Manifest;
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
 /// main stack as its own kind of mapping. 3: credentials of every thread,
-/// System V IPC objects. 5: Unix sockets and fds sharing one open file
-/// description.
+/// System V IPC objects. 4: timerfd, signalfd and inotify fds, interval and
+/// POSIX timers. 5: Unix sockets and fds sharing one open file description.
 pub const VERSION: u32 = 5;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
@@ -471,6 +471,8 @@ mod tests {
                 shared_pending: vec![],
                 threads: vec![],
                 fds: vec![],
+                itimers: vec![],
+                posix_timers: vec![],
                 pages_bytes: 0,
             },
         }

@@ -107,6 +107,10 @@ pub struct ProcessImage {
     pub shared_pending: Vec<Vec<u8>>,
     pub threads: Vec<ThreadImage>,
     pub fds: Vec<FdImage>,
+    /// The armed ones of ITIMER_REAL, ITIMER_VIRTUAL and ITIMER_PROF.
+    pub itimers: Vec<ITimer>,
+    /// timer_create timers, by id.
+    pub posix_timers: Vec<PosixTimer>,
     /// Bytes of page data in the image's pages section.
     pub pages_bytes: u64,
 }
@@ -256,6 +260,66 @@ pub enum FdKind {
         of: i32,
     },
     Unix(UnixSocket),
+    TimerFd(TimerFd),
+    SignalFd {
+        /// Bit N-1 for signal N.
+        mask: u64,
+        flags: i32,
+    },
+    /// Events queued but not read are not kept.
+    Inotify {
+        flags: i32,
+        watches: Vec<InotifyWatch>,
+    },
+}
+
+/// Time left and period of a timer when it was saved, in nanoseconds; a
+/// zero `value_ns` is a disarmed timer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerTime {
+    pub value_ns: u64,
+    pub interval_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerFd {
+    pub clockid: i32,
+    pub flags: i32,
+    pub time: TimerTime,
+    /// Expirations counted but not read yet.
+    pub ticks: u64,
+}
+
+/// An interval timer (setitimer), re-armed with the time it had left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ITimer {
+    /// ITIMER_REAL, ITIMER_VIRTUAL or ITIMER_PROF.
+    pub which: i32,
+    pub time: TimerTime,
+}
+
+/// A timer_create timer, recreated under its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clockid: i32,
+    /// SIGEV_SIGNAL, SIGEV_NONE, or either with SIGEV_THREAD_ID.
+    pub notify: i32,
+    pub signo: i32,
+    /// `sigev_value`, handed back in the signal's siginfo.
+    pub sigval: u64,
+    /// With SIGEV_THREAD_ID: the thread signalled (TID in the namespace).
+    pub thread: Option<u32>,
+    pub time: TimerTime,
+}
+
+/// One inotify watch under the number the application knows it by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub path: String,
+    /// Events, with IN_ONESHOT and IN_EXCL_UNLINK if they were asked for.
+    pub mask: u32,
 }
 
 /// A Unix socket whose every peer is in the process.

@@ -84,11 +84,6 @@ pub fn smaps_growsdown(text: &str) -> Option<Vec<u64>> {
     Some(out)
 }
 
-/// How many POSIX timers /proc/PID/timers lists.
-pub fn posix_timers(text: &str) -> usize {
-    text.lines().filter(|l| l.starts_with("ID:")).count()
-}
-
 /// The memory-layout fields of /proc/PID/stat (fields 26–28 and 45–51);
 /// `brk` is not there and is filled in by the caller.
 pub fn stat_mm(text: &str) -> Option<MmFields> {
@@ -241,14 +236,6 @@ mod tests {
         );
         assert_eq!(smaps_growsdown("VmFlags: rd gd\n"), None);
         assert_eq!(smaps_growsdown(""), Some(vec![]));
-    }
-
-    #[test]
-    fn posix_timer_listing() {
-        let text = "ID: 0\nsignal: 34/0000000000000000\nnotify: signal/pid.7\nClockID: 1\n\
-                    ID: 1\nsignal: 14/0000000000000000\nnotify: signal/pid.7\nClockID: 0\n";
-        assert_eq!(posix_timers(text), 2);
-        assert_eq!(posix_timers(""), 0);
     }
 
     #[test]
