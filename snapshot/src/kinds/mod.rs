@@ -3,3 +3,4 @@
 //! model): `dump` and `restore` orchestrate, the kinds know their objects.
 
 pub mod creds;
+pub mod tree;
