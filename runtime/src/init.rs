@@ -125,8 +125,10 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
 /// inherit it.
 fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
     use nix::mount::{mount, MsFlags};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .context("unsharing the mount namespace")?;
+    // An IPC namespace of its own too: its System V objects are its own,
+    // and a restore can make them again with their ids.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWIPC)
+        .context("unsharing the mount and IPC namespaces")?;
     // Slave: mounts the host makes later (a volume with files a restore
     // maps) still appear here, and nothing mounted here reaches the host.
     mount(

@@ -370,6 +370,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     VmaKind::SharedAnon { inode } => format!("shared anonymous {inode}"),
                     VmaKind::Vdso(n) => n.clone(),
                     VmaKind::Vsyscall => "[vsyscall]".into(),
+                    VmaKind::SysvShm { id } => format!("System V shm segment {id}"),
                 },
                 saved_bytes: v.pages.iter().map(|r| r.pages * PAGE).sum(),
             })

@@ -108,6 +108,25 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         checked[i].fds.extend(stashes);
     }
 
+    // The IPC namespace is the instance's, whichever process it is read
+    // from.
+    check()?;
+    let ipc = crate::kinds::sysv::save(first)?;
+    for frozen in tree {
+        let pid = frozen.pid;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map_err(|e| SnapshotError::process(pid, "reading maps", e))?;
+        let maps = parse::maps(&text).ok_or_else(|| {
+            SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
+        })?;
+        let growsdown = growsdown(pid)?;
+        for m in &maps {
+            if let Some(VmaKind::SysvShm { id }) = classify(m, pid, &growsdown)? {
+                ipc.check_attached(pid, id, m.end - m.start)?;
+            }
+        }
+    }
+
     let mut asked = Vec::with_capacity(tree.len());
     for (frozen, c) in tree.iter().zip(&checked) {
         check()?;
@@ -139,6 +158,13 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             }
         }
     }
+    let ipc = match ipc.write(&mut writer) {
+        Ok(ipc) => ipc,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
     let pages_bytes = processes.iter().map(|p| p.pages_bytes).sum();
     let manifest = Manifest {
         created_unix: SystemTime::now()
@@ -147,6 +173,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             .unwrap_or(0),
         instance: req.instance.clone(),
         processes,
+        ipc,
     };
     if let Err(e) = check() {
         writer.abandon();
@@ -515,6 +542,10 @@ fn classify(
             }
             VmaKind::SharedAnon { inode: m.inode }
         }
+        n if n.starts_with("/SYSV") && n.ends_with(" (deleted)") && m.shared => {
+            // The inode of a System V segment's mapping is its id.
+            VmaKind::SysvShm { id: m.inode as i32 }
+        }
         n if n.ends_with(" (deleted)") => {
             return Err(unsupported(format!(
                 "mapping {:#x}-{:#x} of deleted file {n}",
@@ -532,7 +563,12 @@ fn classify(
             )))
         }
     };
-    if m.shared && !matches!(kind, VmaKind::File { .. } | VmaKind::SharedAnon { .. }) {
+    if m.shared
+        && !matches!(
+            kind,
+            VmaKind::File { .. } | VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }
+        )
+    {
         return Err(unsupported(format!(
             "shared anonymous mapping {:#x}-{:#x} ({})",
             m.start, m.end, m.name

@@ -159,6 +159,11 @@ pub fn restore(
         }
         saved_regs.push(regs_of);
     }
+    // Before any stub attaches a segment, and while no one else could take
+    // the saved ids in the instance's fresh IPC namespace.
+    if let Some(&stub) = stubs.first() {
+        crate::kinds::sysv::restore(stub, image)?;
+    }
     let mut built: Vec<Built> = Vec::with_capacity(procs.len());
     // Every injected syscall is a ptrace round trip; with tracer and
     // processes on one CPU it costs a few microseconds instead of a
@@ -837,6 +842,27 @@ fn map_memory(
                     libc::SYS_mmap,
                     &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
                 )?;
+            }
+            VmaKind::SysvShm { id } => {
+                let mut flags = 0;
+                if v.prot & libc::PROT_WRITE as u32 == 0 {
+                    flags |= libc::SHM_RDONLY;
+                }
+                if v.prot & libc::PROT_EXEC as u32 != 0 {
+                    flags |= libc::SHM_EXEC;
+                }
+                let at = inj.ok(
+                    pid,
+                    &format!("shmat of System V segment {id}"),
+                    libc::SYS_shmat,
+                    &[*id as u64, v.start, flags as u64],
+                )?;
+                if at != v.start {
+                    return Err(SnapshotError::Restore(format!(
+                        "System V segment {id} attached at {at:#x}, not {:#x}",
+                        v.start
+                    )));
+                }
             }
             VmaKind::File { file, offset } => {
                 let fd = match files.get(file.path.as_str()) {

@@ -12,3 +12,4 @@ pub mod pidfd;
 pub mod ptrace;
 pub mod seccomp;
 pub mod spawn;
+pub mod sysv;

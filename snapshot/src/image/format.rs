@@ -23,9 +23,9 @@ use crate::image::model::{Manifest, ProcessImage};
 
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
-/// main stack as its own kind of mapping. 3: credentials of every thread.
-/// 6: every process of the tree, shared anonymous memory, fds and pages
-/// inherited across fork.
+/// main stack as its own kind of mapping. 3: credentials of every thread,
+/// System V IPC objects. 6: every process of the tree, shared anonymous
+/// memory, fds and pages inherited across fork.
 pub const VERSION: u32 = 6;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
@@ -376,6 +376,19 @@ fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
         }
         check_process(p, pages_len)?;
     }
+    for seg in &manifest.ipc.shm {
+        let inside = seg.offset % PAGE == 0
+            && seg
+                .offset
+                .checked_add(seg.size)
+                .is_some_and(|end| end <= pages_len);
+        if !inside {
+            return Err(format!(
+                "System V segment {} ({} bytes at {}) lies outside the pages section",
+                seg.perm.id, seg.size, seg.offset
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -452,6 +465,7 @@ mod tests {
 
     pub(crate) fn sample_manifest(pages: Vec<PageRun>) -> Manifest {
         Manifest {
+            ipc: SysvIpc::default(),
             created_unix: 1,
             instance: InstanceInfo {
                 name: "web-a".into(),

@@ -10,6 +10,8 @@ pub struct Manifest {
     /// Every process of the instance, parents before their children; the
     /// first is the instance's main process.
     pub processes: Vec<ProcessImage>,
+    /// System V IPC objects of the instance's own IPC namespace.
+    pub ipc: SysvIpc,
 }
 
 impl Manifest {
@@ -24,6 +26,46 @@ impl Manifest {
             .iter()
             .filter(|p| !self.processes.iter().any(|q| q.ns_pid == p.ns_ppid))
     }
+}
+
+/// The System V IPC objects of an IPC namespace, each with its id (which
+/// the application holds as a number and must find again).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvIpc {
+    pub shm: Vec<SysvShm>,
+    pub sem: Vec<SysvSem>,
+    pub msg: Vec<SysvMsg>,
+}
+
+/// Key, id, owner and mode, common to every System V object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcPerm {
+    pub key: i32,
+    pub id: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvShm {
+    pub perm: IpcPerm,
+    pub size: u64,
+    /// Its bytes, page-padded, at this offset of the pages section.
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvSem {
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysvMsg {
+    pub perm: IpcPerm,
+    /// (type, text) in queue order.
+    pub messages: Vec<(i64, Vec<u8>)>,
 }
 
 /// The instance the image was taken from. The AID and the virtual ports of
@@ -152,6 +194,11 @@ pub enum VmaKind {
     /// `[vvar]`, `[vvar_vclock]` or `[vdso]`: moved as one block.
     Vdso(String),
     Vsyscall,
+    /// A System V shared memory segment attached whole (`shmat`); its
+    /// bytes are in [`SysvIpc`], not in the mapping's pages.
+    SysvShm {
+        id: i32,
+    },
 }
 
 /// `pages` contiguous pages from `addr`, stored at `offset` of the pages

@@ -3,4 +3,5 @@
 //! model): `dump` and `restore` orchestrate, the kinds know their objects.
 
 pub mod creds;
+pub mod sysv;
 pub mod tree;
