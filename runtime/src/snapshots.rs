@@ -398,6 +398,8 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     } => format!("tcp {} {addr}", if *listening { "listen" } else { "bound" }),
                     FdKind::Epoll { targets, .. } => format!("epoll, {} fds", targets.len()),
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
+                    FdKind::Dup { of } => format!("same open file as fd {of}"),
+                    FdKind::Unix(u) => appshot_snapshot::kinds::unix::describe(u),
                 },
             })
             .collect(),

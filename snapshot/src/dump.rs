@@ -1,6 +1,6 @@
 //! Dumping a frozen process into an image.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -9,7 +9,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::{pidfd, ptrace as xptrace};
 use nix::fcntl::{fcntl, tee, FcntlArg, OFlag, SpliceFFlags};
-use nix::sys::socket::{getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use nix::sys::socket::{
+    getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike,
+    SockaddrStorage,
+};
 use tracing::debug;
 
 use crate::error::SnapshotError;
@@ -794,6 +797,11 @@ fn dump_fds(
     let pidfd =
         pidfd::open_thread(pid).map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
     let mut out = Vec::new();
+    let mut unix = Vec::new();
+    // Lowest fd of each open file description seen so far, by link: fds
+    // sharing a description share its link, and kcmp tells them apart
+    // from separate opens of one object.
+    let mut descriptions: HashMap<String, Vec<i32>> = HashMap::new();
     for fd in fds.into_iter().filter(|fd| !shared.contains(fd)) {
         let unsupported = |what: String| SnapshotError::Unsupported {
             pid,
@@ -803,11 +811,31 @@ fn dump_fds(
             .map_err(|e| SnapshotError::process(pid, format!("reading fd {fd}"), e))?
             .to_string_lossy()
             .into_owned();
+        let seen = descriptions.entry(link.clone()).or_default();
+        let mut shared = None;
+        for &other in seen.iter() {
+            if pidfd::same_file(pid, other, fd).map_err(|e| {
+                SnapshotError::process(pid, format!("kcmp of fds {other} and {fd}"), e)
+            })? {
+                shared = Some(other);
+                break;
+            }
+        }
         let info_text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
             .map_err(|e| SnapshotError::process(pid, format!("reading fdinfo {fd}"), e))?;
         let info =
             parse::fdinfo(&info_text).ok_or_else(|| unsupported("unreadable fdinfo".into()))?;
+        // O_CLOEXEC in fdinfo is the fd's own flag, not the description's.
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
+        if let Some(of) = shared {
+            out.push(FdImage {
+                fd,
+                cloexec,
+                kind: FdKind::Dup { of },
+            });
+            continue;
+        }
+        seen.push(fd);
         let flags = info.flags & !libc::O_CLOEXEC;
         let kind = if fd <= 2 {
             FdKind::Stdio
@@ -846,6 +874,27 @@ fn dump_fds(
         } else if link.starts_with("socket:[") {
             let sock = pidfd::get_fd(&pidfd, fd)
                 .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+            let local: SockaddrStorage = getsockname(sock.as_raw_fd())
+                .map_err(|e| SnapshotError::process(pid, format!("getsockname of fd {fd}"), e))?;
+            if local.family() == Some(AddressFamily::Unix) {
+                let inode = link
+                    .strip_prefix("socket:[")
+                    .and_then(|s| s.strip_suffix(']'))
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| unsupported(format!("odd socket link {link}")))?;
+                unix.push(crate::kinds::unix::Found {
+                    fd,
+                    inode,
+                    flags,
+                    sock,
+                });
+                out.push(FdImage {
+                    fd,
+                    cloexec,
+                    kind: FdKind::Stdio,
+                });
+                continue;
+            }
             tcp_socket(&sock, flags, req).map_err(unsupported)?
         } else if link == "anon_inode:[eventpoll]" {
             FdKind::Epoll {
@@ -864,6 +913,13 @@ fn dump_fds(
             return Err(unsupported(format!("{link} cannot be saved yet")));
         };
         out.push(FdImage { fd, cloexec, kind });
+    }
+    // Unix sockets are judged together: a peer is only known to be in the
+    // process once every fd is listed. Their places were held above.
+    for (fd, kind) in crate::kinds::unix::save(pid, unix)? {
+        if let Some(f) = out.iter_mut().find(|f| f.fd == fd) {
+            f.kind = kind;
+        }
     }
     Ok(out)
 }

@@ -1063,7 +1063,7 @@ fn restore_fds(
     let mut pipes: BTreeMap<u64, Vec<&FdImage>> = BTreeMap::new();
     for f in &p.fds {
         match &f.kind {
-            FdKind::Stdio | FdKind::Epoll { .. } => {}
+            FdKind::Stdio | FdKind::Epoll { .. } | FdKind::Dup { .. } | FdKind::Unix(_) => {}
             FdKind::Pipe { inode, .. } => pipes.entry(*inode).or_default().push(f),
             FdKind::Path { file, flags, pos } => {
                 let open_flags =
@@ -1186,8 +1186,25 @@ fn restore_fds(
         inj.call(pid, libc::SYS_close, &[rd])?;
         inj.call(pid, libc::SYS_close, &[wr])?;
     }
+    let unix: Vec<&FdImage> = p
+        .fds
+        .iter()
+        .filter(|f| matches!(f.kind, FdKind::Unix(_)))
+        .collect();
+    crate::kinds::unix::restore(
+        &crate::kinds::unix::Stub {
+            inj,
+            mem,
+            pid,
+            data,
+            data_len: DATA_LEN,
+            to_high: &to_high,
+            place: &place,
+        },
+        &unix,
+    )?;
     for f in &p.fds {
-        let FdKind::Epoll { flags, targets } = &f.kind else {
+        let FdKind::Epoll { flags, .. } = &f.kind else {
             continue;
         };
         let temp = to_high(inj.ok(
@@ -1198,6 +1215,26 @@ fn restore_fds(
         )?)?;
         place(temp, f, *flags)?;
         inj.call(pid, libc::SYS_close, &[temp])?;
+    }
+    // Every description exists now; an fd that shared one gets it, and
+    // keeps its own close-on-exec flag.
+    for f in &p.fds {
+        let FdKind::Dup { of } = f.kind else {
+            continue;
+        };
+        let cloexec = if f.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        inj.ok(
+            pid,
+            &format!("dup3 of fd {of} to fd {}", f.fd),
+            libc::SYS_dup3,
+            &[of as u64, f.fd as u64, cloexec],
+        )?;
+    }
+    // Interest lists last: they may name fds that are duplicates.
+    for f in &p.fds {
+        let FdKind::Epoll { targets, .. } = &f.kind else {
+            continue;
+        };
         for t in targets {
             // struct epoll_event is packed on x86_64: u32 events, u64 data.
             let mut ev = t.events.to_ne_bytes().to_vec();

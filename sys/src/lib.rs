@@ -11,5 +11,6 @@ pub mod net;
 pub mod pidfd;
 pub mod ptrace;
 pub mod seccomp;
+pub mod sockdiag;
 pub mod spawn;
 pub mod sysv;

@@ -1,4 +1,4 @@
-//! pidfd_open, pidfd_getfd and pidfd_send_signal: how the supervisor
+//! pidfd_open, pidfd_getfd, pidfd_send_signal and kcmp: how the supervisor
 //! reaches into a supervised task's file table without ptrace, and signals
 //! a process without racing the reuse of its PID.
 
@@ -48,6 +48,30 @@ pub fn send_signal(pidfd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// `KCMP_FILE` of `linux/kcmp.h`.
+const KCMP_FILE: libc::c_int = 0;
+
+/// Whether fds `a` and `b` of process `pid` refer to one open file
+/// description (`dup`, `dup2`, `F_DUPFD`, or one received twice), which
+/// the fd links in /proc cannot tell apart from two opens of one file.
+pub fn same_file(pid: u32, a: RawFd, b: RawFd) -> io::Result<bool> {
+    // SAFETY: kcmp takes five integers and touches no memory of ours.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid as libc::pid_t,
+            pid as libc::pid_t,
+            KCMP_FILE,
+            a as libc::c_ulong,
+            b as libc::c_ulong,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret == 0)
+}
+
 fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
@@ -56,13 +80,10 @@ fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
-/// `KCMP_FILE` of kcmp(2).
-const KCMP_FILE: libc::c_int = 0;
-
 /// Whether fd `fd1` of process `pid1` and fd `fd2` of process `pid2` are
 /// one open file description (kcmp KCMP_FILE; the caller needs ptrace
 /// access to both). `None` if either fd is not open or kcmp is refused.
-pub fn same_file(pid1: u32, fd1: RawFd, pid2: u32, fd2: RawFd) -> Option<bool> {
+pub fn same_file_across(pid1: u32, fd1: RawFd, pid2: u32, fd2: RawFd) -> Option<bool> {
     // SAFETY: kcmp takes two pids, a type and two fd numbers by value and
     // reads no memory of ours; it returns 0 for equal, 1 or 2 for an
     // ordering, 3 for not comparable, or -1.
@@ -82,6 +103,16 @@ pub fn same_file(pid1: u32, fd1: RawFd, pid2: u32, fd2: RawFd) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_file_tells_a_dup_from_a_second_open() {
+        let me = std::process::id();
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let g = std::fs::File::open("/proc/self/status").unwrap();
+        let d = f.try_clone().unwrap();
+        assert!(same_file(me, f.as_raw_fd(), d.as_raw_fd()).unwrap());
+        assert!(!same_file(me, f.as_raw_fd(), g.as_raw_fd()).unwrap());
+    }
 
     #[test]
     fn send_signal_reaches_the_process_and_fails_once_it_is_reaped() {

@@ -24,8 +24,9 @@ use crate::image::model::{Manifest, ProcessImage};
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
 /// main stack as its own kind of mapping. 3: credentials of every thread,
-/// System V IPC objects. 6: every process of the tree, shared anonymous
-/// memory, fds and pages inherited across fork.
+/// System V IPC objects. 5: Unix sockets and fds sharing one open file
+/// description. 6: every process of the tree, shared anonymous memory, fds
+/// and pages inherited across fork.
 pub const VERSION: u32 = 6;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;

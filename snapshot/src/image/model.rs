@@ -276,7 +276,11 @@ pub enum FdKind {
     /// terminal or log of the old supervisor may not exist any more.
     Stdio,
     /// Regular file, directory or device, reopened by path.
-    Path { file: FileRef, flags: i32, pos: u64 },
+    Path {
+        file: FileRef,
+        flags: i32,
+        pos: u64,
+    },
     Pipe {
         inode: u64,
         write_end: bool,
@@ -305,6 +309,71 @@ pub enum FdKind {
         flags: i32,
         semaphore: bool,
     },
+    /// Shares the open file description of the lower fd `of` (made by
+    /// `dup`, `dup2`, `F_DUPFD`): offset and status flags are one.
+    Dup {
+        of: i32,
+    },
+    Unix(UnixSocket),
+}
+
+/// A Unix socket whose every peer is in the process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixSocket {
+    /// The socket's inode: how other sockets of the image name it.
+    pub inode: u64,
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    pub sock_type: i32,
+    pub flags: i32,
+    pub name: Option<UnixName>,
+    pub role: UnixRole,
+    pub passcred: bool,
+    /// As `getsockopt` reports them (twice what was asked for).
+    pub sndbuf: i32,
+    pub rcvbuf: i32,
+    /// SO_PEEK_OFF (-1: off).
+    pub peek_off: i32,
+    /// What waits to be read: messages (datagram, seqpacket) or runs of
+    /// bytes (stream), oldest first; sent again by the peer on restore.
+    pub queue: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixName {
+    /// `sun_path` as bound: a leading NUL for an abstract name, otherwise
+    /// the path as the application gave it (maybe relative).
+    pub sun_path: Vec<u8>,
+    /// A path name's socket file: its absolute path, the directory a
+    /// relative `sun_path` is bound in, owner and mode.
+    pub file: Option<UnixFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixFile {
+    pub path: String,
+    pub dir: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnixRole {
+    /// Bound or not, neither listening nor connected.
+    Unconnected,
+    /// `pending`: the client sockets of its not yet accepted connections,
+    /// in the order they would be accepted.
+    Listening { backlog: u32, pending: Vec<u64> },
+    /// Connected to the socket of the image with inode `peer`. A socket
+    /// `accepted` from a listener of the image is rebuilt by connecting to
+    /// it and accepting, so both ends keep their addresses.
+    Connected {
+        peer: u64,
+        accepted_from: Option<u64>,
+    },
+    /// Connected to the listener `listener` of the image and not accepted
+    /// yet.
+    Pending { listener: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,3 +5,4 @@
 pub mod creds;
 pub mod sysv;
 pub mod tree;
+pub mod unix;

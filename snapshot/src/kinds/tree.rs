@@ -202,7 +202,7 @@ impl FdTable {
                     what: format!("fd {fd}: unreadable fdinfo"),
                 })?;
             if let Some(p) = parent {
-                if pidfd::same_file(self.procs[p].0, fd, host, fd) == Some(true) {
+                if pidfd::same_file_across(self.procs[p].0, fd, host, fd) == Some(true) {
                     out.inherited.push(InheritedFd { fd, cloexec });
                     continue;
                 }
@@ -211,7 +211,7 @@ impl FdTable {
                 theirs
                     .iter()
                     .filter(|&&f| f > 2)
-                    .find(|&&f| pidfd::same_file(*h, f, host, fd) == Some(true))
+                    .find(|&&f| pidfd::same_file_across(*h, f, host, fd) == Some(true))
                     .map(|&f| (*ns, f))
             });
             if let Some((from_pid, from_fd)) = held {

@@ -1,0 +1,141 @@
+//! Unix sockets and shared open file descriptions across snapshot and
+//! restore: socketpairs keep their queued bytes and message boundaries,
+//! listeners their names and pending connections, dup'd fds one offset and
+//! their own close-on-exec flags; a socket leading outside the instance
+//! refuses the snapshot by fd and leaves the instance running.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+
+use common::{alive, pid_of, Harness};
+
+/// One line to a TCP server on 127.0.0.1:PORT under an AID: sends
+/// argv[2], half-closes, prints the answer.
+const QUERY: &str = "import socket, sys\n\
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n\
+s.sendall(sys.argv[2].encode())\n\
+s.shutdown(socket.SHUT_WR)\n\
+print(s.makefile().read(), end='')\n";
+
+fn ask(h: &Harness, aid: &str, port: u16, line: &str) -> String {
+    let ran = h.client(aid, &["python3", "-c", QUERY, &port.to_string(), line]);
+    assert!(
+        ran.success(),
+        "query {line:?} on port {port} under {aid}: {ran}"
+    );
+    ran.stdout.trim_end().to_string()
+}
+
+#[test]
+fn unix_sockets_and_shared_descriptions_survive_snapshot_and_restore() {
+    let test = "unix_sockets_and_shared_descriptions_survive_snapshot_and_restore";
+    let Some(mut h) = Harness::new(test, &["gcc", "python3"]) else {
+        return;
+    };
+    let bin = h.compile("unixkeeper.c", "unixkeeper");
+    let dir = h.dir("keeper");
+    let bin = bin.to_str().expect("utf-8 path");
+    h.start("ukeeper", "uk", &dir, &[], &[bin, "19800"]);
+    h.wait_log("ukeeper", "unixkeeper listening on port 19800");
+    assert_eq!(ask(&h, "uk", 19800, "ping"), "pong");
+    let sock = dir.join("keeper.sock");
+    let mode = |p: &std::path::Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&sock), 0o640, "unixkeeper set its socket file's mode");
+
+    let image = h.dir("images").join("ukeeper.img");
+    let ran = h.snapshot("ukeeper", &image, &[]);
+    assert!(ran.success(), "snapshot of unixkeeper: {ran}");
+    assert!(
+        sock.exists(),
+        "the dead original leaves its socket file behind, which restore must replace"
+    );
+    h.restore("ukeeper", &image, &[]);
+    assert_eq!(
+        ask(&h, "uk", 19800, "report"),
+        "stream=ok seqpacket=ok dgram=ok pending=ok path=ok abstract=ok accepted=ok \
+         bound=ok unbound=ok opts=ok dup=ok cloexec=1,0,1",
+        "every queued byte and message read once in order, the pending connection \
+         accepted, listeners accepting, one offset for the dup'd fds"
+    );
+    assert_eq!(
+        mode(&sock),
+        0o640,
+        "the re-created socket file keeps its mode"
+    );
+}
+
+#[test]
+fn a_unix_socket_connected_outside_the_instance_refuses_the_snapshot() {
+    let test = "a_unix_socket_connected_outside_the_instance_refuses_the_snapshot";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("outside");
+    let path = dir.join("server.sock");
+    let server = UnixListener::bind(&path).expect("binding the outside server");
+    let accepted = std::thread::spawn(move || server.accept().map(|(s, _)| s));
+    let program = "import socket, sys, time\n\
+        s = socket.socket(socket.AF_UNIX)\n\
+        s.connect(sys.argv[1])\n\
+        print('connected fd', s.fileno(), flush=True)\n\
+        while True:\n    time.sleep(0.05)\n";
+    let path_s = path.to_str().expect("utf-8 path");
+    h.start(
+        "client",
+        "uc",
+        &dir,
+        &[],
+        &["python3", "-c", program, path_s],
+    );
+    let log = h.wait_log("client", "connected fd");
+    let _peer = accepted.join().expect("accept thread").expect("accept");
+    let fd: u32 = log
+        .lines()
+        .find_map(|l| l.split("connected fd ").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fd number in the log");
+    let app = pid_of(&h.instance("client").expect("client listed"));
+
+    let images = h.dir("images");
+    let ran = h.snapshot("client", &images.join("client.img"), &[]);
+    assert!(
+        !ran.success(),
+        "a peer outside must refuse the snapshot: {ran}"
+    );
+    assert!(
+        ran.stderr.contains(&format!("fd {fd}: unix stream socket"))
+            && ran.stderr.contains("outside the instance")
+            && ran.stderr.contains(path_s),
+        "the refusal names fd {fd}, the object and its peer {path_s}: {ran}"
+    );
+    assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
+    assert!(alive(app), "the refused instance runs on");
+    assert!(h.instance("client").is_some(), "client still listed");
+}
+
+#[test]
+fn python_asyncio_keeps_serving_after_restore() {
+    let test = "python_asyncio_keeps_serving_after_restore";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("aio");
+    // The selector event loop wakes itself through a socketpair.
+    let program = "import asyncio\n\
+        async def serve(r, w):\n    await r.read(100)\n    w.write(b'aio-ok\\n')\n    await w.drain()\n    w.close()\n\
+        async def main():\n    srv = await asyncio.start_server(serve, '127.0.0.1', 19801)\n    print('serving', flush=True)\n    await srv.serve_forever()\n\
+        asyncio.run(main())\n";
+    h.start("aio", "ua", &dir, &[], &["python3", "-c", program]);
+    h.wait_log("aio", "serving");
+    assert_eq!(ask(&h, "ua", 19801, "x"), "aio-ok");
+    let image = h.dir("images").join("aio.img");
+    let ran = h.snapshot("aio", &image, &[]);
+    assert!(ran.success(), "snapshot of asyncio: {ran}");
+    h.restore("aio", &image, &[]);
+    for _ in 0..3 {
+        assert_eq!(ask(&h, "ua", 19801, "x"), "aio-ok");
+    }
+}
