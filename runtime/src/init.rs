@@ -30,9 +30,10 @@ const SI_KERNEL: i32 = 0x80;
 pub struct InitArgs {
     /// Where the filter's listener goes (launch).
     pub channel_fd: Option<RawFd>,
-    /// Instead of launching: fork a stub with this PID for a restore to
-    /// rebuild, and look after it as the application.
-    pub restore_pid: Option<u32>,
+    /// Instead of launching: fork a stub with each of these PIDs for a
+    /// restore to rebuild (the image's top-level processes), and look after
+    /// the first as the application.
+    pub restore_pid: Vec<u32>,
     /// (source, target): bind-mount the instance's own identity file over
     /// `target` in the instance's mount namespace.
     pub identity: Option<(PathBuf, PathBuf)>,
@@ -52,18 +53,22 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
     keep_inherited_fds_from_app();
     own_mounts(args.identity.as_ref())?;
 
-    let main = match (args.restore_pid, channel) {
-        (Some(pid), _) => {
-            let child = appshot_sys::spawn::fork_with_pid(pid)
-                .with_context(|| format!("creating PID {pid} to restore into"))?;
-            if child == 0 {
-                // The restore replaces everything this process has; until
-                // then it must do nothing.
-                loop {
-                    nix::unistd::pause();
+    let main = match (args.restore_pid.split_first(), channel) {
+        (Some((&first, rest)), _) => {
+            let mut main = None;
+            for pid in std::iter::once(first).chain(rest.iter().copied()) {
+                let child = appshot_sys::spawn::fork_with_pid(pid)
+                    .with_context(|| format!("creating PID {pid} to restore into"))?;
+                if child == 0 {
+                    // The restore replaces everything this process has;
+                    // until then it must do nothing.
+                    loop {
+                        nix::unistd::pause();
+                    }
                 }
+                main.get_or_insert(Pid::from_raw(child as i32));
             }
-            Pid::from_raw(child as i32)
+            main.expect("one stub at least")
         }
         (None, Some(channel)) => {
             let confirm = channel.try_clone().context("duplicating the channel")?;

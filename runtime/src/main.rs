@@ -147,8 +147,9 @@ enum Cmd {
     Init {
         #[arg(long)]
         channel_fd: Option<i32>,
-        #[arg(long)]
-        restore_pid: Option<u32>,
+        /// The image's top-level processes: one stub is forked for each.
+        #[arg(long, value_delimiter = ',')]
+        restore_pid: Vec<u32>,
         #[arg(long, requires = "identity_target")]
         identity_source: Option<PathBuf>,
         #[arg(long, requires = "identity_source")]
@@ -502,7 +503,12 @@ fn clone_launches(
         launch.range = (config.port_range.start, config.port_range.end);
         launches.push(launch);
     }
-    let sockets = img.manifest.process.listening().count();
+    let sockets = img
+        .manifest
+        .processes
+        .iter()
+        .map(|p| p.listening().count())
+        .sum::<usize>();
     let range = config.port_range;
     let registry = appshot_vpm::Registry::open(run_dir)?;
     let used = registry

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use appshot_snapshot::dump::{dump, DumpRequest};
 use appshot_snapshot::image::format::temporary_path;
 use appshot_snapshot::image::{open_file, FdKind, Image, InstanceInfo, VmaKind, PAGE};
-use appshot_snapshot::proc::parse;
 use appshot_snapshot::ptrace::Frozen;
 use appshot_snapshot::SnapshotError;
 use appshot_sys::pidfd;
@@ -138,6 +137,8 @@ pub struct Subject<'a> {
     pub multiplexed: &'a [u16],
     /// The application process.
     pub app: u32,
+    /// The namespace init, whose descendants are the instance's processes.
+    pub init_pid: u32,
     /// The namespace init: killing it stops the instance.
     pub init: &'a OwnedFd,
 }
@@ -159,22 +160,17 @@ pub fn take(
 ) -> Result<String, RuntimeError> {
     let name = subject.name;
     let app = subject.app;
-    let procs = tree::descendants(app);
-    if procs.len() > 1 {
+    // Every process of the instance but its namespace init, parents first.
+    let procs: Vec<u32> = tree::descendants(subject.init_pid)
+        .into_iter()
+        .skip(1)
+        .collect();
+    if procs.is_empty() {
         return Err(RuntimeError::NotSnapshottable {
             name: name.to_string(),
-            reason: format!(
-                "it has {} processes ({procs:?}); only single-process instances (any number of threads) can be snapshotted yet",
-                procs.len()
-            ),
+            reason: "it has no process left".into(),
         });
     }
-    let status = std::fs::read_to_string(format!("/proc/{app}/status"))
-        .map_err(|e| RuntimeError::sys(format!("reading /proc/{app}/status"), e))?;
-    let ns_pid = parse::status_field(&status, "NSpid")
-        .and_then(|v| v.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(app);
     let state = Registry::open(subject.run_dir)?.read()?;
     let virtualize = |addr: SocketAddr| {
         let mut a = addr;
@@ -193,7 +189,6 @@ pub fn take(
             multiplexed: subject.multiplexed.to_vec(),
             template,
         },
-        ns_pid,
         virtualize: &virtualize,
         progress: &progress,
         cancelled: &cancelled,
@@ -205,7 +200,13 @@ pub fn take(
     let pending = Pending::begin(subject.run_dir, &temporary_path(output)?)?;
 
     let started = Instant::now();
-    let frozen = Frozen::seize(app, Options::empty())?;
+    appshot_snapshot::kinds::tree::check_states(&procs)?;
+    // All frozen before any is read: a process running on could change
+    // what another shares with it.
+    let mut frozen = Vec::with_capacity(procs.len());
+    for &pid in &procs {
+        frozen.push(Frozen::seize(pid, Options::empty())?);
+    }
     frozen_flag.store(true, Ordering::SeqCst);
     let dumped = dump(&frozen, &req, output);
     drop(pending);
@@ -220,7 +221,9 @@ pub fn take(
     };
     let frozen_for;
     let after = if leave_running {
-        frozen.release();
+        for f in frozen {
+            f.release();
+        }
         frozen_for = started.elapsed();
         frozen_flag.store(false, Ordering::SeqCst);
         "left running"
@@ -228,9 +231,17 @@ pub fn take(
         // Killed while still frozen: the instance never runs past the
         // snapshot. Killing the namespace init takes every process with it.
         frozen_for = started.elapsed();
-        frozen.kill(|| {
+        let mut kill_init = Some(|| {
             let _ = pidfd::send_signal(subject.init, libc::SIGKILL);
         });
+        // Children first: a parent is reported dead only after them.
+        for f in frozen.into_iter().rev() {
+            f.kill(|| {
+                if let Some(k) = kill_init.take() {
+                    k()
+                }
+            });
+        }
         "stopped"
     };
     info!(name, image = %output.display(), after, "snapshot taken");
@@ -264,6 +275,24 @@ struct Summary {
     mappings: Vec<MappingSummary>,
     fds: Vec<FdSummary>,
     listening: Vec<String>,
+    /// Every process of the tree; the fields above are of the first.
+    processes: Vec<ProcessSummary>,
+}
+
+#[derive(Serialize)]
+struct ProcessSummary {
+    pid: u32,
+    ppid: u32,
+    pgid: u32,
+    sid: u32,
+    exe: String,
+    threads: usize,
+    fds: usize,
+    inherited_fds: usize,
+    shared_fds: usize,
+    saved_bytes: u64,
+    /// Pages still shared copy-on-write with the parent: not saved.
+    cow_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -290,8 +319,25 @@ struct FdSummary {
 pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
     let image = Image::open(path)?;
     let m = &image.manifest;
-    let p = &m.process;
+    let p = m.main();
     let summary = Summary {
+        processes: m
+            .processes
+            .iter()
+            .map(|q| ProcessSummary {
+                pid: q.ns_pid,
+                ppid: q.ns_ppid,
+                pgid: q.ns_pgid,
+                sid: q.ns_sid,
+                exe: q.exe.path.clone(),
+                threads: q.threads.len(),
+                fds: q.fds.len(),
+                inherited_fds: q.inherited.len(),
+                shared_fds: q.fetched.len(),
+                saved_bytes: q.pages_bytes,
+                cow_bytes: q.vmas.iter().flat_map(|v| &v.cow).map(|r| r.1 * PAGE).sum(),
+            })
+            .collect(),
         path: path.display().to_string(),
         size_bytes: image.size,
         pages_bytes: image.pages_len,
@@ -321,6 +367,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     VmaKind::Anon => "anonymous".into(),
                     VmaKind::Stack => "[stack]".into(),
                     VmaKind::File { file, .. } => file.path.clone(),
+                    VmaKind::SharedAnon { inode } => format!("shared anonymous {inode}"),
                     VmaKind::Vdso(n) => n.clone(),
                     VmaKind::Vsyscall => "[vsyscall]".into(),
                     VmaKind::SysvShm { id } => format!("System V shm segment {id}"),
@@ -364,7 +411,12 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                 },
             })
             .collect(),
-        listening: p.listening().map(String::from).collect(),
+        listening: m
+            .processes
+            .iter()
+            .flat_map(|q| q.listening())
+            .map(String::from)
+            .collect(),
     };
     if json {
         return Ok(serde_json::to_string_pretty(&summary).expect("serialisable") + "\n");
@@ -382,6 +434,23 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
         summary.cwd,
         if summary.listening.is_empty() { "-".into() } else { summary.listening.join(", ") },
     );
+    out.push_str(&format!("processes  {}\n", summary.processes.len()));
+    for q in &summary.processes {
+        out.push_str(&format!(
+            "  {:>7}  ppid {} pgid {} sid {}  {}  {} threads, {} fds (+{} inherited, +{} shared), {} saved, {} shared with parent\n",
+            q.pid,
+            q.ppid,
+            q.pgid,
+            q.sid,
+            q.exe,
+            q.threads,
+            q.fds,
+            q.inherited_fds,
+            q.shared_fds,
+            mib(q.saved_bytes),
+            mib(q.cow_bytes)
+        ));
+    }
     out.push_str(&format!("threads    {}\n", summary.threads.len()));
     for t in &summary.threads {
         out.push_str(&format!("  {:>7}  {}\n", t.tid, t.name));

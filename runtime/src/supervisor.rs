@@ -123,14 +123,14 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
-    let (init_pid, init, listener, mux, app_pid) = match &launch.restore {
+    let (init_pid, init, listeners, mux, app_pid) = match &launch.restore {
         None => {
             let (init_pid, init, listener) = launch_application(&launch, nofile)?;
             let app_pid = tree::descendants(init_pid)
                 .get(1)
                 .copied()
                 .unwrap_or(init_pid);
-            (init_pid, init, listener, new_mux(init_pid)?, app_pid)
+            (init_pid, init, vec![listener], new_mux(init_pid)?, app_pid)
         }
         Some(path) => {
             let image = if launch.is_clone {
@@ -149,7 +149,11 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
             let (init_pid, init) = start_init(
                 &launch,
                 None,
-                Some(image.manifest.process.ns_pid),
+                &image
+                    .manifest
+                    .top_level()
+                    .map(|p| p.ns_pid)
+                    .collect::<Vec<_>>(),
                 identity.as_ref(),
                 nofile,
             )?;
@@ -158,7 +162,7 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
             let restored = restore_into(init_pid, &image, &mux, launch.is_clone);
             info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = launch.is_clone, "restore work done");
             match restored {
-                Ok((listener, stub)) => (init_pid, init, listener, mux, stub),
+                Ok((listeners, main)) => (init_pid, init, listeners, mux, main),
                 Err(e) => {
                     // Nothing half-built survives: the namespace goes with
                     // its init, and the sockets' translations with the
@@ -172,10 +176,6 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
             }
         }
     };
-    let listener = Arc::new(listener);
-    if let Err(e) = seccomp::set_sync_wakeup(&listener) {
-        warn!("SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}");
-    }
 
     let ports: Vec<u16> = launch.ports.clone();
     registry.transaction(|s| {
@@ -197,10 +197,21 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     })?;
     info!(name = %launch.name, aid = %launch.aid, pid = app_pid, "instance started");
 
-    std::thread::Builder::new()
-        .name("notify".into())
-        .spawn(move || notify::serve(listener, mux))
-        .map_err(|e| RuntimeError::sys("spawning the notification thread", e))?;
+    // A restored tree has one listener per process (each got a filter of
+    // its own); every one is served.
+    for listener in listeners {
+        let listener = Arc::new(listener);
+        if let Err(e) = seccomp::set_sync_wakeup(&listener) {
+            warn!(
+                "SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}"
+            );
+        }
+        let mux = Arc::clone(&mux);
+        std::thread::Builder::new()
+            .name("notify".into())
+            .spawn(move || notify::serve(listener, mux))
+            .map_err(|e| RuntimeError::sys("spawning the notification thread", e))?;
+    }
 
     // Signals reach init through its pidfd: once `wait_exit` below has
     // reaped it, its PID may belong to another process.
@@ -270,7 +281,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), None, None, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -292,7 +303,6 @@ fn launch_application(
     }
 }
 
-/// Rebuilds the image's process in the stub the init created for it.
 /// The per-clone identity file: what differs between clones of one
 /// template, readable by the application at the path its rules name.
 fn write_identity(launch: &Launch, dir: &std::path::Path) -> Result<PathBuf, RuntimeError> {
@@ -302,21 +312,29 @@ fn write_identity(launch: &Launch, dir: &std::path::Path) -> Result<PathBuf, Run
     Ok(path)
 }
 
+/// Rebuilds the image's process tree in the stubs the init created for its
+/// top-level processes. Returns every process's seccomp listener and our
+/// PID of the main process.
 fn restore_into(
     init_pid: u32,
     image: &Image,
     mux: &Arc<Multiplexer>,
     share_pages: bool,
-) -> Result<(OwnedFd, u32), RuntimeError> {
+) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
+    let wanted = image.manifest.top_level().count();
     let deadline = Instant::now() + Duration::from_secs(5);
-    let stub = loop {
-        if let Some(&stub) = tree::descendants(init_pid).get(1) {
-            break stub;
+    let stubs = loop {
+        let stubs: Vec<u32> = tree::descendants(init_pid).into_iter().skip(1).collect();
+        if stubs.len() >= wanted {
+            break stubs;
         }
         if Instant::now() > deadline {
             return Err(RuntimeError::Start {
                 name: image.manifest.instance.name.clone(),
-                reason: "the namespace init created no process to restore into".into(),
+                reason: format!(
+                    "the namespace init created {} of {wanted} processes to restore into",
+                    stubs.len()
+                ),
             });
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -328,8 +346,8 @@ fn restore_into(
         listen: &listen,
         share_pages,
     };
-    let restored = restore::restore(stub, image, &hooks)?;
-    Ok((restored.listener, stub))
+    let restored = restore::restore(&stubs, image, &hooks)?;
+    Ok((restored.listeners, restored.hosts[0]))
 }
 
 /// Starts the namespace init; returns its PID and a pidfd of it. It
@@ -338,7 +356,7 @@ fn restore_into(
 fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
-    restore_pid: Option<u32>,
+    restore_pids: &[u32],
     identity: Option<&(PathBuf, PathBuf)>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd), RuntimeError> {
@@ -354,9 +372,10 @@ fn start_init(
         argv.push(cstr(b"--channel-fd")?);
         argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
     }
-    if let Some(pid) = restore_pid {
+    if !restore_pids.is_empty() {
+        let list: Vec<String> = restore_pids.iter().map(u32::to_string).collect();
         argv.push(cstr(b"--restore-pid")?);
-        argv.push(cstr(pid.to_string().as_bytes())?);
+        argv.push(cstr(list.join(",").as_bytes())?);
     }
     if let Some((source, target)) = identity {
         argv.push(cstr(b"--identity-source")?);
@@ -533,6 +552,7 @@ impl Control {
             command: &self.launch.command,
             multiplexed: &self.launch.ports,
             app: self.app_pid,
+            init_pid: self.init_pid,
             init: &self.init,
         };
         match snapshots::take(

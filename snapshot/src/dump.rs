@@ -18,7 +18,7 @@ use tracing::debug;
 use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{ImageWriter, PAGE};
-use crate::kinds;
+use crate::kinds::{self, tree};
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
@@ -35,16 +35,14 @@ const PAGEMAP_ENTRIES: u64 = 64 * 1024;
 
 pub struct DumpRequest<'a> {
     pub instance: InstanceInfo,
-    /// The process's PID in its own namespace.
-    pub ns_pid: u32,
     /// Maps a listening socket's real address to the one its application
     /// believes it bound.
     pub virtualize: &'a dyn Fn(SocketAddr) -> SocketAddr,
     /// Called with (bytes done, bytes total) while pages are saved.
     pub progress: &'a dyn Fn(u64, u64),
-    /// Asked between steps that leave the process whole (no injected code
-    /// in it): `true` abandons the dump, the caller then releases the
-    /// process as it was.
+    /// Asked between steps that leave the processes whole (no injected
+    /// code in them): `true` abandons the dump, the caller then releases
+    /// the processes as they were.
     pub cancelled: &'a dyn Fn() -> bool,
 }
 
@@ -55,35 +53,164 @@ pub struct DumpStats {
     pub seconds: f64,
 }
 
-/// Dumps the frozen process into `path`. The process stays frozen; the
-/// caller releases or kills it. On error (cancellation included) no file
-/// is left behind; once the image is renamed into place the dump is no
-/// longer cancelled.
-pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
+/// What is learnt of a process before any of the tree is touched.
+struct Checked {
+    ids: tree::Ids,
+    parent: Option<usize>,
+    fds: Vec<FdImage>,
+    sharing: tree::Sharing,
+    stashed: Vec<i32>,
+    mem: Memory,
+    text: u64,
+    exe_path: std::path::PathBuf,
+    umask: u32,
+    /// Host TID to the TID its PID namespace gives it.
+    ns_tids: HashMap<u32, u32>,
+    posix_timers: Vec<PosixTimer>,
+}
+
+/// Dumps the frozen processes of an instance (`tree`: every process, each
+/// with all its threads frozen, parents before children) into `path`. They
+/// stay frozen; the caller releases or kills them. On error (cancellation
+/// included) no file is left behind; once the image is renamed into place
+/// the dump is no longer cancelled.
+pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
     let started = Instant::now();
-    let pid = frozen.pid;
+    let first = tree
+        .first()
+        .ok_or_else(|| SnapshotError::Restore("no process to dump".into()))?
+        .pid;
     let check = || {
         if (req.cancelled)() {
-            Err(SnapshotError::Cancelled { pid })
+            Err(SnapshotError::Cancelled { pid: first })
         } else {
             Ok(())
         }
     };
+    let hosts: Vec<u32> = tree.iter().map(|f| f.pid).collect();
+    // Everything that could make the dump impossible is checked, for every
+    // process, before any is touched.
+    let ids = tree::identify(&hosts)?;
+    let mut table = tree::FdTable::default();
+    let mut checked = Vec::with_capacity(tree.len());
+    for (frozen, &me) in tree.iter().zip(&ids) {
+        let parent = ids.iter().position(|o| o.pid == me.ppid);
+        let sharing = table.share(frozen.pid, me, parent)?;
+        checked.push(check_process(frozen, me, parent, sharing)?);
+    }
+    let mut pipes_seen = HashSet::new();
+    for c in &mut checked {
+        let shared: HashSet<i32> = c
+            .sharing
+            .inherited
+            .iter()
+            .map(|f| f.fd)
+            .chain(c.sharing.fetched.iter().map(|f| f.fd))
+            .collect();
+        c.fds = dump_fds(c.mem.pid(), req, &shared, &mut pipes_seen)?;
+    }
+    for (i, stashes) in std::mem::take(&mut table.stash_fds) {
+        checked[i].stashed = stashes.iter().map(|f| f.fd).collect();
+        checked[i].fds.extend(stashes);
+    }
+
+    // The IPC namespace is the instance's, whichever process it is read
+    // from.
+    check()?;
+    let ipc = crate::kinds::sysv::save(first)?;
+    for frozen in tree {
+        let pid = frozen.pid;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map_err(|e| SnapshotError::process(pid, "reading maps", e))?;
+        let maps = parse::maps(&text).ok_or_else(|| {
+            SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
+        })?;
+        let growsdown = growsdown(pid)?;
+        for m in &maps {
+            if let Some(VmaKind::SysvShm { id }) = classify(m, pid, &growsdown)? {
+                ipc.check_attached(pid, id, m.end - m.start)?;
+            }
+        }
+    }
+
+    // Last before injecting: it reads timerfds (putting their counts back),
+    // so every refusal above comes first.
+    for c in &mut checked {
+        kinds::timerfd::catch_up(c.mem.pid(), &mut c.fds)?;
+    }
+    let mut asked = Vec::with_capacity(tree.len());
+    for (frozen, c) in tree.iter().zip(&mut checked) {
+        check()?;
+        let a = ask_process(frozen, &c.mem, c.text, &mut c.posix_timers)?;
+        check()?;
+        asked.push(a);
+    }
+
+    let mut writer = ImageWriter::create(path)?;
+    let mut processes: Vec<ProcessImage> = Vec::with_capacity(tree.len());
+    let mut shmem_saved = HashSet::new();
+    for ((frozen, c), a) in tree.iter().zip(checked).zip(asked) {
+        let parent = c.parent.map(|i| (hosts[i], processes[i].vmas.as_slice()));
+        let ctx = MemoryContext {
+            parent,
+            shmem_saved: &mut shmem_saved,
+        };
+        match save_process(frozen, c, a, ctx, req, &mut writer, &check) {
+            Ok(p) => processes.push(p),
+            Err(e) => {
+                writer.abandon();
+                return Err(e);
+            }
+        }
+    }
+    let ipc = match ipc.write(&mut writer) {
+        Ok(ipc) => ipc,
+        Err(e) => {
+            writer.abandon();
+            return Err(e);
+        }
+    };
+    let pages_bytes = processes.iter().map(|p| p.pages_bytes).sum();
+    let manifest = Manifest {
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        instance: req.instance.clone(),
+        processes,
+        ipc,
+    };
+    if let Err(e) = check() {
+        writer.abandon();
+        return Err(e);
+    }
+    let image_bytes = writer.finish(&manifest)?;
+    Ok(DumpStats {
+        pages_bytes,
+        image_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn check_process(
+    frozen: &Frozen,
+    ids: tree::Ids,
+    parent: Option<usize>,
+    sharing: tree::Sharing,
+) -> Result<Checked, SnapshotError> {
+    let pid = frozen.pid;
     let proc_dir = format!("/proc/{pid}");
     let read = |name: &str| {
         std::fs::read_to_string(format!("{proc_dir}/{name}"))
             .map_err(|e| SnapshotError::process(pid, format!("reading {proc_dir}/{name}"), e))
     };
     let status = read("status")?;
-    // Everything that could make the dump impossible is checked before the
-    // process is touched.
-    let mut fds = dump_fds(pid, req)?;
     let mem = Memory::open(pid)?;
     let maps_before = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
     })?;
     let ns_tids: HashMap<u32, u32> = frozen.tids.iter().map(|&t| (t, ns_tid(t))).collect();
-    let mut posix_timers = kinds::posix_timer::list(pid, &read("timers")?, &ns_tids)?;
+    let posix_timers = kinds::posix_timer::list(pid, &read("timers")?, &ns_tids)?;
     // Every mapping must be one a restore can rebuild; refused before any
     // syscall is injected.
     let growsdown = growsdown(pid)?;
@@ -105,21 +232,47 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             what: "no executable file mapping to inject from".into(),
         })?
         .start;
+    let umask = parse::status_field(&status, "Umask")
+        .and_then(|u| u32::from_str_radix(u, 8).ok())
+        .unwrap_or(0o022);
+    Ok(Checked {
+        ids,
+        parent,
+        fds: Vec::new(),
+        sharing,
+        stashed: Vec::new(),
+        mem,
+        text,
+        exe_path,
+        umask,
+        ns_tids,
+        posix_timers,
+    })
+}
 
-    check()?;
-    let ipc = crate::kinds::sysv::save(pid)?;
-    for m in &maps_before {
-        if let Some(VmaKind::SysvShm { id }) = classify(m, pid, &growsdown)? {
-            ipc.check_attached(pid, id, m.end - m.start)?;
-        }
-    }
+/// What saving a process's memory needs from the processes before it.
+struct MemoryContext<'a> {
+    /// The parent's PID (ours) and saved mappings, if it is in the image.
+    parent: Option<(u32, &'a [Vma])>,
+    /// Shared anonymous objects (inodes) whose pages are saved already.
+    shmem_saved: &'a mut HashSet<u64>,
+}
 
-    // Last before injecting: it reads timerfds (putting their counts back),
-    // so every refusal above comes first.
-    kinds::timerfd::catch_up(pid, &mut fds)?;
-    let asked = ask_process(frozen, &mem, text, &mut posix_timers)?;
-    check()?;
-
+fn save_process(
+    frozen: &Frozen,
+    c: Checked,
+    asked: Answers,
+    ctx: MemoryContext,
+    req: &DumpRequest,
+    writer: &mut ImageWriter,
+    check: &dyn Fn() -> Result<(), SnapshotError>,
+) -> Result<ProcessImage, SnapshotError> {
+    let pid = frozen.pid;
+    let proc_dir = format!("/proc/{pid}");
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{proc_dir}/{name}"))
+            .map_err(|e| SnapshotError::process(pid, format!("reading {proc_dir}/{name}"), e))
+    };
     let maps = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
     })?;
@@ -132,9 +285,6 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         .chunks_exact(8)
         .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
         .collect();
-    let umask = parse::status_field(&status, "Umask")
-        .and_then(|u| u32::from_str_radix(u, 8).ok())
-        .unwrap_or(0o022);
     let cwd = std::fs::read_link(format!("{proc_dir}/cwd"))
         .map_err(|e| SnapshotError::process(pid, "reading cwd", e))?;
 
@@ -148,7 +298,7 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
             .filter(|c| c.pointer != 0)
             .map(|c| (c.pointer, c.len, c.signature));
         threads.push(ThreadImage {
-            ns_tid: ns_tids[&tid],
+            ns_tid: c.ns_tids[&tid],
             comm: std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
                 .unwrap_or_default()
                 .trim_end()
@@ -176,61 +326,35 @@ pub fn dump(frozen: &Frozen, req: &DumpRequest, path: &Path) -> Result<DumpStats
         .map(|s| s.to_vec())
         .collect();
 
-    let mut writer = ImageWriter::create(path)?;
     let growsdown = self::growsdown(pid)?;
-    let vmas = match dump_memory(pid, &mem, &maps, &growsdown, &mut writer, req, &check) {
-        Ok(v) => v,
-        Err(e) => {
-            writer.abandon();
-            return Err(e);
-        }
-    };
-    let ipc = match ipc.write(&mut writer) {
-        Ok(ipc) => ipc,
-        Err(e) => {
-            writer.abandon();
-            return Err(e);
-        }
-    };
+    let vmas = dump_memory(pid, &c.mem, &maps, &growsdown, ctx, writer, req, check)?;
     let pages_bytes = vmas
         .iter()
         .flat_map(|v| &v.pages)
         .map(|r| r.pages * PAGE)
         .sum();
-    let manifest = Manifest {
-        created_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        instance: req.instance.clone(),
-        process: ProcessImage {
-            ns_pid: req.ns_pid,
-            exe: file_ref(&exe_path.to_string_lossy(), pid)?,
-            cwd: cwd.to_string_lossy().into_owned(),
-            umask,
-            rlimits: asked.rlimits,
-            mm,
-            auxv,
-            vmas,
-            sigactions: asked.sigactions,
-            shared_pending,
-            threads,
-            fds,
-            itimers: asked.itimers,
-            posix_timers,
-            pages_bytes,
-        },
-        ipc,
-    };
-    if let Err(e) = check() {
-        writer.abandon();
-        return Err(e);
-    }
-    let image_bytes = writer.finish(&manifest)?;
-    Ok(DumpStats {
+    Ok(ProcessImage {
+        ns_pid: c.ids.pid,
+        ns_ppid: c.ids.ppid,
+        ns_pgid: c.ids.pgid,
+        ns_sid: c.ids.sid,
+        exe: file_ref(&c.exe_path.to_string_lossy(), pid)?,
+        cwd: cwd.to_string_lossy().into_owned(),
+        umask: c.umask,
+        rlimits: asked.rlimits,
+        mm,
+        auxv,
+        vmas,
+        sigactions: asked.sigactions,
+        shared_pending,
+        threads,
+        fds: c.fds,
+        inherited: c.sharing.inherited,
+        fetched: c.sharing.fetched,
+        stashed: c.stashed,
+        itimers: asked.itimers,
+        posix_timers: c.posix_timers,
         pages_bytes,
-        image_bytes,
-        seconds: started.elapsed().as_secs_f64(),
     })
 }
 
@@ -404,6 +528,17 @@ fn classify(
         n if n.starts_with("[anon:") => anon,
         "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
         "[vsyscall]" => return Ok(None),
+        "/dev/zero (deleted)" if m.shared => {
+            // One object however many processes map it; a piece of it at
+            // an offset (split or remapped) is not rebuilt yet.
+            if m.offset != 0 {
+                return Err(unsupported(format!(
+                    "shared anonymous mapping {:#x}-{:#x} at offset {:#x} of its object",
+                    m.start, m.end, m.offset
+                )));
+            }
+            VmaKind::SharedAnon { inode: m.inode }
+        }
         n if n.starts_with("/SYSV") && n.ends_with(" (deleted)") && m.shared => {
             // The inode of a System V segment's mapping is its id.
             VmaKind::SysvShm { id: m.inode as i32 }
@@ -425,7 +560,12 @@ fn classify(
             )))
         }
     };
-    if m.shared && !matches!(kind, VmaKind::File { .. } | VmaKind::SysvShm { .. }) {
+    if m.shared
+        && !matches!(
+            kind,
+            VmaKind::File { .. } | VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }
+        )
+    {
         return Err(unsupported(format!(
             "shared anonymous mapping {:#x}-{:#x} ({})",
             m.start, m.end, m.name
@@ -437,11 +577,17 @@ fn classify(
 /// Saves the pages that hold data: every present or swapped page of a
 /// private mapping, except pages of private file mappings still identical
 /// to the file (pagemap's file-page bit), which restore maps from the file.
+/// A mapping the parent has identically is inherited at restore: of its
+/// pages, those still the parent's very page (same frame, copy-on-write
+/// since the fork) are neither saved nor written again. A shared anonymous
+/// object is saved once, with the first process that maps it.
+#[allow(clippy::too_many_arguments)]
 fn dump_memory(
     pid: u32,
     mem: &Memory,
     maps: &[MapsLine],
     growsdown: &HashSet<u64>,
+    ctx: MemoryContext,
     writer: &mut ImageWriter,
     req: &DumpRequest,
     check: &dyn Fn() -> Result<(), SnapshotError>,
@@ -449,32 +595,65 @@ fn dump_memory(
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
     const FILE_PAGE: u64 = 1 << 61;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
-        .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))?;
+    const PFN: u64 = (1 << 55) - 1;
+    let open_pagemap = |pid: u32| {
+        std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))
+    };
+    let pagemap = open_pagemap(pid)?;
+    let parent_pagemap = ctx.parent.map(|(p, _)| open_pagemap(p)).transpose()?;
+    let read_entries = |file: &std::fs::File, who: u32, buf: &mut [u8], at: u64| {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, at * 8)
+            .map_err(|e| SnapshotError::process(who, "reading pagemap", e))
+    };
     let mut vmas = Vec::new();
     let mut plan = Vec::new();
     // Read in bounded pieces: a mapping may be a huge reservation.
     let mut pagemap_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
+    let mut parent_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
     for m in maps {
         let Some(kind) = classify(m, pid, growsdown)? else {
             continue;
         };
-        let save = !m.shared && !matches!(kind, VmaKind::Vdso(_));
+        let shape = |v: &&Vma| {
+            v.start == m.start
+                && v.end == m.end
+                && v.prot == m.prot()
+                && v.shared == m.shared
+                && v.kind == kind
+        };
+        let inherited = ctx
+            .parent
+            .is_some_and(|(_, theirs)| theirs.iter().any(|v| shape(&v)));
         let file_backed = matches!(kind, VmaKind::File { .. });
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        if save {
+        let mut cow: Vec<(u64, u64)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, u64)>, addr: u64| match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => *n += 1,
+            _ => runs.push((addr, 1)),
+        };
+        if let VmaKind::SharedAnon { inode } = kind {
+            if !inherited && ctx.shmem_saved.insert(inode) {
+                runs = shmem_extents(pid, m)?;
+            }
+        } else if !m.shared && !matches!(kind, VmaKind::Vdso(_)) {
             let npages = (m.end - m.start) / PAGE;
             let mut first = 0;
             while first < npages {
                 let count = (npages - first).min(PAGEMAP_ENTRIES);
-                let entries = &mut pagemap_buf[..(count * 8) as usize];
-                std::os::unix::fs::FileExt::read_exact_at(
+                let len = (count * 8) as usize;
+                read_entries(
                     &pagemap,
-                    entries,
-                    (m.start / PAGE + first) * 8,
-                )
-                .map_err(|e| SnapshotError::process(pid, "reading pagemap", e))?;
-                for (i, e) in entries.chunks_exact(8).enumerate() {
+                    pid,
+                    &mut pagemap_buf[..len],
+                    m.start / PAGE + first,
+                )?;
+                if let (true, Some(file), Some((ppid, _))) =
+                    (inherited, &parent_pagemap, ctx.parent)
+                {
+                    read_entries(file, ppid, &mut parent_buf[..len], m.start / PAGE + first)?;
+                }
+                for (i, e) in pagemap_buf[..len].chunks_exact(8).enumerate() {
                     let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
                     let has_data =
                         e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
@@ -482,26 +661,52 @@ fn dump_memory(
                         continue;
                     }
                     let addr = m.start + (first + i as u64) * PAGE;
-                    match runs.last_mut() {
-                        Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => {
-                            *n += 1
+                    if inherited {
+                        let p = u64::from_ne_bytes(
+                            parent_buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"),
+                        );
+                        let same_frame = e & PRESENT != 0
+                            && p & PRESENT != 0
+                            && e & PFN != 0
+                            && e & PFN == p & PFN;
+                        if same_frame {
+                            push(&mut cow, addr);
+                            continue;
                         }
-                        _ => runs.push((addr, 1)),
                     }
+                    push(&mut runs, addr);
                 }
                 first += count;
             }
         }
-        plan.push((m, kind, runs));
+        plan.push((m, kind, runs, inherited, cow));
     }
     let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
     let mut done = 0;
     let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-    for (m, kind, runs) in plan {
+    for (m, kind, runs, inherited, cow) in plan {
+        // A shared object is read from the object itself, not through the
+        // process's page tables, so that its holes stay holes.
+        let object = match kind {
+            VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
+            _ => None,
+        };
         let mut pages = Vec::with_capacity(runs.len());
         for (addr, n) in runs {
             let len = (n * PAGE) as usize;
-            mem.read(addr, &mut buf[..len])?;
+            match &object {
+                Some(f) => {
+                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
+                        .map_err(|e| {
+                            SnapshotError::process(
+                                pid,
+                                format!("reading shared memory at {addr:#x}"),
+                                e,
+                            )
+                        })?
+                }
+                None => mem.read(addr, &mut buf[..len])?,
+            }
             let offset = writer.write_pages(&buf[..len])?;
             pages.push(PageRun {
                 addr,
@@ -519,13 +724,62 @@ fn dump_memory(
             shared: m.shared,
             kind,
             pages,
+            inherited,
+            cow,
         });
     }
     debug!(pid, bytes = total, "memory saved");
     Ok(vmas)
 }
 
-fn dump_fds(pid: u32, req: &DumpRequest) -> Result<Vec<FdImage>, SnapshotError> {
+/// The object behind a mapping, opened through /proc/PID/map_files.
+fn map_file(pid: u32, m: &MapsLine) -> Result<std::fs::File, SnapshotError> {
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    std::fs::File::open(&path)
+        .map_err(|e| SnapshotError::process(pid, format!("opening {path}"), e))
+}
+
+/// The runs of a shared anonymous object that hold data (SEEK_DATA and
+/// SEEK_HOLE on the object), as addresses of the mapping.
+fn shmem_extents(pid: u32, m: &MapsLine) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    use nix::unistd::{lseek, Whence};
+    let f = map_file(pid, m)?;
+    let len = (m.end - m.start) as i64;
+    let mut runs = Vec::new();
+    let mut at = 0i64;
+    while at < len {
+        let data = match lseek(f.as_raw_fd(), at, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(SnapshotError::process(pid, "SEEK_DATA in shared memory", e)),
+        };
+        if data >= len {
+            break;
+        }
+        let hole = lseek(f.as_raw_fd(), data, Whence::SeekHole)
+            .map_err(|e| SnapshotError::process(pid, "SEEK_HOLE in shared memory", e))?
+            .min(len);
+        let mut start = data as u64 / PAGE * PAGE;
+        let end = (hole as u64).div_ceil(PAGE) * PAGE;
+        while start < end {
+            let n = ((end - start) / PAGE).min(CHUNK_PAGES);
+            runs.push((m.start + start, n));
+            start += n * PAGE;
+        }
+        at = end as i64;
+    }
+    Ok(runs)
+}
+
+/// Saves the fds the process holds itself (not `shared` with a process
+/// before it); a pipe's unread bytes go with the first fd of it in the
+/// tree (`pipes_seen`).
+fn dump_fds(
+    pid: u32,
+    req: &DumpRequest,
+    shared: &HashSet<i32>,
+    pipes_seen: &mut HashSet<u64>,
+) -> Result<Vec<FdImage>, SnapshotError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir)
         .map_err(|e| SnapshotError::process(pid, format!("listing {dir}"), e))?;
@@ -536,14 +790,13 @@ fn dump_fds(pid: u32, req: &DumpRequest) -> Result<Vec<FdImage>, SnapshotError> 
     fds.sort_unstable();
     let pidfd =
         pidfd::open_thread(pid).map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
-    let mut pipes_seen = HashSet::new();
     let mut out = Vec::new();
     let mut unix = Vec::new();
     // Lowest fd of each open file description seen so far, by link: fds
     // sharing a description share its link, and kcmp tells them apart
     // from separate opens of one object.
     let mut descriptions: HashMap<String, Vec<i32>> = HashMap::new();
-    for fd in fds {
+    for fd in fds.into_iter().filter(|fd| !shared.contains(fd)) {
         let unsupported = |what: String| SnapshotError::Unsupported {
             pid,
             what: format!("fd {fd}: {what}"),

@@ -140,6 +140,24 @@ impl Frozen {
         self.wait_stopped(tid)
     }
 
+    /// Takes over a process an injected fork auto-attached
+    /// (PTRACE_O_TRACEFORK) as a frozen process of its own, once it stops.
+    pub fn adopt_process(&self, pid_: u32) -> Result<Frozen, SnapshotError> {
+        self.attached
+            .lock()
+            .expect("attached threads")
+            .retain(|&t| t != pid_);
+        let child = Frozen {
+            pid: pid_,
+            tids: vec![pid_],
+            deferred: Mutex::new(Vec::new()),
+            attached: Mutex::new(Vec::new()),
+            released: false,
+        };
+        child.wait_stopped(pid_)?;
+        Ok(child)
+    }
+
     fn wait_stopped(&self, tid: u32) -> Result<(), SnapshotError> {
         loop {
             match wait(tid) {
@@ -341,7 +359,9 @@ impl Injector<'_> {
             match wait(tid) {
                 Ok(Status::Signal(libc::SIGTRAP)) => break,
                 Ok(Status::Event { event, .. }) => {
-                    if event == Event::PTRACE_EVENT_CLONE as i32 {
+                    if event == Event::PTRACE_EVENT_CLONE as i32
+                        || event == Event::PTRACE_EVENT_FORK as i32
+                    {
                         let child = ptrace::getevent(pid(tid))
                             .map_err(|e| SnapshotError::process(tid, "PTRACE_GETEVENTMSG", e))?
                             as u32;
@@ -471,6 +491,10 @@ impl Memory {
             .open(format!("/proc/{pid_}/mem"))
             .map_err(|e| SnapshotError::process(pid_, "opening /proc/PID/mem", e))?;
         Ok(Memory { pid: pid_, file })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {

@@ -71,90 +71,493 @@ pub struct RestoreHooks<'a> {
 }
 
 pub struct Restored {
-    /// The seccomp listener of the restored process's filter.
-    pub listener: OwnedFd,
+    /// The seccomp listener of each process's filter (one filter per
+    /// process), in image order.
+    pub listeners: Vec<OwnedFd>,
+    /// Our PID of each process, in image order.
+    pub hosts: Vec<u32>,
 }
 
 /// Checks that every file the image maps or opens is still there and, for
 /// mapped files, unchanged. Runs before anything is created.
 pub fn check_files(image: &Image) -> Result<(), SnapshotError> {
-    let p = &image.manifest.process;
-    let strict = std::iter::once(&p.exe).chain(p.vmas.iter().filter_map(|v| match &v.kind {
-        VmaKind::File { file, .. } => Some(file),
-        _ => None,
-    }));
-    for f in strict {
-        let meta = std::fs::metadata(&f.path).map_err(|e| SnapshotError::FileChanged {
-            path: f.path.clone(),
-            why: format!("missing ({e})"),
-        })?;
-        let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-        if meta.ino() != f.ino || meta.size() != f.size || mtime != f.mtime_ns {
-            return Err(SnapshotError::FileChanged {
+    for p in &image.manifest.processes {
+        let strict = std::iter::once(&p.exe).chain(p.vmas.iter().filter_map(|v| match &v.kind {
+            VmaKind::File { file, .. } => Some(file),
+            _ => None,
+        }));
+        for f in strict {
+            let meta = std::fs::metadata(&f.path).map_err(|e| SnapshotError::FileChanged {
                 path: f.path.clone(),
-                why: "changed since the snapshot (inode, size or mtime differ)".into(),
-            });
-        }
-    }
-    for fd in &p.fds {
-        if let FdKind::Path { file, .. } = &fd.kind {
-            std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
-                path: file.path.clone(),
-                why: format!("open as fd {} but missing ({e})", fd.fd),
+                why: format!("missing ({e})"),
             })?;
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            if meta.ino() != f.ino || meta.size() != f.size || mtime != f.mtime_ns {
+                return Err(SnapshotError::FileChanged {
+                    path: f.path.clone(),
+                    why: "changed since the snapshot (inode, size or mtime differ)".into(),
+                });
+            }
+        }
+        for fd in &p.fds {
+            if let FdKind::Path { file, .. } = &fd.kind {
+                std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
+                    path: file.path.clone(),
+                    why: format!(
+                        "open as fd {} of process {} but missing ({e})",
+                        fd.fd, p.ns_pid
+                    ),
+                })?;
+            }
         }
     }
     Ok(())
 }
 
-/// Restores the image into the stub `stub_pid` (our PID namespace's view).
-/// On error after the stub was seized, the stub is killed while still
-/// traced and seen dead by us, its tracer: a half-built process never runs
-/// one instruction of the application's code.
+/// One process being rebuilt, frozen.
+struct Built {
+    frozen: Frozen,
+    mem: Memory,
+    /// Any valid register set of it, for the rebuilding injector.
+    template: libc::user_regs_struct,
+}
+
+/// Restores the image's process tree. `stubs` are the processes the
+/// namespace init forked for the image's top-level processes (our PIDs);
+/// every other process is forked from its rebuilt parent. On error, every
+/// process seized or forked so far is killed while still traced and seen
+/// dead by us, its tracer: a half-built process never runs one instruction
+/// of the application's code.
 pub fn restore(
-    stub_pid: u32,
+    stubs: &[u32],
     image: &Image,
     hooks: &RestoreHooks,
 ) -> Result<Restored, SnapshotError> {
-    let p = &image.manifest.process;
-    let main_image = p
-        .threads
-        .iter()
-        .find(|t| t.ns_tid == p.ns_pid)
-        .ok_or_else(|| SnapshotError::Restore("image has no main thread".into()))?;
-    let mut saved_regs = Vec::with_capacity(p.threads.len());
-    for t in &p.threads {
-        let r = regs::from_slice(&t.regs).ok_or_else(|| {
-            SnapshotError::Restore(format!("bad register set of thread {}", t.ns_tid))
-        })?;
-        saved_regs.push(r);
+    let procs = &image.manifest.processes;
+    let mut by_ns = HashMap::new();
+    for &host in stubs {
+        let status = std::fs::read_to_string(format!("/proc/{host}/status"))
+            .map_err(|e| SnapshotError::process(host, "reading status", e))?;
+        let ns = parse::status_field(&status, "NSpid")
+            .and_then(|v| v.split_whitespace().last())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| SnapshotError::Restore(format!("stub {host} has no NSpid")))?;
+        by_ns.insert(ns, host);
     }
-    // Before the stub attaches any segment, and while no one else could
-    // take the saved ids in the instance's fresh IPC namespace.
-    crate::kinds::sysv::restore(stub_pid, image)?;
-    let mut frozen = Frozen::seize(stub_pid, Options::PTRACE_O_TRACECLONE)?;
-    // Every injected syscall is a ptrace round trip; with tracer and stub
-    // on one CPU it costs a few microseconds instead of a cross-CPU wake-up.
-    let pinned = SameCpu::pin(stub_pid);
-    let result = rebuild(&mut frozen, main_image, &saved_regs, image, hooks);
+    let mut saved_regs = Vec::with_capacity(procs.len());
+    for p in procs {
+        if !p.threads.iter().any(|t| t.ns_tid == p.ns_pid) {
+            return Err(SnapshotError::Restore(format!(
+                "process {} has no main thread in the image",
+                p.ns_pid
+            )));
+        }
+        let mut regs_of = Vec::with_capacity(p.threads.len());
+        for t in &p.threads {
+            regs_of.push(regs::from_slice(&t.regs).ok_or_else(|| {
+                SnapshotError::Restore(format!("bad register set of thread {}", t.ns_tid))
+            })?);
+        }
+        saved_regs.push(regs_of);
+    }
+    // Before any stub attaches a segment, and while no one else could take
+    // the saved ids in the instance's fresh IPC namespace.
+    if let Some(&stub) = stubs.first() {
+        crate::kinds::sysv::restore(stub, image)?;
+    }
+    let mut built: Vec<Built> = Vec::with_capacity(procs.len());
+    // Every injected syscall is a ptrace round trip; with tracer and
+    // processes on one CPU it costs a few microseconds instead of a
+    // cross-CPU wake-up.
+    let mut pinned = SameCpu::pin();
+    let result = build_tree(&by_ns, image, hooks, &saved_regs, &mut built, &mut pinned);
     // Affinity first, while every thread is still stopped: restored threads
-    // inherit the stub's full CPU set, never the pinned one.
+    // inherit their process's full CPU set, never the pinned one.
     drop(pinned);
     match result {
-        Ok(restored) => {
-            frozen.release();
-            Ok(restored)
+        Ok(listeners) => {
+            let hosts = built.iter().map(|b| b.frozen.pid).collect();
+            for b in built {
+                b.frozen.release();
+            }
+            Ok(Restored { listeners, hosts })
         }
         Err(e) => {
-            frozen.kill(|| {
-                let _ = nix::sys::signal::kill(
-                    Pid::from_raw(stub_pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            });
+            for b in built.into_iter().rev() {
+                let pid = b.frozen.pid;
+                b.frozen.kill(|| {
+                    let _ = nix::sys::signal::kill(
+                        Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                });
+            }
             Err(e)
         }
     }
+}
+
+fn build_tree(
+    stubs: &HashMap<u32, u32>,
+    image: &Image,
+    hooks: &RestoreHooks,
+    saved_regs: &[Vec<libc::user_regs_struct>],
+    built: &mut Vec<Built>,
+    pinned: &mut SameCpu,
+) -> Result<Vec<OwnedFd>, SnapshotError> {
+    let procs = &image.manifest.processes;
+    let mut stub_maps = Vec::new();
+    for p in image.manifest.top_level() {
+        let host = *stubs.get(&p.ns_pid).ok_or_else(|| {
+            SnapshotError::Restore(format!("no stub was forked for process {}", p.ns_pid))
+        })?;
+        stub_maps.extend(
+            parse::maps(&std::fs::read_to_string(format!("/proc/{host}/maps")).unwrap_or_default())
+                .ok_or_else(|| SnapshotError::Restore("unreadable stub maps".into()))?,
+        );
+    }
+    // One place for all: children inherit it from their parent's fork.
+    let all_vmas: Vec<Vma> = procs.iter().flat_map(|p| p.vmas.iter().cloned()).collect();
+    let scratch = choose_scratch(&stub_maps, &all_vmas)?;
+    let data = scratch + DATA;
+    let mut shmem = HashMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        let parent = procs.iter().position(|q| q.ns_pid == p.ns_ppid);
+        let b = match parent {
+            None => {
+                let host = stubs[&p.ns_pid];
+                pinned.add(host);
+                let frozen = Frozen::seize(
+                    host,
+                    Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_TRACEFORK,
+                )?;
+                let mem = Memory::open(host)?;
+                built.push(Built {
+                    frozen,
+                    mem,
+                    template: registers_of(host)?,
+                });
+                let b = built.last().expect("just pushed");
+                prepare_stub(b, p, scratch)?;
+                b
+            }
+            Some(j) => {
+                let pb = &built[j];
+                let inj = pb.frozen.rebuilding_injector(scratch, pb.template);
+                let frozen = crate::kinds::tree::fork(&pb.frozen, &inj, &pb.mem, data, p.ns_pid)?;
+                let host = frozen.pid;
+                let mem = Memory::open(host)?;
+                built.push(Built {
+                    frozen,
+                    mem,
+                    template: registers_of(host)?,
+                });
+                &built[i]
+            }
+        };
+        check_xstate(b.frozen.pid, &p.threads)?;
+        first_pass(
+            b,
+            p,
+            parent.map(|j| &procs[j]),
+            image,
+            hooks,
+            scratch,
+            &mut shmem,
+        )?;
+    }
+    // Groups once every process exists, leaders first.
+    for leaders in [true, false] {
+        for (b, p) in built.iter().zip(procs) {
+            if (p.ns_pgid == p.ns_pid) == leaders {
+                let inj = b.frozen.rebuilding_injector(scratch, b.template);
+                crate::kinds::tree::set_group(&inj, b.frozen.pid, p)?;
+            }
+        }
+    }
+    let mut listeners = Vec::with_capacity(procs.len());
+    for ((b, p), regs_of) in built.iter_mut().zip(procs).zip(saved_regs) {
+        listeners.push(second_pass(b, p, regs_of, hooks, scratch)?);
+    }
+    Ok(listeners)
+}
+
+fn registers_of(pid: u32) -> Result<libc::user_regs_struct, SnapshotError> {
+    ptrace::getregs(Pid::from_raw(pid as i32))
+        .map_err(|e| SnapshotError::process(pid, "PTRACE_GETREGS", e))
+}
+
+/// Empties a stub forked by the namespace init: the scratch mapping in,
+/// everything it had (fds above stdio, memory, rseq) out.
+fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<(), SnapshotError> {
+    let pid = b.frozen.pid;
+    if b.frozen.tids.len() != 1 {
+        return Err(SnapshotError::Restore(format!(
+            "stub {pid} has {} threads",
+            b.frozen.tids.len()
+        )));
+    }
+    let stub_maps =
+        parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
+            .ok_or_else(|| SnapshotError::Restore("unreadable stub maps".into()))?;
+    let text = stub_maps
+        .iter()
+        .find(|m| m.exec && m.name.starts_with('/'))
+        .ok_or_else(|| SnapshotError::Restore("stub has no executable mapping".into()))?
+        .start;
+    map_scratch(&b.frozen, &b.mem, text, Some(scratch), SCRATCH)?;
+    let inj = b.frozen.rebuilding_injector(scratch, b.template);
+    // The stub inherited its parent's rseq registration; the kernel
+    // would write into memory about to disappear.
+    if let Ok(c) = xptrace::rseq_config(pid) {
+        if c.pointer != 0 {
+            inj.ok(
+                pid,
+                "rseq unregister",
+                libc::SYS_rseq,
+                &[
+                    c.pointer,
+                    c.len as u64,
+                    RSEQ_FLAG_UNREGISTER,
+                    c.signature as u64,
+                ],
+            )?;
+        }
+    }
+    close_stub_fds(&inj, pid)?;
+    for m in &stub_maps {
+        if m.start != scratch && m.name != "[vsyscall]" {
+            inj.ok(
+                pid,
+                "munmap of stub memory",
+                libc::SYS_munmap,
+                &[m.start, m.end - m.start],
+            )?;
+        }
+    }
+    map_vdso(&inj, pid, &p.vmas)?;
+    Ok(())
+}
+
+fn same_place(a: &Vma, b: &Vma) -> bool {
+    a.start == b.start
+        && a.end == b.end
+        && a.prot == b.prot
+        && a.shared == b.shared
+        && a.kind == b.kind
+}
+
+/// What a process needs before it forks its children: memory, mm fields,
+/// limits, session, fds. A forked child starts as a copy of its rebuilt
+/// parent and drops what it did not have.
+#[allow(clippy::too_many_arguments)]
+fn first_pass(
+    b: &Built,
+    p: &ProcessImage,
+    parent: Option<&ProcessImage>,
+    image: &Image,
+    hooks: &RestoreHooks,
+    scratch: u64,
+    shmem: &mut HashMap<u64, (u32, u64, u64)>,
+) -> Result<(), SnapshotError> {
+    let pid = b.frozen.pid;
+    let mem = &b.mem;
+    let data = scratch + DATA;
+    let inj = b.frozen.rebuilding_injector(scratch, b.template);
+    if let Some(pp) = parent {
+        crate::kinds::tree::keep_inherited(&inj, pid, p)?;
+        for v in &pp.vmas {
+            if !p.vmas.iter().any(|c| c.inherited && same_place(c, v)) {
+                inj.ok(
+                    pid,
+                    "munmap of a mapping of the parent",
+                    libc::SYS_munmap,
+                    &[v.start, v.end - v.start],
+                )?;
+            }
+        }
+        let vdso_moved = p
+            .vmas
+            .iter()
+            .any(|v| matches!(v.kind, VmaKind::Vdso(_)) && !v.inherited);
+        if vdso_moved {
+            map_vdso(&inj, pid, &p.vmas)?;
+        }
+    }
+    map_memory(&inj, mem, pid, data, image, p, hooks.share_pages, shmem)?;
+    let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
+    set_mm(&inj, mem, pid, data, p, keep_exe)?;
+    // Limits before fds: a process that raised RLIMIT_NOFILE may hold
+    // fds above the stub's limit. Its temporaries sit above its highest
+    // fd, so the soft limit is the hard one until the fds are placed.
+    let nofile = libc::RLIMIT_NOFILE;
+    for &(res, cur, max) in &p.rlimits {
+        let raised = res == nofile && set_rlimit(&inj, mem, pid, data, (res, max, max))?;
+        if !raised && !set_rlimit(&inj, mem, pid, data, (res, cur, max))? {
+            warn!(resource = res, "rlimit could not be restored");
+        }
+    }
+    crate::kinds::tree::set_session(&inj, pid, p)?;
+    crate::kinds::tree::fetch_fds(&inj, pid, p)?;
+    restore_fds(&inj, mem, pid, data, p, hooks)?;
+    for &limit in p.rlimits.iter().filter(|l| l.0 == nofile) {
+        if !set_rlimit(&inj, mem, pid, data, limit)? {
+            warn!(resource = limit.0, "rlimit could not be restored");
+        }
+    }
+    Ok(())
+}
+
+/// Everything else, once every process exists: stashes closed, cwd,
+/// umask, signal handlers, the seccomp filter, threads, pending signals,
+/// credentials, and last the registers.
+fn second_pass(
+    b: &mut Built,
+    p: &ProcessImage,
+    saved_regs: &[libc::user_regs_struct],
+    hooks: &RestoreHooks,
+    scratch: u64,
+) -> Result<OwnedFd, SnapshotError> {
+    let pid = b.frozen.pid;
+    let data = scratch + DATA;
+    let template = b.template;
+    {
+        let inj = b.frozen.rebuilding_injector(scratch, template);
+        let mem = &b.mem;
+        for &fd in &p.stashed {
+            inj.call(pid, libc::SYS_close, &[fd as u64])?;
+        }
+        let cwd = write_str(mem, data, &p.cwd)?;
+        inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
+        inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
+        for a in &p.sigactions {
+            let act = [a.handler, a.flags, a.restorer, a.mask]
+                .map(u64::to_ne_bytes)
+                .concat();
+            mem.write(data, &act)?;
+            inj.ok(
+                pid,
+                &format!("rt_sigaction {}", a.signo),
+                libc::SYS_rt_sigaction,
+                &[a.signo as u64, data, 0, 8],
+            )?;
+        }
+    }
+    // Each process gets a filter (and listener) of its own, installed after
+    // its children were forked (they get their own) and after every
+    // injected call that the filter would send to a supervisor not serving
+    // yet.
+    let listener = install_filter(
+        &b.frozen.rebuilding_injector(scratch, template),
+        pid,
+        &b.mem,
+        data,
+        hooks.filter,
+    )?;
+    let mem = &b.mem;
+    let frozen = &mut b.frozen;
+
+    let mut host_tids: BTreeMap<u32, u32> = BTreeMap::new();
+    host_tids.insert(p.ns_pid, pid);
+    for t in p.threads.iter().filter(|t| t.ns_tid != p.ns_pid) {
+        let args = clone_args(data + 128);
+        mem.write(data, &args)?;
+        mem.write(data + 128, &(t.ns_tid as i32).to_ne_bytes())?;
+        let injected =
+            frozen
+                .injector(scratch)
+                .call(pid, libc::SYS_clone3, &[data, args.len() as u64])?;
+        if injected.ret < 0 {
+            return Err(SnapshotError::Restore(format!(
+                "clone3 of thread {} failed: {}",
+                t.ns_tid,
+                std::io::Error::from_raw_os_error(-injected.ret as i32)
+            )));
+        }
+        let host = injected.cloned.ok_or_else(|| {
+            SnapshotError::Restore(format!("clone of thread {} was not reported", t.ns_tid))
+        })?;
+        frozen.adopt(host)?;
+        host_tids.insert(t.ns_tid, host);
+    }
+
+    for t in &p.threads {
+        let tid = host_tids[&t.ns_tid];
+        restore_thread_state(
+            &frozen.rebuilding_injector(scratch, template),
+            mem,
+            tid,
+            data,
+            t,
+            p.ns_pid,
+        )?;
+    }
+    for info in &p.shared_pending {
+        mem.write(data, info)?;
+        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
+        frozen.rebuilding_injector(scratch, template).ok(
+            pid,
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            &[p.ns_pid as u64, signo as u64, data],
+        )?;
+    }
+
+    // Timers as late as possible, so that the time they had left runs
+    // from about when the process runs again; before the credentials, as a
+    // timer on an alarm clock needs CAP_WAKE_ALARM, which the process may
+    // have given up since it made it. A signal of one that fires meanwhile
+    // is held and delivered on release.
+    {
+        let inj = frozen.rebuilding_injector(scratch, template);
+        kinds::posix_timer::restore(&inj, mem, pid, data, &p.posix_timers)?;
+        kinds::itimer::restore(&inj, mem, pid, data, &p.itimers)?;
+    }
+
+    // Credentials last among the injected work: everything above may need
+    // root, and a thread that is no longer root may not regain it.
+    for t in &p.threads {
+        let tid = host_tids[&t.ns_tid];
+        crate::kinds::creds::restore(
+            &frozen.rebuilding_injector(scratch, template),
+            mem,
+            tid,
+            data,
+            &t.creds,
+        )?;
+    }
+
+    // The scratch mapping goes last, unmapped by code briefly written over
+    // the restored program's own text.
+    let text = p
+        .vmas
+        .iter()
+        .find(|v| v.prot & libc::PROT_EXEC as u32 != 0 && matches!(v.kind, VmaKind::File { .. }))
+        .ok_or_else(|| SnapshotError::Restore("image has no executable file mapping".into()))?
+        .start;
+    unmap_scratch(frozen, mem, text, scratch, SCRATCH)?;
+
+    // Extended state and signal masks of every thread first, registers
+    // last: a failure in between leaves no thread with its saved registers
+    // (and the process is killed anyway).
+    for t in &p.threads {
+        let tid = host_tids[&t.ns_tid];
+        xptrace::set_xstate(tid, &t.xstate)
+            .map_err(|e| SnapshotError::process(tid, "restoring XSTATE", e))?;
+        xptrace::set_sigmask(tid, t.sigmask)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETSIGMASK", e))?;
+        if !t.comm.is_empty() {
+            let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
+        }
+    }
+    for (t, r) in p.threads.iter().zip(saved_regs) {
+        let tid = host_tids[&t.ns_tid];
+        let mut r = *r;
+        regs::restart_interrupted_syscall(&mut r);
+        ptrace::setregs(Pid::from_raw(tid as i32), r)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+    }
+    Ok(listener)
 }
 
 /// XSTATE areas are as large as the CPU's XSAVE features need; one of
@@ -190,238 +593,44 @@ fn set_rlimit(
         >= 0)
 }
 
-fn rebuild(
-    frozen: &mut Frozen,
-    main_image: &ThreadImage,
-    saved_regs: &[libc::user_regs_struct],
-    image: &Image,
-    hooks: &RestoreHooks,
-) -> Result<Restored, SnapshotError> {
-    let p = &image.manifest.process;
-    let stub_pid = frozen.pid;
-    if frozen.tids.len() != 1 {
-        return Err(SnapshotError::Restore(format!(
-            "stub {stub_pid} has {} threads",
-            frozen.tids.len()
-        )));
-    }
-    check_xstate(stub_pid, &p.threads)?;
-    let mem = Memory::open(stub_pid)?;
-    let stub_maps =
-        parse::maps(&std::fs::read_to_string(format!("/proc/{stub_pid}/maps")).unwrap_or_default())
-            .ok_or_else(|| SnapshotError::Restore("unreadable stub maps".into()))?;
-    let scratch = choose_scratch(&stub_maps, &p.vmas)?;
-    let text = stub_maps
-        .iter()
-        .find(|m| m.exec && m.name.starts_with('/'))
-        .ok_or_else(|| SnapshotError::Restore("stub has no executable mapping".into()))?
-        .start;
-    let pid = stub_pid;
-    map_scratch(frozen, &mem, text, Some(scratch), SCRATCH)?;
-    let template = ptrace::getregs(Pid::from_raw(pid as i32))
-        .map_err(|e| SnapshotError::process(pid, "PTRACE_GETREGS", e))?;
-    let data = scratch + DATA;
-
-    {
-        let inj = frozen.rebuilding_injector(scratch, template);
-        // The stub inherited its parent's rseq registration; the kernel
-        // would write into memory about to disappear.
-        if let Ok(c) = xptrace::rseq_config(pid) {
-            if c.pointer != 0 {
-                inj.ok(
-                    pid,
-                    "rseq unregister",
-                    libc::SYS_rseq,
-                    &[
-                        c.pointer,
-                        c.len as u64,
-                        RSEQ_FLAG_UNREGISTER,
-                        c.signature as u64,
-                    ],
-                )?;
-            }
-        }
-        close_stub_fds(&inj, pid)?;
-        for m in &stub_maps {
-            let ours = m.start == scratch;
-            if !ours && m.name != "[vsyscall]" {
-                inj.ok(
-                    pid,
-                    "munmap of stub memory",
-                    libc::SYS_munmap,
-                    &[m.start, m.end - m.start],
-                )?;
-            }
-        }
-        map_vdso(&inj, pid, &p.vmas)?;
-        map_memory(&inj, &mem, pid, data, image, hooks.share_pages)?;
-        set_mm(&inj, &mem, pid, data, p)?;
-        // Limits before fds: a process that raised RLIMIT_NOFILE may hold
-        // fds above the stub's limit. Its temporaries sit above its highest
-        // fd, so the soft limit is the hard one until the fds are placed.
-        let nofile = libc::RLIMIT_NOFILE;
-        for &(res, cur, max) in &p.rlimits {
-            let raised = res == nofile && set_rlimit(&inj, &mem, pid, data, (res, max, max))?;
-            if !raised && !set_rlimit(&inj, &mem, pid, data, (res, cur, max))? {
-                warn!(resource = res, "rlimit could not be restored");
-            }
-        }
-        restore_fds(&inj, &mem, pid, data, p, hooks)?;
-        for &limit in p.rlimits.iter().filter(|l| l.0 == nofile) {
-            if !set_rlimit(&inj, &mem, pid, data, limit)? {
-                warn!(resource = limit.0, "rlimit could not be restored");
-            }
-        }
-        let cwd = write_str(&mem, data, &p.cwd)?;
-        inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
-        inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
-        for a in &p.sigactions {
-            let act = [a.handler, a.flags, a.restorer, a.mask]
-                .map(u64::to_ne_bytes)
-                .concat();
-            mem.write(data, &act)?;
-            inj.ok(
-                pid,
-                &format!("rt_sigaction {}", a.signo),
-                libc::SYS_rt_sigaction,
-                &[a.signo as u64, data, 0, 8],
-            )?;
-        }
-    }
-    let listener = install_filter(
-        &frozen.rebuilding_injector(scratch, template),
-        pid,
-        &mem,
-        data,
-        hooks.filter,
-    )?;
-
-    let mut host_tids: BTreeMap<u32, u32> = BTreeMap::new();
-    host_tids.insert(main_image.ns_tid, pid);
-    for t in p.threads.iter().filter(|t| t.ns_tid != p.ns_pid) {
-        let args = clone_args(data + 128);
-        mem.write(data, &args)?;
-        mem.write(data + 128, &(t.ns_tid as i32).to_ne_bytes())?;
-        let injected =
-            frozen
-                .injector(scratch)
-                .call(pid, libc::SYS_clone3, &[data, args.len() as u64])?;
-        if injected.ret < 0 {
-            return Err(SnapshotError::Restore(format!(
-                "clone3 of thread {} failed: {}",
-                t.ns_tid,
-                std::io::Error::from_raw_os_error(-injected.ret as i32)
-            )));
-        }
-        let host = injected.cloned.ok_or_else(|| {
-            SnapshotError::Restore(format!("clone of thread {} was not reported", t.ns_tid))
-        })?;
-        frozen.adopt(host)?;
-        host_tids.insert(t.ns_tid, host);
-    }
-
-    for t in &p.threads {
-        let tid = host_tids[&t.ns_tid];
-        restore_thread_state(
-            &frozen.rebuilding_injector(scratch, template),
-            &mem,
-            tid,
-            data,
-            t,
-            p.ns_pid,
-        )?;
-    }
-    for info in &p.shared_pending {
-        mem.write(data, info)?;
-        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
-        frozen.rebuilding_injector(scratch, template).ok(
-            pid,
-            "rt_sigqueueinfo",
-            libc::SYS_rt_sigqueueinfo,
-            &[p.ns_pid as u64, signo as u64, data],
-        )?;
-    }
-
-    // Timers as late as possible, so that the time they had left runs
-    // from about when the process runs again; before the credentials, as a
-    // timer on an alarm clock needs CAP_WAKE_ALARM, which the process may
-    // have given up since it made it. A signal of one that fires meanwhile
-    // is held and delivered on release.
-    {
-        let inj = frozen.rebuilding_injector(scratch, template);
-        kinds::posix_timer::restore(&inj, &mem, pid, data, &p.posix_timers)?;
-        kinds::itimer::restore(&inj, &mem, pid, data, &p.itimers)?;
-    }
-
-    // Credentials last among the injected work: everything above may need
-    // root, and a thread that is no longer root may not regain it.
-    for t in &p.threads {
-        let tid = host_tids[&t.ns_tid];
-        kinds::creds::restore(
-            &frozen.rebuilding_injector(scratch, template),
-            &mem,
-            tid,
-            data,
-            &t.creds,
-        )?;
-    }
-
-    // The scratch mapping goes last, unmapped by code briefly written over
-    // the restored program's own text.
-    let text = p
-        .vmas
-        .iter()
-        .find(|v| v.prot & libc::PROT_EXEC as u32 != 0 && matches!(v.kind, VmaKind::File { .. }))
-        .ok_or_else(|| SnapshotError::Restore("image has no executable file mapping".into()))?
-        .start;
-    unmap_scratch(frozen, &mem, text, scratch, SCRATCH)?;
-
-    // Extended state and signal masks of every thread first, registers
-    // last: a failure in between leaves no thread with its saved registers
-    // (and the stub is killed anyway).
-    for t in &p.threads {
-        let tid = host_tids[&t.ns_tid];
-        xptrace::set_xstate(tid, &t.xstate)
-            .map_err(|e| SnapshotError::process(tid, "restoring XSTATE", e))?;
-        xptrace::set_sigmask(tid, t.sigmask)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETSIGMASK", e))?;
-        if !t.comm.is_empty() {
-            let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
-        }
-    }
-    for (t, r) in p.threads.iter().zip(saved_regs) {
-        let tid = host_tids[&t.ns_tid];
-        let mut r = *r;
-        regs::restart_interrupted_syscall(&mut r);
-        ptrace::setregs(Pid::from_raw(tid as i32), r)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
-    }
-    Ok(Restored { listener })
-}
-
-/// Keeps the calling thread and the stub on the CPU the caller runs on, and
-/// gives both back their CPU sets when dropped (restored threads inherit the
-/// stub's, so they get the full set back too).
+/// Keeps the calling thread and the processes being rebuilt on the CPU the
+/// caller runs on, and gives all back their CPU sets when dropped (restored
+/// threads inherit their process's, so they get the full set back too).
 struct SameCpu {
-    stub: Pid,
+    cpu: Option<CpuSet>,
     ours: Option<CpuSet>,
-    theirs: Option<CpuSet>,
+    /// Each process pinned, with its CPU set before.
+    procs: Vec<(Pid, Option<CpuSet>)>,
 }
 
 impl SameCpu {
-    fn pin(stub: u32) -> SameCpu {
-        let stub = Pid::from_raw(stub as i32);
+    fn pin() -> SameCpu {
         let me = Pid::from_raw(0);
         let ours = sched_getaffinity(me).ok();
-        let theirs = sched_getaffinity(stub).ok();
-        if let Ok(cpu) = sched_getcpu() {
+        let mut cpu = None;
+        if let Ok(c) = sched_getcpu() {
             let mut one = CpuSet::new();
-            if one.set(cpu).is_ok() {
+            if one.set(c).is_ok() {
                 let _ = sched_setaffinity(me, &one);
-                let _ = sched_setaffinity(stub, &one);
+                cpu = Some(one);
             }
         }
-        SameCpu { stub, ours, theirs }
+        SameCpu {
+            cpu,
+            ours,
+            procs: Vec::new(),
+        }
+    }
+
+    /// Pins a stub; forked children are pinned already (inherited), and
+    /// get the stub's CPU set back with it.
+    fn add(&mut self, pid: u32) {
+        let pid = Pid::from_raw(pid as i32);
+        let theirs = sched_getaffinity(pid).ok();
+        if let Some(one) = &self.cpu {
+            let _ = sched_setaffinity(pid, one);
+        }
+        self.procs.push((pid, theirs));
     }
 }
 
@@ -430,13 +639,32 @@ impl Drop for SameCpu {
         if let Some(set) = &self.ours {
             let _ = sched_setaffinity(Pid::from_raw(0), set);
         }
-        if let Some(set) = &self.theirs {
-            let tasks = std::fs::read_dir(format!("/proc/{}/task", self.stub))
+        // Every process descends from a pinned stub: each gets the CPU set
+        // of the first stub back.
+        let Some(set) = self.procs.iter().find_map(|(_, s)| *s) else {
+            return;
+        };
+        let mut seen = Vec::new();
+        let mut todo: Vec<u32> = self.procs.iter().map(|(p, _)| p.as_raw() as u32).collect();
+        while let Some(pid) = todo.pop() {
+            if seen.contains(&pid) {
+                continue;
+            }
+            seen.push(pid);
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
                 .into_iter()
                 .flatten();
             for t in tasks.flatten() {
-                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    let _ = sched_setaffinity(Pid::from_raw(tid), set);
+                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                    let _ = sched_setaffinity(Pid::from_raw(tid as i32), &set);
+                    let children =
+                        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+                            .unwrap_or_default();
+                    todo.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
                 }
             }
         }
@@ -535,13 +763,22 @@ fn open_in(
     )
 }
 
+/// Builds the process's address space: mappings it did not inherit from
+/// its parent's fork are created, then saved pages written. Of an inherited
+/// mapping, pages still shared copy-on-write with the parent stay, and the
+/// rest that it did not have is dropped. A shared anonymous object is
+/// created by the first process that maps it and mapped from that process
+/// (`shmem`: inode → its ns pid and mapping) by every later one.
+#[allow(clippy::too_many_arguments)]
 fn map_memory(
     inj: &Injector,
     mem: &Memory,
     pid: u32,
     data: u64,
     image: &Image,
+    p: &ProcessImage,
     share_pages: bool,
+    shmem: &mut HashMap<u64, (u32, u64, u64)>,
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
     let mut buf = Vec::new();
@@ -558,11 +795,52 @@ fn map_memory(
     } else {
         None
     };
-    for v in &image.manifest.process.vmas {
+    for v in &p.vmas {
         let len = v.end - v.start;
         let fixed = libc::MAP_FIXED as u64;
         match &v.kind {
+            VmaKind::Anon | VmaKind::Stack | VmaKind::File { .. } if v.inherited => {
+                if !v.shared {
+                    drop_unsaved(inj, pid, v)?;
+                }
+            }
+            _ if v.inherited => continue,
             VmaKind::Vdso(_) | VmaKind::Vsyscall => continue,
+            VmaKind::SharedAnon { inode } => match shmem.get(inode) {
+                Some(&(owner, start, end)) => {
+                    let path = format!("/proc/{owner}/map_files/{start:x}-{end:x}");
+                    let mode = if v.prot & libc::PROT_WRITE as u32 != 0 {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    };
+                    let fd = open_in(inj, mem, pid, data, &path, mode | libc::O_CLOEXEC)?;
+                    inj.ok(
+                        pid,
+                        &format!("mmap of shared memory {path}"),
+                        libc::SYS_mmap,
+                        &[
+                            v.start,
+                            len,
+                            v.prot as u64,
+                            libc::MAP_SHARED as u64 | fixed,
+                            fd,
+                            0,
+                        ],
+                    )?;
+                    inj.call(pid, libc::SYS_close, &[fd])?;
+                }
+                None => {
+                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed;
+                    inj.ok(
+                        pid,
+                        "mmap shared anonymous",
+                        libc::SYS_mmap,
+                        &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
+                    )?;
+                    shmem.insert(*inode, (p.ns_pid, v.start, v.end));
+                }
+            },
             VmaKind::Anon | VmaKind::Stack => {
                 let grows = if v.kind == VmaKind::Stack {
                     libc::MAP_GROWSDOWN
@@ -629,7 +907,8 @@ fn map_memory(
             let n = (run.pages * PAGE) as usize;
             // A stack's pages are copied: a piece mapped from the image
             // would split the stack, and only its lowest piece can grow.
-            if let Some(fd) = image_fd.filter(|_| v.kind != VmaKind::Stack) {
+            let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
+            if let Some(fd) = image_fd.filter(|_| private) {
                 // A private mapping of the image's page-aligned pages: read
                 // through the page cache that every clone shares, copied
                 // only when written.
@@ -656,21 +935,54 @@ fn map_memory(
     Ok(())
 }
 
+/// Drops the pages of an inherited private mapping that the process did
+/// not have: neither saved for it nor shared with its parent.
+fn drop_unsaved(inj: &Injector, pid: u32, v: &Vma) -> Result<(), SnapshotError> {
+    let mut kept: Vec<(u64, u64)> = v
+        .pages
+        .iter()
+        .map(|r| (r.addr, r.pages))
+        .chain(v.cow.iter().copied())
+        .collect();
+    kept.sort_unstable();
+    let mut at = v.start;
+    for (addr, pages) in kept.into_iter().chain(std::iter::once((v.end, 0))) {
+        if addr > at {
+            inj.ok(
+                pid,
+                "MADV_DONTNEED of pages the process did not have",
+                libc::SYS_madvise,
+                &[at, addr - at, libc::MADV_DONTNEED as u64],
+            )?;
+        }
+        at = at.max(addr + pages * PAGE);
+    }
+    Ok(())
+}
+
+/// Sets the mm fields and, unless `keep_exe` (a child forked from a parent
+/// with the same executable, which still maps it: the kernel refuses to
+/// change an exe that is mapped), the exe link.
 fn set_mm(
     inj: &Injector,
     mem: &Memory,
     pid: u32,
     data: u64,
     p: &ProcessImage,
+    keep_exe: bool,
 ) -> Result<(), SnapshotError> {
-    let exe_fd = open_in(
-        inj,
-        mem,
-        pid,
-        data,
-        &p.exe.path,
-        libc::O_RDONLY | libc::O_CLOEXEC,
-    )?;
+    let exe_fd = if keep_exe {
+        None
+    } else {
+        Some(open_in(
+            inj,
+            mem,
+            pid,
+            data,
+            &p.exe.path,
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )?)
+    };
     let m = &p.mm;
     let auxv_at = data + 256;
     let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
@@ -693,7 +1005,8 @@ fn set_mm(
         map.extend_from_slice(&v.to_ne_bytes());
     }
     map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
-    map.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
+    // -1: the exe link stays.
+    map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
     mem.write(data, &map)?;
     inj.ok(
         pid,
@@ -701,7 +1014,9 @@ fn set_mm(
         libc::SYS_prctl,
         &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
     )?;
-    inj.call(pid, libc::SYS_close, &[exe_fd])?;
+    if let Some(fd) = exe_fd {
+        inj.call(pid, libc::SYS_close, &[fd])?;
+    }
     Ok(())
 }
 

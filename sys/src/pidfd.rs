@@ -80,6 +80,26 @@ fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
 }
 
+/// Whether fd `fd1` of process `pid1` and fd `fd2` of process `pid2` are
+/// one open file description (kcmp KCMP_FILE; the caller needs ptrace
+/// access to both). `None` if either fd is not open or kcmp is refused.
+pub fn same_file_across(pid1: u32, fd1: RawFd, pid2: u32, fd2: RawFd) -> Option<bool> {
+    // SAFETY: kcmp takes two pids, a type and two fd numbers by value and
+    // reads no memory of ours; it returns 0 for equal, 1 or 2 for an
+    // ordering, 3 for not comparable, or -1.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1 as libc::pid_t,
+            pid2 as libc::pid_t,
+            KCMP_FILE,
+            fd1 as libc::c_ulong,
+            fd2 as libc::c_ulong,
+        )
+    };
+    (ret >= 0).then_some(ret == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,14 +19,16 @@ use std::path::{Path, PathBuf};
 use appshot_sys::fd::OpenRegularError;
 
 use crate::error::SnapshotError;
-use crate::image::model::Manifest;
+use crate::image::model::{Manifest, ProcessImage};
 
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
 /// main stack as its own kind of mapping. 3: credentials of every thread,
 /// System V IPC objects. 4: timerfd, signalfd and inotify fds, interval and
 /// POSIX timers. 5: Unix sockets and fds sharing one open file description.
-pub const VERSION: u32 = 5;
+/// 6: every process of the tree, shared anonymous memory, fds and pages
+/// inherited across fork.
+pub const VERSION: u32 = 6;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -351,8 +353,49 @@ const REGS_LEN: usize = 27;
 /// tampered with and checksummed again) describes nothing a restore would
 /// index out of bounds, overflow on or loop over forever.
 fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
+    if manifest.processes.is_empty() {
+        return Err("it holds no process".into());
+    }
+    // A restore builds processes in image order: whatever one takes from
+    // another (its parent's fork, a shared fd) must be built before it.
+    for (i, p) in manifest.processes.iter().enumerate() {
+        let index = |pid: u32| manifest.processes.iter().position(|q| q.ns_pid == pid);
+        if index(p.ns_pid) != Some(i) {
+            return Err(format!("process {} appears twice", p.ns_pid));
+        }
+        if index(p.ns_ppid).is_some_and(|j| j >= i) {
+            return Err(format!("process {} comes before its parent", p.ns_pid));
+        }
+        if let Some(f) = p
+            .fetched
+            .iter()
+            .find(|f| index(f.from_pid).is_none_or(|j| j >= i))
+        {
+            return Err(format!(
+                "fd {} of process {} comes from process {}, which is not built before it",
+                f.fd, p.ns_pid, f.from_pid
+            ));
+        }
+        check_process(p, pages_len)?;
+    }
+    for seg in &manifest.ipc.shm {
+        let inside = seg.offset % PAGE == 0
+            && seg
+                .offset
+                .checked_add(seg.size)
+                .is_some_and(|end| end <= pages_len);
+        if !inside {
+            return Err(format!(
+                "System V segment {} ({} bytes at {}) lies outside the pages section",
+                seg.perm.id, seg.size, seg.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_process(p: &ProcessImage, pages_len: u64) -> Result<(), String> {
     use crate::image::model::FdKind;
-    let p = &manifest.process;
     if p.auxv.len() & 1 != 0 {
         return Err(format!("auxv has an odd length ({})", p.auxv.len()));
     }
@@ -377,19 +420,6 @@ fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
                 "a pending signal of thread {} has {} bytes of siginfo, not {SIGINFO_LEN}",
                 t.ns_tid,
                 info.len()
-            ));
-        }
-    }
-    for seg in &manifest.ipc.shm {
-        let inside = seg.offset % PAGE == 0
-            && seg
-                .offset
-                .checked_add(seg.size)
-                .is_some_and(|end| end <= pages_len);
-        if !inside {
-            return Err(format!(
-                "System V segment {} ({} bytes at {}) lies outside the pages section",
-                seg.perm.id, seg.size, seg.offset
             ));
         }
     }
@@ -446,8 +476,11 @@ mod tests {
                 multiplexed: vec![9000],
                 template: false,
             },
-            process: ProcessImage {
+            processes: vec![ProcessImage {
                 ns_pid: 2,
+                ns_ppid: 1,
+                ns_pgid: 2,
+                ns_sid: 2,
                 exe: FileRef {
                     path: "/usr/bin/python3".into(),
                     size: 1,
@@ -466,15 +499,20 @@ mod tests {
                     shared: false,
                     kind: VmaKind::Anon,
                     pages,
+                    inherited: false,
+                    cow: vec![],
                 }],
                 sigactions: vec![],
                 shared_pending: vec![],
                 threads: vec![],
                 fds: vec![],
+                inherited: vec![],
+                fetched: vec![],
+                stashed: vec![],
                 itimers: vec![],
                 posix_timers: vec![],
                 pages_bytes: 0,
-            },
+            }],
         }
     }
 
@@ -636,40 +674,40 @@ mod tests {
             offset,
         };
         let mut good = sample_manifest(vec![run(0x1000, 2, 0)]);
-        good.process.threads = vec![thread()];
-        good.process.auxv = vec![6, 4096, 0, 0];
+        good.processes[0].threads = vec![thread()];
+        good.processes[0].auxv = vec![6, 4096, 0, 0];
         write(&good);
         Image::open(&path).expect("the untampered manifest is accepted");
 
         let mut cases: Vec<(Manifest, &str)> = Vec::new();
         let mut m = good.clone();
-        m.process.threads[0].regs.pop();
+        m.processes[0].threads[0].regs.pop();
         cases.push((m, "registers"));
         let mut m = good.clone();
-        m.process.threads[0].pending[0].truncate(8);
+        m.processes[0].threads[0].pending[0].truncate(8);
         cases.push((m, "siginfo"));
         let mut m = good.clone();
-        m.process.shared_pending = vec![vec![0; 4096]];
+        m.processes[0].shared_pending = vec![vec![0; 4096]];
         cases.push((m, "siginfo"));
         let mut m = good.clone();
-        m.process.auxv.push(1);
+        m.processes[0].auxv.push(1);
         cases.push((m, "auxv"));
         let mut m = good.clone();
-        m.process.vmas[0].end = m.process.vmas[0].start;
-        m.process.vmas[0].pages.clear();
+        m.processes[0].vmas[0].end = m.processes[0].vmas[0].start;
+        m.processes[0].vmas[0].pages.clear();
         cases.push((m, "empty, reversed"));
         let mut m = good.clone();
-        m.process.vmas[0].start = 0x1001;
-        m.process.vmas[0].pages.clear();
+        m.processes[0].vmas[0].start = 0x1001;
+        m.processes[0].vmas[0].pages.clear();
         cases.push((m, "not page-aligned"));
         let mut m = good.clone();
-        m.process.vmas[0].pages = vec![run(0x1000, u64::MAX / 2, 0)];
+        m.processes[0].vmas[0].pages = vec![run(0x1000, u64::MAX / 2, 0)];
         cases.push((m, "page run"));
         let mut m = good.clone();
-        m.process.vmas[0].pages = vec![run(0x1000, 1, 100)];
+        m.processes[0].vmas[0].pages = vec![run(0x1000, 1, 100)];
         cases.push((m, "page run"));
         let mut m = good.clone();
-        m.process.fds = vec![FdImage {
+        m.processes[0].fds = vec![FdImage {
             fd: 3,
             cloexec: false,
             kind: FdKind::Pipe {

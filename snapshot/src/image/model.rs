@@ -1,5 +1,5 @@
-//! What an image holds: one instance's process, its threads, memory layout,
-//! file descriptors and the VPM view of its sockets.
+//! What an image holds: one instance's processes (its tree), their threads,
+//! memory layout, file descriptors and the VPM view of their sockets.
 
 use serde::{Deserialize, Serialize};
 
@@ -7,9 +7,25 @@ use serde::{Deserialize, Serialize};
 pub struct Manifest {
     pub created_unix: u64,
     pub instance: InstanceInfo,
-    pub process: ProcessImage,
+    /// Every process of the instance, parents before their children; the
+    /// first is the instance's main process.
+    pub processes: Vec<ProcessImage>,
     /// System V IPC objects of the instance's own IPC namespace.
     pub ipc: SysvIpc,
+}
+
+impl Manifest {
+    pub fn main(&self) -> &ProcessImage {
+        &self.processes[0]
+    }
+
+    /// Processes whose parent is not in the image (the namespace init's
+    /// children): the ones init forks stubs for.
+    pub fn top_level(&self) -> impl Iterator<Item = &ProcessImage> {
+        self.processes
+            .iter()
+            .filter(|p| !self.processes.iter().any(|q| q.ns_pid == p.ns_ppid))
+    }
 }
 
 /// The System V IPC objects of an IPC namespace, each with its id (which
@@ -94,6 +110,11 @@ pub struct MmFields {
 pub struct ProcessImage {
     /// PID inside the instance's PID namespace (restored exactly).
     pub ns_pid: u32,
+    /// Parent, process group and session in the instance's PID namespace
+    /// (0: outside it, as for a session the supervisor started).
+    pub ns_ppid: u32,
+    pub ns_pgid: u32,
+    pub ns_sid: u32,
     pub exe: FileRef,
     pub cwd: String,
     pub umask: u32,
@@ -111,8 +132,33 @@ pub struct ProcessImage {
     pub itimers: Vec<ITimer>,
     /// timer_create timers, by id.
     pub posix_timers: Vec<PosixTimer>,
+    /// fds that are, at the same number, the very open file description
+    /// the parent holds: kept from the fork that creates the process.
+    pub inherited: Vec<InheritedFd>,
+    /// fds sharing an open file description first held by an earlier
+    /// process of the image: taken from it (pidfd_getfd) at restore.
+    pub fetched: Vec<FetchedFd>,
+    /// fds of `fds` that exist only for later processes to fetch (the
+    /// other end of a pipe this process no longer holds); closed once every
+    /// process is rebuilt.
+    pub stashed: Vec<i32>,
     /// Bytes of page data in the image's pages section.
     pub pages_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InheritedFd {
+    pub fd: i32,
+    pub cloexec: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedFd {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// The earlier process (ns pid) and its fd that hold the description.
+    pub from_pid: u32,
+    pub from_fd: i32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +171,13 @@ pub struct Vma {
     pub kind: VmaKind,
     /// Saved pages, in address order.
     pub pages: Vec<PageRun>,
+    /// The parent has the same mapping at the same place: the process
+    /// keeps the one its fork gave it, and only `pages` are written in it.
+    pub inherited: bool,
+    /// Of an inherited mapping, the (address, pages) runs still shared
+    /// copy-on-write with the parent: neither saved nor written. Every
+    /// other page of it that is not in `pages` is dropped (MADV_DONTNEED).
+    pub cow: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +188,12 @@ pub enum VmaKind {
     File {
         file: FileRef,
         offset: u64,
+    },
+    /// MAP_SHARED|MAP_ANONYMOUS memory (`/dev/zero (deleted)`), one object
+    /// per inode: its pages are saved with the first process that maps it,
+    /// and every other process maps that process's object.
+    SharedAnon {
+        inode: u64,
     },
     /// `[vvar]`, `[vvar_vclock]` or `[vdso]`: moved as one block.
     Vdso(String),

@@ -9,6 +9,7 @@ pub mod posix_timer;
 pub mod signalfd;
 pub mod sysv;
 pub mod timerfd;
+pub mod tree;
 pub mod unix;
 
 use crate::image::model::TimerTime;

@@ -1,0 +1,461 @@
+//! The process tree: who each process is in the instance's PID namespace
+//! (parent, process group, session), which of its fds it shares with
+//! processes built before it, and how a restore recreates those links:
+//! children forked from their rebuilt parents (so that what was inherited is
+//! inherited again), sessions and groups set, shared fds taken from the
+//! process that holds them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use appshot_sys::pidfd;
+
+use crate::error::SnapshotError;
+use crate::image::model::{FdImage, FdKind, FetchedFd, InheritedFd, ProcessImage};
+use crate::proc::parse;
+use crate::ptrace::{Frozen, Injector, Memory};
+
+/// A process's identity in the instance's PID namespace (0: outside it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub pid: u32,
+    pub ppid: u32,
+    pub pgid: u32,
+    pub sid: u32,
+}
+
+fn innermost(status: &str, field: &str) -> Option<u32> {
+    parse::status_field(status, field)?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// Refuses, by name, a process a restore could not rebuild in the state it
+/// is in: a zombie, or one stopped (by a signal or another tracer). Run
+/// before the processes are frozen, which stops them too.
+pub fn check_states(hosts: &[u32]) -> Result<(), SnapshotError> {
+    for &host in hosts {
+        let stat = std::fs::read_to_string(format!("/proc/{host}/stat"))
+            .map_err(|e| SnapshotError::process(host, format!("reading /proc/{host}/stat"), e))?;
+        let (comm, state) = stat
+            .split_once(" (")
+            .and_then(|(_, rest)| rest.rsplit_once(") "))
+            .map(|(comm, rest)| (comm.to_string(), rest.chars().next().unwrap_or('?')))
+            .ok_or_else(|| {
+                SnapshotError::process(host, "parsing stat", std::io::ErrorKind::InvalidData)
+            })?;
+        let what = match state {
+            'Z' | 'X' => "is a zombie (exited, not yet reaped by its parent)",
+            'T' | 't' => "is stopped (SIGSTOP or traced), which cannot be saved yet",
+            _ => continue,
+        };
+        return Err(SnapshotError::Unsupported {
+            pid: host,
+            what: format!("process {comm} {what}"),
+        });
+    }
+    Ok(())
+}
+
+/// Reads every process's namespace ids (`hosts`: our PIDs, parents
+/// first) and refuses, by name, a tree a restore could not rebuild: a
+/// group or session whose leader is gone, a process in a session other
+/// than its parent's that it does not lead.
+pub fn identify(hosts: &[u32]) -> Result<Vec<Ids>, SnapshotError> {
+    let mut ids = Vec::with_capacity(hosts.len());
+    for &host in hosts {
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("/proc/{host}/{name}")).map_err(|e| {
+                SnapshotError::process(host, format!("reading /proc/{host}/{name}"), e)
+            })
+        };
+        let status = read("status")?;
+        let field = |name: &str| {
+            innermost(&status, name).ok_or_else(|| {
+                SnapshotError::process(
+                    host,
+                    format!("parsing {name} of status"),
+                    std::io::ErrorKind::InvalidData,
+                )
+            })
+        };
+        let host_ppid: u32 = parse::status_field(&status, "PPid")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let ppid = std::fs::read_to_string(format!("/proc/{host_ppid}/status"))
+            .ok()
+            .and_then(|s| innermost(&s, "NSpid"))
+            .unwrap_or(0);
+        ids.push(Ids {
+            pid: field("NSpid")?,
+            ppid,
+            pgid: field("NSpgid")?,
+            sid: field("NSsid")?,
+        });
+    }
+    for (i, me) in ids.iter().enumerate() {
+        let host = hosts[i];
+        let present = |pid: u32| pid == 0 || ids.iter().any(|o| o.pid == pid);
+        if !present(me.sid) {
+            return Err(SnapshotError::Unsupported {
+                pid: host,
+                what: format!(
+                    "process {} is in session {} whose leader is gone",
+                    me.pid, me.sid
+                ),
+            });
+        }
+        if !present(me.pgid) {
+            return Err(SnapshotError::Unsupported {
+                pid: host,
+                what: format!(
+                    "process {} is in process group {} whose leader is gone",
+                    me.pid, me.pgid
+                ),
+            });
+        }
+        // A process can only have its parent's session (kept from the
+        // fork) or one it leads (setsid); the namespace init's is 0 here.
+        let parent_sid = ids.iter().find(|o| o.pid == me.ppid).map_or(0, |o| o.sid);
+        if me.sid != parent_sid && me.sid != me.pid {
+            return Err(SnapshotError::Unsupported {
+                pid: host,
+                what: format!(
+                    "process {} is in session {}, neither its parent's nor its own",
+                    me.pid, me.sid
+                ),
+            });
+        }
+    }
+    Ok(ids)
+}
+
+/// What the fds of one process share with processes before it.
+#[derive(Default)]
+pub struct Sharing {
+    pub inherited: Vec<InheritedFd>,
+    pub fetched: Vec<FetchedFd>,
+}
+
+/// The fds of the processes analysed so far, and pipe ends to stash.
+#[derive(Default)]
+pub struct FdTable {
+    /// Per process (image order): its host PID, ns PID and fd numbers.
+    procs: Vec<(u32, u32, Vec<i32>)>,
+    /// Pipe inode → index of the first process that holds one of its ends.
+    pipes: HashMap<u64, usize>,
+    /// (process index, pipe inode, write end) → stash fd made for it.
+    stashes: BTreeMap<(usize, u64, bool), i32>,
+    /// Per process index, the stash fd images it must hold.
+    pub stash_fds: BTreeMap<usize, Vec<FdImage>>,
+}
+
+fn fd_numbers(host: u32) -> Result<Vec<i32>, SnapshotError> {
+    let dir = format!("/proc/{host}/fd");
+    let mut fds: Vec<i32> = std::fs::read_dir(&dir)
+        .map_err(|e| SnapshotError::process(host, format!("listing {dir}"), e))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    fds.sort_unstable();
+    Ok(fds)
+}
+
+fn pipe_inode(host: u32, fd: i32) -> Option<u64> {
+    std::fs::read_link(format!("/proc/{host}/fd/{fd}"))
+        .ok()?
+        .to_str()?
+        .strip_prefix("pipe:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+impl FdTable {
+    /// Sorts the fds of the next process (`host`, after every process
+    /// before it in image order): the same description as its parent's fd
+    /// of the same number is inherited; one held by an earlier process is
+    /// fetched from it; the other end of a pipe an earlier process holds
+    /// is stashed in that process and fetched from there. Returns what it
+    /// shares; the rest it saves itself.
+    pub fn share(
+        &mut self,
+        host: u32,
+        me: Ids,
+        parent: Option<usize>,
+    ) -> Result<Sharing, SnapshotError> {
+        let fds = fd_numbers(host)?;
+        let index = self.procs.len();
+        let mut out = Sharing::default();
+        for &fd in &fds {
+            // Standard streams are the restoring supervisor's anyway.
+            if fd <= 2 {
+                continue;
+            }
+            let cloexec = std::fs::read_to_string(format!("/proc/{host}/fdinfo/{fd}"))
+                .ok()
+                .and_then(|t| parse::fdinfo(&t))
+                .map(|i| i.flags & libc::O_CLOEXEC != 0)
+                .ok_or_else(|| SnapshotError::Unsupported {
+                    pid: host,
+                    what: format!("fd {fd}: unreadable fdinfo"),
+                })?;
+            if let Some(p) = parent {
+                if pidfd::same_file_across(self.procs[p].0, fd, host, fd) == Some(true) {
+                    out.inherited.push(InheritedFd { fd, cloexec });
+                    continue;
+                }
+            }
+            let held = self.procs.iter().find_map(|(h, ns, theirs)| {
+                theirs
+                    .iter()
+                    .filter(|&&f| f > 2)
+                    .find(|&&f| pidfd::same_file_across(*h, f, host, fd) == Some(true))
+                    .map(|&f| (*ns, f))
+            });
+            if let Some((from_pid, from_fd)) = held {
+                out.fetched.push(FetchedFd {
+                    fd,
+                    cloexec,
+                    from_pid,
+                    from_fd,
+                });
+                continue;
+            }
+            if let Some(inode) = pipe_inode(host, fd) {
+                if let Some(&owner) = self.pipes.get(&inode) {
+                    let info = std::fs::read_to_string(format!("/proc/{host}/fdinfo/{fd}"))
+                        .ok()
+                        .and_then(|t| parse::fdinfo(&t))
+                        .ok_or_else(|| SnapshotError::Unsupported {
+                            pid: host,
+                            what: format!("fd {fd}: unreadable fdinfo"),
+                        })?;
+                    let flags = info.flags & !libc::O_CLOEXEC;
+                    let write_end = flags & libc::O_ACCMODE == libc::O_WRONLY;
+                    let from_fd = self.stash(owner, inode, write_end, flags, host, fd)?;
+                    out.fetched.push(FetchedFd {
+                        fd,
+                        cloexec,
+                        from_pid: self.procs[owner].1,
+                        from_fd,
+                    });
+                    continue;
+                }
+                self.pipes.insert(inode, index);
+            }
+        }
+        self.procs.push((host, me.pid, fds));
+        Ok(out)
+    }
+
+    fn stash(
+        &mut self,
+        owner: usize,
+        inode: u64,
+        write_end: bool,
+        flags: i32,
+        host: u32,
+        fd: i32,
+    ) -> Result<i32, SnapshotError> {
+        if let Some(&s) = self.stashes.get(&(owner, inode, write_end)) {
+            return Ok(s);
+        }
+        let capacity = std::fs::OpenOptions::new()
+            .read(true)
+            .open(format!("/proc/{host}/fd/{fd}"))
+            .ok()
+            .and_then(|f| {
+                nix::fcntl::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    nix::fcntl::FcntlArg::F_GETPIPE_SZ,
+                )
+                .ok()
+            })
+            .ok_or_else(|| SnapshotError::Unsupported {
+                pid: host,
+                what: format!("fd {fd}: pipe capacity unreadable"),
+            })? as u32;
+        let stashed = self.stash_fds.entry(owner).or_default();
+        // Above every fd the owner holds, and every stash made before.
+        let number = self.procs[owner]
+            .2
+            .iter()
+            .copied()
+            .chain(stashed.iter().map(|f| f.fd))
+            .max()
+            .unwrap_or(2)
+            + 1;
+        stashed.push(FdImage {
+            fd: number,
+            cloexec: true,
+            kind: FdKind::Pipe {
+                inode,
+                write_end,
+                flags,
+                capacity,
+                data: Vec::new(),
+            },
+        });
+        self.stashes.insert((owner, inode, write_end), number);
+        Ok(number)
+    }
+}
+
+/// Forks the process `child` (ns pid) from the rebuilt, frozen `parent`
+/// with an injected clone3 (a plain fork with `set_tid`), and returns it
+/// frozen as well: it is auto-attached (PTRACE_O_TRACEFORK) and stopped
+/// before it runs an instruction.
+pub fn fork(
+    parent: &Frozen,
+    inj: &Injector,
+    mem: &Memory,
+    data: u64,
+    child: u32,
+) -> Result<Frozen, SnapshotError> {
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+    let set_tid_at = data + 128;
+    let args: Vec<u8> = [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, set_tid_at, 1, 0]
+        .iter()
+        .flat_map(|v: &u64| v.to_ne_bytes())
+        .collect();
+    mem.write(data, &args)?;
+    mem.write(set_tid_at, &(child as i32).to_ne_bytes())?;
+    let injected = inj.call(parent.pid, libc::SYS_clone3, &[data, args.len() as u64])?;
+    if injected.ret < 0 {
+        return Err(SnapshotError::Restore(format!(
+            "clone3 of process {child} failed: {}",
+            std::io::Error::from_raw_os_error(-injected.ret as i32)
+        )));
+    }
+    let host = injected.cloned.ok_or_else(|| {
+        SnapshotError::Restore(format!("fork of process {child} was not reported"))
+    })?;
+    parent.adopt_process(host)
+}
+
+/// Makes the process a session leader if it was one; run before it forks
+/// its children, which inherit the session.
+pub fn set_session(inj: &Injector, host: u32, p: &ProcessImage) -> Result<(), SnapshotError> {
+    if p.ns_sid == p.ns_pid {
+        inj.ok(
+            host,
+            &format!("setsid in process {}", p.ns_pid),
+            libc::SYS_setsid,
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+/// Puts the process into its saved process group. Run when every process
+/// exists, group leaders first: a group can only be joined once its
+/// leader has made it.
+pub fn set_group(inj: &Injector, host: u32, p: &ProcessImage) -> Result<(), SnapshotError> {
+    if p.ns_pgid == 0 || p.ns_sid == p.ns_pid {
+        return Ok(());
+    }
+    let now = inj.ok(host, "getpgid", libc::SYS_getpgid, &[0])?;
+    if now == p.ns_pgid as u64 {
+        return Ok(());
+    }
+    inj.ok(
+        host,
+        &format!("setpgid of process {} to {}", p.ns_pid, p.ns_pgid),
+        libc::SYS_setpgid,
+        &[0, p.ns_pgid as u64],
+    )?;
+    Ok(())
+}
+
+/// Closes every fd the fork gave the child that it did not inherit (its
+/// standard streams stay, as for a stub), and gives the inherited ones
+/// their own close-on-exec flag.
+pub fn keep_inherited(inj: &Injector, host: u32, p: &ProcessImage) -> Result<(), SnapshotError> {
+    for fd in fd_numbers(host)? {
+        if fd <= 2 {
+            continue;
+        }
+        match p.inherited.iter().find(|i| i.fd == fd) {
+            Some(i) => {
+                let flag = if i.cloexec { libc::FD_CLOEXEC } else { 0 };
+                inj.ok(
+                    host,
+                    &format!("F_SETFD on inherited fd {fd}"),
+                    libc::SYS_fcntl,
+                    &[fd as u64, libc::F_SETFD as u64, flag as u64],
+                )?;
+            }
+            None => {
+                inj.call(host, libc::SYS_close, &[fd as u64])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes each fetched fd from the process that holds its description
+/// (inside the instance, whose PID namespace the ns pids are of), through
+/// an injected pidfd_open + pidfd_getfd, and puts it at its number.
+pub fn fetch_fds(inj: &Injector, host: u32, p: &ProcessImage) -> Result<(), SnapshotError> {
+    // Temporaries live above every fd the process will hold, so placing one
+    // fd never closes another.
+    let high = p
+        .fds
+        .iter()
+        .map(|f| f.fd)
+        .chain(p.inherited.iter().map(|f| f.fd))
+        .chain(p.fetched.iter().map(|f| f.fd))
+        .max()
+        .unwrap_or(2) as u64
+        + 1;
+    let to_high = |fd: u64| -> Result<u64, SnapshotError> {
+        let moved = inj.ok(
+            host,
+            "F_DUPFD_CLOEXEC",
+            libc::SYS_fcntl,
+            &[fd, libc::F_DUPFD_CLOEXEC as u64, high],
+        )?;
+        inj.call(host, libc::SYS_close, &[fd])?;
+        Ok(moved)
+    };
+    let mut pidfds: BTreeMap<u32, u64> = BTreeMap::new();
+    for f in &p.fetched {
+        let pidfd = match pidfds.get(&f.from_pid) {
+            Some(&fd) => fd,
+            None => {
+                let fd = to_high(inj.ok(
+                    host,
+                    &format!("pidfd_open of process {}", f.from_pid),
+                    libc::SYS_pidfd_open,
+                    &[f.from_pid as u64, 0],
+                )?)?;
+                pidfds.insert(f.from_pid, fd);
+                fd
+            }
+        };
+        let temp = to_high(inj.ok(
+            host,
+            &format!(
+                "pidfd_getfd of fd {} of process {} for fd {}",
+                f.from_fd, f.from_pid, f.fd
+            ),
+            libc::SYS_pidfd_getfd,
+            &[pidfd, f.from_fd as u64, 0],
+        )?)?;
+        let cloexec = if f.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        inj.ok(
+            host,
+            &format!("dup3 to fd {}", f.fd),
+            libc::SYS_dup3,
+            &[temp, f.fd as u64, cloexec],
+        )?;
+        inj.call(host, libc::SYS_close, &[temp])?;
+    }
+    for fd in pidfds.into_values() {
+        inj.call(host, libc::SYS_close, &[fd])?;
+    }
+    Ok(())
+}
