@@ -3,7 +3,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +17,7 @@ use tracing::debug;
 use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{ImageWriter, PAGE};
+use crate::kinds::files::file_ref;
 use crate::kinds::{self, tree};
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
@@ -484,17 +484,6 @@ fn ns_tid(tid: u32) -> u32 {
         .unwrap_or(tid)
 }
 
-pub(crate) fn file_ref(path: &str, pid: u32) -> Result<FileRef, SnapshotError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| SnapshotError::process(pid, format!("stat {path}"), e))?;
-    Ok(FileRef {
-        path: path.to_string(),
-        size: meta.size(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        ino: meta.ino(),
-    })
-}
-
 /// Start addresses of the process's grows-down mappings.
 fn growsdown(pid: u32) -> Result<HashSet<u64>, SnapshotError> {
     let path = format!("/proc/{pid}/smaps");
@@ -836,11 +825,7 @@ fn dump_fds(
         } else if link.ends_with(" (deleted)") {
             return Err(unsupported(format!("deleted file {link}")));
         } else if link.starts_with('/') {
-            FdKind::Path {
-                file: file_ref(&link, pid)?,
-                flags,
-                pos: info.pos,
-            }
+            kinds::files::save(pid, &link, flags, info.pos)?
         } else if let Some(ino) = link
             .strip_prefix("pipe:[")
             .and_then(|s| s.strip_suffix(']'))

@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
 
 use appshot_sys::pidfd;
 use appshot_sys::ptrace as xptrace;
@@ -61,6 +60,8 @@ pub struct ListenSpec {
     pub reuseport: bool,
 }
 
+pub use crate::kinds::files::check_files;
+
 pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
     pub filter: &'a [SockFilter],
@@ -76,42 +77,6 @@ pub struct Restored {
     pub listeners: Vec<OwnedFd>,
     /// Our PID of each process, in image order.
     pub hosts: Vec<u32>,
-}
-
-/// Checks that every file the image maps or opens is still there and, for
-/// mapped files, unchanged. Runs before anything is created.
-pub fn check_files(image: &Image) -> Result<(), SnapshotError> {
-    for p in &image.manifest.processes {
-        let strict = std::iter::once(&p.exe).chain(p.vmas.iter().filter_map(|v| match &v.kind {
-            VmaKind::File { file, .. } => Some(file),
-            _ => None,
-        }));
-        for f in strict {
-            let meta = std::fs::metadata(&f.path).map_err(|e| SnapshotError::FileChanged {
-                path: f.path.clone(),
-                why: format!("missing ({e})"),
-            })?;
-            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-            if meta.ino() != f.ino || meta.size() != f.size || mtime != f.mtime_ns {
-                return Err(SnapshotError::FileChanged {
-                    path: f.path.clone(),
-                    why: "changed since the snapshot (inode, size or mtime differ)".into(),
-                });
-            }
-        }
-        for fd in &p.fds {
-            if let FdKind::Path { file, .. } = &fd.kind {
-                std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
-                    path: file.path.clone(),
-                    why: format!(
-                        "open as fd {} of process {} but missing ({e})",
-                        fd.fd, p.ns_pid
-                    ),
-                })?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// One process being rebuilt, frozen.
@@ -736,7 +701,7 @@ fn map_vdso(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), SnapshotError>
     Ok(())
 }
 
-fn write_str(mem: &Memory, at: u64, s: &str) -> Result<u64, SnapshotError> {
+pub(crate) fn write_str(mem: &Memory, at: u64, s: &str) -> Result<u64, SnapshotError> {
     let mut b = s.as_bytes().to_vec();
     b.push(0);
     if b.len() as u64 > DATA_LEN {
@@ -746,7 +711,7 @@ fn write_str(mem: &Memory, at: u64, s: &str) -> Result<u64, SnapshotError> {
     Ok(at)
 }
 
-fn open_in(
+pub(crate) fn open_in(
     inj: &Injector,
     mem: &Memory,
     pid: u32,
@@ -1072,25 +1037,23 @@ fn restore_fds(
         Ok(())
     };
 
+    let stub = kinds::Stub {
+        inj,
+        mem,
+        pid,
+        data,
+        data_len: DATA_LEN,
+        to_high: &to_high,
+        place: &place,
+    };
+
     let mut pipes: BTreeMap<u64, Vec<&FdImage>> = BTreeMap::new();
     for f in &p.fds {
         match &f.kind {
             FdKind::Stdio | FdKind::Epoll { .. } | FdKind::Dup { .. } | FdKind::Unix(_) => {}
             FdKind::Pipe { inode, .. } => pipes.entry(*inode).or_default().push(f),
             FdKind::Path { file, flags, pos } => {
-                let open_flags =
-                    flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) | libc::O_CLOEXEC;
-                let temp = to_high(open_in(inj, mem, pid, data, &file.path, open_flags)?)?;
-                place(temp, f, *flags)?;
-                inj.call(pid, libc::SYS_close, &[temp])?;
-                if *pos != 0 {
-                    inj.ok(
-                        pid,
-                        &format!("lseek fd {}", f.fd),
-                        libc::SYS_lseek,
-                        &[f.fd as u64, *pos, libc::SEEK_SET as u64],
-                    )?;
-                }
+                kinds::files::restore(&stub, f, file, *flags, *pos)?;
             }
             FdKind::TcpSocket {
                 addr,
@@ -1218,18 +1181,7 @@ fn restore_fds(
         .iter()
         .filter(|f| matches!(f.kind, FdKind::Unix(_)))
         .collect();
-    crate::kinds::unix::restore(
-        &crate::kinds::unix::Stub {
-            inj,
-            mem,
-            pid,
-            data,
-            data_len: DATA_LEN,
-            to_high: &to_high,
-            place: &place,
-        },
-        &unix,
-    )?;
+    crate::kinds::unix::restore(&stub, &unix)?;
     for f in &p.fds {
         let FdKind::Epoll { flags, .. } = &f.kind else {
             continue;

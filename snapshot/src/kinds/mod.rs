@@ -3,6 +3,7 @@
 //! model): `dump` and `restore` orchestrate, the kinds know their objects.
 
 pub mod creds;
+pub mod files;
 pub mod inotify;
 pub mod itimer;
 pub mod posix_timer;
@@ -12,7 +13,21 @@ pub mod timerfd;
 pub mod tree;
 pub mod unix;
 
-use crate::image::model::TimerTime;
+use crate::error::SnapshotError;
+use crate::image::model::{FdImage, TimerTime};
+use crate::ptrace::{Injector, Memory};
+
+/// Where restore builds: the stub, its scratch data area, and how a new
+/// fd is moved above the saved ones and placed at its number.
+pub struct Stub<'a> {
+    pub inj: &'a Injector<'a>,
+    pub mem: &'a Memory,
+    pub pid: u32,
+    pub data: u64,
+    pub data_len: u64,
+    pub to_high: &'a dyn Fn(u64) -> Result<u64, SnapshotError>,
+    pub place: &'a dyn Fn(u64, &FdImage, i32) -> Result<(), SnapshotError>,
+}
 
 const NS: u64 = 1_000_000_000;
 

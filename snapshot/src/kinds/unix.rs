@@ -18,9 +18,9 @@ use appshot_sys::net::{get_int_opt, set_int_opt};
 use appshot_sys::sockdiag::{self, UnixDiag};
 use nix::sys::socket::{getsockopt, recvmsg, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
 
+use super::Stub;
 use crate::error::SnapshotError;
 use crate::image::model::{FdImage, FdKind, UnixFile, UnixName, UnixRole, UnixSocket};
-use crate::ptrace::{Injector, Memory};
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
@@ -386,18 +386,6 @@ fn walk_queue(
         }
         queue.push(buf[..n].to_vec());
     }
-}
-
-/// Where restore builds: the stub, its scratch data area, and how a new
-/// fd is moved above the saved ones and placed at its number.
-pub struct Stub<'a> {
-    pub inj: &'a Injector<'a>,
-    pub mem: &'a Memory,
-    pub pid: u32,
-    pub data: u64,
-    pub data_len: u64,
-    pub to_high: &'a dyn Fn(u64) -> Result<u64, SnapshotError>,
-    pub place: &'a dyn Fn(u64, &FdImage, i32) -> Result<(), SnapshotError>,
 }
 
 impl Stub<'_> {
