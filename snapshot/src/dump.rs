@@ -2,12 +2,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::{pidfd, ptrace as xptrace};
-use nix::fcntl::{fcntl, tee, FcntlArg, OFlag, SpliceFFlags};
 use nix::sys::socket::{
     getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike,
     SockaddrStorage,
@@ -830,26 +829,7 @@ fn dump_fds(
             .strip_prefix("pipe:[")
             .and_then(|s| s.strip_suffix(']'))
         {
-            let inode: u64 = ino
-                .parse()
-                .map_err(|_| unsupported(format!("odd pipe link {link}")))?;
-            let theirs = pidfd::get_fd(&pidfd, fd)
-                .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
-            let capacity = fcntl(theirs.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
-                .map_err(|e| SnapshotError::process(pid, format!("F_GETPIPE_SZ on fd {fd}"), e))?
-                as u32;
-            let data = if pipes_seen.insert(inode) {
-                peek_pipe(pid, fd, capacity)?
-            } else {
-                Vec::new()
-            };
-            FdKind::Pipe {
-                inode,
-                write_end: flags & libc::O_ACCMODE == libc::O_WRONLY,
-                flags,
-                capacity,
-                data,
-            }
+            kinds::pipes::save(pid, &pidfd, fd, &link, ino, flags, pipes_seen)?
         } else if link.starts_with("socket:[") {
             let sock = pidfd::get_fd(&pidfd, fd)
                 .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
@@ -908,45 +888,6 @@ fn dump_fds(
     }
     Ok(out)
 }
-
-/// Copies a pipe's unread bytes without consuming them: tee(2) from a new
-/// read end of the same pipe into a private pipe.
-fn peek_pipe(pid: u32, fd: i32, capacity: u32) -> Result<Vec<u8>, SnapshotError> {
-    let path = format!("/proc/{pid}/fd/{fd}");
-    let rd = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-        .map_err(|e| SnapshotError::process(pid, format!("opening {path} to read pipe data"), e))?;
-    let (ours_r, ours_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-        .map_err(|e| SnapshotError::process(pid, "pipe2", e))?;
-    let _ = fcntl(ours_w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(capacity as i32));
-    let n = match tee(
-        rd.as_fd(),
-        ours_w.as_fd(),
-        capacity as usize,
-        SpliceFFlags::SPLICE_F_NONBLOCK,
-    ) {
-        Ok(n) => n,
-        Err(nix::errno::Errno::EAGAIN) => 0,
-        Err(e) => {
-            return Err(SnapshotError::process(
-                pid,
-                format!("tee of pipe fd {fd}"),
-                e,
-            ))
-        }
-    };
-    let mut data = vec![0u8; n];
-    let mut got = 0;
-    while got < n {
-        got += nix::unistd::read(ours_r.as_raw_fd(), &mut data[got..])
-            .map_err(|e| SnapshotError::process(pid, "reading pipe copy", e))?;
-    }
-    Ok(data)
-}
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// An unconnected TCP socket. Connected ones (established connections)
 /// cannot be saved yet.

@@ -1047,11 +1047,13 @@ fn restore_fds(
         place: &place,
     };
 
-    let mut pipes: BTreeMap<u64, Vec<&FdImage>> = BTreeMap::new();
     for f in &p.fds {
         match &f.kind {
-            FdKind::Stdio | FdKind::Epoll { .. } | FdKind::Dup { .. } | FdKind::Unix(_) => {}
-            FdKind::Pipe { inode, .. } => pipes.entry(*inode).or_default().push(f),
+            FdKind::Stdio
+            | FdKind::Epoll { .. }
+            | FdKind::Dup { .. }
+            | FdKind::Unix(_)
+            | FdKind::Pipe { .. } => {}
             FdKind::Path { file, flags, pos } => {
                 kinds::files::restore(&stub, f, file, *flags, *pos)?;
             }
@@ -1133,49 +1135,7 @@ fn restore_fds(
             }
         }
     }
-    for fds in pipes.values() {
-        inj.ok(
-            pid,
-            "pipe2",
-            libc::SYS_pipe2,
-            &[data, libc::O_CLOEXEC as u64],
-        )?;
-        let mut b = [0u8; 8];
-        mem.read(data, &mut b)?;
-        let rd = to_high(i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as u64)?;
-        let wr = to_high(i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")) as u64)?;
-        for f in fds {
-            let FdKind::Pipe {
-                write_end,
-                flags,
-                capacity,
-                data: bytes,
-                ..
-            } = &f.kind
-            else {
-                continue;
-            };
-            if !bytes.is_empty() || fds.iter().position(|x| std::ptr::eq(*x, *f)) == Some(0) {
-                inj.call(
-                    pid,
-                    libc::SYS_fcntl,
-                    &[wr, libc::F_SETPIPE_SZ as u64, *capacity as u64],
-                )?;
-            }
-            for chunk in bytes.chunks(DATA_LEN as usize) {
-                mem.write(data, chunk)?;
-                inj.ok(
-                    pid,
-                    "write of pipe data",
-                    libc::SYS_write,
-                    &[wr, data, chunk.len() as u64],
-                )?;
-            }
-            place(if *write_end { wr } else { rd }, f, *flags)?;
-        }
-        inj.call(pid, libc::SYS_close, &[rd])?;
-        inj.call(pid, libc::SYS_close, &[wr])?;
-    }
+    kinds::pipes::restore(&stub, &p.fds)?;
     let unix: Vec<&FdImage> = p
         .fds
         .iter()

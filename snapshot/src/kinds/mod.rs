@@ -6,6 +6,7 @@ pub mod creds;
 pub mod files;
 pub mod inotify;
 pub mod itimer;
+pub mod pipes;
 pub mod posix_timer;
 pub mod signalfd;
 pub mod sysv;
