@@ -2,15 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::{pidfd, ptrace as xptrace};
-use nix::sys::socket::{
-    getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike,
-    SockaddrStorage,
-};
+use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 use tracing::debug;
 
 use crate::error::SnapshotError;
@@ -854,7 +851,7 @@ fn dump_fds(
                 });
                 continue;
             }
-            tcp_socket(&sock, flags, req).map_err(unsupported)?
+            kinds::tcp::save(&sock, flags, req.virtualize).map_err(unsupported)?
         } else if link == "anon_inode:[eventpoll]" {
             FdKind::Epoll {
                 flags,
@@ -887,29 +884,4 @@ fn dump_fds(
         }
     }
     Ok(out)
-}
-
-/// An unconnected TCP socket. Connected ones (established connections)
-/// cannot be saved yet.
-fn tcp_socket(sock: &OwnedFd, flags: i32, req: &DumpRequest) -> Result<FdKind, String> {
-    let listening = getsockopt(sock, sockopt::AcceptConn).map_err(|e| e.to_string())?;
-    let connected = getpeername::<SockaddrStorage>(sock.as_raw_fd()).is_ok();
-    let stype = getsockopt(sock, sockopt::SockType).map_err(|e| e.to_string())?;
-    let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(|e| e.to_string())?;
-    let addr: Option<SocketAddr> = local
-        .as_sockaddr_in()
-        .map(|a| SocketAddr::V4((*a).into()))
-        .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())));
-    let Some(addr) = addr.filter(|_| !connected && stype == SockType::Stream) else {
-        return Err("only unconnected TCP sockets (listening, bound or new) can be saved yet; established connections, UDP and Unix sockets cannot".into());
-    };
-    Ok(FdKind::TcpSocket {
-        addr: (req.virtualize)(addr).to_string(),
-        listening,
-        flags,
-        v6only: addr.is_ipv6()
-            && getsockopt(sock, sockopt::Ipv6V6Only).map_err(|e| e.to_string())?,
-        reuseaddr: getsockopt(sock, sockopt::ReuseAddr).map_err(|e| e.to_string())?,
-        reuseport: getsockopt(sock, sockopt::ReusePort).map_err(|e| e.to_string())?,
-    })
 }

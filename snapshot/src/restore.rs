@@ -9,7 +9,6 @@
 //! the instruction it was stopped at.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use appshot_sys::pidfd;
@@ -47,20 +46,8 @@ const THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_THREAD
     | libc::CLONE_SYSVSEM) as u64;
 
-/// A listening socket the caller must set up on a new TCP socket of the
-/// process (given to it as a duplicate): options, a real port that stands
-/// for `addr`, listen.
-pub struct ListenSpec {
-    /// Port 0: the socket was never bound.
-    pub addr: SocketAddr,
-    /// Listening, or only bound.
-    pub listen: bool,
-    pub v6only: bool,
-    pub reuseaddr: bool,
-    pub reuseport: bool,
-}
-
 pub use crate::kinds::files::check_files;
+pub use crate::kinds::tcp::ListenSpec;
 
 pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
@@ -1057,42 +1044,7 @@ fn restore_fds(
             FdKind::Path { file, flags, pos } => {
                 kinds::files::restore(&stub, f, file, *flags, *pos)?;
             }
-            FdKind::TcpSocket {
-                addr,
-                listening,
-                flags,
-                v6only,
-                reuseaddr,
-                reuseport,
-            } => {
-                let addr: SocketAddr = addr.parse().map_err(|_| {
-                    SnapshotError::Restore(format!("fd {}: bad address {addr}", f.fd))
-                })?;
-                let spec = ListenSpec {
-                    addr,
-                    listen: *listening,
-                    v6only: *v6only,
-                    reuseaddr: *reuseaddr,
-                    reuseport: *reuseport,
-                };
-                let domain = if addr.is_ipv4() {
-                    libc::AF_INET
-                } else {
-                    libc::AF_INET6
-                };
-                let kind = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
-                let temp =
-                    to_high(inj.ok(pid, "socket", libc::SYS_socket, &[domain as u64, kind, 0])?)?;
-                let pfd = pidfd::open_thread(pid)
-                    .map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
-                let ours = pidfd::get_fd(&pfd, temp as i32)
-                    .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {temp}"), e))?;
-                (hooks.listen)(&spec, ours).map_err(|e| {
-                    SnapshotError::Restore(format!("fd {}: TCP socket for {addr}: {e}", f.fd))
-                })?;
-                place(temp, f, *flags)?;
-                inj.call(pid, libc::SYS_close, &[temp])?;
-            }
+            FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen)?,
             FdKind::EventFd {
                 count,
                 flags,

@@ -10,6 +10,7 @@ pub mod pipes;
 pub mod posix_timer;
 pub mod signalfd;
 pub mod sysv;
+pub mod tcp;
 pub mod timerfd;
 pub mod tree;
 pub mod unix;
