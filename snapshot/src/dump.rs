@@ -853,18 +853,9 @@ fn dump_fds(
             }
             kinds::tcp::save(&sock, flags, req.virtualize).map_err(unsupported)?
         } else if link == "anon_inode:[eventpoll]" {
-            FdKind::Epoll {
-                flags,
-                targets: info.epoll,
-            }
+            kinds::events::save_epoll(info, flags)
         } else if link == "anon_inode:[eventfd]" {
-            FdKind::EventFd {
-                count: info
-                    .eventfd_count
-                    .ok_or_else(|| unsupported("eventfd without a count".into()))?,
-                flags,
-                semaphore: info.eventfd_semaphore,
-            }
+            kinds::events::save_eventfd(pid, fd, &info, flags)?
         } else if link == "anon_inode:[timerfd]" {
             kinds::timerfd::save(pid, fd, &info_text, flags)?
         } else if link == "anon_inode:[signalfd]" {

@@ -1036,6 +1036,8 @@ fn restore_fds(
 
     for f in &p.fds {
         match &f.kind {
+            // Pipes, Unix sockets and epoll instances are built below, each
+            // kind at once; duplicates once every description exists.
             FdKind::Stdio
             | FdKind::Epoll { .. }
             | FdKind::Dup { .. }
@@ -1049,27 +1051,7 @@ fn restore_fds(
                 count,
                 flags,
                 semaphore,
-            } => {
-                let sem = if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
-                // eventfd2 takes an unsigned int: a 64-bit count is written.
-                let temp = to_high(inj.ok(
-                    pid,
-                    "eventfd2",
-                    libc::SYS_eventfd2,
-                    &[0, (sem | libc::EFD_CLOEXEC) as u64],
-                )?)?;
-                if *count != 0 {
-                    mem.write(data, &count.to_ne_bytes())?;
-                    inj.ok(
-                        pid,
-                        &format!("write of eventfd {} count", f.fd),
-                        libc::SYS_write,
-                        &[temp, data, 8],
-                    )?;
-                }
-                place(temp, f, *flags)?;
-                inj.call(pid, libc::SYS_close, &[temp])?;
-            }
+            } => kinds::events::restore_eventfd(&stub, f, *count, *flags, *semaphore)?,
             FdKind::TimerFd(t) => {
                 let temp = to_high(kinds::timerfd::restore(inj, mem, pid, data, f.fd, t)?)?;
                 place(temp, f, t.flags)?;
@@ -1094,19 +1076,7 @@ fn restore_fds(
         .filter(|f| matches!(f.kind, FdKind::Unix(_)))
         .collect();
     crate::kinds::unix::restore(&stub, &unix)?;
-    for f in &p.fds {
-        let FdKind::Epoll { flags, .. } = &f.kind else {
-            continue;
-        };
-        let temp = to_high(inj.ok(
-            pid,
-            "epoll_create1",
-            libc::SYS_epoll_create1,
-            &[libc::EPOLL_CLOEXEC as u64],
-        )?)?;
-        place(temp, f, *flags)?;
-        inj.call(pid, libc::SYS_close, &[temp])?;
-    }
+    kinds::events::restore_epolls(&stub, &p.fds)?;
     // Every description exists now; an fd that shared one gets it, and
     // keeps its own close-on-exec flag.
     for f in &p.fds {
@@ -1122,23 +1092,7 @@ fn restore_fds(
         )?;
     }
     // Interest lists last: they may name fds that are duplicates.
-    for f in &p.fds {
-        let FdKind::Epoll { targets, .. } = &f.kind else {
-            continue;
-        };
-        for t in targets {
-            // struct epoll_event is packed on x86_64: u32 events, u64 data.
-            let mut ev = t.events.to_ne_bytes().to_vec();
-            ev.extend_from_slice(&t.data.to_ne_bytes());
-            mem.write(data, &ev)?;
-            inj.ok(
-                pid,
-                &format!("epoll_ctl add fd {}", t.fd),
-                libc::SYS_epoll_ctl,
-                &[f.fd as u64, libc::EPOLL_CTL_ADD as u64, t.fd as u64, data],
-            )?;
-        }
-    }
+    kinds::events::restore_interest(&stub, &p.fds)?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! model): `dump` and `restore` orchestrate, the kinds know their objects.
 
 pub mod creds;
+pub mod events;
 pub mod files;
 pub mod inotify;
 pub mod itimer;
