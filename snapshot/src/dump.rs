@@ -316,11 +316,7 @@ fn save_process(
             creds: t.creds.clone(),
         });
     }
-    let shared_pending = xptrace::pending_signals(pid, true)
-        .map_err(|e| SnapshotError::process(pid, "PTRACE_PEEKSIGINFO", e))?
-        .iter()
-        .map(|s| s.to_vec())
-        .collect();
+    let shared_pending = kinds::signals::save_shared_pending(pid)?;
 
     let growsdown = self::growsdown(pid)?;
     let vmas = dump_memory(pid, &c.mem, &maps, &growsdown, ctx, writer, req, check)?;
@@ -383,29 +379,7 @@ fn ask_process(
     let result = (|| {
         let inj = frozen.injector(scratch);
         let data = scratch + DATA;
-        let mut sigactions = Vec::new();
-        for signo in 1..=64u32 {
-            if signo == libc::SIGKILL as u32 || signo == libc::SIGSTOP as u32 {
-                continue;
-            }
-            if inj
-                .call(main, libc::SYS_rt_sigaction, &[signo as u64, 0, data, 8])?
-                .ret
-                < 0
-            {
-                continue;
-            }
-            let mut b = [0u8; 32];
-            mem.read(data, &mut b)?;
-            let f = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-            sigactions.push(SigAction {
-                signo,
-                handler: f(0),
-                flags: f(1),
-                restorer: f(2),
-                mask: f(3),
-            });
-        }
+        let sigactions = kinds::signals::save_actions(&inj, mem, main, data)?;
         let mut rlimits = Vec::new();
         for res in 0..RLIMIT_COUNT {
             if inj

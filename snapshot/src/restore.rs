@@ -382,18 +382,7 @@ fn second_pass(
         let cwd = write_str(mem, data, &p.cwd)?;
         inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
         inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
-        for a in &p.sigactions {
-            let act = [a.handler, a.flags, a.restorer, a.mask]
-                .map(u64::to_ne_bytes)
-                .concat();
-            mem.write(data, &act)?;
-            inj.ok(
-                pid,
-                &format!("rt_sigaction {}", a.signo),
-                libc::SYS_rt_sigaction,
-                &[a.signo as u64, data, 0, 8],
-            )?;
-        }
+        kinds::signals::restore_actions(&inj, mem, pid, data, &p.sigactions)?;
     }
     // Each process gets a filter (and listener) of its own, installed after
     // its children were forked (they get their own) and after every
@@ -444,16 +433,14 @@ fn second_pass(
             p.ns_pid,
         )?;
     }
-    for info in &p.shared_pending {
-        mem.write(data, info)?;
-        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
-        frozen.rebuilding_injector(scratch, template).ok(
-            pid,
-            "rt_sigqueueinfo",
-            libc::SYS_rt_sigqueueinfo,
-            &[p.ns_pid as u64, signo as u64, data],
-        )?;
-    }
+    kinds::signals::restore_shared_pending(
+        &frozen.rebuilding_injector(scratch, template),
+        mem,
+        pid,
+        p.ns_pid,
+        data,
+        &p.shared_pending,
+    )?;
 
     // Timers as late as possible, so that the time they had left runs
     // from about when the process runs again; before the credentials, as a

@@ -10,6 +10,7 @@ pub mod itimer;
 pub mod pipes;
 pub mod posix_timer;
 pub mod signalfd;
+pub mod signals;
 pub mod sysv;
 pub mod tcp;
 pub mod timerfd;
