@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use appshot_sys::{pidfd, ptrace as xptrace};
+use appshot_sys::pidfd;
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
 use tracing::debug;
 
@@ -16,8 +16,7 @@ use crate::image::{ImageWriter, PAGE};
 use crate::kinds::files::file_ref;
 use crate::kinds::{self, tree};
 use crate::proc::parse::{self, MapsLine};
-use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
-use crate::regs;
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Memory};
 
 /// Scratch memory mapped into the process for the duration of the
 /// injected calls: code at its start, data after the first page.
@@ -205,7 +204,11 @@ fn check_process(
     let maps_before = parse::maps(&read("maps")?).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
     })?;
-    let ns_tids: HashMap<u32, u32> = frozen.tids.iter().map(|&t| (t, ns_tid(t))).collect();
+    let ns_tids: HashMap<u32, u32> = frozen
+        .tids
+        .iter()
+        .map(|&t| (t, kinds::threads::ns_tid(t)))
+        .collect();
     let posix_timers = kinds::posix_timer::list(pid, &read("timers")?, &ns_tids)?;
     // Every mapping must be one a restore can rebuild; refused before any
     // syscall is injected.
@@ -286,35 +289,12 @@ fn save_process(
 
     let mut threads = Vec::new();
     for (i, &tid) in frozen.tids.iter().enumerate() {
-        let r = nix::sys::ptrace::getregs(nix::unistd::Pid::from_raw(tid as i32))
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?;
-        let t = &asked.threads[i];
-        let rseq = xptrace::rseq_config(tid)
-            .ok()
-            .filter(|c| c.pointer != 0)
-            .map(|c| (c.pointer, c.len, c.signature));
-        threads.push(ThreadImage {
-            ns_tid: c.ns_tids[&tid],
-            comm: std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .unwrap_or_default()
-                .trim_end()
-                .to_string(),
-            regs: regs::to_vec(&r),
-            xstate: xptrace::get_xstate(tid)
-                .map_err(|e| SnapshotError::process(tid, "reading XSTATE", e))?,
-            sigmask: xptrace::get_sigmask(tid)
-                .map_err(|e| SnapshotError::process(tid, "PTRACE_GETSIGMASK", e))?,
-            pending: xptrace::pending_signals(tid, false)
-                .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKSIGINFO", e))?
-                .iter()
-                .map(|s| s.to_vec())
-                .collect(),
-            tid_address: t.tid_address,
-            robust_list: t.robust_list,
-            altstack: t.altstack,
-            rseq,
-            creds: t.creds.clone(),
-        });
+        threads.push(kinds::threads::save(
+            pid,
+            tid,
+            c.ns_tids[&tid],
+            &asked.threads[i],
+        )?);
     }
     let shared_pending = kinds::signals::save_shared_pending(pid)?;
 
@@ -350,19 +330,12 @@ fn save_process(
     })
 }
 
-struct ThreadAnswers {
-    creds: Credentials,
-    tid_address: u64,
-    robust_list: (u64, u64),
-    altstack: (u64, u32, u64),
-}
-
 struct Answers {
     brk: u64,
     itimers: Vec<ITimer>,
     sigactions: Vec<SigAction>,
     rlimits: Vec<(u32, u64, u64)>,
-    threads: Vec<ThreadAnswers>,
+    threads: Vec<kinds::threads::Asked>,
 }
 
 /// What only the process itself can tell: asked with injected syscalls
@@ -395,7 +368,7 @@ fn ask_process(
         kinds::posix_timer::save_times(&inj, mem, main, data, posix_timers)?;
         let mut threads = Vec::new();
         for &tid in &frozen.tids {
-            threads.push(ask_thread(&inj, mem, tid, data)?);
+            threads.push(kinds::threads::ask(&inj, mem, tid, data)?);
         }
         Ok(Answers {
             brk,
@@ -407,51 +380,6 @@ fn ask_process(
     })();
     unmap_scratch(frozen, mem, text, scratch, SCRATCH)?;
     result
-}
-
-fn ask_thread(
-    inj: &Injector,
-    mem: &Memory,
-    tid: u32,
-    data: u64,
-) -> Result<ThreadAnswers, SnapshotError> {
-    inj.ok(
-        tid,
-        "PR_GET_TID_ADDRESS",
-        libc::SYS_prctl,
-        &[libc::PR_GET_TID_ADDRESS as u64, data],
-    )?;
-    let tid_address = mem.read_u64(data)?;
-    inj.ok(
-        tid,
-        "get_robust_list",
-        libc::SYS_get_robust_list,
-        &[0, data, data + 8],
-    )?;
-    let robust_list = (mem.read_u64(data)?, mem.read_u64(data + 8)?);
-    inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[0, data])?;
-    let mut b = [0u8; 24];
-    mem.read(data, &mut b)?;
-    let altstack = (
-        u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
-        u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes")),
-        u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
-    );
-    Ok(ThreadAnswers {
-        creds: kinds::creds::save(tid, inj)?,
-        tid_address,
-        robust_list,
-        altstack,
-    })
-}
-
-/// Thread `tid` (host TID) as its own PID namespace numbers it.
-fn ns_tid(tid: u32) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
-    parse::status_field(&status, "NSpid")
-        .and_then(|v| v.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tid)
 }
 
 /// Start addresses of the process's grows-down mappings.

@@ -8,7 +8,7 @@
 //! saved TIDs. Last, each thread gets its saved registers and runs on from
 //! the instruction it was stopped at.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
 use appshot_sys::pidfd;
@@ -39,13 +39,6 @@ const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
 /// The status flags F_SETFL can change.
 const SETTABLE_FLAGS: i32 =
     libc::O_NONBLOCK | libc::O_APPEND | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
-const THREAD_FLAGS: u64 = (libc::CLONE_VM
-    | libc::CLONE_FS
-    | libc::CLONE_FILES
-    | libc::CLONE_SIGHAND
-    | libc::CLONE_THREAD
-    | libc::CLONE_SYSVSEM) as u64;
-
 pub use crate::kinds::files::check_files;
 pub use crate::kinds::tcp::ListenSpec;
 
@@ -207,7 +200,7 @@ fn build_tree(
                 &built[i]
             }
         };
-        check_xstate(b.frozen.pid, &p.threads)?;
+        kinds::threads::check_xstate(b.frozen.pid, &p.threads)?;
         first_pass(
             b,
             p,
@@ -398,33 +391,11 @@ fn second_pass(
     let mem = &b.mem;
     let frozen = &mut b.frozen;
 
-    let mut host_tids: BTreeMap<u32, u32> = BTreeMap::new();
-    host_tids.insert(p.ns_pid, pid);
-    for t in p.threads.iter().filter(|t| t.ns_tid != p.ns_pid) {
-        let args = clone_args(data + 128);
-        mem.write(data, &args)?;
-        mem.write(data + 128, &(t.ns_tid as i32).to_ne_bytes())?;
-        let injected =
-            frozen
-                .injector(scratch)
-                .call(pid, libc::SYS_clone3, &[data, args.len() as u64])?;
-        if injected.ret < 0 {
-            return Err(SnapshotError::Restore(format!(
-                "clone3 of thread {} failed: {}",
-                t.ns_tid,
-                std::io::Error::from_raw_os_error(-injected.ret as i32)
-            )));
-        }
-        let host = injected.cloned.ok_or_else(|| {
-            SnapshotError::Restore(format!("clone of thread {} was not reported", t.ns_tid))
-        })?;
-        frozen.adopt(host)?;
-        host_tids.insert(t.ns_tid, host);
-    }
+    let host_tids = kinds::threads::clone_threads(frozen, mem, pid, scratch, data, p)?;
 
     for t in &p.threads {
         let tid = host_tids[&t.ns_tid];
-        restore_thread_state(
+        kinds::threads::restore(
             &frozen.rebuilding_injector(scratch, template),
             mem,
             tid,
@@ -479,43 +450,9 @@ fn second_pass(
     // Extended state and signal masks of every thread first, registers
     // last: a failure in between leaves no thread with its saved registers
     // (and the process is killed anyway).
-    for t in &p.threads {
-        let tid = host_tids[&t.ns_tid];
-        xptrace::set_xstate(tid, &t.xstate)
-            .map_err(|e| SnapshotError::process(tid, "restoring XSTATE", e))?;
-        xptrace::set_sigmask(tid, t.sigmask)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETSIGMASK", e))?;
-        if !t.comm.is_empty() {
-            let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
-        }
-    }
-    for (t, r) in p.threads.iter().zip(saved_regs) {
-        let tid = host_tids[&t.ns_tid];
-        let mut r = *r;
-        regs::restart_interrupted_syscall(&mut r);
-        ptrace::setregs(Pid::from_raw(tid as i32), r)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
-    }
+    kinds::threads::restore_xstate(pid, p, &host_tids)?;
+    kinds::threads::restore_registers(p, saved_regs, &host_tids)?;
     Ok(listener)
-}
-
-/// XSTATE areas are as large as the CPU's XSAVE features need; one of
-/// another size cannot be set here.
-fn check_xstate(stub_pid: u32, threads: &[ThreadImage]) -> Result<(), SnapshotError> {
-    let ours = xptrace::get_xstate(stub_pid)
-        .map_err(|e| SnapshotError::process(stub_pid, "reading XSTATE", e))?
-        .len();
-    for t in threads {
-        if t.xstate.len() != ours {
-            return Err(SnapshotError::Restore(format!(
-                "thread {} has an XSTATE (FPU/AVX) area of {} bytes, this CPU's is {ours} bytes: \
-                 the image was taken on a CPU with other features and cannot be restored here",
-                t.ns_tid,
-                t.xstate.len()
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn set_rlimit(
@@ -1117,115 +1054,4 @@ fn install_filter(
         .map_err(|e| SnapshotError::process(pid, "taking the seccomp listener", e))?;
     inj.call(pid, libc::SYS_close, &[theirs])?;
     Ok(listener)
-}
-
-fn clone_args(set_tid_at: u64) -> Vec<u8> {
-    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
-    // stack, stack_size, tls, set_tid, set_tid_size, cgroup. A zero stack
-    // keeps the parent's stack pointer; the thread only ever stops at the
-    // int3 that follows the syscall before getting its own registers.
-    [THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid_at, 1, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect()
-}
-
-/// A `stack_t` for sigaltstack(2) from the saved (ss_sp, ss_flags,
-/// ss_size): a disabled stack is set as SS_DISABLE with no area.
-fn altstack_bytes((sp, flags, size): (u64, u32, u64)) -> [u8; 24] {
-    let flags = flags as i32;
-    let (sp, flags, size) = if flags & libc::SS_DISABLE != 0 {
-        (0, libc::SS_DISABLE, 0)
-    } else {
-        // SS_ONSTACK only reports that the thread was running on it.
-        (sp, flags & !libc::SS_ONSTACK, size)
-    };
-    let mut b = [0u8; 24];
-    b[0..8].copy_from_slice(&sp.to_ne_bytes());
-    b[8..12].copy_from_slice(&flags.to_ne_bytes());
-    b[16..24].copy_from_slice(&size.to_ne_bytes());
-    b
-}
-
-fn restore_thread_state(
-    inj: &Injector,
-    mem: &Memory,
-    tid: u32,
-    data: u64,
-    t: &ThreadImage,
-    ns_pid: u32,
-) -> Result<(), SnapshotError> {
-    inj.call(tid, libc::SYS_set_tid_address, &[t.tid_address])?;
-    if t.robust_list.0 != 0 {
-        inj.ok(
-            tid,
-            "set_robust_list",
-            libc::SYS_set_robust_list,
-            &[t.robust_list.0, t.robust_list.1],
-        )?;
-    }
-    // Set even when disabled: the stub inherited its parent's alternate
-    // stack, which lies in memory that is gone now.
-    mem.write(data, &altstack_bytes(t.altstack))?;
-    inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[data, 0])?;
-    if let Some((ptr, len, sig)) = t.rseq {
-        if let Err(e) = inj.ok(
-            tid,
-            "rseq",
-            libc::SYS_rseq,
-            &[ptr, len as u64, 0, sig as u64],
-        ) {
-            warn!("rseq not re-registered: {e}");
-        }
-    }
-    for info in &t.pending {
-        mem.write(data, info)?;
-        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
-        inj.ok(
-            tid,
-            "rt_tgsigqueueinfo",
-            libc::SYS_rt_tgsigqueueinfo,
-            &[ns_pid as u64, t.ns_tid as u64, signo as u64, data],
-        )?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn stack_t(b: [u8; 24]) -> (u64, i32, u64) {
-        (
-            u64::from_ne_bytes(b[0..8].try_into().unwrap()),
-            i32::from_ne_bytes(b[8..12].try_into().unwrap()),
-            u64::from_ne_bytes(b[16..24].try_into().unwrap()),
-        )
-    }
-
-    #[test]
-    fn a_disabled_alternate_stack_is_set_disabled() {
-        // What sigaltstack(NULL, &old) reports for a thread without one.
-        let saved = (0, libc::SS_DISABLE as u32, 0);
-        assert_eq!(stack_t(altstack_bytes(saved)), (0, libc::SS_DISABLE, 0));
-        let odd = (0x7000, libc::SS_DISABLE as u32, 0x2000);
-        assert_eq!(stack_t(altstack_bytes(odd)), (0, libc::SS_DISABLE, 0));
-    }
-
-    #[test]
-    fn an_alternate_stack_keeps_its_area_and_autodisarm() {
-        let saved = (0x7f00_0000, 0, 0x8000);
-        assert_eq!(stack_t(altstack_bytes(saved)), (0x7f00_0000, 0, 0x8000));
-        let running_on_it = (0x7f00_0000, libc::SS_ONSTACK as u32, 0x8000);
-        assert_eq!(
-            stack_t(altstack_bytes(running_on_it)),
-            (0x7f00_0000, 0, 0x8000)
-        );
-        const SS_AUTODISARM: i32 = 1 << 31;
-        let autodisarm = (0x1000, SS_AUTODISARM as u32, 0x4000);
-        assert_eq!(
-            stack_t(altstack_bytes(autodisarm)),
-            (0x1000, SS_AUTODISARM, 0x4000)
-        );
-    }
 }

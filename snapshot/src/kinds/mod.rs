@@ -13,6 +13,7 @@ pub mod signalfd;
 pub mod signals;
 pub mod sysv;
 pub mod tcp;
+pub mod threads;
 pub mod timerfd;
 pub mod tree;
 pub mod unix;
