@@ -224,7 +224,9 @@ impl FdTable {
                 continue;
             }
             if let Some(inode) = pipe_inode(host, fd) {
-                if let Some(&owner) = self.pipes.get(&inode) {
+                // Both ends in this one process are its own pipe, rebuilt
+                // with it; only an earlier process can hold an end for it.
+                if let Some(&owner) = self.pipes.get(&inode).filter(|&&o| o != index) {
                     let info = std::fs::read_to_string(format!("/proc/{host}/fdinfo/{fd}"))
                         .ok()
                         .and_then(|t| parse::fdinfo(&t))
@@ -243,7 +245,7 @@ impl FdTable {
                     });
                     continue;
                 }
-                self.pipes.insert(inode, index);
+                self.pipes.entry(inode).or_insert(index);
             }
         }
         self.procs.push((host, me.pid, fds));
