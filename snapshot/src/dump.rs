@@ -99,6 +99,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         checked.push(check_process(frozen, me, parent, sharing)?);
     }
     let mut pipes_seen = HashSet::new();
+    let mut memfds = kinds::memfd::Sources::default();
     for c in &mut checked {
         let shared: HashSet<i32> = c
             .sharing
@@ -107,7 +108,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             .map(|f| f.fd)
             .chain(c.sharing.fetched.iter().map(|f| f.fd))
             .collect();
-        c.fds = dump_fds(c.mem.pid(), req, &shared, &mut pipes_seen)?;
+        c.fds = dump_fds(c.mem.pid(), req, &shared, &mut pipes_seen, &mut memfds)?;
     }
     for (i, stashes) in std::mem::take(&mut table.stash_fds) {
         checked[i].stashed = stashes.iter().map(|f| f.fd).collect();
@@ -115,7 +116,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
     }
 
     // The IPC namespace is the instance's, whichever process it is read
-    // from.
+    // from; memfds are the instance's too, whichever process holds them.
     check()?;
     let ipc = crate::kinds::sysv::save(first)?;
     for frozen in tree {
@@ -127,8 +128,13 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         })?;
         let growsdown = growsdown(pid)?;
         for m in &maps {
-            if let Some(VmaKind::SysvShm { id }) = classify(m, pid, &growsdown)? {
-                ipc.check_attached(pid, id, m.end - m.start)?;
+            match classify(m, pid, &growsdown)? {
+                Some(VmaKind::SysvShm { id }) => ipc.check_attached(pid, id, m.end - m.start)?,
+                Some(VmaKind::Memfd { inode, .. }) => {
+                    let name = kinds::memfd::name_of(&m.name).unwrap_or_default();
+                    memfds.note_mapping(pid, m.start, m.end, inode, name);
+                }
+                _ => {}
             }
         }
     }
@@ -163,8 +169,11 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             }
         }
     }
-    let ipc = match ipc.write(&mut writer) {
-        Ok(ipc) => ipc,
+    let shared_objects = ipc
+        .write(&mut writer)
+        .and_then(|ipc| Ok((ipc, memfds.save(&mut writer)?)));
+    let (ipc, memfds) = match shared_objects {
+        Ok(objects) => objects,
         Err(e) => {
             writer.abandon();
             return Err(e);
@@ -179,6 +188,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         instance: req.instance.clone(),
         processes,
         ipc,
+        memfds,
     };
     if let Err(e) = check() {
         writer.abandon();
@@ -543,6 +553,10 @@ fn classify(
             // The inode of a System V segment's mapping is its id.
             VmaKind::SysvShm { id: m.inode as i32 }
         }
+        n if kinds::memfd::name_of(n).is_some() => VmaKind::Memfd {
+            inode: m.inode,
+            offset: m.offset,
+        },
         n if n.ends_with(" (deleted)") => {
             return Err(unsupported(format!(
                 "mapping {:#x}-{:#x} of deleted file {n}",
@@ -563,7 +577,10 @@ fn classify(
     if m.shared
         && !matches!(
             kind,
-            VmaKind::File { .. } | VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }
+            VmaKind::File { .. }
+                | VmaKind::SharedAnon { .. }
+                | VmaKind::SysvShm { .. }
+                | VmaKind::Memfd { .. }
         )
     {
         return Err(unsupported(format!(
@@ -625,7 +642,7 @@ fn dump_memory(
         let inherited = ctx
             .parent
             .is_some_and(|(_, theirs)| theirs.iter().any(|v| shape(&v)));
-        let file_backed = matches!(kind, VmaKind::File { .. });
+        let file_backed = matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. });
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut cow: Vec<(u64, u64)> = Vec::new();
         let push = |runs: &mut Vec<(u64, u64)>, addr: u64| match runs.last_mut() {
@@ -779,6 +796,7 @@ fn dump_fds(
     req: &DumpRequest,
     shared: &HashSet<i32>,
     pipes_seen: &mut HashSet<u64>,
+    memfds: &mut kinds::memfd::Sources,
 ) -> Result<Vec<FdImage>, SnapshotError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir)
@@ -833,6 +851,12 @@ fn dump_fds(
         let flags = info.flags & !libc::O_CLOEXEC;
         let kind = if fd <= 2 {
             FdKind::Stdio
+        } else if let Some(name) = kinds::memfd::name_of(&link) {
+            FdKind::Memfd {
+                inode: memfds.note_fd(pid, fd, name)?,
+                flags,
+                pos: info.pos,
+            }
         } else if link.ends_with(" (deleted)") {
             return Err(unsupported(format!("deleted file {link}")));
         } else if link.starts_with('/') {

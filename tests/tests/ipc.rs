@@ -65,3 +65,75 @@ fn system_v_objects_come_back_with_their_ids_contents_and_queues() {
     assert_eq!(ask(&h, "consume"), "msgs=");
     assert!(!host_has_key(0x5eed));
 }
+
+const MEMFD_PORT: &str = "19651";
+
+fn ask_memfd(h: &Harness, command: &str) -> String {
+    let query = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {MEMFD_PORT}), timeout=10)\n\
+         s.sendall(b'{command}')\ns.shutdown(socket.SHUT_WR)\nprint(s.makefile().read(), end='')\n"
+    );
+    let ran = h.client("mf", &["python3", "-c", &query]);
+    assert!(ran.success(), "memfdkeeper {command}: {ran}");
+    ran.stdout.trim_end().to_string()
+}
+
+/// Writes `text` into the memfd by the parent's fd, then waits until the
+/// child's copy of its mapping shows it in the POSIX shm object: the three
+/// are one memory in both processes.
+fn write_and_see_it_echoed(h: &Harness, text: &str) {
+    assert_eq!(ask_memfd(h, &format!("write {text}")), "written");
+    let padded = format!("{text:.<16}");
+    let echoed = common::poll(std::time::Duration::from_secs(5), || {
+        ask_memfd(h, "state").contains(&format!("echo={padded}"))
+    });
+    assert!(
+        echoed,
+        "the child never saw {text}: {}",
+        ask_memfd(h, "state")
+    );
+}
+
+#[test]
+fn a_memfd_and_posix_shm_shared_by_parent_and_child_come_back_shared() {
+    let test = "a_memfd_and_posix_shm_shared_by_parent_and_child_come_back_shared";
+    let Some(mut h) = Harness::new(test, &["gcc", "python3"]) else {
+        return;
+    };
+    let bin = h.compile("memfdkeeper.c", "memfdkeeper");
+    let dir = h.dir("mf");
+    let shm_name = format!("/appshot-test-{}", std::process::id());
+    h.start(
+        "mf",
+        "mf",
+        &dir,
+        &[],
+        &[bin.to_str().unwrap(), MEMFD_PORT, &shm_name],
+    );
+    h.wait_log("mf", "memfdkeeper listening");
+    write_and_see_it_echoed(&h, "before");
+    let before = ask_memfd(&h, "state");
+    // F_SEAL_SHRINK is 2.
+    assert!(
+        before.contains("tail=tail shm=posix-shm-bytes! echo=before.......... seals=2 size=8192"),
+        "{before}"
+    );
+
+    let image = h.dir("img").join("mf.img");
+    let ran = h.snapshot("mf", &image, &[]);
+    assert!(ran.success(), "{ran}");
+    let inspect = h.appshot().args(["inspect"]).arg(&image).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&inspect.stdout).contains("memfd keeper-memfd"),
+        "inspect names the memfd"
+    );
+    h.restore("mf", &image, &[]);
+
+    assert_eq!(
+        ask_memfd(&h, "state"),
+        before,
+        "the same bytes, seals and child"
+    );
+    write_and_see_it_echoed(&h, "after-restore");
+    let _ = std::fs::remove_file(format!("/dev/shm{shm_name}"));
+}

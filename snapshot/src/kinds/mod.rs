@@ -5,6 +5,7 @@
 pub mod creds;
 pub mod inotify;
 pub mod itimer;
+pub mod memfd;
 pub mod posix_timer;
 pub mod signalfd;
 pub mod sysv;
