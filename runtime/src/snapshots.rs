@@ -403,6 +403,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
                     FdKind::Dup { of } => format!("same open file as fd {of}"),
                     FdKind::Unix(u) => appshot_snapshot::kinds::unix::describe(u),
+                    FdKind::Fifo { file, data, .. } => {
+                        format!("FIFO {}, {} bytes unread", file.path, data.len())
+                    }
                     FdKind::Memfd { inode, pos, .. } => {
                         format!("memfd {} at offset {pos}", memfd_name(m, *inode))
                     }

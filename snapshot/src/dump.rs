@@ -859,6 +859,25 @@ fn dump_fds(
             }
         } else if link.ends_with(" (deleted)") {
             return Err(unsupported(format!("deleted file {link}")));
+        } else if link.starts_with('/') && is_fifo(&link) {
+            let theirs = pidfd::get_fd(&pidfd, fd)
+                .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+            let capacity = fcntl(theirs.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
+                .map_err(|e| SnapshotError::process(pid, format!("F_GETPIPE_SZ on fd {fd}"), e))?
+                as u32;
+            let file = file_ref(&link, pid)?;
+            // Unread bytes belong to the FIFO, not to one of its fds.
+            let data = if pipes_seen.insert(file.ino) {
+                peek_pipe(pid, fd, capacity)?
+            } else {
+                Vec::new()
+            };
+            FdKind::Fifo {
+                file,
+                flags,
+                capacity,
+                data,
+            }
         } else if link.starts_with('/') {
             FdKind::Path {
                 file: file_ref(&link, pid)?,
@@ -950,6 +969,11 @@ fn dump_fds(
 
 /// Copies a pipe's unread bytes without consuming them: tee(2) from a new
 /// read end of the same pipe into a private pipe.
+fn is_fifo(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
 fn peek_pipe(pid: u32, fd: i32, capacity: u32) -> Result<Vec<u8>, SnapshotError> {
     let path = format!("/proc/{pid}/fd/{fd}");
     let rd = std::fs::OpenOptions::new()

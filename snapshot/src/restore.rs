@@ -100,14 +100,26 @@ pub fn check_files(image: &Image) -> Result<(), SnapshotError> {
             }
         }
         for fd in &p.fds {
-            if let FdKind::Path { file, .. } = &fd.kind {
-                std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
+            let (file, fifo) = match &fd.kind {
+                FdKind::Path { file, .. } => (file, false),
+                FdKind::Fifo { file, .. } => (file, true),
+                _ => continue,
+            };
+            let meta = std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
+                path: file.path.clone(),
+                why: format!(
+                    "open as fd {} of process {} but missing ({e})",
+                    fd.fd, p.ns_pid
+                ),
+            })?;
+            if fifo && !std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
+                return Err(SnapshotError::FileChanged {
                     path: file.path.clone(),
                     why: format!(
-                        "open as fd {} of process {} but missing ({e})",
+                        "a FIFO open as fd {} of process {}, but no longer a FIFO",
                         fd.fd, p.ns_pid
                     ),
-                })?;
+                });
             }
         }
     }
@@ -1126,6 +1138,7 @@ fn restore_fds(
     };
 
     let mut pipes: BTreeMap<u64, Vec<&FdImage>> = BTreeMap::new();
+    let mut fifos: HashMap<u64, u64> = HashMap::new();
     for f in &p.fds {
         match &f.kind {
             FdKind::Stdio | FdKind::Epoll { .. } | FdKind::Dup { .. } | FdKind::Unix(_) => {}
@@ -1144,6 +1157,53 @@ fn restore_fds(
                         &[f.fd as u64, *pos, libc::SEEK_SET as u64],
                     )?;
                 }
+            }
+            FdKind::Fifo {
+                file,
+                flags,
+                capacity,
+                data: bytes,
+            } => {
+                // Opened read-write, a FIFO never blocks its opener, and
+                // while that fd is open no other open of it blocks either:
+                // the saved ends are opened through it, and its unread
+                // bytes written through it.
+                let helper = match fifos.get(&file.ino) {
+                    Some(&h) => h,
+                    None => {
+                        let h = to_high(open_in(
+                            inj,
+                            mem,
+                            pid,
+                            data,
+                            &file.path,
+                            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                        )?)?;
+                        fifos.insert(file.ino, h);
+                        h
+                    }
+                };
+                if !bytes.is_empty() {
+                    inj.call(
+                        pid,
+                        libc::SYS_fcntl,
+                        &[helper, libc::F_SETPIPE_SZ as u64, *capacity as u64],
+                    )?;
+                }
+                for chunk in bytes.chunks(DATA_LEN as usize) {
+                    mem.write(data, chunk)?;
+                    inj.ok(
+                        pid,
+                        &format!("write of FIFO {} data", file.path),
+                        libc::SYS_write,
+                        &[helper, data, chunk.len() as u64],
+                    )?;
+                }
+                let path = format!("/proc/self/fd/{helper}");
+                let open_flags = flags & !(libc::O_CREAT | libc::O_TRUNC) | libc::O_CLOEXEC;
+                let temp = to_high(open_in(inj, mem, pid, data, &path, open_flags)?)?;
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
             }
             FdKind::Memfd { inode, flags, pos } => {
                 let object =
@@ -1282,6 +1342,9 @@ fn restore_fds(
         }
         inj.call(pid, libc::SYS_close, &[rd])?;
         inj.call(pid, libc::SYS_close, &[wr])?;
+    }
+    for helper in fifos.into_values() {
+        inj.call(pid, libc::SYS_close, &[helper])?;
     }
     let unix: Vec<&FdImage> = p
         .fds

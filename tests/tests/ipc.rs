@@ -137,3 +137,77 @@ fn a_memfd_and_posix_shm_shared_by_parent_and_child_come_back_shared() {
     write_and_see_it_echoed(&h, "after-restore");
     let _ = std::fs::remove_file(format!("/dev/shm{shm_name}"));
 }
+
+const FIFO_PORT: u16 = 19652;
+
+/// A child that opened a FIFO for writing and wrote into it, a parent that
+/// opened it for reading (a blocking open, which needs the writer) and has
+/// not read yet; each connection: `read` answers what is queued or `empty`.
+const FIFO_PROGRAM: &str = r#"
+import os, select, socket, sys, time
+port, fifo = int(sys.argv[1]), sys.argv[2]
+os.mkfifo(fifo)
+if os.fork() == 0:
+    w = os.open(fifo, os.O_WRONLY)
+    os.write(w, b"from-the-child;")
+    while True:
+        time.sleep(1)
+r = os.open(fifo, os.O_RDONLY)
+while not select.select([r], [], [], 5)[0]:
+    pass
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen()
+print("fifo program ready", flush=True)
+while True:
+    c, _ = srv.accept()
+    c.recv(16)
+    ready = select.select([r], [], [], 0.2)[0]
+    c.sendall(os.read(r, 100) if ready else b"empty")
+    c.close()
+"#;
+
+fn ask_fifo(h: &Harness) -> String {
+    let query = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {FIFO_PORT}), timeout=10)\n\
+         s.sendall(b'read')\nprint(s.makefile().read(), end='')\n"
+    );
+    let ran = h.client("fi", &["python3", "-c", &query]);
+    assert!(ran.success(), "fifo query: {ran}");
+    ran.stdout.trim_end().to_string()
+}
+
+#[test]
+fn a_fifo_between_parent_and_child_keeps_its_unread_bytes() {
+    let test = "a_fifo_between_parent_and_child_keeps_its_unread_bytes";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("fi");
+    let program = dir.join("fifo.py");
+    std::fs::write(&program, FIFO_PROGRAM).unwrap();
+    let fifo = dir.join("the.fifo");
+    h.start(
+        "fi",
+        "fi",
+        &dir,
+        &[],
+        &[
+            "python3",
+            program.to_str().unwrap(),
+            &FIFO_PORT.to_string(),
+            fifo.to_str().unwrap(),
+        ],
+    );
+    h.wait_log("fi", "fifo program ready");
+
+    let image = h.dir("img").join("fi.img");
+    let ran = h.snapshot("fi", &image, &[]);
+    assert!(ran.success(), "{ran}");
+    // Restoring opens the parent's read end, which would block without a
+    // writer: it must not.
+    h.restore("fi", &image, &[]);
+    assert_eq!(ask_fifo(&h), "from-the-child;", "the unread bytes, once");
+    assert_eq!(ask_fifo(&h), "empty");
+}

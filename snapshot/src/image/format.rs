@@ -463,7 +463,8 @@ fn check_process(p: &ProcessImage, pages_len: u64) -> Result<(), String> {
         }
     }
     for fd in &p.fds {
-        if let FdKind::Pipe { capacity, data, .. } = &fd.kind {
+        if let FdKind::Pipe { capacity, data, .. } | FdKind::Fifo { capacity, data, .. } = &fd.kind
+        {
             if data.len() as u64 > *capacity as u64 {
                 return Err(format!(
                     "fd {}: {} bytes of pipe data exceed its capacity of {capacity}",

@@ -333,6 +333,14 @@ pub enum FdKind {
         flags: i32,
         semaphore: bool,
     },
+    /// A FIFO (named pipe) opened by path, with its unread bytes (stored
+    /// once per FIFO, with its first fd).
+    Fifo {
+        file: FileRef,
+        flags: i32,
+        capacity: u32,
+        data: Vec<u8>,
+    },
     /// An open file description of a memfd of [`Manifest::memfds`].
     Memfd {
         inode: u64,
