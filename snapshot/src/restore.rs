@@ -794,6 +794,28 @@ pub(crate) fn open_in(
     )
 }
 
+/// Writes `bytes` into the process's `fd` through the scratch data area.
+fn write_bytes(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    fd: u64,
+    bytes: &[u8],
+    what: &str,
+) -> Result<(), SnapshotError> {
+    for chunk in bytes.chunks(DATA_LEN as usize) {
+        mem.write(data, chunk)?;
+        inj.ok(
+            pid,
+            &format!("write of {what}"),
+            libc::SYS_write,
+            &[fd, data, chunk.len() as u64],
+        )?;
+    }
+    Ok(())
+}
+
 /// The highest fd number a process is rebuilt with (its own, inherited,
 /// fetched and stashed fds).
 fn highest_fd(p: &ProcessImage) -> u64 {
@@ -1190,15 +1212,7 @@ fn restore_fds(
                         &[helper, libc::F_SETPIPE_SZ as u64, *capacity as u64],
                     )?;
                 }
-                for chunk in bytes.chunks(DATA_LEN as usize) {
-                    mem.write(data, chunk)?;
-                    inj.ok(
-                        pid,
-                        &format!("write of FIFO {} data", file.path),
-                        libc::SYS_write,
-                        &[helper, data, chunk.len() as u64],
-                    )?;
-                }
+                write_bytes(inj, mem, pid, data, helper, bytes, "FIFO data")?;
                 let path = format!("/proc/self/fd/{helper}");
                 let open_flags = flags & !(libc::O_CREAT | libc::O_TRUNC) | libc::O_CLOEXEC;
                 let temp = to_high(open_in(inj, mem, pid, data, &path, open_flags)?)?;
@@ -1329,15 +1343,7 @@ fn restore_fds(
                     &[wr, libc::F_SETPIPE_SZ as u64, *capacity as u64],
                 )?;
             }
-            for chunk in bytes.chunks(DATA_LEN as usize) {
-                mem.write(data, chunk)?;
-                inj.ok(
-                    pid,
-                    "write of pipe data",
-                    libc::SYS_write,
-                    &[wr, data, chunk.len() as u64],
-                )?;
-            }
+            write_bytes(inj, mem, pid, data, wr, bytes, "pipe data")?;
             place(if *write_end { wr } else { rd }, f, *flags)?;
         }
         inj.call(pid, libc::SYS_close, &[rd])?;

@@ -7,15 +7,20 @@ use common::{Harness, Ran};
 
 const PORT: &str = "19650";
 
-/// One sysvkeeper command under AID k, its answer without the newline.
-fn ask(h: &Harness, command: &str) -> String {
+/// One command to the program listening on `port` of the instance of
+/// `aid`, by a client under that AID; its answer without the newline.
+fn ask_on(h: &Harness, aid: &str, port: &str, command: &str) -> String {
     let query = format!(
-        "import socket\ns = socket.create_connection(('127.0.0.1', {PORT}), timeout=10)\n\
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=10)\n\
          s.sendall(b'{command}')\ns.shutdown(socket.SHUT_WR)\nprint(s.makefile().read(), end='')\n"
     );
-    let ran: Ran = h.client("k", &["python3", "-c", &query]);
-    assert!(ran.success(), "sysvkeeper {command}: {ran}");
+    let ran: Ran = h.client(aid, &["python3", "-c", &query]);
+    assert!(ran.success(), "{command} to port {port}: {ran}");
     ran.stdout.trim_end().to_string()
+}
+
+fn ask(h: &Harness, command: &str) -> String {
+    ask_on(h, "k", PORT, command)
 }
 
 /// Whether the host's IPC namespace holds an object with `key` (hex).
@@ -69,13 +74,7 @@ fn system_v_objects_come_back_with_their_ids_contents_and_queues() {
 const MEMFD_PORT: &str = "19651";
 
 fn ask_memfd(h: &Harness, command: &str) -> String {
-    let query = format!(
-        "import socket\ns = socket.create_connection(('127.0.0.1', {MEMFD_PORT}), timeout=10)\n\
-         s.sendall(b'{command}')\ns.shutdown(socket.SHUT_WR)\nprint(s.makefile().read(), end='')\n"
-    );
-    let ran = h.client("mf", &["python3", "-c", &query]);
-    assert!(ran.success(), "memfdkeeper {command}: {ran}");
-    ran.stdout.trim_end().to_string()
+    ask_on(h, "mf", MEMFD_PORT, command)
 }
 
 /// Writes `text` into the memfd by the parent's fd, then waits until the
@@ -169,13 +168,7 @@ while True:
 "#;
 
 fn ask_fifo(h: &Harness) -> String {
-    let query = format!(
-        "import socket\ns = socket.create_connection(('127.0.0.1', {FIFO_PORT}), timeout=10)\n\
-         s.sendall(b'read')\nprint(s.makefile().read(), end='')\n"
-    );
-    let ran = h.client("fi", &["python3", "-c", &query]);
-    assert!(ran.success(), "fifo query: {ran}");
-    ran.stdout.trim_end().to_string()
+    ask_on(h, "fi", &FIFO_PORT.to_string(), "read")
 }
 
 #[test]
