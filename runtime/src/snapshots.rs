@@ -368,6 +368,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     VmaKind::Stack => "[stack]".into(),
                     VmaKind::File { file, .. } => file.path.clone(),
                     VmaKind::SharedAnon { inode } => format!("shared anonymous {inode}"),
+                    VmaKind::Memfd { inode, offset } => {
+                        format!("memfd {} at offset {offset}", memfd_name(m, *inode))
+                    }
                     VmaKind::Vdso(n) => n.clone(),
                     VmaKind::Vsyscall => "[vsyscall]".into(),
                     VmaKind::SysvShm { id } => format!("System V shm segment {id}"),
@@ -400,6 +403,12 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
                     FdKind::Dup { of } => format!("same open file as fd {of}"),
                     FdKind::Unix(u) => appshot_snapshot::kinds::unix::describe(u),
+                    FdKind::Fifo { file, data, .. } => {
+                        format!("FIFO {}, {} bytes unread", file.path, data.len())
+                    }
+                    FdKind::Memfd { inode, pos, .. } => {
+                        format!("memfd {} at offset {pos}", memfd_name(m, *inode))
+                    }
                     FdKind::TimerFd(t) => format!(
                         "timerfd clock {}, {} ns left, period {} ns, {} unread",
                         t.clockid, t.time.value_ns, t.time.interval_ns, t.ticks
@@ -471,6 +480,13 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
         out.push_str(&format!("  {:>5}  {}\n", f.fd, f.kind));
     }
     Ok(out)
+}
+
+fn memfd_name(m: &appshot_snapshot::image::Manifest, inode: u64) -> &str {
+    m.memfds
+        .iter()
+        .find(|o| o.inode == inode)
+        .map_or("?", |o| o.name.as_str())
 }
 
 fn prot(p: u32, shared: bool) -> String {

@@ -94,6 +94,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         checked.push(check_process(frozen, me, parent, sharing)?);
     }
     let mut pipes_seen = HashSet::new();
+    let mut memfds = kinds::memfd::Sources::default();
     for c in &mut checked {
         let shared: HashSet<i32> = c
             .sharing
@@ -102,7 +103,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             .map(|f| f.fd)
             .chain(c.sharing.fetched.iter().map(|f| f.fd))
             .collect();
-        c.fds = dump_fds(c.mem.pid(), req, &shared, &mut pipes_seen)?;
+        c.fds = dump_fds(c.mem.pid(), req, &shared, &mut pipes_seen, &mut memfds)?;
     }
     for (i, stashes) in std::mem::take(&mut table.stash_fds) {
         checked[i].stashed = stashes.iter().map(|f| f.fd).collect();
@@ -110,7 +111,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
     }
 
     // The IPC namespace is the instance's, whichever process it is read
-    // from.
+    // from; memfds are the instance's too, whichever process holds them.
     check()?;
     let ipc = crate::kinds::sysv::save(first)?;
     for frozen in tree {
@@ -122,8 +123,13 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         })?;
         let growsdown = growsdown(pid)?;
         for m in &maps {
-            if let Some(VmaKind::SysvShm { id }) = classify(m, pid, &growsdown)? {
-                ipc.check_attached(pid, id, m.end - m.start)?;
+            match classify(m, pid, &growsdown)? {
+                Some(VmaKind::SysvShm { id }) => ipc.check_attached(pid, id, m.end - m.start)?,
+                Some(VmaKind::Memfd { inode, .. }) => {
+                    let name = kinds::memfd::name_of(&m.name).unwrap_or_default();
+                    memfds.note_mapping(pid, m.start, m.end, inode, name);
+                }
+                _ => {}
             }
         }
     }
@@ -158,8 +164,11 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             }
         }
     }
-    let ipc = match ipc.write(&mut writer) {
-        Ok(ipc) => ipc,
+    let shared_objects = ipc
+        .write(&mut writer)
+        .and_then(|ipc| Ok((ipc, memfds.save(&mut writer)?)));
+    let (ipc, memfds) = match shared_objects {
+        Ok(objects) => objects,
         Err(e) => {
             writer.abandon();
             return Err(e);
@@ -174,6 +183,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         instance: req.instance.clone(),
         processes,
         ipc,
+        memfds,
     };
     if let Err(e) = check() {
         writer.abandon();
@@ -430,6 +440,10 @@ fn classify(
             // The inode of a System V segment's mapping is its id.
             VmaKind::SysvShm { id: m.inode as i32 }
         }
+        n if kinds::memfd::name_of(n).is_some() => VmaKind::Memfd {
+            inode: m.inode,
+            offset: m.offset,
+        },
         n if n.ends_with(" (deleted)") => {
             return Err(unsupported(format!(
                 "mapping {:#x}-{:#x} of deleted file {n}",
@@ -450,7 +464,10 @@ fn classify(
     if m.shared
         && !matches!(
             kind,
-            VmaKind::File { .. } | VmaKind::SharedAnon { .. } | VmaKind::SysvShm { .. }
+            VmaKind::File { .. }
+                | VmaKind::SharedAnon { .. }
+                | VmaKind::SysvShm { .. }
+                | VmaKind::Memfd { .. }
         )
     {
         return Err(unsupported(format!(
@@ -512,7 +529,7 @@ fn dump_memory(
         let inherited = ctx
             .parent
             .is_some_and(|(_, theirs)| theirs.iter().any(|v| shape(&v)));
-        let file_backed = matches!(kind, VmaKind::File { .. });
+        let file_backed = matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. });
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut cow: Vec<(u64, u64)> = Vec::new();
         let push = |runs: &mut Vec<(u64, u64)>, addr: u64| match runs.last_mut() {
@@ -666,6 +683,7 @@ fn dump_fds(
     req: &DumpRequest,
     shared: &HashSet<i32>,
     pipes_seen: &mut HashSet<u64>,
+    memfds: &mut kinds::memfd::Sources,
 ) -> Result<Vec<FdImage>, SnapshotError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir)
@@ -720,8 +738,16 @@ fn dump_fds(
         let flags = info.flags & !libc::O_CLOEXEC;
         let kind = if fd <= 2 {
             FdKind::Stdio
+        } else if let Some(name) = kinds::memfd::name_of(&link) {
+            FdKind::Memfd {
+                inode: memfds.note_fd(pid, fd, name)?,
+                flags,
+                pos: info.pos,
+            }
         } else if link.ends_with(" (deleted)") {
             return Err(unsupported(format!("deleted file {link}")));
+        } else if link.starts_with('/') && kinds::pipes::is_fifo(&link) {
+            kinds::pipes::save_fifo(pid, &pidfd, fd, &link, flags, pipes_seen)?
         } else if link.starts_with('/') {
             kinds::files::save(pid, &link, flags, info.pos)?
         } else if let Some(ino) = link

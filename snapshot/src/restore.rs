@@ -166,6 +166,7 @@ fn build_tree(
     let scratch = choose_scratch(&stub_maps, &all_vmas)?;
     let data = scratch + DATA;
     let mut shmem = HashMap::new();
+    let mut memfds = kinds::memfd::Made::default();
     for (i, p) in procs.iter().enumerate() {
         let parent = procs.iter().position(|q| q.ns_pid == p.ns_ppid);
         let b = match parent {
@@ -209,6 +210,7 @@ fn build_tree(
             hooks,
             scratch,
             &mut shmem,
+            &mut memfds,
         )?;
     }
     // Groups once every process exists, leaders first.
@@ -220,6 +222,12 @@ fn build_tree(
             }
         }
     }
+    memfds.finish(image, |host| {
+        built
+            .iter()
+            .find(|b| b.frozen.pid == host)
+            .map(|b| b.frozen.rebuilding_injector(scratch, b.template))
+    })?;
     let mut listeners = Vec::with_capacity(procs.len());
     for ((b, p), regs_of) in built.iter_mut().zip(procs).zip(saved_regs) {
         listeners.push(second_pass(b, p, regs_of, hooks, scratch)?);
@@ -304,6 +312,7 @@ fn first_pass(
     hooks: &RestoreHooks,
     scratch: u64,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
+    memfds: &mut kinds::memfd::Made,
 ) -> Result<(), SnapshotError> {
     let pid = b.frozen.pid;
     let mem = &b.mem;
@@ -329,7 +338,17 @@ fn first_pass(
             map_vdso(&inj, pid, &p.vmas)?;
         }
     }
-    map_memory(&inj, mem, pid, data, image, p, hooks.share_pages, shmem)?;
+    map_memory(
+        &inj,
+        mem,
+        pid,
+        data,
+        image,
+        p,
+        hooks.share_pages,
+        shmem,
+        memfds,
+    )?;
     let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
     set_mm(&inj, mem, pid, data, p, keep_exe)?;
     // Limits before fds: a process that raised RLIMIT_NOFILE may hold
@@ -344,7 +363,7 @@ fn first_pass(
     }
     crate::kinds::tree::set_session(&inj, pid, p)?;
     crate::kinds::tree::fetch_fds(&inj, pid, p)?;
-    restore_fds(&inj, mem, pid, data, p, hooks)?;
+    restore_fds(&inj, mem, pid, data, p, hooks, image, memfds)?;
     for &limit in p.rlimits.iter().filter(|l| l.0 == nofile) {
         if !set_rlimit(&inj, mem, pid, data, limit)? {
             warn!(resource = limit.0, "rlimit could not be restored");
@@ -639,6 +658,18 @@ pub(crate) fn open_in(
     )
 }
 
+/// The highest fd number a process is rebuilt with (its own, inherited,
+/// fetched and stashed fds).
+fn highest_fd(p: &ProcessImage) -> u64 {
+    p.fds
+        .iter()
+        .map(|f| f.fd)
+        .chain(p.inherited.iter().map(|f| f.fd))
+        .chain(p.fetched.iter().map(|f| f.fd))
+        .max()
+        .unwrap_or(2) as u64
+}
+
 /// Builds the process's address space: mappings it did not inherit from
 /// its parent's fork are created, then saved pages written. Of an inherited
 /// mapping, pages still shared copy-on-write with the parent stay, and the
@@ -655,6 +686,7 @@ fn map_memory(
     p: &ProcessImage,
     share_pages: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
+    memfds: &mut kinds::memfd::Made,
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
     let mut buf = Vec::new();
@@ -675,7 +707,9 @@ fn map_memory(
         let len = v.end - v.start;
         let fixed = libc::MAP_FIXED as u64;
         match &v.kind {
-            VmaKind::Anon | VmaKind::Stack | VmaKind::File { .. } if v.inherited => {
+            VmaKind::Anon | VmaKind::Stack | VmaKind::File { .. } | VmaKind::Memfd { .. }
+                if v.inherited =>
+            {
                 if !v.shared {
                     drop_unsaved(inj, pid, v)?;
                 }
@@ -730,6 +764,22 @@ fn map_memory(
                     libc::SYS_mmap,
                     &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
                 )?;
+            }
+            VmaKind::Memfd { inode, offset } => {
+                let fd =
+                    memfds.fd_in(inj, mem, pid, p.ns_pid, data, image, *inode, highest_fd(p))?;
+                let share = if v.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                inj.ok(
+                    pid,
+                    "mmap of a memfd",
+                    libc::SYS_mmap,
+                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
+                )?;
+                memfds.release(inj, pid, *inode, fd)?;
             }
             VmaKind::SysvShm { id } => {
                 let mut flags = 0;
@@ -896,6 +946,7 @@ fn set_mm(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore_fds(
     inj: &Injector,
     mem: &Memory,
@@ -903,6 +954,8 @@ fn restore_fds(
     data: u64,
     p: &ProcessImage,
     hooks: &RestoreHooks,
+    image: &Image,
+    memfds: &mut kinds::memfd::Made,
 ) -> Result<(), SnapshotError> {
     // Temporaries live above every saved fd so placing one never
     // overwrites another.
@@ -958,6 +1011,7 @@ fn restore_fds(
         place: &place,
     };
 
+    let mut fifos: HashMap<u64, u64> = HashMap::new();
     for f in &p.fds {
         match &f.kind {
             // Pipes, Unix sockets and epoll instances are built below, each
@@ -969,6 +1023,24 @@ fn restore_fds(
             | FdKind::Pipe { .. } => {}
             FdKind::Path { file, flags, pos } => {
                 kinds::files::restore(&stub, f, file, *flags, *pos)?;
+            }
+            FdKind::Fifo { .. } => kinds::pipes::restore_fifo(&stub, f, &mut fifos)?,
+            FdKind::Memfd { inode, flags, pos } => {
+                let object =
+                    memfds.fd_in(inj, mem, pid, p.ns_pid, data, image, *inode, highest_fd(p))?;
+                // A description of its own, as the application's was.
+                let path = format!("/proc/self/fd/{object}");
+                let open_flags = flags & !libc::O_CREAT | libc::O_CLOEXEC;
+                let temp = to_high(open_in(inj, mem, pid, data, &path, open_flags)?)?;
+                memfds.release(inj, pid, *inode, object)?;
+                place(temp, f, *flags)?;
+                inj.call(pid, libc::SYS_close, &[temp])?;
+                inj.ok(
+                    pid,
+                    &format!("lseek fd {}", f.fd),
+                    libc::SYS_lseek,
+                    &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+                )?;
             }
             FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen)?,
             FdKind::EventFd {
@@ -994,6 +1066,7 @@ fn restore_fds(
         }
     }
     kinds::pipes::restore(&stub, &p.fds)?;
+    kinds::pipes::close_fifo_helpers(&stub, fifos)?;
     let unix: Vec<&FdImage> = p
         .fds
         .iter()

@@ -27,7 +27,7 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// System V IPC objects. 4: timerfd, signalfd and inotify fds, interval and
 /// POSIX timers. 5: Unix sockets and fds sharing one open file description.
 /// 6: every process of the tree, shared anonymous memory, fds and pages
-/// inherited across fork.
+/// inherited across fork; memfds.
 pub const VERSION: u32 = 6;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
@@ -378,6 +378,22 @@ fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
         }
         check_process(p, pages_len)?;
     }
+    for obj in &manifest.memfds {
+        for run in &obj.runs {
+            let inside = run.offset % PAGE == 0
+                && run
+                    .pages
+                    .checked_mul(PAGE)
+                    .and_then(|len| run.offset.checked_add(len))
+                    .is_some_and(|end| end <= pages_len);
+            if !inside {
+                return Err(format!(
+                    "a run of memfd {} lies outside the pages section",
+                    obj.name
+                ));
+            }
+        }
+    }
     for seg in &manifest.ipc.shm {
         let inside = seg.offset % PAGE == 0
             && seg
@@ -447,7 +463,8 @@ fn check_process(p: &ProcessImage, pages_len: u64) -> Result<(), String> {
         }
     }
     for fd in &p.fds {
-        if let FdKind::Pipe { capacity, data, .. } = &fd.kind {
+        if let FdKind::Pipe { capacity, data, .. } | FdKind::Fifo { capacity, data, .. } = &fd.kind
+        {
             if data.len() as u64 > *capacity as u64 {
                 return Err(format!(
                     "fd {}: {} bytes of pipe data exceed its capacity of {capacity}",
@@ -468,6 +485,7 @@ mod tests {
     pub(crate) fn sample_manifest(pages: Vec<PageRun>) -> Manifest {
         Manifest {
             ipc: SysvIpc::default(),
+            memfds: Vec::new(),
             created_unix: 1,
             instance: InstanceInfo {
                 name: "web-a".into(),

@@ -12,6 +12,8 @@ pub struct Manifest {
     pub processes: Vec<ProcessImage>,
     /// System V IPC objects of the instance's own IPC namespace.
     pub ipc: SysvIpc,
+    /// memfd objects, each once, whatever fds and mappings name them.
+    pub memfds: Vec<MemfdObject>,
 }
 
 impl Manifest {
@@ -26,6 +28,18 @@ impl Manifest {
             .iter()
             .filter(|p| !self.processes.iter().any(|q| q.ns_pid == p.ns_ppid))
     }
+}
+
+/// A memfd (`memfd_create`): its bytes that hold data are in the pages
+/// section, one [`PageRun`] per run with `addr` its offset in the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemfdObject {
+    pub inode: u64,
+    pub name: String,
+    pub size: u64,
+    /// `F_GET_SEALS`.
+    pub seals: i32,
+    pub runs: Vec<PageRun>,
 }
 
 /// The System V IPC objects of an IPC namespace, each with its id (which
@@ -198,6 +212,12 @@ pub enum VmaKind {
     /// `[vvar]`, `[vvar_vclock]` or `[vdso]`: moved as one block.
     Vdso(String),
     Vsyscall,
+    /// A mapping of a memfd of [`Manifest::memfds`], shared or private, at
+    /// `offset` in it.
+    Memfd {
+        inode: u64,
+        offset: u64,
+    },
     /// A System V shared memory segment attached whole (`shmat`); its
     /// bytes are in [`SysvIpc`], not in the mapping's pages.
     SysvShm {
@@ -312,6 +332,20 @@ pub enum FdKind {
         count: u64,
         flags: i32,
         semaphore: bool,
+    },
+    /// A FIFO (named pipe) opened by path, with its unread bytes (stored
+    /// once per FIFO, with its first fd).
+    Fifo {
+        file: FileRef,
+        flags: i32,
+        capacity: u32,
+        data: Vec<u8>,
+    },
+    /// An open file description of a memfd of [`Manifest::memfds`].
+    Memfd {
+        inode: u64,
+        flags: i32,
+        pos: u64,
     },
     /// Shares the open file description of the lower fd `of` (made by
     /// `dup`, `dup2`, `F_DUPFD`): offset and status flags are one.

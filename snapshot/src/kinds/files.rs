@@ -52,14 +52,26 @@ pub fn check_files(image: &Image) -> Result<(), SnapshotError> {
             }
         }
         for fd in &p.fds {
-            if let FdKind::Path { file, .. } = &fd.kind {
-                std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
+            let (file, fifo) = match &fd.kind {
+                FdKind::Path { file, .. } => (file, false),
+                FdKind::Fifo { file, .. } => (file, true),
+                _ => continue,
+            };
+            let meta = std::fs::metadata(&file.path).map_err(|e| SnapshotError::FileChanged {
+                path: file.path.clone(),
+                why: format!(
+                    "open as fd {} of process {} but missing ({e})",
+                    fd.fd, p.ns_pid
+                ),
+            })?;
+            if fifo && !std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()) {
+                return Err(SnapshotError::FileChanged {
                     path: file.path.clone(),
                     why: format!(
-                        "open as fd {} of process {} but missing ({e})",
+                        "a FIFO open as fd {} of process {}, but no longer a FIFO",
                         fd.fd, p.ns_pid
                     ),
-                })?;
+                });
             }
         }
     }

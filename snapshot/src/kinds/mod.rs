@@ -7,6 +7,7 @@ pub mod events;
 pub mod files;
 pub mod inotify;
 pub mod itimer;
+pub mod memfd;
 pub mod pipes;
 pub mod posix_timer;
 pub mod signalfd;

@@ -1,15 +1,16 @@
-//! Pipes: each end saved with the pipe's inode and capacity, and the
-//! unread bytes, copied without being consumed, with the first fd of the
-//! pipe in the tree. Restore creates one pipe per inode, writes its bytes
-//! back and places every end.
+//! Pipes and FIFOs: each end saved with the pipe's inode (a FIFO's path)
+//! and capacity, and the unread bytes, copied without being consumed, with
+//! the first fd of the pipe in the tree. Restore creates one pipe per inode
+//! (opens the FIFO), writes its bytes back and places every end.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use appshot_sys::pidfd;
 use nix::fcntl::{fcntl, tee, FcntlArg, OFlag, SpliceFFlags};
 
+use super::files::file_ref;
 use super::Stub;
 use crate::error::SnapshotError;
 use crate::image::model::{FdImage, FdKind};
@@ -43,6 +44,42 @@ pub fn save(
     Ok(FdKind::Pipe {
         inode,
         write_end: flags & libc::O_ACCMODE == libc::O_WRONLY,
+        flags,
+        capacity,
+        data,
+    })
+}
+
+/// Whether `path` is a FIFO.
+pub fn is_fifo(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// The fd `fd` of process `pid` open on the FIFO `link`; its unread bytes
+/// go with the first fd of it in the tree (`pipes_seen`, by inode).
+pub fn save_fifo(
+    pid: u32,
+    pidfd: &OwnedFd,
+    fd: i32,
+    link: &str,
+    flags: i32,
+    pipes_seen: &mut HashSet<u64>,
+) -> Result<FdKind, SnapshotError> {
+    let theirs = pidfd::get_fd(pidfd, fd)
+        .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+    let capacity = fcntl(theirs.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
+        .map_err(|e| SnapshotError::process(pid, format!("F_GETPIPE_SZ on fd {fd}"), e))?
+        as u32;
+    let file = file_ref(link, pid)?;
+    // Unread bytes belong to the FIFO, not to one of its fds.
+    let data = if pipes_seen.insert(file.ino) {
+        peek_pipe(pid, fd, capacity)?
+    } else {
+        Vec::new()
+    };
+    Ok(FdKind::Fifo {
+        file,
         flags,
         capacity,
         data,
@@ -133,19 +170,95 @@ pub fn restore(stub: &Stub, fds: &[FdImage]) -> Result<(), SnapshotError> {
                     &[wr, libc::F_SETPIPE_SZ as u64, *capacity as u64],
                 )?;
             }
-            for chunk in bytes.chunks(stub.data_len as usize) {
-                mem.write(data, chunk)?;
-                inj.ok(
-                    pid,
-                    "write of pipe data",
-                    libc::SYS_write,
-                    &[wr, data, chunk.len() as u64],
-                )?;
-            }
+            write_bytes(stub, wr, bytes, "pipe data")?;
             place(if *write_end { wr } else { rd }, f, *flags)?;
         }
         inj.call(pid, libc::SYS_close, &[rd])?;
         inj.call(pid, libc::SYS_close, &[wr])?;
+    }
+    Ok(())
+}
+
+/// Opens the FIFO of `f` (an `FdKind::Fifo`) in the stub and places it;
+/// `helpers` holds the stub's helper fd of each FIFO (by inode), closed by
+/// [`close_fifo_helpers`] once every end is placed.
+pub fn restore_fifo(
+    stub: &Stub,
+    f: &FdImage,
+    helpers: &mut HashMap<u64, u64>,
+) -> Result<(), SnapshotError> {
+    let FdKind::Fifo {
+        file,
+        flags,
+        capacity,
+        data: bytes,
+    } = &f.kind
+    else {
+        return Ok(());
+    };
+    let Stub {
+        inj,
+        mem,
+        pid,
+        data,
+        ..
+    } = *stub;
+    let to_high = stub.to_high;
+    // Opened read-write, a FIFO never blocks its opener, and
+    // while that fd is open no other open of it blocks either:
+    // the saved ends are opened through it, and its unread
+    // bytes written through it.
+    let helper = match helpers.get(&file.ino) {
+        Some(&h) => h,
+        None => {
+            let h = to_high(crate::restore::open_in(
+                inj,
+                mem,
+                pid,
+                data,
+                &file.path,
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )?)?;
+            helpers.insert(file.ino, h);
+            h
+        }
+    };
+    if !bytes.is_empty() {
+        inj.call(
+            pid,
+            libc::SYS_fcntl,
+            &[helper, libc::F_SETPIPE_SZ as u64, *capacity as u64],
+        )?;
+    }
+    write_bytes(stub, helper, bytes, "FIFO data")?;
+    let path = format!("/proc/self/fd/{helper}");
+    let open_flags = flags & !(libc::O_CREAT | libc::O_TRUNC) | libc::O_CLOEXEC;
+    let temp = to_high(crate::restore::open_in(
+        inj, mem, pid, data, &path, open_flags,
+    )?)?;
+    (stub.place)(temp, f, *flags)?;
+    inj.call(pid, libc::SYS_close, &[temp])?;
+    Ok(())
+}
+
+/// Closes the helper fds [`restore_fifo`] opened.
+pub fn close_fifo_helpers(stub: &Stub, helpers: HashMap<u64, u64>) -> Result<(), SnapshotError> {
+    for helper in helpers.into_values() {
+        stub.inj.call(stub.pid, libc::SYS_close, &[helper])?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` into the process's `fd` through the scratch data area.
+fn write_bytes(stub: &Stub, fd: u64, bytes: &[u8], what: &str) -> Result<(), SnapshotError> {
+    for chunk in bytes.chunks(stub.data_len as usize) {
+        stub.mem.write(stub.data, chunk)?;
+        stub.inj.ok(
+            stub.pid,
+            &format!("write of {what}"),
+            libc::SYS_write,
+            &[fd, stub.data, chunk.len() as u64],
+        )?;
     }
     Ok(())
 }

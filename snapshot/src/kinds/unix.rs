@@ -154,8 +154,12 @@ pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotE
                     accepted_from,
                 }
             } else {
+                // A peer in another process of the instance that this one
+                // did not inherit (a socketpair split after fork) is not
+                // rebuilt yet either.
                 return Err(refuse_it(format!(
-                    "connected to a peer outside the instance ({})",
+                    "connected to a peer outside the instance or in another of its \
+                     processes ({})",
                     peer_name(p)
                 )));
             }
