@@ -1025,23 +1025,7 @@ fn restore_fds(
                 kinds::files::restore(&stub, f, file, *flags, *pos)?;
             }
             FdKind::Fifo { .. } => kinds::pipes::restore_fifo(&stub, f, &mut fifos)?,
-            FdKind::Memfd { inode, flags, pos } => {
-                let object =
-                    memfds.fd_in(inj, mem, pid, p.ns_pid, data, image, *inode, highest_fd(p))?;
-                // A description of its own, as the application's was.
-                let path = format!("/proc/self/fd/{object}");
-                let open_flags = flags & !libc::O_CREAT | libc::O_CLOEXEC;
-                let temp = to_high(open_in(inj, mem, pid, data, &path, open_flags)?)?;
-                memfds.release(inj, pid, *inode, object)?;
-                place(temp, f, *flags)?;
-                inj.call(pid, libc::SYS_close, &[temp])?;
-                inj.ok(
-                    pid,
-                    &format!("lseek fd {}", f.fd),
-                    libc::SYS_lseek,
-                    &[f.fd as u64, *pos, libc::SEEK_SET as u64],
-                )?;
-            }
+            FdKind::Memfd { .. } => memfds.restore_fd(&stub, f, image, p.ns_pid, highest_fd(p))?,
             FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen)?,
             FdKind::EventFd {
                 count,

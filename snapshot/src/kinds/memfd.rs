@@ -17,8 +17,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::unistd::{lseek, Whence};
 
+use super::Stub;
 use crate::error::SnapshotError;
-use crate::image::model::{MemfdObject, PageRun};
+use crate::image::model::{FdImage, FdKind, MemfdObject, PageRun};
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::ptrace::{Injector, Memory};
 
@@ -209,6 +210,46 @@ impl Made {
         }
         self.by_inode.insert(inode, (ns_pid, fd, pid, file));
         Ok(fd)
+    }
+
+    /// Opens the memfd of `f` (an `FdKind::Memfd`) in the stub (`ns_pid`
+    /// in the instance) at its fd and offset; `highest_fd` as for
+    /// [`Made::fd_in`].
+    pub fn restore_fd(
+        &mut self,
+        stub: &Stub,
+        f: &FdImage,
+        image: &Image,
+        ns_pid: u32,
+        highest_fd: u64,
+    ) -> Result<(), SnapshotError> {
+        let FdKind::Memfd { inode, flags, pos } = &f.kind else {
+            return Ok(());
+        };
+        let Stub {
+            inj,
+            mem,
+            pid,
+            data,
+            ..
+        } = *stub;
+        let object = self.fd_in(inj, mem, pid, ns_pid, data, image, *inode, highest_fd)?;
+        // A description of its own, as the application's was.
+        let path = format!("/proc/self/fd/{object}");
+        let open_flags = flags & !libc::O_CREAT | libc::O_CLOEXEC;
+        let temp = (stub.to_high)(crate::restore::open_in(
+            inj, mem, pid, data, &path, open_flags,
+        )?)?;
+        self.release(inj, pid, *inode, object)?;
+        (stub.place)(temp, f, *flags)?;
+        inj.call(pid, libc::SYS_close, &[temp])?;
+        inj.ok(
+            pid,
+            &format!("lseek fd {}", f.fd),
+            libc::SYS_lseek,
+            &[f.fd as u64, *pos, libc::SEEK_SET as u64],
+        )?;
+        Ok(())
     }
 
     /// Closes an fd [`Made::fd_in`] gave, unless it is the object's own.
