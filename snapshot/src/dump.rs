@@ -8,26 +8,21 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::pidfd;
 use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
-use tracing::debug;
 
 use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{ImageWriter, PAGE};
 use crate::kinds::files::file_ref;
+use crate::kinds::memory::{classify, dump_memory, growsdown, MemoryContext};
 use crate::kinds::{self, tree};
-use crate::proc::parse::{self, MapsLine};
+use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Memory};
 
 /// Scratch memory mapped into the process for the duration of the
 /// injected calls: code at its start, data after the first page.
 const SCRATCH: u64 = 64 * PAGE;
 const DATA: u64 = PAGE;
-/// Largest run of pages read and written at once.
-const CHUNK_PAGES: u64 = 1024;
 const RLIMIT_COUNT: u32 = 16;
-/// Pagemap entries read at once (512 KiB).
-const PAGEMAP_ENTRIES: u64 = 64 * 1024;
-
 pub struct DumpRequest<'a> {
     pub instance: InstanceInfo,
     /// Maps a listening socket's real address to the one its application
@@ -259,14 +254,6 @@ fn check_process(
     })
 }
 
-/// What saving a process's memory needs from the processes before it.
-struct MemoryContext<'a> {
-    /// The parent's PID (ours) and saved mappings, if it is in the image.
-    parent: Option<(u32, &'a [Vma])>,
-    /// Shared anonymous objects (inodes) whose pages are saved already.
-    shmem_saved: &'a mut HashSet<u64>,
-}
-
 fn save_process(
     frozen: &Frozen,
     c: Checked,
@@ -390,289 +377,6 @@ fn ask_process(
     })();
     unmap_scratch(frozen, mem, text, scratch, SCRATCH)?;
     result
-}
-
-/// Start addresses of the process's grows-down mappings.
-fn growsdown(pid: u32) -> Result<HashSet<u64>, SnapshotError> {
-    let path = format!("/proc/{pid}/smaps");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| SnapshotError::process(pid, format!("reading {path}"), e))?;
-    Ok(parse::smaps_growsdown(&text)
-        .ok_or_else(|| {
-            SnapshotError::process(pid, "parsing smaps", std::io::ErrorKind::InvalidData)
-        })?
-        .into_iter()
-        .collect())
-}
-
-/// What a mapping is saved as (`None`: not saved), or why it cannot be.
-/// Anonymous memory that grows down is a stack even without the `[stack]`
-/// name (a piece of a split stack keeps VM_GROWSDOWN but not the name).
-fn classify(
-    m: &MapsLine,
-    pid: u32,
-    growsdown: &HashSet<u64>,
-) -> Result<Option<VmaKind>, SnapshotError> {
-    let unsupported = |what: String| SnapshotError::Unsupported { pid, what };
-    let anon = if growsdown.contains(&m.start) {
-        VmaKind::Stack
-    } else {
-        VmaKind::Anon
-    };
-    let kind = match m.name.as_str() {
-        "" | "[heap]" => anon,
-        "[stack]" => VmaKind::Stack,
-        n if n.starts_with("[anon:") => anon,
-        "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
-        "[vsyscall]" => return Ok(None),
-        "/dev/zero (deleted)" if m.shared => {
-            // One object however many processes map it; a piece of it at
-            // an offset (split or remapped) is not rebuilt yet.
-            if m.offset != 0 {
-                return Err(unsupported(format!(
-                    "shared anonymous mapping {:#x}-{:#x} at offset {:#x} of its object",
-                    m.start, m.end, m.offset
-                )));
-            }
-            VmaKind::SharedAnon { inode: m.inode }
-        }
-        n if n.starts_with("/SYSV") && n.ends_with(" (deleted)") && m.shared => {
-            // The inode of a System V segment's mapping is its id.
-            VmaKind::SysvShm { id: m.inode as i32 }
-        }
-        n if kinds::memfd::name_of(n).is_some() => VmaKind::Memfd {
-            inode: m.inode,
-            offset: m.offset,
-        },
-        n if n.ends_with(" (deleted)") => {
-            return Err(unsupported(format!(
-                "mapping {:#x}-{:#x} of deleted file {n}",
-                m.start, m.end
-            )))
-        }
-        n if n.starts_with('/') => VmaKind::File {
-            file: file_ref(n, pid)?,
-            offset: m.offset,
-        },
-        n => {
-            return Err(unsupported(format!(
-                "mapping {:#x}-{:#x} of kind {n}",
-                m.start, m.end
-            )))
-        }
-    };
-    if m.shared
-        && !matches!(
-            kind,
-            VmaKind::File { .. }
-                | VmaKind::SharedAnon { .. }
-                | VmaKind::SysvShm { .. }
-                | VmaKind::Memfd { .. }
-        )
-    {
-        return Err(unsupported(format!(
-            "shared anonymous mapping {:#x}-{:#x} ({})",
-            m.start, m.end, m.name
-        )));
-    }
-    Ok(Some(kind))
-}
-
-/// Saves the pages that hold data: every present or swapped page of a
-/// private mapping, except pages of private file mappings still identical
-/// to the file (pagemap's file-page bit), which restore maps from the file.
-/// A mapping the parent has identically is inherited at restore: of its
-/// pages, those still the parent's very page (same frame, copy-on-write
-/// since the fork) are neither saved nor written again. A shared anonymous
-/// object is saved once, with the first process that maps it.
-#[allow(clippy::too_many_arguments)]
-fn dump_memory(
-    pid: u32,
-    mem: &Memory,
-    maps: &[MapsLine],
-    growsdown: &HashSet<u64>,
-    ctx: MemoryContext,
-    writer: &mut ImageWriter,
-    req: &DumpRequest,
-    check: &dyn Fn() -> Result<(), SnapshotError>,
-) -> Result<Vec<Vma>, SnapshotError> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    const FILE_PAGE: u64 = 1 << 61;
-    const PFN: u64 = (1 << 55) - 1;
-    let open_pagemap = |pid: u32| {
-        std::fs::File::open(format!("/proc/{pid}/pagemap"))
-            .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))
-    };
-    let pagemap = open_pagemap(pid)?;
-    let parent_pagemap = ctx.parent.map(|(p, _)| open_pagemap(p)).transpose()?;
-    let read_entries = |file: &std::fs::File, who: u32, buf: &mut [u8], at: u64| {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, at * 8)
-            .map_err(|e| SnapshotError::process(who, "reading pagemap", e))
-    };
-    let mut vmas = Vec::new();
-    let mut plan = Vec::new();
-    // Read in bounded pieces: a mapping may be a huge reservation.
-    let mut pagemap_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
-    let mut parent_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
-    for m in maps {
-        let Some(kind) = classify(m, pid, growsdown)? else {
-            continue;
-        };
-        let shape = |v: &&Vma| {
-            v.start == m.start
-                && v.end == m.end
-                && v.prot == m.prot()
-                && v.shared == m.shared
-                && v.kind == kind
-        };
-        let inherited = ctx
-            .parent
-            .is_some_and(|(_, theirs)| theirs.iter().any(|v| shape(&v)));
-        let file_backed = matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. });
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut cow: Vec<(u64, u64)> = Vec::new();
-        let push = |runs: &mut Vec<(u64, u64)>, addr: u64| match runs.last_mut() {
-            Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => *n += 1,
-            _ => runs.push((addr, 1)),
-        };
-        if let VmaKind::SharedAnon { inode } = kind {
-            if !inherited && ctx.shmem_saved.insert(inode) {
-                runs = shmem_extents(pid, m)?;
-            }
-        } else if !m.shared && !matches!(kind, VmaKind::Vdso(_)) {
-            let npages = (m.end - m.start) / PAGE;
-            let mut first = 0;
-            while first < npages {
-                let count = (npages - first).min(PAGEMAP_ENTRIES);
-                let len = (count * 8) as usize;
-                read_entries(
-                    &pagemap,
-                    pid,
-                    &mut pagemap_buf[..len],
-                    m.start / PAGE + first,
-                )?;
-                if let (true, Some(file), Some((ppid, _))) =
-                    (inherited, &parent_pagemap, ctx.parent)
-                {
-                    read_entries(file, ppid, &mut parent_buf[..len], m.start / PAGE + first)?;
-                }
-                for (i, e) in pagemap_buf[..len].chunks_exact(8).enumerate() {
-                    let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
-                    let has_data =
-                        e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
-                    if !has_data {
-                        continue;
-                    }
-                    let addr = m.start + (first + i as u64) * PAGE;
-                    if inherited {
-                        let p = u64::from_ne_bytes(
-                            parent_buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"),
-                        );
-                        let same_frame = e & PRESENT != 0
-                            && p & PRESENT != 0
-                            && e & PFN != 0
-                            && e & PFN == p & PFN;
-                        if same_frame {
-                            push(&mut cow, addr);
-                            continue;
-                        }
-                    }
-                    push(&mut runs, addr);
-                }
-                first += count;
-            }
-        }
-        plan.push((m, kind, runs, inherited, cow));
-    }
-    let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
-    let mut done = 0;
-    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-    for (m, kind, runs, inherited, cow) in plan {
-        // A shared object is read from the object itself, not through the
-        // process's page tables, so that its holes stay holes.
-        let object = match kind {
-            VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
-            _ => None,
-        };
-        let mut pages = Vec::with_capacity(runs.len());
-        for (addr, n) in runs {
-            let len = (n * PAGE) as usize;
-            match &object {
-                Some(f) => {
-                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
-                        .map_err(|e| {
-                            SnapshotError::process(
-                                pid,
-                                format!("reading shared memory at {addr:#x}"),
-                                e,
-                            )
-                        })?
-                }
-                None => mem.read(addr, &mut buf[..len])?,
-            }
-            let offset = writer.write_pages(&buf[..len])?;
-            pages.push(PageRun {
-                addr,
-                pages: n,
-                offset,
-            });
-            done += len as u64;
-            (req.progress)(done, total);
-            check()?;
-        }
-        vmas.push(Vma {
-            start: m.start,
-            end: m.end,
-            prot: m.prot(),
-            shared: m.shared,
-            kind,
-            pages,
-            inherited,
-            cow,
-        });
-    }
-    debug!(pid, bytes = total, "memory saved");
-    Ok(vmas)
-}
-
-/// The object behind a mapping, opened through /proc/PID/map_files.
-fn map_file(pid: u32, m: &MapsLine) -> Result<std::fs::File, SnapshotError> {
-    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-    std::fs::File::open(&path)
-        .map_err(|e| SnapshotError::process(pid, format!("opening {path}"), e))
-}
-
-/// The runs of a shared anonymous object that hold data (SEEK_DATA and
-/// SEEK_HOLE on the object), as addresses of the mapping.
-fn shmem_extents(pid: u32, m: &MapsLine) -> Result<Vec<(u64, u64)>, SnapshotError> {
-    use nix::unistd::{lseek, Whence};
-    let f = map_file(pid, m)?;
-    let len = (m.end - m.start) as i64;
-    let mut runs = Vec::new();
-    let mut at = 0i64;
-    while at < len {
-        let data = match lseek(f.as_raw_fd(), at, Whence::SeekData) {
-            Ok(d) => d,
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(e) => return Err(SnapshotError::process(pid, "SEEK_DATA in shared memory", e)),
-        };
-        if data >= len {
-            break;
-        }
-        let hole = lseek(f.as_raw_fd(), data, Whence::SeekHole)
-            .map_err(|e| SnapshotError::process(pid, "SEEK_HOLE in shared memory", e))?
-            .min(len);
-        let mut start = data as u64 / PAGE * PAGE;
-        let end = (hole as u64).div_ceil(PAGE) * PAGE;
-        while start < end {
-            let n = ((end - start) / PAGE).min(CHUNK_PAGES);
-            runs.push((m.start + start, n));
-            start += n * PAGE;
-        }
-        at = end as i64;
-    }
-    Ok(runs)
 }
 
 /// Saves the fds the process holds itself (not `shared` with a process

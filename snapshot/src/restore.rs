@@ -17,12 +17,13 @@ use appshot_sys::seccomp::SockFilter;
 use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{Image, PAGE};
 use crate::kinds;
+use crate::kinds::memory::{map_memory, map_vdso, set_mm};
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
@@ -30,9 +31,6 @@ use crate::regs;
 const SCRATCH: u64 = 256 * PAGE;
 const DATA: u64 = PAGE;
 const DATA_LEN: u64 = SCRATCH - DATA;
-const ARCH_MAP_VDSO_64: u64 = 0x2003;
-const PR_SET_MM: u64 = 35;
-const PR_SET_MM_MAP: u64 = 14;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 const SECCOMP_SET_MODE_FILTER: u64 = 1;
 const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
@@ -594,43 +592,6 @@ fn close_stub_fds(inj: &Injector, pid: u32) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Moves the vDSO block to its saved address (all three special mappings
-/// move together, which `arch_prctl(ARCH_MAP_VDSO_64)` does once they are
-/// unmapped).
-fn map_vdso(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), SnapshotError> {
-    let block: Vec<&Vma> = vmas
-        .iter()
-        .filter(|v| matches!(v.kind, VmaKind::Vdso(_)))
-        .collect();
-    let Some(start) = block.iter().map(|v| v.start).min() else {
-        return Ok(());
-    };
-    inj.ok(
-        pid,
-        "ARCH_MAP_VDSO_64",
-        libc::SYS_arch_prctl,
-        &[ARCH_MAP_VDSO_64, start],
-    )?;
-    let maps =
-        parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
-            .unwrap_or_default();
-    for v in block {
-        let VmaKind::Vdso(name) = &v.kind else {
-            continue;
-        };
-        if !maps
-            .iter()
-            .any(|m| &m.name == name && m.start == v.start && m.end == v.end)
-        {
-            return Err(SnapshotError::Restore(format!(
-                "{name} did not land at {:#x}-{:#x} (this kernel lays the vDSO out differently)",
-                v.start, v.end
-            )));
-        }
-    }
-    Ok(())
-}
-
 pub(crate) fn write_str(mem: &Memory, at: u64, s: &str) -> Result<u64, SnapshotError> {
     let mut b = s.as_bytes().to_vec();
     b.push(0);
@@ -660,7 +621,7 @@ pub(crate) fn open_in(
 
 /// The highest fd number a process is rebuilt with (its own, inherited,
 /// fetched and stashed fds).
-fn highest_fd(p: &ProcessImage) -> u64 {
+pub(crate) fn highest_fd(p: &ProcessImage) -> u64 {
     p.fds
         .iter()
         .map(|f| f.fd)
@@ -668,282 +629,6 @@ fn highest_fd(p: &ProcessImage) -> u64 {
         .chain(p.fetched.iter().map(|f| f.fd))
         .max()
         .unwrap_or(2) as u64
-}
-
-/// Builds the process's address space: mappings it did not inherit from
-/// its parent's fork are created, then saved pages written. Of an inherited
-/// mapping, pages still shared copy-on-write with the parent stay, and the
-/// rest that it did not have is dropped. A shared anonymous object is
-/// created by the first process that maps it and mapped from that process
-/// (`shmem`: inode → its ns pid and mapping) by every later one.
-#[allow(clippy::too_many_arguments)]
-fn map_memory(
-    inj: &Injector,
-    mem: &Memory,
-    pid: u32,
-    data: u64,
-    image: &Image,
-    p: &ProcessImage,
-    share_pages: bool,
-    shmem: &mut HashMap<u64, (u32, u64, u64)>,
-    memfds: &mut kinds::memfd::Made,
-) -> Result<(), SnapshotError> {
-    let mut files: HashMap<&str, u64> = HashMap::new();
-    let mut buf = Vec::new();
-    let image_path = image.path.to_string_lossy();
-    let image_fd = if share_pages {
-        Some(open_in(
-            inj,
-            mem,
-            pid,
-            data,
-            &image_path,
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )?)
-    } else {
-        None
-    };
-    for v in &p.vmas {
-        let len = v.end - v.start;
-        let fixed = libc::MAP_FIXED as u64;
-        match &v.kind {
-            VmaKind::Anon | VmaKind::Stack | VmaKind::File { .. } | VmaKind::Memfd { .. }
-                if v.inherited =>
-            {
-                if !v.shared {
-                    drop_unsaved(inj, pid, v)?;
-                }
-            }
-            _ if v.inherited => continue,
-            VmaKind::Vdso(_) | VmaKind::Vsyscall => continue,
-            VmaKind::SharedAnon { inode } => match shmem.get(inode) {
-                Some(&(owner, start, end)) => {
-                    let path = format!("/proc/{owner}/map_files/{start:x}-{end:x}");
-                    let mode = if v.prot & libc::PROT_WRITE as u32 != 0 {
-                        libc::O_RDWR
-                    } else {
-                        libc::O_RDONLY
-                    };
-                    let fd = open_in(inj, mem, pid, data, &path, mode | libc::O_CLOEXEC)?;
-                    inj.ok(
-                        pid,
-                        &format!("mmap of shared memory {path}"),
-                        libc::SYS_mmap,
-                        &[
-                            v.start,
-                            len,
-                            v.prot as u64,
-                            libc::MAP_SHARED as u64 | fixed,
-                            fd,
-                            0,
-                        ],
-                    )?;
-                    inj.call(pid, libc::SYS_close, &[fd])?;
-                }
-                None => {
-                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed;
-                    inj.ok(
-                        pid,
-                        "mmap shared anonymous",
-                        libc::SYS_mmap,
-                        &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
-                    )?;
-                    shmem.insert(*inode, (p.ns_pid, v.start, v.end));
-                }
-            },
-            VmaKind::Anon | VmaKind::Stack => {
-                let grows = if v.kind == VmaKind::Stack {
-                    libc::MAP_GROWSDOWN
-                } else {
-                    0
-                };
-                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
-                inj.ok(
-                    pid,
-                    "mmap anonymous",
-                    libc::SYS_mmap,
-                    &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
-                )?;
-            }
-            VmaKind::Memfd { inode, offset } => {
-                let fd =
-                    memfds.fd_in(inj, mem, pid, p.ns_pid, data, image, *inode, highest_fd(p))?;
-                let share = if v.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                } as u64;
-                inj.ok(
-                    pid,
-                    "mmap of a memfd",
-                    libc::SYS_mmap,
-                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
-                )?;
-                memfds.release(inj, pid, *inode, fd)?;
-            }
-            VmaKind::SysvShm { id } => {
-                let mut flags = 0;
-                if v.prot & libc::PROT_WRITE as u32 == 0 {
-                    flags |= libc::SHM_RDONLY;
-                }
-                if v.prot & libc::PROT_EXEC as u32 != 0 {
-                    flags |= libc::SHM_EXEC;
-                }
-                let at = inj.ok(
-                    pid,
-                    &format!("shmat of System V segment {id}"),
-                    libc::SYS_shmat,
-                    &[*id as u64, v.start, flags as u64],
-                )?;
-                if at != v.start {
-                    return Err(SnapshotError::Restore(format!(
-                        "System V segment {id} attached at {at:#x}, not {:#x}",
-                        v.start
-                    )));
-                }
-            }
-            VmaKind::File { file, offset } => {
-                let fd = match files.get(file.path.as_str()) {
-                    Some(&fd) => fd,
-                    None => {
-                        let mode = if v.shared && v.prot & libc::PROT_WRITE as u32 != 0 {
-                            libc::O_RDWR
-                        } else {
-                            libc::O_RDONLY
-                        };
-                        let fd = open_in(inj, mem, pid, data, &file.path, mode | libc::O_CLOEXEC)?;
-                        files.insert(&file.path, fd);
-                        fd
-                    }
-                };
-                let share = if v.shared {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE
-                } as u64;
-                inj.ok(
-                    pid,
-                    &format!("mmap {}", file.path),
-                    libc::SYS_mmap,
-                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
-                )?;
-            }
-        }
-        for run in &v.pages {
-            let n = (run.pages * PAGE) as usize;
-            // A stack's pages are copied: a piece mapped from the image
-            // would split the stack, and only its lowest piece can grow.
-            let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
-            if let Some(fd) = image_fd.filter(|_| private) {
-                // A private mapping of the image's page-aligned pages: read
-                // through the page cache that every clone shares, copied
-                // only when written.
-                let flags = (libc::MAP_PRIVATE as u64) | fixed;
-                let off = image.pages_off + run.offset;
-                inj.ok(
-                    pid,
-                    "mmap of template pages",
-                    libc::SYS_mmap,
-                    &[run.addr, n as u64, v.prot as u64, flags, fd, off],
-                )?;
-                continue;
-            }
-            buf.resize(n, 0);
-            image.read_pages(run.offset, &mut buf[..n])?;
-            mem.write(run.addr, &buf[..n])?;
-        }
-    }
-    files.extend(image_fd.map(|fd| ("", fd)));
-    for fd in files.into_values() {
-        inj.call(pid, libc::SYS_close, &[fd])?;
-    }
-    debug!(pid, "address space rebuilt");
-    Ok(())
-}
-
-/// Drops the pages of an inherited private mapping that the process did
-/// not have: neither saved for it nor shared with its parent.
-fn drop_unsaved(inj: &Injector, pid: u32, v: &Vma) -> Result<(), SnapshotError> {
-    let mut kept: Vec<(u64, u64)> = v
-        .pages
-        .iter()
-        .map(|r| (r.addr, r.pages))
-        .chain(v.cow.iter().copied())
-        .collect();
-    kept.sort_unstable();
-    let mut at = v.start;
-    for (addr, pages) in kept.into_iter().chain(std::iter::once((v.end, 0))) {
-        if addr > at {
-            inj.ok(
-                pid,
-                "MADV_DONTNEED of pages the process did not have",
-                libc::SYS_madvise,
-                &[at, addr - at, libc::MADV_DONTNEED as u64],
-            )?;
-        }
-        at = at.max(addr + pages * PAGE);
-    }
-    Ok(())
-}
-
-/// Sets the mm fields and, unless `keep_exe` (a child forked from a parent
-/// with the same executable, which still maps it: the kernel refuses to
-/// change an exe that is mapped), the exe link.
-fn set_mm(
-    inj: &Injector,
-    mem: &Memory,
-    pid: u32,
-    data: u64,
-    p: &ProcessImage,
-    keep_exe: bool,
-) -> Result<(), SnapshotError> {
-    let exe_fd = if keep_exe {
-        None
-    } else {
-        Some(open_in(
-            inj,
-            mem,
-            pid,
-            data,
-            &p.exe.path,
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )?)
-    };
-    let m = &p.mm;
-    let auxv_at = data + 256;
-    let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    mem.write(auxv_at, &auxv)?;
-    let mut map = Vec::with_capacity(104);
-    for v in [
-        m.start_code,
-        m.end_code,
-        m.start_data,
-        m.end_data,
-        m.start_brk,
-        m.brk,
-        m.start_stack,
-        m.arg_start,
-        m.arg_end,
-        m.env_start,
-        m.env_end,
-        auxv_at,
-    ] {
-        map.extend_from_slice(&v.to_ne_bytes());
-    }
-    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
-    // -1: the exe link stays.
-    map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
-    mem.write(data, &map)?;
-    inj.ok(
-        pid,
-        "PR_SET_MM_MAP",
-        libc::SYS_prctl,
-        &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
-    )?;
-    if let Some(fd) = exe_fd {
-        inj.call(pid, libc::SYS_close, &[fd])?;
-    }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

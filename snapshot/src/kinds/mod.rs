@@ -8,6 +8,7 @@ pub mod files;
 pub mod inotify;
 pub mod itimer;
 pub mod memfd;
+pub mod memory;
 pub mod pipes;
 pub mod posix_timer;
 pub mod signalfd;

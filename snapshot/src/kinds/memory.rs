@@ -1,0 +1,637 @@
+//! Memory, saved and restored side by side: which mappings a process has
+//! and what kind each is (`classify`), the pages that hold data (present or
+//! swapped, minus file pages still identical to the file and pages a child
+//! still shares copy-on-write with its parent), shared anonymous objects
+//! saved once; and on restore the vDSO moved to its saved place, every
+//! mapping made again (or kept from the parent's fork), pages written or
+//! mapped from a template, and the mm fields set.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsRawFd;
+
+use crate::dump::DumpRequest;
+use crate::error::SnapshotError;
+use crate::image::model::*;
+use crate::image::{Image, ImageWriter, PAGE};
+use crate::kinds;
+use crate::kinds::files::file_ref;
+use crate::proc::parse::{self, MapsLine};
+use crate::ptrace::{Injector, Memory};
+use crate::restore::{highest_fd, open_in};
+use tracing::debug;
+
+/// Largest run of pages read and written at once.
+const CHUNK_PAGES: u64 = 1024;
+
+/// Pagemap entries read at once (512 KiB).
+const PAGEMAP_ENTRIES: u64 = 64 * 1024;
+
+/// What saving a process's memory needs from the processes before it.
+pub(crate) struct MemoryContext<'a> {
+    /// The parent's PID (ours) and saved mappings, if it is in the image.
+    pub(crate) parent: Option<(u32, &'a [Vma])>,
+    /// Shared anonymous objects (inodes) whose pages are saved already.
+    pub(crate) shmem_saved: &'a mut HashSet<u64>,
+}
+
+/// Start addresses of the process's grows-down mappings.
+pub(crate) fn growsdown(pid: u32) -> Result<HashSet<u64>, SnapshotError> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SnapshotError::process(pid, format!("reading {path}"), e))?;
+    Ok(parse::smaps_growsdown(&text)
+        .ok_or_else(|| {
+            SnapshotError::process(pid, "parsing smaps", std::io::ErrorKind::InvalidData)
+        })?
+        .into_iter()
+        .collect())
+}
+
+/// What a mapping is saved as (`None`: not saved), or why it cannot be.
+/// Anonymous memory that grows down is a stack even without the `[stack]`
+/// name (a piece of a split stack keeps VM_GROWSDOWN but not the name).
+pub(crate) fn classify(
+    m: &MapsLine,
+    pid: u32,
+    growsdown: &HashSet<u64>,
+) -> Result<Option<VmaKind>, SnapshotError> {
+    let unsupported = |what: String| SnapshotError::Unsupported { pid, what };
+    let anon = if growsdown.contains(&m.start) {
+        VmaKind::Stack
+    } else {
+        VmaKind::Anon
+    };
+    let kind = match m.name.as_str() {
+        "" | "[heap]" => anon,
+        "[stack]" => VmaKind::Stack,
+        n if n.starts_with("[anon:") => anon,
+        "[vvar]" | "[vvar_vclock]" | "[vdso]" => VmaKind::Vdso(m.name.clone()),
+        "[vsyscall]" => return Ok(None),
+        "/dev/zero (deleted)" if m.shared => {
+            // One object however many processes map it; a piece of it at
+            // an offset (split or remapped) is not rebuilt yet.
+            if m.offset != 0 {
+                return Err(unsupported(format!(
+                    "shared anonymous mapping {:#x}-{:#x} at offset {:#x} of its object",
+                    m.start, m.end, m.offset
+                )));
+            }
+            VmaKind::SharedAnon { inode: m.inode }
+        }
+        n if n.starts_with("/SYSV") && n.ends_with(" (deleted)") && m.shared => {
+            // The inode of a System V segment's mapping is its id.
+            VmaKind::SysvShm { id: m.inode as i32 }
+        }
+        n if kinds::memfd::name_of(n).is_some() => VmaKind::Memfd {
+            inode: m.inode,
+            offset: m.offset,
+        },
+        n if n.ends_with(" (deleted)") => {
+            return Err(unsupported(format!(
+                "mapping {:#x}-{:#x} of deleted file {n}",
+                m.start, m.end
+            )))
+        }
+        n if n.starts_with('/') => VmaKind::File {
+            file: file_ref(n, pid)?,
+            offset: m.offset,
+        },
+        n => {
+            return Err(unsupported(format!(
+                "mapping {:#x}-{:#x} of kind {n}",
+                m.start, m.end
+            )))
+        }
+    };
+    if m.shared
+        && !matches!(
+            kind,
+            VmaKind::File { .. }
+                | VmaKind::SharedAnon { .. }
+                | VmaKind::SysvShm { .. }
+                | VmaKind::Memfd { .. }
+        )
+    {
+        return Err(unsupported(format!(
+            "shared anonymous mapping {:#x}-{:#x} ({})",
+            m.start, m.end, m.name
+        )));
+    }
+    Ok(Some(kind))
+}
+
+/// Saves the pages that hold data: every present or swapped page of a
+/// private mapping, except pages of private file mappings still identical
+/// to the file (pagemap's file-page bit), which restore maps from the file.
+/// A mapping the parent has identically is inherited at restore: of its
+/// pages, those still the parent's very page (same frame, copy-on-write
+/// since the fork) are neither saved nor written again. A shared anonymous
+/// object is saved once, with the first process that maps it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dump_memory(
+    pid: u32,
+    mem: &Memory,
+    maps: &[MapsLine],
+    growsdown: &HashSet<u64>,
+    ctx: MemoryContext,
+    writer: &mut ImageWriter,
+    req: &DumpRequest,
+    check: &dyn Fn() -> Result<(), SnapshotError>,
+) -> Result<Vec<Vma>, SnapshotError> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_PAGE: u64 = 1 << 61;
+    const PFN: u64 = (1 << 55) - 1;
+    let open_pagemap = |pid: u32| {
+        std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))
+    };
+    let pagemap = open_pagemap(pid)?;
+    let parent_pagemap = ctx.parent.map(|(p, _)| open_pagemap(p)).transpose()?;
+    let read_entries = |file: &std::fs::File, who: u32, buf: &mut [u8], at: u64| {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, at * 8)
+            .map_err(|e| SnapshotError::process(who, "reading pagemap", e))
+    };
+    let mut vmas = Vec::new();
+    let mut plan = Vec::new();
+    // Read in bounded pieces: a mapping may be a huge reservation.
+    let mut pagemap_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
+    let mut parent_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
+    for m in maps {
+        let Some(kind) = classify(m, pid, growsdown)? else {
+            continue;
+        };
+        let shape = |v: &&Vma| {
+            v.start == m.start
+                && v.end == m.end
+                && v.prot == m.prot()
+                && v.shared == m.shared
+                && v.kind == kind
+        };
+        let inherited = ctx
+            .parent
+            .is_some_and(|(_, theirs)| theirs.iter().any(|v| shape(&v)));
+        let file_backed = matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. });
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut cow: Vec<(u64, u64)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, u64)>, addr: u64| match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => *n += 1,
+            _ => runs.push((addr, 1)),
+        };
+        if let VmaKind::SharedAnon { inode } = kind {
+            if !inherited && ctx.shmem_saved.insert(inode) {
+                runs = shmem_extents(pid, m)?;
+            }
+        } else if !m.shared && !matches!(kind, VmaKind::Vdso(_)) {
+            let npages = (m.end - m.start) / PAGE;
+            let mut first = 0;
+            while first < npages {
+                let count = (npages - first).min(PAGEMAP_ENTRIES);
+                let len = (count * 8) as usize;
+                read_entries(
+                    &pagemap,
+                    pid,
+                    &mut pagemap_buf[..len],
+                    m.start / PAGE + first,
+                )?;
+                if let (true, Some(file), Some((ppid, _))) =
+                    (inherited, &parent_pagemap, ctx.parent)
+                {
+                    read_entries(file, ppid, &mut parent_buf[..len], m.start / PAGE + first)?;
+                }
+                for (i, e) in pagemap_buf[..len].chunks_exact(8).enumerate() {
+                    let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                    let has_data =
+                        e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
+                    if !has_data {
+                        continue;
+                    }
+                    let addr = m.start + (first + i as u64) * PAGE;
+                    if inherited {
+                        let p = u64::from_ne_bytes(
+                            parent_buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"),
+                        );
+                        let same_frame = e & PRESENT != 0
+                            && p & PRESENT != 0
+                            && e & PFN != 0
+                            && e & PFN == p & PFN;
+                        if same_frame {
+                            push(&mut cow, addr);
+                            continue;
+                        }
+                    }
+                    push(&mut runs, addr);
+                }
+                first += count;
+            }
+        }
+        plan.push((m, kind, runs, inherited, cow));
+    }
+    let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
+    let mut done = 0;
+    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
+    for (m, kind, runs, inherited, cow) in plan {
+        // A shared object is read from the object itself, not through the
+        // process's page tables, so that its holes stay holes.
+        let object = match kind {
+            VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
+            _ => None,
+        };
+        let mut pages = Vec::with_capacity(runs.len());
+        for (addr, n) in runs {
+            let len = (n * PAGE) as usize;
+            match &object {
+                Some(f) => {
+                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
+                        .map_err(|e| {
+                            SnapshotError::process(
+                                pid,
+                                format!("reading shared memory at {addr:#x}"),
+                                e,
+                            )
+                        })?
+                }
+                None => mem.read(addr, &mut buf[..len])?,
+            }
+            let offset = writer.write_pages(&buf[..len])?;
+            pages.push(PageRun {
+                addr,
+                pages: n,
+                offset,
+            });
+            done += len as u64;
+            (req.progress)(done, total);
+            check()?;
+        }
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            shared: m.shared,
+            kind,
+            pages,
+            inherited,
+            cow,
+        });
+    }
+    debug!(pid, bytes = total, "memory saved");
+    Ok(vmas)
+}
+
+/// The object behind a mapping, opened through /proc/PID/map_files.
+pub(crate) fn map_file(pid: u32, m: &MapsLine) -> Result<std::fs::File, SnapshotError> {
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    std::fs::File::open(&path)
+        .map_err(|e| SnapshotError::process(pid, format!("opening {path}"), e))
+}
+
+/// The runs of a shared anonymous object that hold data (SEEK_DATA and
+/// SEEK_HOLE on the object), as addresses of the mapping.
+pub(crate) fn shmem_extents(pid: u32, m: &MapsLine) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    use nix::unistd::{lseek, Whence};
+    let f = map_file(pid, m)?;
+    let len = (m.end - m.start) as i64;
+    let mut runs = Vec::new();
+    let mut at = 0i64;
+    while at < len {
+        let data = match lseek(f.as_raw_fd(), at, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(SnapshotError::process(pid, "SEEK_DATA in shared memory", e)),
+        };
+        if data >= len {
+            break;
+        }
+        let hole = lseek(f.as_raw_fd(), data, Whence::SeekHole)
+            .map_err(|e| SnapshotError::process(pid, "SEEK_HOLE in shared memory", e))?
+            .min(len);
+        let mut start = data as u64 / PAGE * PAGE;
+        let end = (hole as u64).div_ceil(PAGE) * PAGE;
+        while start < end {
+            let n = ((end - start) / PAGE).min(CHUNK_PAGES);
+            runs.push((m.start + start, n));
+            start += n * PAGE;
+        }
+        at = end as i64;
+    }
+    Ok(runs)
+}
+
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+
+const PR_SET_MM: u64 = 35;
+
+const PR_SET_MM_MAP: u64 = 14;
+
+/// Moves the vDSO block to its saved address (all three special mappings
+/// move together, which `arch_prctl(ARCH_MAP_VDSO_64)` does once they are
+/// unmapped).
+pub(crate) fn map_vdso(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), SnapshotError> {
+    let block: Vec<&Vma> = vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Vdso(_)))
+        .collect();
+    let Some(start) = block.iter().map(|v| v.start).min() else {
+        return Ok(());
+    };
+    inj.ok(
+        pid,
+        "ARCH_MAP_VDSO_64",
+        libc::SYS_arch_prctl,
+        &[ARCH_MAP_VDSO_64, start],
+    )?;
+    let maps =
+        parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
+            .unwrap_or_default();
+    for v in block {
+        let VmaKind::Vdso(name) = &v.kind else {
+            continue;
+        };
+        if !maps
+            .iter()
+            .any(|m| &m.name == name && m.start == v.start && m.end == v.end)
+        {
+            return Err(SnapshotError::Restore(format!(
+                "{name} did not land at {:#x}-{:#x} (this kernel lays the vDSO out differently)",
+                v.start, v.end
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Builds the process's address space: mappings it did not inherit from
+/// its parent's fork are created, then saved pages written. Of an inherited
+/// mapping, pages still shared copy-on-write with the parent stay, and the
+/// rest that it did not have is dropped. A shared anonymous object is
+/// created by the first process that maps it and mapped from that process
+/// (`shmem`: inode → its ns pid and mapping) by every later one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn map_memory(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    image: &Image,
+    p: &ProcessImage,
+    share_pages: bool,
+    shmem: &mut HashMap<u64, (u32, u64, u64)>,
+    memfds: &mut kinds::memfd::Made,
+) -> Result<(), SnapshotError> {
+    let mut files: HashMap<&str, u64> = HashMap::new();
+    let mut buf = Vec::new();
+    let image_path = image.path.to_string_lossy();
+    let image_fd = if share_pages {
+        Some(open_in(
+            inj,
+            mem,
+            pid,
+            data,
+            &image_path,
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )?)
+    } else {
+        None
+    };
+    for v in &p.vmas {
+        let len = v.end - v.start;
+        let fixed = libc::MAP_FIXED as u64;
+        match &v.kind {
+            VmaKind::Anon | VmaKind::Stack | VmaKind::File { .. } | VmaKind::Memfd { .. }
+                if v.inherited =>
+            {
+                if !v.shared {
+                    drop_unsaved(inj, pid, v)?;
+                }
+            }
+            _ if v.inherited => continue,
+            VmaKind::Vdso(_) | VmaKind::Vsyscall => continue,
+            VmaKind::SharedAnon { inode } => match shmem.get(inode) {
+                Some(&(owner, start, end)) => {
+                    let path = format!("/proc/{owner}/map_files/{start:x}-{end:x}");
+                    let mode = if v.prot & libc::PROT_WRITE as u32 != 0 {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    };
+                    let fd = open_in(inj, mem, pid, data, &path, mode | libc::O_CLOEXEC)?;
+                    inj.ok(
+                        pid,
+                        &format!("mmap of shared memory {path}"),
+                        libc::SYS_mmap,
+                        &[
+                            v.start,
+                            len,
+                            v.prot as u64,
+                            libc::MAP_SHARED as u64 | fixed,
+                            fd,
+                            0,
+                        ],
+                    )?;
+                    inj.call(pid, libc::SYS_close, &[fd])?;
+                }
+                None => {
+                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed;
+                    inj.ok(
+                        pid,
+                        "mmap shared anonymous",
+                        libc::SYS_mmap,
+                        &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
+                    )?;
+                    shmem.insert(*inode, (p.ns_pid, v.start, v.end));
+                }
+            },
+            VmaKind::Anon | VmaKind::Stack => {
+                let grows = if v.kind == VmaKind::Stack {
+                    libc::MAP_GROWSDOWN
+                } else {
+                    0
+                };
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
+                inj.ok(
+                    pid,
+                    "mmap anonymous",
+                    libc::SYS_mmap,
+                    &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
+                )?;
+            }
+            VmaKind::Memfd { inode, offset } => {
+                let fd =
+                    memfds.fd_in(inj, mem, pid, p.ns_pid, data, image, *inode, highest_fd(p))?;
+                let share = if v.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                inj.ok(
+                    pid,
+                    "mmap of a memfd",
+                    libc::SYS_mmap,
+                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
+                )?;
+                memfds.release(inj, pid, *inode, fd)?;
+            }
+            VmaKind::SysvShm { id } => {
+                let mut flags = 0;
+                if v.prot & libc::PROT_WRITE as u32 == 0 {
+                    flags |= libc::SHM_RDONLY;
+                }
+                if v.prot & libc::PROT_EXEC as u32 != 0 {
+                    flags |= libc::SHM_EXEC;
+                }
+                let at = inj.ok(
+                    pid,
+                    &format!("shmat of System V segment {id}"),
+                    libc::SYS_shmat,
+                    &[*id as u64, v.start, flags as u64],
+                )?;
+                if at != v.start {
+                    return Err(SnapshotError::Restore(format!(
+                        "System V segment {id} attached at {at:#x}, not {:#x}",
+                        v.start
+                    )));
+                }
+            }
+            VmaKind::File { file, offset } => {
+                let fd = match files.get(file.path.as_str()) {
+                    Some(&fd) => fd,
+                    None => {
+                        let mode = if v.shared && v.prot & libc::PROT_WRITE as u32 != 0 {
+                            libc::O_RDWR
+                        } else {
+                            libc::O_RDONLY
+                        };
+                        let fd = open_in(inj, mem, pid, data, &file.path, mode | libc::O_CLOEXEC)?;
+                        files.insert(&file.path, fd);
+                        fd
+                    }
+                };
+                let share = if v.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                inj.ok(
+                    pid,
+                    &format!("mmap {}", file.path),
+                    libc::SYS_mmap,
+                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
+                )?;
+            }
+        }
+        for run in &v.pages {
+            let n = (run.pages * PAGE) as usize;
+            // A stack's pages are copied: a piece mapped from the image
+            // would split the stack, and only its lowest piece can grow.
+            let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
+            if let Some(fd) = image_fd.filter(|_| private) {
+                // A private mapping of the image's page-aligned pages: read
+                // through the page cache that every clone shares, copied
+                // only when written.
+                let flags = (libc::MAP_PRIVATE as u64) | fixed;
+                let off = image.pages_off + run.offset;
+                inj.ok(
+                    pid,
+                    "mmap of template pages",
+                    libc::SYS_mmap,
+                    &[run.addr, n as u64, v.prot as u64, flags, fd, off],
+                )?;
+                continue;
+            }
+            buf.resize(n, 0);
+            image.read_pages(run.offset, &mut buf[..n])?;
+            mem.write(run.addr, &buf[..n])?;
+        }
+    }
+    files.extend(image_fd.map(|fd| ("", fd)));
+    for fd in files.into_values() {
+        inj.call(pid, libc::SYS_close, &[fd])?;
+    }
+    debug!(pid, "address space rebuilt");
+    Ok(())
+}
+
+/// Drops the pages of an inherited private mapping that the process did
+/// not have: neither saved for it nor shared with its parent.
+pub(crate) fn drop_unsaved(inj: &Injector, pid: u32, v: &Vma) -> Result<(), SnapshotError> {
+    let mut kept: Vec<(u64, u64)> = v
+        .pages
+        .iter()
+        .map(|r| (r.addr, r.pages))
+        .chain(v.cow.iter().copied())
+        .collect();
+    kept.sort_unstable();
+    let mut at = v.start;
+    for (addr, pages) in kept.into_iter().chain(std::iter::once((v.end, 0))) {
+        if addr > at {
+            inj.ok(
+                pid,
+                "MADV_DONTNEED of pages the process did not have",
+                libc::SYS_madvise,
+                &[at, addr - at, libc::MADV_DONTNEED as u64],
+            )?;
+        }
+        at = at.max(addr + pages * PAGE);
+    }
+    Ok(())
+}
+
+/// Sets the mm fields and, unless `keep_exe` (a child forked from a parent
+/// with the same executable, which still maps it: the kernel refuses to
+/// change an exe that is mapped), the exe link.
+pub(crate) fn set_mm(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    p: &ProcessImage,
+    keep_exe: bool,
+) -> Result<(), SnapshotError> {
+    let exe_fd = if keep_exe {
+        None
+    } else {
+        Some(open_in(
+            inj,
+            mem,
+            pid,
+            data,
+            &p.exe.path,
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )?)
+    };
+    let m = &p.mm;
+    let auxv_at = data + 256;
+    let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    mem.write(auxv_at, &auxv)?;
+    let mut map = Vec::with_capacity(104);
+    for v in [
+        m.start_code,
+        m.end_code,
+        m.start_data,
+        m.end_data,
+        m.start_brk,
+        m.brk,
+        m.start_stack,
+        m.arg_start,
+        m.arg_end,
+        m.env_start,
+        m.env_end,
+        auxv_at,
+    ] {
+        map.extend_from_slice(&v.to_ne_bytes());
+    }
+    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
+    // -1: the exe link stays.
+    map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
+    mem.write(data, &map)?;
+    inj.ok(
+        pid,
+        "PR_SET_MM_MAP",
+        libc::SYS_prctl,
+        &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
+    )?;
+    if let Some(fd) = exe_fd {
+        inj.call(pid, libc::SYS_close, &[fd])?;
+    }
+    Ok(())
+}
