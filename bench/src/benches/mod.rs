@@ -100,6 +100,11 @@ pub fn names() -> Vec<&'static str> {
     ALL.iter().map(|b| b.name).collect()
 }
 
+/// `CI=true`: a peer that cannot be measured fails the benchmark there.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
 /// `argv` as owned strings, for `Command` and `Appshot`.
 pub fn argv<I, S>(parts: I) -> Vec<String>
 where
