@@ -13,6 +13,7 @@ use crate::table::Row;
 mod connrate;
 mod criu;
 mod iperf;
+mod nginx;
 mod redis;
 mod servers;
 mod snapshot;
@@ -93,6 +94,12 @@ pub const ALL: &[Benchmark] = &[
         title: snapshot::TITLE,
         needs: &["gcc"],
         run: snapshot::run,
+    },
+    Benchmark {
+        name: "nginx",
+        title: nginx::TITLE,
+        needs: &["gcc", "nginx"],
+        run: nginx::run,
     },
 ];
 
