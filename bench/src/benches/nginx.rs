@@ -10,7 +10,9 @@
 //!    time appshot reports, the image size. A supervised client of the AID
 //!    retries its connect every 0.5 ms; `appshot restore IMG --detach`: wall
 //!    time to its first HTTP answer; then the restored tree's PSS (the 5
-//!    processes are back);
+//!    processes are back), and its anonymous part (`Pss_Anon`): right
+//!    after a restore the file-backed pages (binary, libraries) are only
+//!    those faulted in yet, so whole PSS drops;
 //! 2. CRIU: the same nginx run natively (another port), `criu dump --tree
 //!    MASTER` (the tree is killed by the dump): wall time, image size; a
 //!    native client retrying its connect; `criu restore -d`: wall time to
@@ -60,6 +62,8 @@ struct AppshotRun {
     restore_answer_ms: f64,
     pss_before_mib: f64,
     pss_after_mib: f64,
+    anon_before_mib: f64,
+    anon_after_mib: f64,
 }
 
 struct CriuRun {
@@ -99,7 +103,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         let failed = || format!("{TITLE}: run {} of {total} failed", round + 1);
         let a = appshot_run(appshot, &probe, &nginx, &appshot_conf, round).with_context(failed)?;
         eprintln!(
-            "  {TITLE}: run {}/{total}{}: appshot snapshot {:.0} ms (dump {:.0} ms, image {:.1} MiB), restore {:.0} ms to first answer; PSS {:.1} MiB before, {:.1} MiB after",
+            "  {TITLE}: run {}/{total}{}: appshot snapshot {:.0} ms (dump {:.0} ms, image {:.1} MiB), restore {:.0} ms to first answer; PSS {:.1} MiB before, {:.1} MiB after (anonymous {:.1} / {:.1} MiB)",
             round + 1,
             warmup_mark(round, warmup),
             a.snapshot_wall_ms,
@@ -107,7 +111,9 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             a.image_mib,
             a.restore_answer_ms,
             a.pss_before_mib,
-            a.pss_after_mib
+            a.pss_after_mib,
+            a.anon_before_mib,
+            a.anon_after_mib
         );
         runs.push(a);
         if peer.is_ok() {
@@ -175,27 +181,38 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         }
         out.measurements.push(m);
     }
-    let before = Measurement::from_runs(
-        "nginx memory",
-        "PSS of master + 4 workers before the snapshot",
-        Unit::MiB,
-        runs.iter().map(|a| a.pss_before_mib).collect(),
-        warmup,
-    )?;
-    let after = Measurement::from_runs(
-        "nginx memory",
-        "PSS of master + 4 workers after appshot restore",
-        Unit::MiB,
-        runs.iter().map(|a| a.pss_after_mib).collect(),
-        warmup,
-    )?;
-    out.rows.push(Row::compared(
-        "nginx memory",
-        "PSS of master + 4 workers under appshot; peer column: before the snapshot, appshot: after restore",
-        "before",
-        &before,
-        &after,
-    ));
+    // The file-backed part of PSS (binary, libraries) is whatever is
+    // faulted in yet, so the anonymous part is the one to compare.
+    let memory: [(&str, BeforeAfter); 2] = [
+        ("PSS", |a| (a.pss_before_mib, a.pss_after_mib)),
+        ("anonymous PSS (Pss_Anon)", |a| {
+            (a.anon_before_mib, a.anon_after_mib)
+        }),
+    ];
+    for (what, get) in memory {
+        let before = Measurement::from_runs(
+            "nginx memory",
+            &format!("{what} of master + 4 workers before the snapshot"),
+            Unit::MiB,
+            runs.iter().map(|a| get(a).0).collect(),
+            warmup,
+        )?;
+        let after = Measurement::from_runs(
+            "nginx memory",
+            &format!("{what} of master + 4 workers after appshot restore"),
+            Unit::MiB,
+            runs.iter().map(|a| get(a).1).collect(),
+            warmup,
+        )?;
+        out.rows.push(Row::compared(
+            "nginx memory",
+            &format!("{what} of master + 4 workers under appshot; peer column: before the snapshot, appshot: after restore"),
+            "before",
+            &before,
+            &after,
+        ));
+        out.measurements.extend([before, after]);
+    }
     let dump = Measurement::from_runs(
         "nginx snapshot",
         "master + 4 workers: dump time appshot reports",
@@ -203,7 +220,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         runs.iter().map(|a| a.dump_ms).collect(),
         warmup,
     )?;
-    out.measurements.extend([before, after, dump]);
+    out.measurements.push(dump);
     Ok(out)
 }
 
@@ -215,6 +232,9 @@ type Figure = (
     fn(&AppshotRun) -> f64,
     fn(&CriuRun) -> f64,
 );
+
+/// A memory figure of a run: (before the snapshot, after restore).
+type BeforeAfter = fn(&AppshotRun) -> (f64, f64);
 
 /// nginx's configuration and private directory.
 struct Conf {
@@ -294,10 +314,8 @@ fn appshot_run(
     wait_tree(master, &what, conf)?;
     let pids = tree(master);
     served(appshot, probe, &aid, conf.port, &pids, &what)?;
-    let mut f = AppshotRun {
-        pss_before_mib: pss_mib(&pids)?,
-        ..AppshotRun::default()
-    };
+    let mut f = AppshotRun::default();
+    (f.pss_before_mib, f.anon_before_mib) = pss_mib(&pids)?;
 
     let image = conf.dir.join(format!("{aid}.img"));
     let (line, took) = take_snapshot(appshot, &instance, &image, &[], &what)?;
@@ -327,7 +345,7 @@ fn appshot_run(
     // which tests/tests/trees.rs checks.
     let after = tree(master);
     served(appshot, probe, &aid, conf.port, &after, &what)?;
-    f.pss_after_mib = pss_mib(&after)?;
+    (f.pss_after_mib, f.anon_after_mib) = pss_mib(&after)?;
     drop(restored);
     std::fs::remove_file(&image).with_context(|| format!("removing {}", image.display()))?;
     Ok(f)
@@ -517,13 +535,16 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// The sum of the processes' PSS, MiB.
-fn pss_mib(pids: &[u32]) -> anyhow::Result<f64> {
-    let mut total = 0;
+/// The sums of the processes' PSS and of its anonymous part
+/// (`Pss_Anon`), MiB.
+fn pss_mib(pids: &[u32]) -> anyhow::Result<(f64, f64)> {
+    let (mut pss, mut anon) = (0, 0);
     for &pid in pids {
-        total += kib(&smaps_rollup(pid)?, "Pss")?;
+        let rollup = smaps_rollup(pid)?;
+        pss += kib(&rollup, "Pss")?;
+        anon += kib(&rollup, "Pss_Anon")?;
     }
-    Ok(total as f64 / 1024.0)
+    Ok((pss as f64 / 1024.0, anon as f64 / 1024.0))
 }
 
 /// `memhold ask HOST PORT "GET /"`: an HTTP/0.9 request; the answer is
