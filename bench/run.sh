@@ -6,8 +6,8 @@
 # Installs the Debian packages the benchmarks drive (only those `dpkg -s`
 # reports missing), builds appshot and the bench in release mode, and runs
 # the bench from the repository root. The table goes to stdout; results.json
-# and results.md to bench/results/. --quick takes under 2 minutes, the full
-# run under 20.
+# and results.md to bench/results/. --quick takes about 3 minutes (CRIU included), the full
+# run about 9 (both on a shared 2-CPU VM).
 #
 # CRIU 4.x, the snapshot benchmark's peer, is always measured: the script
 # uses $CRIU if set, else `criu` on PATH; when that is missing or not 4.x it
