@@ -183,6 +183,20 @@ fn runc_containers_on_port_9000_each_serve_their_own_aid() {
     let z = h.curl("z", "http://127.0.0.1:9000/who");
     assert_eq!(z.code, Some(7), "AID z must be refused: {z}");
 
+    // runc exec hands over the new process's listener too: it is served
+    // by its container's multiplexer.
+    let exec = runc(&cleanup.runc_root)
+        .args(["exec", "web-c", "python3", "-c"])
+        .arg("import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1] > 0)")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&exec.stdout).trim(),
+        "True",
+        "runc exec web-c: {}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+
     // A container exits: its translations and its instance go.
     let status = runc(&cleanup.runc_root)
         .args(["kill", "web-b", "KILL"])

@@ -5,12 +5,13 @@
 //! [`Multiplexer`] and notification loop as the supervisor of `appshot
 //! run`. When the container's init exits, its translations go.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_configurator::AppConfig;
@@ -137,7 +138,26 @@ fn command_of(bundle: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The containers being served, by id: a later handoff for one of them
+/// (`runc exec` sends the listener of each process it starts) is served
+/// by the container's multiplexer. Container ids are unique per runtime
+/// root; two roots handing over one id share the instance.
+fn served() -> &'static Mutex<HashMap<String, Arc<Multiplexer>>> {
+    static SERVED: OnceLock<Mutex<HashMap<String, Arc<Multiplexer>>>> = OnceLock::new();
+    SERVED.get_or_init(Default::default)
+}
+
 fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
+    let joined = served()
+        .lock()
+        .expect("served containers")
+        .get(&h.id)
+        .map(Arc::clone);
+    if let Some(mux) = joined {
+        info!(container = %h.id, "a process exec'd in the container served");
+        notify::spawn(h.listener, mux, "oci-notify")?;
+        return Ok(());
+    }
     // Opened first: from here on the pid cannot name another process.
     let init = pidfd::open_process(h.pid)
         .map_err(|e| RuntimeError::sys(format!("container `{}`: pidfd of {}", h.id, h.pid), e))?;
@@ -189,6 +209,10 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
             },
         );
     })?;
+    served()
+        .lock()
+        .expect("served containers")
+        .insert(h.id.clone(), Arc::clone(&mux));
     notify::spawn(h.listener, mux, "oci-notify")?;
     info!(container = %h.id, aid = %h.aid, pid = h.pid, bundle = %h.bundle.display(), "container served");
 
@@ -209,6 +233,7 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
     wait_exit(&init);
     exited.store(true, Ordering::SeqCst);
     info!(container = %h.id, "container exited");
+    served().lock().expect("served containers").remove(&h.id);
     stop_control.store(true, Ordering::SeqCst);
     let _ = UnixStream::connect(lock.instance_dir().join(control::SOCKET_NAME));
     cluster.shutdown();
