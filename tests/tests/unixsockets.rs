@@ -10,7 +10,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 
-use common::{alive, pid_of, Harness};
+use common::{alive, pid_of, poll, script, Harness};
 
 /// One line to a TCP server on 127.0.0.1:PORT under an AID: sends
 /// argv[2], half-closes, prints the answer.
@@ -138,4 +138,48 @@ fn python_asyncio_keeps_serving_after_restore() {
     for _ in 0..3 {
         assert_eq!(ask(&h, "ua", 19801, "x"), "aio-ok");
     }
+}
+
+#[test]
+fn unix_connections_split_between_parent_and_child_survive_snapshot_and_restore() {
+    let test = "unix_connections_split_between_parent_and_child_survive_snapshot_and_restore";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("split");
+    let program = script("splitpairs.py");
+    let dir_s = dir.to_str().expect("utf-8 path");
+    h.start("split", "us", &dir, &[], &["python3", &program, dir_s]);
+    h.wait_log("split", "ready");
+
+    let image = h.dir("images").join("split.img");
+    let ran = h.snapshot("split", &image, &[]);
+    assert!(
+        ran.success(),
+        "snapshot of a parent and child holding the two ends of connections: {ran}"
+    );
+    h.restore("split", &image, &[]);
+    fs::write(dir.join("go"), "").unwrap();
+    let read = |name: &str| fs::read_to_string(dir.join(name)).ok();
+    assert!(
+        poll(std::time::Duration::from_secs(20), || read("parent")
+            .is_some()
+            && read("child").is_some()),
+        "both sides report: parent {:?}, child {:?}, log {:?}",
+        read("parent"),
+        read("child"),
+        fs::read_to_string(h.log_path("split"))
+    );
+    assert_eq!(
+        read("parent").unwrap(),
+        "ok c1,c2 d1,d2 client-bytes child-after c3 d3 client-after pending-after",
+        "the parent reads what the child queued before the snapshot exactly once, in order, \
+         then each connection talks both ways (the pending one accepted after restore)"
+    );
+    assert_eq!(
+        read("child").unwrap(),
+        "ok p1,p2 q1,q2 server-bytes parent-after p3 q3 server-after accepted-after",
+        "the child reads what the parent queued before the snapshot exactly once, in order, \
+         then each connection talks both ways"
+    );
 }
