@@ -183,3 +183,45 @@ fn unix_connections_split_between_parent_and_child_survive_snapshot_and_restore(
          then each connection talks both ways"
     );
 }
+
+#[test]
+fn a_datagram_socket_connected_one_way_to_another_process_refuses_the_snapshot() {
+    let test = "a_datagram_socket_connected_one_way_to_another_process_refuses_the_snapshot";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("oneway");
+    // The child binds a datagram socket; its parent connects to it, one
+    // way: nothing connects back.
+    let program = "import os, socket, time\n\
+        if os.fork() == 0:\n    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n    s.bind('sink.sock')\n    open('bound', 'w').close()\n    while True:\n        time.sleep(0.05)\n\
+        while not os.path.exists('bound'):\n    time.sleep(0.02)\n\
+        t = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        t.connect('sink.sock')\n\
+        print('connected fd', t.fileno(), flush=True)\n\
+        while True:\n    time.sleep(0.05)\n";
+    h.start("oneway", "uo", &dir, &[], &["python3", "-c", program]);
+    let log = h.wait_log("oneway", "connected fd");
+    let fd: u32 = log
+        .lines()
+        .find_map(|l| l.split("connected fd ").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("fd number in the log");
+    let app = pid_of(&h.instance("oneway").expect("oneway listed"));
+
+    let images = h.dir("images");
+    let ran = h.snapshot("oneway", &images.join("oneway.img"), &[]);
+    assert!(
+        !ran.success(),
+        "a one-way connection to another process must refuse the snapshot: {ran}"
+    );
+    assert!(
+        ran.stderr.contains(&format!(
+            "fd {fd}: unix datagram socket connected one way to socket"
+        )) && ran.stderr.contains("sink.sock")
+            && ran.stderr.contains("held by pid"),
+        "the refusal names fd {fd}, its peer sink.sock and the process holding it: {ran}"
+    );
+    assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
+    assert!(alive(app), "the refused instance runs on");
+}

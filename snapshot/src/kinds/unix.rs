@@ -152,6 +152,18 @@ pub fn save(
                 )));
             }
             UnixRole::Pending { listener }
+        } else if let Some((l, (hpid, hfd))) = all
+            .iter()
+            .filter(|l| l.state == TCP_LISTEN && l.icons.contains(&f.inode))
+            .find_map(|l| holders.get(&l.ino).map(|h| (l, *h)))
+        {
+            // Its listener is in a later process: rebuilt after this one.
+            return Err(refuse_it(format!(
+                "waits in the backlog of listener {} (socket {}) held by pid {hpid} fd {hfd} of \
+                 the instance, a process restored after it, which a restore cannot rebuild yet",
+                show_name(diag_name(l).as_deref()),
+                l.ino
+            )));
         } else if let Some(p) = d.peer.filter(|p| *p != 0) {
             if ours.contains_key(&p) {
                 let accepted_from = if sock_type == libc::SOCK_DGRAM {
@@ -217,9 +229,9 @@ pub fn save(
             if split && sock_type != libc::SOCK_DGRAM && name.is_some() && !accepted_here {
                 let (ppid, pfd) = held_at.get(&peer).copied().unwrap_or((pid, 0));
                 return Err(refuse_it(format!(
-                    "bound to {} and connected to socket {peer} (pid {ppid} fd {pfd}) in another \
-                     process, without the listener that accepted it in the process that holds \
-                     the peer, which a restore cannot rebuild yet",
+                    "bound to {} and connected to socket {peer} held by pid {ppid} fd {pfd}, which \
+                     does not hold the listener that accepted it (the name would be lost); a \
+                     restore cannot rebuild it yet",
                     show_name(name.as_deref())
                 )));
             }
