@@ -279,7 +279,7 @@ impl FdTable {
             if let Some(inode) = link_inode(host, fd, "socket:[") {
                 // A connection whose other end an earlier process holds is
                 // rebuilt there, this end stashed beside it.
-                if let Some(owner) = self.unix_owner(host, inode, index)? {
+                if let Some(owner) = self.unix_owner(inode, index) {
                     let from_fd = self.stash_unix(owner, inode, host, fd)?;
                     out.fetched.push(FetchedFd {
                         fd,
@@ -299,31 +299,29 @@ impl FdTable {
     /// The earlier process (not `index`) that holds the peer of the Unix
     /// socket `inode`, connected back to it, or the listener in whose
     /// backlog it waits.
-    fn unix_owner(
-        &mut self,
-        host: u32,
-        inode: u64,
-        index: usize,
-    ) -> Result<Option<usize>, SnapshotError> {
-        if self.diag.is_none() {
-            let all = sockdiag::unix_sockets()
-                .map_err(|e| SnapshotError::process(host, "sock_diag of Unix sockets", e))?;
-            self.diag = Some(all.into_iter().map(|d| (d.ino, d)).collect());
+    /// Without sock_diag nothing is stashed: the Unix sockets are then
+    /// refused by `kinds::unix`, which needs it too.
+    fn unix_owner(&mut self, inode: u64, index: usize) -> Option<usize> {
+        if index == 0 {
+            return None;
         }
-        let diag = self.diag.as_ref().expect("just read");
-        let Some(d) = diag.get(&inode) else {
-            return Ok(None);
-        };
+        let diag = self.diag.get_or_insert_with(|| {
+            sockdiag::unix_sockets()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| (d.ino, d))
+                .collect()
+        });
+        let d = diag.get(&inode)?;
         let earlier = |ino: u64| self.sockets.get(&ino).map(|s| s.0).filter(|&o| o != index);
         if let Some(p) = d.peer.filter(|&p| p != 0) {
             if diag.get(&p).and_then(|q| q.peer) == Some(inode) {
-                return Ok(earlier(p));
+                return earlier(p);
             }
         }
-        Ok(diag
-            .values()
+        diag.values()
             .filter(|l| l.icons.contains(&inode))
-            .find_map(|l| earlier(l.ino)))
+            .find_map(|l| earlier(l.ino))
     }
 
     fn stash_unix(
