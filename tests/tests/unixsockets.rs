@@ -225,3 +225,35 @@ fn a_datagram_socket_connected_one_way_to_another_process_refuses_the_snapshot()
     assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
     assert!(alive(app), "the refused instance runs on");
 }
+
+#[test]
+fn a_python_multiprocessing_pipe_to_a_forked_process_survives_snapshot_and_restore() {
+    let test = "a_python_multiprocessing_pipe_to_a_forked_process_survives_snapshot_and_restore";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("mp");
+    let program = script("mppipe.py");
+    let dir_s = dir.to_str().expect("utf-8 path");
+    h.start("mp", "um", &dir, &[], &["python3", &program, dir_s]);
+    h.wait_log("mp", "ready");
+    let image = h.dir("images").join("mp.img");
+    let ran = h.snapshot("mp", &image, &[]);
+    assert!(
+        ran.success(),
+        "snapshot of a multiprocessing parent and child: {ran}"
+    );
+    h.restore("mp", &image, &[]);
+    fs::write(dir.join("go"), "").unwrap();
+    let out = dir.join("out");
+    assert!(
+        poll(std::time::Duration::from_secs(20), || out.exists()),
+        "the parent reports nothing: {:?}",
+        fs::read_to_string(h.log_path("mp"))
+    );
+    assert_eq!(
+        fs::read_to_string(&out).unwrap(),
+        "from-child-before child-got:from-parent-before",
+        "what each side sent before the snapshot arrives once, and the pipe talks both ways"
+    );
+}
