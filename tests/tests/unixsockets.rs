@@ -257,3 +257,61 @@ fn a_python_multiprocessing_pipe_to_a_forked_process_survives_snapshot_and_resto
         "what each side sent before the snapshot arrives once, and the pipe talks both ways"
     );
 }
+
+/// A parent's client of a listener its child made after the fork, accepted
+/// (`accept`) or still waiting in the backlog: refused by name.
+fn a_parent_client_of_its_child_listener_is_refused(test: &str, accept: bool, why: &str) {
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let dir = h.dir("reverse");
+    let program = "import os, socket, sys, time\n\
+        if os.fork() == 0:\n    l = socket.socket(socket.AF_UNIX)\n    l.bind('child.sock')\n    l.listen(4)\n    open('listening', 'w').close()\n    if sys.argv[1] == '1':\n        s, _ = l.accept()\n    while True:\n        time.sleep(0.05)\n\
+        while not os.path.exists('listening'):\n    time.sleep(0.02)\n\
+        c = socket.socket(socket.AF_UNIX)\n\
+        c.connect('child.sock')\n\
+        time.sleep(0.3)\n\
+        print('connected fd', c.fileno(), flush=True)\n\
+        while True:\n    time.sleep(0.05)\n";
+    let mode = if accept { "1" } else { "0" };
+    h.start(
+        "reverse",
+        "ur",
+        &dir,
+        &[],
+        &["python3", "-c", program, mode],
+    );
+    h.wait_log("reverse", "connected fd");
+    let app = pid_of(&h.instance("reverse").expect("reverse listed"));
+    let images = h.dir("images");
+    let ran = h.snapshot("reverse", &images.join("reverse.img"), &[]);
+    assert!(!ran.success(), "refused: {ran}");
+    println!("refused: {}", ran.stderr.trim());
+    assert!(
+        ran.stderr.contains("unix stream socket")
+            && ran.stderr.contains("child.sock")
+            && ran.stderr.contains(why)
+            && ran.stderr.contains("held by pid"),
+        "the refusal names the socket, the listener child.sock and where its peer is: {ran}"
+    );
+    assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
+    assert!(alive(app), "the refused instance runs on");
+}
+
+#[test]
+fn a_parent_client_accepted_by_its_child_listener_refuses_the_snapshot() {
+    a_parent_client_of_its_child_listener_is_refused(
+        "a_parent_client_accepted_by_its_child_listener_refuses_the_snapshot",
+        true,
+        "does not hold the listener that accepted it",
+    );
+}
+
+#[test]
+fn a_parent_client_pending_on_its_child_listener_refuses_the_snapshot() {
+    a_parent_client_of_its_child_listener_is_refused(
+        "a_parent_client_pending_on_its_child_listener_refuses_the_snapshot",
+        false,
+        "waits in the backlog of listener",
+    );
+}

@@ -229,9 +229,9 @@ pub fn save(
             if split && sock_type != libc::SOCK_DGRAM && name.is_some() && !accepted_here {
                 let (ppid, pfd) = held_at.get(&peer).copied().unwrap_or((pid, 0));
                 return Err(refuse_it(format!(
-                    "bound to {} and connected to socket {peer} held by pid {ppid} fd {pfd}, which \
-                     does not hold the listener that accepted it (the name would be lost); a \
-                     restore cannot rebuild it yet",
+                    "named {} (accepted from a listener of that name, or bound) and connected to \
+                     socket {peer} held by pid {ppid} fd {pfd}, which does not hold the listener \
+                     that accepted it (the name would be lost); a restore cannot rebuild it yet",
                     show_name(name.as_deref())
                 )));
             }
