@@ -213,8 +213,8 @@ impl FdTable {
     /// fetched from it; the other end of a pipe an earlier process holds
     /// is stashed in that process and fetched from there, and so is a Unix
     /// socket whose peer (connected back) or listener an earlier process
-    /// holds, rebuilt there with it. Returns what it
-    /// shares; the rest it saves itself.
+    /// holds, rebuilt there with it. Returns what it shares; the rest it
+    /// saves itself.
     pub fn share(
         &mut self,
         host: u32,
@@ -298,9 +298,8 @@ impl FdTable {
 
     /// The earlier process (not `index`) that holds the peer of the Unix
     /// socket `inode`, connected back to it, or the listener in whose
-    /// backlog it waits.
-    /// Without sock_diag nothing is stashed: the Unix sockets are then
-    /// refused by `kinds::unix`, which needs it too.
+    /// backlog it waits. Without sock_diag nothing is stashed: the Unix
+    /// sockets are then refused by `kinds::unix`, which needs it too.
     fn unix_owner(&mut self, inode: u64, index: usize) -> Option<usize> {
         if index == 0 {
             return None;

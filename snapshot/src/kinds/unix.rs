@@ -8,7 +8,7 @@
 //! the peer on restore. Restore runs in the stub before its seccomp filter
 //! exists, so binds and connects there are the kernel's own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -94,10 +94,10 @@ pub fn save(
             }
         }
     }
-    let stashed: HashMap<u64, i32> = found
+    let stashed: HashSet<u64> = found
         .iter()
         .filter(|f| f.holder.is_some())
-        .map(|f| (f.inode, f.fd))
+        .map(|f| f.inode)
         .collect();
     let held_at: HashMap<u64, (u32, i32)> = found
         .iter()
@@ -225,7 +225,7 @@ pub fn save(
                     ..
                 }
             );
-            let split = f.holder.is_some() || stashed.contains_key(&peer);
+            let split = f.holder.is_some() || stashed.contains(&peer);
             if split && sock_type != libc::SOCK_DGRAM && name.is_some() && !accepted_here {
                 let (ppid, pfd) = held_at.get(&peer).copied().unwrap_or((pid, 0));
                 return Err(refuse_it(format!(
