@@ -182,6 +182,32 @@ fn unix_connections_split_between_parent_and_child_survive_snapshot_and_restore(
         "the child reads what the parent queued before the snapshot exactly once, in order, \
          then each connection talks both ways"
     );
+
+    // The restored tree, its connections split again, snapshots and
+    // restores again with what each side queued since.
+    assert!(
+        poll(std::time::Duration::from_secs(20), || read("parent-again")
+            .is_some()
+            && read("child-again").is_some()),
+        "both sides queue again: {:?}",
+        fs::read_to_string(h.log_path("split"))
+    );
+    let ran = h.snapshot("split", &image, &[]);
+    assert!(
+        ran.success(),
+        "second snapshot, of the restored tree: {ran}"
+    );
+    h.restore("split", &image, &[]);
+    fs::write(dir.join("go2"), "").unwrap();
+    assert!(
+        poll(std::time::Duration::from_secs(20), || read("parent2")
+            .is_some()
+            && read("child2").is_some()),
+        "both sides report again: {:?}",
+        fs::read_to_string(h.log_path("split"))
+    );
+    assert_eq!(read("parent2").unwrap(), "again-from-child m-child");
+    assert_eq!(read("child2").unwrap(), "again-from-parent m-parent");
 }
 
 #[test]

@@ -3,7 +3,9 @@ after the fork (stream, seqpacket, datagram), and a client in the child of
 the parent's named listener (one connection accepted, one pending). Each
 side queues bytes or messages for the other, prints "ready", and waits for
 DIR/go; then each drains what waits for it, and both talk both ways once
-more. Results go to DIR/parent and DIR/child."""
+more. Results go to DIR/parent and DIR/child; then each queues a little more
+for a second snapshot and restore, drained after DIR/go2 into DIR/parent2
+and DIR/child2."""
 
 import os
 import socket
@@ -62,6 +64,18 @@ def shown(got, want):
     return "ok" if got == want else f"bad({len(got)}:{got[:40]!r})"
 
 
+def second_round(stream, seqpacket, me):
+    """Bytes and a message queued again for a second snapshot, of the
+    restored tree; drained after DIR/go2 into DIR/<me>2."""
+    stream.sendall(b"again-from-" + me.encode())
+    seqpacket.send(b"m-" + me.encode())
+    mark(me + "-again")
+    wait("go2")
+    mark(me + "2", drain(stream).decode() + " " + messages(seqpacket))
+    while True:
+        time.sleep(1)
+
+
 def connect():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect("split.sock")
@@ -102,8 +116,7 @@ if os.fork() == 0:
     for s in (b, e, g, client, pending):
         got.append(s.recv(100).decode())
     mark("child", " ".join(got))
-    while True:
-        time.sleep(1)
+    second_round(b, e, "child")
 else:
     b.close()
     e.close()
@@ -131,5 +144,4 @@ else:
     for s in (a, c, f, server, late):
         got.append(s.recv(100).decode())
     mark("parent", " ".join(got))
-    while True:
-        time.sleep(1)
+    second_round(a, c, "parent")
