@@ -3,7 +3,10 @@
 //! Only sockets whose every peer is in the process can be rebuilt, so the
 //! whole set is judged at once: `sock_diag` names each socket's peer and a
 //! listener's pending clients, and anything leading outside is refused
-//! before the process is touched. Queued bytes are peeked without being
+//! before the process is touched. A later process's socket connected to
+//! one of this process's (or waiting on its listener) is in the set too,
+//! stashed at a high fd (`tree::FdTable`): read from the process that
+//! holds it, rebuilt here, and fetched by that process on restore. Queued bytes are peeked without being
 //! consumed (`SO_PEEK_OFF` walks the queue, as CRIU does) and sent again by
 //! the peer on restore. Restore runs in the stub before its seccomp filter
 //! exists, so binds and connects there are the kernel's own.
