@@ -64,9 +64,11 @@ def shown(got, want):
     return "ok" if got == want else f"bad({len(got)}:{got[:40]!r})"
 
 
-def second_round(stream, seqpacket, me):
+def second_round(stream, seqpacket, me, other):
     """Bytes and a message queued again for a second snapshot, of the
-    restored tree; drained after DIR/go2 into DIR/<me>2."""
+    restored tree, once the other side has read all of the first round (a
+    stream would join them); drained after DIR/go2 into DIR/<me>2."""
+    wait(other)
     stream.sendall(b"again-from-" + me.encode())
     seqpacket.send(b"m-" + me.encode())
     mark(me + "-again")
@@ -116,7 +118,7 @@ if os.fork() == 0:
     for s in (b, e, g, client, pending):
         got.append(s.recv(100).decode())
     mark("child", " ".join(got))
-    second_round(b, e, "child")
+    second_round(b, e, "child", "parent")
 else:
     b.close()
     e.close()
@@ -144,4 +146,4 @@ else:
     for s in (a, c, f, server, late):
         got.append(s.recv(100).decode())
     mark("parent", " ".join(got))
-    second_round(a, c, "parent")
+    second_round(a, c, "parent", "child")
