@@ -213,4 +213,63 @@ fn runc_containers_on_port_9000_each_serve_their_own_aid() {
     assert_eq!(b.code, Some(7), "b has no container left: {b}");
     let a = h.curl("a", "http://127.0.0.1:9000/who");
     assert_eq!(a.stdout, "a", "a still served: {a}");
+
+    // The agent killed with SIGKILL: what the README says happens. Its
+    // containers' translations are reclaimed with its locks, and a new
+    // process of such a container cannot reach the agent.
+    let _ = cleanup.agent.kill();
+    let _ = cleanup.agent.wait();
+    assert!(
+        poll(READY, || h.translations("web-a").is_empty()
+            && h.translations("web-c").is_empty()),
+        "a dead agent's translations stay: {:?}",
+        h.ports()
+    );
+    let exec = runc(&cleanup.runc_root)
+        .args(["exec", "web-a", "true"])
+        .output()
+        .unwrap();
+    assert!(
+        !exec.status.success() && String::from_utf8_lossy(&exec.stderr).contains("seccomp agent"),
+        "runc exec with no agent: {}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    // The documented policy: restart the containers with the agent. A
+    // restarted agent serves the container started again.
+    fs::remove_file(&socket).unwrap();
+    cleanup.agent = h
+        .appshot()
+        .args(["oci-agent", "--listen"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(work.join("agent2.log")).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        poll(READY, || socket.exists()),
+        "restarted agent socket never appeared"
+    );
+    let deleted = runc(&cleanup.runc_root)
+        .args(["delete", "-f", "web-a"])
+        .status()
+        .unwrap();
+    assert!(deleted.success(), "runc delete web-a");
+    let b = work.join("web-a");
+    let status = runc(&cleanup.runc_root)
+        .args(["run", "--detach", "--bundle"])
+        .arg(&b)
+        .arg("web-a")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "runc run web-a again");
+    assert!(
+        poll(READY, || !h.translations("web-a").is_empty()),
+        "web-a never bound under the restarted agent: {:?}",
+        h.ports()
+    );
+    let a = h.curl("a", "http://127.0.0.1:9000/who");
+    assert_eq!(a.stdout, "a", "a served again: {a}");
 }
