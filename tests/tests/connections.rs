@@ -1,0 +1,301 @@
+//! Live TCP connections across snapshot and restore: an unmodified
+//! redis-server with a Python client outside appshot that keeps one
+//! connection and sends `INCR` every 10 ms, checking every answer.
+//!
+//! Each test runs in a network namespace of its own (the test's thread
+//! and everything it starts), so the kernel's counters and the nftables
+//! rules it sees are its alone.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{info_field, poll, port_pairs, start_redis, Harness, READY};
+
+/// Connects to 127.0.0.1:PORT and sends INCR on one connection every
+/// 10 ms until STOP exists; every answer must be the one before plus one.
+/// Prints each answer (flushed) and `ok FIRST LAST` at the end; any error
+/// prints `ERROR …` and exits 1.
+const CLIENT: &str = r#"
+import os, socket, sys, time
+port, stop = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("127.0.0.1", port))
+s.settimeout(60)
+first = last = None
+buf = b""
+try:
+    while not os.path.exists(stop):
+        s.sendall(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n")
+        while b"\r\n" not in buf:
+            more = s.recv(4096)
+            if not more:
+                raise Exception("EOF")
+            buf += more
+        line, buf = buf.split(b"\r\n", 1)
+        if not line.startswith(b":"):
+            raise Exception("answer %r" % line)
+        n = int(line[1:])
+        if last is not None and n != last + 1:
+            raise Exception("after %d came %d" % (last, n))
+        if first is None:
+            first = n
+        last = n
+        print(n, flush=True)
+        time.sleep(0.01)
+except Exception as e:
+    print("ERROR", repr(e), flush=True)
+    sys.exit(1)
+print("ok", first, last, flush=True)
+"#;
+
+/// Moves the calling test thread (and so everything it starts) into a
+/// new network namespace with loopback up.
+fn own_network() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    let ran = common::run(Command::new("ip").args(["link", "set", "lo", "up"]), READY);
+    assert!(ran.success(), "ip link set lo up: {ran}");
+}
+
+/// The network lock's chains left in appshot's table.
+fn lock_chains() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", "appshot"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("/lock/"))
+        .map(String::from)
+        .collect()
+}
+
+struct Client {
+    child: Child,
+    out: PathBuf,
+    stop: PathBuf,
+}
+
+impl Client {
+    fn start(h: &Harness, name: &str, port: u16) -> Client {
+        let dir = h.dir(&format!("client-{name}"));
+        let script = dir.join("client.py");
+        fs::write(&script, CLIENT).unwrap();
+        let out = dir.join("out");
+        let stop = dir.join("stop");
+        let child = Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&stop)
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the client");
+        let c = Client { child, out, stop };
+        c.wait_answers(20);
+        c
+    }
+
+    fn answers(&self) -> Vec<String> {
+        fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Waits until `more` answers beyond those seen now have come.
+    fn wait_answers(&self, more: usize) -> usize {
+        let from = self.answers().len();
+        let mut lines = Vec::new();
+        let ok = poll(Duration::from_secs(30), || {
+            lines = self.answers();
+            lines.len() >= from + more || lines.iter().any(|l| l.starts_with("ERROR"))
+        });
+        assert!(
+            ok && !lines.iter().any(|l| l.starts_with("ERROR")),
+            "client: {} answers, wanted {} more than {from}: {:?}",
+            lines.len(),
+            more,
+            lines.last()
+        );
+        lines.len()
+    }
+
+    /// Stops the client; its last answer, after asserting it never saw
+    /// an error.
+    fn finish(mut self) -> u64 {
+        fs::write(&self.stop, "").unwrap();
+        let status = self.child.wait().unwrap();
+        let lines = self.answers();
+        let last = lines.last().cloned().unwrap_or_default();
+        assert!(status.success(), "client failed: {last}");
+        let fields: Vec<&str> = last.split_whitespace().collect();
+        assert_eq!(fields.first(), Some(&"ok"), "client: {last}");
+        fields[2].parse().unwrap()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real port instance `name` listens on for virtual port `port`.
+fn real_port(h: &Harness, name: &str, port: u16) -> u16 {
+    let row = h
+        .instance(name)
+        .unwrap_or_else(|| panic!("{name} not running"));
+    port_pairs(&row)
+        .into_iter()
+        .find(|p| p.virtual_port == port)
+        .unwrap_or_else(|| panic!("{name} has no real port for {port}: {row}"))
+        .real
+}
+
+/// Counters that move when a reset is sent or a connection aborted.
+fn reset_counters() -> Option<String> {
+    let out = Command::new("nstat")
+        .args([
+            "-az",
+            "TcpOutRsts",
+            "TcpExtTCPAbortOnData",
+            "TcpExtTCPAbortOnClose",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut values: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(format!("{}={}", f.first()?, f.get(1)?))
+        })
+        .collect();
+    values.sort();
+    Some(values.join(" "))
+}
+
+fn redis_counter(h: &Harness, aid: &str, port: &str) -> u64 {
+    let out = redis_cli_port(h, aid, port, &["GET", "n"]);
+    out.parse()
+        .unwrap_or_else(|_| panic!("GET n under {aid}: {out:?}"))
+}
+
+fn redis_cli_port(h: &Harness, aid: &str, port: &str, args: &[&str]) -> String {
+    let mut command = vec!["redis-cli", "-p", port];
+    command.extend_from_slice(args);
+    let ran = h.client(aid, &command);
+    assert!(
+        ran.success() && !ran.stdout.contains("Could not connect"),
+        "redis-cli {args:?} under {aid}: {ran}"
+    );
+    ran.stdout.trim().to_string()
+}
+
+fn image(h: &Harness, name: &str) -> PathBuf {
+    h.dir("images").join(format!("{name}.img"))
+}
+
+fn described_connections(h: &Harness, image: &Path) -> Vec<String> {
+    h.inspect(image)["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["kind"].as_str())
+        .filter(|k| k.starts_with("tcp established"))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_redis_client_goes_on_across_stop_and_restore() {
+    let test = "a_redis_client_goes_on_across_stop_and_restore";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli", "python3", "nft", "ip"])
+    else {
+        return;
+    };
+    own_network();
+    start_redis(&mut h, "conn-a", "conna", &["--port", "19950"]);
+    let real = real_port(&h, "conn-a", 19950);
+    let client = Client::start(&h, "a", real);
+    let before = reset_counters();
+
+    let img = image(&h, "conn-a");
+    let ran = h.snapshot("conn-a", &img, &[]);
+    assert!(ran.success(), "snapshot: {ran}");
+    assert!(h.instance("conn-a").is_none(), "conn-a still runs");
+    assert_eq!(lock_chains().len(), 2, "no network lock held for the image");
+    let conns = described_connections(&h, &img);
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert!(
+        conns[0].contains(&format!("(real 127.0.0.1:{real} -> 127.0.0.1:")),
+        "{conns:?}"
+    );
+    let stopped_at = client.answers().len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        client.answers().len(),
+        stopped_at,
+        "answers came while the instance was stopped"
+    );
+
+    h.restore("conn-a", &img, &[]);
+    assert_eq!(real_port(&h, "conn-a", 19950), real, "real port changed");
+    client.wait_answers(100);
+    let last = client.finish();
+    assert_eq!(
+        redis_counter(&h, "conna", "19950"),
+        last,
+        "lost or doubled INCR"
+    );
+    if let Some(before) = before {
+        assert_eq!(reset_counters(), Some(before), "resets or aborts counted");
+    }
+    assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
+}
+
+#[test]
+fn a_live_copy_closes_its_connection_and_the_original_goes_on() {
+    let test = "a_live_copy_closes_its_connection_and_the_original_goes_on";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli", "python3", "nft", "ip"])
+    else {
+        return;
+    };
+    own_network();
+    start_redis(&mut h, "conn-b", "connb", &["--port", "19951"]);
+    let real = real_port(&h, "conn-b", 19951);
+    let client = Client::start(&h, "b", real);
+
+    let img = image(&h, "conn-b");
+    let ran = h.snapshot("conn-b", &img, &["--leave-running"]);
+    assert!(ran.success(), "snapshot --leave-running: {ran}");
+    client.wait_answers(50);
+
+    h.restore(
+        "conn-b-copy",
+        &img,
+        &["--name", "conn-b-copy", "--aid", "connc"],
+    );
+    assert_ne!(real_port(&h, "conn-b-copy", 19951), real);
+    // The copy dropped its copy of the client: redis-cli is its only one.
+    let mut clients = String::new();
+    let closed = poll(READY, || {
+        let info = redis_cli_port(&h, "connc", "19951", &["INFO", "clients"]);
+        clients = info_field(&info, "connected_clients");
+        clients == "1"
+    });
+    assert!(closed, "the copy still has {clients} clients");
+    // It serves its own AID, with the counter as it was at the snapshot.
+    let copied = redis_counter(&h, "connc", "19951");
+    client.wait_answers(100);
+    let last = client.finish();
+    assert!(copied < last, "copy {copied}, original {last}");
+    assert_eq!(redis_counter(&h, "connb", "19951"), last);
+    assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
+}
