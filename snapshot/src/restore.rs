@@ -688,6 +688,12 @@ fn restore_fds(
         Ok(())
     };
 
+    // Real ports the rebuilt connections use: their listeners take them
+    // back; any other listener gets whichever port is free.
+    let owned_ports = match hooks.connections {
+        Connections::Own => kinds::tcp::connection_ports(&image.manifest),
+        Connections::Close => Default::default(),
+    };
     let stub = kinds::Stub {
         inj,
         mem,
@@ -714,9 +720,7 @@ fn restore_fds(
             }
             FdKind::Fifo { .. } => kinds::pipes::restore_fifo(&stub, f, &mut fifos)?,
             FdKind::Memfd { .. } => memfds.restore_fd(&stub, f, image, p.ns_pid, highest_fd(p))?,
-            FdKind::TcpSocket { .. } => {
-                kinds::tcp::restore(&stub, f, hooks.listen, hooks.connections)?
-            }
+            FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen, &owned_ports)?,
 
             FdKind::EventFd {
                 count,

@@ -14,6 +14,7 @@
 //! the application a socket reset by its peer instead.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -27,7 +28,7 @@ use nix::sys::socket::{
 
 use super::Stub;
 use crate::error::SnapshotError;
-use crate::image::model::{FdImage, FdKind, TcpConn, TcpWindow};
+use crate::image::model::{FdImage, FdKind, Manifest, TcpConn, TcpWindow};
 
 /// `TCP_ESTABLISHED` in `tcp_info`.
 const ESTABLISHED: u8 = 1;
@@ -204,7 +205,7 @@ pub fn restore(
     stub: &Stub,
     f: &FdImage,
     listen: &dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
-    connections: Connections,
+    owned_ports: &HashSet<u16>,
 ) -> Result<(), SnapshotError> {
     let FdKind::TcpSocket {
         addr,
@@ -228,7 +229,7 @@ pub fn restore(
         v6only: *v6only,
         reuseaddr: *reuseaddr,
         reuseport: *reuseport,
-        real_port: if connections == Connections::Own {
+        real_port: if owned_ports.contains(real_port) {
             *real_port
         } else {
             0
@@ -240,6 +241,20 @@ pub fn restore(
     (stub.place)(temp, f, *flags)?;
     inj.call(pid, libc::SYS_close, &[temp])?;
     Ok(())
+}
+
+/// The local real ports of the image's established connections.
+pub fn connection_ports(m: &Manifest) -> HashSet<u16> {
+    m.processes
+        .iter()
+        .flat_map(|p| &p.fds)
+        .filter_map(|f| match &f.kind {
+            FdKind::TcpConn(c) if c.state == ESTABLISHED => {
+                c.local.parse::<SocketAddr>().ok().map(|a| a.port())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// A new TCP socket made by the stub: its fd there (above the saved ones)
