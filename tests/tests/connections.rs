@@ -299,3 +299,55 @@ fn a_live_copy_closes_its_connection_and_the_original_goes_on() {
     assert_eq!(redis_counter(&h, "connb", "19951"), last);
     assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
 }
+
+#[test]
+fn a_taken_real_port_refuses_the_restore_and_tcp_close_drops_the_connection() {
+    let test = "a_taken_real_port_refuses_the_restore_and_tcp_close_drops_the_connection";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli", "python3", "nft", "ip"])
+    else {
+        return;
+    };
+    own_network();
+    start_redis(&mut h, "conn-d", "connd", &["--port", "19952"]);
+    let real = real_port(&h, "conn-d", 19952);
+    let client = Client::start(&h, "d", real);
+    let img = image(&h, "conn-d");
+    let ran = h.snapshot("conn-d", &img, &[]);
+    assert!(ran.success(), "snapshot: {ran}");
+
+    // Someone else takes the real port meanwhile.
+    let squatter = std::net::TcpListener::bind(("0.0.0.0", real)).expect("taking the real port");
+    let ran = h.try_restore("conn-d", &img, &[]);
+    assert!(!ran.success(), "restored on a taken port: {ran}");
+    assert!(
+        ran.stderr.contains(&format!("real port {real}")),
+        "refusal does not name the port: {ran}"
+    );
+    assert_eq!(
+        lock_chains().len(),
+        2,
+        "the lock went with a refused restore"
+    );
+
+    h.restore("conn-d", &img, &["--tcp-close"]);
+    assert_ne!(real_port(&h, "conn-d", 19952), real);
+    assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
+    // redis dropped the reset connection; the client's next
+    // retransmission meets the squatter's port and is reset.
+    let mut clients = String::new();
+    let dropped = poll(READY, || {
+        let info = redis_cli_port(&h, "connd", "19952", &["INFO", "clients"]);
+        clients = info_field(&info, "connected_clients");
+        clients == "1"
+    });
+    assert!(dropped, "the restore still has {clients} clients");
+    let failed = poll(Duration::from_secs(30), || {
+        client.answers().iter().any(|l| l.starts_with("ERROR"))
+    });
+    assert!(
+        failed,
+        "the client never saw its connection go: {:?}",
+        client.answers().last()
+    );
+    drop(squatter);
+}

@@ -300,6 +300,14 @@ pub fn restore_connection(
     if connections == Connections::Own && c.state == ESTABLISHED {
         rebuild(&ours, c, local, peer).map_err(|(what, e)| err(what)(e))?;
     } else {
+        if connections == Connections::Own {
+            tracing::warn!(
+                pid,
+                fd = f.fd,
+                "TCP connection {local} -> {peer} was in state {} (not established) at the snapshot: restored as reset",
+                c.state
+            );
+        }
         reset(&ours, local.is_ipv4()).map_err(err("making a reset connection"))?;
     }
     (stub.place)(temp, f, c.flags)?;
