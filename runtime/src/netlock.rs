@@ -214,18 +214,23 @@ pub fn release_image(run_dir: &Path, image: &Path) {
 /// no longer exist.
 pub fn sweep(run_dir: &Path) {
     for (name, holder) in records(run_dir) {
-        let stale = if let Some(pid) = holder.strip_prefix("dumping ") {
-            pid.parse::<i32>()
-                .map_or(true, |p| !Path::new(&format!("/proc/{p}")).exists())
-        } else if let Some(image) = holder.strip_prefix("image ") {
-            !Path::new(image).exists()
-        } else {
-            true
-        };
-        if stale {
+        if stale(&holder) {
             warn!(instance = %name, "removing a stale network lock ({holder})");
             remove(run_dir, &name);
         }
+    }
+}
+
+/// Whether the holder a lock record names is gone: a dumping supervisor
+/// that died, an image that no longer exists, or a record not ours.
+fn stale(holder: &str) -> bool {
+    if let Some(pid) = holder.strip_prefix("dumping ") {
+        pid.parse::<u32>()
+            .map_or(true, |p| !Path::new(&format!("/proc/{p}")).exists())
+    } else if let Some(image) = holder.strip_prefix("image ") {
+        !Path::new(image).exists()
+    } else {
+        true
     }
 }
 
@@ -259,6 +264,19 @@ mod tests {
         let (l, p, _) = parse_line(v6).unwrap();
         assert_eq!(l, "[::ffff:127.0.0.1]:19954".parse().unwrap());
         assert_eq!(p, "[::1]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn locks_of_dead_dumpers_and_missing_images_are_stale() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        assert!(stale(&format!("dumping {dead}")));
+        assert!(!stale(&format!("dumping {}", std::process::id())));
+        let image = tempfile::NamedTempFile::new().unwrap();
+        assert!(!stale(&format!("image {}", image.path().display())));
+        assert!(stale("image /nonexistent/appshot.img"));
+        assert!(stale("something else"));
     }
 
     #[test]
