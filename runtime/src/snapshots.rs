@@ -433,6 +433,10 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     FdKind::TcpSocket {
                         addr, listening, ..
                     } => format!("tcp {} {addr}", if *listening { "listen" } else { "bound" }),
+                    FdKind::Udp(u) => match &u.peer {
+                        Some(peer) => format!("udp {} -> {peer}", u.addr),
+                        None => format!("udp {}", u.addr),
+                    },
                     FdKind::TcpConn(c) => {
                         format!(
                         "tcp {} {} -> {} (real {} -> {}), {} bytes to send ({} unsent), {} unread",

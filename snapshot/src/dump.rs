@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::pidfd;
-use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{
+    getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage,
+};
 
 use crate::error::SnapshotError;
 use crate::image::model::*;
@@ -487,7 +489,11 @@ fn dump_fds(
                 });
                 continue;
             }
-            kinds::tcp::save(&sock, flags, req.virtualize, req.repairs).map_err(unsupported)?
+            if getsockopt(&sock, sockopt::SockType) == Ok(SockType::Datagram) {
+                kinds::udp::save(&sock, flags).map_err(unsupported)?
+            } else {
+                kinds::tcp::save(&sock, flags, req.virtualize, req.repairs).map_err(unsupported)?
+            }
         } else if link == "anon_inode:[eventpoll]" {
             kinds::events::save_epoll(info, flags)
         } else if link == "anon_inode:[eventfd]" {

@@ -721,7 +721,7 @@ fn restore_fds(
             FdKind::Fifo { .. } => kinds::pipes::restore_fifo(&stub, f, &mut fifos)?,
             FdKind::Memfd { .. } => memfds.restore_fd(&stub, f, image, p.ns_pid, highest_fd(p))?,
             FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen, &owned_ports)?,
-
+            FdKind::Udp(u) => kinds::udp::restore(&stub, f, u)?,
             FdKind::EventFd {
                 count,
                 flags,

@@ -351,3 +351,61 @@ fn a_taken_real_port_refuses_the_restore_and_tcp_close_drops_the_connection() {
     );
     drop(squatter);
 }
+
+/// Echoes each datagram to 127.0.0.1:19953 with the peer port of a second,
+/// connected socket and its SO_BROADCAST and SO_REUSEADDR.
+const UDP_ECHO: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 19953))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+c.connect(("127.0.0.1", 19954))
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(100)
+    s.sendto(b"%s %d %d %d" % (data, c.getpeername()[1],
+             c.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST),
+             s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)), addr)
+"#;
+
+fn udp_ask(what: &str) -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.send_to(what.as_bytes(), "127.0.0.1:19953").unwrap();
+    let mut buf = [0u8; 200];
+    let (n, _) = s.recv_from(&mut buf).expect("no UDP answer");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn udp_sockets_come_back_bound_and_connected_with_their_options() {
+    let test = "udp_sockets_come_back_bound_and_connected_with_their_options";
+    let Some(mut h) = Harness::new(test, &["python3", "ip"]) else {
+        return;
+    };
+    own_network();
+    let dir = h.dir("udp");
+    fs::write(dir.join("echo.py"), UDP_ECHO).unwrap();
+    h.start("udp-e", "udpe", &dir, &[], &["python3", "echo.py"]);
+    h.wait_log("udp-e", "ready");
+    assert_eq!(udp_ask("before"), "before 19954 1 1");
+
+    let img = image(&h, "udp-e");
+    let ran = h.snapshot("udp-e", &img, &[]);
+    assert!(ran.success(), "snapshot: {ran}");
+    let kinds: Vec<String> = h.inspect(&img)["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["kind"].as_str().map(String::from))
+        .filter(|k| k.starts_with("udp"))
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert_eq!(kinds[0], "udp 127.0.0.1:19953");
+    assert!(kinds[1].ends_with("-> 127.0.0.1:19954"), "{kinds:?}");
+
+    h.restore("udp-e", &img, &[]);
+    assert_eq!(udp_ask("after"), "after 19954 1 1");
+}

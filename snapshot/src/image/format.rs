@@ -28,7 +28,7 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// POSIX timers. 5: Unix sockets and fds sharing one open file description.
 /// 6: every process of the tree, shared anonymous memory, fds and pages
 /// inherited across fork; memfds. 7: established TCP connections, the
-/// real port of TCP sockets.
+/// real port of TCP sockets, UDP sockets.
 pub const VERSION: u32 = 7;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;

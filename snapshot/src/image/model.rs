@@ -99,6 +99,23 @@ pub struct InstanceInfo {
     pub left_running: bool,
 }
 
+/// A UDP socket: addresses as the application and the kernel both see
+/// them (UDP is not multiplexed), and options.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpSocket {
+    /// Local address (port 0: never bound).
+    pub addr: String,
+    /// The peer it is connected to.
+    pub peer: Option<String>,
+    pub flags: i32,
+    pub v6only: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub broadcast: bool,
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+}
+
 /// `struct tcp_repair_window`, as saved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpWindow {
@@ -380,6 +397,8 @@ pub enum FdKind {
     },
     /// A connected TCP socket, saved in repair mode.
     TcpConn(Box<TcpConn>),
+    /// A UDP socket, bound or connected (queued datagrams not saved).
+    Udp(UdpSocket),
     Epoll {
         flags: i32,
         targets: Vec<EpollTarget>,

@@ -101,7 +101,7 @@ pub fn save(
     let stype = getsockopt(sock, sockopt::SockType).map_err(|e| e.to_string())?;
     let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(|e| e.to_string())?;
     let Some(addr) = inet(&local).filter(|_| stype == SockType::Stream) else {
-        return Err("only TCP sockets can be saved yet; UDP sockets cannot".into());
+        return Err("only TCP and UDP sockets of the Internet families can be saved".into());
     };
     if let Some(peer) = peer {
         return save_connection(sock, flags, addr, peer, virtualize, repairs)
