@@ -409,3 +409,42 @@ fn udp_sockets_come_back_bound_and_connected_with_their_options() {
     h.restore("udp-e", &img, &[]);
     assert_eq!(udp_ask("after"), "after 19954 1 1");
 }
+
+#[test]
+fn clones_of_a_template_taken_with_a_client_connected_serve_their_own_aids() {
+    let test = "clones_of_a_template_taken_with_a_client_connected_serve_their_own_aids";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli", "python3", "nft", "ip"])
+    else {
+        return;
+    };
+    own_network();
+    start_redis(&mut h, "conn-t", "connt", &["--port", "19955"]);
+    let client = Client::start(&h, "t", real_port(&h, "conn-t", 19955));
+    let img = image(&h, "conn-t");
+    let ran = h.snapshot("conn-t", &img, &["--template"]);
+    assert!(ran.success(), "snapshot --template: {ran}");
+    // A template never owns its connections: nothing stays locked.
+    assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
+    let at_template = client.answers().len();
+
+    let names: Vec<String> = (1..=3).map(|i| format!("tc-{i}")).collect();
+    h.clone_template(&names, &img, &["--aid", "tc", "--count", "3"]);
+    for aid in &names {
+        let mut clients = String::new();
+        let closed = poll(READY, || {
+            let info = redis_cli_port(&h, aid, "19955", &["INFO", "clients"]);
+            clients = info_field(&info, "connected_clients");
+            clients == "1"
+        });
+        assert!(closed, "clone {aid} still has {clients} clients");
+        let n = redis_counter(&h, aid, "19955");
+        assert!(n + 1 >= at_template as u64, "clone {aid}: n = {n}");
+        assert_eq!(redis_cli_port(&h, aid, "19955", &["SET", "who", aid]), "OK");
+        assert_eq!(redis_cli_port(&h, aid, "19955", &["GET", "who"]), *aid);
+    }
+    // The original's client lost its server with the template's instance.
+    let failed = poll(Duration::from_secs(30), || {
+        client.answers().iter().any(|l| l.starts_with("ERROR"))
+    });
+    assert!(failed, "the client went on: {:?}", client.answers().last());
+}
