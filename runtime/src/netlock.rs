@@ -7,11 +7,12 @@
 //!
 //! The rules live in two chains of `table inet appshot` per locked
 //! instance, `as_<registry tag>/lock/<name>/in` and `…/out`. A record in
-//! `<run dir>/locks/<name>` says who holds them: `dumping <pid>` (a
-//! supervisor in the middle of a dump) or `image <path>` (a stopped
-//! snapshot's connections, until that image is restored). Every appshot
-//! command removes the locks of dumpers that died and of images that no
-//! longer exist.
+//! `<run dir>/locks/<name>` says who holds them: `dumping <pid> <init pid>
+//! <init start time>` (a supervisor in the middle of a dump) or `image
+//! <path>` (a stopped snapshot's connections, until that image is
+//! restored). Every appshot command removes the locks of dumpers that died
+//! (taking the sockets of their instance, if it still runs, out of repair
+//! mode) and of images that no longer exist.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -154,14 +155,25 @@ pub struct Lock {
 }
 
 impl Lock {
-    /// Locks `conns` of instance `name`; `None` when there are none.
-    pub fn take(run_dir: &Path, name: &str, conns: &[Conn]) -> Result<Option<Lock>, String> {
+    /// Locks `conns` of instance `name`, whose namespace init is
+    /// `init_pid`; `None` when there are none.
+    pub fn take(
+        run_dir: &Path,
+        name: &str,
+        init_pid: u32,
+        conns: &[Conn],
+    ) -> Result<Option<Lock>, String> {
         if conns.is_empty() {
             return Ok(None);
         }
         let path = record(run_dir, name);
+        let holder = format!(
+            "dumping {} {init_pid} {}\n",
+            std::process::id(),
+            start_time(init_pid).unwrap_or(0)
+        );
         std::fs::create_dir_all(path.parent().expect("in a directory"))
-            .and_then(|()| std::fs::write(&path, format!("dumping {}\n", std::process::id())))
+            .and_then(|()| std::fs::write(&path, holder))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let lock = Lock {
             run_dir: run_dir.to_path_buf(),
@@ -216,7 +228,58 @@ pub fn sweep(run_dir: &Path) {
     for (name, holder) in records(run_dir) {
         if stale(&holder) {
             warn!(instance = %name, "removing a stale network lock ({holder})");
+            if let Some(init) = abandoned_instance(&holder) {
+                resume_sockets(init);
+            }
             remove(run_dir, &name);
+        }
+    }
+}
+
+/// The start time (in clock ticks after boot) of `pid`, which tells it
+/// from a later process that reuses its number.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised name; starttime is the 22nd field.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// The namespace init of an instance whose dumping supervisor died, if it
+/// still runs: its TCP sockets may still be in repair mode.
+fn abandoned_instance(holder: &str) -> Option<u32> {
+    let mut f = holder.strip_prefix("dumping ")?.split_whitespace().skip(1);
+    let init: u32 = f.next()?.parse().ok()?;
+    let started: u64 = f.next()?.parse().ok()?;
+    (start_time(init) == Some(started)).then_some(init)
+}
+
+/// Takes every TCP socket of the instance below `init` out of repair mode
+/// (a no-op on those that are not), sending nothing.
+fn resume_sockets(init: u32) {
+    for pid in tree::descendants(init) {
+        let Ok(pidfd) = appshot_sys::pidfd::open_thread(pid) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let is_socket = std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:["));
+            let Some(n) = fd.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if is_socket {
+                if let Ok(sock) = appshot_sys::pidfd::get_fd(&pidfd, n) {
+                    // Not TCP, or not ours to change: nothing to undo.
+                    let _ = appshot_sys::tcprepair::repair_off(&sock, false);
+                }
+            }
         }
     }
 }
@@ -277,6 +340,21 @@ mod tests {
         assert!(!stale(&format!("image {}", image.path().display())));
         assert!(stale("image /nonexistent/appshot.img"));
         assert!(stale("something else"));
+    }
+
+    #[test]
+    fn an_abandoned_instance_is_known_by_pid_and_start_time() {
+        let me = std::process::id();
+        let started = start_time(me).unwrap();
+        assert_eq!(
+            abandoned_instance(&format!("dumping 1 {me} {started}")),
+            Some(me)
+        );
+        assert_eq!(
+            abandoned_instance(&format!("dumping 1 {me} {}", started + 1)),
+            None
+        );
+        assert_eq!(abandoned_instance("image /x.img"), None);
     }
 
     #[test]

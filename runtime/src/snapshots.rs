@@ -218,6 +218,7 @@ pub fn take(
     let lock = match Lock::take(
         subject.run_dir,
         name,
+        subject.init_pid,
         &netlock::connections(subject.init_pid),
     ) {
         Ok(lock) => lock,
