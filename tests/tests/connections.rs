@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use common::{info_field, poll, port_pairs, start_redis, Harness, READY};
 
-/// Connects to 127.0.0.1:PORT and sends INCR on one connection every
+/// Connects to HOST:PORT and sends INCR on one connection every
 /// 10 ms until STOP exists; every answer must be the one before plus one.
 /// Prints each answer (flushed) and `ok FIRST LAST` at the end; any error
 /// prints `ERROR …` and exits 1.
 const CLIENT: &str = r#"
 import os, socket, sys, time
-port, stop = int(sys.argv[1]), sys.argv[2]
-s = socket.create_connection(("127.0.0.1", port))
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((host, port))
 s.settimeout(60)
 first = last = None
 buf = b""
@@ -80,13 +80,28 @@ struct Client {
 
 impl Client {
     fn start(h: &Harness, name: &str, port: u16) -> Client {
+        Client::start_in(h, name, None, "127.0.0.1", port)
+    }
+
+    /// The client in network namespace `netns` (by `ip netns exec`),
+    /// connecting to `host`.
+    fn start_in(h: &Harness, name: &str, netns: Option<&str>, host: &str, port: u16) -> Client {
         let dir = h.dir(&format!("client-{name}"));
         let script = dir.join("client.py");
         fs::write(&script, CLIENT).unwrap();
         let out = dir.join("out");
         let stop = dir.join("stop");
-        let child = Command::new("python3")
+        let mut cmd = match netns {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", n, "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let child = cmd
             .arg(&script)
+            .arg(host)
             .arg(port.to_string())
             .arg(&stop)
             .stdout(fs::File::create(&out).unwrap())
@@ -447,4 +462,88 @@ fn clones_of_a_template_taken_with_a_client_connected_serve_their_own_aids() {
         client.answers().iter().any(|l| l.starts_with("ERROR"))
     });
     assert!(failed, "the client went on: {:?}", client.answers().last());
+}
+
+/// A network namespace reached over a veth pair from the test's own:
+/// 10.199.0.1 here, 10.199.0.2 there. Deleted on drop.
+struct Remote {
+    name: String,
+}
+
+impl Remote {
+    fn new() -> Remote {
+        let name = format!("appshot-conn-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ran = common::run(Command::new("ip").args(args), READY);
+            assert!(ran.success(), "ip {args:?}: {ran}");
+        };
+        ip(&["netns", "add", &name]);
+        let remote = Remote { name };
+        let n = remote.name.as_str();
+        ip(&[
+            "link", "add", "vconn0", "type", "veth", "peer", "name", "vconn1", "netns", n,
+        ]);
+        ip(&["addr", "add", "10.199.0.1/24", "dev", "vconn0"]);
+        ip(&["link", "set", "vconn0", "up"]);
+        for args in [
+            &["addr", "add", "10.199.0.2/24", "dev", "vconn1"][..],
+            &["link", "set", "vconn1", "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            let mut all = vec!["netns", "exec", n, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        }
+        remote
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn a_client_over_veth_goes_on_across_stop_and_restore() {
+    let test = "a_client_over_veth_goes_on_across_stop_and_restore";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli", "python3", "nft", "ip"])
+    else {
+        return;
+    };
+    own_network();
+    let remote = Remote::new();
+    start_redis(
+        &mut h,
+        "conn-v",
+        "connv",
+        &["--port", "19956", "--protected-mode", "no"],
+    );
+    let real = real_port(&h, "conn-v", 19956);
+    let client = Client::start_in(&h, "v", Some(&remote.name), "10.199.0.1", real);
+    let before = reset_counters();
+
+    let img = image(&h, "conn-v");
+    let ran = h.snapshot("conn-v", &img, &[]);
+    assert!(ran.success(), "snapshot: {ran}");
+    let conns = described_connections(&h, &img);
+    assert!(
+        conns.len() == 1 && conns[0].contains(&format!("(real 10.199.0.1:{real} -> 10.199.0.2:")),
+        "{conns:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    h.restore("conn-v", &img, &[]);
+    client.wait_answers(100);
+    let last = client.finish();
+    assert_eq!(
+        redis_counter(&h, "connv", "19956"),
+        last,
+        "lost or doubled INCR"
+    );
+    if let Some(before) = before {
+        assert_eq!(reset_counters(), Some(before), "resets or aborts counted");
+    }
+    assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
 }
