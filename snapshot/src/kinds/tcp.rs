@@ -57,10 +57,6 @@ impl Repairs {
             let _ = repair::repair_off(&fd, false);
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.borrow().is_empty()
-    }
 }
 
 /// A listening socket the caller must set up on a new TCP socket of the
