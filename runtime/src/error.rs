@@ -21,6 +21,8 @@ pub enum RuntimeError {
     NoInstance(String),
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
+    #[error("OCI: {0}")]
+    Oci(String),
     #[error(transparent)]
     Vpm(#[from] appshot_vpm::VpmError),
     #[error(transparent)]
