@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measures appshot side by side with native and with peers.
 #
-#   bench/run.sh [--quick] [--only syscall|connrate|iperf|redis|snapshot|nginx]...
+#   bench/run.sh [--quick] [--only syscall|connrate|iperf|redis|snapshot|nginx|oci]...
 #
 # Installs the Debian packages the benchmarks drive (only those `dpkg -s`
 # reports missing), builds appshot and the bench in release mode, and runs
@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iperf3 socat redis-server redis-tools gcc nginx-light)
+packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

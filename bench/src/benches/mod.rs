@@ -14,6 +14,7 @@ mod connrate;
 mod criu;
 mod iperf;
 mod nginx;
+mod oci;
 mod redis;
 mod servers;
 mod snapshot;
@@ -94,6 +95,12 @@ pub const ALL: &[Benchmark] = &[
         title: snapshot::TITLE,
         needs: &["gcc"],
         run: snapshot::run,
+    },
+    Benchmark {
+        name: "oci",
+        title: oci::TITLE,
+        needs: &["gcc", "runc"],
+        run: oci::run,
     },
     Benchmark {
         name: "nginx",
