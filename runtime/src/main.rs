@@ -10,6 +10,7 @@ mod error;
 mod filter;
 mod init;
 mod multiplex;
+mod netlock;
 mod notify;
 mod oci;
 mod pending;
@@ -157,6 +158,10 @@ enum Cmd {
         /// AID (default: the snapshotted instance's AID).
         #[arg(long)]
         aid: Option<String>,
+        /// Give the application its TCP connections as reset by their
+        /// peers instead of rebuilding them (and take any real ports).
+        #[arg(long)]
+        tcp_close: bool,
         #[arg(short, long)]
         detach: bool,
     },
@@ -266,6 +271,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
     if !matches!(cli.command, Cmd::Init { .. } | Cmd::Supervise) {
         pending::sweep(&run_dir);
+        netlock::sweep(&run_dir);
     }
     match cli.command {
         Cmd::Run(args) => {
@@ -389,9 +395,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             image,
             name,
             aid,
+            tcp_close,
             detach,
         } => {
-            let launch = restore_launch(&image, name, aid, &run_dir)?;
+            let mut launch = restore_launch(&image, name, aid, &run_dir)?;
+            launch.tcp_close = tcp_close;
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
@@ -461,6 +469,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         restore: None,
         cluster,
         is_clone: false,
+        tcp_close: false,
         identity_file: None,
         user,
     })
@@ -594,6 +603,7 @@ fn image_launch(
         restore: Some(path),
         cluster: remote::ClusterSettings::resolve(&defaults)?,
         is_clone: false,
+        tcp_close: false,
         identity_file: None,
         user: None,
     })
