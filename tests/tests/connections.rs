@@ -547,3 +547,144 @@ fn a_client_over_veth_goes_on_across_stop_and_restore() {
     }
     assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
 }
+
+/// tcpkeeper's pattern: the byte at offset `i` of a stream.
+fn pattern(i: u64) -> u8 {
+    ((i.wrapping_mul(2654435761) >> 13) ^ (i >> 9)) as u8
+}
+
+/// The number after `word ` on a line of `log`.
+fn logged(log: &str, word: &str) -> Option<u64> {
+    log.lines().find_map(|l| {
+        l.strip_prefix(word)?
+            .strip_prefix(' ')?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn every_queued_byte_of_a_c_program_arrives_once_across_stop_and_restore() {
+    use nix::sys::socket::{self as ns, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown, TcpStream};
+
+    let test = "every_queued_byte_of_a_c_program_arrives_once_across_stop_and_restore";
+    let Some(mut h) = Harness::new(test, &["gcc", "nft", "ip"]) else {
+        return;
+    };
+    own_network();
+    let bin = h.compile("tcpkeeper.c", "tcpkeeper");
+    let dir = h.dir("keeper");
+    const MORE: u64 = 300_000;
+    let more = MORE.to_string();
+    h.start(
+        "tcp-k",
+        "tcpk",
+        &dir,
+        &[],
+        &[bin.to_str().unwrap(), "19957", &more],
+    );
+    h.wait_log("tcp-k", "tcpkeeper listening on port 19957");
+    let real = real_port(&h, "tcp-k", 19957);
+
+    // A peer with a small receive buffer that reads nothing before the
+    // restore: the keeper's send queue keeps a tail it could not send.
+    let fd = ns::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    ns::setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    ns::connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, real),
+    )
+    .expect("connecting to the keeper");
+    let mut peer = TcpStream::from(fd);
+    let log = h.wait_log("tcp-k", "sent ");
+    let keeper_sent = logged(&log, "sent").expect("sent N");
+    // The peer writes until the keeper's receive queue and its own send
+    // queue are full.
+    peer.set_nonblocking(true).unwrap();
+    let mut sent = 0u64;
+    let mut idle = 0;
+    while idle < 30 {
+        let chunk: Vec<u8> = (sent..sent + 65536).map(pattern).collect();
+        match peer.write(&chunk) {
+            Ok(n) => {
+                sent += n as u64;
+                idle = 0;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                idle += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("peer write: {e}"),
+        }
+    }
+
+    let img = image(&h, "tcp-k");
+    let ran = h.snapshot("tcp-k", &img, &[]);
+    assert!(ran.success(), "snapshot: {ran}");
+    let conns = described_connections(&h, &img);
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    // "…, N bytes to send (U unsent), R unread"
+    let numbers: Vec<u64> = conns[0]
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .rev()
+        .take(3)
+        .collect();
+    let (unread, unsent, to_send) = (numbers[0], numbers[1], numbers[2]);
+    // Unread by the keeper, never sent by it, and (what it sent before the
+    // peer's window closed) unread by the peer.
+    assert!(
+        unread > 0 && unsent > 0 && to_send >= unsent && keeper_sent > to_send,
+        "not queued every way (the keeper sent {keeper_sent}): {conns:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    h.restore("tcp-k", &img, &[]);
+
+    fs::write(dir.join("go"), "").unwrap();
+    peer.set_nonblocking(false).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    peer.set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut reader = peer.try_clone().unwrap();
+    let read = std::thread::spawn(move || {
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = reader.read(&mut buf).expect("peer read");
+            if n == 0 {
+                return Ok(got);
+            }
+            for b in &buf[..n] {
+                if *b != pattern(got) ^ 0x5a {
+                    return Err(format!("byte {got}: {b} != {}", pattern(got) ^ 0x5a));
+                }
+                got += 1;
+            }
+        }
+    });
+    let end = sent + MORE;
+    while sent < end {
+        let chunk: Vec<u8> = (sent..end.min(sent + 65536)).map(pattern).collect();
+        peer.write_all(&chunk).expect("peer write after restore");
+        sent += chunk.len() as u64;
+    }
+    peer.shutdown(Shutdown::Write).unwrap();
+    let got = read.join().unwrap().expect("the keeper's bytes, in order");
+    assert_eq!(got, keeper_sent + MORE, "the keeper's bytes, once each");
+    let log = h.wait_log("tcp-k", "wrote ");
+    assert!(
+        log.contains(&format!("read {sent} ok")),
+        "the peer's {sent} bytes, once each in order: {log}"
+    );
+}
