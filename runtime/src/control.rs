@@ -52,6 +52,9 @@ pub enum Request {
         output: PathBuf,
         leave_running: bool,
         template: bool,
+        /// `--external-unix close`.
+        #[serde(default)]
+        external_unix_close: bool,
     },
 }
 

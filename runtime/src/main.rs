@@ -123,6 +123,11 @@ enum Cmd {
         /// Take the image as a template for `appshot clone`.
         #[arg(long)]
         template: bool,
+        /// `close`: save a Unix socket connected to a peer outside the
+        /// instance as closed (the restored process reads EOF on it)
+        /// instead of refusing the snapshot.
+        #[arg(long, value_name = "close", value_parser = ["close"])]
+        external_unix: Option<String>,
     },
     /// Start instances from a template: each with its own AID, real ports
     /// and PID namespace, sharing the template's unchanged memory.
@@ -348,10 +353,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output,
             leave_running,
             template,
+            external_unix,
         } => {
+            let options = snapshots::SnapshotOptions {
+                leave_running,
+                template,
+                external_unix_close: external_unix.is_some(),
+            };
             println!(
                 "{}",
-                snapshots::snapshot(&run_dir, &name, &output, leave_running, template)?
+                snapshots::snapshot(&run_dir, &name, &output, options)?
             );
             Ok(0)
         }

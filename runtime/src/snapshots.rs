@@ -75,9 +75,9 @@ pub fn snapshot(
     run_dir: &Path,
     name: &str,
     output: &Path,
-    leave_running: bool,
-    template: bool,
+    options: SnapshotOptions,
 ) -> Result<String, RuntimeError> {
+    let leave_running = options.leave_running;
     if !is_alive(run_dir, name) {
         return Err(RuntimeError::NoInstance(name.to_string()));
     }
@@ -106,7 +106,8 @@ pub fn snapshot(
     let req = Request::Snapshot {
         output,
         leave_running,
-        template,
+        template: options.template,
+        external_unix_close: options.external_unix_close,
     };
     let reply = control::request_with_progress(&dir, &req, SNAPSHOT_IDLE, progress);
     if let Some(b) = bar.get() {
@@ -128,6 +129,17 @@ pub fn snapshot(
         }
     }
     Ok(reply.message)
+}
+
+/// How `appshot snapshot` was asked to dump.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SnapshotOptions {
+    /// Let the instance run on.
+    pub leave_running: bool,
+    /// A template for `appshot clone`.
+    pub template: bool,
+    /// `--external-unix close`.
+    pub external_unix_close: bool,
 }
 
 /// What a supervisor knows of its instance, for a snapshot of it.
@@ -155,11 +167,15 @@ pub struct Subject<'a> {
 pub fn take(
     subject: &Subject,
     output: &Path,
-    leave_running: bool,
-    template: bool,
+    options: SnapshotOptions,
     requester: &Peer,
     frozen_flag: &AtomicBool,
 ) -> Result<String, RuntimeError> {
+    let SnapshotOptions {
+        leave_running,
+        template,
+        external_unix_close,
+    } = options;
     let name = subject.name;
     let app = subject.app;
     // Every process of the instance but its namespace init, parents first.
@@ -197,6 +213,7 @@ pub fn take(
         repairs: &repairs,
         progress: &progress,
         cancelled: &cancelled,
+        external_unix_close,
     };
     // A requester gone before anything was touched: nothing to undo.
     if requester.gone() {

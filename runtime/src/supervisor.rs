@@ -507,7 +507,16 @@ impl Control {
                 output,
                 leave_running,
                 template,
-            } => self.snapshot(&output, leave_running, template, peer),
+                external_unix_close,
+            } => self.snapshot(
+                &output,
+                snapshots::SnapshotOptions {
+                    leave_running,
+                    template,
+                    external_unix_close,
+                },
+                peer,
+            ),
         }
     }
 
@@ -537,7 +546,8 @@ impl Control {
         }
     }
 
-    fn snapshot(&self, output: &Path, leave_running: bool, template: bool, peer: &Peer) -> Reply {
+    fn snapshot(&self, output: &Path, options: snapshots::SnapshotOptions, peer: &Peer) -> Reply {
+        let leave_running = options.leave_running;
         let refused = |message: String| Reply {
             ok: false,
             state: "running".into(),
@@ -565,14 +575,7 @@ impl Control {
             init_pid: self.init_pid,
             init: &self.init,
         };
-        match snapshots::take(
-            &subject,
-            output,
-            leave_running,
-            template,
-            peer,
-            &self.frozen,
-        ) {
+        match snapshots::take(&subject, output, options, peer, &self.frozen) {
             Ok(message) => Reply {
                 ok: true,
                 state: if leave_running { "running" } else { "stopped" }.into(),

@@ -40,6 +40,9 @@ pub struct DumpRequest<'a> {
     /// code in them): `true` abandons the dump, the caller then releases
     /// the processes as they were.
     pub cancelled: &'a dyn Fn() -> bool,
+    /// Unix sockets connected to a peer outside the instance are saved as
+    /// closed (`--external-unix close`) instead of refusing the dump.
+    pub external_unix_close: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -555,7 +558,9 @@ fn dump_fds(
     }
     // Unix sockets are judged together: a peer is only known to be in the
     // process once every fd is listed. Their places were held above.
-    for (fd, kind) in crate::kinds::unix::save(pid, unix, unix_context.holders)? {
+    for (fd, kind) in
+        crate::kinds::unix::save(pid, unix, unix_context.holders, req.external_unix_close)?
+    {
         if let Some(f) = out.iter_mut().find(|f| f.fd == fd) {
             f.kind = kind;
         }

@@ -68,8 +68,8 @@ fn unix_sockets_and_shared_descriptions_survive_snapshot_and_restore() {
 }
 
 #[test]
-fn a_unix_socket_connected_outside_the_instance_refuses_the_snapshot() {
-    let test = "a_unix_socket_connected_outside_the_instance_refuses_the_snapshot";
+fn a_unix_socket_connected_outside_the_instance_refuses_the_snapshot_unless_closed() {
+    let test = "a_unix_socket_connected_outside_the_instance_refuses_the_snapshot_unless_closed";
     let Some(mut h) = Harness::new(test, &["python3"]) else {
         return;
     };
@@ -77,10 +77,14 @@ fn a_unix_socket_connected_outside_the_instance_refuses_the_snapshot() {
     let path = dir.join("server.sock");
     let server = UnixListener::bind(&path).expect("binding the outside server");
     let accepted = std::thread::spawn(move || server.accept().map(|(s, _)| s));
-    let program = "import socket, sys, time\n\
+    let program = "import os, socket, sys, time\n\
         s = socket.socket(socket.AF_UNIX)\n\
         s.connect(sys.argv[1])\n\
         print('connected fd', s.fileno(), flush=True)\n\
+        while not os.path.exists('go'):\n    time.sleep(0.05)\n\
+        print('read', repr(s.recv(10)), flush=True)\n\
+        try:\n    s.send(b'x')\n    print('sent', flush=True)\n\
+        except OSError as e:\n    print('send', type(e).__name__, flush=True)\n\
         while True:\n    time.sleep(0.05)\n";
     let path_s = path.to_str().expect("utf-8 path");
     h.start(
@@ -114,6 +118,31 @@ fn a_unix_socket_connected_outside_the_instance_refuses_the_snapshot() {
     assert_eq!(fs::read_dir(&images).unwrap().count(), 0, "no image");
     assert!(alive(app), "the refused instance runs on");
     assert!(h.instance("client").is_some(), "client still listed");
+
+    // With --external-unix close it is saved closed; the restored client
+    // reads EOF on it and its writes fail, while the outside peer never
+    // hears of the copy.
+    let image = images.join("client.img");
+    let ran = h.snapshot("client", &image, &["--external-unix", "close"]);
+    assert!(ran.success(), "snapshot --external-unix close: {ran}");
+    let kinds: Vec<String> = h.inspect(&image)["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["kind"].as_str().map(String::from))
+        .filter(|k| k.starts_with("unix"))
+        .collect();
+    assert!(
+        kinds.len() == 1 && kinds[0].contains("closed"),
+        "the socket is saved closed: {kinds:?}"
+    );
+    h.restore("client", &image, &[]);
+    fs::write(dir.join("go"), "").unwrap();
+    let log = h.wait_log("client", "send ");
+    assert!(
+        log.contains("read b''") && log.contains("send BrokenPipeError"),
+        "the restored client sees its peer closed: {log}"
+    );
 }
 
 #[test]

@@ -548,6 +548,11 @@ pub enum UnixRole {
     /// Connected to the listener `listener` of the image and not accepted
     /// yet.
     Pending { listener: u64 },
+    /// Connected to a peer outside the instance, saved by `appshot snapshot
+    /// --external-unix close`: restored as a socket whose peer has closed
+    /// (reads see EOF, writes EPIPE or ECONNREFUSED). What the outside peer
+    /// had sent and the socket's name are not kept.
+    Closed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

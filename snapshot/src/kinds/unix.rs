@@ -76,11 +76,14 @@ fn diag_name(d: &UnixDiag) -> Option<Vec<u8>> {
 /// Saves every Unix socket of process `pid` (its own and those stashed in
 /// it), or refuses naming the first that leads outside them, by the PID
 /// and fd that hold it. `holders`: where each socket of the instance is
-/// held (host PID, fd), to name a peer in another process.
+/// held (host PID, fd), to name a peer in another process. With
+/// `external_close`, one connected to a peer outside the instance is saved
+/// as closed ([`UnixRole::Closed`]) instead.
 pub fn save(
     pid: u32,
     found: Vec<Found>,
     holders: &HashMap<u64, (u32, i32)>,
+    external_close: bool,
 ) -> Result<Vec<(i32, FdKind)>, SnapshotError> {
     if found.is_empty() {
         return Ok(Vec::new());
@@ -195,9 +198,12 @@ pub fn save(
                      instance, which a restore cannot rebuild yet",
                     peer_name(p)
                 )));
+            } else if external_close {
+                UnixRole::Closed
             } else {
                 return Err(refuse_it(format!(
-                    "connected to a peer outside the instance ({})",
+                    "connected to a peer outside the instance ({}); `appshot snapshot \
+                     --external-unix close` saves it closed",
                     peer_name(p)
                 )));
             }
@@ -241,7 +247,9 @@ pub fn save(
         }
         // A stream or seqpacket socket has a queue only once connected
         // (recv refuses with EINVAL before).
-        let queue = if sock_type != libc::SOCK_DGRAM && d.state != TCP_ESTABLISHED {
+        let queue = if role == UnixRole::Closed
+            || (sock_type != libc::SOCK_DGRAM && d.state != TCP_ESTABLISHED)
+        {
             Vec::new()
         } else {
             peek_queue(rpid, rfd, &f.sock, sock_type)?
@@ -310,6 +318,7 @@ pub fn describe(s: &UnixSocket) -> String {
         }
         UnixRole::Connected { peer, .. } => format!("connected to socket {peer}"),
         UnixRole::Pending { listener } => format!("pending on socket {listener}"),
+        UnixRole::Closed => "closed (its peer was outside the instance)".to_string(),
     };
     let queued: usize = s.queue.iter().map(Vec::len).sum();
     format!(
@@ -564,6 +573,23 @@ impl Stub<'_> {
         Ok(())
     }
 
+    /// A socketpair of `sock_type`, both ends above the saved fds.
+    fn socketpair(&self, sock_type: i32) -> Result<(u64, u64), SnapshotError> {
+        let kind = sock_type | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        self.ok(
+            "socketpair(AF_UNIX)",
+            libc::SYS_socketpair,
+            &[libc::AF_UNIX as u64, kind as u64, 0, self.data],
+        )?;
+        let mut b = [0u8; 8];
+        self.mem.read(self.data, &mut b)?;
+        let end = |i: usize| {
+            let fd = i32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+            (self.to_high)(fd as u64)
+        };
+        Ok((end(0)?, end(4)?))
+    }
+
     /// Sends `bytes` from `fd` without blocking: the peer's buffers held
     /// them before, so they fit again.
     fn send(&self, fd: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
@@ -625,6 +651,13 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
         if matches!(s.role, UnixRole::Pending { .. }) || mutual(ino, s) {
             continue;
         }
+        if s.role == UnixRole::Closed {
+            let (a, z) = stub.socketpair(s.sock_type)?;
+            stub.options(a, s)?;
+            stub.inj.call(stub.pid, libc::SYS_close, &[z])?;
+            made.insert(ino, a);
+            continue;
+        }
         let fd = stub.socket(s)?;
         stub.options(fd, s)?;
         if let Some(name) = &s.name {
@@ -675,19 +708,7 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
                 ..
             }
         ) {
-            let kind = s.sock_type | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
-            stub.ok(
-                "socketpair(AF_UNIX)",
-                libc::SYS_socketpair,
-                &[libc::AF_UNIX as u64, kind as u64, 0, stub.data],
-            )?;
-            let mut b = [0u8; 8];
-            stub.mem.read(stub.data, &mut b)?;
-            let end = |i: usize| {
-                let fd = i32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-                (stub.to_high)(fd as u64)
-            };
-            let (a, z) = (end(0)?, end(4)?);
+            let (a, z) = stub.socketpair(s.sock_type)?;
             stub.options(a, s)?;
             stub.options(z, p)?;
             made.insert(ino, a);
