@@ -120,6 +120,12 @@ fn lock_script(chains: &[String; 2], conns: &[Conn]) -> String {
             "add chain {TABLE} {chain} {{ type filter hook {hook} priority {PRIORITY} ; policy accept ; }}"
         );
         let _ = writeln!(s, "flush chain {TABLE} {chain}");
+        // A restore's forged segments (the FIN of a half-closed connection).
+        let _ = writeln!(
+            s,
+            "add rule {TABLE} {chain} meta mark {:#x} accept",
+            appshot_sys::tcprepair::INJECT_MARK
+        );
         for &(local, peer) in conns {
             let (local, peer) = (on_wire(local), on_wire(peer));
             let rule = if hook == "input" {

@@ -458,7 +458,12 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
                     FdKind::TcpConn(c) => {
                         format!(
                         "tcp {} {} -> {} (real {} -> {}), {} bytes to send ({} unsent), {} unread",
-                        if c.state == 1 { "established" } else { "closing" },
+                        match c.state {
+                            1 => "established",
+                            5 => "half-closed (shut for writing)",
+                            8 => "half-closed (peer shut)",
+                            _ => "closing",
+                        },
                         c.local_virtual,
                         c.peer_virtual,
                         c.local,

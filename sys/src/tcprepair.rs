@@ -294,6 +294,118 @@ pub fn set_negotiated(fd: &impl AsRawFd, n: &Negotiated) -> io::Result<()> {
     Ok(())
 }
 
+/// The mark of the segments [`inject`] sends: the network lock lets them
+/// through.
+pub const INJECT_MARK: u32 = 0x6170_7368;
+/// TCP header flags.
+pub const TH_FIN: u8 = 0x01;
+pub const TH_ACK: u8 = 0x10;
+
+/// Puts a FIN into the send queue of a socket in repair mode (the
+/// application shut its writing side down): counted as sent, so it is not
+/// transmitted now, and as acknowledged once [`inject`] brings the peer's
+/// ACK of it.
+pub fn shutdown_sent(fd: &impl AsRawFd) -> io::Result<()> {
+    select_queue(fd, Queue::Send)?;
+    // SAFETY: shutdown on a socket fd we hold.
+    let r = unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+    let err = io::Error::last_os_error();
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, 0)?;
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let hi = u32::from(pair[0]) << 8;
+        sum += hi | pair.get(1).map_or(0, |&b| u32::from(b));
+    }
+    sum
+}
+
+/// An IPv4 TCP segment without payload or options from `src` to `dst`.
+pub fn segment(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+) -> Vec<u8> {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&window.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8, 0, 20]);
+    let mut sum = sum16(&tcp, sum16(&pseudo, 0));
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = libc::IPPROTO_TCP as u8;
+    ip[12..16].copy_from_slice(&src.ip().octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    // The kernel fills in the IP checksum (IP_HDRINCL).
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+/// Sends `segment` (an IPv4 packet with its header) as if its source had,
+/// marked [`INJECT_MARK`]: how a rebuilt socket gets the FIN (or ACK of its
+/// own FIN) its peer sent before the snapshot, as CRIU's `send_fin` does.
+pub fn inject(segment: &[u8], dst: std::net::Ipv4Addr) -> io::Result<()> {
+    // SAFETY: plain socket creation; the fd is owned right after.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new fd nobody else owns.
+    let raw = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    set_int_opt(&raw, libc::SOL_SOCKET, libc::SO_MARK, INJECT_MARK as i32)?;
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sendto reads `segment` and `to`, both live for the call.
+    let n = unsafe {
+        libc::sendto(
+            raw.as_raw_fd(),
+            segment.as_ptr().cast(),
+            segment.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n != segment.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

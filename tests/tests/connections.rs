@@ -688,3 +688,107 @@ fn every_queued_byte_of_a_c_program_arrives_once_across_stop_and_restore() {
         "the peer's {sent} bytes, once each in order: {log}"
     );
 }
+
+/// Accepts two connections on 127.0.0.1:19958: the first it does not read
+/// before the file `go` exists; on the second it sends `bye` and shuts its
+/// writing side. Then it reads the first to EOF and answers on it, reads
+/// the second to EOF, and prints what each brought.
+const HALF: &str = r#"
+import os, socket, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 19958))
+l.listen(4)
+print("listening", flush=True)
+a, _ = l.accept()
+b, _ = l.accept()
+b.sendall(b"bye")
+b.shutdown(socket.SHUT_WR)
+print("accepted", flush=True)
+while not os.path.exists("go"):
+    time.sleep(0.05)
+def drain(s):
+    data = b""
+    while True:
+        more = s.recv(100)
+        if not more:
+            return data
+        data += more
+got_a = drain(a)
+a.sendall(b"still here")
+a.close()
+got_b = drain(b)
+print("a read %r, b read %r" % (got_a, got_b), flush=True)
+"#;
+
+#[test]
+fn half_closed_connections_keep_their_open_half_across_stop_and_restore() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+
+    let test = "half_closed_connections_keep_their_open_half_across_stop_and_restore";
+    let Some(mut h) = Harness::new(test, &["python3", "nft", "ip"]) else {
+        return;
+    };
+    own_network();
+    let dir = h.dir("half");
+    fs::write(dir.join("half.py"), HALF).unwrap();
+    h.start("tcp-h", "tcph", &dir, &[], &["python3", "half.py"]);
+    h.wait_log("tcp-h", "listening");
+    let real = real_port(&h, "tcp-h", 19958);
+    let mut a = TcpStream::connect(("127.0.0.1", real)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut b = TcpStream::connect(("127.0.0.1", real)).unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    h.wait_log("tcp-h", "accepted");
+    // The instance's end of a: CLOSE_WAIT, with "hello" unread before the FIN.
+    a.write_all(b"hello").unwrap();
+    a.shutdown(Shutdown::Write).unwrap();
+    // Its end of b: FIN_WAIT2, once its FIN is read and acknowledged here.
+    let mut got = Vec::new();
+    b.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = reset_counters();
+
+    let img = image(&h, "tcp-h");
+    let ran = h.snapshot("tcp-h", &img, &[]);
+    assert!(ran.success(), "snapshot: {ran}");
+    let kinds: Vec<String> = h.inspect(&img)["fds"]
+        .as_array()
+        .expect("fds")
+        .iter()
+        .filter_map(|f| f["kind"].as_str().map(String::from))
+        .filter(|k| k.starts_with("tcp half-closed"))
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert!(
+        kinds
+            .iter()
+            .any(|k| k.contains("(peer shut)") && k.ends_with("5 unread"))
+            && kinds.iter().any(|k| k.contains("(shut for writing)")),
+        "{kinds:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    h.restore("tcp-h", &img, &[]);
+    fs::write(dir.join("go"), "").unwrap();
+
+    // a: the instance read "hello" and EOF, and still writes.
+    let mut got = Vec::new();
+    a.read_to_end(&mut got).expect("reading a");
+    assert_eq!(got, b"still here");
+    // b: the instance still reads.
+    b.write_all(b"more").expect("writing b");
+    b.shutdown(Shutdown::Write).unwrap();
+    let log = h.wait_log("tcp-h", "a read ");
+    assert!(
+        log.contains("a read b'hello', b read b'more'"),
+        "each open half carried its bytes: {log}"
+    );
+    if let Some(before) = before {
+        assert_eq!(reset_counters(), Some(before), "resets or aborts counted");
+    }
+    assert_eq!(lock_chains(), Vec::<String>::new(), "network lock left");
+}

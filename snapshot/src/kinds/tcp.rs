@@ -32,6 +32,22 @@ use crate::image::model::{FdImage, FdKind, Manifest, TcpConn, TcpWindow};
 
 /// `TCP_ESTABLISHED` in `tcp_info`.
 const ESTABLISHED: u8 = 1;
+/// The application shut its writing side down and the peer acknowledged
+/// the FIN; the peer still sends.
+const FIN_WAIT2: u8 = 5;
+/// The peer shut its writing side down (its FIN was received); the
+/// application still sends.
+const CLOSE_WAIT: u8 = 8;
+
+/// Whether a connection saved in `state` over `local` is rebuilt on a
+/// restore that owns it: established ones, and half-closed ones over IPv4
+/// (the FIN of the closed half is brought back with a forged segment,
+/// which is built for IPv4 only).
+fn rebuildable(state: u8, local: &str) -> bool {
+    state == ESTABLISHED
+        || (matches!(state, FIN_WAIT2 | CLOSE_WAIT)
+            && local.parse::<SocketAddr>().is_ok_and(|a| a.is_ipv4()))
+}
 
 /// What a restore does with the image's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,7 +176,7 @@ fn save_connection(
         sndbuf,
         rcvbuf,
     };
-    if info.state != ESTABLISHED {
+    if !matches!(info.state, ESTABLISHED | FIN_WAIT2 | CLOSE_WAIT) {
         // Restored as reset by the peer; nothing more to read.
         return Ok(conn);
     }
@@ -177,6 +193,14 @@ fn save_connection(
         ));
     }
     conn.unsent = unsent;
+    // The sequence numbers are kept as after the last byte of data: a FIN
+    // (sent and acknowledged in FIN_WAIT2, received in CLOSE_WAIT) takes
+    // one more, and comes back on its own on restore.
+    match info.state {
+        FIN_WAIT2 => conn.snd_seq = conn.snd_seq.wrapping_sub(1),
+        CLOSE_WAIT => conn.rcv_seq = conn.rcv_seq.wrapping_sub(1),
+        _ => {}
+    }
     conn.mss = repair::mss(sock).map_err(ctx("TCP_MAXSEG"))?;
     conn.wscale =
         (info.options & repair::OPT_WSCALE != 0).then_some((info.snd_wscale, info.rcv_wscale));
@@ -245,7 +269,7 @@ pub fn connection_ports(m: &Manifest) -> HashSet<u16> {
         .iter()
         .flat_map(|p| &p.fds)
         .filter_map(|f| match &f.kind {
-            FdKind::TcpConn(c) if c.state == ESTABLISHED => {
+            FdKind::TcpConn(c) if rebuildable(c.state, &c.local) => {
                 c.local.parse::<SocketAddr>().ok().map(|a| a.port())
             }
             _ => None,
@@ -293,14 +317,14 @@ pub fn restore_connection(
             error,
         }
     };
-    if connections == Connections::Own && c.state == ESTABLISHED {
+    if connections == Connections::Own && rebuildable(c.state, &c.local) {
         rebuild(&ours, c, local, peer).map_err(|(what, e)| err(what)(e))?;
     } else {
         if connections == Connections::Own {
             tracing::warn!(
                 pid,
                 fd = f.fd,
-                "TCP connection {local} -> {peer} was in state {} (not established) at the snapshot: restored as reset",
+                "TCP connection {local} -> {peer} was in state {} (neither established nor half-closed over IPv4) at the snapshot: restored as reset",
                 c.state
             );
         }
@@ -367,17 +391,22 @@ fn rebuild(s: &OwnedFd, c: &TcpConn, local: SocketAddr, peer: SocketAddr) -> Res
         repair::send_all(s, &c.send[..sent]).map_err(at("refilling the send queue"))?;
     }
     let w = &c.window;
+    // The window was last advertised after the peer's FIN (CRIU's order).
+    let fin_in = u32::from(c.state == CLOSE_WAIT);
     repair::set_window(
         s,
         &RepairWindow {
             snd_wl1: w.snd_wl1,
             snd_wnd: w.snd_wnd,
             max_window: w.max_window,
-            rcv_wnd: w.rcv_wnd,
-            rcv_wup: w.rcv_wup,
+            rcv_wnd: w.rcv_wnd + fin_in,
+            rcv_wup: w.rcv_wup.wrapping_sub(fin_in),
         },
     )
     .map_err(at("TCP_REPAIR_WINDOW"))?;
+    if c.state != ESTABLISHED {
+        restore_fin(s, c, local, peer)?;
+    }
     setsockopt(s, sockopt::TcpNoDelay, &c.nodelay).map_err(nix_at("TCP_NODELAY"))?;
     setsockopt(s, sockopt::KeepAlive, &c.keepalive).map_err(nix_at("SO_KEEPALIVE"))?;
     repair::repair_off(s, true).map_err(at("leaving repair mode"))?;
@@ -385,6 +414,58 @@ fn rebuild(s: &OwnedFd, c: &TcpConn, local: SocketAddr, peer: SocketAddr) -> Res
         repair::send_all(s, &c.send[sent..]).map_err(at("sending the unsent bytes"))?;
     }
     Ok(())
+}
+
+/// Brings back the FIN of a half-closed connection being rebuilt in repair
+/// mode, as CRIU does: the application's own (FIN_WAIT2) is queued as sent
+/// and the peer's ACK of it forged; the peer's (CLOSE_WAIT) is forged. The
+/// forged segment goes from the peer's address to ours, marked so the
+/// network lock lets it in; the socket is in its saved state once it has
+/// been taken in.
+fn restore_fin(s: &OwnedFd, c: &TcpConn, local: SocketAddr, peer: SocketAddr) -> Result<(), Step> {
+    let (SocketAddr::V4(local), SocketAddr::V4(peer)) = (local, peer) else {
+        return Err((
+            "half-closed over IPv6",
+            std::io::ErrorKind::Unsupported.into(),
+        ));
+    };
+    let at = |what: &'static str| move |e: std::io::Error| (what, e);
+    let window = (c.window.snd_wnd >> c.wscale.map_or(0, |w| w.0)).min(65535) as u16;
+    let segment = if c.state == FIN_WAIT2 {
+        repair::shutdown_sent(s).map_err(at("queueing our FIN"))?;
+        repair::segment(
+            peer,
+            local,
+            c.rcv_seq,
+            c.snd_seq.wrapping_add(1),
+            repair::TH_ACK,
+            window,
+        )
+    } else {
+        repair::segment(
+            peer,
+            local,
+            c.rcv_seq,
+            c.snd_seq.wrapping_sub(c.send.len() as u32),
+            repair::TH_ACK | repair::TH_FIN,
+            window,
+        )
+    };
+    repair::inject(&segment, *local.ip()).map_err(at("forging the peer's segment"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let state = repair::info(s).map_err(at("TCP_INFO"))?.state;
+        if state == c.state {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err((
+                "the forged segment was not taken in",
+                std::io::Error::other(format!("state {state}, wanted {}", c.state)),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Connects `s` over loopback to a listener of ours that resets the
@@ -484,5 +565,111 @@ mod tests {
         let mut done = [0u8; 4];
         s.read_exact(&mut done).unwrap();
         assert_eq!(&done, b"done");
+    }
+
+    /// A connected pair over loopback: (client, server).
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (client, server)
+    }
+
+    fn wait_state(s: &impl AsRawFd, state: u8) {
+        for _ in 0..1000 {
+            if repair::info(s).unwrap().state == state {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!(
+            "state {} never became {state}",
+            repair::info(s).unwrap().state
+        );
+    }
+
+    /// Saves `server`, closes it in repair mode and rebuilds it.
+    fn save_and_rebuild(server: TcpStream, state: u8) -> (TcpConn, TcpStream) {
+        let local = server.local_addr().unwrap();
+        let peer = server.peer_addr().unwrap();
+        let server = OwnedFd::from(server);
+        let repairs = Repairs::default();
+        let c = save_connection(&server, 0, local, peer, &|a| a, &repairs).unwrap();
+        assert_eq!(c.state, state);
+        drop(server);
+        drop(repairs);
+        let s = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        rebuild(&s, &c, local, peer).unwrap();
+        wait_state(&s, state);
+        let s = TcpStream::from(s);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (c, s)
+    }
+
+    /// The application shut its writing side (FIN_WAIT2): the rebuilt
+    /// socket still reads what the peer sent before and after, and may not
+    /// write; the peer saw EOF once.
+    #[test]
+    fn a_connection_whose_writing_side_was_shut_keeps_reading_after_a_rebuild() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let (mut client, server) = pair();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (&server).write_all(b"last words").unwrap();
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
+        wait_state(&server, FIN_WAIT2);
+        client.write_all(b"unread ").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let (c, mut s) = save_and_rebuild(server, FIN_WAIT2);
+        assert_eq!(c.recv, b"unread ");
+        client.write_all(b"and after").unwrap();
+        drop(client);
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"unread and after");
+        assert_eq!(
+            s.write(b"x").map_err(|e| e.kind()),
+            Err(ErrorKind::BrokenPipe)
+        );
+    }
+
+    /// The peer shut its writing side (CLOSE_WAIT): the rebuilt socket
+    /// reads the peer's last bytes, then EOF, and still writes to it.
+    #[test]
+    fn a_connection_whose_peer_shut_its_side_keeps_writing_after_a_rebuild() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let (mut client, server) = pair();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client.write_all(b"bye").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        wait_state(&server, CLOSE_WAIT);
+        // Past any delayed ACK: the client never sends its FIN again.
+        std::thread::sleep(Duration::from_millis(300));
+        let (c, mut s) = save_and_rebuild(server, CLOSE_WAIT);
+        assert_eq!(c.recv, b"bye");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"bye");
+        s.write_all(b"still here").unwrap();
+        drop(s);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"still here");
     }
 }
