@@ -47,7 +47,7 @@ criu_problem() {
 }
 # Only the snapshot benchmarks have CRIU as their peer.
 wants_criu=true
-if [[ " $* " == *" --only "* && " $* " != *" snapshot "* && " $* " != *" nginx "* ]]; then
+if [[ " $* " == *" --only "* && " $* " != *" snapshot "* && " $* " != *" nginx "* && " $* " != *" redisconns "* ]]; then
     wants_criu=false
 fi
 criu="${CRIU:-$(command -v criu || true)}"

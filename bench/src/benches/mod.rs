@@ -16,6 +16,7 @@ mod iperf;
 mod nginx;
 mod oci;
 mod redis;
+mod redisconns;
 mod servers;
 mod snapshot;
 mod syscall;
@@ -101,6 +102,12 @@ pub const ALL: &[Benchmark] = &[
         title: oci::TITLE,
         needs: &["gcc", "runc"],
         run: oci::run,
+    },
+    Benchmark {
+        name: "redisconns",
+        title: redisconns::TITLE,
+        needs: &["redis-server", "python3"],
+        run: redisconns::run,
     },
     Benchmark {
         name: "nginx",
