@@ -239,3 +239,29 @@ fn render(rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+/// Refuses `command` up front, naming what is missing, when this process
+/// lacks the capabilities an instance needs; otherwise the first failing
+/// system call (`unshare`: "Operation not permitted") would say it.
+pub fn require_privileges(command: &str) -> Result<(), RuntimeError> {
+    const NEEDED: &[(u32, &str)] = &[(21, "CAP_SYS_ADMIN"), (19, "CAP_SYS_PTRACE")];
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| RuntimeError::sys("reading /proc/self/status", e))?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(RuntimeError::NotPrivileged {
+        command: command.to_string(),
+        missing: missing.join(" and "),
+    })
+}

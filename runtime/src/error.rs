@@ -11,6 +11,14 @@ pub enum RuntimeError {
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
+    #[error("instance `{name}`: `{program}` {}", if *.status == 127 { "not found" } else { "cannot be executed" })]
+    Exec {
+        name: String,
+        program: String,
+        status: i32,
+    },
+    #[error("appshot {command} needs root, or the capabilities {missing}: it makes PID and mount namespaces for the instance (CAP_SYS_ADMIN) and reads and writes its processes' descriptors and memory (CAP_SYS_PTRACE)")]
+    NotPrivileged { command: String, missing: String },
     #[error("instance `{name}` cannot be snapshotted: {reason}")]
     NotSnapshottable { name: String, reason: String },
     #[error("--user {user}: {why}")]
@@ -30,6 +38,16 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The CLI's exit status for this error, as podman's: 126 and 127 when
+    /// the command could not be executed or found, 125 for appshot's own
+    /// errors.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            RuntimeError::Exec { status, .. } => *status as u8,
+            _ => 125,
+        }
+    }
+
     pub fn sys(what: impl Into<String>, error: impl Into<std::io::Error>) -> Self {
         RuntimeError::Sys {
             what: what.into(),

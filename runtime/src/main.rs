@@ -22,10 +22,11 @@ mod tree;
 mod user;
 
 use std::fs::OpenOptions;
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange, UserSpec};
@@ -233,7 +234,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("appshot: {e:#}");
-            ExitCode::from(125)
+            ExitCode::from(
+                e.downcast_ref::<error::RuntimeError>()
+                    .map_or(125, error::RuntimeError::exit_status),
+            )
         }
     }
 }
@@ -246,12 +250,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
     match cli.command {
         Cmd::Run(args) => {
+            commands::require_privileges("run")?;
             let detach = args.detach;
             let launch = resolve(args, &run_dir)?;
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch)?)
+                Ok(supervisor::run(launch, None)?)
             }
         }
         Cmd::Supervise => {
@@ -262,7 +267,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 serde_json::from_str(&json).context("decoding the launch description")?;
             // Its own session: no terminal signals reach a detached instance.
             nix::unistd::setsid().context("setsid")?;
-            Ok(supervisor::run(launch)?)
+            // stdout is the starter's pipe, on which it waits for the start's
+            // outcome; the application writes to the log (stderr) instead.
+            let ready = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating stdout")?;
+            nix::unistd::dup2(2, 1).context("redirecting stdout to the log")?;
+            Ok(supervisor::run(launch, Some(ready.into()))?)
         }
         Cmd::Init {
             channel_fd,
@@ -301,6 +313,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             leave_running,
             template,
         } => {
+            commands::require_privileges("snapshot")?;
             println!(
                 "{}",
                 snapshots::snapshot(&run_dir, &name, &output, leave_running, template)?
@@ -316,6 +329,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             config,
             detach,
         } => {
+            commands::require_privileges("clone")?;
             let config = match &config {
                 Some(path) => AppConfig::load(path)?,
                 None => AppConfig::default(),
@@ -332,7 +346,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             )?;
             if launches.len() == 1 && !detach {
                 let launch = launches.into_iter().next().expect("one launch");
-                return Ok(supervisor::run(launch)?);
+                return Ok(supervisor::run(launch, None)?);
             }
             for launch in &launches {
                 detach_supervisor(launch, cli.verbose)?;
@@ -349,11 +363,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             aid,
             detach,
         } => {
+            commands::require_privileges("restore")?;
             let launch = restore_launch(&image, name, aid, &run_dir)?;
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch)?)
+                Ok(supervisor::run(launch, None)?)
             }
         }
         Cmd::Stop { name, time } => {
@@ -579,7 +594,9 @@ fn random_suffix() -> u32 {
 }
 
 /// Starts `appshot __supervise` in its own session with output to
-/// `RUN_DIR/logs/NAME.log`, and returns once the instance is registered.
+/// `RUN_DIR/logs/NAME.log`, and returns once the instance has run for the
+/// supervisor's start period: 0 when it runs, an error (125, or 126/127
+/// when the command could not be executed) when it ended before.
 fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
     // Checked before the log is opened: it belongs to the running instance.
     if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
@@ -607,40 +624,48 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         .arg("__supervise")
         .env(LAUNCH_ENV, serde_json::to_string(launch)?)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .context("starting the supervisor")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // The record must be this supervisor's: an instance of the same name
-        // may still be on its way out.
-        let ours = registry
-            .read()?
-            .instances
-            .get(&launch.name)
-            .map(|r| r.supervisor_pid)
-            == Some(child.id());
-        if ours {
-            println!("{}", launch.name);
-            return Ok(0);
-        }
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!(
-                "instance `{}` exited during start ({status}); {}:\n{}",
-                launch.name,
-                log_path.display(),
-                log.trim_end()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "instance `{}` did not register within 30s; see {}",
-                launch.name,
-                log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    // The supervisor answers on its stdout: `running`, or `exited STATUS`;
+    // nothing (end of file) when it failed before the instance ran.
+    let pipe = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
+        let _ = tx.send(line);
+    });
+    let answer = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) => line,
+        Err(_) => bail!(
+            "instance `{}` did not start within 60s; see {}",
+            launch.name,
+            log_path.display()
+        ),
+    };
+    if answer.trim() == "running" {
+        println!("{}", launch.name);
+        return Ok(0);
     }
+    let status = child.wait().context("waiting for the supervisor")?;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let why = match answer.trim().strip_prefix("exited ") {
+        Some(code) => format!("exited during start with status {code}"),
+        // The supervisor's own error (its status is 125, 126 or 127).
+        None => match status.code() {
+            Some(code @ (126 | 127)) => {
+                eprintln!("{}", log.trim_end());
+                return Ok(code);
+            }
+            _ => format!("failed to start ({status})"),
+        },
+    };
+    bail!(
+        "instance `{}` {why}; {}:\n{}",
+        launch.name,
+        log_path.display(),
+        log.trim_end()
+    )
 }

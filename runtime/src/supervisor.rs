@@ -3,7 +3,8 @@
 //! entries, serves the control socket, and cleans up when the instance ends.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,8 +82,16 @@ const FORWARDED: &[Signal] = &[
 ];
 const SI_KERNEL: i32 = 0x80;
 
-/// Runs the instance to its end and returns its exit status.
-pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
+/// How long a detached instance must run before `run --detach` reports it
+/// running; one that exits sooner failed to start. Without such a period the
+/// answer for a command that exits at once would depend on who got there
+/// first.
+const START_PERIOD: Duration = Duration::from_millis(300);
+
+/// Runs the instance to its end and returns its exit status. `ready` (a
+/// detached supervisor's) is told `running` once the instance has run for
+/// [`START_PERIOD`], or `exited STATUS` if it ended before.
+pub fn run(launch: Launch, ready: Option<std::fs::File>) -> Result<i32, RuntimeError> {
     let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
     // Also removes whatever a dead earlier instance of this name left in
@@ -232,6 +241,13 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
         serving.handle(req, peer)
     })?;
 
+    let mut ready = ready;
+    if ready.is_some() && !exits_within(&init, START_PERIOD) {
+        if let Some(mut r) = ready.take() {
+            // The starter may be gone (killed); the instance runs on.
+            let _ = writeln!(r, "running");
+        }
+    }
     let status = wait_exit(init_pid);
     exited.store(true, Ordering::SeqCst);
     // A snapshot that stopped the instance answers its requester before
@@ -241,6 +257,9 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
     cluster.shutdown();
     registry.transaction(|s| s.remove_instance(&launch.name))?;
     drop(lock);
+    if let Some(mut r) = ready {
+        let _ = writeln!(r, "exited {status}");
+    }
     Ok(status)
 }
 
@@ -291,6 +310,13 @@ fn launch_application(
         Ok(Some(l)) if started(&ours) => Ok((init_pid, init, l)),
         Ok(_) => {
             let status = wait_exit(init_pid);
+            if status == 126 || status == 127 {
+                return Err(RuntimeError::Exec {
+                    name: launch.name.clone(),
+                    program: launch.command[0].clone(),
+                    status,
+                });
+            }
             Err(RuntimeError::Start {
                 name: launch.name.clone(),
                 reason: format!(
@@ -572,6 +598,24 @@ impl Control {
                 warn!(name = %self.launch.name, image = %output.display(), "snapshot failed: {e}");
                 refused(e.to_string())
             }
+        }
+    }
+}
+
+/// Whether the process of pidfd `init` exits within `period`.
+fn exits_within(init: &OwnedFd, period: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + period;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(init.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(Errno::EINTR) => continue,
+            // Cannot tell: the wait for its exit decides.
+            Err(_) => return false,
         }
     }
 }

@@ -21,7 +21,7 @@ use tempfile::TempDir;
 pub const READY: Duration = Duration::from_secs(10);
 /// Upper bound for any single appshot or client invocation, so a hang fails
 /// the test instead of stalling the suite.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(20);
 
 fn in_ci() -> bool {
