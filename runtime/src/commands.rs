@@ -9,16 +9,24 @@ use serde::Serialize;
 
 use crate::control::{self, Request};
 use crate::error::RuntimeError;
+use crate::logs;
 
 #[derive(Serialize)]
 struct PsRow {
     name: String,
     aid: String,
-    pid: u32,
-    supervisor_pid: u32,
+    /// None once the instance has ended.
+    pid: Option<u32>,
+    supervisor_pid: Option<u32>,
+    /// `running`, `snapshotting`, `unresponsive` or `exited`.
     state: String,
     command: Vec<String>,
     ports: Vec<PortPair>,
+    created_unix: u64,
+    exited_unix: Option<u64>,
+    /// As a shell reports it (128+N when killed by signal N).
+    exit_code: Option<i32>,
+    signal: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -37,9 +45,14 @@ fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
     Ok(registry.transaction(|s| s.clone())?)
 }
 
-pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
+/// The names of the running instances.
+pub fn running(run_dir: &Path) -> Result<Vec<String>, RuntimeError> {
+    Ok(state(run_dir)?.instances.into_keys().collect())
+}
+
+pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError> {
     let st = state(run_dir)?;
-    let rows: Vec<PsRow> = st
+    let mut rows: Vec<PsRow> = st
         .instances
         .values()
         .map(|i| {
@@ -50,8 +63,8 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
             PsRow {
                 name: i.name.clone(),
                 aid: i.aid.clone(),
-                pid: i.pid,
-                supervisor_pid: i.supervisor_pid,
+                pid: Some(i.pid),
+                supervisor_pid: Some(i.supervisor_pid),
                 state,
                 command: i.command.clone(),
                 ports: st
@@ -63,26 +76,64 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
                         real: t.real_port,
                     })
                     .collect(),
+                created_unix: i.started_unix,
+                exited_unix: None,
+                exit_code: None,
+                signal: None,
             }
         })
         .collect();
+    if all {
+        // A name that runs again is listed once, running.
+        let ended = logs::exited(run_dir)
+            .into_iter()
+            .filter(|e| !st.instances.contains_key(&e.name));
+        rows.extend(ended.map(|e| PsRow {
+            name: e.name,
+            aid: e.aid,
+            pid: None,
+            supervisor_pid: None,
+            state: "exited".into(),
+            command: e.command,
+            ports: Vec::new(),
+            created_unix: e.created_unix,
+            exited_unix: Some(e.exited_unix),
+            exit_code: Some(e.exit_code),
+            signal: e.signal,
+        }));
+    }
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("serialisable"));
     }
-    let mut table = vec![["NAME", "AID", "PID", "STATE", "PORTS", "COMMAND"]
-        .map(String::from)
-        .to_vec()];
+    let now = logs::now_unix();
+    let mut table = vec![[
+        "NAME", "AID", "PID", "STATE", "CREATED", "UPTIME", "PORTS", "COMMAND",
+    ]
+    .map(String::from)
+    .to_vec()];
     for r in &rows {
         let ports: Vec<String> = r
             .ports
             .iter()
             .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real))
             .collect();
+        let (state, uptime) = match (r.exited_unix, r.exit_code) {
+            (Some(at), Some(code)) => (
+                match &r.signal {
+                    Some(sig) => format!("exited ({code}, {sig}) {} ago", age(now, at)),
+                    None => format!("exited ({code}) {} ago", age(now, at)),
+                },
+                "-".to_string(),
+            ),
+            _ => (r.state.clone(), age(now, r.created_unix)),
+        };
         table.push(vec![
             r.name.clone(),
             r.aid.clone(),
-            r.pid.to_string(),
-            r.state.clone(),
+            r.pid.map_or("-".into(), |p| p.to_string()),
+            state,
+            format!("{} ago", age(now, r.created_unix)),
+            uptime,
             if ports.is_empty() {
                 "-".into()
             } else {
@@ -92,6 +143,17 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
         ]);
     }
     Ok(render(&table))
+}
+
+/// `now - then` the way an operator reads it: 42s, 5m, 3h, 2d.
+fn age(now: u64, then: u64) -> String {
+    let secs = now.saturating_sub(then);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
 }
 
 /// The translation table, then the source rules and the recent cross-host

@@ -27,6 +27,10 @@ pub enum RuntimeError {
     SnapshotFailed { name: String, message: String },
     #[error("no running instance named `{0}`")]
     NoInstance(String),
+    #[error("instance `{0}` is running: stop it first")]
+    StillRunning(String),
+    #[error("no logs of an instance named `{0}` (only detached instances keep them)")]
+    NoLogs(String),
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
     #[error(transparent)]

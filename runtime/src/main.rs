@@ -9,6 +9,7 @@ mod control;
 mod error;
 mod filter;
 mod init;
+mod logs;
 mod multiplex;
 mod notify;
 mod pending;
@@ -21,9 +22,7 @@ mod supervisor;
 mod tree;
 mod user;
 
-use std::fs::OpenOptions;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
@@ -32,6 +31,7 @@ use anyhow::{anyhow, bail, Context};
 use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange, UserSpec};
 use appshot_vpm::Registry;
 use clap::{ArgAction, Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use supervisor::{Launch, LAUNCH_ENV};
 
@@ -61,10 +61,32 @@ struct Cli {
 enum Cmd {
     /// Run a command as a supervised instance.
     Run(RunArgs),
-    /// List running instances.
+    /// List running instances (with -a also those that ended and were not
+    /// removed).
     Ps {
         #[arg(long)]
         json: bool,
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Print a detached instance's output, running or ended.
+    Logs {
+        name: String,
+        /// Go on printing what it writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines since a duration ago (30s, 5m, 2h, 1d) or a UTC time
+        /// (YYYY-MM-DDTHH:MM:SS).
+        #[arg(long, value_parser = logs::parse_since)]
+        since: Option<String>,
+        /// Each line with the UTC time it was written.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Remove the logs and exit record of instances that ended.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// Show the port translation table (with source rules and recent
     /// cross-host negotiations).
@@ -80,9 +102,13 @@ enum Cmd {
         #[command(subcommand)]
         command: VpmCmd,
     },
-    /// Stop an instance: SIGTERM, then SIGKILL after the grace time.
+    /// Stop instances: SIGTERM, then SIGKILL after the grace time.
     Stop {
-        name: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Every running instance.
+        #[arg(short, long)]
+        all: bool,
         /// Seconds to wait after SIGTERM before SIGKILL.
         #[arg(short, long, default_value_t = 10)]
         time: u64,
@@ -205,6 +231,12 @@ struct RunArgs {
     /// Return once the instance runs; its supervisor lives on.
     #[arg(short, long)]
     detach: bool,
+    /// Remove the instance's logs and exit record when it ends.
+    #[arg(long)]
+    rm: bool,
+    /// Rotate the application's log (`app.log`) at this many bytes.
+    #[arg(long, default_value_t = logs::DEFAULT_MAX_BYTES)]
+    log_max_size: u64,
     /// Run the application as USER[:GROUP] (names or numbers); the
     /// supervisor stays root.
     #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
@@ -225,15 +257,26 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // A detached supervisor's stderr is its own log; it is kept for it here
+    // because the application's output takes stderr over (see `supervise`).
+    let supervising = matches!(cli.command, Cmd::Supervise);
+    let writer = match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) if supervising => BoxMakeWriter::new(std::sync::Mutex::new(std::fs::File::from(fd))),
+        _ => BoxMakeWriter::new(std::io::stderr),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
+        .with_ansi(!supervising && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("appshot: {e:#}");
+            if supervising {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("appshot: {e:#}");
+            }
             ExitCode::from(
                 e.downcast_ref::<error::RuntimeError>()
                     .map_or(125, error::RuntimeError::exit_status),
@@ -256,7 +299,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch, None)?)
+                Ok(supervisor::run(launch, &mut None)?)
             }
         }
         Cmd::Supervise => {
@@ -267,14 +310,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 serde_json::from_str(&json).context("decoding the launch description")?;
             // Its own session: no terminal signals reach a detached instance.
             nix::unistd::setsid().context("setsid")?;
-            // stdout is the starter's pipe, on which it waits for the start's
-            // outcome; the application writes to the log (stderr) instead.
-            let ready = std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating stdout")?;
-            nix::unistd::dup2(2, 1).context("redirecting stdout to the log")?;
-            Ok(supervisor::run(launch, Some(ready.into()))?)
+            supervise(launch)
         }
         Cmd::Init {
             channel_fd,
@@ -292,10 +328,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             user,
             command,
         }),
-        Cmd::Ps { json } => {
-            print!("{}", commands::ps(&run_dir, json)?);
+        Cmd::Ps { json, all } => {
+            print!("{}", commands::ps(&run_dir, json, all)?);
             Ok(0)
         }
+        Cmd::Logs {
+            name,
+            follow,
+            since,
+            timestamps,
+        } => {
+            let view = logs::View {
+                since,
+                timestamps,
+                follow,
+            };
+            logs::print(&run_dir, &name, &view)?;
+            Ok(0)
+        }
+        Cmd::Rm { names } => each(&names, |name| {
+            logs::remove(&run_dir, name)?;
+            println!("{name}");
+            Ok(())
+        }),
         Cmd::Ports { json, remote } => {
             print!("{}", commands::ports(&run_dir, json, remote)?);
             Ok(0)
@@ -346,7 +401,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             )?;
             if launches.len() == 1 && !detach {
                 let launch = launches.into_iter().next().expect("one launch");
-                return Ok(supervisor::run(launch, None)?);
+                return Ok(supervisor::run(launch, &mut None)?);
             }
             for launch in &launches {
                 detach_supervisor(launch, cli.verbose)?;
@@ -368,12 +423,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch, None)?)
+                Ok(supervisor::run(launch, &mut None)?)
             }
         }
-        Cmd::Stop { name, time } => {
-            commands::stop(&run_dir, &name, Duration::from_secs(time))?;
-            Ok(0)
+        Cmd::Stop { names, all, time } => {
+            let names = if all {
+                commands::running(&run_dir)?
+            } else {
+                names
+            };
+            let grace = Duration::from_secs(time);
+            // Together, as each may take the whole grace time.
+            let stopped: Vec<(String, Result<(), error::RuntimeError>)> =
+                std::thread::scope(|scope| {
+                    let threads: Vec<_> = names
+                        .iter()
+                        .map(|n| (n, scope.spawn(|| commands::stop(&run_dir, n, grace))))
+                        .collect();
+                    threads
+                        .into_iter()
+                        .map(|(n, t)| (n.clone(), t.join().expect("stop thread")))
+                        .collect()
+                });
+            each(&stopped, |(name, result)| match result {
+                Ok(()) => {
+                    println!("{name}");
+                    Ok(())
+                }
+                Err(e) => Err(anyhow!("{e}")),
+            })
         }
     }
 }
@@ -436,6 +514,8 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         is_clone: false,
         identity_file: None,
         user,
+        remove_on_exit: args.rm,
+        log_max_bytes: args.log_max_size,
     })
 }
 
@@ -569,6 +649,8 @@ fn image_launch(
         is_clone: false,
         identity_file: None,
         user: None,
+        remove_on_exit: false,
+        log_max_bytes: logs::DEFAULT_MAX_BYTES,
     })
 }
 
@@ -593,26 +675,93 @@ fn random_suffix() -> u32 {
     u32::from_ne_bytes(b) & 0xff_ffff
 }
 
-/// Starts `appshot __supervise` in its own session with output to
-/// `RUN_DIR/logs/NAME.log`, and returns once the instance has run for the
+/// Runs `f` on every item, reporting each failure; fails (125) if any did,
+/// after trying them all.
+fn each<T>(items: &[T], mut f: impl FnMut(&T) -> anyhow::Result<()>) -> anyhow::Result<i32> {
+    let mut failed = 0;
+    for item in items {
+        if let Err(e) = f(item) {
+            eprintln!("appshot: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} failed", items.len());
+    }
+    Ok(0)
+}
+
+/// A detached supervisor (`appshot __supervise`). Its stdout is the
+/// starter's pipe, on which it waits for the start's outcome; its stderr
+/// is its log. The application's output (and a restored one's, which takes
+/// the supervisor's stdio) goes through a pipe on fds 1 and 2 into
+/// `app.log`; when the instance has ended the record of how is written.
+fn supervise(launch: Launch) -> anyhow::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let ready = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stdout")?;
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("the output pipe")?;
+    for fd in [1, 2] {
+        nix::unistd::dup2(write.as_raw_fd(), fd).context("redirecting stdio to the output pipe")?;
+    }
+    drop(write);
+    let log_dir = logs::dir(&launch.run_dir, &launch.name);
+    let capture = logs::capture(log_dir.clone(), read, launch.log_max_bytes);
+    let created = logs::now_unix();
+    let mut ready = Some(std::fs::File::from(ready));
+    let result = supervisor::run(launch.clone(), &mut ready);
+    // The supervisor's ends were the last: the capture ends and is joined,
+    // so the log is complete before anyone is told the instance ended.
+    let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    for fd in [1, 2] {
+        nix::unistd::dup2(null.as_raw_fd(), fd).context("closing the output pipe")?;
+    }
+    let _ = capture.join();
+    let status = match &result {
+        Ok(status) => *status,
+        Err(e) => i32::from(e.exit_status()),
+    };
+    if launch.remove_on_exit {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    } else {
+        let exited = logs::Exited::new(&launch.name, &launch.aid, &launch.command, created, status);
+        if let Err(e) = logs::record_exit(&launch.run_dir, &exited) {
+            tracing::warn!("{e}");
+        }
+    }
+    if let (Some(mut r), Ok(status)) = (ready, &result) {
+        let _ = std::io::Write::write_fmt(&mut r, format_args!("exited {status}\n"));
+    }
+    Ok(result?)
+}
+
+/// Starts `appshot __supervise` in its own session, logging to
+/// `RUN_DIR/logs/NAME/`, and returns once the instance has run for the
 /// supervisor's start period: 0 when it runs, an error (125, or 126/127
 /// when the command could not be executed) when it ended before.
 fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
-    // Checked before the log is opened: it belongs to the running instance.
+    // Checked before the logs are touched: they belong to the running
+    // instance.
     if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
         return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
     }
     // Opened first: it creates the run directory private, and so the logs.
     let registry = Registry::open(&launch.run_dir)?;
-    let logs = registry.private_subdir("logs")?;
-    let log_path = logs.join(format!("{}.log", launch.name));
-    let log = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    registry.private_subdir("logs")?;
+    let log_dir = logs::dir(&launch.run_dir, &launch.name);
+    let created = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&log_dir);
+    if let Err(e) = created.or_else(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Ok(()),
+        _ => Err(e),
+    }) {
+        return Err(anyhow!("creating {}: {e}", log_dir.display()));
+    }
+    logs::start_anew(&launch.run_dir, &launch.name)?;
+    let log = logs::append(&log_dir.join(logs::SUPERVISOR_LOG))?;
     let exe = std::env::current_exe().context("locating the appshot binary")?;
     let mut cmd = Command::new(exe);
     if verbose > 0 {
@@ -642,7 +791,7 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         Err(_) => bail!(
             "instance `{}` did not start within 60s; see {}",
             launch.name,
-            log_path.display()
+            log_dir.display()
         ),
     };
     if answer.trim() == "running" {
@@ -650,13 +799,13 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let status = child.wait().context("waiting for the supervisor")?;
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let output = logs::tail(&log_dir);
     let why = match answer.trim().strip_prefix("exited ") {
         Some(code) => format!("exited during start with status {code}"),
         // The supervisor's own error (its status is 125, 126 or 127).
         None => match status.code() {
             Some(code @ (126 | 127)) => {
-                eprintln!("{}", log.trim_end());
+                eprintln!("{}", output.trim_end());
                 return Ok(code);
             }
             _ => format!("failed to start ({status})"),
@@ -665,7 +814,7 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
     bail!(
         "instance `{}` {why}; {}:\n{}",
         launch.name,
-        log_path.display(),
-        log.trim_end()
+        log_dir.display(),
+        output.trim_end()
     )
 }

@@ -62,6 +62,17 @@ pub struct Launch {
     /// image).
     #[serde(default)]
     pub user: Option<crate::user::RunAs>,
+    /// A detached instance's logs and exit record go when it ends
+    /// (`run --rm`).
+    #[serde(default)]
+    pub remove_on_exit: bool,
+    /// The size at which a detached instance's `app.log` is rotated.
+    #[serde(default = "default_log_max")]
+    pub log_max_bytes: u64,
+}
+
+fn default_log_max() -> u64 {
+    crate::logs::DEFAULT_MAX_BYTES
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -90,8 +101,9 @@ const START_PERIOD: Duration = Duration::from_millis(300);
 
 /// Runs the instance to its end and returns its exit status. `ready` (a
 /// detached supervisor's) is told `running` once the instance has run for
-/// [`START_PERIOD`], or `exited STATUS` if it ended before.
-pub fn run(launch: Launch, ready: Option<std::fs::File>) -> Result<i32, RuntimeError> {
+/// [`START_PERIOD`], and taken; if it ended before, `ready` is left to the
+/// caller, which tells it how once the logs are complete.
+pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<i32, RuntimeError> {
     let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
     // Also removes whatever a dead earlier instance of this name left in
@@ -241,7 +253,6 @@ pub fn run(launch: Launch, ready: Option<std::fs::File>) -> Result<i32, RuntimeE
         serving.handle(req, peer)
     })?;
 
-    let mut ready = ready;
     if ready.is_some() && !exits_within(&init, START_PERIOD) {
         if let Some(mut r) = ready.take() {
             // The starter may be gone (killed); the instance runs on.
@@ -257,9 +268,6 @@ pub fn run(launch: Launch, ready: Option<std::fs::File>) -> Result<i32, RuntimeE
     cluster.shutdown();
     registry.transaction(|s| s.remove_instance(&launch.name))?;
     drop(lock);
-    if let Some(mut r) = ready {
-        let _ = writeln!(r, "exited {status}");
-    }
     Ok(status)
 }
 

@@ -1,5 +1,5 @@
 //! Operating instances day to day: exit statuses like podman's, the
-//! privileges message.
+//! privileges message, logs and ended instances, stopping several.
 
 mod common;
 
@@ -80,4 +80,196 @@ fn unprivileged_run_names_the_privileges_it_needs() {
         ran.stderr.contains("needs root") && ran.stderr.contains("CAP_SYS_ADMIN"),
         "{ran}"
     );
+}
+
+/// `appshot ARGS`, asserted to succeed; its stdout.
+fn ok(h: &Harness, args: &[&str]) -> String {
+    let ran = run(h.appshot().args(args), COMMAND_TIMEOUT);
+    assert!(ran.success(), "appshot {args:?}: {ran}");
+    ran.stdout
+}
+
+fn ps_all(h: &Harness) -> Vec<serde_json::Value> {
+    serde_json::from_str(&ok(h, &["ps", "-a", "--json"])).expect("ps -a --json")
+}
+
+#[test]
+fn a_crashed_instance_stays_listed_with_its_logs_until_rm() {
+    let Some(mut h) = Harness::new(
+        "a_crashed_instance_stays_listed_with_its_logs_until_rm",
+        &["sh", "sleep"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    // Crashes after its start period: `run -d` succeeded.
+    h.start(
+        "crash",
+        "a",
+        &dir,
+        &[],
+        &["sh", "-c", "echo bye; echo oops >&2; sleep 1; exit 42"],
+    );
+    assert!(
+        common::poll(common::READY, || h.instance("crash").is_none()),
+        "crash still runs"
+    );
+    let rows = ps_all(&h);
+    let row = rows
+        .iter()
+        .find(|r| r["name"] == "crash")
+        .expect("ps -a lists crash");
+    assert_eq!(row["state"], "exited", "{row}");
+    assert_eq!(row["exit_code"], 42, "{row}");
+    assert!(row["exited_unix"].as_u64().unwrap() >= row["created_unix"].as_u64().unwrap());
+    let table = ok(&h, &["ps", "-a"]);
+    assert!(table.contains("exited (42)"), "{table}");
+    assert!(table.lines().next().unwrap().contains("CREATED"), "{table}");
+    assert!(!ok(&h, &["ps"]).contains("crash"));
+
+    // The application's output apart from the supervisor's.
+    assert_eq!(ok(&h, &["logs", "crash"]), "bye\noops\n");
+    let stamped = ok(&h, &["logs", "-t", "crash"]);
+    assert!(
+        stamped.starts_with("20") && stamped.contains("Z bye"),
+        "{stamped}"
+    );
+    assert_eq!(ok(&h, &["logs", "--since", "1h", "crash"]), "bye\noops\n");
+    assert_eq!(
+        ok(&h, &["logs", "--since", "2999-01-01T00:00:00", "crash"]),
+        ""
+    );
+    let supervisor = std::fs::read_to_string(h.log_path("crash").join("supervisor.log")).unwrap();
+    assert!(supervisor.contains("instance exited") && !supervisor.contains("bye"));
+
+    // Started during start: a failed `run -d` is listed as well.
+    let ran = h.try_start(
+        "early",
+        "a",
+        &dir,
+        &[],
+        &["sh", "-c", "echo early-bye; exit 3"],
+    );
+    assert_eq!(ran.code, Some(125), "{ran}");
+    assert!(ran.stderr.contains("early-bye"), "{ran}");
+    let rows = ps_all(&h);
+    let early = rows
+        .iter()
+        .find(|r| r["name"] == "early")
+        .expect("early listed");
+    assert_eq!(early["exit_code"], 3);
+
+    // Used again, the name keeps the crash one generation back.
+    h.start(
+        "crash",
+        "a",
+        &dir,
+        &[],
+        &["sh", "-c", "echo again; exec sleep 60"],
+    );
+    let previous = h.log_path("crash").join("previous");
+    let record = std::fs::read_to_string(previous.join("exit.json")).unwrap();
+    assert!(record.contains("\"exit_code\": 42"), "{record}");
+    assert!(std::fs::read_to_string(previous.join("app.log"))
+        .unwrap()
+        .contains("bye"));
+    assert!(common::poll(common::READY, || ok(&h, &["logs", "crash"]) == "again\n"));
+    h.stop("crash");
+
+    assert_eq!(ok(&h, &["rm", "crash", "early"]), "crash\nearly\n");
+    assert!(ps_all(&h).is_empty(), "{:#?}", ps_all(&h));
+    let gone = run(h.appshot().args(["logs", "crash"]), COMMAND_TIMEOUT);
+    assert_eq!(gone.code, Some(125), "{gone}");
+
+    // A running instance is not removed.
+    h.start("busy", "a", &dir, &[], &["sleep", "60"]);
+    let refused = run(h.appshot().args(["rm", "busy"]), COMMAND_TIMEOUT);
+    assert_eq!(refused.code, Some(125), "{refused}");
+    assert!(refused.stderr.contains("stop it first"), "{refused}");
+}
+
+#[test]
+fn run_rm_leaves_nothing_and_logs_follow_ends_with_the_instance() {
+    let Some(mut h) = Harness::new(
+        "run_rm_leaves_nothing_and_logs_follow_ends_with_the_instance",
+        &["sh", "sleep"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    h.start(
+        "gone",
+        "a",
+        &dir,
+        &["--rm"],
+        &["sh", "-c", "sleep 1; echo done"],
+    );
+    h.start(
+        "followed",
+        "a",
+        &dir,
+        &[],
+        &["sh", "-c", "echo one; sleep 1; echo two"],
+    );
+    // Returns by itself once `followed` has ended, with all its output.
+    assert_eq!(ok(&h, &["logs", "-f", "followed"]), "one\ntwo\n");
+    assert!(common::poll(common::READY, || !h.log_path("gone").exists()));
+    let names: Vec<_> = ps_all(&h).iter().map(|r| r["name"].clone()).collect();
+    assert_eq!(names, ["followed"]);
+}
+
+#[test]
+fn the_application_log_is_rotated_at_its_size_limit() {
+    let Some(mut h) = Harness::new(
+        "the_application_log_is_rotated_at_its_size_limit",
+        &["sh", "seq"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    h.start(
+        "chatty",
+        "a",
+        &dir,
+        &["--log-max-size", "4000"],
+        &["sh", "-c", "sleep 0.5; seq 1 1000; sleep 60"],
+    );
+    let logs = h.log_path("chatty");
+    assert!(common::poll(common::READY, || ok(&h, &["logs", "chatty"])
+        .ends_with("1000\n")));
+    for f in ["app.log", "app.log.1"] {
+        let len = std::fs::metadata(logs.join(f)).unwrap().len();
+        assert!(len <= 4000, "{f}: {len} bytes");
+    }
+    // What `logs` shows is the newest part, in order, ending with the last line.
+    let shown = ok(&h, &["logs", "chatty"]);
+    let numbers: Vec<u32> = shown.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{shown}");
+}
+
+#[test]
+fn stop_takes_several_names_or_all_and_says_which_it_stopped() {
+    let Some(mut h) = Harness::new(
+        "stop_takes_several_names_or_all_and_says_which_it_stopped",
+        &["sleep"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    for name in ["s1", "s2", "s3", "s4"] {
+        h.start(name, "a", &dir, &[], &["sleep", "60"]);
+    }
+    assert_eq!(ok(&h, &["stop", "-t", "2", "s1", "s2"]), "s1\ns2\n");
+    let partly = run(
+        h.appshot().args(["stop", "-t", "2", "s3", "nosuch"]),
+        COMMAND_TIMEOUT,
+    );
+    assert_eq!(partly.code, Some(125), "{partly}");
+    assert_eq!(partly.stdout, "s3\n", "{partly}");
+    assert!(partly.stderr.contains("nosuch"), "{partly}");
+    assert_eq!(ok(&h, &["stop", "--all", "-t", "2"]), "s4\n");
+    assert!(h.ps().is_empty());
+    let states: Vec<_> = ps_all(&h).iter().map(|r| r["exit_code"].clone()).collect();
+    // SIGTERM: 128 + 15.
+    assert_eq!(states, [143, 143, 143, 143]);
 }

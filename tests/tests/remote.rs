@@ -205,12 +205,7 @@ impl Lab {
     }
 
     fn log(&self, host: usize, name: &str) -> String {
-        let path = self.hosts[host]
-            .run_dir
-            .path()
-            .join("logs")
-            .join(format!("{name}.log"));
-        fs::read_to_string(path).unwrap_or_default()
+        common::logs_in(&self.hosts[host].run_dir.path().join("logs").join(name))
     }
 
     fn wait_log(&self, host: usize, name: &str, needle: &str) -> String {
@@ -319,7 +314,7 @@ impl Drop for Lab {
             for (i, h) in self.hosts.iter().enumerate() {
                 if let Ok(entries) = fs::read_dir(h.run_dir.path().join("logs")) {
                     for e in entries.flatten() {
-                        let text = fs::read_to_string(e.path()).unwrap_or_default();
+                        let text = common::logs_in(&e.path());
                         eprintln!(
                             "--- {} host {i}: {} ---\n{text}",
                             self.test,

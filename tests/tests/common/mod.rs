@@ -675,13 +675,14 @@ impl Harness {
             .join("control.sock")
     }
 
+    /// The directory of a detached instance's logs.
     pub fn log_path(&self, name: &str) -> PathBuf {
-        self.run_dir.path().join("logs").join(format!("{name}.log"))
+        self.run_dir.path().join("logs").join(name)
     }
 
     /// Everything the instance's supervisor and application wrote so far.
     pub fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.log_path(name)).unwrap_or_default()
+        logs_in(&self.log_path(name))
     }
 
     /// Waits until the log of `name` contains `needle`; returns the log.
@@ -719,15 +720,28 @@ impl Harness {
             return;
         };
         for e in entries.flatten() {
-            let text = fs::read_to_string(e.path()).unwrap_or_default();
             eprintln!(
                 "--- {}: {} ---\n{}",
                 self.test,
                 e.path().display(),
-                text.trim_end()
+                logs_in(&e.path()).trim_end()
             );
         }
     }
+}
+
+/// A log directory's supervisor log, then the application's output (the
+/// rotated part first) as `appshot logs` prints it, without the times.
+pub fn logs_in(dir: &Path) -> String {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let mut out = read("supervisor.log");
+    for f in ["app.log.1", "app.log"] {
+        for line in read(f).lines() {
+            out.push_str(line.split_once(' ').map_or(line, |(_, text)| text));
+            out.push('\n');
+        }
+    }
+    out
 }
 
 impl Drop for Harness {
