@@ -149,6 +149,10 @@ enum Cmd {
         /// Application config: its `[clone]` rules and `port_range` apply.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Real ports the clones' sockets get, e.g. 20000-29999 (overrides
+        /// the config's `port_range`).
+        #[arg(long)]
+        port_range: Option<PortRange>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -161,6 +165,13 @@ enum Cmd {
         /// AID (default: the snapshotted instance's AID).
         #[arg(long)]
         aid: Option<String>,
+        /// Application config: its `port_range` applies.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Real ports the restored sockets get, e.g. 20000-29999 (overrides
+        /// the config's `port_range`).
+        #[arg(long)]
+        port_range: Option<PortRange>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -382,6 +393,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             count,
             identity_file,
             config,
+            port_range,
             detach,
         } => {
             commands::require_privileges("clone")?;
@@ -390,15 +402,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 None => AppConfig::default(),
             };
             let identity_file = identity_file.or(config.clone_identity_file.clone());
-            let launches = clone_launches(
-                &template,
-                &aid,
-                name,
-                count,
-                identity_file,
-                &config,
-                &run_dir,
-            )?;
+            let range = port_range.unwrap_or(config.port_range);
+            let launches =
+                clone_launches(&template, &aid, name, count, identity_file, range, &run_dir)?;
             if launches.len() == 1 && !detach {
                 let launch = launches.into_iter().next().expect("one launch");
                 return Ok(supervisor::run(launch, &mut None)?);
@@ -416,10 +422,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             image,
             name,
             aid,
+            config,
+            port_range,
             detach,
         } => {
             commands::require_privileges("restore")?;
-            let launch = restore_launch(&image, name, aid, &run_dir)?;
+            let config = match &config {
+                Some(path) => AppConfig::load(path)?,
+                None => AppConfig::default(),
+            };
+            let mut launch = restore_launch(&image, name, aid, &run_dir)?;
+            let range = port_range.unwrap_or(config.port_range);
+            launch.range = (range.start, range.end);
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
@@ -561,7 +575,7 @@ fn clone_launches(
     name: Option<String>,
     count: u32,
     identity_file: Option<PathBuf>,
-    config: &AppConfig,
+    range: PortRange,
     run_dir: &Path,
 ) -> anyhow::Result<Vec<Launch>> {
     if count == 0 {
@@ -595,7 +609,7 @@ fn clone_launches(
         let mut launch = image_launch(path.clone(), &img, clone_name, clone_aid, run_dir)?;
         launch.is_clone = true;
         launch.identity_file = identity_file.clone();
-        launch.range = (config.port_range.start, config.port_range.end);
+        launch.range = (range.start, range.end);
         launches.push(launch);
     }
     let sockets = img
@@ -604,7 +618,6 @@ fn clone_launches(
         .iter()
         .map(|p| p.listening().count())
         .sum::<usize>();
-    let range = config.port_range;
     let registry = appshot_vpm::Registry::open(run_dir)?;
     let used = registry
         .read()?

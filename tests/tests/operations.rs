@@ -273,3 +273,62 @@ fn stop_takes_several_names_or_all_and_says_which_it_stopped() {
     // SIGTERM: 128 + 15.
     assert_eq!(states, [143, 143, 143, 143]);
 }
+
+#[test]
+fn clone_and_restore_take_real_ports_from_the_range_asked() {
+    let test = "clone_and_restore_take_real_ports_from_the_range_asked";
+    let Some(mut h) = Harness::new(test, &["gcc", "python3"]) else {
+        return;
+    };
+    let bin = h.compile("statekeeper.c", "statekeeper");
+    common::start_keeper(&mut h, "keeper-pr", "kpr", &bin);
+    let image = h.dir("images").join("keeper.img");
+    let taken = h.snapshot("keeper-pr", &image, &["--template", "--leave-running"]);
+    assert!(taken.success(), "{taken}");
+    let real_ports = |h: &Harness, name: &str| -> Vec<u64> {
+        h.translations(name)
+            .iter()
+            .filter_map(|t| t["real_port"].as_u64())
+            .collect()
+    };
+
+    // A range of one port each, outside every other test's ports.
+    let flag = common::free_port(30300..=30349);
+    let range = format!("{flag}-{flag}");
+    h.clone_template(
+        &["c-flag".to_string()],
+        &image,
+        &["--aid", "pr1", "--name", "c-flag", "--port-range", &range],
+    );
+    assert_eq!(real_ports(&h, "c-flag"), [u64::from(flag)]);
+
+    let from_config = common::free_port(30350..=30399);
+    let config = h.dir("cfg").join("app.toml");
+    std::fs::write(
+        &config,
+        format!("port_range = \"{from_config}-{from_config}\"\n"),
+    )
+    .unwrap();
+    h.clone_template(
+        &["c-config".to_string()],
+        &image,
+        &[
+            "--aid",
+            "pr2",
+            "--name",
+            "c-config",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(real_ports(&h, "c-config"), [u64::from(from_config)]);
+
+    // Restore: the snapshotted instance comes back on a port of its range.
+    let saved = h.dir("images").join("c-flag.img");
+    let taken = h.snapshot("c-flag", &saved, &[]);
+    assert!(taken.success(), "{taken}");
+    let restored = common::free_port(30400..=30449);
+    let range = format!("{restored}-{restored}");
+    h.restore("c-flag", &saved, &["--port-range", &range]);
+    assert_eq!(real_ports(&h, "c-flag"), [u64::from(restored)]);
+}
