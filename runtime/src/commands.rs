@@ -18,7 +18,7 @@ struct PsRow {
     /// None once the instance has ended.
     pid: Option<u32>,
     supervisor_pid: Option<u32>,
-    /// `running`, `snapshotting`, `unresponsive` or `exited`.
+    /// `running`, `snapshotting`, `restarting`, `unresponsive` or `exited`.
     state: String,
     command: Vec<String>,
     ports: Vec<PortPair>,
@@ -27,6 +27,8 @@ struct PsRow {
     /// As a shell reports it (128+N when killed by signal N).
     exit_code: Option<i32>,
     signal: Option<String>,
+    /// How often `run --restart` started it again (known once it ended).
+    restarts: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -80,6 +82,7 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
                 exited_unix: None,
                 exit_code: None,
                 signal: None,
+                restarts: None,
             }
         })
         .collect();
@@ -100,6 +103,7 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
             exited_unix: Some(e.exited_unix),
             exit_code: Some(e.exit_code),
             signal: e.signal,
+            restarts: Some(e.restarts),
         }));
     }
     if json {
@@ -118,13 +122,16 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
             .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real))
             .collect();
         let (state, uptime) = match (r.exited_unix, r.exit_code) {
-            (Some(at), Some(code)) => (
-                match &r.signal {
+            (Some(at), Some(code)) => {
+                let how = match &r.signal {
                     Some(sig) => format!("exited ({code}, {sig}) {} ago", age(now, at)),
                     None => format!("exited ({code}) {} ago", age(now, at)),
-                },
-                "-".to_string(),
-            ),
+                };
+                match r.restarts {
+                    Some(n) if n > 0 => (format!("{how}, {n} restarts"), "-".to_string()),
+                    _ => (how, "-".to_string()),
+                }
+            }
             _ => (r.state.clone(), age(now, r.created_unix)),
         };
         table.push(vec![

@@ -60,6 +60,9 @@ pub struct Exited {
     pub exit_code: i32,
     /// The signal's name when it was killed by one.
     pub signal: Option<String>,
+    /// How often `run --restart` started it again before this end.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl Exited {
@@ -76,6 +79,7 @@ impl Exited {
             exited_unix: now_unix(),
             exit_code: status,
             signal,
+            restarts: 0,
         }
     }
 }

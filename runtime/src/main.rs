@@ -15,6 +15,7 @@ mod notify;
 mod pending;
 mod pool;
 mod remote;
+mod restart;
 mod snapshots;
 mod sockaddr;
 mod sourcerules;
@@ -245,6 +246,12 @@ struct RunArgs {
     /// Remove the instance's logs and exit record when it ends.
     #[arg(long)]
     rm: bool,
+    /// Start the application again when it exits: `no`, `on-failure[:N]`
+    /// (a status other than 0, at most N times) or `always`; the wait
+    /// doubles from 100 ms up to 30 s. Never after `appshot stop`, nor
+    /// after an exit during `run -d`'s start period.
+    #[arg(long, default_value = "no")]
+    restart: restart::Policy,
     /// Rotate the application's log (`app.log`) at this many bytes.
     #[arg(long, default_value_t = logs::DEFAULT_MAX_BYTES)]
     log_max_size: u64,
@@ -310,7 +317,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch, &mut None)?)
+                Ok(supervisor::run(launch, &mut None)?.status)
             }
         }
         Cmd::Supervise => {
@@ -407,7 +414,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 clone_launches(&template, &aid, name, count, identity_file, range, &run_dir)?;
             if launches.len() == 1 && !detach {
                 let launch = launches.into_iter().next().expect("one launch");
-                return Ok(supervisor::run(launch, &mut None)?);
+                return Ok(supervisor::run(launch, &mut None)?.status);
             }
             for launch in &launches {
                 detach_supervisor(launch, cli.verbose)?;
@@ -437,7 +444,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch, &mut None)?)
+                Ok(supervisor::run(launch, &mut None)?.status)
             }
         }
         Cmd::Stop { names, all, time } => {
@@ -530,6 +537,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         user,
         remove_on_exit: args.rm,
         log_max_bytes: args.log_max_size,
+        restart: args.restart,
     })
 }
 
@@ -664,6 +672,7 @@ fn image_launch(
         user: None,
         remove_on_exit: false,
         log_max_bytes: logs::DEFAULT_MAX_BYTES,
+        restart: restart::Policy::No,
     })
 }
 
@@ -733,22 +742,24 @@ fn supervise(launch: Launch) -> anyhow::Result<i32> {
         nix::unistd::dup2(null.as_raw_fd(), fd).context("closing the output pipe")?;
     }
     let _ = capture.join();
-    let status = match &result {
-        Ok(status) => *status,
-        Err(e) => i32::from(e.exit_status()),
+    let (status, restarts) = match &result {
+        Ok(ended) => (ended.status, ended.restarts),
+        Err(e) => (i32::from(e.exit_status()), 0),
     };
     if launch.remove_on_exit {
         let _ = std::fs::remove_dir_all(&log_dir);
     } else {
-        let exited = logs::Exited::new(&launch.name, &launch.aid, &launch.command, created, status);
+        let mut exited =
+            logs::Exited::new(&launch.name, &launch.aid, &launch.command, created, status);
+        exited.restarts = restarts;
         if let Err(e) = logs::record_exit(&launch.run_dir, &exited) {
             tracing::warn!("{e}");
         }
     }
-    if let (Some(mut r), Ok(status)) = (ready, &result) {
+    if let (Some(mut r), Ok(_)) = (ready, &result) {
         let _ = std::io::Write::write_fmt(&mut r, format_args!("exited {status}\n"));
     }
-    Ok(result?)
+    Ok(result?.status)
 }
 
 /// Starts `appshot __supervise` in its own session, logging to

@@ -177,9 +177,35 @@ impl Call {
 }
 
 /// Receives and handles notifications until the listener is gone.
+/// Waits until `listener` has a notification (false) or no task is left
+/// under its filter (true).
+fn hung_up(listener: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {
+                let got = fds[0].revents().unwrap_or(PollFlags::empty());
+                return got.contains(PollFlags::POLLHUP) && !got.contains(PollFlags::POLLIN);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            // recv reports the trouble.
+            Err(_) => return false,
+        }
+    }
+}
+
 pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
     let tasks = Arc::new(Mutex::new(Tasks::new()));
     loop {
+        // Once every task under the filter is gone, recv would block for
+        // good; the hang-up ends the thread instead, which matters to a
+        // supervisor that restarts its application (with a new listener).
+        if hung_up(&listener) {
+            debug!(fd = listener.as_raw_fd(), "seccomp listener: no tasks left");
+            return;
+        }
         let n = match seccomp::recv(&listener) {
             Ok(n) => n,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ENOENT)) => {

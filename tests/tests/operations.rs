@@ -332,3 +332,93 @@ fn clone_and_restore_take_real_ports_from_the_range_asked() {
     h.restore("c-flag", &saved, &["--port-range", &range]);
     assert_eq!(real_ports(&h, "c-flag"), [u64::from(restored)]);
 }
+
+#[test]
+fn on_failure_restarts_as_often_as_asked_then_the_instance_ends() {
+    let Some(mut h) = Harness::new(
+        "on_failure_restarts_as_often_as_asked_then_the_instance_ends",
+        &["sh", "sleep"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    h.start(
+        "flaky",
+        "a",
+        &dir,
+        &["--restart", "on-failure:3"],
+        &["sh", "-c", "echo run; sleep 0.5; exit 3"],
+    );
+    let ended = || {
+        ps_all(&h)
+            .into_iter()
+            .find(|r| r["name"] == "flaky" && r["state"] == "exited")
+    };
+    assert!(
+        common::poll(common::READY, || ended().is_some()),
+        "{:#?}",
+        ps_all(&h)
+    );
+    let row = ended().unwrap();
+    assert_eq!(row["exit_code"], 3, "{row}");
+    assert_eq!(row["restarts"], 3, "{row}");
+    assert_eq!(ok(&h, &["logs", "flaky"]), "run\n".repeat(4));
+    assert!(ok(&h, &["ps", "-a"]).contains("exited (3)"));
+
+    // An exit during `run -d`'s start is a failed start, never restarted.
+    let ran = h.try_start("never", "a", &dir, &["--restart", "always"], &["false"]);
+    assert_eq!(ran.code, Some(125), "{ran}");
+    let rows = ps_all(&h);
+    let never = rows.iter().find(|r| r["name"] == "never").expect("listed");
+    assert_eq!(never["restarts"], 0, "{never}");
+}
+
+#[test]
+fn always_restarts_a_killed_server_under_its_name_aid_and_port_until_stopped() {
+    let Some(mut h) = Harness::new(
+        "always_restarts_a_killed_server_under_its_name_aid_and_port_until_stopped",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("www");
+    std::fs::write(dir.join("restarted.txt"), "r").unwrap();
+    h.start(
+        "web-r",
+        "ra",
+        &dir,
+        &["--restart", "always"],
+        &["python3", "-m", "http.server", "9460"],
+    );
+    h.wait_log("web-r", "port 9460");
+    let first = common::pid_of(&h.instance("web-r").unwrap());
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let restarted = || {
+        h.instance("web-r")
+            .filter(|r| r["state"] == "running" && common::pid_of(r) != first)
+            .is_some()
+    };
+    assert!(common::poll(common::READY, restarted), "{:#?}", h.ps());
+    let serves = || {
+        let got = h.curl("ra", "http://127.0.0.1:9460/");
+        got.success() && got.stdout.contains("restarted.txt")
+    };
+    assert!(
+        common::poll(common::READY, serves),
+        "web-r does not serve again"
+    );
+    let owned: Vec<_> = h
+        .translations("web-r")
+        .iter()
+        .map(|t| (t["virtual_port"].clone(), t["aid"].clone()))
+        .collect();
+    assert_eq!(owned, [(9460.into(), "ra".into())], "{:#?}", h.ports());
+    let log = std::fs::read_to_string(h.log_path("web-r").join("supervisor.log")).unwrap();
+    assert!(log.contains("application restarted"), "{log}");
+
+    // `stop` ends it for good.
+    h.stop("web-r");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(h.instance("web-r").is_none(), "restarted after stop");
+}
