@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use appshot_vpm::{is_alive, Registry, RegistryState};
+use appshot_vpm::{is_alive, Registry, RegistryState, Translation};
 use serde::Serialize;
 
 use crate::control::{self, Request};
@@ -21,7 +21,7 @@ struct PsRow {
     /// `running`, `snapshotting`, `restarting`, `unresponsive` or `exited`.
     state: String,
     command: Vec<String>,
-    ports: Vec<PortPair>,
+    ports: Vec<PortView>,
     created_unix: u64,
     exited_unix: Option<u64>,
     /// As a shell reports it (128+N when killed by signal N).
@@ -31,13 +31,30 @@ struct PsRow {
     restarts: Option<u32>,
 }
 
+/// A translation as `ps --json` (each row's `ports`) and `ports --json`
+/// show it: the one vocabulary of both.
 #[derive(Serialize)]
-struct PortPair {
+struct PortView {
     protocol: String,
+    /// The address the application bound (may be unspecified).
     address: String,
-    #[serde(rename = "virtual")]
     virtual_port: u16,
-    real: u16,
+    real_port: u16,
+    aid: String,
+    instance: String,
+}
+
+impl From<&Translation> for PortView {
+    fn from(t: &Translation) -> Self {
+        PortView {
+            protocol: t.protocol.to_string(),
+            address: t.addr.to_string(),
+            virtual_port: t.virtual_port,
+            real_port: t.real_port,
+            aid: t.aid.clone(),
+            instance: t.owner.clone(),
+        }
+    }
 }
 
 fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
@@ -69,15 +86,7 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
                 supervisor_pid: Some(i.supervisor_pid),
                 state,
                 command: i.command.clone(),
-                ports: st
-                    .translations_of(&i.name)
-                    .map(|t| PortPair {
-                        protocol: t.protocol.to_string(),
-                        address: t.addr.to_string(),
-                        virtual_port: t.virtual_port,
-                        real: t.real_port,
-                    })
-                    .collect(),
+                ports: st.translations_of(&i.name).map(PortView::from).collect(),
                 created_unix: i.started_unix,
                 exited_unix: None,
                 exit_code: None,
@@ -119,7 +128,7 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
         let ports: Vec<String> = r
             .ports
             .iter()
-            .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real))
+            .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real_port))
             .collect();
         let (state, uptime) = match (r.exited_unix, r.exit_code) {
             (Some(at), Some(code)) => {
@@ -184,7 +193,8 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
             });
             return Ok(serde_json::to_string_pretty(&view).expect("serialisable") + "\n");
         }
-        return Ok(serde_json::to_string_pretty(&st.translations).expect("serialisable"));
+        let views: Vec<PortView> = st.translations.iter().map(PortView::from).collect();
+        return Ok(serde_json::to_string_pretty(&views).expect("serialisable"));
     }
     let mut out = String::new();
     if !remote_only {

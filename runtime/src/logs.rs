@@ -208,6 +208,12 @@ fn timestamp(t: SystemTime) -> String {
     )
 }
 
+/// A time in seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn utc(unix: u64) -> String {
+    let stamp = timestamp(UNIX_EPOCH + Duration::from_secs(unix));
+    format!("{}Z", &stamp[..19])
+}
+
 /// `--since`: a duration back from now (`30s`, `5m`, `2h`, `1d`) or a UTC
 /// time `YYYY-MM-DDTHH:MM:SS`; returned as the timestamp prefix lines are
 /// compared with.

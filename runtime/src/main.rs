@@ -181,6 +181,9 @@ enum Cmd {
         image: PathBuf,
         #[arg(long)]
         json: bool,
+        /// List every memory mapping (the text shows their number only).
+        #[arg(long)]
+        mappings: bool,
     },
     #[command(name = "__init", hide = true)]
     Init {
@@ -421,8 +424,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Inspect { image, json } => {
-            print!("{}", snapshots::inspect(&image, json)?);
+        Cmd::Inspect {
+            image,
+            json,
+            mappings,
+        } => {
+            print!("{}", snapshots::inspect(&image, json, mappings)?);
             Ok(0)
         }
         Cmd::Restore {

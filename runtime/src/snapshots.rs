@@ -268,6 +268,8 @@ struct Summary {
     aid: String,
     command: Vec<String>,
     created_unix: u64,
+    /// Taken with `--template`: `appshot clone` accepts it.
+    template: bool,
     pid: u32,
     exe: String,
     cwd: String,
@@ -316,7 +318,9 @@ struct FdSummary {
     kind: String,
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
+/// What an image holds. The text summarises; `mappings` lists every
+/// mapping too. The JSON is always complete.
+pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, RuntimeError> {
     let image = Image::open(path)?;
     let m = &image.manifest;
     let p = m.main();
@@ -345,6 +349,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),
         created_unix: m.created_unix,
+        template: m.instance.template,
         pid: p.ns_pid,
         exe: p.exe.path.clone(),
         cwd: p.cwd.clone(),
@@ -431,10 +436,12 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
         return Ok(serde_json::to_string_pretty(&summary).expect("serialisable") + "\n");
     }
     let mut out = format!(
-        "image      {} ({}, {} of pages)\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
+        "image      {} ({}, {} of pages)\ntaken      {}{}\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
         summary.path,
         mib(summary.size_bytes),
         mib(summary.pages_bytes),
+        crate::logs::utc(summary.created_unix),
+        if summary.template { ", a template for `appshot clone`" } else { "" },
         summary.instance,
         summary.aid,
         summary.command.join(" "),
@@ -464,8 +471,16 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
     for t in &summary.threads {
         out.push_str(&format!("  {:>7}  {}\n", t.tid, t.name));
     }
-    out.push_str(&format!("mappings   {}\n", summary.mappings.len()));
-    for v in &summary.mappings {
+    out.push_str(&format!(
+        "mappings   {}{}\n",
+        summary.mappings.len(),
+        if mappings {
+            ""
+        } else {
+            " (listed with --mappings)"
+        }
+    ));
+    for v in summary.mappings.iter().filter(|_| mappings) {
         out.push_str(&format!(
             "  {}-{} {} {:>10}  {}\n",
             v.start,

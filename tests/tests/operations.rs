@@ -422,3 +422,59 @@ fn always_restarts_a_killed_server_under_its_name_aid_and_port_until_stopped() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(h.instance("web-r").is_none(), "restarted after stop");
 }
+
+#[test]
+fn ps_ports_and_inspect_speak_one_json_vocabulary() {
+    let Some(mut h) = Harness::new(
+        "ps_ports_and_inspect_speak_one_json_vocabulary",
+        &["python3"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("www");
+    h.start(
+        "web-j",
+        "j",
+        &dir,
+        &[],
+        &["python3", "-m", "http.server", "9470"],
+    );
+    h.wait_log("web-j", "port 9470");
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let from_ps = h.instance("web-j").unwrap()["ports"][0].clone();
+    let from_ports = h.translations("web-j")[0].clone();
+    assert_eq!(from_ps, from_ports);
+    assert_eq!(
+        keys(&from_ports),
+        [
+            "address",
+            "aid",
+            "instance",
+            "protocol",
+            "real_port",
+            "virtual_port"
+        ]
+    );
+    assert_eq!(from_ports["virtual_port"], 9470);
+    assert_eq!(from_ports["instance"], "web-j");
+
+    let image = h.dir("images").join("web-j.img");
+    let taken = h.snapshot("web-j", &image, &["--template", "--leave-running"]);
+    assert!(taken.success(), "{taken}");
+    let info = h.inspect(&image);
+    assert_eq!(info["template"], true, "{info:#}");
+    assert!(info["created_unix"].as_u64().unwrap() > 0);
+    assert!(!info["mappings"].as_array().unwrap().is_empty());
+    let summary = ok(&h, &["inspect", image.to_str().unwrap()]);
+    assert!(
+        summary.contains("a template for `appshot clone`"),
+        "{summary}"
+    );
+    assert!(summary.contains("(listed with --mappings)"), "{summary}");
+    let full = ok(&h, &["inspect", "--mappings", image.to_str().unwrap()]);
+    assert!(full.lines().count() > summary.lines().count() + 5, "{full}");
+}

@@ -634,7 +634,7 @@ fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
     assert!(
         ports
             .iter()
-            .any(|t| t["owner"] == "web-x" && t["aid"] == "x1"),
+            .any(|t| t["instance"] == "web-x" && t["aid"] == "x1"),
         "{ports:#?}"
     );
     assert!(lab.nft_ruleset(0).contains("/web-x/src"));
@@ -670,7 +670,7 @@ fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
     );
     let ports = mine(&lab.json(0, &["ports", "--json"]));
     assert!(
-        ports.iter().all(|t| t["owner"] != "web-x"),
+        ports.iter().all(|t| t["instance"] != "web-x"),
         "the dead web-x's translations survived its successor's start: {ports:#?}"
     );
     let remote = lab.json(0, &["ports", "--remote", "--json"]);

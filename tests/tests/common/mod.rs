@@ -382,8 +382,8 @@ pub fn port_pairs(row: &Value) -> Vec<PortPair> {
         .iter()
         .map(|p| PortPair {
             address: p["address"].as_str().expect("address").to_string(),
-            virtual_port: p["virtual"].as_u64().expect("virtual") as u16,
-            real: p["real"].as_u64().expect("real") as u16,
+            virtual_port: p["virtual_port"].as_u64().expect("virtual_port") as u16,
+            real: p["real_port"].as_u64().expect("real_port") as u16,
         })
         .collect()
 }
@@ -625,7 +625,7 @@ impl Harness {
     pub fn translations(&self, name: &str) -> Vec<Value> {
         self.ports()
             .into_iter()
-            .filter(|r| r["owner"] == name)
+            .filter(|r| r["instance"] == name)
             .collect()
     }
 
