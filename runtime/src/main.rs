@@ -36,10 +36,19 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use supervisor::{Launch, LAUNCH_ENV};
 
+/// `--version`: the crate's version and the commit it was built from
+/// (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("APPSHOT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "appshot",
-    version,
+    version = VERSION,
     about = "Run many instances of an unmodified application on one fixed port"
 )]
 struct Cli {
@@ -185,6 +194,9 @@ enum Cmd {
         #[arg(long)]
         mappings: bool,
     },
+    /// Print a completion script for SHELL, e.g.
+    /// `appshot completion bash > /etc/bash_completion.d/appshot`.
+    Completion { shell: clap_complete::Shell },
     #[command(name = "__init", hide = true)]
     Init {
         #[arg(long)]
@@ -309,7 +321,10 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
-    if !matches!(cli.command, Cmd::Init { .. } | Cmd::Supervise) {
+    if !matches!(
+        cli.command,
+        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. }
+    ) {
         pending::sweep(&run_dir);
     }
     match cli.command {
@@ -349,6 +364,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             user,
             command,
         }),
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "appshot", &mut std::io::stdout());
+            Ok(0)
+        }
         Cmd::Ps { json, all } => {
             print!("{}", commands::ps(&run_dir, json, all)?);
             Ok(0)

@@ -478,3 +478,19 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
     let full = ok(&h, &["inspect", "--mappings", image.to_str().unwrap()]);
     assert!(full.lines().count() > summary.lines().count() + 5, "{full}");
 }
+
+#[test]
+fn version_names_the_commit_and_completions_cover_the_commands() {
+    let h = Harness::unprivileged("version_names_the_commit_and_completions_cover_the_commands");
+    let version = ok(&h, &["--version"]);
+    assert!(
+        version.starts_with("appshot ") && version.contains("(commit "),
+        "{version}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&h, &["completion", shell]);
+        for word in ["logs", "snapshot", "port-range", "restart"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+}
