@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Measures appshot side by side with native and with peers.
 #
-#   bench/run.sh [--quick] [--only syscall|connrate|iperf|redis|snapshot]...
+#   bench/run.sh [--quick] [--only syscall|connrate|iperf|redis|snapshot|nginx|oci]...
 #
 # Installs the Debian packages the benchmarks drive (only those `dpkg -s`
 # reports missing), builds appshot and the bench in release mode, and runs
 # the bench from the repository root. The table goes to stdout; results.json
-# and results.md to bench/results/. --quick takes under 2 minutes, the full
-# run under 20.
+# and results.md to bench/results/. --quick takes about 3 minutes (CRIU included), the full
+# run about 9 (both on a shared 2-CPU VM).
 #
-# CRIU, the snapshot benchmark's peer, is not installed here: its rows get a
-# peer figure only where `criu` is already installed and `criu check` passes
-# (Debian 12's criu 3.17.1 fails it on Linux 6.18); otherwise they say why not.
+# CRIU 4.x, the snapshot benchmark's peer, is always measured: the script
+# uses $CRIU if set, else `criu` on PATH; when that is missing or not 4.x it
+# runs ../shared/peers/build-criu.sh (beside the repository, as in CI), which
+# builds CRIU 4.2 and installs it into /usr/local (about 30 s, plus its
+# Debian build dependencies). Debian 12's own criu 3.17 fails `criu check` on
+# Linux 6.18. If no working criu 4.x can be had, it says why on stderr; with
+# CI=true that fails the run (a missing peer is a failure there), otherwise
+# the snapshot rows carry the reason instead of a CRIU figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iperf3 socat redis-server redis-tools gcc)
+packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -28,6 +33,53 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     "${sudo[@]}" apt-get update -qq >&2
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# The CRIU peer: $CRIU, or criu on PATH, or built from ../shared/peers/.
+criu_version() { { "$1" --version 2>/dev/null || true; } | sed -n 's/^Version: //p'; }
+criu_problem() {
+    echo "bench/run.sh: WARNING: no CRIU peer: $*" >&2
+    echo "bench/run.sh: WARNING: the snapshot/restore rows will have no CRIU figure" >&2
+    if [[ ${CI:-} == true ]]; then
+        echo "bench/run.sh: CI=true: a missing CRIU peer fails the run" >&2
+        exit 1
+    fi
+}
+# Only the snapshot benchmarks have CRIU as their peer.
+wants_criu=true
+if [[ " $* " == *" --only "* && " $* " != *" snapshot "* && " $* " != *" nginx "* ]]; then
+    wants_criu=false
+fi
+criu="${CRIU:-$(command -v criu || true)}"
+version=""
+if [[ -n $criu ]]; then version="$(criu_version "$criu")"; fi
+if $wants_criu && [[ $version != 4.* ]]; then
+    builder="$(cd .. && pwd)/shared/peers/build-criu.sh"
+    if [[ -n ${CRIU:-} ]]; then
+        criu_problem "CRIU=$CRIU is ${version:+criu $version, not 4.x}${version:-not a working criu}"
+    elif [[ -x $builder ]]; then
+        echo "bench/run.sh: criu ${version:-not found}${criu:+ ($criu)}; building CRIU 4.2 with $builder" >&2
+        if [[ $(id -u) -ne 0 ]]; then
+            criu_problem "$builder needs root"
+        elif ! "$builder" >&2; then
+            criu_problem "$builder failed (its output is above)"
+        else
+            criu=/usr/local/sbin/criu
+            version="$(criu_version "$criu")"
+        fi
+    else
+        criu_problem "criu ${version:-not found}${criu:+ at $criu}, and no $builder to build CRIU 4.2 with"
+    fi
+fi
+if $wants_criu && [[ $version == 4.* ]]; then
+    # `criu check` is run again by the bench, which puts its errors in the rows.
+    if ! "$criu" check >&2; then
+        criu_problem "$criu (criu $version) fails \`criu check\` (above)"
+    fi
+    export CRIU="$criu"
+    echo "bench/run.sh: CRIU peer: $criu (criu $version)" >&2
+else
+    unset CRIU
 fi
 
 cargo build --release -p appshot -p appshot-bench >&2

@@ -59,7 +59,8 @@ impl Appshot {
         })
     }
 
-    fn command(&self) -> Command {
+    /// Any appshot command, bound to the bench's own run directory.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.env("APPSHOT_RUN_DIR", &self.run_dir);
         cmd

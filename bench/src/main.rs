@@ -33,8 +33,8 @@ use crate::table::Row;
     about = "Measure appshot side by side with native and with peers"
 )]
 struct Cli {
-    /// 3 counted runs per figure and smaller runs (under 2 minutes);
-    /// the default is 7 runs (under 20 minutes).
+    /// 3 counted runs per figure and smaller runs (about 3 minutes);
+    /// the default is 7 runs (about 9 minutes).
     #[arg(long)]
     quick: bool,
     /// The appshot binary to measure.

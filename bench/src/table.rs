@@ -107,11 +107,16 @@ impl Row {
                     range(appshot, *unit)
                 ),
             ),
-            RowResult::Alone { unit, appshot, .. } => (
-                String::new(),
+            // Never a silently empty peer column: the reason is in the row.
+            RowResult::Alone {
+                unit,
+                appshot,
+                peer,
+            } => (
+                "—".into(),
                 format_value(appshot.median, *unit),
-                String::new(),
-                format!("appshot {}", range(appshot, *unit)),
+                "—".into(),
+                format!("appshot {}; no peer: {peer}", range(appshot, *unit)),
             ),
             RowResult::Failed { .. } => dash("FAILED"),
         };
@@ -270,12 +275,19 @@ mod tests {
     }
 
     #[test]
-    fn a_row_without_peer_leaves_peer_and_ratio_empty() {
+    fn a_row_without_peer_says_why() {
         let appshot = measurement(Unit::Millis, &[9.0, 12.5, 10.0]);
         let row = Row::alone("clone", "256 MiB", &appshot, "criu: not installed");
         assert_eq!(
             row.cells(),
-            ["clone", "256 MiB", "", "10.0 ms", "", "appshot 9.00–12.5"]
+            [
+                "clone",
+                "256 MiB",
+                "—",
+                "10.0 ms",
+                "—",
+                "appshot 9.00–12.5; no peer: criu: not installed"
+            ]
         );
         let json = serde_json::to_value(&row).unwrap();
         assert_eq!(json["result"]["status"], "alone");
@@ -314,6 +326,7 @@ mod tests {
         assert!(lines[2].contains("19.0 µs"));
         assert!(lines[2].contains(" 67.9 |"));
         assert!(lines[3].contains("| 9.00 ms |"));
+        assert!(lines[3].contains("no peer: none"), "{}", lines[3]);
         assert!(lines[4].contains("FAILED"));
         // Every line has the same width and the same number of columns.
         let width = lines[0].chars().count();

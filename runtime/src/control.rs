@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,6 +164,18 @@ pub fn serve(
     run_dir: &Path,
     handler: impl Fn(Request, &Peer) -> Reply + Send + Sync + 'static,
 ) -> Result<(), RuntimeError> {
+    serve_until(dir, run_dir, handler, Arc::new(AtomicBool::new(false)))
+}
+
+/// [`serve`] until `stop` is set, for a service that outlives the instance
+/// (the OCI agent): the accepting thread ends at its next connection, which
+/// the service makes itself after setting `stop`.
+pub fn serve_until(
+    dir: &Path,
+    run_dir: &Path,
+    handler: impl Fn(Request, &Peer) -> Reply + Send + Sync + 'static,
+    stop: Arc<AtomicBool>,
+) -> Result<(), RuntimeError> {
     let path = dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
@@ -174,6 +187,9 @@ pub fn serve(
     let handler = Arc::new(handler);
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
             let cred = match getsockopt(&conn, sockopt::PeerCredentials) {
                 Ok(c) => c,
                 Err(e) => {

@@ -33,6 +33,8 @@ pub enum RuntimeError {
     NoLogs(String),
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
+    #[error("OCI: {0}")]
+    Oci(String),
     #[error(transparent)]
     Vpm(#[from] appshot_vpm::VpmError),
     #[error(transparent)]

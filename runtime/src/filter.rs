@@ -20,16 +20,16 @@ pub const NOTIFIED: &[&str] = &["bind", "connect", "getsockname", "getpeername"]
 /// TCP Fast Open connects inside a send call, which would reach a real port
 /// without routing; those calls are trapped only when `MSG_FASTOPEN` is set,
 /// so ordinary sends stay on the native data path.
-const FASTOPEN_SENDS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)];
+pub const FASTOPEN_SENDS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)];
 
 /// SCTP binds and connects addresses through setsockopt
 /// (`SCTP_SOCKOPT_BINDX_ADD`, `SCTP_SOCKOPT_CONNECTX`), out of the
 /// multiplexer's sight: INET sockets of that protocol, named or the default
 /// of SOCK_SEQPACKET, are not supported, as on a kernel without SCTP.
-const IPPROTO_SCTP: u64 = 132;
+pub const IPPROTO_SCTP: u64 = 132;
 
 /// io_uring could run socket operations the filter never sees.
-const DENIED_ENOSYS: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
+pub const DENIED_ENOSYS: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
 
 /// Builds the BPF program. Any architecture other than native x86_64 (i386
 /// via `int 0x80`, and x32 numbers, which libseccomp checks for explicitly)

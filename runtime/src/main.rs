@@ -12,6 +12,7 @@ mod init;
 mod logs;
 mod multiplex;
 mod notify;
+mod oci;
 mod pending;
 mod pool;
 mod remote;
@@ -111,6 +112,28 @@ enum Cmd {
     Vpm {
         #[command(subcommand)]
         command: VpmCmd,
+    },
+    /// Serve OCI containers: the seccomp agent runc/crun hand each
+    /// container's listener to (runs in the foreground).
+    OciAgent {
+        /// The Unix socket runtimes connect to (the profile's listenerPath).
+        #[arg(long, default_value = oci::DEFAULT_SOCKET)]
+        listen: PathBuf,
+    },
+    /// Print the seccomp profile (OCI `linux.seccomp`) for containers
+    /// served by `appshot oci-agent`.
+    OciProfile {
+        /// A profile to extend: an OCI `linux.seccomp` object or a whole
+        /// config.json. Default: allow every other syscall.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// The agent's socket.
+        #[arg(long, default_value = oci::DEFAULT_SOCKET)]
+        listener_path: PathBuf,
+        /// Put the AID in listenerMetadata (`appshot.aid=AID`); the
+        /// container's annotation `appshot.aid` takes precedence.
+        #[arg(long)]
+        aid: Option<String>,
     },
     /// Stop instances: SIGTERM, then SIGKILL after the grace time.
     Stop {
@@ -285,7 +308,7 @@ fn main() -> ExitCode {
         (_, 1) => "info",
         (_, 2) => "debug",
         (_, n) if n > 2 => "trace",
-        (Cmd::Supervise | Cmd::Vpm { .. }, _) => "info",
+        (Cmd::Supervise | Cmd::Vpm { .. } | Cmd::OciAgent { .. }, _) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -403,6 +426,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             key_file,
             run_dir,
         }),
+        Cmd::OciAgent { listen } => Ok(oci::agent::run(oci::agent::AgentArgs {
+            listen,
+            run_dir,
+            ephemeral_start: ephemeral_range()?.0,
+        })?),
+        Cmd::OciProfile {
+            base,
+            listener_path,
+            aid,
+        } => {
+            if let Some(aid) = &aid {
+                validate_aid(aid).map_err(|e| anyhow!("--aid: {e}"))?;
+            }
+            let base = base.map(|b| oci::profile::read_base(&b)).transpose()?;
+            let metadata = aid.map(|a| format!("{}={a}", oci::AID_ANNOTATION));
+            let profile = oci::profile::build(base, &listener_path, metadata.as_deref())?;
+            println!("{}", oci::profile::render(&profile));
+            Ok(0)
+        }
         Cmd::Snapshot {
             name,
             output,

@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 use seccomp::Response;
 use tracing::{debug, warn};
 
+use crate::error::RuntimeError;
 use crate::multiplex::Multiplexer;
 
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
@@ -176,34 +177,58 @@ impl Call {
     }
 }
 
-/// Receives and handles notifications until the listener is gone.
-/// Waits until `listener` has a notification (false) or no task is left
-/// under its filter (true).
-fn hung_up(listener: &OwnedFd) -> bool {
+/// Serves `listener` with `mux` on a thread of its own (named `name`), as
+/// the supervisor does for each listener of its instance and the OCI agent
+/// for each container's.
+pub fn spawn(
+    listener: OwnedFd,
+    mux: Arc<Multiplexer>,
+    name: &str,
+) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
+    let listener = Arc::new(listener);
+    if let Err(e) = seccomp::set_sync_wakeup(&listener) {
+        warn!("SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}");
+    }
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || serve(listener, mux))
+        .map_err(|e| RuntimeError::sys("spawning the notification thread", e))
+}
+
+/// Waits until the listener has a notification (`true`) or no task uses
+/// its filter any more (`false`): the kernel wakes pollers with POLLHUP
+/// then, but never a thread blocked in the receive ioctl, so a service
+/// that outlives its tasks (the OCI agent) would keep the thread forever.
+fn wait_readable(listener: &OwnedFd) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
     loop {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(listener),
+            PollFlags::POLLIN,
+        )];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {
                 let got = fds[0].revents().unwrap_or(PollFlags::empty());
-                return got.contains(PollFlags::POLLHUP) && !got.contains(PollFlags::POLLIN);
+                if got.contains(PollFlags::POLLIN) {
+                    return true;
+                }
+                if got.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
+                    return false;
+                }
             }
             Err(nix::errno::Errno::EINTR) => continue,
-            // recv reports the trouble.
             Err(_) => return false,
         }
     }
 }
 
+/// Receives and handles notifications until the listener is gone or no
+/// task is left under its filter.
 pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
     let tasks = Arc::new(Mutex::new(Tasks::new()));
     loop {
-        // Once every task under the filter is gone, recv would block for
-        // good; the hang-up ends the thread instead, which matters to a
-        // supervisor that restarts its application (with a new listener).
-        if hung_up(&listener) {
-            debug!(fd = listener.as_raw_fd(), "seccomp listener: no tasks left");
+        if !wait_readable(&listener) {
+            debug!(fd = listener.as_raw_fd(), "no task left under the filter");
             return;
         }
         let n = match seccomp::recv(&listener) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_snapshot::image::Image;
 use appshot_snapshot::restore;
-use appshot_sys::{fd, pidfd, seccomp, spawn};
+use appshot_sys::{fd, pidfd, spawn};
 use appshot_vpm::{CachedRegistry, InstanceLock, InstanceRecord, PortRange, Registry};
 use nix::errno::Errno;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -319,17 +319,7 @@ fn serve_notifications(
     mux: &Arc<Multiplexer>,
 ) -> Result<(), RuntimeError> {
     for listener in listeners {
-        let listener = Arc::new(listener);
-        if let Err(e) = seccomp::set_sync_wakeup(&listener) {
-            warn!(
-                "SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}"
-            );
-        }
-        let mux = Arc::clone(mux);
-        std::thread::Builder::new()
-            .name("notify".into())
-            .spawn(move || notify::serve(listener, mux))
-            .map_err(|e| RuntimeError::sys("spawning the notification thread", e))?;
+        notify::spawn(listener, Arc::clone(mux), "notify")?;
     }
     Ok(())
 }

@@ -90,7 +90,14 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
     }
     let mut pipes_seen = HashSet::new();
     let mut memfds = kinds::memfd::Sources::default();
-    for c in &mut checked {
+    let holders = table.socket_holders();
+    for (i, c) in checked.iter_mut().enumerate() {
+        let stashes = table.unix_stashes.remove(&i).unwrap_or_default();
+        c.stashed = stashes.iter().map(|s| s.fd).collect();
+        let unix = UnixContext {
+            stashes,
+            holders: &holders,
+        };
         let shared: HashSet<i32> = c
             .sharing
             .inherited
@@ -98,10 +105,17 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             .map(|f| f.fd)
             .chain(c.sharing.fetched.iter().map(|f| f.fd))
             .collect();
-        c.fds = dump_fds(c.mem.pid(), req, &shared, &mut pipes_seen, &mut memfds)?;
+        c.fds = dump_fds(
+            c.mem.pid(),
+            req,
+            &shared,
+            &mut pipes_seen,
+            &mut memfds,
+            unix,
+        )?;
     }
     for (i, stashes) in std::mem::take(&mut table.stash_fds) {
-        checked[i].stashed = stashes.iter().map(|f| f.fd).collect();
+        checked[i].stashed.extend(stashes.iter().map(|f| f.fd));
         checked[i].fds.extend(stashes);
     }
 
@@ -379,15 +393,23 @@ fn ask_process(
     result
 }
 
+/// The Unix sockets of later processes a process rebuilds with its own,
+/// and where every socket of the instance is held.
+struct UnixContext<'a> {
+    stashes: Vec<tree::UnixStash>,
+    holders: &'a HashMap<u64, (u32, i32)>,
+}
+
 /// Saves the fds the process holds itself (not `shared` with a process
-/// before it); a pipe's unread bytes go with the first fd of it in the
-/// tree (`pipes_seen`).
+/// before it), and the Unix sockets stashed in it; a pipe's unread bytes
+/// go with the first fd of it in the tree (`pipes_seen`).
 fn dump_fds(
     pid: u32,
     req: &DumpRequest,
     shared: &HashSet<i32>,
     pipes_seen: &mut HashSet<u64>,
     memfds: &mut kinds::memfd::Sources,
+    unix_context: UnixContext,
 ) -> Result<Vec<FdImage>, SnapshotError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir)
@@ -475,6 +497,7 @@ fn dump_fds(
                     inode,
                     flags,
                     sock,
+                    holder: None,
                 });
                 out.push(FdImage {
                     fd,
@@ -499,9 +522,30 @@ fn dump_fds(
         };
         out.push(FdImage { fd, cloexec, kind });
     }
+    // A stashed socket is read from the process that really holds it: its
+    // description, options and the queue that process reads.
+    for s in unix_context.stashes {
+        let holder = pidfd::open_thread(s.holder)
+            .map_err(|e| SnapshotError::process(s.holder, "pidfd_open", e))?;
+        let sock = pidfd::get_fd(&holder, s.holder_fd).map_err(|e| {
+            SnapshotError::process(s.holder, format!("pidfd_getfd {}", s.holder_fd), e)
+        })?;
+        unix.push(crate::kinds::unix::Found {
+            fd: s.fd,
+            inode: s.inode,
+            flags: s.flags,
+            sock,
+            holder: Some((s.holder, s.holder_fd)),
+        });
+        out.push(FdImage {
+            fd: s.fd,
+            cloexec: true,
+            kind: FdKind::Stdio,
+        });
+    }
     // Unix sockets are judged together: a peer is only known to be in the
     // process once every fd is listed. Their places were held above.
-    for (fd, kind) in crate::kinds::unix::save(pid, unix)? {
+    for (fd, kind) in crate::kinds::unix::save(pid, unix, unix_context.holders)? {
         if let Some(f) = out.iter_mut().find(|f| f.fd == fd) {
             f.kind = kind;
         }

@@ -160,6 +160,68 @@ pub fn recv_fd(channel: &OwnedFd) -> io::Result<Option<OwnedFd>> {
     })
 }
 
+/// The most fds [`recv_with_fds`] accepts in one message; any beyond are
+/// closed by the kernel (MSG_CTRUNC) and the message is refused.
+pub const MAX_FDS: usize = 8;
+
+/// Receives one message of at most `max_len` bytes with the fds sent along
+/// with SCM_RIGHTS (close-on-exec), in the order the sender gave them.
+/// A message whose control data was truncated is refused, its fds closed.
+pub fn recv_with_fds(channel: &OwnedFd, max_len: usize) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut data = vec![0u8; max_len.max(1)];
+    // Aligned room for one cmsghdr with MAX_FDS ints.
+    let mut control = [0u64; 2 + MAX_FDS / 2];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value; the fields set below
+    // point at `iov` and `control`, which live until the end of this
+    // function, past every use of `msg`.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    let n = loop {
+        // SAFETY: the kernel writes into the live buffers `msg` points at;
+        // MSG_CMSG_CLOEXEC makes received fds close-on-exec atomically.
+        let n = unsafe { libc::recvmsg(channel.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break n;
+        }
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer as the
+    // kernel filled it in (msg_controllen was updated by recvmsg); each
+    // SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / sizeof(int) fds
+    // that this process now owns and nothing else refers to.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than {MAX_FDS} file descriptors in one message"),
+        ));
+    }
+    data.truncate(n as usize);
+    Ok((data, fds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{open_regular, OpenRegularError};
@@ -202,5 +264,20 @@ mod tests {
             open_regular(&dir.path().join("missing")),
             Err(OpenRegularError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound
         ));
+    }
+
+    #[test]
+    fn a_message_arrives_with_its_bytes_and_fd() {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        super::send_fd(a.as_raw_fd(), null.as_raw_fd()).unwrap();
+        let b: OwnedFd = b.into();
+        let (data, got) = super::recv_with_fds(&b, 4096).unwrap();
+        assert_eq!(data.len(), 1);
+        assert_eq!(got.len(), 1);
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", got[0].as_raw_fd())).unwrap();
+        assert_eq!(link, std::path::PathBuf::from("/dev/null"));
     }
 }

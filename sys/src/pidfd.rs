@@ -17,6 +17,14 @@ pub fn open_thread(tid: u32) -> io::Result<OwnedFd> {
     owned(fd)
 }
 
+/// Opens a pidfd for the process `pid` (a thread-group leader): it polls
+/// readable once the whole process has exited.
+pub fn open_process(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    owned(fd)
+}
+
 /// Duplicates file descriptor `target_fd` of the task behind `pidfd` into
 /// this process (close-on-exec). The copy shares the open file description.
 pub fn get_fd(pidfd: &OwnedFd, target_fd: RawFd) -> io::Result<OwnedFd> {

@@ -4,9 +4,16 @@
 //! checked like appshot's restores. Used only where `criu` is installed and
 //! `criu check` passes; otherwise the rows say why there is no peer figure.
 //!
-//! Not run on the machine the bench was written on: its criu (Debian 12's
-//! 3.17.1) fails `criu check` on Linux 6.18 (vDSO layout), so this path has
-//! only been exercised as far as that check.
+//! The criu binary is `$CRIU` (bench/run.sh sets it to the CRIU 4.x it
+//! found or built), else `criu` on PATH. Debian 12's criu 3.17.1 fails
+//! `criu check` on Linux 6.18 (vDSO layout); CRIU 4.2, built by
+//! `../shared/peers/build-criu.sh`, passes it and runs this module.
+//!
+//! The process is started by the bench, not in a session of its own, so
+//! every dump and restore passes `--shell-job`: without it CRIU refuses a
+//! process whose session leader is outside the dumped tree. No connection is
+//! open at the dump (the probe is blocked in accept), so no
+//! `--tcp-established`; the listening socket is dumped as such.
 
 use std::io::ErrorKind;
 use std::path::Path;
@@ -29,23 +36,38 @@ pub struct CriuRun {
     pub dump_ms: f64,
     /// The image files, without CRIU's logs.
     pub image_mib: f64,
-    /// Wall time of `criu dump --leave-running`: CRIU keeps the process
-    /// frozen for nearly all of it.
+    /// `criu dump --leave-running`: the "Frozen time" of its
+    /// `--display-stats` (from the freeze to the thaw).
     pub frozen_ms: f64,
+    /// The wall time of that `criu dump --leave-running`.
+    pub leave_running_wall_ms: f64,
     /// From the start of `criu restore -d` to a client's first answer.
     pub restore_answer_ms: f64,
+}
+
+/// The criu to run: `$CRIU`, else `criu` on PATH.
+pub fn binary() -> String {
+    std::env::var("CRIU")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "criu".into())
 }
 
 /// `Ok(version)` when criu is installed and `criu check` passes; otherwise
 /// why there is no peer, for the rows.
 pub fn usable() -> Result<String, String> {
-    let version = match Command::new("criu")
+    let criu = binary();
+    let version = match Command::new(&criu)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
     {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err("criu not installed".into()),
-        Err(e) => return Err(format!("criu --version: {e}")),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(format!(
+                "{criu} not installed (bench/run.sh builds CRIU 4.2 from ../shared/peers/)"
+            ))
+        }
+        Err(e) => return Err(format!("{criu} --version: {e}")),
         Ok(out) => String::from_utf8_lossy(&out.stdout)
             .lines()
             .find_map(|l| l.strip_prefix("Version: "))
@@ -53,7 +75,12 @@ pub fn usable() -> Result<String, String> {
             .trim()
             .to_string(),
     };
-    match Command::new("criu")
+    if !version.starts_with("4.") {
+        return Err(format!(
+            "{criu} is criu {version}, not 4.x (bench/run.sh builds CRIU 4.2 from ../shared/peers/)"
+        ));
+    }
+    match Command::new(&criu)
         .arg("check")
         .stdin(Stdio::null())
         .output()
@@ -148,11 +175,19 @@ pub fn one_run(
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let pid_arg = pid.to_string();
-    let frozen_ms = run_criu(
+    let (leave_running_wall_ms, stats) = run_criu(
         &frozen,
-        &["dump", "--shell-job", "--leave-running", "-t", &pid_arg],
+        &[
+            "dump",
+            "--shell-job",
+            "--leave-running",
+            "--display-stats",
+            "-t",
+            &pid_arg,
+        ],
         &format!("criu dump --leave-running of {what}"),
     )?;
+    let frozen_ms = frozen_time_ms(&stats)?;
     std::fs::remove_dir_all(&frozen).with_context(|| format!("removing {}", frozen.display()))?;
     verify(
         probe,
@@ -161,7 +196,7 @@ pub fn one_run(
         &format!("{what} after criu dump --leave-running"),
     )?;
 
-    let dump_ms = run_criu(
+    let (dump_ms, _) = run_criu(
         &images,
         &["dump", "--shell-job", "-t", &pid_arg],
         &format!("criu dump of {what}"),
@@ -197,17 +232,30 @@ pub fn one_run(
         dump_ms,
         image_mib,
         frozen_ms,
+        leave_running_wall_ms,
         restore_answer_ms,
     })
 }
 
+/// The "Frozen time: N us" line of `criu dump --display-stats`, in ms.
+pub fn frozen_time_ms(stats: &str) -> anyhow::Result<f64> {
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Frozen time:"))
+        .and_then(|v| v.trim().strip_suffix("us"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|us| us / 1000.0)
+        .ok_or_else(|| anyhow::anyhow!("no `Frozen time: N us` in criu's stats: {stats:?}"))
+}
+
 /// `criu ARGS` with its images and its log in `dir`; returns its wall
-/// time in ms. On failure the error has the tail of CRIU's log.
-fn run_criu(dir: &Path, args: &[&str], what: &str) -> anyhow::Result<f64> {
+/// time in ms and its output. On failure the error has the tail of CRIU's
+/// log.
+pub fn run_criu(dir: &Path, args: &[&str], what: &str) -> anyhow::Result<(f64, String)> {
     let log = format!("{}.log", args[0]);
     let started = Instant::now();
     let ran = procs::run(
-        Command::new("criu")
+        Command::new(binary())
             .arg("-D")
             .arg(dir)
             .args(["-o", &log, "-v2"])
@@ -216,12 +264,12 @@ fn run_criu(dir: &Path, args: &[&str], what: &str) -> anyhow::Result<f64> {
         TIMEOUT,
     );
     let took = millis(started.elapsed());
-    ran.map_err(|e| {
+    let out = ran.map_err(|e| {
         let path = dir.join(&log);
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         e.context(procs::tail(&path.display().to_string(), &text))
     })?;
-    Ok(took)
+    Ok((took, out))
 }
 
 fn verify(probe: &str, port: u16, expected: &str, what: &str) -> anyhow::Result<()> {
@@ -235,7 +283,7 @@ fn verify(probe: &str, port: u16, expected: &str, what: &str) -> anyhow::Result<
 
 /// Bytes of the image files in `dir` (CRIU's `*.img`), logs and pidfile
 /// left out.
-fn image_bytes(dir: &Path) -> anyhow::Result<u64> {
+pub fn image_bytes(dir: &Path) -> anyhow::Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
@@ -263,6 +311,13 @@ mod tests {
             "vdso: Unexpected rt vDSO area bounds; vdso: Failed to fill self vdso symtable"
         );
         assert_eq!(check_errors(""), "no error message");
+    }
+
+    #[test]
+    fn frozen_time_comes_from_the_stats() {
+        let stats = "Displaying dump stats:\nFreezing time: 231 us\nFrozen time: 5758 us\nMemory dump time: 585 us\n";
+        assert_eq!(frozen_time_ms(stats).unwrap(), 5.758);
+        assert!(frozen_time_ms("Freezing time: 231 us\n").is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@ use crate::table::Row;
 mod connrate;
 mod criu;
 mod iperf;
+mod nginx;
+mod oci;
 mod redis;
 mod servers;
 mod snapshot;
@@ -94,10 +96,27 @@ pub const ALL: &[Benchmark] = &[
         needs: &["gcc"],
         run: snapshot::run,
     },
+    Benchmark {
+        name: "oci",
+        title: oci::TITLE,
+        needs: &["gcc", "runc"],
+        run: oci::run,
+    },
+    Benchmark {
+        name: "nginx",
+        title: nginx::TITLE,
+        needs: &["gcc", "nginx"],
+        run: nginx::run,
+    },
 ];
 
 pub fn names() -> Vec<&'static str> {
     ALL.iter().map(|b| b.name).collect()
+}
+
+/// `CI=true`: a peer that cannot be measured fails the benchmark there.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// `argv` as owned strings, for `Command` and `Appshot`.

@@ -153,7 +153,8 @@ pub struct ProcessImage {
     /// process of the image: taken from it (pidfd_getfd) at restore.
     pub fetched: Vec<FetchedFd>,
     /// fds of `fds` that exist only for later processes to fetch (the
-    /// other end of a pipe this process no longer holds); closed once every
+    /// other end of a pipe this process no longer holds, a later process's
+    /// Unix socket connected to one of this process's); closed once every
     /// process is rebuilt.
     pub stashed: Vec<i32>,
     /// Bytes of page data in the image's pages section.

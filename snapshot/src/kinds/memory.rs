@@ -381,7 +381,10 @@ pub(crate) fn map_memory(
     let mut files: HashMap<&str, u64> = HashMap::new();
     let mut buf = Vec::new();
     let image_path = image.path.to_string_lossy();
-    let image_fd = if share_pages {
+    // The process reads its own saved pages from the image (or maps them,
+    // for a clone): one copy, from the page cache into its memory.
+    let has_pages = p.vmas.iter().any(|v| !v.pages.is_empty());
+    let image_fd = if has_pages {
         Some(open_in(
             inj,
             mem,
@@ -524,7 +527,7 @@ pub(crate) fn map_memory(
             // A stack's pages are copied: a piece mapped from the image
             // would split the stack, and only its lowest piece can grow.
             let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
-            if let Some(fd) = image_fd.filter(|_| private) {
+            if let Some(fd) = image_fd.filter(|_| private && share_pages) {
                 // A private mapping of the image's page-aligned pages: read
                 // through the page cache that every clone shares, copied
                 // only when written.
@@ -538,6 +541,25 @@ pub(crate) fn map_memory(
                 )?;
                 continue;
             }
+            let writable = v.prot & libc::PROT_WRITE as u32 != 0;
+            if let Some(fd) = image_fd.filter(|_| writable) {
+                let off = image.pages_off + run.offset;
+                let got = inj.ok(
+                    pid,
+                    "pread64 of saved pages",
+                    libc::SYS_pread64,
+                    &[fd, run.addr, n as u64, off],
+                )?;
+                if got != n as u64 {
+                    return Err(SnapshotError::Restore(format!(
+                        "pid {pid}: read {got} of {n} saved bytes at {:#x} from the image",
+                        run.addr
+                    )));
+                }
+                continue;
+            }
+            // Read-only pages (text, RELRO) cannot be read into by the
+            // process; /proc/PID/mem writes them.
             buf.resize(n, 0);
             image.read_pages(run.offset, &mut buf[..n])?;
             mem.write(run.addr, &buf[..n])?;

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use appshot_sys::pidfd;
+use appshot_sys::sockdiag::{self, UnixDiag};
 
 use crate::error::SnapshotError;
 use crate::image::model::{FdImage, FdKind, FetchedFd, InheritedFd, ProcessImage};
@@ -138,7 +139,19 @@ pub struct Sharing {
     pub fetched: Vec<FetchedFd>,
 }
 
-/// The fds of the processes analysed so far, and pipe ends to stash.
+/// A Unix socket of a later process kept, until every process is rebuilt,
+/// at `fd` in the earliest process holding its peer (or its listener),
+/// which rebuilds the connection; read at dump from `holder`'s `holder_fd`.
+pub struct UnixStash {
+    pub fd: i32,
+    pub inode: u64,
+    pub flags: i32,
+    pub holder: u32,
+    pub holder_fd: i32,
+}
+
+/// The fds of the processes analysed so far, and pipe ends and Unix
+/// sockets to stash.
 #[derive(Default)]
 pub struct FdTable {
     /// Per process (image order): its host PID, ns PID and fd numbers.
@@ -149,6 +162,12 @@ pub struct FdTable {
     stashes: BTreeMap<(usize, u64, bool), i32>,
     /// Per process index, the stash fd images it must hold.
     pub stash_fds: BTreeMap<usize, Vec<FdImage>>,
+    /// Socket inode → (index, host PID, fd) of the first process holding it.
+    sockets: HashMap<u64, (usize, u32, i32)>,
+    /// sock_diag of the Unix sockets, read at the first socket met.
+    diag: Option<HashMap<u64, UnixDiag>>,
+    /// Per process index, the Unix sockets stashed in it.
+    pub unix_stashes: BTreeMap<usize, Vec<UnixStash>>,
 }
 
 fn fd_numbers(host: u32) -> Result<Vec<i32>, SnapshotError> {
@@ -162,14 +181,29 @@ fn fd_numbers(host: u32) -> Result<Vec<i32>, SnapshotError> {
     Ok(fds)
 }
 
-fn pipe_inode(host: u32, fd: i32) -> Option<u64> {
+fn link_inode(host: u32, fd: i32, prefix: &str) -> Option<u64> {
     std::fs::read_link(format!("/proc/{host}/fd/{fd}"))
         .ok()?
         .to_str()?
-        .strip_prefix("pipe:[")?
+        .strip_prefix(prefix)?
         .strip_suffix(']')?
         .parse()
         .ok()
+}
+
+fn pipe_inode(host: u32, fd: i32) -> Option<u64> {
+    link_inode(host, fd, "pipe:[")
+}
+
+fn status_flags(host: u32, fd: i32) -> Result<i32, SnapshotError> {
+    std::fs::read_to_string(format!("/proc/{host}/fdinfo/{fd}"))
+        .ok()
+        .and_then(|t| parse::fdinfo(&t))
+        .map(|i| i.flags & !libc::O_CLOEXEC)
+        .ok_or_else(|| SnapshotError::Unsupported {
+            pid: host,
+            what: format!("fd {fd}: unreadable fdinfo"),
+        })
 }
 
 impl FdTable {
@@ -177,8 +211,10 @@ impl FdTable {
     /// before it in image order): the same description as its parent's fd
     /// of the same number is inherited; one held by an earlier process is
     /// fetched from it; the other end of a pipe an earlier process holds
-    /// is stashed in that process and fetched from there. Returns what it
-    /// shares; the rest it saves itself.
+    /// is stashed in that process and fetched from there, and so is a Unix
+    /// socket whose peer (connected back) or listener an earlier process
+    /// holds, rebuilt there with it. Returns what it shares; the rest it
+    /// saves itself.
     pub fn share(
         &mut self,
         host: u32,
@@ -227,14 +263,7 @@ impl FdTable {
                 // Both ends in this one process are its own pipe, rebuilt
                 // with it; only an earlier process can hold an end for it.
                 if let Some(&owner) = self.pipes.get(&inode).filter(|&&o| o != index) {
-                    let info = std::fs::read_to_string(format!("/proc/{host}/fdinfo/{fd}"))
-                        .ok()
-                        .and_then(|t| parse::fdinfo(&t))
-                        .ok_or_else(|| SnapshotError::Unsupported {
-                            pid: host,
-                            what: format!("fd {fd}: unreadable fdinfo"),
-                        })?;
-                    let flags = info.flags & !libc::O_CLOEXEC;
+                    let flags = status_flags(host, fd)?;
                     let write_end = flags & libc::O_ACCMODE == libc::O_WRONLY;
                     let from_fd = self.stash(owner, inode, write_end, flags, host, fd)?;
                     out.fetched.push(FetchedFd {
@@ -247,9 +276,108 @@ impl FdTable {
                 }
                 self.pipes.entry(inode).or_insert(index);
             }
+            if let Some(inode) = link_inode(host, fd, "socket:[") {
+                // A connection whose other end an earlier process holds is
+                // rebuilt there, this end stashed beside it.
+                if let Some(owner) = self.unix_owner(inode, index) {
+                    let from_fd = self.stash_unix(owner, inode, host, fd)?;
+                    out.fetched.push(FetchedFd {
+                        fd,
+                        cloexec,
+                        from_pid: self.procs[owner].1,
+                        from_fd,
+                    });
+                    continue;
+                }
+                self.sockets.entry(inode).or_insert((index, host, fd));
+            }
         }
         self.procs.push((host, me.pid, fds));
         Ok(out)
+    }
+
+    /// The earlier process (not `index`) that holds the peer of the Unix
+    /// socket `inode`, connected back to it, or the listener in whose
+    /// backlog it waits. Without sock_diag nothing is stashed: the Unix
+    /// sockets are then refused by `kinds::unix`, which needs it too.
+    fn unix_owner(&mut self, inode: u64, index: usize) -> Option<usize> {
+        if index == 0 {
+            return None;
+        }
+        let diag = self.diag.get_or_insert_with(|| {
+            sockdiag::unix_sockets()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| (d.ino, d))
+                .collect()
+        });
+        let d = diag.get(&inode)?;
+        let earlier = |ino: u64| self.sockets.get(&ino).map(|s| s.0).filter(|&o| o != index);
+        if let Some(p) = d.peer.filter(|&p| p != 0) {
+            if diag.get(&p).and_then(|q| q.peer) == Some(inode) {
+                return earlier(p);
+            }
+        }
+        diag.values()
+            .filter(|l| l.icons.contains(&inode))
+            .find_map(|l| earlier(l.ino))
+    }
+
+    fn stash_unix(
+        &mut self,
+        owner: usize,
+        inode: u64,
+        host: u32,
+        fd: i32,
+    ) -> Result<i32, SnapshotError> {
+        let stashed = self.unix_stashes.entry(owner).or_default();
+        if let Some(s) = stashed.iter().find(|s| s.inode == inode) {
+            return Ok(s.fd);
+        }
+        let flags = status_flags(host, fd)?;
+        let number = self.next_stash_number(owner);
+        self.unix_stashes.entry(owner).or_default().push(UnixStash {
+            fd: number,
+            inode,
+            flags,
+            holder: host,
+            holder_fd: fd,
+        });
+        Ok(number)
+    }
+
+    /// Above every fd the owner holds, and every stash made in it before.
+    fn next_stash_number(&self, owner: usize) -> i32 {
+        self.procs[owner]
+            .2
+            .iter()
+            .copied()
+            .chain(
+                self.stash_fds
+                    .get(&owner)
+                    .into_iter()
+                    .flatten()
+                    .map(|f| f.fd),
+            )
+            .chain(
+                self.unix_stashes
+                    .get(&owner)
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.fd),
+            )
+            .max()
+            .unwrap_or(2)
+            + 1
+    }
+
+    /// Every Unix socket of the instance met so far: inode → host PID and
+    /// fd of its first holder.
+    pub fn socket_holders(&self) -> HashMap<u64, (u32, i32)> {
+        self.sockets
+            .iter()
+            .map(|(&ino, &(_, host, fd))| (ino, (host, fd)))
+            .collect()
     }
 
     fn stash(
@@ -279,17 +407,8 @@ impl FdTable {
                 pid: host,
                 what: format!("fd {fd}: pipe capacity unreadable"),
             })? as u32;
-        let stashed = self.stash_fds.entry(owner).or_default();
-        // Above every fd the owner holds, and every stash made before.
-        let number = self.procs[owner]
-            .2
-            .iter()
-            .copied()
-            .chain(stashed.iter().map(|f| f.fd))
-            .max()
-            .unwrap_or(2)
-            + 1;
-        stashed.push(FdImage {
+        let number = self.next_stash_number(owner);
+        self.stash_fds.entry(owner).or_default().push(FdImage {
             fd: number,
             cloexec: true,
             kind: FdKind::Pipe {

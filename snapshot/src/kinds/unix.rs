@@ -3,12 +3,15 @@
 //! Only sockets whose every peer is in the process can be rebuilt, so the
 //! whole set is judged at once: `sock_diag` names each socket's peer and a
 //! listener's pending clients, and anything leading outside is refused
-//! before the process is touched. Queued bytes are peeked without being
+//! before the process is touched. A later process's socket connected to
+//! one of this process's (or waiting on its listener) is in the set too,
+//! stashed at a high fd (`tree::FdTable`): read from the process that
+//! holds it, rebuilt here, and fetched by that process on restore. Queued bytes are peeked without being
 //! consumed (`SO_PEEK_OFF` walks the queue, as CRIU does) and sent again by
 //! the peer on restore. Restore runs in the stub before its seccomp filter
 //! exists, so binds and connects there are the kernel's own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -31,12 +34,15 @@ const MAX_MESSAGE: usize = 512 * 1024;
 const MAX_QUEUE: usize = 64 << 20;
 
 /// A Unix socket fd of the process (the lowest of those sharing its open
-/// file description), with a duplicate of it.
+/// file description), with a duplicate of it; or a socket of a later
+/// process stashed at `fd` in this one, whose `holder` (host PID, fd)
+/// takes it from there.
 pub struct Found {
     pub fd: i32,
     pub inode: u64,
     pub flags: i32,
     pub sock: OwnedFd,
+    pub holder: Option<(u32, i32)>,
 }
 
 fn type_name(t: i32) -> &'static str {
@@ -67,9 +73,15 @@ fn diag_name(d: &UnixDiag) -> Option<Vec<u8>> {
     Some(n)
 }
 
-/// Saves every Unix socket of process `pid`, or refuses naming the first
-/// that leads outside it.
-pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotError> {
+/// Saves every Unix socket of process `pid` (its own and those stashed in
+/// it), or refuses naming the first that leads outside them, by the PID
+/// and fd that hold it. `holders`: where each socket of the instance is
+/// held (host PID, fd), to name a peer in another process.
+pub fn save(
+    pid: u32,
+    found: Vec<Found>,
+    holders: &HashMap<u64, (u32, i32)>,
+) -> Result<Vec<(i32, FdKind)>, SnapshotError> {
     if found.is_empty() {
         return Ok(Vec::new());
     }
@@ -85,20 +97,29 @@ pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotE
             }
         }
     }
-    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-        .map_err(|e| SnapshotError::process(pid, "reading cwd", e))?;
+    let stashed: HashSet<u64> = found
+        .iter()
+        .filter(|f| f.holder.is_some())
+        .map(|f| f.inode)
+        .collect();
+    let held_at: HashMap<u64, (u32, i32)> = found
+        .iter()
+        .map(|f| (f.inode, f.holder.unwrap_or((pid, f.fd))))
+        .collect();
     let mut out = Vec::new();
     for f in found {
+        // Refusals and errors name the process and fd that hold the socket.
+        let (rpid, rfd) = f.holder.unwrap_or((pid, f.fd));
         let d = diag.get(&f.inode).copied().ok_or_else(|| {
             refuse(
-                pid,
-                f.fd,
+                rpid,
+                rfd,
                 "unix socket the kernel's sock_diag does not list",
             )
         })?;
         let sock_type = i32::from(d.sock_type);
         let what = format!("unix {} socket", type_name(sock_type));
-        let refuse_it = |why: String| refuse(pid, f.fd, &format!("{what} {why}"));
+        let refuse_it = |why: String| refuse(rpid, rfd, &format!("{what} {why}"));
         if !matches!(
             sock_type,
             libc::SOCK_STREAM | libc::SOCK_DGRAM | libc::SOCK_SEQPACKET
@@ -128,12 +149,24 @@ pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotE
             // Its peer is the not yet accepted socket, which no fd holds.
             if let Some((_, sent)) = d.rqlen.filter(|r| r.1 != 0) {
                 return Err(refuse_it(format!(
-                    "has sent {sent} bytes on a connection its listener (fd {}) has not \
-                     accepted yet",
+                    "has sent {sent} bytes on a connection its listener (fd {} of pid {pid}) \
+                     has not accepted yet",
                     ours[&listener]
                 )));
             }
             UnixRole::Pending { listener }
+        } else if let Some((l, (hpid, hfd))) = all
+            .iter()
+            .filter(|l| l.state == TCP_LISTEN && l.icons.contains(&f.inode))
+            .find_map(|l| holders.get(&l.ino).map(|h| (l, *h)))
+        {
+            // Its listener is in a later process: rebuilt after this one.
+            return Err(refuse_it(format!(
+                "waits in the backlog of listener {} (socket {}) held by pid {hpid} fd {hfd} of \
+                 the instance, a process restored after it, which a restore cannot rebuild yet",
+                show_name(diag_name(l).as_deref()),
+                l.ino
+            )));
         } else if let Some(p) = d.peer.filter(|p| *p != 0) {
             if ours.contains_key(&p) {
                 let accepted_from = if sock_type == libc::SOCK_DGRAM {
@@ -153,13 +186,18 @@ pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotE
                     peer: p,
                     accepted_from,
                 }
-            } else {
-                // A peer in another process of the instance that this one
-                // did not inherit (a socketpair split after fork) is not
-                // rebuilt yet either.
+            } else if let Some((hpid, hfd)) = holders.get(&p) {
+                // A peer connected back in another process was stashed
+                // here; one that is not (a datagram socket connected one
+                // way to another process's socket) is not rebuilt yet.
                 return Err(refuse_it(format!(
-                    "connected to a peer outside the instance or in another of its \
-                     processes ({})",
+                    "connected one way to socket {p} ({}) held by pid {hpid} fd {hfd} of the \
+                     instance, which a restore cannot rebuild yet",
+                    peer_name(p)
+                )));
+            } else {
+                return Err(refuse_it(format!(
+                    "connected to a peer outside the instance ({})",
                     peer_name(p)
                 )));
             }
@@ -180,13 +218,33 @@ pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotE
                     "connected to an unnamed socket that is not connected back".into(),
                 ));
             }
+            // A connection split across processes is rebuilt here as a
+            // socketpair unless this process also holds the listener that
+            // accepted it; a name would be lost.
+            let accepted_here = matches!(
+                role,
+                UnixRole::Connected {
+                    accepted_from: Some(_),
+                    ..
+                }
+            );
+            let split = f.holder.is_some() || stashed.contains(&peer);
+            if split && sock_type != libc::SOCK_DGRAM && name.is_some() && !accepted_here {
+                let (ppid, pfd) = held_at.get(&peer).copied().unwrap_or((pid, 0));
+                return Err(refuse_it(format!(
+                    "named {} (accepted from a listener of that name, or bound) and connected to \
+                     socket {peer} held by pid {ppid} fd {pfd}, which does not hold the listener \
+                     that accepted it (the name would be lost); a restore cannot rebuild it yet",
+                    show_name(name.as_deref())
+                )));
+            }
         }
         // A stream or seqpacket socket has a queue only once connected
         // (recv refuses with EINVAL before).
         let queue = if sock_type != libc::SOCK_DGRAM && d.state != TCP_ESTABLISHED {
             Vec::new()
         } else {
-            peek_queue(pid, f.fd, &f.sock, sock_type)?
+            peek_queue(rpid, rfd, &f.sock, sock_type)?
         };
         let mutual = match role {
             UnixRole::Connected { peer, .. } => {
@@ -206,17 +264,19 @@ pub fn save(pid: u32, found: Vec<Found>) -> Result<Vec<(i32, FdKind)>, SnapshotE
                 let file = if n[0] == 0 {
                     None
                 } else {
-                    Some(socket_file(pid, &cwd, &n, d).map_err(&refuse_it)?)
+                    let cwd = std::fs::read_link(format!("/proc/{rpid}/cwd"))
+                        .map_err(|e| SnapshotError::process(rpid, "reading cwd", e))?;
+                    Some(socket_file(rpid, &cwd, &n, d).map_err(&refuse_it)?)
                 };
                 Some(UnixName { sun_path: n, file })
             }
         };
         let opt = |what: &str, e: nix::errno::Errno| {
-            SnapshotError::process(pid, format!("{what} of fd {}", f.fd), e)
+            SnapshotError::process(rpid, format!("{what} of fd {rfd}"), e)
         };
         let int_opt = |what: &str, o| {
             get_int_opt(&f.sock, libc::SOL_SOCKET, o)
-                .map_err(|e| SnapshotError::process(pid, format!("{what} of fd {}", f.fd), e))
+                .map_err(|e| SnapshotError::process(rpid, format!("{what} of fd {rfd}"), e))
         };
         out.push((
             f.fd,
