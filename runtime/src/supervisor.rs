@@ -96,8 +96,8 @@ const FORWARDED: &[Signal] = &[
 ];
 const SI_KERNEL: i32 = 0x80;
 
-/// How long a detached instance must run before `run --detach` reports it
-/// running; one that exits sooner failed to start. Without such a period the
+/// How long a launched (not restored) detached instance must run before
+/// `run --detach` reports it running; one that exits sooner failed to start. Without such a period the
 /// answer for a command that exits at once would depend on who got there
 /// first.
 const START_PERIOD: Duration = Duration::from_millis(300);
@@ -228,7 +228,13 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         serving.handle(req, peer)
     })?;
 
-    if ready.is_some() && !exits_within(&init, START_PERIOD) {
+    // A restored or cloned instance ran before, and its starter returns at
+    // once (time measured from the restore must not include a wait).
+    let period = match launch.restore {
+        None => START_PERIOD,
+        Some(_) => Duration::ZERO,
+    };
+    if ready.is_some() && !exits_within(&init, period) {
         if let Some(mut r) = ready.take() {
             // The starter may be gone (killed); the instance runs on.
             let _ = writeln!(r, "running");
