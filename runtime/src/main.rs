@@ -284,6 +284,11 @@ struct RunArgs {
     /// Remove the instance's logs and exit record when it ends.
     #[arg(long)]
     rm: bool,
+    /// With --detach: write the supervisor's PID to this file once the
+    /// instance runs (for a service manager's PIDFile=); removed when the
+    /// instance ends.
+    #[arg(long, requires = "detach")]
+    pidfile: Option<PathBuf>,
     /// Start the application again when it exits: `no`, `on-failure[:N]`
     /// (a status other than 0, at most N times) or `always`; the wait
     /// doubles from 100 ms up to 30 s. Never after `appshot stop`, nor
@@ -605,6 +610,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         identity_file: None,
         user,
         remove_on_exit: args.rm,
+        pidfile: args.pidfile,
         log_max_bytes: args.log_max_size,
         restart: args.restart,
     })
@@ -740,6 +746,7 @@ fn image_launch(
         identity_file: None,
         user: None,
         remove_on_exit: false,
+        pidfile: None,
         log_max_bytes: logs::DEFAULT_MAX_BYTES,
         restart: restart::Policy::No,
     })
@@ -815,6 +822,14 @@ fn supervise(launch: Launch) -> anyhow::Result<i32> {
         Ok(ended) => (ended.status, ended.restarts),
         Err(e) => (i32::from(e.exit_status()), 0),
     };
+    if let Some(path) = &launch.pidfile {
+        // Only our own: a newer instance may have written it since.
+        let ours = std::fs::read_to_string(path)
+            .is_ok_and(|pid| pid.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     if launch.remove_on_exit {
         let _ = std::fs::remove_dir_all(&log_dir);
     } else {
@@ -888,6 +903,10 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         ),
     };
     if answer.trim() == "running" {
+        if let Some(path) = &launch.pidfile {
+            std::fs::write(path, format!("{}\n", child.id()))
+                .with_context(|| format!("writing the pidfile {}", path.display()))?;
+        }
         println!("{}", launch.name);
         return Ok(0);
     }

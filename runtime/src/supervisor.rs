@@ -66,6 +66,10 @@ pub struct Launch {
     /// (`run --rm`).
     #[serde(default)]
     pub remove_on_exit: bool,
+    /// `run --detach --pidfile`: where the starter wrote this supervisor's
+    /// PID; removed when the instance ends.
+    #[serde(default)]
+    pub pidfile: Option<PathBuf>,
     /// The size at which a detached instance's `app.log` is rotated.
     #[serde(default = "default_log_max")]
     pub log_max_bytes: u64,

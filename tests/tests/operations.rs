@@ -494,3 +494,27 @@ fn version_names_the_commit_and_completions_cover_the_commands() {
         }
     }
 }
+
+#[test]
+fn a_pidfile_names_the_supervisor_while_the_instance_runs() {
+    let Some(mut h) = Harness::new(
+        "a_pidfile_names_the_supervisor_while_the_instance_runs",
+        &["sleep"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    let pidfile = dir.join("web.pid");
+    h.start(
+        "pidded",
+        "a",
+        &dir,
+        &["--pidfile", pidfile.to_str().unwrap()],
+        &["sleep", "60"],
+    );
+    let written = std::fs::read_to_string(&pidfile).unwrap();
+    let row = h.instance("pidded").unwrap();
+    assert_eq!(written.trim(), row["supervisor_pid"].to_string());
+    h.stop("pidded");
+    assert!(common::poll(common::READY, || !pidfile.exists()));
+}
