@@ -217,6 +217,11 @@ enum Cmd {
         #[arg(long)]
         mappings: bool,
     },
+    /// Application configs.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
     /// Print a completion script for SHELL, e.g.
     /// `appshot completion bash > /etc/bash_completion.d/appshot`.
     Completion { shell: clap_complete::Shell },
@@ -240,6 +245,16 @@ enum Cmd {
     },
     #[command(name = "__supervise", hide = true)]
     Supervise,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate config files (a directory: each `*.toml` in it) with the
+    /// errors `run --config` would give, without running anything.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,7 +366,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
     if !matches!(
         cli.command,
-        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. }
+        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Config { .. }
     ) {
         pending::sweep(&run_dir);
     }
@@ -392,6 +407,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             user,
             command,
         }),
+        Cmd::Config {
+            command: ConfigCmd::Check { paths },
+        } => {
+            let mut files = Vec::new();
+            for path in paths {
+                if path.is_dir() {
+                    let mut tomls: Vec<PathBuf> = std::fs::read_dir(&path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                        .collect();
+                    tomls.sort();
+                    files.extend(tomls);
+                } else {
+                    files.push(path);
+                }
+            }
+            each(&files, |file| {
+                AppConfig::load(file)?;
+                println!("{}: ok", file.display());
+                Ok(())
+            })
+        }
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "appshot", &mut std::io::stdout());

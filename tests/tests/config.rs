@@ -82,3 +82,44 @@ fn a_fifo_as_config_is_refused_at_once() {
         &fifo,
     );
 }
+
+#[test]
+fn config_check_validates_files_and_directories_without_running_anything() {
+    let h = Harness::unprivileged(
+        "config_check_validates_files_and_directories_without_running_anything",
+    );
+    let dir = h.dir("apps.d");
+    fs::write(
+        dir.join("good.toml"),
+        "aid = \"shop\"\nport_range = \"20000-20099\"\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("bad.toml"),
+        "aid = \"shop\"\n\n[[ports]]\nport = \"abc\"\n",
+    )
+    .unwrap();
+    fs::write(dir.join("notes.txt"), "not a config").unwrap();
+    let good = dir.join("good.toml");
+
+    let ok = run(
+        h.appshot().args(["config", "check"]).arg(&good),
+        Duration::from_secs(30),
+    );
+    assert!(ok.success(), "{ok}");
+    assert_eq!(ok.stdout, format!("{}: ok\n", good.display()));
+
+    let all = run(
+        h.appshot().args(["config", "check"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(all.code, Some(125), "{all}");
+    assert!(all.stdout.contains("good.toml: ok"), "{all}");
+    assert!(!all.stdout.contains("notes.txt"), "{all}");
+    let bad = dir.join("bad.toml");
+    assert!(
+        all.stderr.contains(&format!("{}:4:", bad.display()))
+            && all.stderr.contains("ports[0].port"),
+        "the bad file's line and field: {all}"
+    );
+}
