@@ -222,6 +222,9 @@ enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+    /// Print the man page (roff), e.g.
+    /// `appshot man > /usr/local/share/man/man1/appshot.1`.
+    Man,
     /// Print a completion script for SHELL, e.g.
     /// `appshot completion bash > /etc/bash_completion.d/appshot`.
     Completion { shell: clap_complete::Shell },
@@ -366,7 +369,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
     if !matches!(
         cli.command,
-        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Config { .. }
+        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
     ) {
         pending::sweep(&run_dir);
     }
@@ -430,6 +433,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}: ok", file.display());
                 Ok(())
             })
+        }
+        Cmd::Man => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            match man.render(&mut std::io::stdout()) {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow!("writing the man page: {e}"))
+                }
+                _ => Ok(0),
+            }
         }
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

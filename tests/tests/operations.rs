@@ -518,3 +518,16 @@ fn a_pidfile_names_the_supervisor_while_the_instance_runs() {
     h.stop("pidded");
     assert!(common::poll(common::READY, || !pidfile.exists()));
 }
+
+#[test]
+fn the_man_page_lists_the_commands() {
+    let h = Harness::unprivileged("the_man_page_lists_the_commands");
+    let page = ok(&h, &["man"]);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH appshot"),
+        "{page}"
+    );
+    for command in ["logs", "snapshot", "restore", "clone"] {
+        assert!(page.contains(command), "the man page lacks {command}");
+    }
+}
