@@ -31,6 +31,12 @@ pub enum RuntimeError {
     StillRunning(String),
     #[error("no logs of an instance named `{0}` (only detached instances keep them)")]
     NoLogs(String),
+    #[error("{} is claimed by two application configs: {} and {}", executable.display(), first.display(), second.display())]
+    AppClaimedTwice {
+        executable: PathBuf,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
     #[error("OCI: {0}")]

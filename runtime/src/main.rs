@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod apps;
 mod astask;
 mod commands;
 mod control;
@@ -253,7 +254,8 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ConfigCmd {
     /// Validate config files (a directory: each `*.toml` in it) with the
-    /// errors `run --config` would give, without running anything.
+    /// errors `run --config` would give, without running anything; two
+    /// claiming one executable are refused.
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -416,14 +418,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let mut files = Vec::new();
             for path in paths {
                 if path.is_dir() {
-                    let mut tomls: Vec<PathBuf> = std::fs::read_dir(&path)
-                        .with_context(|| format!("reading {}", path.display()))?
-                        .flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                        .collect();
-                    tomls.sort();
-                    files.extend(tomls);
+                    files.extend(apps::files(&path)?);
                 } else {
                     files.push(path);
                 }
@@ -432,7 +427,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 AppConfig::load(file)?;
                 println!("{}: ok", file.display());
                 Ok(())
-            })
+            })?;
+            // Valid one by one, they must not claim one program twice.
+            apps::claims(&files)?;
+            Ok(0)
         }
         Cmd::Man => {
             let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
@@ -603,11 +601,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-/// Flags over config over defaults.
+/// Flags over config over defaults. Without `--config`, the config is the
+/// host-wide one of the command's program, if there is one.
 fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
-    let config = match &args.config {
-        Some(path) => AppConfig::load(path)?,
-        None => AppConfig::default(),
+    let host_wide = match (&args.config, args.command.first()) {
+        (None, Some(program)) => apps::for_command(program)?,
+        _ => None,
+    };
+    let config = match (&args.config, host_wide) {
+        (Some(path), _) => AppConfig::load(path)?,
+        (None, Some((file, config))) => {
+            tracing::info!("{} applies to {}", file.display(), args.command[0]);
+            config
+        }
+        (None, None) => AppConfig::default(),
     };
     let cluster = remote::ClusterSettings::resolve(&config)?;
     let aid = args.aid.or(config.aid).unwrap_or_else(|| "default".into());
