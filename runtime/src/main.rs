@@ -12,6 +12,7 @@ mod filter;
 mod init;
 mod logs;
 mod multiplex;
+mod netlock;
 mod notify;
 mod oci;
 mod pending;
@@ -206,6 +207,10 @@ enum Cmd {
         /// the config's `port_range`).
         #[arg(long)]
         port_range: Option<PortRange>,
+        /// Give the application its TCP connections as reset by their
+        /// peers instead of rebuilding them (and take any real ports).
+        #[arg(long)]
+        tcp_close: bool,
         #[arg(short, long)]
         detach: bool,
     },
@@ -374,6 +379,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
     ) {
         pending::sweep(&run_dir);
+        netlock::sweep(&run_dir);
     }
     match cli.command {
         Cmd::Run(args) => {
@@ -555,6 +561,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             aid,
             config,
             port_range,
+            tcp_close,
             detach,
         } => {
             commands::require_privileges("restore")?;
@@ -565,6 +572,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let mut launch = restore_launch(&image, name, aid, &run_dir)?;
             let range = port_range.unwrap_or(config.port_range);
             launch.range = (range.start, range.end);
+            launch.tcp_close = tcp_close;
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
@@ -666,6 +674,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         restore: None,
         cluster,
         is_clone: false,
+        tcp_close: false,
         identity_file: None,
         user,
         remove_on_exit: args.rm,
@@ -802,6 +811,7 @@ fn image_launch(
         restore: Some(path),
         cluster: remote::ClusterSettings::resolve(&defaults)?,
         is_clone: false,
+        tcp_close: false,
         identity_file: None,
         user: None,
         remove_on_exit: false,

@@ -231,7 +231,7 @@ impl Multiplexer {
             }
             return Self::bind_as_task(call, sock.fd, bytes);
         }
-        match self.allocate(&sock, addr) {
+        match self.allocate(&sock, addr, None) {
             Ok(Some(_)) => call.answer(Response::Value(0)),
             Err(e) => call.answer(Response::Errno(e)),
             Ok(None) => {
@@ -242,7 +242,7 @@ impl Multiplexer {
                     let deadline = Instant::now() + mux.settings.allocation_timeout;
                     while Instant::now() < deadline && call.still_pending() {
                         std::thread::sleep(ALLOCATION_RETRY);
-                        match mux.allocate(&sock, addr) {
+                        match mux.allocate(&sock, addr, None) {
                             Ok(Some(_)) => return call.answer(Response::Value(0)),
                             Ok(None) => {}
                             Err(e) => return call.answer(Response::Errno(e)),
@@ -300,7 +300,15 @@ impl Multiplexer {
 
     /// Binds the socket to the first real port the registry offers that the
     /// kernel accepts, and records the translation. `Ok(None)`: none free.
-    fn allocate(&self, sock: &InetSocket, addr: SocketAddr) -> Result<Option<u16>, i32> {
+    /// Binds `sock` to a free real port standing for `addr` and records
+    /// the translation; `exact` asks for that real port alone (a restore
+    /// taking back its connections' port).
+    fn allocate(
+        &self,
+        sock: &InetSocket,
+        addr: SocketAddr,
+        exact: Option<u16>,
+    ) -> Result<Option<u16>, i32> {
         let inode = nix::sys::stat::fstat(sock.fd.as_raw_fd())
             .map_err(|e| e as i32)?
             .st_ino;
@@ -318,8 +326,18 @@ impl Multiplexer {
             for i in closed {
                 state.remove_socket(&s.instance, i);
             }
-            let candidates =
-                state.bind_candidates(Protocol::Tcp, addr.ip(), addr.port(), &s.aid, s.range, hint);
+            let candidates = match exact {
+                Some(p) if state.translations.iter().any(|t| t.real_port == p) => Vec::new(),
+                Some(p) => vec![p],
+                None => state.bind_candidates(
+                    Protocol::Tcp,
+                    addr.ip(),
+                    addr.port(),
+                    &s.aid,
+                    s.range,
+                    hint,
+                ),
+            };
             // Under source rules the fixed port itself must stay free, so
             // that every connection to it meets the rules.
             let rules = s.cluster.source_rules_active();
@@ -395,10 +413,23 @@ impl Multiplexer {
             local,
         };
         let port = spec.addr.port();
-        if port != 0 && self.settings.multiplexed.contains(port) {
+        if port != 0 && self.settings.multiplexed.contains(port) && spec.real_port != 0 {
+            // The instance's connections use this real port: it or nothing.
+            let taken = || {
+                format!(
+                    "real port {} (virtual port {port}) is taken; its connections cannot come back (restore with --tcp-close to drop them)",
+                    spec.real_port
+                )
+            };
+            match self.allocate(&sock, spec.addr, Some(spec.real_port)) {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(libc::EADDRINUSE) => return Err(taken()),
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+            }
+        } else if port != 0 && self.settings.multiplexed.contains(port) {
             let deadline = Instant::now() + self.settings.allocation_timeout;
             loop {
-                match self.allocate(&sock, spec.addr) {
+                match self.allocate(&sock, spec.addr, None) {
                     Ok(Some(_)) => break,
                     Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
                     Ok(None) => {

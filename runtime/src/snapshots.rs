@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use appshot_snapshot::dump::{dump, DumpRequest};
 use appshot_snapshot::image::format::temporary_path;
 use appshot_snapshot::image::{open_file, FdKind, Image, InstanceInfo, VmaKind, PAGE};
+use appshot_snapshot::kinds::tcp::Repairs;
 use appshot_snapshot::ptrace::Frozen;
 use appshot_snapshot::SnapshotError;
 use appshot_sys::pidfd;
@@ -25,6 +26,7 @@ use tracing::info;
 
 use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
+use crate::netlock::{self, Lock};
 use crate::pending::Pending;
 use crate::tree;
 
@@ -179,6 +181,7 @@ pub fn take(
         }
         a
     };
+    let repairs = Repairs::default();
     let progress = |done: u64, total: u64| requester.progress(done, total);
     let cancelled = || requester.gone();
     let req = DumpRequest {
@@ -188,8 +191,10 @@ pub fn take(
             command: subject.command.to_vec(),
             multiplexed: subject.multiplexed.to_vec(),
             template,
+            left_running: leave_running,
         },
         virtualize: &virtualize,
+        repairs: &repairs,
         progress: &progress,
         cancelled: &cancelled,
     };
@@ -208,24 +213,47 @@ pub fn take(
         frozen.push(Frozen::seize(pid, Options::empty())?);
     }
     frozen_flag.store(true, Ordering::SeqCst);
+    // Before any connection is read: no packet of theirs gets in or out
+    // until the instance runs on, or its restore rebuilds them.
+    let lock = match Lock::take(
+        subject.run_dir,
+        name,
+        subject.init_pid,
+        &netlock::connections(subject.init_pid),
+    ) {
+        Ok(lock) => lock,
+        Err(e) => {
+            drop(frozen);
+            frozen_flag.store(false, Ordering::SeqCst);
+            return Err(RuntimeError::NotSnapshottable {
+                name: name.to_string(),
+                reason: format!("its connections cannot be locked: {e}"),
+            });
+        }
+    };
     let dumped = dump(&frozen, &req, output);
     drop(pending);
     let stats = match dumped {
         Ok(stats) => stats,
         Err(e) => {
-            // Dropping `frozen` releases every thread as it was.
+            // The connections go on; dropping `frozen` releases every
+            // thread as it was, then the lock goes.
+            repairs.resume();
             drop(frozen);
+            drop(lock);
             frozen_flag.store(false, Ordering::SeqCst);
             return Err(e.into());
         }
     };
     let frozen_for;
     let after = if leave_running {
+        repairs.resume();
         for f in frozen {
             f.release();
         }
         frozen_for = started.elapsed();
         frozen_flag.store(false, Ordering::SeqCst);
+        drop(lock);
         "left running"
     } else {
         // Killed while still frozen: the instance never runs past the
@@ -241,6 +269,13 @@ pub fn take(
                     k()
                 }
             });
+        }
+        // The last references to the connections, still in repair mode:
+        // closed without a packet. Their peers wait, locked, for the
+        // restore (a template's copies can never own them).
+        drop(repairs);
+        if let Some(lock) = lock.filter(|_| !template) {
+            lock.hold_for(output);
         }
         "stopped"
     };
@@ -404,6 +439,23 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
                     FdKind::TcpSocket {
                         addr, listening, ..
                     } => format!("tcp {} {addr}", if *listening { "listen" } else { "bound" }),
+                    FdKind::Udp(u) => match &u.peer {
+                        Some(peer) => format!("udp {} -> {peer}", u.addr),
+                        None => format!("udp {}", u.addr),
+                    },
+                    FdKind::TcpConn(c) => {
+                        format!(
+                        "tcp {} {} -> {} (real {} -> {}), {} bytes to send ({} unsent), {} unread",
+                        if c.state == 1 { "established" } else { "closing" },
+                        c.local_virtual,
+                        c.peer_virtual,
+                        c.local,
+                        c.peer,
+                        c.send.len(),
+                        c.unsent,
+                        c.recv.len()
+                    )
+                    }
                     FdKind::Epoll { targets, .. } => format!("epoll, {} fds", targets.len()),
                     FdKind::EventFd { count, .. } => format!("eventfd = {count}"),
                     FdKind::Dup { of } => format!("same open file as fd {of}"),

@@ -255,7 +255,7 @@ pub fn chains(registry_dir: &Path, owner: &str) -> [String; 3] {
 
 /// FNV-1a of the registry's path: stable across builds (unlike std's
 /// hasher), which matters because another appshot may reclaim our chains.
-fn registry_tag(dir: &Path) -> String {
+pub(crate) fn registry_tag(dir: &Path) -> String {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut h: u32 = 0x811c_9dc5;
     for b in dir.as_os_str().as_encoded_bytes() {
@@ -299,7 +299,7 @@ pub fn removal_script(chains: &[String; 3]) -> String {
     s
 }
 
-fn nft(script: &str) -> Result<(), String> {
+pub(crate) fn nft(script: &str) -> Result<(), String> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

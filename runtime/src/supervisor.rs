@@ -54,6 +54,10 @@ pub struct Launch {
     /// `appshot clone` that started it): map its pages, don't copy them.
     #[serde(default)]
     pub is_clone: bool,
+    /// Restore the image's TCP connections as reset instead of rebuilding
+    /// them (`appshot restore --tcp-close`).
+    #[serde(default)]
+    pub tcp_close: bool,
     /// A path inside the instance where its own identity file (its AID and
     /// name) appears, in a mount namespace of its own.
     #[serde(default)]
@@ -188,7 +192,21 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             )?;
             let mux = new_mux(init_pid)?;
             let started = Instant::now();
-            let restored = restore_into(init_pid, &image, &mux, launch.is_clone);
+            // Only the restore of a stopped instance can own its
+            // connections: a live snapshot's original still has them, and
+            // templates and clones are copies.
+            let info = &image.manifest.instance;
+            let connections =
+                if launch.is_clone || launch.tcp_close || info.template || info.left_running {
+                    restore::Connections::Close
+                } else {
+                    restore::Connections::Own
+                };
+            let restored = restore_into(init_pid, &image, &mux, launch.is_clone, connections);
+            if restored.is_ok() && (connections == restore::Connections::Own || launch.tcp_close) {
+                // Rebuilt or given up: their packets may flow again.
+                crate::netlock::release_image(&launch.run_dir, path);
+            }
             info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = launch.is_clone, "restore work done");
             match restored {
                 Ok((listeners, main)) => (init_pid, init, listeners, mux, main),
@@ -417,6 +435,7 @@ fn restore_into(
     image: &Image,
     mux: &Arc<Multiplexer>,
     share_pages: bool,
+    connections: restore::Connections,
 ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
     let wanted = image.manifest.top_level().count();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -441,6 +460,7 @@ fn restore_into(
     let hooks = restore::RestoreHooks {
         filter: &program,
         listen: &listen,
+        connections,
         share_pages,
     };
     let restored = restore::restore(&stubs, image, &hooks)?;

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_sys::pidfd;
-use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{
+    getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage,
+};
 
 use crate::error::SnapshotError;
 use crate::image::model::*;
@@ -28,6 +30,10 @@ pub struct DumpRequest<'a> {
     /// Maps a listening socket's real address to the one its application
     /// believes it bound.
     pub virtualize: &'a dyn Fn(SocketAddr) -> SocketAddr,
+    /// Where connected TCP sockets put in repair mode are recorded: the
+    /// caller resumes them if the instance runs on, or drops them after
+    /// killing it.
+    pub repairs: &'a kinds::tcp::Repairs,
     /// Called with (bytes done, bytes total) while pages are saved.
     pub progress: &'a dyn Fn(u64, u64),
     /// Asked between steps that leave the processes whole (no injected
@@ -506,7 +512,11 @@ fn dump_fds(
                 });
                 continue;
             }
-            kinds::tcp::save(&sock, flags, req.virtualize).map_err(unsupported)?
+            if getsockopt(&sock, sockopt::SockType) == Ok(SockType::Datagram) {
+                kinds::udp::save(&sock, flags).map_err(unsupported)?
+            } else {
+                kinds::tcp::save(&sock, flags, req.virtualize, req.repairs).map_err(unsupported)?
+            }
         } else if link == "anon_inode:[eventpoll]" {
             kinds::events::save_epoll(info, flags)
         } else if link == "anon_inode:[eventfd]" {

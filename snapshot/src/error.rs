@@ -35,6 +35,15 @@ pub enum SnapshotError {
     Unsupported { pid: u32, what: String },
     #[error("{path}: {why}; the image cannot be restored")]
     FileChanged { path: String, why: String },
+    #[error("pid {pid}: fd {fd}: TCP connection {local} -> {peer}: {what}: {error}")]
+    TcpConnection {
+        pid: u32,
+        fd: i32,
+        local: String,
+        peer: String,
+        what: &'static str,
+        error: std::io::Error,
+    },
     #[error("restore: {0}")]
     Restore(String),
     #[error(

@@ -38,12 +38,14 @@ const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
 const SETTABLE_FLAGS: i32 =
     libc::O_NONBLOCK | libc::O_APPEND | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
 pub use crate::kinds::files::check_files;
-pub use crate::kinds::tcp::ListenSpec;
+pub use crate::kinds::tcp::{Connections, ListenSpec};
 
 pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
     pub filter: &'a [SockFilter],
     pub listen: &'a dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
+    /// Whether the image's TCP connections are rebuilt or reset.
+    pub connections: Connections,
     /// Map saved pages from the image file (MAP_PRIVATE, copy-on-write)
     /// instead of copying them: how clones of a template share its memory.
     pub share_pages: bool,
@@ -686,6 +688,12 @@ fn restore_fds(
         Ok(())
     };
 
+    // Real ports the rebuilt connections use: their listeners take them
+    // back; any other listener gets whichever port is free.
+    let owned_ports = match hooks.connections {
+        Connections::Own => kinds::tcp::connection_ports(&image.manifest),
+        Connections::Close => Default::default(),
+    };
     let stub = kinds::Stub {
         inj,
         mem,
@@ -705,13 +713,15 @@ fn restore_fds(
             | FdKind::Epoll { .. }
             | FdKind::Dup { .. }
             | FdKind::Unix(_)
+            | FdKind::TcpConn(_)
             | FdKind::Pipe { .. } => {}
             FdKind::Path { file, flags, pos } => {
                 kinds::files::restore(&stub, f, file, *flags, *pos)?;
             }
             FdKind::Fifo { .. } => kinds::pipes::restore_fifo(&stub, f, &mut fifos)?,
             FdKind::Memfd { .. } => memfds.restore_fd(&stub, f, image, p.ns_pid, highest_fd(p))?,
-            FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen)?,
+            FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen, &owned_ports)?,
+            FdKind::Udp(u) => kinds::udp::restore(&stub, f, u)?,
             FdKind::EventFd {
                 count,
                 flags,
@@ -732,6 +742,12 @@ fn restore_fds(
                 place(temp, f, *flags)?;
                 inj.call(pid, libc::SYS_close, &[temp])?;
             }
+        }
+    }
+    // Connections after the listeners, whose real ports they share.
+    for f in &p.fds {
+        if let FdKind::TcpConn(c) = &f.kind {
+            kinds::tcp::restore_connection(&stub, f, c, hooks.connections)?;
         }
     }
     kinds::pipes::restore(&stub, &p.fds)?;

@@ -15,4 +15,5 @@ pub mod seccomp;
 pub mod sockdiag;
 pub mod spawn;
 pub mod sysv;
+pub mod tcprepair;
 pub mod timerfd;

@@ -27,8 +27,9 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// System V IPC objects. 4: timerfd, signalfd and inotify fds, interval and
 /// POSIX timers. 5: Unix sockets and fds sharing one open file description.
 /// 6: every process of the tree, shared anonymous memory, fds and pages
-/// inherited across fork; memfds.
-pub const VERSION: u32 = 6;
+/// inherited across fork; memfds. 7: established TCP connections, the
+/// real port of TCP sockets, UDP sockets.
+pub const VERSION: u32 = 7;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -493,6 +494,7 @@ mod tests {
                 command: vec!["python3".into()],
                 multiplexed: vec![9000],
                 template: false,
+                left_running: false,
             },
             processes: vec![ProcessImage {
                 ns_pid: 2,

@@ -93,6 +93,73 @@ pub struct InstanceInfo {
     pub multiplexed: Vec<u16>,
     /// Taken to be cloned: clones map its pages instead of copying them.
     pub template: bool,
+    /// Taken with `--leave-running`: the original kept its connections, so
+    /// a restore of this image closes its copies of them.
+    #[serde(default)]
+    pub left_running: bool,
+}
+
+/// A UDP socket: addresses as the application and the kernel both see
+/// them (UDP is not multiplexed), and options.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpSocket {
+    /// Local address (port 0: never bound).
+    pub addr: String,
+    /// The peer it is connected to.
+    pub peer: Option<String>,
+    pub flags: i32,
+    pub v6only: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub broadcast: bool,
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+}
+
+/// `struct tcp_repair_window`, as saved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpWindow {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+/// A connected TCP socket: its addresses, sequence numbers, queues and the
+/// options of its handshake, read in repair mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConn {
+    pub flags: i32,
+    /// The kernel's (real) addresses.
+    pub local: String,
+    pub peer: String,
+    /// As the application sees them (virtual ports).
+    pub local_virtual: String,
+    pub peer_virtual: String,
+    /// TCP state at the snapshot (1: established). Any other is restored
+    /// as a connection reset by its peer.
+    pub state: u8,
+    /// Sequence number after the last byte of the send queue.
+    pub snd_seq: u32,
+    /// Sequence number after the last byte of the receive queue.
+    pub rcv_seq: u32,
+    /// Sent-but-unacknowledged bytes, then `unsent` bytes never sent.
+    pub send: Vec<u8>,
+    pub unsent: u32,
+    /// Received bytes the application has not read.
+    pub recv: Vec<u8>,
+    pub mss: u32,
+    /// (send, receive) window scale, if negotiated.
+    pub wscale: Option<(u8, u8)>,
+    pub sack: bool,
+    /// The timestamp clock, if timestamps were negotiated.
+    pub timestamp: Option<u32>,
+    pub window: TcpWindow,
+    pub nodelay: bool,
+    pub keepalive: bool,
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
 }
 
 /// Identity of a file the image refers to instead of copying: restore
@@ -324,7 +391,15 @@ pub enum FdKind {
         v6only: bool,
         reuseaddr: bool,
         reuseport: bool,
+        /// The real port it was bound to (0: none), taken again by a
+        /// restore that owns the instance's connections.
+        #[serde(default)]
+        real_port: u16,
     },
+    /// A connected TCP socket, saved in repair mode.
+    TcpConn(Box<TcpConn>),
+    /// A UDP socket, bound or connected (queued datagrams not saved).
+    Udp(UdpSocket),
     Epoll {
         flags: i32,
         targets: Vec<EpollTarget>,

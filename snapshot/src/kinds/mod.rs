@@ -18,6 +18,7 @@ pub mod tcp;
 pub mod threads;
 pub mod timerfd;
 pub mod tree;
+pub mod udp;
 pub mod unix;
 
 use crate::error::SnapshotError;

@@ -1,0 +1,93 @@
+//! UDP sockets, bound or connected: saved with their addresses (UDP is
+//! not multiplexed, so the application's addresses are the kernel's) and
+//! options, made again on restore. Datagrams queued at the snapshot are
+//! not saved.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::sys::socket::{
+    bind, connect, getpeername, getsockname, getsockopt, setsockopt, sockopt, SockaddrStorage,
+};
+
+use super::Stub;
+use crate::error::SnapshotError;
+use crate::image::model::{FdImage, FdKind, UdpSocket};
+
+fn inet(a: &SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|a| SocketAddr::V4((*a).into()))
+        .or_else(|| a.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())))
+}
+
+/// A UDP socket of the process (our duplicate of it).
+pub fn save(sock: &OwnedFd, flags: i32) -> Result<FdKind, String> {
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |e: nix::Error| format!("UDP socket: {what}: {e}")
+    };
+    let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(e("getsockname"))?;
+    let local = inet(&local).ok_or("UDP socket of an unknown family")?;
+    let peer = getpeername::<SockaddrStorage>(sock.as_raw_fd())
+        .ok()
+        .as_ref()
+        .and_then(inet);
+    Ok(FdKind::Udp(UdpSocket {
+        addr: local.to_string(),
+        peer: peer.map(|p| p.to_string()),
+        flags,
+        v6only: local.is_ipv6()
+            && getsockopt(sock, sockopt::Ipv6V6Only).map_err(e("IPV6_V6ONLY"))?,
+        reuseaddr: getsockopt(sock, sockopt::ReuseAddr).map_err(e("SO_REUSEADDR"))?,
+        reuseport: getsockopt(sock, sockopt::ReusePort).map_err(e("SO_REUSEPORT"))?,
+        broadcast: getsockopt(sock, sockopt::Broadcast).map_err(e("SO_BROADCAST"))?,
+        // The kernel reports twice what was asked for.
+        sndbuf: (getsockopt(sock, sockopt::SndBuf).map_err(e("SO_SNDBUF"))? / 2) as u32,
+        rcvbuf: (getsockopt(sock, sockopt::RcvBuf).map_err(e("SO_RCVBUF"))? / 2) as u32,
+    }))
+}
+
+/// Makes the UDP socket `u` of `f` in the stub: options, bind, connect.
+pub fn restore(stub: &Stub, f: &FdImage, u: &UdpSocket) -> Result<(), SnapshotError> {
+    let Stub { inj, pid, .. } = *stub;
+    let parse = |a: &str| {
+        a.parse::<SocketAddr>()
+            .map_err(|_| SnapshotError::Restore(format!("fd {}: bad address {a}", f.fd)))
+    };
+    let local = parse(&u.addr)?;
+    let peer = u.peer.as_deref().map(parse).transpose()?;
+    let domain = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let kind = (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64;
+    let temp =
+        (stub.to_high)(inj.ok(pid, "socket", libc::SYS_socket, &[domain as u64, kind, 0])?)?;
+    let pfd = appshot_sys::pidfd::open_thread(pid)
+        .map_err(|e| SnapshotError::process(pid, "pidfd_open", e))?;
+    let s = appshot_sys::pidfd::get_fd(&pfd, temp as i32)
+        .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {temp}"), e))?;
+    let fail = |what: &str| {
+        let what = format!("fd {}: UDP socket {local}: {what}", f.fd);
+        move |e: nix::Error| SnapshotError::process(pid, what, e)
+    };
+    if local.is_ipv6() {
+        setsockopt(&s, sockopt::Ipv6V6Only, &u.v6only).map_err(fail("IPV6_V6ONLY"))?;
+    }
+    setsockopt(&s, sockopt::ReuseAddr, &u.reuseaddr).map_err(fail("SO_REUSEADDR"))?;
+    setsockopt(&s, sockopt::ReusePort, &u.reuseport).map_err(fail("SO_REUSEPORT"))?;
+    setsockopt(&s, sockopt::Broadcast, &u.broadcast).map_err(fail("SO_BROADCAST"))?;
+    setsockopt(&s, sockopt::SndBuf, &(u.sndbuf as usize)).map_err(fail("SO_SNDBUF"))?;
+    setsockopt(&s, sockopt::RcvBuf, &(u.rcvbuf as usize)).map_err(fail("SO_RCVBUF"))?;
+    if local.port() != 0 || !local.ip().is_unspecified() {
+        bind(s.as_raw_fd(), &SockaddrStorage::from(local)).map_err(fail("bind"))?;
+    }
+    if let Some(peer) = peer {
+        connect(s.as_raw_fd(), &SockaddrStorage::from(peer))
+            .map_err(fail(&format!("connect to {peer}")))?;
+    }
+    (stub.place)(temp, f, u.flags)?;
+    inj.call(pid, libc::SYS_close, &[temp])?;
+    Ok(())
+}
