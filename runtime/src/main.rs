@@ -449,7 +449,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Completion { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Without the hidden internal commands (__init, __supervise),
+            // which clap_complete would offer.
+            let full = <Cli as clap::CommandFactory>::command();
+            let mut cmd = clap::Command::new("appshot")
+                .version(VERSION)
+                .args(full.get_arguments().cloned())
+                .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
             clap_complete::generate(shell, &mut cmd, "appshot", &mut std::io::stdout());
             Ok(0)
         }

@@ -492,6 +492,10 @@ fn version_names_the_commit_and_completions_cover_the_commands() {
         for word in ["logs", "snapshot", "port-range", "restart"] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
+        assert!(
+            !script.contains("__init"),
+            "{shell} completion offers __init"
+        );
     }
 }
 
