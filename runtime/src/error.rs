@@ -23,6 +23,8 @@ pub enum RuntimeError {
     NotSnapshottable { name: String, reason: String },
     #[error("--user {user}: {why}")]
     User { user: String, why: String },
+    #[error("snapshot of `{name}` interrupted: no image was written{}", if *leave_running { "; the instance runs on" } else { "; the instance was left running" })]
+    SnapshotInterrupted { name: String, leave_running: bool },
     #[error("snapshot of `{name}` failed: {message}")]
     SnapshotFailed { name: String, message: String },
     #[error("no running instance named `{0}`")]
@@ -56,6 +58,8 @@ impl RuntimeError {
     pub fn exit_status(&self) -> u8 {
         match self {
             RuntimeError::Exec { status, .. } => *status as u8,
+            // As a command ended by SIGINT: 128 + 2.
+            RuntimeError::SnapshotInterrupted { .. } => 130,
             _ => 125,
         }
     }

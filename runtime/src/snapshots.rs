@@ -108,11 +108,33 @@ pub fn snapshot(
         leave_running,
         template,
     };
-    let reply = control::request_with_progress(&dir, &req, SNAPSHOT_IDLE, progress);
+    let answered = control::request_interruptible(&dir, &req, SNAPSHOT_IDLE, progress);
     if let Some(b) = bar.get() {
         b.finish_and_clear();
     }
-    let reply = reply?;
+    let interrupted = |leave_running| RuntimeError::SnapshotInterrupted {
+        name: name.to_string(),
+        leave_running,
+    };
+    // Withdrawn before the image was in place, the supervisor released the
+    // instance as it was and removed the temporary.
+    let reply = match answered? {
+        control::Answered::Withdrawn => return Err(interrupted(leave_running)),
+        control::Answered::Reply {
+            reply,
+            interrupted: true,
+        } if !reply.ok => return Err(interrupted(leave_running)),
+        control::Answered::Reply {
+            reply,
+            interrupted: true,
+        } => {
+            eprintln!(
+                "appshot: interrupted after the image of {name} was in place: the snapshot is complete"
+            );
+            reply
+        }
+        control::Answered::Reply { reply, .. } => reply,
+    };
     if !reply.ok {
         return Err(RuntimeError::SnapshotFailed {
             name: name.to_string(),

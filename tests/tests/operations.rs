@@ -16,14 +16,14 @@ fn detached_run_answers_by_whether_the_instance_runs() {
         return;
     };
     let dir = h.dir("cwd");
-    for i in 0..20 {
+    for i in 0..50 {
         let name = format!("false-{i}");
         let ran = h.try_start(&name, "a", &dir, &[], &["false"]);
         assert_eq!(ran.code, Some(125), "attempt {i}: run -d -- false: {ran}");
         assert!(ran.stderr.contains("exited during start"), "{ran}");
         assert!(h.instance(&name).is_none(), "{name} listed: {:#?}", h.ps());
     }
-    for i in 0..20 {
+    for i in 0..50 {
         let name = format!("sleep-{i}");
         let ran = h.try_start(&name, "a", &dir, &[], &["sleep", "100"]);
         assert_eq!(ran.code, Some(0), "attempt {i}: run -d -- sleep 100: {ran}");
@@ -533,5 +533,53 @@ fn the_man_page_lists_the_commands() {
     );
     for command in ["logs", "snapshot", "restore", "clone"] {
         assert!(page.contains(command), "the man page lacks {command}");
+    }
+}
+
+/// A process with 300 MiB of pages that hold data, so that its dump takes
+/// long enough to be interrupted.
+const BIG: &str = "import time\nb = bytearray(300 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('big ready', flush=True)\ntime.sleep(1000)\n";
+
+#[test]
+fn ctrl_c_during_a_snapshot_abandons_it_and_says_so() {
+    let Some(mut h) = Harness::new(
+        "ctrl_c_during_a_snapshot_abandons_it_and_says_so",
+        &["python3"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("big");
+    h.start("big", "a", &dir, &[], &["python3", "-c", BIG]);
+    h.wait_log("big", "big ready");
+    let image = h.dir("img").join("big.img");
+    let mut cmd = h.appshot();
+    cmd.args(["snapshot", "big", "-o"]).arg(&image);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    // SAFETY: kill takes plain integers; the target is our own child.
+    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        // Abandoned: no image, the instance runs on.
+        Some(130) => {
+            assert!(
+                stderr.contains("interrupted: no image was written"),
+                "{stderr}"
+            );
+            assert!(!image.exists(), "an abandoned snapshot left an image");
+            assert!(h.instance("big").is_some(), "the instance must run on");
+        }
+        // Already in place when the signal came: said, and complete.
+        Some(0) => {
+            assert!(stderr.contains("the snapshot is complete"), "{stderr}");
+            assert!(image.exists());
+        }
+        other => panic!("appshot snapshot after SIGINT: exit {other:?}: {stderr}"),
     }
 }
