@@ -41,10 +41,10 @@ for aid in a b c; do
 done
 for aid in a b c; do
   for _ in $(seq 100); do
-    grep -q "Serving HTTP" "$APPSHOT_RUN_DIR/logs/web-$aid.log" 2>/dev/null && break
+    "$appshot" logs "web-$aid" 2>/dev/null | grep -q "Serving HTTP" && break
     sleep 0.05
   done
-  printf 'web-%s says: ' "$aid"; grep "Serving HTTP" "$APPSHOT_RUN_DIR/logs/web-$aid.log"
+  printf 'web-%s says: ' "$aid"; "$appshot" logs "web-$aid" | grep "Serving HTTP"
 done
 
 step "appshot ps"

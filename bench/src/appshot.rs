@@ -42,7 +42,7 @@ struct PsRow {
 struct PortRow {
     virtual_port: u16,
     real_port: u16,
-    owner: String,
+    instance: String,
 }
 
 impl Appshot {
@@ -346,7 +346,7 @@ impl Instance<'_> {
                 .appshot
                 .ports()?
                 .into_iter()
-                .find(|t| t.owner == self.name && t.virtual_port == virtual_port);
+                .find(|t| t.instance == self.name && t.virtual_port == virtual_port);
             if found.is_none() {
                 self.check_running()?;
             }

@@ -37,6 +37,8 @@ pub struct AppConfig {
     pub clone_identity_file: Option<PathBuf>,
     /// Who the application runs as; `None`: as the supervisor (root).
     pub user: Option<UserSpec>,
+    /// The program a host-wide config (in the apps directory) applies to.
+    pub executable: Option<PathBuf>,
 }
 
 impl AppConfig {
@@ -92,6 +94,7 @@ impl Default for AppConfig {
             agent_timeout: None,
             clone_identity_file: None,
             user: None,
+            executable: None,
         }
     }
 }

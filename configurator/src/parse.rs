@@ -45,6 +45,7 @@ struct RawConfig {
     agent_timeout_ms: Option<Spanned<i64>>,
     clone: Option<RawClone>,
     user: Option<Spanned<String>>,
+    executable: Option<Spanned<String>>,
 }
 
 /// What must differ between clones of a template (the specification's
@@ -296,7 +297,24 @@ impl RawConfig {
             })
             .transpose()?;
 
+        let executable = self
+            .executable
+            .map(|f| {
+                let span = f.span();
+                let path = PathBuf::from(src.c_string(f, "executable", false)?);
+                if !path.is_absolute() {
+                    return Err(src.invalid(
+                        span,
+                        "executable",
+                        "must be an absolute path (the program this config applies to)",
+                    ));
+                }
+                Ok(path)
+            })
+            .transpose()?;
+
         Ok(AppConfig {
+            executable,
             user,
             clone_identity_file,
             source_rules,

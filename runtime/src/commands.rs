@@ -4,30 +4,57 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use appshot_vpm::{is_alive, Registry, RegistryState};
+use appshot_vpm::{is_alive, Registry, RegistryState, Translation};
 use serde::Serialize;
 
 use crate::control::{self, Request};
 use crate::error::RuntimeError;
+use crate::logs;
 
 #[derive(Serialize)]
 struct PsRow {
     name: String,
     aid: String,
-    pid: u32,
-    supervisor_pid: u32,
+    /// None once the instance has ended.
+    pid: Option<u32>,
+    supervisor_pid: Option<u32>,
+    /// `running`, `snapshotting`, `restarting`, `unresponsive` or `exited`.
     state: String,
     command: Vec<String>,
-    ports: Vec<PortPair>,
+    ports: Vec<PortView>,
+    created_unix: u64,
+    exited_unix: Option<u64>,
+    /// As a shell reports it (128+N when killed by signal N).
+    exit_code: Option<i32>,
+    signal: Option<String>,
+    /// How often `run --restart` started it again (known once it ended).
+    restarts: Option<u32>,
 }
 
+/// A translation as `ps --json` (each row's `ports`) and `ports --json`
+/// show it: the one vocabulary of both.
 #[derive(Serialize)]
-struct PortPair {
+struct PortView {
     protocol: String,
+    /// The address the application bound (may be unspecified).
     address: String,
-    #[serde(rename = "virtual")]
     virtual_port: u16,
-    real: u16,
+    real_port: u16,
+    aid: String,
+    instance: String,
+}
+
+impl From<&Translation> for PortView {
+    fn from(t: &Translation) -> Self {
+        PortView {
+            protocol: t.protocol.to_string(),
+            address: t.addr.to_string(),
+            virtual_port: t.virtual_port,
+            real_port: t.real_port,
+            aid: t.aid.clone(),
+            instance: t.owner.clone(),
+        }
+    }
 }
 
 fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
@@ -37,9 +64,14 @@ fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
     Ok(registry.transaction(|s| s.clone())?)
 }
 
-pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
+/// The names of the running instances.
+pub fn running(run_dir: &Path) -> Result<Vec<String>, RuntimeError> {
+    Ok(state(run_dir)?.instances.into_keys().collect())
+}
+
+pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError> {
     let st = state(run_dir)?;
-    let rows: Vec<PsRow> = st
+    let mut rows: Vec<PsRow> = st
         .instances
         .values()
         .map(|i| {
@@ -50,39 +82,74 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
             PsRow {
                 name: i.name.clone(),
                 aid: i.aid.clone(),
-                pid: i.pid,
-                supervisor_pid: i.supervisor_pid,
+                pid: Some(i.pid),
+                supervisor_pid: Some(i.supervisor_pid),
                 state,
                 command: i.command.clone(),
-                ports: st
-                    .translations_of(&i.name)
-                    .map(|t| PortPair {
-                        protocol: t.protocol.to_string(),
-                        address: t.addr.to_string(),
-                        virtual_port: t.virtual_port,
-                        real: t.real_port,
-                    })
-                    .collect(),
+                ports: st.translations_of(&i.name).map(PortView::from).collect(),
+                created_unix: i.started_unix,
+                exited_unix: None,
+                exit_code: None,
+                signal: None,
+                restarts: None,
             }
         })
         .collect();
+    if all {
+        // A name that runs again is listed once, running.
+        let ended = logs::exited(run_dir)
+            .into_iter()
+            .filter(|e| !st.instances.contains_key(&e.name));
+        rows.extend(ended.map(|e| PsRow {
+            name: e.name,
+            aid: e.aid,
+            pid: None,
+            supervisor_pid: None,
+            state: "exited".into(),
+            command: e.command,
+            ports: Vec::new(),
+            created_unix: e.created_unix,
+            exited_unix: Some(e.exited_unix),
+            exit_code: Some(e.exit_code),
+            signal: e.signal,
+            restarts: Some(e.restarts),
+        }));
+    }
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("serialisable"));
     }
-    let mut table = vec![["NAME", "AID", "PID", "STATE", "PORTS", "COMMAND"]
-        .map(String::from)
-        .to_vec()];
+    let now = logs::now_unix();
+    let mut table = vec![[
+        "NAME", "AID", "PID", "STATE", "CREATED", "UPTIME", "PORTS", "COMMAND",
+    ]
+    .map(String::from)
+    .to_vec()];
     for r in &rows {
         let ports: Vec<String> = r
             .ports
             .iter()
-            .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real))
+            .map(|p| format!("{}/{}->{}", p.protocol, p.virtual_port, p.real_port))
             .collect();
+        let (state, uptime) = match (r.exited_unix, r.exit_code) {
+            (Some(at), Some(code)) => {
+                let how = match &r.signal {
+                    Some(sig) => format!("exited ({code}, {sig}) {} ago", age(now, at)),
+                    None => format!("exited ({code}) {} ago", age(now, at)),
+                };
+                match r.restarts {
+                    Some(n) if n > 0 => (format!("{how}, {n} restarts"), "-".to_string()),
+                    _ => (how, "-".to_string()),
+                }
+            }
+            _ => (r.state.clone(), age(now, r.created_unix)),
+        };
         table.push(vec![
             r.name.clone(),
             r.aid.clone(),
-            r.pid.to_string(),
-            r.state.clone(),
+            r.pid.map_or("-".into(), |p| p.to_string()),
+            state,
+            format!("{} ago", age(now, r.created_unix)),
+            uptime,
             if ports.is_empty() {
                 "-".into()
             } else {
@@ -92,6 +159,17 @@ pub fn ps(run_dir: &Path, json: bool) -> Result<String, RuntimeError> {
         ]);
     }
     Ok(render(&table))
+}
+
+/// `now - then` the way an operator reads it: 42s, 5m, 3h, 2d.
+fn age(now: u64, then: u64) -> String {
+    let secs = now.saturating_sub(then);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
 }
 
 /// The translation table, then the source rules and the recent cross-host
@@ -115,7 +193,8 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
             });
             return Ok(serde_json::to_string_pretty(&view).expect("serialisable") + "\n");
         }
-        return Ok(serde_json::to_string_pretty(&st.translations).expect("serialisable"));
+        let views: Vec<PortView> = st.translations.iter().map(PortView::from).collect();
+        return Ok(serde_json::to_string_pretty(&views).expect("serialisable"));
     }
     let mut out = String::new();
     if !remote_only {
@@ -238,4 +317,30 @@ fn render(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Refuses `command` up front, naming what is missing, when this process
+/// lacks the capabilities an instance needs; otherwise the first failing
+/// system call (`unshare`: "Operation not permitted") would say it.
+pub fn require_privileges(command: &str) -> Result<(), RuntimeError> {
+    const NEEDED: &[(u32, &str)] = &[(21, "CAP_SYS_ADMIN"), (19, "CAP_SYS_PTRACE")];
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| RuntimeError::sys("reading /proc/self/status", e))?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(RuntimeError::NotPrivileged {
+        command: command.to_string(),
+        missing: missing.join(" and "),
+    })
 }

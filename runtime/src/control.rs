@@ -270,11 +270,78 @@ pub fn request(dir: &Path, req: &Request) -> Result<Reply, RuntimeError> {
 
 /// Sends one request and returns its reply, passing the progress lines
 /// before it to `progress`; waits at most `idle` for each line.
+/// How a request that SIGINT, SIGTERM or SIGHUP may withdraw ended.
+pub enum Answered {
+    /// The supervisor's reply; `interrupted` if a signal withdrew the
+    /// request meanwhile (the reply then says what happened regardless).
+    Reply { reply: Reply, interrupted: bool },
+    /// A signal withdrew the request, and the supervisor closed the
+    /// connection without a reply.
+    Withdrawn,
+}
+
+/// [`request_with_progress`] for a request the operator may withdraw with
+/// Ctrl-C (or SIGTERM, SIGHUP): the signal withdraws it instead of killing
+/// the command, and the command still reads the supervisor's answer, so it
+/// can say whether the request was abandoned or had already finished.
+pub fn request_interruptible(
+    dir: &Path,
+    req: &Request,
+    idle: Duration,
+    progress: impl FnMut(Progress),
+) -> Result<Answered, RuntimeError> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    let mut previous = SigSet::empty();
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), Some(&mut previous))
+        .map_err(|e| RuntimeError::sys("blocking SIGINT", e))?;
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let withdraw: std::sync::Arc<std::sync::Mutex<Option<UnixStream>>> = Default::default();
+    {
+        let interrupted = std::sync::Arc::clone(&interrupted);
+        let withdraw = std::sync::Arc::clone(&withdraw);
+        // The mask is inherited: only this thread takes the signals.
+        std::thread::spawn(move || {
+            if signals.wait().is_ok() {
+                interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Some(conn) = withdraw.lock().expect("withdraw lock").as_ref() {
+                    let _ = conn.shutdown(std::net::Shutdown::Write);
+                }
+            }
+        });
+    }
+    let result = request_on(dir, req, idle, progress, |conn| {
+        *withdraw.lock().expect("withdraw lock") = conn.try_clone().ok();
+    });
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+    let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
+    match result {
+        Ok(reply) => Ok(Answered::Reply { reply, interrupted }),
+        Err(_) if interrupted => Ok(Answered::Withdrawn),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn request_with_progress(
     dir: &Path,
     req: &Request,
     idle: Duration,
+    progress: impl FnMut(Progress),
+) -> Result<Reply, RuntimeError> {
+    request_on(dir, req, idle, progress, |_| {})
+}
+
+/// Sends `req`, hands the connection to `connected`, then reads progress
+/// lines until the reply.
+fn request_on(
+    dir: &Path,
+    req: &Request,
+    idle: Duration,
     mut progress: impl FnMut(Progress),
+    connected: impl FnOnce(&UnixStream),
 ) -> Result<Reply, RuntimeError> {
     let path: PathBuf = dir.join(SOCKET_NAME);
     let err = |message: String| RuntimeError::Control {
@@ -287,6 +354,7 @@ pub fn request_with_progress(
     let mut msg = serde_json::to_vec(req).map_err(|e| err(e.to_string()))?;
     msg.push(b'\n');
     conn.write_all(&msg).map_err(|e| err(e.to_string()))?;
+    connected(&conn);
     let mut reader = BufReader::new(conn);
     loop {
         let mut line = String::new();

@@ -11,14 +11,34 @@ pub enum RuntimeError {
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
+    #[error("instance `{name}`: `{program}` {}", if *.status == 127 { "not found" } else { "cannot be executed" })]
+    Exec {
+        name: String,
+        program: String,
+        status: i32,
+    },
+    #[error("appshot {command} needs root, or the capabilities {missing}: it makes PID and mount namespaces for the instance (CAP_SYS_ADMIN) and reads and writes its processes' descriptors and memory (CAP_SYS_PTRACE)")]
+    NotPrivileged { command: String, missing: String },
     #[error("instance `{name}` cannot be snapshotted: {reason}")]
     NotSnapshottable { name: String, reason: String },
     #[error("--user {user}: {why}")]
     User { user: String, why: String },
+    #[error("snapshot of `{name}` interrupted: no image was written{}", if *leave_running { "; the instance runs on" } else { "; the instance was left running" })]
+    SnapshotInterrupted { name: String, leave_running: bool },
     #[error("snapshot of `{name}` failed: {message}")]
     SnapshotFailed { name: String, message: String },
     #[error("no running instance named `{0}`")]
     NoInstance(String),
+    #[error("instance `{0}` is running: stop it first")]
+    StillRunning(String),
+    #[error("no logs of an instance named `{0}` (only detached instances keep them)")]
+    NoLogs(String),
+    #[error("{} is claimed by two application configs: {} and {}", executable.display(), first.display(), second.display())]
+    AppClaimedTwice {
+        executable: PathBuf,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
     #[error("OCI: {0}")]
@@ -32,6 +52,18 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The CLI's exit status for this error, as podman's: 126 and 127 when
+    /// the command could not be executed or found, 125 for appshot's own
+    /// errors.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            RuntimeError::Exec { status, .. } => *status as u8,
+            // As a command ended by SIGINT: 128 + 2.
+            RuntimeError::SnapshotInterrupted { .. } => 130,
+            _ => 125,
+        }
+    }
+
     pub fn sys(what: impl Into<String>, error: impl Into<std::io::Error>) -> Self {
         RuntimeError::Sys {
             what: what.into(),

@@ -72,7 +72,17 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
         }
         (None, Some(channel)) => {
             let confirm = channel.try_clone().context("duplicating the channel")?;
-            let main = launch(&args, &app_env, channel)?;
+            let main = match launch(&args, &app_env, channel) {
+                Ok(main) => main,
+                // Like a shell (and podman): 127 when the command is not
+                // found, 126 when it cannot be executed; the supervisor
+                // passes the status on as the CLI's.
+                Err(Launch::Exec(e)) => {
+                    eprintln!("appshot: {}: {e}", args.command[0]);
+                    return Ok(exec_status(&e));
+                }
+                Err(Launch::Other(e)) => return Err(e),
+            };
             // The listener went out before exec; only now is it known that
             // exec succeeded, and the supervisor waits for this word.
             nix::unistd::write(&confirm, b"started").context("confirming the start")?;
@@ -170,10 +180,25 @@ fn app_env() -> anyhow::Result<Vec<(String, String)>> {
     }
 }
 
-fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> anyhow::Result<Pid> {
-    let program = filter::build()?;
+/// Why the application did not start: the exec itself (its status tells
+/// the operator what to fix) or anything before it.
+enum Launch {
+    Exec(std::io::Error),
+    Other(anyhow::Error),
+}
+
+/// The status a shell gives a command that could not be executed.
+fn exec_status(e: &std::io::Error) -> i32 {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => 127,
+        _ => 126,
+    }
+}
+
+fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> Result<Pid, Launch> {
+    let program = filter::build().map_err(|e| Launch::Other(e.into()))?;
     let Some((path, rest)) = args.command.split_first() else {
-        bail!("no command to run");
+        return Err(Launch::Other(anyhow::anyhow!("no command to run")));
     };
     // The application gets init's environment (the supervisor's, which is
     // its starter's) with the config's variables over it, and none of
@@ -183,6 +208,14 @@ fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> an
         .env_remove(APP_ENV)
         .envs(app_env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &args.cwd {
+        // Checked here so that a missing directory is appshot's error
+        // (125), not taken for a missing command (127).
+        if !cwd.is_dir() {
+            return Err(Launch::Other(anyhow::anyhow!(
+                "working directory {}: not a directory",
+                cwd.display()
+            )));
+        }
         cmd.current_dir(cwd);
     }
     appshot_sys::spawn::load_filter_before_exec(&mut cmd, program, channel);
@@ -194,7 +227,7 @@ fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> an
             user.groups.clone(),
         );
     }
-    let child = cmd.spawn().with_context(|| format!("starting `{path}`"))?;
+    let child = cmd.spawn().map_err(Launch::Exec)?;
     Ok(Pid::from_raw(child.id() as i32))
 }
 

@@ -3,12 +3,14 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod apps;
 mod astask;
 mod commands;
 mod control;
 mod error;
 mod filter;
 mod init;
+mod logs;
 mod multiplex;
 mod netlock;
 mod notify;
@@ -16,6 +18,7 @@ mod oci;
 mod pending;
 mod pool;
 mod remote;
+mod restart;
 mod snapshots;
 mod sockaddr;
 mod sourcerules;
@@ -23,23 +26,32 @@ mod supervisor;
 mod tree;
 mod user;
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange, UserSpec};
 use appshot_vpm::Registry;
 use clap::{ArgAction, Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use supervisor::{Launch, LAUNCH_ENV};
+
+/// `--version`: the crate's version and the commit it was built from
+/// (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("APPSHOT_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "appshot",
-    version,
+    version = VERSION,
     about = "Run many instances of an unmodified application on one fixed port"
 )]
 struct Cli {
@@ -62,10 +74,32 @@ struct Cli {
 enum Cmd {
     /// Run a command as a supervised instance.
     Run(RunArgs),
-    /// List running instances.
+    /// List running instances (with -a also those that ended and were not
+    /// removed).
     Ps {
         #[arg(long)]
         json: bool,
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Print a detached instance's output, running or ended.
+    Logs {
+        name: String,
+        /// Go on printing what it writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines since a duration ago (30s, 5m, 2h, 1d) or a UTC time
+        /// (YYYY-MM-DDTHH:MM:SS).
+        #[arg(long, value_parser = logs::parse_since)]
+        since: Option<String>,
+        /// Each line with the UTC time it was written.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Remove the logs and exit record of instances that ended.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// Show the port translation table (with source rules and recent
     /// cross-host negotiations).
@@ -103,9 +137,13 @@ enum Cmd {
         #[arg(long)]
         aid: Option<String>,
     },
-    /// Stop an instance: SIGTERM, then SIGKILL after the grace time.
+    /// Stop instances: SIGTERM, then SIGKILL after the grace time.
     Stop {
-        name: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Every running instance.
+        #[arg(short, long)]
+        all: bool,
         /// Seconds to wait after SIGTERM before SIGKILL.
         #[arg(short, long, default_value_t = 10)]
         time: u64,
@@ -151,6 +189,10 @@ enum Cmd {
         /// Application config: its `[clone]` rules and `port_range` apply.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Real ports the clones' sockets get, e.g. 20000-29999 (overrides
+        /// the config's `port_range`).
+        #[arg(long)]
+        port_range: Option<PortRange>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -163,6 +205,13 @@ enum Cmd {
         /// AID (default: the snapshotted instance's AID).
         #[arg(long)]
         aid: Option<String>,
+        /// Application config: its `port_range` applies.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Real ports the restored sockets get, e.g. 20000-29999 (overrides
+        /// the config's `port_range`).
+        #[arg(long)]
+        port_range: Option<PortRange>,
         /// Give the application its TCP connections as reset by their
         /// peers instead of rebuilding them (and take any real ports).
         #[arg(long)]
@@ -175,7 +224,21 @@ enum Cmd {
         image: PathBuf,
         #[arg(long)]
         json: bool,
+        /// List every memory mapping (the text shows their number only).
+        #[arg(long)]
+        mappings: bool,
     },
+    /// Application configs.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+    /// Print the man page (roff), e.g.
+    /// `appshot man > /usr/local/share/man/man1/appshot.1`.
+    Man,
+    /// Print a completion script for SHELL, e.g.
+    /// `appshot completion bash > /etc/bash_completion.d/appshot`.
+    Completion { shell: clap_complete::Shell },
     #[command(name = "__init", hide = true)]
     Init {
         #[arg(long)]
@@ -196,6 +259,17 @@ enum Cmd {
     },
     #[command(name = "__supervise", hide = true)]
     Supervise,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate config files (a directory: each `*.toml` in it) with the
+    /// errors `run --config` would give, without running anything; two
+    /// claiming one executable are refused.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,6 +311,23 @@ struct RunArgs {
     /// Return once the instance runs; its supervisor lives on.
     #[arg(short, long)]
     detach: bool,
+    /// Remove the instance's logs and exit record when it ends.
+    #[arg(long)]
+    rm: bool,
+    /// With --detach: write the supervisor's PID to this file once the
+    /// instance runs (for a service manager's PIDFile=); removed when the
+    /// instance ends.
+    #[arg(long, requires = "detach")]
+    pidfile: Option<PathBuf>,
+    /// Start the application again when it exits: `no`, `on-failure[:N]`
+    /// (a status other than 0, at most N times) or `always`; the wait
+    /// doubles from 100 ms up to 30 s. Never after `appshot stop`, nor
+    /// after an exit during `run -d`'s start period.
+    #[arg(long, default_value = "no")]
+    restart: restart::Policy,
+    /// Rotate the application's log (`app.log`) at this many bytes.
+    #[arg(long, default_value_t = logs::DEFAULT_MAX_BYTES)]
+    log_max_size: u64,
     /// Run the application as USER[:GROUP] (names or numbers); the
     /// supervisor stays root.
     #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
@@ -257,16 +348,30 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // A detached supervisor's stderr is its own log; it is kept for it here
+    // because the application's output takes stderr over (see `supervise`).
+    let supervising = matches!(cli.command, Cmd::Supervise);
+    let writer = match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) if supervising => BoxMakeWriter::new(std::sync::Mutex::new(std::fs::File::from(fd))),
+        _ => BoxMakeWriter::new(std::io::stderr),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
+        .with_ansi(!supervising && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("appshot: {e:#}");
-            ExitCode::from(125)
+            if supervising {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("appshot: {e:#}");
+            }
+            ExitCode::from(
+                e.downcast_ref::<error::RuntimeError>()
+                    .map_or(125, error::RuntimeError::exit_status),
+            )
         }
     }
 }
@@ -274,18 +379,22 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
-    if !matches!(cli.command, Cmd::Init { .. } | Cmd::Supervise) {
+    if !matches!(
+        cli.command,
+        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
+    ) {
         pending::sweep(&run_dir);
         netlock::sweep(&run_dir);
     }
     match cli.command {
         Cmd::Run(args) => {
+            commands::require_privileges("run")?;
             let detach = args.detach;
             let launch = resolve(args, &run_dir)?;
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch)?)
+                Ok(supervisor::run(launch, &mut None)?.status)
             }
         }
         Cmd::Supervise => {
@@ -296,7 +405,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 serde_json::from_str(&json).context("decoding the launch description")?;
             // Its own session: no terminal signals reach a detached instance.
             nix::unistd::setsid().context("setsid")?;
-            Ok(supervisor::run(launch)?)
+            supervise(launch)
         }
         Cmd::Init {
             channel_fd,
@@ -314,10 +423,70 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             user,
             command,
         }),
-        Cmd::Ps { json } => {
-            print!("{}", commands::ps(&run_dir, json)?);
+        Cmd::Config {
+            command: ConfigCmd::Check { paths },
+        } => {
+            let mut files = Vec::new();
+            for path in paths {
+                if path.is_dir() {
+                    files.extend(apps::files(&path)?);
+                } else {
+                    files.push(path);
+                }
+            }
+            each(&files, |file| {
+                AppConfig::load(file)?;
+                println!("{}: ok", file.display());
+                Ok(())
+            })?;
+            // Valid one by one, they must not claim one program twice.
+            apps::claims(&files)?;
             Ok(0)
         }
+        Cmd::Man => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            match man.render(&mut std::io::stdout()) {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow!("writing the man page: {e}"))
+                }
+                _ => Ok(0),
+            }
+        }
+        Cmd::Completion { shell } => {
+            // Without the hidden internal commands (__init, __supervise),
+            // which clap_complete would offer.
+            let full = <Cli as clap::CommandFactory>::command();
+            let mut cmd = clap::Command::new("appshot")
+                .version(VERSION)
+                .args(full.get_arguments().cloned())
+                .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+            clap_complete::generate(shell, &mut cmd, "appshot", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Ps { json, all } => {
+            print!("{}", commands::ps(&run_dir, json, all)?);
+            Ok(0)
+        }
+        Cmd::Logs {
+            name,
+            follow,
+            since,
+            timestamps,
+        } => {
+            let view = logs::View {
+                since,
+                timestamps,
+                follow,
+            };
+            logs::print(&run_dir, &name, &view)?;
+            Ok(0)
+        }
+        Cmd::Rm { names } => each(&names, |name| {
+            logs::remove(&run_dir, name)?;
+            println!("{name}");
+            Ok(())
+        }),
         Cmd::Ports { json, remote } => {
             print!("{}", commands::ports(&run_dir, json, remote)?);
             Ok(0)
@@ -355,6 +524,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             template,
             external_unix,
         } => {
+            commands::require_privileges("snapshot")?;
             let options = snapshots::SnapshotOptions {
                 leave_running,
                 template,
@@ -373,62 +543,103 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             count,
             identity_file,
             config,
+            port_range,
             detach,
         } => {
+            commands::require_privileges("clone")?;
             let config = match &config {
                 Some(path) => AppConfig::load(path)?,
                 None => AppConfig::default(),
             };
             let identity_file = identity_file.or(config.clone_identity_file.clone());
-            let launches = clone_launches(
-                &template,
-                &aid,
-                name,
-                count,
-                identity_file,
-                &config,
-                &run_dir,
-            )?;
+            let range = port_range.unwrap_or(config.port_range);
+            let launches =
+                clone_launches(&template, &aid, name, count, identity_file, range, &run_dir)?;
             if launches.len() == 1 && !detach {
                 let launch = launches.into_iter().next().expect("one launch");
-                return Ok(supervisor::run(launch)?);
+                return Ok(supervisor::run(launch, &mut None)?.status);
             }
             for launch in &launches {
                 detach_supervisor(launch, cli.verbose)?;
             }
             Ok(0)
         }
-        Cmd::Inspect { image, json } => {
-            print!("{}", snapshots::inspect(&image, json)?);
+        Cmd::Inspect {
+            image,
+            json,
+            mappings,
+        } => {
+            print!("{}", snapshots::inspect(&image, json, mappings)?);
             Ok(0)
         }
         Cmd::Restore {
             image,
             name,
             aid,
+            config,
+            port_range,
             tcp_close,
             detach,
         } => {
+            commands::require_privileges("restore")?;
+            let config = match &config {
+                Some(path) => AppConfig::load(path)?,
+                None => AppConfig::default(),
+            };
             let mut launch = restore_launch(&image, name, aid, &run_dir)?;
+            let range = port_range.unwrap_or(config.port_range);
+            launch.range = (range.start, range.end);
             launch.tcp_close = tcp_close;
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
-                Ok(supervisor::run(launch)?)
+                Ok(supervisor::run(launch, &mut None)?.status)
             }
         }
-        Cmd::Stop { name, time } => {
-            commands::stop(&run_dir, &name, Duration::from_secs(time))?;
-            Ok(0)
+        Cmd::Stop { names, all, time } => {
+            let names = if all {
+                commands::running(&run_dir)?
+            } else {
+                names
+            };
+            let grace = Duration::from_secs(time);
+            // Together, as each may take the whole grace time.
+            let stopped: Vec<(String, Result<(), error::RuntimeError>)> =
+                std::thread::scope(|scope| {
+                    let threads: Vec<_> = names
+                        .iter()
+                        .map(|n| (n, scope.spawn(|| commands::stop(&run_dir, n, grace))))
+                        .collect();
+                    threads
+                        .into_iter()
+                        .map(|(n, t)| (n.clone(), t.join().expect("stop thread")))
+                        .collect()
+                });
+            each(&stopped, |(name, result)| match result {
+                Ok(()) => {
+                    println!("{name}");
+                    Ok(())
+                }
+                Err(e) => Err(anyhow!("{e}")),
+            })
         }
     }
 }
 
-/// Flags over config over defaults.
+/// Flags over config over defaults. Without `--config`, the config is the
+/// host-wide one of the command's program, if there is one.
 fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
-    let config = match &args.config {
-        Some(path) => AppConfig::load(path)?,
-        None => AppConfig::default(),
+    let host_wide = match (&args.config, args.command.first()) {
+        (None, Some(program)) => apps::for_command(program)?,
+        _ => None,
+    };
+    let config = match (&args.config, host_wide) {
+        (Some(path), _) => AppConfig::load(path)?,
+        (None, Some((file, config))) => {
+            tracing::info!("{} applies to {}", file.display(), args.command[0]);
+            config
+        }
+        (None, None) => AppConfig::default(),
     };
     let cluster = remote::ClusterSettings::resolve(&config)?;
     let aid = args.aid.or(config.aid).unwrap_or_else(|| "default".into());
@@ -483,6 +694,10 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         tcp_close: false,
         identity_file: None,
         user,
+        remove_on_exit: args.rm,
+        pidfile: args.pidfile,
+        log_max_bytes: args.log_max_size,
+        restart: args.restart,
     })
 }
 
@@ -528,7 +743,7 @@ fn clone_launches(
     name: Option<String>,
     count: u32,
     identity_file: Option<PathBuf>,
-    config: &AppConfig,
+    range: PortRange,
     run_dir: &Path,
 ) -> anyhow::Result<Vec<Launch>> {
     if count == 0 {
@@ -562,7 +777,7 @@ fn clone_launches(
         let mut launch = image_launch(path.clone(), &img, clone_name, clone_aid, run_dir)?;
         launch.is_clone = true;
         launch.identity_file = identity_file.clone();
-        launch.range = (config.port_range.start, config.port_range.end);
+        launch.range = (range.start, range.end);
         launches.push(launch);
     }
     let sockets = img
@@ -571,7 +786,6 @@ fn clone_launches(
         .iter()
         .map(|p| p.listening().count())
         .sum::<usize>();
-    let range = config.port_range;
     let registry = appshot_vpm::Registry::open(run_dir)?;
     let used = registry
         .read()?
@@ -617,6 +831,10 @@ fn image_launch(
         tcp_close: false,
         identity_file: None,
         user: None,
+        remove_on_exit: false,
+        pidfile: None,
+        log_max_bytes: logs::DEFAULT_MAX_BYTES,
+        restart: restart::Policy::No,
     })
 }
 
@@ -641,24 +859,103 @@ fn random_suffix() -> u32 {
     u32::from_ne_bytes(b) & 0xff_ffff
 }
 
-/// Starts `appshot __supervise` in its own session with output to
-/// `RUN_DIR/logs/NAME.log`, and returns once the instance is registered.
+/// Runs `f` on every item, reporting each failure; fails (125) if any did,
+/// after trying them all.
+fn each<T>(items: &[T], mut f: impl FnMut(&T) -> anyhow::Result<()>) -> anyhow::Result<i32> {
+    let mut failed = 0;
+    for item in items {
+        if let Err(e) = f(item) {
+            eprintln!("appshot: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} failed", items.len());
+    }
+    Ok(0)
+}
+
+/// A detached supervisor (`appshot __supervise`). Its stdout is the
+/// starter's pipe, on which it waits for the start's outcome; its stderr
+/// is its log. The application's output (and a restored one's, which takes
+/// the supervisor's stdio) goes through a pipe on fds 1 and 2 into
+/// `app.log`; when the instance has ended the record of how is written.
+fn supervise(launch: Launch) -> anyhow::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let ready = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stdout")?;
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("the output pipe")?;
+    for fd in [1, 2] {
+        nix::unistd::dup2(write.as_raw_fd(), fd).context("redirecting stdio to the output pipe")?;
+    }
+    drop(write);
+    let log_dir = logs::dir(&launch.run_dir, &launch.name);
+    let capture = logs::capture(log_dir.clone(), read, launch.log_max_bytes);
+    let created = logs::now_unix();
+    let mut ready = Some(std::fs::File::from(ready));
+    let result = supervisor::run(launch.clone(), &mut ready);
+    // The supervisor's ends were the last: the capture ends and is joined,
+    // so the log is complete before anyone is told the instance ended.
+    let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+    for fd in [1, 2] {
+        nix::unistd::dup2(null.as_raw_fd(), fd).context("closing the output pipe")?;
+    }
+    let _ = capture.join();
+    let (status, restarts) = match &result {
+        Ok(ended) => (ended.status, ended.restarts),
+        Err(e) => (i32::from(e.exit_status()), 0),
+    };
+    if let Some(path) = &launch.pidfile {
+        // Only our own: a newer instance may have written it since.
+        let ours = std::fs::read_to_string(path)
+            .is_ok_and(|pid| pid.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    if launch.remove_on_exit {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    } else {
+        let mut exited =
+            logs::Exited::new(&launch.name, &launch.aid, &launch.command, created, status);
+        exited.restarts = restarts;
+        if let Err(e) = logs::record_exit(&launch.run_dir, &exited) {
+            tracing::warn!("{e}");
+        }
+    }
+    if let (Some(mut r), Ok(_)) = (ready, &result) {
+        let _ = std::io::Write::write_fmt(&mut r, format_args!("exited {status}\n"));
+    }
+    Ok(result?.status)
+}
+
+/// Starts `appshot __supervise` in its own session, logging to
+/// `RUN_DIR/logs/NAME/`, and returns once the instance has run for the
+/// supervisor's start period: 0 when it runs, an error (125, or 126/127
+/// when the command could not be executed) when it ended before.
 fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
-    // Checked before the log is opened: it belongs to the running instance.
+    // Checked before the logs are touched: they belong to the running
+    // instance.
     if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
         return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
     }
     // Opened first: it creates the run directory private, and so the logs.
     let registry = Registry::open(&launch.run_dir)?;
-    let logs = registry.private_subdir("logs")?;
-    let log_path = logs.join(format!("{}.log", launch.name));
-    let log = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    registry.private_subdir("logs")?;
+    let log_dir = logs::dir(&launch.run_dir, &launch.name);
+    let created = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&log_dir);
+    if let Err(e) = created.or_else(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Ok(()),
+        _ => Err(e),
+    }) {
+        return Err(anyhow!("creating {}: {e}", log_dir.display()));
+    }
+    logs::start_anew(&launch.run_dir, &launch.name)?;
+    let log = logs::append(&log_dir.join(logs::SUPERVISOR_LOG))?;
     let exe = std::env::current_exe().context("locating the appshot binary")?;
     let mut cmd = Command::new(exe);
     if verbose > 0 {
@@ -670,40 +967,52 @@ fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         .arg("__supervise")
         .env(LAUNCH_ENV, serde_json::to_string(launch)?)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .context("starting the supervisor")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // The record must be this supervisor's: an instance of the same name
-        // may still be on its way out.
-        let ours = registry
-            .read()?
-            .instances
-            .get(&launch.name)
-            .map(|r| r.supervisor_pid)
-            == Some(child.id());
-        if ours {
-            println!("{}", launch.name);
-            return Ok(0);
+    // The supervisor answers on its stdout: `running`, or `exited STATUS`;
+    // nothing (end of file) when it failed before the instance ran.
+    let pipe = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
+        let _ = tx.send(line);
+    });
+    let answer = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) => line,
+        Err(_) => bail!(
+            "instance `{}` did not start within 60s; see {}",
+            launch.name,
+            log_dir.display()
+        ),
+    };
+    if answer.trim() == "running" {
+        if let Some(path) = &launch.pidfile {
+            std::fs::write(path, format!("{}\n", child.id()))
+                .with_context(|| format!("writing the pidfile {}", path.display()))?;
         }
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!(
-                "instance `{}` exited during start ({status}); {}:\n{}",
-                launch.name,
-                log_path.display(),
-                log.trim_end()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "instance `{}` did not register within 30s; see {}",
-                launch.name,
-                log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+        println!("{}", launch.name);
+        return Ok(0);
     }
+    let status = child.wait().context("waiting for the supervisor")?;
+    let output = logs::tail(&log_dir);
+    let why = match answer.trim().strip_prefix("exited ") {
+        Some(code) => format!("exited during start with status {code}"),
+        // The supervisor's own error (its status is 125, 126 or 127).
+        None => match status.code() {
+            Some(code @ (126 | 127)) => {
+                eprintln!("{}", output.trim_end());
+                return Ok(code);
+            }
+            _ => format!("failed to start ({status})"),
+        },
+    };
+    bail!(
+        "instance `{}` {why}; {}:\n{}",
+        launch.name,
+        log_dir.display(),
+        output.trim_end()
+    )
 }

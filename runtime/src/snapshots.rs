@@ -109,11 +109,33 @@ pub fn snapshot(
         template: options.template,
         external_unix_close: options.external_unix_close,
     };
-    let reply = control::request_with_progress(&dir, &req, SNAPSHOT_IDLE, progress);
+    let answered = control::request_interruptible(&dir, &req, SNAPSHOT_IDLE, progress);
     if let Some(b) = bar.get() {
         b.finish_and_clear();
     }
-    let reply = reply?;
+    let interrupted = |leave_running| RuntimeError::SnapshotInterrupted {
+        name: name.to_string(),
+        leave_running,
+    };
+    // Withdrawn before the image was in place, the supervisor released the
+    // instance as it was and removed the temporary.
+    let reply = match answered? {
+        control::Answered::Withdrawn => return Err(interrupted(leave_running)),
+        control::Answered::Reply {
+            reply,
+            interrupted: true,
+        } if !reply.ok => return Err(interrupted(leave_running)),
+        control::Answered::Reply {
+            reply,
+            interrupted: true,
+        } => {
+            eprintln!(
+                "appshot: interrupted after the image of {name} was in place: the snapshot is complete"
+            );
+            reply
+        }
+        control::Answered::Reply { reply, .. } => reply,
+    };
     if !reply.ok {
         return Err(RuntimeError::SnapshotFailed {
             name: name.to_string(),
@@ -320,6 +342,8 @@ struct Summary {
     aid: String,
     command: Vec<String>,
     created_unix: u64,
+    /// Taken with `--template`: `appshot clone` accepts it.
+    template: bool,
     pid: u32,
     exe: String,
     cwd: String,
@@ -368,7 +392,9 @@ struct FdSummary {
     kind: String,
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
+/// What an image holds. The text summarises; `mappings` lists every
+/// mapping too. The JSON is always complete.
+pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, RuntimeError> {
     let image = Image::open(path)?;
     let m = &image.manifest;
     let p = m.main();
@@ -397,6 +423,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),
         created_unix: m.created_unix,
+        template: m.instance.template,
         pid: p.ns_pid,
         exe: p.exe.path.clone(),
         cwd: p.cwd.clone(),
@@ -505,10 +532,12 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
         return Ok(serde_json::to_string_pretty(&summary).expect("serialisable") + "\n");
     }
     let mut out = format!(
-        "image      {} ({}, {} of pages)\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
+        "image      {} ({}, {} of pages)\ntaken      {}{}\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
         summary.path,
         mib(summary.size_bytes),
         mib(summary.pages_bytes),
+        crate::logs::utc(summary.created_unix),
+        if summary.template { ", a template for `appshot clone`" } else { "" },
         summary.instance,
         summary.aid,
         summary.command.join(" "),
@@ -538,8 +567,16 @@ pub fn inspect(path: &Path, json: bool) -> Result<String, RuntimeError> {
     for t in &summary.threads {
         out.push_str(&format!("  {:>7}  {}\n", t.tid, t.name));
     }
-    out.push_str(&format!("mappings   {}\n", summary.mappings.len()));
-    for v in &summary.mappings {
+    out.push_str(&format!(
+        "mappings   {}{}\n",
+        summary.mappings.len(),
+        if mappings {
+            ""
+        } else {
+            " (listed with --mappings)"
+        }
+    ));
+    for v in summary.mappings.iter().filter(|_| mappings) {
         out.push_str(&format!(
             "  {}-{} {} {:>10}  {}\n",
             v.start,

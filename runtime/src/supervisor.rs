@@ -3,7 +3,8 @@
 //! entries, serves the control socket, and cleans up when the instance ends.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +66,24 @@ pub struct Launch {
     /// image).
     #[serde(default)]
     pub user: Option<crate::user::RunAs>,
+    /// A detached instance's logs and exit record go when it ends
+    /// (`run --rm`).
+    #[serde(default)]
+    pub remove_on_exit: bool,
+    /// `run --detach --pidfile`: where the starter wrote this supervisor's
+    /// PID; removed when the instance ends.
+    #[serde(default)]
+    pub pidfile: Option<PathBuf>,
+    /// The size at which a detached instance's `app.log` is rotated.
+    #[serde(default = "default_log_max")]
+    pub log_max_bytes: u64,
+    /// When the supervisor starts the application again after it exits.
+    #[serde(default)]
+    pub restart: crate::restart::Policy,
+}
+
+fn default_log_max() -> u64 {
+    crate::logs::DEFAULT_MAX_BYTES
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -85,8 +104,18 @@ const FORWARDED: &[Signal] = &[
 ];
 const SI_KERNEL: i32 = 0x80;
 
-/// Runs the instance to its end and returns its exit status.
-pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
+/// How long a launched (not restored) detached instance must run before
+/// `run --detach` reports it running; one that exits sooner failed to start. Without such a period the
+/// answer for a command that exits at once would depend on who got there
+/// first.
+const START_PERIOD: Duration = Duration::from_millis(300);
+
+/// Runs the instance to its end (restarting the application as its policy
+/// says) and returns how it ended. `ready` (a
+/// detached supervisor's) is told `running` once the instance has run for
+/// [`START_PERIOD`], and taken; if it ended before, `ready` is left to the
+/// caller, which tells it how once the logs are complete.
+pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, RuntimeError> {
     let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
     // Also removes whatever a dead earlier instance of this name left in
@@ -195,7 +224,102 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
         }
     };
 
-    let ports: Vec<u16> = launch.ports.clone();
+    register(&registry, &launch, app_pid)?;
+    info!(name = %launch.name, aid = %launch.aid, pid = app_pid, "instance started");
+    serve_notifications(listeners, &mux)?;
+
+    // Signals reach init through its pidfd: once `wait_exit` below has
+    // reaped it, its PID may belong to another process.
+    let init = Arc::new(init);
+    let exited = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(Control {
+        launch: launch.clone(),
+        current: Mutex::new(Current {
+            app_pid,
+            init_pid,
+            init: Arc::clone(&init),
+        }),
+        exited: Arc::clone(&exited),
+        stopping: AtomicBool::new(false),
+        frozen: AtomicBool::new(false),
+        snapshot: Mutex::new(()),
+    });
+    spawn_signal_forwarder(forwarded, Arc::clone(&control))?;
+    let serving = Arc::clone(&control);
+    control::serve(lock.instance_dir(), &launch.run_dir, move |req, peer| {
+        serving.handle(req, peer)
+    })?;
+
+    // A restored or cloned instance ran before, and its starter returns at
+    // once (time measured from the restore must not include a wait).
+    let period = match launch.restore {
+        None => START_PERIOD,
+        Some(_) => Duration::ZERO,
+    };
+    if ready.is_some() && !exits_within(&init, period) {
+        if let Some(mut r) = ready.take() {
+            // The starter may be gone (killed); the instance runs on.
+            let _ = writeln!(r, "running");
+        }
+    }
+    let mut restarts = 0;
+    let mut init_pid = init_pid;
+    let status = loop {
+        let status = wait_exit(init_pid);
+        exited.store(true, Ordering::SeqCst);
+        // A snapshot that stopped the instance answers its requester before
+        // the supervisor goes.
+        drop(control.snapshot.lock());
+        info!(name = %launch.name, status, "instance exited");
+        // One that ended during its start period failed to start: `run -d`
+        // says so rather than leave it restarting.
+        let delay = match launch.restart.delay(status, restarts) {
+            Some(delay) if ready.is_none() && !control.stopping.load(Ordering::SeqCst) => delay,
+            _ => break status,
+        };
+        info!(name = %launch.name, restarts, policy = %launch.restart, "restarting the application in {delay:?}");
+        if !control.wait_unless_stopped(delay) {
+            break status;
+        }
+        // The same instance: name, AID, registry record and control socket
+        // stay; only the application and its namespace are new, and its
+        // binds are translated anew.
+        let (pid, fd, listener) = match launch_application(&launch, nofile) {
+            Ok(started) => started,
+            Err(e) => {
+                warn!(name = %launch.name, "restart failed: {e}");
+                break status;
+            }
+        };
+        restarts += 1;
+        init_pid = pid;
+        let app_pid = tree::descendants(pid).get(1).copied().unwrap_or(pid);
+        *control.current.lock().expect("current lock") = Current {
+            app_pid,
+            init_pid: pid,
+            init: Arc::new(fd),
+        };
+        exited.store(false, Ordering::SeqCst);
+        register(&registry, &launch, app_pid)?;
+        info!(name = %launch.name, pid = app_pid, restarts, "application restarted");
+        serve_notifications(vec![listener], &new_mux(pid)?)?;
+    };
+    cluster.shutdown();
+    registry.transaction(|s| s.remove_instance(&launch.name))?;
+    drop(lock);
+    Ok(Ended { status, restarts })
+}
+
+/// How an instance ended.
+pub struct Ended {
+    /// As a shell reports it: 128+N when killed by signal N.
+    pub status: i32,
+    /// How often `run --restart` started the application again.
+    pub restarts: u32,
+}
+
+/// Records (or updates, after a restart) the instance in the registry.
+fn register(registry: &Registry, launch: &Launch, app_pid: u32) -> Result<(), RuntimeError> {
     registry.transaction(|s| {
         s.instances.insert(
             launch.name.clone(),
@@ -209,47 +333,23 @@ pub fn run(launch: Launch) -> Result<i32, RuntimeError> {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
-                multiplexed: ports.clone(),
+                multiplexed: launch.ports.clone(),
             },
         );
     })?;
-    info!(name = %launch.name, aid = %launch.aid, pid = app_pid, "instance started");
+    Ok(())
+}
 
-    // A restored tree has one listener per process (each got a filter of
-    // its own); every one is served.
+/// Serves each listener on a thread of its own: a restored tree has one
+/// listener per process (each got a filter of its own).
+fn serve_notifications(
+    listeners: Vec<OwnedFd>,
+    mux: &Arc<Multiplexer>,
+) -> Result<(), RuntimeError> {
     for listener in listeners {
-        notify::spawn(listener, Arc::clone(&mux), "notify")?;
+        notify::spawn(listener, Arc::clone(mux), "notify")?;
     }
-
-    // Signals reach init through its pidfd: once `wait_exit` below has
-    // reaped it, its PID may belong to another process.
-    let init = Arc::new(init);
-    let exited = Arc::new(AtomicBool::new(false));
-    spawn_signal_forwarder(forwarded, Arc::clone(&init))?;
-    let control = Arc::new(Control {
-        launch: launch.clone(),
-        app_pid,
-        init_pid,
-        init: Arc::clone(&init),
-        exited: Arc::clone(&exited),
-        frozen: AtomicBool::new(false),
-        snapshot: Mutex::new(()),
-    });
-    let serving = Arc::clone(&control);
-    control::serve(lock.instance_dir(), &launch.run_dir, move |req, peer| {
-        serving.handle(req, peer)
-    })?;
-
-    let status = wait_exit(init_pid);
-    exited.store(true, Ordering::SeqCst);
-    // A snapshot that stopped the instance answers its requester before
-    // the supervisor goes.
-    drop(control.snapshot.lock());
-    info!(name = %launch.name, status, "instance exited");
-    cluster.shutdown();
-    registry.transaction(|s| s.remove_instance(&launch.name))?;
-    drop(lock);
-    Ok(status)
+    Ok(())
 }
 
 /// Raises the supervisor's soft limit of open files to the hard limit: it
@@ -299,6 +399,13 @@ fn launch_application(
         Ok(Some(l)) if started(&ours) => Ok((init_pid, init, l)),
         Ok(_) => {
             let status = wait_exit(init_pid);
+            if status == 126 || status == 127 {
+                return Err(RuntimeError::Exec {
+                    name: launch.name.clone(),
+                    program: launch.command[0].clone(),
+                    status,
+                });
+            }
             Err(RuntimeError::Start {
                 name: launch.name.clone(),
                 reason: format!(
@@ -455,7 +562,7 @@ fn start_init(
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))
 }
 
-fn spawn_signal_forwarder(set: SigSet, init: Arc<OwnedFd>) -> Result<(), RuntimeError> {
+fn spawn_signal_forwarder(set: SigSet, control: Arc<Control>) -> Result<(), RuntimeError> {
     let sfd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC)
         .map_err(|e| RuntimeError::sys("signalfd", e))?;
     std::thread::Builder::new()
@@ -470,7 +577,12 @@ fn spawn_signal_forwarder(set: SigSet, init: Arc<OwnedFd>) -> Result<(), Runtime
                 continue;
             }
             if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
-                let _ = pidfd::send_signal(&init, sig as i32);
+                // A supervisor told to end (a service manager's SIGTERM)
+                // ends with its application: no restart.
+                if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
+                    control.stopping.store(true, Ordering::SeqCst);
+                }
+                let _ = pidfd::send_signal(&control.init(), sig as i32);
             }
         })
         .map_err(|e| RuntimeError::sys("spawning the signal thread", e))?;
@@ -480,23 +592,49 @@ fn spawn_signal_forwarder(set: SigSet, init: Arc<OwnedFd>) -> Result<(), Runtime
 /// What the control socket's requests act on.
 struct Control {
     launch: Launch,
-    app_pid: u32,
-    init_pid: u32,
-    init: Arc<OwnedFd>,
+    /// The application as it runs now (a restart replaces it).
+    current: Mutex<Current>,
     exited: Arc<AtomicBool>,
+    /// `appshot stop` (or a signal to end) was asked: no restart follows.
+    stopping: AtomicBool,
     /// The instance is stopped by a snapshot.
     frozen: AtomicBool,
     /// Held for the whole of a snapshot, reply included: one at a time.
     snapshot: Mutex<()>,
 }
 
+/// The application's processes of the current run.
+struct Current {
+    app_pid: u32,
+    init_pid: u32,
+    init: Arc<OwnedFd>,
+}
+
 impl Control {
+    fn init(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.current.lock().expect("current lock").init)
+    }
+
+    /// Waits `delay` before a restart; false if a stop came meanwhile.
+    fn wait_unless_stopped(&self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        while Instant::now() < deadline {
+            if self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !self.stopping.load(Ordering::SeqCst)
+    }
+
     fn handle(&self, req: Request, peer: &Peer) -> Reply {
         match req {
             Request::Status => Reply {
                 ok: true,
                 state: if self.frozen.load(Ordering::SeqCst) {
                     "snapshotting".into()
+                } else if self.exited.load(Ordering::SeqCst) {
+                    "restarting".into()
                 } else {
                     "running".into()
                 },
@@ -521,10 +659,13 @@ impl Control {
     }
 
     fn stop(&self, grace_secs: u64) -> Reply {
-        let _ = pidfd::send_signal(&self.init, libc::SIGTERM);
-        let init = Arc::clone(&self.init);
+        self.stopping.store(true, Ordering::SeqCst);
+        let (init, init_pid) = {
+            let current = self.current.lock().expect("current lock");
+            (Arc::clone(&current.init), current.init_pid)
+        };
+        let _ = pidfd::send_signal(&init, libc::SIGTERM);
         let exited = Arc::clone(&self.exited);
-        let init_pid = self.init_pid;
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(grace_secs);
             while Instant::now() < deadline && !exited.load(Ordering::SeqCst) {
@@ -565,26 +706,56 @@ impl Control {
         if self.exited.load(Ordering::SeqCst) {
             return refused(format!("instance {} has exited", self.launch.name));
         }
+        let (app, init_pid, init) = {
+            let current = self.current.lock().expect("current lock");
+            (current.app_pid, current.init_pid, Arc::clone(&current.init))
+        };
         let subject = snapshots::Subject {
             run_dir: &self.launch.run_dir,
             name: &self.launch.name,
             aid: &self.launch.aid,
             command: &self.launch.command,
             multiplexed: &self.launch.ports,
-            app: self.app_pid,
-            init_pid: self.init_pid,
-            init: &self.init,
+            app,
+            init_pid,
+            init: &init,
         };
         match snapshots::take(&subject, output, options, peer, &self.frozen) {
-            Ok(message) => Reply {
-                ok: true,
-                state: if leave_running { "running" } else { "stopped" }.into(),
-                message,
-            },
+            Ok(message) => {
+                // Stopped by the snapshot: saved, not failed, so not
+                // restarted. Set while the snapshot lock is held, which the
+                // exit waits for.
+                if !leave_running {
+                    self.stopping.store(true, Ordering::SeqCst);
+                }
+                Reply {
+                    ok: true,
+                    state: if leave_running { "running" } else { "stopped" }.into(),
+                    message,
+                }
+            }
             Err(e) => {
                 warn!(name = %self.launch.name, image = %output.display(), "snapshot failed: {e}");
                 refused(e.to_string())
             }
+        }
+    }
+}
+
+/// Whether the process of pidfd `init` exits within `period`.
+fn exits_within(init: &OwnedFd, period: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + period;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(init.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(Errno::EINTR) => continue,
+            // Cannot tell: the wait for its exit decides.
+            Err(_) => return false,
         }
     }
 }

@@ -250,10 +250,8 @@ mod tests {
             rlim_max: 0,
         };
         // SAFETY: getrlimit writes one struct rlimit we own.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) },
-            0
-        );
+        let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) };
+        assert_eq!(r, 0);
         let soft = limits.rlim_max.min(1000) - 1;
         let setup = InitSetup {
             keep_fd: Some(k),
@@ -275,10 +273,8 @@ mod tests {
         );
         let mut status = 0;
         // SAFETY: waitpid writes the status into an int we own.
-        assert_eq!(
-            unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) },
-            pid as libc::pid_t
-        );
+        let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        assert_eq!(reaped, pid as libc::pid_t);
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3);
         // Reaped: its PID may be anyone's now, the pidfd still names it.
         let err = crate::pidfd::send_signal(&pidfd, libc::SIGKILL).unwrap_err();

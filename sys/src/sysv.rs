@@ -94,9 +94,10 @@ pub fn create(kind: Kind, key: i32, size: usize, mode: u32) -> io::Result<i32> {
 pub fn set_owner(kind: Kind, id: i32, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
     macro_rules! set {
         ($ds:ty, $ctl:expr, $perm:ident) => {{
-            // SAFETY: the ds struct is plain data, filled by IPC_STAT and
-            // read by IPC_SET; the ctl call takes a pointer to it.
+            // SAFETY: the ds struct is plain data, for which all zeroes
+            // is a valid value.
             let mut ds: $ds = unsafe { std::mem::zeroed() };
+            // SAFETY: IPC_STAT fills the one ds struct it is given.
             check(unsafe { $ctl(id, libc::IPC_STAT, &mut ds) })?;
             ds.$perm.uid = uid;
             ds.$perm.gid = gid;
@@ -109,9 +110,11 @@ pub fn set_owner(kind: Kind, id: i32, uid: u32, gid: u32, mode: u32) -> io::Resu
         Kind::Shm => set!(libc::shmid_ds, libc::shmctl, shm_perm),
         Kind::Msg => set!(libc::msqid_ds, libc::msgctl, msg_perm),
         Kind::Sem => {
-            // SAFETY: semid_ds is plain data; semctl's fourth argument is
-            // the union semun, whose `buf` member is this pointer.
+            // SAFETY: semid_ds is plain data, for which all zeroes is a
+            // valid value.
             let mut ds: libc::semid_ds = unsafe { std::mem::zeroed() };
+            // SAFETY: semctl's fourth argument is the union semun, whose
+            // `buf` member is this pointer; IPC_STAT fills it.
             check(unsafe { libc::semctl(id, 0, libc::IPC_STAT, &mut ds as *mut libc::semid_ds) })?;
             ds.sem_perm.uid = uid;
             ds.sem_perm.gid = gid;

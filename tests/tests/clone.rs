@@ -483,7 +483,7 @@ fn more_clones_than_the_port_range_holds_are_refused() {
     logs.sort();
     assert_eq!(
         logs,
-        ["keeper-n.log", "one.log"],
+        ["keeper-n", "one"],
         "no other clone's supervisor started"
     );
     assert_eq!(

@@ -82,3 +82,107 @@ fn a_fifo_as_config_is_refused_at_once() {
         &fifo,
     );
 }
+
+#[test]
+fn config_check_validates_files_and_directories_without_running_anything() {
+    let h = Harness::unprivileged(
+        "config_check_validates_files_and_directories_without_running_anything",
+    );
+    let dir = h.dir("apps.d");
+    fs::write(
+        dir.join("good.toml"),
+        "aid = \"shop\"\nport_range = \"20000-20099\"\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("bad.toml"),
+        "aid = \"shop\"\n\n[[ports]]\nport = \"abc\"\n",
+    )
+    .unwrap();
+    fs::write(dir.join("notes.txt"), "not a config").unwrap();
+    let good = dir.join("good.toml");
+
+    let ok = run(
+        h.appshot().args(["config", "check"]).arg(&good),
+        Duration::from_secs(30),
+    );
+    assert!(ok.success(), "{ok}");
+    assert_eq!(ok.stdout, format!("{}: ok\n", good.display()));
+
+    let all = run(
+        h.appshot().args(["config", "check"]).arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(all.code, Some(125), "{all}");
+    assert!(all.stdout.contains("good.toml: ok"), "{all}");
+    assert!(!all.stdout.contains("notes.txt"), "{all}");
+    let bad = dir.join("bad.toml");
+    assert!(
+        all.stderr.contains(&format!("{}:4:", bad.display()))
+            && all.stderr.contains("ports[0].port"),
+        "the bad file's line and field: {all}"
+    );
+}
+
+#[test]
+fn a_host_wide_config_applies_to_its_executable_and_one_claim_per_program() {
+    let test = "a_host_wide_config_applies_to_its_executable_and_one_claim_per_program";
+    let Some(mut h) = Harness::new(test, &["sleep"]) else {
+        return;
+    };
+    let apps = h.dir("apps.d");
+    let sleep = common::which("sleep").unwrap();
+    fs::write(
+        apps.join("sleep.toml"),
+        format!(
+            "executable = \"{}\"\naid = \"from-apps-d\"\nport_range = \"30500-30509\"\n",
+            sleep.display()
+        ),
+    )
+    .unwrap();
+    fs::write(
+        apps.join("other.toml"),
+        "executable = \"/usr/bin/no-such-program\"\naid = \"x\"\n",
+    )
+    .unwrap();
+    let dir = h.dir("cwd");
+    let mut cmd = h.appshot();
+    cmd.env("APPSHOT_APPS_DIR", &apps)
+        .args(["run", "-d", "--name", "slept", "--", "sleep", "60"])
+        .current_dir(&dir);
+    let ran = run(&mut cmd, Duration::from_secs(60));
+    assert!(ran.success(), "{ran}");
+    let row = h.instance("slept").expect("slept listed");
+    assert_eq!(row["aid"], "from-apps-d", "{row}");
+    h.stop("slept");
+
+    let check = run(
+        h.appshot().args(["config", "check"]).arg(&apps),
+        Duration::from_secs(30),
+    );
+    assert!(check.success(), "{check}");
+
+    // A second claim on the same program: refused by name, by check and run.
+    let again = apps.join("sleep-again.toml");
+    fs::write(
+        &again,
+        format!("executable = \"{}\"\naid = \"y\"\n", sleep.display()),
+    )
+    .unwrap();
+    let check = run(
+        h.appshot().args(["config", "check"]).arg(&apps),
+        Duration::from_secs(30),
+    );
+    assert_eq!(check.code, Some(125), "{check}");
+    assert!(
+        check.stderr.contains("sleep.toml") && check.stderr.contains("sleep-again.toml"),
+        "{check}"
+    );
+    let mut cmd = h.appshot();
+    cmd.env("APPSHOT_APPS_DIR", &apps)
+        .args(["run", "-d", "--name", "refused", "--", "sleep", "60"])
+        .current_dir(&dir);
+    let ran = run(&mut cmd, Duration::from_secs(60));
+    assert_eq!(ran.code, Some(125), "{ran}");
+    assert!(ran.stderr.contains("claimed by two"), "{ran}");
+}

@@ -41,10 +41,8 @@ fn hard_nofile() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one struct we own.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(r, 0);
     limit.rlim_max
 }
 

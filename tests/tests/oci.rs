@@ -159,7 +159,7 @@ fn runc_containers_on_port_9000_each_serve_their_own_aid() {
     for aid in aids {
         let row = ports
             .iter()
-            .find(|r| r["owner"] == format!("web-{aid}"))
+            .find(|r| r["instance"] == format!("web-{aid}"))
             .unwrap_or_else(|| panic!("no translation of web-{aid}: {ports:?}"));
         assert_eq!(row["aid"], aid);
         assert_eq!(row["virtual_port"], 9000);

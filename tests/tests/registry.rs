@@ -58,7 +58,7 @@ fn assert_listed_again(h: &Harness, damage: &str) {
     };
     let mut seen = (BTreeSet::new(), BTreeSet::new());
     let listed = poll(Duration::from_secs(10), || {
-        seen = (names(h.ps(), "name"), names(h.ports(), "owner"));
+        seen = (names(h.ps(), "name"), names(h.ports(), "instance"));
         seen.0 == want && seen.1 == want
     });
     assert!(

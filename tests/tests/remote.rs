@@ -205,12 +205,7 @@ impl Lab {
     }
 
     fn log(&self, host: usize, name: &str) -> String {
-        let path = self.hosts[host]
-            .run_dir
-            .path()
-            .join("logs")
-            .join(format!("{name}.log"));
-        fs::read_to_string(path).unwrap_or_default()
+        common::logs_in(&self.hosts[host].run_dir.path().join("logs").join(name))
     }
 
     fn wait_log(&self, host: usize, name: &str, needle: &str) -> String {
@@ -319,7 +314,7 @@ impl Drop for Lab {
             for (i, h) in self.hosts.iter().enumerate() {
                 if let Ok(entries) = fs::read_dir(h.run_dir.path().join("logs")) {
                     for e in entries.flatten() {
-                        let text = fs::read_to_string(e.path()).unwrap_or_default();
+                        let text = common::logs_in(&e.path());
                         eprintln!(
                             "--- {} host {i}: {} ---\n{text}",
                             self.test,
@@ -639,7 +634,7 @@ fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
     assert!(
         ports
             .iter()
-            .any(|t| t["owner"] == "web-x" && t["aid"] == "x1"),
+            .any(|t| t["instance"] == "web-x" && t["aid"] == "x1"),
         "{ports:#?}"
     );
     assert!(lab.nft_ruleset(0).contains("/web-x/src"));
@@ -675,7 +670,7 @@ fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
     );
     let ports = mine(&lab.json(0, &["ports", "--json"]));
     assert!(
-        ports.iter().all(|t| t["owner"] != "web-x"),
+        ports.iter().all(|t| t["instance"] != "web-x"),
         "the dead web-x's translations survived its successor's start: {ports:#?}"
     );
     let remote = lab.json(0, &["ports", "--remote", "--json"]);

@@ -52,7 +52,7 @@ fn detached_start_of_a_missing_program_fails() {
     let program = "/nonexistent/appshot-test-program";
 
     let foreground = h.client("a", &[program]);
-    assert_eq!(foreground.code, Some(125), "{foreground}");
+    assert_eq!(foreground.code, Some(127), "{foreground}");
     assert!(foreground.stderr.contains(program), "{foreground}");
 
     // Such an instance is registered for a moment before it ends; repeated,

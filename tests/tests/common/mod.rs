@@ -21,7 +21,7 @@ use tempfile::TempDir;
 pub const READY: Duration = Duration::from_secs(10);
 /// Upper bound for any single appshot or client invocation, so a hang fails
 /// the test instead of stalling the suite.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(20);
 
 fn in_ci() -> bool {
@@ -382,8 +382,8 @@ pub fn port_pairs(row: &Value) -> Vec<PortPair> {
         .iter()
         .map(|p| PortPair {
             address: p["address"].as_str().expect("address").to_string(),
-            virtual_port: p["virtual"].as_u64().expect("virtual") as u16,
-            real: p["real"].as_u64().expect("real") as u16,
+            virtual_port: p["virtual_port"].as_u64().expect("virtual_port") as u16,
+            real: p["real_port"].as_u64().expect("real_port") as u16,
         })
         .collect()
 }
@@ -625,7 +625,7 @@ impl Harness {
     pub fn translations(&self, name: &str) -> Vec<Value> {
         self.ports()
             .into_iter()
-            .filter(|r| r["owner"] == name)
+            .filter(|r| r["instance"] == name)
             .collect()
     }
 
@@ -675,13 +675,14 @@ impl Harness {
             .join("control.sock")
     }
 
+    /// The directory of a detached instance's logs.
     pub fn log_path(&self, name: &str) -> PathBuf {
-        self.run_dir.path().join("logs").join(format!("{name}.log"))
+        self.run_dir.path().join("logs").join(name)
     }
 
     /// Everything the instance's supervisor and application wrote so far.
     pub fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.log_path(name)).unwrap_or_default()
+        logs_in(&self.log_path(name))
     }
 
     /// Waits until the log of `name` contains `needle`; returns the log.
@@ -719,15 +720,28 @@ impl Harness {
             return;
         };
         for e in entries.flatten() {
-            let text = fs::read_to_string(e.path()).unwrap_or_default();
             eprintln!(
                 "--- {}: {} ---\n{}",
                 self.test,
                 e.path().display(),
-                text.trim_end()
+                logs_in(&e.path()).trim_end()
             );
         }
     }
+}
+
+/// A log directory's supervisor log, then the application's output (the
+/// rotated part first) as `appshot logs` prints it, without the times.
+pub fn logs_in(dir: &Path) -> String {
+    let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let mut out = read("supervisor.log");
+    for f in ["app.log.1", "app.log"] {
+        for line in read(f).lines() {
+            out.push_str(line.split_once(' ').map_or(line, |(_, text)| text));
+            out.push('\n');
+        }
+    }
+    out
 }
 
 impl Drop for Harness {
