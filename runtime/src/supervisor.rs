@@ -80,6 +80,10 @@ pub struct Launch {
     /// When the supervisor starts the application again after it exits.
     #[serde(default)]
     pub restart: crate::restart::Policy,
+    /// `run --config FILE` (absolute), kept in the registry for `appshot
+    /// generate systemd`.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
 }
 
 fn default_log_max() -> u64 {
@@ -334,6 +338,9 @@ fn register(registry: &Registry, launch: &Launch, app_pid: u32) -> Result<(), Ru
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 multiplexed: launch.ports.clone(),
+                config: launch.config.clone(),
+                user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
+                port_range: Some(format!("{}-{}", launch.range.0, launch.range.1)),
             },
         );
     })?;

@@ -583,3 +583,98 @@ fn ctrl_c_during_a_snapshot_abandons_it_and_says_so() {
         other => panic!("appshot snapshot after SIGINT: exit {other:?}: {stderr}"),
     }
 }
+
+/// `systemd-analyze verify` of `unit` written as `file` into a directory
+/// of its own: what it says about that file (nothing when it is fine).
+fn verify_unit(h: &Harness, file: &str, unit: &str) -> common::Ran {
+    let dir = h.dir("units");
+    let path = dir.join(file);
+    std::fs::write(&path, unit).expect("writing the unit");
+    run(
+        std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path),
+        COMMAND_TIMEOUT,
+    )
+}
+
+#[test]
+fn generated_systemd_units_pass_systemd_analyze_verify() {
+    let test = "generated_systemd_units_pass_systemd_analyze_verify";
+    let Some(mut h) = Harness::new(test, &["sleep", "systemd-analyze"]) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    let config = dir.join("svc.toml");
+    std::fs::write(&config, "aid = \"shop\"\n[[ports]]\nport = 9000\n").expect("config");
+    let config = config.to_str().expect("utf-8 path");
+    h.start(
+        "svc",
+        "shop",
+        &dir,
+        &["--config", config, "--port-range", "21000-21999"],
+        &["sleep", "100"],
+    );
+    let unit = ok(&h, &["generate", "systemd", "svc"]);
+    let exec = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart");
+    assert!(
+        exec.ends_with(&format!(
+            " run --name svc --aid shop --config {config} --port 9000 --port-range 21000-21999 -- sleep 100"
+        )),
+        "{unit}"
+    );
+    for line in [
+        "Type=simple",
+        "SuccessExitStatus=143",
+        "RestartPreventExitStatus=125 126 127",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=10",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
+    }
+    let verified = verify_unit(&h, "appshot-svc.service", &unit);
+    assert!(
+        verified.success(),
+        "systemd-analyze verify:\n{unit}\n{verified}"
+    );
+    assert!(
+        !verified.stderr.contains("appshot-svc.service"),
+        "systemd-analyze verify complains:\n{unit}\n{verified}"
+    );
+
+    let agent = ok(
+        &h,
+        &[
+            "generate",
+            "systemd",
+            "--agent",
+            "--listen",
+            "127.0.0.1:7946",
+        ],
+    );
+    assert!(
+        agent.contains(" vpm agent --listen 127.0.0.1:7946\n"),
+        "{agent}"
+    );
+    let verified = verify_unit(&h, "appshot-agent.service", &agent);
+    assert!(
+        verified.success(),
+        "systemd-analyze verify:\n{agent}\n{verified}"
+    );
+    assert!(
+        !verified.stderr.contains("appshot-agent.service"),
+        "systemd-analyze verify complains:\n{agent}\n{verified}"
+    );
+
+    let unknown = run(
+        h.appshot().args(["generate", "systemd", "nosuch"]),
+        COMMAND_TIMEOUT,
+    );
+    assert_eq!(unknown.code, Some(125), "{unknown}");
+    assert!(unknown.stderr.contains("nosuch"), "{unknown}");
+    h.stop("svc");
+}

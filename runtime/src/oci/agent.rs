@@ -206,6 +206,9 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 multiplexed: Vec::new(),
+                config: None,
+                user: None,
+                port_range: None,
             },
         );
     })?;
