@@ -165,6 +165,9 @@ enum Cmd {
         /// Take the image as a template for `appshot clone`.
         #[arg(long)]
         template: bool,
+        /// Print the statistics as JSON (see the README's JSON section).
+        #[arg(long)]
+        json: bool,
     },
     /// Start instances from a template: each with its own AID, real ports
     /// and PID namespace, sharing the template's unchanged memory.
@@ -564,11 +567,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             output,
             leave_running,
             template,
+            json,
         } => {
             commands::require_privileges("snapshot")?;
             println!(
                 "{}",
-                snapshots::snapshot(&run_dir, &name, &output, leave_running, template)?
+                snapshots::snapshot(&run_dir, &name, &output, leave_running, template, json)?
             );
             Ok(0)
         }

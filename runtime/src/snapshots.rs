@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use appshot_sys::pidfd;
 use appshot_vpm::{is_alive, Protocol, Registry};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::ptrace::Options;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::control::{self, Peer, Progress, Request};
@@ -77,6 +77,7 @@ pub fn snapshot(
     output: &Path,
     leave_running: bool,
     template: bool,
+    json: bool,
 ) -> Result<String, RuntimeError> {
     if !is_alive(run_dir, name) {
         return Err(RuntimeError::NoInstance(name.to_string()));
@@ -104,7 +105,7 @@ pub fn snapshot(
         b.set_position(p.done);
     };
     let req = Request::Snapshot {
-        output,
+        output: output.clone(),
         leave_running,
         template,
     };
@@ -149,7 +150,21 @@ pub fn snapshot(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    Ok(reply.message)
+    Ok(match (reply.snapshot, json) {
+        (Some(taken), true) => serde_json::to_string_pretty(&taken).expect("serialisable"),
+        (Some(taken), false) => taken.summary(),
+        // An older supervisor (its instance started before an upgrade)
+        // sends the summary only.
+        (None, true) => serde_json::json!({
+            "instance": name,
+            "image": output,
+            "left_running": leave_running,
+            "template": template,
+            "message": reply.message,
+        })
+        .to_string(),
+        (None, false) => reply.message,
+    })
 }
 
 /// What a supervisor knows of its instance, for a snapshot of it.
@@ -181,7 +196,7 @@ pub fn take(
     template: bool,
     requester: &Peer,
     frozen_flag: &AtomicBool,
-) -> Result<String, RuntimeError> {
+) -> Result<Taken, RuntimeError> {
     let name = subject.name;
     let app = subject.app;
     // Every process of the instance but its namespace init, parents first.
@@ -302,14 +317,54 @@ pub fn take(
         "stopped"
     };
     info!(name, image = %output.display(), after, "snapshot taken");
-    Ok(format!(
-        "snapshot of {name} written to {}: {} of memory, image {}, {:.0} ms (frozen {:.0} ms); instance {after}",
-        output.display(),
-        mib(stats.pages_bytes),
-        mib(stats.image_bytes),
-        stats.seconds * 1e3,
-        frozen_for.as_secs_f64() * 1e3
-    ))
+    Ok(Taken {
+        instance: name.to_string(),
+        aid: subject.aid.to_string(),
+        image: output.to_path_buf(),
+        pages_bytes: stats.pages_bytes,
+        size_bytes: stats.image_bytes,
+        time_ms: (stats.seconds * 1e3).round() as u64,
+        frozen_ms: frozen_for.as_millis() as u64,
+        left_running: leave_running,
+        template,
+    })
+}
+
+/// What a snapshot did: `appshot snapshot --json`, in the vocabulary of
+/// `inspect --json` (memory saved is the image's `pages_bytes`, its file
+/// size `size_bytes`; durations in milliseconds end `_ms`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Taken {
+    pub instance: String,
+    pub aid: String,
+    pub image: PathBuf,
+    /// Memory saved.
+    pub pages_bytes: u64,
+    /// The image file.
+    pub size_bytes: u64,
+    /// The whole dump.
+    pub time_ms: u64,
+    /// How long the instance was stopped by it.
+    pub frozen_ms: u64,
+    /// Whether the instance runs on (`--leave-running`) or was stopped.
+    pub left_running: bool,
+    pub template: bool,
+}
+
+impl Taken {
+    /// The line `appshot snapshot` prints.
+    pub fn summary(&self) -> String {
+        format!(
+            "snapshot of {} written to {}: {} of memory, image {}, {} ms (frozen {} ms); instance {}",
+            self.instance,
+            self.image.display(),
+            mib(self.pages_bytes),
+            mib(self.size_bytes),
+            self.time_ms,
+            self.frozen_ms,
+            if self.left_running { "left running" } else { "stopped" }
+        )
+    }
 }
 
 fn mib(bytes: u64) -> String {

@@ -637,6 +637,7 @@ impl Control {
     fn handle(&self, req: Request, peer: &Peer) -> Reply {
         match req {
             Request::Status => Reply {
+                snapshot: None,
                 ok: true,
                 state: if self.frozen.load(Ordering::SeqCst) {
                     "snapshotting".into()
@@ -679,6 +680,7 @@ impl Control {
             }
         });
         Reply {
+            snapshot: None,
             ok: true,
             state: "stopping".into(),
             message: format!("SIGTERM sent; SIGKILL in {grace_secs}s"),
@@ -687,6 +689,7 @@ impl Control {
 
     fn snapshot(&self, output: &Path, leave_running: bool, template: bool, peer: &Peer) -> Reply {
         let refused = |message: String| Reply {
+            snapshot: None,
             ok: false,
             state: "running".into(),
             message,
@@ -725,7 +728,7 @@ impl Control {
             peer,
             &self.frozen,
         ) {
-            Ok(message) => {
+            Ok(taken) => {
                 // Stopped by the snapshot: saved, not failed, so not
                 // restarted. Set while the snapshot lock is held, which the
                 // exit waits for.
@@ -735,7 +738,8 @@ impl Control {
                 Reply {
                     ok: true,
                     state: if leave_running { "running" } else { "stopped" }.into(),
-                    message,
+                    message: taken.summary(),
+                    snapshot: Some(taken),
                 }
             }
             Err(e) => {

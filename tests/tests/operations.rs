@@ -463,9 +463,44 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
     assert_eq!(from_ports["instance"], "web-j");
 
     let image = h.dir("images").join("web-j.img");
-    let taken = h.snapshot("web-j", &image, &["--template", "--leave-running"]);
+    let taken = h.snapshot(
+        "web-j",
+        &image,
+        &["--template", "--leave-running", "--json"],
+    );
     assert!(taken.success(), "{taken}");
+    let stats: serde_json::Value = serde_json::from_str(&taken.stdout).expect("snapshot --json");
+    assert_eq!(
+        keys(&stats),
+        [
+            "aid",
+            "frozen_ms",
+            "image",
+            "instance",
+            "left_running",
+            "pages_bytes",
+            "size_bytes",
+            "template",
+            "time_ms"
+        ]
+    );
+    assert_eq!(stats["instance"], "web-j");
+    assert_eq!(stats["aid"], "j");
+    assert_eq!(stats["left_running"], true);
+    assert_eq!(stats["template"], true);
+    assert_eq!(stats["image"], image.to_str().unwrap());
+    assert!(
+        stats["frozen_ms"].is_u64() && stats["time_ms"].is_u64(),
+        "{stats:#}"
+    );
     let info = h.inspect(&image);
+    // The same numbers under the same names as inspect's.
+    assert_eq!(stats["pages_bytes"], info["pages_bytes"], "{info:#}");
+    assert_eq!(stats["size_bytes"], info["size_bytes"], "{info:#}");
+    assert_eq!(
+        stats["size_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&image).unwrap().len()
+    );
     assert_eq!(info["template"], true, "{info:#}");
     assert!(info["created_unix"].as_u64().unwrap() > 0);
     assert!(!info["mappings"].as_array().unwrap().is_empty());
@@ -477,6 +512,15 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
     assert!(summary.contains("(listed with --mappings)"), "{summary}");
     let full = ok(&h, &["inspect", "--mappings", image.to_str().unwrap()]);
     assert!(full.lines().count() > summary.lines().count() + 5, "{full}");
+
+    // Without --json, the same statistics as a line; a stopping one says so.
+    let stopped = h.dir("images").join("web-j-stopped.img");
+    let taken = h.snapshot("web-j", &stopped, &[]);
+    assert!(taken.success(), "{taken}");
+    assert!(
+        taken.stdout.contains("of memory, image ") && taken.stdout.contains("instance stopped"),
+        "{taken}"
+    );
 }
 
 #[test]

@@ -271,6 +271,7 @@ impl Container {
     fn handle(&self, req: Request, _peer: &Peer) -> Reply {
         match req {
             Request::Status => Reply {
+                snapshot: None,
                 ok: true,
                 state: "running".into(),
                 message: String::new(),
@@ -289,6 +290,7 @@ impl Container {
                     }
                 });
                 Reply {
+                    snapshot: None,
                     ok: true,
                     state: "stopping".into(),
                     message: format!(
@@ -297,6 +299,7 @@ impl Container {
                 }
             }
             Request::Snapshot { .. } => Reply {
+                snapshot: None,
                 ok: false,
                 state: "running".into(),
                 message: "a container is snapshotted by its runtime, not by appshot".into(),
