@@ -107,6 +107,8 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR2,
 ];
 const SI_KERNEL: i32 = 0x80;
+/// A file in the instance's directory while its supervisor restores it.
+pub const RESTORING_MARKER: &str = "restoring";
 
 /// How long a launched (not restored) detached instance must run before
 /// `run --detach` reports it running; one that exits sooner failed to start. Without such a period the
@@ -206,7 +208,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 } else {
                     restore::Connections::Own
                 };
+            // Listed from now on, `restoring` until the restored processes
+            // are released (`ps` reads the marker while the control socket
+            // does not answer yet).
+            let marker = lock.instance_dir().join(RESTORING_MARKER);
+            let _ = std::fs::write(&marker, b"");
+            register(&registry, &launch, init_pid)?;
             let restored = restore_into(init_pid, &image, &mux, launch.is_clone, connections);
+            let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || launch.tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
                 crate::netlock::release_image(&launch.run_dir, path);
@@ -640,7 +649,7 @@ impl Control {
                 snapshot: None,
                 ok: true,
                 state: if self.frozen.load(Ordering::SeqCst) {
-                    "snapshotting".into()
+                    "frozen".into()
                 } else if self.exited.load(Ordering::SeqCst) {
                     "restarting".into()
                 } else {
