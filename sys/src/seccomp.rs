@@ -5,8 +5,9 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): the kernel wakes the
-/// notifying task on the supervisor's CPU, which cuts the cost of one
-/// notified syscall from ~60 µs to ~3 µs on this project's machines.
+/// notifying task on the supervisor's CPU instead of across CPUs, which
+/// cuts the round trip of a notification by tens of microseconds
+/// (`bench/RESULTS.md` has the notified-syscall figures measured here).
 const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
 
 /// One classic-BPF instruction, as `libseccomp` exports it.
