@@ -221,7 +221,9 @@ pub fn take(
     let repairs = Repairs::default();
     let progress = |done: u64, total: u64| requester.progress(done, total);
     let cancelled = || requester.gone();
+    let writer = format!("appshot {}", crate::VERSION);
     let req = DumpRequest {
+        writer: &writer,
         instance: InstanceInfo {
             name: name.to_string(),
             aid: subject.aid.to_string(),
@@ -380,6 +382,8 @@ struct Summary {
     aid: String,
     command: Vec<String>,
     created_unix: u64,
+    /// What wrote the image: `appshot VERSION (commit C)`.
+    writer: String,
     /// Taken with `--template`: `appshot clone` accepts it.
     template: bool,
     pid: u32,
@@ -461,6 +465,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),
         created_unix: m.created_unix,
+        writer: m.writer.clone(),
         template: m.instance.template,
         pid: p.ns_pid,
         exe: p.exe.path.clone(),
@@ -565,12 +570,13 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         return Ok(serde_json::to_string_pretty(&summary).expect("serialisable") + "\n");
     }
     let mut out = format!(
-        "image      {} ({}, {} of pages)\ntaken      {}{}\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
+        "image      {} ({}, {} of pages)\ntaken      {}{}\nwritten by {}\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
         summary.path,
         mib(summary.size_bytes),
         mib(summary.pages_bytes),
         crate::logs::utc(summary.created_unix),
         if summary.template { ", a template for `appshot clone`" } else { "" },
+        summary.writer,
         summary.instance,
         summary.aid,
         summary.command.join(" "),

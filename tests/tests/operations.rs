@@ -510,6 +510,14 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
         "{summary}"
     );
     assert!(summary.contains("(listed with --mappings)"), "{summary}");
+    // The appshot that wrote it, as its --version says.
+    let version = ok(&h, &["--version"]);
+    assert_eq!(info["writer"], version.trim(), "{info:#}");
+    assert!(version.contains("(commit "), "{version}");
+    assert!(
+        summary.contains(&format!("written by {}\n", version.trim())),
+        "{summary}"
+    );
     let full = ok(&h, &["inspect", "--mappings", image.to_str().unwrap()]);
     assert!(full.lines().count() > summary.lines().count() + 5, "{full}");
 

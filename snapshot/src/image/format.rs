@@ -28,8 +28,9 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// POSIX timers. 5: Unix sockets and fds sharing one open file description.
 /// 6: every process of the tree, shared anonymous memory, fds and pages
 /// inherited across fork; memfds. 7: established TCP connections, the
-/// real port of TCP sockets, UDP sockets.
-pub const VERSION: u32 = 7;
+/// real port of TCP sockets, UDP sockets. 8: the writer (appshot version
+/// and commit) in the manifest.
+pub const VERSION: u32 = 8;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -488,6 +489,7 @@ mod tests {
             ipc: SysvIpc::default(),
             memfds: Vec::new(),
             created_unix: 1,
+            writer: "appshot test".into(),
             instance: InstanceInfo {
                 name: "web-a".into(),
                 aid: "a".into(),
