@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 # gcc/libc6-dev link Rust binaries (and build the test programs),
 # ca-certificates lets rustup download, nftables carries source rules,
 # memcached is the server that drops privileges before its Unix socket,
-# runc runs the containers of the OCI agent test (tests/tests/oci.rs);
+# runc runs the containers of the OCI agent test (tests/tests/oci.rs),
+# systemd brings systemd-analyze, which checks `appshot generate systemd`;
 # a fresh machine has none of them.
 packages=(libseccomp-dev pkg-config python3 curl redis-server redis-tools
           nginx-light iproute2 procps ca-certificates gcc libc6-dev nftables
-          memcached runc)
+          memcached runc systemd)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

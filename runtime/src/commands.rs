@@ -18,7 +18,8 @@ struct PsRow {
     /// None once the instance has ended.
     pid: Option<u32>,
     supervisor_pid: Option<u32>,
-    /// `running`, `snapshotting`, `restarting`, `unresponsive` or `exited`.
+    /// `running`, `frozen` (held by a snapshot), `restoring`, `restarting`,
+    /// `unresponsive` or `exited`.
     state: String,
     command: Vec<String>,
     ports: Vec<PortView>,
@@ -78,7 +79,13 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
             let dir = run_dir.join("instances").join(&i.name);
             let state = control::request(&dir, &Request::Status)
                 .map(|r| r.state)
-                .unwrap_or_else(|_| "unresponsive".into());
+                .unwrap_or_else(|_| {
+                    if dir.join(crate::supervisor::RESTORING_MARKER).exists() {
+                        "restoring".into()
+                    } else {
+                        "unresponsive".into()
+                    }
+                });
             PsRow {
                 name: i.name.clone(),
                 aid: i.aid.clone(),

@@ -63,6 +63,10 @@ pub struct Reply {
     pub ok: bool,
     pub state: String,
     pub message: String,
+    /// A snapshot's statistics, with its summary in `message` (supervisors
+    /// of older appshot versions send the summary only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::snapshots::Taken>,
 }
 
 /// Bytes of memory saved so far, of `total`.
@@ -253,6 +257,7 @@ fn answer(conn: &UnixStream, handler: &impl Fn(Request, &Peer) -> Reply) -> std:
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => handler(req, &peer),
         Err(e) => Reply {
+            snapshot: None,
             ok: false,
             state: String::new(),
             message: format!("bad request: {e}"),

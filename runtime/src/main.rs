@@ -23,6 +23,7 @@ mod snapshots;
 mod sockaddr;
 mod sourcerules;
 mod supervisor;
+mod systemd;
 mod tree;
 mod user;
 
@@ -38,6 +39,9 @@ use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use supervisor::{Launch, LAUNCH_ENV};
+
+/// Where the registry and instance state live unless `--run-dir` says.
+const DEFAULT_RUN_DIR: &str = "/run/appshot";
 
 /// `--version`: the crate's version and the commit it was built from
 /// (see build.rs).
@@ -62,7 +66,7 @@ struct Cli {
     #[arg(
         long,
         env = "APPSHOT_RUN_DIR",
-        default_value = "/run/appshot",
+        default_value = DEFAULT_RUN_DIR,
         global = true
     )]
     run_dir: PathBuf,
@@ -166,6 +170,9 @@ enum Cmd {
         /// instead of refusing the snapshot.
         #[arg(long, value_name = "close", value_parser = ["close"])]
         external_unix: Option<String>,
+        /// Print the statistics as JSON (see the README's JSON section).
+        #[arg(long)]
+        json: bool,
     },
     /// Start instances from a template: each with its own AID, real ports
     /// and PID namespace, sharing the template's unchanged memory.
@@ -228,6 +235,12 @@ enum Cmd {
         #[arg(long)]
         mappings: bool,
     },
+    /// Print a systemd unit that runs an existing instance (or, with
+    /// --agent, the negotiation agent) as a service, in the foreground.
+    Generate {
+        #[command(subcommand)]
+        command: GenerateCmd,
+    },
     /// Application configs.
     Config {
         #[command(subcommand)]
@@ -269,6 +282,26 @@ enum ConfigCmd {
     Check {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GenerateCmd {
+    /// A unit for instance NAME (from its registry record: name, AID,
+    /// config, ports, port range, user, command), e.g. `appshot generate
+    /// systemd web > /etc/systemd/system/appshot-web.service`.
+    Systemd {
+        #[arg(required_unless_present = "agent", conflicts_with = "agent")]
+        name: Option<String>,
+        /// A unit for `appshot vpm agent` instead.
+        #[arg(long, requires = "listen")]
+        agent: bool,
+        /// With --agent: the address and port it listens on.
+        #[arg(long, requires = "agent")]
+        listen: Option<std::net::SocketAddr>,
+        /// With --agent: the cluster key file.
+        #[arg(long, requires = "agent")]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -443,6 +476,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             apps::claims(&files)?;
             Ok(0)
         }
+        Cmd::Generate {
+            command:
+                GenerateCmd::Systemd {
+                    name,
+                    agent: _,
+                    listen,
+                    key_file,
+                },
+        } => {
+            let unit = match (name, listen) {
+                (Some(name), _) => systemd::instance_unit(&run_dir, &name)?,
+                (None, Some(listen)) => systemd::agent_unit(listen, key_file.as_deref(), &run_dir)?,
+                (None, None) => bail!("give an instance NAME or --agent --listen ADDR:PORT"),
+            };
+            print!("{unit}");
+            Ok(0)
+        }
         Cmd::Man => {
             let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
             match man.render(&mut std::io::stdout()) {
@@ -523,6 +573,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             leave_running,
             template,
             external_unix,
+            json,
         } => {
             commands::require_privileges("snapshot")?;
             let options = snapshots::SnapshotOptions {
@@ -532,7 +583,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             println!(
                 "{}",
-                snapshots::snapshot(&run_dir, &name, &output, options)?
+                snapshots::snapshot(&run_dir, &name, &output, options, json)?
             );
             Ok(0)
         }
@@ -641,6 +692,10 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         }
         (None, None) => AppConfig::default(),
     };
+    let config_path = args
+        .config
+        .as_deref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
     let cluster = remote::ClusterSettings::resolve(&config)?;
     let aid = args.aid.or(config.aid).unwrap_or_else(|| "default".into());
     validate_aid(&aid).map_err(|e| anyhow!("--aid {aid:?}: {e}"))?;
@@ -698,6 +753,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         pidfile: args.pidfile,
         log_max_bytes: args.log_max_size,
         restart: args.restart,
+        config: config_path,
     })
 }
 
@@ -835,6 +891,7 @@ fn image_launch(
         pidfile: None,
         log_max_bytes: logs::DEFAULT_MAX_BYTES,
         restart: restart::Policy::No,
+        config: None,
     })
 }
 

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use appshot_sys::pidfd;
 use appshot_vpm::{is_alive, Protocol, Registry};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::ptrace::Options;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::control::{self, Peer, Progress, Request};
@@ -76,8 +76,9 @@ pub fn snapshot(
     name: &str,
     output: &Path,
     options: SnapshotOptions,
+    json: bool,
 ) -> Result<String, RuntimeError> {
-    let leave_running = options.leave_running;
+    let (leave_running, template) = (options.leave_running, options.template);
     if !is_alive(run_dir, name) {
         return Err(RuntimeError::NoInstance(name.to_string()));
     }
@@ -104,7 +105,7 @@ pub fn snapshot(
         b.set_position(p.done);
     };
     let req = Request::Snapshot {
-        output,
+        output: output.clone(),
         leave_running,
         template: options.template,
         external_unix_close: options.external_unix_close,
@@ -150,7 +151,21 @@ pub fn snapshot(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    Ok(reply.message)
+    Ok(match (reply.snapshot, json) {
+        (Some(taken), true) => serde_json::to_string_pretty(&taken).expect("serialisable"),
+        (Some(taken), false) => taken.summary(),
+        // An older supervisor (its instance started before an upgrade)
+        // sends the summary only.
+        (None, true) => serde_json::json!({
+            "instance": name,
+            "image": output,
+            "left_running": leave_running,
+            "template": template,
+            "message": reply.message,
+        })
+        .to_string(),
+        (None, false) => reply.message,
+    })
 }
 
 /// How `appshot snapshot` was asked to dump.
@@ -192,7 +207,7 @@ pub fn take(
     options: SnapshotOptions,
     requester: &Peer,
     frozen_flag: &AtomicBool,
-) -> Result<String, RuntimeError> {
+) -> Result<Taken, RuntimeError> {
     let SnapshotOptions {
         leave_running,
         template,
@@ -222,7 +237,9 @@ pub fn take(
     let repairs = Repairs::default();
     let progress = |done: u64, total: u64| requester.progress(done, total);
     let cancelled = || requester.gone();
+    let writer = format!("appshot {}", crate::VERSION);
     let req = DumpRequest {
+        writer: &writer,
         instance: InstanceInfo {
             name: name.to_string(),
             aid: subject.aid.to_string(),
@@ -319,14 +336,54 @@ pub fn take(
         "stopped"
     };
     info!(name, image = %output.display(), after, "snapshot taken");
-    Ok(format!(
-        "snapshot of {name} written to {}: {} of memory, image {}, {:.0} ms (frozen {:.0} ms); instance {after}",
-        output.display(),
-        mib(stats.pages_bytes),
-        mib(stats.image_bytes),
-        stats.seconds * 1e3,
-        frozen_for.as_secs_f64() * 1e3
-    ))
+    Ok(Taken {
+        instance: name.to_string(),
+        aid: subject.aid.to_string(),
+        image: output.to_path_buf(),
+        pages_bytes: stats.pages_bytes,
+        size_bytes: stats.image_bytes,
+        time_ms: (stats.seconds * 1e3).round() as u64,
+        frozen_ms: frozen_for.as_millis() as u64,
+        left_running: leave_running,
+        template,
+    })
+}
+
+/// What a snapshot did: `appshot snapshot --json`, in the vocabulary of
+/// `inspect --json` (memory saved is the image's `pages_bytes`, its file
+/// size `size_bytes`; durations in milliseconds end `_ms`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Taken {
+    pub instance: String,
+    pub aid: String,
+    pub image: PathBuf,
+    /// Memory saved.
+    pub pages_bytes: u64,
+    /// The image file.
+    pub size_bytes: u64,
+    /// The whole dump.
+    pub time_ms: u64,
+    /// How long the instance was stopped by it.
+    pub frozen_ms: u64,
+    /// Whether the instance runs on (`--leave-running`) or was stopped.
+    pub left_running: bool,
+    pub template: bool,
+}
+
+impl Taken {
+    /// The line `appshot snapshot` prints.
+    pub fn summary(&self) -> String {
+        format!(
+            "snapshot of {} written to {}: {} of memory, image {}, {} ms (frozen {} ms); instance {}",
+            self.instance,
+            self.image.display(),
+            mib(self.pages_bytes),
+            mib(self.size_bytes),
+            self.time_ms,
+            self.frozen_ms,
+            if self.left_running { "left running" } else { "stopped" }
+        )
+    }
 }
 
 fn mib(bytes: u64) -> String {
@@ -342,6 +399,8 @@ struct Summary {
     aid: String,
     command: Vec<String>,
     created_unix: u64,
+    /// What wrote the image: `appshot VERSION (commit C)`.
+    writer: String,
     /// Taken with `--template`: `appshot clone` accepts it.
     template: bool,
     pid: u32,
@@ -423,6 +482,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),
         created_unix: m.created_unix,
+        writer: m.writer.clone(),
         template: m.instance.template,
         pid: p.ns_pid,
         exe: p.exe.path.clone(),
@@ -532,12 +592,13 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         return Ok(serde_json::to_string_pretty(&summary).expect("serialisable") + "\n");
     }
     let mut out = format!(
-        "image      {} ({}, {} of pages)\ntaken      {}{}\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
+        "image      {} ({}, {} of pages)\ntaken      {}{}\nwritten by {}\ninstance   {} (AID {})\ncommand    {}\nprocess    pid {} {}\ncwd        {}\nlistening  {}\n",
         summary.path,
         mib(summary.size_bytes),
         mib(summary.pages_bytes),
         crate::logs::utc(summary.created_unix),
         if summary.template { ", a template for `appshot clone`" } else { "" },
+        summary.writer,
         summary.instance,
         summary.aid,
         summary.command.join(" "),

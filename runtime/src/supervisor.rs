@@ -80,6 +80,10 @@ pub struct Launch {
     /// When the supervisor starts the application again after it exits.
     #[serde(default)]
     pub restart: crate::restart::Policy,
+    /// `run --config FILE` (absolute), kept in the registry for `appshot
+    /// generate systemd`.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
 }
 
 fn default_log_max() -> u64 {
@@ -103,6 +107,8 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR2,
 ];
 const SI_KERNEL: i32 = 0x80;
+/// A file in the instance's directory while its supervisor restores it.
+pub const RESTORING_MARKER: &str = "restoring";
 
 /// How long a launched (not restored) detached instance must run before
 /// `run --detach` reports it running; one that exits sooner failed to start. Without such a period the
@@ -202,7 +208,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 } else {
                     restore::Connections::Own
                 };
+            // Listed from now on, `restoring` until the restored processes
+            // are released (`ps` reads the marker while the control socket
+            // does not answer yet).
+            let marker = lock.instance_dir().join(RESTORING_MARKER);
+            let _ = std::fs::write(&marker, b"");
+            register(&registry, &launch, init_pid)?;
             let restored = restore_into(init_pid, &image, &mux, launch.is_clone, connections);
+            let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || launch.tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
                 crate::netlock::release_image(&launch.run_dir, path);
@@ -334,6 +347,9 @@ fn register(registry: &Registry, launch: &Launch, app_pid: u32) -> Result<(), Ru
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 multiplexed: launch.ports.clone(),
+                config: launch.config.clone(),
+                user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
+                port_range: Some(format!("{}-{}", launch.range.0, launch.range.1)),
             },
         );
     })?;
@@ -630,9 +646,10 @@ impl Control {
     fn handle(&self, req: Request, peer: &Peer) -> Reply {
         match req {
             Request::Status => Reply {
+                snapshot: None,
                 ok: true,
                 state: if self.frozen.load(Ordering::SeqCst) {
-                    "snapshotting".into()
+                    "frozen".into()
                 } else if self.exited.load(Ordering::SeqCst) {
                     "restarting".into()
                 } else {
@@ -681,6 +698,7 @@ impl Control {
             }
         });
         Reply {
+            snapshot: None,
             ok: true,
             state: "stopping".into(),
             message: format!("SIGTERM sent; SIGKILL in {grace_secs}s"),
@@ -690,6 +708,7 @@ impl Control {
     fn snapshot(&self, output: &Path, options: snapshots::SnapshotOptions, peer: &Peer) -> Reply {
         let leave_running = options.leave_running;
         let refused = |message: String| Reply {
+            snapshot: None,
             ok: false,
             state: "running".into(),
             message,
@@ -721,7 +740,7 @@ impl Control {
             init: &init,
         };
         match snapshots::take(&subject, output, options, peer, &self.frozen) {
-            Ok(message) => {
+            Ok(taken) => {
                 // Stopped by the snapshot: saved, not failed, so not
                 // restarted. Set while the snapshot lock is held, which the
                 // exit waits for.
@@ -731,7 +750,8 @@ impl Control {
                 Reply {
                     ok: true,
                     state: if leave_running { "running" } else { "stopped" }.into(),
-                    message,
+                    message: taken.summary(),
+                    snapshot: Some(taken),
                 }
             }
             Err(e) => {

@@ -27,6 +27,9 @@ const DATA: u64 = PAGE;
 const RLIMIT_COUNT: u32 = 16;
 pub struct DumpRequest<'a> {
     pub instance: InstanceInfo,
+    /// What writes the image (the manifest's `writer`), e.g. `appshot
+    /// 0.1.0 (commit 1a2b3c4d5e6f)`.
+    pub writer: &'a str,
     /// Maps a listening socket's real address to the one its application
     /// believes it bound.
     pub virtualize: &'a dyn Fn(SocketAddr) -> SocketAddr,
@@ -198,6 +201,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        writer: req.writer.to_string(),
         instance: req.instance.clone(),
         processes,
         ipc,

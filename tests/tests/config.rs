@@ -186,3 +186,59 @@ fn a_host_wide_config_applies_to_its_executable_and_one_claim_per_program() {
     assert_eq!(ran.code, Some(125), "{ran}");
     assert!(ran.stderr.contains("claimed by two"), "{ran}");
 }
+
+#[test]
+fn redis_server_run_without_config_gets_its_apps_d_aid_and_ports() {
+    let test = "redis_server_run_without_config_gets_its_apps_d_aid_and_ports";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli"]) else {
+        return;
+    };
+    let apps = h.dir("apps.d");
+    // /usr/bin/redis-server on Debian (a link, resolved as the command is).
+    let redis = common::which("redis-server").unwrap();
+    fs::write(
+        apps.join("redis.toml"),
+        format!(
+            "executable = \"{}\"\naid = \"cache\"\nport_range = \"30600-30609\"\n\n[[ports]]\nport = 6379\n",
+            redis.display()
+        ),
+    )
+    .unwrap();
+    let dir = h.dir("cwd");
+    let mut cmd = h.appshot();
+    cmd.env("APPSHOT_APPS_DIR", &apps)
+        .args(["run", "-d", "--name", "cache-1", "--"])
+        .args([
+            "redis-server",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(&dir);
+    let ran = run(&mut cmd, Duration::from_secs(60));
+    assert!(ran.success(), "{ran}");
+    h.wait_log("cache-1", "Ready to accept connections");
+    let row = h.instance("cache-1").expect("cache-1 listed");
+    assert_eq!(row["aid"], "cache", "{row}");
+    let ports = row["ports"].as_array().expect("ports");
+    assert!(!ports.is_empty(), "{row}");
+    for p in ports {
+        assert_eq!(p["virtual_port"], 6379, "{row}");
+        // The port itself while the host's is free, else one of the range.
+        let real = p["real_port"].as_u64().unwrap();
+        assert!(
+            real == 6379 || (30600..=30609).contains(&real),
+            "real port {real} neither 6379 nor in 30600-30609: {row}"
+        );
+    }
+    assert_eq!(
+        h.translations("cache-1"),
+        ports.clone(),
+        "ports --json agrees"
+    );
+    assert_eq!(common::redis_cli(&h, "cache", &["PING"]), "PONG");
+    h.stop("cache-1");
+}

@@ -463,9 +463,44 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
     assert_eq!(from_ports["instance"], "web-j");
 
     let image = h.dir("images").join("web-j.img");
-    let taken = h.snapshot("web-j", &image, &["--template", "--leave-running"]);
+    let taken = h.snapshot(
+        "web-j",
+        &image,
+        &["--template", "--leave-running", "--json"],
+    );
     assert!(taken.success(), "{taken}");
+    let stats: serde_json::Value = serde_json::from_str(&taken.stdout).expect("snapshot --json");
+    assert_eq!(
+        keys(&stats),
+        [
+            "aid",
+            "frozen_ms",
+            "image",
+            "instance",
+            "left_running",
+            "pages_bytes",
+            "size_bytes",
+            "template",
+            "time_ms"
+        ]
+    );
+    assert_eq!(stats["instance"], "web-j");
+    assert_eq!(stats["aid"], "j");
+    assert_eq!(stats["left_running"], true);
+    assert_eq!(stats["template"], true);
+    assert_eq!(stats["image"], image.to_str().unwrap());
+    assert!(
+        stats["frozen_ms"].is_u64() && stats["time_ms"].is_u64(),
+        "{stats:#}"
+    );
     let info = h.inspect(&image);
+    // The same numbers under the same names as inspect's.
+    assert_eq!(stats["pages_bytes"], info["pages_bytes"], "{info:#}");
+    assert_eq!(stats["size_bytes"], info["size_bytes"], "{info:#}");
+    assert_eq!(
+        stats["size_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&image).unwrap().len()
+    );
     assert_eq!(info["template"], true, "{info:#}");
     assert!(info["created_unix"].as_u64().unwrap() > 0);
     assert!(!info["mappings"].as_array().unwrap().is_empty());
@@ -475,8 +510,25 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
         "{summary}"
     );
     assert!(summary.contains("(listed with --mappings)"), "{summary}");
+    // The appshot that wrote it, as its --version says.
+    let version = ok(&h, &["--version"]);
+    assert_eq!(info["writer"], version.trim(), "{info:#}");
+    assert!(version.contains("(commit "), "{version}");
+    assert!(
+        summary.contains(&format!("written by {}\n", version.trim())),
+        "{summary}"
+    );
     let full = ok(&h, &["inspect", "--mappings", image.to_str().unwrap()]);
     assert!(full.lines().count() > summary.lines().count() + 5, "{full}");
+
+    // Without --json, the same statistics as a line; a stopping one says so.
+    let stopped = h.dir("images").join("web-j-stopped.img");
+    let taken = h.snapshot("web-j", &stopped, &[]);
+    assert!(taken.success(), "{taken}");
+    assert!(
+        taken.stdout.contains("of memory, image ") && taken.stdout.contains("instance stopped"),
+        "{taken}"
+    );
 }
 
 #[test]
@@ -582,4 +634,99 @@ fn ctrl_c_during_a_snapshot_abandons_it_and_says_so() {
         }
         other => panic!("appshot snapshot after SIGINT: exit {other:?}: {stderr}"),
     }
+}
+
+/// `systemd-analyze verify` of `unit` written as `file` into a directory
+/// of its own: what it says about that file (nothing when it is fine).
+fn verify_unit(h: &Harness, file: &str, unit: &str) -> common::Ran {
+    let dir = h.dir("units");
+    let path = dir.join(file);
+    std::fs::write(&path, unit).expect("writing the unit");
+    run(
+        std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path),
+        COMMAND_TIMEOUT,
+    )
+}
+
+#[test]
+fn generated_systemd_units_pass_systemd_analyze_verify() {
+    let test = "generated_systemd_units_pass_systemd_analyze_verify";
+    let Some(mut h) = Harness::new(test, &["sleep", "systemd-analyze"]) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    let config = dir.join("svc.toml");
+    std::fs::write(&config, "aid = \"shop\"\n[[ports]]\nport = 9000\n").expect("config");
+    let config = config.to_str().expect("utf-8 path");
+    h.start(
+        "svc",
+        "shop",
+        &dir,
+        &["--config", config, "--port-range", "21000-21999"],
+        &["sleep", "100"],
+    );
+    let unit = ok(&h, &["generate", "systemd", "svc"]);
+    let exec = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart");
+    assert!(
+        exec.ends_with(&format!(
+            " run --name svc --aid shop --config {config} --port 9000 --port-range 21000-21999 -- sleep 100"
+        )),
+        "{unit}"
+    );
+    for line in [
+        "Type=simple",
+        "SuccessExitStatus=143",
+        "RestartPreventExitStatus=125 126 127",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=10",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} missing:\n{unit}");
+    }
+    let verified = verify_unit(&h, "appshot-svc.service", &unit);
+    assert!(
+        verified.success(),
+        "systemd-analyze verify:\n{unit}\n{verified}"
+    );
+    assert!(
+        !verified.stderr.contains("appshot-svc.service"),
+        "systemd-analyze verify complains:\n{unit}\n{verified}"
+    );
+
+    let agent = ok(
+        &h,
+        &[
+            "generate",
+            "systemd",
+            "--agent",
+            "--listen",
+            "127.0.0.1:7946",
+        ],
+    );
+    assert!(
+        agent.contains(" vpm agent --listen 127.0.0.1:7946\n"),
+        "{agent}"
+    );
+    let verified = verify_unit(&h, "appshot-agent.service", &agent);
+    assert!(
+        verified.success(),
+        "systemd-analyze verify:\n{agent}\n{verified}"
+    );
+    assert!(
+        !verified.stderr.contains("appshot-agent.service"),
+        "systemd-analyze verify complains:\n{agent}\n{verified}"
+    );
+
+    let unknown = run(
+        h.appshot().args(["generate", "systemd", "nosuch"]),
+        COMMAND_TIMEOUT,
+    );
+    assert_eq!(unknown.code, Some(125), "{unknown}");
+    assert!(unknown.stderr.contains("nosuch"), "{unknown}");
+    h.stop("svc");
 }

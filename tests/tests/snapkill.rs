@@ -166,8 +166,8 @@ fn snapshots_killed_at_forty_moments_leave_instance_memory_and_image_intact() {
 }
 
 #[test]
-fn ps_says_snapshotting_while_the_instance_is_frozen() {
-    let test = "ps_says_snapshotting_while_the_instance_is_frozen";
+fn ps_says_frozen_while_a_snapshot_holds_the_instance() {
+    let test = "ps_says_frozen_while_a_snapshot_holds_the_instance";
     let Some(mut h) = Harness::new(test, &["gcc"]) else {
         return;
     };
@@ -183,11 +183,35 @@ fn ps_says_snapshotting_while_the_instance_is_frozen() {
     }
     assert!(cli.wait().unwrap().success(), "the snapshot fails");
     assert!(
-        states.iter().any(|s| s == "snapshotting"),
-        "ps never said `snapshotting` during the dump: {states:?}"
+        states.iter().any(|s| s == "frozen"),
+        "ps never said `frozen` during the dump: {states:?}"
     );
     assert_eq!(h.instance("frozen").unwrap()["state"], "running");
     assert_eq!(ask(real), before);
+
+    // Restored, it is listed `restoring` until its processes are released.
+    h.stop("frozen");
+    let mut restore = h
+        .appshot()
+        .args(["restore", "--detach"])
+        .arg(&image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("appshot restore starts");
+    let mut states = Vec::new();
+    while restore.try_wait().unwrap().is_none() {
+        if let Some(row) = h.instance("frozen") {
+            states.push(row["state"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert!(restore.wait().unwrap().success(), "the restore fails");
+    assert!(
+        states.iter().any(|s| s == "restoring"),
+        "ps never said `restoring` during the restore: {states:?}"
+    );
+    assert_eq!(h.instance("frozen").unwrap()["state"], "running");
+    h.stop("frozen");
 }
 
 #[test]

@@ -49,6 +49,16 @@ pub struct InstanceRecord {
     /// Ports named by the configuration; empty means every port below the
     /// ephemeral range.
     pub multiplexed: Vec<u16>,
+    /// The config file given with `--config`, if any (older registries and
+    /// restored or OCI instances have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<std::path::PathBuf>,
+    /// Who the application runs as, `UID:GID`, when not as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The real ports it takes, `A-B`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<String>,
 }
 
 /// A kernel (nftables) rule an instance installed so that clients outside
@@ -142,6 +152,9 @@ pub(crate) mod tests {
             command: vec!["app".into()],
             started_unix: 0,
             multiplexed: vec![9000],
+            config: None,
+            user: None,
+            port_range: None,
         }
     }
 

@@ -206,6 +206,9 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 multiplexed: Vec::new(),
+                config: None,
+                user: None,
+                port_range: None,
             },
         );
     })?;
@@ -268,6 +271,7 @@ impl Container {
     fn handle(&self, req: Request, _peer: &Peer) -> Reply {
         match req {
             Request::Status => Reply {
+                snapshot: None,
                 ok: true,
                 state: "running".into(),
                 message: String::new(),
@@ -286,6 +290,7 @@ impl Container {
                     }
                 });
                 Reply {
+                    snapshot: None,
                     ok: true,
                     state: "stopping".into(),
                     message: format!(
@@ -294,6 +299,7 @@ impl Container {
                 }
             }
             Request::Snapshot { .. } => Reply {
+                snapshot: None,
                 ok: false,
                 state: "running".into(),
                 message: "a container is snapshotted by its runtime, not by appshot".into(),

@@ -28,10 +28,10 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// POSIX timers. 5: Unix sockets and fds sharing one open file description.
 /// 6: every process of the tree, shared anonymous memory, fds and pages
 /// inherited across fork; memfds. 7: established TCP connections, the
-/// real port of TCP sockets, UDP sockets. 8: half-closed TCP connections
-/// with their queues (a version 7 image holds them without), Unix sockets
-/// saved closed.
-pub const VERSION: u32 = 8;
+/// real port of TCP sockets, UDP sockets. 8: the writer (appshot version
+/// and commit) in the manifest. 9: half-closed TCP connections with their
+/// queues (an older image holds them without), Unix sockets saved closed.
+pub const VERSION: u32 = 9;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -490,6 +490,7 @@ mod tests {
             ipc: SysvIpc::default(),
             memfds: Vec::new(),
             created_unix: 1,
+            writer: "appshot test".into(),
             instance: InstanceInfo {
                 name: "web-a".into(),
                 aid: "a".into(),

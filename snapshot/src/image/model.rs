@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub created_unix: u64,
+    /// What wrote the image, e.g. `appshot 0.1.0 (commit 1a2b3c4d5e6f)`.
+    pub writer: String,
     pub instance: InstanceInfo,
     /// Every process of the instance, parents before their children; the
     /// first is the instance's main process.
