@@ -296,7 +296,8 @@ impl Instance<'_> {
             .ok_or_else(|| anyhow!("{} is not listed by `appshot ps`", self.what))
     }
 
-    /// The supervisor's log: `RUN_DIR/logs/NAME.log`.
+    /// The supervisor's log: `RUN_DIR/logs/NAME/supervisor.log` (the
+    /// application's output is `app.log` beside it).
     pub fn log(&self) -> anyhow::Result<String> {
         let path = self.log_path();
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -306,7 +307,8 @@ impl Instance<'_> {
         self.appshot
             .run_dir
             .join("logs")
-            .join(format!("{}.log", self.name))
+            .join(&self.name)
+            .join("supervisor.log")
     }
 
     pub fn check_running(&self) -> anyhow::Result<()> {
