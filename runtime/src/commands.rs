@@ -162,7 +162,9 @@ pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError>
             } else {
                 ports.join(",")
             },
-            r.command.join(" "),
+            // One row per instance: an argument with line breaks (a
+            // `python3 -c` program) shows them escaped.
+            r.command.join(" ").replace('\n', "\\n"),
         ]);
     }
     Ok(render(&table))
