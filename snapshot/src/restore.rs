@@ -621,6 +621,25 @@ pub(crate) fn open_in(
     )
 }
 
+/// Moves the process's `fd` to the lowest free number at or above `high`
+/// (close-on-exec): temporaries kept there are never overwritten by
+/// placing a saved fd.
+pub(crate) fn move_above(
+    inj: &Injector,
+    pid: u32,
+    fd: u64,
+    high: u64,
+) -> Result<u64, SnapshotError> {
+    let moved = inj.ok(
+        pid,
+        "F_DUPFD_CLOEXEC",
+        libc::SYS_fcntl,
+        &[fd, libc::F_DUPFD_CLOEXEC as u64, high],
+    )?;
+    inj.call(pid, libc::SYS_close, &[fd])?;
+    Ok(moved)
+}
+
 /// The highest fd number a process is rebuilt with (its own, inherited,
 /// fetched and stashed fds).
 pub(crate) fn highest_fd(p: &ProcessImage) -> u64 {
@@ -647,16 +666,7 @@ fn restore_fds(
     // Temporaries live above every saved fd so placing one never
     // overwrites another.
     let high = p.fds.iter().map(|f| f.fd).max().unwrap_or(2) as u64 + 1;
-    let to_high = |fd: u64| -> Result<u64, SnapshotError> {
-        let moved = inj.ok(
-            pid,
-            "F_DUPFD_CLOEXEC",
-            libc::SYS_fcntl,
-            &[fd, libc::F_DUPFD_CLOEXEC as u64, high],
-        )?;
-        inj.call(pid, libc::SYS_close, &[fd])?;
-        Ok(moved)
-    };
+    let to_high = |fd: u64| move_above(inj, pid, fd, high);
     let place = |temp: u64, f: &FdImage, status_flags: i32| -> Result<(), SnapshotError> {
         let cloexec = if f.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
         inj.ok(

@@ -532,16 +532,7 @@ pub fn fetch_fds(inj: &Injector, host: u32, p: &ProcessImage) -> Result<(), Snap
         .max()
         .unwrap_or(2) as u64
         + 1;
-    let to_high = |fd: u64| -> Result<u64, SnapshotError> {
-        let moved = inj.ok(
-            host,
-            "F_DUPFD_CLOEXEC",
-            libc::SYS_fcntl,
-            &[fd, libc::F_DUPFD_CLOEXEC as u64, high],
-        )?;
-        inj.call(host, libc::SYS_close, &[fd])?;
-        Ok(moved)
-    };
+    let to_high = |fd: u64| crate::restore::move_above(inj, host, fd, high);
     let mut pidfds: BTreeMap<u32, u64> = BTreeMap::new();
     for f in &p.fetched {
         let pidfd = match pidfds.get(&f.from_pid) {
