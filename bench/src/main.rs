@@ -80,6 +80,8 @@ fn main() -> ExitCode {
 /// `Ok(false)`: a benchmark failed; the table says which and stderr why.
 fn run(cli: Cli) -> anyhow::Result<bool> {
     procs::watch_signals()?;
+    procs::keep_inherited_fds()?;
+    procs::become_subreaper()?;
     let plan = if cli.quick {
         Plan::quick()
     } else {

@@ -18,7 +18,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use nix::sys::signal::{killpg, Signal};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
 /// Set by SIGINT, SIGTERM or SIGHUP.
@@ -68,6 +71,67 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Marks the fds the bench inherited above stderr close-on-exec, so that
+/// the processes it measures get only stdin, stdout and stderr. Whoever
+/// started the bench (a CI runner, a terminal multiplexer) may have left
+/// pipes and files open, from another mount namespace too: CRIU refuses to
+/// dump a file it cannot find a mount for, and appshot would save it.
+pub fn keep_inherited_fds() -> anyhow::Result<()> {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .context("listing /proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // The directory's own fd is closed by now: EBADF.
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            Ok(_) | Err(Errno::EBADF) => {}
+            Err(e) => return Err(e).with_context(|| format!("marking fd {fd} close-on-exec")),
+        }
+    }
+    Ok(())
+}
+
+/// Makes the bench the reaper of the processes orphaned below it: the trees
+/// `criu restore -d` leaves behind when the criu command exits, and an
+/// nginx tree's workers killed after their master. Otherwise they go to the
+/// PID namespace's init, which in a container need not reap them, and a
+/// zombie keeps its PID, the one the next round's restore needs again.
+pub fn become_subreaper() -> anyhow::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")
+}
+
+/// Processes that are not the bench's `Child`ren (a tree `criu restore -d`
+/// left behind): killed when dropped and waited for until their PIDs are
+/// free.
+pub struct Orphans(pub Vec<u32>);
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Err(e) = wait_gone(&self.0) {
+            eprintln!("appshot-bench: {e:#}");
+        }
+    }
+}
+
+/// Waits until none of `pids` exists, reaping those that were orphaned to
+/// the bench (`become_subreaper`); a PID is waited for by number, never
+/// with -1, which would take the exit status of a `Child` std still owns.
+pub fn wait_gone(pids: &[u32]) -> anyhow::Result<()> {
+    let gone = || {
+        pids.iter().all(|&p| {
+            // ECHILD: not the bench's child, its parent reaps it.
+            let _ = waitpid(Pid::from_raw(p as i32), Some(WaitPidFlag::WNOHANG));
+            !Path::new(&format!("/proc/{p}")).exists()
+        })
+    };
+    wait_for(Duration::from_secs(10), POLL, || Ok(gone().then_some(())))?
+        .ok_or_else(|| anyhow!("processes {pids:?} still there 10 s after SIGKILL"))
+}
+
 /// `argv[0]` with the arguments `argv[1..]`.
 pub fn command(argv: &[String]) -> Command {
     let mut cmd = Command::new(&argv[0]);
@@ -88,6 +152,29 @@ pub fn spawn(
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {what}"))
+}
+
+/// Starts `argv` as the leader of a session of its own (and so of its own
+/// process group), with no standard input: the process a CRIU dump takes as
+/// its root. CRIU refuses a root task whose session leader it cannot see
+/// (`getsid` gives 0 when the caller runs in a PID namespace entered from
+/// outside its session, as CI's does), and a session of its own needs no
+/// `--shell-job`. Through setsid(1), which calls setsid(2) and execs in place
+/// because the child it is started as does not lead a process group, so the
+/// child's PID is the program's.
+pub fn spawn_session_leader(
+    argv: &[String],
+    what: &str,
+    stdout: impl Into<Stdio>,
+    stderr: impl Into<Stdio>,
+) -> anyhow::Result<Child> {
+    Command::new("setsid")
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("starting {what} in a session of its own"))
 }
 
 /// Asks `ready` every `every` until it gives a value and returns that
@@ -464,6 +551,28 @@ mod tests {
             lines.next_line(TEN_SECS),
             &["silent child ended (exit status 1)", "refused"],
         );
+    }
+
+    #[test]
+    fn a_session_leader_keeps_the_pid_it_was_started_with() {
+        let mut child = spawn_session_leader(
+            &["sleep".into(), "30".into()],
+            "session leader",
+            Stdio::null(),
+            Stdio::null(),
+        )
+        .unwrap();
+        let pid = Pid::from_raw(child.id() as i32);
+        // setsid(1) execs sleep; until then the comm is setsid's.
+        let deadline = Instant::now() + TEN_SECS;
+        while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap() != "sleep\n" {
+            assert!(Instant::now() < deadline, "sleep never ran");
+            std::thread::sleep(POLL);
+        }
+        assert_eq!(nix::unistd::getsid(Some(pid)).unwrap(), pid);
+        assert_eq!(nix::unistd::getpgid(Some(pid)).unwrap(), pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

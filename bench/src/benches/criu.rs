@@ -9,9 +9,8 @@
 //! `criu check` on Linux 6.18 (vDSO layout); CRIU 4.2, built by
 //! `../shared/peers/build-criu.sh`, passes it and runs this module.
 //!
-//! The process is started by the bench, not in a session of its own, so
-//! every dump and restore passes `--shell-job`: without it CRIU refuses a
-//! process whose session leader is outside the dumped tree. No connection is
+//! The process is started in a session of its own (see
+//! `procs::spawn_session_leader`), so no `--shell-job`. No connection is
 //! open at the dump (the probe is blocked in accept), so no
 //! `--tcp-established`; the listening socket is dumped as such.
 
@@ -21,8 +20,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use super::snapshot::{ask, check_answer, first_answer, millis, serve, START, WAIT_MS};
 use crate::net;
@@ -130,21 +127,6 @@ impl Drop for Native {
     }
 }
 
-/// A process `criu restore -d` left behind (not our child): killed when
-/// dropped, and waited for until it is gone.
-struct Restored(u32);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let pid = Pid::from_raw(self.0 as i32);
-        let _ = kill(pid, Signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", self.0)).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
 pub fn one_run(
     probe: &str,
     dir: &Path,
@@ -155,8 +137,12 @@ pub fn one_run(
 ) -> anyhow::Result<CriuRun> {
     let what = format!("native memhold ({mib} MiB) for criu");
     // No output: files CRIU would have to find unchanged at restore.
-    let mut cmd = procs::command(&serve(probe, port, mib));
-    let child = procs::spawn(&mut cmd, &what, Stdio::null(), Stdio::null())?;
+    let child = procs::spawn_session_leader(
+        &serve(probe, port, mib),
+        &what,
+        Stdio::null(),
+        Stdio::null(),
+    )?;
     let mut native = Native {
         child,
         reaped: false,
@@ -168,7 +154,6 @@ pub fn one_run(
     })?;
     verify(probe, port, expected, &what)?;
 
-    // The process is not in a session of its own: --shell-job.
     let images = dir.join(format!("criu-{mib}-{round}"));
     let frozen = dir.join(format!("criu-{mib}-{round}-lr"));
     for d in [&images, &frozen] {
@@ -177,14 +162,7 @@ pub fn one_run(
     let pid_arg = pid.to_string();
     let (leave_running_wall_ms, stats) = run_criu(
         &frozen,
-        &[
-            "dump",
-            "--shell-job",
-            "--leave-running",
-            "--display-stats",
-            "-t",
-            &pid_arg,
-        ],
+        &["dump", "--leave-running", "--display-stats", "-t", &pid_arg],
         &format!("criu dump --leave-running of {what}"),
     )?;
     let frozen_ms = frozen_time_ms(&stats)?;
@@ -198,7 +176,7 @@ pub fn one_run(
 
     let (dump_ms, _) = run_criu(
         &images,
-        &["dump", "--shell-job", "-t", &pid_arg],
+        &["dump", "-t", &pid_arg],
         &format!("criu dump of {what}"),
     )?;
     // Killed by the dump; reaped so that its PID is free for the restore.
@@ -215,7 +193,7 @@ pub fn one_run(
     let (restore_answer_ms, ()) = first_answer(&mut client, mib, "criu restore", || {
         run_criu(
             &images,
-            &["restore", "--shell-job", "-d", "--pidfile", &pidfile_arg],
+            &["restore", "-d", "--pidfile", &pidfile_arg],
             &format!("criu restore of {what}"),
         )
         .map(drop)
@@ -225,7 +203,7 @@ pub fn one_run(
         .trim()
         .parse()
         .with_context(|| format!("{}", pidfile.display()))?;
-    let _restored = Restored(restored_pid);
+    let _restored = procs::Orphans(vec![restored_pid]);
     verify(probe, port, expected, &format!("{what} restored by criu"))?;
     std::fs::remove_dir_all(&images).with_context(|| format!("removing {}", images.display()))?;
     Ok(CriuRun {

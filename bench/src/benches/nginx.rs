@@ -18,8 +18,8 @@
 //!    native client retrying its connect; `criu restore -d`: wall time to
 //!    its first answer.
 //!
-//! CRIU flags: `--shell-job` because nginx is the bench's child and its
-//! session leader (the bench's shell) is outside the dumped tree. No
+//! CRIU flags: none for the session, nginx's master is started in a session
+//! of its own (`procs::spawn_session_leader`). No
 //! connection is open at the dump (the client has finished), so no
 //! `--tcp-established`; nginx has no Unix socket to the outside (stdio is
 //! /dev/null, logs are files), so no `--ext-unix-sk`. `criu check` on this
@@ -354,12 +354,8 @@ fn appshot_run(
 fn criu_run(probe: &str, nginx: &str, conf: &Conf, round: usize) -> anyhow::Result<CriuRun> {
     let what = format!("native nginx for criu (run {})", round + 1);
     // stdio to /dev/null: nothing CRIU would have to find again at restore.
-    let child = procs::spawn(
-        &mut procs::command(&conf.argv(nginx)),
-        &what,
-        Stdio::null(),
-        Stdio::null(),
-    )?;
+    let child =
+        procs::spawn_session_leader(&conf.argv(nginx), &what, Stdio::null(), Stdio::null())?;
     let mut native = Native {
         child,
         tree: Vec::new(),
@@ -375,7 +371,7 @@ fn criu_run(probe: &str, nginx: &str, conf: &Conf, round: usize) -> anyhow::Resu
     let master_arg = master.to_string();
     let (dump_ms, _) = criu::run_criu(
         &images,
-        &["dump", "--shell-job", "--tree", &master_arg],
+        &["dump", "--tree", &master_arg],
         &format!("criu dump --tree of {what}"),
     )?;
     let image_mib = criu::image_bytes(&images)? as f64 / (1u64 << 20) as f64;
@@ -383,7 +379,7 @@ fn criu_run(probe: &str, nginx: &str, conf: &Conf, round: usize) -> anyhow::Resu
     // the restore needs all their PIDs free.
     native.child.wait()?;
     drop(native);
-    wait_gone(&pids)?;
+    procs::wait_gone(&pids)?;
 
     let pidfile = images.join("restored.pid");
     let pidfile_arg = pidfile.display().to_string();
@@ -398,7 +394,7 @@ fn criu_run(probe: &str, nginx: &str, conf: &Conf, round: usize) -> anyhow::Resu
         || {
             criu::run_criu(
                 &images,
-                &["restore", "--shell-job", "-d", "--pidfile", &pidfile_arg],
+                &["restore", "-d", "--pidfile", &pidfile_arg],
                 &format!("criu restore of {what}"),
             )
             .map(drop)
@@ -409,7 +405,7 @@ fn criu_run(probe: &str, nginx: &str, conf: &Conf, round: usize) -> anyhow::Resu
         .trim()
         .parse()
         .with_context(|| format!("{}", pidfile.display()))?;
-    let _restored = Restored(tree(restored));
+    let _restored = procs::Orphans(tree(restored));
     if tree(restored) != pids {
         bail!(
             "criu restored {:?}, not the {pids:?} it dumped",
@@ -439,30 +435,6 @@ impl Drop for Native {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
-}
-
-/// A tree `criu restore -d` left behind (not our children): killed when
-/// dropped, and waited for until its PIDs are free.
-struct Restored(Vec<u32>);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
-        if let Err(e) = wait_gone(&self.0) {
-            eprintln!("appshot-bench: {e:#}");
-        }
-    }
-}
-
-fn wait_gone(pids: &[u32]) -> anyhow::Result<()> {
-    let gone = || {
-        pids.iter()
-            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
-    };
-    procs::wait_for(Duration::from_secs(10), POLL, || Ok(gone().then_some(())))?
-        .ok_or_else(|| anyhow!("processes {pids:?} still there 10 s after SIGKILL"))
 }
 
 /// The host PID of the nginx master of an instance: the instance's

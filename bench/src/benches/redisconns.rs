@@ -17,18 +17,16 @@
 //!    is created as soon as it returns: wall time from the restore's start
 //!    until the holder has had its 100 answers;
 //! 2. CRIU: the same with redis run natively, `criu dump --tcp-established
-//!    --shell-job -t PID` (redis is killed by the dump) and `criu restore
-//!    --tcp-established --shell-job -d`. `--shell-job` because redis is the
-//!    bench's child and its session leader is outside the dumped tree;
-//!    redis has no Unix socket to the outside, so no `--ext-unix-sk`.
+//!    -t PID` (redis is killed by the dump) and `criu restore
+//!    --tcp-established -d`; redis is started in a session of its own
+//!    (`procs::spawn_session_leader`), so no `--shell-job`; it has no Unix
+//!    socket to the outside, so no `--ext-unix-sk`.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use super::criu;
 use super::snapshot::{millis, take_snapshot, After};
@@ -267,30 +265,12 @@ impl Drop for Native {
     }
 }
 
-/// The redis `criu restore -d` left behind: killed when dropped and waited
-/// for until its PID is free.
-struct Restored(u32);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", self.0)).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
 fn criu_run(dir: &Path, holder: &Path, port: u16, round: usize) -> anyhow::Result<Run> {
     let what = format!("native redis for criu (run {})", round + 1);
     let data = dir.join(format!("native-{round}"));
     std::fs::create_dir_all(&data)?;
-    let child = procs::spawn(
-        &mut procs::command(&server(port, &data)),
-        &what,
-        Stdio::null(),
-        Stdio::null(),
-    )?;
+    let child =
+        procs::spawn_session_leader(&server(port, &data), &what, Stdio::null(), Stdio::null())?;
     let mut native = Native(Some(child));
     let pid = native.0.as_ref().expect("spawned").id();
     net::wait_listening(port, TIMEOUT, || Ok(()))?;
@@ -306,7 +286,7 @@ fn criu_run(dir: &Path, holder: &Path, port: u16, round: usize) -> anyhow::Resul
     let pid_arg = pid.to_string();
     let (snapshot_ms, _) = criu::run_criu(
         &images,
-        &["dump", "--tcp-established", "--shell-job", "-t", &pid_arg],
+        &["dump", "--tcp-established", "-t", &pid_arg],
         &format!("criu dump --tcp-established of {what}"),
     )?;
     // Killed by the dump; reaped so that its PID is free for the restore.
@@ -321,7 +301,6 @@ fn criu_run(dir: &Path, holder: &Path, port: u16, round: usize) -> anyhow::Resul
         &[
             "restore",
             "--tcp-established",
-            "--shell-job",
             "-d",
             "--pidfile",
             &pidfile_arg,
@@ -334,7 +313,7 @@ fn criu_run(dir: &Path, holder: &Path, port: u16, round: usize) -> anyhow::Resul
         .trim()
         .parse()
         .map_err(|e| anyhow!("{}: {e}", pidfile.display()))?;
-    let _restored = Restored(restored);
+    let _restored = procs::Orphans(vec![restored]);
     let answered = expect(&mut clients, "ok")?;
     clients.wait_success(TIMEOUT)?;
     std::fs::remove_dir_all(&images)?;
