@@ -57,15 +57,10 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
         (Some((&first, rest)), _) => {
             let mut main = None;
             for pid in std::iter::once(first).chain(rest.iter().copied()) {
-                let child = appshot_sys::spawn::fork_with_pid(pid)
+                // The restore replaces everything the stub has; until then
+                // it must do nothing.
+                let child = appshot_sys::spawn::fork_waiting_stub(pid)
                     .with_context(|| format!("creating PID {pid} to restore into"))?;
-                if child == 0 {
-                    // The restore replaces everything this process has;
-                    // until then it must do nothing.
-                    loop {
-                        nix::unistd::pause();
-                    }
-                }
                 main.get_or_insert(Pid::from_raw(child as i32));
             }
             main.expect("one stub at least")
@@ -251,8 +246,14 @@ fn keep_inherited_fds_from_app() {
     }
 }
 
+/// The one `unsafe` outside `sys`: only this process's command line can
+/// vouch for who owns an fd it names.
+#[allow(unsafe_code)]
 fn take_channel(fd: RawFd) -> anyhow::Result<OwnedFd> {
-    let channel = appshot_sys::fd::inherit(fd).with_context(|| format!("channel fd {fd}"))?;
+    // SAFETY: the supervisor created `fd` for this process alone and names
+    // it once on the command line, and `run` claims it once.
+    let channel =
+        unsafe { appshot_sys::fd::inherit(fd) }.with_context(|| format!("channel fd {fd}"))?;
     // The application must not inherit the channel past exec.
     nix::fcntl::fcntl(
         fd,

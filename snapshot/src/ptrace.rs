@@ -16,6 +16,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
+use appshot_sys::abi::{self, Plain};
 use appshot_sys::ptrace as xptrace;
 use nix::errno::Errno;
 use nix::sys::ptrace::{self, Event, Options};
@@ -507,6 +508,18 @@ impl Memory {
         self.file.write_all_at(data, addr).map_err(|e| {
             SnapshotError::process(self.pid, format!("writing memory at {addr:#x}"), e)
         })
+    }
+
+    /// Writes the bytes of a kernel struct at `addr`.
+    pub fn write_value<T: Plain>(&self, addr: u64, v: &T) -> Result<(), SnapshotError> {
+        self.write(addr, abi::bytes_of(v))
+    }
+
+    /// Reads a kernel struct from `addr`.
+    pub fn read_value<T: Plain>(&self, addr: u64) -> Result<T, SnapshotError> {
+        let mut b = vec![0u8; std::mem::size_of::<T>()];
+        self.read(addr, &mut b)?;
+        Ok(abi::from_bytes(&b).expect("a buffer of the struct's size"))
     }
 
     pub fn read_u64(&self, addr: u64) -> Result<u64, SnapshotError> {

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
+use appshot_sys::abi::{self, TraceeSockFprog};
 use appshot_sys::pidfd;
 use appshot_sys::ptrace as xptrace;
 use appshot_sys::seccomp::SockFilter;
@@ -481,7 +482,11 @@ fn set_rlimit(
     data: u64,
     (res, cur, max): (u32, u64, u64),
 ) -> Result<bool, SnapshotError> {
-    mem.write(data, &[cur.to_ne_bytes(), max.to_ne_bytes()].concat())?;
+    let limit = libc::rlimit {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    mem.write_value(data, &limit)?;
     Ok(inj
         .call(pid, libc::SYS_prlimit64, &[0, res as u64, data, 0])?
         .ret
@@ -796,17 +801,13 @@ fn install_filter(
     filter: &[SockFilter],
 ) -> Result<OwnedFd, SnapshotError> {
     let prog_at = data + 64;
-    let mut prog = Vec::with_capacity(filter.len() * 8);
-    for i in filter {
-        prog.extend_from_slice(&i.code.to_ne_bytes());
-        prog.push(i.jt);
-        prog.push(i.jf);
-        prog.extend_from_slice(&i.k.to_ne_bytes());
-    }
-    mem.write(prog_at, &prog)?;
-    let mut fprog = (filter.len() as u64).to_ne_bytes().to_vec();
-    fprog.extend_from_slice(&prog_at.to_ne_bytes());
-    mem.write(data, &fprog)?;
+    mem.write(prog_at, abi::bytes_of_slice(filter))?;
+    let fprog = TraceeSockFprog {
+        len: filter.len() as u16,
+        filter: prog_at,
+        ..TraceeSockFprog::default()
+    };
+    mem.write_value(data, &fprog)?;
     let theirs = inj.ok(
         pid,
         "seccomp filter",

@@ -9,13 +9,19 @@ use std::path::Path;
 
 /// Claims an fd this process inherited by number (passed on the command
 /// line), after checking it is open.
-pub fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
+///
+/// # Safety
+///
+/// Nothing else in this process may own `fd` or close it: the returned
+/// [`OwnedFd`] closes it when dropped. Only the caller knows that the
+/// number came from its parent and was not claimed before.
+pub unsafe fn inherit(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD only reads the descriptor flags.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the fd is open, and by the exec contract with our parent no
-    // other owner exists in this process.
+    // SAFETY: the fd is open, and the caller vouches that nothing else in
+    // this process owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -84,80 +90,136 @@ fn clear_nonblock(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `f` with a message header for one byte of data and room for one
-/// fd's control message, all on this stack frame: nothing is allocated, as
-/// [`send_fd`] runs between fork and exec.
-fn with_one_fd_msghdr<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
-    // Aligned storage for one cmsghdr carrying one int.
-    let mut control = [0u64; 4];
+/// A control message carrying `N` fds, laid out as the kernel lays out
+/// `CMSG_SPACE(N * sizeof(int))` bytes on x86_64: the header, then the
+/// ints, padded to the header's alignment.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FdsCmsg<const N: usize> {
+    hdr: libc::cmsghdr,
+    fds: [RawFd; N],
+}
+
+impl<const N: usize> FdsCmsg<N> {
+    fn empty() -> Self {
+        FdsCmsg {
+            hdr: libc::cmsghdr {
+                cmsg_len: 0,
+                cmsg_level: 0,
+                cmsg_type: 0,
+            },
+            fds: [-1; N],
+        }
+    }
+
+    /// `CMSG_LEN(n * sizeof(int))`: the header and `n` fds, without the
+    /// trailing padding.
+    const fn len_for(n: usize) -> usize {
+        std::mem::offset_of!(FdsCmsg<N>, fds) + n * std::mem::size_of::<RawFd>()
+    }
+
+    /// The fds of an SCM_RIGHTS message the kernel wrote into `self`, when
+    /// it wrote one; `received` is the msg_controllen recvmsg left.
+    fn rights(&self, received: usize) -> Result<&[RawFd], &'static str> {
+        if received < std::mem::size_of::<libc::cmsghdr>() {
+            return Ok(&[]);
+        }
+        if self.hdr.cmsg_level != libc::SOL_SOCKET || self.hdr.cmsg_type != libc::SCM_RIGHTS {
+            return Err("unexpected control message");
+        }
+        let n = (self
+            .hdr
+            .cmsg_len
+            .min(received)
+            .saturating_sub(Self::len_for(0)))
+            / std::mem::size_of::<RawFd>();
+        Ok(&self.fds[..n.min(N)])
+    }
+}
+
+/// A message header for the data `iov` points at and for `control`, which
+/// must both outlive every use of the header.
+fn msghdr_for<const N: usize>(iov: &mut libc::iovec, control: &mut FdsCmsg<N>) -> libc::msghdr {
+    libc::msghdr {
+        msg_name: std::ptr::null_mut(),
+        msg_namelen: 0,
+        msg_iov: iov,
+        msg_iovlen: 1,
+        msg_control: (control as *mut FdsCmsg<N>).cast(),
+        msg_controllen: std::mem::size_of::<FdsCmsg<N>>(),
+        msg_flags: 0,
+    }
+}
+
+/// recvmsg, restarted on EINTR, with received fds close-on-exec.
+fn recvmsg_cloexec(channel: &OwnedFd, msg: &mut libc::msghdr) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel writes into the live buffers `msg` points at;
+        // MSG_CMSG_CLOEXEC makes received fds close-on-exec atomically.
+        let n = unsafe { libc::recvmsg(channel.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Takes ownership of fds the kernel just installed in this process.
+fn own_received(fds: &[RawFd]) -> Vec<OwnedFd> {
+    fds.iter()
+        // SAFETY: each fd was installed by the kernel for this recvmsg and
+        // nothing else in this process knows its number yet.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+/// Sends one fd with SCM_RIGHTS, without allocating: it runs between fork
+/// and exec.
+pub(crate) fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: an all-zero msghdr is a valid value (null pointers, zero
-    // lengths); the fields set below point at the locals above, which
-    // outlive `f`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    f(&mut msg)
-}
-
-/// Sends one fd with SCM_RIGHTS, without allocating.
-pub(crate) fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
-    with_one_fd_msghdr(|msg| {
-        // SAFETY: CMSG_* compute offsets inside the header's control buffer,
-        // which is large enough for CMSG_SPACE(sizeof(int)); the kernel
-        // reads the message from live stack storage.
-        unsafe {
-            msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-            let cmsg = libc::CMSG_FIRSTHDR(msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-            if libc::sendmsg(channel, msg, libc::MSG_NOSIGNAL) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    })
+    let mut control = FdsCmsg::<1>::empty();
+    control.hdr = libc::cmsghdr {
+        cmsg_len: FdsCmsg::<1>::len_for(1),
+        cmsg_level: libc::SOL_SOCKET,
+        cmsg_type: libc::SCM_RIGHTS,
+    };
+    control.fds = [fd];
+    let msg = msghdr_for(&mut iov, &mut control);
+    // SAFETY: the kernel reads the message from `byte` and `control`, which
+    // live on this stack frame past the call.
+    if unsafe { libc::sendmsg(channel, &msg, libc::MSG_NOSIGNAL) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Receives one fd sent with SCM_RIGHTS. `Ok(None)` when the peer closed
 /// the channel without sending one.
 pub fn recv_fd(channel: &OwnedFd) -> io::Result<Option<OwnedFd>> {
-    with_one_fd_msghdr(|msg| {
-        // SAFETY: the kernel writes into the header's live buffers; CMSG_*
-        // walk inside the control buffer as filled in by the kernel, and
-        // MSG_CMSG_CLOEXEC makes the received fd close-on-exec atomically.
-        unsafe {
-            let n = loop {
-                let n = libc::recvmsg(channel.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC);
-                if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    break n;
-                }
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let cmsg = libc::CMSG_FIRSTHDR(msg);
-            if n == 0 || cmsg.is_null() {
-                return Ok(None);
-            }
-            if (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "unexpected control message",
-                ));
-            }
-            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-            Ok(Some(OwnedFd::from_raw_fd(fd)))
-        }
-    })
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = FdsCmsg::<1>::empty();
+    let mut msg = msghdr_for(&mut iov, &mut control);
+    let n = recvmsg_cloexec(channel, &mut msg)?;
+    let received = msg.msg_controllen;
+    let fds = control
+        .rights(received)
+        .map_err(|what| io::Error::new(io::ErrorKind::InvalidData, what))?;
+    let mut fds = own_received(fds);
+    if n == 0 || fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(fds.pop())
 }
 
 /// The most fds [`recv_with_fds`] accepts in one message; any beyond are
@@ -169,56 +231,26 @@ pub const MAX_FDS: usize = 8;
 /// A message whose control data was truncated is refused, its fds closed.
 pub fn recv_with_fds(channel: &OwnedFd, max_len: usize) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut data = vec![0u8; max_len.max(1)];
-    // Aligned room for one cmsghdr with MAX_FDS ints.
-    let mut control = [0u64; 2 + MAX_FDS / 2];
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
-    // SAFETY: an all-zero msghdr is a valid value; the fields set below
-    // point at `iov` and `control`, which live until the end of this
-    // function, past every use of `msg`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = loop {
-        // SAFETY: the kernel writes into the live buffers `msg` points at;
-        // MSG_CMSG_CLOEXEC makes received fds close-on-exec atomically.
-        let n = unsafe { libc::recvmsg(channel.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break n;
-        }
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut fds = Vec::new();
-    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer as the
-    // kernel filled it in (msg_controllen was updated by recvmsg); each
-    // SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / sizeof(int) fds
-    // that this process now owns and nothing else refers to.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    let mut control = FdsCmsg::<MAX_FDS>::empty();
+    let mut msg = msghdr_for(&mut iov, &mut control);
+    let n = recvmsg_cloexec(channel, &mut msg)?;
+    let (received, flags) = (msg.msg_controllen, msg.msg_flags);
+    let fds = control
+        .rights(received)
+        .map_err(|what| io::Error::new(io::ErrorKind::InvalidData, what))?;
+    // Owned before any refusal, so that they are closed with it.
+    let fds = own_received(fds);
+    if flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("more than {MAX_FDS} file descriptors in one message"),
         ));
     }
-    data.truncate(n as usize);
+    data.truncate(n);
     Ok((data, fds))
 }
 

@@ -5,6 +5,7 @@
 //! errno, so callers can hand the exact error back to a supervised
 //! application.
 
+pub mod abi;
 pub mod creds;
 pub mod fd;
 pub mod handle;

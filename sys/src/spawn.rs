@@ -70,30 +70,36 @@ pub fn spawn_namespace_init(
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
-        // SAFETY: in the child only async-signal-safe raw syscalls follow, on
+        // In the child only async-signal-safe raw syscalls follow, on
         // pointers into memory that was fully built before the clone.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            if let Some(fd) = setup.keep_fd {
-                if libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, 0) < 0 {
-                    libc::_exit(127);
-                }
+        // SAFETY: integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        if let Some(fd) = setup.keep_fd {
+            // SAFETY: integer arguments only.
+            if unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, 0) } < 0 {
+                child_fails();
             }
-            if let Some(limit) = &nofile {
-                let set = libc::syscall(
+        }
+        if let Some(limit) = &nofile {
+            // SAFETY: the kernel reads one rlimit from `limit`, built before
+            // the clone, and writes nothing (null old-limit pointer).
+            let set = unsafe {
+                libc::syscall(
                     libc::SYS_prlimit64,
                     0,
                     libc::RLIMIT_NOFILE,
                     limit as *const libc::rlimit,
                     std::ptr::null_mut::<libc::rlimit>(),
-                );
-                if set < 0 {
-                    libc::_exit(127);
-                }
+                )
+            };
+            if set < 0 {
+                child_fails();
             }
-            libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr());
-            libc::_exit(127);
         }
+        // SAFETY: both arrays are NUL-terminated arrays of pointers to
+        // NUL-terminated strings that `argv` and `env` keep alive.
+        unsafe { libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr()) };
+        child_fails();
     }
     // SAFETY: the kernel stored a new pidfd there for the child it created;
     // nothing else owns it.
@@ -101,33 +107,47 @@ pub fn spawn_namespace_init(
     Ok((pid as u32, pidfd))
 }
 
-/// Forks the calling (single-threaded) process into a child with PID `pid`
-/// in the caller's PID namespace (`clone3` with `set_tid`). Returns 0 in the
-/// child and the child's PID in the parent.
-pub fn fork_with_pid(pid: u32) -> io::Result<u32> {
+/// `struct clone_args` of `clone3(2)` (libc defines it for musl only).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Forks the calling process into a child with PID `pid` in the caller's
+/// PID namespace (`clone3` with `set_tid`). Returns 0 in the child and the
+/// child's PID in the parent.
+///
+/// # Safety
+///
+/// As for `fork(2)`: if the calling process has other threads, the child
+/// may only make async-signal-safe calls until it execs or exits (another
+/// thread may have held a lock, such as the allocator's, at the fork).
+unsafe fn fork_with_pid(pid: u32) -> io::Result<u32> {
     let set_tid = [pid as libc::pid_t];
-    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
-    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
-    let args: [u64; 11] = [
-        0,
-        0,
-        0,
-        0,
-        libc::SIGCHLD as u64,
-        0,
-        0,
-        0,
-        set_tid.as_ptr() as u64,
-        1,
-        0,
-    ];
-    // SAFETY: clone3 without CLONE_VM is a fork; `args` and `set_tid` live
-    // on this stack for the duration of the call, and the kernel reads
-    // exactly `size_of_val(&args)` bytes.
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM is a fork, whose child the caller
+    // vouches for; `args` and `set_tid` live on this stack for the duration
+    // of the call, and the kernel reads exactly `size_of_val(&args)` bytes.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
-            args.as_ptr(),
+            &args as *const CloneArgs,
             std::mem::size_of_val(&args),
         )
     };
@@ -135,6 +155,22 @@ pub fn fork_with_pid(pid: u32) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     Ok(ret as u32)
+}
+
+/// Forks a child with PID `pid` in the caller's PID namespace that does
+/// nothing but wait (in `pause`) until something replaces it, such as a
+/// restore that rebuilds a process in it. Returns the child's PID.
+pub fn fork_waiting_stub(pid: u32) -> io::Result<u32> {
+    // SAFETY: the child only calls pause, a raw async-signal-safe syscall,
+    // so the fork is sound whatever threads the caller has.
+    let child = unsafe { fork_with_pid(pid) }?;
+    if child == 0 {
+        loop {
+            // SAFETY: pause takes no arguments.
+            unsafe { libc::pause() };
+        }
+    }
+    Ok(child)
 }
 
 /// Arranges for `cmd`'s child to load `program` right before `exec` and send
@@ -191,14 +227,43 @@ pub fn become_user_before_exec(cmd: &mut Command, uid: u32, gid: u32, groups: Ve
     }
 }
 
-fn unblock_all_signals() -> io::Result<()> {
-    // SAFETY: sigemptyset initialises the set on the stack before
-    // pthread_sigmask reads it.
-    let ret = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut())
+/// Ends the child of a clone whose setup failed, without running any of
+/// the parent's exit handlers.
+fn child_fails() -> ! {
+    // SAFETY: _exit only ends the calling process.
+    unsafe { libc::_exit(127) }
+}
+
+/// Makes the child of `cmd` start with RLIMIT_NOFILE (soft, hard), as
+/// `prlimit` would.
+pub fn limit_nofile_before_exec(cmd: &mut Command, soft: u64, hard: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
     };
+    let hook = move || -> io::Result<()> {
+        // SAFETY: setrlimit reads one rlimit owned by the hook.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and makes one raw
+    // syscall on memory it owns.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+fn unblock_all_signals() -> io::Result<()> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: sigemptyset initialised the whole set above.
+    let set = unsafe { set.assume_init() };
+    // SAFETY: pthread_sigmask reads the set and writes nothing (null old
+    // mask).
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
     if ret != 0 {
         return Err(io::Error::from_raw_os_error(ret));
     }
@@ -211,18 +276,9 @@ mod tests {
     use std::io::Read;
 
     /// A pipe with both ends close-on-exec.
-    fn pipe() -> (std::fs::File, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two new fds into the array it is given.
-        let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-        assert_eq!(ret, 0, "pipe2: {}", io::Error::last_os_error());
-        // SAFETY: both fds were just returned by the kernel and are ours.
-        unsafe {
-            (
-                std::fs::File::from_raw_fd(fds[0]),
-                OwnedFd::from_raw_fd(fds[1]),
-            )
-        }
+    fn pipe() -> (std::io::PipeReader, OwnedFd) {
+        let (r, w) = std::io::pipe().unwrap();
+        (r, w.into())
     }
 
     fn cstrings(items: &[&str]) -> Vec<CString> {

@@ -79,13 +79,13 @@ fn shm_stat(id: i32) -> io::Result<libc::shmid_ds> {
 /// `size` is the segment size or the number of semaphores.
 pub fn create(kind: Kind, key: i32, size: usize, mode: u32) -> io::Result<i32> {
     let flags = libc::IPC_CREAT | libc::IPC_EXCL | (mode & 0o777) as libc::c_int;
-    // SAFETY: the get calls take integers only.
-    check(unsafe {
-        match kind {
-            Kind::Shm => libc::shmget(key, size, flags),
-            Kind::Sem => libc::semget(key, size as libc::c_int, flags),
-            Kind::Msg => libc::msgget(key, flags),
-        }
+    check(match kind {
+        // SAFETY: integer arguments only.
+        Kind::Shm => unsafe { libc::shmget(key, size, flags) },
+        // SAFETY: integer arguments only.
+        Kind::Sem => unsafe { libc::semget(key, size as libc::c_int, flags) },
+        // SAFETY: integer arguments only.
+        Kind::Msg => unsafe { libc::msgget(key, flags) },
     })
 }
 

@@ -118,25 +118,9 @@ fn root_only_server(path: &Path) {
 }
 
 fn peer_uid(conn: &std::os::unix::net::UnixStream) -> u32 {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, ours.
-    let r = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(r, 0, "SO_PEERCRED");
-    cred.uid
+    nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .expect("SO_PEERCRED")
+        .uid()
 }
 
 fn harness(test: &str) -> Option<Harness> {

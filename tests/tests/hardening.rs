@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -19,31 +18,14 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Makes `cmd` start with RLIMIT_NOFILE (soft, hard), as `prlimit` would.
 fn with_nofile(cmd: &mut Command, soft: u64, hard: u64) -> &mut Command {
-    // SAFETY: the hook runs between fork and exec and makes one raw
-    // syscall on a struct on its own stack.
-    unsafe {
-        cmd.pre_exec(move || {
-            let limit = libc::rlimit {
-                rlim_cur: soft,
-                rlim_max: hard,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
+    appshot_sys::spawn::limit_nofile_before_exec(cmd, soft, hard);
+    cmd
 }
 
 fn hard_nofile() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one struct we own.
-    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    assert_eq!(r, 0);
-    limit.rlim_max
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1
 }
 
 /// `appshot run --aid a FLAGS -- manythreads ARGS` in the foreground under

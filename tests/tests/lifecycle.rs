@@ -24,8 +24,11 @@ fn killing_the_supervisor_takes_the_instance_with_it() {
     let supervisor = row["supervisor_pid"].as_u64().unwrap() as u32;
     assert!(alive(app) && alive(supervisor), "{row}");
 
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(supervisor as i32, libc::SIGKILL) }, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     assert!(
         poll(READY, || !alive(app)),
         "application {app} outlived its SIGKILLed supervisor {supervisor}"

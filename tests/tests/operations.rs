@@ -392,8 +392,11 @@ fn always_restarts_a_killed_server_under_its_name_aid_and_port_until_stopped() {
     );
     h.wait_log("web-r", "port 9460");
     let first = common::pid_of(&h.instance("web-r").unwrap());
-    // SAFETY: kill has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let restarted = || {
         h.instance("web-r")
             .filter(|r| r["state"] == "running" && common::pid_of(r) != first)
@@ -612,9 +615,11 @@ fn ctrl_c_during_a_snapshot_abandons_it_and_says_so() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(150));
-    // SAFETY: kill takes plain integers; the target is our own child.
-    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    assert_eq!(sent, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     match out.status.code() {

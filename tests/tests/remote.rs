@@ -18,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{poll, run, which, Ran};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -79,8 +81,7 @@ struct Lab {
 
 impl Lab {
     fn new(test: &str, tag: &str) -> Option<Lab> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             skip(test, "needs root (network namespaces, nftables, seccomp)");
             return None;
         }
@@ -345,8 +346,7 @@ impl Drop for Lab {
                     break;
                 }
                 for pid in pids {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -562,8 +562,7 @@ fn outside_clients_follow_source_rules_and_stale_rules_are_reclaimed() {
         .unwrap()["supervisor_pid"]
         .as_u64()
         .unwrap();
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    kill(Pid::from_raw(sup as i32), Signal::SIGKILL).unwrap();
     assert!(
         poll(READY, || !Path::new(&format!("/proc/{sup}")).exists()
             || fs::read_to_string(format!("/proc/{sup}/stat"))
@@ -647,8 +646,7 @@ fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
     // registry (`ps` and `ports` would reclaim), start another instance
     // under the same name and another AID: the name is alive again, so
     // only the new supervisor can remove what the dead one left.
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    kill(Pid::from_raw(sup as i32), Signal::SIGKILL).unwrap();
     assert!(
         poll(READY, || !Path::new(&format!("/proc/{sup}")).exists()
             || fs::read_to_string(format!("/proc/{sup}/stat"))

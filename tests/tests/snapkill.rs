@@ -233,8 +233,10 @@ fn a_dead_writers_temporary_is_swept_by_the_next_command() {
         writer.is_some()
     });
     let writer = writer.expect("a temporary appears while the image is written");
-    // SAFETY: kill takes plain integers.
-    unsafe { libc::kill(writer as i32, libc::SIGKILL) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(writer as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     assert!(poll(READY, || !alive(writer)), "writer {writer} still runs");
     let _ = cli.kill();
     let _ = cli.wait();

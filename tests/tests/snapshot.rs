@@ -974,6 +974,7 @@ fn snapshots_under_a_storm_of_real_time_signals_leave_the_instance_intact() {
     h.start("storm", "st", &cwd, &[], &[bin.to_str().unwrap()]);
     h.wait_log("storm", "tick ");
     let app = pid_of(&h.instance("storm").expect("storm listed"));
+    let app_fd = appshot_sys::pidfd::open_process(app).expect("pidfd of the app");
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
@@ -983,9 +984,7 @@ fn snapshots_under_a_storm_of_real_time_signals_leave_the_instance_intact() {
             // syscall is likely to be interrupted by one.
             let mut sent = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // SAFETY: kill takes plain integers; the target is the
-                // test's own instance.
-                unsafe { libc::kill(app as i32, libc::SIGRTMIN()) };
+                let _ = appshot_sys::pidfd::send_signal(&app_fd, libc::SIGRTMIN());
                 sent += 1;
                 std::thread::sleep(std::time::Duration::from_micros(20));
             }

@@ -21,13 +21,8 @@ print(s.makefile().read(), end='')\n";
 
 /// CLOCK_MONOTONIC in milliseconds, the clock timekeeper reports in.
 fn mono_ms() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    ts.tv_sec() * 1000 + ts.tv_nsec() / 1_000_000
 }
 
 /// `key=value` words of a line.

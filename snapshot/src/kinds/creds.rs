@@ -7,6 +7,8 @@
 //! the capabilities needed for the rest (dropping bounding bits, setting
 //! the final securebits), and capset then sets the saved sets exactly.
 
+use appshot_sys::abi::{self, CapData, CapHeader};
+
 use crate::error::SnapshotError;
 use crate::image::model::{CapSets, Credentials};
 use crate::ptrace::{Injector, Memory};
@@ -54,8 +56,7 @@ pub fn restore(
         "PR_SET_SECUREBITS (no setuid fix-up)",
         &[libc::PR_SET_SECUREBITS as u64, SECBIT_NO_SETUID_FIXUP],
     )?;
-    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    mem.write(data, &groups)?;
+    mem.write(data, abi::bytes_of_slice(&c.groups))?;
     inj.ok(
         tid,
         "setgroups",
@@ -80,18 +81,20 @@ pub fn restore(
         "PR_SET_SECUREBITS",
         &[libc::PR_SET_SECUREBITS as u64, u64::from(c.securebits)],
     )?;
-    // struct __user_cap_header_struct, then two __user_cap_data_struct
-    // (low and high 32 bits of each set).
-    let mut caps = Vec::with_capacity(32);
-    caps.extend_from_slice(&LINUX_CAPABILITY_VERSION_3.to_ne_bytes());
-    caps.extend_from_slice(&0i32.to_ne_bytes());
-    for half in [0, 32] {
-        for set in [c.caps.effective, c.caps.permitted, c.caps.inheritable] {
-            caps.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
-        }
-    }
-    mem.write(data, &caps)?;
-    inj.ok(tid, "capset", libc::SYS_capset, &[data, data + 8])?;
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let half = |shift: u32| CapData {
+        effective: (c.caps.effective >> shift) as u32,
+        permitted: (c.caps.permitted >> shift) as u32,
+        inheritable: (c.caps.inheritable >> shift) as u32,
+    };
+    let sets = [half(0), half(32)];
+    let sets_at = data + std::mem::size_of::<CapHeader>() as u64;
+    mem.write_value(data, &header)?;
+    mem.write_value(sets_at, &sets)?;
+    inj.ok(tid, "capset", libc::SYS_capset, &[data, sets_at])?;
     for cap in 0..=last_cap() {
         if c.caps.ambient & (1 << cap) != 0 {
             prctl(

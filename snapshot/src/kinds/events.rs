@@ -102,10 +102,11 @@ pub fn restore_interest(stub: &Stub, fds: &[FdImage]) -> Result<(), SnapshotErro
             continue;
         };
         for t in targets {
-            // struct epoll_event is packed on x86_64: u32 events, u64 data.
-            let mut ev = t.events.to_ne_bytes().to_vec();
-            ev.extend_from_slice(&t.data.to_ne_bytes());
-            mem.write(data, &ev)?;
+            let ev = libc::epoll_event {
+                events: t.events,
+                u64: t.data,
+            };
+            mem.write_value(data, &ev)?;
             inj.ok(
                 pid,
                 &format!("epoll_ctl add fd {}", t.fd),

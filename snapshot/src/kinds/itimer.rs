@@ -12,25 +12,22 @@ const WHICH: [(i32, &str); 3] = [
     (libc::ITIMER_PROF, "ITIMER_PROF"),
 ];
 
-/// `struct itimerval`: it_interval, then it_value, each (tv_sec, tv_usec).
-fn itimerval(t: TimerTime) -> [u8; 32] {
-    let us = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000 / 1000];
-    let mut b = [0u8; 32];
-    for (i, v) in us(t.interval_ns)
-        .into_iter()
-        .chain(us(t.value_ns))
-        .enumerate()
-    {
-        b[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
+fn itimerval(t: TimerTime) -> libc::itimerval {
+    let tv = |ns: u64| libc::timeval {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_usec: (ns % 1_000_000_000 / 1000) as libc::suseconds_t,
+    };
+    libc::itimerval {
+        it_interval: tv(t.interval_ns),
+        it_value: tv(t.value_ns),
     }
-    b
 }
 
-fn from_itimerval(b: &[u8; 32]) -> TimerTime {
-    let f = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+fn from_itimerval(v: &libc::itimerval) -> TimerTime {
+    let ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
     TimerTime {
-        interval_ns: f(0) * 1_000_000_000 + f(1) * 1000,
-        value_ns: f(2) * 1_000_000_000 + f(3) * 1000,
+        interval_ns: ns(v.it_interval),
+        value_ns: ns(v.it_value),
     }
 }
 
@@ -49,9 +46,7 @@ pub fn save(
             libc::SYS_getitimer,
             &[which as u64, data],
         )?;
-        let mut b = [0u8; 32];
-        mem.read(data, &mut b)?;
-        let time = from_itimerval(&b);
+        let time = from_itimerval(&mem.read_value(data)?);
         if time.value_ns != 0 {
             out.push(ITimer { which, time });
         }
@@ -67,7 +62,7 @@ pub fn restore(
     timers: &[ITimer],
 ) -> Result<(), SnapshotError> {
     for t in timers {
-        mem.write(data, &itimerval(t.time))?;
+        mem.write_value(data, &itimerval(t.time))?;
         inj.ok(
             pid,
             &format!("setitimer {}", t.which),
@@ -88,9 +83,8 @@ mod tests {
             value_ns: 2_750_001_000,
             interval_ns: 0,
         };
-        let b = itimerval(t);
-        assert_eq!(u64::from_ne_bytes(b[16..24].try_into().unwrap()), 2);
-        assert_eq!(u64::from_ne_bytes(b[24..32].try_into().unwrap()), 750_001);
-        assert_eq!(from_itimerval(&b), t);
+        let v = itimerval(t);
+        assert_eq!((v.it_value.tv_sec, v.it_value.tv_usec), (2, 750_001));
+        assert_eq!(from_itimerval(&v), t);
     }
 }

@@ -293,8 +293,10 @@ impl Proc {
 
     fn kill(&self) {
         if self.running() {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -405,8 +407,7 @@ impl Harness {
     /// `None` (after printing SKIP) when the test cannot run here; see
     /// [`skip`] for CI.
     pub fn new(test: &str, programs: &[&str]) -> Option<Harness> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             skip(
                 test,
                 "needs root (PID namespaces and seccomp user notification)",
