@@ -6,6 +6,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use appshot_sys::fd::OpenRegularError;
+/// The configuration names ports and ranges in the multiplexer's own terms.
+pub use appshot_vpm::{PortRange, Protocol};
 
 use crate::error::ConfigError;
 use crate::remote::{Peer, SourceRule};
@@ -141,69 +143,10 @@ impl fmt::Display for UserSpec {
     }
 }
 
-/// Inclusive range of real ports the allocator may hand out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
-}
-
-impl Default for PortRange {
-    fn default() -> Self {
-        PortRange {
-            start: 20000,
-            end: 29999,
-        }
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (start, end) = s.split_once('-').ok_or_else(|| {
-            format!("port range `{s}` must look like START-END, e.g. 20000-29999")
-        })?;
-        let port = |p: &str| match p.trim().parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!(
-                "port range `{s}`: `{}` is not a port number between 1 and 65535",
-                p.trim()
-            )),
-            Ok(port) => Ok(port),
-        };
-        let (start, end) = (port(start)?, port(end)?);
-        if start > end {
-            return Err(format!(
-                "port range `{s}` is empty: start {start} is above end {end}"
-            ));
-        }
-        Ok(PortRange { start, end })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.start, self.end)
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSpec {
     pub port: u16,
     pub protocol: Protocol,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Tcp,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-        })
-    }
 }
 
 /// Checks an application id. The id names directories and appears in paths,
@@ -249,28 +192,6 @@ fn validate_identifier(what: &str, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn port_range_round_trips() {
-        let range: PortRange = "1-65535".parse().unwrap();
-        assert_eq!(
-            range,
-            PortRange {
-                start: 1,
-                end: 65535
-            }
-        );
-        assert_eq!(range.to_string(), "1-65535");
-        assert_eq!(PortRange::default().to_string(), "20000-29999");
-        assert_eq!("80-80".parse::<PortRange>().unwrap().start, 80);
-    }
-
-    #[test]
-    fn port_range_rejects_nonsense() {
-        for bad in ["", "abc", "300-200", "0-10", "1-70000", "-5", "5-", "1-2-3"] {
-            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} accepted");
-        }
-    }
 
     #[test]
     fn identifiers() {

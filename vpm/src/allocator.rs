@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -9,10 +10,44 @@ use crate::address::overlap;
 use crate::translation::{Protocol, RegistryState};
 
 /// Real ports handed out when the virtual port itself is taken; inclusive.
+/// The configuration's `port_range` and `--port-range` parse into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRange {
     pub start: u16,
     pub end: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange {
+            start: 20000,
+            end: 29999,
+        }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (start, end) = s.split_once('-').ok_or_else(|| {
+            format!("port range `{s}` must look like START-END, e.g. 20000-29999")
+        })?;
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!(
+                "port range `{s}`: `{}` is not a port number between 1 and 65535",
+                p.trim()
+            )),
+            Ok(port) => Ok(port),
+        };
+        let (start, end) = (port(start)?, port(end)?);
+        if start > end {
+            return Err(format!(
+                "port range `{s}` is empty: start {start} is above end {end}"
+            ));
+        }
+        Ok(PortRange { start, end })
+    }
 }
 
 impl PortRange {
@@ -79,6 +114,28 @@ mod tests {
     use super::*;
     use crate::translation::tests::tcp;
     use crate::Translation;
+
+    #[test]
+    fn port_range_round_trips() {
+        let range: PortRange = "1-65535".parse().unwrap();
+        assert_eq!(
+            range,
+            PortRange {
+                start: 1,
+                end: 65535
+            }
+        );
+        assert_eq!(range.to_string(), "1-65535");
+        assert_eq!(PortRange::default().to_string(), "20000-29999");
+        assert_eq!("80-80".parse::<PortRange>().unwrap().start, 80);
+    }
+
+    #[test]
+    fn port_range_rejects_nonsense() {
+        for bad in ["", "abc", "300-200", "0-10", "1-70000", "-5", "5-", "1-2-3"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} accepted");
+        }
+    }
 
     const RANGE: PortRange = PortRange {
         start: 40000,
