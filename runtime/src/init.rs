@@ -27,13 +27,17 @@ use crate::supervisor::APP_ENV;
 /// sent by a process, such as the supervisor's SIGTERM on `appshot stop`.
 const SI_KERNEL: i32 = 0x80;
 
+/// What init starts.
+pub enum Start {
+    /// The command, whose filter's listener goes to `channel_fd`.
+    Launch { channel_fd: RawFd },
+    /// A stub with each of these PIDs for a restore to rebuild (the image's
+    /// top-level processes); the first is looked after as the application.
+    Restore { pids: Vec<u32> },
+}
+
 pub struct InitArgs {
-    /// Where the filter's listener goes (launch).
-    pub channel_fd: Option<RawFd>,
-    /// Instead of launching: fork a stub with each of these PIDs for a
-    /// restore to rebuild (the image's top-level processes), and look after
-    /// the first as the application.
-    pub restore_pid: Vec<u32>,
+    pub start: Start,
     /// (source, target): bind-mount the instance's own identity file over
     /// `target` in the instance's mount namespace.
     pub identity: Option<(PathBuf, PathBuf)>,
@@ -45,7 +49,6 @@ pub struct InitArgs {
 
 pub fn run(args: InitArgs) -> anyhow::Result<i32> {
     let app_env = app_env()?;
-    let channel = args.channel_fd.map(take_channel).transpose()?;
     let all = SigSet::all();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None)
         .context("blocking signals in init")?;
@@ -53,19 +56,20 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
     keep_inherited_fds_from_app();
     own_mounts(args.identity.as_ref())?;
 
-    let main = match (args.restore_pid.split_first(), channel) {
-        (Some((&first, rest)), _) => {
+    let main = match &args.start {
+        Start::Restore { pids } => {
             let mut main = None;
-            for pid in std::iter::once(first).chain(rest.iter().copied()) {
+            for &pid in pids {
                 // The restore replaces everything the stub has; until then
                 // it must do nothing.
                 let child = appshot_sys::spawn::fork_waiting_stub(pid)
                     .with_context(|| format!("creating PID {pid} to restore into"))?;
                 main.get_or_insert(Pid::from_raw(child as i32));
             }
-            main.expect("one stub at least")
+            main.context("no PID to restore into")?
         }
-        (None, Some(channel)) => {
+        Start::Launch { channel_fd } => {
+            let channel = take_channel(*channel_fd)?;
             let confirm = channel.try_clone().context("duplicating the channel")?;
             let main = match launch(&args, &app_env, channel) {
                 Ok(main) => main,
@@ -83,7 +87,6 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
             nix::unistd::write(&confirm, b"started").context("confirming the start")?;
             main
         }
-        (None, None) => bail!("__init needs --channel-fd or --restore-pid"),
     };
     let mut status: Option<i32> = None;
 

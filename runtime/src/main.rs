@@ -40,7 +40,7 @@ use appshot_vpm::Registry;
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use supervisor::{Launch, LAUNCH_ENV};
+use supervisor::{Launch, Mode, LAUNCH_ENV};
 
 /// Where the registry and instance state live unless `--run-dir` says.
 const DEFAULT_RUN_DIR: &str = "/run/appshot";
@@ -255,10 +255,13 @@ enum Cmd {
     /// `appshot completion bash > /etc/bash_completion.d/appshot`.
     Completion { shell: clap_complete::Shell },
     #[command(name = "__init", hide = true)]
+    #[command(group = clap::ArgGroup::new("start").required(true).args(["channel_fd", "restore_pid"]))]
     Init {
+        /// Launch: where the filter's listener goes.
         #[arg(long)]
         channel_fd: Option<i32>,
-        /// The image's top-level processes: one stub is forked for each.
+        /// Restore: the image's top-level processes; one stub is forked
+        /// for each.
         #[arg(long, value_delimiter = ',')]
         restore_pid: Vec<u32>,
         #[arg(long, requires = "identity_target")]
@@ -451,8 +454,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             user,
             command,
         } => init::run(init::InitArgs {
-            channel_fd,
-            restore_pid,
+            // clap lets exactly one of the two through.
+            start: match channel_fd {
+                Some(fd) => init::Start::Launch { channel_fd: fd },
+                None => init::Start::Restore { pids: restore_pid },
+            },
             identity: identity_source.zip(identity_target),
             cwd,
             user,
@@ -639,10 +645,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Some(path) => AppConfig::load(path)?,
                 None => AppConfig::default(),
             };
-            let mut launch = restore_launch(&image, name, aid, &run_dir)?;
-            let range = port_range.unwrap_or(config.port_range);
-            launch.range = (range.start, range.end);
-            launch.tcp_close = tcp_close;
+            let mut launch = restore_launch(&image, name, aid, tcp_close, &run_dir)?;
+            launch.range = port_range.unwrap_or(config.port_range);
             if detach {
                 detach_supervisor(&launch, cli.verbose)
             } else {
@@ -740,16 +744,13 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         env: config.env.into_iter().collect(),
         ports,
         ephemeral_start: eph_lo,
-        range: (range.start, range.end),
+        range,
         allocation_timeout_ms: args
             .allocation_timeout_ms
             .unwrap_or(config.allocation_timeout.as_millis() as u64),
         run_dir: run_dir.to_path_buf(),
-        restore: None,
+        mode: Mode::Run,
         cluster,
-        is_clone: false,
-        tcp_close: false,
-        identity_file: None,
         user,
         remove_on_exit: args.rm,
         pidfile: args.pidfile,
@@ -769,12 +770,16 @@ fn restore_launch(
     image: &Path,
     name: Option<String>,
     aid: Option<String>,
+    tcp_close: bool,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
     let (path, img) = checked_image(image)?;
     let info = &img.manifest.instance;
     image_launch(
-        path,
+        Mode::Restore {
+            image: path,
+            tcp_close,
+        },
         &img,
         name.unwrap_or_else(|| info.name.clone()),
         aid.unwrap_or_else(|| info.aid.clone()),
@@ -832,10 +837,12 @@ fn clone_launches(
         if appshot_vpm::is_alive(run_dir, &clone_name) {
             return Err(appshot_vpm::VpmError::NameInUse(clone_name).into());
         }
-        let mut launch = image_launch(path.clone(), &img, clone_name, clone_aid, run_dir)?;
-        launch.is_clone = true;
-        launch.identity_file = identity_file.clone();
-        launch.range = (range.start, range.end);
+        let mode = Mode::Clone {
+            template: path.clone(),
+            identity_file: identity_file.clone(),
+        };
+        let mut launch = image_launch(mode, &img, clone_name, clone_aid, run_dir)?;
+        launch.range = range;
         launches.push(launch);
     }
     let sockets = img
@@ -862,7 +869,7 @@ fn clone_launches(
 }
 
 fn image_launch(
-    path: PathBuf,
+    mode: Mode,
     img: &appshot_snapshot::image::Image,
     name: String,
     aid: String,
@@ -880,14 +887,11 @@ fn image_launch(
         env: Vec::new(),
         ports: info.multiplexed.clone(),
         ephemeral_start: ephemeral_range()?.0,
-        range: (defaults.port_range.start, defaults.port_range.end),
+        range: defaults.port_range,
         allocation_timeout_ms: defaults.allocation_timeout.as_millis() as u64,
         run_dir: run_dir.to_path_buf(),
-        restore: Some(path),
+        mode,
         cluster: remote::ClusterSettings::resolve(&defaults)?,
-        is_clone: false,
-        tcp_close: false,
-        identity_file: None,
         user: None,
         remove_on_exit: false,
         pidfile: None,

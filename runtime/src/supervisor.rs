@@ -42,26 +42,14 @@ pub struct Launch {
     /// Empty: every port below `ephemeral_start`.
     pub ports: Vec<u16>,
     pub ephemeral_start: u16,
-    pub range: (u16, u16),
+    pub range: PortRange,
     pub allocation_timeout_ms: u64,
     pub run_dir: PathBuf,
-    /// Restore this image instead of starting `command`.
-    pub restore: Option<PathBuf>,
+    /// What the supervisor starts: `command`, or an image.
+    pub mode: Mode,
     /// Source rules and cross-host negotiation.
     #[serde(default)]
     pub cluster: crate::remote::ClusterSettings,
-    /// The restore is a clone of a template (already verified by the
-    /// `appshot clone` that started it): map its pages, don't copy them.
-    #[serde(default)]
-    pub is_clone: bool,
-    /// Restore the image's TCP connections as reset instead of rebuilding
-    /// them (`appshot restore --tcp-close`).
-    #[serde(default)]
-    pub tcp_close: bool,
-    /// A path inside the instance where its own identity file (its AID and
-    /// name) appears, in a mount namespace of its own.
-    #[serde(default)]
-    pub identity_file: Option<PathBuf>,
     /// Who a launched application runs as (restores take theirs from the
     /// image).
     #[serde(default)]
@@ -84,6 +72,29 @@ pub struct Launch {
     /// generate systemd`.
     #[serde(default)]
     pub config: Option<PathBuf>,
+}
+
+/// How an instance comes to be, with what each way needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Mode {
+    /// Start `command` as a new application.
+    Run,
+    /// Restore a snapshot, continuing where it stopped.
+    Restore {
+        image: PathBuf,
+        /// Give the image's TCP connections back reset instead of
+        /// rebuilding them (`appshot restore --tcp-close`).
+        tcp_close: bool,
+    },
+    /// Start a clone of a template (already verified by the `appshot
+    /// clone` that asked for it): its pages are mapped, not copied.
+    Clone {
+        template: PathBuf,
+        /// A path inside the instance where its own identity file (its AID
+        /// and name) appears, in a mount namespace of its own.
+        identity_file: Option<PathBuf>,
+    },
 }
 
 fn default_log_max() -> u64 {
@@ -147,10 +158,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
         multiplexed: multiplexed.clone(),
-        range: PortRange {
-            start: launch.range.0,
-            end: launch.range.1,
-        },
+        range: launch.range,
         allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
         init_pid,
         cluster: Arc::clone(&cluster),
@@ -162,8 +170,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
-    let (init_pid, init, listeners, mux, app_pid) = match &launch.restore {
-        None => {
+    let (init_pid, init, listeners, mux, app_pid) = match &launch.mode {
+        Mode::Run => {
             let (init_pid, init, listener) = launch_application(&launch, nofile)?;
             let app_pid = tree::descendants(init_pid)
                 .get(1)
@@ -171,19 +179,30 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 .unwrap_or(init_pid);
             (init_pid, init, vec![listener], new_mux(init_pid)?, app_pid)
         }
-        Some(path) => {
-            let image = if launch.is_clone {
+        Mode::Restore { image: path, .. } | Mode::Clone { template: path, .. } => {
+            let is_clone = matches!(launch.mode, Mode::Clone { .. });
+            let tcp_close = matches!(
+                launch.mode,
+                Mode::Restore {
+                    tcp_close: true,
+                    ..
+                }
+            );
+            let image = if is_clone {
                 Image::open_verified_template(path)?
             } else {
                 Image::open(path)?
             };
             restore::check_files(&image)?;
-            let identity = match &launch.identity_file {
-                Some(target) => Some((
+            let identity = match &launch.mode {
+                Mode::Clone {
+                    identity_file: Some(target),
+                    ..
+                } => Some((
                     write_identity(&launch, lock.instance_dir())?,
                     target.clone(),
                 )),
-                None => None,
+                _ => None,
             };
             let (init_pid, init) = start_init(
                 &launch,
@@ -202,25 +221,24 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             // connections: a live snapshot's original still has them, and
             // templates and clones are copies.
             let info = &image.manifest.instance;
-            let connections =
-                if launch.is_clone || launch.tcp_close || info.template || info.left_running {
-                    restore::Connections::Close
-                } else {
-                    restore::Connections::Own
-                };
+            let connections = if is_clone || tcp_close || info.template || info.left_running {
+                restore::Connections::Close
+            } else {
+                restore::Connections::Own
+            };
             // Listed from now on, `restoring` until the restored processes
             // are released (`ps` reads the marker while the control socket
             // does not answer yet).
             let marker = lock.instance_dir().join(RESTORING_MARKER);
             let _ = std::fs::write(&marker, b"");
             register(&registry, &launch, init_pid)?;
-            let restored = restore_into(init_pid, &image, &mux, launch.is_clone, connections);
+            let restored = restore_into(init_pid, &image, &mux, is_clone, connections);
             let _ = std::fs::remove_file(&marker);
-            if restored.is_ok() && (connections == restore::Connections::Own || launch.tcp_close) {
+            if restored.is_ok() && (connections == restore::Connections::Own || tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
                 crate::netlock::release_image(&launch.run_dir, path);
             }
-            info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = launch.is_clone, "restore work done");
+            info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = is_clone, "restore work done");
             match restored {
                 Ok((listeners, main)) => (init_pid, init, listeners, mux, main),
                 Err(e) => {
@@ -265,9 +283,9 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
 
     // A restored or cloned instance ran before, and its starter returns at
     // once (time measured from the restore must not include a wait).
-    let period = match launch.restore {
-        None => START_PERIOD,
-        Some(_) => Duration::ZERO,
+    let period = match launch.mode {
+        Mode::Run => START_PERIOD,
+        Mode::Restore { .. } | Mode::Clone { .. } => Duration::ZERO,
     };
     if ready.is_some() && !exits_within(&init, period) {
         if let Some(mut r) = ready.take() {
@@ -349,7 +367,7 @@ fn register(registry: &Registry, launch: &Launch, app_pid: u32) -> Result<(), Ru
                 multiplexed: launch.ports.clone(),
                 config: launch.config.clone(),
                 user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
-                port_range: Some(format!("{}-{}", launch.range.0, launch.range.1)),
+                port_range: Some(launch.range.to_string()),
             },
         );
     })?;
