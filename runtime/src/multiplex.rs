@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::restore::ListenSpec;
+use appshot_snapshot::ListenError;
 use appshot_sys::net::{bind_raw, connect_raw};
 use appshot_sys::seccomp::Response;
 use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
@@ -384,13 +385,16 @@ impl Multiplexer {
     /// it): options, a real port for `spec.addr` chosen exactly as the
     /// application's own bind would get one (none if it was never bound),
     /// and listen if it listened.
-    pub fn listen_restored(&self, spec: &ListenSpec, fd: OwnedFd) -> Result<(), String> {
+    pub fn listen_restored(&self, spec: &ListenSpec, fd: OwnedFd) -> Result<(), ListenError> {
         let domain = if spec.addr.is_ipv4() {
             libc::AF_INET
         } else {
             libc::AF_INET6
         };
-        let opt = |r: nix::Result<()>, name: &str| r.map_err(|e| format!("{name}: {e}"));
+        let port = spec.addr.port();
+        let failed =
+            |call: &'static str, error: std::io::Error| ListenError::Socket { call, port, error };
+        let opt = |r: nix::Result<()>, name: &'static str| r.map_err(|e| failed(name, e.into()));
         opt(
             setsockopt(&fd, sockopt::ReuseAddr, &spec.reuseaddr),
             "SO_REUSEADDR",
@@ -405,26 +409,25 @@ impl Multiplexer {
                 "IPV6_V6ONLY",
             )?;
         }
-        let local = getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+        let local = getsockname(fd.as_raw_fd()).map_err(|e| failed("getsockname", e.into()))?;
         let sock = InetSocket {
             fd,
             domain,
             stream: true,
             local,
         };
-        let port = spec.addr.port();
+        let errno = std::io::Error::from_raw_os_error;
         if port != 0 && self.settings.multiplexed.contains(port) && spec.real_port != 0 {
             // The instance's connections use this real port: it or nothing.
-            let taken = || {
-                format!(
-                    "real port {} (virtual port {port}) is taken; its connections cannot come back (restore with --tcp-close to drop them)",
-                    spec.real_port
-                )
-            };
             match self.allocate(&sock, spec.addr, Some(spec.real_port)) {
                 Ok(Some(_)) => {}
-                Ok(None) | Err(libc::EADDRINUSE) => return Err(taken()),
-                Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+                Ok(None) | Err(libc::EADDRINUSE) => {
+                    return Err(ListenError::RealPortTaken {
+                        real_port: spec.real_port,
+                        virtual_port: port,
+                    })
+                }
+                Err(e) => return Err(failed("bind", errno(e))),
             }
         } else if port != 0 && self.settings.multiplexed.contains(port) {
             let deadline = Instant::now() + self.settings.allocation_timeout;
@@ -433,23 +436,23 @@ impl Multiplexer {
                     Ok(Some(_)) => break,
                     Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
                     Ok(None) => {
-                        return Err(format!(
-                            "no real port free for virtual port {port} in {}",
-                            self.settings.range
-                        ))
+                        return Err(ListenError::NoRealPort {
+                            virtual_port: port,
+                            start: self.settings.range.start,
+                            end: self.settings.range.end,
+                        })
                     }
-                    Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+                    Err(e) => return Err(failed("bind", errno(e))),
                 }
             }
         } else if port != 0 || !spec.addr.ip().is_unspecified() {
-            bind_to(&sock.fd, spec.addr)
-                .map_err(|e| std::io::Error::from_raw_os_error(e).to_string())?;
+            bind_to(&sock.fd, spec.addr).map_err(|e| failed("bind", errno(e)))?;
         }
         if !spec.listen {
             return Ok(());
         }
         let backlog = Backlog::new(i32::MAX).unwrap_or(Backlog::MAXCONN);
-        listen(&sock.fd, backlog).map_err(|e| format!("listen: {e}"))
+        listen(&sock.fd, backlog).map_err(|e| failed("listen", e.into()))
     }
 
     fn connect(self: &Arc<Self>, call: Call) {

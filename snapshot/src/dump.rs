@@ -78,10 +78,7 @@ struct Checked {
 /// the dump is no longer cancelled.
 pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
     let started = Instant::now();
-    let first = tree
-        .first()
-        .ok_or_else(|| SnapshotError::Restore("no process to dump".into()))?
-        .pid;
+    let first = tree.first().ok_or(SnapshotError::NoProcess)?.pid;
     let check = || {
         if (req.cancelled)() {
             Err(SnapshotError::Cancelled { pid: first })

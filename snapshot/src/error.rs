@@ -1,3 +1,4 @@
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +45,89 @@ pub enum SnapshotError {
         what: &'static str,
         error: std::io::Error,
     },
-    #[error("restore: {0}")]
-    Restore(String),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error("no process to dump")]
+    NoProcess,
     #[error(
         "pid {pid}: snapshot cancelled (its requester went away); the process runs on unchanged"
     )]
     Cancelled { pid: u32 },
+}
+
+/// Why a restore failed, naming the object of the image or of the process
+/// being rebuilt that it failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Parts of an image that passed its checksums do not agree.
+    #[error("restore: the image {what}")]
+    Image { what: String },
+    /// A stub forked to restore into is not as a stub should be.
+    #[error("restore: stub {pid}: {what}")]
+    Stub { pid: u32, what: String },
+    #[error("restore: process {pid}: {what}")]
+    Process { pid: u32, what: String },
+    #[error("restore: thread {tid}: {what}")]
+    Thread { tid: u32, what: String },
+    /// `what` is "thread" or "process"; `id` its PID in the image.
+    #[error("restore: clone3 of {what} {id}")]
+    Clone {
+        what: &'static str,
+        id: u32,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("restore: fd {fd}: {what}")]
+    Fd { fd: i32, what: String },
+    #[error("restore: fd {fd}: bad address {addr}")]
+    BadAddress { fd: i32, addr: String },
+    /// The supervisor did not take on a restored listening socket.
+    #[error("restore: fd {fd}: TCP socket for {addr}")]
+    Listen {
+        fd: i32,
+        addr: SocketAddr,
+        #[source]
+        error: ListenError,
+    },
+    #[error("restore: unix socket {ino}: {what}")]
+    UnixSocket { ino: u64, what: String },
+    #[error("restore: {path}: {what}")]
+    Path { path: String, what: String },
+    #[error("restore: mapping {start:#x}-{end:#x}: {what}")]
+    Mapping { start: u64, end: u64, what: String },
+    #[error("restore: System V {kind} object {id}: {what}")]
+    SysV {
+        kind: &'static str,
+        id: i32,
+        what: String,
+    },
+    #[error("restore: the image holds System V IPC objects but the restored instance shares the host's IPC namespace")]
+    HostIpcNamespace,
+    #[error("restore: the System V IPC thread panicked")]
+    SysVThreadPanicked,
+    #[error("restore: no free address for the scratch mapping")]
+    NoScratchAddress,
+}
+
+/// Why the supervisor could not take on a restored listening socket
+/// ([`crate::restore::RestoreHooks::listen`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("real port {real_port} (virtual port {virtual_port}) is taken; its connections cannot come back (restore with --tcp-close to drop them)")]
+    RealPortTaken { real_port: u16, virtual_port: u16 },
+    #[error("no real port free for virtual port {virtual_port} in {start}-{end}")]
+    NoRealPort {
+        virtual_port: u16,
+        start: u16,
+        end: u16,
+    },
+    #[error("{call} on the socket for port {port}")]
+    Socket {
+        call: &'static str,
+        port: u16,
+        #[source]
+        error: std::io::Error,
+    },
 }
 
 impl SnapshotError {

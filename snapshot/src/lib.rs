@@ -12,4 +12,4 @@ pub mod ptrace;
 pub mod regs;
 pub mod restore;
 
-pub use error::SnapshotError;
+pub use error::{ListenError, RestoreError, SnapshotError};

@@ -20,7 +20,7 @@ use nix::sys::ptrace::{self, Options};
 use nix::unistd::Pid;
 use tracing::warn;
 
-use crate::error::SnapshotError;
+use crate::error::{ListenError, RestoreError, SnapshotError};
 use crate::image::model::*;
 use crate::image::{Image, PAGE};
 use crate::kinds;
@@ -44,7 +44,7 @@ pub use crate::kinds::tcp::{Connections, ListenSpec};
 pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
     pub filter: &'a [SockFilter],
-    pub listen: &'a dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
+    pub listen: &'a dyn Fn(&ListenSpec, OwnedFd) -> Result<(), ListenError>,
     /// Whether the image's TCP connections are rebuilt or reset.
     pub connections: Connections,
     /// Map saved pages from the image file (MAP_PRIVATE, copy-on-write)
@@ -87,22 +87,29 @@ pub fn restore(
         let ns = parse::status_field(&status, "NSpid")
             .and_then(|v| v.split_whitespace().last())
             .and_then(|v| v.parse::<u32>().ok())
-            .ok_or_else(|| SnapshotError::Restore(format!("stub {host} has no NSpid")))?;
+            .ok_or_else(|| RestoreError::Stub {
+                pid: host,
+                what: "has no NSpid".into(),
+            })?;
         by_ns.insert(ns, host);
     }
     let mut saved_regs = Vec::with_capacity(procs.len());
     for p in procs {
         if !p.threads.iter().any(|t| t.ns_tid == p.ns_pid) {
-            return Err(SnapshotError::Restore(format!(
-                "process {} has no main thread in the image",
-                p.ns_pid
-            )));
+            return Err(RestoreError::Process {
+                pid: p.ns_pid,
+                what: "has no main thread in the image".into(),
+            }
+            .into());
         }
         let mut regs_of = Vec::with_capacity(p.threads.len());
         for t in &p.threads {
-            regs_of.push(regs::from_slice(&t.regs).ok_or_else(|| {
-                SnapshotError::Restore(format!("bad register set of thread {}", t.ns_tid))
-            })?);
+            regs_of.push(
+                regs::from_slice(&t.regs).ok_or_else(|| RestoreError::Thread {
+                    tid: t.ns_tid,
+                    what: "bad register set".into(),
+                })?,
+            );
         }
         saved_regs.push(regs_of);
     }
@@ -154,12 +161,16 @@ fn build_tree(
     let procs = &image.manifest.processes;
     let mut stub_maps = Vec::new();
     for p in image.manifest.top_level() {
-        let host = *stubs.get(&p.ns_pid).ok_or_else(|| {
-            SnapshotError::Restore(format!("no stub was forked for process {}", p.ns_pid))
+        let host = *stubs.get(&p.ns_pid).ok_or_else(|| RestoreError::Process {
+            pid: p.ns_pid,
+            what: "no stub was forked for it".into(),
         })?;
         stub_maps.extend(
             parse::maps(&std::fs::read_to_string(format!("/proc/{host}/maps")).unwrap_or_default())
-                .ok_or_else(|| SnapshotError::Restore("unreadable stub maps".into()))?,
+                .ok_or_else(|| RestoreError::Stub {
+                    pid: host,
+                    what: "unreadable maps".into(),
+                })?,
         );
     }
     // One place for all: children inherit it from their parent's fork.
@@ -246,18 +257,25 @@ fn registers_of(pid: u32) -> Result<libc::user_regs_struct, SnapshotError> {
 fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<(), SnapshotError> {
     let pid = b.frozen.pid;
     if b.frozen.tids.len() != 1 {
-        return Err(SnapshotError::Restore(format!(
-            "stub {pid} has {} threads",
-            b.frozen.tids.len()
-        )));
+        return Err(RestoreError::Stub {
+            pid,
+            what: format!("has {} threads", b.frozen.tids.len()),
+        }
+        .into());
     }
     let stub_maps =
         parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
-            .ok_or_else(|| SnapshotError::Restore("unreadable stub maps".into()))?;
+            .ok_or_else(|| RestoreError::Stub {
+                pid,
+                what: "unreadable maps".into(),
+            })?;
     let text = stub_maps
         .iter()
         .find(|m| m.exec && m.name.starts_with('/'))
-        .ok_or_else(|| SnapshotError::Restore("stub has no executable mapping".into()))?
+        .ok_or_else(|| RestoreError::Stub {
+            pid,
+            what: "has no executable mapping".into(),
+        })?
         .start;
     map_scratch(&b.frozen, &b.mem, text, Some(scratch), SCRATCH)?;
     let inj = b.frozen.rebuilding_injector(scratch, b.template);
@@ -463,7 +481,9 @@ fn second_pass(
         .vmas
         .iter()
         .find(|v| v.prot & libc::PROT_EXEC as u32 != 0 && matches!(v.kind, VmaKind::File { .. }))
-        .ok_or_else(|| SnapshotError::Restore("image has no executable file mapping".into()))?
+        .ok_or_else(|| RestoreError::Image {
+            what: "has no executable file mapping".into(),
+        })?
         .start;
     unmap_scratch(frozen, mem, text, scratch, SCRATCH)?;
 
@@ -582,7 +602,7 @@ fn choose_scratch(stub: &[parse::MapsLine], saved: &[Vma]) -> Result<u64, Snapsh
     (1u64..4096)
         .map(|i| i << 32)
         .find(|&a| !busy(a))
-        .ok_or_else(|| SnapshotError::Restore("no free address for the scratch mapping".into()))
+        .ok_or(RestoreError::NoScratchAddress.into())
 }
 
 fn close_stub_fds(inj: &Injector, pid: u32) -> Result<(), SnapshotError> {
@@ -603,7 +623,11 @@ pub(crate) fn write_str(mem: &Memory, at: u64, s: &str) -> Result<u64, SnapshotE
     let mut b = s.as_bytes().to_vec();
     b.push(0);
     if b.len() as u64 > DATA_LEN {
-        return Err(SnapshotError::Restore(format!("path too long: {s}")));
+        return Err(RestoreError::Path {
+            path: s.to_string(),
+            what: "too long".into(),
+        }
+        .into());
     }
     mem.write(at, &b)?;
     Ok(at)

@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 
 use appshot_sys::handle::open_by_handle_at;
 
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{FdKind, InotifyWatch};
 use crate::ptrace::{Injector, Memory};
 
@@ -193,10 +193,14 @@ pub fn restore(
             &[ifd, data, w.mask as u64],
         )?;
         if got != w.wd as u64 {
-            return Err(SnapshotError::Restore(format!(
-                "inotify fd {fd}: the watch of {} became wd {got}, not {}",
-                w.path, w.wd
-            )));
+            return Err(RestoreError::Fd {
+                fd,
+                what: format!(
+                    "inotify: the watch of {} became wd {got}, not {}",
+                    w.path, w.wd
+                ),
+            }
+            .into());
         }
     }
     Ok(ifd)

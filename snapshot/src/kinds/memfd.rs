@@ -18,7 +18,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::unistd::{lseek, Whence};
 
 use super::Stub;
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{FdImage, FdKind, MemfdObject, PageRun};
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::ptrace::{Injector, Memory};
@@ -172,7 +172,9 @@ impl Made {
             .memfds
             .iter()
             .find(|o| o.inode == inode)
-            .ok_or_else(|| SnapshotError::Restore(format!("image has no memfd {inode}")))?;
+            .ok_or_else(|| RestoreError::Image {
+                what: format!("has no memfd {inode}"),
+            })?;
         let mut name = obj.name.as_bytes().to_vec();
         name.push(0);
         mem.write(data, &name)?;

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
 
 use crate::dump::DumpRequest;
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::*;
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds;
@@ -351,10 +351,14 @@ pub(crate) fn map_vdso(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), Sna
             .iter()
             .any(|m| &m.name == name && m.start == v.start && m.end == v.end)
         {
-            return Err(SnapshotError::Restore(format!(
-                "{name} did not land at {:#x}-{:#x} (this kernel lays the vDSO out differently)",
-                v.start, v.end
-            )));
+            return Err(RestoreError::Mapping {
+                start: v.start,
+                end: v.end,
+                what: format!(
+                    "{name} did not land there (this kernel lays the vDSO out differently)"
+                ),
+            }
+            .into());
         }
     }
     Ok(())
@@ -489,10 +493,12 @@ pub(crate) fn map_memory(
                     &[*id as u64, v.start, flags as u64],
                 )?;
                 if at != v.start {
-                    return Err(SnapshotError::Restore(format!(
-                        "System V segment {id} attached at {at:#x}, not {:#x}",
-                        v.start
-                    )));
+                    return Err(RestoreError::SysV {
+                        kind: "Shm",
+                        id: *id,
+                        what: format!("attached at {at:#x}, not {:#x}", v.start),
+                    }
+                    .into());
                 }
             }
             VmaKind::File { file, offset } => {
@@ -551,10 +557,14 @@ pub(crate) fn map_memory(
                     &[fd, run.addr, n as u64, off],
                 )?;
                 if got != n as u64 {
-                    return Err(SnapshotError::Restore(format!(
-                        "pid {pid}: read {got} of {n} saved bytes at {:#x} from the image",
-                        run.addr
-                    )));
+                    return Err(RestoreError::Process {
+                        pid,
+                        what: format!(
+                            "read {got} of {n} saved bytes at {:#x} from the image",
+                            run.addr
+                        ),
+                    }
+                    .into());
                 }
                 continue;
             }

@@ -187,7 +187,7 @@ pub fn restore(
         "PR_TIMER_CREATE_RESTORE_IDS (Linux 6.11+, needed to keep POSIX timer ids)",
         PR_TIMER_CREATE_RESTORE_IDS_ON,
     )?;
-    let created = (|| {
+    let created = (|| -> Result<(), SnapshotError> {
         for t in timers {
             let id_at = data + 64;
             mem.write(data, &sigevent(t))?;

@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use appshot_sys::sysv::{self, Kind};
 use nix::sched::{setns, CloneFlags};
 
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{IpcPerm, SysvIpc, SysvMsg, SysvSem, SysvShm};
 use crate::image::{Image, ImageWriter, PAGE};
 
@@ -110,9 +110,7 @@ pub fn restore(pid: u32, image: &Image) -> Result<(), SnapshotError> {
     }
     let ns = ipc_ns(pid)?;
     if !own_namespace(pid)? {
-        return Err(SnapshotError::Restore(
-            "the image holds System V IPC objects but the restored instance shares the host's IPC namespace".into(),
-        ));
+        return Err(RestoreError::HostIpcNamespace.into());
     }
     let mut shm_bytes = Vec::with_capacity(ipc.shm.len());
     for seg in &ipc.shm {
@@ -155,14 +153,25 @@ fn make(pid: u32, kind: Kind, perm: &IpcPerm, size: usize) -> Result<i32, Snapsh
     let id = sysv::create(kind, perm.key, size, perm.mode)
         .map_err(|e| failed(pid, "creating", perm.id, e))?;
     if id != perm.id {
-        return Err(SnapshotError::Restore(format!(
-            "System V {kind:?} object {} came back as id {id}",
-            perm.id
-        )));
+        return Err(RestoreError::SysV {
+            kind: kind_name(kind),
+            id: perm.id,
+            what: format!("came back as id {id}"),
+        }
+        .into());
     }
     sysv::set_owner(kind, id, perm.uid, perm.gid, perm.mode)
         .map_err(|e| failed(pid, "setting the owner of", id, e))?;
     Ok(id)
+}
+
+/// How an error names the kind of an object.
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Shm => "Shm",
+        Kind::Sem => "Sem",
+        Kind::Msg => "Msg",
+    }
 }
 
 fn failed(pid: u32, what: &str, id: i32, e: std::io::Error) -> SnapshotError {
@@ -196,7 +205,7 @@ fn in_namespace<T: Send + 'static>(
         f()
     })
     .join()
-    .map_err(|_| SnapshotError::Restore("System V IPC thread panicked".into()))?
+    .map_err(|_| RestoreError::SysVThreadPanicked)?
 }
 
 /// One row of a `/proc/sysvipc` table: whitespace-separated fields, the

@@ -27,7 +27,7 @@ use nix::sys::socket::{
 };
 
 use super::Stub;
-use crate::error::SnapshotError;
+use crate::error::{ListenError, RestoreError, SnapshotError};
 use crate::image::model::{FdImage, FdKind, Manifest, TcpConn, TcpWindow};
 
 /// `TCP_ESTABLISHED` in `tcp_info`.
@@ -224,7 +224,7 @@ fn save_connection(
 pub fn restore(
     stub: &Stub,
     f: &FdImage,
-    listen: &dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
+    listen: &dyn Fn(&ListenSpec, OwnedFd) -> Result<(), ListenError>,
     owned_ports: &HashSet<u16>,
 ) -> Result<(), SnapshotError> {
     let FdKind::TcpSocket {
@@ -240,9 +240,10 @@ pub fn restore(
         return Ok(());
     };
     let Stub { inj, pid, .. } = *stub;
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|_| SnapshotError::Restore(format!("fd {}: bad address {addr}", f.fd)))?;
+    let addr: SocketAddr = addr.parse().map_err(|_| RestoreError::BadAddress {
+        fd: f.fd,
+        addr: addr.clone(),
+    })?;
     let spec = ListenSpec {
         addr,
         listen: *listening,
@@ -256,8 +257,11 @@ pub fn restore(
         },
     };
     let (temp, ours) = new_socket(stub, addr.is_ipv4())?;
-    listen(&spec, ours)
-        .map_err(|e| SnapshotError::Restore(format!("fd {}: TCP socket for {addr}: {e}", f.fd)))?;
+    listen(&spec, ours).map_err(|error| RestoreError::Listen {
+        fd: f.fd,
+        addr,
+        error,
+    })?;
     (stub.place)(temp, f, *flags)?;
     inj.call(pid, libc::SYS_close, &[temp])?;
     Ok(())
@@ -303,7 +307,10 @@ pub fn restore_connection(
     let pid = stub.pid;
     let parse = |a: &str| {
         a.parse::<SocketAddr>()
-            .map_err(|_| SnapshotError::Restore(format!("fd {}: bad address {a}", f.fd)))
+            .map_err(|_| RestoreError::BadAddress {
+                fd: f.fd,
+                addr: a.to_string(),
+            })
     };
     let (local, peer) = (parse(&c.local)?, parse(&c.peer)?);
     let (temp, ours) = new_socket(stub, local.is_ipv4())?;

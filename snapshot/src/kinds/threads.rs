@@ -11,7 +11,7 @@ use nix::sys::ptrace;
 use nix::unistd::Pid;
 use tracing::warn;
 
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{Credentials, ProcessImage, ThreadImage};
 use crate::proc::parse;
 use crate::ptrace::{Frozen, Injector, Memory};
@@ -114,12 +114,15 @@ pub fn check_xstate(stub_pid: u32, threads: &[ThreadImage]) -> Result<(), Snapsh
         .len();
     for t in threads {
         if t.xstate.len() != ours {
-            return Err(SnapshotError::Restore(format!(
-                "thread {} has an XSTATE (FPU/AVX) area of {} bytes, this CPU's is {ours} bytes: \
-                 the image was taken on a CPU with other features and cannot be restored here",
-                t.ns_tid,
-                t.xstate.len()
-            )));
+            return Err(RestoreError::Thread {
+                tid: t.ns_tid,
+                what: format!(
+                    "has an XSTATE (FPU/AVX) area of {} bytes, this CPU's is {ours} bytes: \
+                     the image was taken on a CPU with other features and cannot be restored here",
+                    t.xstate.len()
+                ),
+            }
+            .into());
         }
     }
     Ok(())
@@ -147,14 +150,16 @@ pub fn clone_threads(
                 .injector(scratch)
                 .call(pid, libc::SYS_clone3, &[data, args.len() as u64])?;
         if injected.ret < 0 {
-            return Err(SnapshotError::Restore(format!(
-                "clone3 of thread {} failed: {}",
-                t.ns_tid,
-                std::io::Error::from_raw_os_error(-injected.ret as i32)
-            )));
+            return Err(RestoreError::Clone {
+                what: "thread",
+                id: t.ns_tid,
+                error: std::io::Error::from_raw_os_error(-injected.ret as i32),
+            }
+            .into());
         }
-        let host = injected.cloned.ok_or_else(|| {
-            SnapshotError::Restore(format!("clone of thread {} was not reported", t.ns_tid))
+        let host = injected.cloned.ok_or_else(|| RestoreError::Thread {
+            tid: t.ns_tid,
+            what: "its clone was not reported".into(),
         })?;
         frozen.adopt(host)?;
         host_tids.insert(t.ns_tid, host);

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use appshot_sys::pidfd;
 use appshot_sys::sockdiag::{self, UnixDiag};
 
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{FdImage, FdKind, FetchedFd, InheritedFd, ProcessImage};
 use crate::proc::parse;
 use crate::ptrace::{Frozen, Injector, Memory};
@@ -446,13 +446,16 @@ pub fn fork(
     mem.write(set_tid_at, &(child as i32).to_ne_bytes())?;
     let injected = inj.call(parent.pid, libc::SYS_clone3, &[data, args.len() as u64])?;
     if injected.ret < 0 {
-        return Err(SnapshotError::Restore(format!(
-            "clone3 of process {child} failed: {}",
-            std::io::Error::from_raw_os_error(-injected.ret as i32)
-        )));
+        return Err(RestoreError::Clone {
+            what: "process",
+            id: child,
+            error: std::io::Error::from_raw_os_error(-injected.ret as i32),
+        }
+        .into());
     }
-    let host = injected.cloned.ok_or_else(|| {
-        SnapshotError::Restore(format!("fork of process {child} was not reported"))
+    let host = injected.cloned.ok_or_else(|| RestoreError::Process {
+        pid: child,
+        what: "its fork was not reported".into(),
     })?;
     parent.adopt_process(host)
 }

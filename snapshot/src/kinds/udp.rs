@@ -11,7 +11,7 @@ use nix::sys::socket::{
 };
 
 use super::Stub;
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{FdImage, FdKind, UdpSocket};
 
 fn inet(a: &SockaddrStorage) -> Option<SocketAddr> {
@@ -52,7 +52,10 @@ pub fn restore(stub: &Stub, f: &FdImage, u: &UdpSocket) -> Result<(), SnapshotEr
     let Stub { inj, pid, .. } = *stub;
     let parse = |a: &str| {
         a.parse::<SocketAddr>()
-            .map_err(|_| SnapshotError::Restore(format!("fd {}: bad address {a}", f.fd)))
+            .map_err(|_| RestoreError::BadAddress {
+                fd: f.fd,
+                addr: a.to_string(),
+            })
     };
     let local = parse(&u.addr)?;
     let peer = u.peer.as_deref().map(parse).transpose()?;

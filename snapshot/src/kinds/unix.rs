@@ -22,7 +22,7 @@ use appshot_sys::sockdiag::{self, UnixDiag};
 use nix::sys::socket::{getsockopt, recvmsg, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
 
 use super::Stub;
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{FdImage, FdKind, UnixFile, UnixName, UnixRole, UnixSocket};
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -517,21 +517,27 @@ impl Stub<'_> {
             let seen = format!("/proc/{}/root{}", self.pid, file.path);
             if let Ok(m) = std::fs::symlink_metadata(&seen) {
                 if !m.file_type().is_socket() {
-                    return Err(SnapshotError::Restore(format!(
-                        "{}: exists and is not a socket; the Unix socket {shown} cannot be bound there",
-                        file.path
-                    )));
+                    return Err(RestoreError::Path {
+                        path: file.path.clone(),
+                        what: format!(
+                            "exists and is not a socket; the Unix socket {shown} cannot be bound there"
+                        ),
+                    }
+                    .into());
                 }
                 let live = sockdiag::unix_sockets()
                     .map_err(|e| SnapshotError::process(self.pid, "sock_diag of Unix sockets", e))?
                     .iter()
                     .any(|d| same_ino(d.vfs_ino, m.ino()));
                 if live {
-                    return Err(SnapshotError::Restore(format!(
-                        "{}: a running socket is bound there; the Unix socket {shown} cannot be \
-                         bound again",
-                        file.path
-                    )));
+                    return Err(RestoreError::Path {
+                        path: file.path.clone(),
+                        what: format!(
+                            "a running socket is bound there; the Unix socket {shown} cannot be \
+                             bound again"
+                        ),
+                    }
+                    .into());
                 }
                 std::fs::remove_file(&seen).map_err(|e| SnapshotError::io(Path::new(&seen), e))?;
             }
@@ -623,18 +629,18 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
         .collect();
     let get = |ino: u64| {
         socks.get(&ino).copied().ok_or_else(|| {
-            SnapshotError::Restore(format!(
-                "image names unix socket {ino}, which it does not hold"
-            ))
+            SnapshotError::from(RestoreError::Image {
+                what: format!("names unix socket {ino}, which it does not hold"),
+            })
         })
     };
     let name_of = |ino: u64| -> Result<&UnixName, SnapshotError> {
         let (f, s) = get(ino)?;
         s.name.as_ref().ok_or_else(|| {
-            SnapshotError::Restore(format!(
-                "fd {}: unix socket has no name to connect to",
-                f.fd
-            ))
+            SnapshotError::from(RestoreError::Fd {
+                fd: f.fd,
+                what: "unix socket has no name to connect to".into(),
+            })
         })
     };
     // A connection both of whose ends point at each other is rebuilt as
@@ -689,9 +695,12 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
                 stub.bind(client, name)?;
             }
             stub.connect(client, name_of(listener)?)?;
-            let lfd = *made.get(&listener).ok_or_else(|| {
-                SnapshotError::Restore(format!("listener {listener} was not rebuilt"))
-            })?;
+            let lfd = *made
+                .get(&listener)
+                .ok_or_else(|| RestoreError::UnixSocket {
+                    ino: listener,
+                    what: "the listener was not rebuilt".into(),
+                })?;
             let server = stub.ok(
                 "accept4",
                 libc::SYS_accept4,
@@ -723,7 +732,7 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
         }
     }
     // Pending connections in the order the listener would accept them.
-    for &(_, s) in socks.values() {
+    for &(lf, s) in socks.values() {
         let UnixRole::Listening { ref pending, .. } = s.role else {
             continue;
         };
@@ -736,8 +745,9 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
             }
             stub.connect(
                 fd,
-                s.name.as_ref().ok_or_else(|| {
-                    SnapshotError::Restore("a listener with pending connections has no name".into())
+                s.name.as_ref().ok_or_else(|| RestoreError::Fd {
+                    fd: lf.fd,
+                    what: "a listener with pending connections has no name".into(),
                 })?,
             )?;
             made.insert(client, fd);
@@ -752,8 +762,9 @@ pub fn restore(stub: &Stub, fds: &[&FdImage]) -> Result<(), SnapshotError> {
         }
     }
     for (&ino, &(f, s)) in &socks {
-        let fd = *made.get(&ino).ok_or_else(|| {
-            SnapshotError::Restore(format!("fd {}: unix socket was not rebuilt", f.fd))
+        let fd = *made.get(&ino).ok_or_else(|| RestoreError::Fd {
+            fd: f.fd,
+            what: "unix socket was not rebuilt".into(),
         })?;
         (stub.place)(fd, f, s.flags)?;
         if s.peek_off >= 0 {
