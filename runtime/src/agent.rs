@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use appshot_vpm::remote::{self, AgentCore, Answer, ReadError, Refusal, Request};
 use appshot_vpm::{CachedRegistry, Protocol, Registry, Route};
 use tracing::{debug, info, warn};
@@ -44,13 +43,30 @@ struct Shared {
     active: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// Why the agent did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Cluster(#[from] crate::remote::ClusterError),
+    #[error(transparent)]
+    Vpm(#[from] appshot_vpm::VpmError),
+    #[error("agent: listening on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        error: std::io::Error,
+    },
+}
+
 /// Runs the agent in the foreground until it is killed.
-pub fn run(args: AgentArgs) -> anyhow::Result<i32> {
+pub fn run(args: AgentArgs) -> Result<i32, AgentError> {
     let key_path = agent_key_file(args.key_file)?;
     let key = load_key(&key_path)?;
     let registry = Registry::open(&args.run_dir)?;
-    let listener = TcpListener::bind(args.listen)
-        .with_context(|| format!("agent: listening on {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen).map_err(|error| AgentError::Listen {
+        addr: args.listen,
+        error,
+    })?;
     let shared = Arc::new(Shared {
         core: Mutex::new(AgentCore::new(key)),
         registry: Mutex::new(CachedRegistry::new(registry)),

@@ -12,13 +12,13 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{bail, Context};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::error::RuntimeError;
 use crate::filter;
 use crate::supervisor::APP_ENV;
 
@@ -26,6 +26,53 @@ use crate::supervisor::APP_ENV;
 /// application directly through its process group; init forwards only those
 /// sent by a process, such as the supervisor's SIGTERM on `appshot stop`.
 const SI_KERNEL: i32 = 0x80;
+
+/// Why init failed, naming the call or object.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("{call}")]
+    Sys {
+        call: &'static str,
+        #[source]
+        error: Errno,
+    },
+    #[error("creating PID {pid} to restore into")]
+    Stub {
+        pid: u32,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("no PID to restore into")]
+    NoStub,
+    #[error("channel fd {fd}: {what}")]
+    Channel {
+        fd: RawFd,
+        what: &'static str,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("bind-mounting the identity file over {}", target.display())]
+    Identity {
+        target: PathBuf,
+        #[source]
+        error: Errno,
+    },
+    #[error("decoding {APP_ENV}")]
+    AppEnv(#[source] serde_json::Error),
+    #[error("{APP_ENV} is not valid Unicode")]
+    AppEnvNotUnicode,
+    #[error("no command to run")]
+    NoCommand,
+    #[error("working directory {}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error(transparent)]
+    Filter(#[from] RuntimeError),
+}
+
+/// An `InitError::Sys` for `call`.
+fn sys(call: &'static str) -> impl FnOnce(Errno) -> InitError {
+    move |error| InitError::Sys { call, error }
+}
 
 /// What init starts.
 pub enum Start {
@@ -47,12 +94,12 @@ pub struct InitArgs {
     pub command: Vec<String>,
 }
 
-pub fn run(args: InitArgs) -> anyhow::Result<i32> {
+pub fn run(args: InitArgs) -> Result<i32, InitError> {
     let app_env = app_env()?;
     let all = SigSet::all();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None)
-        .context("blocking signals in init")?;
-    let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
+        .map_err(sys("blocking signals in init"))?;
+    let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
     keep_inherited_fds_from_app();
     own_mounts(args.identity.as_ref())?;
 
@@ -63,14 +110,18 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
                 // The restore replaces everything the stub has; until then
                 // it must do nothing.
                 let child = appshot_sys::spawn::fork_waiting_stub(pid)
-                    .with_context(|| format!("creating PID {pid} to restore into"))?;
+                    .map_err(|error| InitError::Stub { pid, error })?;
                 main.get_or_insert(Pid::from_raw(child as i32));
             }
-            main.context("no PID to restore into")?
+            main.ok_or(InitError::NoStub)?
         }
         Start::Launch { channel_fd } => {
             let channel = take_channel(*channel_fd)?;
-            let confirm = channel.try_clone().context("duplicating the channel")?;
+            let confirm = channel.try_clone().map_err(|error| InitError::Channel {
+                fd: *channel_fd,
+                what: "duplicating it",
+                error,
+            })?;
             let main = match launch(&args, &app_env, channel) {
                 Ok(main) => main,
                 // Like a shell (and podman): 127 when the command is not
@@ -84,14 +135,14 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
             };
             // The listener went out before exec; only now is it known that
             // exec succeeded, and the supervisor waits for this word.
-            nix::unistd::write(&confirm, b"started").context("confirming the start")?;
+            nix::unistd::write(&confirm, b"started").map_err(sys("confirming the start"))?;
             main
         }
     };
     let mut status: Option<i32> = None;
 
     loop {
-        let Some(info) = signals.read_signal().context("reading signals")? else {
+        let Some(info) = signals.read_signal().map_err(sys("reading signals"))? else {
             continue;
         };
         let signo = info.ssi_signo as i32;
@@ -105,7 +156,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
                     Ok(WaitStatus::StillAlive) => break,
                     Ok(_) => {}
                     Err(Errno::ECHILD) => return Ok(status.unwrap_or(0)),
-                    Err(e) => bail!("waitpid: {e}"),
+                    Err(e) => return Err(sys("waitpid")(e)),
                 }
             }
             continue;
@@ -131,12 +182,12 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
 /// this init), and with the identity file, if any, bind-mounted over its
 /// target. The application and a restore's stub are forked after this and
 /// inherit it.
-fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
+fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
     use nix::mount::{mount, MsFlags};
     // An IPC namespace of its own too: its System V objects are its own,
     // and a restore can make them again with their ids.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWIPC)
-        .context("unsharing the mount and IPC namespaces")?;
+        .map_err(sys("unsharing the mount and IPC namespaces"))?;
     // Slave: mounts the host makes later (a volume with files a restore
     // maps) still appear here, and nothing mounted here reaches the host.
     mount(
@@ -146,7 +197,7 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
         MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .context("making / a slave of the host's mounts")?;
+    .map_err(sys("making / a slave of the host's mounts"))?;
     mount(
         Some("proc"),
         "/proc",
@@ -154,7 +205,7 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .context("mounting the instance's /proc")?;
+    .map_err(sys("mounting the instance's /proc"))?;
     if let Some((source, target)) = identity {
         mount(
             Some(source),
@@ -163,18 +214,21 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .with_context(|| format!("bind-mounting the identity file over {}", target.display()))?;
+        .map_err(|error| InitError::Identity {
+            target: target.clone(),
+            error,
+        })?;
     }
     Ok(())
 }
 
 /// The config's variables for the application, which the supervisor passes
 /// in [`APP_ENV`] rather than on init's command line.
-fn app_env() -> anyhow::Result<Vec<(String, String)>> {
+fn app_env() -> Result<Vec<(String, String)>, InitError> {
     match std::env::var(APP_ENV) {
-        Ok(json) => serde_json::from_str(&json).with_context(|| format!("decoding {APP_ENV}")),
+        Ok(json) => serde_json::from_str(&json).map_err(InitError::AppEnv),
         Err(std::env::VarError::NotPresent) => Ok(Vec::new()),
-        Err(e) => bail!("{APP_ENV}: {e}"),
+        Err(std::env::VarError::NotUnicode(_)) => Err(InitError::AppEnvNotUnicode),
     }
 }
 
@@ -182,7 +236,7 @@ fn app_env() -> anyhow::Result<Vec<(String, String)>> {
 /// the operator what to fix) or anything before it.
 enum Launch {
     Exec(std::io::Error),
-    Other(anyhow::Error),
+    Other(InitError),
 }
 
 /// The status a shell gives a command that could not be executed.
@@ -196,7 +250,7 @@ fn exec_status(e: &std::io::Error) -> i32 {
 fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> Result<Pid, Launch> {
     let program = filter::build().map_err(|e| Launch::Other(e.into()))?;
     let Some((path, rest)) = args.command.split_first() else {
-        return Err(Launch::Other(anyhow::anyhow!("no command to run")));
+        return Err(Launch::Other(InitError::NoCommand));
     };
     // The application gets init's environment (the supervisor's, which is
     // its starter's) with the config's variables over it, and none of
@@ -209,10 +263,7 @@ fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> Re
         // Checked here so that a missing directory is appshot's error
         // (125), not taken for a missing command (127).
         if !cwd.is_dir() {
-            return Err(Launch::Other(anyhow::anyhow!(
-                "working directory {}: not a directory",
-                cwd.display()
-            )));
+            return Err(Launch::Other(InitError::NotADirectory(cwd.clone())));
         }
         cmd.current_dir(cwd);
     }
@@ -252,16 +303,23 @@ fn keep_inherited_fds_from_app() {
 /// The one `unsafe` outside `sys`: only this process's command line can
 /// vouch for who owns an fd it names.
 #[allow(unsafe_code)]
-fn take_channel(fd: RawFd) -> anyhow::Result<OwnedFd> {
+fn take_channel(fd: RawFd) -> Result<OwnedFd, InitError> {
     // SAFETY: the supervisor created `fd` for this process alone and names
     // it once on the command line, and `run` claims it once.
-    let channel =
-        unsafe { appshot_sys::fd::inherit(fd) }.with_context(|| format!("channel fd {fd}"))?;
+    let channel = unsafe { appshot_sys::fd::inherit(fd) }.map_err(|error| InitError::Channel {
+        fd,
+        what: "not open",
+        error,
+    })?;
     // The application must not inherit the channel past exec.
     nix::fcntl::fcntl(
         fd,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
-    .context("setting close-on-exec on the channel")?;
+    .map_err(|e| InitError::Channel {
+        fd,
+        what: "setting close-on-exec",
+        error: e.into(),
+    })?;
     Ok(channel)
 }

@@ -463,7 +463,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cwd,
             user,
             command,
-        }),
+        })
+        .map_err(Into::into),
         Cmd::Config {
             command: ConfigCmd::Check { paths },
         } => {
@@ -551,11 +552,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Vpm {
             command: VpmCmd::Agent { listen, key_file },
-        } => agent::run(agent::AgentArgs {
+        } => Ok(agent::run(agent::AgentArgs {
             listen,
             key_file,
             run_dir,
-        }),
+        })?),
         Cmd::OciAgent { listen } => Ok(oci::agent::run(oci::agent::AgentArgs {
             listen,
             run_dir,

@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context};
 use appshot_configurator::{AppConfig, Peer, SourceRule};
-use appshot_vpm::remote::{self, Answer, ClusterKey, Exchange, DEFAULT_AGENT_PORT};
+use appshot_vpm::remote::{self, Answer, ClusterKey, Exchange, KeyError, DEFAULT_AGENT_PORT};
 use appshot_vpm::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -56,15 +55,31 @@ pub struct ClusterSettings {
     pub agent_timeout_ms: u64,
 }
 
+/// Why the cluster settings or key are not usable, naming the variable or
+/// file.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{name}={value:?}: not a number")]
+    NotANumber { name: &'static str, value: String },
+    #[error("{AGENT_PORT_ENV}={0}: not a port (1-65535)")]
+    NotAPort(u64),
+    #[error("{AGENT_TIMEOUT_ENV}={0}: expected 1 to 10000 ms")]
+    Timeout(u64),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("no cluster key: give --key-file, set APPSHOT_CLUSTER_KEY_FILE, or create /etc/appshot/cluster.key (32+ random bytes)")]
+    NoKey,
+}
+
 impl ClusterSettings {
-    pub fn resolve(config: &AppConfig) -> anyhow::Result<ClusterSettings> {
-        let env_u64 = |name: &str| -> anyhow::Result<Option<u64>> {
+    pub fn resolve(config: &AppConfig) -> Result<ClusterSettings, ClusterError> {
+        let env_u64 = |name: &'static str| -> Result<Option<u64>, ClusterError> {
             match std::env::var(name) {
                 Ok(v) => v
                     .trim()
                     .parse()
                     .map(Some)
-                    .map_err(|_| anyhow!("{name}={v:?}: not a number")),
+                    .map_err(|_| ClusterError::NotANumber { name, value: v }),
                 Err(_) => Ok(None),
             }
         };
@@ -74,7 +89,7 @@ impl ClusterSettings {
                 Some(p) => u16::try_from(p)
                     .ok()
                     .filter(|&p| p != 0)
-                    .ok_or_else(|| anyhow!("{AGENT_PORT_ENV}={p}: not a port (1-65535)"))?,
+                    .ok_or(ClusterError::NotAPort(p))?,
                 None => DEFAULT_AGENT_PORT,
             },
         };
@@ -82,7 +97,7 @@ impl ClusterSettings {
             Some(t) => t.as_millis() as u64,
             None => match env_u64(AGENT_TIMEOUT_ENV)? {
                 Some(ms) if (1..=10_000).contains(&ms) => ms,
-                Some(ms) => anyhow::bail!("{AGENT_TIMEOUT_ENV}={ms}: expected 1 to 10000 ms"),
+                Some(ms) => return Err(ClusterError::Timeout(ms)),
                 None => DEFAULT_AGENT_TIMEOUT_MS,
             },
         };
@@ -309,7 +324,7 @@ impl Cluster {
         run_dir: &Path,
         instance: &str,
         aid: &str,
-    ) -> anyhow::Result<Arc<Cluster>> {
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let client = match &settings.cluster_key_file {
             None => None,
             Some(path) => {
@@ -550,7 +565,7 @@ pub fn cluster_for(launch: &crate::supervisor::Launch) -> Result<Arc<Cluster>, R
 }
 
 /// Reads the cluster key and says why not, naming the file.
-pub fn load_key(path: &Path) -> anyhow::Result<ClusterKey> {
+pub fn load_key(path: &Path) -> Result<ClusterKey, ClusterError> {
     let key = ClusterKey::load(path)?;
     if let Ok(meta) = std::fs::metadata(path) {
         use std::os::unix::fs::PermissionsExt;
@@ -563,13 +578,13 @@ pub fn load_key(path: &Path) -> anyhow::Result<ClusterKey> {
 
 /// The key file the agent uses: `--key-file`, else the environment, else
 /// the default path.
-pub fn agent_key_file(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub fn agent_key_file(flag: Option<PathBuf>) -> Result<PathBuf, ClusterError> {
     flag.or_else(|| std::env::var_os(KEY_FILE_ENV).map(PathBuf::from))
         .or_else(|| {
             let default = PathBuf::from(DEFAULT_KEY_FILE);
             default.exists().then_some(default)
         })
-        .context("no cluster key: give --key-file, set APPSHOT_CLUSTER_KEY_FILE, or create /etc/appshot/cluster.key (32+ random bytes)")
+        .ok_or(ClusterError::NoKey)
 }
 
 #[cfg(test)]

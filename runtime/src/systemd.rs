@@ -4,20 +4,31 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use anyhow::{anyhow, Context};
 use appshot_vpm::{InstanceRecord, Registry};
 
 /// `appshot stop`'s default grace time: systemd waits as long after
 /// SIGTERM before SIGKILL.
 const STOP_GRACE_SECS: u64 = 10;
 
+/// Why no unit was written.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("no running instance `{0}` (see `appshot ps`); generate its unit while it runs")]
+    NoInstance(String),
+    #[error("locating the appshot binary")]
+    Exe(#[source] std::io::Error),
+    #[error(transparent)]
+    Vpm(#[from] appshot_vpm::VpmError),
+}
+
 /// The unit for instance `name`, from its registry record.
-pub fn instance_unit(run_dir: &Path, name: &str) -> anyhow::Result<String> {
+pub fn instance_unit(run_dir: &Path, name: &str) -> Result<String, UnitError> {
     let registry = Registry::open(run_dir)?;
     let state = registry.transaction(|s| s.clone())?;
-    let record = state.instances.get(name).ok_or_else(|| {
-        anyhow!("no running instance `{name}` (see `appshot ps`); generate its unit while it runs")
-    })?;
+    let record = state
+        .instances
+        .get(name)
+        .ok_or_else(|| UnitError::NoInstance(name.to_string()))?;
     let exe = exe()?;
     Ok(render_instance(&exe, run_dir, record))
 }
@@ -81,7 +92,7 @@ pub fn agent_unit(
     listen: SocketAddr,
     key_file: Option<&Path>,
     run_dir: &Path,
-) -> anyhow::Result<String> {
+) -> Result<String, UnitError> {
     let mut args = vec![
         exe()?,
         "vpm".into(),
@@ -138,8 +149,8 @@ fn service_tail() -> String {
     )
 }
 
-fn exe() -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("locating the appshot binary")?;
+fn exe() -> Result<String, UnitError> {
+    let exe = std::env::current_exe().map_err(UnitError::Exe)?;
     Ok(exe.display().to_string())
 }
 
