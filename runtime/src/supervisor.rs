@@ -661,18 +661,21 @@ impl Control {
         !self.stopping.load(Ordering::SeqCst)
     }
 
+    /// What the instance is doing now, as `ps` shows it.
+    fn state(&self) -> &'static str {
+        instance_state(
+            self.frozen.load(Ordering::SeqCst),
+            self.stopping.load(Ordering::SeqCst),
+            self.exited.load(Ordering::SeqCst),
+        )
+    }
+
     fn handle(&self, req: Request, peer: &Peer) -> Reply {
         match req {
             Request::Status => Reply {
                 snapshot: None,
                 ok: true,
-                state: if self.frozen.load(Ordering::SeqCst) {
-                    "frozen".into()
-                } else if self.exited.load(Ordering::SeqCst) {
-                    "restarting".into()
-                } else {
-                    "running".into()
-                },
+                state: self.state().into(),
                 message: String::new(),
             },
             Request::Stop { grace_secs } => self.stop(grace_secs),
@@ -728,7 +731,7 @@ impl Control {
         let refused = |message: String| Reply {
             snapshot: None,
             ok: false,
-            state: "running".into(),
+            state: self.state().into(),
             message,
         };
         if !output.is_absolute() {
@@ -780,6 +783,23 @@ impl Control {
     }
 }
 
+/// The state of an instance that is `frozen` by a snapshot, asked to end
+/// (`stopping`: stop, a signal, a snapshot that stops it) and whose
+/// application `exited`.
+fn instance_state(frozen: bool, stopping: bool, exited: bool) -> &'static str {
+    if frozen {
+        "frozen"
+    } else if stopping {
+        // Whether or not its processes are gone yet, it does not restart
+        // and its supervisor ends.
+        "stopping"
+    } else if exited {
+        "restarting"
+    } else {
+        "running"
+    }
+}
+
 /// Whether the process of pidfd `init` exits within `period`.
 fn exits_within(init: &OwnedFd, period: Duration) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -807,5 +827,19 @@ fn wait_exit(pid: u32) -> i32 {
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(_) => return 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_state;
+
+    #[test]
+    fn an_instance_asked_to_end_says_stopping_until_it_is_gone() {
+        assert_eq!(instance_state(false, false, false), "running");
+        assert_eq!(instance_state(false, true, false), "stopping");
+        assert_eq!(instance_state(false, true, true), "stopping");
+        assert_eq!(instance_state(false, false, true), "restarting");
+        assert_eq!(instance_state(true, false, false), "frozen");
     }
 }
