@@ -1,33 +1,7 @@
 //! `appshot`: run unmodified applications under a supervisor that
-//! multiplexes their fixed ports across instances.
-// Denied rather than forbidden: claiming the inherited channel fd in
-// `init` is a promise only its caller can make.
-#![deny(unsafe_code)]
-
-mod agent;
-mod apps;
-mod astask;
-mod commands;
-mod control;
-mod error;
-mod filter;
-mod init;
-mod logs;
-mod multiplex;
-mod netlock;
-mod notify;
-mod oci;
-mod pending;
-mod pool;
-mod remote;
-mod restart;
-mod snapshots;
-mod sockaddr;
-mod sourcerules;
-mod supervisor;
-mod systemd;
-mod tree;
-mod user;
+//! multiplexes their fixed ports across instances. The command line: it
+//! parses, calls the library (`lib.rs`) and prints.
+#![forbid(unsafe_code)]
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -40,19 +14,11 @@ use appshot_vpm::Registry;
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use supervisor::{Launch, Mode, LAUNCH_ENV};
-
-/// Where the registry and instance state live unless `--run-dir` says.
-const DEFAULT_RUN_DIR: &str = "/run/appshot";
-
-/// `--version`: the crate's version and the commit it was built from
-/// (see build.rs).
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("APPSHOT_COMMIT"),
-    ")"
-);
+use appshot::supervisor::{self, Launch, Mode, LAUNCH_ENV};
+use appshot::{
+    agent, apps, commands, error, init, logs, netlock, oci, pending, remote, restart, snapshots,
+    sourcerules, systemd, user, DEFAULT_RUN_DIR, VERSION,
+};
 
 #[derive(Parser)]
 #[command(
