@@ -25,6 +25,16 @@ unsafe impl Plain for TraceeSockFprog {}
 unsafe impl Plain for CapHeader {}
 // SAFETY: three u32 each.
 unsafe impl Plain for [CapData; 2] {}
+// SAFETY: two timespecs of two i64 each.
+unsafe impl Plain for libc::itimerspec {}
+// SAFETY: eleven u64.
+unsafe impl Plain for CloneArgs {}
+// SAFETY: u64, i32, four explicit padding bytes, u64.
+unsafe impl Plain for TraceeStack {}
+// SAFETY: u64, three i32, 44 explicit padding bytes.
+unsafe impl Plain for TraceeSigevent {}
+// SAFETY: integers have no padding.
+unsafe impl Plain for i32 {}
 // SAFETY: integers have no padding.
 unsafe impl Plain for u32 {}
 // SAFETY: integers have no padding.
@@ -39,6 +49,48 @@ pub struct TraceeSockFprog {
     pub pad: [u8; 6],
     /// Address of the first `sock_filter` in that process.
     pub filter: u64,
+}
+
+/// `struct clone_args` of `clone3(2)` (libc defines it for musl only).
+/// Its pointers are addresses in the process that calls clone3.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// `stack_t` of sigaltstack(2) as it lies in another process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceeStack {
+    /// Address of the stack in that process.
+    pub ss_sp: u64,
+    pub ss_flags: i32,
+    pub pad: [u8; 4],
+    pub ss_size: u64,
+}
+
+/// `struct sigevent` (64 bytes) as it lies in another process: the value,
+/// the signal, how to notify, then the union whose first int is the target
+/// thread (`SIGEV_THREAD_ID`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TraceeSigevent {
+    pub value: u64,
+    pub signo: i32,
+    pub notify: i32,
+    pub thread_id: i32,
+    pub pad: [u8; 44],
 }
 
 /// `struct __user_cap_header_struct` of capget/capset.
@@ -93,6 +145,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<libc::epoll_event>(), 12);
         assert_eq!(std::mem::size_of::<libc::itimerval>(), 32);
         assert_eq!(std::mem::size_of::<CapHeader>(), 8);
+        assert_eq!(std::mem::size_of::<CloneArgs>(), 88);
+        assert_eq!(std::mem::size_of::<TraceeStack>(), 24);
+        assert_eq!(std::mem::size_of::<TraceeSigevent>(), 64);
+        assert_eq!(std::mem::size_of::<libc::itimerspec>(), 32);
         assert_eq!(std::mem::size_of::<[CapData; 2]>(), 24);
     }
 

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
+use crate::abi::CloneArgs;
 use crate::seccomp::{self, SockFilter};
 
 /// What the namespace init's process changes about itself between clone
@@ -105,23 +106,6 @@ pub fn spawn_namespace_init(
     // nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok((pid as u32, pidfd))
-}
-
-/// `struct clone_args` of `clone3(2)` (libc defines it for musl only).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
 }
 
 /// Forks the calling process into a child with PID `pid` in the caller's

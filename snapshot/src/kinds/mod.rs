@@ -39,28 +39,22 @@ pub struct Stub<'a> {
 
 const NS: u64 = 1_000_000_000;
 
-/// `struct itimerspec`: it_interval, then it_value, each (tv_sec, tv_nsec).
-fn itimerspec(t: TimerTime) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    for (i, v) in [
-        t.interval_ns / NS,
-        t.interval_ns % NS,
-        t.value_ns / NS,
-        t.value_ns % NS,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        b[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
+fn itimerspec(t: TimerTime) -> libc::itimerspec {
+    let ts = |ns: u64| libc::timespec {
+        tv_sec: (ns / NS) as libc::time_t,
+        tv_nsec: (ns % NS) as libc::c_long,
+    };
+    libc::itimerspec {
+        it_interval: ts(t.interval_ns),
+        it_value: ts(t.value_ns),
     }
-    b
 }
 
-fn from_itimerspec(b: &[u8; 32]) -> TimerTime {
-    let f = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+fn from_itimerspec(v: &libc::itimerspec) -> TimerTime {
+    let ns = |ts: libc::timespec| ts.tv_sec as u64 * NS + ts.tv_nsec as u64;
     TimerTime {
-        interval_ns: f(0) * NS + f(1),
-        value_ns: f(2) * NS + f(3),
+        interval_ns: ns(v.it_interval),
+        value_ns: ns(v.it_value),
     }
 }
 
@@ -81,12 +75,9 @@ mod tests {
             value_ns: 2 * NS + 5,
             interval_ns: 250_000_000,
         };
-        let b = itimerspec(t);
-        assert_eq!(
-            u64::from_ne_bytes(b[8..16].try_into().unwrap()),
-            250_000_000
-        );
-        assert_eq!(u64::from_ne_bytes(b[16..24].try_into().unwrap()), 2);
-        assert_eq!(from_itimerspec(&b), t);
+        let v = itimerspec(t);
+        assert_eq!(v.it_interval.tv_nsec, 250_000_000);
+        assert_eq!((v.it_value.tv_sec, v.it_value.tv_nsec), (2, 5));
+        assert_eq!(from_itimerspec(&v), t);
     }
 }

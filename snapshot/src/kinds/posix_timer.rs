@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use appshot_sys::abi::TraceeSigevent;
+
 use super::{from_itimerspec, itimerspec};
 use crate::error::SnapshotError;
 use crate::image::model::{PosixTimer, TimerTime};
@@ -144,22 +146,19 @@ pub fn save_times(
             libc::SYS_timer_gettime,
             &[t.id as u64, data],
         )?;
-        let mut b = [0u8; 32];
-        mem.read(data, &mut b)?;
-        t.time = from_itimerspec(&b);
+        t.time = from_itimerspec(&mem.read_value(data)?);
     }
     Ok(())
 }
 
-/// `struct sigevent` (64 bytes): sigev_value, sigev_signo, sigev_notify,
-/// then the union whose first int is the target thread.
-fn sigevent(t: &PosixTimer) -> [u8; 64] {
-    let mut b = [0u8; 64];
-    b[0..8].copy_from_slice(&t.sigval.to_ne_bytes());
-    b[8..12].copy_from_slice(&t.signo.to_ne_bytes());
-    b[12..16].copy_from_slice(&t.notify.to_ne_bytes());
-    b[16..20].copy_from_slice(&(t.thread.unwrap_or(0) as i32).to_ne_bytes());
-    b
+fn sigevent(t: &PosixTimer) -> TraceeSigevent {
+    TraceeSigevent {
+        value: t.sigval,
+        signo: t.signo,
+        notify: t.notify,
+        thread_id: t.thread.unwrap_or(0) as i32,
+        pad: [0; 44],
+    }
 }
 
 /// Re-creates the timers in process `pid` (its main thread) under their
@@ -190,8 +189,8 @@ pub fn restore(
     let created = (|| -> Result<(), SnapshotError> {
         for t in timers {
             let id_at = data + 64;
-            mem.write(data, &sigevent(t))?;
-            mem.write(id_at, &t.id.to_ne_bytes())?;
+            mem.write_value(data, &sigevent(t))?;
+            mem.write_value(id_at, &t.id)?;
             inj.ok(
                 pid,
                 &format!("timer_create of POSIX timer {}", t.id),
@@ -207,7 +206,7 @@ pub fn restore(
     )?;
     created?;
     for t in timers.iter().filter(|t| t.time.value_ns != 0) {
-        mem.write(data, &itimerspec(t.time))?;
+        mem.write_value(data, &itimerspec(t.time))?;
         inj.ok(
             pid,
             &format!("timer_settime of POSIX timer {}", t.id),
@@ -269,10 +268,10 @@ mod tests {
             thread: Some(3),
             time: TimerTime::default(),
         };
-        let b = sigevent(&t);
-        assert_eq!(u64::from_ne_bytes(b[0..8].try_into().unwrap()), 0x5eed);
-        assert_eq!(i32::from_ne_bytes(b[8..12].try_into().unwrap()), 12);
-        assert_eq!(i32::from_ne_bytes(b[12..16].try_into().unwrap()), 4);
-        assert_eq!(i32::from_ne_bytes(b[16..20].try_into().unwrap()), 3);
+        let e = sigevent(&t);
+        assert_eq!(
+            (e.value, e.signo, e.notify, e.thread_id),
+            (0x5eed, 12, 4, 3)
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use appshot_sys::abi::{CloneArgs, TraceeStack};
 use appshot_sys::ptrace as xptrace;
 use nix::sys::ptrace;
 use nix::unistd::Pid;
@@ -49,13 +50,8 @@ pub fn ask(inj: &Injector, mem: &Memory, tid: u32, data: u64) -> Result<Asked, S
     )?;
     let robust_list = (mem.read_u64(data)?, mem.read_u64(data + 8)?);
     inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[0, data])?;
-    let mut b = [0u8; 24];
-    mem.read(data, &mut b)?;
-    let altstack = (
-        u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
-        u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes")),
-        u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
-    );
+    let stack: TraceeStack = mem.read_value(data)?;
+    let altstack = (stack.ss_sp, stack.ss_flags as u32, stack.ss_size);
     Ok(Asked {
         creds: super::creds::save(tid, inj)?,
         tid_address,
@@ -143,12 +139,13 @@ pub fn clone_threads(
     host_tids.insert(p.ns_pid, pid);
     for t in p.threads.iter().filter(|t| t.ns_tid != p.ns_pid) {
         let args = clone_args(data + 128);
-        mem.write(data, &args)?;
-        mem.write(data + 128, &(t.ns_tid as i32).to_ne_bytes())?;
-        let injected =
-            frozen
-                .injector(scratch)
-                .call(pid, libc::SYS_clone3, &[data, args.len() as u64])?;
+        mem.write_value(data, &args)?;
+        mem.write_value(data + 128, &(t.ns_tid as i32))?;
+        let injected = frozen.injector(scratch).call(
+            pid,
+            libc::SYS_clone3,
+            &[data, std::mem::size_of_val(&args) as u64],
+        )?;
         if injected.ret < 0 {
             return Err(RestoreError::Clone {
                 what: "thread",
@@ -204,20 +201,21 @@ pub fn restore_registers(
     Ok(())
 }
 
-fn clone_args(set_tid_at: u64) -> Vec<u8> {
-    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
-    // stack, stack_size, tls, set_tid, set_tid_size, cgroup. A zero stack
-    // keeps the parent's stack pointer; the thread only ever stops at the
-    // int3 that follows the syscall before getting its own registers.
-    [THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid_at, 1, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect()
+fn clone_args(set_tid_at: u64) -> CloneArgs {
+    // A zero stack keeps the parent's stack pointer; the thread only ever
+    // stops at the int3 that follows the syscall before getting its own
+    // registers.
+    CloneArgs {
+        flags: THREAD_FLAGS,
+        set_tid: set_tid_at,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    }
 }
 
 /// A `stack_t` for sigaltstack(2) from the saved (ss_sp, ss_flags,
 /// ss_size): a disabled stack is set as SS_DISABLE with no area.
-fn altstack_bytes((sp, flags, size): (u64, u32, u64)) -> [u8; 24] {
+fn altstack((sp, flags, size): (u64, u32, u64)) -> TraceeStack {
     let flags = flags as i32;
     let (sp, flags, size) = if flags & libc::SS_DISABLE != 0 {
         (0, libc::SS_DISABLE, 0)
@@ -225,11 +223,12 @@ fn altstack_bytes((sp, flags, size): (u64, u32, u64)) -> [u8; 24] {
         // SS_ONSTACK only reports that the thread was running on it.
         (sp, flags & !libc::SS_ONSTACK, size)
     };
-    let mut b = [0u8; 24];
-    b[0..8].copy_from_slice(&sp.to_ne_bytes());
-    b[8..12].copy_from_slice(&flags.to_ne_bytes());
-    b[16..24].copy_from_slice(&size.to_ne_bytes());
-    b
+    TraceeStack {
+        ss_sp: sp,
+        ss_flags: flags,
+        ss_size: size,
+        ..TraceeStack::default()
+    }
 }
 
 /// Gives thread `tid` (`t.ns_tid` of process `ns_pid` in its namespace)
@@ -253,7 +252,7 @@ pub fn restore(
     }
     // Set even when disabled: the stub inherited its parent's alternate
     // stack, which lies in memory that is gone now.
-    mem.write(data, &altstack_bytes(t.altstack))?;
+    mem.write_value(data, &altstack(t.altstack))?;
     inj.ok(tid, "sigaltstack", libc::SYS_sigaltstack, &[data, 0])?;
     if let Some((ptr, len, sig)) = t.rseq {
         if let Err(e) = inj.ok(
@@ -282,36 +281,29 @@ pub fn restore(
 mod tests {
     use super::*;
 
-    fn stack_t(b: [u8; 24]) -> (u64, i32, u64) {
-        (
-            u64::from_ne_bytes(b[0..8].try_into().unwrap()),
-            i32::from_ne_bytes(b[8..12].try_into().unwrap()),
-            u64::from_ne_bytes(b[16..24].try_into().unwrap()),
-        )
+    fn stack_t(s: TraceeStack) -> (u64, i32, u64) {
+        (s.ss_sp, s.ss_flags, s.ss_size)
     }
 
     #[test]
     fn a_disabled_alternate_stack_is_set_disabled() {
         // What sigaltstack(NULL, &old) reports for a thread without one.
         let saved = (0, libc::SS_DISABLE as u32, 0);
-        assert_eq!(stack_t(altstack_bytes(saved)), (0, libc::SS_DISABLE, 0));
+        assert_eq!(stack_t(altstack(saved)), (0, libc::SS_DISABLE, 0));
         let odd = (0x7000, libc::SS_DISABLE as u32, 0x2000);
-        assert_eq!(stack_t(altstack_bytes(odd)), (0, libc::SS_DISABLE, 0));
+        assert_eq!(stack_t(altstack(odd)), (0, libc::SS_DISABLE, 0));
     }
 
     #[test]
     fn an_alternate_stack_keeps_its_area_and_autodisarm() {
         let saved = (0x7f00_0000, 0, 0x8000);
-        assert_eq!(stack_t(altstack_bytes(saved)), (0x7f00_0000, 0, 0x8000));
+        assert_eq!(stack_t(altstack(saved)), (0x7f00_0000, 0, 0x8000));
         let running_on_it = (0x7f00_0000, libc::SS_ONSTACK as u32, 0x8000);
-        assert_eq!(
-            stack_t(altstack_bytes(running_on_it)),
-            (0x7f00_0000, 0, 0x8000)
-        );
+        assert_eq!(stack_t(altstack(running_on_it)), (0x7f00_0000, 0, 0x8000));
         const SS_AUTODISARM: i32 = 1 << 31;
         let autodisarm = (0x1000, SS_AUTODISARM as u32, 0x4000);
         assert_eq!(
-            stack_t(altstack_bytes(autodisarm)),
+            stack_t(altstack(autodisarm)),
             (0x1000, SS_AUTODISARM, 0x4000)
         );
     }

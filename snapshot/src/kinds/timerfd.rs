@@ -132,7 +132,7 @@ pub fn restore(
         &[clockid as u64, TFD_CLOEXEC],
     )?;
     if time.value_ns != 0 {
-        mem.write(data, &itimerspec(time))?;
+        mem.write_value(data, &itimerspec(time))?;
         inj.ok(
             pid,
             &format!("timerfd_settime for fd {fd}"),

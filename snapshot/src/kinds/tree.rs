@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use appshot_sys::abi::CloneArgs;
 use appshot_sys::pidfd;
 use appshot_sys::sockdiag::{self, UnixDiag};
 
@@ -435,16 +436,17 @@ pub fn fork(
     data: u64,
     child: u32,
 ) -> Result<Frozen, SnapshotError> {
-    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
-    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
     let set_tid_at = data + 128;
-    let args: Vec<u8> = [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, set_tid_at, 1, 0]
-        .iter()
-        .flat_map(|v: &u64| v.to_ne_bytes())
-        .collect();
-    mem.write(data, &args)?;
-    mem.write(set_tid_at, &(child as i32).to_ne_bytes())?;
-    let injected = inj.call(parent.pid, libc::SYS_clone3, &[data, args.len() as u64])?;
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: set_tid_at,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    mem.write_value(data, &args)?;
+    mem.write_value(set_tid_at, &(child as i32))?;
+    let size = std::mem::size_of::<CloneArgs>() as u64;
+    let injected = inj.call(parent.pid, libc::SYS_clone3, &[data, size])?;
     if injected.ret < 0 {
         return Err(RestoreError::Clone {
             what: "process",
