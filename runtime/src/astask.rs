@@ -30,7 +30,6 @@ use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
 use tracing::warn;
 
-use crate::multiplex::outcome;
 use crate::notify::Call;
 
 /// Everything a thread takes on to act as task `tid`.
@@ -127,7 +126,7 @@ pub fn perform(call: Call, op: impl FnOnce() -> Result<(), i32> + Send + 'static
                 })?;
                 op()
             });
-            call.answer(outcome(result));
+            call.answer(Response::of(result));
         });
     if let Err(e) = spawned {
         warn!("no thread to act as a task, call refused: {e}");

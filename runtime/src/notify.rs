@@ -19,7 +19,6 @@ use seccomp::Response;
 use tracing::{debug, warn};
 
 use crate::error::RuntimeError;
-use crate::multiplex::Multiplexer;
 
 const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 /// The error a notified call fails with when the supervisor cannot act for
@@ -177,12 +176,18 @@ impl Call {
     }
 }
 
+/// What decides and answers each notification the loop receives (the
+/// multiplexer); the loop knows nothing more of it.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(self: &Arc<Self>, call: Call);
+}
+
 /// Serves `listener` with `mux` on a thread of its own (named `name`), as
 /// the supervisor does for each listener of its instance and the OCI agent
 /// for each container's.
-pub fn spawn(
+pub fn spawn<H: Handler>(
     listener: OwnedFd,
-    mux: Arc<Multiplexer>,
+    mux: Arc<H>,
     name: &str,
 ) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
     let listener = Arc::new(listener);
@@ -224,7 +229,7 @@ fn wait_readable(listener: &OwnedFd) -> bool {
 
 /// Receives and handles notifications until the listener is gone or no
 /// task is left under its filter.
-pub fn serve(listener: Arc<OwnedFd>, mux: Arc<Multiplexer>) {
+pub fn serve<H: Handler>(listener: Arc<OwnedFd>, mux: Arc<H>) {
     let tasks = Arc::new(Mutex::new(Tasks::new()));
     loop {
         if !wait_readable(&listener) {

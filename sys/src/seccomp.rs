@@ -123,6 +123,16 @@ pub enum Response {
     Continue,
 }
 
+impl Response {
+    /// The answer for a call the supervisor performed: 0, or its errno.
+    pub fn of(result: Result<(), i32>) -> Response {
+        match result {
+            Ok(()) => Response::Value(0),
+            Err(e) => Response::Errno(e),
+        }
+    }
+}
+
 /// Answers notification `id`. `ENOENT` means the task is gone or was
 /// interrupted by a signal; callers treat it as nothing to do.
 pub fn respond(listener: &OwnedFd, id: u64, response: Response) -> io::Result<()> {

@@ -29,11 +29,10 @@ use nix::sys::socket::{listen, setsockopt, sockopt, Backlog};
 use tracing::{debug, warn};
 
 use self::kernel::{connect_to, errno, CallTask, Host};
-pub(crate) use self::policy::outcome;
 use self::policy::{Bind, Connect, Kernel, Name, Policy, Side};
 pub use self::policy::{PortSet, Settings};
 use crate::astask;
-use crate::notify::Call;
+use crate::notify::{Call, Handler};
 use crate::pool::Pool;
 use crate::sockaddr;
 
@@ -74,7 +73,9 @@ impl Multiplexer {
         }
     }
 
-    pub fn handle(self: &Arc<Self>, call: Call) {
+    /// Decides the call's answer (now or on another thread) and makes
+    /// the calls it needs.
+    fn dispatch(self: &Arc<Self>, call: Call) {
         match call.nr {
             libc::SYS_bind => self.bind(call),
             libc::SYS_connect => self.connect(call),
@@ -221,9 +222,9 @@ impl Multiplexer {
                     // A blocking connect may take as long as the network
                     // does; the receive loop must not wait on it.
                     self.workers
-                        .run(move || call.answer(outcome(connect_to(&socket, target))));
+                        .run(move || call.answer(Response::of(connect_to(&socket, target))));
                 } else {
-                    call.answer(outcome(connect_to(&socket, target)));
+                    call.answer(Response::of(connect_to(&socket, target)));
                 }
             }
         }
@@ -249,7 +250,7 @@ impl Multiplexer {
                 real
             }
         };
-        call.answer(outcome(connect_to(&socket, target)));
+        call.answer(Response::of(connect_to(&socket, target)));
     }
 
     fn get_name(&self, call: Call, side: Side) {
@@ -258,9 +259,15 @@ impl Multiplexer {
             Name::Errno(e) => call.answer(Response::Errno(e)),
             Name::Write(addr) => {
                 let written = write_sockaddr(&call, &addr);
-                call.answer(outcome(written));
+                call.answer(Response::of(written));
             }
         }
+    }
+}
+
+impl Handler for Multiplexer {
+    fn handle(self: &Arc<Self>, call: Call) {
+        self.dispatch(call);
     }
 }
 

@@ -373,7 +373,7 @@ impl Policy {
             // Datagram sockets are not multiplexed, and an address that does
             // not decode (AF_UNSPEC, an IPv4 address on an IPv6 socket, a
             // short one) is the kernel's to judge: the task's own bytes.
-            _ => return Connect::Answer(outcome(kernel.connect_raw(&socket, &bytes))),
+            _ => return Connect::Answer(Response::of(kernel.connect_raw(&socket, &bytes))),
         };
         if self.settings.cluster.negotiates(dest.ip()) && !self.is_local(kernel, dest.ip()) {
             return Connect::Negotiate { socket, dest };
@@ -480,12 +480,5 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
-    }
-}
-
-pub(crate) fn outcome(r: Result<(), i32>) -> Response {
-    match r {
-        Ok(()) => Response::Value(0),
-        Err(e) => Response::Errno(e),
     }
 }
