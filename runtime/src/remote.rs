@@ -18,7 +18,6 @@ use appshot_vpm::Registry;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::error::RuntimeError;
 use crate::sourcerules::{self, Policy};
 
 pub const KEY_FILE_ENV: &str = "APPSHOT_CLUSTER_KEY_FILE";
@@ -552,16 +551,6 @@ impl Client {
 fn exchange(mut stream: &TcpStream, request: &[u8]) -> Result<Vec<u8>, remote::ReadError> {
     stream.write_all(request)?;
     remote::read_frame(&mut stream)
-}
-
-/// The cluster of a supervisor's instance; a bad key file stops the start.
-pub fn cluster_for(launch: &crate::supervisor::Launch) -> Result<Arc<Cluster>, RuntimeError> {
-    Cluster::new(&launch.cluster, &launch.run_dir, &launch.name, &launch.aid).map_err(|e| {
-        RuntimeError::Start {
-            name: launch.name.clone(),
-            reason: format!("{e:#}"),
-        }
-    })
 }
 
 /// Reads the cluster key and says why not, naming the file.

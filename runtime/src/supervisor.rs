@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
+use crate::remote::Cluster;
 use crate::{filter, notify, snapshots, tree};
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
@@ -153,7 +154,12 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     } else {
         PortSet::Listed(launch.ports.iter().copied().collect())
     };
-    let cluster = crate::remote::cluster_for(&launch)?;
+    // A bad key file stops the start.
+    let cluster = Cluster::new(&launch.cluster, &launch.run_dir, &launch.name, &launch.aid)
+        .map_err(|e| RuntimeError::Start {
+            name: launch.name.clone(),
+            reason: format!("{e:#}"),
+        })?;
     let settings = |init_pid| Settings {
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
