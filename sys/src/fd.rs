@@ -299,6 +299,23 @@ mod tests {
     }
 
     #[test]
+    fn control_messages_are_laid_out_as_the_cmsg_macros_say() {
+        let int = std::mem::size_of::<std::os::fd::RawFd>() as u32;
+        // SAFETY: CMSG_SPACE only computes a size.
+        let one = unsafe { libc::CMSG_SPACE(int) } as usize;
+        // SAFETY: CMSG_SPACE only computes a size.
+        let max = unsafe { libc::CMSG_SPACE(int * super::MAX_FDS as u32) } as usize;
+        // SAFETY: CMSG_LEN only computes a size.
+        let len = unsafe { libc::CMSG_LEN(int) } as usize;
+        assert_eq!(std::mem::size_of::<super::FdsCmsg<1>>(), one);
+        assert_eq!(
+            std::mem::size_of::<super::FdsCmsg<{ super::MAX_FDS }>>(),
+            max
+        );
+        assert_eq!(super::FdsCmsg::<1>::len_for(1), len);
+    }
+
+    #[test]
     fn a_message_arrives_with_its_bytes_and_fd() {
         use std::os::fd::{AsRawFd, OwnedFd};
         use std::os::unix::net::UnixStream;
