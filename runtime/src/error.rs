@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("building the seccomp filter: {0}")]
-    Filter(String),
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
     #[error("{what}: {error}")]
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]

@@ -12,8 +12,6 @@ use libseccomp::{
     ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
 };
 
-use crate::error::RuntimeError;
-
 /// Syscalls the supervisor emulates for every call.
 pub const NOTIFIED: &[&str] = &["bind", "connect", "getsockname", "getpeername"];
 
@@ -31,18 +29,28 @@ pub const IPPROTO_SCTP: u64 = 132;
 /// io_uring could run socket operations the filter never sees.
 pub const DENIED_ENOSYS: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
 
+/// Why the filter was not built.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("building the seccomp filter")]
+    Seccomp(#[source] libseccomp::error::SeccompError),
+    #[error(
+        "building the seccomp filter: unsupported architecture {0:?}: appshot supports x86_64 only"
+    )]
+    Architecture(ScmpArch),
+    #[error("exporting the seccomp filter")]
+    Export(#[source] std::io::Error),
+}
+
 /// Builds the BPF program. Any architecture other than native x86_64 (i386
 /// via `int 0x80`, and x32 numbers, which libseccomp checks for explicitly)
 /// kills the process.
-pub fn build() -> Result<Vec<SockFilter>, RuntimeError> {
-    let err = |e: libseccomp::error::SeccompError| RuntimeError::Filter(e.to_string());
+pub fn build() -> Result<Vec<SockFilter>, FilterError> {
+    let err = FilterError::Seccomp;
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(err)?;
     ctx.set_act_badarch(ScmpAction::KillProcess).map_err(err)?;
     if ScmpArch::native() != ScmpArch::X8664 {
-        return Err(RuntimeError::Filter(format!(
-            "unsupported architecture {:?}: appshot supports x86_64 only",
-            ScmpArch::native()
-        )));
+        return Err(FilterError::Architecture(ScmpArch::native()));
     }
     for name in NOTIFIED {
         let sc = ScmpSyscall::from_name(name).map_err(err)?;
@@ -88,13 +96,12 @@ pub fn build() -> Result<Vec<SockFilter>, RuntimeError> {
     }
     // libseccomp 2.5 can only export to an fd; a pipe holds the few hundred
     // bytes without blocking.
-    let (mut rd, wr) = std::io::pipe().map_err(|e| RuntimeError::Filter(e.to_string()))?;
+    let (mut rd, wr) = std::io::pipe().map_err(FilterError::Export)?;
     ctx.export_bpf(&wr).map_err(err)?;
     drop(wr);
     let mut bytes = Vec::new();
-    rd.read_to_end(&mut bytes)
-        .map_err(|e| RuntimeError::Filter(e.to_string()))?;
-    decode_program(&bytes).map_err(|e| RuntimeError::Filter(e.to_string()))
+    rd.read_to_end(&mut bytes).map_err(FilterError::Export)?;
+    decode_program(&bytes).map_err(FilterError::Export)
 }
 
 #[cfg(test)]

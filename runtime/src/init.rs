@@ -18,7 +18,6 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::error::RuntimeError;
 use crate::filter;
 use crate::supervisor::APP_ENV;
 
@@ -66,7 +65,7 @@ pub enum InitError {
     #[error("working directory {}: not a directory", .0.display())]
     NotADirectory(PathBuf),
     #[error(transparent)]
-    Filter(#[from] RuntimeError),
+    Filter(#[from] filter::FilterError),
 }
 
 /// An `InitError::Sys` for `call`.
