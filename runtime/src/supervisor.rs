@@ -838,7 +838,59 @@ fn wait_exit(pid: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::instance_state;
+    use super::{instance_state, Launch, Mode};
+
+    fn launch(mode: Mode) -> Launch {
+        Launch {
+            name: "web".into(),
+            aid: "a".into(),
+            command: vec!["server".into()],
+            cwd: None,
+            env: Vec::new(),
+            ports: vec![9000],
+            ephemeral_start: 32768,
+            range: Default::default(),
+            allocation_timeout_ms: 100,
+            run_dir: "/run/appshot".into(),
+            mode,
+            cluster: Default::default(),
+            user: None,
+            remove_on_exit: false,
+            pidfile: None,
+            log_max_bytes: 1,
+            restart: Default::default(),
+            config: None,
+        }
+    }
+
+    #[test]
+    fn a_launch_reaches_a_detached_supervisor_as_it_was_made() {
+        // `run --detach` hands the Launch to `__supervise` as JSON.
+        for mode in [
+            Mode::Run,
+            Mode::Restore {
+                image: "/i.img".into(),
+                tcp_close: true,
+            },
+            Mode::Clone {
+                template: "/t.img".into(),
+                identity_file: Some("/etc/id".into()),
+            },
+        ] {
+            let json = serde_json::to_string(&launch(mode)).unwrap();
+            let back: Launch = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        let json = serde_json::to_value(launch(Mode::Restore {
+            image: "/i.img".into(),
+            tcp_close: false,
+        }))
+        .unwrap();
+        assert_eq!(
+            json["mode"],
+            serde_json::json!({"kind": "restore", "image": "/i.img", "tcp_close": false})
+        );
+    }
 
     #[test]
     fn an_instance_asked_to_end_says_stopping_until_it_is_gone() {
