@@ -218,18 +218,35 @@ impl World {
     /// Another running instance `name` of `aid` whose socket bound virtual
     /// port 9000 on 0.0.0.0 and really holds `real_port`.
     fn other(&mut self, name: &str, aid: &str, real_port: u16) {
+        self.other_at(name, aid, "0.0.0.0", real_port);
+    }
+
+    /// As [`World::other`], bound to `ip`.
+    fn other_at(&mut self, name: &str, aid: &str, ip: &str, real_port: u16) {
         self._locks
             .push(InstanceLock::acquire(&self.registry, name).unwrap());
         register(&self.registry, name, aid);
-        self.translate(name, aid, 9000, real_port, 1);
+        self.translate_at(name, aid, ip, 9000, real_port, 1);
     }
 
     fn translate(&self, owner: &str, aid: &str, virtual_port: u16, real_port: u16, inode: u64) {
+        self.translate_at(owner, aid, "0.0.0.0", virtual_port, real_port, inode);
+    }
+
+    fn translate_at(
+        &self,
+        owner: &str,
+        aid: &str,
+        ip: &str,
+        virtual_port: u16,
+        real_port: u16,
+        inode: u64,
+    ) {
         self.registry
             .transaction(|s| {
                 s.insert(Translation {
                     protocol: Protocol::Tcp,
-                    addr: "0.0.0.0".parse().unwrap(),
+                    addr: ip.parse().unwrap(),
                     virtual_port,
                     aid: aid.into(),
                     real_port,
@@ -568,4 +585,33 @@ fn an_ipv6_bind_of_the_virtual_port_is_multiplexed_too() {
     );
     assert_eq!(answer(w.policy.bind(&k, &task)), Response::Value(0));
     assert_eq!(*k.ops.borrow(), [Op::Bind(S1, addr("[::]:9000"))]);
+}
+
+#[test]
+fn a_peer_on_another_host_keeps_its_port() {
+    // 20002 is a real port here, but a peer at another host's address is
+    // never one of this registry's sockets.
+    let mut w = World::new();
+    w.other("web-a2", AID, 20002);
+    let k = Recorder {
+        peer: Some(addr("10.1.2.3:20002")),
+        ..Recorder::default()
+    };
+    let task = FakeTask::new(Vec::new(), tcp(Some("10.0.0.1:41000")));
+    assert_eq!(
+        w.policy.name(&k, &task, Side::Peer),
+        Name::Write(addr("10.1.2.3:20002"))
+    );
+}
+
+#[test]
+fn an_ipv4_client_reaches_a_dual_stack_listener_of_its_aid() {
+    let mut w = World::new();
+    w.other_at("web-a6", AID, "::", 20004);
+    let k = Recorder::default();
+    let task = FakeTask::new(bytes("127.0.0.1:9000"), tcp(None));
+    assert_eq!(
+        target(w.policy.connect(&k, &task)),
+        Ok(addr("127.0.0.1:20004"))
+    );
 }
