@@ -73,26 +73,6 @@ impl Multiplexer {
         }
     }
 
-    /// Decides the call's answer (now or on another thread) and makes
-    /// the calls it needs.
-    fn dispatch(self: &Arc<Self>, call: Call) {
-        match call.nr {
-            libc::SYS_bind => self.bind(call),
-            libc::SYS_connect => self.connect(call),
-            libc::SYS_getsockname => self.get_name(call, Side::Local),
-            libc::SYS_getpeername => self.get_name(call, Side::Peer),
-            libc::SYS_sendto | libc::SYS_sendmsg | libc::SYS_sendmmsg => {
-                // A TCP Fast Open send connects without routing.
-                debug!(tid = call.tid, "MSG_FASTOPEN refused: connect is routed");
-                call.answer(Response::Errno(libc::EOPNOTSUPP));
-            }
-            nr => {
-                warn!(tid = call.tid, nr, "unexpected notified syscall");
-                call.answer(Response::Errno(libc::ENOSYS));
-            }
-        }
-    }
-
     /// Never CONTINUE a bind or connect: by then another thread may have
     /// put a TCP socket behind the same fd number. Calls the kernel judges
     /// by the caller's identity run as the task, on the socket duplicated
@@ -266,8 +246,24 @@ impl Multiplexer {
 }
 
 impl Handler for Multiplexer {
+    /// Decides the call's answer (now or on another thread) and makes
+    /// the calls it needs.
     fn handle(self: &Arc<Self>, call: Call) {
-        self.dispatch(call);
+        match call.nr {
+            libc::SYS_bind => self.bind(call),
+            libc::SYS_connect => self.connect(call),
+            libc::SYS_getsockname => self.get_name(call, Side::Local),
+            libc::SYS_getpeername => self.get_name(call, Side::Peer),
+            libc::SYS_sendto | libc::SYS_sendmsg | libc::SYS_sendmmsg => {
+                // A TCP Fast Open send connects without routing.
+                debug!(tid = call.tid, "MSG_FASTOPEN refused: connect is routed");
+                call.answer(Response::Errno(libc::EOPNOTSUPP));
+            }
+            nr => {
+                warn!(tid = call.tid, nr, "unexpected notified syscall");
+                call.answer(Response::Errno(libc::ENOSYS));
+            }
+        }
     }
 }
 
