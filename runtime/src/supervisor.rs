@@ -58,10 +58,9 @@ pub struct Launch {
     /// them (`appshot restore --tcp-close`).
     #[serde(default)]
     pub tcp_close: bool,
-    /// A path inside the instance where its own identity file (its AID and
-    /// name) appears, in a mount namespace of its own.
+    /// A clone's own hostname and identity file.
     #[serde(default)]
-    pub identity_file: Option<PathBuf>,
+    pub identity: Option<CloneIdentity>,
     /// Who a launched application runs as (restores take theirs from the
     /// image).
     #[serde(default)]
@@ -84,6 +83,23 @@ pub struct Launch {
     /// generate systemd`.
     #[serde(default)]
     pub config: Option<PathBuf>,
+}
+
+/// What a clone is given that its template's memory cannot tell it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CloneIdentity {
+    /// Its hostname, in a UTS namespace of its own.
+    pub hostname: String,
+    pub file: Option<IdentityFile>,
+}
+
+/// The clone's identity file: `aid=`, `name=`, `hostname=` and the
+/// rendered values, one `KEY=VALUE` a line, bind-mounted over `path` in
+/// its mount namespace.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdentityFile {
+    pub path: PathBuf,
+    pub values: Vec<(String, String)>,
 }
 
 fn default_log_max() -> u64 {
@@ -178,10 +194,10 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 Image::open(path)?
             };
             restore::check_files(&image)?;
-            let identity = match &launch.identity_file {
-                Some(target) => Some((
-                    write_identity(&launch, lock.instance_dir())?,
-                    target.clone(),
+            let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
+                Some(file) => Some((
+                    write_identity(&launch, file, lock.instance_dir())?,
+                    file.path.clone(),
                 )),
                 None => None,
             };
@@ -193,7 +209,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                     .top_level()
                     .map(|p| p.ns_pid)
                     .collect::<Vec<_>>(),
-                identity.as_ref(),
+                identity_file.as_ref(),
                 nofile,
             )?;
             let mux = new_mux(init_pid)?;
@@ -436,9 +452,22 @@ fn launch_application(
 
 /// The per-clone identity file: what differs between clones of one
 /// template, readable by the application at the path its rules name.
-fn write_identity(launch: &Launch, dir: &std::path::Path) -> Result<PathBuf, RuntimeError> {
+fn write_identity(
+    launch: &Launch,
+    file: &IdentityFile,
+    dir: &std::path::Path,
+) -> Result<PathBuf, RuntimeError> {
     let path = dir.join("identity");
-    std::fs::write(&path, format!("aid={}\nname={}\n", launch.aid, launch.name))
+    let hostname = launch.identity.as_ref().map(|i| i.hostname.as_str());
+    let mut text = format!("aid={}\nname={}\n", launch.aid, launch.name);
+    for (key, value) in hostname
+        .map(|h| ("hostname", h))
+        .into_iter()
+        .chain(file.values.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        text.push_str(&format!("{key}={value}\n"));
+    }
+    std::fs::write(&path, text)
         .map_err(|e| RuntimeError::sys(format!("writing {}", path.display()), e))?;
     Ok(path)
 }
@@ -509,6 +538,10 @@ fn start_init(
         let list: Vec<String> = restore_pids.iter().map(u32::to_string).collect();
         argv.push(cstr(b"--restore-pid")?);
         argv.push(cstr(list.join(",").as_bytes())?);
+    }
+    if let Some(identity) = &launch.identity {
+        argv.push(cstr(b"--hostname")?);
+        argv.push(cstr(identity.hostname.as_bytes())?);
     }
     if let Some((source, target)) = identity {
         argv.push(cstr(b"--identity-source")?);
