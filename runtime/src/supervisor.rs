@@ -23,7 +23,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
@@ -138,6 +138,7 @@ const START_PERIOD: Duration = Duration::from_millis(300);
 /// [`START_PERIOD`], and taken; if it ended before, `ready` is left to the
 /// caller, which tells it how once the logs are complete.
 pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, RuntimeError> {
+    let mut phases = Phases::new();
     let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
     // Also removes whatever a dead earlier instance of this name left in
@@ -188,12 +189,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             (init_pid, init, vec![listener], new_mux(init_pid)?, app_pid)
         }
         Some(path) => {
+            phases.mark("supervisor set up");
             let image = if launch.is_clone {
                 Image::open_verified_template(path)?
             } else {
                 Image::open(path)?
             };
             restore::check_files(&image)?;
+            phases.mark("image opened");
             let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
                 Some(file) => Some((
                     write_identity(&launch, file, lock.instance_dir())?,
@@ -212,6 +215,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 identity_file.as_ref(),
                 nofile,
             )?;
+            phases.mark("init started");
             let mux = new_mux(init_pid)?;
             let started = Instant::now();
             // Only the restore of a stopped instance can own its
@@ -230,7 +234,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             let marker = lock.instance_dir().join(RESTORING_MARKER);
             let _ = std::fs::write(&marker, b"");
             register(&registry, &launch, init_pid)?;
-            let restored = restore_into(init_pid, &image, &mux, launch.is_clone, connections);
+            let restored = restore_into(
+                init_pid,
+                &image,
+                &mux,
+                launch.is_clone,
+                connections,
+                &mut phases,
+            );
             let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || launch.tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
@@ -285,6 +296,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         None => START_PERIOD,
         Some(_) => Duration::ZERO,
     };
+    phases.mark("registered and serving");
+    debug!(name = %launch.name, "start-up: {phases}");
     if ready.is_some() && !exits_within(&init, period) {
         if let Some(mut r) = ready.take() {
             // The starter may be gone (killed); the instance runs on.
@@ -481,6 +494,7 @@ fn restore_into(
     mux: &Arc<Multiplexer>,
     share_pages: bool,
     connections: restore::Connections,
+    phases: &mut Phases,
 ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
     let wanted = image.manifest.top_level().count();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -500,7 +514,9 @@ fn restore_into(
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    phases.mark("stubs forked");
     let program = filter::build()?;
+    phases.mark("filter built");
     let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
     let hooks = restore::RestoreHooks {
         filter: &program,
@@ -509,7 +525,41 @@ fn restore_into(
         share_pages,
     };
     let restored = restore::restore(&stubs, image, &hooks)?;
+    phases.mark("restored");
     Ok((restored.listeners, restored.hosts[0]))
+}
+
+/// Where a supervisor's start-up time goes (logged at debug): each
+/// step's milliseconds since the one before.
+struct Phases {
+    last: Instant,
+    steps: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps
+            .push((step, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, ms)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {ms:.2} ms")?;
+        }
+        Ok(())
+    }
 }
 
 /// Starts the namespace init; returns its PID and a pidfd of it. It
