@@ -144,6 +144,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     // Also removes whatever a dead earlier instance of this name left in
     // the registry and the kernel's source rules.
     let lock = InstanceLock::acquire(&registry, &launch.name)?;
+    phases.mark("instance lock taken");
 
     // Blocked before any thread exists so every thread inherits the mask
     // and the signal thread alone receives them.
@@ -189,7 +190,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             (init_pid, init, vec![listener], new_mux(init_pid)?, app_pid)
         }
         Some(path) => {
-            phases.mark("supervisor set up");
+            phases.mark("set up");
             let image = if launch.is_clone {
                 Image::open_verified_template(path)?
             } else {
@@ -512,7 +513,9 @@ fn restore_into(
                 ),
             });
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // Init forks them within a few ms of its exec; a coarser poll
+        // would add up to its period to every restore.
+        std::thread::sleep(Duration::from_micros(200));
     };
     phases.mark("stubs forked");
     let program = filter::build()?;

@@ -330,6 +330,7 @@ const RUN_DIR_ENTRIES: &[&str] = &[
     "logs",
     "verified",
     "remote",
+    "sourcerules",
 ];
 
 /// Creates directory `dir` with mode 0700 (missing parents with the
