@@ -635,11 +635,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let range = port_range.unwrap_or(config.port_range);
             let plan = clones::plan(&aid, &name, count)?;
             let launches = clone_launches(&template, &plan, &rules, range, &run_dir)?;
-            if launches.len() == 1 && !detach {
-                let launch = launches.into_iter().next().expect("one launch");
-                return Ok(supervisor::run(launch, &mut None)?.status);
+            match launches.as_slice() {
+                [launch] if detach => detach::detach_supervisor(launch, cli.verbose),
+                [_] => {
+                    let launch = launches.into_iter().next().expect("one launch");
+                    Ok(supervisor::run(launch, &mut None)?.status)
+                }
+                _ => clones::start_all(&launches, cli.verbose),
             }
-            clones::start_all(&launches, cli.verbose)
         }
         Cmd::Inspect {
             image,
