@@ -17,9 +17,9 @@ const HOST_NAME_MAX: usize = 64;
 /// Keys of the identity file that appshot itself writes.
 const RESERVED_KEYS: &[&str] = &["aid", "name", "hostname"];
 
-/// A text with placeholders for what tells clones apart: `{n}` (the
-/// clone's number, 1 … N), `{aid}` and `{name}`; `{{` and `}}` stand for
-/// braces. E.g. `web-{n}`.
+/// A text with placeholders for what tells clones apart: `{n}` or
+/// `{number}` (the clone's number, 1 … N), `{aid}` and `{name}`; `{{` and
+/// `}}` stand for braces. E.g. `web-{n}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pattern {
     source: String,
@@ -82,12 +82,14 @@ impl FromStr for Pattern {
                         return Err(format!("`{s}`: `{{{name}` is not closed with `}}`"));
                     }
                     let part = match name.as_str() {
-                        "n" => Part::Number,
+                        // `{number}` too: clap's help shows `{n}` as a
+                        // line break, so `--help` names the long form.
+                        "n" | "number" => Part::Number,
                         "aid" => Part::Aid,
                         "name" => Part::Name,
                         _ => {
                             return Err(format!(
-                                "`{s}`: unknown placeholder `{{{name}}}`; use {{n}}, {{aid}} or {{name}} (and {{{{ }}}} for braces)"
+                                "`{s}`: unknown placeholder `{{{name}}}`; use {{n}} (or {{number}}), {{aid}} or {{name}} (and {{{{ }}}} for braces)"
                             ))
                         }
                     };
@@ -234,6 +236,7 @@ mod tests {
         assert_eq!(render("web-{n}"), "web-7");
         assert_eq!(render("{name}.{aid}.local"), "web-7.shop-7.local");
         assert_eq!(render("db://{aid}/{{x}}"), "db://shop-7/{x}");
+        assert_eq!(render("{number}"), "7");
         assert_eq!(render("fixed"), "fixed");
         assert_eq!(render(""), "");
         assert_eq!("web-{n}".parse::<Pattern>().unwrap().to_string(), "web-{n}");

@@ -196,10 +196,10 @@ enum Cmd {
         /// --detach.
         #[arg(long)]
         count: Option<u32>,
-        /// Each clone's hostname, in a UTS namespace of its own: `{n}` (the
-        /// clone's number, 1 … N), `{aid}` and `{name}` are replaced, e.g.
-        /// `web-{n}`. Overrides the config's `[clone] hostname`; default:
-        /// the clone's name.
+        /// Each clone's hostname, in a UTS namespace of its own: `{number}`
+        /// (the clone's number, 1 … N), `{aid}` and `{name}` are replaced,
+        /// e.g. `web-{number}`. Overrides the config's `[clone] hostname`;
+        /// default: the clone's name.
         #[arg(long, value_name = "PATTERN")]
         hostname: Option<Pattern>,
         /// A line KEY=VALUE of each clone's identity file (repeatable;
