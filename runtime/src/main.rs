@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use appshot_configurator::{
-    validate_aid, validate_name, validate_value_key, AppConfig, CloneId, CloneRules, Pattern,
-    PortRange, UserSpec,
+    validate_aid, validate_hostname, validate_name, validate_value_key, AppConfig, CloneId,
+    CloneRules, Pattern, PortRange, UserSpec,
 };
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
@@ -243,6 +243,11 @@ enum Cmd {
         /// peers instead of rebuilding them (and take any real ports).
         #[arg(long)]
         tcp_close: bool,
+        /// A hostname of its own, in a UTS namespace of its own (e.g. the
+        /// one a snapshotted clone had; the image does not keep it).
+        /// Default: the host's.
+        #[arg(long, value_parser = parse_hostname)]
+        hostname: Option<String>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -659,6 +664,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             config,
             port_range,
             tcp_close,
+            hostname,
             detach,
         } => {
             commands::require_privileges("restore")?;
@@ -670,6 +676,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let range = port_range.unwrap_or(config.port_range);
             launch.range = (range.start, range.end);
             launch.tcp_close = tcp_close;
+            launch.identity = hostname.map(|hostname| CloneIdentity {
+                hostname,
+                file: None,
+            });
             if detach {
                 detach::detach_supervisor(&launch, cli.verbose)
             } else {
@@ -784,6 +794,11 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         restart: args.restart,
         config: config_path,
     })
+}
+
+fn parse_hostname(arg: &str) -> Result<String, String> {
+    validate_hostname(arg)?;
+    Ok(arg.to_string())
 }
 
 /// `--value KEY=VALUE`.

@@ -58,7 +58,8 @@ pub struct Launch {
     /// them (`appshot restore --tcp-close`).
     #[serde(default)]
     pub tcp_close: bool,
-    /// A clone's own hostname and identity file.
+    /// A clone's own hostname and identity file (or a restore's own
+    /// hostname, `restore --hostname`).
     #[serde(default)]
     pub identity: Option<CloneIdentity>,
     /// Who a launched application runs as (restores take theirs from the
