@@ -54,8 +54,11 @@ pub fn plan(
 }
 
 /// How many supervisors start at once: more only queue for the CPUs (a
-/// clone's start is mostly CPU work, its own and its supervisor's exec),
-/// fewer leave them idle while one waits on the registry lock.
+/// clone's start is mostly CPU work: three execs and the restore), fewer
+/// leave them idle while one waits on the registry lock or the disk.
+/// Measured on 2 CPUs, 100 clones of http.server, release build, run dir
+/// on tmpfs: 1 at a time 2.2 s, 2: 2.3 s, 4: 1.4 s, 8: 1.5 s, 16: 1.7 s,
+/// all 100: 1.4 s.
 fn window() -> usize {
     std::thread::available_parallelism().map_or(2, |n| 2 * n.get())
 }
