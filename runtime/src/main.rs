@@ -5,6 +5,7 @@
 mod agent;
 mod apps;
 mod astask;
+mod cgroup;
 mod commands;
 mod control;
 mod error;
@@ -25,6 +26,7 @@ mod sourcerules;
 mod supervisor;
 mod systemd;
 mod tree;
+mod udproutes;
 mod user;
 
 use std::os::fd::AsFd;
@@ -267,6 +269,9 @@ enum Cmd {
         cwd: Option<PathBuf>,
         #[arg(long, value_parser = parse_run_as)]
         user: Option<user::RunAs>,
+        /// The instance's cgroup, entered before anything is started.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -412,6 +417,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
+    appshot_vpm::set_udp_change_hook(udproutes::refresh);
     if !matches!(
         cli.command,
         Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
@@ -447,6 +453,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             identity_target,
             cwd,
             user,
+            cgroup,
             command,
         } => init::run(init::InitArgs {
             channel_fd,
@@ -454,6 +461,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             identity: identity_source.zip(identity_target),
             cwd,
             user,
+            cgroup,
             command,
         }),
         Cmd::Config {
