@@ -51,18 +51,28 @@ pub struct Plan {
 }
 
 /// Which destinations a translation's socket receives: its own address,
-/// or every local one for a wildcard (both families for `::`, which takes
-/// IPv4 too unless IPV6_V6ONLY; a v6-only socket is then refused by the
-/// kernel as natively).
-fn destination(addr: IpAddr) -> String {
+/// or every local one for a wildcard. `::` takes IPv4 too (a dual-stack
+/// socket) unless its instance has an IPv4 socket of its own on the port,
+/// as servers that bind both families do, with IPV6_V6ONLY on the second.
+fn destination(addr: IpAddr, has_v4_sibling: bool) -> String {
     match addr {
         IpAddr::V4(a) if a.is_unspecified() => "meta nfproto ipv4 fib daddr type local".into(),
+        IpAddr::V6(a) if a.is_unspecified() && has_v4_sibling => {
+            "meta nfproto ipv6 fib daddr type local".into()
+        }
         IpAddr::V6(a) if a.is_unspecified() => "fib daddr type local".into(),
         IpAddr::V4(a) => format!("ip daddr {a}"),
         IpAddr::V6(a) => match a.to_ipv4_mapped() {
             Some(v4) => format!("ip daddr {v4}"),
             None => format!("ip6 daddr {a}"),
         },
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
@@ -107,12 +117,22 @@ pub fn plan(state: &RegistryState, root: &Path, tag: &str) -> Plan {
             cgroup::AID_LEVEL,
             cgroup::nft_path(root, tag, &t.aid)
         );
-        let to = destination(t.addr);
+        let has_v4_sibling = udp.iter().any(|o| {
+            o.owner == t.owner
+                && o.virtual_port == t.virtual_port
+                && matches!(canonical(o.addr), IpAddr::V4(_))
+        });
+        let to = destination(t.addr, has_v4_sibling);
         let v = t.virtual_port;
-        if t.real_port != v {
-            out.nat
-                .push(format!("{from} {to} udp dport {v} {}", target(t)));
-        }
+        // A socket that holds the virtual port itself needs no rewrite, but
+        // its datagrams must not meet a later rule (the first NAT rule that
+        // matches decides).
+        let verdict = if t.real_port == v {
+            "accept".to_string()
+        } else {
+            target(t)
+        };
+        out.nat.push(format!("{from} {to} udp dport {v} {verdict}"));
         let allow = format!("{from} {to} udp dport {v} return");
         if seen.insert(allow.clone()) {
             out.mark.push(allow);
@@ -232,10 +252,13 @@ mod tests {
         let a = "socket cgroupv2 level 3 \"unified/appshot/t/a\"";
         let b = "socket cgroupv2 level 3 \"unified/appshot/t/b\"";
         let local4 = "meta nfproto ipv4 fib daddr type local";
-        // a holds the fixed port itself: no rewrite, but allowed.
+        // a holds the fixed port itself: no rewrite, but no later rule.
         assert_eq!(
             p.nat,
-            [format!("{b} {local4} udp dport 5353 redirect to :20001")]
+            [
+                format!("{a} {local4} udp dport 5353 accept"),
+                format!("{b} {local4} udp dport 5353 redirect to :20001"),
+            ]
         );
         assert_eq!(
             p.mark,
@@ -269,6 +292,25 @@ mod tests {
                 format!("{a} ip daddr 127.0.0.2 udp dport 53 dnat ip to 127.0.0.2:20003"),
                 format!("{a} ip6 daddr ::1 udp dport 53 dnat ip6 to [::1]:20004"),
                 format!("{a} fib daddr type local udp dport 53 redirect to :20002"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_v6_wildcard_beside_a_v4_socket_takes_ipv6_alone() {
+        let mut v4 = udp("a", "0.0.0.0", 53, 53);
+        let mut v6 = udp("a", "::", 53, 20006);
+        v4.owner = "dns".into();
+        v6.owner = "dns".into();
+        let p = plan(&state(vec![v6, v4]), Path::new(ROOT), "t");
+        let a = "socket cgroupv2 level 3 \"unified/appshot/t/a\"";
+        assert_eq!(
+            p.nat,
+            [
+                format!("{a} meta nfproto ipv4 fib daddr type local udp dport 53 accept"),
+                format!(
+                    "{a} meta nfproto ipv6 fib daddr type local udp dport 53 redirect to :20006"
+                ),
             ]
         );
     }
