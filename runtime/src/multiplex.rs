@@ -471,6 +471,42 @@ impl Multiplexer {
         listen(&sock.fd, backlog).map_err(|e| format!("listen: {e}"))
     }
 
+    /// Binds a restored process's UDP socket (`fd` duplicates it) for
+    /// `addr`, the address its application bound: a real port chosen as
+    /// the application's own bind would get one.
+    pub fn bind_restored_udp(&self, addr: SocketAddr, fd: OwnedFd) -> Result<(), String> {
+        let local = getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+        let sock = InetSocket {
+            fd,
+            domain: if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            },
+            protocol: Some(Protocol::Udp),
+            local,
+        };
+        let port = addr.port();
+        if !(self.settings.route_udp && port != 0 && self.settings.multiplexed.contains(port)) {
+            return bind_to(&sock.fd, addr)
+                .map_err(|e| std::io::Error::from_raw_os_error(e).to_string());
+        }
+        let deadline = Instant::now() + self.settings.allocation_timeout;
+        loop {
+            match self.allocate(&sock, addr, None) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
+                Ok(None) => {
+                    return Err(format!(
+                        "no real port free for virtual port {port} in {}",
+                        self.settings.range
+                    ))
+                }
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+            }
+        }
+    }
+
     fn connect(self: &Arc<Self>, call: Call) {
         let bytes = match Self::address_arg(&call) {
             Ok(b) => b,

@@ -497,9 +497,11 @@ fn restore_into(
     };
     let program = filter::build()?;
     let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
+    let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
     let hooks = restore::RestoreHooks {
         filter: &program,
         listen: &listen,
+        bind_udp: &bind_udp,
         connections,
         share_pages,
     };

@@ -6,6 +6,16 @@ mod common;
 
 use common::{script, Harness};
 
+/// udpclient.py's lines without udpecho.py's datagram counts.
+fn answers(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| match (l.find('#'), l.find(':')) {
+            (Some(hash), Some(colon)) if hash < colon => format!("{}{}", &l[..hash], &l[colon..]),
+            _ => l.to_string(),
+        })
+        .collect()
+}
+
 /// The `ports --json` rows of `name` for `protocol`, as (virtual, real).
 fn udp_ports(h: &Harness, name: &str) -> Vec<(u64, u64)> {
     h.translations(name)
@@ -154,7 +164,7 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
             let ran = h.client(aid, &["python3", &client, target, "9053"]);
             assert!(ran.success(), "{test}: {ran}");
             assert_eq!(
-                ran.stdout.lines().collect::<Vec<_>>(),
+                answers(&ran.stdout),
                 [
                     format!("unconnected {aid}:ping from port 9053"),
                     format!("connected {aid}:ping peer port 9053"),
@@ -166,7 +176,7 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
         // connected socket; never another AID's answer.
         let ran = h.client("z", &["python3", &client, target, "9053"]);
         assert_eq!(
-            ran.stdout.lines().collect::<Vec<_>>(),
+            answers(&ran.stdout),
             ["unconnected no answer", "connected ECONNREFUSED"],
             "{test}: AID z to {target}: {ran}"
         );
@@ -188,7 +198,7 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
     let _ = host.kill();
     let _ = host.wait();
     assert_eq!(
-        ran.stdout.lines().collect::<Vec<_>>(),
+        answers(&ran.stdout),
         [
             "unconnected host:ping from port 9054",
             "connected host:ping peer port 9054"
@@ -206,5 +216,109 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
     assert!(
         !text.contains("udp dport 9053"),
         "{test}: UDP routes left after the instances stopped:\n{text}"
+    );
+}
+
+#[test]
+fn a_restored_udp_server_and_its_clones_serve_their_own_aids() {
+    let test = "a_restored_udp_server_and_its_clones_serve_their_own_aids";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let echo = script("udpecho.py");
+    let client = script("udpclient.py");
+    for aid in ["a", "b"] {
+        let cwd = h.dir(aid);
+        h.start(
+            &format!("echo-{aid}"),
+            aid,
+            &cwd,
+            &["--port", "9063"],
+            &["python3", &echo, aid, "0.0.0.0", "9063"],
+        );
+        h.wait_log(&format!("echo-{aid}"), "bound 9063");
+    }
+    let ask = |h: &Harness, aid: &str| {
+        let ran = h.client(aid, &["python3", &client, "127.0.0.1", "9063"]);
+        assert!(ran.success(), "{test}: {ran}");
+        ran.stdout.lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ask(&h, "b"),
+        [
+            "unconnected b#1:ping from port 9063",
+            "connected b#2:ping peer port 9063"
+        ]
+    );
+    let image = h.dir("images").join("echo-b.img");
+    let ran = h.snapshot("echo-b", &image, &[]);
+    assert!(ran.success(), "{test}: {ran}");
+    assert!(
+        udp_ports(&h, "echo-b").is_empty(),
+        "{test}: translation kept"
+    );
+    h.restore("echo-b", &image, &[]);
+    assert_eq!(
+        udp_ports(&h, "echo-b").len(),
+        1,
+        "{test}: not re-registered"
+    );
+    // The restored process counts on: the same server, not a new one.
+    assert_eq!(
+        ask(&h, "b"),
+        [
+            "unconnected b#3:ping from port 9063",
+            "connected b#4:ping peer port 9063"
+        ]
+    );
+    assert_eq!(
+        answers(&ask(&h, "a").join("\n")),
+        [
+            "unconnected a:ping from port 9063",
+            "connected a:ping peer port 9063"
+        ]
+    );
+
+    let template = h.dir("images").join("echo-b-template.img");
+    let ran = h.snapshot("echo-b", &template, &["--template", "--leave-running"]);
+    assert!(ran.success(), "{test}: {ran}");
+    let clones: Vec<String> = ["c", "d", "e"]
+        .iter()
+        .map(|a| format!("clone-{a}"))
+        .collect();
+    for (name, aid) in clones.iter().zip(["c", "d", "e"]) {
+        h.clone_template(
+            std::slice::from_ref(name),
+            &template,
+            &["--aid", aid, "--name", name],
+        );
+        assert_eq!(
+            udp_ports(&h, name).len(),
+            1,
+            "{test}: {name} has no translation"
+        );
+    }
+    // Each clone starts from the template's count and counts its own
+    // datagrams alone: each AID reached its own clone.
+    for aid in ["c", "d", "e"] {
+        assert_eq!(
+            ask(&h, aid),
+            [
+                "unconnected b#5:ping from port 9063",
+                "connected b#6:ping peer port 9063"
+            ],
+            "{test}: AID {aid}"
+        );
+    }
+    assert_eq!(
+        ask(&h, "b"),
+        [
+            "unconnected b#5:ping from port 9063",
+            "connected b#6:ping peer port 9063"
+        ]
+    );
+    assert_eq!(
+        answers(&ask(&h, "z").join("\n")),
+        ["unconnected no answer", "connected ECONNREFUSED"]
     );
 }
