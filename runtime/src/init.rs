@@ -42,10 +42,17 @@ pub struct InitArgs {
     pub cwd: Option<PathBuf>,
     /// Who the launched application runs as.
     pub user: Option<crate::user::RunAs>,
+    /// The instance's cgroup (`cgroup`).
+    pub cgroup: Option<PathBuf>,
     pub command: Vec<String>,
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<i32> {
+    // First: every process and socket of the instance is made in it.
+    if let Some(dir) = &args.cgroup {
+        crate::cgroup::enter(dir)
+            .with_context(|| format!("entering the instance's cgroup {}", dir.display()))?;
+    }
     let app_env = app_env()?;
     let channel = args.channel_fd.map(take_channel).transpose()?;
     let all = SigSet::all();

@@ -5,6 +5,7 @@
 mod agent;
 mod apps;
 mod astask;
+mod cgroup;
 mod clones;
 mod commands;
 mod control;
@@ -27,6 +28,7 @@ mod sourcerules;
 mod supervisor;
 mod systemd;
 mod tree;
+mod udproutes;
 mod user;
 
 use std::os::fd::AsFd;
@@ -294,6 +296,9 @@ enum Cmd {
         cwd: Option<PathBuf>,
         #[arg(long, value_parser = parse_run_as)]
         user: Option<user::RunAs>,
+        /// The instance's cgroup, entered before anything is started.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -439,6 +444,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
+    appshot_vpm::set_udp_change_hook(udproutes::refresh);
     if !matches!(
         cli.command,
         Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
@@ -475,6 +481,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             hostname,
             cwd,
             user,
+            cgroup,
             command,
         } => init::run(init::InitArgs {
             channel_fd,
@@ -483,6 +490,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             hostname,
             cwd,
             user,
+            cgroup,
             command,
         }),
         Cmd::Config {

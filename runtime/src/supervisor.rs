@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::cgroup::{self, InstanceCgroup};
 use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
@@ -162,6 +163,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         PortSet::Listed(launch.ports.iter().copied().collect())
     };
     let cluster = crate::remote::cluster_for(&launch)?;
+    let cgroup = instance_cgroup(&registry, &launch);
+    let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
     let settings = |init_pid| Settings {
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
@@ -173,6 +176,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
         init_pid,
         cluster: Arc::clone(&cluster),
+        route_udp: cgroup.is_some(),
     };
     let new_mux = |init_pid| -> Result<Arc<Multiplexer>, RuntimeError> {
         Ok(Arc::new(Multiplexer::new(
@@ -183,7 +187,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     };
     let (init_pid, init, listeners, mux, app_pid) = match &launch.restore {
         None => {
-            let (init_pid, init, listener) = launch_application(&launch, nofile)?;
+            let (init_pid, init, listener) = launch_application(&launch, cgroup_dir, nofile)?;
             let app_pid = tree::descendants(init_pid)
                 .get(1)
                 .copied()
@@ -215,6 +219,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                     .map(|p| p.ns_pid)
                     .collect::<Vec<_>>(),
                 identity_file.as_ref(),
+                cgroup_dir,
                 nofile,
             )?;
             phases.mark("init started");
@@ -328,7 +333,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         // The same instance: name, AID, registry record and control socket
         // stay; only the application and its namespace are new, and its
         // binds are translated anew.
-        let (pid, fd, listener) = match launch_application(&launch, nofile) {
+        let (pid, fd, listener) = match launch_application(&launch, cgroup_dir, nofile) {
             Ok(started) => started,
             Err(e) => {
                 warn!(name = %launch.name, "restart failed: {e}");
@@ -422,8 +427,27 @@ fn raise_nofile_limit() -> Option<(u64, u64)> {
 /// Starts the namespace init, which launches the command under the filter
 /// and sends back the filter's listener. Returns init's PID, a pidfd of it
 /// and the listener.
+/// The instance's cgroup, through which the kernel routes its datagrams
+/// by AID; without one (no cgroup2 under /sys/fs/cgroup, or it cannot be
+/// written) the instance runs with its UDP ports left alone, and says so.
+fn instance_cgroup(registry: &Registry, launch: &Launch) -> Option<InstanceCgroup> {
+    let Some(root) = cgroup::root() else {
+        warn!(name = %launch.name, "no cgroup2 below /sys/fs/cgroup: UDP ports are not multiplexed");
+        return None;
+    };
+    let tag = crate::sourcerules::registry_tag(registry.dir());
+    match InstanceCgroup::create(root, &tag, &launch.aid, &launch.name) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(name = %launch.name, "creating the instance's cgroup under {}: {e}: UDP ports are not multiplexed", root.display());
+            None
+        }
+    }
+}
+
 fn launch_application(
     launch: &Launch,
+    cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd, OwnedFd), RuntimeError> {
     // Both ends close-on-exec from the start, so no process spawned
@@ -436,7 +460,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -522,9 +546,11 @@ fn restore_into(
     let program = filter::build()?;
     phases.mark("filter built");
     let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
+    let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
     let hooks = restore::RestoreHooks {
         filter: &program,
         listen: &listen,
+        bind_udp: &bind_udp,
         connections,
         share_pages,
     };
@@ -574,6 +600,7 @@ fn start_init(
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
     identity: Option<&(PathBuf, PathBuf)>,
+    cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd), RuntimeError> {
     let exe =
@@ -610,6 +637,10 @@ fn start_init(
     if let Some(cwd) = &launch.cwd {
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);
+    }
+    if let Some(dir) = cgroup {
+        argv.push(cstr(b"--cgroup")?);
+        argv.push(cstr(dir.as_os_str().as_bytes())?);
     }
     argv.push(cstr(b"--")?);
     for a in &launch.command {
