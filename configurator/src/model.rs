@@ -9,6 +9,7 @@ use appshot_sys::fd::OpenRegularError;
 /// The configuration names ports and ranges in the multiplexer's own terms.
 pub use appshot_vpm::{PortRange, Protocol};
 
+use crate::clone::CloneRules;
 use crate::error::ConfigError;
 use crate::remote::{Peer, SourceRule};
 
@@ -35,8 +36,8 @@ pub struct AppConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// How long a client waits for an agent before connecting plainly.
     pub agent_timeout: Option<Duration>,
-    /// Where each clone of a template sees its own identity file.
-    pub clone_identity_file: Option<PathBuf>,
+    /// What differs per clone of a template (`[clone]`).
+    pub clone: CloneRules,
     /// Who the application runs as; `None`: as the supervisor (root).
     pub user: Option<UserSpec>,
     /// The program a host-wide config (in the apps directory) applies to.
@@ -94,7 +95,7 @@ impl Default for AppConfig {
             agent_port: None,
             cluster_key_file: None,
             agent_timeout: None,
-            clone_identity_file: None,
+            clone: CloneRules::default(),
             user: None,
             executable: None,
         }

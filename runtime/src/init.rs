@@ -66,6 +66,18 @@ pub enum InitError {
     NotADirectory(PathBuf),
     #[error(transparent)]
     Filter(#[from] filter::FilterError),
+    #[error("entering the instance's cgroup {}", dir.display())]
+    Cgroup {
+        dir: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("setting the hostname {hostname}")]
+    Hostname {
+        hostname: String,
+        #[source]
+        error: Errno,
+    },
 }
 
 /// An `InitError::Sys` for `call`.
@@ -87,13 +99,24 @@ pub struct InitArgs {
     /// (source, target): bind-mount the instance's own identity file over
     /// `target` in the instance's mount namespace.
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// A hostname of its own, in a UTS namespace of its own (a clone's).
+    pub hostname: Option<String>,
     pub cwd: Option<PathBuf>,
     /// Who the launched application runs as.
     pub user: Option<crate::user::RunAs>,
+    /// The instance's cgroup (`cgroup`).
+    pub cgroup: Option<PathBuf>,
     pub command: Vec<String>,
 }
 
 pub fn run(args: InitArgs) -> Result<i32, InitError> {
+    // First: every process and socket of the instance is made in it.
+    if let Some(dir) = &args.cgroup {
+        crate::cgroup::enter(dir).map_err(|error| InitError::Cgroup {
+            dir: dir.clone(),
+            error,
+        })?;
+    }
     let app_env = app_env()?;
     let all = SigSet::all();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None)
@@ -101,6 +124,9 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
     keep_inherited_fds_from_app();
     own_mounts(args.identity.as_ref())?;
+    if let Some(hostname) = &args.hostname {
+        own_hostname(hostname)?;
+    }
 
     let main = match &args.start {
         Start::Restore { pids } => {
@@ -219,6 +245,17 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
         })?;
     }
     Ok(())
+}
+
+/// Gives the instance a UTS namespace of its own with `hostname`: what
+/// `uname` and `gethostname` answer its processes, forked after this.
+fn own_hostname(hostname: &str) -> Result<(), InitError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+        .map_err(sys("unsharing the UTS namespace"))?;
+    nix::unistd::sethostname(hostname).map_err(|error| InitError::Hostname {
+        hostname: hostname.to_string(),
+        error,
+    })
 }
 
 /// The config's variables for the application, which the supervisor passes

@@ -1,7 +1,8 @@
 //! appshot's supervisor and commands as a library; `main.rs` is the
 //! command line over it. Modules, by room: the supervisor (`supervisor`,
 //! `init`, `filter`, `notify`, `astask`, `pool`, `control`, `restart`,
-//! `logs`), the multiplexer (`multiplex`, `sockaddr`, `tree`), across hosts
+//! `logs`), the multiplexer (`multiplex`, `sockaddr`, `tree`; datagrams:
+//! `cgroup`, `udproutes`), across hosts
 //! and outside clients (`remote`, `agent`, `sourcerules`, `netlock`), OCI
 //! containers (`oci`), snapshots (`snapshots`, `pending`) and the commands
 //! the CLI runs (`commands`, `apps`, `systemd`, `user`).
@@ -12,6 +13,7 @@
 pub mod agent;
 pub mod apps;
 mod astask;
+mod cgroup;
 pub mod commands;
 mod control;
 pub mod error;
@@ -32,6 +34,7 @@ pub mod sourcerules;
 pub mod supervisor;
 pub mod systemd;
 mod tree;
+pub mod udproutes;
 pub mod user;
 
 /// Where the registry and instance state live unless `--run-dir` says.

@@ -89,6 +89,14 @@ pub enum RestoreError {
         #[source]
         error: ListenError,
     },
+    /// The supervisor did not bind a restored UDP socket.
+    #[error("restore: fd {fd}: UDP socket for {addr}")]
+    Udp {
+        fd: i32,
+        addr: SocketAddr,
+        #[source]
+        error: ListenError,
+    },
     #[error("restore: unix socket {ino}: {what}")]
     UnixSocket { ino: u64, what: String },
     #[error("restore: {path}: {what}")]
@@ -109,8 +117,8 @@ pub enum RestoreError {
     NoScratchAddress,
 }
 
-/// Why the supervisor could not take on a restored listening socket
-/// ([`crate::restore::RestoreHooks::listen`]).
+/// Why the supervisor could not take on a restored listening or UDP socket
+/// ([`crate::restore::RestoreHooks::listen`], `bind_udp`).
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error("real port {real_port} (virtual port {virtual_port}) is taken; its connections cannot come back (restore with --tcp-close to drop them)")]

@@ -8,7 +8,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use appshot_sys::net::connect_raw;
+use appshot_sys::net::{connect_raw, get_int_opt};
+use appshot_vpm::Protocol;
 use nix::sys::socket::{
     getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrIn,
     SockaddrIn6, SockaddrLike, SockaddrStorage,
@@ -47,11 +48,20 @@ impl Task for CallTask<'_> {
             Some(AddressFamily::Inet6) => libc::AF_INET6,
             _ => return Ok(TaskSocket::Other(fd)),
         };
-        let stream = getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? == SockType::Stream;
+        let protocol = match getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? {
+            SockType::Stream => Some(Protocol::Tcp),
+            SockType::Datagram
+                if get_int_opt(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(errno)?
+                    == libc::IPPROTO_UDP =>
+            {
+                Some(Protocol::Udp)
+            }
+            _ => None,
+        };
         Ok(TaskSocket::Inet {
             socket: fd,
             domain,
-            stream,
+            protocol,
             local: to_std(&local),
         })
     }

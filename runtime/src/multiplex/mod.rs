@@ -23,7 +23,7 @@ use appshot_snapshot::restore::ListenSpec;
 use appshot_snapshot::ListenError;
 use appshot_sys::net::{bind_raw, connect_raw};
 use appshot_sys::seccomp::Response;
-use appshot_vpm::{CachedRegistry, Registry};
+use appshot_vpm::{CachedRegistry, Protocol, Registry};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{listen, setsockopt, sockopt, Backlog};
 use tracing::{debug, warn};
@@ -83,22 +83,29 @@ impl Multiplexer {
             Bind::AsTask { socket, bytes } => {
                 astask::perform(call, move || bind_raw(&socket, &bytes).map_err(errno))
             }
-            Bind::Wait { socket, addr } => {
+            Bind::Wait {
+                socket,
+                protocol,
+                addr,
+            } => {
                 // Exhausted: wait for a port to come free, off the receive
                 // loop so the instance's other calls go on meanwhile.
                 let mux = Arc::clone(self);
                 self.workers
-                    .run(move || mux.wait_for_port(call, socket, addr));
+                    .run(move || mux.wait_for_port(call, socket, protocol, addr));
             }
         }
     }
 
-    fn wait_for_port(&self, call: Call, socket: OwnedFd, addr: SocketAddr) {
+    fn wait_for_port(&self, call: Call, socket: OwnedFd, protocol: Protocol, addr: SocketAddr) {
         let s = &self.policy.settings;
         let deadline = Instant::now() + s.allocation_timeout;
         while Instant::now() < deadline && call.still_pending() {
             std::thread::sleep(ALLOCATION_RETRY);
-            match self.policy.allocate(&self.host, &socket, addr, None) {
+            match self
+                .policy
+                .allocate(&self.host, &socket, protocol, addr, None)
+            {
                 Ok(Some(_)) => return call.answer(Response::Value(0)),
                 Ok(None) => {}
                 Err(e) => return call.answer(Response::Errno(e)),
@@ -143,9 +150,10 @@ impl Multiplexer {
         let errno = std::io::Error::from_raw_os_error;
         if port != 0 && self.policy.settings.multiplexed.contains(port) && spec.real_port != 0 {
             // The instance's connections use this real port: it or nothing.
+            let exact = Some(spec.real_port);
             match self
                 .policy
-                .allocate(&self.host, &sock, spec.addr, Some(spec.real_port))
+                .allocate(&self.host, &sock, Protocol::Tcp, spec.addr, exact)
             {
                 Ok(Some(_)) => {}
                 Ok(None) | Err(libc::EADDRINUSE) => {
@@ -159,7 +167,10 @@ impl Multiplexer {
         } else if port != 0 && self.policy.settings.multiplexed.contains(port) {
             let deadline = Instant::now() + self.policy.settings.allocation_timeout;
             loop {
-                match self.policy.allocate(&self.host, &sock, spec.addr, None) {
+                match self
+                    .policy
+                    .allocate(&self.host, &sock, Protocol::Tcp, spec.addr, None)
+                {
                     Ok(Some(_)) => break,
                     Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
                     Ok(None) => {
@@ -182,6 +193,40 @@ impl Multiplexer {
         }
         let backlog = Backlog::new(i32::MAX).unwrap_or(Backlog::MAXCONN);
         listen(&sock, backlog).map_err(|e| failed("listen", e.into()))
+    }
+
+    /// Binds a restored process's UDP socket (`fd` duplicates it) for
+    /// `addr`, the address its application bound: a real port chosen as
+    /// the application's own bind would get one.
+    pub fn bind_restored_udp(&self, addr: SocketAddr, fd: OwnedFd) -> Result<(), ListenError> {
+        let s = &self.policy.settings;
+        let port = addr.port();
+        let failed = |e| ListenError::Socket {
+            call: "bind",
+            port,
+            error: std::io::Error::from_raw_os_error(e),
+        };
+        if !(s.route_udp && port != 0 && s.multiplexed.contains(port)) {
+            return self.host.bind(&fd, addr).map_err(failed);
+        }
+        let deadline = Instant::now() + s.allocation_timeout;
+        loop {
+            match self
+                .policy
+                .allocate(&self.host, &fd, Protocol::Udp, addr, None)
+            {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
+                Ok(None) => {
+                    return Err(ListenError::NoRealPort {
+                        virtual_port: port,
+                        start: s.range.start,
+                        end: s.range.end,
+                    })
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
     }
 
     fn connect(self: &Arc<Self>, call: Call) {

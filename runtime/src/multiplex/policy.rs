@@ -47,6 +47,10 @@ pub struct Settings {
     pub init_pid: u32,
     /// Source rules and negotiation with other hosts.
     pub cluster: Arc<crate::remote::Cluster>,
+    /// Whether the instance is in a cgroup of its AID, through which the
+    /// kernel routes datagrams (`udproutes`); without, UDP ports are left
+    /// alone, as they were before UDP was multiplexed.
+    pub route_udp: bool,
 }
 
 /// The notifying task's socket, duplicated into the supervisor. Every call
@@ -57,7 +61,9 @@ pub enum TaskSocket<S> {
     Inet {
         socket: S,
         domain: i32,
-        stream: bool,
+        /// `None`: neither TCP nor UDP (raw, ICMP, UDP-Lite): never
+        /// multiplexed.
+        protocol: Option<Protocol>,
         /// Its local address (port 0 while unbound).
         local: Option<SocketAddr>,
     },
@@ -107,6 +113,7 @@ pub enum Bind<S> {
     /// No real port is free now: try again until the allocation timeout.
     Wait {
         socket: S,
+        protocol: Protocol,
         addr: SocketAddr,
     },
 }
@@ -186,13 +193,13 @@ impl Policy {
             Ok(b) => b,
             Err(e) => return Bind::Answer(Response::Errno(e)),
         };
-        let (socket, domain, stream, local) = match task.socket() {
+        let (socket, domain, protocol, local) = match task.socket() {
             Ok(TaskSocket::Inet {
                 socket,
                 domain,
-                stream,
+                protocol,
                 local,
-            }) => (socket, domain, stream, local),
+            }) => (socket, domain, protocol, local),
             Ok(TaskSocket::Other(socket)) => return Bind::AsTask { socket, bytes },
             Err(e) => return Bind::Answer(Response::Errno(e)),
         };
@@ -201,7 +208,13 @@ impl Policy {
             return Bind::AsTask { socket, bytes };
         };
         let port = addr.port();
-        let multiplexed = stream && port != 0 && self.settings.multiplexed.contains(port);
+        let multiplexed = port != 0
+            && self.settings.multiplexed.contains(port)
+            && match protocol {
+                Some(Protocol::Tcp) => true,
+                Some(Protocol::Udp) => self.settings.route_udp,
+                None => false,
+            };
         // The supervisor binds a real port of its own choosing; holding the
         // privilege the virtual port needs is the task's affair.
         if multiplexed && port < self.unprivileged_port_start && !task.may_bind_privileged() {
@@ -209,21 +222,27 @@ impl Policy {
         }
         // A bind interrupted by a signal after the supervisor performed it
         // is restarted by the kernel: the same bind again succeeds.
-        if self.already_bound(kernel, &socket, local, addr, multiplexed) {
+        if self.already_bound(kernel, &socket, protocol, local, addr, multiplexed) {
             return Bind::Answer(Response::Value(0));
         }
         if !multiplexed {
-            if stream && self.is_others_real_port(port) {
+            if protocol.is_some_and(|p| self.is_others_real_port(p, port)) {
                 // Another instance's real port: binding it would capture
                 // that instance's clients.
                 return Bind::Answer(Response::Errno(libc::EADDRINUSE));
             }
             return Bind::AsTask { socket, bytes };
         }
-        match self.allocate(kernel, &socket, addr, None) {
+        // Multiplexed: TCP or UDP.
+        let protocol = protocol.unwrap_or(Protocol::Tcp);
+        match self.allocate(kernel, &socket, protocol, addr, None) {
             Ok(Some(_)) => Bind::Answer(Response::Value(0)),
             Err(e) => Bind::Answer(Response::Errno(e)),
-            Ok(None) => Bind::Wait { socket, addr },
+            Ok(None) => Bind::Wait {
+                socket,
+                protocol,
+                addr,
+            },
         }
     }
 
@@ -233,6 +252,7 @@ impl Policy {
         &self,
         kernel: &K,
         socket: &K::Socket,
+        protocol: Option<Protocol>,
         local: Option<SocketAddr>,
         addr: SocketAddr,
         multiplexed: bool,
@@ -249,7 +269,8 @@ impl Policy {
         let mut cache = self.cache.lock().expect("registry cache lock");
         cache.get().is_ok_and(|st| {
             st.translations_of(&self.settings.instance).any(|t| {
-                t.socket_inode == inode
+                Some(t.protocol) == protocol
+                    && t.socket_inode == inode
                     && t.virtual_port == addr.port()
                     && t.addr == addr.ip()
                     && t.real_port == local.port()
@@ -258,25 +279,24 @@ impl Policy {
     }
 
     /// Whether `port` is the real port of another instance's translation.
-    fn is_others_real_port(&self, port: u16) -> bool {
+    fn is_others_real_port(&self, protocol: Protocol, port: u16) -> bool {
         let mut cache = self.cache.lock().expect("registry cache lock");
         cache.get().is_ok_and(|st| {
             st.translations.iter().any(|t| {
-                t.protocol == Protocol::Tcp
-                    && t.real_port == port
-                    && t.owner != self.settings.instance
+                t.protocol == protocol && t.real_port == port && t.owner != self.settings.instance
             })
         })
     }
 
-    /// Binds `socket` to a free real port standing for `addr` (the first
-    /// the registry offers that the kernel accepts) and records the
-    /// translation; `exact` asks for that real port alone (a restore taking
-    /// back its connections' port). `Ok(None)`: none free.
+    /// Binds `socket` (of `protocol`) to a free real port standing for
+    /// `addr` (the first the registry offers that the kernel accepts) and
+    /// records the translation; `exact` asks for that real port alone (a
+    /// restore taking back its connections' port). `Ok(None)`: none free.
     pub fn allocate<K: Kernel>(
         &self,
         kernel: &K,
         socket: &K::Socket,
+        protocol: Protocol,
         addr: SocketAddr,
         exact: Option<u16>,
     ) -> Result<Option<u16>, i32> {
@@ -298,14 +318,9 @@ impl Policy {
             let candidates = match exact {
                 Some(p) if state.translations.iter().any(|t| t.real_port == p) => Vec::new(),
                 Some(p) => vec![p],
-                None => state.bind_candidates(
-                    Protocol::Tcp,
-                    addr.ip(),
-                    addr.port(),
-                    &s.aid,
-                    s.range,
-                    hint,
-                ),
+                None => {
+                    state.bind_candidates(protocol, addr.ip(), addr.port(), &s.aid, s.range, hint)
+                }
             };
             // Under source rules the fixed port itself must stay free, so
             // that every connection to it meets the rules.
@@ -319,7 +334,7 @@ impl Policy {
                 match kernel.bind(socket, real) {
                     Ok(()) => {
                         state.insert(Translation {
-                            protocol: Protocol::Tcp,
+                            protocol,
                             addr: addr.ip(),
                             virtual_port: addr.port(),
                             aid: s.aid.clone(),
@@ -337,7 +352,7 @@ impl Policy {
         });
         match result {
             Ok(Ok(Some(real))) => {
-                info!(instance = %s.instance, aid = %s.aid, "tcp {} -> real port {real}", addr);
+                info!(instance = %s.instance, aid = %s.aid, "{protocol} {addr} -> real port {real}");
                 s.cluster.after_bind(&self.registry);
                 Ok(Some(real))
             }
@@ -358,21 +373,22 @@ impl Policy {
             Ok(b) => b,
             Err(e) => return Connect::Answer(Response::Errno(e)),
         };
-        let (socket, domain, stream) = match task.socket() {
+        let (socket, domain, protocol) = match task.socket() {
             Ok(TaskSocket::Inet {
                 socket,
                 domain,
-                stream,
+                protocol,
                 ..
-            }) => (socket, domain, stream),
+            }) => (socket, domain, protocol),
             Ok(TaskSocket::Other(socket)) => return Connect::AsTask { socket, bytes },
             Err(e) => return Connect::Answer(Response::Errno(e)),
         };
         let dest = match sockaddr::decode(domain, &bytes) {
-            Ok(a) if stream => a,
-            // Datagram sockets are not multiplexed, and an address that does
-            // not decode (AF_UNSPEC, an IPv4 address on an IPv6 socket, a
-            // short one) is the kernel's to judge: the task's own bytes.
+            Ok(a) if protocol == Some(Protocol::Tcp) => a,
+            // Datagrams are routed by the kernel (`udproutes`) whatever the
+            // socket is connected to, and an address that does not decode
+            // (AF_UNSPEC, an IPv4 address on an IPv6 socket, a short one)
+            // is the kernel's to judge: the task's own bytes.
             _ => return Connect::Answer(Response::of(kernel.connect_raw(&socket, &bytes))),
         };
         if self.settings.cluster.negotiates(dest.ip()) && !self.is_local(kernel, dest.ip()) {
@@ -433,13 +449,13 @@ impl Policy {
         K: Kernel,
         T: Task<Socket = K::Socket>,
     {
-        let (socket, stream, local) = match task.socket() {
+        let (socket, protocol, local) = match task.socket() {
             Ok(TaskSocket::Inet {
                 socket,
-                stream,
+                protocol,
                 local,
                 ..
-            }) => (socket, stream, local),
+            }) => (socket, protocol, local),
             Ok(TaskSocket::Other(_)) => return Name::Continue,
             Err(e) => return Name::Errno(e),
         };
@@ -452,22 +468,31 @@ impl Policy {
             Ok(None) => return Name::Errno(libc::EAFNOSUPPORT),
             Err(e) => return Name::Errno(e),
         };
+        let Some(protocol) = protocol else {
+            return Name::Write(addr);
+        };
         let cluster = &self.settings.cluster;
         let negotiated = match side {
-            Side::Peer if stream && cluster.has_peers() => kernel
+            Side::Peer if protocol == Protocol::Tcp && cluster.has_peers() => kernel
                 .inode(&socket)
                 .ok()
                 .and_then(|inode| cluster.peer_virtual_port(inode, addr)),
             _ => None,
         };
+        // A connected UDP socket's peer is the virtual port it connected to:
+        // the kernel's NAT is below the socket.
+        let names_real_port = match side {
+            Side::Local => true,
+            Side::Peer => protocol == Protocol::Tcp && self.is_local(kernel, addr.ip()),
+        };
         if let Some(v) = negotiated {
             addr.set_port(v);
-        } else if stream && (matches!(side, Side::Local) || self.is_local(kernel, addr.ip())) {
+        } else if names_real_port {
             // A peer on another host is never one of this registry's
             // sockets, whatever its port.
             let mut cache = self.cache.lock().expect("registry cache lock");
             if let Ok(state) = cache.get() {
-                if let Some(v) = state.virtual_port_of(Protocol::Tcp, addr.ip(), addr.port()) {
+                if let Some(v) = state.virtual_port_of(protocol, addr.ip(), addr.port()) {
                     addr.set_port(v);
                 }
             }

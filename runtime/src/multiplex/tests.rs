@@ -149,13 +149,13 @@ impl Task for FakeTask {
             Behind::Tcp { sock, v6, local } => TaskSocket::Inet {
                 socket: sock,
                 domain: if v6 { libc::AF_INET6 } else { libc::AF_INET },
-                stream: true,
+                protocol: Some(Protocol::Tcp),
                 local,
             },
             Behind::Udp { sock } => TaskSocket::Inet {
                 socket: sock,
                 domain: libc::AF_INET,
-                stream: false,
+                protocol: Some(Protocol::Udp),
                 local: None,
             },
             Behind::Unix { sock } => TaskSocket::Other(sock),
@@ -199,6 +199,7 @@ impl World {
             allocation_timeout: Duration::from_millis(0),
             init_pid: 1,
             cluster: Arc::clone(&cluster),
+            route_udp: false,
         };
         let policy = Policy::new(
             settings,
@@ -473,7 +474,9 @@ fn an_exhausted_range_waits_for_a_port() {
     };
     let task = FakeTask::new(bytes("0.0.0.0:9000"), tcp(Some("0.0.0.0:0")));
     match w.policy.bind(&k, &task) {
-        Bind::Wait { socket, addr: a } => {
+        Bind::Wait {
+            socket, addr: a, ..
+        } => {
             assert_eq!((socket, a), (S1, addr("0.0.0.0:9000")));
         }
         _ => panic!("no port free: the bind waits"),
