@@ -95,6 +95,7 @@ enum Behind {
     },
     Udp {
         sock: Sock,
+        local: Option<SocketAddr>,
     },
     Unix {
         sock: Sock,
@@ -152,11 +153,11 @@ impl Task for FakeTask {
                 protocol: Some(Protocol::Tcp),
                 local,
             },
-            Behind::Udp { sock } => TaskSocket::Inet {
+            Behind::Udp { sock, local } => TaskSocket::Inet {
                 socket: sock,
                 domain: libc::AF_INET,
                 protocol: Some(Protocol::Udp),
-                local: None,
+                local,
             },
             Behind::Unix { sock } => TaskSocket::Other(sock),
         })
@@ -537,7 +538,13 @@ fn a_connect_to_another_aids_real_port_is_refused() {
 fn datagram_and_undecodable_connects_go_to_the_kernel_with_the_tasks_bytes() {
     let w = World::new();
     let k = Recorder::default();
-    let udp = FakeTask::new(bytes("127.0.0.1:9000"), Behind::Udp { sock: S1 });
+    let udp = FakeTask::new(
+        bytes("127.0.0.1:9000"),
+        Behind::Udp {
+            sock: S1,
+            local: None,
+        },
+    );
     assert_eq!(target(w.policy.connect(&k, &udp)), Err(Response::Value(0)));
     let mut unspec = bytes("127.0.0.1:9000");
     unspec[..2].copy_from_slice(&(libc::AF_UNSPEC as u16).to_ne_bytes());
@@ -616,5 +623,56 @@ fn an_ipv4_client_reaches_a_dual_stack_listener_of_its_aid() {
     assert_eq!(
         target(w.policy.connect(&k, &task)),
         Ok(addr("127.0.0.1:20004"))
+    );
+}
+
+fn udp(local: &str) -> Behind {
+    Behind::Udp {
+        sock: S1,
+        local: Some(addr(local)),
+    }
+}
+
+#[test]
+fn a_udp_bind_is_multiplexed_only_where_the_kernel_routes_datagrams() {
+    // Without the instance's cgroup (no datagram routing), UDP ports are
+    // the task's own, as before UDP was multiplexed.
+    let mut w = World::new();
+    w.other("web-b", "b", 9000);
+    let k = Recorder::default();
+    let task = FakeTask::new(bytes("0.0.0.0:9000"), udp("0.0.0.0:0"));
+    assert!(matches!(w.policy.bind(&k, &task), Bind::AsTask { .. }));
+    assert!(k.ops.borrow().is_empty());
+
+    // With it, a real port of UDP's own: another AID's TCP translation of
+    // 9000 does not take the UDP port.
+    w.policy.settings.route_udp = true;
+    assert_eq!(answer(w.policy.bind(&k, &task)), Response::Value(0));
+    assert_eq!(*k.ops.borrow(), [Op::Bind(S1, addr("0.0.0.0:9000"))]);
+    let rows: Vec<_> = w
+        .registry
+        .read()
+        .unwrap()
+        .translations_of(INSTANCE)
+        .map(|t| (t.protocol, t.virtual_port, t.real_port))
+        .collect();
+    assert_eq!(rows, [(Protocol::Udp, 9000, 9000)]);
+}
+
+#[test]
+fn a_connected_udp_sockets_peer_is_the_kernels() {
+    // The kernel's NAT is below the socket: the peer it reports is the
+    // virtual port the task connected to, left as it is.
+    let mut w = World::new();
+    w.policy.settings.route_udp = true;
+    w.other("web-a2", AID, 20002);
+    let k = Recorder {
+        peer: Some(addr("127.0.0.1:20002")),
+        ..Recorder::default()
+    };
+    let task = FakeTask::new(Vec::new(), udp("127.0.0.1:41000"));
+    assert_eq!(
+        w.policy.name(&k, &task, Side::Peer),
+        Name::Write(addr("127.0.0.1:20002"))
     );
 }
