@@ -518,15 +518,21 @@ impl Multiplexer {
             Err(e) => return call.answer(Response::Errno(e)),
         };
         let decoded = sockaddr::decode(sock.domain, &bytes);
-        let dest = match decoded {
-            Ok(a) if sock.protocol == Some(Protocol::Tcp) => a,
-            // Datagrams are routed by the kernel (`udproutes`) whatever the
-            // socket is connected to, and an address that does not decode
-            // (AF_UNSPEC, an IPv4 address on an IPv6 socket, a short one)
-            // is the kernel's to judge: the task's own bytes.
+        let remote =
+            |a: &SocketAddr| self.settings.cluster.negotiates(a.ip()) && !self.is_local(a.ip());
+        let dest = match (decoded, sock.protocol) {
+            (Ok(a), Some(Protocol::Tcp)) => a,
+            // A UDP socket connected to another host's port is negotiated
+            // as a TCP connect is.
+            (Ok(a), Some(Protocol::Udp)) if remote(&a) => a,
+            // Datagrams to this host are routed by the kernel (`udproutes`)
+            // whatever the socket is connected to, and an address that
+            // does not decode (AF_UNSPEC, an IPv4 address on an IPv6
+            // socket, a short one) is the kernel's to judge: the task's own
+            // bytes.
             _ => return call.answer(outcome(connect_raw(&sock.fd, &bytes).map_err(errno))),
         };
-        if self.settings.cluster.negotiates(dest.ip()) && !self.is_local(dest.ip()) {
+        if remote(&dest) {
             // Negotiating takes a round trip to the other host: off the
             // receive loop, like a blocking connect.
             let mux = Arc::clone(self);
@@ -558,7 +564,8 @@ impl Multiplexer {
     /// real port it names, refused, or as the application asked.
     fn connect_remote(&self, call: Call, sock: InetSocket, dest: SocketAddr) {
         let cluster = &self.settings.cluster;
-        let target = match cluster.negotiate(dest) {
+        let protocol = sock.protocol.unwrap_or(Protocol::Tcp);
+        let target = match cluster.negotiate(protocol, dest) {
             crate::remote::Route::Plain => dest,
             crate::remote::Route::Refused => {
                 debug!(
@@ -652,7 +659,7 @@ impl Multiplexer {
             return call.answer(outcome(written));
         };
         let negotiated = match side {
-            Side::Peer if protocol == Protocol::Tcp && self.settings.cluster.has_peers() => {
+            Side::Peer if self.settings.cluster.has_peers() => {
                 nix::sys::stat::fstat(sock.fd.as_raw_fd())
                     .ok()
                     .and_then(|st| self.settings.cluster.peer_virtual_port(st.st_ino, addr))

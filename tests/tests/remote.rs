@@ -701,6 +701,53 @@ fn outside_udp_clients_follow_source_rules() {
 }
 
 #[test]
+fn connected_udp_sockets_negotiate_by_aid() {
+    let test = "connected_udp_sockets_negotiate_by_aid";
+    let Some(mut lab) = Lab::new(test, "un") else {
+        return;
+    };
+    let echo = common::script("udpecho.py");
+    for aid in ["a", "b"] {
+        let name = format!("echo-{aid}");
+        let mut cmd = lab.appshot(0);
+        cmd.args(["run", "--aid", aid, "--name", &name, "--detach"])
+            .args([
+                "--port", "9053", "--", "python3", &echo, aid, "0.0.0.0", "9053",
+            ]);
+        let ran = run(&mut cmd, TIMEOUT);
+        assert!(ran.success(), "{test}: starting {name}: {ran}");
+        lab.wait_log(0, &name, "bound 9053");
+    }
+    lab.agent(0, &format!("{A_B}:7946"));
+    let client = common::script("udpclient.py");
+    // The second line is the connected socket's: its connect was
+    // negotiated with A's agent. (The first, a sendto, is not: it goes to
+    // A's port 9053 as addressed.)
+    let connected = |aid: &str| {
+        let mut cmd = lab.appshot(1);
+        cmd.args(["run", "--aid", aid, "--", "python3", &client, A_B, "9053"]);
+        let ran = run(&mut cmd, TIMEOUT);
+        assert!(ran.success(), "{test}: {ran}");
+        ran.stdout.lines().nth(1).unwrap_or_default().to_string()
+    };
+    let b = connected("b");
+    assert!(
+        b.starts_with("connected b#") && b.ends_with(":ping peer port 9053"),
+        "{test}: AID b from host B: {b}"
+    );
+    assert_eq!(
+        connected("z"),
+        "connected ECONNREFUSED",
+        "{test}: AID z from host B"
+    );
+    let agent = lab.agent_log(0);
+    assert!(
+        agent.contains("aid=b") && agent.contains("aid=z"),
+        "{test}: the agent did not answer both:\n{agent}"
+    );
+}
+
+#[test]
 fn a_new_instance_under_a_killed_ones_name_starts_without_its_entries() {
     let test = "a_new_instance_under_a_killed_ones_name_starts_without_its_entries";
     let Some(lab) = Lab::new(test, "nr") else {
