@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use appshot_vpm::remote::{self, AgentCore, Answer, ReadError, Refusal, Request};
-use appshot_vpm::{CachedRegistry, Protocol, Registry, Route};
+use appshot_vpm::{CachedRegistry, Registry, Route};
 use tracing::{debug, info, warn};
 
 use crate::remote::{agent_key_file, load_key, now_ms, records_dir, NegotiationRecord, RecordLog};
@@ -196,7 +196,7 @@ fn lookup(shared: &Shared, req: &Request) -> Answer {
             return Answer::Refused;
         }
     };
-    match state.route(Protocol::Tcp, req.dest, req.virtual_port, &req.aid, pick) {
+    match state.route(req.protocol, req.dest, req.virtual_port, &req.aid, pick) {
         Route::To { real_port, .. } => Answer::Ack { real_port },
         Route::Refused => Answer::Refused,
         Route::PassThrough => Answer::NotMultiplexed,

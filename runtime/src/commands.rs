@@ -191,7 +191,12 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
         (a.virtual_port, &a.aid, &a.owner).cmp(&(b.virtual_port, &b.aid, &b.owner))
     });
     st.source_rules.sort_by(|a, b| {
-        (a.virtual_port, &a.owner, &a.source).cmp(&(b.virtual_port, &b.owner, &b.source))
+        (a.virtual_port, a.protocol, &a.owner, &a.source).cmp(&(
+            b.virtual_port,
+            b.protocol,
+            &b.owner,
+            &b.source,
+        ))
     });
     let negotiations = crate::remote::read_records(run_dir);
     if json {
@@ -223,11 +228,14 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
         out.push_str(&render(&table));
     }
     if !st.source_rules.is_empty() {
-        let mut table = vec![["SOURCE", "SPORT", "VIRTUAL", "TO", "AID", "INSTANCE"]
-            .map(String::from)
-            .to_vec()];
+        let mut table = vec![[
+            "PROTO", "SOURCE", "SPORT", "VIRTUAL", "TO", "AID", "INSTANCE",
+        ]
+        .map(String::from)
+        .to_vec()];
         for r in &st.source_rules {
             table.push(vec![
+                r.protocol.to_string(),
                 r.source.clone(),
                 r.source_port.map_or("*".into(), |p| p.to_string()),
                 r.virtual_port.to_string(),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_configurator::{AppConfig, Peer, SourceRule};
 use appshot_vpm::remote::{self, Answer, ClusterKey, Exchange, KeyError, DEFAULT_AGENT_PORT};
-use appshot_vpm::Registry;
+use appshot_vpm::{Protocol, Registry};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -404,16 +404,16 @@ impl Cluster {
         !self.peer_map.lock().expect("peer map lock").map.is_empty()
     }
 
-    /// Asks the agent of `dest`'s host where `dest` leads for this
-    /// instance's AID.
-    pub fn negotiate(&self, dest: SocketAddr) -> Route {
+    /// Asks the agent of `dest`'s host where `dest` leads, over
+    /// `protocol`, for this instance's AID.
+    pub fn negotiate(&self, protocol: Protocol, dest: SocketAddr) -> Route {
         let Some(client) = &self.client else {
             return Route::Plain;
         };
         let Some(agent) = client.agent_for(dest.ip()) else {
             return Route::Plain;
         };
-        let (route, answer, real_port) = client.ask(agent, dest, &self.aid);
+        let (route, answer, real_port) = client.ask(agent, protocol, dest, &self.aid);
         client.records.note(NegotiationRecord {
             side: "client".into(),
             instance: Some(self.instance.clone()),
@@ -451,6 +451,7 @@ impl Client {
     fn ask(
         &self,
         agent: SocketAddr,
+        protocol: Protocol,
         dest: SocketAddr,
         aid: &str,
     ) -> (Route, &'static str, Option<u16>) {
@@ -468,12 +469,12 @@ impl Client {
         // one fresh attempt follows any failure on it, with a fresh nonce
         // in case the agent did see the first one.
         if let Some(stream) = self.pooled(agent) {
-            let ex = Exchange::new(&self.key, dest.ip(), dest.port(), aid, now_ms());
+            let ex = Exchange::new(&self.key, protocol, dest.ip(), dest.port(), aid, now_ms());
             if let Ok(frame) = exchange(&stream, &ex.frame) {
                 return self.conclude(agent, dest, stream, &ex, &frame);
             }
         }
-        let ex = Exchange::new(&self.key, dest.ip(), dest.port(), aid, now_ms());
+        let ex = Exchange::new(&self.key, protocol, dest.ip(), dest.port(), aid, now_ms());
         let stream = match TcpStream::connect_timeout(&agent, self.timeout) {
             Ok(s) => s,
             Err(e) => {

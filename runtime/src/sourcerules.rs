@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use appshot_configurator::{Cidr, SourceRule};
-use appshot_vpm::{Registry, RegistryState, SourceRuleRecord, Translation};
+use appshot_vpm::{Protocol, Registry, RegistryState, SourceRuleRecord, Translation};
 use tracing::{info, warn};
 
 pub const TABLE: &str = "inet appshot";
@@ -145,40 +145,48 @@ pub struct Plan {
     pub records: Vec<SourceRuleRecord>,
 }
 
-fn matcher(source: &Cidr, source_port: Option<u16>, virtual_port: u16) -> String {
+fn matcher(
+    source: &Cidr,
+    source_port: Option<u16>,
+    protocol: Protocol,
+    virtual_port: u16,
+) -> String {
     let family = if source.is_ipv4() { "ip" } else { "ip6" };
     let mut m = format!("{family} saddr {source}");
     if let Some(p) = source_port {
-        let _ = write!(m, " tcp sport {p}");
+        let _ = write!(m, " {protocol} sport {p}");
     }
-    let _ = write!(m, " tcp dport {virtual_port}");
+    let _ = write!(m, " {protocol} dport {virtual_port}");
     m
 }
 
-/// Plans the chains of instance `owner` (AID `aid`) from its TCP
-/// translations.
+/// Plans the chains of instance `owner` (AID `aid`) from its translations.
+/// A rule names the AID that serves a source, whatever the protocol: it
+/// applies to the instance's TCP and UDP ports alike. What no rule takes
+/// is refused as a closed port would be: TCP with a reset, UDP with ICMP
+/// port unreachable.
 pub fn plan(policy: &Policy, owner: &str, aid: &str, translations: &[Translation]) -> Plan {
     let mut out = Plan::default();
     if !policy.active() {
         return out;
     }
-    let mut ports: Vec<u16> = translations
+    let mut ports: Vec<(Protocol, u16)> = translations
         .iter()
-        .filter(|t| t.protocol == appshot_vpm::Protocol::Tcp)
-        .map(|t| t.virtual_port)
+        .map(|t| (t.protocol, t.virtual_port))
         .collect();
     ports.sort_unstable();
     ports.dedup();
     let ordered = policy.ordered();
-    for &v in &ports {
+    for &(protocol, v) in &ports {
         let socks: Vec<&Translation> = translations
             .iter()
-            .filter(|t| t.protocol == appshot_vpm::Protocol::Tcp && t.virtual_port == v)
+            .filter(|t| t.protocol == protocol && t.virtual_port == v)
             .collect();
         let targets = Targets::of(&socks);
         let record = |source: String, source_port, real_port| SourceRuleRecord {
             owner: owner.to_owned(),
             aid: aid.to_owned(),
+            protocol,
             source,
             source_port,
             virtual_port: v,
@@ -194,7 +202,7 @@ pub fn plan(policy: &Policy, owner: &str, aid: &str, translations: &[Translation
                 if let Some(target) = target {
                     out.specific.push(format!(
                         "{} {}",
-                        matcher(&rule.source, rule.source_port, v),
+                        matcher(&rule.source, rule.source_port, protocol, v),
                         target.statement()
                     ));
                     out.records.push(record(
@@ -212,7 +220,7 @@ pub fn plan(policy: &Policy, owner: &str, aid: &str, translations: &[Translation
                 if shadowed {
                     out.specific.push(format!(
                         "{} return",
-                        matcher(&rule.source, rule.source_port, v)
+                        matcher(&rule.source, rule.source_port, protocol, v)
                     ));
                 }
             }
@@ -222,13 +230,13 @@ pub fn plan(policy: &Policy, owner: &str, aid: &str, translations: &[Translation
             for rule in ordered.iter().filter(|r| r.aid != aid) {
                 out.default.push(format!(
                     "{} return",
-                    matcher(&rule.source, rule.source_port, v)
+                    matcher(&rule.source, rule.source_port, protocol, v)
                 ));
             }
             for (v4, nfproto) in [(true, "ipv4"), (false, "ipv6")] {
                 if let Some(target) = targets.get(v4) {
                     out.default.push(format!(
-                        "meta nfproto {nfproto} tcp dport {v} {}",
+                        "meta nfproto {nfproto} {protocol} dport {v} {}",
                         target.statement()
                     ));
                     let source = if v4 { "0.0.0.0/0" } else { "::/0" };
@@ -245,8 +253,10 @@ pub fn plan(policy: &Policy, owner: &str, aid: &str, translations: &[Translation
                 ..record("unmatched".into(), None, None)
             });
         }
-        out.reset
-            .push(format!("tcp dport {v} reject with tcp reset"));
+        out.reset.push(match protocol {
+            Protocol::Tcp => format!("tcp dport {v} reject with tcp reset"),
+            Protocol::Udp => format!("udp dport {v} reject"),
+        });
     }
     out
 }
@@ -567,6 +577,40 @@ mod tests {
             ]
         );
         assert_eq!(p.reset.len(), 2);
+    }
+
+    #[test]
+    fn udp_ports_get_the_same_rules_and_a_closed_port_answer() {
+        let mut dns = tcp("0.0.0.0", 53, 20007);
+        dns.protocol = Protocol::Udp;
+        let p = plan(
+            &Policy {
+                rules: vec![rule("10.9.0.0/24", Some(4000), "b")],
+                default_aid: Some("b".into()),
+            },
+            "dns-b",
+            "b",
+            &[tcp("0.0.0.0", 53, 20008), dns],
+        );
+        assert_eq!(
+            p.specific,
+            [
+                "ip saddr 10.9.0.0/24 tcp sport 4000 tcp dport 53 redirect to :20008",
+                "ip saddr 10.9.0.0/24 udp sport 4000 udp dport 53 redirect to :20007",
+            ]
+        );
+        assert_eq!(
+            p.default,
+            [
+                "meta nfproto ipv4 tcp dport 53 redirect to :20008",
+                "meta nfproto ipv4 udp dport 53 redirect to :20007",
+            ]
+        );
+        assert_eq!(
+            p.reset,
+            ["tcp dport 53 reject with tcp reset", "udp dport 53 reject"]
+        );
+        assert!(p.records.iter().any(|r| r.protocol == Protocol::Udp));
     }
 
     #[test]

@@ -165,10 +165,20 @@ impl Lab {
         d
     }
 
-    /// A command run inside `host`'s namespace.
+    /// A command run inside `host`'s namespace. `ip netns exec` gives it a
+    /// mount namespace of its own with a fresh sysfs, where nothing is
+    /// mounted on /sys/fs/cgroup: cgroup2 is mounted there first, as an
+    /// operator running appshot that way must, so that instances get the
+    /// cgroups their datagrams are routed by.
     fn in_ns(&self, host: usize, program: &Path) -> Command {
         let mut cmd = Command::new(which("ip").expect("ip"));
         cmd.args(["netns", "exec", &self.hosts[host].ns])
+            .args([
+                "sh",
+                "-c",
+                "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$@\"",
+                "sh",
+            ])
             .arg(program);
         cmd.current_dir(self.work.path());
         cmd
@@ -612,6 +622,127 @@ fn outside_clients_follow_source_rules_and_stale_rules_are_reclaimed() {
         unmatched.code,
         Some(7),
         "no rule, no default: reset: {unmatched}"
+    );
+}
+
+#[test]
+fn outside_udp_clients_follow_source_rules() {
+    let test = "outside_udp_clients_follow_source_rules";
+    let Some(lab) = Lab::new(test, "su") else {
+        return;
+    };
+    let config = lab.dir("config").join("echo.toml");
+    fs::write(
+        &config,
+        format!("default_aid = \"a\"\n\n[[source_rules]]\nsource = \"{C1}\"\naid = \"b\"\n"),
+    )
+    .unwrap();
+    let echo = common::script("udpecho.py");
+    for aid in ["a", "b"] {
+        let name = format!("echo-{aid}");
+        let mut cmd = lab.appshot(0);
+        cmd.args(["run", "--aid", aid, "--name", &name, "--detach", "--config"])
+            .arg(&config)
+            .args([
+                "--port", "9053", "--", "python3", &echo, aid, "0.0.0.0", "9053",
+            ]);
+        let ran = run(&mut cmd, TIMEOUT);
+        assert!(ran.success(), "{test}: starting {name}: {ran}");
+        lab.wait_log(0, &name, "bound 9053");
+    }
+    // Host C runs no appshot: the rules alone route its datagrams, and the
+    // answers come back from the virtual port.
+    let client = common::script("udpclient.py");
+    let ask_from = |source: &str| {
+        let mut cmd = lab.in_ns(2, &which("python3").unwrap());
+        cmd.args([client.as_str(), A_C, "9053", source]);
+        let ran = run(&mut cmd, TIMEOUT);
+        assert!(ran.success(), "{test}: {ran}");
+        ran.stdout
+            .lines()
+            .map(|l| match (l.find('#'), l.find(':')) {
+                (Some(h), Some(c)) if h < c => format!("{}{}", &l[..h], &l[c..]),
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ask_from(C1),
+        [
+            "unconnected b:ping from port 9053",
+            "connected b:ping peer port 9053"
+        ],
+        "{test}: C1's rule names b"
+    );
+    assert_eq!(
+        ask_from(C2),
+        [
+            "unconnected a:ping from port 9053",
+            "connected a:ping peer port 9053"
+        ],
+        "{test}: C2 has no rule: the default a"
+    );
+    let remote = lab.json(0, &["ports", "--remote", "--json"]);
+    assert!(
+        remote["source_rules"].as_array().unwrap().iter().any(|r| {
+            r["protocol"] == "udp" && r["source"] == format!("{C1}/32") && r["aid"] == "b"
+        }),
+        "{remote:#}"
+    );
+    // Without b's instance, C1 meets a closed port, not the default.
+    let ran = run(lab.appshot(0).args(["stop", "-t", "2", "echo-b"]), TIMEOUT);
+    assert!(ran.success(), "{ran}");
+    assert_eq!(
+        ask_from(C1),
+        ["unconnected no answer", "connected ECONNREFUSED"],
+        "{test}: C1's AID is gone"
+    );
+}
+
+#[test]
+fn connected_udp_sockets_negotiate_by_aid() {
+    let test = "connected_udp_sockets_negotiate_by_aid";
+    let Some(mut lab) = Lab::new(test, "un") else {
+        return;
+    };
+    let echo = common::script("udpecho.py");
+    for aid in ["a", "b"] {
+        let name = format!("echo-{aid}");
+        let mut cmd = lab.appshot(0);
+        cmd.args(["run", "--aid", aid, "--name", &name, "--detach"])
+            .args([
+                "--port", "9053", "--", "python3", &echo, aid, "0.0.0.0", "9053",
+            ]);
+        let ran = run(&mut cmd, TIMEOUT);
+        assert!(ran.success(), "{test}: starting {name}: {ran}");
+        lab.wait_log(0, &name, "bound 9053");
+    }
+    lab.agent(0, &format!("{A_B}:7946"));
+    let client = common::script("udpclient.py");
+    // The second line is the connected socket's: its connect was
+    // negotiated with A's agent. (The first, a sendto, is not: it goes to
+    // A's port 9053 as addressed.)
+    let connected = |aid: &str| {
+        let mut cmd = lab.appshot(1);
+        cmd.args(["run", "--aid", aid, "--", "python3", &client, A_B, "9053"]);
+        let ran = run(&mut cmd, TIMEOUT);
+        assert!(ran.success(), "{test}: {ran}");
+        ran.stdout.lines().nth(1).unwrap_or_default().to_string()
+    };
+    let b = connected("b");
+    assert!(
+        b.starts_with("connected b#") && b.ends_with(":ping peer port 9053"),
+        "{test}: AID b from host B: {b}"
+    );
+    assert_eq!(
+        connected("z"),
+        "connected ECONNREFUSED",
+        "{test}: AID z from host B"
+    );
+    let agent = lab.agent_log(0);
+    assert!(
+        agent.contains("aid=b") && agent.contains("aid=z"),
+        "{test}: the agent did not answer both:\n{agent}"
     );
 }
 

@@ -65,10 +65,17 @@ pub struct InstanceRecord {
 /// appshot reach it by their source address; recorded so that `appshot
 /// ports` can show it. The rules themselves live in the instance's own
 /// chains, which go with the instance (or with its reclaim).
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceRuleRecord {
     pub owner: String,
     pub aid: String,
+    /// Records written before UDP was multiplexed are TCP's.
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
     /// Address or CIDR; `*` for every source no other rule names.
     pub source: String,
     pub source_port: Option<u16>,

@@ -235,12 +235,16 @@ impl Multiplexer {
             Connect::AsTask { socket, bytes } => {
                 astask::perform(call, move || connect_raw(&socket, &bytes).map_err(errno))
             }
-            Connect::Negotiate { socket, dest } => {
+            Connect::Negotiate {
+                socket,
+                protocol,
+                dest,
+            } => {
                 // Negotiating takes a round trip to the other host: off the
                 // receive loop, like a blocking connect.
                 let mux = Arc::clone(self);
                 self.workers
-                    .run(move || mux.connect_remote(call, socket, dest));
+                    .run(move || mux.connect_remote(call, socket, protocol, dest));
             }
             Connect::To { socket, target } => {
                 if is_blocking(&socket) {
@@ -257,9 +261,9 @@ impl Multiplexer {
 
     /// A connect to another host, after asking its agent (FIG. 6): to the
     /// real port it names, refused, or as the application asked.
-    fn connect_remote(&self, call: Call, socket: OwnedFd, dest: SocketAddr) {
+    fn connect_remote(&self, call: Call, socket: OwnedFd, protocol: Protocol, dest: SocketAddr) {
         let cluster = &self.policy.settings.cluster;
-        let target = match cluster.negotiate(dest) {
+        let target = match cluster.negotiate(protocol, dest) {
             crate::remote::Route::Plain => dest,
             crate::remote::Route::Refused => {
                 debug!(

@@ -135,6 +135,7 @@ pub enum Connect<S> {
     /// Ask the agent of the destination's host first.
     Negotiate {
         socket: S,
+        protocol: Protocol,
         dest: SocketAddr,
     },
 }
@@ -383,16 +384,27 @@ impl Policy {
             Ok(TaskSocket::Other(socket)) => return Connect::AsTask { socket, bytes },
             Err(e) => return Connect::Answer(Response::Errno(e)),
         };
-        let dest = match sockaddr::decode(domain, &bytes) {
-            Ok(a) if protocol == Some(Protocol::Tcp) => a,
-            // Datagrams are routed by the kernel (`udproutes`) whatever the
-            // socket is connected to, and an address that does not decode
-            // (AF_UNSPEC, an IPv4 address on an IPv6 socket, a short one)
-            // is the kernel's to judge: the task's own bytes.
+        let remote = |a: &SocketAddr| {
+            self.settings.cluster.negotiates(a.ip()) && !self.is_local(kernel, a.ip())
+        };
+        let dest = match (sockaddr::decode(domain, &bytes), protocol) {
+            (Ok(a), Some(Protocol::Tcp)) => a,
+            // A UDP socket connected to another host's port is negotiated
+            // as a TCP connect is.
+            (Ok(a), Some(Protocol::Udp)) if remote(&a) => a,
+            // Datagrams to this host are routed by the kernel (`udproutes`)
+            // whatever the socket is connected to, and an address that
+            // does not decode (AF_UNSPEC, an IPv4 address on an IPv6
+            // socket, a short one) is the kernel's to judge: the task's own
+            // bytes.
             _ => return Connect::Answer(Response::of(kernel.connect_raw(&socket, &bytes))),
         };
-        if self.settings.cluster.negotiates(dest.ip()) && !self.is_local(kernel, dest.ip()) {
-            return Connect::Negotiate { socket, dest };
+        if remote(&dest) {
+            return Connect::Negotiate {
+                socket,
+                protocol: protocol.unwrap_or(Protocol::Tcp),
+                dest,
+            };
         }
         match self.route(kernel, dest) {
             Ok(target) => Connect::To { socket, target },
@@ -473,7 +485,7 @@ impl Policy {
         };
         let cluster = &self.settings.cluster;
         let negotiated = match side {
-            Side::Peer if protocol == Protocol::Tcp && cluster.has_peers() => kernel
+            Side::Peer if cluster.has_peers() => kernel
                 .inode(&socket)
                 .ok()
                 .and_then(|inode| cluster.peer_virtual_port(inode, addr)),

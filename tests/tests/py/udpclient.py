@@ -1,13 +1,17 @@
 """Asks ADDRESS PORT twice, by sendto from an unconnected socket and by
-send on a connected one; prints one line each: the answer and where it came
-from (recvfrom, getpeername), 'no answer', or the errno name."""
+send on a connected one (both from SOURCE, if given); prints one line each:
+the answer and where it came from (recvfrom, getpeername), 'no answer', or
+the errno name."""
 import errno, socket, sys
 address, port = sys.argv[1], int(sys.argv[2])
+source = sys.argv[3] if len(sys.argv) > 3 else None
 family = socket.AF_INET6 if ":" in address else socket.AF_INET
 
 def show(kind, f):
     s = socket.socket(family, socket.SOCK_DGRAM)
     s.settimeout(2)
+    if source:
+        s.bind((source, 0))
     try:
         print(kind, f(s), flush=True)
     except socket.timeout:

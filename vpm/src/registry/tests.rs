@@ -313,6 +313,7 @@ fn reclaimed_in(dir: &Path) -> Vec<String> {
 
 fn source_rule(owner: &str) -> crate::SourceRuleRecord {
     crate::SourceRuleRecord {
+        protocol: crate::Protocol::Tcp,
         owner: owner.into(),
         aid: "b".into(),
         source: "10.9.0.0/24".into(),

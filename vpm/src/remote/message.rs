@@ -13,6 +13,8 @@
 
 use std::net::IpAddr;
 
+use crate::translation::Protocol;
+
 pub const MAGIC: [u8; 4] = *b"AVPM";
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
@@ -157,22 +159,26 @@ pub struct Request {
     pub nonce: Nonce,
     /// Sender's clock, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+    pub protocol: Protocol,
     /// The address the client connects to, as it named it.
     pub dest: IpAddr,
     pub virtual_port: u16,
     pub aid: String,
 }
 
-/// TCP; the only protocol negotiated so far, but on the wire so that UDP
-/// can follow without a version change.
+/// IP protocol numbers, as on the wire.
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
 
 impl Request {
     pub fn encode_body(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64);
         b.extend_from_slice(&self.nonce);
         b.extend_from_slice(&self.timestamp_ms.to_be_bytes());
-        b.push(PROTO_TCP);
+        b.push(match self.protocol {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        });
         match self.dest {
             IpAddr::V4(a) => {
                 b.push(4);
@@ -198,10 +204,16 @@ impl Request {
         let mut r = Reader::new(body);
         let nonce = r.array::<NONCE_LEN>("nonce")?;
         let timestamp_ms = u64::from_be_bytes(r.array("timestamp")?);
-        let proto = r.u8("protocol")?;
-        if proto != PROTO_TCP {
-            return Err(field("protocol", format!("{proto} is not TCP (6)")));
-        }
+        let protocol = match r.u8("protocol")? {
+            PROTO_TCP => Protocol::Tcp,
+            PROTO_UDP => Protocol::Udp,
+            p => {
+                return Err(field(
+                    "protocol",
+                    format!("{p} is neither TCP (6) nor UDP (17)"),
+                ))
+            }
+        };
         let dest = match r.u8("address family")? {
             4 => IpAddr::from(r.array::<4>("address")?),
             6 => IpAddr::from(r.array::<16>("address")?),
@@ -230,6 +242,7 @@ impl Request {
         Ok(Request {
             nonce,
             timestamp_ms,
+            protocol,
             dest,
             virtual_port,
             aid,
@@ -346,6 +359,7 @@ mod tests {
         Request {
             nonce: [7; NONCE_LEN],
             timestamp_ms: 1_700_000_000_123,
+            protocol: Protocol::Tcp,
             dest: dest.parse().unwrap(),
             virtual_port: 9000,
             aid: aid.into(),
@@ -393,11 +407,20 @@ mod tests {
     }
 
     #[test]
+    fn udp_requests_round_trip() {
+        let req = Request {
+            protocol: Protocol::Udp,
+            ..request("10.200.1.1", "dns")
+        };
+        assert_eq!(Request::decode_body(&req.encode_body()), Ok(req));
+    }
+
+    #[test]
     fn malformed_request_fields_are_named() {
         let good = request("10.0.0.1", "abc").encode_body();
         let family_at = NONCE_LEN + 8 + 1;
         let cases: Vec<(usize, u8, &str)> = vec![
-            (NONCE_LEN + 8, 17, "protocol"),
+            (NONCE_LEN + 8, 1, "protocol"),
             (family_at, 5, "address family"),
             (family_at + 1 + 4, 0, "virtual port"),
             (family_at + 1 + 4 + 2, 0, "aid length"),

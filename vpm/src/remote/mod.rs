@@ -120,9 +120,11 @@ pub enum ResponseError {
 }
 
 impl Exchange {
-    /// A sealed request for `aid` on `dest:virtual_port` stamped `now_ms`.
+    /// A sealed request for `aid` on `dest:virtual_port` over `protocol`,
+    /// stamped `now_ms`.
     pub fn new(
         key: &ClusterKey,
+        protocol: crate::Protocol,
         dest: std::net::IpAddr,
         virtual_port: u16,
         aid: &str,
@@ -131,6 +133,7 @@ impl Exchange {
         let request = Request {
             nonce: auth::nonce(),
             timestamp_ms: now_ms,
+            protocol,
             dest,
             virtual_port,
             aid: aid.to_owned(),

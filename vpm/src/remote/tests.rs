@@ -4,6 +4,7 @@ use std::path::Path;
 
 use super::message::{deny_frame, Kind, MAX_BODY, MAX_FRAME};
 use super::*;
+use crate::Protocol;
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -33,7 +34,7 @@ fn an_authentic_request_gets_the_registry_answer_bound_to_its_nonce() {
         ("z", 9000, Answer::Refused),
         ("a", 8080, Answer::NotMultiplexed),
     ] {
-        let ex = Exchange::new(&key(1), dest(), port, aid, NOW);
+        let ex = Exchange::new(&key(1), Protocol::Tcp, dest(), port, aid, NOW);
         let handled = agent.handle(&ex.frame, NOW + 3, lookup);
         let (req, answer) = handled.outcome.expect("served");
         assert_eq!(
@@ -42,7 +43,7 @@ fn an_authentic_request_gets_the_registry_answer_bound_to_its_nonce() {
         );
         assert_eq!(ex.answer(&key(1), &handled.reply), Ok(want));
         // Another request's response does not answer this one.
-        let other = Exchange::new(&key(1), dest(), port, aid, NOW);
+        let other = Exchange::new(&key(1), Protocol::Tcp, dest(), port, aid, NOW);
         assert_eq!(
             other.answer(&key(1), &handled.reply),
             Err(ResponseError::NonceMismatch)
@@ -55,7 +56,7 @@ fn a_wrong_key_gets_the_constant_denial_whatever_it_asks() {
     let mut agent = AgentCore::new(key(1));
     let mut replies = Vec::new();
     for (aid, port) in [("a", 9000), ("z", 9000), ("a", 8080)] {
-        let ex = Exchange::new(&key(2), dest(), port, aid, NOW);
+        let ex = Exchange::new(&key(2), Protocol::Tcp, dest(), port, aid, NOW);
         let handled = agent.handle(&ex.frame, NOW, lookup);
         assert_eq!(
             handled.outcome.unwrap_err(),
@@ -73,7 +74,7 @@ fn a_wrong_key_gets_the_constant_denial_whatever_it_asks() {
 
 #[test]
 fn a_forged_response_is_not_believed() {
-    let ex = Exchange::new(&key(1), dest(), 9000, "a", NOW);
+    let ex = Exchange::new(&key(1), Protocol::Tcp, dest(), 9000, "a", NOW);
     let mut forger = AgentCore::new(key(2));
     let forged = key(2).seal(
         Kind::Response,
@@ -97,7 +98,7 @@ fn a_forged_response_is_not_believed() {
 #[test]
 fn replays_and_stale_requests_are_refused() {
     let mut agent = AgentCore::new(key(1));
-    let ex = Exchange::new(&key(1), dest(), 9000, "a", NOW);
+    let ex = Exchange::new(&key(1), Protocol::Tcp, dest(), 9000, "a", NOW);
     assert!(agent.handle(&ex.frame, NOW, lookup).outcome.is_ok());
     let again = agent.handle(&ex.frame, NOW + 10, lookup);
     assert_eq!(
@@ -106,12 +107,26 @@ fn replays_and_stale_requests_are_refused() {
     );
     assert_eq!(again.reply, deny_frame());
 
-    let old = Exchange::new(&key(1), dest(), 9000, "a", NOW - MAX_SKEW_MS - 1);
+    let old = Exchange::new(
+        &key(1),
+        Protocol::Tcp,
+        dest(),
+        9000,
+        "a",
+        NOW - MAX_SKEW_MS - 1,
+    );
     assert!(matches!(
         agent.handle(&old.frame, NOW, lookup).outcome,
         Err(Refusal::Replay(Rejection::Stale { .. }))
     ));
-    let future = Exchange::new(&key(1), dest(), 9000, "a", NOW + MAX_SKEW_MS + 1);
+    let future = Exchange::new(
+        &key(1),
+        Protocol::Tcp,
+        dest(),
+        9000,
+        "a",
+        NOW + MAX_SKEW_MS + 1,
+    );
     assert!(matches!(
         agent.handle(&future.frame, NOW, lookup).outcome,
         Err(Refusal::Replay(Rejection::Stale { .. }))
@@ -155,7 +170,7 @@ fn mutated_frames_never_panic_never_get_served_and_leave_the_agent_working() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut agent = AgentCore::new(key(1));
     for round in 0..5_000 {
-        let ex = Exchange::new(&key(1), dest(), 9000, "a", NOW);
+        let ex = Exchange::new(&key(1), Protocol::Tcp, dest(), 9000, "a", NOW);
         let mut frame = ex.frame.clone();
         match rng.below(4) {
             0 => {
@@ -176,7 +191,7 @@ fn mutated_frames_never_panic_never_get_served_and_leave_the_agent_working() {
         // Through the stream reader too: bounded, and never a panic.
         let _ = read_frame(&mut Cursor::new(&frame));
     }
-    let ex = Exchange::new(&key(1), dest(), 9000, "a", NOW);
+    let ex = Exchange::new(&key(1), Protocol::Tcp, dest(), 9000, "a", NOW);
     let handled = agent.handle(&ex.frame, NOW, lookup);
     assert_eq!(
         ex.answer(&key(1), &handled.reply),
