@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use appshot_sys::pidfd;
 use nix::sys::socket::{
@@ -17,6 +17,7 @@ use crate::image::{ImageWriter, PAGE};
 use crate::kinds::files::file_ref;
 use crate::kinds::memory::{classify, dump_memory, growsdown, MemoryContext};
 use crate::kinds::{self, tree};
+use crate::precopy::Tracking;
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Memory};
 
@@ -48,13 +49,6 @@ pub struct DumpRequest<'a> {
     pub external_unix_close: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct DumpStats {
-    pub pages_bytes: u64,
-    pub image_bytes: u64,
-    pub seconds: f64,
-}
-
 /// What is learnt of a process before any of the tree is touched.
 struct Checked {
     ids: tree::Ids,
@@ -72,12 +66,19 @@ struct Checked {
 }
 
 /// Dumps the frozen processes of an instance (`tree`: every process, each
-/// with all its threads frozen, parents before children) into `path`. They
-/// stay frozen; the caller releases or kills them. On error (cancellation
-/// included) no file is left behind; once the image is renamed into place
-/// the dump is no longer cancelled.
-pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
-    let started = Instant::now();
+/// with all its threads frozen, parents before children): their pages go
+/// into `writer`, the rest of their state into the manifest returned, which
+/// the caller writes with [`ImageWriter::finish`] once it has released the
+/// processes or not. They stay frozen; the caller releases or kills them,
+/// and abandons the writer on error (cancellation included). With
+/// `tracking`, the pages pre-copied into `writer` while the processes ran
+/// and not written since are referenced rather than read again.
+pub fn dump(
+    tree: &[Frozen],
+    req: &DumpRequest,
+    writer: &mut ImageWriter,
+    tracking: Option<&mut Tracking>,
+) -> Result<Manifest, SnapshotError> {
     let first = tree
         .first()
         .ok_or_else(|| SnapshotError::Restore("no process to dump".into()))?
@@ -168,7 +169,8 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         asked.push(a);
     }
 
-    let mut writer = ImageWriter::create(path)?;
+    // Frozen now: what was written since the last pass is known.
+    let precopied = tracking.map(|t| t.settle()).unwrap_or_default();
     let mut processes: Vec<ProcessImage> = Vec::with_capacity(tree.len());
     let mut shmem_saved = HashSet::new();
     for ((frozen, c), a) in tree.iter().zip(checked).zip(asked) {
@@ -176,27 +178,14 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         let ctx = MemoryContext {
             parent,
             shmem_saved: &mut shmem_saved,
+            precopied: precopied.get(&frozen.pid),
         };
-        match save_process(frozen, c, a, ctx, req, &mut writer, &check) {
-            Ok(p) => processes.push(p),
-            Err(e) => {
-                writer.abandon();
-                return Err(e);
-            }
-        }
+        processes.push(save_process(frozen, c, a, ctx, req, writer, &check)?);
     }
-    let shared_objects = ipc
-        .write(&mut writer)
-        .and_then(|ipc| Ok((ipc, memfds.save(&mut writer)?)));
-    let (ipc, memfds) = match shared_objects {
-        Ok(objects) => objects,
-        Err(e) => {
-            writer.abandon();
-            return Err(e);
-        }
-    };
-    let pages_bytes = processes.iter().map(|p| p.pages_bytes).sum();
-    let manifest = Manifest {
+    let ipc = ipc.write(writer)?;
+    let memfds = memfds.save(writer)?;
+    check()?;
+    Ok(Manifest {
         created_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -206,17 +195,28 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         processes,
         ipc,
         memfds,
-    };
-    if let Err(e) = check() {
-        writer.abandon();
-        return Err(e);
-    }
-    let image_bytes = writer.finish(&manifest)?;
-    Ok(DumpStats {
-        pages_bytes,
-        image_bytes,
-        seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The address of executable code of the process's own to inject the
+/// first call from: its executable's (`exe`), else any private file
+/// mapping's (a shared one would be written through to its file).
+pub(crate) fn code_page(
+    pid: u32,
+    maps: &[parse::MapsLine],
+    exe: Option<&Path>,
+) -> Result<u64, SnapshotError> {
+    maps.iter()
+        .find(|m| m.exec && !m.shared && exe.is_some_and(|e| Path::new(&m.name) == e))
+        .or_else(|| {
+            maps.iter()
+                .find(|m| m.exec && !m.shared && m.name.starts_with('/'))
+        })
+        .map(|m| m.start)
+        .ok_or_else(|| SnapshotError::Unsupported {
+            pid,
+            what: "no executable file mapping to inject from".into(),
+        })
 }
 
 fn check_process(
@@ -250,19 +250,7 @@ fn check_process(
     }
     let exe_path = std::fs::read_link(format!("{proc_dir}/exe"))
         .map_err(|e| SnapshotError::process(pid, "reading exe link", e))?;
-    let text = maps_before
-        .iter()
-        .find(|m| m.exec && !m.shared && Path::new(&m.name) == exe_path)
-        .or_else(|| {
-            maps_before
-                .iter()
-                .find(|m| m.exec && m.name.starts_with('/'))
-        })
-        .ok_or_else(|| SnapshotError::Unsupported {
-            pid,
-            what: "no executable file mapping to inject from".into(),
-        })?
-        .start;
+    let text = code_page(pid, &maps_before, Some(&exe_path))?;
     let umask = parse::status_field(&status, "Umask")
         .and_then(|u| u32::from_str_radix(u, 8).ok())
         .unwrap_or(0o022);

@@ -21,10 +21,17 @@ use crate::restore::{highest_fd, open_in};
 use tracing::debug;
 
 /// Largest run of pages read and written at once.
-const CHUNK_PAGES: u64 = 1024;
+pub(crate) const CHUNK_PAGES: u64 = 1024;
 
 /// Pagemap entries read at once (512 KiB).
-const PAGEMAP_ENTRIES: u64 = 64 * 1024;
+pub(crate) const PAGEMAP_ENTRIES: u64 = 64 * 1024;
+
+/// Pagemap's bits of a page in memory, and of one in swap.
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_SWAPPED: u64 = 1 << 62;
+/// Pagemap's bit of a page that is the file's (or shared anonymous
+/// memory's), not a private copy.
+pub(crate) const PM_FILE_PAGE: u64 = 1 << 61;
 
 /// What saving a process's memory needs from the processes before it.
 pub(crate) struct MemoryContext<'a> {
@@ -32,6 +39,10 @@ pub(crate) struct MemoryContext<'a> {
     pub(crate) parent: Option<(u32, &'a [Vma])>,
     /// Shared anonymous objects (inodes) whose pages are saved already.
     pub(crate) shmem_saved: &'a mut HashSet<u64>,
+    /// Pages copied into the image before the freeze and not written
+    /// since (page address to offset in the pages section): referenced,
+    /// not read again.
+    pub(crate) precopied: Option<&'a HashMap<u64, u64>>,
 }
 
 /// Start addresses of the process's grows-down mappings.
@@ -138,9 +149,6 @@ pub(crate) fn dump_memory(
     req: &DumpRequest,
     check: &dyn Fn() -> Result<(), SnapshotError>,
 ) -> Result<Vec<Vma>, SnapshotError> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    const FILE_PAGE: u64 = 1 << 61;
     const PFN: u64 = (1 << 55) - 1;
     let open_pagemap = |pid: u32| {
         std::fs::File::open(format!("/proc/{pid}/pagemap"))
@@ -201,8 +209,8 @@ pub(crate) fn dump_memory(
                 }
                 for (i, e) in pagemap_buf[..len].chunks_exact(8).enumerate() {
                     let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
-                    let has_data =
-                        e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
+                    let has_data = e & (PM_PRESENT | PM_SWAPPED) != 0
+                        && !(file_backed && e & PM_FILE_PAGE != 0);
                     if !has_data {
                         continue;
                     }
@@ -211,8 +219,8 @@ pub(crate) fn dump_memory(
                         let p = u64::from_ne_bytes(
                             parent_buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"),
                         );
-                        let same_frame = e & PRESENT != 0
-                            && p & PRESENT != 0
+                        let same_frame = e & PM_PRESENT != 0
+                            && p & PM_PRESENT != 0
                             && e & PFN != 0
                             && e & PFN == p & PFN;
                         if same_frame {
@@ -238,8 +246,18 @@ pub(crate) fn dump_memory(
             _ => None,
         };
         let mut pages = Vec::with_capacity(runs.len());
-        for (addr, n) in runs {
+        let precopied = ctx.precopied.filter(|_| object.is_none());
+        for (addr, n) in runs.into_iter().flat_map(|r| split_precopied(r, precopied)) {
             let len = (n * PAGE) as usize;
+            if let Some(&offset) = precopied.and_then(|p| p.get(&addr)) {
+                pages.push(PageRun {
+                    addr,
+                    pages: n,
+                    offset,
+                });
+                done += len as u64;
+                continue;
+            }
             match &object {
                 Some(f) => {
                     std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
@@ -276,6 +294,39 @@ pub(crate) fn dump_memory(
     }
     debug!(pid, bytes = total, "memory saved");
     Ok(vmas)
+}
+
+/// Splits a run of pages to save into pieces that are either all
+/// pre-copied at consecutive offsets (one [`PageRun`] of the copies) or all
+/// still to read.
+fn split_precopied(
+    (addr, n): (u64, u64),
+    precopied: Option<&HashMap<u64, u64>>,
+) -> Vec<(u64, u64)> {
+    let Some(p) = precopied else {
+        return vec![(addr, n)];
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let first = addr + i * PAGE;
+        let at = p.get(&first).copied();
+        let mut k = 1;
+        while i + k < n {
+            let next = p.get(&(first + k * PAGE)).copied();
+            let continues = match at {
+                Some(off) => next == Some(off + k * PAGE),
+                None => next.is_none(),
+            };
+            if !continues {
+                break;
+            }
+            k += 1;
+        }
+        out.push((first, k));
+        i += k;
+    }
+    out
 }
 
 /// The object behind a mapping, opened through /proc/PID/map_files.

@@ -1,0 +1,419 @@
+//! Pre-copy: the memory of a live snapshot is copied while the instance
+//! runs, and only the pages written meanwhile are copied again once it is
+//! frozen.
+//!
+//! Writes are tracked without soft-dirty (this kernel has none): a
+//! userfaultfd is created inside each process (an injected
+//! `userfaultfd()`), taken out with `pidfd_getfd` and closed in the
+//! process again at once, so the process never holds it. Its writable
+//! private mappings are registered for asynchronous write-protect
+//! (WP_ASYNC: a write to a protected page is resolved by the kernel in the
+//! writing thread, nobody answers a fault), and each pass is one
+//! `PAGEMAP_SCAN` per mapping that lists the pages written since the last
+//! pass and protects them again in the same walk.
+//!
+//! The userfaultfd lives only in the dumper. Dropping a [`Tracking`]
+//! unregisters every range (their pages lose their protection); if the
+//! dumper dies instead, the kernel closes its fd, and releasing the last
+//! reference to a userfaultfd unregisters every range it had, the same
+//! way. Either way the process never waits on it: with WP_ASYNC no fault
+//! is ever queued for a reader.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+
+use appshot_sys::pidfd;
+use appshot_sys::uffd::{self, PageRegion};
+use nix::sys::ptrace::Options;
+use tracing::debug;
+
+use crate::error::SnapshotError;
+use crate::image::model::VmaKind;
+use crate::image::{ImageWriter, PAGE};
+use crate::kinds::memory::{
+    classify, growsdown, CHUNK_PAGES, PAGEMAP_ENTRIES, PM_FILE_PAGE, PM_PRESENT, PM_SWAPPED,
+};
+use crate::proc::parse;
+use crate::ptrace::{Frozen, Memory};
+
+/// Regions returned by one scan call.
+const REGIONS: usize = 512;
+/// Passes after the first, at most: each copies what the one before let
+/// be written.
+const MAX_PASSES: usize = 8;
+/// A pass that copied no more than this is the last one while running:
+/// copying it again while frozen costs well under a millisecond.
+const SETTLED_BYTES: u64 = 1 << 20;
+
+/// One registered, writable private mapping.
+struct Range {
+    start: u64,
+    end: u64,
+    /// Pages still identical to their file are not saved (the restore maps
+    /// them from it), so they are not copied either.
+    file_backed: bool,
+}
+
+/// The write tracking of one process.
+struct Tracked {
+    pid: u32,
+    uffd: OwnedFd,
+    mem: Memory,
+    /// Ranges whose every write is tracked. One whose mapping went away or
+    /// was replaced (its scan fails with EPERM) is dropped, with what was
+    /// copied of it.
+    ranges: Vec<Range>,
+    /// Page address to the offset of its latest copy in the pages section,
+    /// for every page copied and not written since it was protected.
+    copied: HashMap<u64, u64>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        for r in &self.ranges {
+            // An error means the mapping is gone: nothing left to undo.
+            let _ = uffd::unregister(self.uffd.as_fd(), r.start, r.end - r.start);
+        }
+    }
+}
+
+/// Pages of live processes copied into an image, with their writes tracked
+/// since.
+pub struct Tracking {
+    procs: Vec<Tracked>,
+    /// Bytes copied while the processes ran.
+    pub copied_bytes: u64,
+}
+
+/// What a pass does between pieces of work.
+pub struct Hooks<'a> {
+    /// Called with (bytes done, bytes total) while pages are copied.
+    pub progress: &'a dyn Fn(u64, u64),
+    /// `true` abandons the pre-copy.
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+/// Copies the memory of `pids` (the instance's processes, running) into
+/// `writer`: every page once, then the pages written meanwhile, pass after
+/// pass until a pass copies little or no less than the one before (the
+/// process writes as fast as it is copied). The processes are stopped
+/// only for the few injected calls that create their userfaultfd.
+pub fn precopy(
+    pids: &[u32],
+    writer: &mut ImageWriter,
+    hooks: &Hooks,
+) -> Result<Tracking, SnapshotError> {
+    let mut tracking = Tracking {
+        procs: Vec::with_capacity(pids.len()),
+        copied_bytes: 0,
+    };
+    for &pid in pids {
+        tracking.procs.push(track(pid)?);
+    }
+    let mut last = tracking.pass(writer, hooks, true)?;
+    for _ in 0..MAX_PASSES {
+        if last <= SETTLED_BYTES {
+            break;
+        }
+        let now = tracking.pass(writer, hooks, false)?;
+        let shrinking = now < last / 2;
+        last = now;
+        if !shrinking {
+            break;
+        }
+    }
+    Ok(tracking)
+}
+
+/// Creates the write tracking of process `pid`: its userfaultfd, and every
+/// writable private mapping registered and write-protected.
+fn track(pid: u32) -> Result<Tracked, SnapshotError> {
+    let uffd = take_userfaultfd(pid)?;
+    uffd::api(
+        uffd.as_fd(),
+        uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED,
+    )
+    .map_err(|e| SnapshotError::process(pid, "UFFDIO_API with WP_ASYNC", e))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| SnapshotError::process(pid, "reading maps", e))?;
+    let maps = parse::maps(&text).ok_or_else(|| {
+        SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
+    })?;
+    let growsdown = growsdown(pid)?;
+    let mut ranges = Vec::new();
+    for m in maps.iter().filter(|m| m.write && !m.shared) {
+        let file_backed = match classify(m, pid, &growsdown)? {
+            Some(VmaKind::Anon | VmaKind::Stack) => false,
+            Some(VmaKind::File { .. } | VmaKind::Memfd { .. }) => true,
+            _ => continue,
+        };
+        // Refused for a mapping another userfaultfd has (the
+        // application's own) or one the kernel cannot track: its pages
+        // are simply all copied once frozen.
+        let len = m.end - m.start;
+        if let Err(e) = uffd::register_wp(uffd.as_fd(), m.start, len) {
+            debug!(pid, start = m.start, error = %e, "not tracked");
+            continue;
+        }
+        // Before the first pass lists the pages: a write after this is
+        // seen by the next scan whenever it happens.
+        if let Err(e) = uffd::writeprotect(uffd.as_fd(), m.start, len) {
+            debug!(pid, start = m.start, error = %e, "not tracked");
+            let _ = uffd::unregister(uffd.as_fd(), m.start, len);
+            continue;
+        }
+        ranges.push(Range {
+            start: m.start,
+            end: m.end,
+            file_backed,
+        });
+    }
+    Ok(Tracked {
+        pid,
+        uffd,
+        mem: Memory::open(pid)?,
+        ranges,
+        copied: HashMap::new(),
+    })
+}
+
+/// Creates a userfaultfd inside `pid` (stopped only for the calls) and
+/// takes it out: the process's own fd is closed again before it runs on.
+fn take_userfaultfd(pid: u32) -> Result<OwnedFd, SnapshotError> {
+    let frozen = Frozen::seize(pid, Options::empty())?;
+    let mem = Memory::open(pid)?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| SnapshotError::process(pid, "reading maps", e))?;
+    let maps = parse::maps(&text).ok_or_else(|| {
+        SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
+    })?;
+    let code = crate::dump::code_page(pid, &maps, None)?;
+    let taken = mem.with_code_at(code, |code| {
+        let inj = frozen.injector(code);
+        // User-mode faults only: all a process may ask for when
+        // vm.unprivileged_userfaultfd is 0 and it is not root, and all
+        // WP_ASYNC needs (it never hands a fault to a reader).
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
+        let fd = inj.ok(pid, "userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
+        let ours = pidfd::open_process(pid).and_then(|p| pidfd::get_fd(&p, fd));
+        inj.ok(
+            pid,
+            "close of its userfaultfd",
+            libc::SYS_close,
+            &[fd as u64],
+        )?;
+        ours.map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))
+    });
+    frozen.release();
+    taken
+}
+
+impl Tracking {
+    /// Copies the pages written since the last pass (the first pass: every
+    /// page that holds data) into `writer`; returns the bytes copied.
+    fn pass(
+        &mut self,
+        writer: &mut ImageWriter,
+        hooks: &Hooks,
+        first: bool,
+    ) -> Result<u64, SnapshotError> {
+        let mut work = Vec::with_capacity(self.procs.len());
+        for t in &mut self.procs {
+            work.push(if first { t.with_data()? } else { t.written()? });
+        }
+        let total: u64 = work.iter().flatten().map(|r| r.1 * PAGE).sum();
+        let mut done = 0;
+        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
+        for (t, runs) in self.procs.iter_mut().zip(work) {
+            for (addr, n) in runs {
+                if (hooks.cancelled)() {
+                    return Err(SnapshotError::Cancelled { pid: t.pid });
+                }
+                let len = (n * PAGE) as usize;
+                // The mapping may go away under a running process: its
+                // pages are then simply not copied now.
+                if t.mem.read(addr, &mut buf[..len]).is_err() {
+                    for i in 0..n {
+                        t.copied.remove(&(addr + i * PAGE));
+                    }
+                    continue;
+                }
+                let offset = writer.write_pages(&buf[..len])?;
+                for i in 0..n {
+                    t.copied.insert(addr + i * PAGE, offset + i * PAGE);
+                }
+                done += len as u64;
+                if first {
+                    (hooks.progress)(done, total);
+                }
+            }
+        }
+        self.copied_bytes += done;
+        debug!(bytes = done, first, "pre-copy pass");
+        Ok(done)
+    }
+
+    /// Once the processes are frozen: the copies still good (page address
+    /// to offset in the pages section) of each process, by pid. Ranges
+    /// whose scan fails are dropped, and nothing of them is reused.
+    pub(crate) fn settle(&mut self) -> HashMap<u32, HashMap<u64, u64>> {
+        let mut good = HashMap::new();
+        for t in &mut self.procs {
+            // Every page written since its copy is copied again: its copy
+            // is forgotten. An unreadable scan forgets everything.
+            match t.written() {
+                Ok(runs) => {
+                    for (addr, n) in runs {
+                        for i in 0..n {
+                            t.copied.remove(&(addr + i * PAGE));
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(pid = t.pid, error = %e, "no pre-copied page reused");
+                    t.copied.clear();
+                }
+            }
+            good.insert(t.pid, std::mem::take(&mut t.copied));
+        }
+        good
+    }
+}
+
+impl Tracked {
+    /// The runs of pages written since the last scan (all pages holding
+    /// data, at the first), protected again; ranges that can no longer be
+    /// scanned are dropped with their copies. Pagemap is opened afresh: it
+    /// then speaks of the process's current address space, and one the
+    /// process got from an exec has none of our registrations (EPERM).
+    /// The runs of pages that hold data, as a dump saves them (present or
+    /// swapped, and not still the file's).
+    fn with_data(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        let pid = self.pid;
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))?;
+        let mut runs = Vec::new();
+        for r in &self.ranges {
+            // In bounded pieces: a mapping may be a huge reservation.
+            let mut at = r.start;
+            while at < r.end {
+                let end = r.end.min(at + PAGEMAP_ENTRIES * PAGE);
+                pages_with_data(&pagemap, pid, &mut runs, at, end, r.file_backed)?;
+                at = end;
+            }
+        }
+        Ok(runs)
+    }
+
+    fn written(&mut self) -> Result<Vec<(u64, u64)>, SnapshotError> {
+        let pid = self.pid;
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))?;
+        let mut out = vec![PageRegion::default(); REGIONS];
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < self.ranges.len() {
+            let (start, end, file_backed) = {
+                let r = &self.ranges[i];
+                (r.start, r.end, r.file_backed)
+            };
+            let mut found = Vec::new();
+            let mut at = start;
+            let scanned = loop {
+                if at >= end {
+                    break Ok(());
+                }
+                let (n, walk_end) = match uffd::scan_written(pagemap.as_fd(), at, end, &mut out) {
+                    Ok(got) => got,
+                    Err(e) => break Err(e),
+                };
+                found.extend(out[..n].iter().map(|g| (g.start, g.end)));
+                // The walk's end can lag behind the regions it returned.
+                let last = out[..n].last().map_or(0, |g| g.end);
+                let next = walk_end.max(last);
+                if next <= at {
+                    break Ok(());
+                }
+                at = next;
+            };
+            if let Err(e) = scanned {
+                debug!(pid, start, error = %e, "range no longer tracked");
+                self.copied.retain(|&a, _| a < start || a >= end);
+                // What is left of it is unregistered now: it is no longer
+                // in `ranges` for the drop to do it.
+                let _ = uffd::unregister(self.uffd.as_fd(), start, end - start);
+                self.ranges.remove(i);
+                continue;
+            }
+            for (s, e) in found {
+                if file_backed {
+                    pages_with_data(&pagemap, pid, &mut runs, s, e, true)?;
+                } else {
+                    push_run(&mut runs, s, e);
+                }
+            }
+            i += 1;
+        }
+        Ok(runs)
+    }
+}
+
+/// Of pages `start..end`, those present or swapped and, of a file mapping
+/// (`file_backed`), no longer the file's (copied on write), as runs.
+fn pages_with_data(
+    pagemap: &std::fs::File,
+    pid: u32,
+    runs: &mut Vec<(u64, u64)>,
+    start: u64,
+    end: u64,
+    file_backed: bool,
+) -> Result<(), SnapshotError> {
+    let mut entries = vec![0u8; ((end - start) / PAGE * 8) as usize];
+    std::os::unix::fs::FileExt::read_exact_at(pagemap, &mut entries, start / PAGE * 8)
+        .map_err(|e| SnapshotError::process(pid, "reading pagemap", e))?;
+    for (i, e) in entries.chunks_exact(8).enumerate() {
+        let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+        if e & (PM_PRESENT | PM_SWAPPED) != 0 && !(file_backed && e & PM_FILE_PAGE != 0) {
+            let addr = start + i as u64 * PAGE;
+            push_run(runs, addr, addr + PAGE);
+        }
+    }
+    Ok(())
+}
+
+/// Appends pages `start..end` to `runs`, in runs of at most
+/// [`CHUNK_PAGES`], joining the last run where they continue it.
+fn push_run(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let mut at = start;
+    while at < end {
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n * PAGE == at && *n < CHUNK_PAGES => {
+                let more = ((end - at) / PAGE).min(CHUNK_PAGES - *n);
+                *n += more;
+                at += more * PAGE;
+            }
+            _ => {
+                let more = ((end - at) / PAGE).min(CHUNK_PAGES);
+                runs.push((at, more));
+                at += more * PAGE;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_join_and_split_at_the_chunk_size() {
+        let mut runs = Vec::new();
+        push_run(&mut runs, 0x1000, 0x3000);
+        push_run(&mut runs, 0x3000, 0x4000);
+        push_run(&mut runs, 0x6000, 0x7000);
+        assert_eq!(runs, vec![(0x1000, 3), (0x6000, 1)]);
+        let mut big = Vec::new();
+        push_run(&mut big, 0, (CHUNK_PAGES + 2) * PAGE);
+        assert_eq!(big, vec![(0, CHUNK_PAGES), (CHUNK_PAGES * PAGE, 2)]);
+    }
+}
