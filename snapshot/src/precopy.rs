@@ -36,8 +36,13 @@ use crate::kinds::memory::{
 use crate::proc::parse;
 use crate::ptrace::{Frozen, Memory};
 
-/// Regions returned by one scan call.
-const REGIONS: usize = 512;
+/// Regions one scan call can return.
+const REGIONS: usize = 4096;
+/// Pages one scan call covers: no more than twice [`REGIONS`], so that even
+/// every other page written fits, and no call ever stops early. (A scan
+/// stopped by a full buffer and resumed from its `walk_end` was measured
+/// to lose written pages here: protected, never reported.)
+const SCAN_PAGES: u64 = 2 * REGIONS as u64;
 /// Passes after the first, at most: each copies what the one before let
 /// be written.
 const MAX_PASSES: usize = 8;
@@ -323,18 +328,17 @@ impl Tracked {
                 if at >= end {
                     break Ok(());
                 }
-                let (n, walk_end) = match uffd::scan_written(pagemap.as_fd(), at, end, &mut out) {
-                    Ok(got) => got,
+                let to = end.min(at + SCAN_PAGES * PAGE);
+                match uffd::scan_written(pagemap.as_fd(), at, to, &mut out) {
+                    Ok(n) if n < out.len() => {
+                        found.extend(out[..n].iter().map(|g| (g.start, g.end)))
+                    }
+                    // Cannot happen (see SCAN_PAGES); if it did, what was
+                    // not reported is unknown, so the range is dropped.
+                    Ok(_) => break Err(std::io::Error::other("scan buffer full")),
                     Err(e) => break Err(e),
-                };
-                found.extend(out[..n].iter().map(|g| (g.start, g.end)));
-                // The walk's end can lag behind the regions it returned.
-                let last = out[..n].last().map_or(0, |g| g.end);
-                let next = walk_end.max(last);
-                if next <= at {
-                    break Ok(());
                 }
-                at = next;
+                at = to;
             };
             if let Err(e) = scanned {
                 debug!(pid, start, error = %e, "range no longer tracked");

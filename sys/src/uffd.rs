@@ -159,14 +159,14 @@ pub fn writeprotect(uffd: BorrowedFd, start: u64, len: u64) -> io::Result<()> {
 /// pages written since they were last protected (present or swapped and
 /// not write-protected) go into `out`, and are write-protected again in the
 /// same walk. Every mapping of the range must be registered for
-/// asynchronous write-protect, else EPERM. Returns the regions filled and
-/// where the walk stopped (before `end` when `out` is full).
+/// asynchronous write-protect, else EPERM. Returns the regions filled;
+/// when that is all of `out`, the walk may have stopped before `end`.
 pub fn scan_written(
     pagemap: BorrowedFd,
     start: u64,
     end: u64,
     out: &mut [PageRegion],
-) -> io::Result<(usize, u64)> {
+) -> io::Result<usize> {
     let mut arg = PmScanArg {
         size: std::mem::size_of::<PmScanArg>() as u64,
         flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
@@ -187,7 +187,7 @@ pub fn scan_written(
     // for the call.
     let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
     check(n)?;
-    Ok((n as usize, arg.walk_end))
+    Ok(n as usize)
 }
 
 #[cfg(test)]
@@ -252,7 +252,7 @@ mod tests {
         let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
         let mut out = [PageRegion::default(); 8];
         let scan = |out: &mut [PageRegion]| {
-            let (n, _) = scan_written(pagemap.as_fd(), base, base + len as u64, out).unwrap();
+            let n = scan_written(pagemap.as_fd(), base, base + len as u64, out).unwrap();
             out[..n]
                 .iter()
                 .map(|r| {

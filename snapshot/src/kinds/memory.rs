@@ -708,3 +708,29 @@ pub(crate) fn set_mm(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_into_pre_copied_pieces_at_consecutive_offsets_and_the_rest() {
+        let p = |a: u64| a * PAGE;
+        // Pages 1, 2 copied together, 3 copied later elsewhere, 5 copied.
+        let copied: HashMap<u64, u64> = [(p(1), p(10)), (p(2), p(11)), (p(3), p(40)), (p(5), 0)]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            split_precopied((0, 7), Some(&copied)),
+            vec![
+                (0, 1),
+                (p(1), 2),
+                (p(3), 1),
+                (p(4), 1),
+                (p(5), 1),
+                (p(6), 1)
+            ]
+        );
+        assert_eq!(split_precopied((0, 7), None), vec![(0, 7)]);
+    }
+}
