@@ -341,7 +341,7 @@ pub fn take(
             return Err(e.into());
         }
     };
-    let pages_bytes = manifest.processes.iter().map(|p| p.pages_bytes).sum();
+    let pages_bytes = manifest.pages_bytes();
     let frozen_for;
     let image_bytes;
     let after = if leave_running {
@@ -558,7 +558,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
             .collect(),
         path: path.display().to_string(),
         size_bytes: image.size,
-        pages_bytes: image.pages_len,
+        pages_bytes: m.pages_bytes(),
         instance: m.instance.name.clone(),
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),
