@@ -63,6 +63,9 @@ struct Checked {
     /// Host TID to the TID its PID namespace gives it.
     ns_tids: HashMap<u32, u32>,
     posix_timers: Vec<PosixTimer>,
+    /// Start addresses of its grows-down mappings, which the injected
+    /// calls do not change.
+    growsdown: HashSet<u64>,
 }
 
 /// Dumps the frozen processes of an instance (`tree`: every process, each
@@ -136,16 +139,15 @@ pub fn dump(
     // from; memfds are the instance's too, whichever process holds them.
     check()?;
     let ipc = crate::kinds::sysv::save(first)?;
-    for frozen in tree {
+    for (frozen, c) in tree.iter().zip(&checked) {
         let pid = frozen.pid;
         let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .map_err(|e| SnapshotError::process(pid, "reading maps", e))?;
         let maps = parse::maps(&text).ok_or_else(|| {
             SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
         })?;
-        let growsdown = growsdown(pid)?;
         for m in &maps {
-            match classify(m, pid, &growsdown)? {
+            match classify(m, pid, &c.growsdown)? {
                 Some(VmaKind::SysvShm { id }) => ipc.check_attached(pid, id, m.end - m.start)?,
                 Some(VmaKind::Memfd { inode, .. }) => {
                     let name = kinds::memfd::name_of(&m.name).unwrap_or_default();
@@ -244,6 +246,8 @@ fn check_process(
     let posix_timers = kinds::posix_timer::list(pid, &read("timers")?, &ns_tids)?;
     // Every mapping must be one a restore can rebuild; refused before any
     // syscall is injected.
+    // Read once: smaps walks every page table of the process, which takes
+    // milliseconds per GiB, all of them frozen.
     let growsdown = growsdown(pid)?;
     for m in &maps_before {
         classify(m, pid, &growsdown)?;
@@ -266,6 +270,7 @@ fn check_process(
         umask,
         ns_tids,
         posix_timers,
+        growsdown,
     })
 }
 
@@ -310,8 +315,7 @@ fn save_process(
     }
     let shared_pending = kinds::signals::save_shared_pending(pid)?;
 
-    let growsdown = self::growsdown(pid)?;
-    let vmas = dump_memory(pid, &c.mem, &maps, &growsdown, ctx, writer, req, check)?;
+    let vmas = dump_memory(pid, &c.mem, &maps, &c.growsdown, ctx, writer, req, check)?;
     let pages_bytes = vmas
         .iter()
         .flat_map(|v| &v.pages)
