@@ -10,7 +10,7 @@ mod common;
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -44,16 +44,25 @@ fn ask(real: u16) -> (u64, bool, String) {
     (writes, intact, line)
 }
 
-/// Starts pagewriter (`mib` MiB) as `name` on `port`; returns its real port.
-fn start_writer(h: &mut Harness, name: &str, port: u16, mib: u32) -> u16 {
+/// Starts pagewriter (`mib` MiB) as `name` on `port`, as `user` if given;
+/// returns its real port.
+fn start_writer(h: &mut Harness, name: &str, port: u16, mib: u32, user: Option<&str>) -> u16 {
     let bin = h.compile("pagewriter.c", "pagewriter");
     let dir = h.dir(name);
     let port_s = port.to_string();
+    let mut flags = vec!["--port", &port_s];
+    if let Some(user) = user {
+        // The user must reach the program and its cwd.
+        for d in [&dir, bin.parent().unwrap(), dir.parent().unwrap()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        flags.extend(["--user", user]);
+    }
     h.start(
         name,
         name,
         &dir,
-        &["--port", &port_s],
+        &flags,
         &[bin.to_str().unwrap(), &port_s, &mib.to_string()],
     );
     h.wait_log(name, "ready");
@@ -115,7 +124,7 @@ fn a_leave_running_snapshot_of_a_writing_process_restores_every_page_as_frozen()
     let Some(mut h) = Harness::new(test, &["gcc"]) else {
         return;
     };
-    let real = start_writer(&mut h, "pw", PORT, 64);
+    let real = start_writer(&mut h, "pw", PORT, 64, None);
     let before = writes_on(real, 0);
     let app = pid_of(&h.instance("pw").unwrap());
     let image = h.dir("images").join("pw.img");
@@ -151,7 +160,7 @@ fn a_pre_copy_stopping_snapshot_restores_every_page_as_frozen() {
     let Some(mut h) = Harness::new(test, &["gcc"]) else {
         return;
     };
-    let real = start_writer(&mut h, "pws", PORT + 1, 64);
+    let real = start_writer(&mut h, "pws", PORT + 1, 64, None);
     let before = writes_on(real, 0);
     let image = h.dir("images").join("pws.img");
     let taken = snapshot_json(&h, "pws", &image, &["--pre-copy"]);
@@ -180,7 +189,7 @@ fn a_pre_copy_killed_midway_leaves_the_instance_untracked_and_the_image_intact()
         return;
     };
     // Large enough that the first pass takes a while.
-    let real = start_writer(&mut h, "pwk", PORT + 2, 512);
+    let real = start_writer(&mut h, "pwk", PORT + 2, 512, None);
     let app = pid_of(&h.instance("pwk").unwrap());
     let images = h.dir("images");
     let image = images.join("pwk.img");
@@ -243,4 +252,36 @@ fn a_pre_copy_killed_midway_leaves_the_instance_untracked_and_the_image_intact()
     let last = h.snapshot("pwk", &image, &["--leave-running"]);
     assert!(last.success(), "{last}");
     assert_eq!(tracking_left(app), Vec::<String>::new());
+}
+
+/// A process that is not root gets its userfaultfd too: it asks for
+/// user-mode faults only, all an unprivileged process may ask for when
+/// `vm.unprivileged_userfaultfd` is 0.
+#[test]
+fn a_process_of_an_unprivileged_user_is_pre_copied_and_restored_as_frozen() {
+    let test = "a_process_of_an_unprivileged_user_is_pre_copied_and_restored_as_frozen";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    let real = start_writer(&mut h, "pwu", PORT + 3, 16, Some("nobody"));
+    let app = pid_of(&h.instance("pwu").unwrap());
+    let status = std::fs::read_to_string(format!("/proc/{app}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:\t65534\t")),
+        "{status}"
+    );
+    let before = writes_on(real, 0);
+    let image = h.dir("images").join("pwu.img");
+    let taken = snapshot_json(&h, "pwu", &image, &["--leave-running"]);
+    let precopied = taken["precopied_bytes"].as_u64().unwrap();
+    assert!(precopied >= 16 << 20, "pre-copied {precopied}: {taken}");
+    assert_eq!(tracking_left(app), Vec::<String>::new(), "in pid {app}");
+    h.stop("pwu");
+    h.restore("pwu", &image, &[]);
+    let (writes, intact, line) = ask(real_port(&h, "pwu"));
+    assert!(
+        intact,
+        "restored memory differs from its version table: {line}"
+    );
+    assert!(writes >= before, "restored at {writes}, before {before}");
 }
