@@ -20,6 +20,7 @@ use crate::kinds::{self, tree};
 use crate::precopy::Tracking;
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Memory};
+use tracing::debug;
 
 /// Scratch memory mapped into the process for the duration of the
 /// injected calls: code at its start, data after the first page.
@@ -93,6 +94,7 @@ pub fn dump(
             Ok(())
         }
     };
+    let started = std::time::Instant::now();
     let hosts: Vec<u32> = tree.iter().map(|f| f.pid).collect();
     // Everything that could make the dump impossible is checked, for every
     // process, before any is touched.
@@ -163,6 +165,7 @@ pub fn dump(
     for c in &mut checked {
         kinds::timerfd::catch_up(c.mem.pid(), &mut c.fds)?;
     }
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "dump: checked");
     let mut asked = Vec::with_capacity(tree.len());
     for (frozen, c) in tree.iter().zip(&mut checked) {
         check()?;
@@ -172,7 +175,9 @@ pub fn dump(
     }
 
     // Frozen now: what was written since the last pass is known.
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "dump: asked");
     let precopied = tracking.map(|t| t.settle()).unwrap_or_default();
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "dump: settled");
     let mut processes: Vec<ProcessImage> = Vec::with_capacity(tree.len());
     let mut shmem_saved = HashSet::new();
     for ((frozen, c), a) in tree.iter().zip(checked).zip(asked) {
@@ -184,6 +189,10 @@ pub fn dump(
         };
         processes.push(save_process(frozen, c, a, ctx, req, writer, &check)?);
     }
+    debug!(
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "dump: memory saved"
+    );
     let ipc = ipc.write(writer)?;
     let memfds = memfds.save(writer)?;
     check()?;

@@ -19,7 +19,7 @@
 //! way. Either way the process never waits on it: with WP_ASYNC no fault
 //! is ever queued for a reader.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 
 use appshot_sys::pidfd;
@@ -68,9 +68,9 @@ struct Tracked {
     /// was replaced (its scan fails with EPERM) is dropped, with what was
     /// copied of it.
     ranges: Vec<Range>,
-    /// Page address to the offset of its latest copy in the pages section,
-    /// for every page copied and not written since it was protected.
-    copied: HashMap<u64, u64>,
+    /// Where the latest copy of every page copied and not written since
+    /// it was protected is.
+    copied: Copies,
 }
 
 impl Drop for Tracked {
@@ -178,7 +178,7 @@ fn track(pid: u32) -> Result<Tracked, SnapshotError> {
         uffd,
         mem: Memory::open(pid)?,
         ranges,
-        copied: HashMap::new(),
+        copied: Copies::default(),
     })
 }
 
@@ -238,15 +238,11 @@ impl Tracking {
                 // The mapping may go away under a running process: its
                 // pages are then simply not copied now.
                 if t.mem.read(addr, &mut buf[..len]).is_err() {
-                    for i in 0..n {
-                        t.copied.remove(&(addr + i * PAGE));
-                    }
+                    t.copied.forget(addr, addr + n * PAGE);
                     continue;
                 }
                 let offset = writer.write_pages(&buf[..len])?;
-                for i in 0..n {
-                    t.copied.insert(addr + i * PAGE, offset + i * PAGE);
-                }
+                t.copied.insert(addr, n, offset);
                 done += len as u64;
                 if first {
                     (hooks.progress)(done, total);
@@ -258,10 +254,10 @@ impl Tracking {
         Ok(done)
     }
 
-    /// Once the processes are frozen: the copies still good (page address
-    /// to offset in the pages section) of each process, by pid. Ranges
+    /// Once the processes are frozen: the copies still good of each
+    /// process, by pid. Ranges
     /// whose scan fails are dropped, and nothing of them is reused.
-    pub(crate) fn settle(&mut self) -> HashMap<u32, HashMap<u64, u64>> {
+    pub(crate) fn settle(&mut self) -> HashMap<u32, Copies> {
         let mut good = HashMap::new();
         for t in &mut self.procs {
             // Every page written since its copy is copied again: its copy
@@ -269,14 +265,12 @@ impl Tracking {
             match t.written() {
                 Ok(runs) => {
                     for (addr, n) in runs {
-                        for i in 0..n {
-                            t.copied.remove(&(addr + i * PAGE));
-                        }
+                        t.copied.forget(addr, addr + n * PAGE);
                     }
                 }
                 Err(e) => {
                     debug!(pid = t.pid, error = %e, "no pre-copied page reused");
-                    t.copied.clear();
+                    t.copied = Copies::default();
                 }
             }
             good.insert(t.pid, std::mem::take(&mut t.copied));
@@ -342,7 +336,7 @@ impl Tracked {
             };
             if let Err(e) = scanned {
                 debug!(pid, start, error = %e, "range no longer tracked");
-                self.copied.retain(|&a, _| a < start || a >= end);
+                self.copied.forget(start, end);
                 // What is left of it is unregistered now: it is no longer
                 // in `ranges` for the drop to do it.
                 let _ = uffd::unregister(self.uffd.as_fd(), start, end - start);
@@ -385,6 +379,74 @@ fn pages_with_data(
     Ok(())
 }
 
+/// Where copies of pages are in the pages section: runs of pages copied
+/// together, by first page, none overlapping. Runs rather than pages: a
+/// GiB is 262,144 pages, looked up while the instance is frozen.
+#[derive(Debug, Default)]
+pub(crate) struct Copies {
+    /// First page's address to (pages, offset of the first page's copy).
+    runs: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Copies {
+    /// Records the copy of `pages` pages from `addr` at `offset`, replacing
+    /// any earlier copy of them.
+    fn insert(&mut self, addr: u64, pages: u64, offset: u64) {
+        self.forget(addr, addr + pages * PAGE);
+        self.runs.insert(addr, (pages, offset));
+    }
+
+    /// Forgets the copies of the pages `start..end`.
+    fn forget(&mut self, start: u64, end: u64) {
+        let before = self
+            .runs
+            .range(..start)
+            .next_back()
+            .filter(|(&a, &(n, _))| a + n * PAGE > start)
+            .map(|(&a, &v)| (a, v));
+        let inside: Vec<(u64, (u64, u64))> =
+            self.runs.range(start..end).map(|(&a, &v)| (a, v)).collect();
+        for (a, (n, offset)) in before.into_iter().chain(inside) {
+            self.runs.remove(&a);
+            let e = a + n * PAGE;
+            if a < start {
+                self.runs.insert(a, ((start - a) / PAGE, offset));
+            }
+            if e > end {
+                self.runs
+                    .insert(end, ((e - end) / PAGE, offset + (end - a)));
+            }
+        }
+    }
+
+    /// Pages `addr..addr + pages * PAGE` in pieces `(addr, pages, copy)`:
+    /// each either copied at consecutive offsets from `copy` or not copied.
+    pub(crate) fn pieces(&self, addr: u64, pages: u64) -> Vec<(u64, u64, Option<u64>)> {
+        let end = addr + pages * PAGE;
+        let first = self
+            .runs
+            .range(..=addr)
+            .next_back()
+            .filter(|(&a, &(n, _))| a + n * PAGE > addr)
+            .map(|(&a, &v)| (a, v));
+        let rest = self.runs.range(addr + 1..end).map(|(&a, &v)| (a, v));
+        let mut out = Vec::new();
+        let mut at = addr;
+        for (a, (n, offset)) in first.into_iter().chain(rest) {
+            let (s, e) = (a.max(at), (a + n * PAGE).min(end));
+            if s > at {
+                out.push((at, (s - at) / PAGE, None));
+            }
+            out.push((s, (e - s) / PAGE, Some(offset + (s - a))));
+            at = e;
+        }
+        if at < end {
+            out.push((at, (end - at) / PAGE, None));
+        }
+        out
+    }
+}
+
 /// Appends pages `start..end` to `runs`, in runs of at most
 /// [`CHUNK_PAGES`], joining the last run where they continue it.
 fn push_run(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
@@ -408,6 +470,31 @@ fn push_run(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_are_replaced_forgotten_and_split_into_pieces() {
+        let p = |a: u64| a * PAGE;
+        let mut c = Copies::default();
+        c.insert(p(0), 8, p(100));
+        c.insert(p(8), 4, p(200));
+        // Page 3 written: forgotten; pages 5-6 copied again elsewhere.
+        c.forget(p(3), p(4));
+        c.insert(p(5), 2, p(300));
+        assert_eq!(
+            c.pieces(p(1), 12),
+            vec![
+                (p(1), 2, Some(p(101))),
+                (p(3), 1, None),
+                (p(4), 1, Some(p(104))),
+                (p(5), 2, Some(p(300))),
+                (p(7), 1, Some(p(107))),
+                (p(8), 4, Some(p(200))),
+                (p(12), 1, None),
+            ]
+        );
+        c.forget(p(0), p(20));
+        assert_eq!(c.pieces(p(0), 2), vec![(0, 2, None)]);
+    }
 
     #[test]
     fn runs_join_and_split_at_the_chunk_size() {

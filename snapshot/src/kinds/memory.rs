@@ -15,6 +15,7 @@ use crate::image::model::*;
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds;
 use crate::kinds::files::file_ref;
+use crate::precopy::Copies;
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{Injector, Memory};
 use crate::restore::{highest_fd, open_in};
@@ -42,7 +43,7 @@ pub(crate) struct MemoryContext<'a> {
     /// Pages copied into the image before the freeze and not written
     /// since (page address to offset in the pages section): referenced,
     /// not read again.
-    pub(crate) precopied: Option<&'a HashMap<u64, u64>>,
+    pub(crate) precopied: Option<&'a Copies>,
 }
 
 /// Start addresses of the process's grows-down mappings.
@@ -247,9 +248,13 @@ pub(crate) fn dump_memory(
         };
         let mut pages = Vec::with_capacity(runs.len());
         let precopied = ctx.precopied.filter(|_| object.is_none());
-        for (addr, n) in runs.into_iter().flat_map(|r| split_precopied(r, precopied)) {
+        let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
+            Some(copies) => copies.pieces(addr, n),
+            None => vec![(addr, n, None)],
+        });
+        for (addr, n, copy) in pieces {
             let len = (n * PAGE) as usize;
-            if let Some(&offset) = precopied.and_then(|p| p.get(&addr)) {
+            if let Some(offset) = copy {
                 pages.push(PageRun {
                     addr,
                     pages: n,
@@ -294,39 +299,6 @@ pub(crate) fn dump_memory(
     }
     debug!(pid, bytes = total, "memory saved");
     Ok(vmas)
-}
-
-/// Splits a run of pages to save into pieces that are either all
-/// pre-copied at consecutive offsets (one [`PageRun`] of the copies) or all
-/// still to read.
-fn split_precopied(
-    (addr, n): (u64, u64),
-    precopied: Option<&HashMap<u64, u64>>,
-) -> Vec<(u64, u64)> {
-    let Some(p) = precopied else {
-        return vec![(addr, n)];
-    };
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < n {
-        let first = addr + i * PAGE;
-        let at = p.get(&first).copied();
-        let mut k = 1;
-        while i + k < n {
-            let next = p.get(&(first + k * PAGE)).copied();
-            let continues = match at {
-                Some(off) => next == Some(off + k * PAGE),
-                None => next.is_none(),
-            };
-            if !continues {
-                break;
-            }
-            k += 1;
-        }
-        out.push((first, k));
-        i += k;
-    }
-    out
 }
 
 /// The object behind a mapping, opened through /proc/PID/map_files.
@@ -707,30 +679,4 @@ pub(crate) fn set_mm(
         inj.call(pid, libc::SYS_close, &[fd])?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_split_into_pre_copied_pieces_at_consecutive_offsets_and_the_rest() {
-        let p = |a: u64| a * PAGE;
-        // Pages 1, 2 copied together, 3 copied later elsewhere, 5 copied.
-        let copied: HashMap<u64, u64> = [(p(1), p(10)), (p(2), p(11)), (p(3), p(40)), (p(5), 0)]
-            .into_iter()
-            .collect();
-        assert_eq!(
-            split_precopied((0, 7), Some(&copied)),
-            vec![
-                (0, 1),
-                (p(1), 2),
-                (p(3), 1),
-                (p(4), 1),
-                (p(5), 1),
-                (p(6), 1)
-            ]
-        );
-        assert_eq!(split_precopied((0, 7), None), vec![(0, 7)]);
-    }
 }
