@@ -238,6 +238,7 @@ pub(crate) fn dump_memory(
     }
     let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
     let mut done = 0;
+    let mut reused = 0;
     let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
     for (m, kind, runs, inherited, cow) in plan {
         // A shared object is read from the object itself, not through the
@@ -261,6 +262,7 @@ pub(crate) fn dump_memory(
                     offset,
                 });
                 done += len as u64;
+                reused += len as u64;
                 continue;
             }
             match &object {
@@ -297,7 +299,7 @@ pub(crate) fn dump_memory(
             cow,
         });
     }
-    debug!(pid, bytes = total, "memory saved");
+    debug!(pid, bytes = total, reused, "memory saved");
     Ok(vmas)
 }
 
