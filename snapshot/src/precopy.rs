@@ -64,7 +64,7 @@ struct Tracked {
     pid: u32,
     uffd: OwnedFd,
     mem: Memory,
-    /// Ranges whose every write is tracked. One whose mapping went away or
+    /// Ranges whose every write is tracked. A piece of one whose mapping
     /// was replaced (its scan fails with EPERM) is dropped, with what was
     /// copied of it.
     ranges: Vec<Range>,
@@ -255,8 +255,7 @@ impl Tracking {
     }
 
     /// Once the processes are frozen: the copies still good of each
-    /// process, by pid. Ranges
-    /// whose scan fails are dropped, and nothing of them is reused.
+    /// process, by pid. Nothing of a piece whose scan fails is reused.
     pub(crate) fn settle(&mut self) -> HashMap<u32, Copies> {
         let mut good = HashMap::new();
         for t in &mut self.procs {
@@ -280,11 +279,6 @@ impl Tracking {
 }
 
 impl Tracked {
-    /// The runs of pages written since the last scan (all pages holding
-    /// data, at the first), protected again; ranges that can no longer be
-    /// scanned are dropped with their copies. Pagemap is opened afresh: it
-    /// then speaks of the process's current address space, and one the
-    /// process got from an exec has none of our registrations (EPERM).
     /// The runs of pages that hold data, as a dump saves them (present or
     /// swapped, and not still the file's).
     fn with_data(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {
@@ -304,54 +298,74 @@ impl Tracked {
         Ok(runs)
     }
 
+    /// The runs of pages written since the last scan, protected again;
+    /// pieces of ranges that can no longer be scanned are dropped with
+    /// their copies. Pagemap is opened afresh: it then speaks of the
+    /// process's current address space, and one the process got from an
+    /// exec has none of our registrations (EPERM).
     fn written(&mut self) -> Result<Vec<(u64, u64)>, SnapshotError> {
         let pid = self.pid;
         let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
             .map_err(|e| SnapshotError::process(pid, "opening pagemap", e))?;
         let mut out = vec![PageRegion::default(); REGIONS];
         let mut runs = Vec::new();
-        let mut i = 0;
-        while i < self.ranges.len() {
-            let (start, end, file_backed) = {
-                let r = &self.ranges[i];
-                (r.start, r.end, r.file_backed)
-            };
-            let mut found = Vec::new();
-            let mut at = start;
-            let scanned = loop {
-                if at >= end {
-                    break Ok(());
-                }
-                let to = end.min(at + SCAN_PAGES * PAGE);
-                match uffd::scan_written(pagemap.as_fd(), at, to, &mut out) {
-                    Ok(n) if n < out.len() => {
-                        found.extend(out[..n].iter().map(|g| (g.start, g.end)))
-                    }
+        let mut kept = Vec::with_capacity(self.ranges.len());
+        for r in std::mem::take(&mut self.ranges) {
+            // The start of the part of `r` still tracked, up to `at`.
+            let mut from = r.start;
+            let mut at = r.start;
+            while at < r.end {
+                let to = r.end.min(at + SCAN_PAGES * PAGE);
+                let mut piece = Vec::new();
+                let scanned = match uffd::scan_written(pagemap.as_fd(), at, to, &mut out) {
+                    Ok(n) if n < out.len() => out[..n].iter().try_for_each(|g| {
+                        if r.file_backed {
+                            pages_with_data(&pagemap, pid, &mut piece, g.start, g.end, true)
+                        } else {
+                            push_run(&mut piece, g.start, g.end);
+                            Ok(())
+                        }
+                    }),
                     // Cannot happen (see SCAN_PAGES); if it did, what was
-                    // not reported is unknown, so the range is dropped.
-                    Ok(_) => break Err(std::io::Error::other("scan buffer full")),
-                    Err(e) => break Err(e),
+                    // not reported is unknown.
+                    Ok(_) => Err(SnapshotError::process(
+                        pid,
+                        "PAGEMAP_SCAN",
+                        std::io::Error::other("buffer full"),
+                    )),
+                    Err(e) => Err(SnapshotError::process(pid, "PAGEMAP_SCAN", e)),
+                };
+                match scanned {
+                    Ok(()) => runs.extend(piece),
+                    Err(e) => {
+                        // A mapping of the piece was replaced (EPERM: not
+                        // registered) or cannot be read: the piece is no
+                        // longer tracked, nothing copied of it is reused,
+                        // and the rest of the range is tracked on.
+                        debug!(pid, start = at, error = %e, "piece no longer tracked");
+                        self.copied.forget(at, to);
+                        let _ = uffd::unregister(self.uffd.as_fd(), at, to - at);
+                        if at > from {
+                            kept.push(Range {
+                                start: from,
+                                end: at,
+                                file_backed: r.file_backed,
+                            });
+                        }
+                        from = to;
+                    }
                 }
                 at = to;
-            };
-            if let Err(e) = scanned {
-                debug!(pid, start, error = %e, "range no longer tracked");
-                self.copied.forget(start, end);
-                // What is left of it is unregistered now: it is no longer
-                // in `ranges` for the drop to do it.
-                let _ = uffd::unregister(self.uffd.as_fd(), start, end - start);
-                self.ranges.remove(i);
-                continue;
             }
-            for (s, e) in found {
-                if file_backed {
-                    pages_with_data(&pagemap, pid, &mut runs, s, e, true)?;
-                } else {
-                    push_run(&mut runs, s, e);
-                }
+            if from < r.end {
+                kept.push(Range {
+                    start: from,
+                    end: r.end,
+                    file_backed: r.file_backed,
+                });
             }
-            i += 1;
         }
+        self.ranges = kept;
         Ok(runs)
     }
 }
