@@ -12,6 +12,13 @@
  * one finishes it first when it runs again. A page copied before a write
  * and not copied again afterwards breaks the check, whichever of page and
  * table it is. Prints "ready" once everything is written once.
+ *
+ * With argv[3] "churn" the writer also changes its address space: about
+ * every 512 writes it maps the whole region anew at the same address
+ * (MAP_FIXED: a new mapping, which no earlier write tracking covers) and
+ * writes every page back from the table. 16 times the region's size of
+ * memory written once, mapped beside it, makes a pre-copy's first pass
+ * last long enough for remaps to happen during it.
  */
 #define _GNU_SOURCE
 #include <netinet/in.h>
@@ -34,6 +41,7 @@ static size_t pages;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static volatile uint64_t writes;
 static int pipefd[2];
+static int churn;
 
 static uint64_t pattern(uint64_t page, uint64_t version, uint64_t word) {
     return (page * 0x9e3779b97f4a7c15ULL) ^ (version << 20) ^ (word * 0xff51afd7ed558ccdULL);
@@ -52,6 +60,12 @@ static void *writer(void *arg) {
         size_t p = rng % pages;
         pthread_mutex_lock(&lock);
         uint64_t v = versions[p] + 1;
+        if (churn && rng % 512 == 0) {
+            void *again = mmap(mem, pages * PAGE, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+            if (again != mem) { perror("mmap fixed"); exit(1); }
+            for (size_t q = 0; q < pages; q++) fill(mem + q * WORDS, q, versions[q]);
+        }
         if (rng & (1 << 20)) {
             fill(mem + p * WORDS, p, v);
         } else {
@@ -73,6 +87,13 @@ int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 19402;
     size_t mib = argc > 2 ? strtoul(argv[2], NULL, 10) : 64;
     pages = mib * (1 << 20) / PAGE;
+    churn = argc > 3 && strcmp(argv[3], "churn") == 0;
+    if (churn) {
+        size_t len = 16 * pages * PAGE;
+        char *ballast = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (ballast == MAP_FAILED) { perror("mmap"); return 1; }
+        memset(ballast, 0x5a, len);
+    }
     mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     versions = mmap(NULL, pages * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED || versions == MAP_FAILED) { perror("mmap"); return 1; }
