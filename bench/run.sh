@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measures appshot side by side with native and with peers.
 #
-#   bench/run.sh [--quick] [--only syscall|connrate|iperf|redis|snapshot|nginx|oci]...
+#   bench/run.sh [--quick] [--only syscall|connrate|iperf|udp|redis|snapshot|oci|redisconns|nginx]...
 #
 # Installs the Debian packages the benchmarks drive (only those `dpkg -s`
 # reports missing), builds appshot and the bench in release mode, and runs

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::net;
+use crate::net::{self, Serves};
 use crate::procs;
 
 /// How long `appshot run -d` and a server's first listen may take.
@@ -96,6 +96,17 @@ impl Appshot {
         virtual_port: u16,
         argv: &[String],
     ) -> anyhow::Result<Instance<'_>> {
+        self.server_of(aid, virtual_port, argv, Serves::Tcp)
+    }
+
+    /// [`Appshot::server`] for a server that serves `serves`.
+    pub fn server_of(
+        &self,
+        aid: &str,
+        virtual_port: u16,
+        argv: &[String],
+        serves: Serves,
+    ) -> anyhow::Result<Instance<'_>> {
         let name = self.name(&format!("{aid}-server"));
         let what = format!("appshot instance {name} (AID {aid}: {})", argv.join(" "));
         let mut cmd = self.command();
@@ -118,7 +129,7 @@ impl Appshot {
             supervisor_pid,
         };
         let real = instance.wait_translation(virtual_port)?;
-        net::wait_listening(real, START_TIMEOUT, || instance.check_running()).with_context(
+        net::wait_serving(real, serves, START_TIMEOUT, || instance.check_running()).with_context(
             || {
                 format!(
                     "{}: real port {real} of virtual port {virtual_port}",

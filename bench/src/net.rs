@@ -54,31 +54,46 @@ fn bindable(port: u16) -> bool {
         && TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).is_ok()
 }
 
-/// Whether some socket listens on TCP `port`, read from /proc/net/tcp and
-/// tcp6 rather than probed with a connection: a probe would be a client
+/// What a server does on its port once it serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Serves {
+    /// A TCP socket listens on it.
+    Tcp,
+    /// A UDP socket is bound to it.
+    Udp,
+}
+
+/// Whether `port` is served as `serves` says, read from /proc/net rather
+/// than probed with a connection or a datagram: a probe would be a client
 /// of its own to a one-off server such as `iperf3 -s -1`.
-pub fn is_listening(port: u16) -> anyhow::Result<bool> {
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+pub fn is_serving(port: u16, serves: Serves) -> anyhow::Result<bool> {
+    // A listening TCP socket is in state 0A (LISTEN); a bound, unconnected
+    // UDP socket in 07 (CLOSE).
+    let (tables, state) = match serves {
+        Serves::Tcp => (["/proc/net/tcp", "/proc/net/tcp6"], "0A"),
+        Serves::Udp => (["/proc/net/udp", "/proc/net/udp6"], "07"),
+    };
+    for table in tables {
         let text = match std::fs::read_to_string(table) {
             Ok(t) => t,
             // No IPv6 in this kernel.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("reading {table}")),
         };
-        if listening_ports(&text).any(|p| p == port) {
+        if ports_in_state(&text, state).any(|p| p == port) {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-/// Ports of the LISTEN (state 0A) rows of a /proc/net/tcp* table.
-fn listening_ports(table: &str) -> impl Iterator<Item = u16> + '_ {
-    table.lines().skip(1).filter_map(|line| {
+/// Local ports of the rows of a /proc/net/{tcp,udp}* table in `wanted`.
+fn ports_in_state<'a>(table: &'a str, wanted: &'a str) -> impl Iterator<Item = u16> + 'a {
+    table.lines().skip(1).filter_map(move |line| {
         let mut fields = line.split_whitespace();
         let local = fields.nth(1)?;
         let state = fields.nth(1)?;
-        if state != "0A" {
+        if state != wanted {
             return None;
         }
         let (_, port) = local.rsplit_once(':')?;
@@ -91,10 +106,21 @@ fn listening_ports(table: &str) -> impl Iterator<Item = u16> + '_ {
 pub fn wait_listening(
     port: u16,
     timeout: Duration,
+    alive: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    wait_serving(port, Serves::Tcp, timeout, alive)
+}
+
+/// Waits until `port` is served as `serves` says; `alive` as for
+/// [`wait_listening`].
+pub fn wait_serving(
+    port: u16,
+    serves: Serves,
+    timeout: Duration,
     mut alive: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let listening = crate::procs::wait_for(timeout, Duration::from_millis(10), || {
-        if is_listening(port)? {
+        if is_serving(port, serves)? {
             return Ok(Some(()));
         }
         alive()?;
@@ -102,7 +128,7 @@ pub fn wait_listening(
     })?;
     if listening.is_none() {
         bail!(
-            "nothing listens on port {port} after {}s",
+            "nothing serves {serves:?} port {port} after {}s",
             timeout.as_secs()
         );
     }
@@ -121,7 +147,7 @@ mod tests {
 
     #[test]
     fn only_listening_rows_count() {
-        let ports: Vec<u16> = listening_ports(SAMPLE).collect();
+        let ports: Vec<u16> = ports_in_state(SAMPLE, "0A").collect();
         assert_eq!(ports, [0x4650, 0x18EB]);
     }
 
@@ -138,7 +164,15 @@ mod tests {
     fn a_listener_is_seen_and_its_port_is_not_handed_out() {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = l.local_addr().unwrap().port();
-        assert!(is_listening(port).unwrap());
+        assert!(is_serving(port, Serves::Tcp).unwrap());
         assert!(!bindable(port));
+    }
+
+    #[test]
+    fn a_bound_udp_socket_is_seen() {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = s.local_addr().unwrap().port();
+        assert!(is_serving(port, Serves::Udp).unwrap());
+        assert!(!is_serving(port, Serves::Tcp).unwrap());
     }
 }

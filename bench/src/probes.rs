@@ -23,6 +23,11 @@ pub const MEMHOLD: Probe = Probe {
     source: include_str!("../probes/memhold.c"),
 };
 
+pub const UDPRR: Probe = Probe {
+    name: "udprr",
+    source: include_str!("../probes/udprr.c"),
+};
+
 /// `#include "common.h"`: written next to every probe's source, where gcc
 /// looks for a quoted include first.
 const COMMON_H: &str = include_str!("../probes/common.h");

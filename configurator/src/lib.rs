@@ -5,11 +5,13 @@
 //! an operator can fix it without guessing.
 #![forbid(unsafe_code)]
 
+mod clone;
 mod error;
 mod model;
 mod parse;
 mod remote;
 
+pub use clone::{validate_hostname, validate_value_key, CloneId, CloneRules, Identity, Pattern};
 pub use error::ConfigError;
 pub use model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec};
 pub use remote::{Cidr, Peer, SourceRule};

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use appshot_sys::fd::OpenRegularError;
 
+use crate::clone::CloneRules;
 use crate::error::ConfigError;
 use crate::remote::{Peer, SourceRule};
 
@@ -33,8 +34,8 @@ pub struct AppConfig {
     pub cluster_key_file: Option<PathBuf>,
     /// How long a client waits for an agent before connecting plainly.
     pub agent_timeout: Option<Duration>,
-    /// Where each clone of a template sees its own identity file.
-    pub clone_identity_file: Option<PathBuf>,
+    /// What differs per clone of a template (`[clone]`).
+    pub clone: CloneRules,
     /// Who the application runs as; `None`: as the supervisor (root).
     pub user: Option<UserSpec>,
     /// The program a host-wide config (in the apps directory) applies to.
@@ -92,7 +93,7 @@ impl Default for AppConfig {
             agent_port: None,
             cluster_key_file: None,
             agent_timeout: None,
-            clone_identity_file: None,
+            clone: CloneRules::default(),
             user: None,
             executable: None,
         }

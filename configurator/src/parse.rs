@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_path_to_error::Segment;
 use toml::Spanned;
 
+use crate::clone::{validate_hostname, validate_value_key, CloneId, CloneRules, Pattern};
 use crate::error::ConfigError;
 use crate::model::{
     validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec,
@@ -54,6 +55,10 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawClone {
     identity_file: Option<Spanned<String>>,
+    hostname: Option<Spanned<String>>,
+    // Keys stay plain strings, as for `env`.
+    #[serde(default)]
+    values: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -270,22 +275,11 @@ impl RawConfig {
             })
             .transpose()?;
 
-        let clone_identity_file = self
+        let clone = self
             .clone
-            .and_then(|c| c.identity_file)
-            .map(|f| {
-                let span = f.span();
-                let path = PathBuf::from(src.c_string(f, "clone.identity_file", false)?);
-                if !path.is_absolute() {
-                    return Err(src.invalid(
-                        span,
-                        "clone.identity_file",
-                        "must be an absolute path (it names a file inside every clone)",
-                    ));
-                }
-                Ok(path)
-            })
-            .transpose()?;
+            .map(|c| c.validate(src))
+            .transpose()?
+            .unwrap_or_default();
 
         let user = self
             .user
@@ -316,7 +310,7 @@ impl RawConfig {
         Ok(AppConfig {
             executable,
             user,
-            clone_identity_file,
+            clone,
             source_rules,
             default_aid,
             peers,
@@ -334,6 +328,63 @@ impl RawConfig {
             allocation_timeout,
             port_range,
             ports,
+        })
+    }
+}
+
+impl RawClone {
+    fn validate(self, src: &Source<'_>) -> Result<CloneRules, ConfigError> {
+        let identity_file = self
+            .identity_file
+            .map(|f| {
+                let span = f.span();
+                let path = PathBuf::from(src.c_string(f, "clone.identity_file", false)?);
+                if !path.is_absolute() {
+                    return Err(src.invalid(
+                        span,
+                        "clone.identity_file",
+                        "must be an absolute path (it names a file inside every clone)",
+                    ));
+                }
+                Ok(path)
+            })
+            .transpose()?;
+        let pattern = |value: &Spanned<String>, field: &str| {
+            value
+                .get_ref()
+                .parse::<Pattern>()
+                .map_err(|message| src.invalid(value.span(), field, message))
+        };
+        let hostname = self
+            .hostname
+            .map(|h| {
+                let p = pattern(&h, "clone.hostname")?;
+                // Rendered for the shortest clone there can be: what it
+                // refuses, every clone would.
+                let sample = p.render(&CloneId {
+                    number: 1,
+                    aid: "a",
+                    name: "a",
+                });
+                validate_hostname(&sample)
+                    .map_err(|message| src.invalid(h.span(), "clone.hostname", message))?;
+                Ok(p)
+            })
+            .transpose()?;
+        let values = self
+            .values
+            .into_iter()
+            .map(|(key, value)| {
+                let field = format!("clone.values.{key}");
+                validate_value_key(&key)
+                    .map_err(|message| src.invalid(value.span(), &field, message))?;
+                Ok((key, pattern(&value, &field)?))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(CloneRules {
+            identity_file,
+            hostname,
+            values,
         })
     }
 }

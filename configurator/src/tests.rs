@@ -1,7 +1,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{AppConfig, ConfigError, PortRange, PortSpec, Protocol, UserSpec};
+use crate::{AppConfig, CloneId, CloneRules, ConfigError, PortRange, PortSpec, Protocol, UserSpec};
 
 const ORIGIN: &str = "/etc/appshot/shop.toml";
 
@@ -435,12 +435,32 @@ fn bad_cross_host_settings_name_their_field() {
 
 #[test]
 fn clone_rules() {
-    let c = parse("aid = \"a\"\n[clone]\nidentity_file = \"/srv/www/whoami.txt\"\n").unwrap();
+    let c = parse(
+        "aid = \"a\"\n[clone]\nidentity_file = \"/srv/www/whoami.txt\"\nhostname = \"shop-{n}\"\n\
+         [clone.values]\nSHARD = \"{n}\"\nDB_URL = \"postgres://db/{aid}\"\n",
+    )
+    .unwrap();
     assert_eq!(
-        c.clone_identity_file.as_deref(),
+        c.clone.identity_file.as_deref(),
         Some(Path::new("/srv/www/whoami.txt"))
     );
-    assert_eq!(parse("aid = \"a\"\n").unwrap().clone_identity_file, None);
+    let id = c
+        .clone
+        .render(&CloneId {
+            number: 2,
+            aid: "a-2",
+            name: "s-2",
+        })
+        .unwrap();
+    assert_eq!(id.hostname, "shop-2");
+    assert_eq!(
+        id.values,
+        [
+            ("DB_URL".to_string(), "postgres://db/a-2".to_string()),
+            ("SHARD".to_string(), "2".to_string())
+        ]
+    );
+    assert_eq!(parse("aid = \"a\"\n").unwrap().clone, CloneRules::default());
     assert_invalid(
         "aid = \"a\"\n[clone]\nidentity_file = \"whoami.txt\"\n",
         3,
@@ -452,6 +472,36 @@ fn clone_rules() {
         2,
         "clone.identity",
         "unknown field",
+    );
+    assert_invalid(
+        "[clone]\nhostname = \"web-{id}\"\n",
+        2,
+        "clone.hostname",
+        "unknown placeholder `{id}`",
+    );
+    assert_invalid(
+        "[clone]\nhostname = \"web {n}\"\n",
+        2,
+        "clone.hostname",
+        "' '",
+    );
+    assert_invalid(
+        "[clone.values]\nhostname = \"x\"\n",
+        2,
+        "clone.values.hostname",
+        "written by appshot",
+    );
+    assert_invalid(
+        "[clone.values]\nA-B = \"x\"\n",
+        2,
+        "clone.values.A-B",
+        "not a variable name",
+    );
+    assert_invalid(
+        "[clone.values]\nX = \"a\\nb\"\n",
+        2,
+        "clone.values.X",
+        "line break",
     );
 }
 

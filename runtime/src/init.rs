@@ -37,13 +37,22 @@ pub struct InitArgs {
     /// (source, target): bind-mount the instance's own identity file over
     /// `target` in the instance's mount namespace.
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// A hostname of its own, in a UTS namespace of its own (a clone's).
+    pub hostname: Option<String>,
     pub cwd: Option<PathBuf>,
     /// Who the launched application runs as.
     pub user: Option<crate::user::RunAs>,
+    /// The instance's cgroup (`cgroup`).
+    pub cgroup: Option<PathBuf>,
     pub command: Vec<String>,
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<i32> {
+    // First: every process and socket of the instance is made in it.
+    if let Some(dir) = &args.cgroup {
+        crate::cgroup::enter(dir)
+            .with_context(|| format!("entering the instance's cgroup {}", dir.display()))?;
+    }
     let app_env = app_env()?;
     let channel = args.channel_fd.map(take_channel).transpose()?;
     let all = SigSet::all();
@@ -52,6 +61,9 @@ pub fn run(args: InitArgs) -> anyhow::Result<i32> {
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).context("signalfd")?;
     keep_inherited_fds_from_app();
     own_mounts(args.identity.as_ref())?;
+    if let Some(hostname) = &args.hostname {
+        own_hostname(hostname)?;
+    }
 
     let main = match (args.restore_pid.split_first(), channel) {
         (Some((&first, rest)), _) => {
@@ -168,6 +180,14 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
         .with_context(|| format!("bind-mounting the identity file over {}", target.display()))?;
     }
     Ok(())
+}
+
+/// Gives the instance a UTS namespace of its own with `hostname`: what
+/// `uname` and `gethostname` answer its processes, forked after this.
+fn own_hostname(hostname: &str) -> anyhow::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+        .context("unsharing the UTS namespace")?;
+    nix::unistd::sethostname(hostname).with_context(|| format!("setting the hostname {hostname}"))
 }
 
 /// The config's variables for the application, which the supervisor passes

@@ -5,8 +5,11 @@
 mod agent;
 mod apps;
 mod astask;
+mod cgroup;
+mod clones;
 mod commands;
 mod control;
+mod detach;
 mod error;
 mod filter;
 mod init;
@@ -25,20 +28,23 @@ mod sourcerules;
 mod supervisor;
 mod systemd;
 mod tree;
+mod udproutes;
 mod user;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use appshot_configurator::{validate_aid, validate_name, AppConfig, PortRange, UserSpec};
-use appshot_vpm::Registry;
+use appshot_configurator::{
+    validate_aid, validate_hostname, validate_name, validate_value_key, AppConfig, CloneId,
+    CloneRules, Pattern, PortRange, UserSpec,
+};
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use supervisor::{Launch, LAUNCH_ENV};
+use supervisor::{CloneIdentity, IdentityFile, Launch, LAUNCH_ENV};
 
 /// Where the registry and instance state live unless `--run-dir` says.
 const DEFAULT_RUN_DIR: &str = "/run/appshot";
@@ -180,23 +186,39 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Start instances from a template: each with its own AID, real ports
-    /// and PID namespace, sharing the template's unchanged memory.
+    /// Start instances from a template: each with its own AID, name,
+    /// hostname, real ports and PID namespace, sharing the template's
+    /// unchanged memory. Many clones start at once, e.g. `--aid web --count
+    /// 100` (web-1 … web-100) or `--aid a --aid b`.
     Clone {
         template: PathBuf,
-        /// AID of the clone; with --count N the clones get AID-1 … AID-N.
+        /// AID of the clone. Repeated: one clone per --aid. Once with
+        /// --count N: the clones get AID-1 … AID-N.
+        #[arg(long, required = true)]
+        aid: Vec<String>,
+        /// Instance name (default: the clone's AID). Once for several
+        /// clones: NAME-1 … NAME-N; or once per clone, in --aid's order.
         #[arg(long)]
-        aid: String,
-        /// Instance name (default: the clone's AID); with --count N,
-        /// NAME-1 … NAME-N.
+        name: Vec<String>,
+        /// How many clones (default: one per --aid); more than one implies
+        /// --detach.
         #[arg(long)]
-        name: Option<String>,
-        /// How many clones (more than one implies --detach).
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        /// A path at which each clone sees its own identity file (its AID
-        /// and name), e.g. a file the application serves or reads.
-        /// Overrides the config's `[clone] identity_file`.
+        count: Option<u32>,
+        /// Each clone's hostname, in a UTS namespace of its own: `{number}`
+        /// (the clone's number, 1 … N), `{aid}` and `{name}` are replaced,
+        /// e.g. `web-{number}`. Overrides the config's `[clone] hostname`;
+        /// default: the clone's name.
+        #[arg(long, value_name = "PATTERN")]
+        hostname: Option<Pattern>,
+        /// A line KEY=VALUE of each clone's identity file (repeatable;
+        /// VALUE takes the placeholders of --hostname). Overrides the
+        /// config's `[clone.values]` KEY. Needs an identity file.
+        #[arg(long = "value", value_name = "KEY=VALUE", value_parser = parse_value)]
+        values: Vec<(String, Pattern)>,
+        /// A path at which each clone sees its own identity file (its AID,
+        /// name, hostname and values, a KEY=VALUE each line), e.g. a file
+        /// the application serves or reads. Overrides the config's
+        /// `[clone] identity_file`.
         #[arg(long)]
         identity_file: Option<PathBuf>,
         /// Application config: its `[clone]` rules and `port_range` apply.
@@ -229,6 +251,11 @@ enum Cmd {
         /// peers instead of rebuilding them (and take any real ports).
         #[arg(long)]
         tcp_close: bool,
+        /// A hostname of its own, in a UTS namespace of its own (e.g. the
+        /// one a snapshotted clone had; the image does not keep it).
+        /// Default: the host's.
+        #[arg(long, value_parser = parse_hostname)]
+        hostname: Option<String>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -270,9 +297,14 @@ enum Cmd {
         #[arg(long, requires = "identity_source")]
         identity_target: Option<PathBuf>,
         #[arg(long)]
+        hostname: Option<String>,
+        #[arg(long)]
         cwd: Option<PathBuf>,
         #[arg(long, value_parser = parse_run_as)]
         user: Option<user::RunAs>,
+        /// The instance's cgroup, entered before anything is started.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -418,6 +450,7 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
+    appshot_vpm::set_udp_change_hook(udproutes::refresh);
     if !matches!(
         cli.command,
         Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
@@ -431,7 +464,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let detach = args.detach;
             let launch = resolve(args, &run_dir)?;
             if detach {
-                detach_supervisor(&launch, cli.verbose)
+                detach::detach_supervisor(&launch, cli.verbose)
             } else {
                 Ok(supervisor::run(launch, &mut None)?.status)
             }
@@ -451,15 +484,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             restore_pid,
             identity_source,
             identity_target,
+            hostname,
             cwd,
             user,
+            cgroup,
             command,
         } => init::run(init::InitArgs {
             channel_fd,
             restore_pid,
             identity: identity_source.zip(identity_target),
+            hostname,
             cwd,
             user,
+            cgroup,
             command,
         }),
         Cmd::Config {
@@ -600,6 +637,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             aid,
             name,
             count,
+            hostname,
+            values,
             identity_file,
             config,
             port_range,
@@ -610,18 +649,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Some(path) => AppConfig::load(path)?,
                 None => AppConfig::default(),
             };
-            let identity_file = identity_file.or(config.clone_identity_file.clone());
+            let mut rules = config.clone;
+            rules.identity_file = identity_file.or(rules.identity_file);
+            rules.hostname = hostname.or(rules.hostname);
+            rules.values.extend(values);
             let range = port_range.unwrap_or(config.port_range);
-            let launches =
-                clone_launches(&template, &aid, name, count, identity_file, range, &run_dir)?;
-            if launches.len() == 1 && !detach {
-                let launch = launches.into_iter().next().expect("one launch");
-                return Ok(supervisor::run(launch, &mut None)?.status);
+            let plan = clones::plan(&aid, &name, count)?;
+            let launches = clone_launches(&template, &plan, &rules, range, &run_dir)?;
+            match launches.as_slice() {
+                [launch] if detach => detach::detach_supervisor(launch, cli.verbose),
+                [_] => {
+                    let launch = launches.into_iter().next().expect("one launch");
+                    Ok(supervisor::run(launch, &mut None)?.status)
+                }
+                _ => clones::start_all(&launches, cli.verbose),
             }
-            for launch in &launches {
-                detach_supervisor(launch, cli.verbose)?;
-            }
-            Ok(0)
         }
         Cmd::Inspect {
             image,
@@ -638,6 +680,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             config,
             port_range,
             tcp_close,
+            hostname,
             detach,
         } => {
             commands::require_privileges("restore")?;
@@ -649,8 +692,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let range = port_range.unwrap_or(config.port_range);
             launch.range = (range.start, range.end);
             launch.tcp_close = tcp_close;
+            launch.identity = hostname.map(|hostname| CloneIdentity {
+                hostname,
+                file: None,
+            });
             if detach {
-                detach_supervisor(&launch, cli.verbose)
+                detach::detach_supervisor(&launch, cli.verbose)
             } else {
                 Ok(supervisor::run(launch, &mut None)?.status)
             }
@@ -755,7 +802,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         cluster,
         is_clone: false,
         tcp_close: false,
-        identity_file: None,
+        identity: None,
         user,
         remove_on_exit: args.rm,
         pidfile: args.pidfile,
@@ -763,6 +810,20 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         restart: args.restart,
         config: config_path,
     })
+}
+
+fn parse_hostname(arg: &str) -> Result<String, String> {
+    validate_hostname(arg)?;
+    Ok(arg.to_string())
+}
+
+/// `--value KEY=VALUE`.
+fn parse_value(arg: &str) -> Result<(String, Pattern), String> {
+    let (key, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not KEY=VALUE"))?;
+    validate_value_key(key)?;
+    Ok((key.to_string(), value.parse()?))
 }
 
 fn parse_run_as(arg: &str) -> Result<user::RunAs, String> {
@@ -796,22 +857,25 @@ fn checked_image(image: &Path) -> anyhow::Result<(PathBuf, appshot_snapshot::ima
     Ok((path, img))
 }
 
-/// Launches for `count` clones of a template. Everything that could make a
-/// clone fail for a reason known now (not a template, changed files, names
-/// in use, too few real ports) is checked before the first one starts. The
-/// template's pages are verified here (once per unchanged file, see
-/// `snapshots::open_template`); the clones skip that.
+/// Launches for the clones of a template in `plan` (AID and name of
+/// each). Everything that could make a clone fail for a reason known now
+/// (not a template, changed files, names in use, identities the rules
+/// cannot render, too few real ports) is checked before the first one
+/// starts. The template's pages are verified here (once per unchanged
+/// file, see `snapshots::open_template`); the clones skip that.
 fn clone_launches(
     template: &Path,
-    aid: &str,
-    name: Option<String>,
-    count: u32,
-    identity_file: Option<PathBuf>,
+    plan: &[(String, String)],
+    rules: &CloneRules,
     range: PortRange,
     run_dir: &Path,
 ) -> anyhow::Result<Vec<Launch>> {
-    if count == 0 {
-        bail!("--count 0: nothing to clone");
+    if rules.identity_file.is_none() && !rules.values.is_empty() {
+        let keys: Vec<&str> = rules.values.keys().map(String::as_str).collect();
+        bail!(
+            "values {} need an identity file to carry them: give --identity-file PATH or the config's [clone] identity_file",
+            keys.join(", ")
+        );
     }
     let path = std::fs::canonicalize(template)
         .with_context(|| format!("template {}", template.display()))?;
@@ -825,25 +889,36 @@ fn clone_launches(
         );
     }
     let mut launches = Vec::new();
-    for i in 1..=count {
-        let suffix = |base: &str| {
-            if count == 1 {
-                base.to_string()
-            } else {
-                format!("{base}-{i}")
-            }
-        };
-        let clone_aid = suffix(aid);
-        let clone_name = suffix(name.as_deref().unwrap_or(aid));
-        if appshot_vpm::is_alive(run_dir, &clone_name) {
-            return Err(appshot_vpm::VpmError::NameInUse(clone_name).into());
+    for (number, (clone_aid, clone_name)) in (1..).zip(plan) {
+        let identity = rules
+            .render(&CloneId {
+                number,
+                aid: clone_aid,
+                name: clone_name,
+            })
+            .map_err(|e| anyhow!("{e}"))?;
+        if appshot_vpm::is_alive(run_dir, clone_name) {
+            return Err(appshot_vpm::VpmError::NameInUse(clone_name.clone()).into());
         }
-        let mut launch = image_launch(path.clone(), &img, clone_name, clone_aid, run_dir)?;
+        let mut launch = image_launch(
+            path.clone(),
+            &img,
+            clone_name.clone(),
+            clone_aid.clone(),
+            run_dir,
+        )?;
         launch.is_clone = true;
-        launch.identity_file = identity_file.clone();
+        launch.identity = Some(CloneIdentity {
+            hostname: identity.hostname,
+            file: rules.identity_file.clone().map(|path| IdentityFile {
+                path,
+                values: identity.values,
+            }),
+        });
         launch.range = (range.start, range.end);
         launches.push(launch);
     }
+    let count = launches.len();
     let sockets = img
         .manifest
         .processes
@@ -858,7 +933,7 @@ fn clone_launches(
         .filter(|t| (range.start..=range.end).contains(&t.real_port))
         .count();
     let free = (usize::from(range.end) - usize::from(range.start) + 1).saturating_sub(used);
-    let needed = sockets * count as usize;
+    let needed = sockets * count;
     if needed > free {
         bail!(
             "{count} clones of a template with {sockets} listening sockets need {needed} real ports; port range {range} has {free} free"
@@ -893,7 +968,7 @@ fn image_launch(
         cluster: remote::ClusterSettings::resolve(&defaults)?,
         is_clone: false,
         tcp_close: false,
-        identity_file: None,
+        identity: None,
         user: None,
         remove_on_exit: false,
         pidfile: None,
@@ -995,89 +1070,4 @@ fn supervise(launch: Launch) -> anyhow::Result<i32> {
         let _ = std::io::Write::write_fmt(&mut r, format_args!("exited {status}\n"));
     }
     Ok(result?.status)
-}
-
-/// Starts `appshot __supervise` in its own session, logging to
-/// `RUN_DIR/logs/NAME/`, and returns once the instance has run for the
-/// supervisor's start period: 0 when it runs, an error (125, or 126/127
-/// when the command could not be executed) when it ended before.
-fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
-    // Checked before the logs are touched: they belong to the running
-    // instance.
-    if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
-        return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
-    }
-    // Opened first: it creates the run directory private, and so the logs.
-    let registry = Registry::open(&launch.run_dir)?;
-    registry.private_subdir("logs")?;
-    let log_dir = logs::dir(&launch.run_dir, &launch.name);
-    let created = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-        .create(&log_dir);
-    if let Err(e) = created.or_else(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => Ok(()),
-        _ => Err(e),
-    }) {
-        return Err(anyhow!("creating {}: {e}", log_dir.display()));
-    }
-    logs::start_anew(&launch.run_dir, &launch.name)?;
-    let log = logs::append(&log_dir.join(logs::SUPERVISOR_LOG))?;
-    let exe = std::env::current_exe().context("locating the appshot binary")?;
-    let mut cmd = Command::new(exe);
-    if verbose > 0 {
-        cmd.arg(format!("-{}", "v".repeat(verbose as usize)));
-    }
-    let mut child = cmd
-        .arg("--run-dir")
-        .arg(&launch.run_dir)
-        .arg("__supervise")
-        .env(LAUNCH_ENV, serde_json::to_string(launch)?)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting the supervisor")?;
-    // The supervisor answers on its stdout: `running`, or `exited STATUS`;
-    // nothing (end of file) when it failed before the instance ran.
-    let pipe = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
-        let _ = tx.send(line);
-    });
-    let answer = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(line) => line,
-        Err(_) => bail!(
-            "instance `{}` did not start within 60s; see {}",
-            launch.name,
-            log_dir.display()
-        ),
-    };
-    if answer.trim() == "running" {
-        if let Some(path) = &launch.pidfile {
-            std::fs::write(path, format!("{}\n", child.id()))
-                .with_context(|| format!("writing the pidfile {}", path.display()))?;
-        }
-        println!("{}", launch.name);
-        return Ok(0);
-    }
-    let status = child.wait().context("waiting for the supervisor")?;
-    let output = logs::tail(&log_dir);
-    let why = match answer.trim().strip_prefix("exited ") {
-        Some(code) => format!("exited during start with status {code}"),
-        // The supervisor's own error (its status is 125, 126 or 127).
-        None => match status.code() {
-            Some(code @ (126 | 127)) => {
-                eprintln!("{}", output.trim_end());
-                return Ok(code);
-            }
-            _ => format!("failed to start ({status})"),
-        },
-    };
-    bail!(
-        "instance `{}` {why}; {}:\n{}",
-        launch.name,
-        log_dir.display(),
-        output.trim_end()
-    )
 }

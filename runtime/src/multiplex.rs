@@ -57,6 +57,10 @@ pub struct Settings {
     pub init_pid: u32,
     /// Source rules and negotiation with other hosts.
     pub cluster: Arc<crate::remote::Cluster>,
+    /// Whether the instance is in a cgroup of its AID, through which the
+    /// kernel routes datagrams (`udproutes`); without, UDP ports are left
+    /// alone, as they were before UDP was multiplexed.
+    pub route_udp: bool,
 }
 
 /// Bit of CAP_NET_BIND_SERVICE in a capability set.
@@ -81,7 +85,8 @@ pub struct Multiplexer {
 struct InetSocket {
     fd: OwnedFd,
     domain: i32,
-    stream: bool,
+    /// `None`: neither TCP nor UDP (raw, ICMP, UDP-Lite): never multiplexed.
+    protocol: Option<Protocol>,
     /// Its local address, read to learn the family.
     local: SockaddrStorage,
 }
@@ -147,11 +152,21 @@ impl Multiplexer {
             Some(AddressFamily::Inet6) => libc::AF_INET6,
             _ => return Ok(Err(Other { fd })),
         };
-        let stream = getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? == SockType::Stream;
+        let protocol = match getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? {
+            SockType::Stream => Some(Protocol::Tcp),
+            SockType::Datagram
+                if appshot_sys::net::get_int_opt(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+                    .map_err(errno)?
+                    == libc::IPPROTO_UDP =>
+            {
+                Some(Protocol::Udp)
+            }
+            _ => None,
+        };
         Ok(Ok(InetSocket {
             fd,
             domain,
-            stream,
+            protocol,
             local,
         }))
     }
@@ -209,7 +224,13 @@ impl Multiplexer {
             return Self::bind_as_task(call, sock.fd, bytes);
         };
         let port = addr.port();
-        let multiplexed = sock.stream && port != 0 && self.settings.multiplexed.contains(port);
+        let multiplexed = port != 0
+            && self.settings.multiplexed.contains(port)
+            && match sock.protocol {
+                Some(Protocol::Tcp) => true,
+                Some(Protocol::Udp) => self.settings.route_udp,
+                None => false,
+            };
         // The supervisor binds a real port of its own choosing; holding the
         // privilege the virtual port needs is the task's affair.
         if multiplexed
@@ -224,7 +245,10 @@ impl Multiplexer {
             return call.answer(Response::Value(0));
         }
         if !multiplexed {
-            if sock.stream && self.is_others_real_port(port) {
+            if sock
+                .protocol
+                .is_some_and(|p| self.is_others_real_port(p, port))
+            {
                 // Another instance's real port: binding it would capture
                 // that instance's clients.
                 return call.answer(Response::Errno(libc::EADDRINUSE));
@@ -278,7 +302,8 @@ impl Multiplexer {
         let mut cache = self.cache.lock().expect("registry cache lock");
         cache.get().is_ok_and(|st| {
             st.translations_of(&self.settings.instance).any(|t| {
-                t.socket_inode == inode
+                Some(t.protocol) == sock.protocol
+                    && t.socket_inode == inode
                     && t.virtual_port == addr.port()
                     && t.addr == addr.ip()
                     && t.real_port == local.port()
@@ -287,13 +312,11 @@ impl Multiplexer {
     }
 
     /// Whether `port` is the real port of another instance's translation.
-    fn is_others_real_port(&self, port: u16) -> bool {
+    fn is_others_real_port(&self, protocol: Protocol, port: u16) -> bool {
         let mut cache = self.cache.lock().expect("registry cache lock");
         cache.get().is_ok_and(|st| {
             st.translations.iter().any(|t| {
-                t.protocol == Protocol::Tcp
-                    && t.real_port == port
-                    && t.owner != self.settings.instance
+                t.protocol == protocol && t.real_port == port && t.owner != self.settings.instance
             })
         })
     }
@@ -312,6 +335,7 @@ impl Multiplexer {
         let inode = nix::sys::stat::fstat(sock.fd.as_raw_fd())
             .map_err(|e| e as i32)?
             .st_ino;
+        let protocol = sock.protocol.unwrap_or(Protocol::Tcp);
         let s = &self.settings;
         let hint = std::process::id() as usize + self.next_pick.fetch_add(1, Ordering::Relaxed);
         let live = tree::socket_inodes(s.init_pid);
@@ -329,14 +353,9 @@ impl Multiplexer {
             let candidates = match exact {
                 Some(p) if state.translations.iter().any(|t| t.real_port == p) => Vec::new(),
                 Some(p) => vec![p],
-                None => state.bind_candidates(
-                    Protocol::Tcp,
-                    addr.ip(),
-                    addr.port(),
-                    &s.aid,
-                    s.range,
-                    hint,
-                ),
+                None => {
+                    state.bind_candidates(protocol, addr.ip(), addr.port(), &s.aid, s.range, hint)
+                }
             };
             // Under source rules the fixed port itself must stay free, so
             // that every connection to it meets the rules.
@@ -350,7 +369,7 @@ impl Multiplexer {
                 match bind_to(&sock.fd, real) {
                     Ok(()) => {
                         state.insert(Translation {
-                            protocol: Protocol::Tcp,
+                            protocol,
                             addr: addr.ip(),
                             virtual_port: addr.port(),
                             aid: s.aid.clone(),
@@ -368,7 +387,7 @@ impl Multiplexer {
         });
         match result {
             Ok(Ok(Some(real))) => {
-                info!(instance = %s.instance, aid = %s.aid, "tcp {} -> real port {real}", addr);
+                info!(instance = %s.instance, aid = %s.aid, "{protocol} {addr} -> real port {real}");
                 s.cluster.after_bind(&self.registry);
                 Ok(Some(real))
             }
@@ -409,7 +428,7 @@ impl Multiplexer {
         let sock = InetSocket {
             fd,
             domain,
-            stream: true,
+            protocol: Some(Protocol::Tcp),
             local,
         };
         let port = spec.addr.port();
@@ -452,6 +471,42 @@ impl Multiplexer {
         listen(&sock.fd, backlog).map_err(|e| format!("listen: {e}"))
     }
 
+    /// Binds a restored process's UDP socket (`fd` duplicates it) for
+    /// `addr`, the address its application bound: a real port chosen as
+    /// the application's own bind would get one.
+    pub fn bind_restored_udp(&self, addr: SocketAddr, fd: OwnedFd) -> Result<(), String> {
+        let local = getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+        let sock = InetSocket {
+            fd,
+            domain: if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            },
+            protocol: Some(Protocol::Udp),
+            local,
+        };
+        let port = addr.port();
+        if !(self.settings.route_udp && port != 0 && self.settings.multiplexed.contains(port)) {
+            return bind_to(&sock.fd, addr)
+                .map_err(|e| std::io::Error::from_raw_os_error(e).to_string());
+        }
+        let deadline = Instant::now() + self.settings.allocation_timeout;
+        loop {
+            match self.allocate(&sock, addr, None) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
+                Ok(None) => {
+                    return Err(format!(
+                        "no real port free for virtual port {port} in {}",
+                        self.settings.range
+                    ))
+                }
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+            }
+        }
+    }
+
     fn connect(self: &Arc<Self>, call: Call) {
         let bytes = match Self::address_arg(&call) {
             Ok(b) => b,
@@ -464,13 +519,14 @@ impl Multiplexer {
         };
         let decoded = sockaddr::decode(sock.domain, &bytes);
         let dest = match decoded {
-            Ok(a) if sock.stream => a,
-            // Datagram sockets are not multiplexed, and an address that does
-            // not decode (AF_UNSPEC, an IPv4 address on an IPv6 socket, a
-            // short one) is the kernel's to judge: the task's own bytes.
+            Ok(a) if sock.protocol == Some(Protocol::Tcp) => a,
+            // Datagrams are routed by the kernel (`udproutes`) whatever the
+            // socket is connected to, and an address that does not decode
+            // (AF_UNSPEC, an IPv4 address on an IPv6 socket, a short one)
+            // is the kernel's to judge: the task's own bytes.
             _ => return call.answer(outcome(connect_raw(&sock.fd, &bytes).map_err(errno))),
         };
-        if sock.stream && self.settings.cluster.negotiates(dest.ip()) && !self.is_local(dest.ip()) {
+        if self.settings.cluster.negotiates(dest.ip()) && !self.is_local(dest.ip()) {
             // Negotiating takes a round trip to the other host: off the
             // receive loop, like a blocking connect.
             let mux = Arc::clone(self);
@@ -478,7 +534,7 @@ impl Multiplexer {
                 .run(move || mux.connect_remote(call, sock, dest));
             return;
         }
-        let target = match self.route(&sock, dest) {
+        let target = match self.route(dest) {
             Ok(t) => t,
             Err(e) => {
                 debug!(
@@ -522,8 +578,8 @@ impl Multiplexer {
     }
 
     /// Where a connect to `dest` really goes, or the errno that refuses it.
-    fn route(&self, sock: &InetSocket, dest: SocketAddr) -> Result<SocketAddr, i32> {
-        if !sock.stream || !self.is_local(dest.ip()) {
+    fn route(&self, dest: SocketAddr) -> Result<SocketAddr, i32> {
+        if !self.is_local(dest.ip()) {
             return Ok(dest);
         }
         let pick = self.next_pick.fetch_add(1, Ordering::Relaxed);
@@ -591,22 +647,32 @@ impl Multiplexer {
             Ok(None) => return call.answer(Response::Errno(libc::EAFNOSUPPORT)),
             Err(e) => return call.answer(Response::Errno(e as i32)),
         };
+        let Some(protocol) = sock.protocol else {
+            let written = write_sockaddr(&call, &addr);
+            return call.answer(outcome(written));
+        };
         let negotiated = match side {
-            Side::Peer if sock.stream && self.settings.cluster.has_peers() => {
+            Side::Peer if protocol == Protocol::Tcp && self.settings.cluster.has_peers() => {
                 nix::sys::stat::fstat(sock.fd.as_raw_fd())
                     .ok()
                     .and_then(|st| self.settings.cluster.peer_virtual_port(st.st_ino, addr))
             }
             _ => None,
         };
+        // A connected UDP socket's peer is the virtual port it connected to:
+        // the kernel's NAT is below the socket.
+        let names_real_port = match side {
+            Side::Local => true,
+            Side::Peer => protocol == Protocol::Tcp && self.is_local(addr.ip()),
+        };
         if let Some(v) = negotiated {
             addr.set_port(v);
-        } else if sock.stream && (matches!(side, Side::Local) || self.is_local(addr.ip())) {
+        } else if names_real_port {
             // A peer on another host is never one of this registry's
             // sockets, whatever its port.
             let mut cache = self.cache.lock().expect("registry cache lock");
             if let Ok(state) = cache.get() {
-                if let Some(v) = state.virtual_port_of(Protocol::Tcp, addr.ip(), addr.port()) {
+                if let Some(v) = state.virtual_port_of(protocol, addr.ip(), addr.port()) {
                     addr.set_port(v);
                 }
             }

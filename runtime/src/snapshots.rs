@@ -234,13 +234,15 @@ pub fn take(
         });
     }
     let state = Registry::open(subject.run_dir)?.read()?;
-    let virtualize = |addr: SocketAddr| {
+    let virtualize_as = |protocol: Protocol, addr: SocketAddr| {
         let mut a = addr;
-        if let Some(v) = state.virtual_port_of(Protocol::Tcp, addr.ip(), addr.port()) {
+        if let Some(v) = state.virtual_port_of(protocol, addr.ip(), addr.port()) {
             a.set_port(v);
         }
         a
     };
+    let virtualize = |addr| virtualize_as(Protocol::Tcp, addr);
+    let virtualize_udp = |addr| virtualize_as(Protocol::Udp, addr);
     let repairs = Repairs::default();
     let progress = |done: u64, total: u64| requester.progress(done, total);
     let cancelled = || requester.gone();
@@ -256,6 +258,7 @@ pub fn take(
             left_running: leave_running,
         },
         virtualize: &virtualize,
+        virtualize_udp: &virtualize_udp,
         repairs: &repairs,
         progress: &progress,
         cancelled: &cancelled,

@@ -23,8 +23,9 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::cgroup::{self, InstanceCgroup};
 use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
@@ -58,10 +59,10 @@ pub struct Launch {
     /// them (`appshot restore --tcp-close`).
     #[serde(default)]
     pub tcp_close: bool,
-    /// A path inside the instance where its own identity file (its AID and
-    /// name) appears, in a mount namespace of its own.
+    /// A clone's own hostname and identity file (or a restore's own
+    /// hostname, `restore --hostname`).
     #[serde(default)]
-    pub identity_file: Option<PathBuf>,
+    pub identity: Option<CloneIdentity>,
     /// Who a launched application runs as (restores take theirs from the
     /// image).
     #[serde(default)]
@@ -84,6 +85,23 @@ pub struct Launch {
     /// generate systemd`.
     #[serde(default)]
     pub config: Option<PathBuf>,
+}
+
+/// What a clone is given that its template's memory cannot tell it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CloneIdentity {
+    /// Its hostname, in a UTS namespace of its own.
+    pub hostname: String,
+    pub file: Option<IdentityFile>,
+}
+
+/// The clone's identity file: `aid=`, `name=`, `hostname=` and the
+/// rendered values, one `KEY=VALUE` a line, bind-mounted over `path` in
+/// its mount namespace.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdentityFile {
+    pub path: PathBuf,
+    pub values: Vec<(String, String)>,
 }
 
 fn default_log_max() -> u64 {
@@ -122,11 +140,13 @@ const START_PERIOD: Duration = Duration::from_millis(300);
 /// [`START_PERIOD`], and taken; if it ended before, `ready` is left to the
 /// caller, which tells it how once the logs are complete.
 pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, RuntimeError> {
+    let mut phases = Phases::new();
     let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
     // Also removes whatever a dead earlier instance of this name left in
     // the registry and the kernel's source rules.
     let lock = InstanceLock::acquire(&registry, &launch.name)?;
+    phases.mark("instance lock taken");
 
     // Blocked before any thread exists so every thread inherits the mask
     // and the signal thread alone receives them.
@@ -143,6 +163,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         PortSet::Listed(launch.ports.iter().copied().collect())
     };
     let cluster = crate::remote::cluster_for(&launch)?;
+    let cgroup = instance_cgroup(&registry, &launch);
+    let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
     let settings = |init_pid| Settings {
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
@@ -154,6 +176,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         allocation_timeout: Duration::from_millis(launch.allocation_timeout_ms),
         init_pid,
         cluster: Arc::clone(&cluster),
+        route_udp: cgroup.is_some(),
     };
     let new_mux = |init_pid| -> Result<Arc<Multiplexer>, RuntimeError> {
         Ok(Arc::new(Multiplexer::new(
@@ -164,7 +187,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     };
     let (init_pid, init, listeners, mux, app_pid) = match &launch.restore {
         None => {
-            let (init_pid, init, listener) = launch_application(&launch, nofile)?;
+            let (init_pid, init, listener) = launch_application(&launch, cgroup_dir, nofile)?;
             let app_pid = tree::descendants(init_pid)
                 .get(1)
                 .copied()
@@ -172,16 +195,18 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             (init_pid, init, vec![listener], new_mux(init_pid)?, app_pid)
         }
         Some(path) => {
+            phases.mark("set up");
             let image = if launch.is_clone {
                 Image::open_verified_template(path)?
             } else {
                 Image::open(path)?
             };
             restore::check_files(&image)?;
-            let identity = match &launch.identity_file {
-                Some(target) => Some((
-                    write_identity(&launch, lock.instance_dir())?,
-                    target.clone(),
+            phases.mark("image opened");
+            let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
+                Some(file) => Some((
+                    write_identity(&launch, file, lock.instance_dir())?,
+                    file.path.clone(),
                 )),
                 None => None,
             };
@@ -193,9 +218,11 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                     .top_level()
                     .map(|p| p.ns_pid)
                     .collect::<Vec<_>>(),
-                identity.as_ref(),
+                identity_file.as_ref(),
+                cgroup_dir,
                 nofile,
             )?;
+            phases.mark("init started");
             let mux = new_mux(init_pid)?;
             let started = Instant::now();
             // Only the restore of a stopped instance can own its
@@ -214,7 +241,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             let marker = lock.instance_dir().join(RESTORING_MARKER);
             let _ = std::fs::write(&marker, b"");
             register(&registry, &launch, init_pid)?;
-            let restored = restore_into(init_pid, &image, &mux, launch.is_clone, connections);
+            let restored = restore_into(
+                init_pid,
+                &image,
+                &mux,
+                launch.is_clone,
+                connections,
+                &mut phases,
+            );
             let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || launch.tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
@@ -269,6 +303,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         None => START_PERIOD,
         Some(_) => Duration::ZERO,
     };
+    phases.mark("registered and serving");
+    debug!(name = %launch.name, "start-up: {phases}");
     if ready.is_some() && !exits_within(&init, period) {
         if let Some(mut r) = ready.take() {
             // The starter may be gone (killed); the instance runs on.
@@ -297,7 +333,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         // The same instance: name, AID, registry record and control socket
         // stay; only the application and its namespace are new, and its
         // binds are translated anew.
-        let (pid, fd, listener) = match launch_application(&launch, nofile) {
+        let (pid, fd, listener) = match launch_application(&launch, cgroup_dir, nofile) {
             Ok(started) => started,
             Err(e) => {
                 warn!(name = %launch.name, "restart failed: {e}");
@@ -391,8 +427,27 @@ fn raise_nofile_limit() -> Option<(u64, u64)> {
 /// Starts the namespace init, which launches the command under the filter
 /// and sends back the filter's listener. Returns init's PID, a pidfd of it
 /// and the listener.
+/// The instance's cgroup, through which the kernel routes its datagrams
+/// by AID; without one (no cgroup2 under /sys/fs/cgroup, or it cannot be
+/// written) the instance runs with its UDP ports left alone, and says so.
+fn instance_cgroup(registry: &Registry, launch: &Launch) -> Option<InstanceCgroup> {
+    let Some(root) = cgroup::root() else {
+        warn!(name = %launch.name, "no cgroup2 below /sys/fs/cgroup: UDP ports are not multiplexed");
+        return None;
+    };
+    let tag = crate::sourcerules::registry_tag(registry.dir());
+    match InstanceCgroup::create(root, &tag, &launch.aid, &launch.name) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(name = %launch.name, "creating the instance's cgroup under {}: {e}: UDP ports are not multiplexed", root.display());
+            None
+        }
+    }
+}
+
 fn launch_application(
     launch: &Launch,
+    cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd, OwnedFd), RuntimeError> {
     // Both ends close-on-exec from the start, so no process spawned
@@ -405,7 +460,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -436,9 +491,22 @@ fn launch_application(
 
 /// The per-clone identity file: what differs between clones of one
 /// template, readable by the application at the path its rules name.
-fn write_identity(launch: &Launch, dir: &std::path::Path) -> Result<PathBuf, RuntimeError> {
+fn write_identity(
+    launch: &Launch,
+    file: &IdentityFile,
+    dir: &std::path::Path,
+) -> Result<PathBuf, RuntimeError> {
     let path = dir.join("identity");
-    std::fs::write(&path, format!("aid={}\nname={}\n", launch.aid, launch.name))
+    let hostname = launch.identity.as_ref().map(|i| i.hostname.as_str());
+    let mut text = format!("aid={}\nname={}\n", launch.aid, launch.name);
+    for (key, value) in hostname
+        .map(|h| ("hostname", h))
+        .into_iter()
+        .chain(file.values.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        text.push_str(&format!("{key}={value}\n"));
+    }
+    std::fs::write(&path, text)
         .map_err(|e| RuntimeError::sys(format!("writing {}", path.display()), e))?;
     Ok(path)
 }
@@ -452,6 +520,7 @@ fn restore_into(
     mux: &Arc<Multiplexer>,
     share_pages: bool,
     connections: restore::Connections,
+    phases: &mut Phases,
 ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
     let wanted = image.manifest.top_level().count();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -469,18 +538,58 @@ fn restore_into(
                 ),
             });
         }
-        std::thread::sleep(Duration::from_millis(2));
+        // Init forks them within a few ms of its exec; a coarser poll
+        // would add up to its period to every restore.
+        std::thread::sleep(Duration::from_micros(200));
     };
+    phases.mark("stubs forked");
     let program = filter::build()?;
+    phases.mark("filter built");
     let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
+    let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
     let hooks = restore::RestoreHooks {
         filter: &program,
         listen: &listen,
+        bind_udp: &bind_udp,
         connections,
         share_pages,
     };
     let restored = restore::restore(&stubs, image, &hooks)?;
+    phases.mark("restored");
     Ok((restored.listeners, restored.hosts[0]))
+}
+
+/// Where a supervisor's start-up time goes (logged at debug): each
+/// step's milliseconds since the one before.
+struct Phases {
+    last: Instant,
+    steps: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps
+            .push((step, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, ms)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {ms:.2} ms")?;
+        }
+        Ok(())
+    }
 }
 
 /// Starts the namespace init; returns its PID and a pidfd of it. It
@@ -491,6 +600,7 @@ fn start_init(
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
     identity: Option<&(PathBuf, PathBuf)>,
+    cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd), RuntimeError> {
     let exe =
@@ -510,6 +620,10 @@ fn start_init(
         argv.push(cstr(b"--restore-pid")?);
         argv.push(cstr(list.join(",").as_bytes())?);
     }
+    if let Some(identity) = &launch.identity {
+        argv.push(cstr(b"--hostname")?);
+        argv.push(cstr(identity.hostname.as_bytes())?);
+    }
     if let Some((source, target)) = identity {
         argv.push(cstr(b"--identity-source")?);
         argv.push(cstr(source.as_os_str().as_bytes())?);
@@ -523,6 +637,10 @@ fn start_init(
     if let Some(cwd) = &launch.cwd {
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);
+    }
+    if let Some(dir) = cgroup {
+        argv.push(cstr(b"--cgroup")?);
+        argv.push(cstr(dir.as_os_str().as_bytes())?);
     }
     argv.push(cstr(b"--")?);
     for a in &launch.command {

@@ -35,6 +35,8 @@ pub struct DumpRequest<'a> {
     /// Maps a listening socket's real address to the one its application
     /// believes it bound.
     pub virtualize: &'a dyn Fn(SocketAddr) -> SocketAddr,
+    /// The same for a UDP socket's address.
+    pub virtualize_udp: &'a dyn Fn(SocketAddr) -> SocketAddr,
     /// Where connected TCP sockets put in repair mode are recorded: the
     /// caller resumes them if the instance runs on, or drops them after
     /// killing it.
@@ -521,7 +523,7 @@ fn dump_fds(
                 continue;
             }
             if getsockopt(&sock, sockopt::SockType) == Ok(SockType::Datagram) {
-                kinds::udp::save(&sock, flags).map_err(unsupported)?
+                kinds::udp::save(&sock, flags, req.virtualize_udp).map_err(unsupported)?
             } else {
                 kinds::tcp::save(&sock, flags, req.virtualize, req.repairs).map_err(unsupported)?
             }

@@ -44,6 +44,10 @@ pub struct RestoreHooks<'a> {
     /// The seccomp program the restored process runs under.
     pub filter: &'a [SockFilter],
     pub listen: &'a dyn Fn(&ListenSpec, OwnedFd) -> Result<(), String>,
+    /// Binds a new UDP socket of the process (given as a duplicate) for the
+    /// address its application bound: a real port of the caller's choosing
+    /// for a multiplexed one.
+    pub bind_udp: &'a dyn Fn(std::net::SocketAddr, OwnedFd) -> Result<(), String>,
     /// Whether the image's TCP connections are rebuilt or reset.
     pub connections: Connections,
     /// Map saved pages from the image file (MAP_PRIVATE, copy-on-write)
@@ -731,7 +735,7 @@ fn restore_fds(
             FdKind::Fifo { .. } => kinds::pipes::restore_fifo(&stub, f, &mut fifos)?,
             FdKind::Memfd { .. } => memfds.restore_fd(&stub, f, image, p.ns_pid, highest_fd(p))?,
             FdKind::TcpSocket { .. } => kinds::tcp::restore(&stub, f, hooks.listen, &owned_ports)?,
-            FdKind::Udp(u) => kinds::udp::restore(&stub, f, u)?,
+            FdKind::Udp(u) => kinds::udp::restore(&stub, f, u, hooks.bind_udp)?,
             FdKind::EventFd {
                 count,
                 flags,

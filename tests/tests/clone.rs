@@ -9,12 +9,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener};
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{
     assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg, port_pairs,
-    query_keeper, redis_cli, start_keeper, start_redis, uncaptured, Harness, Ran,
+    query_keeper, redis_cli, script, start_keeper, start_redis, uncaptured, Harness, Ran,
 };
 use serde_json::Value;
 
@@ -323,7 +324,7 @@ fn http_server_clones_serve_their_own_identity_file() {
         assert!(got.success(), "curl /clone-id.txt under {aid}: {got}");
         assert_eq!(
             got.stdout,
-            format!("aid={aid}\nname={name}\n"),
+            format!("aid={aid}\nname={name}\nhostname={name}\n"),
             "{name} serves its own identity file to {aid}"
         );
     }
@@ -621,4 +622,340 @@ fn a_clone_name_in_use_is_refused_before_any_clone_starts() {
             assert!(!ran.success(), "AID {aid} has no instance: {ran}");
         }
     }
+}
+
+/// Starts `whoami.py` on port 9000 as `name` under `aid`, serving
+/// `id_file` (a file of this test's, so its path marks the instance's
+/// processes), and takes it as a template at `image` (with `flags`).
+fn whoami_template(
+    h: &mut Harness,
+    name: &str,
+    aid: &str,
+    id_file: &Path,
+    image: &Path,
+    flags: &[&str],
+) {
+    fs::write(id_file, "template\n").unwrap();
+    let dir = id_file.parent().unwrap().to_path_buf();
+    h.start(
+        name,
+        aid,
+        &dir,
+        &[],
+        &[
+            "python3",
+            &script("whoami.py"),
+            "9000",
+            id_file.to_str().unwrap(),
+        ],
+    );
+    h.wait_log(name, "serving on port 9000");
+    template(h, name, image, flags);
+}
+
+/// What `whoami.py` answers a client of `aid`: (hostname, uname's
+/// nodename, the identity file's contents).
+fn whoami(h: &Harness, aid: &str) -> (String, String, String) {
+    let got = h.curl(aid, "http://127.0.0.1:9000/");
+    assert!(got.success(), "whoami under {aid}: {got}");
+    let (head, identity) = got
+        .stdout
+        .split_once("---\n")
+        .unwrap_or_else(|| panic!("whoami under {aid}: no `---`: {got}"));
+    let field = |key: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("whoami under {aid}: no {key}: {got}"))
+            .to_string()
+    };
+    (field("hostname"), field("uname"), identity.to_string())
+}
+
+/// The host's hostname, as the kernel of this UTS namespace has it.
+fn host_hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+#[test]
+fn twenty_clones_start_from_one_command_and_each_answers_its_own_aid() {
+    let Some(mut h) = Harness::new(
+        "twenty_clones_start_from_one_command_and_each_answers_its_own_aid",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let id_file = h.dir("www").join("id.env");
+    let image = h.dir("images").join("whoami.img");
+    whoami_template(&mut h, "who-t", "wt", &id_file, &image, &[]);
+    let id_path = id_file.to_str().unwrap();
+
+    let names = numbered("who", 20);
+    let started = Instant::now();
+    h.clone_template(
+        &names,
+        &image,
+        &["--aid", "who", "--count", "20", "--identity-file", id_path],
+    );
+    uncaptured(&format!(
+        "clone --count 20 of whoami.py: {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    ));
+    let rows = rows_of(&h, &names);
+    assert_own_ports(&h, &rows, &names, 9000);
+    let supervisors: BTreeSet<u64> = rows
+        .iter()
+        .map(|r| r["supervisor_pid"].as_u64().expect("supervisor_pid"))
+        .collect();
+    assert_eq!(supervisors.len(), 20, "a supervisor per clone: {rows:#?}");
+    for name in &names {
+        // Names and AIDs default alike: who-i; so does the hostname.
+        assert_eq!(
+            whoami(&h, name),
+            (
+                name.clone(),
+                name.clone(),
+                format!("aid={name}\nname={name}\nhostname={name}\n")
+            ),
+            "clone {name} answers its own AID, as itself"
+        );
+    }
+    let refused = h.curl("who", "http://127.0.0.1:9000/");
+    assert_eq!(refused.code, Some(7), "AID who has no instance: {refused}");
+}
+
+#[test]
+fn clones_get_their_hostname_and_values_from_the_rules() {
+    let Some(mut h) = Harness::new(
+        "clones_get_their_hostname_and_values_from_the_rules",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let host = host_hostname();
+    let id_file = h.dir("www").join("id.env");
+    let id_path = id_file.to_str().unwrap().to_string();
+    let image = h.dir("images").join("whoami.img");
+    // Left running: the template keeps the host's hostname and file.
+    whoami_template(
+        &mut h,
+        "host-t",
+        "ht",
+        &id_file,
+        &image,
+        &["--leave-running"],
+    );
+
+    let config = h.dir("config").join("shop.toml");
+    fs::write(
+        &config,
+        format!(
+            "[clone]\nidentity_file = \"{id_path}\"\nhostname = \"shop-{{n}}.example\"\n\
+             [clone.values]\nSHARD = \"{{n}}\"\nDB_URL = \"postgres://db/{{aid}}\"\n"
+        ),
+    )
+    .unwrap();
+    let names = numbered("shop", 2);
+    h.clone_template(
+        &names,
+        &image,
+        &[
+            "--aid",
+            "shop",
+            "--count",
+            "2",
+            "--config",
+            config.to_str().unwrap(),
+            // Over the config's DB_URL.
+            "--value",
+            "DB_URL=pg://{name}/{n}",
+        ],
+    );
+    for (i, name) in (1..).zip(&names) {
+        let hostname = format!("shop-{i}.example");
+        assert_eq!(
+            whoami(&h, name),
+            (
+                hostname.clone(),
+                hostname.clone(),
+                format!("aid={name}\nname={name}\nhostname={hostname}\nDB_URL=pg://{name}/{i}\nSHARD={i}\n")
+            ),
+            "clone {name}"
+        );
+    }
+
+    // One clone, its hostname from the flag; without an identity file it
+    // reads the host's file.
+    let solo = vec!["solo".to_string()];
+    h.clone_template(
+        &solo,
+        &image,
+        &["--aid", "solo", "--hostname", "solo.local"],
+    );
+    assert_eq!(
+        whoami(&h, "solo"),
+        (
+            "solo.local".into(),
+            "solo.local".into(),
+            "template\n".into()
+        )
+    );
+
+    assert_eq!(
+        whoami(&h, "ht"),
+        (host.clone(), host.clone(), "template\n".into()),
+        "the template runs on with the host's hostname and file"
+    );
+    assert_eq!(host_hostname(), host, "the host's hostname is untouched");
+    assert_eq!(fs::read_to_string(&id_file).unwrap(), "template\n");
+}
+
+#[test]
+fn clone_flags_that_conflict_are_refused_before_any_clone_starts() {
+    let Some(mut h) = Harness::new(
+        "clone_flags_that_conflict_are_refused_before_any_clone_starts",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let id_file = h.dir("www").join("id.env");
+    let id_path = id_file.to_str().unwrap().to_string();
+    let image = h.dir("images").join("whoami.img");
+    whoami_template(&mut h, "conf-t", "ct", &id_file, &image, &[]);
+    let none = BTreeSet::new();
+    let long = format!("{}-{{n}}", "h".repeat(62));
+    for (flags, names, says) in [
+        (
+            vec!["--aid", "a", "--aid", "b", "--count", "3"],
+            vec!["a".to_string(), "b".to_string()],
+            vec!["--count 3 with 2 --aid"],
+        ),
+        (
+            vec![
+                "--aid", "a", "--count", "2", "--name", "x", "--name", "y", "--name", "z",
+            ],
+            vec!["x".to_string(), "y".to_string(), "z".to_string()],
+            vec!["3 --name for 2 clones"],
+        ),
+        (
+            vec!["--aid", "v", "--count", "2", "--value", "SHARD={n}"],
+            numbered("v", 2),
+            vec!["SHARD", "need an identity file"],
+        ),
+        (
+            vec!["--aid", "l", "--count", "10", "--hostname", &long],
+            numbered("l", 10),
+            vec!["clone l-10", "at most 64"],
+        ),
+    ] {
+        let ran = h.try_clone(&names, &image, &flags);
+        assert_clone_refused(&h, &ran, &names, &says, &id_path, &none);
+    }
+}
+
+/// Two free consecutive ports (IPv4 and IPv6) above 30000.
+fn free_pair() -> u16 {
+    let free = |p: u16| {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, p)).is_ok()
+            && TcpListener::bind((Ipv6Addr::UNSPECIFIED, p)).is_ok()
+    };
+    (30000..32000)
+        .find(|&p| free(p) && free(p + 1))
+        .expect("two free consecutive ports in 30000-32000")
+}
+
+#[test]
+fn a_clone_that_cannot_start_is_reported_and_the_others_run_on() {
+    let Some(mut h) = Harness::new(
+        "a_clone_that_cannot_start_is_reported_and_the_others_run_on",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let id_file = h.dir("www").join("id.env");
+    let id_path = id_file.to_str().unwrap().to_string();
+    let image = h.dir("images").join("whoami.img");
+    // Left running, it holds virtual port 9000 for its AID: the clones'
+    // real ports come from the range.
+    whoami_template(
+        &mut h,
+        "fail-t",
+        "ft",
+        &id_file,
+        &image,
+        &["--leave-running"],
+    );
+    let template_processes = pids_with_arg(&id_path);
+
+    // Two real ports the registry knows free, one of them taken by a
+    // program outside appshot: one clone gets a port, the other none.
+    let port = free_pair();
+    let _squatter = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port + 1)).unwrap();
+    let names = numbered("f", 2);
+    let range = format!("{port}-{}", port + 1);
+    let ran = h.try_clone(
+        &names,
+        &image,
+        &["--aid", "f", "--count", "2", "--port-range", &range],
+    );
+    assert!(!ran.success(), "one of two clones cannot start: {ran}");
+    assert_eq!(ran.code, Some(125), "{ran}");
+    let printed: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(printed.len(), 1, "the clone that runs is printed: {ran}");
+    let running = printed[0].to_string();
+    let failed = names
+        .iter()
+        .find(|n| **n != running)
+        .expect("the other")
+        .clone();
+    assert!(names.contains(&running), "{ran}");
+    for says in [
+        format!("clone `{failed}`"),
+        "no real port free for virtual port 9000".to_string(),
+        format!(
+            "1 of 2 clones failed to start ({failed}) and left nothing running; 1 run: {running}"
+        ),
+    ] {
+        assert!(ran.stderr.contains(&says), "the error says {says:?}: {ran}");
+    }
+    assert_left_nothing(
+        &h,
+        "clone",
+        std::slice::from_ref(&failed),
+        "no-such-marker",
+        &BTreeSet::new(),
+    );
+    assert!(
+        h.log(&failed).contains("no real port free"),
+        "the failed clone's log says why:\n{}",
+        h.log(&failed)
+    );
+    // The template's and the running clone's processes: the failed clone's
+    // namespace went with its supervisor.
+    let rows = rows_of(&h, &["fail-t".to_string(), running.clone()]);
+    assert_eq!(
+        h.ps().len(),
+        2,
+        "only the template and {running} run: {:#?}",
+        h.ps()
+    );
+    assert_eq!(
+        port_pairs(&rows[1])[0].real,
+        port,
+        "{running} took the free port"
+    );
+    assert_eq!(
+        pids_with_arg(&id_path).len(),
+        template_processes.len() * 2,
+        "the template's processes and as many of the running clone's"
+    );
+    assert_eq!(whoami(&h, &running).0, running);
+    let refused = h.curl(&failed, "http://127.0.0.1:9000/");
+    assert_eq!(
+        refused.code,
+        Some(7),
+        "AID {failed} has no instance: {refused}"
+    );
 }

@@ -14,6 +14,8 @@ pub mod translation;
 
 pub use allocator::PortRange;
 pub use error::VpmError;
-pub use registry::{is_alive, set_reclaim_hook, CachedRegistry, InstanceLock, Registry};
+pub use registry::{
+    is_alive, set_reclaim_hook, set_udp_change_hook, CachedRegistry, InstanceLock, Registry,
+};
 pub use routing::Route;
 pub use translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};

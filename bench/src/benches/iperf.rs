@@ -91,7 +91,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
 }
 
 /// Received throughput of an `iperf3 -J` report, in Gbit/s.
-fn gbits(json: &str) -> anyhow::Result<f64> {
+pub fn gbits(json: &str) -> anyhow::Result<f64> {
     let v: serde_json::Value = serde_json::from_str(json).context("iperf3 -J printed no JSON")?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {e}");

@@ -20,6 +20,7 @@ mod redisconns;
 mod servers;
 mod snapshot;
 mod syscall;
+mod udp;
 
 /// What every benchmark gets.
 pub struct Ctx<'a> {
@@ -84,6 +85,12 @@ pub const ALL: &[Benchmark] = &[
         title: iperf::TITLE,
         needs: &["iperf3", "socat"],
         run: iperf::run,
+    },
+    Benchmark {
+        name: "udp",
+        title: udp::TITLE,
+        needs: &["gcc", "iperf3"],
+        run: udp::run,
     },
     Benchmark {
         name: "redis",

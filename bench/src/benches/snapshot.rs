@@ -27,7 +27,9 @@
 //!
 //! For the 256 MiB template, 5 clones at once also give the memory each
 //! adds: the sum of their Pss over 5, and their private pages, against
-//! the RSS of the instance the template was taken from.
+//! the RSS of the instance the template was taken from. For the smallest
+//! template, `appshot clone --count 100` gives the wall time of starting
+//! 100 clones from one command (each then checked to answer).
 //!
 //! Every original, restored and cloned process must answer the checksum of
 //! its whole memory, which the bench computes itself (`expected_sum`): a
@@ -59,6 +61,8 @@ const MEMORY_MIB: u64 = 256;
 const MEMORY_CLONES: u32 = 5;
 /// Pages the writing instance writes a second, in percent of its memory.
 const WRITE_PERCENT: u32 = 1;
+/// The clones of one `appshot clone --count`.
+const COUNT_CLONES: u32 = 100;
 
 /// One run's figures for one size.
 #[derive(Default)]
@@ -196,6 +200,8 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let warmup = ctx.plan.warmup;
     let total = warmup + ctx.plan.snapshot_runs;
     let mut memory: Vec<(f64, f64)> = Vec::new();
+    let mut count_ms: Vec<f64> = Vec::new();
+    let smallest = sizes.iter().map(|s| s.mib).min();
     for round in 0..total {
         for size in &mut sizes {
             procs::check_interrupted()?;
@@ -250,6 +256,16 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 );
                 memory.push(m);
             }
+            if Some(size.mib) == smallest {
+                let ms = clone_count(appshot, &probe, size, round).with_context(|| {
+                    format!("{TITLE} / clone --count {COUNT_CLONES} of {} MiB: run {} of {total} failed", size.mib, round + 1)
+                })?;
+                eprintln!(
+                    "  {TITLE} / clone --count {COUNT_CLONES} of {} MiB: run {}/{total}{}: {ms:.0} ms",
+                    size.mib, round + 1, warmup_mark(round, warmup)
+                );
+                count_ms.push(ms);
+            }
         }
     }
 
@@ -289,6 +305,15 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             }
             out.measurements.push(m);
         }
+    }
+    if let Some(mib) = smallest {
+        let configuration = format!(
+            "--count {COUNT_CLONES} of a {mib} MiB template: total time (wall time of one `appshot clone --count {COUNT_CLONES}`)"
+        );
+        let m = Measurement::from_runs("clone", &configuration, Unit::Millis, count_ms, warmup)?;
+        out.rows
+            .push(Row::alone("clone", &configuration, &m, "CRIU has no clone"));
+        out.measurements.push(m);
     }
     if let Some(size) = sizes.iter().find(|s| s.mib == MEMORY_MIB) {
         let template = Measurement::from_runs(
@@ -483,6 +508,20 @@ fn clone_memory(
     }
     let per_clone = |kib: u64| kib as f64 / 1024.0 / f64::from(MEMORY_CLONES);
     Ok((per_clone(pss), per_clone(private)))
+}
+
+/// Starts 100 clones of the template with one `appshot clone --count`,
+/// checks that each answers its own AID with the template's checksum, and
+/// returns the command's wall time, ms.
+fn clone_count(appshot: &Appshot, probe: &str, size: &Size, round: usize) -> anyhow::Result<f64> {
+    let aid = format!("n{round}");
+    let (clones, took) = appshot.clone_template(&size.template, &aid, COUNT_CLONES)?;
+    for clone in &clones {
+        let what = format!("clone {} ({} MiB)", clone.name(), size.mib);
+        // `--count N` names the clones AID-1 … AID-N, as their AIDs.
+        size.verify(appshot, probe, clone.name(), &what)?;
+    }
+    Ok(millis(took))
 }
 
 /// Starts a supervised client of `aid` that retries its connect until an

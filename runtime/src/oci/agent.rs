@@ -185,6 +185,8 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
         allocation_timeout: config.allocation_timeout,
         init_pid: h.pid,
         cluster: Arc::clone(&cluster),
+        // The container's processes are in the engine's cgroups, not ours.
+        route_udp: false,
     };
     let mux = Arc::new(Multiplexer::new(
         settings,

@@ -1,13 +1,15 @@
-//! UDP sockets, bound or connected: saved with their addresses (UDP is
-//! not multiplexed, so the application's addresses are the kernel's) and
-//! options, made again on restore. Datagrams queued at the snapshot are
-//! not saved.
+//! UDP sockets, bound or connected: saved with the address their
+//! application bound (the virtual one of a multiplexed port) and options,
+//! made again on restore, bound through the caller (a new real port for a
+//! multiplexed one). A connected socket's peer is the kernel's: datagram
+//! routing rewrites below the socket. Datagrams queued at the snapshot
+//! are not saved.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
-    bind, connect, getpeername, getsockname, getsockopt, setsockopt, sockopt, SockaddrStorage,
+    connect, getpeername, getsockname, getsockopt, setsockopt, sockopt, SockaddrStorage,
 };
 
 use super::Stub;
@@ -20,8 +22,13 @@ fn inet(a: &SockaddrStorage) -> Option<SocketAddr> {
         .or_else(|| a.as_sockaddr_in6().map(|a| SocketAddr::V6((*a).into())))
 }
 
-/// A UDP socket of the process (our duplicate of it).
-pub fn save(sock: &OwnedFd, flags: i32) -> Result<FdKind, String> {
+/// A UDP socket of the process (our duplicate of it); `virtualize` maps
+/// its real address to the one its application bound.
+pub fn save(
+    sock: &OwnedFd,
+    flags: i32,
+    virtualize: &dyn Fn(SocketAddr) -> SocketAddr,
+) -> Result<FdKind, String> {
     let e = |what: &str| {
         let what = what.to_string();
         move |e: nix::Error| format!("UDP socket: {what}: {e}")
@@ -33,7 +40,7 @@ pub fn save(sock: &OwnedFd, flags: i32) -> Result<FdKind, String> {
         .as_ref()
         .and_then(inet);
     Ok(FdKind::Udp(UdpSocket {
-        addr: local.to_string(),
+        addr: virtualize(local).to_string(),
         peer: peer.map(|p| p.to_string()),
         flags,
         v6only: local.is_ipv6()
@@ -47,8 +54,14 @@ pub fn save(sock: &OwnedFd, flags: i32) -> Result<FdKind, String> {
     }))
 }
 
-/// Makes the UDP socket `u` of `f` in the stub: options, bind, connect.
-pub fn restore(stub: &Stub, f: &FdImage, u: &UdpSocket) -> Result<(), SnapshotError> {
+/// Makes the UDP socket `u` of `f` in the stub: options, bind (by
+/// `bind`), connect.
+pub fn restore(
+    stub: &Stub,
+    f: &FdImage,
+    u: &UdpSocket,
+    bind: &dyn Fn(SocketAddr, OwnedFd) -> Result<(), String>,
+) -> Result<(), SnapshotError> {
     let Stub { inj, pid, .. } = *stub;
     let parse = |a: &str| {
         a.parse::<SocketAddr>()
@@ -81,7 +94,12 @@ pub fn restore(stub: &Stub, f: &FdImage, u: &UdpSocket) -> Result<(), SnapshotEr
     setsockopt(&s, sockopt::SndBuf, &(u.sndbuf as usize)).map_err(fail("SO_SNDBUF"))?;
     setsockopt(&s, sockopt::RcvBuf, &(u.rcvbuf as usize)).map_err(fail("SO_RCVBUF"))?;
     if local.port() != 0 || !local.ip().is_unspecified() {
-        bind(s.as_raw_fd(), &SockaddrStorage::from(local)).map_err(fail("bind"))?;
+        let ours = s.try_clone().map_err(|e| {
+            SnapshotError::process(pid, format!("fd {}: duplicating the UDP socket", f.fd), e)
+        })?;
+        bind(local, ours).map_err(|e| {
+            SnapshotError::Restore(format!("fd {}: UDP socket for {local}: {e}", f.fd))
+        })?;
     }
     if let Some(peer) = peer {
         connect(s.as_raw_fd(), &SockaddrStorage::from(peer))

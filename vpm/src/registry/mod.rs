@@ -27,7 +27,7 @@ pub use cache::CachedRegistry;
 pub use liveness::{is_alive, InstanceLock};
 
 use crate::error::VpmError;
-use crate::translation::RegistryState;
+use crate::translation::{Protocol, RegistryState, Translation};
 use own::OwnRecords;
 
 const LOCK_FILE: &str = "registry.lock";
@@ -45,6 +45,27 @@ static RECLAIM_HOOK: OnceLock<ReclaimHook> = OnceLock::new();
 /// Installs the process-wide reclaim hook; the first call wins.
 pub fn set_reclaim_hook(hook: ReclaimHook) {
     let _ = RECLAIM_HOOK.set(hook);
+}
+
+/// Told, under the registry lock and after the commit, that the set of UDP
+/// translations changed, with the state just committed: kernel rules that
+/// route datagrams are rebuilt from it (the datagram path has no
+/// supervisor to ask the registry).
+pub type UdpChangeHook = fn(&Path, &RegistryState);
+
+static UDP_CHANGE_HOOK: OnceLock<UdpChangeHook> = OnceLock::new();
+
+/// Installs the process-wide UDP change hook; the first call wins.
+pub fn set_udp_change_hook(hook: UdpChangeHook) {
+    let _ = UDP_CHANGE_HOOK.set(hook);
+}
+
+fn udp_translations(state: &RegistryState) -> Vec<&Translation> {
+    state
+        .translations
+        .iter()
+        .filter(|t| t.protocol == Protocol::Udp)
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +154,12 @@ impl Registry {
         if state != committed {
             state.generation = committed.generation + 1;
             write_atomically(&self.dir.join(STAGING_FILE), &path, &state)?;
+            if let (true, Some(hook)) = (
+                udp_translations(&state) != udp_translations(&committed),
+                UDP_CHANGE_HOOK.get(),
+            ) {
+                hook(&self.dir, &state);
+            }
         }
         Ok(result)
     }
@@ -330,6 +357,7 @@ const RUN_DIR_ENTRIES: &[&str] = &[
     "logs",
     "verified",
     "remote",
+    "sourcerules",
 ];
 
 /// Creates directory `dir` with mode 0700 (missing parents with the

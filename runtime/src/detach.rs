@@ -1,0 +1,183 @@
+//! Detached instances: `appshot __supervise` started in a session of its
+//! own, logging to `RUN_DIR/logs/NAME/`, and its answer on a pipe: whether
+//! the instance runs. Several can be under way at once (`clone --count`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use appshot_vpm::Registry;
+
+use crate::logs;
+use crate::supervisor::{Launch, LAUNCH_ENV};
+
+/// How long a supervisor may take to answer before it is taken for hung
+/// (and killed, with its instance).
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts the supervisor of `launch` and returns once the instance has run
+/// for the supervisor's start period: 0 when it runs (its name printed),
+/// an error (125, or 126/127 when the command could not be executed) when
+/// it ended before.
+pub fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let starting = spawn(launch, verbose, 0, &tx)?;
+    drop(tx);
+    let answer = next_answer(&rx, starting.deadline()).map(|(_, line)| line);
+    match starting.finish(answer)? {
+        Started::Running => {
+            println!("{}", launch.name);
+            Ok(0)
+        }
+        Started::NotExecuted { status, output } => {
+            eprintln!("{}", output.trim_end());
+            Ok(status)
+        }
+    }
+}
+
+/// A supervisor started and not yet heard from.
+pub struct Starting {
+    name: String,
+    log_dir: PathBuf,
+    pidfile: Option<PathBuf>,
+    child: Child,
+    since: Instant,
+}
+
+/// How a start went that did not fail in appshot itself.
+pub enum Started {
+    Running,
+    /// The command could not be executed (126) or found (127): the
+    /// supervisor's output says why.
+    NotExecuted {
+        status: i32,
+        output: String,
+    },
+}
+
+/// Starts `appshot __supervise` for `launch` in its own session. Its
+/// answer (a line, empty if it ended without one) arrives on `answers`
+/// tagged with `tag`.
+pub fn spawn(
+    launch: &Launch,
+    verbose: u8,
+    tag: usize,
+    answers: &Sender<(usize, String)>,
+) -> anyhow::Result<Starting> {
+    // Checked before the logs are touched: they belong to the running
+    // instance.
+    if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
+        return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
+    }
+    // Opened first: it creates the run directory private, and so the logs.
+    let registry = Registry::open(&launch.run_dir)?;
+    registry.private_subdir("logs")?;
+    let log_dir = logs::dir(&launch.run_dir, &launch.name);
+    let created = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&log_dir);
+    if let Err(e) = created.or_else(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Ok(()),
+        _ => Err(e),
+    }) {
+        return Err(anyhow!("creating {}: {e}", log_dir.display()));
+    }
+    logs::start_anew(&launch.run_dir, &launch.name)?;
+    let log = logs::append(&log_dir.join(logs::SUPERVISOR_LOG))?;
+    let exe = std::env::current_exe().context("locating the appshot binary")?;
+    let mut cmd = Command::new(exe);
+    if verbose > 0 {
+        cmd.arg(format!("-{}", "v".repeat(verbose as usize)));
+    }
+    let mut child = cmd
+        .arg("--run-dir")
+        .arg(&launch.run_dir)
+        .arg("__supervise")
+        .env(LAUNCH_ENV, serde_json::to_string(launch)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the supervisor")?;
+    // The supervisor answers on its stdout: `running`, or `exited STATUS`;
+    // nothing (end of file) when it failed before the instance ran.
+    let pipe = child.stdout.take().expect("piped stdout");
+    let tx = answers.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
+        let _ = tx.send((tag, line));
+    });
+    Ok(Starting {
+        name: launch.name.clone(),
+        log_dir,
+        pidfile: launch.pidfile.clone(),
+        child,
+        since: Instant::now(),
+    })
+}
+
+/// The next answer on `answers` before `deadline`; `None` past it.
+pub fn next_answer(
+    answers: &Receiver<(usize, String)>,
+    deadline: Instant,
+) -> Option<(usize, String)> {
+    // Never disconnected first: every reader thread sends before it ends.
+    answers
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .ok()
+}
+
+impl Starting {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// When its answer is overdue.
+    pub fn deadline(&self) -> Instant {
+        self.since + START_TIMEOUT
+    }
+
+    /// Ends the start with the supervisor's `answer`, or, without one (it
+    /// is overdue), by killing the supervisor, which takes its instance
+    /// with it: no start is left under way unaccounted for.
+    pub fn finish(mut self, answer: Option<String>) -> anyhow::Result<Started> {
+        let Some(answer) = answer else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            bail!(
+                "instance `{}` did not start within {}s and was stopped; see {}",
+                self.name,
+                START_TIMEOUT.as_secs(),
+                self.log_dir.display()
+            );
+        };
+        if answer.trim() == "running" {
+            if let Some(path) = &self.pidfile {
+                std::fs::write(path, format!("{}\n", self.child.id()))
+                    .with_context(|| format!("writing the pidfile {}", path.display()))?;
+            }
+            return Ok(Started::Running);
+        }
+        let status = self.child.wait().context("waiting for the supervisor")?;
+        let output = logs::tail(&self.log_dir);
+        let why = match answer.trim().strip_prefix("exited ") {
+            Some(code) => format!("exited during start with status {code}"),
+            // The supervisor's own error (its status is 125, 126 or 127).
+            None => match status.code() {
+                Some(status @ (126 | 127)) => {
+                    return Ok(Started::NotExecuted { status, output });
+                }
+                _ => format!("failed to start ({status})"),
+            },
+        };
+        bail!(
+            "instance `{}` {why}; {}:\n{}",
+            self.name,
+            self.log_dir.display(),
+            output.trim_end()
+        )
+    }
+}
