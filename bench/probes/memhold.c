@@ -13,6 +13,12 @@
  *       place changes it. The bench computes the expected value itself.
  *       Prints "memhold listening" once it listens.
  *
+ *   memhold serve HOST PORT MIB PERCENT
+ *       The same, and a second thread writes PERCENT % of the pages every
+ *       second, spread evenly over each second and over the memory: each
+ *       write puts back the word it finds, so the page is written (what
+ *       write tracking sees) and the checksum stays the same.
+ *
  *   memhold ask HOST PORT REQUEST WAIT_MS
  *       Connects, retrying every 0.5 ms while the connection is refused
  *       (no instance of the client's AID yet) for up to WAIT_MS; prints
@@ -23,6 +29,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <pthread.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -74,7 +81,34 @@ static ssize_t read_line(int fd, char *buf, size_t cap) {
     return (ssize_t)len;
 }
 
-static int serve(const struct sockaddr_in *a, long mib) {
+struct writing {
+    volatile uint64_t *mem;
+    size_t pages;
+    double percent;
+};
+
+/* Every 10 ms, the next slice of PERCENT/100 of the pages, in a stride
+ * that visits every page once before any again. */
+static void *writer(void *arg) {
+    const struct writing *w = arg;
+    const size_t words_per_page = 4096 / sizeof(uint64_t);
+    double per_tick = (double)w->pages * w->percent / 100.0 / 100.0;
+    double owed = 0;
+    size_t next = 0;
+    for (;;) {
+        struct timespec tick = {0, 10 * 1000 * 1000};
+        nanosleep(&tick, NULL);
+        owed += per_tick;
+        for (; owed >= 1; owed -= 1) {
+            volatile uint64_t *word = w->mem + next * words_per_page;
+            *word = *word;
+            next = (next + 1) % w->pages;
+        }
+    }
+    return NULL;
+}
+
+static int serve(const struct sockaddr_in *a, long mib, double percent) {
     size_t words = (size_t)mib * (1 << 20) / sizeof(uint64_t);
     uint64_t *mem = malloc(words * sizeof *mem);
     if (mem == NULL) {
@@ -83,6 +117,17 @@ static int serve(const struct sockaddr_in *a, long mib) {
     }
     for (size_t i = 0; i < words; i++)
         mem[i] = pattern(i);
+    static struct writing w;
+    if (percent > 0) {
+        w.mem = mem;
+        w.pages = words * sizeof *mem / 4096;
+        w.percent = percent;
+        pthread_t t;
+        if (pthread_create(&t, NULL, writer, &w) != 0) {
+            fprintf(stderr, "pthread_create failed\n");
+            return 1;
+        }
+    }
 
     int fd = listen_on(a, 64);
     if (fd < 0)
@@ -189,11 +234,14 @@ int main(int argc, char **argv) {
     struct sockaddr_in a;
     if (argc >= 4 && parse_addr(argv[2], argv[3], &a) == 0) {
         if (argc == 5 && strcmp(argv[1], "serve") == 0 && atol(argv[4]) > 0)
-            return serve(&a, atol(argv[4]));
+            return serve(&a, atol(argv[4]), 0);
+        if (argc == 6 && strcmp(argv[1], "serve") == 0 && atol(argv[4]) > 0 && atof(argv[5]) > 0)
+            return serve(&a, atol(argv[4]), atof(argv[5]));
         if (argc == 6 && strcmp(argv[1], "ask") == 0 && atol(argv[5]) > 0)
             return ask(&a, argv[4], atol(argv[5]));
     }
-    fprintf(stderr, "usage: %s serve HOST PORT MIB | ask HOST PORT REQUEST WAIT_MS\n",
+    fprintf(stderr,
+            "usage: %s serve HOST PORT MIB [PERCENT] | ask HOST PORT REQUEST WAIT_MS\n",
             argv[0]);
     return 2;
 }

@@ -51,6 +51,9 @@ pub enum Request {
     Snapshot {
         output: PathBuf,
         leave_running: bool,
+        /// `--pre-copy` (a CLI older than the flag sends none).
+        #[serde(default)]
+        pre_copy: bool,
         template: bool,
         /// `--external-unix close`.
         #[serde(default)]

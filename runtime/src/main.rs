@@ -133,9 +133,15 @@ enum Cmd {
         /// Image file to write (replaced atomically).
         #[arg(short, long)]
         output: PathBuf,
-        /// Let the instance run on after the snapshot.
+        /// Let the instance run on after the snapshot. Its memory is
+        /// copied while it runs, and it is frozen only for what it wrote
+        /// meanwhile and the rest of its state.
         #[arg(long)]
         leave_running: bool,
+        /// Copy memory while the instance runs before freezing and stopping
+        /// it (always done with --leave-running).
+        #[arg(long)]
+        pre_copy: bool,
         /// Take the image as a template for `appshot clone`.
         #[arg(long)]
         template: bool,
@@ -583,6 +589,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             name,
             output,
             leave_running,
+            pre_copy,
             template,
             external_unix,
             json,
@@ -590,6 +597,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             commands::require_privileges("snapshot")?;
             let options = snapshots::SnapshotOptions {
                 leave_running,
+                pre_copy,
                 template,
                 external_unix_close: external_unix.is_some(),
             };

@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 
 use appshot_snapshot::dump::{dump, DumpRequest};
 use appshot_snapshot::image::format::temporary_path;
-use appshot_snapshot::image::{open_file, FdKind, Image, InstanceInfo, VmaKind, PAGE};
+use appshot_snapshot::image::{
+    open_file, FdKind, Image, ImageWriter, InstanceInfo, Manifest, VmaKind, PAGE,
+};
 use appshot_snapshot::kinds::tcp::Repairs;
+use appshot_snapshot::precopy::{precopy, Hooks};
 use appshot_snapshot::ptrace::Frozen;
 use appshot_snapshot::SnapshotError;
 use appshot_sys::pidfd;
@@ -107,6 +110,7 @@ pub fn snapshot(
     let req = Request::Snapshot {
         output: output.clone(),
         leave_running,
+        pre_copy: options.pre_copy,
         template: options.template,
         external_unix_close: options.external_unix_close,
     };
@@ -173,6 +177,8 @@ pub fn snapshot(
 pub struct SnapshotOptions {
     /// Let the instance run on.
     pub leave_running: bool,
+    /// Copy memory while the instance runs (always with `leave_running`).
+    pub pre_copy: bool,
     /// A template for `appshot clone`.
     pub template: bool,
     /// `--external-unix close`.
@@ -210,6 +216,7 @@ pub fn take(
 ) -> Result<Taken, RuntimeError> {
     let SnapshotOptions {
         leave_running,
+        pre_copy,
         template,
         external_unix_close,
     } = options;
@@ -262,15 +269,48 @@ pub fn take(
         return Err(SnapshotError::Cancelled { pid: app }.into());
     }
     let pending = Pending::begin(subject.run_dir, &temporary_path(output)?)?;
+    let mut writer = ImageWriter::create(output)?;
 
     let started = Instant::now();
-    appshot_snapshot::kinds::tree::check_states(&procs)?;
+    // Memory is copied while the instance runs on; its write tracking ends
+    // (and the pages lose their protection) when `tracking` is dropped,
+    // after the instance runs again.
+    let mut tracking = None;
+    if leave_running || pre_copy {
+        // Refusals first, before any process is touched.
+        if let Err(e) = appshot_snapshot::kinds::tree::check_states(&procs) {
+            writer.abandon();
+            return Err(e.into());
+        }
+        let hooks = Hooks {
+            progress: &progress,
+            cancelled: &cancelled,
+        };
+        match precopy(&procs, &mut writer, &hooks) {
+            Ok(t) => tracking = Some(t),
+            Err(e) => {
+                writer.abandon();
+                return Err(e.into());
+            }
+        }
+    }
+    let precopied_bytes = tracking.as_ref().map_or(0, |t| t.copied_bytes);
+    let freezing = Instant::now();
     // All frozen before any is read: a process running on could change
     // what another shares with it.
-    let mut frozen = Vec::with_capacity(procs.len());
-    for &pid in &procs {
-        frozen.push(Frozen::seize(pid, Options::empty())?);
-    }
+    let seized = appshot_snapshot::kinds::tree::check_states(&procs).and_then(|()| {
+        procs
+            .iter()
+            .map(|&pid| Frozen::seize(pid, Options::empty()))
+            .collect::<Result<Vec<Frozen>, SnapshotError>>()
+    });
+    let frozen = match seized {
+        Ok(f) => f,
+        Err(e) => {
+            writer.abandon();
+            return Err(e.into());
+        }
+    };
     frozen_flag.store(true, Ordering::SeqCst);
     // Before any connection is read: no packet of theirs gets in or out
     // until the instance runs on, or its restore rebuilds them.
@@ -284,16 +324,15 @@ pub fn take(
         Err(e) => {
             drop(frozen);
             frozen_flag.store(false, Ordering::SeqCst);
+            writer.abandon();
             return Err(RuntimeError::NotSnapshottable {
                 name: name.to_string(),
                 reason: format!("its connections cannot be locked: {e}"),
             });
         }
     };
-    let dumped = dump(&frozen, &req, output);
-    drop(pending);
-    let stats = match dumped {
-        Ok(stats) => stats,
+    let manifest = match dump(&frozen, &req, &mut writer, tracking.as_mut()) {
+        Ok(manifest) => manifest,
         Err(e) => {
             // The connections go on; dropping `frozen` releases every
             // thread as it was, then the lock goes.
@@ -301,23 +340,44 @@ pub fn take(
             drop(frozen);
             drop(lock);
             frozen_flag.store(false, Ordering::SeqCst);
+            writer.abandon();
             return Err(e.into());
         }
     };
+    let pages_bytes = manifest.pages_bytes();
     let frozen_for;
+    let image_bytes;
     let after = if leave_running {
+        // Everything is copied: the instance runs on before the image is
+        // made durable (manifest, fsync, rename).
         repairs.resume();
         for f in frozen {
             f.release();
         }
-        frozen_for = started.elapsed();
+        frozen_for = freezing.elapsed();
         frozen_flag.store(false, Ordering::SeqCst);
         drop(lock);
+        drop(tracking);
+        image_bytes = finish(writer, &manifest, requester, app)?;
         "left running"
     } else {
+        // A stopping snapshot is complete only once its image is durable:
+        // until then the instance stays frozen, to be released as it was
+        // if writing fails or the requester goes away.
+        match finish(writer, &manifest, requester, app) {
+            Ok(bytes) => image_bytes = bytes,
+            Err(e) => {
+                repairs.resume();
+                drop(frozen);
+                drop(lock);
+                frozen_flag.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        drop(pending);
         // Killed while still frozen: the instance never runs past the
         // snapshot. Killing the namespace init takes every process with it.
-        frozen_for = started.elapsed();
+        frozen_for = freezing.elapsed();
         let mut kill_init = Some(|| {
             let _ = pidfd::send_signal(subject.init, libc::SIGKILL);
         });
@@ -329,6 +389,7 @@ pub fn take(
                 }
             });
         }
+        drop(tracking);
         // The last references to the connections, still in repair mode:
         // closed without a packet. Their peers wait, locked, for the
         // restore (a template's copies can never own them).
@@ -343,13 +404,29 @@ pub fn take(
         instance: name.to_string(),
         aid: subject.aid.to_string(),
         image: output.to_path_buf(),
-        pages_bytes: stats.pages_bytes,
-        size_bytes: stats.image_bytes,
-        time_ms: (stats.seconds * 1e3).round() as u64,
+        pages_bytes,
+        size_bytes: image_bytes,
+        time_ms: started.elapsed().as_millis() as u64,
         frozen_ms: frozen_for.as_millis() as u64,
+        precopied_bytes,
         left_running: leave_running,
         template,
     })
+}
+
+/// Writes the manifest and moves the image into place, unless the
+/// requester went away first (then the temporary is removed).
+fn finish(
+    writer: ImageWriter,
+    manifest: &Manifest,
+    requester: &Peer,
+    app: u32,
+) -> Result<u64, RuntimeError> {
+    if requester.gone() {
+        writer.abandon();
+        return Err(SnapshotError::Cancelled { pid: app }.into());
+    }
+    Ok(writer.finish(manifest)?)
 }
 
 /// What a snapshot did: `appshot snapshot --json`, in the vocabulary of
@@ -368,6 +445,10 @@ pub struct Taken {
     pub time_ms: u64,
     /// How long the instance was stopped by it.
     pub frozen_ms: u64,
+    /// Memory copied while the instance ran (pre-copy), pages written
+    /// meanwhile counted each time they were copied.
+    #[serde(default)]
+    pub precopied_bytes: u64,
     /// Whether the instance runs on (`--leave-running`) or was stopped.
     pub left_running: bool,
     pub template: bool,
@@ -480,7 +561,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
             .collect(),
         path: path.display().to_string(),
         size_bytes: image.size,
-        pages_bytes: image.pages_len,
+        pages_bytes: m.pages_bytes(),
         instance: m.instance.name.clone(),
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),

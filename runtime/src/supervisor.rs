@@ -795,12 +795,14 @@ impl Control {
             Request::Snapshot {
                 output,
                 leave_running,
+                pre_copy,
                 template,
                 external_unix_close,
             } => self.snapshot(
                 &output,
                 snapshots::SnapshotOptions {
                     leave_running,
+                    pre_copy,
                     template,
                     external_unix_close,
                 },

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use appshot_sys::pidfd;
 use nix::sys::socket::{
@@ -17,8 +17,10 @@ use crate::image::{ImageWriter, PAGE};
 use crate::kinds::files::file_ref;
 use crate::kinds::memory::{classify, dump_memory, growsdown, MemoryContext};
 use crate::kinds::{self, tree};
+use crate::precopy::Tracking;
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Memory};
+use tracing::debug;
 
 /// Scratch memory mapped into the process for the duration of the
 /// injected calls: code at its start, data after the first page.
@@ -50,13 +52,6 @@ pub struct DumpRequest<'a> {
     pub external_unix_close: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct DumpStats {
-    pub pages_bytes: u64,
-    pub image_bytes: u64,
-    pub seconds: f64,
-}
-
 /// What is learnt of a process before any of the tree is touched.
 struct Checked {
     ids: tree::Ids,
@@ -71,15 +66,25 @@ struct Checked {
     /// Host TID to the TID its PID namespace gives it.
     ns_tids: HashMap<u32, u32>,
     posix_timers: Vec<PosixTimer>,
+    /// Start addresses of its grows-down mappings, which the injected
+    /// calls do not change.
+    growsdown: HashSet<u64>,
 }
 
 /// Dumps the frozen processes of an instance (`tree`: every process, each
-/// with all its threads frozen, parents before children) into `path`. They
-/// stay frozen; the caller releases or kills them. On error (cancellation
-/// included) no file is left behind; once the image is renamed into place
-/// the dump is no longer cancelled.
-pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats, SnapshotError> {
-    let started = Instant::now();
+/// with all its threads frozen, parents before children): their pages go
+/// into `writer`, the rest of their state into the manifest returned, which
+/// the caller writes with [`ImageWriter::finish`] once it has released the
+/// processes or not. They stay frozen; the caller releases or kills them,
+/// and abandons the writer on error (cancellation included). With
+/// `tracking`, the pages pre-copied into `writer` while the processes ran
+/// and not written since are referenced rather than read again.
+pub fn dump(
+    tree: &[Frozen],
+    req: &DumpRequest,
+    writer: &mut ImageWriter,
+    tracking: Option<&mut Tracking>,
+) -> Result<Manifest, SnapshotError> {
     let first = tree.first().ok_or(SnapshotError::NoProcess)?.pid;
     let check = || {
         if (req.cancelled)() {
@@ -88,6 +93,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
             Ok(())
         }
     };
+    let started = std::time::Instant::now();
     let hosts: Vec<u32> = tree.iter().map(|f| f.pid).collect();
     // Everything that could make the dump impossible is checked, for every
     // process, before any is touched.
@@ -134,16 +140,15 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
     // from; memfds are the instance's too, whichever process holds them.
     check()?;
     let ipc = crate::kinds::sysv::save(first)?;
-    for frozen in tree {
+    for (frozen, c) in tree.iter().zip(&checked) {
         let pid = frozen.pid;
         let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .map_err(|e| SnapshotError::process(pid, "reading maps", e))?;
         let maps = parse::maps(&text).ok_or_else(|| {
             SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
         })?;
-        let growsdown = growsdown(pid)?;
         for m in &maps {
-            match classify(m, pid, &growsdown)? {
+            match classify(m, pid, &c.growsdown)? {
                 Some(VmaKind::SysvShm { id }) => ipc.check_attached(pid, id, m.end - m.start)?,
                 Some(VmaKind::Memfd { inode, .. }) => {
                     let name = kinds::memfd::name_of(&m.name).unwrap_or_default();
@@ -159,6 +164,7 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
     for c in &mut checked {
         kinds::timerfd::catch_up(c.mem.pid(), &mut c.fds)?;
     }
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "dump: checked");
     let mut asked = Vec::with_capacity(tree.len());
     for (frozen, c) in tree.iter().zip(&mut checked) {
         check()?;
@@ -167,7 +173,10 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         asked.push(a);
     }
 
-    let mut writer = ImageWriter::create(path)?;
+    // Frozen now: what was written since the last pass is known.
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "dump: asked");
+    let precopied = tracking.map(|t| t.settle()).unwrap_or_default();
+    debug!(ms = started.elapsed().as_secs_f64() * 1e3, "dump: settled");
     let mut processes: Vec<ProcessImage> = Vec::with_capacity(tree.len());
     let mut shmem_saved = HashSet::new();
     for ((frozen, c), a) in tree.iter().zip(checked).zip(asked) {
@@ -175,27 +184,18 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         let ctx = MemoryContext {
             parent,
             shmem_saved: &mut shmem_saved,
+            precopied: precopied.get(&frozen.pid),
         };
-        match save_process(frozen, c, a, ctx, req, &mut writer, &check) {
-            Ok(p) => processes.push(p),
-            Err(e) => {
-                writer.abandon();
-                return Err(e);
-            }
-        }
+        processes.push(save_process(frozen, c, a, ctx, req, writer, &check)?);
     }
-    let shared_objects = ipc
-        .write(&mut writer)
-        .and_then(|ipc| Ok((ipc, memfds.save(&mut writer)?)));
-    let (ipc, memfds) = match shared_objects {
-        Ok(objects) => objects,
-        Err(e) => {
-            writer.abandon();
-            return Err(e);
-        }
-    };
-    let pages_bytes = processes.iter().map(|p| p.pages_bytes).sum();
-    let manifest = Manifest {
+    debug!(
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "dump: memory saved"
+    );
+    let ipc = ipc.write(writer)?;
+    let memfds = memfds.save(writer)?;
+    check()?;
+    Ok(Manifest {
         created_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -205,17 +205,28 @@ pub fn dump(tree: &[Frozen], req: &DumpRequest, path: &Path) -> Result<DumpStats
         processes,
         ipc,
         memfds,
-    };
-    if let Err(e) = check() {
-        writer.abandon();
-        return Err(e);
-    }
-    let image_bytes = writer.finish(&manifest)?;
-    Ok(DumpStats {
-        pages_bytes,
-        image_bytes,
-        seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The address of executable code of the process's own to inject the
+/// first call from: its executable's (`exe`), else any private file
+/// mapping's (a shared one would be written through to its file).
+pub(crate) fn code_page(
+    pid: u32,
+    maps: &[parse::MapsLine],
+    exe: Option<&Path>,
+) -> Result<u64, SnapshotError> {
+    maps.iter()
+        .find(|m| m.exec && !m.shared && exe.is_some_and(|e| Path::new(&m.name) == e))
+        .or_else(|| {
+            maps.iter()
+                .find(|m| m.exec && !m.shared && m.name.starts_with('/'))
+        })
+        .map(|m| m.start)
+        .ok_or_else(|| SnapshotError::Unsupported {
+            pid,
+            what: "no executable file mapping to inject from".into(),
+        })
 }
 
 fn check_process(
@@ -243,25 +254,15 @@ fn check_process(
     let posix_timers = kinds::posix_timer::list(pid, &read("timers")?, &ns_tids)?;
     // Every mapping must be one a restore can rebuild; refused before any
     // syscall is injected.
+    // Read once: smaps walks every page table of the process, which takes
+    // milliseconds per GiB, all of them frozen.
     let growsdown = growsdown(pid)?;
     for m in &maps_before {
         classify(m, pid, &growsdown)?;
     }
     let exe_path = std::fs::read_link(format!("{proc_dir}/exe"))
         .map_err(|e| SnapshotError::process(pid, "reading exe link", e))?;
-    let text = maps_before
-        .iter()
-        .find(|m| m.exec && !m.shared && Path::new(&m.name) == exe_path)
-        .or_else(|| {
-            maps_before
-                .iter()
-                .find(|m| m.exec && m.name.starts_with('/'))
-        })
-        .ok_or_else(|| SnapshotError::Unsupported {
-            pid,
-            what: "no executable file mapping to inject from".into(),
-        })?
-        .start;
+    let text = code_page(pid, &maps_before, Some(&exe_path))?;
     let umask = parse::status_field(&status, "Umask")
         .and_then(|u| u32::from_str_radix(u, 8).ok())
         .unwrap_or(0o022);
@@ -277,6 +278,7 @@ fn check_process(
         umask,
         ns_tids,
         posix_timers,
+        growsdown,
     })
 }
 
@@ -321,8 +323,7 @@ fn save_process(
     }
     let shared_pending = kinds::signals::save_shared_pending(pid)?;
 
-    let growsdown = self::growsdown(pid)?;
-    let vmas = dump_memory(pid, &c.mem, &maps, &growsdown, ctx, writer, req, check)?;
+    let vmas = dump_memory(pid, &c.mem, &maps, &c.growsdown, ctx, writer, req, check)?;
     let pages_bytes = vmas
         .iter()
         .flat_map(|v| &v.pages)

@@ -18,3 +18,4 @@ pub mod spawn;
 pub mod sysv;
 pub mod tcprepair;
 pub mod timerfd;
+pub mod uffd;

@@ -482,6 +482,7 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
             "instance",
             "left_running",
             "pages_bytes",
+            "precopied_bytes",
             "size_bytes",
             "template",
             "time_ms"

@@ -11,6 +11,12 @@
 //!    cache's fresh memory, which the VM has returned to its host, and
 //!    takes up to 3 times longer at 1 GiB; the snapshots after it reuse the
 //!    page cache freed by deleting the image before;
+//!    Then a second instance whose probe writes 1% of its pages a second
+//!    (`memhold serve … MIB 1`), under a different AID on the same port:
+//!    `appshot snapshot --leave-running` twice again, and how long the
+//!    second one froze it. Its memory is copied while it runs (pre-copy);
+//!    CRIU's figure beside it is the idle process's (CRIU freezes for its
+//!    whole dump whatever the process writes);
 //! 2. `appshot snapshot` (the instance stops): the command's wall time (the
 //!    row, beside `criu dump`'s), the dump time appshot reports, image size;
 //! 3. `appshot restore IMAGE --detach`: wall time from the command's start
@@ -53,6 +59,8 @@ pub const WAIT_MS: u64 = 120_000;
 pub const START: Duration = Duration::from_secs(30);
 const MEMORY_MIB: u64 = 256;
 const MEMORY_CLONES: u32 = 5;
+/// Pages the writing instance writes a second, in percent of its memory.
+const WRITE_PERCENT: u32 = 1;
 /// The clones of one `appshot clone --count`.
 const COUNT_CLONES: u32 = 100;
 
@@ -66,6 +74,7 @@ struct RunFigures {
     frozen_ms: f64,
     frozen_dump_ms: f64,
     first_frozen_ms: f64,
+    frozen_writing_ms: f64,
     restore_answer_ms: f64,
     restore_cmd_ms: f64,
     restore_work_ms: f64,
@@ -94,6 +103,7 @@ const FIGURES: &[Figure] = &[
     row("snapshot", "process, then stopped: wall time of `appshot snapshot` / `criu dump`", Unit::Millis, |f| f.dump_wall_ms, Some(|c| c.dump_ms)),
     row("snapshot", "process: image size", Unit::MiB, |f| f.image_mib, Some(|c| c.image_mib)),
     row("snapshot --leave-running", "process: time frozen (as each reports it)", Unit::Millis, |f| f.frozen_ms, Some(|c| c.frozen_ms)),
+    row("snapshot --leave-running", "process writing 1% of its pages a second: time frozen after pre-copy (CRIU: idle process)", Unit::Millis, |f| f.frozen_writing_ms, Some(|c| c.frozen_ms)),
     row("restore", "image, warm page cache: wall time to first answer", Unit::Millis, |f| f.restore_answer_ms, Some(|c| c.restore_answer_ms)),
     row("clone", "template: supervisor's restore work", Unit::Millis, |f| f.clone_work_ms, None),
     row("clone", "template: wall time to first answer", Unit::Millis, |f| f.clone_answer_ms, None),
@@ -204,7 +214,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             };
             let f = one_run(appshot, &probe, dir, size, round).with_context(failed)?;
             eprintln!(
-                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
+                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms, writing {WRITE_PERCENT}%/s {:.0} ms), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
                 size.mib,
                 round + 1,
                 warmup_mark(round, warmup),
@@ -212,6 +222,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 f.image_mib,
                 f.frozen_ms,
                 f.first_frozen_ms,
+                f.frozen_writing_ms,
                 f.restore_answer_ms,
                 f.restore_work_ms,
                 f.clone_answer_ms,
@@ -406,6 +417,7 @@ fn one_run(
     (f.frozen_ms, f.frozen_dump_ms) = (line.frozen_ms, line.dump_ms);
     let after_leave_running = format!("{what} after its --leave-running snapshot");
     size.verify(appshot, probe, &aid, &after_leave_running)?;
+    f.frozen_writing_ms = frozen_writing(appshot, probe, dir, size, round)?;
 
     let (line, took) = take_snapshot(appshot, &instance, &image, &[], &what)?;
     f.dump_wall_ms = millis(took);
@@ -435,6 +447,35 @@ fn one_run(
     (f.clone_answer_ms, f.clone_cmd_ms) = (answer_ms, millis(took));
     f.clone_work_ms = check_started(appshot, probe, size, &clones[0], &clone_aid, true)?;
     Ok(f)
+}
+
+/// How long `snapshot --leave-running` froze an instance that writes
+/// [`WRITE_PERCENT`] % of its pages a second (the second snapshot of it,
+/// like the idle instance's figure); its memory must still answer the
+/// checksum afterwards.
+fn frozen_writing(
+    appshot: &Appshot,
+    probe: &str,
+    dir: &Path,
+    size: &Size,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let mib = size.mib;
+    let aid = format!("w{mib}-{round}");
+    let mut argv = serve(probe, size.port, mib);
+    argv.push(WRITE_PERCENT.to_string());
+    let instance = appshot.server(&aid, size.port, &argv)?;
+    let what = format!("writing instance {} ({mib} MiB)", instance.name());
+    size.verify(appshot, probe, &aid, &what)?;
+    let image = dir.join(format!("{aid}.img"));
+    let mut frozen = 0.0;
+    for _ in 0..2 {
+        let (line, _) = take_snapshot(appshot, &instance, &image, &["--leave-running"], &what)?;
+        remove(&image)?;
+        frozen = line.frozen_ms;
+    }
+    size.verify(appshot, probe, &aid, &format!("{what} after its snapshots"))?;
+    Ok(frozen)
 }
 
 /// Starts 5 clones of the template, has each read all of its memory, and

@@ -23,6 +23,27 @@ impl Manifest {
         &self.processes[0]
     }
 
+    /// Bytes of the pages section the image refers to: the memory it
+    /// saved. A pre-copied image also holds earlier copies of pages
+    /// written during the pre-copy, which nothing refers to.
+    pub fn pages_bytes(&self) -> u64 {
+        let page = crate::image::PAGE;
+        let processes: u64 = self.processes.iter().map(|p| p.pages_bytes).sum();
+        let memfds: u64 = self
+            .memfds
+            .iter()
+            .flat_map(|o| &o.runs)
+            .map(|r| r.pages * page)
+            .sum();
+        let shm: u64 = self
+            .ipc
+            .shm
+            .iter()
+            .map(|s| s.size.div_ceil(page) * page)
+            .sum();
+        processes + memfds + shm
+    }
+
     /// Processes whose parent is not in the image (the namespace init's
     /// children): the ones init forks stubs for.
     pub fn top_level(&self) -> impl Iterator<Item = &ProcessImage> {

@@ -15,16 +15,24 @@ use crate::image::model::*;
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds;
 use crate::kinds::files::file_ref;
+use crate::precopy::Copies;
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{Injector, Memory};
 use crate::restore::{highest_fd, open_in};
 use tracing::debug;
 
 /// Largest run of pages read and written at once.
-const CHUNK_PAGES: u64 = 1024;
+pub(crate) const CHUNK_PAGES: u64 = 1024;
 
 /// Pagemap entries read at once (512 KiB).
-const PAGEMAP_ENTRIES: u64 = 64 * 1024;
+pub(crate) const PAGEMAP_ENTRIES: u64 = 64 * 1024;
+
+/// Pagemap's bits of a page in memory, and of one in swap.
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_SWAPPED: u64 = 1 << 62;
+/// Pagemap's bit of a page that is the file's (or shared anonymous
+/// memory's), not a private copy.
+pub(crate) const PM_FILE_PAGE: u64 = 1 << 61;
 
 /// What saving a process's memory needs from the processes before it.
 pub(crate) struct MemoryContext<'a> {
@@ -32,6 +40,10 @@ pub(crate) struct MemoryContext<'a> {
     pub(crate) parent: Option<(u32, &'a [Vma])>,
     /// Shared anonymous objects (inodes) whose pages are saved already.
     pub(crate) shmem_saved: &'a mut HashSet<u64>,
+    /// Pages copied into the image before the freeze and not written
+    /// since (page address to offset in the pages section): referenced,
+    /// not read again.
+    pub(crate) precopied: Option<&'a Copies>,
 }
 
 /// Start addresses of the process's grows-down mappings.
@@ -138,9 +150,6 @@ pub(crate) fn dump_memory(
     req: &DumpRequest,
     check: &dyn Fn() -> Result<(), SnapshotError>,
 ) -> Result<Vec<Vma>, SnapshotError> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    const FILE_PAGE: u64 = 1 << 61;
     const PFN: u64 = (1 << 55) - 1;
     let open_pagemap = |pid: u32| {
         std::fs::File::open(format!("/proc/{pid}/pagemap"))
@@ -201,8 +210,8 @@ pub(crate) fn dump_memory(
                 }
                 for (i, e) in pagemap_buf[..len].chunks_exact(8).enumerate() {
                     let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
-                    let has_data =
-                        e & (PRESENT | SWAPPED) != 0 && !(file_backed && e & FILE_PAGE != 0);
+                    let has_data = e & (PM_PRESENT | PM_SWAPPED) != 0
+                        && !(file_backed && e & PM_FILE_PAGE != 0);
                     if !has_data {
                         continue;
                     }
@@ -211,8 +220,8 @@ pub(crate) fn dump_memory(
                         let p = u64::from_ne_bytes(
                             parent_buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"),
                         );
-                        let same_frame = e & PRESENT != 0
-                            && p & PRESENT != 0
+                        let same_frame = e & PM_PRESENT != 0
+                            && p & PM_PRESENT != 0
                             && e & PFN != 0
                             && e & PFN == p & PFN;
                         if same_frame {
@@ -229,6 +238,7 @@ pub(crate) fn dump_memory(
     }
     let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
     let mut done = 0;
+    let mut reused = 0;
     let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
     for (m, kind, runs, inherited, cow) in plan {
         // A shared object is read from the object itself, not through the
@@ -238,8 +248,23 @@ pub(crate) fn dump_memory(
             _ => None,
         };
         let mut pages = Vec::with_capacity(runs.len());
-        for (addr, n) in runs {
+        let precopied = ctx.precopied.filter(|_| object.is_none());
+        let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
+            Some(copies) => copies.pieces(addr, n),
+            None => vec![(addr, n, None)],
+        });
+        for (addr, n, copy) in pieces {
             let len = (n * PAGE) as usize;
+            if let Some(offset) = copy {
+                pages.push(PageRun {
+                    addr,
+                    pages: n,
+                    offset,
+                });
+                done += len as u64;
+                reused += len as u64;
+                continue;
+            }
             match &object {
                 Some(f) => {
                     std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
@@ -274,7 +299,7 @@ pub(crate) fn dump_memory(
             cow,
         });
     }
-    debug!(pid, bytes = total, "memory saved");
+    debug!(pid, bytes = total, reused, "memory saved");
     Ok(vmas)
 }
 
