@@ -187,8 +187,8 @@ pub fn script(chains: &[String; 3], plan: &Plan) -> String {
 }
 
 /// The registry's UDP change hook: the kernel's rules follow the committed
-/// state.
-pub fn refresh(registry_dir: &Path, state: &RegistryState) {
+/// state, and flows that the change made wrong are forgotten.
+pub fn refresh(registry_dir: &Path, before: &RegistryState, state: &RegistryState) {
     let Some(root) = cgroup::root() else {
         return;
     };
@@ -210,7 +210,109 @@ pub fn refresh(registry_dir: &Path, state: &RegistryState) {
     let plan = plan(state, root, &tag);
     match nft(&script(&chains(registry_dir), &plan)) {
         Ok(()) => debug!(rules = plan.nat.len(), "UDP routes installed"),
-        Err(e) => warn!("UDP routes not installed, datagrams to virtual ports are not routed: {e}"),
+        Err(e) => {
+            warn!("UDP routes not installed, datagrams to virtual ports are not routed: {e}");
+            return;
+        }
+    }
+    for flows in stale_flows(before, state) {
+        forget(&flows);
+    }
+}
+
+/// Conntrack flows, by what selects them (`conntrack -D` arguments).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Flows {
+    /// Sent to virtual port `virtual_port` and answered from real port
+    /// `real_port`, which no longer serves it.
+    ToRealPort { virtual_port: u16, real_port: u16 },
+    /// Sent to `virtual_port` and refused, when an instance came.
+    Refused { virtual_port: u16 },
+    /// Sent to `virtual_port` and passed through unchanged, when an
+    /// instance came that now holds another real port for it.
+    PassedThrough { virtual_port: u16 },
+}
+
+/// The flows a change from `before` to `after` made wrong. Conntrack keeps
+/// a flow's first verdict (NAT or refusal) while the flow lasts, 30 s to
+/// 120 s after its last datagram: a client that sends on from one socket
+/// would go on reaching a port nobody serves, or being refused, after the
+/// instance it should reach changed. Flows still right are left alone: a
+/// forgotten flow's answer in flight would come back from the real port.
+pub fn stale_flows(before: &RegistryState, after: &RegistryState) -> BTreeSet<Flows> {
+    let udp = |s: &RegistryState| -> BTreeSet<(u16, u16)> {
+        s.translations
+            .iter()
+            .filter(|t| t.protocol == Protocol::Udp)
+            .map(|t| (t.virtual_port, t.real_port))
+            .collect()
+    };
+    let (old, new) = (udp(before), udp(after));
+    let mut out = BTreeSet::new();
+    for &(virtual_port, real_port) in old.difference(&new) {
+        out.insert(Flows::ToRealPort {
+            virtual_port,
+            real_port,
+        });
+    }
+    for &(virtual_port, _) in new.difference(&old) {
+        out.insert(Flows::Refused { virtual_port });
+        if !new.contains(&(virtual_port, virtual_port)) {
+            out.insert(Flows::PassedThrough { virtual_port });
+        }
+    }
+    out
+}
+
+impl Flows {
+    fn args(&self) -> Vec<String> {
+        let mut a = vec!["-D".to_string(), "-p".into(), "udp".into()];
+        let (v, more) = match *self {
+            Flows::ToRealPort {
+                virtual_port,
+                real_port,
+            } => (
+                virtual_port,
+                vec!["--reply-port-src".into(), real_port.to_string()],
+            ),
+            Flows::Refused { virtual_port } => {
+                (virtual_port, vec!["--mark".into(), REFUSED.to_string()])
+            }
+            Flows::PassedThrough { virtual_port } => (
+                virtual_port,
+                vec!["--reply-port-src".into(), virtual_port.to_string()],
+            ),
+        };
+        a.extend(["--orig-port-dst".into(), v.to_string()]);
+        a.extend(more);
+        a
+    }
+}
+
+/// Deletes `flows` from conntrack with the `conntrack` tool (conntrack-tools);
+/// without it, they expire on their own, which the log says once.
+fn forget(flows: &Flows) {
+    let out = std::process::Command::new("conntrack")
+        .args(flows.args())
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        // Exit status 1 with "0 flow entries have been deleted": none.
+        Ok(o) if o.status.success() || o.status.code() == Some(1) => {
+            debug!(?flows, "{}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(o) => warn!(
+            ?flows,
+            "conntrack -D failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => {
+            static TOLD: std::sync::Once = std::sync::Once::new();
+            TOLD.call_once(|| {
+                warn!("running conntrack: {e}: UDP flows keep their old route until they expire (install conntrack)")
+            });
+        }
     }
 }
 
@@ -313,6 +415,47 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_change_forgets_only_the_flows_it_made_wrong() {
+        let before = state(vec![
+            udp("a", "0.0.0.0", 53, 53),
+            udp("b", "0.0.0.0", 53, 20001),
+        ]);
+        // b's instance replaced (new real port), c arrives.
+        let after = state(vec![
+            udp("a", "0.0.0.0", 53, 53),
+            udp("b", "0.0.0.0", 53, 20002),
+            udp("c", "0.0.0.0", 53, 20003),
+        ]);
+        let flows: Vec<Flows> = stale_flows(&before, &after).into_iter().collect();
+        assert_eq!(
+            flows,
+            [
+                Flows::ToRealPort {
+                    virtual_port: 53,
+                    real_port: 20001
+                },
+                Flows::Refused { virtual_port: 53 },
+            ],
+            "a still holds 53 itself: what passed through to it is right"
+        );
+        assert_eq!(
+            flows[0].args(),
+            [
+                "-D",
+                "-p",
+                "udp",
+                "--orig-port-dst",
+                "53",
+                "--reply-port-src",
+                "20001"
+            ]
+        );
+        let first = stale_flows(&state(vec![]), &state(vec![udp("b", "0.0.0.0", 53, 20001)]));
+        assert!(first.contains(&Flows::PassedThrough { virtual_port: 53 }));
+        assert!(stale_flows(&after, &after).is_empty());
     }
 
     #[test]

@@ -322,3 +322,53 @@ fn a_restored_udp_server_and_its_clones_serve_their_own_aids() {
         ["unconnected no answer", "connected ECONNREFUSED"]
     );
 }
+
+#[test]
+fn a_client_keeping_its_socket_follows_its_aids_instance_when_it_is_replaced() {
+    let test = "a_client_keeping_its_socket_follows_its_aids_instance_when_it_is_replaced";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let echo = script("udpecho.py");
+    let start = |h: &mut Harness, name: &str, aid: &str, tag: &str| {
+        let cwd = h.dir(name);
+        h.start(
+            name,
+            aid,
+            &cwd,
+            &["--port", "9083"],
+            &["python3", &echo, tag, "0.0.0.0", "9083"],
+        );
+        h.wait_log(name, "bound 9083");
+    };
+    // a holds the fixed port itself; b's instances get ports of the range.
+    start(&mut h, "echo-a", "a", "a");
+    start(&mut h, "echo-b1", "b", "b1");
+    let mut client = h
+        .appshot()
+        .args(["run", "--aid", "b", "--port", "9083", "--"])
+        .args(["python3", &script("udpkeep.py"), "127.0.0.1", "9083"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the client");
+    let mut input = client.stdin.take().unwrap();
+    let mut output = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut ask = || {
+        use std::io::{BufRead, Write};
+        writeln!(input, "go").unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask(), "b1#1:ping 9083", "{test}");
+    h.stop("echo-b1");
+    // Its AID has no instance: as from a closed port, not a's answer.
+    assert_eq!(ask(), "no answer", "{test}: b without an instance");
+    start(&mut h, "echo-b2", "b", "b2");
+    // The same socket, and so the same conntrack flow, reaches the new
+    // instance at once, not the old real port until the flow expires.
+    assert_eq!(ask(), "b2#1:ping 9083", "{test}: after the replacement");
+    let _ = client.kill();
+    let _ = client.wait();
+}

@@ -48,10 +48,10 @@ pub fn set_reclaim_hook(hook: ReclaimHook) {
 }
 
 /// Told, under the registry lock and after the commit, that the set of UDP
-/// translations changed, with the state just committed: kernel rules that
-/// route datagrams are rebuilt from it (the datagram path has no
-/// supervisor to ask the registry).
-pub type UdpChangeHook = fn(&Path, &RegistryState);
+/// translations changed, with the state before and the state just
+/// committed: kernel rules that route datagrams are rebuilt from it (the
+/// datagram path has no supervisor to ask the registry).
+pub type UdpChangeHook = fn(&Path, &RegistryState, &RegistryState);
 
 static UDP_CHANGE_HOOK: OnceLock<UdpChangeHook> = OnceLock::new();
 
@@ -158,7 +158,7 @@ impl Registry {
                 udp_translations(&state) != udp_translations(&committed),
                 UDP_CHANGE_HOOK.get(),
             ) {
-                hook(&self.dir, &state);
+                hook(&self.dir, &committed, &state);
             }
         }
         Ok(result)
