@@ -110,6 +110,13 @@ pub fn plan(state: &RegistryState, root: &Path, tag: &str) -> Plan {
         )
     });
     let mut out = Plan::default();
+    if udp.is_empty() {
+        return out;
+    }
+    // A flow's verdict is its first datagram's (the mark is the flow's):
+    // the datagrams after it, and every other packet the host sends once
+    // its connection is set up, skip the rest.
+    out.mark.push("ct state != new return".into());
     let mut seen = BTreeSet::new();
     for t in &udp {
         let from = format!(
@@ -132,8 +139,9 @@ pub fn plan(state: &RegistryState, root: &Path, tag: &str) -> Plan {
         } else {
             target(t)
         };
-        out.nat.push(format!("{from} {to} udp dport {v} {verdict}"));
-        let allow = format!("{from} {to} udp dport {v} return");
+        // The cheapest test first: every packet of the host passes here.
+        out.nat.push(format!("udp dport {v} {to} {from} {verdict}"));
+        let allow = format!("udp dport {v} {to} {from} return");
         if seen.insert(allow.clone()) {
             out.mark.push(allow);
         }
@@ -146,13 +154,11 @@ pub fn plan(state: &RegistryState, root: &Path, tag: &str) -> Plan {
     );
     for v in ports {
         out.mark.push(format!(
-            "{scope} udp dport {v} fib daddr type local ct mark set {REFUSED:#x}"
+            "udp dport {v} fib daddr type local {scope} ct mark set {REFUSED:#x}"
         ));
     }
-    if !out.mark.is_empty() {
-        out.reject
-            .push(format!("ct mark {REFUSED:#x} ct direction original reject"));
-    }
+    out.reject
+        .push(format!("ct mark {REFUSED:#x} ct direction original reject"));
     out
 }
 
@@ -358,16 +364,17 @@ mod tests {
         assert_eq!(
             p.nat,
             [
-                format!("{a} {local4} udp dport 5353 accept"),
-                format!("{b} {local4} udp dport 5353 redirect to :20001"),
+                format!("udp dport 5353 {local4} {a} accept"),
+                format!("udp dport 5353 {local4} {b} redirect to :20001"),
             ]
         );
         assert_eq!(
             p.mark,
             [
-                format!("{a} {local4} udp dport 5353 return"),
-                format!("{b} {local4} udp dport 5353 return"),
-                "socket cgroupv2 level 2 \"unified/appshot/t\" udp dport 5353 fib daddr type local ct mark set 0x61707375".to_string(),
+                "ct state != new return".to_string(),
+                format!("udp dport 5353 {local4} {a} return"),
+                format!("udp dport 5353 {local4} {b} return"),
+                "udp dport 5353 fib daddr type local socket cgroupv2 level 2 \"unified/appshot/t\" ct mark set 0x61707375".to_string(),
             ]
         );
         assert_eq!(
@@ -391,9 +398,9 @@ mod tests {
         assert_eq!(
             p.nat,
             [
-                format!("{a} ip daddr 127.0.0.2 udp dport 53 dnat ip to 127.0.0.2:20003"),
-                format!("{a} ip6 daddr ::1 udp dport 53 dnat ip6 to [::1]:20004"),
-                format!("{a} fib daddr type local udp dport 53 redirect to :20002"),
+                format!("udp dport 53 ip daddr 127.0.0.2 {a} dnat ip to 127.0.0.2:20003"),
+                format!("udp dport 53 ip6 daddr ::1 {a} dnat ip6 to [::1]:20004"),
+                format!("udp dport 53 fib daddr type local {a} redirect to :20002"),
             ]
         );
     }
@@ -409,9 +416,9 @@ mod tests {
         assert_eq!(
             p.nat,
             [
-                format!("{a} meta nfproto ipv4 fib daddr type local udp dport 53 accept"),
+                format!("udp dport 53 meta nfproto ipv4 fib daddr type local {a} accept"),
                 format!(
-                    "{a} meta nfproto ipv6 fib daddr type local udp dport 53 redirect to :20006"
+                    "udp dport 53 meta nfproto ipv6 fib daddr type local {a} redirect to :20006"
                 ),
             ]
         );
