@@ -658,13 +658,7 @@ fn outside_udp_clients_follow_source_rules() {
         cmd.args([client.as_str(), A_C, "9053", source]);
         let ran = run(&mut cmd, TIMEOUT);
         assert!(ran.success(), "{test}: {ran}");
-        ran.stdout
-            .lines()
-            .map(|l| match (l.find('#'), l.find(':')) {
-                (Some(h), Some(c)) if h < c => format!("{}{}", &l[..h], &l[c..]),
-                _ => l.to_string(),
-            })
-            .collect::<Vec<_>>()
+        common::udp_answers(&ran.stdout)
     };
     assert_eq!(
         ask_from(C1),

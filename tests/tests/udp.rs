@@ -4,17 +4,7 @@
 
 mod common;
 
-use common::{script, Harness};
-
-/// udpclient.py's lines without udpecho.py's datagram counts.
-fn answers(out: &str) -> Vec<String> {
-    out.lines()
-        .map(|l| match (l.find('#'), l.find(':')) {
-            (Some(hash), Some(colon)) if hash < colon => format!("{}{}", &l[..hash], &l[colon..]),
-            _ => l.to_string(),
-        })
-        .collect()
-}
+use common::{script, udp_answers as answers, Harness};
 
 /// The `ports --json` rows of `name` for `protocol`, as (virtual, real).
 fn udp_ports(h: &Harness, name: &str) -> Vec<(u64, u64)> {

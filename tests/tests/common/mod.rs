@@ -345,6 +345,17 @@ pub fn one_spare_port(
     (virt, spare, flags)
 }
 
+/// The lines of `py/udpclient.py` without the datagram counts
+/// `py/udpecho.py` puts in its answers (`b#3:ping` reads `b:ping`).
+pub fn udp_answers(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| match (l.find('#'), l.find(':')) {
+            (Some(hash), Some(colon)) if hash < colon => format!("{}{}", &l[..hash], &l[colon..]),
+            _ => l.to_string(),
+        })
+        .collect()
+}
+
 pub fn script(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
