@@ -5,12 +5,14 @@
 //! Every run gets a fresh one-off server (`iperf3 -s -1`): it exits after
 //! its test, which tells that the server side finished cleanly too.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 
 use super::servers::{native_server, rows_with_socat, socat_proxy};
 use super::{argv, Ctx, Outcome};
+use crate::appshot::Appshot;
 use crate::measure::{interleaved, Trial, Unit};
 use crate::procs;
 
@@ -19,11 +21,54 @@ const AID: &str = "a";
 /// How long a one-off server may take to exit after its client is done.
 const SERVER_EXIT: Duration = Duration::from_secs(30);
 
+/// A one-off iperf3 server on `port`: it exits after its test.
+pub fn server(port: u16) -> Vec<String> {
+    argv(["iperf3", "-s", "-1", "-p", &port.to_string()])
+}
+
+/// One native run: a one-off server on `server_port`, then `client` (which
+/// may go through a proxy) to its end; the received rate in Gbit/s.
+pub fn native_once(
+    server_port: u16,
+    client: &[String],
+    what: &str,
+    logs: &Path,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let mut srv = native_server(server_port, &server(server_port), what, logs)?;
+    let out = procs::run(
+        &mut procs::command(client),
+        &format!("iperf3 client ({what})"),
+        timeout,
+    )?;
+    srv.wait_success(SERVER_EXIT)?;
+    gbits(&out)
+}
+
+/// One run with the one-off server on `virtual_port` and `client`, both
+/// under appshot as [`AID`].
+pub fn appshot_once(
+    appshot: &Appshot,
+    virtual_port: u16,
+    client: &[String],
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let srv = appshot
+        .server(AID, virtual_port, &server(virtual_port))
+        .context("starting the iperf3 server under appshot")?;
+    let out = procs::run(
+        &mut appshot.foreground(AID, client),
+        "iperf3 client under appshot",
+        timeout,
+    )?;
+    srv.wait_exit(SERVER_EXIT)?;
+    gbits(&out)
+}
+
 pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let logs = ctx.logs();
     let secs = ctx.plan.iperf_seconds;
     let timeout = Duration::from_secs(u64::from(secs) + 60);
-    let server = |port: u16| argv(["iperf3", "-s", "-1", "-p", &port.to_string()]);
     let client = |port: u16| {
         argv([
             "iperf3",
@@ -44,21 +89,9 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let _proxy = socat_proxy(proxy_port, upstream, &logs)?;
     let appshot = ctx.appshot;
 
-    // One native run: a one-off server on `server_port`, the client on
-    // `client_port` (the proxy's, for the peer).
     let native_run = |server_port: u16, client_port: u16, what: &'static str| {
-        let logs = logs.clone();
-        let (server, client) = (server(server_port), client(client_port));
-        move || -> anyhow::Result<f64> {
-            let mut srv = native_server(server_port, &server, what, &logs)?;
-            let out = procs::run(
-                &mut procs::command(&client),
-                &format!("iperf3 client ({what})"),
-                timeout,
-            )?;
-            srv.wait_success(SERVER_EXIT)?;
-            gbits(&out)
-        }
+        let (logs, client) = (logs.clone(), client(client_port));
+        move || native_once(server_port, &client, what, &logs, timeout)
     };
     let trials = vec![
         Trial::new(
@@ -66,16 +99,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             native_run(native_port, native_port, "native iperf3 server"),
         ),
         Trial::new("appshot", || {
-            let srv = appshot
-                .server(AID, virtual_port, &server(virtual_port))
-                .context("starting the iperf3 server under appshot")?;
-            let out = procs::run(
-                &mut appshot.foreground(AID, &client(virtual_port)),
-                "iperf3 client under appshot",
-                timeout,
-            )?;
-            srv.wait_exit(SERVER_EXIT)?;
-            gbits(&out)
+            appshot_once(appshot, virtual_port, &client(virtual_port), timeout)
         }),
         Trial::new(
             "socat proxy",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::servers::native_server;
+use super::iperf;
 use super::{argv, Client, Ctx, Outcome};
 use crate::measure::{interleaved, Trial, Unit};
 use crate::net::{self, Serves};
@@ -40,7 +40,6 @@ fn iperf(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
     let logs = ctx.logs();
     let secs = ctx.plan.iperf_seconds;
     let timeout = Duration::from_secs(u64::from(secs) + 60);
-    let server = |port: u16| argv(["iperf3", "-s", "-1", "-p", &port.to_string()]);
     let client = |port: u16| {
         argv([
             "iperf3",
@@ -61,32 +60,16 @@ fn iperf(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
     let appshot = ctx.appshot;
     let trials = vec![
         Trial::new("native", || {
-            // iperf3 listens on TCP for its control connection.
-            let mut srv = native_server(
+            iperf::native_once(
                 native_port,
-                &server(native_port),
-                "native iperf3 server",
+                &client(native_port),
+                "native iperf3 -u server",
                 &logs,
-            )?;
-            let out = procs::run(
-                &mut procs::command(&client(native_port)),
-                "iperf3 -u client",
                 timeout,
-            )?;
-            srv.wait_success(SERVER_EXIT)?;
-            super::iperf::gbits(&out)
+            )
         }),
         Trial::new("appshot", || {
-            let srv = appshot
-                .server(AID, virtual_port, &server(virtual_port))
-                .context("starting the iperf3 server under appshot")?;
-            let out = procs::run(
-                &mut appshot.foreground(AID, &client(virtual_port)),
-                "iperf3 -u client under appshot",
-                timeout,
-            )?;
-            srv.wait_exit(SERVER_EXIT)?;
-            super::iperf::gbits(&out)
+            iperf::appshot_once(appshot, virtual_port, &client(virtual_port), timeout)
         }),
     ];
     let m = interleaved(
