@@ -6,6 +6,21 @@ mod common;
 
 use common::{script, udp_answers as answers, Harness};
 
+/// `py/udpecho.py` answering as `tag` on `bind`:`port` (a multiplexed
+/// port), started as instance `name` of `aid`; returns once the server
+/// printed the port getsockname gave it, which must be the virtual one.
+fn start_echo(h: &mut Harness, name: &str, aid: &str, tag: &str, bind: &str, port: &str) {
+    let cwd = h.dir(name);
+    h.start(
+        name,
+        aid,
+        &cwd,
+        &["--port", port],
+        &["python3", &script("udpecho.py"), tag, bind, port],
+    );
+    h.wait_log(name, &format!("bound {port}"));
+}
+
 /// The `ports --json` rows of `name` for `protocol`, as (virtual, real).
 fn udp_ports(h: &Harness, name: &str) -> Vec<(u64, u64)> {
     h.translations(name)
@@ -129,16 +144,8 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
     let v6 = common::ipv6_or_skip(test);
     let bind = if v6 { "::" } else { "0.0.0.0" };
     for aid in ["a", "b"] {
-        let cwd = h.dir(aid);
-        h.start(
-            &format!("echo-{aid}"),
-            aid,
-            &cwd,
-            &["--port", "9053"],
-            &["python3", &echo, aid, bind, "9053"],
-        );
         // getsockname in the server: the virtual port, whatever it holds.
-        h.wait_log(&format!("echo-{aid}"), "bound 9053");
+        start_echo(&mut h, &format!("echo-{aid}"), aid, aid, bind, "9053");
     }
     let reals: Vec<u64> = ["a", "b"]
         .iter()
@@ -215,18 +222,9 @@ fn a_restored_udp_server_and_its_clones_serve_their_own_aids() {
     let Some(mut h) = Harness::new(test, &["python3"]) else {
         return;
     };
-    let echo = script("udpecho.py");
     let client = script("udpclient.py");
     for aid in ["a", "b"] {
-        let cwd = h.dir(aid);
-        h.start(
-            &format!("echo-{aid}"),
-            aid,
-            &cwd,
-            &["--port", "9063"],
-            &["python3", &echo, aid, "0.0.0.0", "9063"],
-        );
-        h.wait_log(&format!("echo-{aid}"), "bound 9063");
+        start_echo(&mut h, &format!("echo-{aid}"), aid, aid, "0.0.0.0", "9063");
     }
     let ask = |h: &Harness, aid: &str| {
         let ran = h.client(aid, &["python3", &client, "127.0.0.1", "9063"]);
@@ -319,21 +317,9 @@ fn a_client_keeping_its_socket_follows_its_aids_instance_when_it_is_replaced() {
     let Some(mut h) = Harness::new(test, &["python3"]) else {
         return;
     };
-    let echo = script("udpecho.py");
-    let start = |h: &mut Harness, name: &str, aid: &str, tag: &str| {
-        let cwd = h.dir(name);
-        h.start(
-            name,
-            aid,
-            &cwd,
-            &["--port", "9083"],
-            &["python3", &echo, tag, "0.0.0.0", "9083"],
-        );
-        h.wait_log(name, "bound 9083");
-    };
     // a holds the fixed port itself; b's instances get ports of the range.
-    start(&mut h, "echo-a", "a", "a");
-    start(&mut h, "echo-b1", "b", "b1");
+    start_echo(&mut h, "echo-a", "a", "a", "0.0.0.0", "9083");
+    start_echo(&mut h, "echo-b1", "b", "b1", "0.0.0.0", "9083");
     let mut client = h
         .appshot()
         .args(["run", "--aid", "b", "--port", "9083", "--"])
@@ -355,7 +341,7 @@ fn a_client_keeping_its_socket_follows_its_aids_instance_when_it_is_replaced() {
     h.stop("echo-b1");
     // Its AID has no instance: as from a closed port, not a's answer.
     assert_eq!(ask(), "no answer", "{test}: b without an instance");
-    start(&mut h, "echo-b2", "b", "b2");
+    start_echo(&mut h, "echo-b2", "b", "b2", "0.0.0.0", "9083");
     // The same socket, and so the same conntrack flow, reaches the new
     // instance at once, not the old real port until the flow expires.
     assert_eq!(ask(), "b2#1:ping 9083", "{test}: after the replacement");
