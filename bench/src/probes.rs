@@ -13,6 +13,11 @@ pub const SYSCALL_COST: Probe = Probe {
     source: include_str!("../probes/syscall_cost.c"),
 };
 
+pub const NOTIFY_FLOOR: Probe = Probe {
+    name: "notify_floor",
+    source: include_str!("../probes/notify_floor.c"),
+};
+
 pub const CONNRATE: Probe = Probe {
     name: "connrate",
     source: include_str!("../probes/connrate.c"),

@@ -57,21 +57,23 @@ impl Tasks {
         }
     }
 
-    fn get(&mut self, tid: u32) -> std::io::Result<Arc<OwnedFd>> {
+    /// The pidfd of `tid`, and whether it was opened just now (a cached
+    /// one is checked on use instead, see [`Call::task_fd`]).
+    fn get(&mut self, tid: u32) -> std::io::Result<(Arc<OwnedFd>, bool)> {
         if let Some(h) = self.pidfds.get(&tid) {
-            return Ok(Arc::clone(h));
+            return Ok((Arc::clone(h), false));
         }
         if self.pidfds.len() >= self.max {
             self.pidfds.clear();
         }
         let h = Arc::new(pidfd::open_thread(tid)?);
         self.pidfds.insert(tid, Arc::clone(&h));
-        Ok(h)
+        Ok((h, true))
     }
 
     fn reopen(&mut self, tid: u32) -> std::io::Result<Arc<OwnedFd>> {
         self.pidfds.remove(&tid);
-        self.get(tid)
+        self.get(tid).map(|(h, _)| h)
     }
 }
 
@@ -191,27 +193,47 @@ pub fn spawn<H: Handler>(
     name: &str,
 ) -> Result<std::thread::JoinHandle<()>, RuntimeError> {
     let listener = Arc::new(listener);
-    if let Err(e) = seccomp::set_sync_wakeup(&listener) {
-        warn!("SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}");
-    }
+    let wait = match seccomp::set_sync_wakeup(&listener) {
+        Ok(()) => Wait::InReceive,
+        Err(e) => {
+            warn!(
+                "SYNC_WAKE_UP unavailable (kernel < 6.6?), notified syscalls will be slower: {e}"
+            );
+            Wait::Poll
+        }
+    };
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || serve(listener, mux))
+        .spawn(move || serve(listener, mux, wait))
         .map_err(|e| RuntimeError::sys("spawning the notification thread", e))
+}
+
+/// How the loop waits for the next notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// In the receive ioctl itself. Since Linux 6.6 (the kernels with
+    /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`) it returns `ENOENT` once no
+    /// task uses the filter, so no poll is needed before each call.
+    InReceive,
+    /// poll, then receive: older kernels never wake a receive blocked on a
+    /// filter nobody uses any more.
+    Poll,
 }
 
 /// Waits until the listener has a notification (`true`) or no task uses
 /// its filter any more (`false`): the kernel wakes pollers with POLLHUP
-/// then, but never a thread blocked in the receive ioctl, so a service
-/// that outlives its tasks (the OCI agent) would keep the thread forever.
-fn wait_readable(listener: &OwnedFd) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+/// then, but before Linux 6.6 never a thread blocked in the receive ioctl,
+/// so a service that outlives its tasks (the OCI agent) would keep the
+/// thread forever. With `timeout` zero it only looks.
+fn wait_readable(listener: &OwnedFd, timeout: nix::poll::PollTimeout) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags};
     loop {
         let mut fds = [PollFd::new(
             std::os::fd::AsFd::as_fd(listener),
             PollFlags::POLLIN,
         )];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, timeout) {
+            Ok(0) => return true,
             Ok(_) => {
                 let got = fds[0].revents().unwrap_or(PollFlags::empty());
                 if got.contains(PollFlags::POLLIN) {
@@ -229,15 +251,25 @@ fn wait_readable(listener: &OwnedFd) -> bool {
 
 /// Receives and handles notifications until the listener is gone or no
 /// task is left under its filter.
-pub fn serve<H: Handler>(listener: Arc<OwnedFd>, mux: Arc<H>) {
+pub fn serve<H: Handler>(listener: Arc<OwnedFd>, mux: Arc<H>, wait: Wait) {
+    use nix::poll::PollTimeout;
     let tasks = Arc::new(Mutex::new(Tasks::new()));
+    let gone = || debug!(fd = listener.as_raw_fd(), "no task left under the filter");
     loop {
-        if !wait_readable(&listener) {
-            debug!(fd = listener.as_raw_fd(), "no task left under the filter");
-            return;
+        if wait == Wait::Poll && !wait_readable(&listener, PollTimeout::NONE) {
+            return gone();
         }
         let n = match seccomp::recv(&listener) {
             Ok(n) => n,
+            // ENOENT: the caller went away before it was received, or
+            // (waiting in the receive) no task is left: poll tells which.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOENT)
+                    && wait == Wait::InReceive
+                    && !wait_readable(&listener, PollTimeout::ZERO) =>
+            {
+                return gone();
+            }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ENOENT)) => {
                 continue
             }
@@ -259,8 +291,11 @@ pub fn serve<H: Handler>(listener: Arc<OwnedFd>, mux: Arc<H>) {
         }
         // Resolve the TID to its pidfd first, then check the notification
         // is still pending: only then does a pidfd opened here belong to the
-        // caller (cached ones are checked on use).
-        let pidfd = match tasks.lock().expect("task pidfds").get(n.pid) {
+        // caller. A cached one is checked on use: it names the task that
+        // held the TID when it was opened, and while that task lives no
+        // other can hold the TID, so `pidfd_getfd` on it either reaches the
+        // caller or fails (and is retried on a pidfd opened anew).
+        let (pidfd, opened) = match tasks.lock().expect("task pidfds").get(n.pid) {
             Ok(p) => p,
             Err(e) => {
                 // Answered, never dropped: an unanswered notification
@@ -280,7 +315,7 @@ pub fn serve<H: Handler>(listener: Arc<OwnedFd>, mux: Arc<H>) {
                 continue;
             }
         };
-        if !seccomp::id_valid(&listener, n.id) {
+        if opened && !seccomp::id_valid(&listener, n.id) {
             continue;
         }
         let call = Call {

@@ -5,12 +5,18 @@
 //! connect to a Unix socket path is the costliest notified call: the
 //! supervisor performs it as the task, in a thread that takes on the
 //! task's credentials, root, cwd and umask.
+//!
+//! The floor of a notified call is measured in the same run: the same
+//! probe under `notify_floor`, a supervisor that traps the same syscalls
+//! and only answers CONTINUE. Its row compares appshot with it; what
+//! appshot costs beyond it is appshot's own work.
 
 use std::time::Duration;
 
 use super::{argv, Client, Ctx, Outcome};
 use crate::measure::{interleaved, Unit};
-use crate::probes::{self, SYSCALL_COST};
+use crate::probes::{self, NOTIFY_FLOOR, SYSCALL_COST};
+use crate::table::Row;
 
 pub const TITLE: &str = "syscall cost";
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -24,6 +30,7 @@ const UNIX_CONNECT_DIVISOR: u64 = 10;
 
 pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let probe = SYSCALL_COST.build(ctx.work)?;
+    let floor = NOTIFY_FLOOR.build(ctx.work)?;
     let mut out = Outcome::default();
     let client = Client {
         appshot: ctx.appshot,
@@ -60,12 +67,32 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             call.to_string(),
             iterations.to_string(),
         ]);
-        let trials = vec![
+        let mut trials = vec![
             client.native("native", args.clone(), "syscall_cost (native)"),
-            client.appshot(args, "syscall_cost under appshot"),
+            client.appshot(args.clone(), "syscall_cost under appshot"),
         ];
+        let with_floor = call == "getsockname";
+        if with_floor {
+            let under_floor = std::iter::once(floor.display().to_string())
+                .chain(args)
+                .collect();
+            trials.push(client.native(FLOOR, under_floor, "syscall_cost under notify_floor"));
+        }
         let m = interleaved(benchmark, Unit::MicrosPerCall, ctx.plan, trials)?;
+        let floor_row = with_floor.then(|| {
+            Row::compared(
+                benchmark,
+                "floor: a supervisor that only answers CONTINUE (ratio: appshot/floor)",
+                FLOOR,
+                &m[2],
+                &m[1],
+            )
+        });
         out.add_against_native(benchmark, configuration, m);
+        out.rows.extend(floor_row);
     }
     Ok(out)
 }
+
+/// The configuration of the floor's trial.
+const FLOOR: &str = "floor";

@@ -48,22 +48,26 @@ impl Task for CallTask<'_> {
             Some(AddressFamily::Inet6) => libc::AF_INET6,
             _ => return Ok(TaskSocket::Other(fd)),
         };
-        let protocol = match getsockopt(&fd, sockopt::SockType).map_err(|e| e as i32)? {
-            SockType::Stream => Some(Protocol::Tcp),
-            SockType::Datagram
-                if get_int_opt(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(errno)?
-                    == libc::IPPROTO_UDP =>
-            {
-                Some(Protocol::Udp)
-            }
-            _ => None,
-        };
         Ok(TaskSocket::Inet {
             socket: fd,
             domain,
-            protocol,
             local: to_std(&local),
         })
+    }
+
+    fn protocol(&self, socket: &OwnedFd) -> Result<Option<Protocol>, i32> {
+        Ok(
+            match getsockopt(socket, sockopt::SockType).map_err(|e| e as i32)? {
+                SockType::Stream => Some(Protocol::Tcp),
+                SockType::Datagram
+                    if get_int_opt(socket, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(errno)?
+                        == libc::IPPROTO_UDP =>
+                {
+                    Some(Protocol::Udp)
+                }
+                _ => None,
+            },
+        )
     }
 
     fn may_bind_privileged(&self) -> bool {

@@ -15,6 +15,7 @@ use appshot_sys::seccomp::Response;
 use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
 use tracing::{debug, info, warn};
 
+use super::fresh::FreshRegistry;
 use crate::sockaddr;
 
 /// Which virtual ports this instance multiplexes.
@@ -61,9 +62,6 @@ pub enum TaskSocket<S> {
     Inet {
         socket: S,
         domain: i32,
-        /// `None`: neither TCP nor UDP (raw, ICMP, UDP-Lite): never
-        /// multiplexed.
-        protocol: Option<Protocol>,
         /// Its local address (port 0 while unbound).
         local: Option<SocketAddr>,
     },
@@ -79,6 +77,11 @@ pub trait Task {
     fn address(&self) -> Result<Vec<u8>, i32>;
     /// The socket behind the fd in arg 0, duplicated and described.
     fn socket(&self) -> Result<TaskSocket<Self::Socket>, i32>;
+    /// The protocol of an INET socket [`socket`](Self::socket) gave:
+    /// `None` when neither TCP nor UDP (raw, ICMP, UDP-Lite), never
+    /// multiplexed. Asked apart, as it costs a syscall that most names
+    /// do without.
+    fn protocol(&self, socket: &Self::Socket) -> Result<Option<Protocol>, i32>;
     /// Whether the task holds CAP_NET_BIND_SERVICE in its effective set.
     fn may_bind_privileged(&self) -> bool;
 }
@@ -143,8 +146,12 @@ pub enum Connect<S> {
 /// What to answer getsockname or getpeername.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Name {
-    /// Not an INET socket: the kernel's own answer is the right one, and
-    /// it changes nothing.
+    /// The kernel's own answer is the right one (not an INET socket, or an
+    /// address no translation rewrites), and it changes nothing: the task
+    /// runs the call itself, which spares writing its answer across
+    /// address spaces. Should another thread swap the fd meanwhile, the
+    /// task learns the new socket's address as the kernel names it; a name
+    /// grants nothing.
     Continue,
     Errno(i32),
     /// Write this address into the task's buffer.
@@ -160,7 +167,7 @@ pub enum Side {
 pub struct Policy {
     pub settings: Settings,
     pub registry: Registry,
-    cache: Mutex<CachedRegistry>,
+    cache: Mutex<FreshRegistry>,
     next_pick: AtomicUsize,
     /// Ports below this need CAP_NET_BIND_SERVICE.
     unprivileged_port_start: u16,
@@ -179,7 +186,7 @@ impl Policy {
         Policy {
             settings,
             registry,
-            cache: Mutex::new(cache),
+            cache: Mutex::new(FreshRegistry::new(cache)),
             next_pick: AtomicUsize::new(first_pick),
             unprivileged_port_start,
         }
@@ -194,14 +201,17 @@ impl Policy {
             Ok(b) => b,
             Err(e) => return Bind::Answer(Response::Errno(e)),
         };
-        let (socket, domain, protocol, local) = match task.socket() {
+        let (socket, domain, local) = match task.socket() {
             Ok(TaskSocket::Inet {
                 socket,
                 domain,
-                protocol,
                 local,
-            }) => (socket, domain, protocol, local),
+            }) => (socket, domain, local),
             Ok(TaskSocket::Other(socket)) => return Bind::AsTask { socket, bytes },
+            Err(e) => return Bind::Answer(Response::Errno(e)),
+        };
+        let protocol = match task.protocol(&socket) {
+            Ok(p) => p,
             Err(e) => return Bind::Answer(Response::Errno(e)),
         };
         let Ok(addr) = sockaddr::decode_bind(domain, &bytes) else {
@@ -277,6 +287,15 @@ impl Policy {
                     && t.real_port == local.port()
             })
         })
+    }
+
+    /// Whether `port` is the real port of any translation, of any protocol
+    /// and address.
+    fn is_real_port(&self, port: u16) -> bool {
+        let mut cache = self.cache.lock().expect("registry cache lock");
+        cache
+            .get()
+            .is_ok_and(|st| st.translations.iter().any(|t| t.real_port == port))
     }
 
     /// Whether `port` is the real port of another instance's translation.
@@ -374,14 +393,13 @@ impl Policy {
             Ok(b) => b,
             Err(e) => return Connect::Answer(Response::Errno(e)),
         };
-        let (socket, domain, protocol) = match task.socket() {
-            Ok(TaskSocket::Inet {
-                socket,
-                domain,
-                protocol,
-                ..
-            }) => (socket, domain, protocol),
+        let (socket, domain) = match task.socket() {
+            Ok(TaskSocket::Inet { socket, domain, .. }) => (socket, domain),
             Ok(TaskSocket::Other(socket)) => return Connect::AsTask { socket, bytes },
+            Err(e) => return Connect::Answer(Response::Errno(e)),
+        };
+        let protocol = match task.protocol(&socket) {
+            Ok(p) => p,
             Err(e) => return Connect::Answer(Response::Errno(e)),
         };
         let remote = |a: &SocketAddr| {
@@ -461,13 +479,8 @@ impl Policy {
         K: Kernel,
         T: Task<Socket = K::Socket>,
     {
-        let (socket, protocol, local) = match task.socket() {
-            Ok(TaskSocket::Inet {
-                socket,
-                protocol,
-                local,
-                ..
-            }) => (socket, protocol, local),
+        let (socket, local) = match task.socket() {
+            Ok(TaskSocket::Inet { socket, local, .. }) => (socket, local),
             Ok(TaskSocket::Other(_)) => return Name::Continue,
             Err(e) => return Name::Errno(e),
         };
@@ -475,15 +488,24 @@ impl Policy {
             Side::Local => Ok(local),
             Side::Peer => kernel.peer_name(&socket),
         };
-        let mut addr = match raw {
+        let kernels = match raw {
             Ok(Some(a)) => a,
             Ok(None) => return Name::Errno(libc::EAFNOSUPPORT),
             Err(e) => return Name::Errno(e),
         };
-        let Some(protocol) = protocol else {
-            return Name::Write(addr);
-        };
         let cluster = &self.settings.cluster;
+        // Only a translation's real port, or a peer negotiated with another
+        // host, is named otherwise than the kernel names it.
+        let negotiable = matches!(side, Side::Peer) && cluster.has_peers();
+        if !negotiable && !self.is_real_port(kernels.port()) {
+            return Name::Continue;
+        }
+        let protocol = match task.protocol(&socket) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Name::Continue,
+            Err(e) => return Name::Errno(e),
+        };
+        let mut addr = kernels;
         let negotiated = match side {
             Side::Peer if cluster.has_peers() => kernel
                 .inode(&socket)
@@ -509,7 +531,11 @@ impl Policy {
                 }
             }
         }
-        Name::Write(addr)
+        if addr == kernels {
+            Name::Continue
+        } else {
+            Name::Write(addr)
+        }
     }
 }
 
