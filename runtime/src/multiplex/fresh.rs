@@ -100,3 +100,73 @@ impl FreshRegistry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use appshot_vpm::{InstanceLock, Protocol, Registry, Translation};
+
+    use super::*;
+    use crate::multiplex::tests::register;
+
+    /// A registry in `dir` with a running instance `web`, which owns the
+    /// translations the tests commit (a dead owner's would be reclaimed).
+    fn registry(dir: &std::path::Path) -> (Registry, InstanceLock) {
+        let registry = Registry::open(dir).unwrap();
+        let lock = InstanceLock::acquire(&registry, "web").unwrap();
+        register(&registry, "web", "a");
+        (registry, lock)
+    }
+
+    fn translation(real_port: u16) -> Translation {
+        Translation {
+            protocol: Protocol::Tcp,
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            virtual_port: 9000,
+            aid: "a".into(),
+            real_port,
+            owner: "web".into(),
+            socket_inode: u64::from(real_port),
+        }
+    }
+
+    fn real_ports(fresh: &mut FreshRegistry) -> Vec<u16> {
+        let st = fresh.get().unwrap();
+        st.translations.iter().map(|t| t.real_port).collect()
+    }
+
+    #[test]
+    fn a_commit_is_seen_by_the_next_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, _web) = registry(dir.path());
+        let mut fresh = FreshRegistry::new(CachedRegistry::new(registry.clone()));
+        assert!(fresh.watch.is_some(), "inotify watch set");
+        assert_eq!(real_ports(&mut fresh), Vec::<u16>::new());
+        for port in [20001, 20002] {
+            registry
+                .transaction(|st| st.insert(translation(port)))
+                .unwrap();
+            assert_eq!(real_ports(&mut fresh).last(), Some(&port));
+        }
+        // Nothing changed: answered from the copy, and the same.
+        assert_eq!(real_ports(&mut fresh), [20001, 20002]);
+    }
+
+    #[test]
+    fn a_registry_directory_moved_away_is_followed_by_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run");
+        let (old, web) = registry(&path);
+        let mut fresh = FreshRegistry::new(CachedRegistry::new(old));
+        assert_eq!(real_ports(&mut fresh), Vec::<u16>::new());
+        drop(web);
+        std::fs::rename(&path, dir.path().join("old")).unwrap();
+        let (again, _web) = registry(&path);
+        again
+            .transaction(|st| st.insert(translation(20003)))
+            .unwrap();
+        assert_eq!(real_ports(&mut fresh), [20003]);
+        assert!(fresh.watch.is_none(), "the stat per call took over");
+    }
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use appshot_sys::net::{connect_raw, get_int_opt};
 use appshot_vpm::Protocol;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{
     getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrIn,
     SockaddrIn6, SockaddrLike, SockaddrStorage,
@@ -17,6 +18,8 @@ use nix::sys::socket::{
 
 use super::policy::{Kernel, Task, TaskSocket};
 use crate::notify::Call;
+use tracing::warn;
+
 use crate::{astask, sockaddr, tree};
 
 /// Bit of CAP_NET_BIND_SERVICE in a capability set.
@@ -60,7 +63,8 @@ impl Task for CallTask<'_> {
             match getsockopt(socket, sockopt::SockType).map_err(|e| e as i32)? {
                 SockType::Stream => Some(Protocol::Tcp),
                 SockType::Datagram
-                    if get_int_opt(socket, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(errno)?
+                    if get_int_opt(socket, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+                        .map_err(errno)?
                         == libc::IPPROTO_UDP =>
                 {
                     Some(Protocol::Udp)
@@ -150,6 +154,54 @@ pub fn connect_to(socket: &OwnedFd, addr: SocketAddr) -> Result<(), i32> {
     r.map_err(|e| e as i32)
 }
 
+/// Where a connect made for the task stands once the receive loop is done
+/// with it.
+pub enum Connecting {
+    /// What the task's connect returns.
+    Done(Result<(), i32>),
+    /// A blocking connect still waiting for its handshake.
+    InProgress,
+}
+
+/// Connects the task's `socket` to `target` without ever blocking the
+/// receive loop. A non-blocking socket is connected as it is. A blocking
+/// one is connected with `O_NONBLOCK` set for the length of two calls:
+/// the first starts the handshake, which on this host is over when it
+/// returns (loopback answers within the call), and the second, as on a
+/// blocking socket, returns its outcome, so the answer is given at once
+/// with no hand-off to another thread. Only a handshake still under way
+/// (another host, a full accept queue) is left to a worker, whose
+/// blocking connect waits for it. The flag lives on the task's open file
+/// description: for those few syscalls another thread of the task could
+/// see it, on a socket that is being connected and so has no data path
+/// to disturb.
+pub fn connect_unblocked(socket: &OwnedFd, target: SocketAddr) -> Connecting {
+    let flags = match fcntl(socket.as_raw_fd(), FcntlArg::F_GETFL) {
+        Ok(f) => OFlag::from_bits_truncate(f),
+        Err(e) => return Connecting::Done(Err(e as i32)),
+    };
+    if flags.contains(OFlag::O_NONBLOCK) {
+        return Connecting::Done(connect_to(socket, target));
+    }
+    if let Err(e) = fcntl(
+        socket.as_raw_fd(),
+        FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
+    ) {
+        return Connecting::Done(Err(e as i32));
+    }
+    let r = match connect_to(socket, target) {
+        Err(libc::EINPROGRESS) => connect_to(socket, target),
+        r => r,
+    };
+    if let Err(e) = fcntl(socket.as_raw_fd(), FcntlArg::F_SETFL(flags)) {
+        warn!("restoring the flags of a socket after connect: {e}");
+    }
+    match r {
+        Err(libc::EALREADY) => Connecting::InProgress,
+        r => Connecting::Done(r),
+    }
+}
+
 pub fn to_std(s: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(SocketAddr::V4((*v4).into()));
@@ -159,4 +211,98 @@ pub fn to_std(s: &SockaddrStorage) -> Option<SocketAddr> {
 
 pub fn errno(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EINVAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use nix::sys::socket::{socket, SockFlag};
+
+    use super::*;
+
+    fn tcp_socket() -> OwnedFd {
+        socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn is_blocking(fd: &OwnedFd) -> bool {
+        let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).unwrap());
+        !flags.contains(OFlag::O_NONBLOCK)
+    }
+
+    fn outcome(c: Connecting) -> Option<Result<(), i32>> {
+        match c {
+            Connecting::Done(r) => Some(r),
+            Connecting::InProgress => None,
+        }
+    }
+
+    #[test]
+    fn a_blocking_loopback_connect_is_answered_at_once_and_stays_blocking() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = tcp_socket();
+        let r = connect_unblocked(&s, listener.local_addr().unwrap());
+        assert_eq!(outcome(r), Some(Ok(())));
+        assert!(is_blocking(&s), "the task's socket is left blocking");
+        assert_eq!(
+            getpeername::<SockaddrStorage>(s.as_raw_fd())
+                .ok()
+                .and_then(|a| to_std(&a)),
+            Some(listener.local_addr().unwrap())
+        );
+        // As after a blocking connect: connected, not "in progress".
+        assert_eq!(
+            connect_to(&s, listener.local_addr().unwrap()),
+            Err(libc::EISCONN)
+        );
+    }
+
+    #[test]
+    fn a_refused_connect_returns_the_error_a_blocking_one_would() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = tcp_socket();
+        assert_eq!(
+            outcome(connect_unblocked(&s, port)),
+            Some(Err(libc::ECONNREFUSED))
+        );
+        assert!(is_blocking(&s));
+    }
+
+    #[test]
+    fn a_handshake_that_cannot_finish_now_is_left_in_progress() {
+        // A listener whose accept queue is full drops the SYN: the
+        // handshake waits for a retransmission, seconds away.
+        let listener = tcp_socket();
+        let any = SockaddrIn::new(127, 0, 0, 1, 0);
+        nix::sys::socket::bind(listener.as_raw_fd(), &any).unwrap();
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
+        let addr = to_std(&getsockname::<SockaddrStorage>(listener.as_raw_fd()).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        let s = loop {
+            let s = tcp_socket();
+            match connect_unblocked(&s, addr) {
+                Connecting::Done(r) => {
+                    assert_eq!(r, Ok(()));
+                    queued.push(s);
+                    assert!(queued.len() < 8, "the accept queue never filled");
+                }
+                Connecting::InProgress => break s,
+            }
+        };
+        assert!(is_blocking(&s), "the task's socket is left blocking");
+        // Under way, for the worker's blocking connect to wait on.
+        assert_eq!(
+            getpeername::<SockaddrStorage>(s.as_raw_fd()).err(),
+            Some(nix::errno::Errno::ENOTCONN)
+        );
+    }
 }

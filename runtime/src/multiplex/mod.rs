@@ -16,7 +16,7 @@ mod policy;
 mod tests;
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,12 +25,10 @@ use appshot_snapshot::ListenError;
 use appshot_sys::net::{bind_raw, connect_raw};
 use appshot_sys::seccomp::Response;
 use appshot_vpm::{CachedRegistry, Protocol, Registry};
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{getsockopt, listen, setsockopt, sockopt, Backlog};
+use nix::sys::socket::{listen, setsockopt, sockopt, Backlog};
 use tracing::{debug, warn};
 
-use self::kernel::{connect_to, errno, CallTask, Host};
+use self::kernel::{connect_to, connect_unblocked, errno, CallTask, Connecting, Host};
 use self::policy::{Bind, Connect, Kernel, Name, Policy, Side};
 pub use self::policy::{PortSet, Settings};
 use crate::astask;
@@ -253,7 +251,7 @@ impl Multiplexer {
                 Connecting::InProgress => {
                     // As long as the network takes: off the receive loop.
                     self.workers
-                        .run(move || call.answer(Response::of(connected(&socket, None))));
+                        .run(move || call.answer(Response::of(connect_to(&socket, target))));
                 }
             },
         }
@@ -329,71 +327,4 @@ fn write_sockaddr(call: &Call, addr: &SocketAddr) -> Result<(), i32> {
     let n = encoded.len().min(len as usize);
     let full_len = (encoded.len() as u32).to_ne_bytes();
     call.write(&[(call.args[1], &encoded[..n]), (call.args[2], &full_len)])
-}
-
-/// Where a connect made for the task stands once the receive loop is done
-/// with it.
-enum Connecting {
-    /// What the task's connect returns.
-    Done(Result<(), i32>),
-    /// A blocking connect still waiting for its handshake.
-    InProgress,
-}
-
-/// Connects the task's `socket` to `target` without ever blocking the
-/// receive loop. A non-blocking socket is connected as it is. A blocking
-/// one is connected with `O_NONBLOCK` set for the length of the call and
-/// then waited for as the blocking connect would: on this host the
-/// handshake is over when the call returns (loopback answers within it),
-/// so the answer is given at once, with no hand-off to another thread.
-/// Only a handshake still under way (another host, a full accept queue)
-/// is left to a worker. The flag lives on the task's open file
-/// description: for those few syscalls another thread of the task could
-/// see it, on a socket that is being connected and so has no data path
-/// to disturb.
-fn connect_unblocked(socket: &OwnedFd, target: SocketAddr) -> Connecting {
-    let flags = match fcntl(socket.as_raw_fd(), FcntlArg::F_GETFL) {
-        Ok(f) => OFlag::from_bits_truncate(f),
-        Err(e) => return Connecting::Done(Err(e as i32)),
-    };
-    if flags.contains(OFlag::O_NONBLOCK) {
-        return Connecting::Done(connect_to(socket, target));
-    }
-    if let Err(e) = fcntl(
-        socket.as_raw_fd(),
-        FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
-    ) {
-        return Connecting::Done(Err(e as i32));
-    }
-    let r = connect_to(socket, target);
-    if let Err(e) = fcntl(socket.as_raw_fd(), FcntlArg::F_SETFL(flags)) {
-        warn!("restoring the flags of a socket after connect: {e}");
-    }
-    match r {
-        Err(libc::EINPROGRESS) => match connected(socket, Some(PollTimeout::ZERO)) {
-            Err(libc::EINPROGRESS) => Connecting::InProgress,
-            r => Connecting::Done(r),
-        },
-        r => Connecting::Done(r),
-    }
-}
-
-/// The outcome of a connect under way on `socket`, as a blocking connect
-/// returns it, waiting up to `timeout` (for ever: `None`). `EINPROGRESS`:
-/// not over yet.
-fn connected(socket: &OwnedFd, timeout: Option<PollTimeout>) -> Result<(), i32> {
-    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
-    loop {
-        match poll(&mut fds, timeout.unwrap_or(PollTimeout::NONE)) {
-            Ok(0) => return Err(libc::EINPROGRESS),
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e as i32),
-        }
-    }
-    match getsockopt(socket, sockopt::SocketError) {
-        Ok(0) => Ok(()),
-        Ok(e) => Err(e),
-        Err(e) => Err(e as i32),
-    }
 }

@@ -279,7 +279,7 @@ impl World {
     }
 }
 
-fn register(registry: &Registry, name: &str, aid: &str) {
+pub(super) fn register(registry: &Registry, name: &str, aid: &str) {
     registry
         .transaction(|s| {
             s.instances.insert(
