@@ -85,7 +85,10 @@ pub struct Notification {
     pub args: [u64; 6],
 }
 
-/// Blocks until a notification arrives on `listener`.
+/// Blocks until a notification arrives on `listener`. `ENOENT`: the
+/// notifying task went away before it was received, or (Linux ≥ 6.6, as
+/// measured on 6.18) no task uses the filter any more, which older kernels
+/// report to poll only.
 pub fn recv(listener: &OwnedFd) -> io::Result<Notification> {
     // SAFETY: an all-zero seccomp_notif is a valid value (plain integers), and
     // the kernel requires the buffer to be zeroed before NOTIF_RECV.

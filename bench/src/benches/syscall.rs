@@ -6,6 +6,10 @@
 //! supervisor performs it as the task, in a thread that takes on the
 //! task's credentials, root, cwd and umask.
 //!
+//! Two instances of other AIDs share a port meanwhile, so the registry
+//! holds a translated port, as on any host that multiplexes: a name is
+//! then looked at, not left to the kernel unseen.
+//!
 //! The floor of a notified call is measured in the same run: the same
 //! probe under `notify_floor`, a supervisor that traps the same syscalls
 //! and only answers CONTINUE. Its row compares appshot with it; what
@@ -13,9 +17,11 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use super::{argv, Client, Ctx, Outcome};
 use crate::measure::{interleaved, Unit};
-use crate::probes::{self, NOTIFY_FLOOR, SYSCALL_COST};
+use crate::probes::{self, CONNRATE, NOTIFY_FLOOR, SYSCALL_COST};
 use crate::table::Row;
 
 pub const TITLE: &str = "syscall cost";
@@ -24,6 +30,8 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// multiplexed, so the socket is a plain kernel socket under appshot too.
 const AID: &str = "bench";
 const UNTRAPPED_FACTOR: u64 = 20;
+/// The instances that share a port while the calls are timed.
+const OTHER_AIDS: [&str; 2] = ["other1", "other2"];
 /// A Unix connect round (four syscalls, one notified and performed in a
 /// thread of its own) costs several notified calls.
 const UNIX_CONNECT_DIVISOR: u64 = 10;
@@ -31,6 +39,14 @@ const UNIX_CONNECT_DIVISOR: u64 = 10;
 pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let probe = SYSCALL_COST.build(ctx.work)?;
     let floor = NOTIFY_FLOOR.build(ctx.work)?;
+    let decoy = CONNRATE.build(ctx.work)?.display().to_string();
+    let port = ctx.ports.take()?;
+    let decoy = argv([decoy.as_str(), "decoy", "127.0.0.1", &port.to_string()]);
+    let _sharing = OTHER_AIDS
+        .iter()
+        .map(|aid| ctx.appshot.server(aid, port, &decoy))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("syscall cost: starting two instances on one port")?;
     let mut out = Outcome::default();
     let client = Client {
         appshot: ctx.appshot,

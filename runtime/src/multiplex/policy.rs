@@ -289,13 +289,15 @@ impl Policy {
         })
     }
 
-    /// Whether `port` is the real port of any translation, of any protocol
-    /// and address.
-    fn is_real_port(&self, port: u16) -> bool {
+    /// Whether a translation (of any protocol and address) has a real port
+    /// other than its virtual one: `real_port`, or any (`None`).
+    fn renames(&self, real_port: Option<u16>) -> bool {
         let mut cache = self.cache.lock().expect("registry cache lock");
-        cache
-            .get()
-            .is_ok_and(|st| st.translations.iter().any(|t| t.real_port == port))
+        cache.get().is_ok_and(|st| {
+            st.translations.iter().any(|t| {
+                t.real_port != t.virtual_port && real_port.is_none_or(|p| p == t.real_port)
+            })
+        })
     }
 
     /// Whether `port` is the real port of another instance's translation.
@@ -479,6 +481,14 @@ impl Policy {
         K: Kernel,
         T: Task<Socket = K::Socket>,
     {
+        let cluster = &self.settings.cluster;
+        // Only a translation's real port, or a peer negotiated with another
+        // host, is named otherwise than the kernel names it: with neither
+        // on the host, the socket need not even be looked at.
+        let negotiable = matches!(side, Side::Peer) && cluster.has_peers();
+        if !negotiable && !self.renames(None) {
+            return Name::Continue;
+        }
         let (socket, local) = match task.socket() {
             Ok(TaskSocket::Inet { socket, local, .. }) => (socket, local),
             Ok(TaskSocket::Other(_)) => return Name::Continue,
@@ -493,11 +503,7 @@ impl Policy {
             Ok(None) => return Name::Errno(libc::EAFNOSUPPORT),
             Err(e) => return Name::Errno(e),
         };
-        let cluster = &self.settings.cluster;
-        // Only a translation's real port, or a peer negotiated with another
-        // host, is named otherwise than the kernel names it.
-        let negotiable = matches!(side, Side::Peer) && cluster.has_peers();
-        if !negotiable && !self.is_real_port(kernels.port()) {
+        if !negotiable && !self.renames(Some(kernels.port())) {
             return Name::Continue;
         }
         let protocol = match task.protocol(&socket) {

@@ -677,3 +677,31 @@ fn a_connected_udp_sockets_peer_is_the_kernels() {
     let task = FakeTask::new(Vec::new(), udp("127.0.0.1:41000"));
     assert_eq!(w.policy.name(&k, &task, Side::Peer), Name::Continue);
 }
+
+#[test]
+fn names_no_translation_renames_are_the_kernels_without_a_look_at_the_socket() {
+    // The first instance on a port holds the port itself: nothing renamed.
+    let mut w = World::new();
+    w.other("web-b", "b", 9000);
+    let k = Recorder {
+        peer: Some(addr("127.0.0.1:9000")),
+        ..Recorder::default()
+    };
+    let task = FakeTask::new(Vec::new(), tcp(Some("127.0.0.1:9000")));
+    for side in [Side::Local, Side::Peer] {
+        assert_eq!(w.policy.name(&k, &task, side), Name::Continue);
+    }
+    assert_eq!(task.looks.get(), 0, "the socket was duplicated");
+    assert!(k.ops.borrow().is_empty());
+
+    // Once a port is renamed, names are looked at, and only the renamed
+    // real port is answered otherwise than the kernel would.
+    w.other("web-c", "c", 20003);
+    assert_eq!(w.policy.name(&k, &task, Side::Local), Name::Continue);
+    let renamed = FakeTask::new(Vec::new(), tcp(Some("127.0.0.1:20003")));
+    assert_eq!(
+        w.policy.name(&k, &renamed, Side::Local),
+        Name::Write(addr("127.0.0.1:9000"))
+    );
+    assert_eq!((task.looks.get(), renamed.looks.get()), (1, 1));
+}
