@@ -177,7 +177,30 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
             ["unconnected no answer", "connected ECONNREFUSED"],
             "{test}: AID z to {target}: {ran}"
         );
+        // Nor through the other AID's real port.
+        let real_b = reals[1].to_string();
+        let ran = h.client("a", &["python3", &client, target, &real_b]);
+        assert_eq!(
+            answers(&ran.stdout),
+            ["unconnected no answer", "connected ECONNREFUSED"],
+            "{test}: AID a to b's real port {real_b} on {target}: {ran}"
+        );
     }
+    // The ports are changed by the cgroup programs where the sockets name
+    // them, not by rewriting packets: no NAT rule, and the programs'
+    // links and maps pinned while instances serve UDP.
+    let rules = nft_table();
+    assert!(
+        !rules.contains("dnat") && !rules.contains("redirect"),
+        "{test}: packets rewritten:\n{rules}"
+    );
+    let pinned = pinned_route_sets();
+    assert!(
+        pinned
+            .iter()
+            .any(|d| d.join("sendmsg4").exists() && d.join("routes").exists()),
+        "{test}: no programs pinned in {BPF_PINS}: {pinned:?}"
+    );
     // A port no instance serves is the kernel's: a server outside appshot
     // answers every AID.
     let mut host = std::process::Command::new("python3")
@@ -205,15 +228,38 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
     for aid in ["a", "b"] {
         h.stop(&format!("echo-{aid}"));
     }
+    let text = nft_table();
+    assert!(
+        !text.contains("udp dport 9053"),
+        "{test}: UDP rules left after the instances stopped:\n{text}"
+    );
+    let left = pinned_route_sets();
+    assert_eq!(
+        left.len() + 1,
+        pinned.len(),
+        "{test}: the registry's programs stay attached after its last UDP socket: {left:?}"
+    );
+}
+
+/// Where appshot pins each registry's programs.
+const BPF_PINS: &str = "/sys/fs/bpf/appshot";
+
+/// The pinned sets of programs and maps, one per registry.
+fn pinned_route_sets() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(BPF_PINS)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+fn nft_table() -> String {
     let table = std::process::Command::new("nft")
         .args(["list", "table", "inet", "appshot"])
         .output()
         .expect("running nft");
-    let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        !text.contains("udp dport 9053"),
-        "{test}: UDP routes left after the instances stopped:\n{text}"
-    );
+    String::from_utf8_lossy(&table.stdout).into_owned()
 }
 
 #[test]
