@@ -12,12 +12,16 @@
 //! - `…/udp/mark`, nftables filter output: a datagram from any supervised
 //!   socket to a local V that it still addresses as V (its AID has no
 //!   instance there, or has one that holds V itself) is marked unless its
-//!   AID holds V; so is one sent to an instance's real port by a socket
-//!   of another AID.
+//!   AID holds V, and so is one sent to an instance's real port by a
+//!   socket of another AID.
 //! - `…/udp/rej`, filter input: marked datagrams are rejected with ICMP
-//!   port unreachable, exactly what a closed port answers: a connected
-//!   socket gets ECONNREFUSED, an unconnected one nothing. They never reach
-//!   another AID's instance, even one that holds V itself.
+//!   port unreachable, exactly what a closed port answers (a connected
+//!   socket gets ECONNREFUSED, an unconnected one nothing; rejected on
+//!   output, the sender would get EPERM instead). They never reach another
+//!   AID's instance, even one that holds V itself.
+//!
+//! The rules keep no state (a packet mark, not a conntrack flow), so no
+//! change of the translations leaves a stale verdict behind.
 //!
 //! A connected socket is connected to the real port by the supervisor
 //! (connect is notified), which also answers its getpeername; the
@@ -41,10 +45,11 @@ use tracing::{debug, warn};
 use crate::cgroup;
 use crate::sourcerules::{nft, registry_tag, TABLE};
 
-/// The conntrack mark of refused flows ("apsu").
+/// The packet mark of refused datagrams ("apsu"), set on output and
+/// read on input (loopback keeps it).
 const REFUSED: u32 = 0x6170_7375;
-/// After conntrack (-200), which the mark needs.
-const MARK_PRIORITY: i32 = -150;
+/// The standard filter priority: the rules need neither conntrack nor NAT.
+const PRIORITY: i32 = 0;
 
 /// The chain names of the registry at `registry_dir`.
 pub fn chains(registry_dir: &Path) -> [String; 2] {
@@ -154,69 +159,61 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>, root: &Path, ta
                 .or_insert(u32::from(t.real_port));
         }
     }
-    // A flow's verdict is its first datagram's (the mark is the flow's):
-    // the datagrams after it, and every other packet the host sends once
-    // its connection is set up, skip the rest.
-    out.mark.push("ct state != new return".into());
-    let mut seen = BTreeSet::new();
-    for t in udp.iter().filter(|t| t.real_port == t.virtual_port) {
-        let from = format!(
-            "socket cgroupv2 level {} \"{}\"",
-            cgroup::AID_LEVEL,
-            cgroup::nft_path(root, tag, &t.aid)
-        );
-        let to = destination(t.addr, has_v4_sibling(&udp, t));
-        let allow = format!("udp dport {} {to} {from} return", t.virtual_port);
-        if seen.insert(allow.clone()) {
-            out.mark.push(allow);
-        }
-    }
-    // A real port is its own AID's: another's datagrams sent to it
-    // directly are refused as well.
-    let mut ports: BTreeSet<u16> = udp.iter().map(|t| t.virtual_port).collect();
-    for t in udp.iter().filter(|t| t.real_port != t.virtual_port) {
-        let from = format!(
-            "socket cgroupv2 level {} \"{}\"",
-            cgroup::AID_LEVEL,
-            cgroup::nft_path(root, tag, &t.aid)
-        );
-        out.mark.push(format!(
-            "udp dport {} fib daddr type local {from} return",
-            t.real_port
-        ));
-        ports.insert(t.real_port);
-    }
+    // Per port, the AIDs it is theirs to reach return first; then every
+    // other supervised socket is refused.
     let scope = format!(
         "socket cgroupv2 level {} \"{}\"",
         cgroup::SCOPE_LEVEL,
         cgroup::nft_scope(root, tag)
     );
-    for v in ports {
+    let aid_of = |t: &Translation| {
+        format!(
+            "socket cgroupv2 level {} \"{}\"",
+            cgroup::AID_LEVEL,
+            cgroup::nft_path(root, tag, &t.aid)
+        )
+    };
+    let mut rules: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
+    for t in &udp {
+        let v = t.virtual_port;
+        let allowed = rules.entry(v).or_default();
+        if t.real_port == v {
+            let to = destination(t.addr, has_v4_sibling(&udp, t));
+            allowed.insert(format!("udp dport {v} {to} {} return", aid_of(t)));
+        } else {
+            // A real port is its own AID's: another's datagrams sent to
+            // it directly are refused as well.
+            rules.entry(t.real_port).or_default().insert(format!(
+                "udp dport {} fib daddr type local {} return",
+                t.real_port,
+                aid_of(t)
+            ));
+        }
+    }
+    for (port, allowed) in rules {
+        out.mark.extend(allowed);
         out.mark.push(format!(
-            "udp dport {v} fib daddr type local {scope} ct mark set {REFUSED:#x}"
+            "udp dport {port} fib daddr type local {scope} meta mark set {REFUSED:#x}"
         ));
     }
-    out.reject
-        .push(format!("ct mark {REFUSED:#x} ct direction original reject"));
+    out.reject.push(format!("meta mark {REFUSED:#x} reject"));
     out
 }
 
-/// The `nft -f` script that replaces the chains with `plan`, or removes
-/// them when it is empty.
+/// The `nft -f` script that replaces the chains with `plan`'s rules, or
+/// removes them when there are none.
 pub fn script(chains: &[String; 2], plan: &Plan) -> String {
     let mut s = format!("add table {TABLE}\n");
-    let specs = [
-        format!("type filter hook output priority {MARK_PRIORITY}"),
-        format!("type filter hook input priority {MARK_PRIORITY}"),
+    let rules = [
+        (&chains[0], "output", &plan.mark),
+        (&chains[1], "input", &plan.reject),
     ];
-    let rules = [&plan.mark, &plan.reject];
-    let empty = rules.iter().all(|r| r.is_empty());
-    for ((chain, spec), rules) in chains.iter().zip(&specs).zip(rules) {
+    for (chain, hook, rules) in rules {
         let _ = writeln!(
             s,
-            "add chain {TABLE} {chain} {{ {spec} ; policy accept ; }}"
+            "add chain {TABLE} {chain} {{ type filter hook {hook} priority {PRIORITY} ; policy accept ; }}"
         );
-        if empty {
+        if plan.mark.is_empty() {
             // nft 1.0.6 has no `destroy`: added first, the deletion is
             // always valid.
             let _ = writeln!(s, "delete chain {TABLE} {chain}");
@@ -291,8 +288,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The registry's UDP change hook: the kernel's routes follow the
-/// committed state, and flows that the change made wrong are forgotten.
-pub fn refresh(registry_dir: &Path, before: &RegistryState, state: &RegistryState) {
+/// committed state.
+pub fn refresh(registry_dir: &Path, _before: &RegistryState, state: &RegistryState) {
     let Some(root) = cgroup::root() else {
         return;
     };
@@ -325,98 +322,7 @@ pub fn refresh(registry_dir: &Path, before: &RegistryState, state: &RegistryStat
     match nft(&script(&chains(registry_dir), &plan)) {
         Ok(()) => debug!(routes = plan.routes.routes.len(), "UDP routes installed"),
         Err(e) => {
-            warn!("UDP refusals not installed, datagrams to virtual ports are not refused: {e}");
-            return;
-        }
-    }
-    for flows in stale_flows(before, state) {
-        forget(&flows);
-    }
-}
-
-/// Conntrack flows, by what selects them (`conntrack -D` arguments).
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Flows {
-    /// Sent to `virtual_port` and refused, when an instance came.
-    Refused { virtual_port: u16 },
-    /// Sent to `virtual_port` and let through to whatever holds it, when
-    /// the AIDs whose instances hold the virtual port itself changed.
-    PassedThrough { virtual_port: u16 },
-}
-
-/// The flows a change from `before` to `after` made wrong. Conntrack keeps
-/// a flow's first verdict (refused or let through) while the flow lasts,
-/// 30 s to 120 s after its last datagram: a client that sends on from one
-/// socket would go on being refused after an instance of its AID came, or
-/// reach the socket that holds the virtual port after it changed hands to
-/// another AID. Datagrams the programs route go to real ports, as flows of
-/// their own, which no change makes wrong.
-pub fn stale_flows(before: &RegistryState, after: &RegistryState) -> BTreeSet<Flows> {
-    let udp = |s: &RegistryState| -> BTreeSet<(u16, u16, String)> {
-        s.translations
-            .iter()
-            .filter(|t| t.protocol == Protocol::Udp)
-            .map(|t| (t.virtual_port, t.real_port, t.aid.clone()))
-            .collect()
-    };
-    let (old, new) = (udp(before), udp(after));
-    let mut out = BTreeSet::new();
-    for (virtual_port, real_port, _) in old.symmetric_difference(&new) {
-        if virtual_port == real_port {
-            out.insert(Flows::PassedThrough {
-                virtual_port: *virtual_port,
-            });
-        }
-    }
-    for (virtual_port, _, _) in new.difference(&old) {
-        out.insert(Flows::Refused {
-            virtual_port: *virtual_port,
-        });
-    }
-    out
-}
-
-impl Flows {
-    fn args(&self) -> Vec<String> {
-        let mut a = vec!["-D".to_string(), "-p".into(), "udp".into()];
-        let (v, more) = match *self {
-            Flows::Refused { virtual_port } => {
-                (virtual_port, vec!["--mark".into(), REFUSED.to_string()])
-            }
-            Flows::PassedThrough { virtual_port } => (
-                virtual_port,
-                vec!["--reply-port-src".into(), virtual_port.to_string()],
-            ),
-        };
-        a.extend(["--orig-port-dst".into(), v.to_string()]);
-        a.extend(more);
-        a
-    }
-}
-
-/// Deletes `flows` from conntrack with the `conntrack` tool (conntrack-tools);
-/// without it, they expire on their own, which the log says once.
-fn forget(flows: &Flows) {
-    let out = std::process::Command::new("conntrack")
-        .args(flows.args())
-        .stdin(std::process::Stdio::null())
-        .output();
-    match out {
-        // Exit status 1 with "0 flow entries have been deleted": none.
-        Ok(o) if o.status.success() || o.status.code() == Some(1) => {
-            debug!(?flows, "{}", String::from_utf8_lossy(&o.stderr).trim());
-        }
-        Ok(o) => warn!(
-            ?flows,
-            "conntrack -D failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => {
-            static TOLD: std::sync::Once = std::sync::Once::new();
-            TOLD.call_once(|| {
-                warn!("running conntrack: {e}: UDP flows keep their old route until they expire (install conntrack)")
-            });
+            warn!("UDP refusals not installed, datagrams to virtual ports are not refused: {e}")
         }
     }
 }
@@ -483,20 +389,17 @@ mod tests {
         let b = "socket cgroupv2 level 3 \"unified/appshot/t/b\"";
         let scope = "socket cgroupv2 level 2 \"unified/appshot/t\"";
         let local4 = "meta nfproto ipv4 fib daddr type local";
+        let mark = "meta mark set 0x61707375";
         assert_eq!(
             p.mark,
             [
-                "ct state != new return".to_string(),
                 format!("udp dport 5353 {local4} {a} return"),
+                format!("udp dport 5353 fib daddr type local {scope} {mark}"),
                 format!("udp dport 20001 fib daddr type local {b} return"),
-                format!("udp dport 5353 fib daddr type local {scope} ct mark set 0x61707375"),
-                format!("udp dport 20001 fib daddr type local {scope} ct mark set 0x61707375"),
+                format!("udp dport 20001 fib daddr type local {scope} {mark}"),
             ]
         );
-        assert_eq!(
-            p.reject,
-            ["ct mark 0x61707375 ct direction original reject"]
-        );
+        assert_eq!(p.reject, ["meta mark 0x61707375 reject"]);
     }
 
     #[test]
@@ -582,43 +485,6 @@ mod tests {
             "its datagrams to the fixed port stay refused: {:?}",
             p.mark
         );
-    }
-
-    #[test]
-    fn a_change_forgets_only_the_flows_it_made_wrong() {
-        let before = state(vec![
-            udp("a", "0.0.0.0", 53, 53),
-            udp("b", "0.0.0.0", 53, 20001),
-        ]);
-        // b's instance replaced (new real port), c arrives.
-        let after = state(vec![
-            udp("a", "0.0.0.0", 53, 53),
-            udp("b", "0.0.0.0", 53, 20002),
-            udp("c", "0.0.0.0", 53, 20003),
-        ]);
-        let flows: Vec<Flows> = stale_flows(&before, &after).into_iter().collect();
-        assert_eq!(
-            flows,
-            [Flows::Refused { virtual_port: 53 }],
-            "a still holds 53 itself: what passed through to it is right"
-        );
-        assert_eq!(
-            flows[0].args(),
-            [
-                "-D",
-                "-p",
-                "udp",
-                "--orig-port-dst",
-                "53",
-                "--mark",
-                "1634759541"
-            ]
-        );
-        // The fixed port changes hands: what a's clients sent to it goes.
-        let handed = state(vec![udp("b", "0.0.0.0", 53, 53)]);
-        let flows = stale_flows(&state(vec![udp("a", "0.0.0.0", 53, 53)]), &handed);
-        assert!(flows.contains(&Flows::PassedThrough { virtual_port: 53 }));
-        assert!(stale_flows(&after, &after).is_empty());
     }
 
     #[test]

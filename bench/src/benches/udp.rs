@@ -1,5 +1,6 @@
-//! Datagram path: UDP through the kernel's routing by AID (nftables NAT
-//! on each datagram of a new flow, conntrack after), against native.
+//! Datagram path: UDP through the kernel's routing by AID (the cgroup
+//! programs of `sys/bpf/udproutes.bpf.c` on sendto/recvfrom, and a
+//! connected socket connected to the real port), against native.
 //!
 //! - iperf3 -u: bulk datagrams, unlimited rate (`-b 0`), the rate the
 //!   server received (the sender outruns it on loopback, so this is the
