@@ -26,7 +26,7 @@ use super::{argv, Client, Ctx, Outcome};
 use crate::measure::{interleaved, Plan, Trial, Unit};
 use crate::net::{self, Serves};
 use crate::probes::{self, UDPRR};
-use crate::procs::{self, Background};
+use crate::procs::Background;
 
 pub const TITLE: &str = "UDP";
 const AID: &str = "a";
@@ -115,11 +115,9 @@ fn request_response(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> 
     let probe = UDPRR.build(ctx.work)?.display().to_string();
     let logs = ctx.logs();
     let native_port = ctx.ports.take()?;
-    let mut native = Background::spawn(
-        procs::command(&pinned(
-            0,
-            &[probe.as_str(), "serve", &native_port.to_string()],
-        )),
+    // A session of its own, as the appshot server's (run -d).
+    let mut native = Background::spawn_session(
+        &pinned(0, &[probe.as_str(), "serve", &native_port.to_string()]),
         "native udprr server",
         &logs,
     )?;
