@@ -489,7 +489,7 @@ impl Copies {
     /// Pages `addr..addr + pages * PAGE` in pieces `(addr, pages, copy)`:
     /// each either copied at consecutive offsets from `copy` (layer,
     /// offset) or not copied.
-    pub(crate) fn pieces(&self, addr: u64, pages: u64) -> Vec<(u64, u64, Option<(u32, u64)>)> {
+    pub(crate) fn pieces(&self, addr: u64, pages: u64) -> Vec<Piece> {
         let end = addr + pages * PAGE;
         let first = self
             .runs
@@ -514,6 +514,9 @@ impl Copies {
         out
     }
 }
+
+/// Pages `(addr, pages, copy)`, copied at (layer, offset) or not.
+pub(crate) type Piece = (u64, u64, Option<(u32, u64)>);
 
 /// Appends pages `start..end` to `runs`, in runs of at most
 /// [`CHUNK_PAGES`], joining the last run where they continue it.
