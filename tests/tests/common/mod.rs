@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod pagewriter;
+
 /// How long an application may take to start serving or to die.
 pub const READY: Duration = Duration::from_secs(10);
 /// Upper bound for any single appshot or client invocation, so a hang fails
