@@ -259,3 +259,32 @@ fn an_incremental_snapshot_killed_midway_leaves_the_instance_untracked_and_the_p
     let (_, intact, line) = ask(real_port(&h, "inck"));
     assert!(intact, "the parent restored differs: {line}");
 }
+
+/// A region mapped anew (MAP_FIXED) after the parent was taken is no
+/// longer covered by the tracking: the child saves it whole instead of
+/// referring to the parent's pages of the old mapping, twice in a row.
+#[test]
+fn a_process_remapping_its_memory_between_snapshots_restores_every_page_from_the_chain() {
+    let test =
+        "a_process_remapping_its_memory_between_snapshots_restores_every_page_from_the_chain";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    let real = start_writer(&mut h, "incc", PORT + 2, 16, None, &["churn"]);
+    let images = h.dir("images");
+    let [a, b, c] = ["a.img", "b.img", "c.img"].map(|n| images.join(n));
+    snapshot_json(&h, "incc", &a, &["--leave-running", "--track"]);
+    // Remapped about every 512 writes.
+    let now = writes_on(real, 0);
+    writes_on(real, now + 5_000);
+    let flags = ["--leave-running", "--parent", a.to_str().unwrap()];
+    snapshot_json(&h, "incc", &b, &flags);
+    let now = writes_on(real, 0);
+    let before = writes_on(real, now + 5_000);
+    snapshot_json(&h, "incc", &c, &["--parent", b.to_str().unwrap()]);
+    h.restore("incc", &c, &[]);
+    let (writes, intact, line) = ask(real_port(&h, "incc"));
+    assert!(intact, "restored memory differs from its table: {line}");
+    assert!(writes >= before, "restored at {writes}, before {before}");
+    writes_on(real_port(&h, "incc"), writes);
+}
