@@ -608,7 +608,7 @@ impl Taken {
     /// The line `appshot snapshot` prints.
     pub fn summary(&self) -> String {
         format!(
-            "snapshot of {} written to {}{}: {} of memory, image {}, {} ms (frozen {} ms); instance {}{}",
+            "snapshot of {} written to {}{}: {} of memory, image {}, {} ms (frozen {} ms); instance {}",
             self.instance,
             self.image.display(),
             self.parent
@@ -619,8 +619,7 @@ impl Taken {
             mib(self.size_bytes),
             self.time_ms,
             self.frozen_ms,
-            if self.left_running { "left running" } else { "stopped" },
-            if self.tracked { ", its writes tracked for --parent" } else { "" }
+            if self.left_running { "left running" } else { "stopped" }
         )
     }
 }
