@@ -25,7 +25,7 @@ use appshot_vpm::{is_alive, Protocol, Registry};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::ptrace::Options;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
@@ -443,6 +443,10 @@ pub fn take(
         }
     };
     frozen_flag.store(true, Ordering::SeqCst);
+    debug!(
+        ms = freezing.elapsed().as_secs_f64() * 1e3,
+        "snapshot: frozen"
+    );
     // Before any connection is read: no packet of theirs gets in or out
     // until the instance runs on, or its restore rebuilds them.
     let lock = match Lock::take(
@@ -462,6 +466,10 @@ pub fn take(
             });
         }
     };
+    debug!(
+        ms = freezing.elapsed().as_secs_f64() * 1e3,
+        "snapshot: connections locked"
+    );
     let manifest = match dump(&frozen, &req, &mut writer, tracking.as_mut()) {
         Ok(manifest) => manifest,
         Err(e) => {
