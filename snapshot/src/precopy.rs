@@ -12,6 +12,11 @@
 //! `PAGEMAP_SCAN` per mapping that lists the pages written since the last
 //! pass and protects them again in the same walk.
 //!
+//! A tracking may outlive its snapshot: the supervisor keeps it on the
+//! running instance (`snapshot --track`), and an incremental snapshot
+//! takes it over ([`Tracking::base_on`]): the pages written since the
+//! last snapshot are exactly those its next scan reports.
+//!
 //! The userfaultfd lives only in the dumper. Dropping a [`Tracking`]
 //! unregisters every range (their pages lose their protection); if the
 //! dumper dies instead, the kernel closes its fd, and releasing the last

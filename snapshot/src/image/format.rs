@@ -914,6 +914,9 @@ mod tests {
         m.processes[0].vmas[0].pages = vec![run(0x1000, 1, 100)];
         cases.push((m, "page run"));
         let mut m = good.clone();
+        m.processes[0].vmas[0].pages[0].layer = 1;
+        cases.push((m, "layer 1 of a chain of 1"));
+        let mut m = good.clone();
         m.processes[0].fds = vec![FdImage {
             fd: 3,
             cloexec: false,

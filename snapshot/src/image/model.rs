@@ -43,9 +43,10 @@ impl Manifest {
         &self.processes[0]
     }
 
-    /// Bytes of the pages section the image refers to: the memory it
-    /// saved. A pre-copied image also holds earlier copies of pages
-    /// written during the pre-copy, which nothing refers to.
+    /// Bytes of pages the image refers to: the memory it restores, in its
+    /// own pages section or, for an incremental image, in its parents'. A
+    /// pre-copied image also holds earlier copies of pages written during
+    /// the pre-copy, which nothing refers to.
     pub fn pages_bytes(&self) -> u64 {
         let page = crate::image::PAGE;
         let processes: u64 = self.processes.iter().map(|p| p.pages_bytes).sum();
