@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::pagewriter::{ask, real_port, snapshot_json, start_writer, tracking_left, writes_on};
-use common::{pid_of, poll, run, Harness};
+use common::{pid_of, poll, redis_cli, run, start_redis, Harness};
 
 const PORT: u16 = 19431;
 
@@ -287,4 +287,44 @@ fn a_process_remapping_its_memory_between_snapshots_restores_every_page_from_the
     assert!(intact, "restored memory differs from its table: {line}");
     assert!(writes >= before, "restored at {writes}, before {before}");
     writes_on(real_port(&h, "incc"), writes);
+}
+
+/// An unmodified redis-server: its dataset (`DEBUG DIGEST`, a checksum of
+/// every key and value) comes back from a chain whose last image saved
+/// only what the writes after the parent touched.
+#[test]
+fn redis_comes_back_from_an_incremental_chain_with_every_key() {
+    let test = "redis_comes_back_from_an_incremental_chain_with_every_key";
+    let Some(mut h) = Harness::new(test, &["redis-server", "redis-cli"]) else {
+        return;
+    };
+    start_redis(&mut h, "redis-i", "ri", &["--enable-debug-command", "yes"]);
+    let cli = |args: &[&str]| redis_cli(&h, "ri", args);
+    assert_eq!(cli(&["DEBUG", "POPULATE", "200000", "key", "256"]), "OK");
+    let images = h.dir("images");
+    let (a, b) = (images.join("a.img"), images.join("b.img"));
+    let full = snapshot_json(&h, "redis-i", &a, &["--leave-running", "--track"]);
+    for i in 0..50 {
+        assert_eq!(
+            cli(&["SET", &format!("key:{}", i * 997), &format!("new-{i}")]),
+            "OK"
+        );
+    }
+    assert_eq!(cli(&["DEL", "key:5"]), "1");
+    let digest = cli(&["DEBUG", "DIGEST"]);
+    let child = snapshot_json(&h, "redis-i", &b, &["--parent", a.to_str().unwrap()]);
+    let (full_size, child_size) = (
+        full["size_bytes"].as_u64().unwrap(),
+        child["size_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        child_size * 5 < full_size,
+        "the child is {child_size} bytes, the full image {full_size}"
+    );
+    h.restore("redis-i", &b, &[]);
+    let cli = |args: &[&str]| redis_cli(&h, "ri", args);
+    assert_eq!(cli(&["DEBUG", "DIGEST"]), digest, "the dataset differs");
+    assert_eq!(cli(&["DBSIZE"]), "199999");
+    assert_eq!(cli(&["GET", "key:997"]), "new-1");
+    assert_eq!(cli(&["SET", "after", "restore"]), "OK");
 }
