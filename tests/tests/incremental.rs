@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::pagewriter::{ask, real_port, snapshot_json, start_writer, tracking_left, writes_on};
-use common::{pid_of, poll, redis_cli, run, start_redis, Harness};
+use common::{forkshare_count, pid_of, poll, redis_cli, run, start_redis, Harness, READY};
 
 const PORT: u16 = 19431;
 
@@ -327,4 +327,58 @@ fn redis_comes_back_from_an_incremental_chain_with_every_key() {
     assert_eq!(cli(&["DBSIZE"]), "199999");
     assert_eq!(cli(&["GET", "key:997"]), "new-1");
     assert_eq!(cli(&["SET", "after", "restore"]), "OK");
+}
+
+/// A parent and its child (`tests/programs/forkshare.c`: a pipe, a shared
+/// page, 8 MiB still shared copy-on-write since the fork): an incremental
+/// snapshot refers to both processes' unchanged pages in the parent image
+/// and keeps the child's shared ones unsaved, and the tree restored from
+/// the chain goes on as before.
+#[test]
+fn a_process_tree_comes_back_from_an_incremental_chain() {
+    let test = "a_process_tree_comes_back_from_an_incremental_chain";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    let bin = h.compile("forkshare.c", "forkshare");
+    let dir = h.dir("fs");
+    let log = dir.join("log");
+    let command = [bin.to_str().unwrap(), log.to_str().unwrap()];
+    h.start("fs", "t", &dir, &[], &command);
+    assert!(
+        poll(READY, || forkshare_count(&log) >= 5),
+        "the child reports nothing"
+    );
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    snapshot_json(&h, "fs", &a, &["--leave-running", "--track"]);
+    let now = forkshare_count(&log);
+    assert!(
+        poll(READY, || forkshare_count(&log) >= now + 5),
+        "the child stopped"
+    );
+    snapshot_json(&h, "fs", &b, &["--parent", a.to_str().unwrap()]);
+    let at_snapshot = forkshare_count(&log);
+    let info = h.inspect(&b);
+    let procs = info["processes"].as_array().expect("processes listed");
+    assert_eq!(procs.len(), 2, "{info}");
+    assert!(
+        procs[1]["cow_bytes"].as_u64().unwrap() >= 8 << 20,
+        "the child's 8 MiB shared with its parent are not saved: {info}"
+    );
+    assert!(
+        info["own_pages_bytes"].as_u64().unwrap() < 2 << 20,
+        "the unchanged pages are in the parent image: {info}"
+    );
+
+    h.restore("fs", &b, &[]);
+    assert!(
+        poll(READY, || forkshare_count(&log) >= at_snapshot + 10),
+        "the child goes on reading what its parent writes: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("MISMATCH") && !text.contains("EOF"),
+        "pipe and shared page agree after restore:\n{text}"
+    );
 }

@@ -858,6 +858,18 @@ pub fn start_redis(h: &mut Harness, name: &str, aid: &str, extra: &[&str]) {
     h.wait_log(name, "Ready to accept connections");
 }
 
+/// The last count the child of `tests/programs/forkshare.c` logged to
+/// `log` ("ok N"), 0 before any.
+pub fn forkshare_count(log: &Path) -> u64 {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("ok "))
+        .find_map(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `redis-cli -p 6379 ARGS` under `aid`; its trimmed answer. redis-cli
 /// exits 0 on connection errors too, printing them as text, so this also
 /// makes sure a refused connection does not pass for an answer.
