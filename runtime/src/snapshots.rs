@@ -325,7 +325,18 @@ pub fn take(
     } = options;
     // Refused before anything is touched; the tracking stays as it was.
     let parent = match &parent {
-        Some(path) => Some(open_parent(subject.name, path, armed.as_ref())?),
+        Some(path) => {
+            let same = std::fs::canonicalize(path)
+                .ok()
+                .is_some_and(|p| std::fs::canonicalize(output).ok() == Some(p));
+            if same {
+                return Err(RuntimeError::NotSnapshottable {
+                    name: subject.name.to_string(),
+                    reason: format!("{} would replace its own parent image", output.display()),
+                });
+            }
+            Some(open_parent(subject.name, path, armed.as_ref())?)
+        }
         None => None,
     };
     // Any other snapshot ends the tracking here, before a pre-copy

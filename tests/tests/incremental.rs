@@ -33,6 +33,23 @@ fn refused(h: &Harness, name: &str, image: &Path, flags: &[&str], needles: &[&st
     assert!(!image.exists(), "{flags:?}: an image was written");
 }
 
+/// Like [`refused`], for an `image` that exists and stays as it was.
+fn refused_keeping(h: &Harness, name: &str, image: &Path, flags: &[&str], needles: &[&str]) {
+    let before = std::fs::read(image).unwrap();
+    let ran = h.snapshot(name, image, flags);
+    assert!(!ran.success(), "{flags:?} accepted: {ran}");
+    for needle in needles {
+        assert!(
+            ran.stderr.contains(needle),
+            "{flags:?}: no {needle:?} in {ran}"
+        );
+    }
+    assert!(
+        std::fs::read(image).unwrap() == before,
+        "{flags:?}: the image changed"
+    );
+}
+
 /// `appshot restore` of `image` is refused, naming `needles`, and starts
 /// no instance.
 fn restore_refused(h: &mut Harness, name: &str, image: &Path, needles: &[&str]) {
@@ -87,6 +104,15 @@ fn an_incremental_chain_saves_written_pages_only_restores_every_page_and_merges(
     assert_eq!(
         child["pages_bytes"], full["pages_bytes"],
         "the child holds the same memory, mostly by reference"
+    );
+
+    // A child written over its own parent is refused.
+    refused_keeping(
+        &h,
+        "inc",
+        &b,
+        &["--leave-running", "--parent", &path(&b)],
+        &["its own parent", &path(&b)],
     );
 
     // The tracking follows the last snapshot: its parent is no longer one
