@@ -412,6 +412,7 @@ pub fn take(
         t.base_on(parent);
         let copied = if leave_running || pre_copy {
             appshot_snapshot::kinds::tree::check_states(&procs)
+                .and_then(|()| t.track_new(&procs))
                 .and_then(|()| t.converge(&mut writer, &hooks, u64::MAX))
         } else {
             Ok(())

@@ -209,6 +209,18 @@ fn take_userfaultfd(pid: u32) -> Result<OwnedFd, SnapshotError> {
 }
 
 impl Tracking {
+    /// Tracks the processes of `pids` that are not yet (forked since the
+    /// tracking began): from now on, so that the next incremental snapshot
+    /// saves only what they write. What they hold now is not copied.
+    pub fn track_new(&mut self, pids: &[u32]) -> Result<(), SnapshotError> {
+        for &pid in pids {
+            if !self.procs.iter().any(|t| t.pid == pid) {
+                self.procs.push(track(pid)?);
+            }
+        }
+        Ok(())
+    }
+
     /// Copies the pages written since the last pass into `writer`, pass
     /// after pass (the last one copied `last` bytes), until a pass copies
     /// little or no less than the one before (the processes write as fast
@@ -241,6 +253,10 @@ impl Tracking {
     /// now are saved again.
     pub fn base_on(&mut self, parent: &Image) {
         self.copied_bytes = 0;
+        // A process that ended since has nothing left to track (its
+        // ranges went with its address space).
+        self.procs
+            .retain(|t| std::path::Path::new(&format!("/proc/{}", t.pid)).exists());
         for t in &mut self.procs {
             t.copied = Copies::default();
             let ns_pid = crate::kinds::threads::ns_tid(t.pid);
