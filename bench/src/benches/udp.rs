@@ -1,12 +1,16 @@
-//! Datagram path: UDP through the kernel's routing by AID (nftables NAT
-//! on each datagram of a new flow, conntrack after), against native.
+//! Datagram path: UDP through the kernel's routing by AID (the cgroup
+//! programs of `sys/bpf/udproutes.bpf.c` on sendto/recvfrom, and a
+//! connected socket connected to the real port), against native.
 //!
 //! - iperf3 -u: bulk datagrams, unlimited rate (`-b 0`), the rate the
 //!   server received (the sender outruns it on loopback, so this is the
 //!   receiver's speed, both ways).
 //! - udprr: one request, one answer, over and over from one socket
 //!   (`bench/probes/udprr.c`); every answer is checked to come from the
-//!   virtual port with the request's bytes. Under appshot another AID's
+//!   virtual port with the request's bytes. Server and client share one
+//!   CPU, natively as under appshot: each round trip is then two context
+//!   switches on that CPU, where a wake-up across CPUs of this VM varied
+//!   the rate 3x from run to run (18k to 56k). Under appshot another AID's
 //!   decoy holds the fixed port itself and answers with other bytes, so a
 //!   routing mistake fails the run.
 
@@ -86,12 +90,22 @@ fn iperf(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `command` pinned to the machine's last CPU.
+fn pinned<'a>(command: &[&'a str]) -> Vec<String> {
+    static CPU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let cpu = CPU.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (n - 1).to_string()
+    });
+    argv(["taskset", "-c", cpu].into_iter().chain(command.iter().copied()))
+}
+
 fn request_response(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
     let probe = UDPRR.build(ctx.work)?.display().to_string();
     let logs = ctx.logs();
     let native_port = ctx.ports.take()?;
     let mut native = Background::spawn(
-        procs::command(&argv([probe.as_str(), "serve", &native_port.to_string()])),
+        procs::command(&pinned(&[probe.as_str(), "serve", &native_port.to_string()])),
         "native udprr server",
         &logs,
     )?;
@@ -115,13 +129,13 @@ fn request_response(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> 
         .server_of(
             AID,
             virtual_port,
-            &argv([probe.as_str(), "serve", &port]),
+            &pinned(&[probe.as_str(), "serve", &port]),
             Serves::Udp,
         )
         .context("UDP request/response: starting the appshot server")?;
 
     let ask = |port: u16| {
-        argv([
+        pinned(&[
             probe.as_str(),
             "ask",
             HOST,
@@ -147,7 +161,7 @@ fn request_response(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> 
     )?;
     out.add_against_native(
         "UDP request/response",
-        "sendto + recvfrom, one socket; same AID, another AID on the port",
+        "sendto + recvfrom, one socket, client and server on one CPU; same AID, another AID on the port",
         m,
     );
     Ok(())
