@@ -91,13 +91,17 @@ fn iperf(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
 }
 
 /// `command` pinned to the machine's last CPU.
-fn pinned<'a>(command: &[&'a str]) -> Vec<String> {
+fn pinned(command: &[&str]) -> Vec<String> {
     static CPU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let cpu = CPU.get_or_init(|| {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         (n - 1).to_string()
     });
-    argv(["taskset", "-c", cpu].into_iter().chain(command.iter().copied()))
+    argv(
+        ["taskset", "-c", cpu]
+            .into_iter()
+            .chain(command.iter().copied()),
+    )
 }
 
 fn request_response(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
@@ -105,7 +109,11 @@ fn request_response(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> 
     let logs = ctx.logs();
     let native_port = ctx.ports.take()?;
     let mut native = Background::spawn(
-        procs::command(&pinned(&[probe.as_str(), "serve", &native_port.to_string()])),
+        procs::command(&pinned(&[
+            probe.as_str(),
+            "serve",
+            &native_port.to_string(),
+        ])),
         "native udprr server",
         &logs,
     )?;
