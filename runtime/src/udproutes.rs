@@ -253,30 +253,46 @@ fn pin_dir(tag: &str, scope: &Path) -> std::io::Result<PathBuf> {
         .join(format!("{tag}-{id}")))
 }
 
+/// Why the programs do not have the plan's routes.
+#[derive(Debug, thiserror::Error)]
+enum RouteError {
+    #[error("the registry's cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bpf(#[from] udpbpf::BpfError),
+}
+
 /// Gives the programs `plan`'s routes, attaching them first if they are
 /// not; or detaches them when there are none.
-fn install_routes(root: &Path, tag: &str, plan: &Plan) -> Result<(), String> {
+fn install_routes(root: &Path, tag: &str, plan: &Plan) -> Result<(), RouteError> {
     let scope = cgroup::scope_dir(root, tag);
-    let mine = pin_dir(tag, &scope).map_err(|e| format!("{}: {e}", scope.display()))?;
+    let mine = pin_dir(tag, &scope).map_err(|source| RouteError::Cgroup {
+        path: scope.clone(),
+        source,
+    })?;
     let parent = mine.parent().expect("below bpffs");
     for other in udpbpf::pin_dirs(parent, &format!("{tag}-")) {
         if other != mine || plan.routes.routes.is_empty() {
-            udpbpf::detach(&other).map_err(|e| chain(&e))?;
+            udpbpf::detach(&other)?;
         }
     }
     if plan.routes.routes.is_empty() {
         return Ok(());
     }
-    udpbpf::ensure_bpffs().map_err(|e| chain(&e))?;
-    let mut routes =
-        UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL)).map_err(|e| chain(&e))?;
+    udpbpf::ensure_bpffs()?;
+    let mut routes = UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL))?;
     let entries = Entries {
         locals: host_addresses(),
         ..plan.routes.clone()
     };
-    routes.sync(&entries).map_err(|e| chain(&e))
+    Ok(routes.sync(&entries)?)
 }
 
+/// The error and its sources, for a log line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -317,7 +333,10 @@ pub fn refresh(registry_dir: &Path, _before: &RegistryState, state: &RegistrySta
     }
     let plan = plan(state, &aids, root, &tag);
     if let Err(e) = install_routes(root, &tag, &plan) {
-        warn!("UDP routes not installed, datagrams to virtual ports are refused: {e}");
+        warn!(
+            "UDP routes not installed, datagrams to virtual ports are refused: {}",
+            chain(&e)
+        );
     }
     match nft(&script(&chains(registry_dir), &plan)) {
         Ok(()) => debug!(routes = plan.routes.routes.len(), "UDP routes installed"),
