@@ -20,7 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc)
+# clang and libbpf-dev build appshot's eBPF programs (sys/bpf/).
+packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc clang libbpf-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
