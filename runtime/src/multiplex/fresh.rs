@@ -70,6 +70,13 @@ impl FreshRegistry {
         Ok(self.state.as_ref().expect("set above"))
     }
 
+    /// The registry as the last [`get`](Self::get) read it, without
+    /// looking again: for a second look within one call, which the first
+    /// made fresh.
+    pub fn last(&self) -> Option<&RegistryState> {
+        self.state.as_ref()
+    }
+
     /// Whether the directory may have changed since the last look; drains
     /// the events that say so.
     fn changed(&mut self) -> bool {

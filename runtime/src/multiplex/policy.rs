@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use appshot_sys::seccomp::Response;
-use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
+use appshot_vpm::{
+    CachedRegistry, PortRange, Protocol, Registry, RegistryState, Route, Translation,
+};
 use tracing::{debug, info, warn};
 
 use super::fresh::FreshRegistry;
@@ -291,13 +293,17 @@ impl Policy {
 
     /// Whether a translation (of any protocol and address) has a real port
     /// other than its virtual one: `real_port`, or any (`None`).
-    fn renames(&self, real_port: Option<u16>) -> bool {
-        let mut cache = self.cache.lock().expect("registry cache lock");
-        cache.get().is_ok_and(|st| {
+    fn renames(&self, real_port: Option<u16>, look: Look) -> bool {
+        let renamed = |st: &RegistryState| {
             st.translations.iter().any(|t| {
                 t.real_port != t.virtual_port && real_port.is_none_or(|p| p == t.real_port)
             })
-        })
+        };
+        let mut cache = self.cache.lock().expect("registry cache lock");
+        match look {
+            Look::Fresh => cache.get().is_ok_and(renamed),
+            Look::Again => cache.last().is_some_and(renamed),
+        }
     }
 
     /// Whether `port` is the real port of another instance's translation.
@@ -488,7 +494,7 @@ impl Policy {
         // host, is named otherwise than the kernel names it: with neither
         // on the host, the socket need not even be looked at.
         let negotiable = matches!(side, Side::Peer) && cluster.has_peers();
-        if !negotiable && !self.renames(None) {
+        if !negotiable && !self.renames(None, Look::Fresh) {
             return Name::Continue;
         }
         let (socket, local) = match task.socket() {
@@ -505,7 +511,7 @@ impl Policy {
             Ok(None) => return Name::Errno(libc::EAFNOSUPPORT),
             Err(e) => return Name::Errno(e),
         };
-        if !negotiable && !self.renames(Some(kernels.port())) {
+        if !negotiable && !self.renames(Some(kernels.port()), Look::Again) {
             return Name::Continue;
         }
         let protocol = match task.protocol(&socket) {
@@ -543,6 +549,17 @@ impl Policy {
             Name::Write(addr)
         }
     }
+}
+
+/// How a call reads the registry.
+#[derive(Clone, Copy)]
+enum Look {
+    /// As of now.
+    Fresh,
+    /// As this call read it fresh a moment ago (the answer is then the
+    /// registry's at a time after the call was made), sparing a second
+    /// look at the watch.
+    Again,
 }
 
 pub fn canonical(ip: IpAddr) -> IpAddr {
