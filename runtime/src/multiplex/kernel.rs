@@ -173,8 +173,9 @@ pub enum Connecting {
 /// (another host, a full accept queue) is left to a worker, whose
 /// blocking connect waits for it. The flag lives on the task's open file
 /// description: for those few syscalls another thread of the task could
-/// see it, on a socket that is being connected and so has no data path
-/// to disturb.
+/// see it (and a flag change of its own made in that moment would be
+/// undone), on a socket that is being connected and so has no data path
+/// to disturb yet.
 pub fn connect_unblocked(socket: &OwnedFd, target: SocketAddr) -> Connecting {
     let flags = match fcntl(socket.as_raw_fd(), FcntlArg::F_GETFL) {
         Ok(f) => OFlag::from_bits_truncate(f),
