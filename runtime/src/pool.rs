@@ -1,6 +1,7 @@
-//! Workers for notified calls that may block (a blocking connect, a bind
-//! waiting for a free port): they must not hold up the receive loop, and a
-//! thread per call costs more than the call on loopback.
+//! Workers for notified calls that may block (a blocking connect whose
+//! handshake is still under way, a bind waiting for a free port, a
+//! negotiation with another host): they must not hold up the receive loop,
+//! and a thread per call costs more than the call on loopback.
 //!
 //! The pool is elastic: a job never waits behind another, because a worker
 //! is started whenever the jobs queued outnumber the idle workers; workers
