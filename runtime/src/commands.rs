@@ -59,10 +59,11 @@ impl From<&Translation> for PortView {
 }
 
 fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
-    // A transaction, not a plain read, so stale entries of supervisors that
-    // died are reclaimed before anyone sees them.
+    // A read, not a transaction: it never waits for (nor holds up) the
+    // supervisors' writes, and it hides instances whose supervisor died
+    // whose entries the next transaction reclaims.
     let registry = Registry::open(run_dir)?;
-    Ok(registry.transaction(|s| s.clone())?)
+    Ok(registry.read()?)
 }
 
 /// The names of the running instances.
