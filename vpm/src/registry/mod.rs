@@ -132,11 +132,14 @@ fn changed_owners(before: &RegistryState, after: &RegistryState) -> BTreeSet<Str
     changed
 }
 
-fn touches_udp(state: &RegistryState, owners: &BTreeSet<String>) -> bool {
+/// The UDP translations of `owners`: only a change of these calls the UDP
+/// change hook.
+fn udp_of<'a>(state: &'a RegistryState, owners: &BTreeSet<String>) -> Vec<&'a Translation> {
     state
         .translations
         .iter()
-        .any(|t| t.protocol == Protocol::Udp && owners.contains(&t.owner))
+        .filter(|t| t.protocol == Protocol::Udp && owners.contains(&t.owner))
+        .collect()
 }
 
 fn unix_now() -> i64 {
@@ -267,7 +270,7 @@ impl Registry {
                         .cloned()
                         .collect()
                 });
-            let udp = (touches_udp(before, &owners) || touches_udp(&state, &owners))
+            let udp = (udp_of(before, &owners) != udp_of(&state, &owners))
                 .then(|| (before.clone(), state.clone()));
             let changes =
                 (!owners.is_empty() || !holders.is_empty() || damaged.is_some() || full_due).then(
