@@ -59,11 +59,10 @@ impl From<&Translation> for PortView {
 }
 
 fn state(run_dir: &Path) -> Result<RegistryState, RuntimeError> {
-    // A read, not a transaction: it never waits for (nor holds up) the
-    // supervisors' writes, and it hides instances whose supervisor died
-    // whose entries the next transaction reclaims.
+    // A read, not a transaction, unless it meets instances whose
+    // supervisor died: then they are reclaimed before anyone sees them.
     let registry = Registry::open(run_dir)?;
-    Ok(registry.read()?)
+    Ok(registry.read_reclaiming()?)
 }
 
 /// The names of the running instances.

@@ -149,16 +149,24 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Whether process `pid` exists (in this PID namespace).
-fn pid_exists(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
+/// Whether process `pid` (in this PID namespace) is running: it exists and
+/// has not exited (a killed supervisor stays a zombie until its parent
+/// reaps it, but its pidfd already reads as exited).
+fn pid_running(pid: u32) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let Ok(pidfd) = appshot_sys::pidfd::open_process(pid) else {
         return false;
     };
-    pid > 0
-        && !matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(Errno::ESRCH)
-        )
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => true,
+        Ok(_) => !fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN)),
+        // Undecidable: the caller probes the lock instead.
+        Err(_) => false,
+    }
 }
 
 /// What a transaction hands to the hooks once it has committed.
@@ -412,20 +420,37 @@ impl Registry {
     /// died since. A deleted database reads as what the live instances' own
     /// copies hold (the next transaction commits it).
     pub fn read(&self) -> Result<RegistryState, VpmError> {
+        self.read_live().map(|(state, _)| state)
+    }
+
+    /// [`Registry::read`], and whether it left out dead instances.
+    fn read_live(&self) -> Result<(RegistryState, bool), VpmError> {
         let mut slot = locked(&self.store.reader);
         let Some(snapshot) = self.read_snapshot(&mut slot)? else {
             drop(slot);
-            return self.rebuilt_from_own_copies();
+            return self.rebuilt_from_own_copies().map(|state| (state, false));
         };
         let mut state = snapshot.state.clone();
         let dead: Vec<String> = owners(&state)
             .into_iter()
             .filter(|name| !self.alive(&snapshot.holders, name, false))
             .collect();
-        for name in dead {
-            state.remove_instance(&name);
+        for name in &dead {
+            state.remove_instance(name);
         }
-        Ok(state)
+        Ok((state, !dead.is_empty()))
+    }
+
+    /// [`Registry::read`], followed by a transaction when the read met
+    /// instances whose supervisor has died, so that their entries (and what
+    /// the reclaim hook removes with them, such as source rules in the
+    /// kernel) go now rather than with the next change. Writes nothing
+    /// while every instance is alive.
+    pub fn read_reclaiming(&self) -> Result<RegistryState, VpmError> {
+        match self.read_live()? {
+            (_, true) => self.transaction(|s| s.clone()),
+            (state, false) => Ok(state),
+        }
     }
 
     /// The committed snapshot through the reader connection in `slot`,
@@ -490,7 +515,7 @@ impl Registry {
     /// for every instance on every transaction), or, when that is not known
     /// or `full`, its lock is held.
     fn alive(&self, holders: &BTreeMap<String, u32>, name: &str, full: bool) -> bool {
-        let presumed = !full && holders.get(name).is_some_and(|&pid| pid_exists(pid));
+        let presumed = !full && holders.get(name).is_some_and(|&pid| pid_running(pid));
         presumed || is_alive(&self.dir, name)
     }
 

@@ -889,3 +889,34 @@ fn the_udp_hook_hears_of_udp_changes_only() {
         .unwrap();
     assert_eq!(udp_changes_in(registry.dir()), [(0, 1), (1, 0)]);
 }
+
+#[test]
+fn a_killed_supervisor_not_yet_reaped_is_dead_and_reclaimed_by_a_reclaiming_read() {
+    let (_tmp, registry) = registry();
+    let _other = InstanceLock::acquire(&registry, "other").unwrap();
+    register(&registry, "other", "b", 9100);
+    let mut child = lock_holding_child(&registry);
+    register(&registry, "child", "a", 9000);
+    assert_eq!(registry.read_reclaiming().unwrap().translations.len(), 2);
+
+    // Killed, and left a zombie: its pid still exists.
+    child.kill().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while registry.read().unwrap().instances.contains_key("child") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "zombie taken for alive"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        on_disk(&registry).translations.len(),
+        2,
+        "reads never write"
+    );
+    let state = registry.read_reclaiming().unwrap();
+    assert_eq!(state.translations.len(), 1);
+    assert_eq!(on_disk(&registry).translations.len(), 1);
+    assert!(!registry.dir().join("instances/child").exists());
+    child.wait().unwrap();
+}
