@@ -324,10 +324,8 @@ impl Registry {
             }
         }
         if slot.is_none() {
-            let (mut db, created) = Db::open_for_writing(&self.db_path())?;
+            let (db, created) = Db::open_for_writing(&self.db_path(), || self.initial_state())?;
             if created {
-                let state = self.initial_state()?;
-                store::fill(&mut db, &state)?;
                 let legacy = self.dir.join(LEGACY_STATE_FILE);
                 match fs::remove_file(&legacy) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {

@@ -124,9 +124,14 @@ impl Db {
     }
 
     /// Opens the database at `path` for a writer holding the registry
-    /// lock, creating it (0600, WAL) when it is missing or an empty file.
-    /// `Ok((db, true))`: created; the caller fills it.
-    pub fn open_for_writing(path: &Path) -> Result<(Db, bool), VpmError> {
+    /// lock, creating it (0600, WAL) when it is missing or an empty file,
+    /// with what `initial` returns, in the transaction that creates its
+    /// tables: a database is never there without its rows. `Ok((db,
+    /// true))`: created.
+    pub fn open_for_writing(
+        path: &Path,
+        initial: impl FnOnce() -> Result<RegistryState, VpmError>,
+    ) -> Result<(Db, bool), VpmError> {
         if let Some(db) = Db::open_existing(path)? {
             return Ok((db, false));
         }
@@ -193,6 +198,15 @@ impl Db {
             tx.execute_batch(SCHEMA).map_err(&err)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(&err)?;
+            // Dropping `tx` on an error rolls the tables back too.
+            let state = initial()?;
+            let changes = Changes {
+                owners: super::owners(&state),
+                damaged: Some(state.damaged.clone()),
+                state: Some(state),
+                ..Changes::default()
+            };
+            changes.apply(&tx, Snapshot::default()).map_err(&err)?;
         }
         tx.commit().map_err(&err)?;
         db.formatted()?;
@@ -479,21 +493,4 @@ fn write_owner(conn: &Connection, state: &RegistryState, owner: &str) -> rusqlit
         ])?;
     }
     Ok(())
-}
-
-/// Fills a database just created from `state` (a migrated `registry.json`
-/// or what the live instances' own copies hold).
-pub(super) fn fill(db: &mut Db, state: &RegistryState) -> Result<(), VpmError> {
-    let owners = super::owners(state);
-    db.write(|_| {
-        Ok((
-            (),
-            Some(Changes {
-                state: Some(state.clone()),
-                owners,
-                damaged: Some(state.damaged.clone()),
-                ..Changes::default()
-            }),
-        ))
-    })
 }

@@ -920,3 +920,32 @@ fn a_killed_supervisor_not_yet_reaped_is_dead_and_reclaimed_by_a_reclaiming_read
     assert!(!registry.dir().join("instances/child").exists());
     child.wait().unwrap();
 }
+
+#[test]
+fn an_earlier_versions_registry_json_is_migrated_once() {
+    let (_tmp, registry) = registry();
+    let _web = InstanceLock::acquire(&registry, "web").unwrap();
+    register(&registry, "web", "a", 9000);
+    // As an earlier appshot left the run directory: registry.json, no
+    // database; "gone" died long ago.
+    let mut legacy = registry.read().unwrap();
+    legacy.instances.insert("gone".into(), record("gone", "z"));
+    legacy.insert(tcp("0.0.0.0", 9000, "z", 40000, "gone"));
+    for file in [store::DB_FILE, store::WAL_FILE, store::SHM_FILE] {
+        fs::remove_file(registry.dir().join(file)).unwrap();
+    }
+    let json = registry.dir().join(LEGACY_STATE_FILE);
+    fs::write(&json, b"{ not json").unwrap();
+    assert!(matches!(
+        registry.transaction(|_| ()),
+        Err(VpmError::Corrupt { path, .. }) if path == json
+    ));
+    assert!(json.exists(), "a registry that cannot be migrated stays");
+
+    fs::write(&json, serde_json::to_vec(&legacy).unwrap()).unwrap();
+    let state = registry.transaction(|s| s.clone()).unwrap();
+    assert_eq!(state.instances.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(state.translations, [tcp("0.0.0.0", 9000, "a", 9000, "web")]);
+    assert_eq!(on_disk(&registry).translations, state.translations);
+    assert!(!json.exists(), "migrated once");
+}
