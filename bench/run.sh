@@ -24,7 +24,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc busybox)
+# clang and libbpf-dev build appshot's eBPF programs (sys/bpf/); busybox is
+# the scale row's server.
+packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc clang libbpf-dev busybox)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

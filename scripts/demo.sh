@@ -9,7 +9,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "demo: appshot needs root (seccomp listener, pidfd_getfd, PID namespaces)" >&2
   exit 1
 fi
-for pkg in libseccomp-dev pkg-config python3 curl; do
+# clang and libbpf-dev build the eBPF programs that route datagrams.
+for pkg in libseccomp-dev pkg-config python3 curl clang libbpf-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="${missing:-} $pkg"
 done
 if [ -n "${missing:-}" ]; then

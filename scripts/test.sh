@@ -11,12 +11,12 @@ cd "$(dirname "$0")/.."
 # memcached is the server that drops privileges before its Unix socket,
 # runc runs the containers of the OCI agent test (tests/tests/oci.rs),
 # systemd brings systemd-analyze, which checks `appshot generate systemd`;
-# dnsmasq-base is the UDP service of tests/tests/udp.rs, conntrack the tool
-# appshot forgets stale UDP flows with;
+# dnsmasq-base is the UDP service of tests/tests/udp.rs; clang and
+# libbpf-dev build the eBPF programs that route datagrams (sys/bpf/);
 # a fresh machine has none of them.
 packages=(libseccomp-dev pkg-config python3 curl redis-server redis-tools
           nginx-light iproute2 procps ca-certificates gcc libc6-dev nftables
-          memcached runc systemd dnsmasq-base conntrack)
+          memcached runc systemd dnsmasq-base clang libbpf-dev)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

@@ -305,6 +305,26 @@ impl Background {
         })
     }
 
+    /// As [`Background::spawn`], `argv` leading a session of its own, as a
+    /// daemon does (and a server under `appshot run -d`, whose supervisor
+    /// calls setsid): a session is a scheduler autogroup too, which alone
+    /// changed a one-CPU request/response rate by 8 % here.
+    pub fn spawn_session(
+        argv: &[String],
+        what: &str,
+        log_dir: &Path,
+    ) -> anyhow::Result<Background> {
+        let log = log_dir.join(format!("{}.log", sanitize(what)));
+        let file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = spawn_session_leader(argv, what, file.try_clone()?, file)?;
+        Ok(Background {
+            what: what.to_string(),
+            child,
+            log,
+            reaped: None,
+        })
+    }
+
     /// An error, with its log, if the process has ended.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.poll()? {

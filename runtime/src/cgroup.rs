@@ -44,7 +44,7 @@ pub const SCOPE_LEVEL: u8 = 2;
 pub const AID_LEVEL: u8 = 3;
 
 /// The directory of the registry tagged `tag`.
-fn scope_dir(root: &Path, tag: &str) -> PathBuf {
+pub fn scope_dir(root: &Path, tag: &str) -> PathBuf {
     root.join(TOP).join(tag)
 }
 

@@ -58,6 +58,12 @@ pub enum Request {
         /// `--external-unix close`.
         #[serde(default)]
         external_unix_close: bool,
+        /// `--parent`: an incremental snapshot on this image.
+        #[serde(default)]
+        parent: Option<PathBuf>,
+        /// `--track`: the write tracking stays on the instance afterwards.
+        #[serde(default)]
+        track: bool,
     },
 }
 
@@ -69,7 +75,7 @@ pub struct Reply {
     /// A snapshot's statistics, with its summary in `message` (supervisors
     /// of older appshot versions send the summary only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<crate::snapshots::Taken>,
+    pub snapshot: Option<Box<crate::snapshots::Taken>>,
 }
 
 /// Bytes of memory saved so far, of `total`.

@@ -25,6 +25,13 @@ pub enum RuntimeError {
     User { user: String, why: String },
     #[error("snapshot of `{name}` interrupted: no image was written{}", if *leave_running { "; the instance runs on" } else { "; the instance was left running" })]
     SnapshotInterrupted { name: String, leave_running: bool },
+    #[error("instance `{name}`: no incremental snapshot on parent image {}", parent.display())]
+    ParentRefused {
+        name: String,
+        parent: PathBuf,
+        #[source]
+        source: Box<appshot_snapshot::SnapshotError>,
+    },
     #[error("snapshot of `{name}` failed: {message}")]
     SnapshotFailed { name: String, message: String },
     #[error("no running instance named `{0}`")]

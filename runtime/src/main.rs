@@ -145,6 +145,17 @@ enum Cmd {
         /// Take the image as a template for `appshot clone`.
         #[arg(long)]
         template: bool,
+        /// Incremental: save only the pages written since PARENT was taken
+        /// (the last snapshot of this instance, left running with --track
+        /// or --parent); the image refers to the rest in PARENT, which must
+        /// stay in place (`appshot merge` makes a whole image of it).
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<PathBuf>,
+        /// Keep tracking the instance's writes after a --leave-running
+        /// snapshot, for a later `--parent` one on this image (a snapshot
+        /// left running with --parent always does).
+        #[arg(long, requires = "leave_running")]
+        track: bool,
         /// `close`: save a Unix socket connected to a peer outside the
         /// instance as closed (the restored process reads EOF on it)
         /// instead of refusing the snapshot.
@@ -226,6 +237,15 @@ enum Cmd {
         hostname: Option<String>,
         #[arg(short, long)]
         detach: bool,
+    },
+    /// Flatten an incremental image and its chain of parents into one
+    /// whole image, which needs none of them.
+    Merge {
+        image: PathBuf,
+        /// The whole image to write (replaced atomically; may be IMAGE
+        /// itself).
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Show what an image holds.
     Inspect {
@@ -591,6 +611,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             leave_running,
             pre_copy,
             template,
+            parent,
+            track,
             external_unix,
             json,
         } => {
@@ -600,6 +622,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 pre_copy,
                 template,
                 external_unix_close: external_unix.is_some(),
+                parent,
+                track,
             };
             println!(
                 "{}",
@@ -639,6 +663,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 _ => clones::start_all(&launches, cli.verbose),
             }
+        }
+        Cmd::Merge { image, output } => {
+            println!("{}", snapshots::merge(&image, &output)?);
+            Ok(0)
         }
         Cmd::Inspect {
             image,

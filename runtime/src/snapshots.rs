@@ -17,7 +17,7 @@ use appshot_snapshot::image::{
     open_file, FdKind, Image, ImageWriter, InstanceInfo, Manifest, VmaKind, PAGE,
 };
 use appshot_snapshot::kinds::tcp::Repairs;
-use appshot_snapshot::precopy::{precopy, Hooks};
+use appshot_snapshot::precopy::{precopy, Hooks, Tracking};
 use appshot_snapshot::ptrace::Frozen;
 use appshot_snapshot::SnapshotError;
 use appshot_sys::pidfd;
@@ -25,7 +25,7 @@ use appshot_vpm::{is_alive, Protocol, Registry};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::sys::ptrace::Options;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
@@ -82,6 +82,13 @@ pub fn snapshot(
     json: bool,
 ) -> Result<String, RuntimeError> {
     let (leave_running, template) = (options.leave_running, options.template);
+    // The supervisor has a cwd of its own.
+    let parent = options
+        .parent
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|e| RuntimeError::sys("parent image", e))?;
     if !is_alive(run_dir, name) {
         return Err(RuntimeError::NoInstance(name.to_string()));
     }
@@ -113,6 +120,8 @@ pub fn snapshot(
         pre_copy: options.pre_copy,
         template: options.template,
         external_unix_close: options.external_unix_close,
+        parent,
+        track: options.track,
     };
     let answered = control::request_interruptible(&dir, &req, SNAPSHOT_IDLE, progress);
     if let Some(b) = bar.get() {
@@ -173,7 +182,7 @@ pub fn snapshot(
 }
 
 /// How `appshot snapshot` was asked to dump.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SnapshotOptions {
     /// Let the instance run on.
     pub leave_running: bool,
@@ -183,6 +192,91 @@ pub struct SnapshotOptions {
     pub template: bool,
     /// `--external-unix close`.
     pub external_unix_close: bool,
+    /// An incremental snapshot: only the pages written since this image
+    /// was taken are saved, the rest referred to in it.
+    pub parent: Option<PathBuf>,
+    /// Keep tracking writes after a `--leave-running` snapshot, for a
+    /// later one on this one (an incremental one left running always
+    /// does).
+    pub track: bool,
+}
+
+/// The write tracking a supervisor keeps on its running instance after a
+/// snapshot, for the next incremental one: every page written since the
+/// image was taken is known.
+pub struct Armed {
+    tracking: Tracking,
+    /// The id of the image the tracking was settled for.
+    id: u128,
+    image: PathBuf,
+    /// The image file as written: while it is unchanged, its pages need
+    /// not be read again to be trusted.
+    identity: Option<FileIdentity>,
+}
+
+/// What changes whenever a file is written: any write moves its ctime,
+/// which no user can set back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// The parent image of an incremental snapshot of instance `name`,
+/// checked against the tracking `armed` on the instance: it must hold the
+/// state the tracking was settled at, and it and its chain must be whole.
+/// Its pages are read to check them only if the file is not the one this
+/// supervisor wrote, unchanged.
+fn open_parent(name: &str, parent: &Path, armed: Option<&Armed>) -> Result<Image, RuntimeError> {
+    let Some(armed) = armed else {
+        return Err(RuntimeError::NotSnapshottable {
+            name: name.to_string(),
+            reason: format!(
+                "no write tracking is kept on it for parent image {}: take a snapshot with --leave-running --track first",
+                parent.display()
+            ),
+        });
+    };
+    let refused = |source| RuntimeError::ParentRefused {
+        name: name.to_string(),
+        parent: parent.to_path_buf(),
+        source: Box::new(source),
+    };
+    let file = open_file(parent).map_err(refused)?;
+    let meta = file.metadata().map_err(|e| {
+        refused(SnapshotError::Io {
+            path: parent.to_path_buf(),
+            error: e,
+        })
+    })?;
+    let unchanged = armed.identity == Some(FileIdentity::of(&meta));
+    let image = Image::from_file(parent, file, !unchanged).map_err(refused)?;
+    if image.manifest.id != armed.id {
+        return Err(RuntimeError::NotSnapshottable {
+            name: name.to_string(),
+            reason: format!(
+                "parent image {} is not the state its write tracking follows (that of its last snapshot, {}): take a full snapshot",
+                parent.display(),
+                armed.image.display()
+            ),
+        });
+    }
+    Ok(image)
 }
 
 /// What a supervisor knows of its instance, for a snapshot of it.
@@ -207,19 +301,48 @@ pub struct Subject<'a> {
 /// Until the image is in place, a `requester` that went away abandons the
 /// dump: the instance is released exactly as it was and the temporary
 /// removed; after that, a stopping snapshot completes without it.
+///
+/// `armed` is the write tracking the last snapshot kept on the instance:
+/// an incremental snapshot (`parent`) takes it over, any other ends it.
+/// The tracking stays armed afterwards, for this image, only after a
+/// snapshot left running with `track` or `parent`; a failed or abandoned
+/// snapshot ends it (the instance is left untracked).
 pub fn take(
     subject: &Subject,
     output: &Path,
     options: SnapshotOptions,
     requester: &Peer,
     frozen_flag: &AtomicBool,
+    armed: &mut Option<Armed>,
 ) -> Result<Taken, RuntimeError> {
     let SnapshotOptions {
         leave_running,
         pre_copy,
         template,
         external_unix_close,
+        parent,
+        track,
     } = options;
+    // Refused before anything is touched; the tracking stays as it was.
+    let parent = match &parent {
+        Some(path) => {
+            let same = std::fs::canonicalize(path)
+                .ok()
+                .is_some_and(|p| std::fs::canonicalize(output).ok() == Some(p));
+            if same {
+                return Err(RuntimeError::NotSnapshottable {
+                    name: subject.name.to_string(),
+                    reason: format!("{} would replace its own parent image", output.display()),
+                });
+            }
+            Some(open_parent(subject.name, path, armed.as_ref())?)
+        }
+        None => None,
+    };
+    // Any other snapshot ends the tracking here, before a pre-copy
+    // registers the instance's memory anew.
+    let base = armed.take().filter(|_| parent.is_some());
+    let keep_tracking = leave_running && (track || parent.is_some());
     let name = subject.name;
     let app = subject.app;
     // Every process of the instance but its namespace init, parents first.
@@ -263,6 +386,7 @@ pub fn take(
         progress: &progress,
         cancelled: &cancelled,
         external_unix_close,
+        parent: parent.as_ref().map(|p| p.as_parent_of(output)),
     };
     // A requester gone before anything was touched: nothing to undo.
     if requester.gone() {
@@ -276,16 +400,34 @@ pub fn take(
     // (and the pages lose their protection) when `tracking` is dropped,
     // after the instance runs again.
     let mut tracking = None;
-    if leave_running || pre_copy {
+    let hooks = Hooks {
+        progress: &progress,
+        cancelled: &cancelled,
+    };
+    if let (Some(parent), Some(base)) = (&parent, base) {
+        // Incremental: what was written since the parent is copied while
+        // the instance runs, and again what is written meanwhile; the
+        // rest is referred to in the parent.
+        let mut t = base.tracking;
+        t.base_on(parent);
+        let copied = if leave_running || pre_copy {
+            appshot_snapshot::kinds::tree::check_states(&procs)
+                .and_then(|()| t.track_new(&procs))
+                .and_then(|()| t.converge(&mut writer, &hooks, u64::MAX))
+        } else {
+            Ok(())
+        };
+        if let Err(e) = copied {
+            writer.abandon();
+            return Err(e.into());
+        }
+        tracking = Some(t);
+    } else if leave_running || pre_copy {
         // Refusals first, before any process is touched.
         if let Err(e) = appshot_snapshot::kinds::tree::check_states(&procs) {
             writer.abandon();
             return Err(e.into());
         }
-        let hooks = Hooks {
-            progress: &progress,
-            cancelled: &cancelled,
-        };
         match precopy(&procs, &mut writer, &hooks) {
             Ok(t) => tracking = Some(t),
             Err(e) => {
@@ -295,6 +437,7 @@ pub fn take(
         }
     }
     let precopied_bytes = tracking.as_ref().map_or(0, |t| t.copied_bytes);
+    let options_parent = parent.as_ref().map(|p| p.path.clone());
     let freezing = Instant::now();
     // All frozen before any is read: a process running on could change
     // what another shares with it.
@@ -312,6 +455,10 @@ pub fn take(
         }
     };
     frozen_flag.store(true, Ordering::SeqCst);
+    debug!(
+        ms = freezing.elapsed().as_secs_f64() * 1e3,
+        "snapshot: frozen"
+    );
     // Before any connection is read: no packet of theirs gets in or out
     // until the instance runs on, or its restore rebuilds them.
     let lock = match Lock::take(
@@ -331,6 +478,10 @@ pub fn take(
             });
         }
     };
+    debug!(
+        ms = freezing.elapsed().as_secs_f64() * 1e3,
+        "snapshot: connections locked"
+    );
     let manifest = match dump(&frozen, &req, &mut writer, tracking.as_mut()) {
         Ok(manifest) => manifest,
         Err(e) => {
@@ -357,8 +508,18 @@ pub fn take(
         frozen_for = freezing.elapsed();
         frozen_flag.store(false, Ordering::SeqCst);
         drop(lock);
-        drop(tracking);
+        if !keep_tracking {
+            drop(tracking.take());
+        }
         image_bytes = finish(writer, &manifest, requester, app)?;
+        if let Some(tracking) = tracking {
+            *armed = Some(Armed {
+                tracking,
+                id: manifest.id,
+                image: output.to_path_buf(),
+                identity: std::fs::metadata(output).ok().map(|m| FileIdentity::of(&m)),
+            });
+        }
         "left running"
     } else {
         // A stopping snapshot is complete only once its image is durable:
@@ -411,6 +572,8 @@ pub fn take(
         precopied_bytes,
         left_running: leave_running,
         template,
+        parent: options_parent,
+        tracked: armed.is_some(),
     })
 }
 
@@ -452,15 +615,26 @@ pub struct Taken {
     /// Whether the instance runs on (`--leave-running`) or was stopped.
     pub left_running: bool,
     pub template: bool,
+    /// The parent of an incremental snapshot.
+    #[serde(default)]
+    pub parent: Option<PathBuf>,
+    /// Whether writes are tracked on for an incremental snapshot on this
+    /// one.
+    #[serde(default)]
+    pub tracked: bool,
 }
 
 impl Taken {
     /// The line `appshot snapshot` prints.
     pub fn summary(&self) -> String {
         format!(
-            "snapshot of {} written to {}: {} of memory, image {}, {} ms (frozen {} ms); instance {}",
+            "snapshot of {} written to {}{}: {} of memory, image {}, {} ms (frozen {} ms); instance {}",
             self.instance,
             self.image.display(),
+            self.parent
+                .as_ref()
+                .map(|p| format!(" (incremental on {})", p.display()))
+                .unwrap_or_default(),
             mib(self.pages_bytes),
             mib(self.size_bytes),
             self.time_ms,
@@ -474,11 +648,33 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
+/// `appshot merge`: the chain of `image` as one whole image at `output`.
+pub fn merge(image: &Path, output: &Path) -> Result<String, RuntimeError> {
+    let started = Instant::now();
+    let chain = Image::open(image)?;
+    let size = chain.merge(output)?;
+    Ok(format!(
+        "{} and its {} parent image(s) merged into {}: image {}, {} ms",
+        image.display(),
+        chain.ancestors.len(),
+        output.display(),
+        mib(size),
+        started.elapsed().as_millis()
+    ))
+}
+
 #[derive(Serialize)]
 struct Summary {
     path: String,
     size_bytes: u64,
     pages_bytes: u64,
+    /// The state the image holds (hex).
+    id: String,
+    /// Of `pages_bytes`, those in this image's own file; the rest is in
+    /// its parents.
+    own_pages_bytes: u64,
+    /// An incremental image's chain of parents, nearest first.
+    parents: Vec<ParentSummary>,
     instance: String,
     aid: String,
     command: Vec<String>,
@@ -496,6 +692,14 @@ struct Summary {
     listening: Vec<String>,
     /// Every process of the tree; the fields above are of the first.
     processes: Vec<ProcessSummary>,
+}
+
+#[derive(Serialize)]
+struct ParentSummary {
+    path: String,
+    id: String,
+    size_bytes: u64,
+    created_unix: u64,
 }
 
 #[derive(Serialize)]
@@ -562,6 +766,25 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         path: path.display().to_string(),
         size_bytes: image.size,
         pages_bytes: m.pages_bytes(),
+        id: format!("{:032x}", m.id),
+        own_pages_bytes: m.pages_bytes()
+            - m.processes
+                .iter()
+                .flat_map(|p| &p.vmas)
+                .flat_map(|v| &v.pages)
+                .filter(|r| r.layer > 0)
+                .map(|r| r.pages * PAGE)
+                .sum::<u64>(),
+        parents: image
+            .ancestors
+            .iter()
+            .map(|a| ParentSummary {
+                path: a.path.display().to_string(),
+                id: format!("{:032x}", a.manifest.id),
+                size_bytes: a.size,
+                created_unix: a.manifest.created_unix,
+            })
+            .collect(),
         instance: m.instance.name.clone(),
         aid: m.instance.aid.clone(),
         command: m.instance.command.clone(),
@@ -691,6 +914,21 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         summary.cwd,
         if summary.listening.is_empty() { "-".into() } else { summary.listening.join(", ") },
     );
+    if !summary.parents.is_empty() {
+        out.push_str(&format!(
+            "memory     {} in this image, the rest in its parents\n",
+            mib(summary.own_pages_bytes)
+        ));
+    }
+    for (i, a) in summary.parents.iter().enumerate() {
+        out.push_str(&format!(
+            "{} {} ({}, taken {})\n",
+            if i == 0 { "parent    " } else { "  then    " },
+            a.path,
+            mib(a.size_bytes),
+            crate::logs::utc(a.created_unix)
+        ));
+    }
     out.push_str(&format!("processes  {}\n", summary.processes.len()));
     for q in &summary.processes {
         out.push_str(&format!(

@@ -302,7 +302,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         exited: Arc::clone(&exited),
         stopping: AtomicBool::new(false),
         frozen: AtomicBool::new(false),
-        snapshot: Mutex::new(()),
+        snapshot: Mutex::new(None),
     });
     spawn_signal_forwarder(forwarded, Arc::clone(&control))?;
     let serving = Arc::clone(&control);
@@ -747,7 +747,9 @@ struct Control {
     /// The instance is stopped by a snapshot.
     frozen: AtomicBool,
     /// Held for the whole of a snapshot, reply included: one at a time.
-    snapshot: Mutex<()>,
+    /// Holds the write tracking kept on the instance for the next
+    /// incremental snapshot, if the last snapshot kept it.
+    snapshot: Mutex<Option<snapshots::Armed>>,
 }
 
 /// The application's processes of the current run.
@@ -798,6 +800,8 @@ impl Control {
                 pre_copy,
                 template,
                 external_unix_close,
+                parent,
+                track,
             } => self.snapshot(
                 &output,
                 snapshots::SnapshotOptions {
@@ -805,6 +809,8 @@ impl Control {
                     pre_copy,
                     template,
                     external_unix_close,
+                    parent,
+                    track,
                 },
                 peer,
             ),
@@ -852,7 +858,7 @@ impl Control {
         if !output.is_absolute() {
             return refused(format!("{}: not an absolute path", output.display()));
         }
-        let Ok(_one) = self.snapshot.try_lock() else {
+        let Ok(mut armed) = self.snapshot.try_lock() else {
             return refused(format!(
                 "a snapshot of {} is already under way",
                 self.launch.name
@@ -875,7 +881,7 @@ impl Control {
             init_pid,
             init: &init,
         };
-        match snapshots::take(&subject, output, options, peer, &self.frozen) {
+        match snapshots::take(&subject, output, options, peer, &self.frozen, &mut armed) {
             Ok(taken) => {
                 // Stopped by the snapshot: saved, not failed, so not
                 // restarted. Set while the snapshot lock is held, which the
@@ -887,12 +893,19 @@ impl Control {
                     ok: true,
                     state: if leave_running { "running" } else { "stopped" }.into(),
                     message: taken.summary(),
-                    snapshot: Some(taken),
+                    snapshot: Some(Box::new(taken)),
                 }
             }
             Err(e) => {
-                warn!(name = %self.launch.name, image = %output.display(), "snapshot failed: {e}");
-                refused(e.to_string())
+                // The causes too: the requester sees this text only.
+                let mut message = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    message.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                warn!(name = %self.launch.name, image = %output.display(), "snapshot failed: {message}");
+                refused(message)
             }
         }
     }

@@ -1,51 +1,68 @@
 //! Datagrams routed by AID in the kernel. A supervisor sees no datagram
 //! (sendto and recvfrom are not notified), so the registry's UDP
-//! translations become nftables rules, rebuilt whenever they change:
+//! translations are handed to the kernel, rebuilt whenever they change:
 //!
-//! - `…/udp/nat`, nat output: a datagram from a socket of AID A's cgroup
-//!   (`cgroup`) to a local address and a virtual port V that an instance
-//!   of A serves goes to that instance's real port. Conntrack keeps the
-//!   mapping for the flow, so replies come back from the virtual port (what
-//!   `recvfrom` shows), and a connected socket's peer stays virtual.
-//! - `…/udp/mark`, filter output before NAT: a datagram from any supervised
-//!   socket to a local V that no instance of its AID serves is marked; the
-//!   AIDs that are served return first.
+//! - cgroup sock_addr programs (`sys/bpf/udproutes.bpf.c`, attached to the
+//!   registry's cgroup, pinned in bpffs): a datagram sent from a socket of
+//!   AID A's cgroup to a local address and a virtual port V that an
+//!   instance of A serves leaves for that instance's real port, and a
+//!   datagram received from a real port shows its virtual port. Only the
+//!   port named by the call changes: no packet is rewritten, no flow is
+//!   bound to a route. Their maps are this module's [`Plan::routes`].
+//! - `…/udp/mark`, nftables filter output: a datagram from any supervised
+//!   socket to a local V that it still addresses as V (its AID has no
+//!   instance there, or has one that holds V itself) is marked unless its
+//!   AID holds V, and so is one sent to an instance's real port by a
+//!   socket of another AID.
 //! - `…/udp/rej`, filter input: marked datagrams are rejected with ICMP
-//!   port unreachable, exactly what a closed port answers: a connected
-//!   socket gets ECONNREFUSED, an unconnected one nothing. They never reach
-//!   another AID's instance, even one that holds V itself.
+//!   port unreachable, exactly what a closed port answers (a connected
+//!   socket gets ECONNREFUSED, an unconnected one nothing; rejected on
+//!   output, the sender would get EPERM instead). They never reach another
+//!   AID's instance, even one that holds V itself.
+//!
+//! The rules keep no state (a packet mark, not a conntrack flow), so no
+//! change of the translations leaves a stale verdict behind.
+//!
+//! A connected socket is connected to the real port by the supervisor
+//! (connect is notified), which also answers its getpeername; the
+//! programs show its datagrams' source as virtual.
 //!
 //! Processes outside appshot's cgroups (the host, containers of the OCI
 //! agent) are not matched and reach V as they would without appshot. The
-//! plan is pure and unit-tested; applying it runs `nft -f -`, under the
-//! registry lock, from the registry's UDP change hook.
+//! plan is pure and unit-tested; applying it runs under the registry lock,
+//! from the registry's UDP change hook.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::IpAddr;
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
+use appshot_sys::udpbpf::{self, Entries, RouteKey, UdpRoutes};
 use appshot_vpm::{Protocol, RegistryState, Translation};
 use tracing::{debug, warn};
 
 use crate::cgroup;
 use crate::sourcerules::{nft, registry_tag, TABLE};
 
-/// The conntrack mark of refused flows ("apsu").
+/// The packet mark of refused datagrams ("apsu"), set on output and
+/// read on input (loopback keeps it).
 const REFUSED: u32 = 0x6170_7375;
-/// Before NAT (-100), after conntrack (-200), which the mark needs.
-const MARK_PRIORITY: i32 = -150;
+/// The standard filter priority: the rules need neither conntrack nor NAT.
+const PRIORITY: i32 = 0;
 
 /// The chain names of the registry at `registry_dir`.
-pub fn chains(registry_dir: &Path) -> [String; 3] {
+pub fn chains(registry_dir: &Path) -> [String; 2] {
     let tag = registry_tag(registry_dir);
-    ["nat", "mark", "rej"].map(|kind| format!("as_{tag}/udp/{kind}"))
+    ["mark", "rej"].map(|kind| format!("as_{tag}/udp/{kind}"))
 }
 
-/// The rules of each chain.
+/// What the kernel is given.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub nat: Vec<String>,
+    /// The programs' routes and reverse routes (the host's addresses are
+    /// read when the plan is applied).
+    pub routes: Entries,
     pub mark: Vec<String>,
     pub reject: Vec<String>,
 }
@@ -76,109 +93,127 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Where the NAT sends a datagram for `t`: the destination address kept
-/// (a wildcard's: the loopback address of its family, which a wildcard
-/// socket receives), the port made real.
-fn target(t: &Translation) -> String {
-    match t.addr {
-        a if a.is_unspecified() => format!("redirect to :{}", t.real_port),
-        IpAddr::V4(a) => format!("dnat ip to {a}:{}", t.real_port),
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => format!("dnat ip to {v4}:{}", t.real_port),
-            None => format!("dnat ip6 to [{a}]:{}", t.real_port),
-        },
+/// An address as the programs compare it: 16 bytes in network order,
+/// IPv4 mapped (its wildcard `::ffff:0.0.0.0`, apart from IPv6's `::`).
+fn key_addr(ip: IpAddr) -> [u8; 16] {
+    match canonical(ip) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
-/// The rules for the registry's UDP translations; `root` is the cgroup2
-/// mount, `tag` the registry's.
-pub fn plan(state: &RegistryState, root: &Path, tag: &str) -> Plan {
+fn has_v4_sibling(udp: &[&Translation], t: &Translation) -> bool {
+    udp.iter().any(|o| {
+        o.owner == t.owner
+            && o.virtual_port == t.virtual_port
+            && matches!(canonical(o.addr), IpAddr::V4(_))
+    })
+}
+
+/// The kernel's part for the registry's UDP translations; `aids` gives
+/// each AID's cgroup id (translations of an AID without one are left
+/// out), `root` is the cgroup2 mount, `tag` the registry's.
+pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>, root: &Path, tag: &str) -> Plan {
     let mut udp: Vec<&Translation> = state
         .translations
         .iter()
         .filter(|t| t.protocol == Protocol::Udp)
         .collect();
-    // The kernel takes the first NAT rule that matches: a specific address
-    // before a wildcard (as the kernel's own socket lookup prefers), then a
-    // stable order within an AID's group.
-    udp.sort_by_key(|t| {
-        (
-            t.virtual_port,
-            t.addr.is_unspecified(),
-            t.aid.clone(),
-            t.real_port,
-        )
-    });
+    // The first translation of a key wins, in a stable order.
+    udp.sort_by_key(|t| (t.virtual_port, t.aid.clone(), t.real_port));
     let mut out = Plan::default();
     if udp.is_empty() {
         return out;
     }
-    // A flow's verdict is its first datagram's (the mark is the flow's):
-    // the datagrams after it, and every other packet the host sends once
-    // its connection is set up, skip the rest.
-    out.mark.push("ct state != new return".into());
-    let mut seen = BTreeSet::new();
+    let key = |aid: u64, addr: [u8; 16], port: u16| RouteKey {
+        aid,
+        addr,
+        port: u32::from(port),
+        pad: 0,
+    };
+    let routes = &mut out.routes.routes;
+    // Each socket's own address first; then what a dual-stack `::` takes
+    // of IPv4, where no IPv4 socket of the AID claims it.
     for t in &udp {
-        let from = format!(
-            "socket cgroupv2 level {} \"{}\"",
-            cgroup::AID_LEVEL,
-            cgroup::nft_path(root, tag, &t.aid)
-        );
-        let has_v4_sibling = udp.iter().any(|o| {
-            o.owner == t.owner
-                && o.virtual_port == t.virtual_port
-                && matches!(canonical(o.addr), IpAddr::V4(_))
-        });
-        let to = destination(t.addr, has_v4_sibling);
-        let v = t.virtual_port;
-        // A socket that holds the virtual port itself needs no rewrite, but
-        // its datagrams must not meet a later rule (the first NAT rule that
-        // matches decides).
-        let verdict = if t.real_port == v {
-            "accept".to_string()
-        } else {
-            target(t)
+        let Some(&aid) = aids.get(&t.aid) else {
+            continue;
         };
-        // The cheapest test first: every packet of the host passes here.
-        out.nat.push(format!("udp dport {v} {to} {from} {verdict}"));
-        let allow = format!("udp dport {v} {to} {from} return");
-        if seen.insert(allow.clone()) {
-            out.mark.push(allow);
+        if t.real_port != t.virtual_port {
+            routes
+                .entry(key(aid, key_addr(t.addr), t.virtual_port))
+                .or_insert(u32::from(t.real_port));
+            out.routes
+                .reverse
+                .insert(u32::from(t.real_port), u32::from(t.virtual_port));
         }
     }
-    let ports: BTreeSet<u16> = udp.iter().map(|t| t.virtual_port).collect();
+    for t in &udp {
+        let Some(&aid) = aids.get(&t.aid) else {
+            continue;
+        };
+        let dual = t.addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && !has_v4_sibling(&udp, t);
+        if dual && t.real_port != t.virtual_port {
+            let v4_any = key_addr(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            routes
+                .entry(key(aid, v4_any, t.virtual_port))
+                .or_insert(u32::from(t.real_port));
+        }
+    }
+    // Per port, the AIDs it is theirs to reach return first; then every
+    // other supervised socket is refused.
     let scope = format!(
         "socket cgroupv2 level {} \"{}\"",
         cgroup::SCOPE_LEVEL,
         cgroup::nft_scope(root, tag)
     );
-    for v in ports {
+    let aid_of = |t: &Translation| {
+        format!(
+            "socket cgroupv2 level {} \"{}\"",
+            cgroup::AID_LEVEL,
+            cgroup::nft_path(root, tag, &t.aid)
+        )
+    };
+    let mut rules: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
+    for t in &udp {
+        let v = t.virtual_port;
+        let allowed = rules.entry(v).or_default();
+        if t.real_port == v {
+            let to = destination(t.addr, has_v4_sibling(&udp, t));
+            allowed.insert(format!("udp dport {v} {to} {} return", aid_of(t)));
+        } else {
+            // A real port is its own AID's: another's datagrams sent to
+            // it directly are refused as well.
+            rules.entry(t.real_port).or_default().insert(format!(
+                "udp dport {} fib daddr type local {} return",
+                t.real_port,
+                aid_of(t)
+            ));
+        }
+    }
+    for (port, allowed) in rules {
+        out.mark.extend(allowed);
         out.mark.push(format!(
-            "udp dport {v} fib daddr type local {scope} ct mark set {REFUSED:#x}"
+            "udp dport {port} fib daddr type local {scope} meta mark set {REFUSED:#x}"
         ));
     }
-    out.reject
-        .push(format!("ct mark {REFUSED:#x} ct direction original reject"));
+    out.reject.push(format!("meta mark {REFUSED:#x} reject"));
     out
 }
 
-/// The `nft -f` script that replaces the chains with `plan`, or removes
-/// them when it is empty.
-pub fn script(chains: &[String; 3], plan: &Plan) -> String {
+/// The `nft -f` script that replaces the chains with `plan`'s rules, or
+/// removes them when there are none.
+pub fn script(chains: &[String; 2], plan: &Plan) -> String {
     let mut s = format!("add table {TABLE}\n");
-    let specs = [
-        "type nat hook output priority -100".to_string(),
-        format!("type filter hook output priority {MARK_PRIORITY}"),
-        format!("type filter hook input priority {MARK_PRIORITY}"),
+    let rules = [
+        (&chains[0], "output", &plan.mark),
+        (&chains[1], "input", &plan.reject),
     ];
-    let rules = [&plan.nat, &plan.mark, &plan.reject];
-    let empty = rules.iter().all(|r| r.is_empty());
-    for ((chain, spec), rules) in chains.iter().zip(&specs).zip(rules) {
+    for (chain, hook, rules) in rules {
         let _ = writeln!(
             s,
-            "add chain {TABLE} {chain} {{ {spec} ; policy accept ; }}"
+            "add chain {TABLE} {chain} {{ type filter hook {hook} priority {PRIORITY} ; policy accept ; }}"
         );
-        if empty {
+        if plan.mark.is_empty() {
             // nft 1.0.6 has no `destroy`: added first, the deletion is
             // always valid.
             let _ = writeln!(s, "delete chain {TABLE} {chain}");
@@ -192,132 +227,121 @@ pub fn script(chains: &[String; 3], plan: &Plan) -> String {
     s
 }
 
-/// The registry's UDP change hook: the kernel's rules follow the committed
-/// state, and flows that the change made wrong are forgotten.
-pub fn refresh(registry_dir: &Path, before: &RegistryState, state: &RegistryState) {
+/// The host's addresses, as the programs compare them.
+fn host_addresses() -> BTreeSet<[u8; 16]> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .map(key_addr)
+        .collect()
+}
+
+/// Where the registry's programs are pinned: named after its cgroup's id
+/// too, so that pins left attached to a cgroup since removed are told
+/// apart and dropped.
+fn pin_dir(tag: &str, scope: &Path) -> std::io::Result<PathBuf> {
+    let id = std::fs::metadata(scope)?.ino();
+    Ok(Path::new(udpbpf::BPFFS)
+        .join("appshot")
+        .join(format!("{tag}-{id}")))
+}
+
+/// Why the programs do not have the plan's routes.
+#[derive(Debug, thiserror::Error)]
+enum RouteError {
+    #[error("the registry's cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bpf(#[from] udpbpf::BpfError),
+}
+
+/// Gives the programs `plan`'s routes, attaching them first if they are
+/// not; or detaches them when there are none.
+fn install_routes(root: &Path, tag: &str, plan: &Plan) -> Result<(), RouteError> {
+    let scope = cgroup::scope_dir(root, tag);
+    let mine = pin_dir(tag, &scope).map_err(|source| RouteError::Cgroup {
+        path: scope.clone(),
+        source,
+    })?;
+    let parent = mine.parent().expect("below bpffs");
+    for other in udpbpf::pin_dirs(parent, &format!("{tag}-")) {
+        if other != mine || plan.routes.routes.is_empty() {
+            udpbpf::detach(&other)?;
+        }
+    }
+    if plan.routes.routes.is_empty() {
+        return Ok(());
+    }
+    udpbpf::ensure_bpffs()?;
+    let mut routes = UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL))?;
+    let entries = Entries {
+        locals: host_addresses(),
+        ..plan.routes.clone()
+    };
+    Ok(routes.sync(&entries)?)
+}
+
+/// The error and its sources, for a log line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let _ = write!(s, ": {inner}");
+        source = inner.source();
+    }
+    s
+}
+
+/// The registry's UDP change hook: the kernel's routes follow the
+/// committed state.
+pub fn refresh(registry_dir: &Path, _before: &RegistryState, state: &RegistryState) {
     let Some(root) = cgroup::root() else {
         return;
     };
     let tag = registry_tag(registry_dir);
-    // nftables resolves a cgroup path when the rule is loaded: every AID
-    // named must have its directory.
-    let aids: BTreeSet<&str> = state
+    // nftables resolves a cgroup path when the rule is loaded, and the
+    // programs compare cgroup ids: every AID named must have its directory.
+    let mut aids = BTreeMap::new();
+    for t in state
         .translations
         .iter()
         .filter(|t| t.protocol == Protocol::Udp)
-        .map(|t| t.aid.as_str())
-        .collect();
-    for aid in aids {
-        if let Err(e) = cgroup::ensure_aid_dir(root, &tag, aid) {
-            warn!(%aid, "UDP routes not installed: creating the AID's cgroup: {e}");
-            return;
+    {
+        if aids.contains_key(&t.aid) {
+            continue;
         }
-    }
-    let plan = plan(state, root, &tag);
-    match nft(&script(&chains(registry_dir), &plan)) {
-        Ok(()) => debug!(rules = plan.nat.len(), "UDP routes installed"),
-        Err(e) => {
-            warn!("UDP routes not installed, datagrams to virtual ports are not routed: {e}");
-            return;
-        }
-    }
-    for flows in stale_flows(before, state) {
-        forget(&flows);
-    }
-}
-
-/// Conntrack flows, by what selects them (`conntrack -D` arguments).
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Flows {
-    /// Sent to virtual port `virtual_port` and answered from real port
-    /// `real_port`, which no longer serves it.
-    ToRealPort { virtual_port: u16, real_port: u16 },
-    /// Sent to `virtual_port` and refused, when an instance came.
-    Refused { virtual_port: u16 },
-    /// Sent to `virtual_port` and passed through unchanged, when an
-    /// instance came that now holds another real port for it.
-    PassedThrough { virtual_port: u16 },
-}
-
-/// The flows a change from `before` to `after` made wrong. Conntrack keeps
-/// a flow's first verdict (NAT or refusal) while the flow lasts, 30 s to
-/// 120 s after its last datagram: a client that sends on from one socket
-/// would go on reaching a port nobody serves, or being refused, after the
-/// instance it should reach changed. Flows still right are left alone: a
-/// forgotten flow's answer in flight would come back from the real port.
-pub fn stale_flows(before: &RegistryState, after: &RegistryState) -> BTreeSet<Flows> {
-    let udp = |s: &RegistryState| -> BTreeSet<(u16, u16)> {
-        s.translations
-            .iter()
-            .filter(|t| t.protocol == Protocol::Udp)
-            .map(|t| (t.virtual_port, t.real_port))
-            .collect()
-    };
-    let (old, new) = (udp(before), udp(after));
-    let mut out = BTreeSet::new();
-    for &(virtual_port, real_port) in old.difference(&new) {
-        out.insert(Flows::ToRealPort {
-            virtual_port,
-            real_port,
-        });
-    }
-    for &(virtual_port, _) in new.difference(&old) {
-        out.insert(Flows::Refused { virtual_port });
-        if !new.contains(&(virtual_port, virtual_port)) {
-            out.insert(Flows::PassedThrough { virtual_port });
-        }
-    }
-    out
-}
-
-impl Flows {
-    fn args(&self) -> Vec<String> {
-        let mut a = vec!["-D".to_string(), "-p".into(), "udp".into()];
-        let (v, more) = match *self {
-            Flows::ToRealPort {
-                virtual_port,
-                real_port,
-            } => (
-                virtual_port,
-                vec!["--reply-port-src".into(), real_port.to_string()],
-            ),
-            Flows::Refused { virtual_port } => {
-                (virtual_port, vec!["--mark".into(), REFUSED.to_string()])
+        match cgroup::ensure_aid_dir(root, &tag, &t.aid).and_then(std::fs::metadata) {
+            Ok(m) => {
+                aids.insert(t.aid.clone(), m.ino());
             }
-            Flows::PassedThrough { virtual_port } => (
-                virtual_port,
-                vec!["--reply-port-src".into(), virtual_port.to_string()],
-            ),
-        };
-        a.extend(["--orig-port-dst".into(), v.to_string()]);
-        a.extend(more);
-        a
-    }
-}
-
-/// Deletes `flows` from conntrack with the `conntrack` tool (conntrack-tools);
-/// without it, they expire on their own, which the log says once.
-fn forget(flows: &Flows) {
-    let out = std::process::Command::new("conntrack")
-        .args(flows.args())
-        .stdin(std::process::Stdio::null())
-        .output();
-    match out {
-        // Exit status 1 with "0 flow entries have been deleted": none.
-        Ok(o) if o.status.success() || o.status.code() == Some(1) => {
-            debug!(?flows, "{}", String::from_utf8_lossy(&o.stderr).trim());
+            Err(e) => {
+                warn!(aid = %t.aid, "UDP routes not installed: creating the AID's cgroup: {e}");
+                return;
+            }
         }
-        Ok(o) => warn!(
-            ?flows,
-            "conntrack -D failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
+    }
+    let plan = plan(state, &aids, root, &tag);
+    if let Err(e) = install_routes(root, &tag, &plan) {
+        warn!(
+            "UDP routes not installed, datagrams to virtual ports are refused: {}",
+            chain(&e)
+        );
+    }
+    match nft(&script(&chains(registry_dir), &plan)) {
+        Ok(()) => debug!(routes = plan.routes.routes.len(), "UDP routes installed"),
         Err(e) => {
-            static TOLD: std::sync::Once = std::sync::Once::new();
-            TOLD.call_once(|| {
-                warn!("running conntrack: {e}: UDP flows keep their old route until they expire (install conntrack)")
-            });
+            warn!("UDP refusals not installed, datagrams to virtual ports are not refused: {e}")
         }
     }
 }
@@ -345,6 +369,22 @@ mod tests {
         }
     }
 
+    fn aids() -> BTreeMap<String, u64> {
+        [("a", 101), ("b", 102), ("c", 103)]
+            .into_iter()
+            .map(|(aid, id)| (aid.to_string(), id))
+            .collect()
+    }
+
+    fn key(aid: u64, addr: &str, port: u16) -> RouteKey {
+        RouteKey {
+            aid,
+            addr: key_addr(addr.parse().unwrap()),
+            port: u32::from(port),
+            pad: 0,
+        }
+    }
+
     const ROOT: &str = "/sys/fs/cgroup/unified";
 
     #[test]
@@ -354,125 +394,126 @@ mod tests {
                 udp("b", "0.0.0.0", 5353, 20001),
                 udp("a", "0.0.0.0", 5353, 5353),
             ]),
+            &aids(),
             Path::new(ROOT),
             "t",
         );
+        // a holds the fixed port itself: its datagrams need no route.
+        assert_eq!(
+            p.routes.routes,
+            BTreeMap::from([(key(102, "0.0.0.0", 5353), 20001)])
+        );
+        assert_eq!(p.routes.reverse, BTreeMap::from([(20001, 5353)]));
         let a = "socket cgroupv2 level 3 \"unified/appshot/t/a\"";
         let b = "socket cgroupv2 level 3 \"unified/appshot/t/b\"";
+        let scope = "socket cgroupv2 level 2 \"unified/appshot/t\"";
         let local4 = "meta nfproto ipv4 fib daddr type local";
-        // a holds the fixed port itself: no rewrite, but no later rule.
-        assert_eq!(
-            p.nat,
-            [
-                format!("udp dport 5353 {local4} {a} accept"),
-                format!("udp dport 5353 {local4} {b} redirect to :20001"),
-            ]
-        );
+        let mark = "meta mark set 0x61707375";
         assert_eq!(
             p.mark,
             [
-                "ct state != new return".to_string(),
                 format!("udp dport 5353 {local4} {a} return"),
-                format!("udp dport 5353 {local4} {b} return"),
-                "udp dport 5353 fib daddr type local socket cgroupv2 level 2 \"unified/appshot/t\" ct mark set 0x61707375".to_string(),
+                format!("udp dport 5353 fib daddr type local {scope} {mark}"),
+                format!("udp dport 20001 fib daddr type local {b} return"),
+                format!("udp dport 20001 fib daddr type local {scope} {mark}"),
             ]
         );
+        assert_eq!(p.reject, ["meta mark 0x61707375 reject"]);
+    }
+
+    #[test]
+    fn addresses_are_keyed_as_the_programs_compare_them() {
         assert_eq!(
-            p.reject,
-            ["ct mark 0x61707375 ct direction original reject"]
+            key_addr("127.0.0.2".parse().unwrap()),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2]
+        );
+        assert_eq!(
+            key_addr("::ffff:127.0.0.2".parse().unwrap()),
+            key_addr("127.0.0.2".parse().unwrap())
+        );
+        assert_ne!(
+            key_addr("0.0.0.0".parse().unwrap()),
+            key_addr("::".parse().unwrap())
         );
     }
 
     #[test]
-    fn specific_addresses_come_first_and_keep_their_address() {
+    fn a_dual_stack_wildcard_takes_ipv4_unless_a_socket_of_its_own_or_its_aid_does() {
         let p = plan(
-            &state(vec![
-                udp("a", "::", 53, 20002),
-                udp("a", "127.0.0.2", 53, 20003),
-                udp("a", "::1", 53, 20004),
-            ]),
-            Path::new("/sys/fs/cgroup"),
+            &state(vec![udp("a", "::", 53, 20002), udp("b", "::", 53, 20003)]),
+            &aids(),
+            Path::new(ROOT),
             "t",
         );
-        let a = "socket cgroupv2 level 3 \"appshot/t/a\"";
         assert_eq!(
-            p.nat,
-            [
-                format!("udp dport 53 ip daddr 127.0.0.2 {a} dnat ip to 127.0.0.2:20003"),
-                format!("udp dport 53 ip6 daddr ::1 {a} dnat ip6 to [::1]:20004"),
-                format!("udp dport 53 fib daddr type local {a} redirect to :20002"),
-            ]
+            p.routes.routes,
+            BTreeMap::from([
+                (key(101, "::", 53), 20002),
+                (key(101, "0.0.0.0", 53), 20002),
+                (key(102, "::", 53), 20003),
+                (key(102, "0.0.0.0", 53), 20003),
+            ])
         );
-    }
-
-    #[test]
-    fn a_v6_wildcard_beside_a_v4_socket_takes_ipv6_alone() {
-        let mut v4 = udp("a", "0.0.0.0", 53, 53);
-        let mut v6 = udp("a", "::", 53, 20006);
+        // One server binding both families, IPV6_V6ONLY on the second.
+        let mut v4 = udp("a", "0.0.0.0", 53, 20004);
+        let mut v6 = udp("a", "::", 53, 20005);
         v4.owner = "dns".into();
         v6.owner = "dns".into();
-        let p = plan(&state(vec![v6, v4]), Path::new(ROOT), "t");
-        let a = "socket cgroupv2 level 3 \"unified/appshot/t/a\"";
+        let p = plan(&state(vec![v6, v4]), &aids(), Path::new(ROOT), "t");
         assert_eq!(
-            p.nat,
-            [
-                format!("udp dport 53 meta nfproto ipv4 fib daddr type local {a} accept"),
-                format!(
-                    "udp dport 53 meta nfproto ipv6 fib daddr type local {a} redirect to :20006"
-                ),
-            ]
+            p.routes.routes,
+            BTreeMap::from([
+                (key(101, "0.0.0.0", 53), 20004),
+                (key(101, "::", 53), 20005),
+            ])
+        );
+        // A specific IPv4 socket of another instance of the AID keeps its
+        // address; the wildcard's IPv4 stays the dual-stack socket's.
+        let p = plan(
+            &state(vec![
+                udp("a", "::", 53, 20006),
+                udp("a", "127.0.0.2", 53, 20007),
+            ]),
+            &aids(),
+            Path::new(ROOT),
+            "t",
+        );
+        assert_eq!(
+            p.routes.routes,
+            BTreeMap::from([
+                (key(101, "::", 53), 20006),
+                (key(101, "0.0.0.0", 53), 20006),
+                (key(101, "127.0.0.2", 53), 20007),
+            ])
         );
     }
 
     #[test]
-    fn a_change_forgets_only_the_flows_it_made_wrong() {
-        let before = state(vec![
-            udp("a", "0.0.0.0", 53, 53),
-            udp("b", "0.0.0.0", 53, 20001),
-        ]);
-        // b's instance replaced (new real port), c arrives.
-        let after = state(vec![
-            udp("a", "0.0.0.0", 53, 53),
-            udp("b", "0.0.0.0", 53, 20002),
-            udp("c", "0.0.0.0", 53, 20003),
-        ]);
-        let flows: Vec<Flows> = stale_flows(&before, &after).into_iter().collect();
-        assert_eq!(
-            flows,
-            [
-                Flows::ToRealPort {
-                    virtual_port: 53,
-                    real_port: 20001
-                },
-                Flows::Refused { virtual_port: 53 },
-            ],
-            "a still holds 53 itself: what passed through to it is right"
+    fn an_aid_without_a_cgroup_gets_no_route() {
+        let p = plan(
+            &state(vec![udp("z", "0.0.0.0", 53, 20008)]),
+            &aids(),
+            Path::new(ROOT),
+            "t",
         );
-        assert_eq!(
-            flows[0].args(),
-            [
-                "-D",
-                "-p",
-                "udp",
-                "--orig-port-dst",
-                "53",
-                "--reply-port-src",
-                "20001"
-            ]
+        assert!(p.routes.routes.is_empty());
+        assert!(
+            p.mark
+                .iter()
+                .any(|r| r.starts_with("udp dport 53 ") && r.contains("mark set")),
+            "its datagrams to the fixed port stay refused: {:?}",
+            p.mark
         );
-        let first = stale_flows(&state(vec![]), &state(vec![udp("b", "0.0.0.0", 53, 20001)]));
-        assert!(first.contains(&Flows::PassedThrough { virtual_port: 53 }));
-        assert!(stale_flows(&after, &after).is_empty());
     }
 
     #[test]
     fn tcp_translations_make_no_udp_rules_and_no_rules_remove_the_chains() {
         let mut tcp = udp("a", "0.0.0.0", 80, 20005);
         tcp.protocol = Protocol::Tcp;
-        let p = plan(&state(vec![tcp]), Path::new(ROOT), "t");
+        let p = plan(&state(vec![tcp]), &aids(), Path::new(ROOT), "t");
         assert_eq!(p, Plan::default());
         let s = script(&chains(Path::new("/nonexistent")), &p);
-        assert_eq!(s.matches("delete chain").count(), 3, "{s}");
+        assert_eq!(s.matches("delete chain").count(), 2, "{s}");
         assert!(!s.contains("add rule"), "{s}");
     }
 }

@@ -50,6 +50,9 @@ pub struct DumpRequest<'a> {
     /// Unix sockets connected to a peer outside the instance are saved as
     /// closed (`--external-unix close`) instead of refusing the dump.
     pub external_unix_close: bool,
+    /// The parent of an incremental snapshot: the tracking given to
+    /// [`dump`] refers to its pages ([`Tracking::base_on`]).
+    pub parent: Option<ParentRef>,
 }
 
 /// What is learnt of a process before any of the tree is touched.
@@ -205,7 +208,19 @@ pub fn dump(
         processes,
         ipc,
         memfds,
+        id: new_id()?,
+        parent: req.parent.clone(),
     })
+}
+
+/// A fresh image id: 128 random bits.
+fn new_id() -> Result<u128, SnapshotError> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| SnapshotError::io(Path::new("/dev/urandom"), e))?;
+    Ok(u128::from_ne_bytes(b))
 }
 
 /// The address of executable code of the process's own to inject the

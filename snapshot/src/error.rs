@@ -49,6 +49,21 @@ pub enum SnapshotError {
     Restore(#[from] RestoreError),
     #[error("no process to dump")]
     NoProcess,
+    /// The parent of an incremental image is missing, corrupt or
+    /// otherwise unreadable.
+    #[error("image {image}: its parent image {parent} cannot be used")]
+    ParentUnusable {
+        image: PathBuf,
+        parent: PathBuf,
+        #[source]
+        source: Box<SnapshotError>,
+    },
+    /// The file at the parent's path is not the image the child was taken
+    /// on: replaced by another image, or rewritten.
+    #[error("image {image}: its parent image {parent} was replaced since (it holds another snapshot than the one the child was taken on)")]
+    ParentReplaced { image: PathBuf, parent: PathBuf },
+    #[error("image {image}: a chain of more than {max} images (merge it with `appshot merge`)")]
+    ChainTooLong { image: PathBuf, max: usize },
     #[error(
         "pid {pid}: snapshot cancelled (its requester went away); the process runs on unchanged"
     )]

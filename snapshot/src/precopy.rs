@@ -12,6 +12,11 @@
 //! `PAGEMAP_SCAN` per mapping that lists the pages written since the last
 //! pass and protects them again in the same walk.
 //!
+//! A tracking may outlive its snapshot: the supervisor keeps it on the
+//! running instance (`snapshot --track`), and an incremental snapshot
+//! takes it over ([`Tracking::base_on`]): the pages written since the
+//! last snapshot are exactly those its next scan reports.
+//!
 //! The userfaultfd lives only in the dumper. Dropping a [`Tracking`]
 //! unregisters every range (their pages lose their protection); if the
 //! dumper dies instead, the kernel closes its fd, and releasing the last
@@ -29,7 +34,7 @@ use tracing::debug;
 
 use crate::error::SnapshotError;
 use crate::image::model::VmaKind;
-use crate::image::{ImageWriter, PAGE};
+use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds::memory::{
     classify, growsdown, CHUNK_PAGES, PAGEMAP_ENTRIES, PM_FILE_PAGE, PM_PRESENT, PM_SWAPPED,
 };
@@ -115,18 +120,8 @@ pub fn precopy(
     for &pid in pids {
         tracking.procs.push(track(pid)?);
     }
-    let mut last = tracking.pass(writer, hooks, true)?;
-    for _ in 0..MAX_PASSES {
-        if last <= SETTLED_BYTES {
-            break;
-        }
-        let now = tracking.pass(writer, hooks, false)?;
-        let shrinking = now < last / 2;
-        last = now;
-        if !shrinking {
-            break;
-        }
-    }
+    let first = tracking.pass(writer, hooks, true)?;
+    tracking.converge(writer, hooks, first)?;
     Ok(tracking)
 }
 
@@ -214,6 +209,82 @@ fn take_userfaultfd(pid: u32) -> Result<OwnedFd, SnapshotError> {
 }
 
 impl Tracking {
+    /// Tracks the processes of `pids` that are not yet (forked since the
+    /// tracking began): from now on, so that the next incremental snapshot
+    /// saves only what they write. What they hold now is not copied.
+    pub fn track_new(&mut self, pids: &[u32]) -> Result<(), SnapshotError> {
+        for &pid in pids {
+            if !self.procs.iter().any(|t| t.pid == pid) {
+                self.procs.push(track(pid)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the pages written since the last pass into `writer`, pass
+    /// after pass (the last one copied `last` bytes), until a pass copies
+    /// little or no less than the one before (the processes write as fast
+    /// as they are copied).
+    pub fn converge(
+        &mut self,
+        writer: &mut ImageWriter,
+        hooks: &Hooks,
+        mut last: u64,
+    ) -> Result<(), SnapshotError> {
+        for _ in 0..MAX_PASSES {
+            if last <= SETTLED_BYTES {
+                break;
+            }
+            let now = self.pass(writer, hooks, false)?;
+            let shrinking = now < last / 2;
+            last = now;
+            if !shrinking {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// For an incremental snapshot on `parent`, the image whose freeze
+    /// this tracking was last settled at: its pages become the copies of
+    /// every page still tracked, so that the child refers to them (one
+    /// layer further up than the parent does) unless they are written
+    /// before it is frozen. Pages of the parent outside what is tracked
+    /// now are saved again.
+    pub fn base_on(&mut self, parent: &Image) {
+        self.copied_bytes = 0;
+        // A process that ended since has nothing left to track (its
+        // ranges went with its address space).
+        self.procs
+            .retain(|t| std::path::Path::new(&format!("/proc/{}", t.pid)).exists());
+        for t in &mut self.procs {
+            t.copied = Copies::default();
+            let ns_pid = crate::kinds::threads::ns_tid(t.pid);
+            let Some(p) = parent
+                .manifest
+                .processes
+                .iter()
+                .find(|p| p.ns_pid == ns_pid)
+            else {
+                continue;
+            };
+            for run in p.vmas.iter().filter(|v| !v.shared).flat_map(|v| &v.pages) {
+                let end = run.addr + run.pages * PAGE;
+                for r in &t.ranges {
+                    let (s, e) = (run.addr.max(r.start), end.min(r.end));
+                    if s < e {
+                        t.copied.insert(
+                            s,
+                            (e - s) / PAGE,
+                            run.layer + 1,
+                            run.offset + (s - run.addr),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Copies the pages written since the last pass (the first pass: every
     /// page that holds data) into `writer`; returns the bytes copied.
     fn pass(
@@ -242,7 +313,7 @@ impl Tracking {
                     continue;
                 }
                 let offset = writer.write_pages(&buf[..len])?;
-                t.copied.insert(addr, n, offset);
+                t.copied.insert(addr, n, 0, offset);
                 done += len as u64;
                 if first {
                     (hooks.progress)(done, total);
@@ -393,21 +464,24 @@ fn pages_with_data(
     Ok(())
 }
 
-/// Where copies of pages are in the pages section: runs of pages copied
-/// together, by first page, none overlapping. Runs rather than pages: a
-/// GiB is 262,144 pages, looked up while the instance is frozen.
+/// Where copies of pages are: runs of pages copied together, by first
+/// page, none overlapping, each in the pages section of a layer of the
+/// image's chain (0: the image being written, 1: its parent...). Runs
+/// rather than pages: a GiB is 262,144 pages, looked up while the instance
+/// is frozen.
 #[derive(Debug, Default)]
 pub(crate) struct Copies {
-    /// First page's address to (pages, offset of the first page's copy).
-    runs: BTreeMap<u64, (u64, u64)>,
+    /// First page's address to (pages, layer, offset of the first page's
+    /// copy).
+    runs: BTreeMap<u64, (u64, u32, u64)>,
 }
 
 impl Copies {
-    /// Records the copy of `pages` pages from `addr` at `offset`, replacing
-    /// any earlier copy of them.
-    fn insert(&mut self, addr: u64, pages: u64, offset: u64) {
+    /// Records the copy of `pages` pages from `addr` at `offset` of
+    /// `layer`, replacing any earlier copy of them.
+    fn insert(&mut self, addr: u64, pages: u64, layer: u32, offset: u64) {
         self.forget(addr, addr + pages * PAGE);
-        self.runs.insert(addr, (pages, offset));
+        self.runs.insert(addr, (pages, layer, offset));
     }
 
     /// Forgets the copies of the pages `start..end`.
@@ -416,42 +490,43 @@ impl Copies {
             .runs
             .range(..start)
             .next_back()
-            .filter(|(&a, &(n, _))| a + n * PAGE > start)
+            .filter(|(&a, &(n, _, _))| a + n * PAGE > start)
             .map(|(&a, &v)| (a, v));
-        let inside: Vec<(u64, (u64, u64))> =
+        let inside: Vec<(u64, (u64, u32, u64))> =
             self.runs.range(start..end).map(|(&a, &v)| (a, v)).collect();
-        for (a, (n, offset)) in before.into_iter().chain(inside) {
+        for (a, (n, layer, offset)) in before.into_iter().chain(inside) {
             self.runs.remove(&a);
             let e = a + n * PAGE;
             if a < start {
-                self.runs.insert(a, ((start - a) / PAGE, offset));
+                self.runs.insert(a, ((start - a) / PAGE, layer, offset));
             }
             if e > end {
                 self.runs
-                    .insert(end, ((e - end) / PAGE, offset + (end - a)));
+                    .insert(end, ((e - end) / PAGE, layer, offset + (end - a)));
             }
         }
     }
 
     /// Pages `addr..addr + pages * PAGE` in pieces `(addr, pages, copy)`:
-    /// each either copied at consecutive offsets from `copy` or not copied.
-    pub(crate) fn pieces(&self, addr: u64, pages: u64) -> Vec<(u64, u64, Option<u64>)> {
+    /// each either copied at consecutive offsets from `copy` (layer,
+    /// offset) or not copied.
+    pub(crate) fn pieces(&self, addr: u64, pages: u64) -> Vec<Piece> {
         let end = addr + pages * PAGE;
         let first = self
             .runs
             .range(..=addr)
             .next_back()
-            .filter(|(&a, &(n, _))| a + n * PAGE > addr)
+            .filter(|(&a, &(n, _, _))| a + n * PAGE > addr)
             .map(|(&a, &v)| (a, v));
         let rest = self.runs.range(addr + 1..end).map(|(&a, &v)| (a, v));
         let mut out = Vec::new();
         let mut at = addr;
-        for (a, (n, offset)) in first.into_iter().chain(rest) {
+        for (a, (n, layer, offset)) in first.into_iter().chain(rest) {
             let (s, e) = (a.max(at), (a + n * PAGE).min(end));
             if s > at {
                 out.push((at, (s - at) / PAGE, None));
             }
-            out.push((s, (e - s) / PAGE, Some(offset + (s - a))));
+            out.push((s, (e - s) / PAGE, Some((layer, offset + (s - a)))));
             at = e;
         }
         if at < end {
@@ -460,6 +535,9 @@ impl Copies {
         out
     }
 }
+
+/// Pages `(addr, pages, copy)`, copied at (layer, offset) or not.
+pub(crate) type Piece = (u64, u64, Option<(u32, u64)>);
 
 /// Appends pages `start..end` to `runs`, in runs of at most
 /// [`CHUNK_PAGES`], joining the last run where they continue it.
@@ -489,20 +567,21 @@ mod tests {
     fn copies_are_replaced_forgotten_and_split_into_pieces() {
         let p = |a: u64| a * PAGE;
         let mut c = Copies::default();
-        c.insert(p(0), 8, p(100));
-        c.insert(p(8), 4, p(200));
-        // Page 3 written: forgotten; pages 5-6 copied again elsewhere.
+        c.insert(p(0), 8, 1, p(100));
+        c.insert(p(8), 4, 2, p(200));
+        // Page 3 written: forgotten; pages 5-6 copied again into the
+        // image being written.
         c.forget(p(3), p(4));
-        c.insert(p(5), 2, p(300));
+        c.insert(p(5), 2, 0, p(300));
         assert_eq!(
             c.pieces(p(1), 12),
             vec![
-                (p(1), 2, Some(p(101))),
+                (p(1), 2, Some((1, p(101)))),
                 (p(3), 1, None),
-                (p(4), 1, Some(p(104))),
-                (p(5), 2, Some(p(300))),
-                (p(7), 1, Some(p(107))),
-                (p(8), 4, Some(p(200))),
+                (p(4), 1, Some((1, p(104)))),
+                (p(5), 2, Some((0, p(300)))),
+                (p(7), 1, Some((1, p(107)))),
+                (p(8), 4, Some((2, p(200)))),
                 (p(12), 1, None),
             ]
         );

@@ -18,4 +18,5 @@ pub mod spawn;
 pub mod sysv;
 pub mod tcprepair;
 pub mod timerfd;
+pub mod udpbpf;
 pub mod uffd;

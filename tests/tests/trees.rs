@@ -8,7 +8,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{alive, children, cmdline, pid_of, poll, Harness, READY};
+use common::{
+    alive, children, cmdline, forkshare_count as last_count, pid_of, poll, Harness, READY,
+};
 
 /// `(ns pid, ns pgid, ns sid)` of a process, as the instance sees it.
 fn ns_ids(pid: u32) -> (u32, u32, u32) {
@@ -48,16 +50,6 @@ fn pss_kib(pids: &[u32]) -> u64 {
                 .unwrap_or(0)
         })
         .sum()
-}
-
-fn last_count(log: &Path) -> u64 {
-    fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .filter_map(|l| l.strip_prefix("ok "))
-        .find_map(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

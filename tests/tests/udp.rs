@@ -177,7 +177,32 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
             ["unconnected no answer", "connected ECONNREFUSED"],
             "{test}: AID z to {target}: {ran}"
         );
+        // Nor through the other AID's real port.
+        let real_b = reals[1].to_string();
+        let ran = h.client("a", &["python3", &client, target, &real_b]);
+        assert_eq!(
+            answers(&ran.stdout),
+            ["unconnected no answer", "connected ECONNREFUSED"],
+            "{test}: AID a to b's real port {real_b} on {target}: {ran}"
+        );
     }
+    // The ports are changed by the cgroup programs where the sockets name
+    // them, not by rewriting packets: no NAT rule, and the programs'
+    // links and maps pinned while instances serve UDP.
+    let rules = nft_table();
+    assert!(
+        !rules
+            .lines()
+            .any(|r| r.contains("9053") && (r.contains("dnat") || r.contains("redirect"))),
+        "{test}: packets rewritten:\n{rules}"
+    );
+    let pinned = pinned_route_sets();
+    assert!(
+        pinned
+            .iter()
+            .any(|d| d.join("sendmsg4").exists() && d.join("routes").exists()),
+        "{test}: no programs pinned in {BPF_PINS}: {pinned:?}"
+    );
     // A port no instance serves is the kernel's: a server outside appshot
     // answers every AID.
     let mut host = std::process::Command::new("python3")
@@ -205,15 +230,38 @@ fn udp_clients_see_virtual_ports_and_other_aids_a_closed_port() {
     for aid in ["a", "b"] {
         h.stop(&format!("echo-{aid}"));
     }
+    let text = nft_table();
+    assert!(
+        !text.contains("udp dport 9053"),
+        "{test}: UDP rules left after the instances stopped:\n{text}"
+    );
+    let left = pinned_route_sets();
+    assert_eq!(
+        left.len() + 1,
+        pinned.len(),
+        "{test}: the registry's programs stay attached after its last UDP socket: {left:?}"
+    );
+}
+
+/// Where appshot pins each registry's programs.
+const BPF_PINS: &str = "/sys/fs/bpf/appshot";
+
+/// The pinned sets of programs and maps, one per registry.
+fn pinned_route_sets() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(BPF_PINS)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+fn nft_table() -> String {
     let table = std::process::Command::new("nft")
         .args(["list", "table", "inet", "appshot"])
         .output()
         .expect("running nft");
-    let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        !text.contains("udp dport 9053"),
-        "{test}: UDP routes left after the instances stopped:\n{text}"
-    );
+    String::from_utf8_lossy(&table.stdout).into_owned()
 }
 
 #[test]
@@ -342,8 +390,9 @@ fn a_client_keeping_its_socket_follows_its_aids_instance_when_it_is_replaced() {
     // Its AID has no instance: as from a closed port, not a's answer.
     assert_eq!(ask(), "no answer", "{test}: b without an instance");
     start_echo(&mut h, "echo-b2", "b", "b2", "0.0.0.0", "9083");
-    // The same socket, and so the same conntrack flow, reaches the new
-    // instance at once, not the old real port until the flow expires.
+    // The same socket reaches the new instance at once: no verdict of the
+    // kernel outlives the change (no conntrack flow keeps the old real
+    // port or the refusal).
     assert_eq!(ask(), "b2#1:ping 9083", "{test}: after the replacement");
     let _ = client.kill();
     let _ = client.wait();

@@ -75,6 +75,11 @@ struct RunFigures {
     frozen_dump_ms: f64,
     first_frozen_ms: f64,
     frozen_writing_ms: f64,
+    /// The full snapshot an incremental one is then taken on, and that one.
+    parent_ms: f64,
+    parent_mib: f64,
+    incremental_ms: f64,
+    incremental_mib: f64,
     restore_answer_ms: f64,
     restore_cmd_ms: f64,
     restore_work_ms: f64,
@@ -214,7 +219,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             };
             let f = one_run(appshot, &probe, dir, size, round).with_context(failed)?;
             eprintln!(
-                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms, writing {WRITE_PERCENT}%/s {:.0} ms), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
+                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms, writing {WRITE_PERCENT}%/s {:.0} ms), incremental {:.1} ms (image {:.2} MiB) on a full {:.0} ms ({:.1} MiB), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
                 size.mib,
                 round + 1,
                 warmup_mark(round, warmup),
@@ -223,6 +228,10 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 f.frozen_ms,
                 f.first_frozen_ms,
                 f.frozen_writing_ms,
+                f.incremental_ms,
+                f.incremental_mib,
+                f.parent_ms,
+                f.parent_mib,
                 f.restore_answer_ms,
                 f.restore_work_ms,
                 f.clone_answer_ms,
@@ -303,6 +312,52 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                     }
                 }
             }
+            out.measurements.push(m);
+        }
+    }
+    // The incremental snapshot against the full one it was taken on.
+    for size in &sizes {
+        for (what, unit, parent, child) in [
+            (
+                "time",
+                Unit::Millis,
+                (|f: &RunFigures| f.parent_ms) as fn(&RunFigures) -> f64,
+                (|f: &RunFigures| f.incremental_ms) as fn(&RunFigures) -> f64,
+            ),
+            (
+                "image size",
+                Unit::MiB,
+                |f| f.parent_mib,
+                |f| f.incremental_mib,
+            ),
+        ] {
+            let configuration = format!(
+                "{} MiB process writing {WRITE_PERCENT}% of its pages a second, 1 s after a full snapshot: incremental snapshot {what}; peer: the full snapshot (--leave-running --track)",
+                size.mib
+            );
+            let runs = |get: fn(&RunFigures) -> f64| size.runs.iter().map(get).collect();
+            let full = Measurement::from_runs(
+                "snapshot --parent",
+                &format!("{configuration} (full)"),
+                unit,
+                runs(parent),
+                warmup,
+            )?;
+            let m = Measurement::from_runs(
+                "snapshot --parent",
+                &configuration,
+                unit,
+                runs(child),
+                warmup,
+            )?;
+            out.rows.push(Row::compared(
+                "snapshot --parent",
+                &configuration,
+                "full snapshot",
+                &full,
+                &m,
+            ));
+            out.measurements.push(full);
             out.measurements.push(m);
         }
     }
@@ -418,6 +473,12 @@ fn one_run(
     let after_leave_running = format!("{what} after its --leave-running snapshot");
     size.verify(appshot, probe, &aid, &after_leave_running)?;
     f.frozen_writing_ms = frozen_writing(appshot, probe, dir, size, round)?;
+    (
+        f.parent_ms,
+        f.parent_mib,
+        f.incremental_ms,
+        f.incremental_mib,
+    ) = incremental(appshot, probe, dir, size, round)?;
 
     let (line, took) = take_snapshot(appshot, &instance, &image, &[], &what)?;
     f.dump_wall_ms = millis(took);
@@ -595,6 +656,50 @@ fn verify(
         TIMEOUT,
     )?;
     check_answer(&out, expected, what)
+}
+
+/// An incremental snapshot after [`WRITE_PERCENT`] % of the pages were
+/// written: an instance writing that much a second, `snapshot
+/// --leave-running --track` of it (the parent), a second later `snapshot
+/// --leave-running --parent`; then a stopping incremental snapshot on that
+/// one, restored, must answer the checksum of its whole memory. Returns the
+/// parent's time and image size, and the first incremental one's.
+fn incremental(
+    appshot: &Appshot,
+    probe: &str,
+    dir: &Path,
+    size: &Size,
+    round: usize,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let mib = size.mib;
+    let aid = format!("i{mib}-{round}");
+    let mut argv = serve(probe, size.port, mib);
+    argv.push(WRITE_PERCENT.to_string());
+    let instance = appshot.server(&aid, size.port, &argv)?;
+    let what = format!("writing instance {} ({mib} MiB)", instance.name());
+    size.verify(appshot, probe, &aid, &what)?;
+    let [parent, child, last] =
+        ["parent", "child", "last"].map(|n| dir.join(format!("{aid}-{n}.img")));
+    let flags = ["--leave-running", "--track"];
+    let (full, _) = take_snapshot(appshot, &instance, &parent, &flags, &what)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let on = |p: &Path| p.display().to_string();
+    let flags = ["--leave-running", "--parent", &on(&parent)];
+    let (inc, _) = take_snapshot(appshot, &instance, &child, &flags, &what)?;
+    take_snapshot(appshot, &instance, &last, &["--parent", &on(&child)], &what)?;
+    drop(instance);
+    let (restored, _) = appshot.restore(&last, &appshot.name(&format!("inc{mib}")))?;
+    size.verify(
+        appshot,
+        probe,
+        &aid,
+        &format!("{what} restored from its chain"),
+    )?;
+    drop(restored);
+    for image in [&parent, &child, &last] {
+        remove(image)?;
+    }
+    Ok((full.dump_ms, full.image_mib, inc.dump_ms, inc.image_mib))
 }
 
 /// `appshot snapshot` of `instance` (`what`) to `image` with `flags`: the

@@ -387,27 +387,30 @@ impl Policy {
         let remote = |a: &SocketAddr| {
             self.settings.cluster.negotiates(a.ip()) && !self.is_local(kernel, a.ip())
         };
-        let dest = match (sockaddr::decode(domain, &bytes), protocol) {
-            (Ok(a), Some(Protocol::Tcp)) => a,
-            // A UDP socket connected to another host's port is negotiated
-            // as a TCP connect is.
-            (Ok(a), Some(Protocol::Udp)) if remote(&a) => a,
-            // Datagrams to this host are routed by the kernel (`udproutes`)
-            // whatever the socket is connected to, and an address that
-            // does not decode (AF_UNSPEC, an IPv4 address on an IPv6
-            // socket, a short one) is the kernel's to judge: the task's own
-            // bytes.
+        // An address that does not decode (AF_UNSPEC, an IPv4 address on
+        // an IPv6 socket, a short one) is the kernel's to judge: the task's
+        // own bytes.
+        let (dest, protocol) = match (sockaddr::decode(domain, &bytes), protocol) {
+            (Ok(a), Some(p)) => (a, p),
             _ => return Connect::Answer(Response::of(kernel.connect_raw(&socket, &bytes))),
         };
         if remote(&dest) {
+            // Another host's port is negotiated with its agent, for UDP
+            // as for TCP.
             return Connect::Negotiate {
                 socket,
-                protocol: protocol.unwrap_or(Protocol::Tcp),
+                protocol,
                 dest,
             };
         }
-        match self.route(kernel, dest) {
+        match self.route(kernel, protocol, dest) {
             Ok(target) => Connect::To { socket, target },
+            // A UDP socket stays connected to the virtual port, where the
+            // kernel refuses its datagrams as a closed port's (`udproutes`):
+            // connect itself does not fail for a closed UDP port.
+            Err(_) if protocol == Protocol::Udp => {
+                Connect::Answer(Response::of(kernel.connect_raw(&socket, &bytes)))
+            }
             Err(e) => {
                 debug!(
                     "connect to {dest} refused: no instance of AID {}",
@@ -418,9 +421,14 @@ impl Policy {
         }
     }
 
-    /// Where a stream connect to `dest` really goes, or the errno that
-    /// refuses it.
-    fn route<K: Kernel>(&self, kernel: &K, dest: SocketAddr) -> Result<SocketAddr, i32> {
+    /// Where a connect to `dest` really goes, or the errno that refuses
+    /// it.
+    fn route<K: Kernel>(
+        &self,
+        kernel: &K,
+        protocol: Protocol,
+        dest: SocketAddr,
+    ) -> Result<SocketAddr, i32> {
         if !self.is_local(kernel, dest.ip()) {
             return Ok(dest);
         }
@@ -433,13 +441,7 @@ impl Policy {
                 return Err(libc::ECONNREFUSED);
             }
         };
-        match state.route(
-            Protocol::Tcp,
-            dest.ip(),
-            dest.port(),
-            &self.settings.aid,
-            pick,
-        ) {
+        match state.route(protocol, dest.ip(), dest.port(), &self.settings.aid, pick) {
             Route::PassThrough => Ok(dest),
             Route::To { real_port, owner } => {
                 debug!(%dest, real_port, %owner, "connect routed");
@@ -491,11 +493,9 @@ impl Policy {
                 .and_then(|inode| cluster.peer_virtual_port(inode, addr)),
             _ => None,
         };
-        // A connected UDP socket's peer is the virtual port it connected to:
-        // the kernel's NAT is below the socket.
         let names_real_port = match side {
             Side::Local => true,
-            Side::Peer => protocol == Protocol::Tcp && self.is_local(kernel, addr.ip()),
+            Side::Peer => self.is_local(kernel, addr.ip()),
         };
         if let Some(v) = negotiated {
             addr.set_port(v);

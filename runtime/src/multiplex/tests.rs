@@ -535,17 +535,54 @@ fn a_connect_to_another_aids_real_port_is_refused() {
 }
 
 #[test]
-fn datagram_and_undecodable_connects_go_to_the_kernel_with_the_tasks_bytes() {
+fn a_datagram_connect_goes_to_its_aids_real_port_or_stays_on_the_closed_virtual_one() {
+    let mut w = World::new();
+    w.other("dns-a", AID, 20002);
+    w.other("dns-b", "b", 20003);
+    w.registry
+        .transaction(|s| {
+            for t in s.translations.iter_mut() {
+                t.protocol = Protocol::Udp;
+            }
+        })
+        .unwrap();
+    let k = Recorder::default();
+    let udp = |to: &str| {
+        FakeTask::new(
+            bytes(to),
+            Behind::Udp {
+                sock: S1,
+                local: None,
+            },
+        )
+    };
+    // The supervisor connects it to its own AID's instance.
+    assert_eq!(
+        target(w.policy.connect(&k, &udp("127.0.0.1:9000"))),
+        Ok(addr("127.0.0.1:20002"))
+    );
+    // Another AID's real port is not reached through its real port either:
+    // a UDP connect to a closed port does not fail, so the task's own
+    // connect is made, and the kernel's rules refuse its datagrams.
+    assert_eq!(
+        target(w.policy.connect(&k, &udp("127.0.0.1:20003"))),
+        Err(Response::Value(0))
+    );
+    // A port no instance uses passes through.
+    assert_eq!(
+        target(w.policy.connect(&k, &udp("127.0.0.1:5555"))),
+        Ok(addr("127.0.0.1:5555"))
+    );
+    assert_eq!(
+        *k.ops.borrow(),
+        [Op::ConnectRaw(S1, bytes("127.0.0.1:20003"))]
+    );
+}
+
+#[test]
+fn undecodable_connects_go_to_the_kernel_with_the_tasks_bytes() {
     let w = World::new();
     let k = Recorder::default();
-    let udp = FakeTask::new(
-        bytes("127.0.0.1:9000"),
-        Behind::Udp {
-            sock: S1,
-            local: None,
-        },
-    );
-    assert_eq!(target(w.policy.connect(&k, &udp)), Err(Response::Value(0)));
     let mut unspec = bytes("127.0.0.1:9000");
     unspec[..2].copy_from_slice(&(libc::AF_UNSPEC as u16).to_ne_bytes());
     let disconnect = FakeTask::new(unspec.clone(), tcp(None));
@@ -553,13 +590,7 @@ fn datagram_and_undecodable_connects_go_to_the_kernel_with_the_tasks_bytes() {
         target(w.policy.connect(&k, &disconnect)),
         Err(Response::Value(0))
     );
-    assert_eq!(
-        *k.ops.borrow(),
-        [
-            Op::ConnectRaw(S1, bytes("127.0.0.1:9000")),
-            Op::ConnectRaw(S1, unspec)
-        ]
-    );
+    assert_eq!(*k.ops.borrow(), [Op::ConnectRaw(S1, unspec)]);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use appshot_sys::fd::OpenRegularError;
 
 use crate::error::SnapshotError;
-use crate::image::model::{Manifest, ProcessImage};
+use crate::image::model::{Manifest, ParentRef, ProcessImage};
 
 pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// 2: unconnected TCP sockets (bound, not only listening), templates, the
@@ -31,7 +31,8 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// real port of TCP sockets, UDP sockets. 8: the writer (appshot version
 /// and commit) in the manifest. 9: half-closed TCP connections with their
 /// queues (an older image holds them without), Unix sockets saved closed.
-pub const VERSION: u32 = 9;
+/// 10: incremental images: an id, the parent, the layer of each page run.
+pub const VERSION: u32 = 10;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -238,7 +239,12 @@ pub fn open_file(path: &Path) -> Result<File, SnapshotError> {
     })
 }
 
-/// A checked image: header, manifest and pages section all verified.
+/// Images a chain may hold, the head included: a longer one is refused
+/// (and `appshot merge` flattens it).
+pub const MAX_CHAIN: usize = 64;
+
+/// A checked image: header, manifest and pages section all verified, and
+/// so is every image up its chain of parents.
 pub struct Image {
     pub path: PathBuf,
     pub manifest: Manifest,
@@ -247,30 +253,86 @@ pub struct Image {
     pub pages_off: u64,
     pub pages_len: u64,
     pub size: u64,
+    pub pages_crc: u32,
+    pub manifest_crc: u32,
+    /// The parents an incremental image refers to pages in, nearest first
+    /// (layer 1, 2, ...): empty for a whole image.
+    pub ancestors: Vec<Image>,
 }
 
 impl Image {
-    /// Opens and verifies an image. Nothing is trusted until every checksum
-    /// and every offset has been checked against the file's real length.
+    /// Opens and verifies an image and its chain of parents. Nothing is
+    /// trusted until every checksum and every offset has been checked
+    /// against the files' real lengths.
     pub fn open(path: &Path) -> Result<Image, SnapshotError> {
         Image::from_file(path, open_file(path)?, true)
     }
 
-    /// Like [`Image::open`] but without reading the pages section to check
-    /// its CRC: for clones of a template whose pages one `appshot clone`
-    /// already verified, so that a clone's cost does not grow with the
-    /// template's size. Header, manifest and layout are still checked.
+    /// Like [`Image::open`] but without reading the pages sections to
+    /// check their CRCs: for clones of a template whose pages one `appshot
+    /// clone` already verified, so that a clone's cost does not grow with
+    /// the template's size. Headers, manifests and layouts are still
+    /// checked, up the whole chain.
     pub fn open_verified_template(path: &Path) -> Result<Image, SnapshotError> {
         Image::from_file(path, open_file(path)?, false)
     }
 
-    /// Verifies the image `file`, opened from `path` with [`open_file`];
-    /// with `verify_pages` false, as [`Image::open_verified_template`].
-    pub fn from_file(
-        path: &Path,
-        mut file: File,
-        verify_pages: bool,
-    ) -> Result<Image, SnapshotError> {
+    /// Verifies the image `file`, opened from `path` with [`open_file`],
+    /// and its parents; with `verify_pages` false, as
+    /// [`Image::open_verified_template`].
+    pub fn from_file(path: &Path, file: File, verify_pages: bool) -> Result<Image, SnapshotError> {
+        let mut image = Image::load(path, file, verify_pages)?;
+        let mut next = image
+            .manifest
+            .parent
+            .clone()
+            .map(|r| (image.path.clone(), r));
+        while let Some((child, r)) = next {
+            if image.ancestors.len() + 1 >= MAX_CHAIN {
+                return Err(SnapshotError::ChainTooLong {
+                    image: path.to_path_buf(),
+                    max: MAX_CHAIN,
+                });
+            }
+            let parent = parent_path(&child, &r.path);
+            let unusable = |e| SnapshotError::ParentUnusable {
+                image: child.clone(),
+                parent: parent.clone(),
+                source: Box::new(e),
+            };
+            let p = open_file(&parent)
+                .and_then(|f| Image::load(&parent, f, verify_pages))
+                .map_err(unusable)?;
+            if (p.manifest.id, p.pages_crc, p.manifest_crc) != (r.id, r.pages_crc, r.manifest_crc) {
+                return Err(SnapshotError::ParentReplaced {
+                    image: child,
+                    parent,
+                });
+            }
+            next = p.manifest.parent.clone().map(|r| (parent.clone(), r));
+            image.ancestors.push(p);
+        }
+        // Runs are checked against the layers they name, each image's
+        // layers counted from itself.
+        let lens: Vec<u64> = std::iter::once(image.pages_len)
+            .chain(image.ancestors.iter().map(|a| a.pages_len))
+            .collect();
+        check_manifest(&image.manifest, &lens).map_err(|why| SnapshotError::corrupt(path, &why))?;
+        for (i, a) in image.ancestors.iter().enumerate() {
+            check_manifest(&a.manifest, &lens[i + 1..]).map_err(|why| {
+                SnapshotError::ParentUnusable {
+                    image: path.to_path_buf(),
+                    parent: a.path.clone(),
+                    source: Box::new(SnapshotError::corrupt(&a.path, &why)),
+                }
+            })?;
+        }
+        Ok(image)
+    }
+
+    /// One image file, checked on its own: its parents are not opened and
+    /// its manifest is not yet checked against them.
+    fn load(path: &Path, mut file: File, verify_pages: bool) -> Result<Image, SnapshotError> {
         let io = |e| SnapshotError::io(path, e);
         let corrupt = |why: String| SnapshotError::corrupt(path, &why);
         let size = file.metadata().map_err(io)?.len();
@@ -328,7 +390,6 @@ impl Image {
                 return Err(corrupt("pages checksum mismatch".into()));
             }
         }
-        check_manifest(&manifest, h.pages_len).map_err(corrupt)?;
         Ok(Image {
             path: path.to_path_buf(),
             manifest,
@@ -336,7 +397,19 @@ impl Image {
             pages_off: h.pages_off,
             pages_len: h.pages_len,
             size,
+            pages_crc: h.pages_crc,
+            manifest_crc: h.manifest_crc,
+            ancestors: Vec::new(),
         })
+    }
+
+    /// Image `layer` of the chain (0: this one). The layers of a checked
+    /// image's runs all exist.
+    pub fn layer(&self, layer: u32) -> &Image {
+        match layer {
+            0 => self,
+            n => &self.ancestors[n as usize - 1],
+        }
     }
 
     /// Reads `len` bytes of page data at `offset` of the pages section.
@@ -345,6 +418,86 @@ impl Image {
             .read_exact_at(buf, self.pages_off + offset)
             .map_err(|e| SnapshotError::io(&self.path, e))
     }
+
+    /// How a child taken on this image, to be written at `child`, names
+    /// it: by a path relative to the child's directory when they share
+    /// one.
+    pub fn as_parent_of(&self, child: &Path) -> ParentRef {
+        let path = match (self.path.parent(), child.parent(), self.path.file_name()) {
+            (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().into_owned(),
+            _ => std::path::absolute(&self.path)
+                .unwrap_or_else(|_| self.path.clone())
+                .to_string_lossy()
+                .into_owned(),
+        };
+        ParentRef {
+            path,
+            id: self.manifest.id,
+            pages_crc: self.pages_crc,
+            manifest_crc: self.manifest_crc,
+        }
+    }
+
+    /// Writes the state this image holds, its parents' pages included,
+    /// as one whole image at `out` (same id: the same state); returns its
+    /// size.
+    pub fn merge(&self, out: &Path) -> Result<u64, SnapshotError> {
+        const CHUNK: u64 = 1 << 20;
+        let mut writer = ImageWriter::create(out)?;
+        let result = (|| {
+            // The own pages section first, as it is: its runs keep their
+            // offsets.
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut at = 0;
+            while at < self.pages_len {
+                let n = (self.pages_len - at).min(CHUNK) as usize;
+                self.read_pages(at, &mut buf[..n])?;
+                writer.write_pages(&buf[..n])?;
+                at += n as u64;
+            }
+            let mut manifest = self.manifest.clone();
+            manifest.parent = None;
+            let runs = manifest
+                .processes
+                .iter_mut()
+                .flat_map(|p| &mut p.vmas)
+                .flat_map(|v| &mut v.pages)
+                .filter(|r| r.layer > 0);
+            for run in runs {
+                let from = self.layer(run.layer);
+                let mut new_offset = None;
+                let (mut at, end) = (run.offset, run.offset + run.pages * PAGE);
+                while at < end {
+                    let n = (end - at).min(CHUNK) as usize;
+                    from.read_pages(at, &mut buf[..n])?;
+                    let written = writer.write_pages(&buf[..n])?;
+                    new_offset.get_or_insert(written);
+                    at += n as u64;
+                }
+                run.offset = new_offset.unwrap_or(0);
+                run.layer = 0;
+            }
+            Ok(manifest)
+        })();
+        match result {
+            Ok(manifest) => writer.finish(&manifest),
+            Err(e) => {
+                writer.abandon();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Where a parent named `rel` by the image at `child` is.
+fn parent_path(child: &Path, rel: &str) -> PathBuf {
+    let rel = Path::new(rel);
+    if rel.is_absolute() {
+        return rel.to_path_buf();
+    }
+    let dir = child.parent().unwrap_or(Path::new("."));
+    // Absolute: a restore opens it from inside the restored process.
+    std::path::absolute(dir.join(rel)).unwrap_or_else(|_| dir.join(rel))
 }
 
 /// Size of a raw siginfo.
@@ -355,7 +508,10 @@ const REGS_LEN: usize = 27;
 /// Checks what the CRCs cannot: that a manifest (which may have been
 /// tampered with and checksummed again) describes nothing a restore would
 /// index out of bounds, overflow on or loop over forever.
-fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
+/// `lens`: the length of the pages section of each layer, this image's
+/// first.
+fn check_manifest(manifest: &Manifest, lens: &[u64]) -> Result<(), String> {
+    let pages_len = lens[0];
     if manifest.processes.is_empty() {
         return Err("it holds no process".into());
     }
@@ -379,11 +535,12 @@ fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
                 f.fd, p.ns_pid, f.from_pid
             ));
         }
-        check_process(p, pages_len)?;
+        check_process(p, lens)?;
     }
     for obj in &manifest.memfds {
         for run in &obj.runs {
-            let inside = run.offset % PAGE == 0
+            let inside = run.layer == 0
+                && run.offset % PAGE == 0
                 && run
                     .pages
                     .checked_mul(PAGE)
@@ -413,8 +570,8 @@ fn check_manifest(manifest: &Manifest, pages_len: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn check_process(p: &ProcessImage, pages_len: u64) -> Result<(), String> {
-    use crate::image::model::FdKind;
+fn check_process(p: &ProcessImage, lens: &[u64]) -> Result<(), String> {
+    use crate::image::model::{FdKind, VmaKind};
     if p.auxv.len() & 1 != 0 {
         return Err(format!("auxv has an odd length ({})", p.auxv.len()));
     }
@@ -450,6 +607,29 @@ fn check_process(p: &ProcessImage, pages_len: u64) -> Result<(), String> {
             ));
         }
         for run in &vma.pages {
+            let Some(&pages_len) = lens.get(run.layer as usize) else {
+                return Err(format!(
+                    "page run at {:#x} is in layer {} of a chain of {}",
+                    run.addr,
+                    run.layer,
+                    lens.len()
+                ));
+            };
+            if run.layer > 0
+                && (vma.shared
+                    || !matches!(
+                        vma.kind,
+                        VmaKind::Anon
+                            | VmaKind::Stack
+                            | VmaKind::File { .. }
+                            | VmaKind::Memfd { .. }
+                    ))
+            {
+                return Err(format!(
+                    "page run at {:#x} of a mapping whose pages are always the image's own is in layer {}",
+                    run.addr, run.layer
+                ));
+            }
             let inside = run.addr % PAGE == 0
                 && run.offset % PAGE == 0
                 && run.pages.checked_mul(PAGE).is_some_and(|len| {
@@ -489,6 +669,8 @@ mod tests {
         Manifest {
             ipc: SysvIpc::default(),
             memfds: Vec::new(),
+            id: 1,
+            parent: None,
             created_unix: 1,
             writer: "appshot test".into(),
             instance: InstanceInfo {
@@ -544,6 +726,7 @@ mod tests {
             addr: 0x1000,
             pages: 2,
             offset: 0,
+            layer: 0,
         }]);
         let mut w = ImageWriter::create(path).unwrap();
         w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
@@ -695,6 +878,7 @@ mod tests {
             addr,
             pages,
             offset,
+            layer: 0,
         };
         let mut good = sample_manifest(vec![run(0x1000, 2, 0)]);
         good.processes[0].threads = vec![thread()];
@@ -730,6 +914,9 @@ mod tests {
         m.processes[0].vmas[0].pages = vec![run(0x1000, 1, 100)];
         cases.push((m, "page run"));
         let mut m = good.clone();
+        m.processes[0].vmas[0].pages[0].layer = 1;
+        cases.push((m, "layer 1 of a chain of 1"));
+        let mut m = good.clone();
         m.processes[0].fds = vec![FdImage {
             fd: 3,
             cloexec: false,
@@ -752,6 +939,90 @@ mod tests {
                 Ok(_) => panic!("{needle}: tampered manifest accepted"),
             }
         }
+    }
+
+    /// A child's pages in its parent are read through the chain, merged
+    /// into one whole image, and a parent missing, replaced or corrupt is
+    /// refused naming it.
+    #[test]
+    fn chains_resolve_merge_and_refuse_a_bad_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("parent");
+        let child = dir.path().join("child");
+        write_sample(&parent);
+        let p = Image::open(&parent).unwrap();
+        let mut m = sample_manifest(vec![
+            PageRun {
+                addr: 0x1000,
+                pages: 1,
+                offset: 0,
+                layer: 0,
+            },
+            PageRun {
+                addr: 0x2000,
+                pages: 1,
+                offset: PAGE,
+                layer: 1,
+            },
+        ]);
+        m.id = 2;
+        m.parent = Some(p.as_parent_of(&child));
+        assert_eq!(m.parent.as_ref().unwrap().path, "parent");
+        let mut w = ImageWriter::create(&child).unwrap();
+        w.write_pages(&vec![9u8; PAGE as usize]).unwrap();
+        w.finish(&m).unwrap();
+
+        let c = Image::open(&child).unwrap();
+        assert_eq!(c.ancestors.len(), 1);
+        let mut buf = vec![0u8; PAGE as usize];
+        c.layer(1).read_pages(PAGE, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+
+        let merged = dir.path().join("merged");
+        c.merge(&merged).unwrap();
+        let flat = Image::open(&merged).unwrap();
+        assert!(flat.ancestors.is_empty() && flat.manifest.parent.is_none());
+        assert_eq!(flat.manifest.id, 2, "the same state keeps its id");
+        for (run, fill) in flat.manifest.processes[0].vmas[0]
+            .pages
+            .iter()
+            .zip([9u8, 7])
+        {
+            assert_eq!(run.layer, 0);
+            flat.read_pages(run.offset, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == fill), "run at {:#x}", run.addr);
+        }
+
+        let good = std::fs::read(&parent).unwrap();
+        let refused = |needle: &str| match Image::open(&child) {
+            Err(e) => {
+                let text = format!(
+                    "{e} / {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
+                );
+                assert!(text.contains(&parent.display().to_string()), "{text}");
+                assert!(text.contains(needle), "{needle}: {text}");
+            }
+            Ok(_) => panic!("{needle}: a bad parent accepted"),
+        };
+        std::fs::remove_file(&parent).unwrap();
+        refused("No such file");
+        let mut flipped = good.clone();
+        flipped[PAGE as usize + 5] ^= 1;
+        std::fs::write(&parent, &flipped).unwrap();
+        refused("pages checksum");
+        write_sample(&parent);
+        let mut other = Image::open(&parent).unwrap().manifest;
+        other.id = 3;
+        let mut w = ImageWriter::create(&parent).unwrap();
+        w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
+        w.finish(&other).unwrap();
+        refused("replaced");
+        std::fs::write(&parent, &good).unwrap();
+        Image::open(&child).expect("the parent as it was");
+        Image::open(&merged).expect("the merged image needs no parent");
     }
 
     #[test]

@@ -16,6 +16,26 @@ pub struct Manifest {
     pub ipc: SysvIpc,
     /// memfd objects, each once, whatever fds and mappings name them.
     pub memfds: Vec<MemfdObject>,
+    /// Names the state the image holds: random, drawn by the dump. A
+    /// merged image keeps the id of the image it flattens (same state),
+    /// so a later incremental snapshot may name either as its parent.
+    pub id: u128,
+    /// The image an incremental snapshot was taken on top of: its pages
+    /// not written since are referenced there ([`PageRun::layer`]).
+    pub parent: Option<ParentRef>,
+}
+
+/// How an incremental image names its parent: by path, and by what it
+/// held when the child was taken, so that a parent replaced or rewritten
+/// since is refused rather than read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// Relative to the child's directory (a chain moved as one directory
+    /// still resolves), or absolute when they were in different ones.
+    pub path: String,
+    pub id: u128,
+    pub pages_crc: u32,
+    pub manifest_crc: u32,
 }
 
 impl Manifest {
@@ -23,9 +43,10 @@ impl Manifest {
         &self.processes[0]
     }
 
-    /// Bytes of the pages section the image refers to: the memory it
-    /// saved. A pre-copied image also holds earlier copies of pages
-    /// written during the pre-copy, which nothing refers to.
+    /// Bytes of pages the image refers to: the memory it restores, in its
+    /// own pages section or, for an incremental image, in its parents'. A
+    /// pre-copied image also holds earlier copies of pages written during
+    /// the pre-copy, which nothing refers to.
     pub fn pages_bytes(&self) -> u64 {
         let page = crate::image::PAGE;
         let processes: u64 = self.processes.iter().map(|p| p.pages_bytes).sum();
@@ -317,12 +338,15 @@ pub enum VmaKind {
 }
 
 /// `pages` contiguous pages from `addr`, stored at `offset` of the pages
-/// section (page-aligned, so a restore can map them directly).
+/// section (page-aligned, so a restore can map them directly) of image
+/// `layer` of the chain: 0 this image, 1 its parent, 2 the parent's
+/// parent... Only a private mapping's runs are ever in another layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRun {
     pub addr: u64,
     pub pages: u64,
     pub offset: u64,
+    pub layer: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

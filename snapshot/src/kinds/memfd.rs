@@ -93,6 +93,7 @@ impl Sources {
                         addr: at,
                         pages: n / PAGE,
                         offset,
+                        layer: 0,
                     });
                     at += n;
                 }

@@ -255,11 +255,12 @@ pub(crate) fn dump_memory(
         });
         for (addr, n, copy) in pieces {
             let len = (n * PAGE) as usize;
-            if let Some(offset) = copy {
+            if let Some((layer, offset)) = copy {
                 pages.push(PageRun {
                     addr,
                     pages: n,
                     offset,
+                    layer,
                 });
                 done += len as u64;
                 reused += len as u64;
@@ -283,6 +284,7 @@ pub(crate) fn dump_memory(
                 addr,
                 pages: n,
                 offset,
+                layer: 0,
             });
             done += len as u64;
             (req.progress)(done, total);
@@ -409,21 +411,19 @@ pub(crate) fn map_memory(
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
     let mut buf = Vec::new();
-    let image_path = image.path.to_string_lossy();
     // The process reads its own saved pages from the image (or maps them,
-    // for a clone): one copy, from the page cache into its memory.
-    let has_pages = p.vmas.iter().any(|v| !v.pages.is_empty());
-    let image_fd = if has_pages {
-        Some(open_in(
-            inj,
-            mem,
-            pid,
-            data,
-            &image_path,
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )?)
-    } else {
-        None
+    // for a clone): one copy, from the page cache into its memory. An
+    // incremental image's pages are in the images up its chain: each is
+    // opened as a run first needs it.
+    let mut layer_fds: HashMap<u32, u64> = HashMap::new();
+    let mut layer_fd = |layer: u32| -> Result<u64, SnapshotError> {
+        if let Some(&fd) = layer_fds.get(&layer) {
+            return Ok(fd);
+        }
+        let path = image.layer(layer).path.to_string_lossy();
+        let fd = open_in(inj, mem, pid, data, &path, libc::O_RDONLY | libc::O_CLOEXEC)?;
+        layer_fds.insert(layer, fd);
+        Ok(fd)
     };
     for v in &p.vmas {
         let len = v.end - v.start;
@@ -555,38 +555,45 @@ pub(crate) fn map_memory(
         }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
+            let layer = image.layer(run.layer);
+            let off = layer.pages_off + run.offset;
             // A stack's pages are copied: a piece mapped from the image
             // would split the stack, and only its lowest piece can grow.
             let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
-            if let Some(fd) = image_fd.filter(|_| private && share_pages) {
+            if private && share_pages {
                 // A private mapping of the image's page-aligned pages: read
                 // through the page cache that every clone shares, copied
                 // only when written.
                 let flags = (libc::MAP_PRIVATE as u64) | fixed;
-                let off = image.pages_off + run.offset;
                 inj.ok(
                     pid,
                     "mmap of template pages",
                     libc::SYS_mmap,
-                    &[run.addr, n as u64, v.prot as u64, flags, fd, off],
+                    &[
+                        run.addr,
+                        n as u64,
+                        v.prot as u64,
+                        flags,
+                        layer_fd(run.layer)?,
+                        off,
+                    ],
                 )?;
                 continue;
             }
-            let writable = v.prot & libc::PROT_WRITE as u32 != 0;
-            if let Some(fd) = image_fd.filter(|_| writable) {
-                let off = image.pages_off + run.offset;
+            if v.prot & libc::PROT_WRITE as u32 != 0 {
                 let got = inj.ok(
                     pid,
                     "pread64 of saved pages",
                     libc::SYS_pread64,
-                    &[fd, run.addr, n as u64, off],
+                    &[layer_fd(run.layer)?, run.addr, n as u64, off],
                 )?;
                 if got != n as u64 {
                     return Err(RestoreError::Process {
                         pid,
                         what: format!(
-                            "read {got} of {n} saved bytes at {:#x} from the image",
-                            run.addr
+                            "read {got} of {n} saved bytes at {:#x} from the image {}",
+                            run.addr,
+                            layer.path.display()
                         ),
                     }
                     .into());
@@ -596,12 +603,11 @@ pub(crate) fn map_memory(
             // Read-only pages (text, RELRO) cannot be read into by the
             // process; /proc/PID/mem writes them.
             buf.resize(n, 0);
-            image.read_pages(run.offset, &mut buf[..n])?;
+            layer.read_pages(run.offset, &mut buf[..n])?;
             mem.write(run.addr, &buf[..n])?;
         }
     }
-    files.extend(image_fd.map(|fd| ("", fd)));
-    for fd in files.into_values() {
+    for fd in files.into_values().chain(layer_fds.into_values()) {
         inj.call(pid, libc::SYS_close, &[fd])?;
     }
     debug!(pid, "address space rebuilt");

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tempfile::TempDir;
 
+pub mod pagewriter;
+
 /// How long an application may take to start serving or to die.
 pub const READY: Duration = Duration::from_secs(10);
 /// Upper bound for any single appshot or client invocation, so a hang fails
@@ -854,6 +856,18 @@ pub fn start_redis(h: &mut Harness, name: &str, aid: &str, extra: &[&str]) {
     command.extend_from_slice(extra);
     h.start(name, aid, &dir, &[], &command);
     h.wait_log(name, "Ready to accept connections");
+}
+
+/// The last count the child of `tests/programs/forkshare.c` logged to
+/// `log` ("ok N"), 0 before any.
+pub fn forkshare_count(log: &Path) -> u64 {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .filter_map(|l| l.strip_prefix("ok "))
+        .find_map(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `redis-cli -p 6379 ARGS` under `aid`; its trimmed answer. redis-cli

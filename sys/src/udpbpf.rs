@@ -1,0 +1,275 @@
+//! The kernel's half of UDP multiplexing: the cgroup sock_addr programs of
+//! `bpf/udproutes.bpf.c`, attached to a registry's cgroup and pinned in
+//! bpffs with their maps, so that they outlive the process that attached
+//! them and every later supervisor of the registry updates the same maps.
+//!
+//! Loading goes through aya: a pure-Rust loader (no libbpf or libelf to
+//! build), which parses the clang-built object with its BTF map
+//! definitions and attaches with BPF links.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::pin::PinError;
+use aya::programs::links::{FdLink, LinkError};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
+use aya::{EbpfError, EbpfLoader};
+
+/// Where bpffs is mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The programs, by the section names the loader knows their hook by.
+const PROGRAMS: [&str; 4] = ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+/// The maps; `routes` is pinned last, so its pin says the set is whole.
+const MAPS: [&str; 3] = ["reverse", "locals", "routes"];
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udproutes.bpf.o"));
+
+/// A route's key, as `struct route_key` of the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteKey {
+    /// The cgroup id (the inode number) of the sender's AID directory.
+    pub aid: u64,
+    /// The destination in network order; IPv4 as `::ffff:a.b.c.d`, a
+    /// wildcard as `::` or `::ffff:0.0.0.0`.
+    pub addr: [u8; 16],
+    /// The virtual port.
+    pub port: u32,
+    pub pad: u32,
+}
+
+// SAFETY: repr(C) of integers and a byte array, 8 + 16 + 4 + 4 bytes with
+// no padding: every bit pattern is a valid value and no byte is
+// uninitialised.
+unsafe impl aya::Pod for RouteKey {}
+
+/// What the maps hold: routes by key, virtual ports by real port, the
+/// host's addresses (network order, IPv4 mapped).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entries {
+    pub routes: BTreeMap<RouteKey, u32>,
+    pub reverse: BTreeMap<u32, u32>,
+    pub locals: BTreeSet<[u8; 16]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("mounting bpffs on {BPFFS}")]
+    Mount(#[source] io::Error),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the UDP route programs")]
+    Load(#[source] EbpfError),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("link of program {name}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> BpfError + '_ {
+    move |source| BpfError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Mounts bpffs on [`BPFFS`] unless it is there (systemd mounts it; a
+/// bare host or a fresh mount namespace may not).
+pub fn ensure_bpffs() -> Result<(), BpfError> {
+    let path = CString::new(BPFFS).expect("no NUL");
+    // SAFETY: statfs is plain data, all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let fstype = CString::new("bpf").expect("no NUL");
+    // SAFETY: NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(BpfError::Mount(io::Error::last_os_error()))
+    }
+}
+
+/// The maps of the programs attached for one registry.
+pub struct UdpRoutes {
+    routes: HashMap<MapData, RouteKey, u32>,
+    reverse: HashMap<MapData, u32, u32>,
+    locals: HashMap<MapData, [u8; 16], u32>,
+}
+
+impl UdpRoutes {
+    /// Opens the maps pinned in `pins`, or, when there are none, loads the
+    /// programs, attaches them to the cgroup `cgroup` (all its descendants
+    /// run them) and pins links and maps in `pins`. `aid_level` is the
+    /// depth of an AID's directory below the cgroup2 root.
+    pub fn attach(pins: &Path, cgroup: &Path, aid_level: u32) -> Result<UdpRoutes, BpfError> {
+        if pins.join("routes").exists() {
+            return Self::open(pins);
+        }
+        // A set a crash left half-pinned is removed, its links with it.
+        detach(pins)?;
+        // bpffs refuses names with a dot.
+        let mut staging = pins.as_os_str().to_owned();
+        staging.push("-staging");
+        let staging = PathBuf::from(staging);
+        detach(&staging)?;
+        if let Some(parent) = staging.parent() {
+            std::fs::create_dir_all(parent).map_err(io_at(parent))?;
+        }
+        std::fs::create_dir(&staging).map_err(io_at(&staging))?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("aid_level", &aid_level, true)
+            .load(OBJECT)
+            .map_err(BpfError::Load)?;
+        let cgroup_fd = File::open(cgroup).map_err(io_at(cgroup))?;
+        for name in PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing(name))?
+                .try_into()
+                .map_err(|source| BpfError::Program { name, source })?;
+            let program_err = |source| BpfError::Program { name, source };
+            program.load().map_err(program_err)?;
+            // A BPF link takes no flags (the kernel refuses any): links to
+            // one cgroup always run side by side, whoever else attaches.
+            let id = program
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(program_err)?
+                .try_into()
+                .map_err(|source| BpfError::Link { name, source })?;
+            let path = staging.join(name);
+            link.pin(&path)
+                .map_err(|source| BpfError::Pin { path, source })?;
+        }
+        for name in MAPS {
+            let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
+            let path = staging.join(name);
+            map.pin(&path)
+                .map_err(|source| BpfError::Pin { path, source })?;
+        }
+        // The pins keep links and maps; the loader's handles go with it.
+        drop(ebpf);
+        std::fs::rename(&staging, pins).map_err(io_at(pins))?;
+        Self::open(pins)
+    }
+
+    fn open(pins: &Path) -> Result<UdpRoutes, BpfError> {
+        fn pinned<K: aya::Pod, V: aya::Pod>(
+            pins: &Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>, BpfError> {
+            let err = |source| BpfError::Map { name, source };
+            let data = MapData::from_pin(pins.join(name)).map_err(err)?;
+            HashMap::try_from(Map::HashMap(data)).map_err(err)
+        }
+        Ok(UdpRoutes {
+            routes: pinned(pins, "routes")?,
+            reverse: pinned(pins, "reverse")?,
+            locals: pinned(pins, "locals")?,
+        })
+    }
+
+    /// Makes the maps hold `entries` exactly: stale keys removed, the rest
+    /// written (a datagram sent meanwhile sees the old route or the new
+    /// one, never none for a key in both).
+    pub fn sync(&mut self, entries: &Entries) -> Result<(), BpfError> {
+        sync_map(&mut self.routes, "routes", &entries.routes)?;
+        sync_map(&mut self.reverse, "reverse", &entries.reverse)?;
+        let locals: BTreeMap<[u8; 16], u32> = entries.locals.iter().map(|a| (*a, 1)).collect();
+        sync_map(&mut self.locals, "locals", &locals)
+    }
+}
+
+fn sync_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    want: &BTreeMap<K, V>,
+) -> Result<(), BpfError> {
+    let err = |source| BpfError::Map { name, source };
+    let have: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(err)?;
+    for key in have.iter().filter(|k| !want.contains_key(k)) {
+        match map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    for (key, value) in want {
+        if map.get(key, 0).ok().as_ref() != Some(value) {
+            map.insert(key, value, 0).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pins in `pins` and the directory: the programs detach when
+/// their last link goes.
+pub fn detach(pins: &Path) -> Result<(), BpfError> {
+    let entries = match std::fs::read_dir(pins) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(pins)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io_at(pins))?.path();
+        std::fs::remove_file(&path).map_err(io_at(&path))?;
+    }
+    std::fs::remove_dir(pins).map_err(io_at(pins))
+}
+
+/// The pin directories below `dir` whose names start with `prefix`.
+pub fn pin_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().as_bytes().starts_with(prefix.as_bytes()))
+        .map(|e| e.path())
+        .collect()
+}
