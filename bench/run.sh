@@ -101,6 +101,8 @@ while (($#)); do
             if [[ ${2:-} == scale ]]; then scale_only=true; else others=true; args+=("$1" "${2:-}"); fi
             shift 2 || shift
             ;;
+        --only=scale) scale_only=true; shift ;;
+        --only=*) others=true; args+=("$1"); shift ;;
         --quick) quick=true; args+=("$1"); shift ;;
         *) args+=("$1"); shift ;;
     esac
