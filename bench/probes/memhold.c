@@ -8,6 +8,10 @@
  *       request per connection, forever, blocked in accept in between:
  *         "ping" -> "mib=MIB"                 (cheap: the first answer)
  *         "sum"  -> "mib=MIB sum=<16 hex>"    (reads all of the memory)
+ *         "write" -> "mib=MIB write_ns_per_page=<ns>"
+ *                    (writes one word of every page, putting back the
+ *                    word it finds: in a clone, the first write to each
+ *                    of the template's pages)
  *       sum is the wrapping sum over i of word[i] * (2i + 1): every word
  *       and its position count, so a page restored wrong or in the wrong
  *       place changes it. The bench computes the expected value itself.
@@ -18,6 +22,12 @@
  *       second, spread evenly over each second and over the memory: each
  *       write puts back the word it finds, so the page is written (what
  *       write tracking sees) and the checksum stays the same.
+ *
+ *   memhold cow MIB
+ *       Allocates and fills MIB MiB as serve does, forks, and the child
+ *       writes one word of every page as "write" does: the ordinary
+ *       copy-on-write fault of anonymous memory after fork, to compare a
+ *       clone's first writes with. Prints "cow_ns_per_page=<ns>".
  *
  *   memhold ask HOST PORT REQUEST WAIT_MS
  *       Connects, retrying every 0.5 ms while the connection is refused
@@ -36,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -81,6 +92,60 @@ static ssize_t read_line(int fd, char *buf, size_t cap) {
     return (ssize_t)len;
 }
 
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* Writes one word of each of the pages of mem (putting back the word it
+ * finds) and returns the time per page, ns. */
+static double write_each_page(uint64_t *mem, size_t words) {
+    const size_t words_per_page = 4096 / sizeof(uint64_t);
+    size_t pages = words / words_per_page;
+    double start = now_ms();
+    for (size_t p = 0; p < pages; p++) {
+        volatile uint64_t *word = mem + p * words_per_page;
+        *word = *word;
+    }
+    return (now_ms() - start) * 1e6 / (double)pages;
+}
+
+static uint64_t *filled(long mib, size_t *words) {
+    *words = (size_t)mib * (1 << 20) / sizeof(uint64_t);
+    uint64_t *mem = malloc(*words * sizeof *mem);
+    if (mem == NULL) {
+        perror("malloc");
+        return NULL;
+    }
+    for (size_t i = 0; i < *words; i++)
+        mem[i] = pattern(i);
+    return mem;
+}
+
+static int cow(long mib) {
+    size_t words;
+    uint64_t *mem = filled(mib, &words);
+    if (mem == NULL)
+        return 1;
+    pid_t child = fork();
+    if (child < 0) {
+        perror("fork");
+        return 1;
+    }
+    if (child == 0) {
+        printf("cow_ns_per_page=%.1f\n", write_each_page(mem, words));
+        fflush(stdout);
+        _exit(0);
+    }
+    int status;
+    if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fprintf(stderr, "memhold cow: the child failed\n");
+        return 1;
+    }
+    return 0;
+}
+
 struct writing {
     volatile uint64_t *mem;
     size_t pages;
@@ -109,14 +174,10 @@ static void *writer(void *arg) {
 }
 
 static int serve(const struct sockaddr_in *a, long mib, double percent) {
-    size_t words = (size_t)mib * (1 << 20) / sizeof(uint64_t);
-    uint64_t *mem = malloc(words * sizeof *mem);
-    if (mem == NULL) {
-        perror("malloc");
+    size_t words;
+    uint64_t *mem = filled(mib, &words);
+    if (mem == NULL)
         return 1;
-    }
-    for (size_t i = 0; i < words; i++)
-        mem[i] = pattern(i);
     static struct writing w;
     if (percent > 0) {
         w.mem = mem;
@@ -151,6 +212,9 @@ static int serve(const struct sockaddr_in *a, long mib, double percent) {
                 sum += mem[i] * (2 * (uint64_t)i + 1);
             snprintf(answer, sizeof answer, "mib=%ld sum=%016llx\n", mib,
                      (unsigned long long)sum);
+        } else if (strcmp(req, "write") == 0) {
+            snprintf(answer, sizeof answer, "mib=%ld write_ns_per_page=%.1f\n", mib,
+                     write_each_page(mem, words));
         } else {
             snprintf(answer, sizeof answer, "unknown request\n");
         }
@@ -158,12 +222,6 @@ static int serve(const struct sockaddr_in *a, long mib, double percent) {
             perror("write");
         close(c);
     }
-}
-
-static double now_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
 }
 
 static int ask(const struct sockaddr_in *a, const char *request, long wait_ms) {
@@ -231,6 +289,8 @@ static int ask(const struct sockaddr_in *a, const char *request, long wait_ms) {
 }
 
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "cow") == 0 && atol(argv[2]) > 0)
+        return cow(atol(argv[2]));
     struct sockaddr_in a;
     if (argc >= 4 && parse_addr(argv[2], argv[3], &a) == 0) {
         if (argc == 5 && strcmp(argv[1], "serve") == 0 && atol(argv[4]) > 0)
@@ -241,7 +301,7 @@ int main(int argc, char **argv) {
             return ask(&a, argv[4], atol(argv[5]));
     }
     fprintf(stderr,
-            "usage: %s serve HOST PORT MIB [PERCENT] | ask HOST PORT REQUEST WAIT_MS\n",
+            "usage: %s serve HOST PORT MIB [PERCENT] | ask HOST PORT REQUEST WAIT_MS | cow MIB\n",
             argv[0]);
     return 2;
 }

@@ -64,6 +64,8 @@ impl Plan {
 pub enum Unit {
     /// Microseconds per syscall: lower is better.
     MicrosPerCall,
+    /// Microseconds per page touched: lower is better.
+    MicrosPerPage,
     ConnsPerSec,
     GbitPerSec,
     RequestsPerSec,
@@ -76,6 +78,7 @@ impl Unit {
     pub fn label(self) -> &'static str {
         match self {
             Unit::MicrosPerCall => "µs",
+            Unit::MicrosPerPage => "µs/page",
             Unit::ConnsPerSec => "conn/s",
             Unit::GbitPerSec => "Gbit/s",
             Unit::RequestsPerSec => "req/s",

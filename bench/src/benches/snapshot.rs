@@ -27,8 +27,10 @@
 //!
 //! For the 256 MiB template, 5 clones at once also give the memory each
 //! adds: the sum of their Pss over 5, and their private pages, against
-//! the RSS of the instance the template was taken from. For the smallest
-//! template, `appshot clone --count 100` gives the wall time of starting
+//! the RSS of the instance the template was taken from; then the first
+//! clone's first write to each page (a fault that copies the template's
+//! page) against a native process's copy-on-write fault after fork
+//! (`memhold cow`). For the smallest template, `appshot clone --count 100` gives the wall time of starting
 //! 100 clones from one command (each then checked to answer).
 //!
 //! Every original, restored and cloned process must answer the checksum of
@@ -46,7 +48,7 @@ use super::criu::{self, CriuRun};
 use super::{argv, Ctx, Outcome};
 use crate::appshot::{Appshot, Instance};
 use crate::measure::{warmup_mark, Measurement, Unit};
-use crate::probes::MEMHOLD;
+use crate::probes::{self, MEMHOLD};
 use crate::procs::{self, Lines};
 use crate::table::Row;
 
@@ -204,7 +206,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
 
     let warmup = ctx.plan.warmup;
     let total = warmup + ctx.plan.snapshot_runs;
-    let mut memory: Vec<(f64, f64)> = Vec::new();
+    let mut memory: Vec<CloneMemory> = Vec::new();
     let mut count_ms: Vec<f64> = Vec::new();
     let smallest = sizes.iter().map(|s| s.mib).min();
     for round in 0..total {
@@ -260,8 +262,8 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                     format!("{TITLE} / {MEMORY_CLONES} clones of {MEMORY_MIB} MiB: run {} of {total} failed", round + 1)
                 })?;
                 eprintln!(
-                    "  {TITLE} / {MEMORY_CLONES} clones of {MEMORY_MIB} MiB: run {}/{total}{}: Pss {:.1} MiB and private {:.3} MiB per clone (template RSS {:.1} MiB)",
-                    round + 1, warmup_mark(round, warmup), m.0, m.1, size.template_rss_mib
+                    "  {TITLE} / {MEMORY_CLONES} clones of {MEMORY_MIB} MiB: run {}/{total}{}: Pss {:.1} MiB and private {:.3} MiB per clone (template RSS {:.1} MiB); first write to a template page {:.2} µs (fork's copy-on-write {:.2} µs)",
+                    round + 1, warmup_mark(round, warmup), m.pss_mib, m.private_mib, size.template_rss_mib, m.write_us, m.cow_us
                 );
                 memory.push(m);
             }
@@ -381,9 +383,9 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         for (what, get) in [
             (
                 "Pss per clone",
-                (|m: &(f64, f64)| m.0) as fn(&(f64, f64)) -> f64,
+                (|m: &CloneMemory| m.pss_mib) as fn(&CloneMemory) -> f64,
             ),
-            ("private memory per clone", |m| m.1),
+            ("private memory per clone", |m| m.private_mib),
         ] {
             let configuration = format!(
                 "{MEMORY_CLONES} clones of a {MEMORY_MIB} MiB template: {what}; peer: template's RSS"
@@ -405,6 +407,32 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             out.measurements.push(m);
         }
         out.measurements.push(template);
+        let runs = |get: fn(&CloneMemory) -> f64| memory.iter().map(get).collect();
+        let configuration = format!(
+            "first write to each page of a {MEMORY_MIB} MiB template in a clone, per page; peer: copy-on-write fault after fork (native)"
+        );
+        let cow = Measurement::from_runs(
+            "clone page fault",
+            &format!("{configuration} (fork)"),
+            Unit::MicrosPerPage,
+            runs(|m| m.cow_us),
+            warmup,
+        )?;
+        let write = Measurement::from_runs(
+            "clone page fault",
+            &configuration,
+            Unit::MicrosPerPage,
+            runs(|m| m.write_us),
+            warmup,
+        )?;
+        out.rows.push(Row::compared(
+            "clone page fault",
+            &configuration,
+            "fork copy-on-write",
+            &cow,
+            &write,
+        ));
+        out.measurements.extend([cow, write]);
     }
     Ok(out)
 }
@@ -546,7 +574,7 @@ fn clone_memory(
     probe: &str,
     size: &Size,
     round: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<CloneMemory> {
     let aid = format!("m{round}");
     let (clones, _) = appshot.clone_template(&size.template, &aid, MEMORY_CLONES)?;
     for (i, clone) in clones.iter().enumerate() {
@@ -568,7 +596,47 @@ fn clone_memory(
         private += kib(&rollup, "Private_Clean")? + kib(&rollup, "Private_Dirty")?;
     }
     let per_clone = |kib: u64| kib as f64 / 1024.0 / f64::from(MEMORY_CLONES);
-    Ok((per_clone(pss), per_clone(private)))
+    // After the memory is read: the first clone's first write to each of
+    // the template's pages, and an ordinary process's copy-on-write after
+    // fork, the fault a clone forked from a resident template would take.
+    let first = format!("{aid}-1");
+    let out = procs::run(
+        &mut appshot.foreground(&first, &ask(probe, size.port, "write", 10_000)),
+        &format!("write query to clone {first}"),
+        TIMEOUT,
+    )?;
+    let write_us = out
+        .lines()
+        .find_map(|l| l.strip_prefix("answer "))
+        .and_then(|a| {
+            a.split_whitespace()
+                .find_map(|t| t.strip_prefix("write_ns_per_page="))
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| anyhow!("no write_ns_per_page= in clone {first}'s answer: {out:?}"))?
+        / 1e3;
+    let out = procs::run(
+        &mut procs::command(&argv([probe, "cow", &size.mib.to_string()])),
+        &format!("memhold cow {} (native)", size.mib),
+        TIMEOUT,
+    )?;
+    let cow_us = probes::parse_value(&out, "cow_ns_per_page")? / 1e3;
+    Ok(CloneMemory {
+        pss_mib: per_clone(pss),
+        private_mib: per_clone(private),
+        write_us,
+        cow_us,
+    })
+}
+
+/// What one round of [`clone_memory`] measured.
+struct CloneMemory {
+    pss_mib: f64,
+    private_mib: f64,
+    /// A clone's first write to a template page, µs per page.
+    write_us: f64,
+    /// A native copy-on-write fault after fork, µs per page.
+    cow_us: f64,
 }
 
 /// Starts 100 clones of the template with one `appshot clone --count`,
