@@ -59,10 +59,10 @@ pub fn set_reclaim_hook(hook: ReclaimHook) {
 }
 
 /// Told, under the registry lock and after the commit, that the set of UDP
-/// translations changed, with the state before and the state just
-/// committed: kernel rules that route datagrams are rebuilt from it (the
-/// datagram path has no supervisor to ask the registry).
-pub type UdpChangeHook = fn(&Path, &RegistryState, &RegistryState);
+/// translations changed, with the state just committed: kernel rules that
+/// route datagrams are rebuilt from it (the datagram path has no
+/// supervisor to ask the registry).
+pub type UdpChangeHook = fn(&Path, &RegistryState);
 
 static UDP_CHANGE_HOOK: OnceLock<UdpChangeHook> = OnceLock::new();
 
@@ -173,7 +173,7 @@ fn pid_running(pid: u32) -> bool {
 struct Committed<R> {
     result: R,
     reclaimed: Vec<String>,
-    udp: Option<(RegistryState, RegistryState)>,
+    udp: Option<RegistryState>,
 }
 
 impl Registry {
@@ -278,8 +278,7 @@ impl Registry {
                         .cloned()
                         .collect()
                 });
-            let udp = (udp_of(before, &owners) != udp_of(&state, &owners))
-                .then(|| (before.clone(), state.clone()));
+            let udp = (udp_of(before, &owners) != udp_of(&state, &owners)).then(|| state.clone());
             let changes =
                 (!owners.is_empty() || !holders.is_empty() || damaged.is_some() || full_due).then(
                     || Changes {
@@ -305,8 +304,8 @@ impl Registry {
             // cannot install its rules before the stale ones are gone.
             hook(&self.dir, &committed.reclaimed);
         }
-        if let (Some((before, after)), Some(hook)) = (&committed.udp, UDP_CHANGE_HOOK.get()) {
-            hook(&self.dir, before, after);
+        if let (Some(after), Some(hook)) = (&committed.udp, UDP_CHANGE_HOOK.get()) {
+            hook(&self.dir, after);
         }
         Ok(committed.result)
     }
