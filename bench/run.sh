@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measures appshot side by side with native and with peers.
 #
-#   bench/run.sh [--quick] [--only syscall|connrate|iperf|udp|redis|snapshot|oci|redisconns|nginx]...
+#   bench/run.sh [--quick] [--only syscall|connrate|iperf|udp|redis|snapshot|oci|redisconns|nginx|scale]...
 #
 # Installs the Debian packages the benchmarks drive (only those `dpkg -s`
 # reports missing), builds appshot and the bench in release mode, and runs
@@ -17,11 +17,16 @@
 # Linux 6.18. If no working criu 4.x can be had, it says why on stderr; with
 # CI=true that fails the run (a missing peer is a failure there), otherwise
 # the snapshot rows carry the reason instead of a CRIU figure.
+#
+# The scale row (bench/scale.sh: 1,000 instances on one port) runs after the
+# others in full mode, or alone with `--only scale`; never with --quick
+# (what CI runs): it takes several minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# clang and libbpf-dev build appshot's eBPF programs (sys/bpf/).
-packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc clang libbpf-dev)
+# clang and libbpf-dev build appshot's eBPF programs (sys/bpf/); busybox is
+# the scale row's server.
+packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc clang libbpf-dev busybox)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -85,4 +90,41 @@ fi
 
 cargo build --release -p appshot -p appshot-bench >&2
 release="${CARGO_TARGET_DIR:-target}/release"
-exec "$release/appshot-bench" "$@" --appshot "$release/appshot" --out bench/results
+
+args=()
+quick=false
+others=false
+scale_only=false
+while (($#)); do
+    case $1 in
+        --only)
+            if [[ ${2:-} == scale ]]; then scale_only=true; else others=true; args+=("$1" "${2:-}"); fi
+            shift 2 || shift
+            ;;
+        --only=scale) scale_only=true; shift ;;
+        --only=*) others=true; args+=("$1"); shift ;;
+        --quick) quick=true; args+=("$1"); shift ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+# `--only scale` and nothing else: the scale row alone.
+if $scale_only && ! $others; then
+    run_others=false
+else
+    run_others=true
+fi
+# Full mode (neither --quick nor --only) or asked for; never with --quick.
+if ! $quick && { $scale_only || ! $others; }; then
+    scale=true
+else
+    scale=false
+fi
+status=0
+if $run_others; then
+    "$release/appshot-bench" "${args[@]}" --appshot "$release/appshot" --out bench/results || status=$?
+fi
+if $scale; then
+    echo "== scale: the registry with 1,000 instances on one port (bench/scale.sh)" >&2
+    bench/scale.sh "$release/appshot" || status=$?
+fi
+exit "$status"

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use appshot_vpm::Registry;
+use appshot_vpm::{CachedRegistry, Registry};
 use nix::errno::Errno;
 use nix::sys::socket::{getsockopt, recv, sockopt, MsgFlags};
 use serde::{Deserialize, Serialize};
@@ -198,7 +198,11 @@ pub fn serve_until(
         .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
-    let registry = Registry::open(run_dir)?;
+    // Cached, and without the liveness filter of a plain read: `ps` asks
+    // every supervisor in turn, and each answer must not cost a read of
+    // every instance. A dead supervisor's pid that lingers until the next
+    // transaction reclaims it can only refuse more.
+    let mut registry = CachedRegistry::new(Registry::open(run_dir)?);
     let me = nix::unistd::geteuid().as_raw();
     let handler = Arc::new(handler);
     std::thread::spawn(move || {
@@ -213,7 +217,7 @@ pub fn serve_until(
                     continue;
                 }
             };
-            let mut supervisors: BTreeSet<u32> = match registry.read() {
+            let mut supervisors: BTreeSet<u32> = match registry.get() {
                 Ok(state) => state.instances.values().map(|i| i.supervisor_pid).collect(),
                 Err(e) => {
                     warn!(

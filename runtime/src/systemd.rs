@@ -24,7 +24,7 @@ pub enum UnitError {
 /// The unit for instance `name`, from its registry record.
 pub fn instance_unit(run_dir: &Path, name: &str) -> Result<String, UnitError> {
     let registry = Registry::open(run_dir)?;
-    let state = registry.transaction(|s| s.clone())?;
+    let state = registry.read()?;
     let record = state
         .instances
         .get(name)

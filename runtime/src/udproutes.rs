@@ -305,7 +305,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// The registry's UDP change hook: the kernel's routes follow the
 /// committed state.
-pub fn refresh(registry_dir: &Path, _before: &RegistryState, state: &RegistryState) {
+pub fn refresh(registry_dir: &Path, state: &RegistryState) {
     let Some(root) = cgroup::root() else {
         return;
     };

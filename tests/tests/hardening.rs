@@ -234,14 +234,15 @@ fn the_run_directory_is_private() {
     fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755)).unwrap();
     let dir = h.dir("cwd");
     h.start("private", "a", &dir, &[], &["sleep", "60"]);
-    assert!(poll(READY, || run_dir.join("registry.json").exists()));
+    assert!(poll(READY, || run_dir.join("registry.db").exists()));
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     for (path, want) in [
         (run_dir.clone(), 0o700),
         (run_dir.join("instances"), 0o700),
         (run_dir.join("logs"), 0o700),
         (run_dir.join("registry.lock"), 0o600),
-        (run_dir.join("registry.json"), 0o600),
+        (run_dir.join("registry.db"), 0o600),
+        (run_dir.join("registry.db-wal"), 0o600),
     ] {
         assert_eq!(mode(&path), want, "{}", path.display());
     }

@@ -482,12 +482,16 @@ fn ps_ports_and_inspect_speak_one_json_vocabulary() {
             "instance",
             "left_running",
             "pages_bytes",
+            "parent",
             "precopied_bytes",
             "size_bytes",
             "template",
-            "time_ms"
+            "time_ms",
+            "tracked"
         ]
     );
+    assert_eq!(stats["parent"], serde_json::Value::Null);
+    assert_eq!(stats["tracked"], false);
     assert_eq!(stats["instance"], "web-j");
     assert_eq!(stats["aid"], "j");
     assert_eq!(stats["left_running"], true);

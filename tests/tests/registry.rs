@@ -77,17 +77,20 @@ fn a_lost_registry_fails_closed_and_is_rebuilt() {
     };
     start_three(&mut h);
     assert_isolated(&h, "start");
-    let registry = h.run_dir().join("registry.json");
+    let registry = h.run_dir().join("registry.db");
 
+    // Its WAL and shared memory stay, as `rm registry.db` leaves them.
     fs::remove_file(&registry).unwrap();
-    assert_isolated(&h, "deleting registry.json");
-    assert_listed_again(&h, "deleting registry.json");
+    assert_isolated(&h, "deleting registry.db");
+    assert_listed_again(&h, "deleting registry.db");
 
-    fs::write(
-        &registry,
-        r#"{"generation": 0, "instances": {}, "translations": []}"#,
-    )
-    .unwrap();
-    assert_isolated(&h, "emptying registry.json");
-    assert_listed_again(&h, "emptying registry.json");
+    for file in ["registry.db", "registry.db-wal", "registry.db-shm"] {
+        match fs::remove_file(h.run_dir().join(file)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("removing {file}: {e}"),
+            _ => {}
+        }
+    }
+    fs::write(&registry, b"").unwrap();
+    assert_isolated(&h, "replacing registry.db by an empty file");
+    assert_listed_again(&h, "replacing registry.db by an empty file");
 }

@@ -9,6 +9,12 @@ pub enum VpmError {
     },
     #[error("registry {path} is corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error("registry database {path}")]
+    Database {
+        path: PathBuf,
+        #[source]
+        error: rusqlite::Error,
+    },
     #[error("instance name `{0}` is already in use by a running instance")]
     NameInUse(String),
 }

@@ -109,6 +109,11 @@ impl Drop for InstanceLock {
         if let Err(error) = fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), %error, "cannot remove instance directory");
         }
+        if let Ok(held) = &registry_lock {
+            if let Err(error) = self.registry.forget_holder(held, &self.name) {
+                tracing::warn!(instance = %self.name, %error, "cannot record that the instance ended");
+            }
+        }
     }
 }
 

@@ -1,22 +1,25 @@
-//! Host-wide state shared by independent supervisor processes: a JSON file
-//! replaced atomically under an flock, plus one liveness lock per instance.
+//! Host-wide state shared by independent supervisor processes: a SQLite
+//! database (`store`) whose writers are serialised by an flock, plus one
+//! liveness lock per instance.
 //!
 //! The run directory and everything in it is its owner's alone (0700 and
 //! 0600): any user who could open `registry.lock` could flock it (a
 //! read-only descriptor suffices) and stall every supervisor, whose port
-//! allocations run under that lock, and `registry.json` holds the
-//! instances' command lines.
+//! allocations run under that lock, and the database holds the instances'
+//! command lines.
 
 mod cache;
 mod liveness;
 mod own;
+mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -27,13 +30,21 @@ pub use cache::CachedRegistry;
 pub use liveness::{is_alive, InstanceLock};
 
 use crate::error::VpmError;
-use crate::translation::{Protocol, RegistryState, Translation};
+use crate::translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};
 use own::OwnRecords;
+use store::{Changes, Db, Snapshot};
 
 const LOCK_FILE: &str = "registry.lock";
-const STATE_FILE: &str = "registry.json";
-const STAGING_FILE: &str = "registry.json.tmp";
+/// The JSON registry of earlier versions, migrated into the database when
+/// the database is created.
+const LEGACY_STATE_FILE: &str = "registry.json";
+const LEGACY_STAGING_FILE: &str = "registry.json.tmp";
 const INSTANCES_DIR: &str = "instances";
+/// How often (seconds) a transaction probes every instance's liveness lock
+/// instead of trusting that a holder whose pid exists is alive: a pid
+/// reused by another process would otherwise keep a dead instance's
+/// entries for good.
+const FULL_SCAN_SECS: i64 = 30;
 
 /// Called with the registry directory and the names of the instances a
 /// transaction reclaimed, so that state kept outside the registry (the
@@ -48,10 +59,10 @@ pub fn set_reclaim_hook(hook: ReclaimHook) {
 }
 
 /// Told, under the registry lock and after the commit, that the set of UDP
-/// translations changed, with the state before and the state just
-/// committed: kernel rules that route datagrams are rebuilt from it (the
-/// datagram path has no supervisor to ask the registry).
-pub type UdpChangeHook = fn(&Path, &RegistryState, &RegistryState);
+/// translations changed, with the state just committed: kernel rules that
+/// route datagrams are rebuilt from it (the datagram path has no
+/// supervisor to ask the registry).
+pub type UdpChangeHook = fn(&Path, &RegistryState);
 
 static UDP_CHANGE_HOOK: OnceLock<UdpChangeHook> = OnceLock::new();
 
@@ -60,34 +71,133 @@ pub fn set_udp_change_hook(hook: UdpChangeHook) {
     let _ = UDP_CHANGE_HOOK.set(hook);
 }
 
-fn udp_translations(state: &RegistryState) -> Vec<&Translation> {
-    state
-        .translations
-        .iter()
-        .filter(|t| t.protocol == Protocol::Udp)
-        .collect()
-}
-
 #[derive(Debug, Clone)]
 pub struct Registry {
     dir: PathBuf,
+    store: Arc<Connections>,
+}
+
+/// A handle's database connections, opened on first use: one for writers
+/// and one for readers, so that a read inside a transaction's closure sees
+/// the last commit instead of waiting for the transaction.
+#[derive(Debug, Default)]
+struct Connections {
+    writer: Mutex<Option<Db>>,
+    reader: Mutex<Option<Db>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic inside a transaction rolled it back: the connection is sound.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Every instance name's rows, grouped, for telling which instances a
+/// transaction changed.
+type Grouped<'a> = BTreeMap<
+    &'a str,
+    (
+        Option<&'a InstanceRecord>,
+        Vec<&'a Translation>,
+        Vec<&'a SourceRuleRecord>,
+    ),
+>;
+
+fn grouped(state: &RegistryState) -> Grouped<'_> {
+    let mut groups = Grouped::new();
+    for (name, record) in &state.instances {
+        groups.entry(name).or_default().0 = Some(record);
+    }
+    for t in &state.translations {
+        groups.entry(&t.owner).or_default().1.push(t);
+    }
+    for r in &state.source_rules {
+        groups.entry(&r.owner).or_default().2.push(r);
+    }
+    groups
+}
+
+/// The instances whose records differ between `before` and `after`.
+fn changed_owners(before: &RegistryState, after: &RegistryState) -> BTreeSet<String> {
+    let (old, new) = (grouped(before), grouped(after));
+    let mut changed: BTreeSet<String> = old
+        .iter()
+        .filter(|(name, rows)| new.get(*name) != Some(rows))
+        .map(|(name, _)| (*name).to_owned())
+        .collect();
+    changed.extend(
+        new.keys()
+            .filter(|name| !old.contains_key(*name))
+            .map(|name| (*name).to_owned()),
+    );
+    changed
+}
+
+/// The UDP translations of `owners`: only a change of these calls the UDP
+/// change hook.
+fn udp_of<'a>(state: &'a RegistryState, owners: &BTreeSet<String>) -> Vec<&'a Translation> {
+    state
+        .translations
+        .iter()
+        .filter(|t| t.protocol == Protocol::Udp && owners.contains(&t.owner))
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether process `pid` (in this PID namespace) is running: it exists and
+/// has not exited (a killed supervisor stays a zombie until its parent
+/// reaps it, but its pidfd already reads as exited).
+fn pid_running(pid: u32) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let Ok(pidfd) = appshot_sys::pidfd::open_process(pid) else {
+        return false;
+    };
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => true,
+        Ok(_) => !fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN)),
+        // Undecidable: the caller probes the lock instead.
+        Err(_) => false,
+    }
+}
+
+/// What a transaction hands to the hooks once it has committed.
+struct Committed<R> {
+    result: R,
+    reclaimed: Vec<String>,
+    udp: Option<RegistryState>,
 }
 
 impl Registry {
     /// Opens the registry in `dir`, creating it (and its `instances`
     /// directory) accessible to its owner only. An existing registry left
     /// accessible to others by an older version is made private, if it is
-    /// ours.
+    /// ours. The database itself is opened (and created) on first use.
     pub fn open(dir: &Path) -> Result<Registry, VpmError> {
         private_dir(dir, true).map_err(VpmError::io(dir))?;
         let instances = dir.join(INSTANCES_DIR);
         private_dir(&instances, false).map_err(VpmError::io(&instances))?;
-        for name in [LOCK_FILE, STATE_FILE] {
+        for name in [
+            LOCK_FILE,
+            store::DB_FILE,
+            store::WAL_FILE,
+            store::SHM_FILE,
+            LEGACY_STATE_FILE,
+        ] {
             let path = dir.join(name);
             private_file(&path).map_err(VpmError::io(&path))?;
         }
         Ok(Registry {
             dir: dir.to_path_buf(),
+            store: Arc::default(),
         })
     }
 
@@ -105,10 +215,7 @@ impl Registry {
 
     /// Runs `f` on the current state with every other writer on the host
     /// excluded, after dropping instances whose supervisor has died, and
-    /// commits the result if anything changed.
-    ///
-    /// Live instances' records the registry has lost (or that differ from
-    /// their own copies) are put back first, and the repair is committed.
+    /// commits the rows of the instances whose records changed.
     pub fn transaction<R>(&self, f: impl FnOnce(&mut RegistryState) -> R) -> Result<R, VpmError> {
         let held = self.lock()?;
         self.transaction_locked(&held, None, f)
@@ -116,52 +223,162 @@ impl Registry {
 
     /// [`Registry::transaction`] for a caller that already holds the
     /// registry lock. `fresh` names an instance whose lock was just taken:
-    /// its own copy, if any, is a dead predecessor's and is not restored;
-    /// the copy is rewritten from what `f` leaves.
+    /// it is recorded as held by this process, its own copy, if any, is a
+    /// dead predecessor's and is rewritten from what `f` leaves.
     fn transaction_locked<R>(
         &self,
         _held: &Flock<File>,
         fresh: Option<&str>,
         f: impl FnOnce(&mut RegistryState) -> R,
     ) -> Result<R, VpmError> {
-        let path = self.state_path();
-        let committed = load(&path)?;
+        let mut slot = locked(&self.store.writer);
+        let db = self.writer_db(&mut slot)?;
+        let full_due = unix_now() - store::last_full_scan(db)? >= FULL_SCAN_SECS;
+        let committed = db.write(|snapshot| {
+            let before = &snapshot.state;
+            let mut state = before.clone();
+            let live = self.live_names(snapshot, full_due);
+            let reclaimed = self.reclaim(&mut state, &live);
+            let result = f(&mut state);
+            let owners = changed_owners(before, &state);
+            // Own copies first: a commit interrupted between the two leaves
+            // a copy ahead of the database, which errs towards keeping a
+            // translation should the database be lost.
+            for name in &owners {
+                let damaged = state.damaged.contains(name);
+                if live.contains(name) && !damaged && Some(name.as_str()) != fresh {
+                    own::write(
+                        &self.instances_dir().join(name),
+                        &OwnRecords::of(&state, name),
+                    )?;
+                }
+            }
+            if let Some(name) = fresh {
+                own::write(
+                    &self.instances_dir().join(name),
+                    &OwnRecords::of(&state, name),
+                )?;
+            }
+            let mut holders: BTreeMap<String, Option<u32>> =
+                reclaimed.iter().map(|n| (n.clone(), None)).collect();
+            if let Some(name) = fresh {
+                holders.insert(name.to_owned(), Some(std::process::id()));
+            }
+            let forget: BTreeSet<&str> =
+                reclaimed.iter().map(String::as_str).chain(fresh).collect();
+            let damaged = state
+                .damaged
+                .iter()
+                .any(|n| forget.contains(n.as_str()))
+                .then(|| {
+                    state
+                        .damaged
+                        .iter()
+                        .filter(|n| !forget.contains(n.as_str()))
+                        .cloned()
+                        .collect()
+                });
+            let udp = (udp_of(before, &owners) != udp_of(&state, &owners)).then(|| state.clone());
+            let changes =
+                (!owners.is_empty() || !holders.is_empty() || damaged.is_some() || full_due).then(
+                    || Changes {
+                        state: Some(state),
+                        owners,
+                        holders,
+                        damaged,
+                        full_scan: full_due.then(unix_now),
+                    },
+                );
+            Ok((
+                Committed {
+                    result,
+                    reclaimed,
+                    udp,
+                },
+                changes,
+            ))
+        })?;
+        drop(slot);
+        if let (false, Some(hook)) = (committed.reclaimed.is_empty(), RECLAIM_HOOK.get()) {
+            // Under the registry lock, so a successor of the same name
+            // cannot install its rules before the stale ones are gone.
+            hook(&self.dir, &committed.reclaimed);
+        }
+        if let (Some(after), Some(hook)) = (&committed.udp, UDP_CHANGE_HOOK.get()) {
+            hook(&self.dir, after);
+        }
+        Ok(committed.result)
+    }
+
+    /// The writer's connection, reopened when the database was deleted or
+    /// replaced, and created (migrating `registry.json`, or rebuilt from the
+    /// live instances' own copies) when it is missing. Under the registry
+    /// lock.
+    fn writer_db<'a>(&self, slot: &'a mut Option<Db>) -> Result<&'a mut Db, VpmError> {
+        if let Some(db) = slot.take() {
+            if db.current()? {
+                *slot = Some(db);
+            } else {
+                db.abandon();
+            }
+        }
+        if slot.is_none() {
+            let (db, created) = Db::open_for_writing(&self.db_path(), || self.initial_state())?;
+            if created {
+                let legacy = self.dir.join(LEGACY_STATE_FILE);
+                match fs::remove_file(&legacy) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(VpmError::io(&legacy)(e))
+                    }
+                    _ => {}
+                }
+            }
+            *slot = Some(db);
+        }
+        Ok(slot.as_mut().expect("opened above"))
+    }
+
+    /// What a new database starts with: an earlier version's
+    /// `registry.json` if there is one, with every live instance's records
+    /// made those of its own copy (the database was deleted, or never was).
+    fn initial_state(&self) -> Result<RegistryState, VpmError> {
+        let legacy = self.dir.join(LEGACY_STATE_FILE);
+        let mut state = match fs::read(&legacy) {
+            Ok(bytes) => {
+                let state: RegistryState = parse_json(&legacy, &bytes)?;
+                tracing::info!(from = %legacy.display(), to = %self.db_path().display(), "migrating the registry");
+                state
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => RegistryState::default(),
+            Err(e) => return Err(VpmError::io(&legacy)(e)),
+        };
         let live = self.live_instances()?;
-        let mut base = committed.clone();
-        // Under the lock no commit is in flight: any difference is damage.
-        let found = own::reconcile(
-            &mut base,
-            live.iter().filter(|(name, _)| Some(name.as_str()) != fresh),
-        );
-        found.report(&path, true);
-        let mut state = base.clone();
-        self.reclaim(&mut state);
-        let result = f(&mut state);
-        // Own copies first: a commit interrupted between the two leaves the
-        // copies ahead, and the next load completes it from them.
-        for (name, _) in &live {
-            if found.damaged.contains_key(name) {
-                // Rewriting it from a registry that lost it would make the
-                // loss permanent; the damage lasts until the instance ends.
-                continue;
-            }
-            let own = OwnRecords::of(&state, name);
-            if Some(name.as_str()) == fresh || own != OwnRecords::of(&base, name) {
-                let dir = self.instances_dir().join(name);
-                own::write(&dir, &own)?;
+        let found = own::reconcile(&mut state, &live);
+        found.report(&self.db_path(), true);
+        state.damaged = found.damaged.into_keys().collect();
+        let live: BTreeSet<String> = live.into_iter().map(|(name, _)| name).collect();
+        for name in owners(&state) {
+            if !live.contains(&name) {
+                state.remove_instance(&name);
             }
         }
-        if state != committed {
-            state.generation = committed.generation + 1;
-            write_atomically(&self.dir.join(STAGING_FILE), &path, &state)?;
-            if let (true, Some(hook)) = (
-                udp_translations(&state) != udp_translations(&committed),
-                UDP_CHANGE_HOOK.get(),
-            ) {
-                hook(&self.dir, &committed, &state);
-            }
-        }
-        Ok(result)
+        Ok(state)
+    }
+
+    /// Records that this process no longer holds the liveness lock of
+    /// `name` (an OCI agent holds many and outlives each), so that the next
+    /// transaction probes it instead of trusting the holder's pid.
+    fn forget_holder(&self, _held: &Flock<File>, name: &str) -> Result<(), VpmError> {
+        let mut slot = locked(&self.store.writer);
+        let db = self.writer_db(&mut slot)?;
+        db.write(|snapshot| {
+            let changes = snapshot.holders.contains_key(name).then(|| Changes {
+                holders: BTreeMap::from([(name.to_owned(), None)]),
+                ..Changes::default()
+            });
+            Ok(((), changes))
+        })?;
+        Ok(())
     }
 
     /// For the new live holder of `name`: whatever an earlier instance of
@@ -195,18 +412,75 @@ impl Registry {
         }
     }
 
-    /// The last committed state without taking the lock (commits are atomic
-    /// renames), minus instances whose supervisor has died since, plus live
-    /// instances' records the registry has lost (put back in the returned
-    /// state only; the next transaction commits the repair).
+    /// The last committed state, read without the registry lock and
+    /// without waiting for a writer, minus instances whose supervisor has
+    /// died since. A deleted database reads as what the live instances' own
+    /// copies hold (the next transaction commits it).
     pub fn read(&self) -> Result<RegistryState, VpmError> {
-        let mut state = load(&self.state_path())?;
-        let live = self.reconcile_read(&mut state, false)?;
-        for name in owners(&state) {
-            if !live.contains(&name) {
-                state.remove_instance(&name);
+        self.read_live().map(|(state, _)| state)
+    }
+
+    /// [`Registry::read`], and whether it left out dead instances.
+    fn read_live(&self) -> Result<(RegistryState, bool), VpmError> {
+        let mut slot = locked(&self.store.reader);
+        let Some(snapshot) = self.read_snapshot(&mut slot)? else {
+            drop(slot);
+            return self.rebuilt_from_own_copies().map(|state| (state, false));
+        };
+        let mut state = snapshot.state.clone();
+        let dead: Vec<String> = owners(&state)
+            .into_iter()
+            .filter(|name| !self.alive(&snapshot.holders, name, false))
+            .collect();
+        for name in &dead {
+            state.remove_instance(name);
+        }
+        Ok((state, !dead.is_empty()))
+    }
+
+    /// [`Registry::read`], followed by a transaction when the read met
+    /// instances whose supervisor has died, so that their entries (and what
+    /// the reclaim hook removes with them, such as source rules in the
+    /// kernel) go now rather than with the next change. Writes nothing
+    /// while every instance is alive.
+    pub fn read_reclaiming(&self) -> Result<RegistryState, VpmError> {
+        match self.read_live()? {
+            (_, true) => self.transaction(|s| s.clone()),
+            (state, false) => Ok(state),
+        }
+    }
+
+    /// The committed snapshot through the reader connection in `slot`,
+    /// reopened if the database was replaced; `None`: there is none.
+    fn read_snapshot<'a>(
+        &self,
+        slot: &'a mut Option<Db>,
+    ) -> Result<Option<&'a Snapshot>, VpmError> {
+        if let Some(db) = slot.take() {
+            if db.current()? {
+                *slot = Some(db);
+            } else {
+                db.abandon();
             }
         }
+        if slot.is_none() {
+            match Db::open_existing(&self.db_path())? {
+                Some(db) => *slot = Some(db),
+                None => return Ok(None),
+            }
+        }
+        let db = slot.as_mut().expect("opened above");
+        db.snapshot().map(Some)
+    }
+
+    /// The state as the live instances' own copies tell it, for a registry
+    /// that is not there.
+    fn rebuilt_from_own_copies(&self) -> Result<RegistryState, VpmError> {
+        let mut state = RegistryState::default();
+        let live = self.live_instances()?;
+        let found = own::reconcile(&mut state, &live);
+        found.report(&self.db_path(), true);
+        state.damaged = found.damaged.into_keys().collect();
         Ok(state)
     }
 
@@ -233,24 +507,34 @@ impl Registry {
         Ok(live)
     }
 
-    /// Holds `state`, as read without the lock, against the live
-    /// instances' own records, and returns their names. `certain`: the
-    /// caller knows the registry was damaged (it vanished, or its generation
-    /// went backwards), so a difference is no commit in flight.
-    fn reconcile_read(
-        &self,
-        state: &mut RegistryState,
-        certain: bool,
-    ) -> Result<BTreeSet<String>, VpmError> {
-        let live = self.live_instances()?;
-        let found = own::reconcile(state, &live);
-        found.report(&self.state_path(), certain);
-        state.damaged = found.damaged.into_keys().collect();
-        Ok(live.into_iter().map(|(name, _)| name).collect())
+    /// Whether instance `name` is alive: its lock holder's process exists
+    /// (a syscall, not a lock probe, which would need the lock file opened
+    /// for every instance on every transaction), or, when that is not known
+    /// or `full`, its lock is held.
+    fn alive(&self, holders: &BTreeMap<String, u32>, name: &str, full: bool) -> bool {
+        let presumed = !full && holders.get(name).is_some_and(|&pid| pid_running(pid));
+        presumed || is_alive(&self.dir, name)
     }
 
-    fn state_path(&self) -> PathBuf {
-        self.dir.join(STATE_FILE)
+    /// The names of the live instances among those with a directory or
+    /// registry entries.
+    fn live_names(&self, snapshot: &Snapshot, full: bool) -> BTreeSet<String> {
+        let mut names = owners(&snapshot.state);
+        if let Ok(entries) = fs::read_dir(self.instances_dir()) {
+            names.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok()),
+            );
+        }
+        names
+            .into_iter()
+            .filter(|name| self.alive(&snapshot.holders, name, full))
+            .collect()
+    }
+
+    fn db_path(&self) -> PathBuf {
+        self.dir.join(store::DB_FILE)
     }
 
     fn instances_dir(&self) -> PathBuf {
@@ -271,13 +555,15 @@ impl Registry {
         }
     }
 
-    fn reclaim(&self, state: &mut RegistryState) {
+    /// Removes the entries of every instance not in `live`, and the
+    /// directories of those with no live holder; returns the names whose
+    /// entries went.
+    fn reclaim(&self, state: &mut RegistryState, live: &BTreeSet<String>) -> Vec<String> {
         let mut reclaimed = Vec::new();
         for name in owners(state) {
-            if is_alive(&self.dir, &name) {
+            if live.contains(&name) {
                 continue;
             }
-            reclaimed.push(name.clone());
             let ports: Vec<String> = state
                 .translations_of(&name)
                 .map(|t| format!("{} {}->{}", t.protocol, t.virtual_port, t.real_port))
@@ -288,17 +574,14 @@ impl Registry {
                 "reclaiming stale instance whose supervisor is gone"
             );
             state.remove_instance(&name);
+            reclaimed.push(name);
         }
-        if let (false, Some(hook)) = (reclaimed.is_empty(), RECLAIM_HOOK.get()) {
-            // Under the registry lock, so a successor of the same name
-            // cannot install its rules before the stale ones are gone.
-            hook(&self.dir, &reclaimed);
-        }
-        self.remove_dead_instance_dirs();
+        self.remove_dead_instance_dirs(live);
+        reclaimed
     }
 
     /// Also covers supervisors that died before registering anything.
-    fn remove_dead_instance_dirs(&self) {
+    fn remove_dead_instance_dirs(&self, live: &BTreeSet<String>) {
         let instances = self.instances_dir();
         let entries = match fs::read_dir(&instances) {
             Ok(entries) => entries,
@@ -308,8 +591,10 @@ impl Registry {
             }
         };
         for entry in entries.flatten() {
+            let live = entry.file_name().to_str().is_some_and(|n| live.contains(n));
             let dir = entry.path();
-            if liveness::holder_alive(&dir) {
+            // Probed again: `live` may have trusted a pid.
+            if live || liveness::holder_alive(&dir) {
                 continue;
             }
             if let Err(error) = fs::remove_dir_all(&dir) {
@@ -351,8 +636,11 @@ fn write_staging(staging: &Path, value: &impl Serialize) -> Result<(), VpmError>
 /// verified templates, negotiation records).
 const RUN_DIR_ENTRIES: &[&str] = &[
     LOCK_FILE,
-    STATE_FILE,
-    STAGING_FILE,
+    store::DB_FILE,
+    store::WAL_FILE,
+    store::SHM_FILE,
+    LEGACY_STATE_FILE,
+    LEGACY_STAGING_FILE,
     INSTANCES_DIR,
     "logs",
     "verified",
@@ -421,16 +709,6 @@ fn private_file(path: &Path) -> io::Result<()> {
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
-}
-
-/// A missing registry reads as empty: whatever live instances it should
-/// hold is put back from their own copies by every load.
-fn load(path: &Path) -> Result<RegistryState, VpmError> {
-    match fs::read(path) {
-        Ok(bytes) => parse_json(path, &bytes),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(RegistryState::default()),
-        Err(e) => Err(VpmError::io(path)(e)),
-    }
 }
 
 fn parse_json<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, VpmError> {

@@ -10,6 +10,14 @@ fn registry() -> (tempfile::TempDir, Registry) {
     (tmp, registry)
 }
 
+/// What the database holds, read directly (no liveness filter, no repair).
+fn on_disk(registry: &Registry) -> RegistryState {
+    match Db::open_existing(&registry.db_path()).unwrap() {
+        Some(mut db) => db.snapshot().unwrap().state.clone(),
+        None => panic!("no database in {}", registry.dir().display()),
+    }
+}
+
 fn register(registry: &Registry, name: &str, aid: &str, real_port: u16) {
     registry
         .transaction(|s| {
@@ -45,7 +53,6 @@ fn transaction_round_trip() {
     assert_eq!(state.generation, 1);
     assert_eq!(state.instances["i1"], record("i1", "a"));
     assert_eq!(state.translations, [tcp("0.0.0.0", 9000, "a", 9000, "i1")]);
-    assert!(!registry.dir().join(STAGING_FILE).exists());
 
     let seen = registry.transaction(|s| s.clone()).unwrap();
     assert_eq!(seen, state);
@@ -66,8 +73,8 @@ fn transaction_round_trip() {
 #[test]
 fn corrupt_state_is_reported_with_its_path() {
     let (_tmp, registry) = registry();
-    let path = registry.dir().join(STATE_FILE);
-    fs::write(&path, b"{ not json").unwrap();
+    let path = registry.db_path();
+    fs::write(&path, b"not a database, and not empty either").unwrap();
 
     let expect_corrupt = |err: VpmError| match err {
         VpmError::Corrupt { path: reported, .. } => assert_eq!(reported, path),
@@ -152,14 +159,14 @@ fn dead_instances_are_hidden_from_reads_and_reclaimed_by_transactions() {
     let read = registry.read().unwrap();
     assert_eq!(read.instances.keys().collect::<Vec<_>>(), ["live"]);
     assert!(read.translations.iter().all(|t| t.owner == "live"));
-    let on_disk = load(&registry.dir().join(STATE_FILE)).unwrap();
-    assert_eq!(on_disk.translations.len(), 3, "reads never write");
+    let stored = on_disk(&registry);
+    assert_eq!(stored.translations.len(), 3, "reads never write");
 
     let seen = registry.transaction(|s| s.clone()).unwrap();
     assert_eq!(seen.instances.keys().collect::<Vec<_>>(), ["live"]);
     assert_eq!(seen.translations, [tcp("0.0.0.0", 9000, "a", 9000, "live")]);
-    let committed = load(&registry.dir().join(STATE_FILE)).unwrap();
-    assert_eq!(committed.generation, on_disk.generation + 1);
+    let committed = on_disk(&registry);
+    assert_eq!(committed.generation, stored.generation + 1);
     assert_eq!(committed.translations, seen.translations);
     assert!(survivor.instance_dir().is_dir());
 }
@@ -178,7 +185,7 @@ fn directories_of_dead_supervisors_are_removed() {
     assert!(!ghost.exists());
     assert!(!empty.exists());
     assert!(live.instance_dir().is_dir());
-    assert!(!registry.dir().join(STATE_FILE).exists(), "nothing changed");
+    assert_eq!(on_disk(&registry).generation, 0, "nothing changed");
 }
 
 const CHILD_ENV: &str = "APPSHOT_VPM_TEST_LOCK_CHILD";
@@ -252,30 +259,27 @@ fn cache_rereads_only_after_a_commit() {
     let (_tmp, registry) = registry();
     let _lock = InstanceLock::acquire(&registry, "i1").unwrap();
     let mut cache = CachedRegistry::new(registry.clone());
-    assert_eq!(*cache.get().unwrap(), RegistryState::default());
+    assert_eq!(cache.get().unwrap().translations, []);
 
     register(&registry, "i1", "a", 9000);
     assert_eq!(cache.get().unwrap().generation, 1);
     assert_eq!(cache.get().unwrap().translations.len(), 1);
+    registry.transaction(|_| ()).unwrap();
+    assert_eq!(cache.get().unwrap().generation, 1, "no change, no commit");
 
-    // Rewriting in place keeps the inode: a cache that re-read would fail.
-    let path = registry.dir().join(STATE_FILE);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .write_all(b"garbage")
-        .unwrap();
-    assert_eq!(cache.get().unwrap().generation, 1);
-    assert!(Registry::open(registry.dir()).unwrap().read().is_err());
-
-    // A file renamed over it is a new inode, whatever it holds.
-    fs::write(registry.dir().join(STAGING_FILE), b"{}").unwrap();
-    fs::rename(registry.dir().join(STAGING_FILE), &path).unwrap();
+    // A file renamed over it (with its WAL gone, which would otherwise
+    // supply the pages it lacks) is a new database, whatever it holds.
+    for file in [store::WAL_FILE, store::SHM_FILE] {
+        fs::remove_file(registry.dir().join(file)).unwrap();
+    }
+    let staging = registry.dir().join("garbage");
+    fs::write(&staging, b"garbage that is no database").unwrap();
+    fs::rename(&staging, registry.db_path()).unwrap();
     assert!(matches!(cache.get(), Err(VpmError::Corrupt { .. })));
+    assert!(matches!(registry.read(), Err(VpmError::Corrupt { .. })));
 
     // Gone while i1 runs: i1's records come back from its own copy.
-    fs::remove_file(&path).unwrap();
+    fs::remove_file(registry.db_path()).unwrap();
     let rebuilt = cache.get().unwrap();
     assert_eq!(rebuilt.instances["i1"], record("i1", "a"));
     assert_eq!(
@@ -288,7 +292,6 @@ fn cache_rereads_only_after_a_commit() {
         })
         .unwrap();
     let state = cache.get().unwrap();
-    assert_eq!(state.generation, 1);
     assert_eq!(state.instances["i1"].aid, "b");
     assert_eq!(cache.registry().dir(), registry.dir());
 }
@@ -368,7 +371,7 @@ fn a_new_holder_of_a_name_drops_what_its_dead_predecessor_left() {
     for state in [
         registry.read().unwrap(),
         registry.transaction(|s| s.clone()).unwrap(),
-        load(&registry.dir().join(STATE_FILE)).unwrap(),
+        on_disk(&registry),
     ] {
         assert!(!state.instances.contains_key("child"), "{state:?}");
         assert!(state.translations_of("child").next().is_none(), "{state:?}");
@@ -394,7 +397,9 @@ fn the_run_directory_and_its_files_are_private() {
     assert_eq!(mode(&dir.join("instances")), 0o700);
     assert_eq!(mode(&dir.join("instances/i1")), 0o700);
     assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
-    assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
+    for file in [store::DB_FILE, store::WAL_FILE, store::SHM_FILE] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
     assert_eq!(mode(&dir.join("instances/i1/lock")), 0o600);
     let logs = registry.private_subdir("logs").unwrap();
     assert_eq!(logs, dir.join("logs"));
@@ -406,22 +411,17 @@ fn the_run_directory_and_its_files_are_private() {
         chmod(&d, 0o755);
     }
     chmod(&dir.join(LOCK_FILE), 0o644);
-    chmod(&dir.join(STATE_FILE), 0o644);
-    fs::write(dir.join(STAGING_FILE), b"left by a killed commit").unwrap();
-    chmod(&dir.join(STAGING_FILE), 0o644);
+    chmod(&dir.join(store::DB_FILE), 0o644);
+    chmod(&dir.join(store::WAL_FILE), 0o644);
     let reopened = Registry::open(dir).unwrap();
     assert_eq!(reopened.private_subdir("logs").unwrap(), logs);
     assert_eq!(mode(dir), 0o700);
     assert_eq!(mode(&dir.join("instances")), 0o700);
     assert_eq!(mode(&logs), 0o700);
     assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
-    assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
+    assert_eq!(mode(&dir.join(store::DB_FILE)), 0o600);
+    assert_eq!(mode(&dir.join(store::WAL_FILE)), 0o600);
     register(&reopened, "i1", "b", 9001);
-    assert_eq!(
-        mode(&dir.join(STATE_FILE)),
-        0o600,
-        "commit via a stale staging file"
-    );
 
     // A shared directory (sticky, like /tmp) or one that is no run
     // directory is left as it is.
@@ -497,7 +497,8 @@ fn a_deleted_registry_is_rebuilt_from_the_live_instances() {
     let mut cache = CachedRegistry::new(registry.clone());
     cache.get().unwrap();
 
-    let path = registry.dir().join(STATE_FILE);
+    // Its WAL and shared memory stay, as `rm registry.db` leaves them.
+    let path = registry.db_path();
     fs::remove_file(&path).unwrap();
     for state in [registry.read().unwrap(), cache.get().unwrap().clone()] {
         assert_eq!(state.instances, before.instances);
@@ -517,42 +518,30 @@ fn a_deleted_registry_is_rebuilt_from_the_live_instances() {
     // A transaction commits the repair.
     let repaired = registry.transaction(|s| s.clone()).unwrap();
     assert_eq!(repaired.instances, before.instances);
-    let on_disk = load(&path).unwrap();
-    assert_eq!(on_disk.instances, before.instances);
-    assert_eq!(on_disk.translations.len(), 2);
+    let stored = on_disk(&registry);
+    assert_eq!(stored.instances, before.instances);
+    assert_eq!(stored.translations.len(), 2);
+    assert_eq!(cache.get().unwrap().instances, before.instances);
 }
 
 #[test]
-fn a_registry_emptied_or_altered_gets_the_live_instances_own_records_back() {
+fn a_registry_replaced_by_an_empty_file_gets_the_live_instances_own_records_back() {
     let (_tmp, registry) = registry();
     let _a = InstanceLock::acquire(&registry, "web-a").unwrap();
     register(&registry, "web-a", "a", 9000);
     let mut cache = CachedRegistry::new(registry.clone());
     assert_eq!(cache.get().unwrap().translations.len(), 1);
 
-    // Valid JSON, a later generation, and web-a's port handed to AID z.
-    let path = registry.dir().join(STATE_FILE);
-    let mut forged = load(&path).unwrap();
-    forged.generation += 10;
-    forged.translations = vec![tcp("0.0.0.0", 9000, "z", 9000, "web-a")];
-    fs::write(
-        registry.dir().join(STAGING_FILE),
-        serde_json::to_vec(&forged).unwrap(),
-    )
-    .unwrap();
-    fs::rename(registry.dir().join(STAGING_FILE), &path).unwrap();
-    let routed = route_for(cache.get().unwrap(), 9000, "z");
-    assert_eq!(routed, crate::Route::Refused);
-
-    fs::write(
-        &path,
-        br#"{"generation": 0, "instances": {}, "translations": []}"#,
-    )
-    .unwrap();
+    for file in [store::DB_FILE, store::WAL_FILE, store::SHM_FILE] {
+        fs::remove_file(registry.dir().join(file)).unwrap();
+    }
+    fs::write(registry.db_path(), b"").unwrap();
     for state in [
+        cache.get().unwrap().clone(),
         registry.read().unwrap(),
         registry.transaction(|s| s.clone()).unwrap(),
-        load(&path).unwrap(),
+        on_disk(&registry),
+        cache.get().unwrap().clone(),
     ] {
         assert_eq!(state.instances["web-a"], record("web-a", "a"));
         assert_eq!(
@@ -570,7 +559,7 @@ fn unreadable_own_records_of_a_live_instance_fail_closed() {
     register(&registry, "web-a", "a", 9000);
     register(&registry, "web-b", "b", 40000);
     fs::remove_file(own_copy(&registry, "web-a")).unwrap();
-    fs::remove_file(registry.dir().join(STATE_FILE)).unwrap();
+    fs::remove_file(registry.db_path()).unwrap();
 
     let mut cache = CachedRegistry::new(registry.clone());
     for state in [registry.read().unwrap(), cache.get().unwrap().clone()] {
@@ -657,7 +646,7 @@ fn a_new_holder_does_not_inherit_its_dead_predecessors_copy() {
     register(&registry, "child", "a", 9000);
     child.kill().unwrap();
     child.wait().unwrap();
-    fs::remove_file(registry.dir().join(STATE_FILE)).unwrap();
+    fs::remove_file(registry.db_path()).unwrap();
 
     let successor = InstanceLock::acquire(&registry, "child").unwrap();
     let state = registry.read().unwrap();
@@ -667,4 +656,293 @@ fn a_new_holder_does_not_inherit_its_dead_predecessors_copy() {
         own::read(successor.instance_dir()).unwrap(),
         OwnRecords::default()
     );
+}
+
+#[test]
+fn concurrent_writers_from_threads_lose_nothing() {
+    let (_tmp, registry) = registry();
+    let _lock = InstanceLock::acquire(&registry, "many").unwrap();
+    const THREADS: u16 = 4;
+    const EACH: u16 = 25;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            // A handle of its own per thread, as separate supervisors have.
+            let handle = Registry::open(registry.dir()).unwrap();
+            scope.spawn(move || {
+                for i in 0..EACH {
+                    let port = 20000 + t * EACH + i;
+                    handle
+                        .transaction(|s| s.insert(tcp("0.0.0.0", 9000, "a", port, "many")))
+                        .unwrap();
+                    // Readers run beside the writers and never fail.
+                    assert!(handle.read().unwrap().translations.len() > usize::from(i));
+                }
+            });
+        }
+    });
+    let state = registry.read().unwrap();
+    let ports: BTreeSet<u16> = state.translations.iter().map(|t| t.real_port).collect();
+    assert_eq!(ports.len(), usize::from(THREADS * EACH));
+    assert_eq!(state.generation, u64::from(THREADS * EACH));
+    assert_eq!(
+        own::read(_lock.instance_dir()).unwrap().translations.len(),
+        usize::from(THREADS * EACH)
+    );
+}
+
+const WRITER_ENV: &str = "APPSHOT_VPM_TEST_WRITER";
+const IN_TRANSACTION: &str = "inside the transaction";
+
+/// Not a test: the body of the writer processes of the tests below. With
+/// `APPSHOT_VPM_TEST_WRITER=DIR:NAME:MODE`, MODE `loop` commits forever,
+/// each commit replacing NAME's translations (200 of them) and its record;
+/// `hang` changes NAME's records inside a transaction, says so, and waits
+/// there for stdin to close (or for its kill).
+#[test]
+#[ignore]
+fn registry_writer_child() {
+    let Some(spec) = std::env::var_os(WRITER_ENV) else {
+        return;
+    };
+    let spec = spec.into_string().unwrap();
+    let mut parts = spec.splitn(3, ':');
+    let (dir, name, mode) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let registry = Registry::open(Path::new(dir)).unwrap();
+    match mode {
+        "loop" => {
+            for round in 0u32.. {
+                registry
+                    .transaction(|s| {
+                        s.remove_instance(name);
+                        let mut rec = record(name, "a");
+                        rec.started_unix = u64::from(round);
+                        s.instances.insert(name.into(), rec);
+                        for i in 0..200u16 {
+                            let mut t = tcp("0.0.0.0", 9000, "a", 30000 + i, name);
+                            t.socket_inode = u64::from(round) * 1000 + u64::from(i);
+                            s.insert(t);
+                        }
+                    })
+                    .unwrap();
+            }
+        }
+        "hang" => {
+            registry
+                .transaction(|s| {
+                    s.insert(tcp("0.0.0.0", 9000, "a", 31000, name));
+                    println!("{IN_TRANSACTION}");
+                    io::copy(&mut io::stdin(), &mut io::sink()).unwrap();
+                })
+                .unwrap();
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn writer_child(registry: &Registry, name: &str, mode: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "registry::tests::registry_writer_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(
+            WRITER_ENV,
+            format!("{}:{name}:{mode}", registry.dir().display()),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn integrity(registry: &Registry) -> String {
+    let conn = rusqlite::Connection::open(registry.db_path()).unwrap();
+    conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_writer_killed_inside_a_transaction_leaves_the_last_commit_and_never_blocks_readers() {
+    let (_tmp, registry) = registry();
+    // The instance whose rows the child changes stays alive in this
+    // process, so that nothing is reclaimed.
+    let _lock = InstanceLock::acquire(&registry, "web").unwrap();
+    register(&registry, "web", "a", 9000);
+    let before = registry.read().unwrap();
+    let mut cache = CachedRegistry::new(registry.clone());
+    cache.get().unwrap();
+
+    let mut child = writer_child(&registry, "web", "hang");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let inside = stdout
+        .lines()
+        .map(Result::unwrap)
+        .any(|line| line.contains(IN_TRANSACTION));
+    assert!(inside, "child never entered its transaction");
+
+    // The child holds the writers' lock and SQLite's write lock: readers
+    // go on.
+    assert_eq!(registry.read().unwrap(), before);
+    assert_eq!(cache.get().unwrap().translations, before.translations);
+    let other = Registry::open(registry.dir()).unwrap();
+    assert_eq!(other.read().unwrap(), before);
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(integrity(&registry), "ok");
+    assert_eq!(registry.read().unwrap(), before);
+    let after = registry
+        .transaction(|s| {
+            s.insert(tcp("0.0.0.0", 9001, "a", 9001, "web"));
+            s.clone()
+        })
+        .unwrap();
+    assert_eq!(after.translations.len(), 2);
+    assert_eq!(on_disk(&registry).translations, after.translations);
+    assert_eq!(cache.get().unwrap().translations, after.translations);
+}
+
+#[test]
+fn writers_killed_at_any_moment_leave_it_consistent() {
+    let (_tmp, registry) = registry();
+    let _lock = InstanceLock::acquire(&registry, "busy").unwrap();
+    for round in 0..12u64 {
+        let mut child = writer_child(&registry, "busy", "loop");
+        // Spread over the commit cycle (a commit of 200 rows takes a few
+        // milliseconds).
+        std::thread::sleep(std::time::Duration::from_millis(40 + round * 7));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(integrity(&registry), "ok", "after kill {round}");
+        let state = registry.read().unwrap();
+        let ours: Vec<&Translation> = state.translations_of("busy").collect();
+        // All of one commit or none of it: 200 translations of one round,
+        // and the record of that same round.
+        if let Some(rec) = state.instances.get("busy") {
+            assert_eq!(ours.len(), 200, "after kill {round}");
+            let round_of = |t: &&Translation| t.socket_inode / 1000;
+            assert!(ours.iter().all(|t| round_of(t) == rec.started_unix));
+        } else {
+            assert!(ours.is_empty(), "after kill {round}");
+        }
+        // And the registry takes commits again.
+        registry.transaction(|s| s.generation).unwrap();
+    }
+}
+
+type UdpSeen = (PathBuf, usize);
+static UDP_CHANGES: std::sync::Mutex<Vec<UdpSeen>> = std::sync::Mutex::new(Vec::new());
+
+fn record_udp_change(dir: &Path, after: &RegistryState) {
+    let udp = after
+        .translations
+        .iter()
+        .filter(|t| t.protocol == crate::Protocol::Udp)
+        .count();
+    UDP_CHANGES.lock().unwrap().push((dir.to_path_buf(), udp));
+}
+
+/// The number of UDP translations each call of the hook was given.
+fn udp_changes_in(dir: &Path) -> Vec<usize> {
+    UDP_CHANGES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d == dir)
+        .map(|(_, after)| *after)
+        .collect()
+}
+
+#[test]
+fn the_udp_hook_hears_of_udp_changes_only() {
+    set_udp_change_hook(record_udp_change);
+    let (_tmp, registry) = registry();
+    let _lock = InstanceLock::acquire(&registry, "dns").unwrap();
+    register(&registry, "dns", "a", 9000);
+    assert_eq!(udp_changes_in(registry.dir()), [0usize; 0], "TCP only");
+
+    let mut udp = tcp("0.0.0.0", 53, "a", 20053, "dns");
+    udp.protocol = crate::Protocol::Udp;
+    registry.transaction(|s| s.insert(udp.clone())).unwrap();
+    assert_eq!(udp_changes_in(registry.dir()), [1]);
+
+    // The same instance's record and TCP rows change, its UDP rows not.
+    registry
+        .transaction(|s| {
+            s.instances.insert("dns".into(), record("dns", "b"));
+            s.insert(tcp("0.0.0.0", 9001, "a", 9001, "dns"));
+        })
+        .unwrap();
+    assert_eq!(udp_changes_in(registry.dir()), [1]);
+
+    registry
+        .transaction(|s| s.remove_socket("dns", udp.socket_inode))
+        .unwrap();
+    assert_eq!(udp_changes_in(registry.dir()), [1, 0]);
+}
+
+#[test]
+fn a_killed_supervisor_not_yet_reaped_is_dead_and_reclaimed_by_a_reclaiming_read() {
+    let (_tmp, registry) = registry();
+    let _other = InstanceLock::acquire(&registry, "other").unwrap();
+    register(&registry, "other", "b", 9100);
+    let mut child = lock_holding_child(&registry);
+    register(&registry, "child", "a", 9000);
+    assert_eq!(registry.read_reclaiming().unwrap().translations.len(), 2);
+
+    // Killed, and left a zombie: its pid still exists.
+    child.kill().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while registry.read().unwrap().instances.contains_key("child") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "zombie taken for alive"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        on_disk(&registry).translations.len(),
+        2,
+        "reads never write"
+    );
+    let state = registry.read_reclaiming().unwrap();
+    assert_eq!(state.translations.len(), 1);
+    assert_eq!(on_disk(&registry).translations.len(), 1);
+    assert!(!registry.dir().join("instances/child").exists());
+    child.wait().unwrap();
+}
+
+#[test]
+fn an_earlier_versions_registry_json_is_migrated_once() {
+    let (_tmp, registry) = registry();
+    let _web = InstanceLock::acquire(&registry, "web").unwrap();
+    register(&registry, "web", "a", 9000);
+    // As an earlier appshot left the run directory: registry.json, no
+    // database; "gone" died long ago.
+    let mut legacy = registry.read().unwrap();
+    legacy.instances.insert("gone".into(), record("gone", "z"));
+    legacy.insert(tcp("0.0.0.0", 9000, "z", 40000, "gone"));
+    for file in [store::DB_FILE, store::WAL_FILE, store::SHM_FILE] {
+        fs::remove_file(registry.dir().join(file)).unwrap();
+    }
+    let json = registry.dir().join(LEGACY_STATE_FILE);
+    fs::write(&json, b"{ not json").unwrap();
+    assert!(matches!(
+        registry.transaction(|_| ()),
+        Err(VpmError::Corrupt { path, .. }) if path == json
+    ));
+    assert!(json.exists(), "a registry that cannot be migrated stays");
+
+    fs::write(&json, serde_json::to_vec(&legacy).unwrap()).unwrap();
+    let state = registry.transaction(|s| s.clone()).unwrap();
+    assert_eq!(state.instances.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(state.translations, [tcp("0.0.0.0", 9000, "a", 9000, "web")]);
+    assert_eq!(on_disk(&registry).translations, state.translations);
+    assert!(!json.exists(), "migrated once");
 }
