@@ -1,71 +1,42 @@
-//! The registry as the policy reads it on every notified call, without a
-//! path lookup per call.
+//! The registry as the policy reads it for one notified call: a name looks
+//! at it twice (before and after duplicating the task's socket), and the
+//! second look reuses what the first read, so that a call pays for one
+//! read of the registry.
 //!
-//! [`CachedRegistry`] re-reads the registry when a commit has replaced its
-//! file, and finds out with a stat of the file's path: on the machines
-//! measured that stat (a walk of every component of the path) cost more
-//! than any other step of a notified getsockname. Here an inotify watch on
-//! the registry's directory says whether anything there was created,
-//! removed or renamed since the last look; only then is the cache asked
-//! (its stat included), and its state copied for the calls that follow.
-//! The kernel queues the event within the rename that commits, so a
-//! commit that completed before a call is seen by that call, as with the
-//! stat. The events are drained before the cache is asked: a commit racing
-//! the re-read leaves an event for the next call.
-
-use std::os::fd::AsFd;
+//! The read itself is [`CachedRegistry`]'s: a stat of the database's path
+//! and a read transaction per call. An inotify watch on the registry's
+//! directory once replaced that stat (the JSON registry was replaced by a
+//! rename per commit, an event the kernel queues before the commit is
+//! visible); the SQLite registry commits by writing its WAL and then
+//! updating its shared-memory index, which no event follows, so a watch
+//! could say "unchanged" after a commit and is not used.
 
 use appshot_vpm::{CachedRegistry, RegistryState, VpmError};
-use nix::errno::Errno;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use tracing::debug;
 
 pub struct FreshRegistry {
     cache: CachedRegistry,
     /// What the cache last answered; `None` until it answered once, and
     /// again whenever it failed.
     state: Option<RegistryState>,
-    /// `None` when no watch could be set (out of inotify instances, say):
-    /// then every call asks the cache.
-    watch: Option<Inotify>,
-}
-
-/// Whatever replaces, removes or creates the registry's file (or moves
-/// the directory away) is one of these.
-fn changes() -> AddWatchFlags {
-    AddWatchFlags::IN_CREATE
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_DELETE_SELF
-        | AddWatchFlags::IN_MOVE_SELF
-}
-
-/// The directory itself was removed or moved, or the watch is gone.
-fn gone() -> AddWatchFlags {
-    AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED
 }
 
 impl FreshRegistry {
     pub fn new(cache: CachedRegistry) -> FreshRegistry {
-        let dir = cache.registry().dir().to_path_buf();
-        let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .and_then(|w| w.add_watch(&dir, changes()).map(|_| w));
-        if let Err(e) = &watch {
-            debug!(dir = %dir.display(), "no inotify watch on the registry, a stat per call instead: {e}");
-        }
-        FreshRegistry {
-            cache,
-            state: None,
-            watch: watch.ok(),
-        }
+        FreshRegistry { cache, state: None }
     }
 
     /// The registry as of now.
     pub fn get(&mut self) -> Result<&RegistryState, VpmError> {
-        if self.state.is_none() || self.changed() {
-            self.state = None;
-            self.state = Some(self.cache.get()?.clone());
+        let now = match self.cache.get() {
+            Ok(now) => now,
+            Err(e) => {
+                self.state = None;
+                return Err(e);
+            }
+        };
+        // Copied only when it changed: most calls compare and go on.
+        if self.state.as_ref() != Some(now) {
+            self.state = Some(now.clone());
         }
         Ok(self.state.as_ref().expect("set above"))
     }
@@ -75,36 +46,6 @@ impl FreshRegistry {
     /// made fresh.
     pub fn last(&self) -> Option<&RegistryState> {
         self.state.as_ref()
-    }
-
-    /// Whether the directory may have changed since the last look; drains
-    /// the events that say so.
-    fn changed(&mut self) -> bool {
-        let Some(watch) = &self.watch else {
-            return true;
-        };
-        let mut any = false;
-        loop {
-            match watch.read_events() {
-                Ok(events) if !events.is_empty() => {
-                    any = true;
-                    if events.iter().any(|e| e.mask.intersects(gone())) {
-                        // The path no longer leads to the watched
-                        // directory: only the stat can follow it now.
-                        self.watch = None;
-                        return true;
-                    }
-                }
-                Ok(_) | Err(Errno::EAGAIN) => return any,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    // Events may be lost: never trust the watch again.
-                    debug!(fd = ?watch.as_fd(), "reading the registry watch: {e}");
-                    self.watch = None;
-                    return true;
-                }
-            }
-        }
     }
 }
 
@@ -138,42 +79,31 @@ mod tests {
         }
     }
 
-    fn real_ports(fresh: &mut FreshRegistry) -> Vec<u16> {
-        let st = fresh.get().unwrap();
-        st.translations.iter().map(|t| t.real_port).collect()
+    fn real_ports(st: Option<&RegistryState>) -> Vec<u16> {
+        let mut ports: Vec<u16> = st
+            .unwrap()
+            .translations
+            .iter()
+            .map(|t| t.real_port)
+            .collect();
+        ports.sort();
+        ports
     }
 
     #[test]
-    fn a_commit_is_seen_by_the_next_read() {
+    fn a_commit_is_seen_by_the_next_read_and_the_last_read_stays_put() {
         let dir = tempfile::tempdir().unwrap();
         let (registry, _web) = registry(dir.path());
         let mut fresh = FreshRegistry::new(CachedRegistry::new(registry.clone()));
-        assert!(fresh.watch.is_some(), "inotify watch set");
-        assert_eq!(real_ports(&mut fresh), Vec::<u16>::new());
-        for port in [20001, 20002] {
+        assert_eq!(real_ports(fresh.get().ok()), Vec::<u16>::new());
+        for (port, all) in [(20001, vec![20001]), (20002, vec![20001, 20002])] {
             registry
                 .transaction(|st| st.insert(translation(port)))
                 .unwrap();
-            assert_eq!(real_ports(&mut fresh).last(), Some(&port));
+            // The last read is what it was until the next look.
+            assert_ne!(real_ports(fresh.last()), all);
+            assert_eq!(real_ports(fresh.get().ok()), all);
+            assert_eq!(real_ports(fresh.last()), all);
         }
-        // Nothing changed: answered from the copy, and the same.
-        assert_eq!(real_ports(&mut fresh), [20001, 20002]);
-    }
-
-    #[test]
-    fn a_registry_directory_moved_away_is_followed_by_its_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run");
-        let (old, web) = registry(&path);
-        let mut fresh = FreshRegistry::new(CachedRegistry::new(old));
-        assert_eq!(real_ports(&mut fresh), Vec::<u16>::new());
-        drop(web);
-        std::fs::rename(&path, dir.path().join("old")).unwrap();
-        let (again, _web) = registry(&path);
-        again
-            .transaction(|st| st.insert(translation(20003)))
-            .unwrap();
-        assert_eq!(real_ports(&mut fresh), [20003]);
-        assert!(fresh.watch.is_none(), "the stat per call took over");
     }
 }
