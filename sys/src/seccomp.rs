@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): the kernel wakes the
 /// notifying task on the supervisor's CPU instead of across CPUs. With it a
 /// supervisor that only answers CONTINUE costs a notified call 5.3–8 µs on
-/// the machines measured (the floor row of `bench/RESULTS.md`; appshot's
-/// getsockname 8.9–10.4 µs), against 55–62 µs without.
+/// the machines measured (the floor row of `bench/RESULTS.md`, beside
+/// appshot's own figure), against 55–62 µs without.
 const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
 
 /// One classic-BPF instruction, as `libseccomp` exports it.
