@@ -387,17 +387,17 @@ mod tests {
 
     const ROOT: &str = "/sys/fs/cgroup/unified";
 
+    /// The plan of `translations` on a hybrid host, registry tag `t`.
+    fn plan_of(translations: Vec<Translation>) -> Plan {
+        plan(&state(translations), &aids(), Path::new(ROOT), "t")
+    }
+
     #[test]
     fn each_aid_goes_to_its_own_real_port_and_others_are_refused() {
-        let p = plan(
-            &state(vec![
-                udp("b", "0.0.0.0", 5353, 20001),
-                udp("a", "0.0.0.0", 5353, 5353),
-            ]),
-            &aids(),
-            Path::new(ROOT),
-            "t",
-        );
+        let p = plan_of(vec![
+            udp("b", "0.0.0.0", 5353, 20001),
+            udp("a", "0.0.0.0", 5353, 5353),
+        ]);
         // a holds the fixed port itself: its datagrams need no route.
         assert_eq!(
             p.routes.routes,
@@ -439,12 +439,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_wildcard_takes_ipv4_unless_a_socket_of_its_own_or_its_aid_does() {
-        let p = plan(
-            &state(vec![udp("a", "::", 53, 20002), udp("b", "::", 53, 20003)]),
-            &aids(),
-            Path::new(ROOT),
-            "t",
-        );
+        let p = plan_of(vec![udp("a", "::", 53, 20002), udp("b", "::", 53, 20003)]);
         assert_eq!(
             p.routes.routes,
             BTreeMap::from([
@@ -459,7 +454,7 @@ mod tests {
         let mut v6 = udp("a", "::", 53, 20005);
         v4.owner = "dns".into();
         v6.owner = "dns".into();
-        let p = plan(&state(vec![v6, v4]), &aids(), Path::new(ROOT), "t");
+        let p = plan_of(vec![v6, v4]);
         assert_eq!(
             p.routes.routes,
             BTreeMap::from([
@@ -469,15 +464,10 @@ mod tests {
         );
         // A specific IPv4 socket of another instance of the AID keeps its
         // address; the wildcard's IPv4 stays the dual-stack socket's.
-        let p = plan(
-            &state(vec![
-                udp("a", "::", 53, 20006),
-                udp("a", "127.0.0.2", 53, 20007),
-            ]),
-            &aids(),
-            Path::new(ROOT),
-            "t",
-        );
+        let p = plan_of(vec![
+            udp("a", "::", 53, 20006),
+            udp("a", "127.0.0.2", 53, 20007),
+        ]);
         assert_eq!(
             p.routes.routes,
             BTreeMap::from([
@@ -490,12 +480,7 @@ mod tests {
 
     #[test]
     fn an_aid_without_a_cgroup_gets_no_route() {
-        let p = plan(
-            &state(vec![udp("z", "0.0.0.0", 53, 20008)]),
-            &aids(),
-            Path::new(ROOT),
-            "t",
-        );
+        let p = plan_of(vec![udp("z", "0.0.0.0", 53, 20008)]);
         assert!(p.routes.routes.is_empty());
         assert!(
             p.mark
@@ -510,7 +495,7 @@ mod tests {
     fn tcp_translations_make_no_udp_rules_and_no_rules_remove_the_chains() {
         let mut tcp = udp("a", "0.0.0.0", 80, 20005);
         tcp.protocol = Protocol::Tcp;
-        let p = plan(&state(vec![tcp]), &aids(), Path::new(ROOT), "t");
+        let p = plan_of(vec![tcp]);
         assert_eq!(p, Plan::default());
         let s = script(&chains(Path::new("/nonexistent")), &p);
         assert_eq!(s.matches("delete chain").count(), 2, "{s}");
