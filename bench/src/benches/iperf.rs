@@ -28,6 +28,16 @@ pub fn server(port: u16) -> Vec<String> {
 
 /// One native run: a one-off server on `server_port`, then `client` (which
 /// may go through a proxy) to its end; the received rate in Gbit/s.
+/// The iperf3 client of one run against loopback port `port`, `secs`
+/// long, JSON output, with `options` (UDP, affinity) before the target.
+pub fn client(port: u16, secs: u32, options: &[&str]) -> Vec<String> {
+    let (port, secs) = (port.to_string(), secs.to_string());
+    let mut out = argv(["iperf3"]);
+    out.extend(argv(options.iter().copied()));
+    out.extend(argv(["-c", "127.0.0.1", "-p", &port, "-t", &secs, "-J"]));
+    out
+}
+
 pub fn native_once(
     server_port: u16,
     client: &[String],
@@ -69,18 +79,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let logs = ctx.logs();
     let secs = ctx.plan.iperf_seconds;
     let timeout = Duration::from_secs(u64::from(secs) + 60);
-    let client = |port: u16| {
-        argv([
-            "iperf3",
-            "-c",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-    };
+    let client = |port: u16| client(port, secs, &[]);
 
     let native_port = ctx.ports.take()?;
     let virtual_port = ctx.ports.take()?;

@@ -51,23 +51,7 @@ fn iperf(ctx: &mut Ctx<'_>, out: &mut Outcome) -> anyhow::Result<()> {
     // (one CPU or two), the rate was 10 or 22-30 Gbit/s from run to run.
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let affinity = format!("{},{}", n.saturating_sub(2), n - 1);
-    let client = |port: u16| {
-        argv([
-            "iperf3",
-            "-A",
-            &affinity,
-            "-u",
-            "-b",
-            "0",
-            "-c",
-            HOST,
-            "-p",
-            &port.to_string(),
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ])
-    };
+    let client = |port: u16| iperf::client(port, secs, &["-A", &affinity, "-u", "-b", "0"]);
     let native_port = ctx.ports.take()?;
     let virtual_port = ctx.ports.take()?;
     let appshot = ctx.appshot;
