@@ -8,7 +8,6 @@ mod common;
 
 use std::hash::{DefaultHasher, Hasher};
 use std::io::Read;
-use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -21,17 +20,7 @@ const PORT: u16 = 19401;
 
 /// One answer of bigmem (`tests/programs/bigmem.c`) on real port `real`.
 fn ask(real: u16) -> String {
-    let mut answer = String::new();
-    let asked = poll(Duration::from_secs(30), || {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", real)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        answer.clear();
-        s.read_to_string(&mut answer).is_ok() && !answer.is_empty()
-    });
-    assert!(asked, "bigmem on port {real} does not answer");
-    answer.trim_end().to_string()
+    common::answer_of(real, "bigmem")
 }
 
 /// Starts bigmem as `name` (AID `name`) on `port`; returns its real port.

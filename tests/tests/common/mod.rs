@@ -227,6 +227,23 @@ pub fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The whole answer a program serving one reply per connection gives on
+/// loopback port `real` (retried for 30 s while it does not answer yet),
+/// trailing whitespace trimmed; `what` names the program in the failure.
+pub fn answer_of(real: u16, what: &str) -> String {
+    let mut answer = String::new();
+    let asked = poll(Duration::from_secs(30), || {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", real)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        answer.clear();
+        s.read_to_string(&mut answer).is_ok() && !answer.is_empty()
+    });
+    assert!(asked, "{what} on port {real} does not answer");
+    answer.trim_end().to_string()
+}
+
 /// Whether `pid` is a running process (zombies count as dead: they hold no
 /// sockets and run no code).
 pub fn alive(pid: u32) -> bool {

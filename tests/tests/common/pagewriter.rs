@@ -2,8 +2,6 @@
 //! keeps writing its memory and answers whether every page still holds
 //! the version its table gives it.
 
-use std::io::Read;
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -14,17 +12,7 @@ use super::{poll, port_pairs, Harness};
 
 /// One answer of pagewriter on real port `real`: (writes, intact, line).
 pub fn ask(real: u16) -> (u64, bool, String) {
-    let mut answer = String::new();
-    let asked = poll(Duration::from_secs(30), || {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", real)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        answer.clear();
-        s.read_to_string(&mut answer).is_ok() && !answer.is_empty()
-    });
-    assert!(asked, "pagewriter on port {real} does not answer");
-    let line = answer.trim_end().to_string();
+    let line = super::answer_of(real, "pagewriter");
     let field = |k: &str| {
         line.split_whitespace()
             .find_map(|f| f.strip_prefix(k))
