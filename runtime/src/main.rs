@@ -17,6 +17,7 @@ use appshot_configurator::{
     validate_aid, validate_hostname, validate_name, validate_value_key, AppConfig, CloneId,
     CloneRules, Pattern, PortRange, UserSpec,
 };
+use appshot_snapshot::lazy::LazySettings;
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
@@ -235,6 +236,14 @@ enum Cmd {
         /// Default: the host's.
         #[arg(long, value_parser = parse_hostname)]
         hostname: Option<String>,
+        /// Release the instance before its memory is in: pages are served
+        /// on fault (userfaultfd) and the rest read in the background.
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: read at most this many MiB a second in the
+        /// background (faults are always served at once).
+        #[arg(long, value_name = "MIB", requires = "lazy", value_parser = clap::value_parser!(u64).range(1..))]
+        prefetch_rate: Option<u64>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -684,14 +693,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             port_range,
             tcp_close,
             hostname,
+            lazy,
+            prefetch_rate,
             detach,
         } => {
             commands::require_privileges("restore")?;
+            let lazy = lazy.then_some(LazySettings {
+                prefetch_bytes_per_sec: prefetch_rate.map(|mib| mib << 20),
+            });
             let config = match &config {
                 Some(path) => AppConfig::load(path)?,
                 None => AppConfig::default(),
             };
-            let mut launch = restore_launch(&image, name, aid, tcp_close, &run_dir)?;
+            let mut launch = restore_launch(&image, name, aid, tcp_close, lazy, &run_dir)?;
             launch.range = port_range.unwrap_or(config.port_range);
             launch.identity = hostname.map(|hostname| CloneIdentity {
                 hostname,
@@ -836,14 +850,26 @@ fn restore_launch(
     name: Option<String>,
     aid: Option<String>,
     tcp_close: bool,
+    lazy: Option<LazySettings>,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
-    let (path, img) = checked_image(image)?;
+    let (path, img) = if lazy.is_some() {
+        // The pages are verified as the page server reads them.
+        let path =
+            std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
+        let img = appshot_snapshot::image::Image::open_for_lazy(&path)?;
+        appshot_snapshot::restore::check_files(&img)?;
+        appshot_snapshot::lazy::check(&img)?;
+        (path, img)
+    } else {
+        checked_image(image)?
+    };
     let info = &img.manifest.instance;
     image_launch(
         Mode::Restore {
             image: path,
             tcp_close,
+            lazy,
         },
         &img,
         name.unwrap_or_else(|| info.name.clone()),

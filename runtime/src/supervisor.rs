@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_snapshot::image::Image;
+use appshot_snapshot::lazy::{LazySettings, LazyStatus};
 use appshot_snapshot::restore;
 use appshot_sys::{fd, pidfd, spawn};
 use appshot_vpm::{CachedRegistry, InstanceLock, InstanceRecord, PortRange, Registry};
@@ -92,6 +93,10 @@ pub enum Mode {
         /// Give the image's TCP connections back reset instead of
         /// rebuilding them (`appshot restore --tcp-close`).
         tcp_close: bool,
+        /// Release the instance before its memory is in (`appshot restore
+        /// --lazy`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lazy: Option<LazySettings>,
     },
     /// Start a clone of a template (already verified by the `appshot
     /// clone` that asked for it): its pages are mapped, not copied.
@@ -198,6 +203,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
+    let mut lazy_status = None;
     let (init_pid, init, listeners, mux, app_pid) = match &launch.mode {
         Mode::Run => {
             let (init_pid, init, listener) = launch_application(&launch, cgroup_dir, nofile)?;
@@ -217,8 +223,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                     ..
                 }
             );
+            let lazy = match &launch.mode {
+                Mode::Restore { lazy, .. } => *lazy,
+                _ => None,
+            };
             let image = if is_clone {
                 Image::open_verified_template(path)?
+            } else if lazy.is_some() {
+                Image::open_for_lazy(path)?
             } else {
                 Image::open(path)?
             };
@@ -261,7 +273,15 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             let marker = lock.instance_dir().join(RESTORING_MARKER);
             let _ = std::fs::write(&marker, b"");
             register(&registry, &launch, init_pid)?;
-            let restored = restore_into(init_pid, &image, &mux, is_clone, connections, &mut phases);
+            let restored = restore_into(
+                init_pid,
+                &image,
+                &mux,
+                is_clone,
+                connections,
+                lazy,
+                &mut phases,
+            );
             let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
@@ -269,7 +289,10 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             }
             info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = is_clone, "restore work done");
             match restored {
-                Ok((listeners, main)) => (init_pid, init, listeners, mux, main),
+                Ok((listeners, main, status)) => {
+                    lazy_status = status;
+                    (init_pid, init, listeners, mux, main)
+                }
                 Err(e) => {
                     // Nothing half-built survives: the namespace goes with
                     // its init, and the sockets' translations with the
@@ -303,6 +326,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         stopping: AtomicBool::new(false),
         frozen: AtomicBool::new(false),
         snapshot: Mutex::new(None),
+        lazy: lazy_status,
     });
     spawn_signal_forwarder(forwarded, Arc::clone(&control))?;
     let serving = Arc::clone(&control);
@@ -533,8 +557,9 @@ fn restore_into(
     mux: &Arc<Multiplexer>,
     share_pages: bool,
     connections: restore::Connections,
+    lazy: Option<LazySettings>,
     phases: &mut Phases,
-) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
+) -> Result<(Vec<OwnedFd>, u32, Option<LazyStatus>), RuntimeError> {
     let wanted = image.manifest.top_level().count();
     let deadline = Instant::now() + Duration::from_secs(5);
     let stubs = loop {
@@ -566,10 +591,11 @@ fn restore_into(
         bind_udp: &bind_udp,
         connections,
         share_pages,
+        lazy,
     };
     let restored = restore::restore(&stubs, image, &hooks)?;
     phases.mark("restored");
-    Ok((restored.listeners, restored.hosts[0]))
+    Ok((restored.listeners, restored.hosts[0], restored.lazy))
 }
 
 /// Where a supervisor's start-up time goes (logged at debug): each
@@ -750,6 +776,9 @@ struct Control {
     /// Holds the write tracking kept on the instance for the next
     /// incremental snapshot, if the last snapshot kept it.
     snapshot: Mutex<Option<snapshots::Armed>>,
+    /// The page server of a lazy restore: a snapshot waits until it is
+    /// done, as memory still pending is in no page table to save.
+    lazy: Option<LazyStatus>,
 }
 
 /// The application's processes of the current run.
@@ -866,6 +895,13 @@ impl Control {
         };
         if self.exited.load(Ordering::SeqCst) {
             return refused(format!("instance {} has exited", self.launch.name));
+        }
+        if let Some(lazy) = self.lazy.as_ref().filter(|l| l.in_progress()) {
+            return refused(format!(
+                "instance {} is still being restored lazily ({} bytes of its memory not in yet); snapshot it once that is done",
+                self.launch.name,
+                lazy.pending_bytes()
+            ));
         }
         let (app, init_pid, init) = {
             let current = self.current.lock().expect("current lock");
@@ -994,6 +1030,9 @@ mod tests {
             Mode::Restore {
                 image: "/i.img".into(),
                 tcp_close: true,
+                lazy: Some(LazySettings {
+                    prefetch_bytes_per_sec: Some(1 << 20),
+                }),
             },
             Mode::Clone {
                 template: "/t.img".into(),
@@ -1006,6 +1045,7 @@ mod tests {
         let json = serde_json::to_value(launch(Mode::Restore {
             image: "/i.img".into(),
             tcp_close: false,
+            lazy: None,
         }))
         .unwrap();
         assert_eq!(

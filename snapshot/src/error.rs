@@ -118,6 +118,9 @@ pub enum RestoreError {
     Path { path: String, what: String },
     #[error("restore: mapping {start:#x}-{end:#x}: {what}")]
     Mapping { start: u64, end: u64, what: String },
+    /// What a lazy restore cannot serve.
+    #[error("restore --lazy: {0}")]
+    Lazy(String),
     #[error("restore: System V {kind} object {id}: {what}")]
     SysV {
         kind: &'static str,

@@ -7,6 +7,7 @@ pub mod dump;
 pub mod error;
 pub mod image;
 pub mod kinds;
+pub mod lazy;
 pub mod precopy;
 pub mod proc;
 pub mod ptrace;

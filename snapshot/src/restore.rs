@@ -25,6 +25,7 @@ use crate::image::model::*;
 use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, map_vdso, set_mm};
+use crate::lazy::{LazySettings, LazyStatus, PageServer};
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
@@ -54,6 +55,9 @@ pub struct RestoreHooks<'a> {
     /// Map saved pages from the image file (MAP_PRIVATE, copy-on-write)
     /// instead of copying them: how clones of a template share its memory.
     pub share_pages: bool,
+    /// Restore lazily: the process is released before its memory is in
+    /// (see [`crate::lazy`]).
+    pub lazy: Option<LazySettings>,
 }
 
 pub struct Restored {
@@ -62,6 +66,8 @@ pub struct Restored {
     pub listeners: Vec<OwnedFd>,
     /// Our PID of each process, in image order.
     pub hosts: Vec<u32>,
+    /// The page server's progress, of a lazy restore.
+    pub lazy: Option<LazyStatus>,
 }
 
 /// One process being rebuilt, frozen.
@@ -122,12 +128,35 @@ pub fn restore(
     if let Some(&stub) = stubs.first() {
         crate::kinds::sysv::restore(stub, image)?;
     }
+    let server = match hooks.lazy {
+        Some(settings) => {
+            crate::lazy::check(image)?;
+            if hooks.share_pages {
+                return Err(RestoreError::Lazy(
+                    "a clone maps its template's pages; it has none to serve lazily".into(),
+                )
+                .into());
+            }
+            Some(PageServer::start(image, settings)?)
+        }
+        None => None,
+    };
     let mut built: Vec<Built> = Vec::with_capacity(procs.len());
     // Every injected syscall is a ptrace round trip; with tracer and
     // processes on one CPU it costs a few microseconds instead of a
     // cross-CPU wake-up.
     let mut pinned = SameCpu::pin();
-    let result = build_tree(&by_ns, image, hooks, &saved_regs, &mut built, &mut pinned);
+    let result = build_tree(
+        &by_ns,
+        image,
+        hooks,
+        &saved_regs,
+        &mut built,
+        &mut pinned,
+        server.as_ref(),
+    );
+    // No process comes after these: the server finishes once all is in.
+    let lazy = server.map(|s| s.status());
     // Affinity first, while every thread is still stopped: restored threads
     // inherit their process's full CPU set, never the pinned one.
     drop(pinned);
@@ -137,7 +166,11 @@ pub fn restore(
             for b in built {
                 b.frozen.release();
             }
-            Ok(Restored { listeners, hosts })
+            Ok(Restored {
+                listeners,
+                hosts,
+                lazy,
+            })
         }
         Err(e) => {
             for b in built.into_iter().rev() {
@@ -161,6 +194,7 @@ fn build_tree(
     saved_regs: &[Vec<libc::user_regs_struct>],
     built: &mut Vec<Built>,
     pinned: &mut SameCpu,
+    lazy: Option<&PageServer>,
 ) -> Result<Vec<OwnedFd>, SnapshotError> {
     let procs = &image.manifest.processes;
     let mut stub_maps = Vec::new();
@@ -227,6 +261,7 @@ fn build_tree(
             scratch,
             &mut shmem,
             &mut memfds,
+            lazy,
         )?;
     }
     // Groups once every process exists, leaders first.
@@ -336,6 +371,7 @@ fn first_pass(
     scratch: u64,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
+    lazy: Option<&PageServer>,
 ) -> Result<(), SnapshotError> {
     let pid = b.frozen.pid;
     let mem = &b.mem;
@@ -371,6 +407,7 @@ fn first_pass(
         hooks.share_pages,
         shmem,
         memfds,
+        lazy,
     )?;
     let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
     set_mm(&inj, mem, pid, data, p, keep_exe)?;

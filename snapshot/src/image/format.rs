@@ -277,6 +277,14 @@ impl Image {
         Image::from_file(path, open_file(path)?, false)
     }
 
+    /// Like [`Image::open_verified_template`], for a lazy restore: its page
+    /// server checks each pages section's CRC as it reads it through in the
+    /// background, and kills the instance on a mismatch (see
+    /// [`crate::lazy`]).
+    pub fn open_for_lazy(path: &Path) -> Result<Image, SnapshotError> {
+        Image::from_file(path, open_file(path)?, false)
+    }
+
     /// Verifies the image `file`, opened from `path` with [`open_file`],
     /// and its parents; with `verify_pages` false, as
     /// [`Image::open_verified_template`].

@@ -15,6 +15,7 @@ use crate::image::model::*;
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds;
 use crate::kinds::files::file_ref;
+use crate::lazy::{PageServer, Piece};
 use crate::precopy::Copies;
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{Injector, Memory};
@@ -408,8 +409,14 @@ pub(crate) fn map_memory(
     share_pages: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
+    lazy: Option<&PageServer>,
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
+    // A lazy restore leaves the pages of writable private anonymous
+    // mappings to its page server; the rest (stacks, read-only and shared
+    // memory, file mappings) is filled here as always.
+    let mut lazy_ranges = Vec::new();
+    let mut lazy_pieces = Vec::new();
     let mut buf = Vec::new();
     // The process reads its own saved pages from the image (or maps them,
     // for a clone): one copy, from the page cache into its memory. An
@@ -553,6 +560,22 @@ pub(crate) fn map_memory(
                 )?;
             }
         }
+        let lazily = lazy.is_some()
+            && v.kind == VmaKind::Anon
+            && !v.inherited
+            && !v.shared
+            && v.prot & libc::PROT_WRITE as u32 != 0
+            && !v.pages.is_empty();
+        if lazily {
+            lazy_ranges.push((v.start, v.end));
+            lazy_pieces.extend(v.pages.iter().map(|run| Piece {
+                addr: run.addr,
+                len: run.pages * PAGE,
+                layer: run.layer,
+                offset: run.offset,
+            }));
+            continue;
+        }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
             let layer = image.layer(run.layer);
@@ -609,6 +632,15 @@ pub(crate) fn map_memory(
     }
     for fd in files.into_values().chain(layer_fds.into_values()) {
         inj.call(pid, libc::SYS_close, &[fd])?;
+    }
+    if let (Some(server), false) = (lazy, lazy_pieces.is_empty()) {
+        // Made by the process itself (its mm is the one registered), taken
+        // out and closed in it: the page server holds the only one.
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = inj.ok(pid, "userfaultfd", libc::SYS_userfaultfd, &[flags])?;
+        let added = server.add(pid, fd as i32, &lazy_ranges, lazy_pieces);
+        inj.call(pid, libc::SYS_close, &[fd])?;
+        added?;
     }
     debug!(pid, "address space rebuilt");
     Ok(())
