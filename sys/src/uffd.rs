@@ -244,7 +244,9 @@ fn fill(len: u64, mut call: impl FnMut(u64) -> (libc::c_int, i64)) -> Filled {
         if ret == 0 {
             return Ok(len);
         }
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        let errno = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
         // On error the kernel reports the bytes done before it, or -errno.
         let done = done.max(0) as u64;
         if done > 0 && at + done < len {
@@ -551,7 +553,10 @@ mod tests {
         }
         assert!(matches!(events[..], [Event::Fault { addr }] if addr == base + PAGE as u64));
         let page = vec![7u8; PAGE];
-        assert_eq!(copy(uffd.as_fd(), base + PAGE as u64, &page), Ok(PAGE as u64));
+        assert_eq!(
+            copy(uffd.as_fd(), base + PAGE as u64, &page),
+            Ok(PAGE as u64)
+        );
         assert_eq!(reader.join().unwrap(), 7);
         assert_eq!(
             copy(uffd.as_fd(), base, &vec![1u8; 2 * PAGE]),
