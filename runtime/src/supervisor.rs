@@ -996,7 +996,7 @@ fn wait_exit(pid: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{instance_state, Launch, Mode};
+    use super::{instance_state, Launch, LazySettings, Mode};
 
     fn launch(mode: Mode) -> Launch {
         Launch {

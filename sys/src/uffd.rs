@@ -331,9 +331,8 @@ fn decode(msg: &[u8]) -> io::Result<Event> {
             let fd = u32::from_ne_bytes(msg[8..12].try_into().expect("4 bytes")) as i32;
             // SAFETY: the kernel installed this new fd in our table for
             // this message; nothing else refers to it.
-            Event::Fork {
-                uffd: unsafe { OwnedFd::from_raw_fd(fd) },
-            }
+            let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Event::Fork { uffd }
         }
         EVENT_REMAP => Event::Remap {
             from: word(0),
