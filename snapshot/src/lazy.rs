@@ -403,7 +403,10 @@ enum Fill {
     /// The address space is changing: the bytes from this offset on are
     /// still to fill, after the events.
     Again(u64),
+    /// The process is gone (ESRCH).
     Gone,
+    /// Any other error: the fault would never be answered.
+    Failed(i32),
 }
 
 impl Server {
@@ -419,7 +422,9 @@ impl Server {
             if sealed && !work {
                 break Ok(true);
             }
-            let timeout = if !work || self.procs.is_empty() {
+            let timeout = if self.procs.iter().any(|p| !p.retry.is_empty()) {
+                PollTimeout::ZERO
+            } else if !work || self.procs.is_empty() {
                 PollTimeout::NONE
             } else {
                 match self.rate {
@@ -611,6 +616,7 @@ impl Server {
                     self.procs[i].gone = true;
                     return Ok(());
                 }
+                Fill::Failed(e) => return Err(copy_failed(self.procs[i].pid, piece.addr, e)),
             }
             answered |= piece.addr <= addr && addr < piece.end();
         }
@@ -720,10 +726,18 @@ impl Server {
                     self.procs[i].gone = true;
                     return Ok(());
                 }
+                Fill::Failed(e) => return Err(copy_failed(self.procs[i].pid, p.addr, e)),
             }
         }
         Ok(())
     }
+}
+
+fn copy_failed(pid: u32, addr: u64, errno: i32) -> String {
+    format!(
+        "UFFDIO_COPY at {addr:#x} of pid {pid}: {}",
+        std::io::Error::from_raw_os_error(errno)
+    )
 }
 
 /// Copies `data` to the missing pages at `addr`: a page already there (the
@@ -744,7 +758,8 @@ fn fill(u: &OwnedFd, addr: u64, data: &[u8]) -> Fill {
                 // it may still be mapped.
                 at += done + PAGE;
             }
-            Err((_, _)) => return Fill::Gone,
+            Err((_, libc::ESRCH)) => return Fill::Gone,
+            Err((_, e)) => return Fill::Failed(e),
         }
     }
     Fill::Done
