@@ -424,7 +424,7 @@ impl Server {
             }
             let timeout = if self.procs.iter().any(|p| !p.retry.is_empty()) {
                 PollTimeout::ZERO
-            } else if !work || self.procs.is_empty() {
+            } else if !work || !sealed || self.procs.is_empty() {
                 PollTimeout::NONE
             } else {
                 match self.rate {
@@ -499,7 +499,13 @@ impl Server {
             if let Err(why) = self.retry(&mut buf) {
                 break Err(why);
             }
-            if self.procs.iter().all(|p| p.retry.is_empty()) && work && self.prefetch_due() {
+            // The background pass waits for the release: until then it
+            // would take CPU time from the restore itself.
+            if sealed
+                && work
+                && self.procs.iter().all(|p| p.retry.is_empty())
+                && self.prefetch_due()
+            {
                 if let Err(why) = self.prefetch(&mut buf) {
                     break Err(why);
                 }
