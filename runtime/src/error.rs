@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 
+use libseccomp::ScmpArch;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
-    Filter(#[from] crate::filter::FilterError),
+    Filter(#[from] FilterError),
     #[error("{what}: {error}")]
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
@@ -77,4 +79,17 @@ impl RuntimeError {
             error: error.into(),
         }
     }
+}
+
+/// Why the filter was not built.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("building the seccomp filter")]
+    Seccomp(#[source] libseccomp::error::SeccompError),
+    #[error(
+        "building the seccomp filter: unsupported architecture {0:?}: appshot supports x86_64 only"
+    )]
+    Architecture(ScmpArch),
+    #[error("exporting the seccomp filter")]
+    Export(#[source] std::io::Error),
 }

@@ -3,9 +3,8 @@
 //! parses, calls the library (`lib.rs`) and prints.
 #![forbid(unsafe_code)]
 
-// The command line's own rooms: starting detached supervisors and clones.
-mod clones;
-mod detach;
+// The command line's own room: starting detached supervisors and clones.
+mod cli;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -20,11 +19,12 @@ use appshot_configurator::{
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use appshot::supervisor::{self, CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
-use appshot::{
-    agent, apps, commands, error, init, logs, netlock, oci, pending, remote, restart, snapshots,
-    sourcerules, systemd, udproutes, user, DEFAULT_RUN_DIR, VERSION,
-};
+use appshot::commands::{self, apps, systemd};
+use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
+use appshot::supervisor::{self, init, logs, pending, restart, snapshots, user};
+use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
+use appshot::{error, oci, DEFAULT_RUN_DIR, VERSION};
+use cli::{clones, detach};
 
 #[derive(Parser)]
 #[command(

@@ -12,6 +12,7 @@
 mod fresh;
 mod kernel;
 mod policy;
+mod sockaddr;
 #[cfg(test)]
 mod tests;
 
@@ -31,10 +32,9 @@ use tracing::{debug, warn};
 use self::kernel::{connect_to, connect_unblocked, errno, CallTask, Connecting, Host};
 use self::policy::{Bind, Connect, Kernel, Name, Policy, Side};
 pub use self::policy::{PortSet, Settings};
-use crate::astask;
-use crate::notify::{Call, Handler};
-use crate::pool::Pool;
-use crate::sockaddr;
+use crate::seccomp::astask;
+use crate::seccomp::notify::{Call, Handler};
+use crate::seccomp::pool::Pool;
 
 /// How often a bind waiting for a free real port looks again.
 const ALLOCATION_RETRY: Duration = Duration::from_millis(50);
@@ -262,15 +262,15 @@ impl Multiplexer {
     fn connect_remote(&self, call: Call, socket: OwnedFd, protocol: Protocol, dest: SocketAddr) {
         let cluster = &self.policy.settings.cluster;
         let target = match cluster.negotiate(protocol, dest) {
-            crate::remote::Route::Plain => dest,
-            crate::remote::Route::Refused => {
+            crate::net::remote::Route::Plain => dest,
+            crate::net::remote::Route::Refused => {
                 debug!(
                     tid = call.tid,
                     "connect to {dest} refused by its host's agent"
                 );
                 return call.answer(Response::Errno(libc::ECONNREFUSED));
             }
-            crate::remote::Route::To(real) => {
+            crate::net::remote::Route::To(real) => {
                 if let Ok(inode) = self.host.inode(&socket) {
                     cluster.remember_peer(inode, real, dest.port());
                 }

@@ -17,8 +17,8 @@ use appshot_vpm::{
 
 use super::policy::{Bind, Connect, Kernel, Name, Policy, Side, Task, TaskSocket};
 use super::{PortSet, Settings};
-use crate::remote::{Cluster, ClusterSettings};
-use crate::sockaddr;
+use crate::multiplex::sockaddr;
+use crate::net::remote::{Cluster, ClusterSettings};
 
 /// A socket the double holds, by number; its inode is 1000 + that number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

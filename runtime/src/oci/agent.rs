@@ -22,11 +22,11 @@ use nix::sys::socket::{getsockopt, sockopt};
 use tracing::{info, warn};
 
 use super::state::{self, Handoff};
-use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::notify;
-use crate::remote::{Cluster, ClusterSettings};
+use crate::net::remote::{Cluster, ClusterSettings};
+use crate::seccomp::notify;
+use crate::supervisor::control::{self, Peer, Reply, Request};
 
 /// The largest state message accepted (annotations included).
 const MAX_MESSAGE: usize = 1 << 20;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::sourcerules::{nft, registry_tag, TABLE};
+use crate::net::sourcerules::{nft, registry_tag, TABLE};
 use crate::tree;
 
 /// Drops packets before conntrack and before the source rules' NAT.

@@ -2,6 +2,14 @@
 //! namespace init, owns the seccomp listener and the instance's registry
 //! entries, serves the control socket, and cleans up when the instance ends.
 
+pub(crate) mod control;
+pub mod init;
+pub mod logs;
+pub mod pending;
+pub mod restart;
+pub mod snapshots;
+pub mod user;
+
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -25,12 +33,13 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::cgroup::{self, InstanceCgroup};
-use crate::control::{self, Peer, Reply, Request};
+use self::control::{Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::remote::Cluster;
-use crate::{filter, notify, snapshots, tree};
+use crate::net::cgroup::{self, InstanceCgroup};
+use crate::net::remote::Cluster;
+use crate::seccomp::{filter, notify};
+use crate::tree;
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
 /// (serialised to a detached supervisor).
@@ -51,7 +60,7 @@ pub struct Launch {
     pub mode: Mode,
     /// Source rules and cross-host negotiation.
     #[serde(default)]
-    pub cluster: crate::remote::ClusterSettings,
+    pub cluster: crate::net::remote::ClusterSettings,
     /// A clone's own hostname and identity file (or a restore's own
     /// hostname, `restore --hostname`).
     #[serde(default)]
@@ -59,7 +68,7 @@ pub struct Launch {
     /// Who a launched application runs as (restores take theirs from the
     /// image).
     #[serde(default)]
-    pub user: Option<crate::user::RunAs>,
+    pub user: Option<crate::supervisor::user::RunAs>,
     /// A detached instance's logs and exit record go when it ends
     /// (`run --rm`).
     #[serde(default)]
@@ -73,7 +82,7 @@ pub struct Launch {
     pub log_max_bytes: u64,
     /// When the supervisor starts the application again after it exits.
     #[serde(default)]
-    pub restart: crate::restart::Policy,
+    pub restart: crate::supervisor::restart::Policy,
     /// `run --config FILE` (absolute), kept in the registry for `appshot
     /// generate systemd`.
     #[serde(default)]
@@ -116,7 +125,7 @@ pub struct IdentityFile {
 }
 
 fn default_log_max() -> u64 {
-    crate::logs::DEFAULT_MAX_BYTES
+    crate::supervisor::logs::DEFAULT_MAX_BYTES
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -265,7 +274,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
-                crate::netlock::release_image(&launch.run_dir, path);
+                crate::net::netlock::release_image(&launch.run_dir, path);
             }
             info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = is_clone, "restore work done");
             match restored {
@@ -448,7 +457,7 @@ fn instance_cgroup(registry: &Registry, launch: &Launch) -> Option<InstanceCgrou
         warn!(name = %launch.name, "no cgroup2 below /sys/fs/cgroup: UDP ports are not multiplexed");
         return None;
     };
-    let tag = crate::sourcerules::registry_tag(registry.dir());
+    let tag = crate::net::sourcerules::registry_tag(registry.dir());
     match InstanceCgroup::create(root, &tag, &launch.aid, &launch.name) {
         Ok(c) => Some(c),
         Err(e) => {

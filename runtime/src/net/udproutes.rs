@@ -42,8 +42,8 @@ use appshot_sys::udpbpf::{self, Entries, RouteKey, UdpRoutes};
 use appshot_vpm::{Protocol, RegistryState, Translation};
 use tracing::{debug, warn};
 
-use crate::cgroup;
-use crate::sourcerules::{nft, registry_tag, TABLE};
+use crate::net::cgroup;
+use crate::net::sourcerules::{nft, registry_tag, TABLE};
 
 /// The packet mark of refused datagrams ("apsu"), set on output and
 /// read on input (loopback keeps it).
