@@ -24,7 +24,9 @@ pub fn usable() -> anyhow::Result<Result<Sandlock, String>> {
             python,
             version: std::env::var("SANDLOCK_VERSION").unwrap_or_else(|_| "?".into()),
         }),
-        Ok(_) => Err(format!("{RUNNER} not found (run the bench from the repository root)")),
+        Ok(_) => Err(format!(
+            "{RUNNER} not found (run the bench from the repository root)"
+        )),
         Err(_) => Err("sandlock not installed (bench/run.sh installs sandlock 0.9.0)".into()),
     };
     if let Err(why) = &peer {
