@@ -139,6 +139,12 @@ impl ImageWriter {
         })
     }
 
+    /// How much page data was appended so far: the offset the next
+    /// [`write_pages`](Self::write_pages) returns.
+    pub fn pages_len(&self) -> u64 {
+        self.pages_len
+    }
+
     /// Appends page data; returns its offset within the pages section.
     pub fn write_pages(&mut self, data: &[u8]) -> Result<u64, SnapshotError> {
         debug_assert_eq!(data.len() as u64 % PAGE, 0);

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
 
 use crate::dump::DumpRequest;
 use crate::error::{RestoreError, SnapshotError};
@@ -23,6 +24,9 @@ use tracing::debug;
 
 /// Largest run of pages read and written at once.
 pub(crate) const CHUNK_PAGES: u64 = 1024;
+/// Buffers of [`CHUNK_PAGES`] between reading a process and writing its
+/// image: one being read into, one being written, one ready.
+const PIPELINE_BUFFERS: usize = 3;
 
 /// Pagemap entries read at once (512 KiB).
 pub(crate) const PAGEMAP_ENTRIES: u64 = 64 * 1024;
@@ -239,68 +243,105 @@ pub(crate) fn dump_memory(
     let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
     let mut done = 0;
     let mut reused = 0;
-    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-    for (m, kind, runs, inherited, cow) in plan {
-        // A shared object is read from the object itself, not through the
-        // process's page tables, so that its holes stay holes.
-        let object = match kind {
-            VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
-            _ => None,
-        };
-        let mut pages = Vec::with_capacity(runs.len());
-        let precopied = ctx.precopied.filter(|_| object.is_none());
-        let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
-            Some(copies) => copies.pieces(addr, n),
-            None => vec![(addr, n, None)],
-        });
-        for (addr, n, copy) in pieces {
-            let len = (n * PAGE) as usize;
-            if let Some((layer, offset)) = copy {
-                pages.push(PageRun {
-                    addr,
-                    pages: n,
-                    offset,
-                    layer,
-                });
-                done += len as u64;
-                reused += len as u64;
-                continue;
-            }
-            match &object {
-                Some(f) => {
-                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
-                        .map_err(|e| {
-                            SnapshotError::process(
-                                pid,
-                                format!("reading shared memory at {addr:#x}"),
-                                e,
-                            )
-                        })?
-                }
-                None => mem.read(addr, &mut buf[..len])?,
-            }
-            let offset = writer.write_pages(&buf[..len])?;
-            pages.push(PageRun {
-                addr,
-                pages: n,
-                offset,
-                layer: 0,
-            });
-            done += len as u64;
-            (req.progress)(done, total);
-            check()?;
+    // Reading the process and writing the image overlap: this thread
+    // copies pages out of the process into a free buffer while a writer
+    // thread checksums and writes the one before. Offsets are known ahead,
+    // since the writer appends in the order it is handed buffers.
+    let mut next_offset = writer.pages_len();
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIPELINE_BUFFERS {
+            free_tx
+                .send(Vec::with_capacity((CHUNK_PAGES * PAGE) as usize))
+                .expect("receiver held here");
         }
-        vmas.push(Vma {
-            start: m.start,
-            end: m.end,
-            prot: m.prot(),
-            shared: m.shared,
-            kind,
-            pages,
-            inherited,
-            cow,
+        let writing = scope.spawn(move || -> Result<(), SnapshotError> {
+            for buf in full_rx {
+                writer.write_pages(&buf)?;
+                // The reader may have stopped taking buffers back.
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
         });
-    }
+        let reading = (|| -> Result<(), SnapshotError> {
+            for (m, kind, runs, inherited, cow) in plan {
+                // A shared object is read from the object itself, not
+                // through the process's page tables, so that its holes stay
+                // holes.
+                let object = match kind {
+                    VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
+                    _ => None,
+                };
+                let mut pages = Vec::with_capacity(runs.len());
+                let precopied = ctx.precopied.filter(|_| object.is_none());
+                let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
+                    Some(copies) => copies.pieces(addr, n),
+                    None => vec![(addr, n, None)],
+                });
+                for (addr, n, copy) in pieces {
+                    let len = (n * PAGE) as usize;
+                    if let Some((layer, offset)) = copy {
+                        pages.push(PageRun {
+                            addr,
+                            pages: n,
+                            offset,
+                            layer,
+                        });
+                        done += len as u64;
+                        reused += len as u64;
+                        continue;
+                    }
+                    // A closed channel means the writer stopped: its error
+                    // is the one reported.
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    buf.resize(len, 0);
+                    match &object {
+                        Some(f) => {
+                            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, addr - m.start)
+                                .map_err(|e| {
+                                SnapshotError::process(
+                                    pid,
+                                    format!("reading shared memory at {addr:#x}"),
+                                    e,
+                                )
+                            })?
+                        }
+                        None => mem.read(addr, &mut buf)?,
+                    }
+                    if full_tx.send(buf).is_err() {
+                        return Ok(());
+                    }
+                    pages.push(PageRun {
+                        addr,
+                        pages: n,
+                        offset: next_offset,
+                        layer: 0,
+                    });
+                    next_offset += len as u64;
+                    done += len as u64;
+                    (req.progress)(done, total);
+                    check()?;
+                }
+                vmas.push(Vma {
+                    start: m.start,
+                    end: m.end,
+                    prot: m.prot(),
+                    shared: m.shared,
+                    kind,
+                    pages,
+                    inherited,
+                    cow,
+                });
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writing.join().expect("image writer thread");
+        reading.and(written)
+    })?;
     debug!(pid, bytes = total, reused, "memory saved");
     Ok(vmas)
 }
