@@ -1,6 +1,7 @@
 //! Errors of the supervisor and its commands. The binary edge wraps them in
 //! `anyhow` for context; each variant names the object it failed on.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use libseccomp::ScmpArch;
@@ -92,4 +93,15 @@ pub enum FilterError {
     Architecture(ScmpArch),
     #[error("exporting the seccomp filter")]
     Export(#[source] std::io::Error),
+}
+
+/// The error and its sources, for a log line or a reason sent as text.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let _ = write!(s, ": {inner}");
+        source = inner.source();
+    }
+    s
 }
