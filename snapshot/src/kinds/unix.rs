@@ -333,9 +333,10 @@ fn same_ino(diag: Option<u64>, ino: u64) -> bool {
 }
 
 fn refuse(pid: u32, fd: i32, what: &str) -> SnapshotError {
-    SnapshotError::Unsupported {
+    SnapshotError::UnsupportedFd {
         pid,
-        what: format!("fd {fd}: {what}"),
+        fd,
+        what: what.into(),
     }
 }
 
@@ -407,7 +408,7 @@ fn walk_queue(
         ) {
             Ok(r) => r,
             Err(nix::errno::Errno::EAGAIN) => return Ok(queue),
-            Err(e) => return Err(SnapshotError::process(pid, format!("peeking fd {fd}"), e)),
+            Err(e) => return Err(SnapshotError::fd_call(pid, fd, "recv (MSG_PEEK)", e)),
         };
         let mut in_flight = false;
         match got.cmsgs() {
