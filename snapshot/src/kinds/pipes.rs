@@ -147,10 +147,8 @@ pub fn restore(stub: &Stub, fds: &[FdImage]) -> Result<(), SnapshotError> {
             libc::SYS_pipe2,
             &[data, libc::O_CLOEXEC as u64],
         )?;
-        let mut b = [0u8; 8];
-        mem.read(data, &mut b)?;
-        let rd = to_high(i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as u64)?;
-        let wr = to_high(i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")) as u64)?;
+        let [rd, wr]: [i32; 2] = mem.read_value(data)?;
+        let (rd, wr) = (to_high(rd as u64)?, to_high(wr as u64)?);
         for f in fds {
             let FdKind::Pipe {
                 write_end,
