@@ -31,6 +31,8 @@ unsafe impl Plain for CapData {}
 unsafe impl<T: Plain, const N: usize> Plain for [T; N] {}
 // SAFETY: four u64.
 unsafe impl Plain for KernelSigaction {}
+// SAFETY: twelve u64 and two u32: 104 bytes, no padding.
+unsafe impl Plain for PrctlMmMap {}
 // SAFETY: three i32 and 29 more of padding as an i32 array, 128 bytes,
 // after a zero-length u64 array that only aligns it.
 unsafe impl Plain for libc::siginfo_t {}
@@ -115,6 +117,29 @@ pub struct KernelSigaction {
     pub mask: u64,
 }
 
+/// `struct prctl_mm_map` of `prctl(PR_SET_MM, PR_SET_MM_MAP)`: a process's
+/// memory map fields, set at once. `auxv` is an address in the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrctlMmMap {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: u64,
+    /// In bytes.
+    pub auxv_size: u32,
+    /// `u32::MAX` (-1): the exe link stays.
+    pub exe_fd: u32,
+}
+
 /// The bytes of a `sockaddr_un` naming `name` (a path, or an abstract
 /// name with its leading NUL), as long as the kernel takes it: the family
 /// and the name, no terminating NUL added. `None` if `name` does not fit.
@@ -188,6 +213,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<libc::itimerspec>(), 32);
         assert_eq!(std::mem::size_of::<[CapData; 2]>(), 24);
         assert_eq!(std::mem::size_of::<KernelSigaction>(), 32);
+        assert_eq!(std::mem::size_of::<PrctlMmMap>(), 104);
         assert_eq!(std::mem::size_of::<libc::siginfo_t>(), 128);
         assert_eq!(std::mem::size_of::<libc::sockaddr_un>(), 110);
         assert_eq!(std::mem::size_of::<[i32; 2]>(), 8);
