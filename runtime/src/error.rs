@@ -14,6 +14,14 @@ pub enum RuntimeError {
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
+    /// The settings of cross-host negotiation or source rules, or the
+    /// cluster key, are not usable.
+    #[error("instance `{name}` did not start")]
+    Cluster {
+        name: String,
+        #[source]
+        source: crate::net::remote::ClusterError,
+    },
     #[error("instance `{name}`: `{program}` {}", if *.status == 127 { "not found" } else { "cannot be executed" })]
     Exec {
         name: String,

@@ -164,16 +164,13 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
     let registry = Registry::open(&args.run_dir)?;
     let lock = InstanceLock::acquire(&registry, &h.id)?;
     let config = AppConfig::default();
-    let cluster_settings = ClusterSettings::resolve(&config).map_err(|e| RuntimeError::Start {
+    let cluster_error = |source| RuntimeError::Cluster {
         name: h.id.clone(),
-        reason: format!("{e:#}"),
-    })?;
-    let cluster = Cluster::new(&cluster_settings, &args.run_dir, &h.id, &h.aid).map_err(|e| {
-        RuntimeError::Start {
-            name: h.id.clone(),
-            reason: format!("{e:#}"),
-        }
-    })?;
+        source,
+    };
+    let cluster_settings = ClusterSettings::resolve(&config).map_err(cluster_error)?;
+    let cluster =
+        Cluster::new(&cluster_settings, &args.run_dir, &h.id, &h.aid).map_err(cluster_error)?;
     let settings = Settings {
         instance: h.id.clone(),
         aid: h.aid.clone(),

@@ -77,7 +77,8 @@ pub trait RestoreHost {
         plan: &Plan,
     ) -> Result<(Vec<Self::Listener>, u32), RuntimeError>;
     /// Kills the namespace init, and so every process of the namespace,
-    /// and waits for it.
+    /// waits for it, and ends what the instance started besides (its
+    /// negotiations with other hosts).
     fn kill(&mut self, init: &Self::Init, init_pid: u32);
     /// Lets the image's connections' packets flow again.
     fn release_netlock(&mut self);
