@@ -15,12 +15,13 @@ pub enum RuntimeError {
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
     /// The settings of cross-host negotiation or source rules, or the
-    /// cluster key, are not usable.
+    /// cluster key, are not usable: a `net::remote::ClusterError`, boxed so
+    /// that this module, which every room uses, depends on none of them.
     #[error("instance `{name}` did not start")]
     Cluster {
         name: String,
         #[source]
-        source: crate::net::remote::ClusterError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("instance `{name}`: `{program}` {}", if *.status == 127 { "not found" } else { "cannot be executed" })]
     Exec {

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use super::state::{self, Handoff};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::net::remote::{Cluster, ClusterSettings};
+use crate::net::remote::{Cluster, ClusterError, ClusterSettings};
 use crate::seccomp::notify;
 use crate::supervisor::control::{self, Peer, Reply, Request};
 
@@ -164,9 +164,9 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
     let registry = Registry::open(&args.run_dir)?;
     let lock = InstanceLock::acquire(&registry, &h.id)?;
     let config = AppConfig::default();
-    let cluster_error = |source| RuntimeError::Cluster {
+    let cluster_error = |e: ClusterError| RuntimeError::Cluster {
         name: h.id.clone(),
-        source,
+        source: e.into(),
     };
     let cluster_settings = ClusterSettings::resolve(&config).map_err(cluster_error)?;
     let cluster =

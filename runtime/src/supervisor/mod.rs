@@ -185,9 +185,9 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     };
     // A bad key file stops the start.
     let cluster = Cluster::new(&launch.cluster, &launch.run_dir, &launch.name, &launch.aid)
-        .map_err(|source| RuntimeError::Cluster {
+        .map_err(|e| RuntimeError::Cluster {
             name: launch.name.clone(),
-            source,
+            source: e.into(),
         })?;
     let cgroup = instance_cgroup(&registry, &launch);
     let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
