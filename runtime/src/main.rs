@@ -812,7 +812,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
 }
 
 fn parse_hostname(arg: &str) -> Result<String, String> {
-    validate_hostname(arg)?;
+    validate_hostname(arg).map_err(|e| e.to_string())?;
     Ok(arg.to_string())
 }
 
@@ -821,7 +821,7 @@ fn parse_value(arg: &str) -> Result<(String, Pattern), String> {
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| format!("`{arg}` is not KEY=VALUE"))?;
-    validate_value_key(key)?;
+    validate_value_key(key).map_err(|e| e.to_string())?;
     Ok((key.to_string(), value.parse()?))
 }
 
@@ -893,13 +893,11 @@ fn clone_launches(
     }
     let mut launches = Vec::new();
     for (number, (clone_aid, clone_name)) in (1..).zip(plan) {
-        let identity = rules
-            .render(&CloneId {
-                number,
-                aid: clone_aid,
-                name: clone_name,
-            })
-            .map_err(|e| anyhow!("{e}"))?;
+        let identity = rules.render(&CloneId {
+            number,
+            aid: clone_aid,
+            name: clone_name,
+        })?;
         if appshot_vpm::is_alive(run_dir, clone_name) {
             return Err(appshot_vpm::VpmError::NameInUse(clone_name.clone()).into());
         }

@@ -20,6 +20,9 @@ use tracing::{debug, info, warn};
 use super::fresh::FreshRegistry;
 use crate::multiplex::sockaddr;
 
+/// How often a bind waiting for a free real port looks again.
+pub const ALLOCATION_RETRY: Duration = Duration::from_millis(50);
+
 /// Which virtual ports this instance multiplexes.
 #[derive(Clone, Debug)]
 pub enum PortSet {

@@ -474,7 +474,10 @@ pub fn take(
             writer.abandon();
             return Err(RuntimeError::NotSnapshottable {
                 name: name.to_string(),
-                reason: format!("its connections cannot be locked: {e}"),
+                reason: format!(
+                    "its connections cannot be locked: {}",
+                    crate::error::chain(&e)
+                ),
             });
         }
     };

@@ -10,6 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 
+use appshot_sys::abi::{self, PrctlMmMap};
+
 use crate::dump::DumpRequest;
 use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::*;
@@ -705,34 +707,37 @@ pub(crate) fn set_mm(
     };
     let m = &p.mm;
     let auxv_at = data + 256;
-    let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    mem.write(auxv_at, &auxv)?;
-    let mut map = Vec::with_capacity(104);
-    for v in [
-        m.start_code,
-        m.end_code,
-        m.start_data,
-        m.end_data,
-        m.start_brk,
-        m.brk,
-        m.start_stack,
-        m.arg_start,
-        m.arg_end,
-        m.env_start,
-        m.env_end,
-        auxv_at,
-    ] {
-        map.extend_from_slice(&v.to_ne_bytes());
-    }
-    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
-    // -1: the exe link stays.
-    map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
-    mem.write(data, &map)?;
+    let auxv = abi::bytes_of_slice(&p.auxv);
+    mem.write(auxv_at, auxv)?;
+    let map = PrctlMmMap {
+        start_code: m.start_code,
+        end_code: m.end_code,
+        start_data: m.start_data,
+        end_data: m.end_data,
+        start_brk: m.start_brk,
+        brk: m.brk,
+        start_stack: m.start_stack,
+        arg_start: m.arg_start,
+        arg_end: m.arg_end,
+        env_start: m.env_start,
+        env_end: m.env_end,
+        auxv: auxv_at,
+        auxv_size: auxv.len() as u32,
+        // -1: the exe link stays.
+        exe_fd: exe_fd.map_or(u32::MAX, |fd| fd as u32),
+    };
+    mem.write_value(data, &map)?;
     inj.ok(
         pid,
         "PR_SET_MM_MAP",
         libc::SYS_prctl,
-        &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
+        &[
+            PR_SET_MM,
+            PR_SET_MM_MAP,
+            data,
+            std::mem::size_of::<PrctlMmMap>() as u64,
+            0,
+        ],
     )?;
     if let Some(fd) = exe_fd {
         inj.call(pid, libc::SYS_close, &[fd])?;
