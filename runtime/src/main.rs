@@ -3,9 +3,8 @@
 //! parses, calls the library (`lib.rs`) and prints.
 #![forbid(unsafe_code)]
 
-// The command line's own rooms: starting detached supervisors and clones.
-mod clones;
-mod detach;
+// The command line's own room: starting detached supervisors and clones.
+mod cli;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -21,11 +20,12 @@ use appshot_snapshot::lazy::LazySettings;
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use appshot::supervisor::{self, CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
-use appshot::{
-    agent, apps, commands, error, init, logs, netlock, oci, pending, remote, restart, snapshots,
-    sourcerules, systemd, udproutes, user, DEFAULT_RUN_DIR, VERSION,
-};
+use appshot::commands::{self, apps, systemd};
+use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
+use appshot::supervisor::{self, init, logs, pending, restart, snapshots, user};
+use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
+use appshot::{error, oci, DEFAULT_RUN_DIR, VERSION};
+use cli::{clones, detach};
 
 #[derive(Parser)]
 #[command(
@@ -826,7 +826,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
 }
 
 fn parse_hostname(arg: &str) -> Result<String, String> {
-    validate_hostname(arg)?;
+    validate_hostname(arg).map_err(|e| e.to_string())?;
     Ok(arg.to_string())
 }
 
@@ -835,7 +835,7 @@ fn parse_value(arg: &str) -> Result<(String, Pattern), String> {
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| format!("`{arg}` is not KEY=VALUE"))?;
-    validate_value_key(key)?;
+    validate_value_key(key).map_err(|e| e.to_string())?;
     Ok((key.to_string(), value.parse()?))
 }
 
@@ -919,13 +919,11 @@ fn clone_launches(
     }
     let mut launches = Vec::new();
     for (number, (clone_aid, clone_name)) in (1..).zip(plan) {
-        let identity = rules
-            .render(&CloneId {
-                number,
-                aid: clone_aid,
-                name: clone_name,
-            })
-            .map_err(|e| anyhow!("{e}"))?;
+        let identity = rules.render(&CloneId {
+            number,
+            aid: clone_aid,
+            name: clone_name,
+        })?;
         if appshot_vpm::is_alive(run_dir, clone_name) {
             return Err(appshot_vpm::VpmError::NameInUse(clone_name.clone()).into());
         }

@@ -202,7 +202,7 @@ fn take_userfaultfd(pid: u32) -> Result<OwnedFd, SnapshotError> {
             libc::SYS_close,
             &[fd as u64],
         )?;
-        ours.map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))
+        ours.map_err(|e| SnapshotError::fd_call(pid, fd, "pidfd_getfd", e))
     });
     frozen.release();
     taken

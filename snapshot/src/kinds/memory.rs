@@ -8,6 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+
+use appshot_sys::abi::{self, PrctlMmMap};
 
 use crate::dump::DumpRequest;
 use crate::error::{RestoreError, SnapshotError};
@@ -24,6 +27,9 @@ use tracing::debug;
 
 /// Largest run of pages read and written at once.
 pub(crate) const CHUNK_PAGES: u64 = 1024;
+/// Buffers of [`CHUNK_PAGES`] between reading a process and writing its
+/// image: one being read into, one being written, one ready.
+const PIPELINE_BUFFERS: usize = 3;
 
 /// Pagemap entries read at once (512 KiB).
 pub(crate) const PAGEMAP_ENTRIES: u64 = 64 * 1024;
@@ -240,68 +246,105 @@ pub(crate) fn dump_memory(
     let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
     let mut done = 0;
     let mut reused = 0;
-    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-    for (m, kind, runs, inherited, cow) in plan {
-        // A shared object is read from the object itself, not through the
-        // process's page tables, so that its holes stay holes.
-        let object = match kind {
-            VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
-            _ => None,
-        };
-        let mut pages = Vec::with_capacity(runs.len());
-        let precopied = ctx.precopied.filter(|_| object.is_none());
-        let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
-            Some(copies) => copies.pieces(addr, n),
-            None => vec![(addr, n, None)],
-        });
-        for (addr, n, copy) in pieces {
-            let len = (n * PAGE) as usize;
-            if let Some((layer, offset)) = copy {
-                pages.push(PageRun {
-                    addr,
-                    pages: n,
-                    offset,
-                    layer,
-                });
-                done += len as u64;
-                reused += len as u64;
-                continue;
-            }
-            match &object {
-                Some(f) => {
-                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
-                        .map_err(|e| {
-                            SnapshotError::process(
-                                pid,
-                                format!("reading shared memory at {addr:#x}"),
-                                e,
-                            )
-                        })?
-                }
-                None => mem.read(addr, &mut buf[..len])?,
-            }
-            let offset = writer.write_pages(&buf[..len])?;
-            pages.push(PageRun {
-                addr,
-                pages: n,
-                offset,
-                layer: 0,
-            });
-            done += len as u64;
-            (req.progress)(done, total);
-            check()?;
+    // Reading the process and writing the image overlap: this thread
+    // copies pages out of the process into a free buffer while a writer
+    // thread checksums and writes the one before. Offsets are known ahead,
+    // since the writer appends in the order it is handed buffers.
+    let mut next_offset = writer.pages_len();
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIPELINE_BUFFERS {
+            free_tx
+                .send(Vec::with_capacity((CHUNK_PAGES * PAGE) as usize))
+                .expect("receiver held here");
         }
-        vmas.push(Vma {
-            start: m.start,
-            end: m.end,
-            prot: m.prot(),
-            shared: m.shared,
-            kind,
-            pages,
-            inherited,
-            cow,
+        let writing = scope.spawn(move || -> Result<(), SnapshotError> {
+            for buf in full_rx {
+                writer.write_pages(&buf)?;
+                // The reader may have stopped taking buffers back.
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
         });
-    }
+        let reading = (|| -> Result<(), SnapshotError> {
+            for (m, kind, runs, inherited, cow) in plan {
+                // A shared object is read from the object itself, not
+                // through the process's page tables, so that its holes stay
+                // holes.
+                let object = match kind {
+                    VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
+                    _ => None,
+                };
+                let mut pages = Vec::with_capacity(runs.len());
+                let precopied = ctx.precopied.filter(|_| object.is_none());
+                let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
+                    Some(copies) => copies.pieces(addr, n),
+                    None => vec![(addr, n, None)],
+                });
+                for (addr, n, copy) in pieces {
+                    let len = (n * PAGE) as usize;
+                    if let Some((layer, offset)) = copy {
+                        pages.push(PageRun {
+                            addr,
+                            pages: n,
+                            offset,
+                            layer,
+                        });
+                        done += len as u64;
+                        reused += len as u64;
+                        continue;
+                    }
+                    // A closed channel means the writer stopped: its error
+                    // is the one reported.
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    buf.resize(len, 0);
+                    match &object {
+                        Some(f) => {
+                            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, addr - m.start)
+                                .map_err(|e| {
+                                SnapshotError::process(
+                                    pid,
+                                    format!("reading shared memory at {addr:#x}"),
+                                    e,
+                                )
+                            })?
+                        }
+                        None => mem.read(addr, &mut buf)?,
+                    }
+                    if full_tx.send(buf).is_err() {
+                        return Ok(());
+                    }
+                    pages.push(PageRun {
+                        addr,
+                        pages: n,
+                        offset: next_offset,
+                        layer: 0,
+                    });
+                    next_offset += len as u64;
+                    done += len as u64;
+                    (req.progress)(done, total);
+                    check()?;
+                }
+                vmas.push(Vma {
+                    start: m.start,
+                    end: m.end,
+                    prot: m.prot(),
+                    shared: m.shared,
+                    kind,
+                    pages,
+                    inherited,
+                    cow,
+                });
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writing.join().expect("image writer thread");
+        reading.and(written)
+    })?;
     debug!(pid, bytes = total, reused, "memory saved");
     Ok(vmas)
 }
@@ -696,34 +739,37 @@ pub(crate) fn set_mm(
     };
     let m = &p.mm;
     let auxv_at = data + 256;
-    let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    mem.write(auxv_at, &auxv)?;
-    let mut map = Vec::with_capacity(104);
-    for v in [
-        m.start_code,
-        m.end_code,
-        m.start_data,
-        m.end_data,
-        m.start_brk,
-        m.brk,
-        m.start_stack,
-        m.arg_start,
-        m.arg_end,
-        m.env_start,
-        m.env_end,
-        auxv_at,
-    ] {
-        map.extend_from_slice(&v.to_ne_bytes());
-    }
-    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
-    // -1: the exe link stays.
-    map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
-    mem.write(data, &map)?;
+    let auxv = abi::bytes_of_slice(&p.auxv);
+    mem.write(auxv_at, auxv)?;
+    let map = PrctlMmMap {
+        start_code: m.start_code,
+        end_code: m.end_code,
+        start_data: m.start_data,
+        end_data: m.end_data,
+        start_brk: m.start_brk,
+        brk: m.brk,
+        start_stack: m.start_stack,
+        arg_start: m.arg_start,
+        arg_end: m.arg_end,
+        env_start: m.env_start,
+        env_end: m.env_end,
+        auxv: auxv_at,
+        auxv_size: auxv.len() as u32,
+        // -1: the exe link stays.
+        exe_fd: exe_fd.map_or(u32::MAX, |fd| fd as u32),
+    };
+    mem.write_value(data, &map)?;
     inj.ok(
         pid,
         "PR_SET_MM_MAP",
         libc::SYS_prctl,
-        &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
+        &[
+            PR_SET_MM,
+            PR_SET_MM_MAP,
+            data,
+            std::mem::size_of::<PrctlMmMap>() as u64,
+            0,
+        ],
     )?;
     if let Some(fd) = exe_fd {
         inj.call(pid, libc::SYS_close, &[fd])?;

@@ -201,9 +201,10 @@ fn status_flags(host: u32, fd: i32) -> Result<i32, SnapshotError> {
         .ok()
         .and_then(|t| parse::fdinfo(&t))
         .map(|i| i.flags & !libc::O_CLOEXEC)
-        .ok_or_else(|| SnapshotError::Unsupported {
+        .ok_or_else(|| SnapshotError::UnsupportedFd {
             pid: host,
-            what: format!("fd {fd}: unreadable fdinfo"),
+            fd,
+            what: "unreadable fdinfo".into(),
         })
 }
 
@@ -234,9 +235,10 @@ impl FdTable {
                 .ok()
                 .and_then(|t| parse::fdinfo(&t))
                 .map(|i| i.flags & libc::O_CLOEXEC != 0)
-                .ok_or_else(|| SnapshotError::Unsupported {
+                .ok_or_else(|| SnapshotError::UnsupportedFd {
                     pid: host,
-                    what: format!("fd {fd}: unreadable fdinfo"),
+                    fd,
+                    what: "unreadable fdinfo".into(),
                 })?;
             if let Some(p) = parent {
                 if pidfd::same_file_across(self.procs[p].0, fd, host, fd) == Some(true) {
@@ -404,9 +406,10 @@ impl FdTable {
                 )
                 .ok()
             })
-            .ok_or_else(|| SnapshotError::Unsupported {
+            .ok_or_else(|| SnapshotError::UnsupportedFd {
                 pid: host,
-                what: format!("fd {fd}: pipe capacity unreadable"),
+                fd,
+                what: "pipe capacity unreadable".into(),
             })? as u32;
         let number = self.next_stash_number(owner);
         self.stash_fds.entry(owner).or_default().push(FdImage {

@@ -2,6 +2,15 @@
 //! namespace init, owns the seccomp listener and the instance's registry
 //! entries, serves the control socket, and cleans up when the instance ends.
 
+pub(crate) mod control;
+pub mod init;
+pub mod logs;
+pub mod pending;
+pub mod restart;
+mod restoring;
+pub mod snapshots;
+pub mod user;
+
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -26,12 +35,13 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::cgroup::{self, InstanceCgroup};
-use crate::control::{self, Peer, Reply, Request};
+use self::control::{Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::remote::Cluster;
-use crate::{filter, notify, snapshots, tree};
+use crate::net::cgroup::{self, InstanceCgroup};
+use crate::net::remote::Cluster;
+use crate::seccomp::{filter, notify};
+use crate::tree;
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
 /// (serialised to a detached supervisor).
@@ -52,7 +62,7 @@ pub struct Launch {
     pub mode: Mode,
     /// Source rules and cross-host negotiation.
     #[serde(default)]
-    pub cluster: crate::remote::ClusterSettings,
+    pub cluster: crate::net::remote::ClusterSettings,
     /// A clone's own hostname and identity file (or a restore's own
     /// hostname, `restore --hostname`).
     #[serde(default)]
@@ -60,7 +70,7 @@ pub struct Launch {
     /// Who a launched application runs as (restores take theirs from the
     /// image).
     #[serde(default)]
-    pub user: Option<crate::user::RunAs>,
+    pub user: Option<crate::supervisor::user::RunAs>,
     /// A detached instance's logs and exit record go when it ends
     /// (`run --rm`).
     #[serde(default)]
@@ -74,7 +84,7 @@ pub struct Launch {
     pub log_max_bytes: u64,
     /// When the supervisor starts the application again after it exits.
     #[serde(default)]
-    pub restart: crate::restart::Policy,
+    pub restart: crate::supervisor::restart::Policy,
     /// `run --config FILE` (absolute), kept in the registry for `appshot
     /// generate systemd`.
     #[serde(default)]
@@ -121,7 +131,7 @@ pub struct IdentityFile {
 }
 
 fn default_log_max() -> u64 {
-    crate::logs::DEFAULT_MAX_BYTES
+    crate::supervisor::logs::DEFAULT_MAX_BYTES
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -180,9 +190,9 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     };
     // A bad key file stops the start.
     let cluster = Cluster::new(&launch.cluster, &launch.run_dir, &launch.name, &launch.aid)
-        .map_err(|e| RuntimeError::Start {
+        .map_err(|e| RuntimeError::Cluster {
             name: launch.name.clone(),
-            reason: format!("{e:#}"),
+            source: e.into(),
         })?;
     let cgroup = instance_cgroup(&registry, &launch);
     let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
@@ -243,67 +253,39 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 )),
                 _ => None,
             };
-            let (init_pid, init) = start_init(
-                &launch,
-                None,
-                &image
-                    .manifest
-                    .top_level()
-                    .map(|p| p.ns_pid)
-                    .collect::<Vec<_>>(),
-                identity_file.as_ref(),
-                cgroup_dir,
+            let plan = restoring::Plan::new(
+                is_clone,
+                tcp_close,
+                &image.manifest.instance,
+                image.manifest.top_level().count(),
+            );
+            let mut host = RealRestore {
+                launch: &launch,
+                image: &image,
+                identity_file: identity_file.as_ref(),
+                cgroup: cgroup_dir,
                 nofile,
-            )?;
-            phases.mark("init started");
-            let mux = new_mux(init_pid)?;
-            let started = Instant::now();
-            // Only the restore of a stopped instance can own its
-            // connections: a live snapshot's original still has them, and
-            // templates and clones are copies.
-            let info = &image.manifest.instance;
-            let connections = if is_clone || tcp_close || info.template || info.left_running {
-                restore::Connections::Close
-            } else {
-                restore::Connections::Own
+                new_mux: &new_mux,
+                mux: None,
+                lazy,
+                lazy_status: None,
+                cluster: &cluster,
+                phases: &mut phases,
             };
             // Listed from now on, `restoring` until the restored processes
-            // are released (`ps` reads the marker while the control socket
-            // does not answer yet).
+            // are released.
             let marker = lock.instance_dir().join(RESTORING_MARKER);
-            let _ = std::fs::write(&marker, b"");
-            register(&registry, &launch, init_pid)?;
-            let restored = restore_into(
-                init_pid,
-                &image,
-                &mux,
-                is_clone,
-                connections,
-                lazy,
-                &mut phases,
-            );
-            let _ = std::fs::remove_file(&marker);
-            if restored.is_ok() && (connections == restore::Connections::Own || tcp_close) {
-                // Rebuilt or given up: their packets may flow again.
-                crate::netlock::release_image(&launch.run_dir, path);
-            }
-            info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = is_clone, "restore work done");
-            match restored {
-                Ok((listeners, main, status)) => {
-                    lazy_status = status;
-                    (init_pid, init, listeners, mux, main)
-                }
-                Err(e) => {
-                    // Nothing half-built survives: the namespace goes with
-                    // its init, and the sockets' translations with the
-                    // instance record.
-                    let _ = pidfd::send_signal(&init, libc::SIGKILL);
-                    wait_exit(init_pid);
-                    cluster.shutdown();
-                    registry.transaction(|s| s.remove_instance(&launch.name))?;
-                    return Err(e);
-                }
-            }
+            let r = restoring::restore(
+                &mut host,
+                &plan,
+                &registry,
+                &launch,
+                &marker,
+                restoring::STUB_DEADLINE,
+            )?;
+            let mux = host.mux.take().expect("the multiplexer of a started init");
+            lazy_status = host.lazy_status.take();
+            (r.init_pid, r.init, r.listeners, mux, r.main)
         }
     };
 
@@ -472,7 +454,7 @@ fn instance_cgroup(registry: &Registry, launch: &Launch) -> Option<InstanceCgrou
         warn!(name = %launch.name, "no cgroup2 below /sys/fs/cgroup: UDP ports are not multiplexed");
         return None;
     };
-    let tag = crate::sourcerules::registry_tag(registry.dir());
+    let tag = crate::net::sourcerules::registry_tag(registry.dir());
     match InstanceCgroup::create(root, &tag, &launch.aid, &launch.name) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -548,54 +530,85 @@ fn write_identity(
     Ok(path)
 }
 
-/// Rebuilds the image's process tree in the stubs the init created for its
-/// top-level processes. Returns every process's seccomp listener and our
-/// PID of the main process.
-fn restore_into(
-    init_pid: u32,
-    image: &Image,
-    mux: &Arc<Multiplexer>,
-    share_pages: bool,
-    connections: restore::Connections,
+/// The restore's steps on this host: the namespace init forks the stubs,
+/// `appshot_snapshot::restore` rebuilds the image in them with the
+/// multiplexer binding their sockets.
+struct RealRestore<'a, M> {
+    launch: &'a Launch,
+    image: &'a Image,
+    identity_file: Option<&'a (PathBuf, PathBuf)>,
+    cgroup: Option<&'a Path>,
+    nofile: Option<(u64, u64)>,
+    new_mux: &'a M,
+    /// Made once init's PID is known.
+    mux: Option<Arc<Multiplexer>>,
+    /// `restore --lazy`: how, and once rebuilt, its page server's status.
     lazy: Option<LazySettings>,
-    phases: &mut Phases,
-) -> Result<(Vec<OwnedFd>, u32, Option<LazyStatus>), RuntimeError> {
-    let wanted = image.manifest.top_level().count();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let stubs = loop {
-        let stubs: Vec<u32> = tree::descendants(init_pid).into_iter().skip(1).collect();
-        if stubs.len() >= wanted {
-            break stubs;
-        }
-        if Instant::now() > deadline {
-            return Err(RuntimeError::Start {
-                name: image.manifest.instance.name.clone(),
-                reason: format!(
-                    "the namespace init created {} of {wanted} processes to restore into",
-                    stubs.len()
-                ),
-            });
-        }
-        // Init forks them within a few ms of its exec; a coarser poll
-        // would add up to its period to every restore.
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    phases.mark("stubs forked");
-    let program = filter::build()?;
-    phases.mark("filter built");
-    let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
-    let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
-    let hooks = restore::RestoreHooks {
-        filter: &program,
-        listen: &listen,
-        bind_udp: &bind_udp,
-        connections,
-        share_pages,
-        lazy,
-    };
-    let restored = restore::restore(&stubs, image, &hooks)?;
-    phases.mark("restored");
-    Ok((restored.listeners, restored.hosts[0], restored.lazy))
+    lazy_status: Option<LazyStatus>,
+    cluster: &'a Arc<Cluster>,
+    phases: &'a mut Phases,
+}
+
+impl<M> restoring::RestoreHost for RealRestore<'_, M>
+where
+    M: Fn(u32) -> Result<Arc<Multiplexer>, RuntimeError>,
+{
+    type Init = OwnedFd;
+    type Listener = OwnedFd;
+
+    fn start_init(&mut self) -> Result<(u32, OwnedFd), RuntimeError> {
+        let top_level: Vec<u32> = self.image.manifest.top_level().map(|p| p.ns_pid).collect();
+        let (init_pid, init) = start_init(
+            self.launch,
+            None,
+            &top_level,
+            self.identity_file,
+            self.cgroup,
+            self.nofile,
+        )?;
+        self.phases.mark("init started");
+        self.mux = Some((self.new_mux)(init_pid)?);
+        Ok((init_pid, init))
+    }
+
+    fn stubs(&mut self, init_pid: u32) -> Vec<u32> {
+        tree::descendants(init_pid).into_iter().skip(1).collect()
+    }
+
+    fn rebuild(
+        &mut self,
+        stubs: &[u32],
+        plan: &restoring::Plan,
+    ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
+        self.phases.mark("stubs forked");
+        let program = filter::build()?;
+        self.phases.mark("filter built");
+        let mux = self.mux.as_ref().expect("init started first");
+        let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
+        let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
+        let hooks = restore::RestoreHooks {
+            filter: &program,
+            listen: &listen,
+            bind_udp: &bind_udp,
+            connections: plan.connections,
+            share_pages: plan.clone,
+            lazy: self.lazy,
+        };
+        let restored = restore::restore(stubs, self.image, &hooks)?;
+        self.lazy_status = restored.lazy;
+        self.phases.mark("restored");
+        Ok((restored.listeners, restored.hosts[0]))
+    }
+
+    fn kill(&mut self, init: &OwnedFd, init_pid: u32) {
+        let _ = pidfd::send_signal(init, libc::SIGKILL);
+        wait_exit(init_pid);
+        self.cluster.shutdown();
+    }
+
+    fn release_netlock(&mut self) {
+        crate::net::netlock::release_image(&self.launch.run_dir, &self.image.path);
+    }
 }
 
 /// Where a supervisor's start-up time goes (logged at debug): each
@@ -776,8 +789,8 @@ struct Control {
     /// Holds the write tracking kept on the instance for the next
     /// incremental snapshot, if the last snapshot kept it.
     snapshot: Mutex<Option<snapshots::Armed>>,
-    /// The page server of a lazy restore: a snapshot waits until it is
-    /// done, as memory still pending is in no page table to save.
+    /// The page server of a lazy restore: a snapshot is refused until it
+    /// is done, as memory still pending is in no page table to save.
     lazy: Option<LazyStatus>,
 }
 
@@ -998,7 +1011,7 @@ fn wait_exit(pid: u32) -> i32 {
 mod tests {
     use super::{instance_state, Launch, LazySettings, Mode};
 
-    fn launch(mode: Mode) -> Launch {
+    pub(super) fn launch(mode: Mode) -> Launch {
         Launch {
             name: "web".into(),
             aid: "a".into(),

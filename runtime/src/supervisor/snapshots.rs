@@ -27,10 +27,10 @@ use nix::sys::ptrace::Options;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
-use crate::netlock::{self, Lock};
-use crate::pending::Pending;
+use crate::net::netlock::{self, Lock};
+use crate::supervisor::control::{self, Peer, Progress, Request};
+use crate::supervisor::pending::Pending;
 use crate::tree;
 
 /// Opens a template for cloning. Its pages section (the part whose check
@@ -474,7 +474,10 @@ pub fn take(
             writer.abandon();
             return Err(RuntimeError::NotSnapshottable {
                 name: name.to_string(),
-                reason: format!("its connections cannot be locked: {e}"),
+                reason: format!(
+                    "its connections cannot be locked: {}",
+                    crate::error::chain(&e)
+                ),
             });
         }
     };
@@ -903,7 +906,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         summary.path,
         mib(summary.size_bytes),
         mib(summary.pages_bytes),
-        crate::logs::utc(summary.created_unix),
+        crate::supervisor::logs::utc(summary.created_unix),
         if summary.template { ", a template for `appshot clone`" } else { "" },
         summary.writer,
         summary.instance,
@@ -926,7 +929,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
             if i == 0 { "parent    " } else { "  then    " },
             a.path,
             mib(a.size_bytes),
-            crate::logs::utc(a.created_unix)
+            crate::supervisor::logs::utc(a.created_unix)
         ));
     }
     out.push_str(&format!("processes  {}\n", summary.processes.len()));
