@@ -411,16 +411,28 @@ enum Fill {
 
 impl Server {
     fn run(mut self, added: Receiver<Served>, mut woken: UnixStream) {
+        // A panic must not leave faults waiting: it fails the restore like
+        // any other error, killing the processes.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.serve(&added, &mut woken)
+        }))
+        .unwrap_or_else(|_| Err("the page server panicked".into()));
+        self.finish(outcome);
+    }
+
+    /// Serves until every page is in (`Ok(true)`), the processes are gone
+    /// (`Ok(false)`), or something fails.
+    fn serve(&mut self, added: &Receiver<Served>, woken: &mut UnixStream) -> Result<bool, String> {
         let mut sealed = false;
         let mut buf = vec![0u8; CHUNK as usize];
-        let outcome = loop {
+        loop {
             let work =
                 self.layer < self.layers.len() || self.procs.iter().any(|p| !p.pending.is_empty());
             if sealed && self.procs.is_empty() {
-                break Ok(false);
+                return Ok(false);
             }
             if sealed && !work {
-                break Ok(true);
+                return Ok(true);
             }
             let timeout = if self.procs.iter().any(|p| !p.retry.is_empty()) {
                 PollTimeout::ZERO
@@ -449,7 +461,7 @@ impl Server {
             }
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => break Err(format!("poll: {e}")),
+                Err(e) => return Err(format!("poll: {e}")),
             }
             let ready: Vec<bool> = fds
                 .iter()
@@ -490,15 +502,11 @@ impl Server {
                     at += 1;
                 }
             }
-            if let Err(why) = self.handle_events(&events_of, &mut buf) {
-                break Err(why);
-            }
+            self.handle_events(&events_of, &mut buf)?;
             for i in exited {
                 self.procs[i].gone = true;
             }
-            if let Err(why) = self.retry(&mut buf) {
-                break Err(why);
-            }
+            self.retry(&mut buf)?;
             // The background pass waits for the release: until then it
             // would take CPU time from the restore itself.
             if sealed
@@ -506,14 +514,15 @@ impl Server {
                 && self.procs.iter().all(|p| p.retry.is_empty())
                 && self.prefetch_due()
             {
-                if let Err(why) = self.prefetch(&mut buf) {
-                    break Err(why);
-                }
+                self.prefetch(&mut buf)?;
             }
             self.procs.retain(|p| !p.gone);
             let pending = self.procs.iter().map(|p| p.pending.bytes).sum();
             self.status.0.pending.store(pending, Ordering::SeqCst);
-        };
+        }
+    }
+
+    fn finish(&self, outcome: Result<bool, String>) {
         let ms = self.started.elapsed().as_secs_f64() * 1e3;
         match outcome {
             Ok(true) => {
