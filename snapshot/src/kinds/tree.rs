@@ -38,8 +38,18 @@ fn innermost(status: &str, field: &str) -> Option<u32> {
 /// before the processes are frozen, which stops them too.
 pub fn check_states(hosts: &[u32]) -> Result<(), SnapshotError> {
     for &host in hosts {
-        let stat = std::fs::read_to_string(format!("/proc/{host}/stat"))
-            .map_err(|e| SnapshotError::process(host, format!("reading /proc/{host}/stat"), e))?;
+        let stat = match std::fs::read_to_string(format!("/proc/{host}/stat")) {
+            Ok(stat) => stat,
+            // Ended since it was listed: nothing of it to refuse.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(SnapshotError::process(
+                    host,
+                    format!("reading /proc/{host}/stat"),
+                    e,
+                ))
+            }
+        };
         let (comm, state) = stat
             .split_once(" (")
             .and_then(|(_, rest)| rest.rsplit_once(") "))
