@@ -186,6 +186,15 @@ pub fn bytes_of_slice<T: Plain>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
+/// The bytes of the values of `v`, to be overwritten (by a read from a
+/// file of such values): whatever bytes are written make values of `T`.
+pub fn bytes_of_slice_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as for `bytes_of_slice`; every byte pattern written through
+    // the result is a value of a `Plain` type, and `v` stays mutably
+    // borrowed as long as the result lives.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
 /// A value of `T` from the first size_of::<T>() bytes of `b`, or `None`
 /// when `b` is shorter.
 pub fn from_bytes<T: Plain>(b: &[u8]) -> Option<T> {
@@ -228,6 +237,15 @@ mod tests {
         let back: libc::rlimit = from_bytes(bytes_of(&limit)).unwrap();
         assert_eq!((back.rlim_cur, back.rlim_max), (7, 9));
         assert!(from_bytes::<libc::rlimit>(&[0; 15]).is_none());
+    }
+
+    #[test]
+    fn bytes_written_into_a_slice_become_its_values() {
+        let mut entries = [0u64; 2];
+        let bytes = bytes_of_slice_mut(&mut entries);
+        assert_eq!(bytes.len(), 16);
+        bytes[8..].copy_from_slice(&(1u64 << 63 | 7).to_ne_bytes());
+        assert_eq!(entries, [0, 1 << 63 | 7]);
     }
 
     #[test]

@@ -164,15 +164,16 @@ pub(crate) fn dump_memory(
     };
     let pagemap = open_pagemap(pid)?;
     let parent_pagemap = ctx.parent.map(|(p, _)| open_pagemap(p)).transpose()?;
-    let read_entries = |file: &std::fs::File, who: u32, buf: &mut [u8], at: u64| {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, at * 8)
+    // Entries are u64, one a page, at the page's index times eight.
+    let read_entries = |file: &std::fs::File, who: u32, entries: &mut [u64], at: u64| {
+        std::os::unix::fs::FileExt::read_exact_at(file, abi::bytes_of_slice_mut(entries), at * 8)
             .map_err(|e| SnapshotError::process(who, "reading pagemap", e))
     };
     let mut vmas = Vec::new();
     let mut plan = Vec::new();
     // Read in bounded pieces: a mapping may be a huge reservation.
-    let mut pagemap_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
-    let mut parent_buf = vec![0u8; (PAGEMAP_ENTRIES * 8) as usize];
+    let mut pagemap_buf = vec![0u64; PAGEMAP_ENTRIES as usize];
+    let mut parent_buf = vec![0u64; PAGEMAP_ENTRIES as usize];
     for m in maps {
         let Some(kind) = classify(m, pid, growsdown)? else {
             continue;
@@ -203,20 +204,14 @@ pub(crate) fn dump_memory(
             let mut first = 0;
             while first < npages {
                 let count = (npages - first).min(PAGEMAP_ENTRIES);
-                let len = (count * 8) as usize;
-                read_entries(
-                    &pagemap,
-                    pid,
-                    &mut pagemap_buf[..len],
-                    m.start / PAGE + first,
-                )?;
+                let n = count as usize;
+                read_entries(&pagemap, pid, &mut pagemap_buf[..n], m.start / PAGE + first)?;
                 if let (true, Some(file), Some((ppid, _))) =
                     (inherited, &parent_pagemap, ctx.parent)
                 {
-                    read_entries(file, ppid, &mut parent_buf[..len], m.start / PAGE + first)?;
+                    read_entries(file, ppid, &mut parent_buf[..n], m.start / PAGE + first)?;
                 }
-                for (i, e) in pagemap_buf[..len].chunks_exact(8).enumerate() {
-                    let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                for (i, &e) in pagemap_buf[..n].iter().enumerate() {
                     let has_data = e & (PM_PRESENT | PM_SWAPPED) != 0
                         && !(file_backed && e & PM_FILE_PAGE != 0);
                     if !has_data {
@@ -224,9 +219,7 @@ pub(crate) fn dump_memory(
                     }
                     let addr = m.start + (first + i as u64) * PAGE;
                     if inherited {
-                        let p = u64::from_ne_bytes(
-                            parent_buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"),
-                        );
+                        let p = parent_buf[i];
                         let same_frame = e & PM_PRESENT != 0
                             && p & PM_PRESENT != 0
                             && e & PFN != 0
