@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 
+use appshot_sys::abi;
 use appshot_sys::pidfd;
 use appshot_sys::uffd::{self, PageRegion};
 use nix::sys::ptrace::Options;
@@ -506,11 +507,11 @@ fn pages_with_data(
     end: u64,
     file_backed: bool,
 ) -> Result<(), SnapshotError> {
-    let mut entries = vec![0u8; ((end - start) / PAGE * 8) as usize];
-    std::os::unix::fs::FileExt::read_exact_at(pagemap, &mut entries, start / PAGE * 8)
+    let mut entries = vec![0u64; ((end - start) / PAGE) as usize];
+    let bytes = abi::bytes_of_slice_mut(&mut entries);
+    std::os::unix::fs::FileExt::read_exact_at(pagemap, bytes, start / PAGE * 8)
         .map_err(|e| SnapshotError::process(pid, "reading pagemap", e))?;
-    for (i, e) in entries.chunks_exact(8).enumerate() {
-        let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+    for (i, &e) in entries.iter().enumerate() {
         if e & (PM_PRESENT | PM_SWAPPED) != 0 && !(file_backed && e & PM_FILE_PAGE != 0) {
             let addr = start + i as u64 * PAGE;
             push_run(runs, addr, addr + PAGE);
