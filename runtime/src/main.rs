@@ -853,17 +853,10 @@ fn restore_launch(
     lazy: Option<LazySettings>,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
-    let (path, img) = if lazy.is_some() {
-        // The pages are verified as the page server reads them.
-        let path =
-            std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
-        let img = appshot_snapshot::image::Image::open_for_lazy(&path)?;
-        appshot_snapshot::restore::check_files(&img)?;
+    let (path, img) = checked_image(image)?;
+    if lazy.is_some() {
         appshot_snapshot::lazy::check(&img)?;
-        (path, img)
-    } else {
-        checked_image(image)?
-    };
+    }
     let info = &img.manifest.instance;
     image_launch(
         Mode::Restore {
@@ -878,10 +871,14 @@ fn restore_launch(
     )
 }
 
+/// The image at `image`, its headers, manifests and layouts checked (a
+/// truncated or malformed image is refused here, before anything starts);
+/// its pages are checked by the supervisor while it rebuilds the processes
+/// (or, restored lazily, by its page server), not read through twice.
 fn checked_image(image: &Path) -> anyhow::Result<(PathBuf, appshot_snapshot::image::Image)> {
     let path =
         std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
-    let img = appshot_snapshot::image::Image::open(&path)?;
+    let img = appshot_snapshot::image::Image::open_pages_unchecked(&path)?;
     appshot_snapshot::restore::check_files(&img)?;
     Ok((path, img))
 }

@@ -58,6 +58,11 @@ pub struct RestoreHooks<'a> {
     /// Restore lazily: the process is released before its memory is in
     /// (see [`crate::lazy`]).
     pub lazy: Option<LazySettings>,
+    /// Check the image's pages sections against their CRCs while the
+    /// processes are rebuilt (for an image opened with
+    /// [`Image::open_pages_unchecked`]): a mismatch kills them before any
+    /// is released, so none runs on pages that are not the saved ones.
+    pub check_pages: bool,
 }
 
 pub struct Restored {
@@ -142,24 +147,42 @@ pub fn restore(
         None => None,
     };
     let mut built: Vec<Built> = Vec::with_capacity(procs.len());
-    // Every injected syscall is a ptrace round trip; with tracer and
-    // processes on one CPU it costs a few microseconds instead of a
-    // cross-CPU wake-up.
-    let mut pinned = SameCpu::pin();
-    let result = build_tree(
-        &by_ns,
-        image,
-        hooks,
-        &saved_regs,
-        &mut built,
-        &mut pinned,
-        server.as_ref(),
-    );
+    let result = std::thread::scope(|scope| {
+        // Started before the pinning below, so that it reads on another
+        // CPU than the one the rebuild is pinned to.
+        let checking = hooks
+            .check_pages
+            .then(|| scope.spawn(|| image.verify_pages()));
+        // Every injected syscall is a ptrace round trip; with tracer and
+        // processes on one CPU it costs a few microseconds instead of a
+        // cross-CPU wake-up.
+        let mut pinned = SameCpu::pin();
+        let result = build_tree(
+            &by_ns,
+            image,
+            hooks,
+            &saved_regs,
+            &mut built,
+            &mut pinned,
+            server.as_ref(),
+        );
+        // Affinity first, while every thread is still stopped: restored
+        // threads inherit their process's full CPU set, never the pinned
+        // one.
+        drop(pinned);
+        let checked = match checking {
+            Some(check) => check.join().unwrap_or_else(|_| {
+                Err(SnapshotError::corrupt(
+                    &image.path,
+                    "the check of its pages failed",
+                ))
+            }),
+            None => Ok(()),
+        };
+        result.and_then(|listeners| checked.map(|()| listeners))
+    });
     // No process comes after these: the server finishes once all is in.
     let lazy = server.map(|s| s.status());
-    // Affinity first, while every thread is still stopped: restored threads
-    // inherit their process's full CPU set, never the pinned one.
-    drop(pinned);
     match result {
         Ok(listeners) => {
             let hosts = built.iter().map(|b| b.frozen.pid).collect();

@@ -237,13 +237,10 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 Mode::Restore { lazy, .. } => *lazy,
                 _ => None,
             };
-            let image = if is_clone {
-                Image::open_verified_template(path)?
-            } else if lazy.is_some() {
-                Image::open_for_lazy(path)?
-            } else {
-                Image::open(path)?
-            };
+            // A template's pages were checked by `appshot clone` (once per
+            // unchanged file), a lazy restore's are by its page server, an
+            // eager restore's while its processes are rebuilt.
+            let image = Image::open_pages_unchecked(path)?;
             restore::check_files(&image)?;
             phases.mark("image opened");
             let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
@@ -593,6 +590,7 @@ where
             connections: plan.connections,
             share_pages: plan.clone,
             lazy: self.lazy,
+            check_pages: !plan.clone && self.lazy.is_none(),
         };
         let restored = restore::restore(stubs, self.image, &hooks)?;
         self.lazy_status = restored.lazy;
