@@ -337,7 +337,7 @@ pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeEr
     Ok(())
 }
 
-fn render(rows: &[Vec<String>]) -> String {
+pub(crate) fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))

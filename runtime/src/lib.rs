@@ -4,7 +4,8 @@
 //! `logs`), the multiplexer (`multiplex`, `sockaddr`, `tree`; datagrams:
 //! `cgroup`, `udproutes`), across hosts
 //! and outside clients (`remote`, `agent`, `sourcerules`, `netlock`), OCI
-//! containers (`oci`), snapshots (`snapshots`, `pending`) and the commands
+//! containers (`oci`), snapshots and templates (`snapshots`, `pending`,
+//! `templates`) and the commands
 //! the CLI runs (`commands`, `apps`, `systemd`, `user`).
 // Denied rather than forbidden: claiming the inherited channel fd in
 // `init` is a promise only its caller can make.
@@ -33,6 +34,7 @@ mod sockaddr;
 pub mod sourcerules;
 pub mod supervisor;
 pub mod systemd;
+pub mod templates;
 mod tree;
 pub mod udproutes;
 pub mod user;

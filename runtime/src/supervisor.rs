@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use appshot_snapshot::holder;
 use appshot_snapshot::image::Image;
 use appshot_snapshot::restore;
 use appshot_sys::{fd, pidfd, spawn};
@@ -30,7 +31,7 @@ use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::remote::Cluster;
-use crate::{filter, notify, snapshots, tree};
+use crate::{filter, notify, snapshots, templates, tree};
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
 /// (serialised to a detached supervisor).
@@ -94,7 +95,8 @@ pub enum Mode {
         tcp_close: bool,
     },
     /// Start a clone of a template (already verified by the `appshot
-    /// clone` that asked for it): its pages are mapped, not copied.
+    /// clone` that asked for it): forked from the template's holder, which
+    /// is started first if none runs.
     Clone { template: PathBuf },
 }
 
@@ -224,6 +226,29 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             };
             restore::check_files(&image)?;
             phases.mark("image opened");
+            // A clone that cannot be forked from a holder is restored with
+            // its memory copied: right, only not shared.
+            let forked = is_clone
+                && match holder::unforkable(&image) {
+                    None => true,
+                    Some(why) => {
+                        warn!(name = %launch.name, "the template's memory is copied, not shared: {why}");
+                        false
+                    }
+                };
+            let ready = if forked {
+                let (ours, theirs) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::SeqPacket,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(|e| RuntimeError::sys("socketpair", e))?;
+                Some((ours, theirs))
+            } else {
+                None
+            };
+            let tops: Vec<u32> = image.manifest.top_level().map(|p| p.ns_pid).collect();
             let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
                 Some(file) => Some((
                     write_identity(&launch, file, lock.instance_dir())?,
@@ -233,16 +258,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             };
             let (init_pid, init) = start_init(
                 &launch,
-                None,
-                &image
-                    .manifest
-                    .top_level()
-                    .map(|p| p.ns_pid)
-                    .collect::<Vec<_>>(),
+                ready.as_ref().map(|(_, theirs)| theirs),
+                if forked { &[] } else { &tops },
+                forked.then(|| tops[0]),
                 identity_file.as_ref(),
                 cgroup_dir,
                 nofile,
             )?;
+            let ready = ready.map(|(ours, _)| ours);
             phases.mark("init started");
             let mux = new_mux(init_pid)?;
             let started = Instant::now();
@@ -261,7 +284,18 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             let marker = lock.instance_dir().join(RESTORING_MARKER);
             let _ = std::fs::write(&marker, b"");
             register(&registry, &launch, init_pid)?;
-            let restored = restore_into(init_pid, &image, &mux, is_clone, connections, &mut phases);
+            let restored = match ready {
+                Some(ready) => {
+                    let from = Holding {
+                        ready,
+                        path,
+                        run_dir: &launch.run_dir,
+                        cgroup: cgroup_dir,
+                    };
+                    fork_into(init_pid, from, &image, &mux, connections, &mut phases)
+                }
+                None => restore_into(init_pid, &image, &mux, connections, &mut phases),
+            };
             let _ = std::fs::remove_file(&marker);
             if restored.is_ok() && (connections == restore::Connections::Own || tcp_close) {
                 // Rebuilt or given up: their packets may flow again.
@@ -473,7 +507,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, cgroup, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, None, cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -531,7 +565,6 @@ fn restore_into(
     init_pid: u32,
     image: &Image,
     mux: &Arc<Multiplexer>,
-    share_pages: bool,
     connections: restore::Connections,
     phases: &mut Phases,
 ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
@@ -556,6 +589,22 @@ fn restore_into(
         std::thread::sleep(Duration::from_micros(200));
     };
     phases.mark("stubs forked");
+    with_hooks(mux, connections, phases, |hooks| {
+        restore::restore(&stubs, image, hooks)
+    })
+}
+
+/// Runs a restore with hooks that hand the restored sockets to `mux`.
+/// Returns every process's seccomp listener and our PID of the main
+/// process.
+fn with_hooks(
+    mux: &Arc<Multiplexer>,
+    connections: restore::Connections,
+    phases: &mut Phases,
+    restore: impl FnOnce(
+        &restore::RestoreHooks,
+    ) -> Result<restore::Restored, appshot_snapshot::SnapshotError>,
+) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
     let program = filter::build()?;
     phases.mark("filter built");
     let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
@@ -565,11 +614,67 @@ fn restore_into(
         listen: &listen,
         bind_udp: &bind_udp,
         connections,
-        share_pages,
     };
-    let restored = restore::restore(&stubs, image, &hooks)?;
+    let restored = restore(&hooks)?;
     phases.mark("restored");
     Ok((restored.listeners, restored.hosts[0]))
+}
+
+/// What forking a clone from its template's holder needs.
+struct Holding<'a> {
+    /// Where the namespace init says its namespaces are ready.
+    ready: OwnedFd,
+    /// The template image (canonical).
+    path: &'a Path,
+    run_dir: &'a Path,
+    /// The instance's cgroup, which the clone is moved into.
+    cgroup: Option<&'a Path>,
+}
+
+/// Forks the image's process from its template's holder into the
+/// instance's namespaces, then restores the rest of its state (and its
+/// children) as a restore does. Returns every process's seccomp listener
+/// and our PID of the main process.
+fn fork_into(
+    init_pid: u32,
+    from: Holding,
+    image: &Image,
+    mux: &Arc<Multiplexer>,
+    connections: restore::Connections,
+    phases: &mut Phases,
+) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
+    let mut word = [0u8; 16];
+    match nix::unistd::read(from.ready.as_raw_fd(), &mut word) {
+        Ok(n) if &word[..n] == b"ready" => {}
+        _ => {
+            return Err(RuntimeError::Start {
+                name: image.manifest.instance.name.clone(),
+                reason: "the namespace init ended before its namespaces were ready".into(),
+            })
+        }
+    }
+    phases.mark("namespaces ready");
+    let mut lease = templates::lease(from.run_dir, from.path, image)?;
+    let holder = lease.holder();
+    phases.mark("template holder locked");
+    let namespaces = templates::namespaces_apart(init_pid, holder.pid);
+    let clone = holder::fork_clone(holder, init_pid, namespaces, image)?;
+    lease.clone_started();
+    drop(lease);
+    phases.mark("forked");
+    if let Some(dir) = from.cgroup {
+        let procs = dir.join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, clone.pid.to_string()) {
+            let pid = clone.pid;
+            clone.kill(|| {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            });
+            return Err(RuntimeError::sys(format!("writing {}", procs.display()), e));
+        }
+    }
+    with_hooks(mux, connections, phases, |hooks| {
+        restore::restore_forked(clone, holder.scratch, image, hooks)
+    })
 }
 
 /// Where a supervisor's start-up time goes (logged at debug): each
@@ -612,6 +717,7 @@ fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
+    await_pid: Option<u32>,
     identity: Option<&(PathBuf, PathBuf)>,
     cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
@@ -627,6 +733,10 @@ fn start_init(
     if let Some(channel) = channel {
         argv.push(cstr(b"--channel-fd")?);
         argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
+    }
+    if let Some(pid) = await_pid {
+        argv.push(cstr(b"--await-pid")?);
+        argv.push(cstr(pid.to_string().as_bytes())?);
     }
     if !restore_pids.is_empty() {
         let list: Vec<String> = restore_pids.iter().map(u32::to_string).collect();

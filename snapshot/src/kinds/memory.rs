@@ -405,14 +405,13 @@ pub(crate) fn map_memory(
     data: u64,
     image: &Image,
     p: &ProcessImage,
-    share_pages: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
     let mut buf = Vec::new();
-    // The process reads its own saved pages from the image (or maps them,
-    // for a clone): one copy, from the page cache into its memory. An
+    // The process reads its own saved pages from the image: one copy,
+    // from the page cache into its memory. An
     // incremental image's pages are in the images up its chain: each is
     // opened as a run first needs it.
     let mut layer_fds: HashMap<u32, u64> = HashMap::new();
@@ -557,29 +556,6 @@ pub(crate) fn map_memory(
             let n = (run.pages * PAGE) as usize;
             let layer = image.layer(run.layer);
             let off = layer.pages_off + run.offset;
-            // A stack's pages are copied: a piece mapped from the image
-            // would split the stack, and only its lowest piece can grow.
-            let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
-            if private && share_pages {
-                // A private mapping of the image's page-aligned pages: read
-                // through the page cache that every clone shares, copied
-                // only when written.
-                let flags = (libc::MAP_PRIVATE as u64) | fixed;
-                inj.ok(
-                    pid,
-                    "mmap of template pages",
-                    libc::SYS_mmap,
-                    &[
-                        run.addr,
-                        n as u64,
-                        v.prot as u64,
-                        flags,
-                        layer_fd(run.layer)?,
-                        off,
-                    ],
-                )?;
-                continue;
-            }
             if v.prot & libc::PROT_WRITE as u32 != 0 {
                 let got = inj.ok(
                     pid,
