@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 
 use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{ProcessImage, VmaKind};
-use crate::image::Image;
+use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, set_mm};
 use crate::ptrace::{Frozen, Memory};
@@ -39,6 +39,10 @@ const PARK: u64 = 16;
 
 /// `1: mov $SYS_pause, %eax; syscall; jmp 1b`.
 const PAUSE_LOOP: [u8; 9] = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+
+/// Where the holder's command line lies in the scratch mapping's first
+/// page, after the code.
+const ARGS: u64 = 256;
 
 const SIG_IGN: u64 = 1;
 
@@ -123,7 +127,15 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
         &mut HashMap::new(),
         &mut kinds::memfd::Made::default(),
     )?;
-    set_mm(&inj, &b.mem, pid, data, p, false)?;
+    // Its command line says what it is, not the application's (which
+    // each clone gets back): `appshot-template IMAGE`.
+    let mut args = b"appshot-template\0".to_vec();
+    args.extend_from_slice(image.path.as_os_str().as_encoded_bytes());
+    args.truncate((PAGE - ARGS - 1) as usize);
+    args.push(0);
+    b.mem.write(scratch + ARGS, &args)?;
+    let shown = (scratch + ARGS, scratch + ARGS + args.len() as u64);
+    set_mm(&inj, &b.mem, pid, data, p, false, Some(shown))?;
     // The helper each clone is forked through is its child: reaped by
     // the kernel when it exits.
     let ignore = [SIG_IGN, 0, 0, 0].map(u64::to_ne_bytes).concat();

@@ -410,7 +410,7 @@ fn same_place(a: &Vma, b: &Vma) -> bool {
 
 /// What a process needs before it forks its children: memory and mm
 /// fields (unless `memory` is false: a clone forked from its template
-/// holder has them), limits, session, fds. A forked child starts as a copy
+/// holder has them, all but its arguments), limits, session, fds. A forked child starts as a copy
 /// of its rebuilt parent and drops what it did not have.
 #[allow(clippy::too_many_arguments)]
 fn first_pass(
@@ -451,7 +451,10 @@ fn first_pass(
     if memory {
         map_memory(&inj, mem, pid, data, image, p, shmem, memfds)?;
         let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
-        set_mm(&inj, mem, pid, data, p, keep_exe)?;
+        set_mm(&inj, mem, pid, data, p, keep_exe, None)?;
+    } else {
+        // The holder's arguments were its own.
+        set_mm(&inj, mem, pid, data, p, true, None)?;
     }
     // Limits before fds: a process that raised RLIMIT_NOFILE may hold
     // fds above the stub's limit. Its temporaries sit above its highest

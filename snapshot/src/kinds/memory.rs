@@ -617,7 +617,9 @@ pub(crate) fn drop_unsaved(inj: &Injector, pid: u32, v: &Vma) -> Result<(), Snap
 
 /// Sets the mm fields and, unless `keep_exe` (a child forked from a parent
 /// with the same executable, which still maps it: the kernel refuses to
-/// change an exe that is mapped), the exe link.
+/// change an exe that is mapped), the exe link. `args`, if given, is the
+/// (start, end) of the arguments /proc/PID/cmdline shows instead of the
+/// saved ones.
 pub(crate) fn set_mm(
     inj: &Injector,
     mem: &Memory,
@@ -625,6 +627,7 @@ pub(crate) fn set_mm(
     data: u64,
     p: &ProcessImage,
     keep_exe: bool,
+    args: Option<(u64, u64)>,
 ) -> Result<(), SnapshotError> {
     let exe_fd = if keep_exe {
         None
@@ -639,6 +642,7 @@ pub(crate) fn set_mm(
         )?)
     };
     let m = &p.mm;
+    let (arg_start, arg_end) = args.unwrap_or((m.arg_start, m.arg_end));
     let auxv_at = data + 256;
     let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
     mem.write(auxv_at, &auxv)?;
@@ -651,8 +655,8 @@ pub(crate) fn set_mm(
         m.start_brk,
         m.brk,
         m.start_stack,
-        m.arg_start,
-        m.arg_end,
+        arg_start,
+        arg_end,
         m.env_start,
         m.env_end,
         auxv_at,
