@@ -127,15 +127,17 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
         &mut HashMap::new(),
         &mut kinds::memfd::Made::default(),
     )?;
-    // Its command line says what it is, not the application's (which
-    // each clone gets back): `appshot-template IMAGE`.
+    // Its command line and executable say what it is, not the
+    // application's (each clone gets those back): `appshot-template IMAGE`
+    // run by appshot. An executable it named would be busy (ETXTBSY) for
+    // writers as long as the holder lives.
     let mut args = b"appshot-template\0".to_vec();
     args.extend_from_slice(image.path.as_os_str().as_encoded_bytes());
     args.truncate((PAGE - ARGS - 1) as usize);
     args.push(0);
     b.mem.write(scratch + ARGS, &args)?;
     let shown = (scratch + ARGS, scratch + ARGS + args.len() as u64);
-    set_mm(&inj, &b.mem, pid, data, p, false, Some(shown))?;
+    set_mm(&inj, &b.mem, pid, data, p, true, Some(shown))?;
     // The helper each clone is forked through is its child: reaped by
     // the kernel when it exits.
     let ignore = [SIG_IGN, 0, 0, 0].map(u64::to_ne_bytes).concat();

@@ -410,7 +410,8 @@ fn same_place(a: &Vma, b: &Vma) -> bool {
 
 /// What a process needs before it forks its children: memory and mm
 /// fields (unless `memory` is false: a clone forked from its template
-/// holder has them, all but its arguments), limits, session, fds. A forked child starts as a copy
+/// holder has them, all but its arguments and executable), limits,
+/// session, fds. A forked child starts as a copy
 /// of its rebuilt parent and drops what it did not have.
 #[allow(clippy::too_many_arguments)]
 fn first_pass(
@@ -453,8 +454,8 @@ fn first_pass(
         let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
         set_mm(&inj, mem, pid, data, p, keep_exe, None)?;
     } else {
-        // The holder's arguments were its own.
-        set_mm(&inj, mem, pid, data, p, true, None)?;
+        // The holder's arguments and executable were its own.
+        set_mm(&inj, mem, pid, data, p, false, None)?;
     }
     // Limits before fds: a process that raised RLIMIT_NOFILE may hold
     // fds above the stub's limit. Its temporaries sit above its highest
