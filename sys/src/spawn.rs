@@ -160,9 +160,9 @@ pub fn fork_waiting_stub(pid: u32) -> io::Result<u32> {
 /// Starts a process that belongs to no one: a child of a child that exits
 /// at once, so it is reparented to the host's init (or the nearest
 /// subreaper) and outlives the caller. It leads a session of its own, has
-/// /dev/null as its standard streams and no other fd, and waits in `pause`
-/// until something replaces it (a template holder is built in it).
-/// Returns its PID.
+/// /dev/null as its standard streams (and closes every other fd), and
+/// waits in `pause` until something replaces it (a template holder is built
+/// in it). Returns its PID once its session and streams are its own.
 pub fn spawn_orphan() -> io::Result<u32> {
     let null = c"/dev/null";
     let mut fds = [0 as libc::c_int; 2];
@@ -191,6 +191,13 @@ pub fn spawn_orphan() -> io::Result<u32> {
                 // SAFETY: integer arguments only.
                 unsafe { libc::dup2(fd, std) };
             }
+            // Its PID, told only now that its session and standard streams
+            // are its own: the caller may stop it for good at any moment
+            // from then on (fds above stdio it closes itself).
+            // SAFETY: no arguments.
+            let pid = unsafe { libc::getpid() } as u32;
+            // SAFETY: write reads the 4 bytes of a local.
+            unsafe { libc::write(write.as_raw_fd(), (&pid as *const u32).cast(), 4) };
             // SAFETY: integer arguments only; closes every fd above stdio.
             unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
             loop {
@@ -198,12 +205,7 @@ pub fn spawn_orphan() -> io::Result<u32> {
                 unsafe { libc::pause() };
             }
         }
-        let Ok(pid) = orphan else {
-            exit_now(127);
-        };
-        // SAFETY: write reads the 4 bytes of a local.
-        let sent = unsafe { libc::write(write.as_raw_fd(), (&pid as *const u32).cast(), 4) };
-        exit_now(if sent == 4 { 0 } else { 127 });
+        exit_now(if orphan.is_ok() { 0 } else { 127 });
     }
     drop(write);
     let mut status = 0;
