@@ -294,9 +294,10 @@ pub fn fork_clone(
 }
 
 /// In the helper (in the clone's PID namespace, sharing the holder's
-/// memory): the namespace init's standard streams and namespaces, a
-/// session of its own (the holder's would tie the clone's process group
-/// to the holder), and the fork of the clone with its saved PID.
+/// memory): the namespace init's standard streams and namespaces, and the
+/// fork of the clone with its saved PID. The clone stays in the holder's
+/// session and process group, outside its PID namespace as a restored
+/// process's (its supervisor's) are.
 fn fork_in_helper(
     helper: &Built,
     scratch: u64,
@@ -337,6 +338,5 @@ fn fork_in_helper(
         )?;
     }
     inj.call(pid, libc::SYS_close, &[init])?;
-    inj.ok(pid, "setsid", libc::SYS_setsid, &[])?;
     kinds::tree::fork(&helper.frozen, &inj, mem, data, ns_pid)
 }
