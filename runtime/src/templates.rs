@@ -133,12 +133,17 @@ fn identity(path: &Path) -> Result<String, RuntimeError> {
 }
 
 /// The start time of process `pid` (clock ticks since boot), which tells a
-/// process from a later one with its PID.
+/// process from a later one with its PID; `None` once it has ended (a
+/// zombie whose parent, such as a subreaper, has not reaped it yet).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
-    // Field 22 of stat; `rest` starts at field 3.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    // Field 22 of stat; `fields` is at field 4 now.
+    fields.nth(18)?.parse().ok()
 }
 
 fn lock(dir: &Path) -> Result<Flock<File>, RuntimeError> {
