@@ -209,7 +209,12 @@ pub fn lease(run_dir: &Path, path: &Path, image: &Image) -> Result<Lease, Runtim
             std::io::ErrorKind::NotFound,
         )
     })?;
-    let built = holder::build_holder(stub, image)?;
+    let built = holder::build_holder(stub, image).inspect_err(|_| {
+        // Killed already unless it could not even be seized.
+        if let Ok(fd) = pidfd::open_process(stub) {
+            let _ = pidfd::send_signal(&fd, libc::SIGKILL);
+        }
+    })?;
     let state = State {
         pid: built.pid,
         start,

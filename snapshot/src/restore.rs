@@ -70,13 +70,26 @@ pub(crate) struct Built {
 }
 
 impl Built {
+    /// The frozen process, ready to be rebuilt; killed (never let go half
+    /// built) if its memory or registers cannot be had.
     pub(crate) fn of(frozen: Frozen) -> Result<Built, SnapshotError> {
         let pid = frozen.pid;
-        Ok(Built {
-            frozen,
-            mem: Memory::open(pid)?,
-            template: registers_of(pid)?,
-        })
+        match Memory::open(pid).and_then(|mem| Ok((mem, registers_of(pid)?))) {
+            Ok((mem, template)) => Ok(Built {
+                frozen,
+                mem,
+                template,
+            }),
+            Err(e) => {
+                frozen.kill(|| {
+                    let _ = nix::sys::signal::kill(
+                        Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                });
+                Err(e)
+            }
+        }
     }
 }
 
@@ -129,16 +142,7 @@ pub fn restore_forked(
     hooks: &RestoreHooks,
 ) -> Result<Restored, SnapshotError> {
     let pid = forked.pid;
-    let first = match Built::of(forked) {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = nix::sys::signal::kill(
-                Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            return Err(e);
-        }
-    };
+    let first = Built::of(forked)?;
     rebuild(
         Tops::Forked { scratch },
         vec![first],
