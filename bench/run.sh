@@ -25,8 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # clang and libbpf-dev build appshot's eBPF programs (sys/bpf/); busybox is
-# the scale row's server.
-packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc clang libbpf-dev busybox)
+# the scale row's server; python3-venv holds the sandlock peer.
+packages=(iperf3 socat redis-server redis-tools gcc nginx-light runc clang libbpf-dev busybox python3-venv)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -86,6 +86,34 @@ if $wants_criu && [[ $version == 4.* ]]; then
     echo "bench/run.sh: CRIU peer: $criu (criu $version)" >&2
 else
     unset CRIU
+fi
+
+# The notified-call peer: sandlock 0.9.0 (PyPI; a seccomp-notify sandbox
+# whose port_remap rewrites binds and connects), in a virtual environment of
+# its own beside the build. Only the syscall and connrate benchmarks run it;
+# without it their rows say why, and with CI=true the run fails.
+wants_sandlock=true
+if [[ " $* " == *" --only "* && " $* " != *" syscall "* && " $* " != *" connrate "* ]]; then
+    wants_sandlock=false
+fi
+SANDLOCK_VERSION=0.9.0
+if $wants_sandlock; then
+    venv="${CARGO_TARGET_DIR:-target}/peers/sandlock-$SANDLOCK_VERSION"
+    if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import sandlock' 2>/dev/null; then
+        echo "bench/run.sh: installing sandlock $SANDLOCK_VERSION into $venv" >&2
+        rm -rf "$venv"
+        if ! { python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q "sandlock==$SANDLOCK_VERSION" >&2; }; then
+            echo "bench/run.sh: WARNING: no sandlock peer: installing sandlock $SANDLOCK_VERSION failed (above)" >&2
+            if [[ ${CI:-} == true ]]; then
+                echo "bench/run.sh: CI=true: a missing sandlock peer fails the run" >&2
+                exit 1
+            fi
+        fi
+    fi
+    if [[ -x $venv/bin/python ]] && "$venv/bin/python" -c 'import sandlock' 2>/dev/null; then
+        SANDLOCK_PYTHON="$(cd "$venv" && pwd)/bin/python"
+        export SANDLOCK_PYTHON SANDLOCK_VERSION
+    fi
 fi
 
 cargo build --release -p appshot -p appshot-bench >&2

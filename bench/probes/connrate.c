@@ -9,6 +9,9 @@
  *       a decoy (a server of another AID): the client fails, so a routing
  *       mistake can never pass for a measurement.
  *
+ * The client's first connect is retried on ECONNREFUSED for up to 5 s,
+ * for a server started beside it that may not listen yet.
+ *
  * The client waits for the server's close before closing its own end, so
  * each iteration covers the whole connect + accept + close exchange and
  * the TIME_WAIT state stays on the server side, not on the client's
@@ -49,7 +52,21 @@ static int client(const struct sockaddr_in *a, long count) {
             perror("socket");
             return 1;
         }
-        if (connect(fd, (const struct sockaddr *)a, sizeof *a) != 0) {
+        int r;
+        /* Only the first connection waits for a server still starting
+         * (one started beside the client in the same sandbox). */
+        for (int tries = 0; (r = connect(fd, (const struct sockaddr *)a, sizeof *a)) != 0 &&
+                            i == 0 && errno == ECONNREFUSED && tries < 100;
+             tries++) {
+            close(fd);
+            usleep(50000);
+            fd = socket(AF_INET, SOCK_STREAM, 0);
+            if (fd < 0) {
+                perror("socket");
+                return 1;
+            }
+        }
+        if (r != 0) {
             fprintf(stderr, "connect #%ld: %s\n", i, strerror(errno));
             return 1;
         }

@@ -154,11 +154,26 @@ impl Appshot {
     /// `appshot restore IMAGE --detach --name NAME` (the image's AID);
     /// returns the restored instance's guard and how long the command took.
     pub fn restore(&self, image: &Path, name: &str) -> anyhow::Result<(Instance<'_>, Duration)> {
+        self.restore_with(image, name, &[])
+    }
+
+    /// [`Appshot::restore`] with more flags (`--lazy`).
+    pub fn restore_with(
+        &self,
+        image: &Path,
+        name: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<(Instance<'_>, Duration)> {
         let mut cmd = self.command();
         cmd.arg("restore")
             .arg(image)
-            .args(["--detach", "--name", name]);
-        let what = format!("appshot restore {} --name {name}", image.display());
+            .args(["--detach", "--name", name])
+            .args(flags);
+        let what = format!(
+            "appshot restore {} --name {name} {}",
+            image.display(),
+            flags.join(" ")
+        );
         let started = Instant::now();
         procs::run(&mut cmd, &format!("`{what}`"), START_TIMEOUT)?;
         let took = started.elapsed();

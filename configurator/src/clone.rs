@@ -11,6 +11,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::error::{NameError, RenderError};
+
 /// The Linux limit on a hostname (`HOST_NAME_MAX`).
 const HOST_NAME_MAX: usize = 64;
 
@@ -159,12 +161,15 @@ pub struct Identity {
 impl CloneRules {
     /// The identity of one clone; an error says which rule renders into
     /// something the clone cannot be given.
-    pub fn render(&self, clone: &CloneId<'_>) -> Result<Identity, String> {
+    pub fn render(&self, clone: &CloneId<'_>) -> Result<Identity, RenderError> {
         let hostname = match &self.hostname {
             Some(p) => p.render(clone),
             None => clone.name.to_string(),
         };
-        validate_hostname(&hostname).map_err(|e| format!("clone {}: {e}", clone.name))?;
+        validate_hostname(&hostname).map_err(|source| RenderError {
+            clone: clone.name.to_string(),
+            source,
+        })?;
         let values = self
             .values
             .iter()
@@ -177,23 +182,28 @@ impl CloneRules {
 /// A hostname as the kernel takes it (at most 64 bytes) and resolvers
 /// expect it: letters, digits, '-', '.' and '_' (instance names may hold
 /// '_', and a clone's hostname defaults to its name).
-pub fn validate_hostname(hostname: &str) -> Result<(), String> {
+pub fn validate_hostname(hostname: &str) -> Result<(), NameError> {
+    let what = "hostname";
     if hostname.is_empty() {
-        return Err("hostname must not be empty".into());
+        return Err(NameError::Empty { what });
     }
     if let Some(bad) = hostname
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
     {
-        return Err(format!(
-            "hostname `{hostname}` contains {bad:?}; only letters, digits, '-', '.' and '_' are allowed"
-        ));
+        return Err(NameError::Character {
+            what,
+            value: hostname.into(),
+            bad,
+            allowed: "letters, digits, '-', '.' and '_'",
+        });
     }
     if hostname.len() > HOST_NAME_MAX {
-        return Err(format!(
-            "hostname `{hostname}` is {} characters long; at most {HOST_NAME_MAX} are allowed",
-            hostname.len()
-        ));
+        return Err(NameError::TooLong {
+            what,
+            value: hostname.into(),
+            max: HOST_NAME_MAX,
+        });
     }
     Ok(())
 }
@@ -201,18 +211,16 @@ pub fn validate_hostname(hostname: &str) -> Result<(), String> {
 /// A key of the identity file: an environment-style name
 /// (`[A-Za-z_][A-Za-z0-9_]*`), not one of appshot's own (`aid`, `name`,
 /// `hostname`).
-pub fn validate_value_key(key: &str) -> Result<(), String> {
+pub fn validate_value_key(key: &str) -> Result<(), NameError> {
     let mut chars = key.chars();
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!(
-            "`{key}` is not a variable name (a letter or '_', then letters, digits or '_')"
-        ));
+        return Err(NameError::NotVariable(key.into()));
     }
     if RESERVED_KEYS.contains(&key) {
-        return Err(format!("`{key}` is written by appshot itself"));
+        return Err(NameError::Reserved(key.into()));
     }
     Ok(())
 }
@@ -279,7 +287,12 @@ mod tests {
             ..CloneRules::default()
         };
         let e = long.render(&ONE).unwrap_err();
-        assert!(e.contains("clone web-7") && e.contains("at most 64"), "{e}");
+        assert_eq!(e.clone, "web-7");
+        assert!(
+            matches!(e.source, NameError::TooLong { max: 64, .. }),
+            "{:?}",
+            e.source
+        );
     }
 
     #[test]
@@ -292,8 +305,17 @@ mod tests {
         for good in ["SHARD", "_x", "db_url2"] {
             assert!(validate_value_key(good).is_ok(), "{good}");
         }
-        for bad in ["", "1x", "A-B", "A=B", "aid", "hostname"] {
-            assert!(validate_value_key(bad).is_err(), "{bad:?}");
+        for bad in ["", "1x", "A-B", "A=B"] {
+            assert_eq!(
+                validate_value_key(bad),
+                Err(NameError::NotVariable(bad.into()))
+            );
+        }
+        for own in ["aid", "name", "hostname"] {
+            assert_eq!(
+                validate_value_key(own),
+                Err(NameError::Reserved(own.into()))
+            );
         }
     }
 }

@@ -20,6 +20,44 @@ pub enum ConfigError {
     },
 }
 
+/// Why an identifier (an AID, an instance name, a hostname, a key of a
+/// clone's identity file) is refused; `what` names which it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{what} must not be empty")]
+    Empty { what: &'static str },
+    #[error("{what} `{value}` contains {bad:?}; only {allowed} are allowed")]
+    Character {
+        what: &'static str,
+        value: String,
+        bad: char,
+        allowed: &'static str,
+    },
+    #[error("{what} `{value}` is {} characters long; at most {max} are allowed", value.len())]
+    TooLong {
+        what: &'static str,
+        value: String,
+        max: usize,
+    },
+    /// `.` and `..`: allowed characters, but they would escape or alias
+    /// the directory the identifier names.
+    #[error("{what} must not be `{value}`")]
+    Dots { what: &'static str, value: String },
+    #[error("`{0}` is not a variable name (a letter or '_', then letters, digits or '_')")]
+    NotVariable(String),
+    #[error("`{0}` is written by appshot itself")]
+    Reserved(String),
+}
+
+/// A clone's identity cannot be rendered from its template's rules.
+#[derive(Debug, thiserror::Error)]
+#[error("clone {clone}")]
+pub struct RenderError {
+    pub clone: String,
+    #[source]
+    pub source: NameError,
+}
+
 impl ConfigError {
     /// Builds an `Invalid` error pointing at the start of `span` in `text`.
     /// Without a span (toml gives none for some whole-document errors) the

@@ -10,7 +10,7 @@ use appshot_sys::fd::OpenRegularError;
 pub use appshot_vpm::{PortRange, Protocol};
 
 use crate::clone::CloneRules;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, NameError};
 use crate::remote::{Peer, SourceRule};
 
 /// A validated application config; every field already holds a usable value.
@@ -152,40 +152,45 @@ pub struct PortSpec {
 
 /// Checks an application id. The id names directories and appears in paths,
 /// so it is held to a conservative, shell- and filesystem-safe alphabet.
-pub fn validate_aid(aid: &str) -> Result<(), String> {
+pub fn validate_aid(aid: &str) -> Result<(), NameError> {
     validate_identifier("application id", aid)
 }
 
 /// Checks an instance name; same rules as the AID because it also becomes a
 /// directory name.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), NameError> {
     validate_identifier("instance name", name)
 }
 
-fn validate_identifier(what: &str, value: &str) -> Result<(), String> {
+fn validate_identifier(what: &'static str, value: &str) -> Result<(), NameError> {
     const MAX_LEN: usize = 64;
     if value.is_empty() {
-        return Err(format!("{what} must not be empty"));
+        return Err(NameError::Empty { what });
     }
     if let Some(bad) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "{what} `{value}` contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"
-        ));
+        return Err(NameError::Character {
+            what,
+            value: value.into(),
+            bad,
+            allowed: "letters, digits, '.', '_' and '-'",
+        });
     }
     // Only ASCII is left, so the byte length is the character count.
     if value.len() > MAX_LEN {
-        return Err(format!(
-            "{what} is {} characters long; at most {MAX_LEN} are allowed",
-            value.len()
-        ));
+        return Err(NameError::TooLong {
+            what,
+            value: value.into(),
+            max: MAX_LEN,
+        });
     }
-    // Both consist of allowed characters but would escape or alias the
-    // directory the identifier is meant to name.
     if value == "." || value == ".." {
-        return Err(format!("{what} must not be `{value}`"));
+        return Err(NameError::Dots {
+            what,
+            value: value.into(),
+        });
     }
     Ok(())
 }
@@ -202,6 +207,9 @@ mod tests {
         for bad in ["", "a/b", "a b", "é", ".", "..", &"a".repeat(65)] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
-        assert!(validate_aid("a/b").unwrap_err().contains("'/'"));
+        assert!(matches!(
+            validate_aid("a/b"),
+            Err(NameError::Character { bad: '/', .. })
+        ));
     }
 }

@@ -13,7 +13,7 @@ use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use crate::clone::{validate_hostname, validate_value_key, CloneId, CloneRules, Pattern};
-use crate::error::ConfigError;
+use crate::error::{ConfigError, NameError};
 use crate::model::{
     validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec,
 };
@@ -135,15 +135,16 @@ pub(crate) fn parse(text: &str, origin: &Path) -> Result<AppConfig, ConfigError>
 impl RawConfig {
     fn validate(self, src: &Source<'_>) -> Result<AppConfig, ConfigError> {
         let defaults = AppConfig::default();
-        let identifier =
-            |value: Option<Spanned<String>>, field: &str, check: fn(&str) -> Result<(), String>| {
-                value
-                    .map(|v| match check(v.get_ref()) {
-                        Ok(()) => Ok(v.into_inner()),
-                        Err(message) => Err(src.invalid(v.span(), field, message)),
-                    })
-                    .transpose()
-            };
+        let identifier = |value: Option<Spanned<String>>,
+                          field: &str,
+                          check: fn(&str) -> Result<(), NameError>| {
+            value
+                .map(|v| match check(v.get_ref()) {
+                    Ok(()) => Ok(v.into_inner()),
+                    Err(e) => Err(src.invalid(v.span(), field, e.to_string())),
+                })
+                .transpose()
+        };
         let aid = identifier(self.aid, "aid", validate_aid)?;
         let name = identifier(self.name, "name", validate_name)?;
 
@@ -367,7 +368,7 @@ impl RawClone {
                     name: "a",
                 });
                 validate_hostname(&sample)
-                    .map_err(|message| src.invalid(h.span(), "clone.hostname", message))?;
+                    .map_err(|e| src.invalid(h.span(), "clone.hostname", e.to_string()))?;
                 Ok(p)
             })
             .transpose()?;
@@ -377,7 +378,7 @@ impl RawClone {
             .map(|(key, value)| {
                 let field = format!("clone.values.{key}");
                 validate_value_key(&key)
-                    .map_err(|message| src.invalid(value.span(), &field, message))?;
+                    .map_err(|e| src.invalid(value.span(), &field, e.to_string()))?;
                 Ok((key, pattern(&value, &field)?))
             })
             .collect::<Result<_, _>>()?;
@@ -403,11 +404,11 @@ impl RawSourceRule {
             .as_ref()
             .map(|p| src.port(p, &format!("source_rules[{index}].source_port")))
             .transpose()?;
-        validate_aid(self.aid.get_ref()).map_err(|message| {
+        validate_aid(self.aid.get_ref()).map_err(|e| {
             src.invalid(
                 self.aid.span(),
                 format!("source_rules[{index}].aid"),
-                message,
+                e.to_string(),
             )
         })?;
         Ok(SourceRule {

@@ -1,16 +1,28 @@
 //! Errors of the supervisor and its commands. The binary edge wraps them in
 //! `anyhow` for context; each variant names the object it failed on.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
+
+use libseccomp::ScmpArch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
-    Filter(#[from] crate::filter::FilterError),
+    Filter(#[from] FilterError),
     #[error("{what}: {error}")]
     Sys { what: String, error: std::io::Error },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
+    /// The settings of cross-host negotiation or source rules, or the
+    /// cluster key, are not usable: a `net::remote::ClusterError`, boxed so
+    /// that this module, which every room uses, depends on none of them.
+    #[error("instance `{name}` did not start")]
+    Cluster {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("instance `{name}`: `{program}` {}", if *.status == 127 { "not found" } else { "cannot be executed" })]
     Exec {
         name: String,
@@ -81,4 +93,28 @@ impl RuntimeError {
             error: error.into(),
         }
     }
+}
+
+/// Why the filter was not built.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("building the seccomp filter")]
+    Seccomp(#[source] libseccomp::error::SeccompError),
+    #[error(
+        "building the seccomp filter: unsupported architecture {0:?}: appshot supports x86_64 only"
+    )]
+    Architecture(ScmpArch),
+    #[error("exporting the seccomp filter")]
+    Export(#[source] std::io::Error),
+}
+
+/// The error and its sources, for a log line or a reason sent as text.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let _ = write!(s, ": {inner}");
+        source = inner.source();
+    }
+    s
 }

@@ -1,43 +1,34 @@
 //! appshot's supervisor and commands as a library; `main.rs` is the
-//! command line over it. Modules, by room: the supervisor (`supervisor`,
-//! `init`, `filter`, `notify`, `astask`, `pool`, `control`, `restart`,
-//! `logs`), the multiplexer (`multiplex`, `sockaddr`, `tree`; datagrams:
-//! `cgroup`, `udproutes`), across hosts
-//! and outside clients (`remote`, `agent`, `sourcerules`, `netlock`), OCI
-//! containers (`oci`), snapshots and templates (`snapshots`, `pending`,
-//! `templates`) and the commands
-//! the CLI runs (`commands`, `apps`, `systemd`, `user`).
+//! command line over it (parsing and printing, with `cli/` for the
+//! detached supervisors and clones only the binary starts).
+//!
+//! Rooms, each depending only on those listed before it:
+//! - `error`, `tree`: the crate's error (each room's failures, named by
+//!   object) and an instance's processes and sockets as /proc shows them.
+//! - `seccomp/`: the filter, the notification listener loop, calls made as
+//!   the notifying task, the worker pool. Knows nothing of ports.
+//! - `net/`: source rules (nftables NAT for outside clients), negotiation
+//!   with other hosts (client and agent), datagram routes by AID (cgroups,
+//!   BPF), the network lock of a dump.
+//! - `multiplex/`: bind/connect/name policy behind a seam in front of the
+//!   kernel, and its real side.
+//! - `supervisor/`: one per instance: launch and namespace init, control
+//!   socket, snapshots it takes, restarts, logs, `--user`, the template
+//!   holders clones are forked from.
+//! - `oci/` (appshot as an OCI runtime's seccomp agent) and `commands/`
+//!   (`ps`, `ports`, `stop`, app configs, systemd units): the top.
 // Denied rather than forbidden: claiming the inherited channel fd in
 // `init` is a promise only its caller can make.
 #![deny(unsafe_code)]
 
-pub mod agent;
-pub mod apps;
-mod astask;
-mod cgroup;
 pub mod commands;
-mod control;
 pub mod error;
-mod filter;
-pub mod init;
-pub mod logs;
 mod multiplex;
-pub mod netlock;
-mod notify;
+pub mod net;
 pub mod oci;
-pub mod pending;
-mod pool;
-pub mod remote;
-pub mod restart;
-pub mod snapshots;
-mod sockaddr;
-pub mod sourcerules;
+mod seccomp;
 pub mod supervisor;
-pub mod systemd;
-pub mod templates;
 mod tree;
-pub mod udproutes;
-pub mod user;
 
 /// Where the registry and instance state live unless `--run-dir` says.
 pub const DEFAULT_RUN_DIR: &str = "/run/appshot";

@@ -3,9 +3,8 @@
 //! parses, calls the library (`lib.rs`) and prints.
 #![forbid(unsafe_code)]
 
-// The command line's own rooms: starting detached supervisors and clones.
-mod clones;
-mod detach;
+// The command line's own room: starting detached supervisors and clones.
+mod cli;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -17,14 +16,16 @@ use appshot_configurator::{
     validate_aid, validate_hostname, validate_name, validate_value_key, AppConfig, CloneId,
     CloneRules, Pattern, PortRange, UserSpec,
 };
+use appshot_snapshot::lazy::LazySettings;
 use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use appshot::supervisor::{self, CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
-use appshot::{
-    agent, apps, commands, error, init, logs, netlock, oci, pending, remote, restart, snapshots,
-    sourcerules, systemd, templates, udproutes, user, DEFAULT_RUN_DIR, VERSION,
-};
+use appshot::commands::{self, apps, systemd};
+use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
+use appshot::supervisor::{self, init, logs, pending, restart, snapshots, templates, user};
+use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
+use appshot::{error, oci, DEFAULT_RUN_DIR, VERSION};
+use cli::{clones, detach};
 
 #[derive(Parser)]
 #[command(
@@ -243,6 +244,14 @@ enum Cmd {
         /// Default: the host's.
         #[arg(long, value_parser = parse_hostname)]
         hostname: Option<String>,
+        /// Release the instance before its memory is in: pages are served
+        /// on fault (userfaultfd) and the rest read in the background.
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: read at most this many MiB a second in the
+        /// background (faults are always served at once).
+        #[arg(long, value_name = "MIB", requires = "lazy", value_parser = clap::value_parser!(u64).range(1..))]
+        prefetch_rate: Option<u64>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -599,7 +608,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Templates => {
-            print!("{}", templates::list(&run_dir)?);
+            print!("{}", commands::templates(&run_dir));
             Ok(0)
         }
         Cmd::Template {
@@ -723,14 +732,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             port_range,
             tcp_close,
             hostname,
+            lazy,
+            prefetch_rate,
             detach,
         } => {
             commands::require_privileges("restore")?;
+            let lazy = lazy.then_some(LazySettings {
+                prefetch_bytes_per_sec: prefetch_rate.map(|mib| mib << 20),
+            });
             let config = match &config {
                 Some(path) => AppConfig::load(path)?,
                 None => AppConfig::default(),
             };
-            let mut launch = restore_launch(&image, name, aid, tcp_close, &run_dir)?;
+            let mut launch = restore_launch(&image, name, aid, tcp_close, lazy, &run_dir)?;
             launch.range = port_range.unwrap_or(config.port_range);
             launch.identity = hostname.map(|hostname| CloneIdentity {
                 hostname,
@@ -851,7 +865,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
 }
 
 fn parse_hostname(arg: &str) -> Result<String, String> {
-    validate_hostname(arg)?;
+    validate_hostname(arg).map_err(|e| e.to_string())?;
     Ok(arg.to_string())
 }
 
@@ -860,7 +874,7 @@ fn parse_value(arg: &str) -> Result<(String, Pattern), String> {
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| format!("`{arg}` is not KEY=VALUE"))?;
-    validate_value_key(key)?;
+    validate_value_key(key).map_err(|e| e.to_string())?;
     Ok((key.to_string(), value.parse()?))
 }
 
@@ -875,14 +889,26 @@ fn restore_launch(
     name: Option<String>,
     aid: Option<String>,
     tcp_close: bool,
+    lazy: Option<LazySettings>,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
-    let (path, img) = checked_image(image)?;
+    let (path, img) = if lazy.is_some() {
+        // The pages are verified as the page server reads them.
+        let path =
+            std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
+        let img = appshot_snapshot::image::Image::open_for_lazy(&path)?;
+        appshot_snapshot::restore::check_files(&img)?;
+        appshot_snapshot::lazy::check(&img)?;
+        (path, img)
+    } else {
+        checked_image(image)?
+    };
     let info = &img.manifest.instance;
     image_launch(
         Mode::Restore {
             image: path,
             tcp_close,
+            lazy,
         },
         &img,
         name.unwrap_or_else(|| info.name.clone()),
@@ -932,13 +958,11 @@ fn clone_launches(
     }
     let mut launches = Vec::new();
     for (number, (clone_aid, clone_name)) in (1..).zip(plan) {
-        let identity = rules
-            .render(&CloneId {
-                number,
-                aid: clone_aid,
-                name: clone_name,
-            })
-            .map_err(|e| anyhow!("{e}"))?;
+        let identity = rules.render(&CloneId {
+            number,
+            aid: clone_aid,
+            name: clone_name,
+        })?;
         if appshot_vpm::is_alive(run_dir, clone_name) {
             return Err(appshot_vpm::VpmError::NameInUse(clone_name.clone()).into());
         }

@@ -456,12 +456,9 @@ fn dump_fds(
     // from separate opens of one object.
     let mut descriptions: HashMap<String, Vec<i32>> = HashMap::new();
     for fd in fds.into_iter().filter(|fd| !shared.contains(fd)) {
-        let unsupported = |what: String| SnapshotError::Unsupported {
-            pid,
-            what: format!("fd {fd}: {what}"),
-        };
+        let unsupported = |what: String| SnapshotError::UnsupportedFd { pid, fd, what };
         let link = std::fs::read_link(format!("{dir}/{fd}"))
-            .map_err(|e| SnapshotError::process(pid, format!("reading fd {fd}"), e))?
+            .map_err(|e| SnapshotError::fd_call(pid, fd, "readlink", e))?
             .to_string_lossy()
             .into_owned();
         let seen = descriptions.entry(link.clone()).or_default();
@@ -511,9 +508,9 @@ fn dump_fds(
             kinds::pipes::save(pid, &pidfd, fd, &link, ino, flags, pipes_seen)?
         } else if link.starts_with("socket:[") {
             let sock = pidfd::get_fd(&pidfd, fd)
-                .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+                .map_err(|e| SnapshotError::fd_call(pid, fd, "pidfd_getfd", e))?;
             let local: SockaddrStorage = getsockname(sock.as_raw_fd())
-                .map_err(|e| SnapshotError::process(pid, format!("getsockname of fd {fd}"), e))?;
+                .map_err(|e| SnapshotError::fd_call(pid, fd, "getsockname", e))?;
             if local.family() == Some(AddressFamily::Unix) {
                 let inode = link
                     .strip_prefix("socket:[")

@@ -34,6 +34,18 @@ pub enum SnapshotError {
     },
     #[error("pid {pid}: {what}")]
     Unsupported { pid: u32, what: String },
+    /// A file descriptor of a kind, or in a state, the dump cannot save.
+    #[error("pid {pid}: fd {fd}: {what}")]
+    UnsupportedFd { pid: u32, fd: i32, what: String },
+    /// A call on one of the process's file descriptors failed.
+    #[error("pid {pid}: fd {fd}: {call}")]
+    FdCall {
+        pid: u32,
+        fd: i32,
+        call: &'static str,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("{path}: {why}; the image cannot be restored")]
     FileChanged { path: String, why: String },
     #[error("pid {pid}: fd {fd}: TCP connection {local} -> {peer}: {what}: {error}")]
@@ -118,6 +130,9 @@ pub enum RestoreError {
     Path { path: String, what: String },
     #[error("restore: mapping {start:#x}-{end:#x}: {what}")]
     Mapping { start: u64, end: u64, what: String },
+    /// What a lazy restore cannot serve.
+    #[error("restore --lazy: {0}")]
+    Lazy(String),
     #[error("restore: System V {kind} object {id}: {what}")]
     SysV {
         kind: &'static str,
@@ -165,6 +180,20 @@ impl SnapshotError {
         SnapshotError::Corrupt {
             path: path.to_path_buf(),
             why: why.to_string(),
+        }
+    }
+
+    pub(crate) fn fd_call(
+        pid: u32,
+        fd: i32,
+        call: &'static str,
+        error: impl Into<std::io::Error>,
+    ) -> Self {
+        SnapshotError::FdCall {
+            pid,
+            fd,
+            call,
+            error: error.into(),
         }
     }
 

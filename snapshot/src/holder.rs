@@ -126,6 +126,7 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
         p,
         &mut HashMap::new(),
         &mut kinds::memfd::Made::default(),
+        None,
     )?;
     // Its command line and executable say what it is, not the
     // application's (each clone gets those back): `appshot-template IMAGE`

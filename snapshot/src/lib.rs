@@ -8,6 +8,7 @@ pub mod error;
 pub mod holder;
 pub mod image;
 pub mod kinds;
+pub mod lazy;
 pub mod precopy;
 pub mod proc;
 pub mod ptrace;

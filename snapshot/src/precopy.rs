@@ -67,6 +67,9 @@ struct Range {
 /// The write tracking of one process.
 struct Tracked {
     pid: u32,
+    /// When the process started (`/proc/PID/stat`), which tells it from a
+    /// later process given its PID once it ended.
+    started: u64,
     uffd: OwnedFd,
     mem: Memory,
     /// Ranges whose every write is tracked. A piece of one whose mapping
@@ -118,16 +121,45 @@ pub fn precopy(
         copied_bytes: 0,
     };
     for &pid in pids {
-        tracking.procs.push(track(pid)?);
+        if let Some(t) = track_unless_gone(pid)? {
+            tracking.procs.push(t);
+        }
     }
     let first = tracking.pass(writer, hooks, true)?;
     tracking.converge(writer, hooks, first)?;
     Ok(tracking)
 }
 
+/// When process `pid` started, if it runs (a zombie has no memory left).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    if rest.starts_with(['Z', 'X']) {
+        return None;
+    }
+    // `rest` starts at field 3 (state); the start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// [`track`], or `None` for a process that ended before it could be
+/// tracked (a short-lived child).
+fn track_unless_gone(pid: u32) -> Result<Option<Tracked>, SnapshotError> {
+    match track(pid) {
+        Ok(t) => Ok(Some(t)),
+        Err(_) if start_time(pid).is_none() => {
+            debug!(pid, "ended before it was tracked");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Creates the write tracking of process `pid`: its userfaultfd, and every
 /// writable private mapping registered and write-protected.
 fn track(pid: u32) -> Result<Tracked, SnapshotError> {
+    let started = start_time(pid).ok_or_else(|| {
+        SnapshotError::process(pid, "reading its start time", std::io::ErrorKind::NotFound)
+    })?;
     let uffd = take_userfaultfd(pid)?;
     uffd::api(
         uffd.as_fd(),
@@ -170,6 +202,7 @@ fn track(pid: u32) -> Result<Tracked, SnapshotError> {
     }
     Ok(Tracked {
         pid,
+        started,
         uffd,
         mem: Memory::open(pid)?,
         ranges,
@@ -202,7 +235,7 @@ fn take_userfaultfd(pid: u32) -> Result<OwnedFd, SnapshotError> {
             libc::SYS_close,
             &[fd as u64],
         )?;
-        ours.map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))
+        ours.map_err(|e| SnapshotError::fd_call(pid, fd, "pidfd_getfd", e))
     });
     frozen.release();
     taken
@@ -215,7 +248,9 @@ impl Tracking {
     pub fn track_new(&mut self, pids: &[u32]) -> Result<(), SnapshotError> {
         for &pid in pids {
             if !self.procs.iter().any(|t| t.pid == pid) {
-                self.procs.push(track(pid)?);
+                if let Some(t) = track_unless_gone(pid)? {
+                    self.procs.push(t);
+                }
             }
         }
         Ok(())
@@ -293,9 +328,19 @@ impl Tracking {
         hooks: &Hooks,
         first: bool,
     ) -> Result<u64, SnapshotError> {
+        // A process that ended since has nothing left to copy.
+        self.procs.retain(Tracked::runs);
         let mut work = Vec::with_capacity(self.procs.len());
+        let mut ended = Vec::new();
         for t in &mut self.procs {
-            work.push(if first { t.with_data()? } else { t.written()? });
+            match if first { t.with_data() } else { t.written() } {
+                Ok(runs) => work.push(runs),
+                Err(_) if !t.runs() => {
+                    ended.push(t.pid);
+                    work.push(Vec::new());
+                }
+                Err(e) => return Err(e),
+            }
         }
         let total: u64 = work.iter().flatten().map(|r| r.1 * PAGE).sum();
         let mut done = 0;
@@ -320,6 +365,7 @@ impl Tracking {
                 }
             }
         }
+        self.procs.retain(|t| !ended.contains(&t.pid));
         self.copied_bytes += done;
         debug!(bytes = done, first, "pre-copy pass");
         Ok(done)
@@ -328,6 +374,9 @@ impl Tracking {
     /// Once the processes are frozen: the copies still good of each
     /// process, by pid. Nothing of a piece whose scan fails is reused.
     pub(crate) fn settle(&mut self) -> HashMap<u32, Copies> {
+        // Copies of a process that ended are nobody's: a process given its
+        // PID since must not get them.
+        self.procs.retain(Tracked::runs);
         let mut good = HashMap::new();
         for t in &mut self.procs {
             // Every page written since its copy is copied again: its copy
@@ -350,6 +399,12 @@ impl Tracking {
 }
 
 impl Tracked {
+    /// Whether the tracked process still runs: its PID names a process
+    /// that started when it did.
+    fn runs(&self) -> bool {
+        start_time(self.pid) == Some(self.started)
+    }
+
     /// The runs of pages that hold data, as a dump saves them (present or
     /// swapped, and not still the file's).
     fn with_data(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {

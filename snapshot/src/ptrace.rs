@@ -121,8 +121,17 @@ impl Frozen {
                 return Ok(frozen);
             }
             for tid in new {
-                ptrace::seize(pid(tid), options)
-                    .map_err(|e| SnapshotError::process(tid, "PTRACE_SEIZE", e))?;
+                match ptrace::seize(pid(tid), options) {
+                    Ok(()) => {}
+                    // A thread that ended since the list was read (a
+                    // pool's worker, say) has nothing left to save.
+                    Err(nix::errno::Errno::ESRCH)
+                        if !std::path::Path::new(&format!("/proc/{pid_}/task/{tid}")).exists() =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(SnapshotError::process(tid, "PTRACE_SEIZE", e)),
+                }
                 frozen.tids.push(tid);
                 ptrace::interrupt(pid(tid))
                     .map_err(|e| SnapshotError::process(tid, "PTRACE_INTERRUPT", e))?;

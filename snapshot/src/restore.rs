@@ -25,6 +25,7 @@ use crate::image::model::*;
 use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, map_vdso, set_mm};
+use crate::lazy::{LazySettings, LazyStatus, PageServer};
 use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
@@ -51,6 +52,9 @@ pub struct RestoreHooks<'a> {
     pub bind_udp: &'a dyn Fn(std::net::SocketAddr, OwnedFd) -> Result<(), ListenError>,
     /// Whether the image's TCP connections are rebuilt or reset.
     pub connections: Connections,
+    /// Restore lazily: the process is released before its memory is in
+    /// (see [`crate::lazy`]).
+    pub lazy: Option<LazySettings>,
 }
 
 pub struct Restored {
@@ -59,6 +63,8 @@ pub struct Restored {
     pub listeners: Vec<OwnedFd>,
     /// Our PID of each process, in image order.
     pub hosts: Vec<u32>,
+    /// The page server's progress, of a lazy restore.
+    pub lazy: Option<LazyStatus>,
 }
 
 /// One process being rebuilt, frozen.
@@ -159,6 +165,36 @@ fn rebuild(
     image: &Image,
     hooks: &RestoreHooks,
 ) -> Result<Restored, SnapshotError> {
+    let saved_regs = match saved_registers(image) {
+        Ok(regs) => regs,
+        Err(e) => {
+            kill_all(built);
+            return Err(e);
+        }
+    };
+    // Before any process attaches a segment, and while no one else could
+    // take the saved ids in the instance's fresh IPC namespace.
+    let server = ipc_pid
+        .map_or(Ok(()), |pid| crate::kinds::sysv::restore(pid, image))
+        .and_then(|()| match (hooks.lazy, &tops) {
+            (Some(_), Tops::Forked { .. }) => Err(RestoreError::Lazy(
+                "a clone is forked from its template's holder; it has no pages to serve lazily"
+                    .into(),
+            )
+            .into()),
+            (Some(settings), Tops::Stubs(_)) => {
+                crate::lazy::check(image)?;
+                Ok(Some(PageServer::start(image, settings)?))
+            }
+            (None, _) => Ok(None),
+        });
+    let server = match server {
+        Ok(server) => server,
+        Err(e) => {
+            kill_all(built);
+            return Err(e);
+        }
+    };
     // Every injected syscall is a ptrace round trip; with tracer and
     // processes on one CPU it costs a few microseconds instead of a
     // cross-CPU wake-up.
@@ -166,7 +202,17 @@ fn rebuild(
     for b in &built {
         pinned.add(b.frozen.pid);
     }
-    let result = check_and_build(&tops, image, hooks, ipc_pid, &mut built, &mut pinned);
+    let result = build_tree(
+        &tops,
+        image,
+        hooks,
+        &saved_regs,
+        &mut built,
+        &mut pinned,
+        server.as_ref(),
+    );
+    // No process comes after these: the server finishes once all is in.
+    let lazy = server.map(|s| s.status());
     // Affinity first, while every thread is still stopped: restored threads
     // inherit their process's full CPU set, never the pinned one.
     drop(pinned);
@@ -176,31 +222,21 @@ fn rebuild(
             for b in built {
                 b.frozen.release();
             }
-            Ok(Restored { listeners, hosts })
+            Ok(Restored {
+                listeners,
+                hosts,
+                lazy,
+            })
         }
         Err(e) => {
-            for b in built.into_iter().rev() {
-                let pid = b.frozen.pid;
-                b.frozen.kill(|| {
-                    let _ = nix::sys::signal::kill(
-                        Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                });
-            }
+            kill_all(built);
             Err(e)
         }
     }
 }
 
-fn check_and_build(
-    tops: &Tops,
-    image: &Image,
-    hooks: &RestoreHooks,
-    ipc_pid: Option<u32>,
-    built: &mut Vec<Built>,
-    pinned: &mut SameCpu,
-) -> Result<Vec<OwnedFd>, SnapshotError> {
+/// The saved registers of every thread, per process in image order.
+fn saved_registers(image: &Image) -> Result<Vec<Vec<libc::user_regs_struct>>, SnapshotError> {
     let procs = &image.manifest.processes;
     let mut saved_regs = Vec::with_capacity(procs.len());
     for p in procs {
@@ -222,14 +258,24 @@ fn check_and_build(
         }
         saved_regs.push(regs_of);
     }
-    // Before any process attaches a segment, and while no one else could
-    // take the saved ids in the instance's fresh IPC namespace.
-    if let Some(pid) = ipc_pid {
-        crate::kinds::sysv::restore(pid, image)?;
-    }
-    build_tree(tops, image, hooks, &saved_regs, built, pinned)
+    Ok(saved_regs)
 }
 
+/// Kills every process built so far, last first, each seen dead by us,
+/// its tracer.
+fn kill_all(built: Vec<Built>) {
+    for b in built.into_iter().rev() {
+        let pid = b.frozen.pid;
+        b.frozen.kill(|| {
+            let _ = nix::sys::signal::kill(
+                Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn build_tree(
     tops: &Tops,
     image: &Image,
@@ -237,6 +283,7 @@ fn build_tree(
     saved_regs: &[Vec<libc::user_regs_struct>],
     built: &mut Vec<Built>,
     pinned: &mut SameCpu,
+    lazy: Option<&PageServer>,
 ) -> Result<Vec<OwnedFd>, SnapshotError> {
     let procs = &image.manifest.processes;
     let scratch = match tops {
@@ -310,6 +357,7 @@ fn build_tree(
             memory,
             &mut shmem,
             &mut memfds,
+            lazy,
         )?;
     }
     // Groups once every process exists, leaders first.
@@ -415,8 +463,8 @@ fn same_place(a: &Vma, b: &Vma) -> bool {
 /// What a process needs before it forks its children: memory and mm
 /// fields (unless `memory` is false: a clone forked from its template
 /// holder has them, all but its arguments and executable), limits,
-/// session, fds. A forked child starts as a copy
-/// of its rebuilt parent and drops what it did not have.
+/// session, fds. A forked child starts as a copy of its rebuilt parent and
+/// drops what it did not have.
 #[allow(clippy::too_many_arguments)]
 fn first_pass(
     b: &Built,
@@ -428,6 +476,7 @@ fn first_pass(
     memory: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
+    lazy: Option<&PageServer>,
 ) -> Result<(), SnapshotError> {
     let pid = b.frozen.pid;
     let mem = &b.mem;
@@ -454,7 +503,7 @@ fn first_pass(
         }
     }
     if memory {
-        map_memory(&inj, mem, pid, data, image, p, shmem, memfds)?;
+        map_memory(&inj, mem, pid, data, image, p, shmem, memfds, lazy)?;
         let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
         set_mm(&inj, mem, pid, data, p, keep_exe, None)?;
     } else {

@@ -21,7 +21,7 @@
 // connect.
 //
 // The maps are filled by the supervisor from the registry
-// (runtime/src/udproutes.rs); the key layouts are mirrored by repr(C) types
+// (runtime/src/net/udproutes.rs); the key layouts are mirrored by repr(C) types
 // in sys/src/udpbpf.rs.
 
 #include <linux/bpf.h>

@@ -23,8 +23,21 @@ unsafe impl Plain for libc::itimerval {}
 unsafe impl Plain for TraceeSockFprog {}
 // SAFETY: u32 and i32.
 unsafe impl Plain for CapHeader {}
-// SAFETY: three u32 each.
-unsafe impl Plain for [CapData; 2] {}
+// SAFETY: three u32.
+unsafe impl Plain for CapData {}
+// SAFETY: an array of a `Plain` type: its values lie one after another,
+// each a multiple of its alignment long, so there is no padding between
+// them either.
+unsafe impl<T: Plain, const N: usize> Plain for [T; N] {}
+// SAFETY: four u64.
+unsafe impl Plain for KernelSigaction {}
+// SAFETY: twelve u64 and two u32: 104 bytes, no padding.
+unsafe impl Plain for PrctlMmMap {}
+// SAFETY: three i32 and 29 more of padding as an i32 array, 128 bytes,
+// after a zero-length u64 array that only aligns it.
+unsafe impl Plain for libc::siginfo_t {}
+// SAFETY: a u16 family and 108 c_char of path: 110 bytes, alignment 2.
+unsafe impl Plain for libc::sockaddr_un {}
 // SAFETY: two timespecs of two i64 each.
 unsafe impl Plain for libc::itimerspec {}
 // SAFETY: eleven u64.
@@ -93,6 +106,55 @@ pub struct TraceeSigevent {
     pub pad: [u8; 44],
 }
 
+/// The kernel's `struct sigaction` of the rt_sigaction system call (not
+/// libc's, whose mask is 128 bytes): a 64-bit mask, after the restorer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelSigaction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// `struct prctl_mm_map` of `prctl(PR_SET_MM, PR_SET_MM_MAP)`: a process's
+/// memory map fields, set at once. `auxv` is an address in the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrctlMmMap {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: u64,
+    /// In bytes.
+    pub auxv_size: u32,
+    /// `u32::MAX` (-1): the exe link stays.
+    pub exe_fd: u32,
+}
+
+/// The bytes of a `sockaddr_un` naming `name` (a path, or an abstract
+/// name with its leading NUL), as long as the kernel takes it: the family
+/// and the name, no terminating NUL added. `None` if `name` does not fit.
+pub fn sockaddr_un(name: &[u8]) -> Option<Vec<u8>> {
+    let zeroes = [0u8; std::mem::size_of::<libc::sockaddr_un>()];
+    let mut addr: libc::sockaddr_un = from_bytes(&zeroes).expect("bytes of its size");
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = addr.sun_path.get_mut(..name.len())?;
+    for (to, from) in path.iter_mut().zip(name) {
+        *to = *from as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + name.len();
+    Some(bytes_of(&addr)[..len].to_vec())
+}
+
 /// `struct __user_cap_header_struct` of capget/capset.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -150,6 +212,11 @@ mod tests {
         assert_eq!(std::mem::size_of::<TraceeSigevent>(), 64);
         assert_eq!(std::mem::size_of::<libc::itimerspec>(), 32);
         assert_eq!(std::mem::size_of::<[CapData; 2]>(), 24);
+        assert_eq!(std::mem::size_of::<KernelSigaction>(), 32);
+        assert_eq!(std::mem::size_of::<PrctlMmMap>(), 104);
+        assert_eq!(std::mem::size_of::<libc::siginfo_t>(), 128);
+        assert_eq!(std::mem::size_of::<libc::sockaddr_un>(), 110);
+        assert_eq!(std::mem::size_of::<[i32; 2]>(), 8);
     }
 
     #[test]
@@ -161,5 +228,31 @@ mod tests {
         let back: libc::rlimit = from_bytes(bytes_of(&limit)).unwrap();
         assert_eq!((back.rlim_cur, back.rlim_max), (7, 9));
         assert!(from_bytes::<libc::rlimit>(&[0; 15]).is_none());
+    }
+
+    #[test]
+    fn a_siginfo_gives_its_signal_number_from_its_own_field() {
+        let mut raw = [0u8; 128];
+        raw[..4].copy_from_slice(&10i32.to_ne_bytes());
+        let info: libc::siginfo_t = from_bytes(&raw).unwrap();
+        assert_eq!(info.si_signo, 10);
+        assert!(from_bytes::<libc::siginfo_t>(&raw[..127]).is_none());
+    }
+
+    #[test]
+    fn a_unix_address_is_its_family_and_name_only() {
+        let family = (libc::AF_UNIX as u16).to_ne_bytes();
+        assert_eq!(
+            sockaddr_un(b"/run/s").unwrap(),
+            [&family[..], b"/run/s"].concat()
+        );
+        // Abstract: the leading NUL is part of the name, and its length
+        // tells the kernel where the name ends.
+        assert_eq!(
+            sockaddr_un(b"\0ab").unwrap(),
+            [&family[..], b"\0ab"].concat()
+        );
+        assert_eq!(sockaddr_un(&[b'x'; 108]).unwrap().len(), 110);
+        assert!(sockaddr_un(&[b'x'; 109]).is_none());
     }
 }

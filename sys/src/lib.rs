@@ -6,6 +6,7 @@
 //! application.
 
 pub mod abi;
+pub mod counter;
 pub mod creds;
 pub mod fd;
 pub mod handle;

@@ -5,12 +5,17 @@
 //! message, nobody has to answer), so the tracker may be another process or
 //! may die: the page simply becomes writable, and "written" to a scan.
 //!
+//! Lazy restore uses the same file in missing mode: pages of registered
+//! ranges that are not there fault to whoever holds the userfaultfd, which
+//! fills them with `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`) and hears of the
+//! process's own changes to those ranges as events.
+//!
 //! Debian's headers lack `PAGEMAP_SCAN` and the newer feature bits, so the
 //! structures and numbers of `linux/userfaultfd.h` and `linux/fs.h` (6.7)
 //! are spelled out here.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 const UFFD_API: u64 = 0xaa;
 /// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
@@ -21,6 +26,12 @@ const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 /// `_IOWR(0xaa, 0x06, struct uffdio_writeprotect)`.
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
+/// `_IOR(0xaa, 0x02, struct uffdio_range)`.
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+/// `_IOWR(0xaa, 0x03, struct uffdio_copy)`.
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+/// `_IOWR(0xaa, 0x04, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 
@@ -30,6 +41,20 @@ const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// Write faults on protected pages are resolved in-kernel.
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// The process's forks get a userfaultfd of their own, handed to the
+/// reader of this one (`Event::Fork`); without it a child's registered
+/// ranges are silently unregistered.
+pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
+/// `mremap` of a registered range is reported (`Event::Remap`) and the
+/// registration moves with it.
+pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
+/// `MADV_DONTNEED`/`MADV_REMOVE` of a registered range is reported
+/// (`Event::Remove`) before the pages go.
+pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// `munmap` (and `mmap` over) a registered range is reported
+/// (`Event::Unmap`).
+pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 /// `userfaultfd()` flag: only faults from user mode are handled, which is
@@ -64,6 +89,22 @@ struct UffdioRegister {
     range: UffdioRange,
     mode: u64,
     ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
 }
 
 #[repr(C)]
@@ -131,6 +172,201 @@ pub fn register_wp(uffd: BorrowedFd, start: u64, len: u64) -> io::Result<()> {
     // (repr(C), same layout), alive across the call; it changes mappings of
     // the userfaultfd's process, never memory of ours.
     check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut arg) })
+}
+
+/// Registers `start..start+len` for missing-page faults: a page of it that
+/// is not there blocks the touching thread (in user or kernel mode) until
+/// the holder of the userfaultfd fills it.
+pub fn register_missing(uffd: BorrowedFd, start: u64, len: u64) -> io::Result<()> {
+    let mut arg = UffdioRegister {
+        range: UffdioRange { start, len },
+        mode: REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes one `struct uffdio_register`
+    // (repr(C), same layout), alive across the call; it changes mappings of
+    // the userfaultfd's process, never memory of ours.
+    check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut arg) })
+}
+
+/// How far a fill got: `Ok(n)` bytes filled in all, or stopped after `n`
+/// bytes because of `errno` (EEXIST: a page there already; ENOENT: no
+/// registered mapping there any more; EAGAIN: the address space is
+/// changing, read the events first; ESRCH: the process is gone).
+pub type Filled = Result<u64, (u64, i32)>;
+
+/// `UFFDIO_COPY`: fills the missing pages at `dst` (page-aligned) with
+/// `src` (a whole number of pages) and wakes the threads waiting on them.
+pub fn copy(uffd: BorrowedFd, dst: u64, src: &[u8]) -> Filled {
+    fill(src.len() as u64, |at| {
+        let mut arg = UffdioCopy {
+            dst: dst + at,
+            src: src[at as usize..].as_ptr() as u64,
+            len: src.len() as u64 - at,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads and writes one `struct uffdio_copy`
+        // (repr(C), same layout), alive across the call, and reads `len`
+        // bytes at `src`, which are inside the borrowed slice; it writes
+        // only memory of the userfaultfd's process.
+        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
+        (ret, arg.copy)
+    })
+}
+
+/// `UFFDIO_ZEROPAGE`: maps zeros at the missing pages of `start..start+len`
+/// and wakes the threads waiting on them.
+pub fn zeropage(uffd: BorrowedFd, start: u64, len: u64) -> Filled {
+    fill(len, |at| {
+        let mut arg = UffdioZeropage {
+            range: UffdioRange {
+                start: start + at,
+                len: len - at,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE reads and writes one `struct
+        // uffdio_zeropage` (repr(C), same layout), alive across the call.
+        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut arg) };
+        (ret, arg.zeropage)
+    })
+}
+
+/// Runs one fill ioctl from offset 0 of `len` bytes, again from where it
+/// stopped while it makes progress: the kernel ends a fill that got part of
+/// the way with EAGAIN, and tells the real error only to the next call.
+fn fill(len: u64, mut call: impl FnMut(u64) -> (libc::c_int, i64)) -> Filled {
+    let mut at = 0;
+    loop {
+        let (ret, done) = call(at);
+        if ret == 0 {
+            return Ok(len);
+        }
+        let errno = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        // On error the kernel reports the bytes done before it, or -errno.
+        let done = done.max(0) as u64;
+        if done > 0 && at + done < len {
+            at += done;
+            continue;
+        }
+        return Err((at + done, errno));
+    }
+}
+
+/// Wakes the threads waiting on `start..start+len` (after a fill that found
+/// the pages there already: they retry and find them).
+pub fn wake(uffd: BorrowedFd, start: u64, len: u64) -> io::Result<()> {
+    let arg = UffdioRange { start, len };
+    // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range` (repr(C)), alive
+    // across the call.
+    check(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_WAKE, &arg) })
+}
+
+const EVENT_PAGEFAULT: u8 = 0x12;
+const EVENT_FORK: u8 = 0x13;
+const EVENT_REMAP: u8 = 0x14;
+const EVENT_REMOVE: u8 = 0x15;
+const EVENT_UNMAP: u8 = 0x16;
+/// `sizeof(struct uffd_msg)`.
+const MSG_LEN: usize = 32;
+
+/// One message of a userfaultfd.
+#[derive(Debug)]
+pub enum Event {
+    /// A thread waits for the page at `addr` (page-aligned).
+    Fault { addr: u64 },
+    /// The process forked; the child's registered ranges are served
+    /// through `uffd`, now ours.
+    Fork { uffd: OwnedFd },
+    /// `from..from+len` moved to `to`.
+    Remap { from: u64, to: u64, len: u64 },
+    /// The pages of `start..end` were dropped (they read zero now).
+    Remove { start: u64, end: u64 },
+    /// `start..end` was unmapped.
+    Unmap { start: u64, end: u64 },
+}
+
+/// Reads the messages waiting on a non-blocking userfaultfd into `out`
+/// until none is left. A message of a kind not asked for is an error.
+pub fn read_events(uffd: BorrowedFd, out: &mut Vec<Event>) -> io::Result<()> {
+    let mut buf = [0u8; MSG_LEN * 64];
+    loop {
+        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`,
+        // borrowed mutably for the call.
+        let n = unsafe { libc::read(uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(());
+            }
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        for msg in buf[..n as usize].chunks_exact(MSG_LEN) {
+            out.push(decode(msg)?);
+        }
+    }
+}
+
+fn decode(msg: &[u8]) -> io::Result<Event> {
+    let word = |i: usize| {
+        let at = 8 + 8 * i;
+        u64::from_ne_bytes(msg[at..at + 8].try_into().expect("8 bytes"))
+    };
+    let page = !(4096u64 - 1);
+    Ok(match msg[0] {
+        EVENT_PAGEFAULT => Event::Fault {
+            addr: word(1) & page,
+        },
+        EVENT_FORK => {
+            let fd = u32::from_ne_bytes(msg[8..12].try_into().expect("4 bytes")) as i32;
+            // SAFETY: the kernel installed this new fd in our table for
+            // this message; nothing else refers to it.
+            let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Event::Fork { uffd }
+        }
+        EVENT_REMAP => Event::Remap {
+            from: word(0),
+            to: word(1),
+            len: word(2),
+        },
+        EVENT_REMOVE => Event::Remove {
+            start: word(0),
+            end: word(1),
+        },
+        EVENT_UNMAP => Event::Unmap {
+            start: word(0),
+            end: word(1),
+        },
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("userfaultfd message of unknown kind {other:#x}"),
+            ))
+        }
+    })
+}
+
+/// A new userfaultfd of this process (close-on-exec, non-blocking), which
+/// handles kernel-mode faults too: root only here
+/// (`vm.unprivileged_userfaultfd` is 0).
+pub fn create() -> io::Result<OwnedFd> {
+    // SAFETY: userfaultfd takes flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Unregisters a range: its pages lose their write protection.
@@ -208,6 +444,11 @@ mod tests {
         assert_eq!((UFFDIO_REGISTER >> 16) & 0x3fff, 32);
         assert_eq!((UFFDIO_UNREGISTER >> 16) & 0x3fff, 16);
         assert_eq!((PAGEMAP_SCAN >> 16) & 0x3fff, 96);
+        assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
+        assert_eq!((UFFDIO_COPY >> 16) & 0x3fff, 40);
+        assert_eq!(std::mem::size_of::<UffdioZeropage>(), 32);
+        assert_eq!((UFFDIO_ZEROPAGE >> 16) & 0x3fff, 32);
+        assert_eq!((UFFDIO_WAKE >> 16) & 0x3fff, 16);
     }
 
     /// The numbers and layouts above, checked against the kernel: a page
@@ -272,6 +513,74 @@ mod tests {
         assert_eq!(scan(&mut out), vec![(2, 3), (5, 6)], "written since");
         assert_eq!(scan(&mut out), vec![], "protected again by the scan");
         unregister(uffd.as_fd(), base, len as u64).expect("UFFDIO_UNREGISTER");
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(at, len) };
+    }
+
+    /// Missing mode checked against the kernel: a thread touching a
+    /// registered page waits for the fault to be answered with a copy, and
+    /// a page dropped with MADV_DONTNEED is reported before it goes.
+    #[test]
+    fn a_missing_page_is_served_by_copy_and_a_dropped_one_reported() {
+        use std::os::fd::AsFd;
+        const PAGE: usize = 4096;
+        let uffd = create().expect("userfaultfd");
+        api(uffd.as_fd(), FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP).expect("UFFDIO_API");
+        let len = 4 * PAGE;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let base = at as u64;
+        register_missing(uffd.as_fd(), base, len as u64).expect("UFFDIO_REGISTER");
+        let reader = std::thread::spawn(move || {
+            // SAFETY: page 1 of the mapping, which lives until joined.
+            unsafe { ((base as usize + PAGE) as *const u8).read_volatile() }
+        });
+        let mut events = Vec::new();
+        while events.is_empty() {
+            read_events(uffd.as_fd(), &mut events).unwrap();
+            std::thread::yield_now();
+        }
+        assert!(matches!(events[..], [Event::Fault { addr }] if addr == base + PAGE as u64));
+        let page = vec![7u8; PAGE];
+        assert_eq!(
+            copy(uffd.as_fd(), base + PAGE as u64, &page),
+            Ok(PAGE as u64)
+        );
+        assert_eq!(reader.join().unwrap(), 7);
+        assert_eq!(
+            copy(uffd.as_fd(), base, &vec![1u8; 2 * PAGE]),
+            Err((PAGE as u64, libc::EEXIST)),
+            "the first page filled, the second there already"
+        );
+        let dropper = std::thread::spawn(move || {
+            // SAFETY: drops pages of the mapping, which lives until joined.
+            unsafe { libc::madvise(base as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) }
+        });
+        events.clear();
+        while events.is_empty() {
+            read_events(uffd.as_fd(), &mut events).unwrap();
+            std::thread::yield_now();
+        }
+        assert_eq!(dropper.join().unwrap(), 0);
+        assert!(
+            matches!(events[..], [Event::Remove { start, end }] if start == base && end == base + PAGE as u64),
+            "{events:?}"
+        );
+        assert_eq!(zeropage(uffd.as_fd(), base, PAGE as u64), Ok(PAGE as u64));
+        // SAFETY: the first page, zero-filled just above.
+        assert_eq!(unsafe { (base as *const u8).read_volatile() }, 0);
+        // Else the munmap would wait for its event to be read.
+        drop(uffd);
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(at, len) };
     }

@@ -1,15 +1,19 @@
 //! Connection setup and teardown rate: connect + accept + close, with the
-//! server and the client both native, both under appshot, and through a
-//! socat proxy, which stands in for docker-proxy style port publishing.
+//! server and the client both native, both under appshot, through a
+//! socat proxy, which stands in for docker-proxy style port publishing, and
+//! both in one sandlock sandbox with port_remap (its supervisor handles the
+//! connect by notification, as appshot's does).
 
 use std::time::Duration;
 
 use anyhow::Context;
 
+use super::sandlock;
 use super::servers::{native_server, rows_with_socat, socat_proxy};
 use super::{argv, Client, Ctx, Outcome};
 use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE};
+use crate::table::Row;
 
 pub const TITLE: &str = "connection setup";
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -59,13 +63,26 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
     let _upstream = native(upstream, "connrate server behind socat")?;
     let _proxy = socat_proxy(proxy_port, upstream, &logs)?;
 
+    // Server and client in one sandbox: its port space is its own, so the
+    // client's connect to the server's port is remapped like appshot's.
+    let sandlock = sandlock::usable()?;
+    let sandboxed_port = ctx.ports.take()?;
+    let sandboxed = sandlock.as_ref().ok().map(|peer| {
+        let script = format!(
+            "{} & exec {}",
+            server(sandboxed_port).join(" "),
+            client(sandboxed_port).join(" ")
+        );
+        peer.argv(&argv(["sh", "-c", script.as_str()]))
+    });
+
     let connrate = Client {
         appshot: ctx.appshot,
         aid: AID,
         timeout: TIMEOUT,
         figure: |out: &str| probes::parse_value(out, "conns_per_s"),
     };
-    let trials = vec![
+    let mut trials = vec![
         connrate.native("native", client(native_port), "connrate client"),
         connrate.appshot(client(virtual_port), "connrate client under appshot"),
         connrate.native(
@@ -74,10 +91,15 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             "connrate client via socat",
         ),
     ];
+    if let Some(argv) = sandboxed {
+        trials.push(connrate.native("sandlock", argv, "connrate under sandlock"));
+    }
     let m = interleaved(TITLE, Unit::ConnsPerSec, ctx.plan, trials)?;
-    Ok(rows_with_socat(
-        TITLE,
-        "appshot: same AID, 2 other AIDs on the port",
-        m,
-    ))
+    let peer_row = match &sandlock {
+        Ok(peer) => Row::compared(TITLE, &peer.row_configuration(), "sandlock", &m[3], &m[1]),
+        Err(why) => Row::alone(TITLE, "peer: sandlock", &m[1], why),
+    };
+    let mut out = rows_with_socat(TITLE, "appshot: same AID, 2 other AIDs on the port", m);
+    out.rows.push(peer_row);
+    Ok(out)
 }

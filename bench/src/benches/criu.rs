@@ -1,7 +1,8 @@
 //! CRIU, the peer of the snapshot benchmark: the same memhold workload run
 //! natively (CRIU does not multiplex ports), dumped with `criu dump
-//! --leave-running` and `criu dump`, restored with `criu restore -d`, and
-//! checked like appshot's restores. Used only where `criu` is installed and
+//! --leave-running` and `criu dump`, restored with `criu restore -d` and
+//! then lazily (`criu lazy-pages` serving `criu restore -d --lazy-pages`),
+//! and checked like appshot's restores. Used only where `criu` is installed and
 //! `criu check` passes; otherwise the rows say why there is no peer figure.
 //!
 //! The criu binary is `$CRIU` (bench/run.sh sets it to the CRIU 4.x it
@@ -40,6 +41,9 @@ pub struct CriuRun {
     pub leave_running_wall_ms: f64,
     /// From the start of `criu restore -d` to a client's first answer.
     pub restore_answer_ms: f64,
+    /// The same for `criu restore -d --lazy-pages`, its `criu lazy-pages`
+    /// daemon started just before.
+    pub lazy_answer_ms: f64,
 }
 
 /// The criu to run: `$CRIU`, else `criu` on PATH.
@@ -203,8 +207,10 @@ pub fn one_run(
         .trim()
         .parse()
         .with_context(|| format!("{}", pidfile.display()))?;
-    let _restored = procs::Orphans(vec![restored_pid]);
+    let restored = procs::Orphans(vec![restored_pid]);
     verify(probe, port, expected, &format!("{what} restored by criu"))?;
+    drop(restored);
+    let lazy_answer_ms = lazy_restore(probe, &images, mib, port, expected, &what)?;
     std::fs::remove_dir_all(&images).with_context(|| format!("removing {}", images.display()))?;
     Ok(CriuRun {
         dump_ms,
@@ -212,7 +218,74 @@ pub fn one_run(
         frozen_ms,
         leave_running_wall_ms,
         restore_answer_ms,
+        lazy_answer_ms,
     })
+}
+
+/// `criu restore -d --lazy-pages` of the images in `images`, served by a
+/// `criu lazy-pages` daemon started first (it waits for the restore on a
+/// socket in the images directory, serves the faults and prefetches, and
+/// exits once every page is in): the milliseconds from the restore's start
+/// to a client's first answer. The whole memory's checksum is then checked.
+fn lazy_restore(
+    probe: &str,
+    images: &Path,
+    mib: u64,
+    port: u16,
+    expected: &str,
+    what: &str,
+) -> anyhow::Result<f64> {
+    let mut daemon = Command::new(binary())
+        .arg("lazy-pages")
+        .arg("-D")
+        .arg(images)
+        .args(["-o", "lazy-pages.log", "-v2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting criu lazy-pages")?;
+    let daemon_pid = daemon.id();
+    let _daemon = procs::Orphans(vec![daemon_pid]);
+    // Its socket appears once it listens.
+    let socket = images.join("lazy-pages.socket");
+    let deadline = Instant::now() + START;
+    while !socket.exists() {
+        if let Some(status) = daemon.try_wait()? {
+            bail!("criu lazy-pages exited ({})", procs::describe(status));
+        }
+        if Instant::now() > deadline {
+            bail!("criu lazy-pages made no {} in {START:?}", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pidfile = images.join("lazy.pid");
+    let pidfile_arg = pidfile.display().to_string();
+    let mut client = Lines::spawn(
+        &mut procs::command(&ask(probe, port, "ping", WAIT_MS)),
+        &format!("native client waiting for criu lazy restore ({mib} MiB)"),
+    )?;
+    let (answer_ms, ()) = first_answer(&mut client, mib, "criu lazy restore", || {
+        run_criu(
+            images,
+            &["restore", "-d", "--lazy-pages", "--pidfile", &pidfile_arg],
+            &format!("criu restore --lazy-pages of {what}"),
+        )
+        .map(drop)
+    })?;
+    let restored_pid: u32 = std::fs::read_to_string(&pidfile)
+        .with_context(|| format!("reading {}", pidfile.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{}", pidfile.display()))?;
+    let _restored = procs::Orphans(vec![restored_pid]);
+    verify(
+        probe,
+        port,
+        expected,
+        &format!("{what} restored lazily by criu"),
+    )?;
+    Ok(answer_ms)
 }
 
 /// The "Frozen time: N us" line of `criu dump --display-stats`, in ms.

@@ -17,6 +17,7 @@ mod nginx;
 mod oci;
 mod redis;
 mod redisconns;
+mod sandlock;
 mod servers;
 mod snapshot;
 mod syscall;

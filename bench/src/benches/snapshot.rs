@@ -22,6 +22,10 @@
 //! 3. `appshot restore IMAGE --detach`: wall time from the command's start
 //!    until a supervised client of the AID, already retrying its connect,
 //!    gets its first answer; and the supervisor's "restore work done ms=";
+//!    then `appshot restore IMAGE --lazy --detach` the same way (its memory
+//!    served on fault and prefetched in the background), against CRIU's
+//!    `criu restore --lazy-pages` and its eager restore; both restored
+//!    instances then answer the checksum of their whole memory;
 //! 4. `appshot clone TEMPLATE --aid X --detach` of a template of the same
 //!    size (taken once, before the runs): the same two figures.
 //!
@@ -85,6 +89,7 @@ struct RunFigures {
     restore_answer_ms: f64,
     restore_cmd_ms: f64,
     restore_work_ms: f64,
+    lazy_answer_ms: f64,
     clone_answer_ms: f64,
     clone_cmd_ms: f64,
     clone_work_ms: f64,
@@ -112,6 +117,8 @@ const FIGURES: &[Figure] = &[
     row("snapshot --leave-running", "process: time frozen (as each reports it)", Unit::Millis, |f| f.frozen_ms, Some(|c| c.frozen_ms)),
     row("snapshot --leave-running", "process writing 1% of its pages a second: time frozen after pre-copy (CRIU: idle process)", Unit::Millis, |f| f.frozen_writing_ms, Some(|c| c.frozen_ms)),
     row("restore", "image, warm page cache: wall time to first answer", Unit::Millis, |f| f.restore_answer_ms, Some(|c| c.restore_answer_ms)),
+    row("restore --lazy", "image, warm page cache: wall time to first answer (CRIU: restore --lazy-pages)", Unit::Millis, |f| f.lazy_answer_ms, Some(|c| c.lazy_answer_ms)),
+    row("restore --lazy", "image, warm page cache: wall time to first answer (CRIU: eager restore)", Unit::Millis, |f| f.lazy_answer_ms, Some(|c| c.restore_answer_ms)),
     row("clone", "template: supervisor's restore work", Unit::Millis, |f| f.clone_work_ms, None),
     row("clone", "template: wall time to first answer", Unit::Millis, |f| f.clone_answer_ms, None),
     kept("snapshot", "process, then stopped: dump time appshot reports", Unit::Millis, |f| f.dump_ms),
@@ -221,7 +228,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             };
             let f = one_run(appshot, &probe, dir, size, round).with_context(failed)?;
             eprintln!(
-                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms, writing {WRITE_PERCENT}%/s {:.0} ms), incremental {:.1} ms (image {:.2} MiB) on a full {:.0} ms ({:.1} MiB), restore {:.0} ms to first answer (work {:.1} ms), clone {:.1} ms to first answer (work {:.1} ms)",
+                "  {TITLE} / {} MiB: run {}/{total}{}: dump {:.0} ms (image {:.1} MiB), frozen {:.0} ms (first snapshot {:.0} ms, writing {WRITE_PERCENT}%/s {:.0} ms), incremental {:.1} ms (image {:.2} MiB) on a full {:.0} ms ({:.1} MiB), restore {:.0} ms to first answer (work {:.1} ms), lazy restore {:.1} ms to first answer, clone {:.1} ms to first answer (work {:.1} ms)",
                 size.mib,
                 round + 1,
                 warmup_mark(round, warmup),
@@ -236,6 +243,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 f.parent_mib,
                 f.restore_answer_ms,
                 f.restore_work_ms,
+                f.lazy_answer_ms,
                 f.clone_answer_ms,
                 f.clone_work_ms,
             );
@@ -252,8 +260,8 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 .with_context(failed)
                 .context("criu (the peer)")?;
                 eprintln!(
-                    "  {TITLE} / {} MiB: run {}/{total}{}: criu dump {:.0} ms (images {:.1} MiB), frozen {:.0} ms (dump --leave-running {:.0} ms), restore {:.0} ms to first answer",
-                    size.mib, round + 1, warmup_mark(round, warmup), c.dump_ms, c.image_mib, c.frozen_ms, c.leave_running_wall_ms, c.restore_answer_ms
+                    "  {TITLE} / {} MiB: run {}/{total}{}: criu dump {:.0} ms (images {:.1} MiB), frozen {:.0} ms (dump --leave-running {:.0} ms), restore {:.0} ms to first answer, lazy restore {:.0} ms",
+                    size.mib, round + 1, warmup_mark(round, warmup), c.dump_ms, c.image_mib, c.frozen_ms, c.leave_running_wall_ms, c.restore_answer_ms, c.lazy_answer_ms
                 );
                 size.criu.push(c);
             }
@@ -521,6 +529,20 @@ fn one_run(
     (f.restore_answer_ms, f.restore_cmd_ms) = (answer_ms, millis(took));
     f.restore_work_ms = check_started(appshot, probe, size, &restored, &aid, false)?;
     drop(restored);
+
+    let name = appshot.name(&format!("lazy{mib}"));
+    let (answer_ms, (lazy, _)) = time_to_answer(
+        appshot,
+        probe,
+        &aid,
+        size.port,
+        mib,
+        "the lazy restore",
+        || appshot.restore_with(&image, &name, &["--lazy"]),
+    )?;
+    f.lazy_answer_ms = answer_ms;
+    size.verify(appshot, probe, &aid, &format!("{what}, restored lazily"))?;
+    drop(lazy);
     remove(&image)?;
 
     let clone_aid = format!("c{mib}-{round}");

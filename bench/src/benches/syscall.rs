@@ -13,12 +13,14 @@
 //! The floor of a notified call is measured in the same run: the same
 //! probe under `notify_floor`, a supervisor that traps the same syscalls
 //! and only answers CONTINUE. Its row compares appshot with it; what
-//! appshot costs beyond it is appshot's own work.
+//! appshot costs beyond it is appshot's own work. sandlock, a notification
+//! sandbox that remaps ports as well, is the peer of that row.
 
 use std::time::Duration;
 
 use anyhow::Context;
 
+use super::sandlock;
 use super::{argv, Client, Ctx, Outcome};
 use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE, NOTIFY_FLOOR, SYSCALL_COST};
@@ -47,6 +49,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         .map(|aid| ctx.appshot.server(aid, port, &decoy))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("syscall cost: starting two instances on one port")?;
+    let sandlock = sandlock::usable()?;
     let mut out = Outcome::default();
     let client = Client {
         appshot: ctx.appshot,
@@ -90,22 +93,40 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         let with_floor = call == "getsockname";
         if with_floor {
             let under_floor = std::iter::once(floor.display().to_string())
-                .chain(args)
+                .chain(args.iter().cloned())
                 .collect();
             trials.push(client.native(FLOOR, under_floor, "syscall_cost under notify_floor"));
+            if let Ok(peer) = &sandlock {
+                trials.push(client.native(
+                    "sandlock",
+                    peer.argv(&args),
+                    "syscall_cost under sandlock",
+                ));
+            }
         }
         let m = interleaved(benchmark, Unit::MicrosPerCall, ctx.plan, trials)?;
-        let floor_row = with_floor.then(|| {
-            Row::compared(
+        let mut rows = Vec::new();
+        if with_floor {
+            rows.push(Row::compared(
                 benchmark,
                 "floor: a supervisor that only answers CONTINUE (ratio: appshot/floor)",
                 FLOOR,
                 &m[2],
                 &m[1],
-            )
-        });
+            ));
+            rows.push(match &sandlock {
+                Ok(peer) => Row::compared(
+                    benchmark,
+                    &peer.row_configuration(),
+                    "sandlock",
+                    &m[3],
+                    &m[1],
+                ),
+                Err(why) => Row::alone(benchmark, "peer: sandlock", &m[1], why),
+            });
+        }
         out.add_against_native(benchmark, configuration, m);
-        out.rows.extend(floor_row);
+        out.rows.extend(rows);
     }
     Ok(out)
 }

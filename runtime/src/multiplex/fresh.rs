@@ -3,13 +3,14 @@
 //! second look reuses what the first read, so that a call pays for one
 //! read of the registry.
 //!
-//! The read itself is [`CachedRegistry`]'s: a stat of the database's path
-//! and a read transaction per call. An inotify watch on the registry's
-//! directory once replaced that stat (the JSON registry was replaced by a
-//! rename per commit, an event the kernel queues before the commit is
-//! visible); the SQLite registry commits by writing its WAL and then
-//! updating its shared-memory index, which no event follows, so a watch
-//! could say "unchanged" after a commit and is not used.
+//! The read itself is [`CachedRegistry`]'s: a load of the registry's
+//! mapped change counter, which every commit raises, and a read
+//! transaction only when it moved (or every `RECHECK`). An inotify watch
+//! on the registry's directory once stood for that check (the JSON registry
+//! was replaced by a rename per commit, an event the kernel queues before
+//! the commit is visible); the SQLite registry commits by writing its WAL
+//! and then updating its shared-memory index, which no event follows, so a
+//! watch could say "unchanged" after a commit and is not used.
 
 use appshot_vpm::{CachedRegistry, RegistryState, VpmError};
 

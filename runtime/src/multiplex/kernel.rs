@@ -17,10 +17,12 @@ use nix::sys::socket::{
 };
 
 use super::policy::{Kernel, Task, TaskSocket};
-use crate::notify::Call;
+use crate::seccomp::notify::Call;
 use tracing::warn;
 
-use crate::{astask, sockaddr, tree};
+use crate::multiplex::sockaddr;
+use crate::seccomp::astask;
+use crate::tree;
 
 /// Bit of CAP_NET_BIND_SERVICE in a capability set.
 const CAP_NET_BIND_SERVICE: u64 = 1 << 10;

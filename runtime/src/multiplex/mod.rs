@@ -12,13 +12,15 @@
 mod fresh;
 mod kernel;
 mod policy;
+mod restored;
+mod sockaddr;
 #[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use appshot_snapshot::restore::ListenSpec;
 use appshot_snapshot::ListenError;
@@ -29,15 +31,11 @@ use nix::sys::socket::{listen, setsockopt, sockopt, Backlog};
 use tracing::{debug, warn};
 
 use self::kernel::{connect_to, connect_unblocked, errno, CallTask, Connecting, Host};
-use self::policy::{Bind, Connect, Kernel, Name, Policy, Side};
+use self::policy::{Bind, Connect, Kernel, Name, Policy, Side, ALLOCATION_RETRY};
 pub use self::policy::{PortSet, Settings};
-use crate::astask;
-use crate::notify::{Call, Handler};
-use crate::pool::Pool;
-use crate::sockaddr;
-
-/// How often a bind waiting for a free real port looks again.
-const ALLOCATION_RETRY: Duration = Duration::from_millis(50);
+use crate::seccomp::astask;
+use crate::seccomp::notify::{Call, Handler};
+use crate::seccomp::pool::Pool;
 
 pub struct Multiplexer {
     policy: Policy,
@@ -146,87 +144,20 @@ impl Multiplexer {
                 "IPV6_V6ONLY",
             )?;
         }
-        let sock = fd;
-        let errno = std::io::Error::from_raw_os_error;
-        if port != 0 && self.policy.settings.multiplexed.contains(port) && spec.real_port != 0 {
-            // The instance's connections use this real port: it or nothing.
-            let exact = Some(spec.real_port);
-            match self
-                .policy
-                .allocate(&self.host, &sock, Protocol::Tcp, spec.addr, exact)
-            {
-                Ok(Some(_)) => {}
-                Ok(None) | Err(libc::EADDRINUSE) => {
-                    return Err(ListenError::RealPortTaken {
-                        real_port: spec.real_port,
-                        virtual_port: port,
-                    })
-                }
-                Err(e) => return Err(failed("bind", errno(e))),
-            }
-        } else if port != 0 && self.policy.settings.multiplexed.contains(port) {
-            let deadline = Instant::now() + self.policy.settings.allocation_timeout;
-            loop {
-                match self
-                    .policy
-                    .allocate(&self.host, &sock, Protocol::Tcp, spec.addr, None)
-                {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
-                    Ok(None) => {
-                        return Err(ListenError::NoRealPort {
-                            virtual_port: port,
-                            start: self.policy.settings.range.start,
-                            end: self.policy.settings.range.end,
-                        })
-                    }
-                    Err(e) => return Err(failed("bind", errno(e))),
-                }
-            }
-        } else if port != 0 || !spec.addr.ip().is_unspecified() {
-            self.host
-                .bind(&sock, spec.addr)
-                .map_err(|e| failed("bind", errno(e)))?;
-        }
+        self.policy
+            .bind_restored_tcp(&self.host, &fd, spec.addr, spec.real_port)?;
         if !spec.listen {
             return Ok(());
         }
         let backlog = Backlog::new(i32::MAX).unwrap_or(Backlog::MAXCONN);
-        listen(&sock, backlog).map_err(|e| failed("listen", e.into()))
+        listen(&fd, backlog).map_err(|e| failed("listen", e.into()))
     }
 
     /// Binds a restored process's UDP socket (`fd` duplicates it) for
     /// `addr`, the address its application bound: a real port chosen as
     /// the application's own bind would get one.
     pub fn bind_restored_udp(&self, addr: SocketAddr, fd: OwnedFd) -> Result<(), ListenError> {
-        let s = &self.policy.settings;
-        let port = addr.port();
-        let failed = |e| ListenError::Socket {
-            call: "bind",
-            port,
-            error: std::io::Error::from_raw_os_error(e),
-        };
-        if !(s.route_udp && port != 0 && s.multiplexed.contains(port)) {
-            return self.host.bind(&fd, addr).map_err(failed);
-        }
-        let deadline = Instant::now() + s.allocation_timeout;
-        loop {
-            match self
-                .policy
-                .allocate(&self.host, &fd, Protocol::Udp, addr, None)
-            {
-                Ok(Some(_)) => return Ok(()),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(ALLOCATION_RETRY),
-                Ok(None) => {
-                    return Err(ListenError::NoRealPort {
-                        virtual_port: port,
-                        start: s.range.start,
-                        end: s.range.end,
-                    })
-                }
-                Err(e) => return Err(failed(e)),
-            }
-        }
+        self.policy.bind_restored_udp(&self.host, &fd, addr)
     }
 
     fn connect(self: &Arc<Self>, call: Call) {
@@ -262,15 +193,15 @@ impl Multiplexer {
     fn connect_remote(&self, call: Call, socket: OwnedFd, protocol: Protocol, dest: SocketAddr) {
         let cluster = &self.policy.settings.cluster;
         let target = match cluster.negotiate(protocol, dest) {
-            crate::remote::Route::Plain => dest,
-            crate::remote::Route::Refused => {
+            crate::net::remote::Route::Plain => dest,
+            crate::net::remote::Route::Refused => {
                 debug!(
                     tid = call.tid,
                     "connect to {dest} refused by its host's agent"
                 );
                 return call.answer(Response::Errno(libc::ECONNREFUSED));
             }
-            crate::remote::Route::To(real) => {
+            crate::net::remote::Route::To(real) => {
                 if let Ok(inode) = self.host.inode(&socket) {
                     cluster.remember_peer(inode, real, dest.port());
                 }

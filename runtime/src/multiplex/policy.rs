@@ -18,7 +18,10 @@ use appshot_vpm::{
 use tracing::{debug, info, warn};
 
 use super::fresh::FreshRegistry;
-use crate::sockaddr;
+use crate::multiplex::sockaddr;
+
+/// How often a bind waiting for a free real port looks again.
+pub const ALLOCATION_RETRY: Duration = Duration::from_millis(50);
 
 /// Which virtual ports this instance multiplexes.
 #[derive(Clone, Debug)]
@@ -49,7 +52,7 @@ pub struct Settings {
     /// instance.
     pub init_pid: u32,
     /// Source rules and negotiation with other hosts.
-    pub cluster: Arc<crate::remote::Cluster>,
+    pub cluster: Arc<crate::net::remote::Cluster>,
     /// Whether the instance is in a cgroup of its AID, through which the
     /// kernel routes datagrams (`udproutes`); without, UDP ports are left
     /// alone, as they were before UDP was multiplexed.

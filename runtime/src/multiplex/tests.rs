@@ -17,8 +17,8 @@ use appshot_vpm::{
 
 use super::policy::{Bind, Connect, Kernel, Name, Policy, Side, Task, TaskSocket};
 use super::{PortSet, Settings};
-use crate::remote::{Cluster, ClusterSettings};
-use crate::sockaddr;
+use crate::multiplex::sockaddr;
+use crate::net::remote::{Cluster, ClusterSettings};
 
 /// A socket the double holds, by number; its inode is 1000 + that number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -735,4 +735,102 @@ fn names_no_translation_renames_are_the_kernels_without_a_look_at_the_socket() {
         Name::Write(addr("127.0.0.1:9000"))
     );
     assert_eq!((task.looks.get(), renamed.looks.get()), (1, 1));
+}
+
+/// The binds and the instance's translations after a restored socket was
+/// bound, or its error.
+fn restored_tcp(
+    w: &World,
+    k: &Recorder,
+    addr_: &str,
+    real_port: u16,
+) -> Result<Vec<(u16, u16)>, appshot_snapshot::ListenError> {
+    w.policy
+        .bind_restored_tcp(k, &S1, addr(addr_), real_port)
+        .map(|()| w.translations_of(INSTANCE))
+}
+
+#[test]
+fn a_clones_listening_sockets_get_real_ports_of_their_own() {
+    // The template runs on and holds 9000; the clone's restore asks for no
+    // real port in particular (its connections are reset), so each of its
+    // listeners gets a free one, registered as the clone's.
+    let mut w = World::new();
+    w.other("template", "a", 9000);
+    let k = Recorder {
+        busy: HashSet::from([9000]),
+        ..Recorder::default()
+    };
+    let ports = restored_tcp(&w, &k, "0.0.0.0:9000", 0).unwrap();
+    let [Op::Bind(S1, real)] = k.ops.borrow()[..] else {
+        panic!("one bind: {:?}", k.ops.borrow());
+    };
+    assert!((20000..=20009).contains(&real.port()), "{real}");
+    assert_eq!(ports, [(9000, real.port())]);
+    assert_eq!(w.translations_of("template"), [(9000, 9000)]);
+}
+
+#[test]
+fn a_restore_that_owns_its_connections_takes_their_real_port_or_fails() {
+    let mut w = World::new();
+    let k = Recorder::default();
+    assert_eq!(
+        restored_tcp(&w, &k, "0.0.0.0:9000", 20005).unwrap(),
+        [(9000, 20005)]
+    );
+    assert_eq!(*k.ops.borrow(), [Op::Bind(S1, addr("0.0.0.0:20005"))]);
+
+    // Another instance took the real port meanwhile: the connections
+    // cannot come back, and no other port is taken instead.
+    w.other("web-b", "b", 20006);
+    let k = Recorder::default();
+    assert!(matches!(
+        restored_tcp(&w, &k, "0.0.0.0:80", 20006),
+        Err(appshot_snapshot::ListenError::RealPortTaken {
+            real_port: 20006,
+            virtual_port: 80
+        })
+    ));
+    assert!(k.ops.borrow().is_empty());
+    assert_eq!(w.translations_of(INSTANCE), [(9000, 20005)]);
+}
+
+#[test]
+fn a_restored_socket_outside_the_multiplexed_ports_is_bound_as_it_was() {
+    let w = World::new();
+    let k = Recorder::default();
+    assert_eq!(restored_tcp(&w, &k, "0.0.0.0:7000", 0).unwrap(), []);
+    // Never bound: left so. Bound to an address only: bound to it again.
+    assert_eq!(restored_tcp(&w, &k, "0.0.0.0:0", 0).unwrap(), []);
+    assert_eq!(restored_tcp(&w, &k, "127.0.0.1:0", 0).unwrap(), []);
+    assert_eq!(
+        *k.ops.borrow(),
+        [
+            Op::Bind(S1, addr("0.0.0.0:7000")),
+            Op::Bind(S1, addr("127.0.0.1:0"))
+        ]
+    );
+}
+
+#[test]
+fn a_restored_udp_socket_is_multiplexed_only_where_the_kernel_routes_datagrams() {
+    let mut w = World::new();
+    w.other("web-b", "b", 9000);
+    let k = Recorder::default();
+    w.policy
+        .bind_restored_udp(&k, &S1, addr("0.0.0.0:9000"))
+        .unwrap();
+    assert_eq!(w.translations_of(INSTANCE), []);
+    w.policy.settings.route_udp = true;
+    w.policy
+        .bind_restored_udp(&k, &S2, addr("0.0.0.0:9000"))
+        .unwrap();
+    assert_eq!(
+        *k.ops.borrow(),
+        [
+            Op::Bind(S1, addr("0.0.0.0:9000")),
+            Op::Bind(S2, addr("0.0.0.0:9000"))
+        ]
+    );
+    assert_eq!(w.translations_of(INSTANCE), [(9000, 9000)]);
 }

@@ -22,11 +22,11 @@ use nix::sys::socket::{getsockopt, sockopt};
 use tracing::{info, warn};
 
 use super::state::{self, Handoff};
-use crate::control::{self, Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::notify;
-use crate::remote::{Cluster, ClusterSettings};
+use crate::net::remote::{Cluster, ClusterError, ClusterSettings};
+use crate::seccomp::notify;
+use crate::supervisor::control::{self, Peer, Reply, Request};
 
 /// The largest state message accepted (annotations included).
 const MAX_MESSAGE: usize = 1 << 20;
@@ -164,16 +164,13 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
     let registry = Registry::open(&args.run_dir)?;
     let lock = InstanceLock::acquire(&registry, &h.id)?;
     let config = AppConfig::default();
-    let cluster_settings = ClusterSettings::resolve(&config).map_err(|e| RuntimeError::Start {
+    let cluster_error = |e: ClusterError| RuntimeError::Cluster {
         name: h.id.clone(),
-        reason: format!("{e:#}"),
-    })?;
-    let cluster = Cluster::new(&cluster_settings, &args.run_dir, &h.id, &h.aid).map_err(|e| {
-        RuntimeError::Start {
-            name: h.id.clone(),
-            reason: format!("{e:#}"),
-        }
-    })?;
+        source: e.into(),
+    };
+    let cluster_settings = ClusterSettings::resolve(&config).map_err(cluster_error)?;
+    let cluster =
+        Cluster::new(&cluster_settings, &args.run_dir, &h.id, &h.aid).map_err(cluster_error)?;
     let settings = Settings {
         instance: h.id.clone(),
         aid: h.aid.clone(),

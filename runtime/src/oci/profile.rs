@@ -1,6 +1,6 @@
 //! The seccomp profile (`linux.seccomp` of an OCI config) a runtime loads
 //! for a container appshot serves: the same decisions as the filter of
-//! `appshot run` (`crate::filter`), expressed as OCI rules: notify for
+//! `appshot run` (`crate::seccomp::filter`), expressed as OCI rules: notify for
 //! bind, connect, getsockname, getpeername and `MSG_FASTOPEN` sends,
 //! io_uring denied with ENOSYS, SCTP INET sockets refused, x86_64 only,
 //! and `listenerPath` naming the agent.
@@ -13,7 +13,7 @@ use oci_spec::runtime::{
 };
 
 use crate::error::RuntimeError;
-use crate::filter::{DENIED_ENOSYS, FASTOPEN_SENDS, IPPROTO_SCTP, NOTIFIED};
+use crate::seccomp::filter::{DENIED_ENOSYS, FASTOPEN_SENDS, IPPROTO_SCTP, NOTIFIED};
 
 fn oci(e: oci_spec::OciSpecError) -> RuntimeError {
     RuntimeError::Oci(format!("building the seccomp profile: {e}"))

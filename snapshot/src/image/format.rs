@@ -17,6 +17,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use appshot_sys::fd::OpenRegularError;
+use tracing::debug;
 
 use crate::error::SnapshotError;
 use crate::image::model::{Manifest, ParentRef, ProcessImage};
@@ -103,8 +104,16 @@ pub struct ImageWriter {
     tmp: PathBuf,
     out: BufWriter<File>,
     pages_len: u64,
+    /// How much of the pages section the disk was asked to write so far.
+    written_back: u64,
     crc: crc32fast::Hasher,
 }
+
+/// How much page data goes to the page cache before its writeback is
+/// started: the disk writes while the next pages are read, so the fsync
+/// that makes the image durable waits for the last step only, not for the
+/// whole image after it was copied.
+const WRITEBACK_STEP: u64 = 16 << 20;
 
 impl ImageWriter {
     pub fn create(path: &Path) -> Result<ImageWriter, SnapshotError> {
@@ -125,8 +134,15 @@ impl ImageWriter {
             tmp,
             out,
             pages_len: 0,
+            written_back: 0,
             crc: crc32fast::Hasher::new(),
         })
+    }
+
+    /// How much page data was appended so far: the offset the next
+    /// [`write_pages`](Self::write_pages) returns.
+    pub fn pages_len(&self) -> u64 {
+        self.pages_len
     }
 
     /// Appends page data; returns its offset within the pages section.
@@ -138,7 +154,24 @@ impl ImageWriter {
             .map_err(|e| SnapshotError::io(&self.tmp, e))?;
         self.crc.update(data);
         self.pages_len += data.len() as u64;
+        if self.pages_len - self.written_back >= WRITEBACK_STEP {
+            self.start_writeback()?;
+        }
         Ok(off)
+    }
+
+    fn start_writeback(&mut self) -> Result<(), SnapshotError> {
+        self.out
+            .flush()
+            .map_err(|e| SnapshotError::io(&self.tmp, e))?;
+        let (from, len) = (PAGE + self.written_back, self.pages_len - self.written_back);
+        // Only sooner durability is lost if the kernel will not: the
+        // fsync in `finish` writes it all anyway and reports what fails.
+        if let Err(e) = appshot_sys::fd::start_writeback(self.out.get_ref(), from, len) {
+            debug!(path = %self.tmp.display(), error = %e, "no early writeback");
+        }
+        self.written_back = self.pages_len;
+        Ok(())
     }
 
     pub fn finish(mut self, manifest: &Manifest) -> Result<u64, SnapshotError> {
@@ -274,6 +307,14 @@ impl Image {
     /// the template's size. Headers, manifests and layouts are still
     /// checked, up the whole chain.
     pub fn open_verified_template(path: &Path) -> Result<Image, SnapshotError> {
+        Image::from_file(path, open_file(path)?, false)
+    }
+
+    /// Like [`Image::open_verified_template`], for a lazy restore: its page
+    /// server checks each pages section's CRC as it reads it through in the
+    /// background, and kills the instance on a mismatch (see
+    /// [`crate::lazy`]).
+    pub fn open_for_lazy(path: &Path) -> Result<Image, SnapshotError> {
         Image::from_file(path, open_file(path)?, false)
     }
 

@@ -21,9 +21,10 @@ pub fn save_eventfd(pid: u32, fd: i32, info: &FdInfo, flags: i32) -> Result<FdKi
     Ok(FdKind::EventFd {
         count: info
             .eventfd_count
-            .ok_or_else(|| SnapshotError::Unsupported {
+            .ok_or_else(|| SnapshotError::UnsupportedFd {
                 pid,
-                what: format!("fd {fd}: eventfd without a count"),
+                fd,
+                what: "eventfd without a count".into(),
             })?,
         flags,
         semaphore: info.eventfd_semaphore,

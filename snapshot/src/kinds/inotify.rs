@@ -35,9 +35,10 @@ struct Mark {
 }
 
 pub fn save(pid: u32, fd: i32, info: &str, flags: i32) -> Result<FdKind, SnapshotError> {
-    let marks = parse(info).ok_or_else(|| SnapshotError::Unsupported {
+    let marks = parse(info).ok_or_else(|| SnapshotError::UnsupportedFd {
         pid,
-        what: format!("fd {fd}: inotify with unreadable fdinfo"),
+        fd,
+        what: "inotify with unreadable fdinfo".into(),
     })?;
     let mut watches = Vec::with_capacity(marks.len());
     for m in marks {

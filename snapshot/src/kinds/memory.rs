@@ -8,6 +8,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+
+use appshot_sys::abi::{self, PrctlMmMap};
 
 use crate::dump::DumpRequest;
 use crate::error::{RestoreError, SnapshotError};
@@ -15,6 +18,7 @@ use crate::image::model::*;
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds;
 use crate::kinds::files::file_ref;
+use crate::lazy::{PageServer, Piece};
 use crate::precopy::Copies;
 use crate::proc::parse::{self, MapsLine};
 use crate::ptrace::{Injector, Memory};
@@ -23,6 +27,9 @@ use tracing::debug;
 
 /// Largest run of pages read and written at once.
 pub(crate) const CHUNK_PAGES: u64 = 1024;
+/// Buffers of [`CHUNK_PAGES`] between reading a process and writing its
+/// image: one being read into, one being written, one ready.
+const PIPELINE_BUFFERS: usize = 3;
 
 /// Pagemap entries read at once (512 KiB).
 pub(crate) const PAGEMAP_ENTRIES: u64 = 64 * 1024;
@@ -239,68 +246,105 @@ pub(crate) fn dump_memory(
     let total: u64 = plan.iter().flat_map(|p| &p.2).map(|r| r.1 * PAGE).sum();
     let mut done = 0;
     let mut reused = 0;
-    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE) as usize];
-    for (m, kind, runs, inherited, cow) in plan {
-        // A shared object is read from the object itself, not through the
-        // process's page tables, so that its holes stay holes.
-        let object = match kind {
-            VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
-            _ => None,
-        };
-        let mut pages = Vec::with_capacity(runs.len());
-        let precopied = ctx.precopied.filter(|_| object.is_none());
-        let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
-            Some(copies) => copies.pieces(addr, n),
-            None => vec![(addr, n, None)],
-        });
-        for (addr, n, copy) in pieces {
-            let len = (n * PAGE) as usize;
-            if let Some((layer, offset)) = copy {
-                pages.push(PageRun {
-                    addr,
-                    pages: n,
-                    offset,
-                    layer,
-                });
-                done += len as u64;
-                reused += len as u64;
-                continue;
-            }
-            match &object {
-                Some(f) => {
-                    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf[..len], addr - m.start)
-                        .map_err(|e| {
-                            SnapshotError::process(
-                                pid,
-                                format!("reading shared memory at {addr:#x}"),
-                                e,
-                            )
-                        })?
-                }
-                None => mem.read(addr, &mut buf[..len])?,
-            }
-            let offset = writer.write_pages(&buf[..len])?;
-            pages.push(PageRun {
-                addr,
-                pages: n,
-                offset,
-                layer: 0,
-            });
-            done += len as u64;
-            (req.progress)(done, total);
-            check()?;
+    // Reading the process and writing the image overlap: this thread
+    // copies pages out of the process into a free buffer while a writer
+    // thread checksums and writes the one before. Offsets are known ahead,
+    // since the writer appends in the order it is handed buffers.
+    let mut next_offset = writer.pages_len();
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIPELINE_BUFFERS {
+            free_tx
+                .send(Vec::with_capacity((CHUNK_PAGES * PAGE) as usize))
+                .expect("receiver held here");
         }
-        vmas.push(Vma {
-            start: m.start,
-            end: m.end,
-            prot: m.prot(),
-            shared: m.shared,
-            kind,
-            pages,
-            inherited,
-            cow,
+        let writing = scope.spawn(move || -> Result<(), SnapshotError> {
+            for buf in full_rx {
+                writer.write_pages(&buf)?;
+                // The reader may have stopped taking buffers back.
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
         });
-    }
+        let reading = (|| -> Result<(), SnapshotError> {
+            for (m, kind, runs, inherited, cow) in plan {
+                // A shared object is read from the object itself, not
+                // through the process's page tables, so that its holes stay
+                // holes.
+                let object = match kind {
+                    VmaKind::SharedAnon { .. } if !runs.is_empty() => Some(map_file(pid, m)?),
+                    _ => None,
+                };
+                let mut pages = Vec::with_capacity(runs.len());
+                let precopied = ctx.precopied.filter(|_| object.is_none());
+                let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
+                    Some(copies) => copies.pieces(addr, n),
+                    None => vec![(addr, n, None)],
+                });
+                for (addr, n, copy) in pieces {
+                    let len = (n * PAGE) as usize;
+                    if let Some((layer, offset)) = copy {
+                        pages.push(PageRun {
+                            addr,
+                            pages: n,
+                            offset,
+                            layer,
+                        });
+                        done += len as u64;
+                        reused += len as u64;
+                        continue;
+                    }
+                    // A closed channel means the writer stopped: its error
+                    // is the one reported.
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(());
+                    };
+                    buf.resize(len, 0);
+                    match &object {
+                        Some(f) => {
+                            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, addr - m.start)
+                                .map_err(|e| {
+                                SnapshotError::process(
+                                    pid,
+                                    format!("reading shared memory at {addr:#x}"),
+                                    e,
+                                )
+                            })?
+                        }
+                        None => mem.read(addr, &mut buf)?,
+                    }
+                    if full_tx.send(buf).is_err() {
+                        return Ok(());
+                    }
+                    pages.push(PageRun {
+                        addr,
+                        pages: n,
+                        offset: next_offset,
+                        layer: 0,
+                    });
+                    next_offset += len as u64;
+                    done += len as u64;
+                    (req.progress)(done, total);
+                    check()?;
+                }
+                vmas.push(Vma {
+                    start: m.start,
+                    end: m.end,
+                    prot: m.prot(),
+                    shared: m.shared,
+                    kind,
+                    pages,
+                    inherited,
+                    cow,
+                });
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writing.join().expect("image writer thread");
+        reading.and(written)
+    })?;
     debug!(pid, bytes = total, reused, "memory saved");
     Ok(vmas)
 }
@@ -407,8 +451,14 @@ pub(crate) fn map_memory(
     p: &ProcessImage,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
+    lazy: Option<&PageServer>,
 ) -> Result<(), SnapshotError> {
     let mut files: HashMap<&str, u64> = HashMap::new();
+    // A lazy restore leaves the pages of writable private anonymous
+    // mappings to its page server; the rest (stacks, read-only and shared
+    // memory, file mappings) is filled here as always.
+    let mut lazy_ranges = Vec::new();
+    let mut lazy_pieces = Vec::new();
     let mut buf = Vec::new();
     // The process reads its own saved pages from the image: one copy,
     // from the page cache into its memory. An
@@ -552,6 +602,22 @@ pub(crate) fn map_memory(
                 )?;
             }
         }
+        let lazily = lazy.is_some()
+            && v.kind == VmaKind::Anon
+            && !v.inherited
+            && !v.shared
+            && v.prot & libc::PROT_WRITE as u32 != 0
+            && !v.pages.is_empty();
+        if lazily {
+            lazy_ranges.push((v.start, v.end));
+            lazy_pieces.extend(v.pages.iter().map(|run| Piece {
+                addr: run.addr,
+                len: run.pages * PAGE,
+                layer: run.layer,
+                offset: run.offset,
+            }));
+            continue;
+        }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
             let layer = image.layer(run.layer);
@@ -585,6 +651,15 @@ pub(crate) fn map_memory(
     }
     for fd in files.into_values().chain(layer_fds.into_values()) {
         inj.call(pid, libc::SYS_close, &[fd])?;
+    }
+    if let (Some(server), false) = (lazy, lazy_pieces.is_empty()) {
+        // Made by the process itself (its mm is the one registered), taken
+        // out and closed in it: the page server holds the only one.
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = inj.ok(pid, "userfaultfd", libc::SYS_userfaultfd, &[flags])?;
+        let added = server.add(pid, fd as i32, &lazy_ranges, lazy_pieces);
+        inj.call(pid, libc::SYS_close, &[fd])?;
+        added?;
     }
     debug!(pid, "address space rebuilt");
     Ok(())
@@ -644,34 +719,37 @@ pub(crate) fn set_mm(
     let m = &p.mm;
     let (arg_start, arg_end) = args.unwrap_or((m.arg_start, m.arg_end));
     let auxv_at = data + 256;
-    let auxv: Vec<u8> = p.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    mem.write(auxv_at, &auxv)?;
-    let mut map = Vec::with_capacity(104);
-    for v in [
-        m.start_code,
-        m.end_code,
-        m.start_data,
-        m.end_data,
-        m.start_brk,
-        m.brk,
-        m.start_stack,
+    let auxv = abi::bytes_of_slice(&p.auxv);
+    mem.write(auxv_at, auxv)?;
+    let map = PrctlMmMap {
+        start_code: m.start_code,
+        end_code: m.end_code,
+        start_data: m.start_data,
+        end_data: m.end_data,
+        start_brk: m.start_brk,
+        brk: m.brk,
+        start_stack: m.start_stack,
         arg_start,
         arg_end,
-        m.env_start,
-        m.env_end,
-        auxv_at,
-    ] {
-        map.extend_from_slice(&v.to_ne_bytes());
-    }
-    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
-    // -1: the exe link stays.
-    map.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
-    mem.write(data, &map)?;
+        env_start: m.env_start,
+        env_end: m.env_end,
+        auxv: auxv_at,
+        auxv_size: auxv.len() as u32,
+        // -1: the exe link stays.
+        exe_fd: exe_fd.map_or(u32::MAX, |fd| fd as u32),
+    };
+    mem.write_value(data, &map)?;
     inj.ok(
         pid,
         "PR_SET_MM_MAP",
         libc::SYS_prctl,
-        &[PR_SET_MM, PR_SET_MM_MAP, data, map.len() as u64, 0],
+        &[
+            PR_SET_MM,
+            PR_SET_MM_MAP,
+            data,
+            std::mem::size_of::<PrctlMmMap>() as u64,
+            0,
+        ],
     )?;
     if let Some(fd) = exe_fd {
         inj.call(pid, libc::SYS_close, &[fd])?;

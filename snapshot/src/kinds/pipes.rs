@@ -27,15 +27,15 @@ pub fn save(
     flags: i32,
     pipes_seen: &mut HashSet<u64>,
 ) -> Result<FdKind, SnapshotError> {
-    let inode: u64 = ino.parse().map_err(|_| SnapshotError::Unsupported {
+    let inode: u64 = ino.parse().map_err(|_| SnapshotError::UnsupportedFd {
         pid,
-        what: format!("fd {fd}: odd pipe link {link}"),
+        fd,
+        what: format!("odd pipe link {link}"),
     })?;
-    let theirs = pidfd::get_fd(pidfd, fd)
-        .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+    let theirs =
+        pidfd::get_fd(pidfd, fd).map_err(|e| SnapshotError::fd_call(pid, fd, "pidfd_getfd", e))?;
     let capacity = fcntl(theirs.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
-        .map_err(|e| SnapshotError::process(pid, format!("F_GETPIPE_SZ on fd {fd}"), e))?
-        as u32;
+        .map_err(|e| SnapshotError::fd_call(pid, fd, "F_GETPIPE_SZ", e))? as u32;
     let data = if pipes_seen.insert(inode) {
         peek_pipe(pid, fd, capacity)?
     } else {
@@ -66,11 +66,10 @@ pub fn save_fifo(
     flags: i32,
     pipes_seen: &mut HashSet<u64>,
 ) -> Result<FdKind, SnapshotError> {
-    let theirs = pidfd::get_fd(pidfd, fd)
-        .map_err(|e| SnapshotError::process(pid, format!("pidfd_getfd {fd}"), e))?;
+    let theirs =
+        pidfd::get_fd(pidfd, fd).map_err(|e| SnapshotError::fd_call(pid, fd, "pidfd_getfd", e))?;
     let capacity = fcntl(theirs.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
-        .map_err(|e| SnapshotError::process(pid, format!("F_GETPIPE_SZ on fd {fd}"), e))?
-        as u32;
+        .map_err(|e| SnapshotError::fd_call(pid, fd, "F_GETPIPE_SZ", e))? as u32;
     let file = file_ref(link, pid)?;
     // Unread bytes belong to the FIFO, not to one of its fds.
     let data = if pipes_seen.insert(file.ino) {
@@ -148,10 +147,8 @@ pub fn restore(stub: &Stub, fds: &[FdImage]) -> Result<(), SnapshotError> {
             libc::SYS_pipe2,
             &[data, libc::O_CLOEXEC as u64],
         )?;
-        let mut b = [0u8; 8];
-        mem.read(data, &mut b)?;
-        let rd = to_high(i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as u64)?;
-        let wr = to_high(i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")) as u64)?;
+        let [rd, wr]: [i32; 2] = mem.read_value(data)?;
+        let (rd, wr) = (to_high(rd as u64)?, to_high(wr as u64)?);
         for f in fds {
             let FdKind::Pipe {
                 write_end,

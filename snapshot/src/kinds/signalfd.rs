@@ -9,9 +9,10 @@ use crate::ptrace::{Injector, Memory};
 pub fn save(pid: u32, fd: i32, info: &str, flags: i32) -> Result<FdKind, SnapshotError> {
     let mask = field(info, "sigmask")
         .and_then(|m| u64::from_str_radix(m, 16).ok())
-        .ok_or_else(|| SnapshotError::Unsupported {
+        .ok_or_else(|| SnapshotError::UnsupportedFd {
             pid,
-            what: format!("fd {fd}: signalfd without a readable sigmask"),
+            fd,
+            what: "signalfd without a readable sigmask".into(),
         })?;
     Ok(FdKind::SignalFd { mask, flags })
 }

@@ -3,9 +3,10 @@
 //! the whole process (peeked with PTRACE_PEEKSIGINFO, queued again with
 //! their siginfo). Signals pending for one thread go with the thread.
 
+use appshot_sys::abi::{self, KernelSigaction};
 use appshot_sys::ptrace as xptrace;
 
-use crate::error::SnapshotError;
+use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::SigAction;
 use crate::ptrace::{Injector, Memory};
 
@@ -29,15 +30,13 @@ pub fn save_actions(
         {
             continue;
         }
-        let mut b = [0u8; 32];
-        mem.read(data, &mut b)?;
-        let f = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let act: KernelSigaction = mem.read_value(data)?;
         sigactions.push(SigAction {
             signo,
-            handler: f(0),
-            flags: f(1),
-            restorer: f(2),
-            mask: f(3),
+            handler: act.handler,
+            flags: act.flags,
+            restorer: act.restorer,
+            mask: act.mask,
         });
     }
     Ok(sigactions)
@@ -52,10 +51,13 @@ pub fn restore_actions(
     sigactions: &[SigAction],
 ) -> Result<(), SnapshotError> {
     for a in sigactions {
-        let act = [a.handler, a.flags, a.restorer, a.mask]
-            .map(u64::to_ne_bytes)
-            .concat();
-        mem.write(data, &act)?;
+        let act = KernelSigaction {
+            handler: a.handler,
+            flags: a.flags,
+            restorer: a.restorer,
+            mask: a.mask,
+        };
+        mem.write_value(data, &act)?;
         inj.ok(
             pid,
             &format!("rt_sigaction {}", a.signo),
@@ -86,8 +88,13 @@ pub fn restore_shared_pending(
     pending: &[Vec<u8>],
 ) -> Result<(), SnapshotError> {
     for info in pending {
+        let signo = abi::from_bytes::<libc::siginfo_t>(info)
+            .ok_or_else(|| RestoreError::Process {
+                pid,
+                what: format!("a pending signal's siginfo of {} bytes", info.len()),
+            })?
+            .si_signo;
         mem.write(data, info)?;
-        let signo = i32::from_ne_bytes(info[..4].try_into().expect("4 bytes"));
         inj.ok(
             pid,
             "rt_sigqueueinfo",

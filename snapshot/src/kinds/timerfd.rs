@@ -24,9 +24,10 @@ const TFD_TIMER_CANCEL_ON_SET: u32 = 2;
 
 /// The timerfd `fd` of process `pid`, from its fdinfo `info`.
 pub fn save(pid: u32, fd: i32, info: &str, flags: i32) -> Result<FdKind, SnapshotError> {
-    let unsupported = |what: &str| SnapshotError::Unsupported {
+    let unsupported = |what: &str| SnapshotError::UnsupportedFd {
         pid,
-        what: format!("fd {fd}: timerfd {what}"),
+        fd,
+        what: format!("timerfd {what}"),
     };
     let (clockid, settime, time, ticks) =
         parse(info).ok_or_else(|| unsupported("with unreadable fdinfo"))?;
@@ -167,7 +168,7 @@ mod tests {
         let cancel = info.replace("settime flags: 00", "settime flags: 03");
         assert!(matches!(
             save(9, 4, &cancel, 0),
-            Err(SnapshotError::Unsupported { pid: 9, what }) if what.contains("fd 4") && what.contains("CANCEL_ON_SET")
+            Err(SnapshotError::UnsupportedFd { pid: 9, fd: 4, what }) if what.contains("CANCEL_ON_SET")
         ));
         assert!(parse("pos:\t0\nclockid: 1\n").is_none());
     }

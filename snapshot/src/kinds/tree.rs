@@ -38,8 +38,18 @@ fn innermost(status: &str, field: &str) -> Option<u32> {
 /// before the processes are frozen, which stops them too.
 pub fn check_states(hosts: &[u32]) -> Result<(), SnapshotError> {
     for &host in hosts {
-        let stat = std::fs::read_to_string(format!("/proc/{host}/stat"))
-            .map_err(|e| SnapshotError::process(host, format!("reading /proc/{host}/stat"), e))?;
+        let stat = match std::fs::read_to_string(format!("/proc/{host}/stat")) {
+            Ok(stat) => stat,
+            // Ended since it was listed: nothing of it to refuse.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(SnapshotError::process(
+                    host,
+                    format!("reading /proc/{host}/stat"),
+                    e,
+                ))
+            }
+        };
         let (comm, state) = stat
             .split_once(" (")
             .and_then(|(_, rest)| rest.rsplit_once(") "))
@@ -201,9 +211,10 @@ fn status_flags(host: u32, fd: i32) -> Result<i32, SnapshotError> {
         .ok()
         .and_then(|t| parse::fdinfo(&t))
         .map(|i| i.flags & !libc::O_CLOEXEC)
-        .ok_or_else(|| SnapshotError::Unsupported {
+        .ok_or_else(|| SnapshotError::UnsupportedFd {
             pid: host,
-            what: format!("fd {fd}: unreadable fdinfo"),
+            fd,
+            what: "unreadable fdinfo".into(),
         })
 }
 
@@ -234,9 +245,10 @@ impl FdTable {
                 .ok()
                 .and_then(|t| parse::fdinfo(&t))
                 .map(|i| i.flags & libc::O_CLOEXEC != 0)
-                .ok_or_else(|| SnapshotError::Unsupported {
+                .ok_or_else(|| SnapshotError::UnsupportedFd {
                     pid: host,
-                    what: format!("fd {fd}: unreadable fdinfo"),
+                    fd,
+                    what: "unreadable fdinfo".into(),
                 })?;
             if let Some(p) = parent {
                 if pidfd::same_file_across(self.procs[p].0, fd, host, fd) == Some(true) {
@@ -404,9 +416,10 @@ impl FdTable {
                 )
                 .ok()
             })
-            .ok_or_else(|| SnapshotError::Unsupported {
+            .ok_or_else(|| SnapshotError::UnsupportedFd {
                 pid: host,
-                what: format!("fd {fd}: pipe capacity unreadable"),
+                fd,
+                what: "pipe capacity unreadable".into(),
             })? as u32;
         let number = self.next_stash_number(owner);
         self.stash_fds.entry(owner).or_default().push(FdImage {

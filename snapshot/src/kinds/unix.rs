@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use appshot_sys::abi;
 use appshot_sys::net::{get_int_opt, set_int_opt};
 use appshot_sys::sockdiag::{self, UnixDiag};
 use nix::sys::socket::{getsockopt, recvmsg, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
@@ -333,9 +334,10 @@ fn same_ino(diag: Option<u64>, ino: u64) -> bool {
 }
 
 fn refuse(pid: u32, fd: i32, what: &str) -> SnapshotError {
-    SnapshotError::Unsupported {
+    SnapshotError::UnsupportedFd {
         pid,
-        what: format!("fd {fd}: {what}"),
+        fd,
+        what: what.into(),
     }
 }
 
@@ -407,7 +409,7 @@ fn walk_queue(
         ) {
             Ok(r) => r,
             Err(nix::errno::Errno::EAGAIN) => return Ok(queue),
-            Err(e) => return Err(SnapshotError::process(pid, format!("peeking fd {fd}"), e)),
+            Err(e) => return Err(SnapshotError::fd_call(pid, fd, "recv (MSG_PEEK)", e)),
         };
         let mut in_flight = false;
         match got.cmsgs() {
@@ -477,7 +479,7 @@ impl Stub<'_> {
     }
 
     fn int_opt(&self, fd: u64, what: &str, opt: i32, value: i32) -> Result<(), SnapshotError> {
-        self.mem.write(self.data, &value.to_ne_bytes())?;
+        self.mem.write_value(self.data, &value)?;
         self.ok(
             what,
             libc::SYS_setsockopt,
@@ -501,8 +503,10 @@ impl Stub<'_> {
     /// Writes a `sockaddr_un` for `name` to the data area; returns its
     /// length.
     fn sockaddr(&self, name: &[u8]) -> Result<u64, SnapshotError> {
-        let mut addr = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
-        addr.extend_from_slice(name);
+        let addr = abi::sockaddr_un(name).ok_or_else(|| RestoreError::Process {
+            pid: self.pid,
+            what: format!("Unix socket name {} is too long", show_name(Some(name))),
+        })?;
         self.mem.write(self.data, &addr)?;
         Ok(addr.len() as u64)
     }
@@ -587,13 +591,8 @@ impl Stub<'_> {
             libc::SYS_socketpair,
             &[libc::AF_UNIX as u64, kind as u64, 0, self.data],
         )?;
-        let mut b = [0u8; 8];
-        self.mem.read(self.data, &mut b)?;
-        let end = |i: usize| {
-            let fd = i32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-            (self.to_high)(fd as u64)
-        };
-        Ok((end(0)?, end(4)?))
+        let [a, b]: [i32; 2] = self.mem.read_value(self.data)?;
+        Ok(((self.to_high)(a as u64)?, (self.to_high)(b as u64)?))
     }
 
     /// Sends `bytes` from `fd` without blocking: the peer's buffers held

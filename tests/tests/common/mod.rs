@@ -689,8 +689,7 @@ impl Harness {
     /// The PID of template `name`'s holder, as its state file records it.
     pub fn holder_pid(&self, name: &str) -> u32 {
         let path = self.run_dir().join("templates").join(name).join("holder");
-        let text = fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         text.lines()
             .find_map(|l| l.strip_prefix("pid="))
             .and_then(|p| p.parse().ok())

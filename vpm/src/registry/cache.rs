@@ -1,13 +1,19 @@
 //! The registry as seen on the hot path of intercepted calls.
 
+use std::time::{Duration, Instant};
+
 use super::store::Db;
 use super::Registry;
 use crate::error::VpmError;
 use crate::translation::RegistryState;
 
-/// Re-reads the registry only when something was committed since (at the
-/// cost of a stat and one indexed read per [`get`](Self::get) otherwise),
-/// in a read transaction that never waits for a writer. A database that
+/// Re-reads the registry only when something was committed since, in a
+/// read transaction that never waits for a writer. Whether something was
+/// is a load of the change counter every commit raises (no syscall); at
+/// least every [`RECHECK`] the database is looked at anyway (a stat and one
+/// indexed read), which bounds how long a reader trusts a counter that
+/// cannot tell: one whose file was replaced, or a writer killed between
+/// its commit and the counter. A database that
 /// was deleted or emptied reads as what the live instances' own records
 /// hold (a scan of the instance directories), so a registry that lost
 /// them routes as if it had not, or refuses where it cannot tell.
@@ -23,7 +29,13 @@ pub struct CachedRegistry {
     db: Option<Db>,
     /// What the own copies held when the database was last found missing.
     missing: Option<RegistryState>,
+    /// The change counter as it read before the database was last looked
+    /// at, and when that was.
+    seen: Option<(u64, Instant)>,
 }
+
+/// How long a read trusts the change counter alone.
+pub const RECHECK: Duration = Duration::from_millis(100);
 
 impl CachedRegistry {
     pub fn new(registry: Registry) -> CachedRegistry {
@@ -31,6 +43,7 @@ impl CachedRegistry {
             registry,
             db: None,
             missing: None,
+            seen: None,
         }
     }
 
@@ -39,6 +52,17 @@ impl CachedRegistry {
     }
 
     pub fn get(&mut self) -> Result<&RegistryState, VpmError> {
+        let unchanged = match (&self.db, self.seen) {
+            (Some(db), Some((counter, at))) => {
+                db.cached().is_some() && db.changes() == Some(counter) && at.elapsed() < RECHECK
+            }
+            _ => false,
+        };
+        if unchanged {
+            let db = self.db.as_ref().expect("looked at above");
+            return Ok(&db.cached().expect("looked at above").state);
+        }
+        self.seen = None;
         if let Some(db) = self.db.take() {
             if db.current()? {
                 self.db = Some(db);
@@ -61,6 +85,9 @@ impl CachedRegistry {
             }
         }
         let db = self.db.as_mut().expect("opened above");
-        Ok(&db.snapshot()?.state)
+        let counter = db.changes();
+        let snapshot = db.snapshot()?;
+        self.seen = counter.map(|c| (c, Instant::now()));
+        Ok(&snapshot.state)
     }
 }

@@ -190,6 +190,7 @@ impl Registry {
             store::DB_FILE,
             store::WAL_FILE,
             store::SHM_FILE,
+            store::CHANGES_FILE,
             LEGACY_STATE_FILE,
         ] {
             let path = dir.join(name);
@@ -639,6 +640,7 @@ const RUN_DIR_ENTRIES: &[&str] = &[
     store::DB_FILE,
     store::WAL_FILE,
     store::SHM_FILE,
+    store::CHANGES_FILE,
     LEGACY_STATE_FILE,
     LEGACY_STAGING_FILE,
     INSTANCES_DIR,

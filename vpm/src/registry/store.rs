@@ -17,12 +17,17 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
+use appshot_sys::counter::SharedCounter;
+use tracing::debug;
+
 use crate::error::VpmError;
 use crate::translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};
 
 pub(super) const DB_FILE: &str = "registry.db";
 pub(super) const WAL_FILE: &str = "registry.db-wal";
 pub(super) const SHM_FILE: &str = "registry.db-shm";
+/// A counter every commit raises, mapped by readers (see [`Db::changes`]).
+pub(super) const CHANGES_FILE: &str = "registry.changes";
 
 const SCHEMA_VERSION: i64 = 1;
 const SCHEMA: &str = "
@@ -69,6 +74,10 @@ pub(super) struct Db {
     path: PathBuf,
     identity: (u64, u64),
     cached: Option<Snapshot>,
+    /// Raised after every commit, so that a reader can tell "nothing
+    /// committed since" with a memory load; `None` for a reader that
+    /// could not map it, which then reads the database every time.
+    changes: Option<SharedCounter>,
 }
 
 fn identity(meta: &fs::Metadata) -> (u64, u64) {
@@ -114,11 +123,19 @@ impl Db {
             // Replaced while opening: the caller's next look opens the new one.
             return Ok(None);
         }
+        let changes = match map_changes(path, false) {
+            Ok(changes) => Some(changes),
+            Err(e) => {
+                debug!(error = %e, "no change counter: every read looks at the database");
+                None
+            }
+        };
         let db = Db {
             conn,
             path: path.to_path_buf(),
             identity: after,
             cached: None,
+            changes,
         };
         Ok(db.formatted()?.then_some(db))
     }
@@ -164,11 +181,13 @@ impl Db {
         .map_err(db_error(path))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error(path))?;
         let meta = fs::metadata(path).map_err(VpmError::io(path))?;
+        let changes = map_changes(path, true).map_err(VpmError::io(&changes_path(path)))?;
         let mut db = Db {
             conn,
             path: path.to_path_buf(),
             identity: identity(&meta),
             cached: None,
+            changes: Some(changes),
         };
         let err = db_error(path);
         let mode: String = db
@@ -209,6 +228,7 @@ impl Db {
             changes.apply(&tx, Snapshot::default()).map_err(&err)?;
         }
         tx.commit().map_err(&err)?;
+        db.committed();
         db.formatted()?;
         Ok((db, created))
     }
@@ -245,6 +265,23 @@ impl Db {
             Ok(meta) => Ok(identity(&meta) == self.identity),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(VpmError::io(&self.path)(e)),
+        }
+    }
+
+    /// The change counter now, if mapped: when it reads as it did before a
+    /// [`snapshot`](Self::snapshot), nothing was committed since.
+    pub fn changes(&self) -> Option<u64> {
+        self.changes.as_ref().map(SharedCounter::load)
+    }
+
+    /// The snapshot last read, without looking at the database.
+    pub fn cached(&self) -> Option<&Snapshot> {
+        self.cached.as_ref()
+    }
+
+    fn committed(&self) {
+        if let Some(changes) = &self.changes {
+            changes.bump();
         }
     }
 
@@ -302,9 +339,31 @@ impl Db {
         };
         let next = changes.apply(&tx, snapshot).map_err(&err)?;
         tx.commit().map_err(&err)?;
+        self.committed();
         self.cached = Some(next);
         Ok(result)
     }
+}
+
+fn changes_path(db: &Path) -> PathBuf {
+    db.with_file_name(CHANGES_FILE)
+}
+
+/// Maps the change counter beside the database at `db`; a writer creates
+/// it (0600, as the database) where it is missing or short.
+fn map_changes(db: &Path, create: bool) -> io::Result<SharedCounter> {
+    let path = changes_path(db);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    if create && file.metadata()?.len() < 8 {
+        file.set_len(8)?;
+    }
+    SharedCounter::map(&file)
 }
 
 fn epoch(conn: &Connection) -> rusqlite::Result<i64> {

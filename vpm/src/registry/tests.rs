@@ -275,6 +275,9 @@ fn cache_rereads_only_after_a_commit() {
     let staging = registry.dir().join("garbage");
     fs::write(&staging, b"garbage that is no database").unwrap();
     fs::rename(&staging, registry.db_path()).unwrap();
+    // No commit raised the change counter: the file is looked at again
+    // once the counter is no longer trusted alone.
+    std::thread::sleep(cache::RECHECK);
     assert!(matches!(cache.get(), Err(VpmError::Corrupt { .. })));
     assert!(matches!(registry.read(), Err(VpmError::Corrupt { .. })));
 
@@ -397,7 +400,12 @@ fn the_run_directory_and_its_files_are_private() {
     assert_eq!(mode(&dir.join("instances")), 0o700);
     assert_eq!(mode(&dir.join("instances/i1")), 0o700);
     assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
-    for file in [store::DB_FILE, store::WAL_FILE, store::SHM_FILE] {
+    for file in [
+        store::DB_FILE,
+        store::WAL_FILE,
+        store::SHM_FILE,
+        store::CHANGES_FILE,
+    ] {
         assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
     }
     assert_eq!(mode(&dir.join("instances/i1/lock")), 0o600);

@@ -12,6 +12,8 @@ use libseccomp::{
     ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
 };
 
+use crate::error::FilterError;
+
 /// Syscalls the supervisor emulates for every call.
 pub const NOTIFIED: &[&str] = &["bind", "connect", "getsockname", "getpeername"];
 
@@ -28,19 +30,6 @@ pub const IPPROTO_SCTP: u64 = 132;
 
 /// io_uring could run socket operations the filter never sees.
 pub const DENIED_ENOSYS: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uring_register"];
-
-/// Why the filter was not built.
-#[derive(Debug, thiserror::Error)]
-pub enum FilterError {
-    #[error("building the seccomp filter")]
-    Seccomp(#[source] libseccomp::error::SeccompError),
-    #[error(
-        "building the seccomp filter: unsupported architecture {0:?}: appshot supports x86_64 only"
-    )]
-    Architecture(ScmpArch),
-    #[error("exporting the seccomp filter")]
-    Export(#[source] std::io::Error),
-}
 
 /// Builds the BPF program. Any architecture other than native x86_64 (i386
 /// via `int 0x80`, and x32 numbers, which libseccomp checks for explicitly)

@@ -16,7 +16,9 @@ use appshot_vpm::remote::{self, AgentCore, Answer, ReadError, Refusal, Request};
 use appshot_vpm::{CachedRegistry, Registry, Route};
 use tracing::{debug, info, warn};
 
-use crate::remote::{agent_key_file, load_key, now_ms, records_dir, NegotiationRecord, RecordLog};
+use crate::net::remote::{
+    agent_key_file, load_key, now_ms, records_dir, NegotiationRecord, RecordLog,
+};
 
 /// Connections served at once, and from one peer address (all supervisors
 /// of a client host share the latter; each keeps at most two idle).
@@ -47,7 +49,7 @@ struct Shared {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Cluster(#[from] crate::remote::ClusterError),
+    Cluster(#[from] crate::net::remote::ClusterError),
     #[error(transparent)]
     Vpm(#[from] appshot_vpm::VpmError),
     #[error("agent: listening on {addr}")]

@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::sourcerules::{nft, registry_tag, TABLE};
+use crate::error::chain;
+use crate::net::sourcerules::{nft, registry_tag, NftError, TABLE};
 use crate::tree;
 
 /// Drops packets before conntrack and before the source rules' NAT.
@@ -152,6 +153,19 @@ fn record(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("locks").join(name)
 }
 
+/// Why an instance's connections could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("recording the lock in {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nft(#[from] NftError),
+}
+
 /// The lock of one instance's connections, held by the dumping
 /// supervisor. Dropped, it is removed; [`Lock::hold_for`] hands it to an
 /// image instead.
@@ -168,7 +182,7 @@ impl Lock {
         name: &str,
         init_pid: u32,
         conns: &[Conn],
-    ) -> Result<Option<Lock>, String> {
+    ) -> Result<Option<Lock>, LockError> {
         if conns.is_empty() {
             return Ok(None);
         }
@@ -180,7 +194,10 @@ impl Lock {
         );
         std::fs::create_dir_all(path.parent().expect("in a directory"))
             .and_then(|()| std::fs::write(&path, holder))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| LockError::Record {
+                path: path.clone(),
+                source,
+            })?;
         let lock = Lock {
             run_dir: run_dir.to_path_buf(),
             name: name.to_string(),
@@ -212,7 +229,7 @@ impl Drop for Lock {
 fn remove(run_dir: &Path, name: &str) {
     match nft(&unlock_script(&chains(run_dir, name))) {
         Ok(()) => info!(instance = %name, "network lock removed"),
-        Err(e) => warn!(instance = %name, "removing the network lock: {e}"),
+        Err(e) => warn!(instance = %name, "removing the network lock: {}", chain(&e)),
     }
     let _ = std::fs::remove_file(record(run_dir, name));
 }

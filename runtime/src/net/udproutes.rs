@@ -42,8 +42,9 @@ use appshot_sys::udpbpf::{self, Entries, RouteKey, UdpRoutes};
 use appshot_vpm::{Protocol, RegistryState, Translation};
 use tracing::{debug, warn};
 
-use crate::cgroup;
-use crate::sourcerules::{nft, registry_tag, TABLE};
+use crate::error::chain;
+use crate::net::cgroup;
+use crate::net::sourcerules::{nft, registry_tag, TABLE};
 
 /// The packet mark of refused datagrams ("apsu"), set on output and
 /// read on input (loopback keeps it).
@@ -292,17 +293,6 @@ fn install_routes(root: &Path, tag: &str, plan: &Plan) -> Result<(), RouteError>
     Ok(routes.sync(&entries)?)
 }
 
-/// The error and its sources, for a log line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let _ = write!(s, ": {inner}");
-        source = inner.source();
-    }
-    s
-}
-
 /// The registry's UDP change hook: the kernel's routes follow the
 /// committed state.
 pub fn refresh(registry_dir: &Path, state: &RegistryState) {
@@ -340,9 +330,10 @@ pub fn refresh(registry_dir: &Path, state: &RegistryState) {
     }
     match nft(&script(&chains(registry_dir), &plan)) {
         Ok(()) => debug!(routes = plan.routes.routes.len(), "UDP routes installed"),
-        Err(e) => {
-            warn!("UDP refusals not installed, datagrams to virtual ports are not refused: {e}")
-        }
+        Err(e) => warn!(
+            "UDP refusals not installed, datagrams to virtual ports are not refused: {}",
+            chain(&e)
+        ),
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::bail;
 
-use crate::detach::{self, Started, Starting};
+use crate::cli::detach::{self, Started, Starting};
 use appshot::supervisor::Launch;
 
 /// The AID and name of each clone, from `--aid` (repeatable), `--name`

@@ -18,7 +18,7 @@ use appshot_vpm::{Protocol, Registry};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::sourcerules::{self, Policy};
+use crate::net::sourcerules::{self, Policy};
 
 pub const KEY_FILE_ENV: &str = "APPSHOT_CLUSTER_KEY_FILE";
 pub const AGENT_PORT_ENV: &str = "APPSHOT_AGENT_PORT";

@@ -1,15 +1,18 @@
 //! `appshot ps`, `appshot ports` and `appshot stop`: views of the host-wide
 //! registry and requests to an instance's control socket.
 
+pub mod apps;
+pub mod systemd;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use appshot_vpm::{is_alive, Registry, RegistryState, Translation};
 use serde::Serialize;
 
-use crate::control::{self, Request};
 use crate::error::RuntimeError;
-use crate::logs;
+use crate::supervisor::control::{self, Request};
+use crate::supervisor::logs;
 
 #[derive(Serialize)]
 struct PsRow {
@@ -223,7 +226,7 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
             &b.source,
         ))
     });
-    let negotiations = crate::remote::read_records(run_dir);
+    let negotiations = crate::net::remote::read_records(run_dir);
     if json {
         if remote_only {
             let view = serde_json::json!({
@@ -276,7 +279,7 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
         out.push_str(&render(&table));
     }
     if !negotiations.is_empty() {
-        let now = crate::remote::now_ms();
+        let now = crate::net::remote::now_ms();
         let mut table = vec![[
             "SIDE", "PEER", "DEST", "VIRTUAL", "AID", "ANSWER", "REAL", "COUNT", "AGO", "INSTANCE",
         ]
@@ -335,6 +338,25 @@ pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeEr
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// `appshot templates`: one line per template with a running holder.
+pub fn templates(run_dir: &Path) -> String {
+    let mut table = vec![["NAME", "IMAGE", "PID", "RSS", "PSS", "CLONES"]
+        .map(String::from)
+        .to_vec()];
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    for t in crate::supervisor::templates::listed(run_dir) {
+        table.push(vec![
+            t.name,
+            t.image.display().to_string(),
+            t.pid.to_string(),
+            mib(t.rss_kib),
+            mib(t.pss_kib),
+            t.clones.to_string(),
+        ]);
+    }
+    render(&table)
 }
 
 pub(crate) fn render(rows: &[Vec<String>]) -> String {

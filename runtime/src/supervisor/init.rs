@@ -18,7 +18,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::filter;
+use crate::seccomp::filter;
 use crate::supervisor::APP_ENV;
 
 /// Signals the kernel sends on its own (terminal keys, hangups) reach the
@@ -65,7 +65,7 @@ pub enum InitError {
     #[error("working directory {}: not a directory", .0.display())]
     NotADirectory(PathBuf),
     #[error(transparent)]
-    Filter(#[from] filter::FilterError),
+    Filter(#[from] crate::error::FilterError),
     #[error("entering the instance's cgroup {}", dir.display())]
     Cgroup {
         dir: PathBuf,
@@ -107,7 +107,7 @@ pub struct InitArgs {
     pub hostname: Option<String>,
     pub cwd: Option<PathBuf>,
     /// Who the launched application runs as.
-    pub user: Option<crate::user::RunAs>,
+    pub user: Option<crate::supervisor::user::RunAs>,
     /// The instance's cgroup (`cgroup`).
     pub cgroup: Option<PathBuf>,
     pub command: Vec<String>,
@@ -116,7 +116,7 @@ pub struct InitArgs {
 pub fn run(args: InitArgs) -> Result<i32, InitError> {
     // First: every process and socket of the instance is made in it.
     if let Some(dir) = &args.cgroup {
-        crate::cgroup::enter(dir).map_err(|error| InitError::Cgroup {
+        crate::net::cgroup::enter(dir).map_err(|error| InitError::Cgroup {
             dir: dir.clone(),
             error,
         })?;

@@ -27,10 +27,10 @@ use nix::sys::ptrace::Options;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-use crate::control::{self, Peer, Progress, Request};
 use crate::error::RuntimeError;
-use crate::netlock::{self, Lock};
-use crate::pending::Pending;
+use crate::net::netlock::{self, Lock};
+use crate::supervisor::control::{self, Peer, Progress, Request};
+use crate::supervisor::pending::Pending;
 use crate::tree;
 
 /// Opens a template for cloning. Its pages section (the part whose check
@@ -345,10 +345,13 @@ pub fn take(
     let keep_tracking = leave_running && (track || parent.is_some());
     let name = subject.name;
     let app = subject.app;
-    // Every process of the instance but its namespace init, parents first.
+    // Every process of the instance but its namespace init, parents first;
+    // an exited one not yet reaped has nothing to copy (the freeze decides
+    // about it).
     let procs: Vec<u32> = tree::descendants(subject.init_pid)
         .into_iter()
         .skip(1)
+        .filter(|&pid| !is_zombie(pid))
         .collect();
     if procs.is_empty() {
         return Err(RuntimeError::NotSnapshottable {
@@ -441,17 +444,11 @@ pub fn take(
     let freezing = Instant::now();
     // All frozen before any is read: a process running on could change
     // what another shares with it.
-    let seized = appshot_snapshot::kinds::tree::check_states(&procs).and_then(|()| {
-        procs
-            .iter()
-            .map(|&pid| Frozen::seize(pid, Options::empty()))
-            .collect::<Result<Vec<Frozen>, SnapshotError>>()
-    });
-    let frozen = match seized {
+    let frozen = match freeze_tree(subject.init_pid) {
         Ok(f) => f,
         Err(e) => {
             writer.abandon();
-            return Err(e.into());
+            return Err(e);
         }
     };
     frozen_flag.store(true, Ordering::SeqCst);
@@ -474,7 +471,10 @@ pub fn take(
             writer.abandon();
             return Err(RuntimeError::NotSnapshottable {
                 name: name.to_string(),
-                reason: format!("its connections cannot be locked: {e}"),
+                reason: format!(
+                    "its connections cannot be locked: {}",
+                    crate::error::chain(&e)
+                ),
             });
         }
     };
@@ -579,6 +579,99 @@ pub fn take(
 
 /// Writes the manifest and moves the image into place, unless the
 /// requester went away first (then the temporary is removed).
+/// Whether process `pid` exited and was not reaped yet.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(") ")?;
+            rest.chars().next()
+        })
+        .is_some_and(|state| matches!(state, 'Z' | 'X'))
+}
+
+/// How often [`freeze_tree`] starts over when it stopped a process whose
+/// exited child its parent had not reaped yet.
+const FREEZE_ATTEMPTS: u32 = 50;
+/// How often one attempt lists the tree again for processes forked before
+/// their parent was stopped.
+const FREEZE_ROUNDS: u32 = 100;
+
+/// Stops every process of the instance below its init, parents first, as
+/// it is now rather than as it was listed: the tree is listed again after
+/// each round of seizing until a round finds no process it has not
+/// stopped (one forked before its parent stopped is caught by the next
+/// round; one that exited before it was seized is left out). A process
+/// that exited and was not reaped (a zombie, which a restore could not
+/// rebuild) is usually about to be: every process is released and the
+/// attempt starts over; one that stays is refused, as is a process
+/// stopped by a signal.
+fn freeze_tree(init_pid: u32) -> Result<Vec<Frozen>, RuntimeError> {
+    let mut last_zombie = None;
+    for attempt in 0..FREEZE_ATTEMPTS {
+        let mut frozen: Vec<Frozen> = Vec::new();
+        let mut listed = Vec::new();
+        let mut stable = false;
+        for _ in 0..FREEZE_ROUNDS {
+            listed = tree::descendants(init_pid).into_iter().skip(1).collect();
+            let new: Vec<u32> = listed
+                .iter()
+                .copied()
+                .filter(|&pid| !frozen.iter().any(|f| f.pid == pid) && !is_zombie(pid))
+                .collect();
+            if new.is_empty() {
+                stable = true;
+                break;
+            }
+            appshot_snapshot::kinds::tree::check_states(&new)?;
+            for pid in new {
+                match Frozen::seize(pid, Options::empty()) {
+                    Ok(f) => frozen.push(f),
+                    Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => {
+                        debug!(pid, "exited before it was stopped: not saved");
+                    }
+                    // Exited meanwhile: the check after the last round
+                    // starts over.
+                    Err(_) if is_zombie(pid) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if !stable {
+            return Err(RuntimeError::NotSnapshottable {
+                name: format!("init {init_pid}"),
+                reason: format!(
+                    "its processes kept forking through {FREEZE_ROUNDS} rounds of stopping them"
+                ),
+            });
+        }
+        if let Some(&zombie) = listed.iter().find(|&&pid| is_zombie(pid)) {
+            debug!(
+                zombie,
+                attempt, "an exited process not reaped yet: starting over"
+            );
+            last_zombie = Some(zombie);
+            drop(frozen);
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        if frozen.is_empty() {
+            return Err(SnapshotError::NoProcess.into());
+        }
+        // Parents first, as listed.
+        frozen.sort_by_key(|f| listed.iter().position(|&p| p == f.pid));
+        return Ok(frozen);
+    }
+    let zombie = last_zombie.expect("only a zombie starts an attempt over");
+    Err(SnapshotError::Unsupported {
+        pid: zombie,
+        what: format!(
+            "process {zombie} is a zombie (exited, not reaped by its parent) through {FREEZE_ATTEMPTS} attempts to stop the instance"
+        ),
+    }
+    .into())
+}
+
 fn finish(
     writer: ImageWriter,
     manifest: &Manifest,
@@ -903,7 +996,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
         summary.path,
         mib(summary.size_bytes),
         mib(summary.pages_bytes),
-        crate::logs::utc(summary.created_unix),
+        crate::supervisor::logs::utc(summary.created_unix),
         if summary.template { ", a template for `appshot clone`" } else { "" },
         summary.writer,
         summary.instance,
@@ -926,7 +1019,7 @@ pub fn inspect(path: &Path, json: bool, mappings: bool) -> Result<String, Runtim
             if i == 0 { "parent    " } else { "  then    " },
             a.path,
             mib(a.size_bytes),
-            crate::logs::utc(a.created_unix)
+            crate::supervisor::logs::utc(a.created_unix)
         ));
     }
     out.push_str(&format!("processes  {}\n", summary.processes.len()));

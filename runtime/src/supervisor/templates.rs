@@ -280,11 +280,20 @@ fn memory_of(pid: u32) -> Option<(u64, u64)> {
     Some((field("Rss:")?, field("Pss:")?))
 }
 
-/// `appshot templates`: one line per template with a running holder.
-pub fn list(run_dir: &Path) -> Result<String, RuntimeError> {
-    let mut table = vec![["NAME", "IMAGE", "PID", "RSS", "PSS", "CLONES"]
-        .map(String::from)
-        .to_vec()];
+/// A template with a running holder, as `appshot templates` lists it.
+pub struct Listed {
+    pub name: String,
+    pub image: PathBuf,
+    pub pid: u32,
+    /// RSS and PSS of the holder, KiB.
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+    /// Clones started from it.
+    pub clones: u64,
+}
+
+/// Every template with a running holder, by name.
+pub fn listed(run_dir: &Path) -> Vec<Listed> {
     let mut names: Vec<String> = match std::fs::read_dir(templates_dir(run_dir)) {
         Ok(dir) => dir
             .flatten()
@@ -293,25 +302,24 @@ pub fn list(run_dir: &Path) -> Result<String, RuntimeError> {
         Err(_) => Vec::new(),
     };
     names.sort();
-    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
-    for name in names {
-        let Some(state) = read_state(&templates_dir(run_dir).join(&name)) else {
-            continue;
-        };
-        if !state.alive() {
-            continue;
-        }
-        let (rss, pss) = memory_of(state.pid).unwrap_or((0, 0));
-        table.push(vec![
-            name,
-            state.image.display().to_string(),
-            state.pid.to_string(),
-            mib(rss),
-            mib(pss),
-            state.clones.to_string(),
-        ]);
-    }
-    Ok(crate::commands::render(&table))
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let state = read_state(&templates_dir(run_dir).join(&name))?;
+            if !state.alive() {
+                return None;
+            }
+            let (rss_kib, pss_kib) = memory_of(state.pid).unwrap_or((0, 0));
+            Some(Listed {
+                name,
+                image: state.image,
+                pid: state.pid,
+                rss_kib,
+                pss_kib,
+                clones: state.clones,
+            })
+        })
+        .collect()
 }
 
 /// The CLONE_NEW* flags of the namespaces (mount, IPC, UTS, network,

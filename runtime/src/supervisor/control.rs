@@ -75,7 +75,7 @@ pub struct Reply {
     /// A snapshot's statistics, with its summary in `message` (supervisors
     /// of older appshot versions send the summary only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<Box<crate::snapshots::Taken>>,
+    pub snapshot: Option<Box<crate::supervisor::snapshots::Taken>>,
 }
 
 /// Bytes of memory saved so far, of `total`.

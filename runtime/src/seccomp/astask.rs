@@ -30,7 +30,7 @@ use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
 use tracing::warn;
 
-use crate::notify::Call;
+use crate::seccomp::notify::Call;
 
 /// Everything a thread takes on to act as task `tid`.
 struct TaskContext {

@@ -2,6 +2,16 @@
 //! namespace init, owns the seccomp listener and the instance's registry
 //! entries, serves the control socket, and cleans up when the instance ends.
 
+pub(crate) mod control;
+pub mod init;
+pub mod logs;
+pub mod pending;
+pub mod restart;
+mod restoring;
+pub mod snapshots;
+pub mod templates;
+pub mod user;
+
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -13,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use appshot_snapshot::holder;
 use appshot_snapshot::image::Image;
+use appshot_snapshot::lazy::{LazySettings, LazyStatus};
 use appshot_snapshot::restore;
 use appshot_sys::{fd, pidfd, spawn};
 use appshot_vpm::{CachedRegistry, InstanceLock, InstanceRecord, PortRange, Registry};
@@ -26,12 +37,13 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::cgroup::{self, InstanceCgroup};
-use crate::control::{self, Peer, Reply, Request};
+use self::control::{Peer, Reply, Request};
 use crate::error::RuntimeError;
 use crate::multiplex::{Multiplexer, PortSet, Settings};
-use crate::remote::Cluster;
-use crate::{filter, notify, snapshots, templates, tree};
+use crate::net::cgroup::{self, InstanceCgroup};
+use crate::net::remote::Cluster;
+use crate::seccomp::{filter, notify};
+use crate::tree;
 
 /// Everything a supervisor needs, resolved from flags and config by the CLI
 /// (serialised to a detached supervisor).
@@ -52,7 +64,7 @@ pub struct Launch {
     pub mode: Mode,
     /// Source rules and cross-host negotiation.
     #[serde(default)]
-    pub cluster: crate::remote::ClusterSettings,
+    pub cluster: crate::net::remote::ClusterSettings,
     /// A clone's own hostname and identity file (or a restore's own
     /// hostname, `restore --hostname`).
     #[serde(default)]
@@ -60,7 +72,7 @@ pub struct Launch {
     /// Who a launched application runs as (restores take theirs from the
     /// image).
     #[serde(default)]
-    pub user: Option<crate::user::RunAs>,
+    pub user: Option<crate::supervisor::user::RunAs>,
     /// A detached instance's logs and exit record go when it ends
     /// (`run --rm`).
     #[serde(default)]
@@ -74,7 +86,7 @@ pub struct Launch {
     pub log_max_bytes: u64,
     /// When the supervisor starts the application again after it exits.
     #[serde(default)]
-    pub restart: crate::restart::Policy,
+    pub restart: crate::supervisor::restart::Policy,
     /// `run --config FILE` (absolute), kept in the registry for `appshot
     /// generate systemd`.
     #[serde(default)]
@@ -93,6 +105,10 @@ pub enum Mode {
         /// Give the image's TCP connections back reset instead of
         /// rebuilding them (`appshot restore --tcp-close`).
         tcp_close: bool,
+        /// Release the instance before its memory is in (`appshot restore
+        /// --lazy`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lazy: Option<LazySettings>,
     },
     /// Start a clone of a template (already verified by the `appshot
     /// clone` that asked for it): forked from the template's holder, which
@@ -118,7 +134,7 @@ pub struct IdentityFile {
 }
 
 fn default_log_max() -> u64 {
-    crate::logs::DEFAULT_MAX_BYTES
+    crate::supervisor::logs::DEFAULT_MAX_BYTES
 }
 
 /// The variable a detached supervisor receives its `Launch` in; removed
@@ -177,9 +193,9 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
     };
     // A bad key file stops the start.
     let cluster = Cluster::new(&launch.cluster, &launch.run_dir, &launch.name, &launch.aid)
-        .map_err(|e| RuntimeError::Start {
+        .map_err(|e| RuntimeError::Cluster {
             name: launch.name.clone(),
-            reason: format!("{e:#}"),
+            source: e.into(),
         })?;
     let cgroup = instance_cgroup(&registry, &launch);
     let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
@@ -200,6 +216,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
+    let mut lazy_status = None;
     let (init_pid, init, listeners, mux, app_pid) = match &launch.mode {
         Mode::Run => {
             let (init_pid, init, listener) = launch_application(&launch, cgroup_dir, nofile)?;
@@ -219,8 +236,14 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                     ..
                 }
             );
+            let lazy = match &launch.mode {
+                Mode::Restore { lazy, .. } => *lazy,
+                _ => None,
+            };
             let image = if is_clone {
                 Image::open_verified_template(path)?
+            } else if lazy.is_some() {
+                Image::open_for_lazy(path)?
             } else {
                 Image::open(path)?
             };
@@ -236,19 +259,6 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                         false
                     }
                 };
-            let ready = if forked {
-                let (ours, theirs) = socketpair(
-                    AddressFamily::Unix,
-                    SockType::SeqPacket,
-                    None,
-                    SockFlag::SOCK_CLOEXEC,
-                )
-                .map_err(|e| RuntimeError::sys("socketpair", e))?;
-                Some((ours, theirs))
-            } else {
-                None
-            };
-            let tops: Vec<u32> = image.manifest.top_level().map(|p| p.ns_pid).collect();
             let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
                 Some(file) => Some((
                     write_identity(&launch, file, lock.instance_dir())?,
@@ -256,65 +266,42 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 )),
                 _ => None,
             };
-            let (init_pid, init) = start_init(
-                &launch,
-                ready.as_ref().map(|(_, theirs)| theirs),
-                if forked { &[] } else { &tops },
-                forked.then(|| tops[0]),
-                identity_file.as_ref(),
-                cgroup_dir,
-                nofile,
-            )?;
-            let ready = ready.map(|(ours, _)| ours);
-            phases.mark("init started");
-            let mux = new_mux(init_pid)?;
-            let started = Instant::now();
-            // Only the restore of a stopped instance can own its
-            // connections: a live snapshot's original still has them, and
-            // templates and clones are copies.
-            let info = &image.manifest.instance;
-            let connections = if is_clone || tcp_close || info.template || info.left_running {
-                restore::Connections::Close
+            // A forked clone has no stub: init waits for it instead.
+            let stubs = if forked {
+                0
             } else {
-                restore::Connections::Own
+                image.manifest.top_level().count()
+            };
+            let plan = restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            let mut host = RealRestore {
+                launch: &launch,
+                image: &image,
+                identity_file: identity_file.as_ref(),
+                cgroup: cgroup_dir,
+                nofile,
+                new_mux: &new_mux,
+                mux: None,
+                lazy,
+                lazy_status: None,
+                forked,
+                ready: None,
+                cluster: &cluster,
+                phases: &mut phases,
             };
             // Listed from now on, `restoring` until the restored processes
-            // are released (`ps` reads the marker while the control socket
-            // does not answer yet).
+            // are released.
             let marker = lock.instance_dir().join(RESTORING_MARKER);
-            let _ = std::fs::write(&marker, b"");
-            register(&registry, &launch, init_pid)?;
-            let restored = match ready {
-                Some(ready) => {
-                    let from = Holding {
-                        ready,
-                        path,
-                        run_dir: &launch.run_dir,
-                        cgroup: cgroup_dir,
-                    };
-                    fork_into(init_pid, from, &image, &mux, connections, &mut phases)
-                }
-                None => restore_into(init_pid, &image, &mux, connections, &mut phases),
-            };
-            let _ = std::fs::remove_file(&marker);
-            if restored.is_ok() && (connections == restore::Connections::Own || tcp_close) {
-                // Rebuilt or given up: their packets may flow again.
-                crate::netlock::release_image(&launch.run_dir, path);
-            }
-            info!(name = %launch.name, ms = started.elapsed().as_secs_f64() * 1e3, clone = is_clone, "restore work done");
-            match restored {
-                Ok((listeners, main)) => (init_pid, init, listeners, mux, main),
-                Err(e) => {
-                    // Nothing half-built survives: the namespace goes with
-                    // its init, and the sockets' translations with the
-                    // instance record.
-                    let _ = pidfd::send_signal(&init, libc::SIGKILL);
-                    wait_exit(init_pid);
-                    cluster.shutdown();
-                    registry.transaction(|s| s.remove_instance(&launch.name))?;
-                    return Err(e);
-                }
-            }
+            let r = restoring::restore(
+                &mut host,
+                &plan,
+                &registry,
+                &launch,
+                &marker,
+                restoring::STUB_DEADLINE,
+            )?;
+            let mux = host.mux.take().expect("the multiplexer of a started init");
+            lazy_status = host.lazy_status.take();
+            (r.init_pid, r.init, r.listeners, mux, r.main)
         }
     };
 
@@ -337,6 +324,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
         stopping: AtomicBool::new(false),
         frozen: AtomicBool::new(false),
         snapshot: Mutex::new(None),
+        lazy: lazy_status,
     });
     spawn_signal_forwarder(forwarded, Arc::clone(&control))?;
     let serving = Arc::clone(&control);
@@ -482,7 +470,7 @@ fn instance_cgroup(registry: &Registry, launch: &Launch) -> Option<InstanceCgrou
         warn!(name = %launch.name, "no cgroup2 below /sys/fs/cgroup: UDP ports are not multiplexed");
         return None;
     };
-    let tag = crate::sourcerules::registry_tag(registry.dir());
+    let tag = crate::net::sourcerules::registry_tag(registry.dir());
     match InstanceCgroup::create(root, &tag, &launch.aid, &launch.name) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -558,123 +546,154 @@ fn write_identity(
     Ok(path)
 }
 
-/// Rebuilds the image's process tree in the stubs the init created for its
-/// top-level processes. Returns every process's seccomp listener and our
-/// PID of the main process.
-fn restore_into(
-    init_pid: u32,
-    image: &Image,
-    mux: &Arc<Multiplexer>,
-    connections: restore::Connections,
-    phases: &mut Phases,
-) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
-    let wanted = image.manifest.top_level().count();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let stubs = loop {
-        let stubs: Vec<u32> = tree::descendants(init_pid).into_iter().skip(1).collect();
-        if stubs.len() >= wanted {
-            break stubs;
-        }
-        if Instant::now() > deadline {
-            return Err(RuntimeError::Start {
-                name: image.manifest.instance.name.clone(),
-                reason: format!(
-                    "the namespace init created {} of {wanted} processes to restore into",
-                    stubs.len()
-                ),
-            });
-        }
-        // Init forks them within a few ms of its exec; a coarser poll
-        // would add up to its period to every restore.
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    phases.mark("stubs forked");
-    with_hooks(mux, connections, phases, |hooks| {
-        restore::restore(&stubs, image, hooks)
-    })
-}
-
-/// Runs a restore with hooks that hand the restored sockets to `mux`.
-/// Returns every process's seccomp listener and our PID of the main
-/// process.
-fn with_hooks(
-    mux: &Arc<Multiplexer>,
-    connections: restore::Connections,
-    phases: &mut Phases,
-    restore: impl FnOnce(
-        &restore::RestoreHooks,
-    ) -> Result<restore::Restored, appshot_snapshot::SnapshotError>,
-) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
-    let program = filter::build()?;
-    phases.mark("filter built");
-    let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
-    let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
-    let hooks = restore::RestoreHooks {
-        filter: &program,
-        listen: &listen,
-        bind_udp: &bind_udp,
-        connections,
-    };
-    let restored = restore(&hooks)?;
-    phases.mark("restored");
-    Ok((restored.listeners, restored.hosts[0]))
-}
-
-/// What forking a clone from its template's holder needs.
-struct Holding<'a> {
-    /// Where the namespace init says its namespaces are ready.
-    ready: OwnedFd,
-    /// The template image (canonical).
-    path: &'a Path,
-    run_dir: &'a Path,
-    /// The instance's cgroup, which the clone is moved into.
+/// The restore's steps on this host: the namespace init forks the stubs,
+/// `appshot_snapshot::restore` rebuilds the image in them with the
+/// multiplexer binding their sockets.
+struct RealRestore<'a, M> {
+    launch: &'a Launch,
+    image: &'a Image,
+    identity_file: Option<&'a (PathBuf, PathBuf)>,
     cgroup: Option<&'a Path>,
+    nofile: Option<(u64, u64)>,
+    new_mux: &'a M,
+    /// Made once init's PID is known.
+    mux: Option<Arc<Multiplexer>>,
+    /// `restore --lazy`: how, and once rebuilt, its page server's status.
+    lazy: Option<LazySettings>,
+    lazy_status: Option<LazyStatus>,
+    /// A clone forked from its template's holder; once init started, where
+    /// it says its namespaces are ready, and its PID.
+    forked: bool,
+    ready: Option<(OwnedFd, u32)>,
+    cluster: &'a Arc<Cluster>,
+    phases: &'a mut Phases,
 }
 
-/// Forks the image's process from its template's holder into the
-/// instance's namespaces, then restores the rest of its state (and its
-/// children) as a restore does. Returns every process's seccomp listener
-/// and our PID of the main process.
-fn fork_into(
-    init_pid: u32,
-    from: Holding,
-    image: &Image,
-    mux: &Arc<Multiplexer>,
-    connections: restore::Connections,
-    phases: &mut Phases,
-) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
-    let mut word = [0u8; 16];
-    match nix::unistd::read(from.ready.as_raw_fd(), &mut word) {
-        Ok(n) if &word[..n] == b"ready" => {}
-        _ => {
-            return Err(RuntimeError::Start {
-                name: image.manifest.instance.name.clone(),
-                reason: "the namespace init ended before its namespaces were ready".into(),
-            })
-        }
+impl<M> restoring::RestoreHost for RealRestore<'_, M>
+where
+    M: Fn(u32) -> Result<Arc<Multiplexer>, RuntimeError>,
+{
+    type Init = OwnedFd;
+    type Listener = OwnedFd;
+
+    fn start_init(&mut self) -> Result<(u32, OwnedFd), RuntimeError> {
+        let top_level: Vec<u32> = self.image.manifest.top_level().map(|p| p.ns_pid).collect();
+        let channel = if self.forked {
+            let pair = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| RuntimeError::sys("socketpair", e))?;
+            Some(pair)
+        } else {
+            None
+        };
+        let (init_pid, init) = start_init(
+            self.launch,
+            channel.as_ref().map(|(_, theirs)| theirs),
+            if self.forked { &[] } else { &top_level },
+            self.forked.then(|| top_level[0]),
+            self.identity_file,
+            self.cgroup,
+            self.nofile,
+        )?;
+        self.ready = channel.map(|(ours, _)| (ours, init_pid));
+        self.phases.mark("init started");
+        self.mux = Some((self.new_mux)(init_pid)?);
+        Ok((init_pid, init))
     }
-    phases.mark("namespaces ready");
-    let mut lease = templates::lease(from.run_dir, from.path, image)?;
-    let holder = lease.holder();
-    phases.mark("template holder locked");
-    let namespaces = templates::namespaces_apart(init_pid, holder.pid);
-    let clone = holder::fork_clone(holder, init_pid, namespaces, image)?;
-    lease.clone_started();
-    drop(lease);
-    phases.mark("forked");
-    if let Some(dir) = from.cgroup {
-        let procs = dir.join("cgroup.procs");
-        if let Err(e) = std::fs::write(&procs, clone.pid.to_string()) {
-            let pid = clone.pid;
-            clone.kill(|| {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            });
-            return Err(RuntimeError::sys(format!("writing {}", procs.display()), e));
-        }
+
+    fn stubs(&mut self, init_pid: u32) -> Vec<u32> {
+        tree::descendants(init_pid).into_iter().skip(1).collect()
     }
-    with_hooks(mux, connections, phases, |hooks| {
-        restore::restore_forked(clone, holder.scratch, image, hooks)
-    })
+
+    fn rebuild(
+        &mut self,
+        stubs: &[u32],
+        plan: &restoring::Plan,
+    ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
+        let forked = match self.ready.take() {
+            Some((ready, init_pid)) => Some(self.fork(ready, init_pid)?),
+            None => {
+                self.phases.mark("stubs forked");
+                None
+            }
+        };
+        let program = filter::build()?;
+        self.phases.mark("filter built");
+        let mux = self.mux.as_ref().expect("init started first");
+        let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
+        let bind_udp = |addr, fd| mux.bind_restored_udp(addr, fd);
+        let hooks = restore::RestoreHooks {
+            filter: &program,
+            listen: &listen,
+            bind_udp: &bind_udp,
+            connections: plan.connections,
+            lazy: self.lazy,
+        };
+        let restored = match forked {
+            Some((clone, scratch)) => restore::restore_forked(clone, scratch, self.image, &hooks)?,
+            None => restore::restore(stubs, self.image, &hooks)?,
+        };
+        self.lazy_status = restored.lazy;
+        self.phases.mark("restored");
+        Ok((restored.listeners, restored.hosts[0]))
+    }
+
+    fn kill(&mut self, init: &OwnedFd, init_pid: u32) {
+        let _ = pidfd::send_signal(init, libc::SIGKILL);
+        wait_exit(init_pid);
+        self.cluster.shutdown();
+    }
+
+    fn release_netlock(&mut self) {
+        crate::net::netlock::release_image(&self.launch.run_dir, &self.image.path);
+    }
+}
+
+impl<M> RealRestore<'_, M> {
+    /// Forks the image's process from its template's holder into the
+    /// namespaces of init (`init_pid`) once it says they are ready, and
+    /// moves it into the instance's cgroup. Returns it frozen, and the
+    /// holder's scratch address, for the rest of its restore.
+    fn fork(
+        &mut self,
+        ready: OwnedFd,
+        init_pid: u32,
+    ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
+        let mut word = [0u8; 16];
+        match nix::unistd::read(ready.as_raw_fd(), &mut word) {
+            Ok(n) if &word[..n] == b"ready" => {}
+            _ => {
+                return Err(RuntimeError::Start {
+                    name: self.launch.name.clone(),
+                    reason: "the namespace init ended before its namespaces were ready".into(),
+                })
+            }
+        }
+        self.phases.mark("namespaces ready");
+        let mut lease = templates::lease(&self.launch.run_dir, &self.image.path, self.image)?;
+        let holder = lease.holder();
+        self.phases.mark("template holder locked");
+        let namespaces = templates::namespaces_apart(init_pid, holder.pid);
+        let clone = holder::fork_clone(holder, init_pid, namespaces, self.image)?;
+        lease.clone_started();
+        drop(lease);
+        self.phases.mark("forked");
+        if let Some(dir) = self.cgroup {
+            let procs = dir.join("cgroup.procs");
+            if let Err(e) = std::fs::write(&procs, clone.pid.to_string()) {
+                let pid = clone.pid;
+                clone.kill(|| {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                });
+                return Err(RuntimeError::sys(format!("writing {}", procs.display()), e));
+            }
+        }
+        Ok((clone, holder.scratch))
+    }
 }
 
 /// Where a supervisor's start-up time goes (logged at debug): each
@@ -860,6 +879,9 @@ struct Control {
     /// Holds the write tracking kept on the instance for the next
     /// incremental snapshot, if the last snapshot kept it.
     snapshot: Mutex<Option<snapshots::Armed>>,
+    /// The page server of a lazy restore: a snapshot is refused until it
+    /// is done, as memory still pending is in no page table to save.
+    lazy: Option<LazyStatus>,
 }
 
 /// The application's processes of the current run.
@@ -977,6 +999,13 @@ impl Control {
         if self.exited.load(Ordering::SeqCst) {
             return refused(format!("instance {} has exited", self.launch.name));
         }
+        if let Some(lazy) = self.lazy.as_ref().filter(|l| l.in_progress()) {
+            return refused(format!(
+                "instance {} is still being restored lazily ({} bytes of its memory not in yet); snapshot it once that is done",
+                self.launch.name,
+                lazy.pending_bytes()
+            ));
+        }
         let (app, init_pid, init) = {
             let current = self.current.lock().expect("current lock");
             (current.app_pid, current.init_pid, Arc::clone(&current.init))
@@ -1070,9 +1099,9 @@ fn wait_exit(pid: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{instance_state, Launch, Mode};
+    use super::{instance_state, Launch, LazySettings, Mode};
 
-    fn launch(mode: Mode) -> Launch {
+    pub(super) fn launch(mode: Mode) -> Launch {
         Launch {
             name: "web".into(),
             aid: "a".into(),
@@ -1104,6 +1133,9 @@ mod tests {
             Mode::Restore {
                 image: "/i.img".into(),
                 tcp_close: true,
+                lazy: Some(LazySettings {
+                    prefetch_bytes_per_sec: Some(1 << 20),
+                }),
             },
             Mode::Clone {
                 template: "/t.img".into(),
@@ -1116,6 +1148,7 @@ mod tests {
         let json = serde_json::to_value(launch(Mode::Restore {
             image: "/i.img".into(),
             tcp_close: false,
+            lazy: None,
         }))
         .unwrap();
         assert_eq!(

@@ -21,12 +21,14 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use appshot_configurator::{Cidr, SourceRule};
 use appshot_vpm::{Protocol, Registry, RegistryState, SourceRuleRecord, Translation};
 use tracing::{info, warn};
+
+use crate::error::chain;
 
 pub const TABLE: &str = "inet appshot";
 /// The run directory's markers of instances that may have chains in the
@@ -315,31 +317,59 @@ pub fn removal_script(chains: &[String; 3]) -> String {
     s
 }
 
-pub(crate) fn nft(script: &str) -> Result<(), String> {
+/// Why nftables did not take a script.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("running nft (is the nftables package installed?)")]
+    Spawn(#[source] std::io::Error),
+    #[error("writing the script to nft")]
+    Write(#[source] std::io::Error),
+    #[error("waiting for nft")]
+    Wait(#[source] std::io::Error),
+    #[error("nft failed ({status}): {stderr}")]
+    Refused {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Why an instance's source rules were not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("the registry")]
+    Registry(#[from] appshot_vpm::VpmError),
+    #[error("marking {} as holding chains", path.display())]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nft(#[from] NftError),
+}
+
+pub(crate) fn nft(script: &str) -> Result<(), NftError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running nft: {e} (is the nftables package installed?)"))?;
+        .map_err(NftError::Spawn)?;
     child
         .stdin
         .take()
         .expect("piped")
         .write_all(script.as_bytes())
-        .map_err(|e| format!("writing to nft: {e}"))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for nft: {e}"))?;
+        .map_err(NftError::Write)?;
+    let out = child.wait_with_output().map_err(NftError::Wait)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "nft failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(NftError::Refused {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -354,21 +384,19 @@ pub fn refresh(registry: &Registry, policy: &Policy, owner: &str, aid: &str) {
     let result = registry.transaction(|state: &mut RegistryState| {
         let mine: Vec<Translation> = state.translations_of(owner).cloned().collect();
         let plan = plan(policy, owner, aid, &mine);
-        let marker = registry
-            .private_subdir(MARKERS)
-            .map(|dir| dir.join(owner))
-            .map_err(|e| e.to_string())?;
-        std::fs::write(&marker, b"").map_err(|e| format!("{}: {e}", marker.display()))?;
+        let path = registry.private_subdir(MARKERS)?.join(owner);
+        std::fs::write(&path, b"").map_err(|source| RulesError::Marker { path, source })?;
         nft(&install_script(&chains, &plan))?;
         state.source_rules.retain(|r| r.owner != owner);
         state.source_rules.extend(plan.records.iter().cloned());
-        Ok::<usize, String>(plan.specific.len() + plan.default.len())
+        Ok::<usize, RulesError>(plan.specific.len() + plan.default.len())
     });
     match result {
         Ok(Ok(n)) => info!(instance = %owner, rules = n, "source rules installed"),
         Ok(Err(e)) => warn!(
             instance = %owner,
-            "source rules not installed, outside clients cannot reach this instance: {e}"
+            "source rules not installed, outside clients cannot reach this instance: {}",
+            chain(&e)
         ),
         Err(e) => warn!(instance = %owner, "source rules not installed: {e}"),
     }
@@ -382,7 +410,7 @@ pub fn remove(registry_dir: &Path, owner: &str) {
             let _ = std::fs::remove_file(marker(registry_dir, owner));
         }
         // The marker stays: a later reclaim tries again.
-        Err(e) => warn!(instance = %owner, "removing source rules: {e}"),
+        Err(e) => warn!(instance = %owner, "removing source rules: {}", chain(&e)),
     }
 }
 

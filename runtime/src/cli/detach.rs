@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use appshot_vpm::Registry;
 
-use appshot::logs;
+use appshot::supervisor::logs;
 use appshot::supervisor::{Launch, LAUNCH_ENV};
 
 /// How long a supervisor may take to answer before it is taken for hung
