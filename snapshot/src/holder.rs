@@ -46,6 +46,11 @@ const ARGS: u64 = 256;
 
 const SIG_IGN: u64 = 1;
 
+const MADV_COLLAPSE: u64 = 25;
+
+/// A PMD-mapped huge page.
+const HUGE: u64 = 2 << 20;
+
 /// A running template holder: its PID and its scratch mapping, which every
 /// clone inherits and unmaps.
 #[derive(Clone, Copy, Debug)]
@@ -139,6 +144,20 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
     b.mem.write(scratch + ARGS, &args)?;
     let shown = (scratch + ARGS, scratch + ARGS + args.len() as u64);
     set_mm(&inj, &b.mem, pid, data, p, true, Some(shown))?;
+    // Huge pages where the memory allows, without changing any mapping's
+    // flags (MADV_COLLAPSE, Linux 6.1+): a fork copies one entry per 2 MiB
+    // instead of 512, and a clone's first write to one still copies a
+    // single page. Best effort: memory that cannot be collapsed is forked
+    // as it is.
+    for v in p.vmas.iter().filter(|v| {
+        matches!(v.kind, VmaKind::Anon) && !v.shared && v.end - v.start >= HUGE
+    }) {
+        inj.call(
+            pid,
+            libc::SYS_madvise,
+            &[v.start, v.end - v.start, MADV_COLLAPSE],
+        )?;
+    }
     // The helper each clone is forked through is its child: reaped by
     // the kernel when it exits.
     let ignore = [SIG_IGN, 0, 0, 0].map(u64::to_ne_bytes).concat();
