@@ -149,9 +149,11 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
     // instead of 512, and a clone's first write to one still copies a
     // single page. Best effort: memory that cannot be collapsed is forked
     // as it is.
-    for v in p.vmas.iter().filter(|v| {
-        matches!(v.kind, VmaKind::Anon) && !v.shared && v.end - v.start >= HUGE
-    }) {
+    for v in p
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Anon) && !v.shared && v.end - v.start >= HUGE)
+    {
         inj.call(
             pid,
             libc::SYS_madvise,
