@@ -456,11 +456,12 @@ impl Image {
     pub fn verify_pages(&self) -> Result<(), SnapshotError> {
         self.check_own_pages()?;
         for a in &self.ancestors {
-            a.check_own_pages().map_err(|e| SnapshotError::ParentUnusable {
-                image: self.path.clone(),
-                parent: a.path.clone(),
-                source: Box::new(e),
-            })?;
+            a.check_own_pages()
+                .map_err(|e| SnapshotError::ParentUnusable {
+                    image: self.path.clone(),
+                    parent: a.path.clone(),
+                    source: Box::new(e),
+                })?;
         }
         Ok(())
     }
