@@ -267,6 +267,28 @@ impl Appshot {
         .map(drop)
     }
 
+    /// Ends the template holders the clones were forked from: they
+    /// outlive their clones by design.
+    fn remove_templates(&self) {
+        let names: Vec<String> = std::fs::read_dir(self.run_dir.join("templates"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        let removed = procs::run(
+            self.command().args(["template", "rm"]).args(&names),
+            "appshot template rm",
+            Duration::from_secs(30),
+        );
+        if let Err(e) = removed {
+            eprintln!("appshot-bench: {e:#}");
+        }
+    }
+
     /// Stops every instance still registered: the last line of defence for
     /// whatever a guard could not stop.
     fn stop_all(&self) {
@@ -286,6 +308,7 @@ impl Drop for Appshot {
     /// error and interrupt alike.
     fn drop(&mut self) {
         self.stop_all();
+        self.remove_templates();
     }
 }
 

@@ -46,6 +46,10 @@ pub enum RuntimeError {
     },
     #[error("snapshot of `{name}` failed: {message}")]
     SnapshotFailed { name: String, message: String },
+    #[error("template `{name}` holds another image, {}: remove it with `appshot template rm {name}` or clone from a file of another name", image.display())]
+    TemplateName { name: String, image: PathBuf },
+    #[error("no template named `{0}` (`appshot templates` lists them)")]
+    NoTemplate(String),
     #[error("no running instance named `{0}`")]
     NoInstance(String),
     #[error("instance `{0}` is running: stop it first")]

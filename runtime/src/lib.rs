@@ -13,7 +13,8 @@
 //! - `multiplex/`: bind/connect/name policy behind a seam in front of the
 //!   kernel, and its real side.
 //! - `supervisor/`: one per instance: launch and namespace init, control
-//!   socket, snapshots it takes, restarts, logs, `--user`.
+//!   socket, snapshots it takes, restarts, logs, `--user`, the template
+//!   holders clones are forked from.
 //! - `oci/` (appshot as an OCI runtime's seccomp agent) and `commands/`
 //!   (`ps`, `ports`, `stop`, app configs, systemd units): the top.
 // Denied rather than forbidden: claiming the inherited channel fd in

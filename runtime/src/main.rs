@@ -22,7 +22,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use appshot::commands::{self, apps, systemd};
 use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
-use appshot::supervisor::{self, init, logs, pending, restart, snapshots, user};
+use appshot::supervisor::{self, init, logs, pending, restart, snapshots, templates, user};
 use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
 use appshot::{error, oci, DEFAULT_RUN_DIR, VERSION};
 use cli::{clones, detach};
@@ -211,6 +211,14 @@ enum Cmd {
         #[arg(short, long)]
         detach: bool,
     },
+    /// List the resident templates clones are forked from: one holder
+    /// process per template image, started by its first clone.
+    Templates,
+    /// Manage resident templates.
+    Template {
+        #[command(subcommand)]
+        command: TemplateCmd,
+    },
     /// Bring an instance back from an image, continuing where it stopped.
     Restore {
         image: PathBuf,
@@ -292,6 +300,11 @@ enum Cmd {
         /// for each.
         #[arg(long, value_delimiter = ',')]
         restore_pid: Vec<u32>,
+        /// A clone forked from a template holder: the PID it gets, which
+        /// init waits for after saying on the channel that its namespaces
+        /// are ready.
+        #[arg(long, requires = "channel_fd", conflicts_with = "restore_pid")]
+        await_pid: Option<u32>,
         #[arg(long, requires = "identity_target")]
         identity_source: Option<PathBuf>,
         #[arg(long, requires = "identity_source")]
@@ -340,6 +353,16 @@ enum GenerateCmd {
         /// With --agent: the cluster key file.
         #[arg(long, requires = "agent")]
         key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// End templates' holders (by the names `appshot templates` shows):
+    /// their clones run on, and the next clone starts a new holder.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -482,6 +505,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Init {
             channel_fd,
             restore_pid,
+            await_pid,
             identity_source,
             identity_target,
             hostname,
@@ -490,10 +514,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cgroup,
             command,
         } => init::run(init::InitArgs {
-            // clap lets exactly one of the two through.
-            start: match channel_fd {
-                Some(fd) => init::Start::Launch { channel_fd: fd },
-                None => init::Start::Restore { pids: restore_pid },
+            // clap lets exactly one of the three through.
+            start: match (channel_fd, await_pid) {
+                (Some(fd), Some(pid)) => init::Start::Await {
+                    pid,
+                    channel_fd: fd,
+                },
+                (Some(fd), None) => init::Start::Launch { channel_fd: fd },
+                (None, _) => init::Start::Restore { pids: restore_pid },
             },
             identity: identity_source.zip(identity_target),
             hostname,
@@ -579,6 +607,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             logs::print(&run_dir, &name, &view)?;
             Ok(0)
         }
+        Cmd::Templates => {
+            print!("{}", commands::templates(&run_dir));
+            Ok(0)
+        }
+        Cmd::Template {
+            command: TemplateCmd::Rm { names },
+        } => each(&names, |name| {
+            templates::remove(&run_dir, name)?;
+            println!("{name}");
+            Ok(())
+        }),
         Cmd::Rm { names } => each(&names, |name| {
             logs::remove(&run_dir, name)?;
             println!("{name}");
@@ -853,17 +892,10 @@ fn restore_launch(
     lazy: Option<LazySettings>,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
-    let (path, img) = if lazy.is_some() {
-        // The pages are verified as the page server reads them.
-        let path =
-            std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
-        let img = appshot_snapshot::image::Image::open_for_lazy(&path)?;
-        appshot_snapshot::restore::check_files(&img)?;
+    let (path, img) = checked_image(image)?;
+    if lazy.is_some() {
         appshot_snapshot::lazy::check(&img)?;
-        (path, img)
-    } else {
-        checked_image(image)?
-    };
+    }
     let info = &img.manifest.instance;
     image_launch(
         Mode::Restore {
@@ -878,10 +910,14 @@ fn restore_launch(
     )
 }
 
+/// The image at `image`, its headers, manifests and layouts checked (a
+/// truncated or malformed image is refused here, before anything starts);
+/// its pages are checked by the supervisor while it rebuilds the processes
+/// (or, restored lazily, by its page server), not read through twice.
 fn checked_image(image: &Path) -> anyhow::Result<(PathBuf, appshot_snapshot::image::Image)> {
     let path =
         std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
-    let img = appshot_snapshot::image::Image::open(&path)?;
+    let img = appshot_snapshot::image::Image::open_pages_unchecked(&path)?;
     appshot_snapshot::restore::check_files(&img)?;
     Ok((path, img))
 }

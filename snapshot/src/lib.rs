@@ -5,6 +5,7 @@
 
 pub mod dump;
 pub mod error;
+pub mod holder;
 pub mod image;
 pub mod kinds;
 pub mod lazy;

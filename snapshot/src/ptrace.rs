@@ -261,6 +261,37 @@ impl Frozen {
         }
     }
 
+    /// Ends a single-threaded process with an injected `exit(0)` run from
+    /// `code` (a `syscall; int3` in it), starting from registers
+    /// `template`, and waits, as its tracer, until it is gone.
+    pub fn exit(
+        mut self,
+        code: u64,
+        template: libc::user_regs_struct,
+    ) -> Result<(), SnapshotError> {
+        let tid = self.pid;
+        let mut regs = template;
+        regs.rax = libc::SYS_exit as u64;
+        regs.rdi = 0;
+        regs.rip = code;
+        regs.orig_rax = u64::MAX;
+        ptrace::setregs(pid(tid), regs)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+        ptrace::cont(pid(tid), None).map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
+        self.released = true;
+        loop {
+            match wait(tid) {
+                Ok(Status::Gone) => return Ok(()),
+                Ok(Status::Other) => continue,
+                Ok(_) => {
+                    ptrace::cont(pid(tid), None)
+                        .map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
+                }
+                Err(e) => return Err(SnapshotError::process(tid, "waiting for its exit", e)),
+            }
+        }
+    }
+
     /// An injector for this process's threads, with its code at `code`.
     /// Each thread's registers are put back after every call.
     pub fn injector(&self, code: u64) -> Injector<'_> {

@@ -30,8 +30,8 @@ use crate::proc::parse;
 use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
 use crate::regs;
 
-const SCRATCH: u64 = 256 * PAGE;
-const DATA: u64 = PAGE;
+pub(crate) const SCRATCH: u64 = 256 * PAGE;
+pub(crate) const DATA: u64 = PAGE;
 const DATA_LEN: u64 = SCRATCH - DATA;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
 const SECCOMP_SET_MODE_FILTER: u64 = 1;
@@ -52,12 +52,14 @@ pub struct RestoreHooks<'a> {
     pub bind_udp: &'a dyn Fn(std::net::SocketAddr, OwnedFd) -> Result<(), ListenError>,
     /// Whether the image's TCP connections are rebuilt or reset.
     pub connections: Connections,
-    /// Map saved pages from the image file (MAP_PRIVATE, copy-on-write)
-    /// instead of copying them: how clones of a template share its memory.
-    pub share_pages: bool,
     /// Restore lazily: the process is released before its memory is in
     /// (see [`crate::lazy`]).
     pub lazy: Option<LazySettings>,
+    /// Check the image's pages sections against their CRCs while the
+    /// processes are rebuilt (for an image opened with
+    /// [`Image::open_pages_unchecked`]): a mismatch kills them before any
+    /// is released, so none runs on pages that are not the saved ones.
+    pub check_pages: bool,
 }
 
 pub struct Restored {
@@ -71,11 +73,44 @@ pub struct Restored {
 }
 
 /// One process being rebuilt, frozen.
-struct Built {
-    frozen: Frozen,
-    mem: Memory,
+pub(crate) struct Built {
+    pub(crate) frozen: Frozen,
+    pub(crate) mem: Memory,
     /// Any valid register set of it, for the rebuilding injector.
-    template: libc::user_regs_struct,
+    pub(crate) template: libc::user_regs_struct,
+}
+
+impl Built {
+    /// The frozen process, ready to be rebuilt; killed (never let go half
+    /// built) if its memory or registers cannot be had.
+    pub(crate) fn of(frozen: Frozen) -> Result<Built, SnapshotError> {
+        let pid = frozen.pid;
+        match Memory::open(pid).and_then(|mem| Ok((mem, registers_of(pid)?))) {
+            Ok((mem, template)) => Ok(Built {
+                frozen,
+                mem,
+                template,
+            }),
+            Err(e) => {
+                frozen.kill(|| {
+                    let _ = nix::sys::signal::kill(
+                        Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Where the image's top-level processes come from.
+enum Tops {
+    /// Stubs the namespace init forked: ns pid → our pid.
+    Stubs(HashMap<u32, u32>),
+    /// The one top-level process, forked from a template holder with its
+    /// memory, mm fields and scratch mapping (`built[0]` from the start).
+    Forked { scratch: u64 },
 }
 
 /// Restores the image's process tree. `stubs` are the processes the
@@ -89,7 +124,6 @@ pub fn restore(
     image: &Image,
     hooks: &RestoreHooks,
 ) -> Result<Restored, SnapshotError> {
-    let procs = &image.manifest.processes;
     let mut by_ns = HashMap::new();
     for &host in stubs {
         let status = std::fs::read_to_string(format!("/proc/{host}/status"))
@@ -103,6 +137,130 @@ pub fn restore(
             })?;
         by_ns.insert(ns, host);
     }
+    let ipc_pid = stubs.first().copied();
+    rebuild(Tops::Stubs(by_ns), Vec::new(), ipc_pid, image, hooks)
+}
+
+/// Finishes a clone forked from a template holder
+/// ([`crate::holder::fork_clone`]): the forked process has the template's
+/// memory already, and gets the rest of its state here as a restored one
+/// does; its children are forked from it and rebuilt as in [`restore`].
+/// On error it is killed, as every process of a failed restore is.
+pub fn restore_forked(
+    forked: Frozen,
+    scratch: u64,
+    image: &Image,
+    hooks: &RestoreHooks,
+) -> Result<Restored, SnapshotError> {
+    let pid = forked.pid;
+    let first = Built::of(forked)?;
+    rebuild(
+        Tops::Forked { scratch },
+        vec![first],
+        Some(pid),
+        image,
+        hooks,
+    )
+}
+
+fn rebuild(
+    tops: Tops,
+    mut built: Vec<Built>,
+    ipc_pid: Option<u32>,
+    image: &Image,
+    hooks: &RestoreHooks,
+) -> Result<Restored, SnapshotError> {
+    let saved_regs = match saved_registers(image) {
+        Ok(regs) => regs,
+        Err(e) => {
+            kill_all(built);
+            return Err(e);
+        }
+    };
+    // Before any process attaches a segment, and while no one else could
+    // take the saved ids in the instance's fresh IPC namespace.
+    let server = ipc_pid
+        .map_or(Ok(()), |pid| crate::kinds::sysv::restore(pid, image))
+        .and_then(|()| match (hooks.lazy, &tops) {
+            (Some(_), Tops::Forked { .. }) => Err(RestoreError::Lazy(
+                "a clone is forked from its template's holder; it has no pages to serve lazily"
+                    .into(),
+            )
+            .into()),
+            (Some(settings), Tops::Stubs(_)) => {
+                crate::lazy::check(image)?;
+                Ok(Some(PageServer::start(image, settings)?))
+            }
+            (None, _) => Ok(None),
+        });
+    let server = match server {
+        Ok(server) => server,
+        Err(e) => {
+            kill_all(built);
+            return Err(e);
+        }
+    };
+    let result = std::thread::scope(|scope| {
+        // Started before the pinning below, so that it reads on another
+        // CPU than the one the rebuild is pinned to.
+        let checking = hooks
+            .check_pages
+            .then(|| scope.spawn(|| image.verify_pages()));
+        // Every injected syscall is a ptrace round trip; with tracer and
+        // processes on one CPU it costs a few microseconds instead of a
+        // cross-CPU wake-up.
+        let mut pinned = SameCpu::pin();
+        for b in &built {
+            pinned.add(b.frozen.pid);
+        }
+        let result = build_tree(
+            &tops,
+            image,
+            hooks,
+            &saved_regs,
+            &mut built,
+            &mut pinned,
+            server.as_ref(),
+        );
+        // Affinity first, while every thread is still stopped: restored
+        // threads inherit their process's full CPU set, never the pinned
+        // one.
+        drop(pinned);
+        let checked = match checking {
+            Some(check) => check.join().unwrap_or_else(|_| {
+                Err(SnapshotError::corrupt(
+                    &image.path,
+                    "the check of its pages failed",
+                ))
+            }),
+            None => Ok(()),
+        };
+        result.and_then(|listeners| checked.map(|()| listeners))
+    });
+    // No process comes after these: the server finishes once all is in.
+    let lazy = server.map(|s| s.status());
+    match result {
+        Ok(listeners) => {
+            let hosts = built.iter().map(|b| b.frozen.pid).collect();
+            for b in built {
+                b.frozen.release();
+            }
+            Ok(Restored {
+                listeners,
+                hosts,
+                lazy,
+            })
+        }
+        Err(e) => {
+            kill_all(built);
+            Err(e)
+        }
+    }
+}
+
+/// The saved registers of every thread, per process in image order.
+fn saved_registers(image: &Image) -> Result<Vec<Vec<libc::user_regs_struct>>, SnapshotError> {
+    let procs = &image.manifest.processes;
     let mut saved_regs = Vec::with_capacity(procs.len());
     for p in procs {
         if !p.threads.iter().any(|t| t.ns_tid == p.ns_pid) {
@@ -123,72 +281,26 @@ pub fn restore(
         }
         saved_regs.push(regs_of);
     }
-    // Before any stub attaches a segment, and while no one else could take
-    // the saved ids in the instance's fresh IPC namespace.
-    if let Some(&stub) = stubs.first() {
-        crate::kinds::sysv::restore(stub, image)?;
-    }
-    let server = match hooks.lazy {
-        Some(settings) => {
-            crate::lazy::check(image)?;
-            if hooks.share_pages {
-                return Err(RestoreError::Lazy(
-                    "a clone maps its template's pages; it has none to serve lazily".into(),
-                )
-                .into());
-            }
-            Some(PageServer::start(image, settings)?)
-        }
-        None => None,
-    };
-    let mut built: Vec<Built> = Vec::with_capacity(procs.len());
-    // Every injected syscall is a ptrace round trip; with tracer and
-    // processes on one CPU it costs a few microseconds instead of a
-    // cross-CPU wake-up.
-    let mut pinned = SameCpu::pin();
-    let result = build_tree(
-        &by_ns,
-        image,
-        hooks,
-        &saved_regs,
-        &mut built,
-        &mut pinned,
-        server.as_ref(),
-    );
-    // No process comes after these: the server finishes once all is in.
-    let lazy = server.map(|s| s.status());
-    // Affinity first, while every thread is still stopped: restored threads
-    // inherit their process's full CPU set, never the pinned one.
-    drop(pinned);
-    match result {
-        Ok(listeners) => {
-            let hosts = built.iter().map(|b| b.frozen.pid).collect();
-            for b in built {
-                b.frozen.release();
-            }
-            Ok(Restored {
-                listeners,
-                hosts,
-                lazy,
-            })
-        }
-        Err(e) => {
-            for b in built.into_iter().rev() {
-                let pid = b.frozen.pid;
-                b.frozen.kill(|| {
-                    let _ = nix::sys::signal::kill(
-                        Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                });
-            }
-            Err(e)
-        }
+    Ok(saved_regs)
+}
+
+/// Kills every process built so far, last first, each seen dead by us,
+/// its tracer.
+fn kill_all(built: Vec<Built>) {
+    for b in built.into_iter().rev() {
+        let pid = b.frozen.pid;
+        b.frozen.kill(|| {
+            let _ = nix::sys::signal::kill(
+                Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        });
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_tree(
-    stubs: &HashMap<u32, u32>,
+    tops: &Tops,
     image: &Image,
     hooks: &RestoreHooks,
     saved_regs: &[Vec<libc::user_regs_struct>],
@@ -197,30 +309,34 @@ fn build_tree(
     lazy: Option<&PageServer>,
 ) -> Result<Vec<OwnedFd>, SnapshotError> {
     let procs = &image.manifest.processes;
-    let mut stub_maps = Vec::new();
-    for p in image.manifest.top_level() {
-        let host = *stubs.get(&p.ns_pid).ok_or_else(|| RestoreError::Process {
-            pid: p.ns_pid,
-            what: "no stub was forked for it".into(),
-        })?;
-        stub_maps.extend(
-            parse::maps(&std::fs::read_to_string(format!("/proc/{host}/maps")).unwrap_or_default())
-                .ok_or_else(|| RestoreError::Stub {
-                    pid: host,
-                    what: "unreadable maps".into(),
-                })?,
-        );
-    }
-    // One place for all: children inherit it from their parent's fork.
-    let all_vmas: Vec<Vma> = procs.iter().flat_map(|p| p.vmas.iter().cloned()).collect();
-    let scratch = choose_scratch(&stub_maps, &all_vmas)?;
+    let scratch = match tops {
+        Tops::Stubs(stubs) => {
+            let mut stub_maps = Vec::new();
+            for p in image.manifest.top_level() {
+                let host = *stubs.get(&p.ns_pid).ok_or_else(|| RestoreError::Process {
+                    pid: p.ns_pid,
+                    what: "no stub was forked for it".into(),
+                })?;
+                stub_maps.extend(maps_of(host)?);
+            }
+            // One place for all: children inherit it from their parent's
+            // fork.
+            let all_vmas: Vec<Vma> = procs.iter().flat_map(|p| p.vmas.iter().cloned()).collect();
+            choose_scratch(&stub_maps, &all_vmas)?
+        }
+        Tops::Forked { scratch } => *scratch,
+    };
     let data = scratch + DATA;
     let mut shmem = HashMap::new();
     let mut memfds = kinds::memfd::Made::default();
     for (i, p) in procs.iter().enumerate() {
         let parent = procs.iter().position(|q| q.ns_pid == p.ns_ppid);
-        let b = match parent {
-            None => {
+        let b = match (parent, tops) {
+            (None, Tops::Forked { .. }) => built.get(i).ok_or_else(|| RestoreError::Process {
+                pid: p.ns_pid,
+                what: "a second top-level process cannot be forked from one template".into(),
+            })?,
+            (None, Tops::Stubs(stubs)) => {
                 let host = stubs[&p.ns_pid];
                 pinned.add(host);
                 let frozen = Frozen::seize(
@@ -237,7 +353,7 @@ fn build_tree(
                 prepare_stub(b, p, scratch)?;
                 b
             }
-            Some(j) => {
+            (Some(j), _) => {
                 let pb = &built[j];
                 let inj = pb.frozen.rebuilding_injector(scratch, pb.template);
                 let frozen = crate::kinds::tree::fork(&pb.frozen, &inj, &pb.mem, data, p.ns_pid)?;
@@ -252,6 +368,8 @@ fn build_tree(
             }
         };
         kinds::threads::check_xstate(b.frozen.pid, &p.threads)?;
+        // A forked process has its memory and mm fields from its holder.
+        let memory = parent.is_some() || matches!(tops, Tops::Stubs(_));
         first_pass(
             b,
             p,
@@ -259,6 +377,7 @@ fn build_tree(
             image,
             hooks,
             scratch,
+            memory,
             &mut shmem,
             &mut memfds,
             lazy,
@@ -286,14 +405,25 @@ fn build_tree(
     Ok(listeners)
 }
 
-fn registers_of(pid: u32) -> Result<libc::user_regs_struct, SnapshotError> {
+pub(crate) fn maps_of(pid: u32) -> Result<Vec<parse::MapsLine>, SnapshotError> {
+    parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
+        .ok_or_else(|| {
+            RestoreError::Stub {
+                pid,
+                what: "unreadable maps".into(),
+            }
+            .into()
+        })
+}
+
+pub(crate) fn registers_of(pid: u32) -> Result<libc::user_regs_struct, SnapshotError> {
     ptrace::getregs(Pid::from_raw(pid as i32))
         .map_err(|e| SnapshotError::process(pid, "PTRACE_GETREGS", e))
 }
 
 /// Empties a stub forked by the namespace init: the scratch mapping in,
 /// everything it had (fds above stdio, memory, rseq) out.
-fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<(), SnapshotError> {
+pub(crate) fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<(), SnapshotError> {
     let pid = b.frozen.pid;
     if b.frozen.tids.len() != 1 {
         return Err(RestoreError::Stub {
@@ -302,12 +432,7 @@ fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<(), Snapsho
         }
         .into());
     }
-    let stub_maps =
-        parse::maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default())
-            .ok_or_else(|| RestoreError::Stub {
-                pid,
-                what: "unreadable maps".into(),
-            })?;
+    let stub_maps = maps_of(pid)?;
     let text = stub_maps
         .iter()
         .find(|m| m.exec && m.name.starts_with('/'))
@@ -358,9 +483,11 @@ fn same_place(a: &Vma, b: &Vma) -> bool {
         && a.kind == b.kind
 }
 
-/// What a process needs before it forks its children: memory, mm fields,
-/// limits, session, fds. A forked child starts as a copy of its rebuilt
-/// parent and drops what it did not have.
+/// What a process needs before it forks its children: memory and mm
+/// fields (unless `memory` is false: a clone forked from its template
+/// holder has them, all but its arguments and executable), limits,
+/// session, fds. A forked child starts as a copy of its rebuilt parent and
+/// drops what it did not have.
 #[allow(clippy::too_many_arguments)]
 fn first_pass(
     b: &Built,
@@ -369,6 +496,7 @@ fn first_pass(
     image: &Image,
     hooks: &RestoreHooks,
     scratch: u64,
+    memory: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
     lazy: Option<&PageServer>,
@@ -397,20 +525,14 @@ fn first_pass(
             map_vdso(&inj, pid, &p.vmas)?;
         }
     }
-    map_memory(
-        &inj,
-        mem,
-        pid,
-        data,
-        image,
-        p,
-        hooks.share_pages,
-        shmem,
-        memfds,
-        lazy,
-    )?;
-    let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
-    set_mm(&inj, mem, pid, data, p, keep_exe)?;
+    if memory {
+        map_memory(&inj, mem, pid, data, image, p, shmem, memfds, lazy)?;
+        let keep_exe = parent.is_some_and(|pp| pp.exe == p.exe);
+        set_mm(&inj, mem, pid, data, p, keep_exe, None)?;
+    } else {
+        // The holder's arguments and executable were its own.
+        set_mm(&inj, mem, pid, data, p, false, None)?;
+    }
     // Limits before fds: a process that raised RLIMIT_NOFILE may hold
     // fds above the stub's limit. Its temporaries sit above its highest
     // fd, so the soft limit is the hard one until the fds are placed.
@@ -531,7 +653,7 @@ fn second_pass(
     // Extended state and signal masks of every thread first, registers
     // last: a failure in between leaves no thread with its saved registers
     // (and the process is killed anyway).
-    kinds::threads::restore_xstate(pid, p, &host_tids)?;
+    kinds::threads::restore_xstate(p, &host_tids)?;
     kinds::threads::restore_registers(p, saved_regs, &host_tids)?;
     Ok(listener)
 }
@@ -634,7 +756,10 @@ impl Drop for SameCpu {
 
 /// An address for the scratch mapping that collides with neither the
 /// stub's mappings nor the saved ones.
-fn choose_scratch(stub: &[parse::MapsLine], saved: &[Vma]) -> Result<u64, SnapshotError> {
+pub(crate) fn choose_scratch(
+    stub: &[parse::MapsLine],
+    saved: &[Vma],
+) -> Result<u64, SnapshotError> {
     let busy = |a: u64| {
         let end = a + SCRATCH;
         stub.iter().any(|m| m.start < end && a < m.end)

@@ -157,6 +157,89 @@ pub fn fork_waiting_stub(pid: u32) -> io::Result<u32> {
     Ok(child)
 }
 
+/// Starts a process that belongs to no one: a child of a child that exits
+/// at once, so it is reparented to the host's init (or the nearest
+/// subreaper) and outlives the caller. It leads a session of its own, has
+/// /dev/null as its standard streams (and closes every other fd), and
+/// waits in `pause` until something replaces it (a template holder is built
+/// in it). Returns its PID once its session and streams are its own.
+pub fn spawn_orphan() -> io::Result<u32> {
+    let null = c"/dev/null";
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned this fd to us; nothing else owns it.
+    let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as for the read end.
+    let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    let middle = fork_raw()?;
+    if middle == 0 {
+        // Raw syscalls only, on memory prepared before the fork: the
+        // caller may have had other threads.
+        let orphan = fork_raw();
+        if matches!(orphan, Ok(0)) {
+            // SAFETY: no arguments.
+            unsafe { libc::setsid() };
+            // SAFETY: a static NUL-terminated path.
+            let fd = unsafe { libc::open(null.as_ptr(), libc::O_RDWR) };
+            if fd < 0 {
+                exit_now(127);
+            }
+            for std in 0..=2 {
+                // SAFETY: integer arguments only.
+                unsafe { libc::dup2(fd, std) };
+            }
+            // Its PID, told only now that its session and standard streams
+            // are its own: the caller may stop it for good at any moment
+            // from then on (fds above stdio it closes itself).
+            // SAFETY: no arguments.
+            let pid = unsafe { libc::getpid() } as u32;
+            // SAFETY: write reads the 4 bytes of a local.
+            unsafe { libc::write(write.as_raw_fd(), (&pid as *const u32).cast(), 4) };
+            // SAFETY: integer arguments only; closes every fd above stdio.
+            unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+            loop {
+                // SAFETY: pause takes no arguments.
+                unsafe { libc::pause() };
+            }
+        }
+        exit_now(if orphan.is_ok() { 0 } else { 127 });
+    }
+    drop(write);
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into an int we own.
+    unsafe { libc::waitpid(middle as libc::pid_t, &mut status, 0) };
+    let mut pid = [0u8; 4];
+    // SAFETY: read writes at most 4 bytes into the array we own.
+    let n = unsafe { libc::read(read.as_raw_fd(), pid.as_mut_ptr().cast(), 4) };
+    if n != 4 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(io::Error::other("the orphan process could not be forked"));
+    }
+    Ok(u32::from_ne_bytes(pid))
+}
+
+/// A fork by a raw clone: 0 in the child, the child's PID in the parent.
+/// The child may only make async-signal-safe calls (see
+/// [`spawn_orphan`]).
+fn fork_raw() -> io::Result<u32> {
+    // SAFETY: clone without CLONE_VM and with a null stack is a fork; the
+    // children of its caller make only raw async-signal-safe syscalls on
+    // memory prepared before it, whatever threads the caller has.
+    let ret = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret as u32)
+}
+
+/// Ends the calling process without running any exit handler.
+fn exit_now(status: i32) -> ! {
+    // SAFETY: _exit only ends the calling process.
+    unsafe { libc::_exit(status) }
+}
+
 /// Arranges for `cmd`'s child to load `program` right before `exec` and send
 /// the new listener fd over `channel` (a connected Unix socket) with
 /// SCM_RIGHTS. The application itself never holds the listener: it is

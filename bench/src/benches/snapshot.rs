@@ -620,7 +620,7 @@ fn clone_memory(
     let per_clone = |kib: u64| kib as f64 / 1024.0 / f64::from(MEMORY_CLONES);
     // After the memory is read: the first clone's first write to each of
     // the template's pages, and an ordinary process's copy-on-write after
-    // fork, the fault a clone forked from a resident template would take.
+    // fork, the fault a clone (a fork of its template's holder) takes.
     let first = format!("{aid}-1");
     let out = procs::run(
         &mut appshot.foreground(&first, &ask(probe, size.port, "write", 10_000)),

@@ -340,7 +340,26 @@ pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeEr
     Ok(())
 }
 
-fn render(rows: &[Vec<String>]) -> String {
+/// `appshot templates`: one line per template with a running holder.
+pub fn templates(run_dir: &Path) -> String {
+    let mut table = vec![["NAME", "IMAGE", "PID", "RSS", "PSS", "CLONES"]
+        .map(String::from)
+        .to_vec()];
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    for t in crate::supervisor::templates::listed(run_dir) {
+        table.push(vec![
+            t.name,
+            t.image.display().to_string(),
+            t.pid.to_string(),
+            mib(t.rss_kib),
+            mib(t.pss_kib),
+            t.clones.to_string(),
+        ]);
+    }
+    render(&table)
+}
+
+pub(crate) fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))

@@ -92,6 +92,10 @@ pub enum Start {
     /// A stub with each of these PIDs for a restore to rebuild (the image's
     /// top-level processes); the first is looked after as the application.
     Restore { pids: Vec<u32> },
+    /// A clone forked from a template holder: it appears as init's child
+    /// with PID `pid` once its supervisor forked it into init's
+    /// namespaces, which init says are ready over `channel_fd`.
+    Await { pid: u32, channel_fd: RawFd },
 }
 
 pub struct InitArgs {
@@ -139,6 +143,12 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
                 main.get_or_insert(Pid::from_raw(child as i32));
             }
             main.ok_or(InitError::NoStub)?
+        }
+        Start::Await { pid, channel_fd } => {
+            let channel = take_channel(*channel_fd)?;
+            nix::unistd::write(&channel, b"ready")
+                .map_err(sys("saying the namespaces are ready"))?;
+            Pid::from_raw(*pid as i32)
         }
         Start::Launch { channel_fd } => {
             let channel = take_channel(*channel_fd)?;

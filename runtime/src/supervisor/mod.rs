@@ -9,6 +9,7 @@ pub mod pending;
 pub mod restart;
 mod restoring;
 pub mod snapshots;
+pub mod templates;
 pub mod user;
 
 use std::ffi::CString;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use appshot_snapshot::holder;
 use appshot_snapshot::image::Image;
 use appshot_snapshot::lazy::{LazySettings, LazyStatus};
 use appshot_snapshot::restore;
@@ -109,7 +111,8 @@ pub enum Mode {
         lazy: Option<LazySettings>,
     },
     /// Start a clone of a template (already verified by the `appshot
-    /// clone` that asked for it): its pages are mapped, not copied.
+    /// clone` that asked for it): forked from the template's holder, which
+    /// is started first if none runs.
     Clone { template: PathBuf },
 }
 
@@ -237,15 +240,22 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 Mode::Restore { lazy, .. } => *lazy,
                 _ => None,
             };
-            let image = if is_clone {
-                Image::open_verified_template(path)?
-            } else if lazy.is_some() {
-                Image::open_for_lazy(path)?
-            } else {
-                Image::open(path)?
-            };
+            // A template's pages were checked by `appshot clone` (once per
+            // unchanged file), a lazy restore's are by its page server, an
+            // eager restore's while its processes are rebuilt.
+            let image = Image::open_pages_unchecked(path)?;
             restore::check_files(&image)?;
             phases.mark("image opened");
+            // A clone that cannot be forked from a holder is restored with
+            // its memory copied: right, only not shared.
+            let forked = is_clone
+                && match holder::unforkable(&image) {
+                    None => true,
+                    Some(why) => {
+                        warn!(name = %launch.name, "the template's memory is copied, not shared: {why}");
+                        false
+                    }
+                };
             let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
                 Some(file) => Some((
                     write_identity(&launch, file, lock.instance_dir())?,
@@ -253,12 +263,13 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 )),
                 _ => None,
             };
-            let plan = restoring::Plan::new(
-                is_clone,
-                tcp_close,
-                &image.manifest.instance,
-                image.manifest.top_level().count(),
-            );
+            // A forked clone has no stub: init waits for it instead.
+            let stubs = if forked {
+                0
+            } else {
+                image.manifest.top_level().count()
+            };
+            let plan = restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
             let mut host = RealRestore {
                 launch: &launch,
                 image: &image,
@@ -269,6 +280,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 mux: None,
                 lazy,
                 lazy_status: None,
+                forked,
+                ready: None,
                 cluster: &cluster,
                 phases: &mut phases,
             };
@@ -479,7 +492,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, cgroup, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, None, cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -545,6 +558,10 @@ struct RealRestore<'a, M> {
     /// `restore --lazy`: how, and once rebuilt, its page server's status.
     lazy: Option<LazySettings>,
     lazy_status: Option<LazyStatus>,
+    /// A clone forked from its template's holder; once init started, where
+    /// it says its namespaces are ready, and its PID.
+    forked: bool,
+    ready: Option<(OwnedFd, u32)>,
     cluster: &'a Arc<Cluster>,
     phases: &'a mut Phases,
 }
@@ -558,14 +575,28 @@ where
 
     fn start_init(&mut self) -> Result<(u32, OwnedFd), RuntimeError> {
         let top_level: Vec<u32> = self.image.manifest.top_level().map(|p| p.ns_pid).collect();
+        let channel = if self.forked {
+            let pair = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| RuntimeError::sys("socketpair", e))?;
+            Some(pair)
+        } else {
+            None
+        };
         let (init_pid, init) = start_init(
             self.launch,
-            None,
-            &top_level,
+            channel.as_ref().map(|(_, theirs)| theirs),
+            if self.forked { &[] } else { &top_level },
+            self.forked.then(|| top_level[0]),
             self.identity_file,
             self.cgroup,
             self.nofile,
         )?;
+        self.ready = channel.map(|(ours, _)| (ours, init_pid));
         self.phases.mark("init started");
         self.mux = Some((self.new_mux)(init_pid)?);
         Ok((init_pid, init))
@@ -580,7 +611,13 @@ where
         stubs: &[u32],
         plan: &restoring::Plan,
     ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
-        self.phases.mark("stubs forked");
+        let forked = match self.ready.take() {
+            Some((ready, init_pid)) => Some(self.fork(ready, init_pid)?),
+            None => {
+                self.phases.mark("stubs forked");
+                None
+            }
+        };
         let program = filter::build()?;
         self.phases.mark("filter built");
         let mux = self.mux.as_ref().expect("init started first");
@@ -591,10 +628,13 @@ where
             listen: &listen,
             bind_udp: &bind_udp,
             connections: plan.connections,
-            share_pages: plan.clone,
             lazy: self.lazy,
+            check_pages: !plan.clone && self.lazy.is_none(),
         };
-        let restored = restore::restore(stubs, self.image, &hooks)?;
+        let restored = match forked {
+            Some((clone, scratch)) => restore::restore_forked(clone, scratch, self.image, &hooks)?,
+            None => restore::restore(stubs, self.image, &hooks)?,
+        };
         self.lazy_status = restored.lazy;
         self.phases.mark("restored");
         Ok((restored.listeners, restored.hosts[0]))
@@ -608,6 +648,49 @@ where
 
     fn release_netlock(&mut self) {
         crate::net::netlock::release_image(&self.launch.run_dir, &self.image.path);
+    }
+}
+
+impl<M> RealRestore<'_, M> {
+    /// Forks the image's process from its template's holder into the
+    /// namespaces of init (`init_pid`) once it says they are ready, and
+    /// moves it into the instance's cgroup. Returns it frozen, and the
+    /// holder's scratch address, for the rest of its restore.
+    fn fork(
+        &mut self,
+        ready: OwnedFd,
+        init_pid: u32,
+    ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
+        let mut word = [0u8; 16];
+        match nix::unistd::read(ready.as_raw_fd(), &mut word) {
+            Ok(n) if &word[..n] == b"ready" => {}
+            _ => {
+                return Err(RuntimeError::Start {
+                    name: self.launch.name.clone(),
+                    reason: "the namespace init ended before its namespaces were ready".into(),
+                })
+            }
+        }
+        self.phases.mark("namespaces ready");
+        let mut lease = templates::lease(&self.launch.run_dir, &self.image.path, self.image)?;
+        let holder = lease.holder();
+        self.phases.mark("template holder locked");
+        let namespaces = templates::namespaces_apart(init_pid, holder.pid);
+        let clone = holder::fork_clone(holder, init_pid, namespaces, self.image)?;
+        lease.clone_started();
+        drop(lease);
+        self.phases.mark("forked");
+        if let Some(dir) = self.cgroup {
+            let procs = dir.join("cgroup.procs");
+            if let Err(e) = std::fs::write(&procs, clone.pid.to_string()) {
+                let pid = clone.pid;
+                clone.kill(|| {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                });
+                return Err(RuntimeError::sys(format!("writing {}", procs.display()), e));
+            }
+        }
+        Ok((clone, holder.scratch))
     }
 }
 
@@ -651,6 +734,7 @@ fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
+    await_pid: Option<u32>,
     identity: Option<&(PathBuf, PathBuf)>,
     cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
@@ -666,6 +750,10 @@ fn start_init(
     if let Some(channel) = channel {
         argv.push(cstr(b"--channel-fd")?);
         argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
+    }
+    if let Some(pid) = await_pid {
+        argv.push(cstr(b"--await-pid")?);
+        argv.push(cstr(pid.to_string().as_bytes())?);
     }
     if !restore_pids.is_empty() {
         let list: Vec<String> = restore_pids.iter().map(u32::to_string).collect();

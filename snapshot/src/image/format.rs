@@ -302,25 +302,22 @@ impl Image {
     }
 
     /// Like [`Image::open`] but without reading the pages sections to
-    /// check their CRCs: for clones of a template whose pages one `appshot
-    /// clone` already verified, so that a clone's cost does not grow with
-    /// the template's size. Headers, manifests and layouts are still
-    /// checked, up the whole chain.
-    pub fn open_verified_template(path: &Path) -> Result<Image, SnapshotError> {
-        Image::from_file(path, open_file(path)?, false)
-    }
-
-    /// Like [`Image::open_verified_template`], for a lazy restore: its page
-    /// server checks each pages section's CRC as it reads it through in the
-    /// background, and kills the instance on a mismatch (see
-    /// [`crate::lazy`]).
-    pub fn open_for_lazy(path: &Path) -> Result<Image, SnapshotError> {
+    /// check their CRCs (headers, manifests and layouts are still checked,
+    /// up the whole chain), for a caller that checks them otherwise:
+    /// clones of a template whose pages one `appshot clone` already
+    /// verified (a clone's cost does not grow with the template's size); a
+    /// lazy restore, whose page server checks each section as it reads it
+    /// through in the background and kills the instance on a mismatch
+    /// ([`crate::lazy`]); an eager restore, which checks them while it
+    /// rebuilds the processes, before any is released
+    /// ([`crate::restore::RestoreHooks::check_pages`]).
+    pub fn open_pages_unchecked(path: &Path) -> Result<Image, SnapshotError> {
         Image::from_file(path, open_file(path)?, false)
     }
 
     /// Verifies the image `file`, opened from `path` with [`open_file`],
     /// and its parents; with `verify_pages` false, as
-    /// [`Image::open_verified_template`].
+    /// [`Image::open_pages_unchecked`].
     pub fn from_file(path: &Path, file: File, verify_pages: bool) -> Result<Image, SnapshotError> {
         let mut image = Image::load(path, file, verify_pages)?;
         let mut next = image
@@ -416,22 +413,7 @@ impl Image {
         let manifest: Manifest = postcard::from_bytes(&manifest_bytes)
             .map_err(|e| corrupt(format!("manifest does not decode: {e}")))?;
 
-        if verify_pages {
-            let mut crc = crc32fast::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            file.seek(SeekFrom::Start(h.pages_off)).map_err(io)?;
-            let mut left = h.pages_len;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                file.read_exact(&mut buf[..n]).map_err(io)?;
-                crc.update(&buf[..n]);
-                left -= n as u64;
-            }
-            if crc.finalize() != h.pages_crc {
-                return Err(corrupt("pages checksum mismatch".into()));
-            }
-        }
-        Ok(Image {
+        let image = Image {
             path: path.to_path_buf(),
             manifest,
             file,
@@ -441,7 +423,47 @@ impl Image {
             pages_crc: h.pages_crc,
             manifest_crc: h.manifest_crc,
             ancestors: Vec::new(),
-        })
+        };
+        if verify_pages {
+            image.check_own_pages()?;
+        }
+        Ok(image)
+    }
+
+    /// Checks this image's pages section (not its parents') against its
+    /// CRC.
+    fn check_own_pages(&self) -> Result<(), SnapshotError> {
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < self.pages_len {
+            let n = (self.pages_len - at).min(buf.len() as u64) as usize;
+            self.read_pages(at, &mut buf[..n])?;
+            crc.update(&buf[..n]);
+            at += n as u64;
+        }
+        if crc.finalize() != self.pages_crc {
+            return Err(SnapshotError::corrupt(
+                &self.path,
+                "pages checksum mismatch",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the pages sections of the image and of its whole chain
+    /// against their CRCs: what [`Image::open`] does before it returns.
+    pub fn verify_pages(&self) -> Result<(), SnapshotError> {
+        self.check_own_pages()?;
+        for a in &self.ancestors {
+            a.check_own_pages()
+                .map_err(|e| SnapshotError::ParentUnusable {
+                    image: self.path.clone(),
+                    parent: a.path.clone(),
+                    source: Box::new(e),
+                })?;
+        }
+        Ok(())
     }
 
     /// Image `layer` of the chain (0: this one). The layers of a checked

@@ -442,7 +442,6 @@ pub(crate) fn map_memory(
     data: u64,
     image: &Image,
     p: &ProcessImage,
-    share_pages: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
     lazy: Option<&PageServer>,
@@ -454,8 +453,8 @@ pub(crate) fn map_memory(
     let mut lazy_ranges = Vec::new();
     let mut lazy_pieces = Vec::new();
     let mut buf = Vec::new();
-    // The process reads its own saved pages from the image (or maps them,
-    // for a clone): one copy, from the page cache into its memory. An
+    // The process reads its own saved pages from the image: one copy,
+    // from the page cache into its memory. An
     // incremental image's pages are in the images up its chain: each is
     // opened as a run first needs it.
     let mut layer_fds: HashMap<u32, u64> = HashMap::new();
@@ -616,29 +615,6 @@ pub(crate) fn map_memory(
             let n = (run.pages * PAGE) as usize;
             let layer = image.layer(run.layer);
             let off = layer.pages_off + run.offset;
-            // A stack's pages are copied: a piece mapped from the image
-            // would split the stack, and only its lowest piece can grow.
-            let private = !matches!(v.kind, VmaKind::Stack | VmaKind::SharedAnon { .. });
-            if private && share_pages {
-                // A private mapping of the image's page-aligned pages: read
-                // through the page cache that every clone shares, copied
-                // only when written.
-                let flags = (libc::MAP_PRIVATE as u64) | fixed;
-                inj.ok(
-                    pid,
-                    "mmap of template pages",
-                    libc::SYS_mmap,
-                    &[
-                        run.addr,
-                        n as u64,
-                        v.prot as u64,
-                        flags,
-                        layer_fd(run.layer)?,
-                        off,
-                    ],
-                )?;
-                continue;
-            }
             if v.prot & libc::PROT_WRITE as u32 != 0 {
                 let got = inj.ok(
                     pid,
@@ -709,7 +685,9 @@ pub(crate) fn drop_unsaved(inj: &Injector, pid: u32, v: &Vma) -> Result<(), Snap
 
 /// Sets the mm fields and, unless `keep_exe` (a child forked from a parent
 /// with the same executable, which still maps it: the kernel refuses to
-/// change an exe that is mapped), the exe link.
+/// change an exe that is mapped), the exe link. `args`, if given, is the
+/// (start, end) of the arguments /proc/PID/cmdline shows instead of the
+/// saved ones.
 pub(crate) fn set_mm(
     inj: &Injector,
     mem: &Memory,
@@ -717,6 +695,7 @@ pub(crate) fn set_mm(
     data: u64,
     p: &ProcessImage,
     keep_exe: bool,
+    args: Option<(u64, u64)>,
 ) -> Result<(), SnapshotError> {
     let exe_fd = if keep_exe {
         None
@@ -731,6 +710,7 @@ pub(crate) fn set_mm(
         )?)
     };
     let m = &p.mm;
+    let (arg_start, arg_end) = args.unwrap_or((m.arg_start, m.arg_end));
     let auxv_at = data + 256;
     let auxv = abi::bytes_of_slice(&p.auxv);
     mem.write(auxv_at, auxv)?;
@@ -742,8 +722,8 @@ pub(crate) fn set_mm(
         start_brk: m.start_brk,
         brk: m.brk,
         start_stack: m.start_stack,
-        arg_start: m.arg_start,
-        arg_end: m.arg_end,
+        arg_start,
+        arg_end,
         env_start: m.env_start,
         env_end: m.env_end,
         auxv: auxv_at,

@@ -164,10 +164,8 @@ pub fn clone_threads(
     Ok(host_tids)
 }
 
-/// Sets the extended state, signal mask and name of every thread of `p`
-/// in process `pid`.
+/// Sets the extended state and signal mask of every thread of `p`.
 pub fn restore_xstate(
-    pid: u32,
     p: &ProcessImage,
     host_tids: &BTreeMap<u32, u32>,
 ) -> Result<(), SnapshotError> {
@@ -177,9 +175,6 @@ pub fn restore_xstate(
             .map_err(|e| SnapshotError::process(tid, "restoring XSTATE", e))?;
         xptrace::set_sigmask(tid, t.sigmask)
             .map_err(|e| SnapshotError::process(tid, "PTRACE_SETSIGMASK", e))?;
-        if !t.comm.is_empty() {
-            let _ = std::fs::write(format!("/proc/{pid}/task/{tid}/comm"), &t.comm);
-        }
     }
     Ok(())
 }
@@ -242,6 +237,20 @@ pub fn restore(
     ns_pid: u32,
 ) -> Result<(), SnapshotError> {
     inj.call(tid, libc::SYS_set_tid_address, &[t.tid_address])?;
+    // Only the thread itself may rename itself (another process's write to
+    // /proc/PID/task/TID/comm fails with EINVAL).
+    if !t.comm.is_empty() {
+        let mut name = t.comm.as_bytes().to_vec();
+        name.truncate(15);
+        name.push(0);
+        mem.write(data, &name)?;
+        inj.ok(
+            tid,
+            "PR_SET_NAME",
+            libc::SYS_prctl,
+            &[libc::PR_SET_NAME as u64, data],
+        )?;
+    }
     if t.robust_list.0 != 0 {
         inj.ok(
             tid,

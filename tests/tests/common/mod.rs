@@ -672,6 +672,30 @@ impl Harness {
         self.client(aid, &["curl", "-sS", "--max-time", "10", url])
     }
 
+    /// The names of this run directory's templates that hold a process.
+    pub fn templates(&self) -> Vec<String> {
+        let dir = self.run_dir().join("templates");
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("holder").exists())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The PID of template `name`'s holder, as its state file records it.
+    pub fn holder_pid(&self, name: &str) -> u32 {
+        let path = self.run_dir().join("templates").join(name).join("holder");
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.lines()
+            .find_map(|l| l.strip_prefix("pid="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{} without pid=:\n{text}", path.display()))
+    }
+
     pub fn ps(&self) -> Vec<Value> {
         self.json(&["ps", "--json"])
     }
@@ -792,6 +816,18 @@ impl Drop for Harness {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             // Fails harmlessly for instances that already ended.
+            let _ = cmd.status();
+        }
+        // Template holders outlive their clones by design; each test's
+        // go with it.
+        let templates = self.templates();
+        if !templates.is_empty() {
+            let mut cmd = self.appshot();
+            cmd.args(["template", "rm"])
+                .args(&templates)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
             let _ = cmd.status();
         }
         let mut cmd = self.appshot();
