@@ -34,8 +34,11 @@ fn innermost(status: &str, field: &str) -> Option<u32> {
 }
 
 /// Refuses, by name, a process a restore could not rebuild in the state it
-/// is in: a zombie, or one stopped (by a signal or another tracer). Run
-/// before the processes are frozen, which stops them too.
+/// is in: one stopped (by a signal or another tracer). Run before the
+/// processes are frozen, which stops them too. An exited process not yet
+/// reaped (a zombie) is not refused here: it usually is reaped within
+/// microseconds, so the caller's freeze waits for that (and refuses one
+/// that stays).
 pub fn check_states(hosts: &[u32]) -> Result<(), SnapshotError> {
     for &host in hosts {
         let stat = match std::fs::read_to_string(format!("/proc/{host}/stat")) {
@@ -58,7 +61,6 @@ pub fn check_states(hosts: &[u32]) -> Result<(), SnapshotError> {
                 SnapshotError::process(host, "parsing stat", std::io::ErrorKind::InvalidData)
             })?;
         let what = match state {
-            'Z' | 'X' => "is a zombie (exited, not yet reaped by its parent)",
             'T' | 't' => "is stopped (SIGSTOP or traced), which cannot be saved yet",
             _ => continue,
         };
