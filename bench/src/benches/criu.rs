@@ -202,12 +202,7 @@ pub fn one_run(
         )
         .map(drop)
     })?;
-    let restored_pid: u32 = std::fs::read_to_string(&pidfile)
-        .with_context(|| format!("reading {}", pidfile.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("{}", pidfile.display()))?;
-    let restored = procs::Orphans(vec![restored_pid]);
+    let restored = procs::Orphans(vec![restored_pid(&pidfile)?]);
     verify(probe, port, expected, &format!("{what} restored by criu"))?;
     drop(restored);
     let lazy_answer_ms = lazy_restore(probe, &images, mib, port, expected, &what)?;
@@ -273,12 +268,7 @@ fn lazy_restore(
         )
         .map(drop)
     })?;
-    let restored_pid: u32 = std::fs::read_to_string(&pidfile)
-        .with_context(|| format!("reading {}", pidfile.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("{}", pidfile.display()))?;
-    let _restored = procs::Orphans(vec![restored_pid]);
+    let _restored = procs::Orphans(vec![restored_pid(&pidfile)?]);
     verify(
         probe,
         port,
@@ -330,6 +320,15 @@ fn verify(probe: &str, port: u16, expected: &str, what: &str) -> anyhow::Result<
         TIMEOUT,
     )?;
     check_answer(&out, expected, what)
+}
+
+/// The PID `criu restore --pidfile` wrote.
+fn restored_pid(pidfile: &Path) -> anyhow::Result<u32> {
+    std::fs::read_to_string(pidfile)
+        .with_context(|| format!("reading {}", pidfile.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{}", pidfile.display()))
 }
 
 /// Bytes of the image files in `dir` (CRIU's `*.img`), logs and pidfile
