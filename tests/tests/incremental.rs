@@ -17,7 +17,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::pagewriter::{ask, real_port, snapshot_json, start_writer, tracking_left, writes_on};
-use common::{forkshare_count, pid_of, poll, redis_cli, run, start_redis, Harness, READY};
+use common::{
+    forkshare_count, pid_of, poll, redis_cli, run, start_forkshare, start_redis, Harness, READY,
+};
 
 const PORT: u16 = 19431;
 
@@ -366,15 +368,7 @@ fn a_process_tree_comes_back_from_an_incremental_chain() {
     let Some(mut h) = Harness::new(test, &["gcc"]) else {
         return;
     };
-    let bin = h.compile("forkshare.c", "forkshare");
-    let dir = h.dir("fs");
-    let log = dir.join("log");
-    let command = [bin.to_str().unwrap(), log.to_str().unwrap()];
-    h.start("fs", "t", &dir, &[], &command);
-    assert!(
-        poll(READY, || forkshare_count(&log) >= 5),
-        "the child reports nothing"
-    );
+    let (dir, log) = start_forkshare(&mut h, "fs", "t", 5);
     let (a, b) = (dir.join("a.img"), dir.join("b.img"));
     snapshot_json(&h, "fs", &a, &["--leave-running", "--track"]);
     let now = forkshare_count(&log);

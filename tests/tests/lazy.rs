@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::pagewriter::real_port;
-use common::{alive, pid_of, poll, redis_cli, start_redis, Harness, READY};
+use common::{alive, pid_of, poll, redis_cli, start_forkshare, start_redis, Harness, READY};
 
 const PORT: u16 = 19461;
 
@@ -196,22 +196,7 @@ fn an_image_of_several_processes_is_refused_lazily_and_restores_eagerly() {
     let Some(mut h) = Harness::new(test, &["gcc"]) else {
         return;
     };
-    let bin = h.compile("forkshare.c", "forkshare");
-    let dir = h.dir("fs");
-    let log = dir.join("log");
-    h.start(
-        "fs",
-        "fs",
-        &dir,
-        &[],
-        &[bin.to_str().unwrap(), log.to_str().unwrap()],
-    );
-    assert!(
-        poll(READY, || std::fs::read_to_string(&log)
-            .map(|t| t.lines().count() >= 3)
-            .unwrap_or(false)),
-        "the child reports nothing"
-    );
+    let (dir, _) = start_forkshare(&mut h, "fs", "fs", 3);
     let image = dir.join("fs.img");
     let ran = h.snapshot("fs", &image, &[]);
     assert!(ran.success(), "snapshot: {ran}");

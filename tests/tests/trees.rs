@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    alive, children, cmdline, forkshare_count as last_count, pid_of, poll, Harness, READY,
+    alive, children, cmdline, forkshare_count as last_count, pid_of, poll, start_forkshare,
+    Harness, READY,
 };
 
 /// `(ns pid, ns pgid, ns sid)` of a process, as the instance sees it.
@@ -60,21 +61,7 @@ fn a_parent_and_child_sharing_a_pipe_and_shared_memory_go_on_after_restore() {
     ) else {
         return;
     };
-    let bin = h.compile("forkshare.c", "forkshare");
-    let dir = h.dir("fs");
-    let log = dir.join("log");
-    h.start(
-        "fs",
-        "t",
-        &dir,
-        &[],
-        &[bin.to_str().unwrap(), log.to_str().unwrap()],
-    );
-    assert!(
-        poll(READY, || last_count(&log) >= 5),
-        "the child reports nothing: {:?}",
-        fs::read_to_string(&log)
-    );
+    let (dir, log) = start_forkshare(&mut h, "fs", "t", 5);
     let parent = pid_of(&h.instance("fs").expect("listed"));
     let before: Vec<_> = tree(parent).into_iter().map(ns_ids).collect();
     assert_eq!(before.len(), 2, "parent and child: {before:?}");

@@ -911,6 +911,29 @@ pub fn start_redis(h: &mut Harness, name: &str, aid: &str, extra: &[&str]) {
     h.wait_log(name, "Ready to accept connections");
 }
 
+/// `tests/programs/forkshare.c` (a parent and its child sharing a pipe and
+/// memory) started as instance `name` of `aid` in the test directory
+/// `name`, once its child has reported `reports` times; its directory and
+/// the log the child reports to.
+pub fn start_forkshare(h: &mut Harness, name: &str, aid: &str, reports: u64) -> (PathBuf, PathBuf) {
+    let bin = h.compile("forkshare.c", "forkshare");
+    let dir = h.dir(name);
+    let log = dir.join("log");
+    h.start(
+        name,
+        aid,
+        &dir,
+        &[],
+        &[bin.to_str().unwrap(), log.to_str().unwrap()],
+    );
+    assert!(
+        poll(READY, || forkshare_count(&log) >= reports),
+        "the child reports nothing: {:?}",
+        fs::read_to_string(&log)
+    );
+    (dir, log)
+}
+
 /// The last count the child of `tests/programs/forkshare.c` logged to
 /// `log` ("ok N"), 0 before any.
 pub fn forkshare_count(log: &Path) -> u64 {
