@@ -16,6 +16,7 @@
  *              calloc returns zeros; /proc/self/smaps shows the region as
  *              anonymous memory. Answers "ok" or "FAIL:" and each check
  *              that failed.
+ *   "host"     its hostname (a clone's own: its UTS namespace's).
  */
 #define _GNU_SOURCE
 #include <malloc.h>
@@ -154,6 +155,14 @@ int main(int argc, char **argv) {
         char req[64] = {0};
         ssize_t n = read(c, req, sizeof req - 1);
         char fails[512];
+        if (n > 0 && strncmp(req, "host", 4) == 0) {
+            char host[256] = "";
+            gethostname(host, sizeof host - 1);
+            answer(c, host);
+            answer(c, "\n");
+            close(c);
+            continue;
+        }
         if (n > 0 && strncmp(req, "purge", 5) == 0)
             purge(fails, sizeof fails);
         else

@@ -225,3 +225,59 @@ fn ten_redis_clones_purge_their_memory_and_keep_every_key() {
     }
     assert_eq!(digest(&image), before, "the template's image is untouched");
 }
+
+/// A `smaps_rollup` field of process `pid`, in KiB.
+fn rollup_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/smaps_rollup"))
+}
+
+/// 100 clones of a 256 MiB template run at once, each answering under its
+/// own AID from its own UTS namespace, and together they take less memory
+/// (PSS) than the holder's resident template plus what they wrote
+/// (their private pages): the template's pages are shared, not copied.
+#[test]
+fn a_hundred_clones_of_a_256_mib_template_share_its_memory() {
+    let Some(mut h) = Harness::new(
+        "a_hundred_clones_of_a_256_mib_template_share_its_memory",
+        &["gcc", "python3"],
+    ) else {
+        return;
+    };
+    let image = h.dir("images").join("hundred.img");
+    clonemem_template(&mut h, "hd-t", "256", &image);
+    let names: Vec<String> = (1..=100).map(|i| format!("hd-{i}")).collect();
+    h.clone_template(&names, &image, &["--aid", "hd", "--count", "100"]);
+    for name in &names {
+        assert_eq!(ask(&h, name, "host"), *name, "{name} answers its own AID");
+    }
+    let rows = h.ps();
+    let pids: Vec<u32> = names
+        .iter()
+        .map(|n| pid_of(rows.iter().find(|r| r["name"] == *n).expect("listed")))
+        .collect();
+    let holder = h.holder_pid("hundred.img");
+    let template_rss = rollup_kib(holder, "Rss:");
+    assert!(template_rss >= 256 * 1024, "holder RSS {template_rss} KiB");
+    let pss: u64 = pids.iter().map(|&p| rollup_kib(p, "Pss:")).sum();
+    let written: u64 = pids
+        .iter()
+        .map(|&p| rollup_kib(p, "Private_Dirty:") + rollup_kib(p, "Private_Clean:"))
+        .sum();
+    println!(
+        "100 clones: PSS {pss} KiB in all, private {written} KiB in all; holder RSS {template_rss} KiB"
+    );
+    assert!(
+        pss <= template_rss + written,
+        "the clones' PSS {pss} KiB exceeds the template's RSS {template_rss} KiB plus their private {written} KiB"
+    );
+    // Each clone's own pages are few: the template is not copied into any.
+    assert!(
+        written < 100 * 8 * 1024,
+        "the clones hold {written} KiB of private memory"
+    );
+}
