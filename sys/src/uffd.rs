@@ -451,6 +451,25 @@ mod tests {
         assert_eq!((UFFDIO_WAKE >> 16) & 0x3fff, 16);
     }
 
+    /// A fresh private anonymous read-write mapping of `len` bytes, which
+    /// the test unmaps.
+    fn anonymous(len: usize) -> *mut libc::c_void {
+        // SAFETY: a new mapping where the kernel chooses; nothing of ours is
+        // replaced and nothing else refers to it.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        at
+    }
+
     /// The numbers and layouts above, checked against the kernel: a page
     /// written after a scan, and only it, is reported by the next scan.
     #[test]
@@ -469,19 +488,7 @@ mod tests {
         let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         api(uffd.as_fd(), FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED).expect("UFFDIO_API");
         let len = 8 * PAGE;
-        // SAFETY: a fresh private anonymous mapping, unmapped below; nothing
-        // else refers to it.
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(at, libc::MAP_FAILED);
+        let at = anonymous(len);
         let base = at as u64;
         let write = |page: usize| {
             // SAFETY: `page` < 8: the offset stays inside the mapping.
@@ -527,18 +534,7 @@ mod tests {
         let uffd = create().expect("userfaultfd");
         api(uffd.as_fd(), FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP).expect("UFFDIO_API");
         let len = 4 * PAGE;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(at, libc::MAP_FAILED);
+        let at = anonymous(len);
         let base = at as u64;
         register_missing(uffd.as_fd(), base, len as u64).expect("UFFDIO_REGISTER");
         let reader = std::thread::spawn(move || {
