@@ -778,10 +778,6 @@ fn start_init(
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);
     }
-    if let Some(dir) = cgroup {
-        argv.push(cstr(b"--cgroup")?);
-        argv.push(cstr(dir.as_os_str().as_bytes())?);
-    }
     argv.push(cstr(b"--")?);
     for a in &launch.command {
         argv.push(cstr(a.as_bytes())?);
@@ -828,9 +824,22 @@ fn start_init(
             cstr(&kv)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Every process and socket of the instance is made in its cgroup: init
+    // starts there.
+    let cgroup = cgroup
+        .map(|dir| {
+            std::fs::File::open(dir).map_err(|e| {
+                RuntimeError::sys(
+                    format!("opening the instance's cgroup {}", dir.display()),
+                    e,
+                )
+            })
+        })
+        .transpose()?;
     let setup = spawn::InitSetup {
         keep_fd: channel.map(|c| c.as_raw_fd()),
         nofile,
+        cgroup: cgroup.as_ref().map(|f| f.as_raw_fd()),
     };
     spawn::spawn_namespace_init(&argv, &env, setup)
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))
