@@ -27,6 +27,7 @@ use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::net::remote::{Cluster, ClusterError, ClusterSettings};
 use crate::seccomp::notify;
 use crate::supervisor::control::{self, Peer, Reply, Request};
+use crate::supervisor::status::{Phase, Status};
 
 /// The largest state message accepted (annotations included).
 const MAX_MESSAGE: usize = 1 << 20;
@@ -163,6 +164,8 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::sys(format!("container `{}`: pidfd of {}", h.id, h.pid), e))?;
     let registry = Registry::open(&args.run_dir)?;
     let lock = InstanceLock::acquire(&registry, &h.id)?;
+    // Before the registry lists it, as a supervisor does.
+    let status = Status::new(lock.instance_dir(), Phase::Running);
     let config = AppConfig::default();
     let cluster_error = |e: ClusterError| RuntimeError::Cluster {
         name: h.id.clone(),
@@ -219,11 +222,12 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
     info!(container = %h.id, aid = %h.aid, pid = h.pid, bundle = %h.bundle.display(), "container served");
 
     let init = Arc::new(init);
-    let exited = Arc::new(AtomicBool::new(false));
     let stop_control = Arc::new(AtomicBool::new(false));
+    let exited = Arc::new(AtomicBool::new(false));
     let control = Container {
         init: Arc::clone(&init),
         exited: Arc::clone(&exited),
+        status,
     };
     control::serve_until(
         lock.instance_dir(),
@@ -264,6 +268,9 @@ fn wait_exit(pidfd: &OwnedFd) {
 struct Container {
     init: Arc<OwnedFd>,
     exited: Arc<AtomicBool>,
+    /// `running`, or `stopping` once asked to (the container's runtime,
+    /// not the agent, has its exit status).
+    status: Status,
 }
 
 impl Container {
@@ -272,10 +279,11 @@ impl Container {
             Request::Status => Reply {
                 snapshot: None,
                 ok: true,
-                state: "running".into(),
+                state: self.status.state().as_str().into(),
                 message: String::new(),
             },
             Request::Stop { grace_secs } => {
+                self.status.set_stopping();
                 let _ = pidfd::send_signal(&self.init, libc::SIGTERM);
                 let init = Arc::clone(&self.init);
                 let exited = Arc::clone(&self.exited);

@@ -67,10 +67,6 @@ pub struct Exited {
 
 impl Exited {
     pub fn new(name: &str, aid: &str, command: &[String], created_unix: u64, status: i32) -> Self {
-        let signal = (status > 128)
-            .then(|| nix::sys::signal::Signal::try_from(status - 128).ok())
-            .flatten()
-            .map(|s| s.as_str().to_string());
         Exited {
             name: name.to_string(),
             aid: aid.to_string(),
@@ -78,10 +74,19 @@ impl Exited {
             created_unix,
             exited_unix: now_unix(),
             exit_code: status,
-            signal,
+            signal: signal_name(status),
             restarts: 0,
         }
     }
+}
+
+/// The name of the signal that killed a process whose `status` a shell
+/// reports as 128+N.
+pub fn signal_name(status: i32) -> Option<String> {
+    (status > 128)
+        .then(|| nix::sys::signal::Signal::try_from(status - 128).ok())
+        .flatten()
+        .map(|s| s.as_str().to_string())
 }
 
 pub fn now_unix() -> u64 {
