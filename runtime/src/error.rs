@@ -62,8 +62,29 @@ pub enum RuntimeError {
         first: PathBuf,
         second: PathBuf,
     },
+    /// The supervisor answered, refusing; `message` is its reason.
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
+    #[error("control socket {path}: {step}")]
+    ControlIo {
+        path: PathBuf,
+        step: ControlStep,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("control socket {path}: bad reply")]
+    ControlReply {
+        path: PathBuf,
+        #[source]
+        error: serde_json::Error,
+    },
+    #[error("control socket {path}: the supervisor closed the connection without a reply")]
+    ControlClosed { path: PathBuf },
+    #[error("instance `{name}` still running {}s after SIGKILL", after.as_secs())]
+    StopTimedOut {
+        name: String,
+        after: std::time::Duration,
+    },
     #[error("OCI: {0}")]
     Oci(String),
     #[error(transparent)]
@@ -93,6 +114,17 @@ impl RuntimeError {
             error: error.into(),
         }
     }
+}
+
+/// What a request over a control socket was doing when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlStep {
+    #[error("connecting")]
+    Connect,
+    #[error("sending the request")]
+    Send,
+    #[error("reading the reply")]
+    Receive,
 }
 
 /// Why the filter was not built.

@@ -363,6 +363,10 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
     Ok(out)
 }
 
+/// How long `stop` waits for a supervisor to end after its grace period
+/// (and so its SIGKILL).
+const STOP_AFTER_SIGKILL: Duration = Duration::from_secs(5);
+
 /// Asks the instance to stop (SIGTERM, SIGKILL after `grace`) and waits
 /// until its supervisor is gone.
 pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -382,12 +386,12 @@ pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeEr
             message: reply.message,
         });
     }
-    let deadline = Instant::now() + grace + Duration::from_secs(5);
+    let deadline = Instant::now() + grace + STOP_AFTER_SIGKILL;
     while is_alive(run_dir, name) {
         if Instant::now() > deadline {
-            return Err(RuntimeError::Control {
-                path: dir,
-                message: format!("instance `{name}` still running {}s after SIGKILL", 5),
+            return Err(RuntimeError::StopTimedOut {
+                name: name.to_string(),
+                after: STOP_AFTER_SIGKILL,
             });
         }
         std::thread::sleep(Duration::from_millis(20));
