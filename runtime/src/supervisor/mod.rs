@@ -937,6 +937,7 @@ impl Control {
                 external_unix_close,
                 parent,
                 track,
+                sync,
             } => self.snapshot(
                 &output,
                 snapshots::SnapshotOptions {
@@ -946,6 +947,7 @@ impl Control {
                     external_unix_close,
                     parent,
                     track,
+                    durability: snapshots::durability(sync),
                 },
                 peer,
             ),
