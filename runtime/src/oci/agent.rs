@@ -22,7 +22,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 use tracing::{info, warn};
 
 use super::state::{self, Handoff};
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::net::remote::{Cluster, ClusterError, ClusterSettings};
 use crate::seccomp::notify;
@@ -89,13 +89,12 @@ fn listen(path: &Path) -> Result<UnixListener, RuntimeError> {
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| RuntimeError::sys(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| RuntimeError::file(FileOp::Create, dir, e))?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| RuntimeError::file(FileOp::Bind, path, e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
+        .map_err(|e| RuntimeError::file(FileOp::Chmod, path, e))?;
     Ok(listener)
 }
 

@@ -26,7 +26,7 @@ use nix::sys::socket::{getsockopt, recv, sockopt, MsgFlags};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use crate::error::{ControlStep, RuntimeError};
+use crate::error::{ControlStep, FileOp, RuntimeError};
 
 pub const SOCKET_NAME: &str = "control.sock";
 const MAX_REQUEST: u64 = 4096;
@@ -197,10 +197,10 @@ pub fn serve_until(
 ) -> Result<(), RuntimeError> {
     let path = dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
+    let listener =
+        UnixListener::bind(&path).map_err(|e| RuntimeError::file(FileOp::Bind, &path, e))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
+        .map_err(|e| RuntimeError::file(FileOp::Chmod, &path, e))?;
     // Cached, and without the liveness filter of a plain read: `ps` asks
     // every supervisor in turn, and each answer must not cost a read of
     // every instance. A dead supervisor's pid that lingers until the next

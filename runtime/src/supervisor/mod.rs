@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use self::control::{Peer, Reply, Request};
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::net::cgroup::{self, InstanceCgroup};
 use crate::net::remote::Cluster;
@@ -550,8 +550,7 @@ fn write_identity(
     {
         text.push_str(&format!("{key}={value}\n"));
     }
-    std::fs::write(&path, text)
-        .map_err(|e| RuntimeError::sys(format!("writing {}", path.display()), e))?;
+    std::fs::write(&path, text).map_err(|e| RuntimeError::file(FileOp::Write, &path, e))?;
     Ok(path)
 }
 
@@ -699,7 +698,7 @@ impl<M> RealRestore<'_, M> {
                 clone.kill(|| {
                     let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 });
-                return Err(RuntimeError::sys(format!("writing {}", procs.display()), e));
+                return Err(RuntimeError::file(FileOp::Write, &procs, e));
             }
         }
         Ok((clone, holder.scratch))
