@@ -148,6 +148,8 @@ pub enum FileOp {
     Read,
     #[error("removing")]
     Remove,
+    #[error("moving")]
+    Rename,
     #[error("writing")]
     Write,
 }
