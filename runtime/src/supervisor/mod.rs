@@ -932,6 +932,7 @@ impl Control {
                 external_unix_close,
                 parent,
                 track,
+                sync,
             } => self.snapshot(
                 &output,
                 snapshots::SnapshotOptions {
@@ -941,6 +942,7 @@ impl Control {
                     external_unix_close,
                     parent,
                     track,
+                    durability: snapshots::durability(sync),
                 },
                 peer,
             ),
