@@ -37,7 +37,7 @@ pub fn socket_inodes(root: u32) -> HashSet<u64> {
         for fd in fds.flatten() {
             if let Some(ino) = fs::read_link(fd.path())
                 .ok()
-                .and_then(|l| parse_socket_link(&l.to_string_lossy()))
+                .and_then(|l| socket_inode(&l.to_string_lossy()))
             {
                 inodes.insert(ino);
             }
@@ -46,7 +46,8 @@ pub fn socket_inodes(root: u32) -> HashSet<u64> {
     inodes
 }
 
-fn parse_socket_link(link: &str) -> Option<u64> {
+/// The inode of an fd's link text `socket:[INODE]`.
+pub fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?
         .strip_suffix(']')?
         .parse()
@@ -59,9 +60,9 @@ mod tests {
 
     #[test]
     fn socket_links() {
-        assert_eq!(parse_socket_link("socket:[12345]"), Some(12345));
-        assert_eq!(parse_socket_link("pipe:[12345]"), None);
-        assert_eq!(parse_socket_link("/dev/null"), None);
+        assert_eq!(socket_inode("socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode("pipe:[12345]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
     }
 
     #[test]

@@ -205,12 +205,7 @@ pub fn connect_unblocked(socket: &OwnedFd, target: SocketAddr) -> Connecting {
     }
 }
 
-pub fn to_std(s: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = s.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    s.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-}
+pub use crate::net::to_std;
 
 pub fn errno(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EINVAL)

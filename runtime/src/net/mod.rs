@@ -10,3 +10,12 @@ pub mod netlock;
 pub mod remote;
 pub mod sourcerules;
 pub mod udproutes;
+
+/// An IPv4 or IPv6 socket address as std's; `None` for other families.
+pub fn to_std(s: &nix::sys::socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
+    use std::net::SocketAddr;
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    s.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
