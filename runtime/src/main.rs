@@ -6,7 +6,7 @@
 // The command line's own room: starting detached supervisors and clones.
 mod cli;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use appshot::commands::{self, apps, systemd};
 use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
-use appshot::supervisor::{self, init, logs, pending, restart, snapshots, templates, user};
+use appshot::supervisor::{self, init, logs, pending, pool, restart, snapshots, templates, user};
 use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
 use appshot::{error, oci, DEFAULT_RUN_DIR, VERSION};
 use cli::{clones, detach};
@@ -208,6 +208,11 @@ enum Cmd {
         /// the config's `port_range`).
         #[arg(long)]
         port_range: Option<PortRange>,
+        /// Instance shells kept ready for the template's next clones
+        /// (default 2, or what the last --pool said; 0: none): a clone
+        /// that claims one starts in a few milliseconds.
+        #[arg(long, value_name = "N")]
+        pool: Option<u32>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -323,6 +328,10 @@ enum Cmd {
     },
     #[command(name = "__supervise", hide = true)]
     Supervise,
+    /// An instance shell for clones of TEMPLATE (canonical path), started
+    /// by `appshot clone`.
+    #[command(name = "__shell", hide = true)]
+    Shell { template: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -437,16 +446,20 @@ fn main() -> ExitCode {
         (_, 1) => "info",
         (_, 2) => "debug",
         (_, n) if n > 2 => "trace",
-        (Cmd::Supervise | Cmd::Vpm { .. } | Cmd::OciAgent { .. }, _) => "info",
+        (Cmd::Supervise | Cmd::Shell { .. } | Cmd::Vpm { .. } | Cmd::OciAgent { .. }, _) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // A detached supervisor's stderr is its own log; it is kept for it here
     // because the application's output takes stderr over (see `supervise`).
-    let supervising = matches!(cli.command, Cmd::Supervise);
+    // A shell's log moves to its clone's once claimed (see `shell`).
+    let supervising = matches!(cli.command, Cmd::Supervise | Cmd::Shell { .. });
     let writer = match std::io::stderr().as_fd().try_clone_to_owned() {
-        Ok(fd) if supervising => BoxMakeWriter::new(std::sync::Mutex::new(std::fs::File::from(fd))),
+        Ok(fd) if supervising => {
+            OWN_LOG_FD.store(fd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+            BoxMakeWriter::new(std::sync::Mutex::new(std::fs::File::from(fd)))
+        }
         _ => BoxMakeWriter::new(std::io::stderr),
     };
     tracing_subscriber::fmt()
@@ -476,7 +489,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     appshot_vpm::set_udp_change_hook(udproutes::refresh);
     if !matches!(
         cli.command,
-        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
+        Cmd::Init { .. }
+            | Cmd::Supervise
+            | Cmd::Shell { .. }
+            | Cmd::Completion { .. }
+            | Cmd::Man
+            | Cmd::Config { .. }
     ) {
         pending::sweep(&run_dir);
         netlock::sweep(&run_dir);
@@ -501,6 +519,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             // Its own session: no terminal signals reach a detached instance.
             nix::unistd::setsid().context("setsid")?;
             supervise(launch)
+        }
+        Cmd::Shell { template } => {
+            nix::unistd::setsid().context("setsid")?;
+            shell(&run_dir, &template)
         }
         Cmd::Init {
             channel_fd,
@@ -689,6 +711,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             identity_file,
             config,
             port_range,
+            pool,
             detach,
         } => {
             commands::require_privileges("clone")?;
@@ -702,15 +725,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             rules.values.extend(values);
             let range = port_range.unwrap_or(config.port_range);
             let plan = clones::plan(&aid, &name, count)?;
-            let launches = clone_launches(&template, &plan, &rules, range, &run_dir)?;
-            match launches.as_slice() {
+            let (launches, forkable) = clone_launches(&template, &plan, &rules, range, &run_dir)?;
+            let started = match launches.as_slice() {
                 [launch] if detach => detach::detach_supervisor(launch, cli.verbose),
                 [_] => {
                     let launch = launches.into_iter().next().expect("one launch");
-                    Ok(supervisor::run(launch, &mut None)?.status)
+                    return Ok(supervisor::run(launch, &mut None)?.status);
                 }
                 _ => clones::start_all(&launches, cli.verbose),
+            };
+            // After the clones answered: the shells start while they run.
+            if let (true, Some(Mode::Clone { template })) =
+                (forkable, launches.first().map(|l| &l.mode))
+            {
+                if let Err(e) = pool::replenish(&run_dir, template, pool, cli.verbose) {
+                    tracing::warn!("starting instance shells for the next clones: {e}");
+                }
             }
+            started
         }
         Cmd::Merge { image, output } => {
             println!("{}", snapshots::merge(&image, &output)?);
@@ -934,7 +966,7 @@ fn clone_launches(
     rules: &CloneRules,
     range: PortRange,
     run_dir: &Path,
-) -> anyhow::Result<Vec<Launch>> {
+) -> anyhow::Result<(Vec<Launch>, bool)> {
     if rules.identity_file.is_none() && !rules.values.is_empty() {
         let keys: Vec<&str> = rules.values.keys().map(String::as_str).collect();
         bail!(
@@ -998,7 +1030,8 @@ fn clone_launches(
             "{count} clones of a template with {sockets} listening sockets need {needed} real ports; port range {range} has {free} free"
         );
     }
-    Ok(launches)
+    let forkable = appshot_snapshot::holder::unforkable(&img).is_none();
+    Ok((launches, forkable))
 }
 
 fn image_launch(
@@ -1077,23 +1110,58 @@ fn each<T>(items: &[T], mut f: impl FnMut(&T) -> anyhow::Result<()>) -> anyhow::
 /// is its log. The application's output (and a restored one's, which takes
 /// the supervisor's stdio) goes through a pipe on fds 1 and 2 into
 /// `app.log`; when the instance has ended the record of how is written.
+/// Where a detached supervisor's (or a shell's) own log is written, so a
+/// claimed shell can move it to its clone's log directory.
+static OWN_LOG_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
 fn supervise(launch: Launch) -> anyhow::Result<i32> {
-    use std::os::fd::AsRawFd;
     let ready = std::io::stdout()
         .as_fd()
         .try_clone_to_owned()
         .context("duplicating stdout")?;
+    let read = output_pipe()?;
+    supervise_with(launch, None, ready, read)
+}
+
+/// Makes stdout and stderr (the application's, through init's) a pipe
+/// whose read end is returned, for the log capture.
+fn output_pipe() -> anyhow::Result<OwnedFd> {
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("the output pipe")?;
     for fd in [1, 2] {
         nix::unistd::dup2(write.as_raw_fd(), fd).context("redirecting stdio to the output pipe")?;
     }
-    drop(write);
+    Ok(read)
+}
+
+/// `__shell`: an instance shell waits to be claimed (see
+/// `supervisor::pool`), then supervises its clone as `__supervise` does.
+fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
+    // Before init starts: it and the clone inherit the output pipe.
+    let read = output_pipe()?;
+    let Some(claimed) = pool::wait_for_claim(run_dir, template)? else {
+        return Ok(0);
+    };
+    let log = logs::append(&logs::dir(&claimed.launch.run_dir, &claimed.launch.name).join(logs::SUPERVISOR_LOG))?;
+    let own = OWN_LOG_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if own >= 0 {
+        nix::unistd::dup2(log.as_raw_fd(), own).context("moving the log to the clone's")?;
+    }
+    drop(log);
+    supervise_with(claimed.launch, Some(claimed.shell), claimed.answer, read)
+}
+
+fn supervise_with(
+    launch: Launch,
+    shell: Option<pool::Shell>,
+    ready: OwnedFd,
+    read: OwnedFd,
+) -> anyhow::Result<i32> {
     let log_dir = logs::dir(&launch.run_dir, &launch.name);
     let capture = logs::capture(log_dir.clone(), read, launch.log_max_bytes);
     let created = logs::now_unix();
     let mut ready = Some(std::fs::File::from(ready));
-    let result = supervisor::run(launch.clone(), &mut ready);
+    let result = supervisor::run_in(launch.clone(), shell, &mut ready);
     // The supervisor's ends were the last: the capture ends and is joined,
     // so the log is complete before anyone is told the instance ended.
     let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;

@@ -8,8 +8,8 @@
 //! application's status, so daemonising programs (nginx's default) keep
 //! their instance alive.
 
-use std::os::fd::{OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::errno::Errno;
@@ -51,11 +51,15 @@ pub enum InitError {
         error: std::io::Error,
     },
     #[error("bind-mounting the identity file over {}", target.display())]
-    Identity {
+    IdentityFile {
         target: PathBuf,
         #[source]
         error: Errno,
     },
+    #[error("the supervisor closed the channel before sending the clone's identity")]
+    NoIdentity,
+    #[error("decoding the clone's identity")]
+    Identity(#[source] serde_json::Error),
     #[error("decoding {APP_ENV}")]
     AppEnv(#[source] serde_json::Error),
     #[error("{APP_ENV} is not valid Unicode")]
@@ -94,8 +98,21 @@ pub enum Start {
     Restore { pids: Vec<u32> },
     /// A clone forked from a template holder: it appears as init's child
     /// with PID `pid` once its supervisor forked it into init's
-    /// namespaces, which init says are ready over `channel_fd`.
+    /// namespaces. Over `channel_fd` init says `shell` once its namespaces
+    /// exist, then takes the clone's [`Identity`] (which may come much
+    /// later: an instance shell waits in a template's pool until a clone
+    /// claims it) and says `ready` once it applied it.
     Await { pid: u32, channel_fd: RawFd },
+}
+
+/// What makes an awaiting init's instance the clone's own, sent by its
+/// supervisor as one JSON message.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub hostname: Option<String>,
+    /// (source, target) as [`InitArgs::identity`].
+    pub file: Option<(PathBuf, PathBuf)>,
+    pub cgroup: Option<PathBuf>,
 }
 
 pub struct InitArgs {
@@ -128,8 +145,15 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
     keep_inherited_fds_from_app();
     own_mounts(args.identity.as_ref())?;
+    // An awaiting init learns its hostname later, in the UTS namespace it
+    // makes now.
+    let awaits = matches!(args.start, Start::Await { .. });
+    if args.hostname.is_some() || awaits {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+            .map_err(sys("unsharing the UTS namespace"))?;
+    }
     if let Some(hostname) = &args.hostname {
-        own_hostname(hostname)?;
+        set_hostname(hostname)?;
     }
 
     let main = match &args.start {
@@ -146,6 +170,9 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
         }
         Start::Await { pid, channel_fd } => {
             let channel = take_channel(*channel_fd)?;
+            nix::unistd::write(&channel, b"shell")
+                .map_err(sys("saying the namespaces exist"))?;
+            take_identity(&channel)?;
             nix::unistd::write(&channel, b"ready")
                 .map_err(sys("saying the namespaces are ready"))?;
             Pid::from_raw(*pid as i32)
@@ -242,26 +269,60 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
     )
     .map_err(sys("mounting the instance's /proc"))?;
     if let Some((source, target)) = identity {
-        mount(
-            Some(source),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|error| InitError::Identity {
-            target: target.clone(),
-            error,
-        })?;
+        bind_identity(source, target)?;
     }
     Ok(())
 }
 
-/// Gives the instance a UTS namespace of its own with `hostname`: what
-/// `uname` and `gethostname` answer its processes, forked after this.
-fn own_hostname(hostname: &str) -> Result<(), InitError> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
-        .map_err(sys("unsharing the UTS namespace"))?;
+/// Bind-mounts the instance's identity file over `target` in its mount
+/// namespace.
+fn bind_identity(source: &Path, target: &Path) -> Result<(), InitError> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|error| InitError::IdentityFile {
+        target: target.to_path_buf(),
+        error,
+    })
+}
+
+/// Waits for the clone's identity on `channel` and applies it: its cgroup,
+/// identity file and hostname, before the clone is forked in.
+fn take_identity(channel: &OwnedFd) -> Result<(), InitError> {
+    let mut buf = vec![0u8; 64 << 10];
+    let n = loop {
+        match nix::unistd::read(channel.as_raw_fd(), &mut buf) {
+            Err(Errno::EINTR) => continue,
+            other => break other.map_err(sys("reading the clone's identity"))?,
+        }
+    };
+    if n == 0 {
+        return Err(InitError::NoIdentity);
+    }
+    let identity: Identity = serde_json::from_slice(&buf[..n]).map_err(InitError::Identity)?;
+    if let Some(dir) = &identity.cgroup {
+        crate::net::cgroup::enter(dir).map_err(|error| InitError::Cgroup {
+            dir: dir.clone(),
+            error,
+        })?;
+    }
+    if let Some((source, target)) = &identity.file {
+        bind_identity(source, target)?;
+    }
+    if let Some(hostname) = &identity.hostname {
+        set_hostname(hostname)?;
+    }
+    Ok(())
+}
+
+/// Sets the hostname of init's own UTS namespace: what `uname` and
+/// `gethostname` answer its processes.
+fn set_hostname(hostname: &str) -> Result<(), InitError> {
     nix::unistd::sethostname(hostname).map_err(|error| InitError::Hostname {
         hostname: hostname.to_string(),
         error,

@@ -7,6 +7,7 @@ pub mod init;
 pub mod logs;
 pub mod pending;
 pub mod restart;
+pub mod pool;
 mod restoring;
 pub mod snapshots;
 pub mod templates;
@@ -169,6 +170,16 @@ const START_PERIOD: Duration = Duration::from_millis(300);
 /// [`START_PERIOD`], and taken; if it ended before, `ready` is left to the
 /// caller, which tells it how once the logs are complete.
 pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, RuntimeError> {
+    run_in(launch, None, ready)
+}
+
+/// [`run`] for a clone claimed from an instance shell: its namespace init
+/// runs already.
+pub fn run_in(
+    launch: Launch,
+    mut shell: Option<pool::Shell>,
+    ready: &mut Option<std::fs::File>,
+) -> Result<Ended, RuntimeError> {
     let mut phases = Phases::new();
     let nofile = raise_nofile_limit();
     let registry = Registry::open(&launch.run_dir)?;
@@ -243,7 +254,10 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             // A template's pages were checked by `appshot clone` (once per
             // unchanged file), a lazy restore's are by its page server, an
             // eager restore's while its processes are rebuilt.
-            let image = Image::open_pages_unchecked(path)?;
+            let image = match shell.as_mut().and_then(|s| s.take_image(path)) {
+                Some(image) => image,
+                None => Image::open_pages_unchecked(path)?,
+            };
             restore::check_files(&image)?;
             phases.mark("image opened");
             // A clone that cannot be forked from a holder is restored with
@@ -284,6 +298,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 ready: None,
                 cluster: &cluster,
                 phases: &mut phases,
+                shell: shell.take().map(|s| s.init),
             };
             // Listed from now on, `restoring` until the restored processes
             // are released.
@@ -440,7 +455,7 @@ fn serve_notifications(
 /// holds descriptors for every thread of the instance that is in a notified
 /// call. Returns the limits as they were, for the namespace init (and so
 /// the application) to start with; `None` if they could not be read.
-fn raise_nofile_limit() -> Option<(u64, u64)> {
+pub(crate) fn raise_nofile_limit() -> Option<(u64, u64)> {
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
         Err(e) => {
@@ -492,7 +507,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, None, cgroup, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -564,6 +579,8 @@ struct RealRestore<'a, M> {
     ready: Option<(OwnedFd, u32)>,
     cluster: &'a Arc<Cluster>,
     phases: &'a mut Phases,
+    /// A claimed instance shell's init, awaiting the clone.
+    shell: Option<AwaitingInit>,
 }
 
 impl<M> restoring::RestoreHost for RealRestore<'_, M>
@@ -575,28 +592,34 @@ where
 
     fn start_init(&mut self) -> Result<(u32, OwnedFd), RuntimeError> {
         let top_level: Vec<u32> = self.image.manifest.top_level().map(|p| p.ns_pid).collect();
-        let channel = if self.forked {
-            let pair = socketpair(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .map_err(|e| RuntimeError::sys("socketpair", e))?;
-            Some(pair)
+        let (init_pid, init) = if self.forked {
+            // An instance shell's init, started ahead, or one of our own.
+            let awaiting = match self.shell.take() {
+                Some(init) => init,
+                None => spawn_awaiting_init(top_level[0], self.nofile)?,
+            };
+            let identity = init::Identity {
+                hostname: self.launch.identity.as_ref().map(|i| i.hostname.clone()),
+                file: self.identity_file.cloned(),
+                cgroup: self.cgroup.map(Path::to_path_buf),
+            };
+            let json = serde_json::to_vec(&identity).map_err(|e| {
+                RuntimeError::sys("encoding the clone's identity", std::io::Error::other(e))
+            })?;
+            nix::unistd::write(&awaiting.channel, &json)
+                .map_err(|e| RuntimeError::sys("sending the clone's identity to its init", e))?;
+            self.ready = Some((awaiting.channel, awaiting.pid));
+            (awaiting.pid, awaiting.pidfd)
         } else {
-            None
+            start_init(
+                self.launch,
+                None,
+                &top_level,
+                self.identity_file,
+                self.cgroup,
+                self.nofile,
+            )?
         };
-        let (init_pid, init) = start_init(
-            self.launch,
-            channel.as_ref().map(|(_, theirs)| theirs),
-            if self.forked { &[] } else { &top_level },
-            self.forked.then(|| top_level[0]),
-            self.identity_file,
-            self.cgroup,
-            self.nofile,
-        )?;
-        self.ready = channel.map(|(ours, _)| (ours, init_pid));
         self.phases.mark("init started");
         self.mux = Some((self.new_mux)(init_pid)?);
         Ok((init_pid, init))
@@ -662,13 +685,20 @@ impl<M> RealRestore<'_, M> {
         init_pid: u32,
     ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
         let mut word = [0u8; 16];
-        match nix::unistd::read(ready.as_raw_fd(), &mut word) {
-            Ok(n) if &word[..n] == b"ready" => {}
-            _ => {
-                return Err(RuntimeError::Start {
-                    name: self.launch.name.clone(),
-                    reason: "the namespace init ended before its namespaces were ready".into(),
-                })
+        loop {
+            match nix::unistd::read(ready.as_raw_fd(), &mut word) {
+                Ok(n) if &word[..n] == b"ready" => break,
+                // Said once its namespaces exist (an instance shell's init
+                // said it long ago, to the shell).
+                Ok(n) if &word[..n] == b"shell" => {}
+                Err(Errno::EINTR) => {}
+                _ => {
+                    return Err(RuntimeError::Start {
+                        name: self.launch.name.clone(),
+                        reason: "the namespace init ended before its namespaces were ready"
+                            .into(),
+                    })
+                }
             }
         }
         self.phases.mark("namespaces ready");
@@ -734,7 +764,6 @@ fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
-    await_pid: Option<u32>,
     identity: Option<&(PathBuf, PathBuf)>,
     cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
@@ -750,10 +779,6 @@ fn start_init(
     if let Some(channel) = channel {
         argv.push(cstr(b"--channel-fd")?);
         argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
-    }
-    if let Some(pid) = await_pid {
-        argv.push(cstr(b"--await-pid")?);
-        argv.push(cstr(pid.to_string().as_bytes())?);
     }
     if !restore_pids.is_empty() {
         let list: Vec<String> = restore_pids.iter().map(u32::to_string).collect();
@@ -834,6 +859,67 @@ fn start_init(
     };
     spawn::spawn_namespace_init(&argv, &env, setup)
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))
+}
+
+/// A namespace init started for a clone before its identity is known: it
+/// made its namespaces and waits on `channel` for the clone's
+/// [`init::Identity`], then for the clone with PID `pid` in it.
+pub struct AwaitingInit {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    pub channel: OwnedFd,
+}
+
+/// Starts a namespace init that awaits the clone with PID `clone_pid`
+/// (see [`AwaitingInit`]), with the open-files limit `nofile`.
+pub fn spawn_awaiting_init(
+    clone_pid: u32,
+    nofile: Option<(u64, u64)>,
+) -> Result<AwaitingInit, RuntimeError> {
+    // Both ends close-on-exec from the start; init's process alone keeps
+    // `theirs` across its exec.
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| RuntimeError::sys("socketpair", e))?;
+    let exe =
+        std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
+    let cstr = |s: &[u8]| {
+        CString::new(s).map_err(|_| {
+            RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
+        })
+    };
+    let argv = [
+        cstr(exe.as_os_str().as_bytes())?,
+        cstr(b"__init")?,
+        cstr(b"--channel-fd")?,
+        cstr(theirs.as_raw_fd().to_string().as_bytes())?,
+        cstr(b"--await-pid")?,
+        cstr(clone_pid.to_string().as_bytes())?,
+    ];
+    let env = std::env::vars_os()
+        .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(&kv)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let setup = spawn::InitSetup {
+        keep_fd: Some(theirs.as_raw_fd()),
+        nofile,
+    };
+    let (pid, pidfd) = spawn::spawn_namespace_init(&argv, &env, setup)
+        .map_err(|e| RuntimeError::sys("starting the namespace init", e))?;
+    Ok(AwaitingInit {
+        pid,
+        pidfd,
+        channel: ours,
+    })
 }
 
 fn spawn_signal_forwarder(set: SigSet, control: Arc<Control>) -> Result<(), RuntimeError> {
