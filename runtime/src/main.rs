@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use appshot_configurator::{
-    validate_aid, validate_hostname, validate_name, validate_value_key, AppConfig, CloneId,
-    CloneRules, Pattern, PortRange, UserSpec,
+    validate_aid, validate_env_key, validate_hostname, validate_name, validate_value_key,
+    AppConfig, CloneId, CloneRules, Pattern, PortRange, UserSpec,
 };
 use appshot_snapshot::lazy::LazySettings;
 use clap::{ArgAction, Parser, Subcommand};
@@ -201,6 +201,19 @@ enum Cmd {
         /// `[clone] identity_file`.
         #[arg(long)]
         identity_file: Option<PathBuf>,
+        /// A variable of each clone's environment file (repeatable; VALUE
+        /// takes the placeholders of --hostname), like `docker run --env`
+        /// but read from the file: a running clone's environment is its
+        /// template's. Overrides the config's `[clone.env]` KEY. Needs
+        /// --env-file.
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, Pattern)>,
+        /// A path at which each clone sees its own environment file, a
+        /// `KEY='VALUE'` each line as sh reads it (`set -a; . PATH`), e.g.
+        /// for the processes it starts later. Overrides the config's
+        /// `[clone] env_file`.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
         /// Application config: its `[clone]` rules and `port_range` apply.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -310,10 +323,11 @@ enum Cmd {
         /// are ready.
         #[arg(long, requires = "channel_fd", conflicts_with = "restore_pid")]
         await_pid: Option<u32>,
-        #[arg(long, requires = "identity_target")]
-        identity_source: Option<PathBuf>,
-        #[arg(long, requires = "identity_source")]
-        identity_target: Option<PathBuf>,
+        /// Repeated with --file-target: one bind mount each.
+        #[arg(long, requires = "file_target")]
+        file_source: Vec<PathBuf>,
+        #[arg(long, requires = "file_source")]
+        file_target: Vec<PathBuf>,
         #[arg(long)]
         hostname: Option<String>,
         #[arg(long)]
@@ -528,8 +542,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             channel_fd,
             restore_pid,
             await_pid,
-            identity_source,
-            identity_target,
+            file_source,
+            file_target,
             hostname,
             cwd,
             user,
@@ -545,7 +559,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 (Some(fd), None) => init::Start::Launch { channel_fd: fd },
                 (None, _) => init::Start::Restore { pids: restore_pid },
             },
-            identity: identity_source.zip(identity_target),
+            files: file_source.into_iter().zip(file_target).collect(),
             hostname,
             cwd,
             user,
@@ -709,6 +723,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             hostname,
             values,
             identity_file,
+            env,
+            env_file,
             config,
             port_range,
             pool,
@@ -723,6 +739,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             rules.identity_file = identity_file.or(rules.identity_file);
             rules.hostname = hostname.or(rules.hostname);
             rules.values.extend(values);
+            rules.env_file = env_file.or(rules.env_file);
+            rules.env.extend(env);
             let range = port_range.unwrap_or(config.port_range);
             let plan = clones::plan(&aid, &name, count)?;
             let (launches, forkable) = clone_launches(&template, &plan, &rules, range, &run_dir)?;
@@ -781,6 +799,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             launch.identity = hostname.map(|hostname| CloneIdentity {
                 hostname,
                 file: None,
+                env_file: None,
             });
             if detach {
                 detach::detach_supervisor(&launch, cli.verbose)
@@ -910,6 +929,14 @@ fn parse_value(arg: &str) -> Result<(String, Pattern), String> {
     Ok((key.to_string(), value.parse()?))
 }
 
+fn parse_env(arg: &str) -> Result<(String, Pattern), String> {
+    let (key, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not KEY=VALUE"))?;
+    validate_env_key(key).map_err(|e| e.to_string())?;
+    Ok((key.to_string(), value.parse()?))
+}
+
 fn parse_run_as(arg: &str) -> Result<user::RunAs, String> {
     user::RunAs::from_arg(arg).ok_or_else(|| format!("`{arg}` is not UID:GID:GROUPS"))
 }
@@ -974,6 +1001,13 @@ fn clone_launches(
             keys.join(", ")
         );
     }
+    if rules.env_file.is_none() && !rules.env.is_empty() {
+        let keys: Vec<&str> = rules.env.keys().map(String::as_str).collect();
+        bail!(
+            "--env {} need an environment file to carry them (a running clone's environment is the template's memory): give --env-file PATH or the config's [clone] env_file",
+            keys.join(", ")
+        );
+    }
     let path = std::fs::canonicalize(template)
         .with_context(|| format!("template {}", template.display()))?;
     let img = snapshots::open_template(&path, run_dir)?;
@@ -1004,6 +1038,10 @@ fn clone_launches(
             file: rules.identity_file.clone().map(|path| IdentityFile {
                 path,
                 values: identity.values,
+            }),
+            env_file: rules.env_file.clone().map(|path| IdentityFile {
+                path,
+                values: identity.env,
             }),
         });
         launch.range = range;
@@ -1142,7 +1180,9 @@ fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
     let Some(claimed) = pool::wait_for_claim(run_dir, template)? else {
         return Ok(0);
     };
-    let log = logs::append(&logs::dir(&claimed.launch.run_dir, &claimed.launch.name).join(logs::SUPERVISOR_LOG))?;
+    let log = logs::append(
+        &logs::dir(&claimed.launch.run_dir, &claimed.launch.name).join(logs::SUPERVISOR_LOG),
+    )?;
     let own = OWN_LOG_FD.load(std::sync::atomic::Ordering::Relaxed);
     if own >= 0 {
         nix::unistd::dup2(log.as_raw_fd(), own).context("moving the log to the clone's")?;

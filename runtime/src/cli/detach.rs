@@ -50,7 +50,10 @@ pub struct Starting {
 /// The supervisor of a start: our child, or a claimed instance shell.
 enum Supervisor {
     Child(Child),
-    Shell { pid: u32, pidfd: std::os::fd::OwnedFd },
+    Shell {
+        pid: u32,
+        pidfd: std::os::fd::OwnedFd,
+    },
 }
 
 impl Supervisor {

@@ -50,7 +50,7 @@ pub enum InitError {
         #[source]
         error: std::io::Error,
     },
-    #[error("bind-mounting the identity file over {}", target.display())]
+    #[error("bind-mounting the instance's own file over {}", target.display())]
     IdentityFile {
         target: PathBuf,
         #[source]
@@ -110,16 +110,17 @@ pub enum Start {
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     pub hostname: Option<String>,
-    /// (source, target) as [`InitArgs::identity`].
-    pub file: Option<(PathBuf, PathBuf)>,
+    /// (source, target) as [`InitArgs::files`].
+    pub files: Vec<(PathBuf, PathBuf)>,
     pub cgroup: Option<PathBuf>,
 }
 
 pub struct InitArgs {
     pub start: Start,
-    /// (source, target): bind-mount the instance's own identity file over
-    /// `target` in the instance's mount namespace.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    /// (source, target): bind-mount each of the instance's own files (its
+    /// identity and environment files) over `target` in the instance's
+    /// mount namespace.
+    pub files: Vec<(PathBuf, PathBuf)>,
     /// A hostname of its own, in a UTS namespace of its own (a clone's).
     pub hostname: Option<String>,
     pub cwd: Option<PathBuf>,
@@ -144,7 +145,7 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
         .map_err(sys("blocking signals in init"))?;
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
     keep_inherited_fds_from_app();
-    own_mounts(args.identity.as_ref())?;
+    own_mounts(&args.files)?;
     // An awaiting init learns its hostname later, in the UTS namespace it
     // makes now.
     let awaits = matches!(args.start, Start::Await { .. });
@@ -170,8 +171,7 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
         }
         Start::Await { pid, channel_fd } => {
             let channel = take_channel(*channel_fd)?;
-            nix::unistd::write(&channel, b"shell")
-                .map_err(sys("saying the namespaces exist"))?;
+            nix::unistd::write(&channel, b"shell").map_err(sys("saying the namespaces exist"))?;
             take_identity(&channel)?;
             nix::unistd::write(&channel, b"ready")
                 .map_err(sys("saying the namespaces are ready"))?;
@@ -244,7 +244,7 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
 /// this init), and with the identity file, if any, bind-mounted over its
 /// target. The application and a restore's stub are forked after this and
 /// inherit it.
-fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
+fn own_mounts(files: &[(PathBuf, PathBuf)]) -> Result<(), InitError> {
     use nix::mount::{mount, MsFlags};
     // An IPC namespace of its own too: its System V objects are its own,
     // and a restore can make them again with their ids.
@@ -268,15 +268,15 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
         None::<&str>,
     )
     .map_err(sys("mounting the instance's /proc"))?;
-    if let Some((source, target)) = identity {
-        bind_identity(source, target)?;
+    for (source, target) in files {
+        bind_file(source, target)?;
     }
     Ok(())
 }
 
-/// Bind-mounts the instance's identity file over `target` in its mount
-/// namespace.
-fn bind_identity(source: &Path, target: &Path) -> Result<(), InitError> {
+/// Bind-mounts a file of the instance's own (its identity or environment
+/// file) over `target` in its mount namespace.
+fn bind_file(source: &Path, target: &Path) -> Result<(), InitError> {
     use nix::mount::{mount, MsFlags};
     mount(
         Some(source),
@@ -292,7 +292,8 @@ fn bind_identity(source: &Path, target: &Path) -> Result<(), InitError> {
 }
 
 /// Waits for the clone's identity on `channel` and applies it: its cgroup,
-/// identity file and hostname, before the clone is forked in.
+/// identity and environment files and hostname, before the clone is forked
+/// in.
 fn take_identity(channel: &OwnedFd) -> Result<(), InitError> {
     let mut buf = vec![0u8; 64 << 10];
     let n = loop {
@@ -311,8 +312,8 @@ fn take_identity(channel: &OwnedFd) -> Result<(), InitError> {
             error,
         })?;
     }
-    if let Some((source, target)) = &identity.file {
-        bind_identity(source, target)?;
+    for (source, target) in &identity.files {
+        bind_file(source, target)?;
     }
     if let Some(hostname) = &identity.hostname {
         set_hostname(hostname)?;

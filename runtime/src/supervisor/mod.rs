@@ -6,8 +6,8 @@ pub(crate) mod control;
 pub mod init;
 pub mod logs;
 pub mod pending;
-pub mod restart;
 pub mod pool;
+pub mod restart;
 mod restoring;
 pub mod snapshots;
 pub mod templates;
@@ -123,6 +123,10 @@ pub struct CloneIdentity {
     /// Its hostname, in a UTS namespace of its own.
     pub hostname: String,
     pub file: Option<IdentityFile>,
+    /// Its environment file: `values` as `KEY='VALUE'` lines (what
+    /// `--env` gives), bind-mounted over `path`.
+    #[serde(default)]
+    pub env_file: Option<IdentityFile>,
 }
 
 /// The clone's identity file: `aid=`, `name=`, `hostname=` and the
@@ -270,13 +274,17 @@ pub fn run_in(
                         false
                     }
                 };
-            let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
-                Some(file) => Some((
-                    write_identity(&launch, file, lock.instance_dir())?,
-                    file.path.clone(),
-                )),
-                _ => None,
-            };
+            let mut files = Vec::new();
+            if let Some(file) = launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
+                let source = write_identity(&launch, file, lock.instance_dir())?;
+                files.push((source, file.path.clone()));
+            }
+            if let Some(file) = launch.identity.as_ref().and_then(|i| i.env_file.as_ref()) {
+                let source = lock.instance_dir().join("env");
+                std::fs::write(&source, appshot_configurator::env_file_text(&file.values))
+                    .map_err(|e| RuntimeError::sys(format!("writing {}", source.display()), e))?;
+                files.push((source, file.path.clone()));
+            }
             // A forked clone has no stub: init waits for it instead.
             let stubs = if forked {
                 0
@@ -287,7 +295,7 @@ pub fn run_in(
             let mut host = RealRestore {
                 launch: &launch,
                 image: &image,
-                identity_file: identity_file.as_ref(),
+                files: &files,
                 cgroup: cgroup_dir,
                 nofile,
                 new_mux: &new_mux,
@@ -507,7 +515,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, cgroup, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], &[], cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -564,7 +572,8 @@ fn write_identity(
 struct RealRestore<'a, M> {
     launch: &'a Launch,
     image: &'a Image,
-    identity_file: Option<&'a (PathBuf, PathBuf)>,
+    /// The clone's own files: (source, where it sees it).
+    files: &'a [(PathBuf, PathBuf)],
     cgroup: Option<&'a Path>,
     nofile: Option<(u64, u64)>,
     new_mux: &'a M,
@@ -600,7 +609,7 @@ where
             };
             let identity = init::Identity {
                 hostname: self.launch.identity.as_ref().map(|i| i.hostname.clone()),
-                file: self.identity_file.cloned(),
+                files: self.files.to_vec(),
                 cgroup: self.cgroup.map(Path::to_path_buf),
             };
             let json = serde_json::to_vec(&identity).map_err(|e| {
@@ -615,7 +624,7 @@ where
                 self.launch,
                 None,
                 &top_level,
-                self.identity_file,
+                self.files,
                 self.cgroup,
                 self.nofile,
             )?
@@ -695,8 +704,7 @@ impl<M> RealRestore<'_, M> {
                 _ => {
                     return Err(RuntimeError::Start {
                         name: self.launch.name.clone(),
-                        reason: "the namespace init ended before its namespaces were ready"
-                            .into(),
+                        reason: "the namespace init ended before its namespaces were ready".into(),
                     })
                 }
             }
@@ -764,7 +772,7 @@ fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
-    identity: Option<&(PathBuf, PathBuf)>,
+    files: &[(PathBuf, PathBuf)],
     cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd), RuntimeError> {
@@ -789,10 +797,10 @@ fn start_init(
         argv.push(cstr(b"--hostname")?);
         argv.push(cstr(identity.hostname.as_bytes())?);
     }
-    if let Some((source, target)) = identity {
-        argv.push(cstr(b"--identity-source")?);
+    for (source, target) in files {
+        argv.push(cstr(b"--file-source")?);
         argv.push(cstr(source.as_os_str().as_bytes())?);
-        argv.push(cstr(b"--identity-target")?);
+        argv.push(cstr(b"--file-target")?);
         argv.push(cstr(target.as_os_str().as_bytes())?);
     }
     if let Some(user) = &launch.user {

@@ -108,7 +108,12 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some(SOCKET | STARTING)))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some(SOCKET | STARTING)
+            )
+        })
         .collect();
     files.sort();
     files
@@ -182,7 +187,10 @@ fn prepare_and_wait(
             Err(e) => break Err(RuntimeError::sys("waiting for a claim", e)),
         }
         if fds[1].any().unwrap_or(false) {
-            warn!(init = live.init.pid, "the shell's namespace init ended: the shell goes");
+            warn!(
+                init = live.init.pid,
+                "the shell's namespace init ended: the shell goes"
+            );
             break Ok(None);
         }
         let Ok((stream, _)) = listener.accept() else {
