@@ -605,7 +605,7 @@ where
             // An instance shell's init, started ahead, or one of our own.
             let awaiting = match self.shell.take() {
                 Some(init) => init,
-                None => spawn_awaiting_init(top_level[0], self.nofile)?,
+                None => spawn_awaiting_init(top_level[0], &self.launch.command, self.nofile)?,
             };
             let identity = init::Identity {
                 hostname: self.launch.identity.as_ref().map(|i| i.hostname.clone()),
@@ -879,9 +879,11 @@ pub struct AwaitingInit {
 }
 
 /// Starts a namespace init that awaits the clone with PID `clone_pid`
-/// (see [`AwaitingInit`]), with the open-files limit `nofile`.
+/// (see [`AwaitingInit`]), with the open-files limit `nofile`. `command`,
+/// the template's, is shown on its command line, as a launching init's.
 pub fn spawn_awaiting_init(
     clone_pid: u32,
+    command: &[String],
     nofile: Option<(u64, u64)>,
 ) -> Result<AwaitingInit, RuntimeError> {
     // Both ends close-on-exec from the start; init's process alone keeps
@@ -900,14 +902,18 @@ pub fn spawn_awaiting_init(
             RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
         })
     };
-    let argv = [
+    let mut argv = vec![
         cstr(exe.as_os_str().as_bytes())?,
         cstr(b"__init")?,
         cstr(b"--channel-fd")?,
         cstr(theirs.as_raw_fd().to_string().as_bytes())?,
         cstr(b"--await-pid")?,
         cstr(clone_pid.to_string().as_bytes())?,
+        cstr(b"--")?,
     ];
+    for a in command {
+        argv.push(cstr(a.as_bytes())?);
+    }
     let env = std::env::vars_os()
         .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
         .map(|(k, v)| {

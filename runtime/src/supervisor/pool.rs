@@ -154,7 +154,7 @@ fn prepare_and_wait(
             reason: "the template has no process".into(),
         })?;
     let nofile = super::raise_nofile_limit();
-    let init = spawn_awaiting_init(top, nofile)?;
+    let init = spawn_awaiting_init(top, &image.manifest.instance.command, nofile)?;
     let mut word = [0u8; 16];
     match nix::unistd::read(init.channel.as_raw_fd(), &mut word) {
         Ok(n) if &word[..n] == b"shell" => {}
