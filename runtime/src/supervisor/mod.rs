@@ -583,9 +583,9 @@ struct RealRestore<'a, M> {
     lazy: Option<LazySettings>,
     lazy_status: Option<LazyStatus>,
     /// A clone forked from its template's holder; once init started, where
-    /// it says its namespaces are ready, and its PID.
+    /// it speaks, its PID, and whether it made its namespaces already.
     forked: bool,
-    ready: Option<(OwnedFd, u32)>,
+    ready: Option<(OwnedFd, u32, bool)>,
     cluster: &'a Arc<Cluster>,
     phases: &'a mut Phases,
     /// A claimed instance shell's init, awaiting the clone.
@@ -603,9 +603,12 @@ where
         let top_level: Vec<u32> = self.image.manifest.top_level().map(|p| p.ns_pid).collect();
         let (init_pid, init) = if self.forked {
             // An instance shell's init, started ahead, or one of our own.
-            let awaiting = match self.shell.take() {
-                Some(init) => init,
-                None => spawn_awaiting_init(top_level[0], &self.launch.command, self.nofile)?,
+            let (awaiting, made) = match self.shell.take() {
+                Some(init) => (init, true),
+                None => (
+                    spawn_awaiting_init(top_level[0], &self.launch.command, self.nofile)?,
+                    false,
+                ),
             };
             let identity = init::Identity {
                 hostname: self.launch.identity.as_ref().map(|i| i.hostname.clone()),
@@ -617,7 +620,7 @@ where
             })?;
             nix::unistd::write(&awaiting.channel, &json)
                 .map_err(|e| RuntimeError::sys("sending the clone's identity to its init", e))?;
-            self.ready = Some((awaiting.channel, awaiting.pid));
+            self.ready = Some((awaiting.channel, awaiting.pid, made));
             (awaiting.pid, awaiting.pidfd)
         } else {
             start_init(
@@ -644,7 +647,7 @@ where
         plan: &restoring::Plan,
     ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
         let forked = match self.ready.take() {
-            Some((ready, init_pid)) => Some(self.fork(ready, init_pid)?),
+            Some((ready, init_pid, made)) => Some(self.fork(ready, init_pid, made)?),
             None => {
                 self.phases.mark("stubs forked");
                 None
@@ -685,31 +688,22 @@ where
 
 impl<M> RealRestore<'_, M> {
     /// Forks the image's process from its template's holder into the
-    /// namespaces of init (`init_pid`) once it says they are ready, and
-    /// moves it into the instance's cgroup. Returns it frozen, and the
-    /// holder's scratch address, for the rest of its restore.
+    /// namespaces of init (`init_pid`) once they exist (`made`: an
+    /// instance shell's init made them long ago), moves it into the
+    /// instance's cgroup, and waits until init has applied the clone's
+    /// identity, which it does meanwhile: the clone runs no instruction
+    /// before its restore is done. Returns it frozen, and the holder's
+    /// scratch address, for the rest of its restore.
     fn fork(
         &mut self,
         ready: OwnedFd,
         init_pid: u32,
+        made: bool,
     ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
-        let mut word = [0u8; 16];
-        loop {
-            match nix::unistd::read(ready.as_raw_fd(), &mut word) {
-                Ok(n) if &word[..n] == b"ready" => break,
-                // Said once its namespaces exist (an instance shell's init
-                // said it long ago, to the shell).
-                Ok(n) if &word[..n] == b"shell" => {}
-                Err(Errno::EINTR) => {}
-                _ => {
-                    return Err(RuntimeError::Start {
-                        name: self.launch.name.clone(),
-                        reason: "the namespace init ended before its namespaces were ready".into(),
-                    })
-                }
-            }
+        if !made {
+            self.await_init(&ready, b"shell")?;
         }
-        self.phases.mark("namespaces ready");
+        self.phases.mark("namespaces made");
         let mut lease = templates::lease(&self.launch.run_dir, &self.image.path, self.image)?;
         let holder = lease.holder();
         self.phases.mark("template holder locked");
@@ -718,17 +712,45 @@ impl<M> RealRestore<'_, M> {
         lease.clone_started();
         drop(lease);
         self.phases.mark("forked");
-        if let Some(dir) = self.cgroup {
-            let procs = dir.join("cgroup.procs");
-            if let Err(e) = std::fs::write(&procs, clone.pid.to_string()) {
-                let pid = clone.pid;
-                clone.kill(|| {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                });
-                return Err(RuntimeError::sys(format!("writing {}", procs.display()), e));
+        let placed = match self.cgroup {
+            Some(dir) => {
+                let procs = dir.join("cgroup.procs");
+                std::fs::write(&procs, clone.pid.to_string())
+                    .map_err(|e| RuntimeError::sys(format!("writing {}", procs.display()), e))
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = placed.and_then(|()| self.await_init(&ready, b"ready")) {
+            let pid = clone.pid;
+            clone.kill(|| {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            });
+            return Err(e);
+        }
+        self.phases.mark("identity applied");
+        Ok((clone, holder.scratch))
+    }
+
+    /// Waits for `word` from the awaiting init (`shell` once its namespaces
+    /// exist, then `ready` once it applied the clone's identity).
+    fn await_init(&self, channel: &OwnedFd, word: &[u8]) -> Result<(), RuntimeError> {
+        let mut got = [0u8; 16];
+        loop {
+            match nix::unistd::read(channel.as_raw_fd(), &mut got) {
+                Ok(n) if &got[..n] == word => return Ok(()),
+                Ok(n) if &got[..n] == b"shell" => {}
+                Err(Errno::EINTR) => {}
+                _ => {
+                    return Err(RuntimeError::Start {
+                        name: self.launch.name.clone(),
+                        reason: format!(
+                            "the namespace init ended before it said `{}`",
+                            String::from_utf8_lossy(word)
+                        ),
+                    })
+                }
             }
         }
-        Ok((clone, holder.scratch))
     }
 }
 
