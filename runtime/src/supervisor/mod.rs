@@ -306,6 +306,7 @@ pub fn run_in(
                 ready: None,
                 cluster: &cluster,
                 phases: &mut phases,
+                filter: shell.as_mut().and_then(|s| s.filter.take()),
                 shell: shell.take().map(|s| s.init),
             };
             // Listed from now on, `restoring` until the restored processes
@@ -590,6 +591,8 @@ struct RealRestore<'a, M> {
     phases: &'a mut Phases,
     /// A claimed instance shell's init, awaiting the clone.
     shell: Option<AwaitingInit>,
+    /// The seccomp filter, if built ahead (by an instance shell).
+    filter: Option<Vec<appshot_sys::seccomp::SockFilter>>,
 }
 
 impl<M> restoring::RestoreHost for RealRestore<'_, M>
@@ -653,7 +656,10 @@ where
                 None
             }
         };
-        let program = filter::build()?;
+        let program = match self.filter.take() {
+            Some(program) => program,
+            None => filter::build()?,
+        };
         self.phases.mark("filter built");
         let mux = self.mux.as_ref().expect("init started first");
         let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);

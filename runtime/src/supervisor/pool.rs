@@ -59,6 +59,8 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Shell {
     pub init: AwaitingInit,
     image: Option<Image>,
+    /// The seccomp filter the clone gets, built ahead.
+    pub filter: Option<Vec<appshot_sys::seccomp::SockFilter>>,
     /// The image file's identity when it was opened: a rewritten image is
     /// opened again at the claim.
     identity: String,
@@ -170,9 +172,14 @@ fn prepare_and_wait(
         .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
     let _ = std::fs::remove_file(dir.join(format!("{me}.{STARTING}")));
     info!(socket = %path.display(), init = init.pid, "shell ready");
+    // Work every claim would do first, done while nobody waits: the
+    // filter built and the cgroup mount found.
+    let filter = Some(crate::seccomp::filter::build()?);
+    let _ = crate::net::cgroup::root();
     let mut shell = Some(Shell {
         init,
         image: Some(image),
+        filter,
         identity,
     });
     let claimed = loop {
