@@ -1188,6 +1188,7 @@ fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
         nix::unistd::dup2(log.as_raw_fd(), own).context("moving the log to the clone's")?;
     }
     drop(log);
+    tracing::info!(name = %claimed.launch.name, init = claimed.shell.init.pid, "instance shell claimed");
     supervise_with(claimed.launch, Some(claimed.shell), claimed.answer, read)
 }
 
