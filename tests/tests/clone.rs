@@ -896,21 +896,10 @@ fn a_clone_that_cannot_start_is_reported_and_the_others_run_on() {
     let _squatter = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port + 1)).unwrap();
     let names = numbered("f", 2);
     let range = format!("{port}-{}", port + 1);
-    // No instance shells: their inits, waiting for the next clones, show
-    // the template's command too.
     let ran = h.try_clone(
         &names,
         &image,
-        &[
-            "--aid",
-            "f",
-            "--count",
-            "2",
-            "--port-range",
-            &range,
-            "--pool",
-            "0",
-        ],
+        &["--aid", "f", "--count", "2", "--port-range", &range],
     );
     assert!(!ran.success(), "one of two clones cannot start: {ran}");
     assert_eq!(ran.code, Some(125), "{ran}");

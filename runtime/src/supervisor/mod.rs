@@ -186,7 +186,14 @@ pub fn run_in(
 ) -> Result<Ended, RuntimeError> {
     let mut phases = Phases::new();
     let nofile = raise_nofile_limit();
-    let registry = Registry::open(&launch.run_dir)?;
+    let registry = match shell
+        .as_mut()
+        .and_then(|s| s.take_registry(&launch.run_dir))
+    {
+        Some(registry) => registry,
+        None => Registry::open(&launch.run_dir)?,
+    };
+    phases.mark("registry opened");
     // Also removes whatever a dead earlier instance of this name left in
     // the registry and the kernel's source rules.
     let lock = InstanceLock::acquire(&registry, &launch.name)?;
@@ -908,7 +915,7 @@ pub struct AwaitingInit {
 
 /// Starts a namespace init that awaits the clone with PID `clone_pid`
 /// (see [`AwaitingInit`]), with the open-files limit `nofile`. `command`,
-/// the template's, is shown on its command line, as a launching init's.
+/// the clone's, is shown on its command line, as a launching init's.
 pub fn spawn_awaiting_init(
     clone_pid: u32,
     command: &[String],
@@ -937,8 +944,10 @@ pub fn spawn_awaiting_init(
         cstr(theirs.as_raw_fd().to_string().as_bytes())?,
         cstr(b"--await-pid")?,
         cstr(clone_pid.to_string().as_bytes())?,
-        cstr(b"--")?,
     ];
+    if !command.is_empty() {
+        argv.push(cstr(b"--")?);
+    }
     for a in command {
         argv.push(cstr(a.as_bytes())?);
     }

@@ -31,6 +31,7 @@ use std::time::Duration;
 use appshot_snapshot::holder;
 use appshot_snapshot::image::Image;
 use appshot_sys::pidfd;
+use appshot_vpm::Registry;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -61,6 +62,8 @@ pub struct Shell {
     image: Option<Image>,
     /// The seccomp filter the clone gets, built ahead.
     pub filter: Option<Vec<appshot_sys::seccomp::SockFilter>>,
+    /// The registry of the run directory the shell was started for.
+    registry: Option<(PathBuf, Registry)>,
     /// The image file's identity when it was opened: a rewritten image is
     /// opened again at the claim.
     identity: String,
@@ -69,6 +72,12 @@ pub struct Shell {
 impl Shell {
     /// The opened image, if the file at `path` is still the one that was
     /// opened.
+    /// The registry opened ahead, if it is `run_dir`'s.
+    pub fn take_registry(&mut self, run_dir: &Path) -> Option<Registry> {
+        let (dir, registry) = self.registry.take()?;
+        (dir == run_dir).then_some(registry)
+    }
+
     pub fn take_image(&mut self, path: &Path) -> Option<Image> {
         let current = templates::identity(path).ok()?;
         let image = self.image.take()?;
@@ -129,12 +138,13 @@ pub fn wait_for_claim(run_dir: &Path, template: &Path) -> Result<Option<Claimed>
     let dir = shells_dir(run_dir, template);
     let me = tag_of(std::process::id()).unwrap_or_else(|| std::process::id().to_string());
     let starting = dir.join(format!("{me}.{STARTING}"));
-    let result = prepare_and_wait(&dir, &me, template);
+    let result = prepare_and_wait(run_dir, &dir, &me, template);
     let _ = std::fs::remove_file(&starting);
     result
 }
 
 fn prepare_and_wait(
+    run_dir: &Path,
     dir: &Path,
     me: &str,
     template: &Path,
@@ -156,7 +166,9 @@ fn prepare_and_wait(
             reason: "the template has no process".into(),
         })?;
     let nofile = super::raise_nofile_limit();
-    let init = spawn_awaiting_init(top, &image.manifest.instance.command, nofile)?;
+    // Its command line shows no command: it is no instance yet, and must
+    // not be taken for one of the template's processes.
+    let init = spawn_awaiting_init(top, &[], nofile)?;
     let mut word = [0u8; 16];
     match nix::unistd::read(init.channel.as_raw_fd(), &mut word) {
         Ok(n) if &word[..n] == b"shell" => {}
@@ -176,10 +188,12 @@ fn prepare_and_wait(
     // filter built and the cgroup mount found.
     let filter = Some(crate::seccomp::filter::build()?);
     let _ = crate::net::cgroup::root();
+    let registry = Some((run_dir.to_path_buf(), Registry::open(run_dir)?));
     let mut shell = Some(Shell {
         init,
         image: Some(image),
         filter,
+        registry,
         identity,
     });
     let claimed = loop {
