@@ -157,6 +157,12 @@ enum Cmd {
         /// left running with --parent always does).
         #[arg(long, requires = "leave_running")]
         track: bool,
+        /// Make the image durable (fsync) before it is in place, and before
+        /// a stopping snapshot stops the instance. Without it the command
+        /// returns, as `criu dump` does, once the image is complete in the
+        /// page cache, and the kernel writes it back.
+        #[arg(long)]
+        sync: bool,
         /// `close`: save a Unix socket connected to a peer outside the
         /// instance as closed (the restored process reads EOF on it)
         /// instead of refusing the snapshot.
@@ -281,6 +287,9 @@ enum Cmd {
         /// itself).
         #[arg(short, long)]
         output: PathBuf,
+        /// Make it durable (fsync) before it is in place.
+        #[arg(long)]
+        sync: bool,
     },
     /// Show what an image holds.
     Inspect {
@@ -697,6 +706,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             template,
             parent,
             track,
+            sync,
             external_unix,
             json,
         } => {
@@ -708,6 +718,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 external_unix_close: external_unix.is_some(),
                 parent,
                 track,
+                durability: snapshots::durability(sync),
             };
             println!(
                 "{}",
@@ -762,8 +773,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             started
         }
-        Cmd::Merge { image, output } => {
-            println!("{}", snapshots::merge(&image, &output)?);
+        Cmd::Merge {
+            image,
+            output,
+            sync,
+        } => {
+            println!(
+                "{}",
+                snapshots::merge(&image, &output, snapshots::durability(sync))?
+            );
             Ok(0)
         }
         Cmd::Inspect {

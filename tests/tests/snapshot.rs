@@ -37,11 +37,16 @@ fn counters_pass(h: &Harness, aid: &str, than: &Keeper) -> Keeper {
 /// `appshot snapshot NAME -o IMAGE` (no --leave-running): succeeds, and the
 /// instance is gone, with its translations and its application process.
 fn snapshot_and_stop(h: &Harness, name: &str, image: &Path) {
+    snapshot_and_stop_with(h, name, image, &[]);
+}
+
+/// [`snapshot_and_stop`] with more flags.
+fn snapshot_and_stop_with(h: &Harness, name: &str, image: &Path, flags: &[&str]) {
     let app = pid_of(
         &h.instance(name)
             .unwrap_or_else(|| panic!("{name} listed before its snapshot")),
     );
-    let ran = h.snapshot(name, image, &[]);
+    let ran = h.snapshot(name, image, flags);
     assert!(ran.success(), "appshot snapshot {name}: {ran}");
     assert!(ran.stdout.contains("stopped"), "snapshot {name}: {ran}");
     assert!(
@@ -312,8 +317,9 @@ fn redis_keeps_its_keys_and_identity_across_restore() {
     let info = redis_cli(&h, "r", &["INFO", "server"]);
     let (pid, run_id) = (info_field(&info, "process_id"), info_field(&info, "run_id"));
 
+    // Durable first: the same image, fsynced before redis is stopped.
     let image = h.dir("images").join("redis-r.img");
-    snapshot_and_stop(&h, "redis-r", &image);
+    snapshot_and_stop_with(&h, "redis-r", &image, &["--sync"]);
     h.restore("redis-r", &image, &[]);
 
     for i in [0, 7, 19] {

@@ -64,6 +64,9 @@ pub enum Request {
         /// `--track`: the write tracking stays on the instance afterwards.
         #[serde(default)]
         track: bool,
+        /// `--sync`: the image is on disk before it is in place.
+        #[serde(default)]
+        sync: bool,
     },
 }
 

@@ -1069,6 +1069,7 @@ impl Control {
                 external_unix_close,
                 parent,
                 track,
+                sync,
             } => self.snapshot(
                 &output,
                 snapshots::SnapshotOptions {
@@ -1078,6 +1079,7 @@ impl Control {
                     external_unix_close,
                     parent,
                     track,
+                    durability: snapshots::durability(sync),
                 },
                 peer,
             ),

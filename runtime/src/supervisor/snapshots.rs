@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use appshot_snapshot::dump::{dump, DumpRequest};
 use appshot_snapshot::image::format::temporary_path;
 use appshot_snapshot::image::{
-    open_file, FdKind, Image, ImageWriter, InstanceInfo, Manifest, VmaKind, PAGE,
+    open_file, Durability, FdKind, Image, ImageWriter, InstanceInfo, Manifest, VmaKind, PAGE,
 };
 use appshot_snapshot::kinds::tcp::Repairs;
 use appshot_snapshot::precopy::{precopy, Hooks, Tracking};
@@ -122,6 +122,7 @@ pub fn snapshot(
         external_unix_close: options.external_unix_close,
         parent,
         track: options.track,
+        sync: options.durability == Durability::Disk,
     };
     let answered = control::request_interruptible(&dir, &req, SNAPSHOT_IDLE, progress);
     if let Some(b) = bar.get() {
@@ -158,10 +159,11 @@ pub fn snapshot(
     }
     if !leave_running {
         // The supervisor answers once the instance is dead; its registry
-        // entries go when the supervisor itself exits.
+        // entries go when the supervisor itself exits, within milliseconds
+        // (a probe of its lock costs microseconds).
         let deadline = Instant::now() + Duration::from_secs(10);
         while is_alive(run_dir, name) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     Ok(match (reply.snapshot, json) {
@@ -199,6 +201,18 @@ pub struct SnapshotOptions {
     /// later one on this one (an incremental one left running always
     /// does).
     pub track: bool,
+    /// Whether the image is on disk before it is in place (and before a
+    /// stopping snapshot stops the instance), or in the page cache.
+    pub durability: Durability,
+}
+
+/// The image's durability `--sync` asks for.
+pub fn durability(sync: bool) -> Durability {
+    if sync {
+        Durability::Disk
+    } else {
+        Durability::PageCache
+    }
 }
 
 /// The write tracking a supervisor keeps on its running instance after a
@@ -322,6 +336,7 @@ pub fn take(
         external_unix_close,
         parent,
         track,
+        durability,
     } = options;
     // Refused before anything is touched; the tracking stays as it was.
     let parent = match &parent {
@@ -396,7 +411,7 @@ pub fn take(
         return Err(SnapshotError::Cancelled { pid: app }.into());
     }
     let pending = Pending::begin(subject.run_dir, &temporary_path(output)?)?;
-    let mut writer = ImageWriter::create(output)?;
+    let mut writer = ImageWriter::create(output, durability)?;
 
     let started = Instant::now();
     // Memory is copied while the instance runs on; its write tracking ends
@@ -500,7 +515,7 @@ pub fn take(
     let image_bytes;
     let after = if leave_running {
         // Everything is copied: the instance runs on before the image is
-        // made durable (manifest, fsync, rename).
+        // finished (manifest, fsync with --sync, rename).
         repairs.resume();
         for f in frozen {
             f.release();
@@ -522,9 +537,10 @@ pub fn take(
         }
         "left running"
     } else {
-        // A stopping snapshot is complete only once its image is durable:
-        // until then the instance stays frozen, to be released as it was
-        // if writing fails or the requester goes away.
+        // A stopping snapshot is complete only once its image is in place
+        // (on disk too with --sync): until then the instance stays frozen,
+        // to be released as it was if writing fails or the requester goes
+        // away.
         match finish(writer, &manifest, requester, app) {
             Ok(bytes) => image_bytes = bytes,
             Err(e) => {
@@ -742,10 +758,10 @@ fn mib(bytes: u64) -> String {
 }
 
 /// `appshot merge`: the chain of `image` as one whole image at `output`.
-pub fn merge(image: &Path, output: &Path) -> Result<String, RuntimeError> {
+pub fn merge(image: &Path, output: &Path, durability: Durability) -> Result<String, RuntimeError> {
     let started = Instant::now();
     let chain = Image::open(image)?;
-    let size = chain.merge(output)?;
+    let size = chain.merge(output, durability)?;
     Ok(format!(
         "{} and its {} parent image(s) merged into {}: image {}, {} ms",
         image.display(),

@@ -96,6 +96,22 @@ impl Header {
     }
 }
 
+/// When a written image counts as in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Complete in the page cache and renamed over the old image, as `criu
+    /// dump` leaves its images: the kernel writes it back. A process killed
+    /// meanwhile changes nothing; a machine that crashes before the
+    /// writeback may leave a torn image, which a restore refuses by its
+    /// checksums.
+    #[default]
+    PageCache,
+    /// On disk (fsync) before it is renamed into place; the disk is asked
+    /// to write as the pages come, so the fsync waits for the last of them
+    /// only.
+    Disk,
+}
+
 /// Writes an image: pages are streamed in with [`ImageWriter::write_pages`]
 /// (each call page-aligned), then [`ImageWriter::finish`] adds the manifest
 /// and moves the file into place.
@@ -103,6 +119,7 @@ pub struct ImageWriter {
     path: PathBuf,
     tmp: PathBuf,
     out: BufWriter<File>,
+    durability: Durability,
     pages_len: u64,
     /// How much of the pages section the disk was asked to write so far.
     written_back: u64,
@@ -116,7 +133,7 @@ pub struct ImageWriter {
 const WRITEBACK_STEP: u64 = 16 << 20;
 
 impl ImageWriter {
-    pub fn create(path: &Path) -> Result<ImageWriter, SnapshotError> {
+    pub fn create(path: &Path, durability: Durability) -> Result<ImageWriter, SnapshotError> {
         let io = |e| SnapshotError::io(path, e);
         let prefix = temporary_prefix(path)?;
         remove_orphaned_temporaries(path, &prefix);
@@ -133,6 +150,7 @@ impl ImageWriter {
             path: path.to_path_buf(),
             tmp,
             out,
+            durability,
             pages_len: 0,
             written_back: 0,
             crc: crc32fast::Hasher::new(),
@@ -154,7 +172,9 @@ impl ImageWriter {
             .map_err(|e| SnapshotError::io(&self.tmp, e))?;
         self.crc.update(data);
         self.pages_len += data.len() as u64;
-        if self.pages_len - self.written_back >= WRITEBACK_STEP {
+        if self.durability == Durability::Disk
+            && self.pages_len - self.written_back >= WRITEBACK_STEP
+        {
             self.start_writeback()?;
         }
         Ok(off)
@@ -192,7 +212,9 @@ impl ImageWriter {
             };
             let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
             file.write_all_at(&header.encode(), 0).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            if self.durability == Durability::Disk {
+                file.sync_all().map_err(io)?;
+            }
             std::fs::rename(&tmp, &self.path).map_err(|e| SnapshotError::io(&self.path, e))?;
             Ok(PAGE + self.pages_len + encoded.len() as u64)
         })();
@@ -504,9 +526,9 @@ impl Image {
     /// Writes the state this image holds, its parents' pages included,
     /// as one whole image at `out` (same id: the same state); returns its
     /// size.
-    pub fn merge(&self, out: &Path) -> Result<u64, SnapshotError> {
+    pub fn merge(&self, out: &Path, durability: Durability) -> Result<u64, SnapshotError> {
         const CHUNK: u64 = 1 << 20;
-        let mut writer = ImageWriter::create(out)?;
+        let mut writer = ImageWriter::create(out, durability)?;
         let result = (|| {
             // The own pages section first, as it is: its runs keep their
             // offsets.
@@ -791,7 +813,7 @@ mod tests {
             offset: 0,
             layer: 0,
         }]);
-        let mut w = ImageWriter::create(path).unwrap();
+        let mut w = ImageWriter::create(path, Durability::PageCache).unwrap();
         w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
         w.finish(&m).unwrap();
         m
@@ -933,7 +955,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         let write = |m: &Manifest| {
-            let mut w = ImageWriter::create(&path).unwrap();
+            let mut w = ImageWriter::create(&path, Durability::PageCache).unwrap();
             w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
             w.finish(m).unwrap();
         };
@@ -1031,7 +1053,7 @@ mod tests {
         m.id = 2;
         m.parent = Some(p.as_parent_of(&child));
         assert_eq!(m.parent.as_ref().unwrap().path, "parent");
-        let mut w = ImageWriter::create(&child).unwrap();
+        let mut w = ImageWriter::create(&child, Durability::PageCache).unwrap();
         w.write_pages(&vec![9u8; PAGE as usize]).unwrap();
         w.finish(&m).unwrap();
 
@@ -1042,7 +1064,7 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 7));
 
         let merged = dir.path().join("merged");
-        c.merge(&merged).unwrap();
+        c.merge(&merged, Durability::PageCache).unwrap();
         let flat = Image::open(&merged).unwrap();
         assert!(flat.ancestors.is_empty() && flat.manifest.parent.is_none());
         assert_eq!(flat.manifest.id, 2, "the same state keeps its id");
@@ -1079,7 +1101,7 @@ mod tests {
         write_sample(&parent);
         let mut other = Image::open(&parent).unwrap().manifest;
         other.id = 3;
-        let mut w = ImageWriter::create(&parent).unwrap();
+        let mut w = ImageWriter::create(&parent, Durability::PageCache).unwrap();
         w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
         w.finish(&other).unwrap();
         refused("replaced");
@@ -1093,7 +1115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         let m = write_sample(&path);
-        let mut w = ImageWriter::create(&path).unwrap();
+        let mut w = ImageWriter::create(&path, Durability::PageCache).unwrap();
         w.write_pages(&vec![1u8; PAGE as usize]).unwrap();
         w.abandon();
         assert_eq!(Image::open(&path).unwrap().manifest, m);

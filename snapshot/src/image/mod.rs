@@ -4,5 +4,5 @@
 pub mod format;
 pub mod model;
 
-pub use format::{open_file, Image, ImageWriter, PAGE};
+pub use format::{open_file, Durability, Image, ImageWriter, PAGE};
 pub use model::*;
