@@ -121,6 +121,11 @@ pub fn enter(dir: &Path) -> std::io::Result<()> {
     std::fs::write(dir.join("cgroup.procs"), "0")
 }
 
+/// Moves process `pid` into the cgroup `dir`.
+pub fn place(dir: &Path, pid: u32) -> std::io::Result<()> {
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

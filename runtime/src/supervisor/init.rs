@@ -112,7 +112,6 @@ pub struct Identity {
     pub hostname: Option<String>,
     /// (source, target) as [`InitArgs::files`].
     pub files: Vec<(PathBuf, PathBuf)>,
-    pub cgroup: Option<PathBuf>,
 }
 
 pub struct InitArgs {
@@ -291,9 +290,9 @@ fn bind_file(source: &Path, target: &Path) -> Result<(), InitError> {
     })
 }
 
-/// Waits for the clone's identity on `channel` and applies it: its cgroup,
-/// identity and environment files and hostname, before the clone is forked
-/// in.
+/// Waits for the clone's identity on `channel` and applies it: its
+/// identity and environment files and its hostname (its supervisor moves
+/// init into the instance's cgroup once the clone runs).
 fn take_identity(channel: &OwnedFd) -> Result<(), InitError> {
     let mut buf = vec![0u8; 64 << 10];
     let n = loop {
@@ -306,12 +305,6 @@ fn take_identity(channel: &OwnedFd) -> Result<(), InitError> {
         return Err(InitError::NoIdentity);
     }
     let identity: Identity = serde_json::from_slice(&buf[..n]).map_err(InitError::Identity)?;
-    if let Some(dir) = &identity.cgroup {
-        crate::net::cgroup::enter(dir).map_err(|error| InitError::Cgroup {
-            dir: dir.clone(),
-            error,
-        })?;
-    }
     for (source, target) in &identity.files {
         bind_file(source, target)?;
     }

@@ -327,6 +327,15 @@ pub fn run_in(
                 &marker,
                 restoring::STUB_DEADLINE,
             )?;
+            // An awaiting init joins the cgroup only now, the clone running:
+            // its migration may wait for an RCU grace period (up to 13 ms
+            // measured), which would hold up every fork meanwhile. The
+            // clone was forked into it.
+            if let (true, Some(dir)) = (forked, cgroup_dir) {
+                if let Err(e) = cgroup::place(dir, r.init_pid) {
+                    warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
+                }
+            }
             let mux = host.mux.take().expect("the multiplexer of a started init");
             lazy_status = host.lazy_status.take();
             (r.init_pid, r.init, r.listeners, mux, r.main)
@@ -623,7 +632,6 @@ where
             let identity = init::Identity {
                 hostname: self.launch.identity.as_ref().map(|i| i.hostname.clone()),
                 files: self.files.to_vec(),
-                cgroup: self.cgroup.map(Path::to_path_buf),
             };
             let json = serde_json::to_vec(&identity).map_err(|e| {
                 RuntimeError::sys("encoding the clone's identity", std::io::Error::other(e))
@@ -703,7 +711,8 @@ impl<M> RealRestore<'_, M> {
     /// Forks the image's process from its template's holder into the
     /// namespaces of init (`init_pid`) once they exist (`made`: an
     /// instance shell's init made them long ago), moves it into the
-    /// instance's cgroup, and waits until init has applied the clone's
+    /// instance's cgroup as it forks it, and waits until init has applied
+    /// the clone's
     /// identity, which it does meanwhile: the clone runs no instruction
     /// before its restore is done. Returns it frozen, and the holder's
     /// scratch address, for the rest of its restore.
@@ -721,19 +730,11 @@ impl<M> RealRestore<'_, M> {
         let holder = lease.holder();
         self.phases.mark("template holder locked");
         let namespaces = templates::namespaces_apart(init_pid, holder.pid);
-        let clone = holder::fork_clone(holder, init_pid, namespaces, self.image)?;
+        let clone = holder::fork_clone(holder, init_pid, namespaces, self.cgroup, self.image)?;
         lease.clone_started();
         drop(lease);
         self.phases.mark("forked");
-        let placed = match self.cgroup {
-            Some(dir) => {
-                let procs = dir.join("cgroup.procs");
-                std::fs::write(&procs, clone.pid.to_string())
-                    .map_err(|e| RuntimeError::sys(format!("writing {}", procs.display()), e))
-            }
-            None => Ok(()),
-        };
-        if let Err(e) = placed.and_then(|()| self.await_init(&ready, b"ready")) {
+        if let Err(e) = self.await_init(&ready, b"ready") {
             let pid = clone.pid;
             clone.kill(|| {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
