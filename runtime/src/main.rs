@@ -228,8 +228,9 @@ enum Cmd {
         #[arg(long)]
         port_range: Option<PortRange>,
         /// Instance shells kept ready for the template's next clones
-        /// (default 2, or what the last --pool said; 0: none): a clone
-        /// that claims one starts in a few milliseconds.
+        /// (default 2, or what the last --pool said; 0: none): a detached
+        /// clone that claims one skips the start of its supervisor and
+        /// namespace init.
         #[arg(long, value_name = "N")]
         pool: Option<u32>,
         #[arg(short, long)]
