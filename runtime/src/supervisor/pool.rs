@@ -347,10 +347,11 @@ fn lock(dir: &Path) -> Result<Flock<File>, RuntimeError> {
         .map_err(|(_, e)| RuntimeError::sys(format!("locking {}", path.display()), e))
 }
 
-/// Shells of the template that are ready or starting, their files' stale
-/// ones removed.
+/// Shells of the template that are ready or starting, each once (a shell
+/// that bound its socket before its starter marked it starting has both),
+/// their files' stale ones removed.
 fn live(dir: &Path) -> Vec<u32> {
-    entries(dir)
+    let pids: std::collections::BTreeSet<u32> = entries(dir)
         .into_iter()
         .filter_map(|f| match live_pid(&f) {
             Some(pid) => Some(pid),
@@ -359,7 +360,8 @@ fn live(dir: &Path) -> Vec<u32> {
                 None
             }
         })
-        .collect()
+        .collect();
+    pids.into_iter().collect()
 }
 
 /// How many shells of the template are ready to be claimed.
@@ -437,5 +439,28 @@ pub fn remove(template_dir: &Path) {
     let _held = lock(&dir);
     for pid in live(&dir) {
         kill(pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shell_is_counted_once_and_dead_ones_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = tag_of(std::process::id()).unwrap();
+        for name in [
+            format!("{me}.{SOCKET}"),
+            format!("{me}.{STARTING}"),
+            // PID 1 with a start time it does not have: a shell long gone.
+            format!("1-1.{SOCKET}"),
+            "lock".to_string(),
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(live(dir.path()), [std::process::id()]);
+        assert!(!dir.path().join(format!("1-1.{SOCKET}")).exists());
+        assert!(dir.path().join("lock").exists());
     }
 }
