@@ -215,6 +215,90 @@ pub fn copy(uffd: BorrowedFd, dst: u64, src: &[u8]) -> Filled {
     })
 }
 
+/// A read-only mapping of a file (an image's pages) as the source of
+/// [`copy_from`]: only the kernel reads it, inside `UFFDIO_COPY`, so a file
+/// that shrinks under it makes that copy fail with EFAULT, never this
+/// process fault.
+#[derive(Debug)]
+pub struct FileSource {
+    at: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is never dereferenced here, only passed to the
+// kernel by address; unmapping in `drop` needs exclusive ownership, which
+// `Drop` has.
+unsafe impl Send for FileSource {}
+// SAFETY: as above: `&FileSource` gives out the mapping's address only.
+unsafe impl Sync for FileSource {}
+
+impl FileSource {
+    /// Maps all of `file` (its length now), read-only, its pages faulted
+    /// in ahead (`MAP_POPULATE`) so that the copies do not fault on them
+    /// one page-cache page at a time.
+    pub fn map(file: &std::fs::File) -> io::Result<FileSource> {
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a new private read-only mapping of a descriptor we hold;
+        // the kernel chooses the address, so nothing of ours is replaced.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let at =
+            std::ptr::NonNull::new(at).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(FileSource { at, len })
+    }
+}
+
+impl Drop for FileSource {
+    fn drop(&mut self) {
+        // SAFETY: `at..at+len` is the mapping `map` made, and nothing
+        // refers into it (it is never dereferenced).
+        unsafe { libc::munmap(self.at.as_ptr(), self.len) };
+    }
+}
+
+/// `UFFDIO_COPY` of `len` bytes at `offset` of `source` (both
+/// page-aligned) to the missing pages at `dst`. A range beyond the mapped
+/// file is refused with EINVAL before any copy.
+pub fn copy_from(uffd: BorrowedFd, dst: u64, source: &FileSource, offset: u64, len: u64) -> Filled {
+    let inside = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= source.len as u64);
+    if !inside {
+        return Err((0, libc::EINVAL));
+    }
+    let src = source.at.as_ptr() as u64 + offset;
+    fill(len, |at| {
+        let mut arg = UffdioCopy {
+            dst: dst + at,
+            src: src + at,
+            len: len - at,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads and writes one `struct uffdio_copy`
+        // (repr(C), same layout), alive across the call, and reads `len`
+        // bytes at `src`, inside the source mapping (checked above); it
+        // writes only memory of the userfaultfd's process.
+        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, &mut arg) };
+        (ret, arg.copy)
+    })
+}
+
 /// `UFFDIO_ZEROPAGE`: maps zeros at the missing pages of `start..start+len`
 /// and wakes the threads waiting on them.
 pub fn zeropage(uffd: BorrowedFd, start: u64, len: u64) -> Filled {
@@ -468,6 +552,70 @@ mod tests {
         };
         assert_ne!(at, libc::MAP_FAILED);
         at
+    }
+
+    /// Pages copied from a mapped file land where asked, with the file's
+    /// bytes at the given offset; a range past the file is refused.
+    #[test]
+    fn pages_are_copied_from_a_mapped_file() {
+        use std::io::Write;
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        const PAGE: usize = 4096;
+        let mut file = tempfile_in_tmp();
+        let bytes: Vec<u8> = (0..4 * PAGE).map(|i| (i / PAGE + 1) as u8).collect();
+        file.write_all(&bytes).unwrap();
+        let source = FileSource::map(&file).expect("mapping the file");
+        // SAFETY: userfaultfd takes flags and returns a new fd or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_userfaultfd,
+                libc::O_CLOEXEC | libc::O_NONBLOCK | USER_MODE_ONLY as i32,
+            )
+        };
+        assert!(fd >= 0, "userfaultfd: {}", io::Error::last_os_error());
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        api(uffd.as_fd(), 0).expect("UFFDIO_API");
+        let at = anonymous(3 * PAGE);
+        let base = at as u64;
+        register_missing(uffd.as_fd(), base, 3 * PAGE as u64).expect("UFFDIO_REGISTER");
+        let copied = copy_from(uffd.as_fd(), base, &source, PAGE as u64, 2 * PAGE as u64);
+        assert_eq!(copied, Ok(2 * PAGE as u64));
+        let past = copy_from(
+            uffd.as_fd(),
+            base + 2 * PAGE as u64,
+            &source,
+            3 * PAGE as u64,
+            2 * PAGE as u64,
+        );
+        assert_eq!(past, Err((0, libc::EINVAL)));
+        unregister(uffd.as_fd(), base, 3 * PAGE as u64).expect("UFFDIO_UNREGISTER");
+        // SAFETY: the mapping is 3 pages long and readable.
+        let got = unsafe { std::slice::from_raw_parts(at as *const u8, 3 * PAGE) };
+        assert!(got[..PAGE].iter().all(|&b| b == 2), "file page 1 at page 0");
+        assert!(
+            got[PAGE..2 * PAGE].iter().all(|&b| b == 3),
+            "file page 2 at page 1"
+        );
+        assert!(
+            got[2 * PAGE..].iter().all(|&b| b == 0),
+            "page 2 never filled: zeros"
+        );
+        // SAFETY: the test's own mapping, no longer referred to.
+        unsafe { libc::munmap(at, 3 * PAGE) };
+    }
+
+    /// A new file in the temporary directory, already unlinked.
+    fn tempfile_in_tmp() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("appshot-uffd-test-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
     }
 
     /// The numbers and layouts above, checked against the kernel: a page

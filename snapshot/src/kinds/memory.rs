@@ -11,6 +11,9 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 
 use appshot_sys::abi::{self, PrctlMmMap};
+use appshot_sys::{pidfd, uffd};
+use nix::errno::Errno;
+use std::os::fd::AsFd;
 
 use crate::dump::DumpRequest;
 use crate::error::{RestoreError, SnapshotError};
@@ -452,6 +455,11 @@ pub(crate) fn map_memory(
     // memory, file mappings) is filled here as always.
     let mut lazy_ranges = Vec::new();
     let mut lazy_pieces = Vec::new();
+    // An eager restore's private anonymous pages are put in place by the
+    // kernel (`UFFDIO_COPY`): no page is zeroed first and no fault is taken
+    // per page, as when the process reads them in itself.
+    let mut copy_ranges = Vec::new();
+    let mut copy_pieces = Vec::new();
     let mut buf = Vec::new();
     // The process reads its own saved pages from the image: one copy,
     // from the page cache into its memory. An
@@ -601,38 +609,32 @@ pub(crate) fn map_memory(
             && !v.shared
             && v.prot & libc::PROT_WRITE as u32 != 0
             && !v.pages.is_empty();
+        let pieces = v.pages.iter().map(|run| Piece {
+            addr: run.addr,
+            len: run.pages * PAGE,
+            layer: run.layer,
+            offset: run.offset,
+        });
         if lazily {
             lazy_ranges.push((v.start, v.end));
-            lazy_pieces.extend(v.pages.iter().map(|run| Piece {
-                addr: run.addr,
-                len: run.pages * PAGE,
-                layer: run.layer,
-                offset: run.offset,
-            }));
+            lazy_pieces.extend(pieces);
+            continue;
+        }
+        let by_copy = v.kind == VmaKind::Anon
+            && !v.inherited
+            && !v.shared
+            && v.prot & libc::PROT_WRITE as u32 != 0
+            && !v.pages.is_empty();
+        if by_copy {
+            copy_ranges.push((v.start, v.end));
+            copy_pieces.extend(pieces);
             continue;
         }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
             let layer = image.layer(run.layer);
-            let off = layer.pages_off + run.offset;
             if v.prot & libc::PROT_WRITE as u32 != 0 {
-                let got = inj.ok(
-                    pid,
-                    "pread64 of saved pages",
-                    libc::SYS_pread64,
-                    &[layer_fd(run.layer)?, run.addr, n as u64, off],
-                )?;
-                if got != n as u64 {
-                    return Err(RestoreError::Process {
-                        pid,
-                        what: format!(
-                            "read {got} of {n} saved bytes at {:#x} from the image {}",
-                            run.addr,
-                            layer.path.display()
-                        ),
-                    }
-                    .into());
-                }
+                read_in(inj, pid, image, &mut layer_fd, &pieces_of(run))?;
                 continue;
             }
             // Read-only pages (text, RELRO) cannot be read into by the
@@ -641,6 +643,23 @@ pub(crate) fn map_memory(
             layer.read_pages(run.offset, &mut buf[..n])?;
             mem.write(run.addr, &buf[..n])?;
         }
+    }
+    if !copy_pieces.is_empty() {
+        let started = std::time::Instant::now();
+        let how = match copy_in(inj, pid, image, &copy_ranges, &copy_pieces)? {
+            Ok(()) => "copied in",
+            Err(why) => {
+                debug!(pid, why = %why, "no userfaultfd copy");
+                read_in(inj, pid, image, &mut layer_fd, &copy_pieces)?;
+                "read in by the process"
+            }
+        };
+        debug!(
+            pid,
+            bytes = copy_pieces.iter().map(|p| p.len).sum::<u64>(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "private anonymous pages {how}"
+        );
     }
     for fd in files.into_values().chain(layer_fds.into_values()) {
         inj.call(pid, libc::SYS_close, &[fd])?;
@@ -656,6 +675,131 @@ pub(crate) fn map_memory(
     }
     debug!(pid, "address space rebuilt");
     Ok(())
+}
+
+fn pieces_of(run: &PageRun) -> [Piece; 1] {
+    [Piece {
+        addr: run.addr,
+        len: run.pages * PAGE,
+        layer: run.layer,
+        offset: run.offset,
+    }]
+}
+
+/// The process reads `pieces` of the image into its memory itself
+/// (`pread64` from the layer files it opened): one copy, from the page
+/// cache, with a fault per page it fills.
+fn read_in(
+    inj: &Injector,
+    pid: u32,
+    image: &Image,
+    layer_fd: &mut dyn FnMut(u32) -> Result<u64, SnapshotError>,
+    pieces: &[Piece],
+) -> Result<(), SnapshotError> {
+    for p in pieces {
+        let layer = image.layer(p.layer);
+        let got = inj.ok(
+            pid,
+            "pread64 of saved pages",
+            libc::SYS_pread64,
+            &[
+                layer_fd(p.layer)?,
+                p.addr,
+                p.len,
+                layer.pages_off + p.offset,
+            ],
+        )?;
+        if got != p.len {
+            return Err(RestoreError::Process {
+                pid,
+                what: format!(
+                    "read {got} of {} saved bytes at {:#x} from the image {}",
+                    p.len,
+                    p.addr,
+                    layer.path.display()
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Puts `pieces` of the image in place in the process's private anonymous
+/// `ranges` with `UFFDIO_COPY`, from the image files mapped here: the
+/// kernel allocates each page and copies into it. The process makes the
+/// userfaultfd (so that it is of its address space) and this side takes
+/// it; the ranges are unregistered again before it returns, so nothing of
+/// it stays on the process. `Ok(Err(why))`: no userfaultfd or mapping of
+/// the image could be had, and nothing was changed.
+fn copy_in(
+    inj: &Injector,
+    pid: u32,
+    image: &Image,
+    ranges: &[(u64, u64)],
+    pieces: &[Piece],
+) -> Result<Result<(), String>, SnapshotError> {
+    let mut layers = Vec::new();
+    for p in pieces {
+        if layers.iter().any(|(l, _)| *l == p.layer) {
+            continue;
+        }
+        match uffd::FileSource::map(&image.layer(p.layer).file) {
+            Ok(source) => layers.push((p.layer, source)),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "mapping {}: {e}",
+                    image.layer(p.layer).path.display()
+                )))
+            }
+        }
+    }
+    // User-mode faults only: nothing faults on these ranges while they are
+    // registered (the process is stopped), and it needs no privilege.
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
+    let made = inj.call(pid, libc::SYS_userfaultfd, &[flags])?.ret;
+    if made < 0 {
+        return Ok(Err(format!(
+            "userfaultfd: {}",
+            std::io::Error::from_raw_os_error(-made as i32)
+        )));
+    }
+    let taken = pidfd::open_process(pid)
+        .and_then(|pfd| pidfd::get_fd(&pfd, made as i32))
+        .map_err(|e| SnapshotError::process(pid, "taking its userfaultfd", e));
+    inj.call(pid, libc::SYS_close, &[made as u64])?;
+    let fd = taken?;
+    uffd::api(fd.as_fd(), 0).map_err(|e| SnapshotError::process(pid, "UFFDIO_API", e))?;
+    for &(start, end) in ranges {
+        uffd::register_missing(fd.as_fd(), start, end - start).map_err(|e| {
+            SnapshotError::process(pid, format!("registering {start:#x}-{end:#x}"), e)
+        })?;
+    }
+    for p in pieces {
+        let (_, source) = layers
+            .iter()
+            .find(|(l, _)| *l == p.layer)
+            .expect("every layer mapped above");
+        let offset = image.layer(p.layer).pages_off + p.offset;
+        uffd::copy_from(fd.as_fd(), p.addr, source, offset, p.len).map_err(|(done, errno)| {
+            SnapshotError::process(
+                pid,
+                format!(
+                    "UFFDIO_COPY of {} saved bytes to {:#x} from {} (stopped after {done})",
+                    p.len,
+                    p.addr,
+                    image.layer(p.layer).path.display()
+                ),
+                Errno::from_raw(errno),
+            )
+        })?;
+    }
+    for &(start, end) in ranges {
+        uffd::unregister(fd.as_fd(), start, end - start).map_err(|e| {
+            SnapshotError::process(pid, format!("unregistering {start:#x}-{end:#x}"), e)
+        })?;
+    }
+    Ok(Ok(()))
 }
 
 /// Drops the pages of an inherited private mapping that the process did
