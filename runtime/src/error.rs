@@ -2,7 +2,7 @@
 //! `anyhow` for context; each variant names the object it failed on.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use libseccomp::ScmpArch;
 
@@ -12,6 +12,13 @@ pub enum RuntimeError {
     Filter(#[from] FilterError),
     #[error("{what}: {error}")]
     Sys { what: String, error: std::io::Error },
+    #[error("{op} {path}")]
+    File {
+        op: FileOp,
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("instance `{name}` did not start: {reason}")]
     Start { name: String, reason: String },
     /// The settings of cross-host negotiation or source rules, or the
@@ -62,8 +69,29 @@ pub enum RuntimeError {
         first: PathBuf,
         second: PathBuf,
     },
+    /// The supervisor answered, refusing; `message` is its reason.
     #[error("control socket {path}: {message}")]
     Control { path: PathBuf, message: String },
+    #[error("control socket {path}: {step}")]
+    ControlIo {
+        path: PathBuf,
+        step: ControlStep,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("control socket {path}: bad reply")]
+    ControlReply {
+        path: PathBuf,
+        #[source]
+        error: serde_json::Error,
+    },
+    #[error("control socket {path}: the supervisor closed the connection without a reply")]
+    ControlClosed { path: PathBuf },
+    #[error("instance `{name}` still running {}s after SIGKILL", after.as_secs())]
+    StopTimedOut {
+        name: String,
+        after: std::time::Duration,
+    },
     #[error("OCI: {0}")]
     Oci(String),
     #[error(transparent)]
@@ -87,12 +115,54 @@ impl RuntimeError {
         }
     }
 
+    pub fn file(op: FileOp, path: &Path, error: impl Into<std::io::Error>) -> Self {
+        RuntimeError::File {
+            op,
+            path: path.to_path_buf(),
+            error: error.into(),
+        }
+    }
+
     pub fn sys(what: impl Into<String>, error: impl Into<std::io::Error>) -> Self {
         RuntimeError::Sys {
             what: what.into(),
             error: error.into(),
         }
     }
+}
+
+/// What was done to the file or directory of a [`RuntimeError::File`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FileOp {
+    #[error("binding")]
+    Bind,
+    #[error("chmod")]
+    Chmod,
+    #[error("creating")]
+    Create,
+    #[error("locking")]
+    Lock,
+    #[error("opening")]
+    Open,
+    #[error("reading")]
+    Read,
+    #[error("removing")]
+    Remove,
+    #[error("moving")]
+    Rename,
+    #[error("writing")]
+    Write,
+}
+
+/// What a request over a control socket was doing when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlStep {
+    #[error("connecting")]
+    Connect,
+    #[error("sending the request")]
+    Send,
+    #[error("reading the reply")]
+    Receive,
 }
 
 /// Why the filter was not built.
@@ -117,4 +187,23 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_error_says_what_was_done_to_which_path_then_why() {
+        let e = RuntimeError::file(
+            FileOp::Write,
+            Path::new("/run/appshot/instances/web/state"),
+            std::io::ErrorKind::PermissionDenied,
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            chain(&e),
+            "writing /run/appshot/instances/web/state: permission denied"
+        );
+    }
 }

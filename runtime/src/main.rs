@@ -344,9 +344,6 @@ enum Cmd {
         cwd: Option<PathBuf>,
         #[arg(long, value_parser = parse_run_as)]
         user: Option<user::RunAs>,
-        /// The instance's cgroup, entered before anything is started.
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -557,7 +554,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             hostname,
             cwd,
             user,
-            cgroup,
             command,
         } => init::run(init::InitArgs {
             // clap lets exactly one of the three through.
@@ -573,7 +569,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             hostname,
             cwd,
             user,
-            cgroup,
             command,
         })
         .map_err(Into::into),

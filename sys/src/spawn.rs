@@ -22,7 +22,15 @@ pub struct InitSetup {
     /// `RLIMIT_NOFILE` (soft, hard) for the child, e.g. the limit the
     /// parent had before it raised its own.
     pub nofile: Option<(u64, u64)>,
+    /// A cgroup2 directory (an open descriptor of it) the child starts in
+    /// (`CLONE_INTO_CGROUP`): moving a process later, through
+    /// `cgroup.procs`, first waits for an RCU grace period (about 10 ms
+    /// here) whenever no move happened in the last moments.
+    pub cgroup: Option<RawFd>,
 }
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7; libc lacks it).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Starts `argv` (absolute path first) as PID 1 of a new PID namespace and
 /// returns its PID in ours and a pidfd of it (close-on-exec), obtained
@@ -52,19 +60,27 @@ pub fn spawn_namespace_init(
         rlim_max: max,
     });
     let mut pidfd: libc::c_int = -1;
+    let mut flags = (libc::CLONE_NEWPID | libc::CLONE_PIDFD) as u64;
+    if setup.cgroup.is_some() {
+        flags |= CLONE_INTO_CGROUP;
+    }
+    let args = CloneArgs {
+        flags,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: setup.cgroup.map_or(0, |fd| fd as u64),
+        ..CloneArgs::default()
+    };
 
-    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork:
+    // SAFETY: clone3 without CLONE_VM and with no stack behaves like fork:
     // the child runs on a private copy of this stack. With CLONE_PIDFD the
-    // kernel writes the new pidfd to `pidfd` (x86_64 argument order: flags,
-    // stack, parent_tid, child_tid, tls), which lives on this stack.
+    // kernel writes the new pidfd to `pidfd`, which lives on this stack, as
+    // does `args`, of which it reads exactly `size_of_val(&args)` bytes.
     let pid = unsafe {
         libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWPID | libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            &mut pidfd as *mut libc::c_int,
-            0usize,
-            0usize,
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of_val(&args),
         )
     };
     if pid < 0 {
@@ -352,6 +368,60 @@ mod tests {
         items.iter().map(|s| CString::new(*s).unwrap()).collect()
     }
 
+    /// A new cgroup2 directory for a test, or why there is none.
+    fn test_cgroup() -> Result<std::path::PathBuf, String> {
+        let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(std::path::Path::new)
+            .find(|r| r.join("cgroup.procs").exists() && r.join("cgroup.controllers").exists())
+            .ok_or("no cgroup2 mount")?;
+        let dir = root.join(format!("appshot-spawn-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
+    #[test]
+    fn namespace_init_starts_in_the_given_cgroup() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: a new PID namespace needs root");
+            return;
+        }
+        let dir = match test_cgroup() {
+            Ok(dir) => dir,
+            Err(why) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIP: {why}");
+                return;
+            }
+            Err(why) => panic!("CI must have a cgroup2 directory to make: {why}"),
+        };
+        let (mut out, kept) = pipe();
+        let k = kept.as_raw_fd();
+        let script = format!("grep '^0::' /proc/self/cgroup >&{k}");
+        let argv = cstrings(&["/bin/sh", "-c", &script]);
+        let env = cstrings(&["PATH=/usr/bin:/bin"]);
+        let cgroup = std::fs::File::open(&dir).unwrap();
+        let setup = InitSetup {
+            keep_fd: Some(k),
+            nofile: None,
+            cgroup: Some(cgroup.as_raw_fd()),
+        };
+        let (pid, _pidfd) = spawn_namespace_init(&argv, &env, setup).unwrap();
+        drop(kept);
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into an int we own.
+        let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        assert_eq!(reaped, pid as libc::pid_t);
+        std::fs::remove_dir(&dir).unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            text.trim_end().ends_with(&format!("/{name}")),
+            "started in {text:?}, not in {name}"
+        );
+    }
+
     #[test]
     fn namespace_init_keeps_only_the_named_fd_and_starts_with_the_given_limit() {
         // SAFETY: geteuid has no preconditions.
@@ -379,6 +449,7 @@ mod tests {
         let setup = InitSetup {
             keep_fd: Some(k),
             nofile: Some((soft, limits.rlim_max)),
+            cgroup: None,
         };
         let (pid, pidfd) = spawn_namespace_init(&argv, &env, setup).unwrap();
         drop(kept);

@@ -349,6 +349,14 @@ fn on_failure_restarts_as_often_as_asked_then_the_instance_ends() {
         &["--restart", "on-failure:3"],
         &["sh", "-c", "echo run; sleep 0.5; exit 3"],
     );
+    let mut counted = Vec::new();
+    while let Some(row) = h.instance("flaky") {
+        assert!(
+            ["running", "restarting", "exited"].contains(&row["state"].as_str().unwrap()),
+            "{row}"
+        );
+        counted.extend(row["restarts"].as_u64());
+    }
     let ended = || {
         ps_all(&h)
             .into_iter()
@@ -362,6 +370,12 @@ fn on_failure_restarts_as_often_as_asked_then_the_instance_ends() {
     let row = ended().unwrap();
     assert_eq!(row["exit_code"], 3, "{row}");
     assert_eq!(row["restarts"], 3, "{row}");
+    // While it ran, `ps` counted its restarts as its supervisor published
+    // them.
+    assert!(
+        counted.iter().any(|&n| n >= 1) && counted.windows(2).all(|w| w[0] <= w[1]),
+        "restarts seen while it ran: {counted:?}"
+    );
     assert_eq!(ok(&h, &["logs", "flaky"]), "run\n".repeat(4));
     assert!(ok(&h, &["ps", "-a"]).contains("exited (3)"));
 
@@ -424,6 +438,93 @@ fn always_restarts_a_killed_server_under_its_name_aid_and_port_until_stopped() {
     h.stop("web-r");
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(h.instance("web-r").is_none(), "restarted after stop");
+}
+
+/// The supervisor's pid in a `ps --json` row.
+fn supervisor_of(row: &serde_json::Value) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(row["supervisor_pid"].as_u64().expect("supervisor_pid") as i32)
+}
+
+#[test]
+fn ps_reads_the_state_supervisors_publish_and_lists_no_killed_one() {
+    use nix::sys::signal::{kill, Signal};
+    let Some(mut h) = Harness::new(
+        "ps_reads_the_state_supervisors_publish_and_lists_no_killed_one",
+        &["sh", "sleep"],
+    ) else {
+        return;
+    };
+    let dir = h.dir("cwd");
+    h.start("calm", "a", &dir, &[], &["sleep", "100"]);
+    h.start(
+        "stubborn",
+        "a",
+        &dir,
+        &[],
+        &["sh", "-c", "trap '' TERM; sleep 100"],
+    );
+
+    // `ps` wakes no supervisor: one that cannot answer (stopped) is still
+    // listed with the state it published (asked over its control socket,
+    // it would time out and be `unresponsive`).
+    let calm = h.instance("calm").expect("calm listed");
+    assert_eq!(
+        (&calm["state"], &calm["restarts"]),
+        (&"running".into(), &0.into()),
+        "{calm}"
+    );
+    let supervisor = supervisor_of(&calm);
+    kill(supervisor, Signal::SIGSTOP).unwrap();
+    let seen = h.instance("calm");
+    kill(supervisor, Signal::SIGCONT).unwrap();
+    let seen = seen.expect("calm listed while its supervisor is stopped");
+    assert_eq!(seen["state"], "running", "{seen}");
+
+    // Asked to stop, it is `stopping` until its supervisor is gone (it
+    // ignores SIGTERM: SIGKILL after 3 s), then an ended instance.
+    let mut stop = h.appshot();
+    stop.args(["stop", "-t", "3", "stubborn"])
+        .stdout(std::process::Stdio::null());
+    let mut stop = stop.spawn().expect("appshot stop");
+    assert!(
+        common::poll(common::READY, || h
+            .instance("stubborn")
+            .is_some_and(|r| r["state"] == "stopping")),
+        "{:#?}",
+        h.ps()
+    );
+    assert!(stop.wait().unwrap().success());
+    assert!(h.instance("stubborn").is_none(), "{:#?}", h.ps());
+    let rows = ps_all(&h);
+    let ended = rows
+        .iter()
+        .find(|r| r["name"] == "stubborn")
+        .expect("ps -a");
+    assert_eq!(
+        (&ended["state"], &ended["exit_code"], &ended["signal"]),
+        (&"exited".into(), &137.into(), &"SIGKILL".into()),
+        "{ended}"
+    );
+
+    // A supervisor killed with SIGKILL leaves its file saying `running`;
+    // the instance is not listed all the same, and its name starts anew.
+    let state_file = h.run_dir().join("instances/calm/state");
+    kill(supervisor, Signal::SIGKILL).unwrap();
+    assert!(common::poll(common::READY, || !common::alive(
+        supervisor.as_raw() as u32
+    )));
+    let left = std::fs::read_to_string(&state_file).expect("the killed supervisor's state file");
+    assert!(left.contains("\"running\""), "{left}");
+    assert!(h.instance("calm").is_none(), "{:#?}", h.ps());
+    assert!(
+        ps_all(&h).iter().all(|r| r["name"] != "calm"),
+        "{:#?}",
+        ps_all(&h)
+    );
+    h.start("calm", "a", &dir, &[], &["sleep", "100"]);
+    let again = h.instance("calm").expect("calm listed again");
+    assert_eq!(again["state"], "running", "{again}");
+    assert_ne!(supervisor_of(&again), supervisor, "{again}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use appshot_configurator::AppConfig;
 
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 
 /// Where the host's application configs live (`APPSHOT_APPS_DIR`
 /// overrides it, for tests and unusual layouts).
@@ -24,7 +24,7 @@ pub fn files(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(RuntimeError::sys(format!("reading {}", dir.display()), e)),
+        Err(e) => return Err(RuntimeError::file(FileOp::Read, dir, e)),
     };
     let mut files: Vec<PathBuf> = entries
         .flatten()

@@ -4,15 +4,17 @@
 pub mod apps;
 pub mod systemd;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use appshot_vpm::{is_alive, Registry, RegistryState, Translation};
+use appshot_vpm::{is_alive, InstanceRecord, Registry, RegistryState, Translation};
 use serde::Serialize;
 
 use crate::error::RuntimeError;
 use crate::supervisor::control::{self, Request};
 use crate::supervisor::logs;
+use crate::supervisor::status::{self, Published, State};
 
 #[derive(Serialize)]
 struct PsRow {
@@ -22,7 +24,7 @@ struct PsRow {
     pid: Option<u32>,
     supervisor_pid: Option<u32>,
     /// `running`, `frozen` (held by a snapshot), `restoring`, `restarting`,
-    /// `unresponsive` or `exited`.
+    /// `stopping`, `unresponsive` or `exited`.
     state: String,
     command: Vec<String>,
     ports: Vec<PortView>,
@@ -31,7 +33,8 @@ struct PsRow {
     /// As a shell reports it (128+N when killed by signal N).
     exit_code: Option<i32>,
     signal: Option<String>,
-    /// How often `run --restart` started it again (known once it ended).
+    /// How often `run --restart` started it again (unknown for an
+    /// instance whose supervisor publishes no state).
     restarts: Option<u32>,
 }
 
@@ -73,61 +76,113 @@ pub fn running(run_dir: &Path) -> Result<Vec<String>, RuntimeError> {
     Ok(state(run_dir)?.instances.into_keys().collect())
 }
 
-/// How many supervisors `ps` asks at once: each answer waits for its
-/// supervisor to be scheduled, so one after another, 1,000 instances took
-/// seconds on a busy 2-CPU host.
+/// How many supervisors `ps` asks at once, of those that publish no state
+/// (started by an older appshot): each answer waits for its supervisor to
+/// be scheduled.
 const PS_REQUESTS_AT_ONCE: usize = 32;
 
-/// The state each instance's supervisor reports, in the order given.
-fn states(run_dir: &Path, names: &[&String]) -> Vec<String> {
-    let ask = |name: &String| -> String {
-        let dir = run_dir.join("instances").join(name);
-        control::request(&dir, &Request::Status)
+/// What `ps` knows of a listed instance: what its supervisor published, or
+/// for one that publishes nothing, what it answers.
+enum Seen {
+    Published(Published),
+    Answered(String),
+}
+
+/// Each instance's state, in the order given: read from the files their
+/// supervisors publish, without waking them; only supervisors that publish
+/// none are asked, over their control sockets.
+fn states(run_dir: &Path, records: &[&InstanceRecord]) -> Vec<Seen> {
+    let dir = |name: &str| run_dir.join("instances").join(name);
+    let mut seen: Vec<Option<Seen>> = records
+        .iter()
+        .map(|r| status::read(&dir(&r.name), r.supervisor_pid).map(Seen::Published))
+        .collect();
+    let unpublished: Vec<(usize, &str)> = seen
+        .iter()
+        .zip(records)
+        .enumerate()
+        .filter(|(_, (s, _))| s.is_none())
+        .map(|(i, (_, r))| (i, r.name.as_str()))
+        .collect();
+    let ask = |name: &str| -> String {
+        control::request(&dir(name), &Request::Status)
             .map(|r| r.state)
-            .unwrap_or_else(|_| {
-                if dir.join(crate::supervisor::RESTORING_MARKER).exists() {
-                    "restoring".into()
-                } else {
-                    "unresponsive".into()
-                }
-            })
+            .unwrap_or_else(|_| "unresponsive".into())
     };
-    let chunk = names.len().div_ceil(PS_REQUESTS_AT_ONCE).max(1);
-    std::thread::scope(|scope| {
-        let askers: Vec<_> = names
+    let chunk = unpublished.len().div_ceil(PS_REQUESTS_AT_ONCE).max(1);
+    let answers: Vec<(usize, String)> = std::thread::scope(|scope| {
+        let askers: Vec<_> = unpublished
             .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(|n| ask(n)).collect::<Vec<_>>()))
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&(i, name)| (i, ask(name)))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
         askers
             .into_iter()
             .flat_map(|asker| asker.join().expect("ps status thread"))
             .collect()
-    })
+    });
+    for (i, answer) in answers {
+        seen[i] = Some(Seen::Answered(answer));
+    }
+    seen.into_iter()
+        .map(|s| s.unwrap_or_else(|| Seen::Answered("unresponsive".into())))
+        .collect()
+}
+
+/// A listed instance's row. One whose application exited and is not
+/// restarted (its supervisor is ending) reads as ended instances do, with
+/// its exit status, its pids still shown.
+fn live_row(record: &InstanceRecord, seen: Seen, ports: Vec<PortView>) -> PsRow {
+    let mut row = PsRow {
+        name: record.name.clone(),
+        aid: record.aid.clone(),
+        pid: Some(record.pid),
+        supervisor_pid: Some(record.supervisor_pid),
+        state: String::new(),
+        command: record.command.clone(),
+        ports,
+        created_unix: record.started_unix,
+        exited_unix: None,
+        exit_code: None,
+        signal: None,
+        restarts: None,
+    };
+    match seen {
+        Seen::Answered(state) => row.state = state,
+        Seen::Published(p) => {
+            row.state = p.state.as_str().into();
+            row.restarts = Some(p.restarts);
+            if let (State::Exited, Some(exit)) = (p.state, p.last_exit) {
+                row.exited_unix = Some(exit.unix);
+                row.exit_code = Some(exit.code);
+                row.signal = logs::signal_name(exit.code);
+            }
+        }
+    }
+    row
 }
 
 pub fn ps(run_dir: &Path, json: bool, all: bool) -> Result<String, RuntimeError> {
     let st = state(run_dir)?;
-    let names: Vec<&String> = st.instances.keys().collect();
-    let mut states = states(run_dir, &names).into_iter();
-    let mut rows: Vec<PsRow> = st
-        .instances
-        .values()
-        .map(|i| {
-            let state = states.next().unwrap_or_else(|| "unresponsive".into());
-            PsRow {
-                name: i.name.clone(),
-                aid: i.aid.clone(),
-                pid: Some(i.pid),
-                supervisor_pid: Some(i.supervisor_pid),
-                state,
-                command: i.command.clone(),
-                ports: st.translations_of(&i.name).map(PortView::from).collect(),
-                created_unix: i.started_unix,
-                exited_unix: None,
-                exit_code: None,
-                signal: None,
-                restarts: None,
-            }
+    let records: Vec<&InstanceRecord> = st.instances.values().collect();
+    let seen = states(run_dir, &records);
+    // Grouped once: a scan of every translation per instance is a million
+    // comparisons at 1,000 instances.
+    let mut ports: BTreeMap<&str, Vec<PortView>> = BTreeMap::new();
+    for t in &st.translations {
+        ports.entry(&t.owner).or_default().push(PortView::from(t));
+    }
+    let mut rows: Vec<PsRow> = records
+        .iter()
+        .zip(seen)
+        .map(|(record, seen)| {
+            let own = ports.remove(record.name.as_str()).unwrap_or_default();
+            live_row(record, seen, own)
         })
         .collect();
     if all {
@@ -308,6 +363,10 @@ pub fn ports(run_dir: &Path, json: bool, remote_only: bool) -> Result<String, Ru
     Ok(out)
 }
 
+/// How long `stop` waits for a supervisor to end after its grace period
+/// (and so its SIGKILL).
+const STOP_AFTER_SIGKILL: Duration = Duration::from_secs(5);
+
 /// Asks the instance to stop (SIGTERM, SIGKILL after `grace`) and waits
 /// until its supervisor is gone.
 pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -327,12 +386,12 @@ pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeEr
             message: reply.message,
         });
     }
-    let deadline = Instant::now() + grace + Duration::from_secs(5);
+    let deadline = Instant::now() + grace + STOP_AFTER_SIGKILL;
     while is_alive(run_dir, name) {
         if Instant::now() > deadline {
-            return Err(RuntimeError::Control {
-                path: dir,
-                message: format!("instance `{name}` still running {}s after SIGKILL", 5),
+            return Err(RuntimeError::StopTimedOut {
+                name: name.to_string(),
+                after: STOP_AFTER_SIGKILL,
             });
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -115,12 +115,6 @@ impl Drop for InstanceCgroup {
     }
 }
 
-/// Moves the calling process into the cgroup `dir` (what the instance's
-/// init does first, so that everything it starts is in it).
-pub fn enter(dir: &Path) -> std::io::Result<()> {
-    std::fs::write(dir.join("cgroup.procs"), "0")
-}
-
 /// Moves process `pid` into the cgroup `dir`.
 pub fn place(dir: &Path, pid: u32) -> std::io::Result<()> {
     std::fs::write(dir.join("cgroup.procs"), pid.to_string())

@@ -22,11 +22,12 @@ use nix::sys::socket::{getsockopt, sockopt};
 use tracing::{info, warn};
 
 use super::state::{self, Handoff};
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::net::remote::{Cluster, ClusterError, ClusterSettings};
 use crate::seccomp::notify;
 use crate::supervisor::control::{self, Peer, Reply, Request};
+use crate::supervisor::status::{Phase, Status};
 
 /// The largest state message accepted (annotations included).
 const MAX_MESSAGE: usize = 1 << 20;
@@ -88,13 +89,12 @@ fn listen(path: &Path) -> Result<UnixListener, RuntimeError> {
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| RuntimeError::sys(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| RuntimeError::file(FileOp::Create, dir, e))?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| RuntimeError::file(FileOp::Bind, path, e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
+        .map_err(|e| RuntimeError::file(FileOp::Chmod, path, e))?;
     Ok(listener)
 }
 
@@ -163,6 +163,8 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::sys(format!("container `{}`: pidfd of {}", h.id, h.pid), e))?;
     let registry = Registry::open(&args.run_dir)?;
     let lock = InstanceLock::acquire(&registry, &h.id)?;
+    // Before the registry lists it, as a supervisor does.
+    let status = Status::new(lock.instance_dir(), Phase::Running);
     let config = AppConfig::default();
     let cluster_error = |e: ClusterError| RuntimeError::Cluster {
         name: h.id.clone(),
@@ -219,11 +221,12 @@ fn serve_container(h: Handoff, args: &AgentArgs) -> Result<(), RuntimeError> {
     info!(container = %h.id, aid = %h.aid, pid = h.pid, bundle = %h.bundle.display(), "container served");
 
     let init = Arc::new(init);
-    let exited = Arc::new(AtomicBool::new(false));
     let stop_control = Arc::new(AtomicBool::new(false));
+    let exited = Arc::new(AtomicBool::new(false));
     let control = Container {
         init: Arc::clone(&init),
         exited: Arc::clone(&exited),
+        status,
     };
     control::serve_until(
         lock.instance_dir(),
@@ -264,6 +267,9 @@ fn wait_exit(pidfd: &OwnedFd) {
 struct Container {
     init: Arc<OwnedFd>,
     exited: Arc<AtomicBool>,
+    /// `running`, or `stopping` once asked to (the container's runtime,
+    /// not the agent, has its exit status).
+    status: Status,
 }
 
 impl Container {
@@ -272,10 +278,11 @@ impl Container {
             Request::Status => Reply {
                 snapshot: None,
                 ok: true,
-                state: "running".into(),
+                state: self.status.state().as_str().into(),
                 message: String::new(),
             },
             Request::Stop { grace_secs } => {
+                self.status.set_stopping();
                 let _ = pidfd::send_signal(&self.init, libc::SIGTERM);
                 let init = Arc::clone(&self.init);
                 let exited = Arc::clone(&self.exited);

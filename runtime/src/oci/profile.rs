@@ -12,7 +12,7 @@ use oci_spec::runtime::{
     LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
 };
 
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 use crate::seccomp::filter::{DENIED_ENOSYS, FASTOPEN_SENDS, IPPROTO_SCTP, NOTIFIED};
 
 fn oci(e: oci_spec::OciSpecError) -> RuntimeError {
@@ -55,8 +55,8 @@ const FOREIGN_KEYS: &[&str] = &["archMap", "includes", "excludes"];
 /// Reads a base profile: an OCI `linux.seccomp` object, or a whole
 /// `config.json` (its `linux.seccomp` is taken).
 pub fn read_base(path: &Path) -> Result<LinuxSeccomp, RuntimeError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| RuntimeError::sys(format!("reading {}", path.display()), e))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| RuntimeError::file(FileOp::Read, path, e))?;
     let bad = |why: String| RuntimeError::Oci(format!("{}: {why}", path.display()));
     let mut value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;

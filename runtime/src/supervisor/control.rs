@@ -26,7 +26,7 @@ use nix::sys::socket::{getsockopt, recv, sockopt, MsgFlags};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use crate::error::RuntimeError;
+use crate::error::{ControlStep, FileOp, RuntimeError};
 
 pub const SOCKET_NAME: &str = "control.sock";
 const MAX_REQUEST: u64 = 4096;
@@ -197,10 +197,10 @@ pub fn serve_until(
 ) -> Result<(), RuntimeError> {
     let path = dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| RuntimeError::sys(format!("binding {}", path.display()), e))?;
+    let listener =
+        UnixListener::bind(&path).map_err(|e| RuntimeError::file(FileOp::Bind, &path, e))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| RuntimeError::sys(format!("chmod {}", path.display()), e))?;
+        .map_err(|e| RuntimeError::file(FileOp::Chmod, &path, e))?;
     // Cached, and without the liveness filter of a plain read: `ps` asks
     // every supervisor in turn, and each answer must not cost a read of
     // every instance. A dead supervisor's pid that lingers until the next
@@ -365,16 +365,16 @@ fn request_on(
     connected: impl FnOnce(&UnixStream),
 ) -> Result<Reply, RuntimeError> {
     let path: PathBuf = dir.join(SOCKET_NAME);
-    let err = |message: String| RuntimeError::Control {
-        path: path.clone(),
-        message,
+    let io = |step: ControlStep| {
+        let path = path.clone();
+        move |error: std::io::Error| RuntimeError::ControlIo { path, step, error }
     };
-    let mut conn = UnixStream::connect(&path).map_err(|e| err(e.to_string()))?;
+    let mut conn = UnixStream::connect(&path).map_err(io(ControlStep::Connect))?;
     conn.set_read_timeout(Some(idle))
-        .map_err(|e| err(e.to_string()))?;
-    let mut msg = serde_json::to_vec(req).map_err(|e| err(e.to_string()))?;
+        .map_err(io(ControlStep::Connect))?;
+    let mut msg = serde_json::to_vec(req).expect("serialisable");
     msg.push(b'\n');
-    conn.write_all(&msg).map_err(|e| err(e.to_string()))?;
+    conn.write_all(&msg).map_err(io(ControlStep::Send))?;
     connected(&conn);
     let mut reader = BufReader::new(conn);
     loop {
@@ -382,13 +382,15 @@ fn request_on(
         let n = (&mut reader)
             .take(MAX_REQUEST)
             .read_line(&mut line)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(io(ControlStep::Receive))?;
         if n == 0 {
-            return Err(err(
-                "the supervisor closed the connection without a reply".into()
-            ));
+            return Err(RuntimeError::ControlClosed { path });
         }
-        match serde_json::from_str(&line).map_err(|e| err(format!("bad reply: {e}")))? {
+        let parsed = serde_json::from_str(&line).map_err(|error| RuntimeError::ControlReply {
+            path: path.clone(),
+            error,
+        })?;
+        match parsed {
             Line::Progress { progress: p } => progress(p),
             Line::Reply(reply) => return Ok(reply),
         }
@@ -398,6 +400,48 @@ fn request_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_request_names_the_socket_and_what_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = request(dir.path(), &Request::Status).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                RuntimeError::ControlIo {
+                    step: ControlStep::Connect,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = crate::error::chain(&err);
+        assert!(
+            text.contains(SOCKET_NAME) && text.contains("connecting"),
+            "{text}"
+        );
+
+        // A supervisor that answers garbage, then one that hangs up.
+        let listener = UnixListener::bind(dir.path().join(SOCKET_NAME)).unwrap();
+        let server = std::thread::spawn(move || {
+            for answer in [&b"not json\n"[..], b""] {
+                let (conn, _) = listener.accept().unwrap();
+                BufReader::new(&conn).read_line(&mut String::new()).unwrap();
+                (&conn).write_all(answer).unwrap();
+            }
+        });
+        let garbage = request(dir.path(), &Request::Status).unwrap_err();
+        assert!(
+            matches!(garbage, RuntimeError::ControlReply { .. }),
+            "{garbage:?}"
+        );
+        let closed = request(dir.path(), &Request::Status).unwrap_err();
+        assert!(
+            matches!(closed, RuntimeError::ControlClosed { .. }),
+            "{closed:?}"
+        );
+        server.join().unwrap();
+    }
 
     #[test]
     fn supervisors_and_their_descendants_are_refused() {

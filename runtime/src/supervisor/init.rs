@@ -70,12 +70,6 @@ pub enum InitError {
     NotADirectory(PathBuf),
     #[error(transparent)]
     Filter(#[from] crate::error::FilterError),
-    #[error("entering the instance's cgroup {}", dir.display())]
-    Cgroup {
-        dir: PathBuf,
-        #[source]
-        error: std::io::Error,
-    },
     #[error("setting the hostname {hostname}")]
     Hostname {
         hostname: String,
@@ -125,19 +119,10 @@ pub struct InitArgs {
     pub cwd: Option<PathBuf>,
     /// Who the launched application runs as.
     pub user: Option<crate::supervisor::user::RunAs>,
-    /// The instance's cgroup (`cgroup`).
-    pub cgroup: Option<PathBuf>,
     pub command: Vec<String>,
 }
 
 pub fn run(args: InitArgs) -> Result<i32, InitError> {
-    // First: every process and socket of the instance is made in it.
-    if let Some(dir) = &args.cgroup {
-        crate::net::cgroup::enter(dir).map_err(|error| InitError::Cgroup {
-            dir: dir.clone(),
-            error,
-        })?;
-    }
     let app_env = app_env()?;
     let all = SigSet::all();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&all), None)

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 
 pub const APP_LOG: &str = "app.log";
 pub const SUPERVISOR_LOG: &str = "supervisor.log";
@@ -34,10 +34,6 @@ pub fn dir(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("logs").join(name)
 }
 
-fn sys(path: &Path, e: std::io::Error) -> RuntimeError {
-    RuntimeError::sys(path.display().to_string(), e)
-}
-
 /// Opens `path` for appending, private to root, creating it.
 pub fn append(path: &Path) -> Result<File, RuntimeError> {
     OpenOptions::new()
@@ -45,7 +41,7 @@ pub fn append(path: &Path) -> Result<File, RuntimeError> {
         .append(true)
         .mode(0o640)
         .open(path)
-        .map_err(|e| sys(path, e))
+        .map_err(|e| RuntimeError::file(FileOp::Open, path, e))
 }
 
 /// How an instance ended, written by its supervisor.
@@ -67,10 +63,6 @@ pub struct Exited {
 
 impl Exited {
     pub fn new(name: &str, aid: &str, command: &[String], created_unix: u64, status: i32) -> Self {
-        let signal = (status > 128)
-            .then(|| nix::sys::signal::Signal::try_from(status - 128).ok())
-            .flatten()
-            .map(|s| s.as_str().to_string());
         Exited {
             name: name.to_string(),
             aid: aid.to_string(),
@@ -78,10 +70,19 @@ impl Exited {
             created_unix,
             exited_unix: now_unix(),
             exit_code: status,
-            signal,
+            signal: signal_name(status),
             restarts: 0,
         }
     }
+}
+
+/// The name of the signal that killed a process whose `status` a shell
+/// reports as 128+N.
+pub fn signal_name(status: i32) -> Option<String> {
+    (status > 128)
+        .then(|| nix::sys::signal::Signal::try_from(status - 128).ok())
+        .flatten()
+        .map(|s| s.as_str().to_string())
 }
 
 pub fn now_unix() -> u64 {
@@ -94,7 +95,7 @@ pub fn now_unix() -> u64 {
 pub fn record_exit(run_dir: &Path, exited: &Exited) -> Result<(), RuntimeError> {
     let path = dir(run_dir, &exited.name).join(EXIT_RECORD);
     let json = serde_json::to_vec_pretty(exited).expect("serialisable");
-    std::fs::write(&path, json).map_err(|e| sys(&path, e))
+    std::fs::write(&path, json).map_err(|e| RuntimeError::file(FileOp::Write, &path, e))
 }
 
 /// Makes way for a new instance of `name`: what an earlier one left (its
@@ -108,13 +109,17 @@ pub fn start_anew(run_dir: &Path, name: &str) -> Result<(), RuntimeError> {
         return Ok(());
     }
     match std::fs::remove_dir_all(&previous) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(sys(&previous, e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(RuntimeError::file(FileOp::Remove, &previous, e))
+        }
         _ => {}
     }
-    std::fs::create_dir(&previous).map_err(|e| sys(&previous, e))?;
+    std::fs::create_dir(&previous).map_err(|e| RuntimeError::file(FileOp::Create, &previous, e))?;
     for f in files {
         match std::fs::rename(dir.join(f), previous.join(f)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(sys(&dir.join(f), e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(RuntimeError::file(FileOp::Rename, &dir.join(f), e))
+            }
             _ => {}
         }
     }
@@ -144,7 +149,7 @@ pub fn remove(run_dir: &Path, name: &str) -> Result<(), RuntimeError> {
     if !path.is_dir() {
         return Err(RuntimeError::NoLogs(name.to_string()));
     }
-    std::fs::remove_dir_all(&path).map_err(|e| sys(&path, e))
+    std::fs::remove_dir_all(&path).map_err(|e| RuntimeError::file(FileOp::Remove, &path, e))
 }
 
 /// Copies what the application writes into `read` to `app.log`, a line at a
@@ -298,7 +303,8 @@ pub fn print(run_dir: &Path, name: &str, view: &View) -> Result<(), RuntimeError
     let mut pending = String::new();
     loop {
         let mut chunk = String::new();
-        file.read_to_string(&mut chunk).map_err(|e| sys(&path, e))?;
+        file.read_to_string(&mut chunk)
+            .map_err(|e| RuntimeError::file(FileOp::Read, &path, e))?;
         pending.push_str(&chunk);
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
@@ -316,7 +322,7 @@ pub fn print(run_dir: &Path, name: &str, view: &View) -> Result<(), RuntimeError
         let current = std::fs::metadata(&path).map(inode).ok();
         if current.is_some() && current != file.metadata().map(inode).ok() {
             file.read_to_string(&mut pending)
-                .map_err(|e| sys(&path, e))?;
+                .map_err(|e| RuntimeError::file(FileOp::Read, &path, e))?;
             file = open_current(&path)?;
         }
     }
@@ -331,7 +337,7 @@ fn open_current(path: &Path) -> Result<File, RuntimeError> {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }
-            opened => return opened.map_err(|e| sys(path, e)),
+            opened => return opened.map_err(|e| RuntimeError::file(FileOp::Open, path, e)),
         }
     }
 }

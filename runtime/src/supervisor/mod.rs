@@ -10,6 +10,7 @@ pub mod pool;
 pub mod restart;
 mod restoring;
 pub mod snapshots;
+pub mod status;
 pub mod templates;
 pub mod user;
 
@@ -18,7 +19,6 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use self::control::{Peer, Reply, Request};
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::net::cgroup::{self, InstanceCgroup};
 use crate::net::remote::Cluster;
@@ -159,8 +159,6 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR2,
 ];
 const SI_KERNEL: i32 = 0x80;
-/// A file in the instance's directory while its supervisor restores it.
-pub const RESTORING_MARKER: &str = "restoring";
 
 /// How long a launched (not restored) detached instance must run before
 /// `run --detach` reports it running; one that exits sooner failed to start. Without such a period the
@@ -197,6 +195,15 @@ pub fn run_in(
     // Also removes whatever a dead earlier instance of this name left in
     // the registry and the kernel's source rules.
     let lock = InstanceLock::acquire(&registry, &launch.name)?;
+    // Published before the registry lists the instance: `ps` never meets
+    // a listed instance without its state.
+    let status = Arc::new(status::Status::new(
+        lock.instance_dir(),
+        match launch.mode {
+            Mode::Run => status::Phase::Running,
+            Mode::Restore { .. } | Mode::Clone { .. } => status::Phase::Restoring,
+        },
+    ));
     phases.mark("instance lock taken");
 
     // Blocked before any thread exists so every thread inherits the mask
@@ -299,6 +306,7 @@ pub fn run_in(
                 image.manifest.top_level().count()
             };
             let plan = restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            let claimed_shell = forked && shell.is_some();
             let mut host = RealRestore {
                 launch: &launch,
                 image: &image,
@@ -316,22 +324,22 @@ pub fn run_in(
                 filter: shell.as_mut().and_then(|s| s.filter.take()),
                 shell: shell.take().map(|s| s.init),
             };
-            // Listed from now on, `restoring` until the restored processes
-            // are released.
-            let marker = lock.instance_dir().join(RESTORING_MARKER);
+            // Listed from the restore's start on, `restoring` until the
+            // restored processes are released.
             let r = restoring::restore(
                 &mut host,
                 &plan,
                 &registry,
                 &launch,
-                &marker,
                 restoring::STUB_DEADLINE,
             )?;
-            // An awaiting init joins the cgroup only now, the clone running:
-            // its migration may wait for an RCU grace period (up to 13 ms
-            // measured), which would hold up every fork meanwhile. The
-            // clone was forked into it.
-            if let (true, Some(dir)) = (forked, cgroup_dir) {
+            status.released();
+            // A shell's init joins the cgroup only now, the clone running
+            // (the cgroup did not exist when the shell started it): its
+            // migration may wait for an RCU grace period (about 10 ms),
+            // which would hold up every fork meanwhile. The clone was
+            // forked into it.
+            if let (true, Some(dir)) = (claimed_shell, cgroup_dir) {
                 if let Err(e) = cgroup::place(dir, r.init_pid) {
                     warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
                 }
@@ -349,7 +357,6 @@ pub fn run_in(
     // Signals reach init through its pidfd: once `wait_exit` below has
     // reaped it, its PID may belong to another process.
     let init = Arc::new(init);
-    let exited = Arc::new(AtomicBool::new(false));
     let control = Arc::new(Control {
         launch: launch.clone(),
         current: Mutex::new(Current {
@@ -357,9 +364,7 @@ pub fn run_in(
             init_pid,
             init: Arc::clone(&init),
         }),
-        exited: Arc::clone(&exited),
-        stopping: AtomicBool::new(false),
-        frozen: AtomicBool::new(false),
+        status: Arc::clone(&status),
         snapshot: Mutex::new(None),
         lazy: lazy_status,
     });
@@ -385,22 +390,28 @@ pub fn run_in(
     }
     let mut restarts = 0;
     let mut init_pid = init_pid;
-    let status = loop {
-        let status = wait_exit(init_pid);
-        exited.store(true, Ordering::SeqCst);
+    let exit = loop {
+        let code = wait_exit(init_pid);
+        // One that ended during its start period failed to start: `run -d`
+        // says so rather than leave it restarting.
+        let restart = || {
+            launch
+                .restart
+                .delay(code, restarts)
+                .filter(|_| ready.is_none() && !status.stopping())
+        };
+        status.ended_with(code, restart().is_some());
         // A snapshot that stopped the instance answers its requester before
         // the supervisor goes.
         drop(control.snapshot.lock());
-        info!(name = %launch.name, status, "instance exited");
-        // One that ended during its start period failed to start: `run -d`
-        // says so rather than leave it restarting.
-        let delay = match launch.restart.delay(status, restarts) {
-            Some(delay) if ready.is_none() && !control.stopping.load(Ordering::SeqCst) => delay,
-            _ => break status,
+        info!(name = %launch.name, status = code, "instance exited");
+        // Asked again: a stopping snapshot ends with a stop.
+        let Some(delay) = restart() else {
+            break code;
         };
         info!(name = %launch.name, restarts, policy = %launch.restart, "restarting the application in {delay:?}");
         if !control.wait_unless_stopped(delay) {
-            break status;
+            break code;
         }
         // The same instance: name, AID, registry record and control socket
         // stay; only the application and its namespace are new, and its
@@ -409,7 +420,7 @@ pub fn run_in(
             Ok(started) => started,
             Err(e) => {
                 warn!(name = %launch.name, "restart failed: {e}");
-                break status;
+                break code;
             }
         };
         restarts += 1;
@@ -420,15 +431,18 @@ pub fn run_in(
             init_pid: pid,
             init: Arc::new(fd),
         };
-        exited.store(false, Ordering::SeqCst);
         register(&registry, &launch, app_pid)?;
+        status.restarted();
         info!(name = %launch.name, pid = app_pid, restarts, "application restarted");
         serve_notifications(vec![listener], &new_mux(pid)?)?;
     };
     cluster.shutdown();
     registry.transaction(|s| s.remove_instance(&launch.name))?;
     drop(lock);
-    Ok(Ended { status, restarts })
+    Ok(Ended {
+        status: exit,
+        restarts,
+    })
 }
 
 /// How an instance ended.
@@ -578,8 +592,7 @@ fn write_identity(
     {
         text.push_str(&format!("{key}={value}\n"));
     }
-    std::fs::write(&path, text)
-        .map_err(|e| RuntimeError::sys(format!("writing {}", path.display()), e))?;
+    std::fs::write(&path, text).map_err(|e| RuntimeError::file(FileOp::Write, &path, e))?;
     Ok(path)
 }
 
@@ -625,7 +638,12 @@ where
             let (awaiting, made) = match self.shell.take() {
                 Some(init) => (init, true),
                 None => (
-                    spawn_awaiting_init(top_level[0], &self.launch.command, self.nofile)?,
+                    spawn_awaiting_init(
+                        top_level[0],
+                        &self.launch.command,
+                        self.nofile,
+                        self.cgroup,
+                    )?,
                     false,
                 ),
             };
@@ -847,10 +865,6 @@ fn start_init(
         argv.push(cstr(b"--cwd")?);
         argv.push(cstr(cwd.as_os_str().as_bytes())?);
     }
-    if let Some(dir) = cgroup {
-        argv.push(cstr(b"--cgroup")?);
-        argv.push(cstr(dir.as_os_str().as_bytes())?);
-    }
     argv.push(cstr(b"--")?);
     for a in &launch.command {
         argv.push(cstr(a.as_bytes())?);
@@ -897,9 +911,22 @@ fn start_init(
             cstr(&kv)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Every process and socket of the instance is made in its cgroup: init
+    // starts there.
+    let cgroup = cgroup
+        .map(|dir| {
+            std::fs::File::open(dir).map_err(|e| {
+                RuntimeError::sys(
+                    format!("opening the instance's cgroup {}", dir.display()),
+                    e,
+                )
+            })
+        })
+        .transpose()?;
     let setup = spawn::InitSetup {
         keep_fd: channel.map(|c| c.as_raw_fd()),
         nofile,
+        cgroup: cgroup.as_ref().map(|f| f.as_raw_fd()),
     };
     spawn::spawn_namespace_init(&argv, &env, setup)
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))
@@ -915,12 +942,14 @@ pub struct AwaitingInit {
 }
 
 /// Starts a namespace init that awaits the clone with PID `clone_pid`
-/// (see [`AwaitingInit`]), with the open-files limit `nofile`. `command`,
-/// the clone's, is shown on its command line, as a launching init's.
+/// (see [`AwaitingInit`]), with the open-files limit `nofile`, in the
+/// cgroup `cgroup` if it is known yet. `command`, the clone's, is shown on
+/// its command line, as a launching init's.
 pub fn spawn_awaiting_init(
     clone_pid: u32,
     command: &[String],
     nofile: Option<(u64, u64)>,
+    cgroup: Option<&Path>,
 ) -> Result<AwaitingInit, RuntimeError> {
     // Both ends close-on-exec from the start; init's process alone keeps
     // `theirs` across its exec.
@@ -961,9 +990,20 @@ pub fn spawn_awaiting_init(
             cstr(&kv)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let cgroup = cgroup
+        .map(|dir| {
+            std::fs::File::open(dir).map_err(|e| {
+                RuntimeError::sys(
+                    format!("opening the instance's cgroup {}", dir.display()),
+                    e,
+                )
+            })
+        })
+        .transpose()?;
     let setup = spawn::InitSetup {
         keep_fd: Some(theirs.as_raw_fd()),
         nofile,
+        cgroup: cgroup.as_ref().map(|f| f.as_raw_fd()),
     };
     let (pid, pidfd) = spawn::spawn_namespace_init(&argv, &env, setup)
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))?;
@@ -992,7 +1032,7 @@ fn spawn_signal_forwarder(set: SigSet, control: Arc<Control>) -> Result<(), Runt
                 // A supervisor told to end (a service manager's SIGTERM)
                 // ends with its application: no restart.
                 if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
-                    control.stopping.store(true, Ordering::SeqCst);
+                    control.status.set_stopping();
                 }
                 let _ = pidfd::send_signal(&control.init(), sig as i32);
             }
@@ -1006,11 +1046,8 @@ struct Control {
     launch: Launch,
     /// The application as it runs now (a restart replaces it).
     current: Mutex<Current>,
-    exited: Arc<AtomicBool>,
-    /// `appshot stop` (or a signal to end) was asked: no restart follows.
-    stopping: AtomicBool,
-    /// The instance is stopped by a snapshot.
-    frozen: AtomicBool,
+    /// Frozen, asked to stop, exited, as published for `ps`.
+    status: Arc<status::Status>,
     /// Held for the whole of a snapshot, reply included: one at a time.
     /// Holds the write tracking kept on the instance for the next
     /// incremental snapshot, if the last snapshot kept it.
@@ -1036,21 +1073,17 @@ impl Control {
     fn wait_unless_stopped(&self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
         while Instant::now() < deadline {
-            if self.stopping.load(Ordering::SeqCst) {
+            if self.status.stopping() {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        !self.stopping.load(Ordering::SeqCst)
+        !self.status.stopping()
     }
 
     /// What the instance is doing now, as `ps` shows it.
     fn state(&self) -> &'static str {
-        instance_state(
-            self.frozen.load(Ordering::SeqCst),
-            self.stopping.load(Ordering::SeqCst),
-            self.exited.load(Ordering::SeqCst),
-        )
+        self.status.state().as_str()
     }
 
     fn handle(&self, req: Request, peer: &Peer) -> Reply {
@@ -1088,19 +1121,19 @@ impl Control {
     }
 
     fn stop(&self, grace_secs: u64) -> Reply {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.status.set_stopping();
         let (init, init_pid) = {
             let current = self.current.lock().expect("current lock");
             (Arc::clone(&current.init), current.init_pid)
         };
         let _ = pidfd::send_signal(&init, libc::SIGTERM);
-        let exited = Arc::clone(&self.exited);
+        let status = Arc::clone(&self.status);
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(grace_secs);
-            while Instant::now() < deadline && !exited.load(Ordering::SeqCst) {
+            while Instant::now() < deadline && !status.ended() {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            if !exited.load(Ordering::SeqCst) {
+            if !status.ended() {
                 warn!(
                     pid = init_pid,
                     "instance ignored SIGTERM for {grace_secs}s: SIGKILL"
@@ -1134,7 +1167,7 @@ impl Control {
                 self.launch.name
             ));
         };
-        if self.exited.load(Ordering::SeqCst) {
+        if self.status.ended() {
             return refused(format!("instance {} has exited", self.launch.name));
         }
         if let Some(lazy) = self.lazy.as_ref().filter(|l| l.in_progress()) {
@@ -1158,13 +1191,13 @@ impl Control {
             init_pid,
             init: &init,
         };
-        match snapshots::take(&subject, output, options, peer, &self.frozen, &mut armed) {
+        match snapshots::take(&subject, output, options, peer, &self.status, &mut armed) {
             Ok(taken) => {
                 // Stopped by the snapshot: saved, not failed, so not
                 // restarted. Set while the snapshot lock is held, which the
                 // exit waits for.
                 if !leave_running {
-                    self.stopping.store(true, Ordering::SeqCst);
+                    self.status.set_stopping();
                 }
                 Reply {
                     ok: true,
@@ -1185,23 +1218,6 @@ impl Control {
                 refused(message)
             }
         }
-    }
-}
-
-/// The state of an instance that is `frozen` by a snapshot, asked to end
-/// (`stopping`: stop, a signal, a snapshot that stops it) and whose
-/// application `exited`.
-fn instance_state(frozen: bool, stopping: bool, exited: bool) -> &'static str {
-    if frozen {
-        "frozen"
-    } else if stopping {
-        // Whether or not its processes are gone yet, it does not restart
-        // and its supervisor ends.
-        "stopping"
-    } else if exited {
-        "restarting"
-    } else {
-        "running"
     }
 }
 
@@ -1237,7 +1253,7 @@ fn wait_exit(pid: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{instance_state, Launch, LazySettings, Mode};
+    use super::{Launch, LazySettings, Mode};
 
     pub(super) fn launch(mode: Mode) -> Launch {
         Launch {
@@ -1293,14 +1309,5 @@ mod tests {
             json["mode"],
             serde_json::json!({"kind": "restore", "image": "/i.img", "tcp_close": false})
         );
-    }
-
-    #[test]
-    fn an_instance_asked_to_end_says_stopping_until_it_is_gone() {
-        assert_eq!(instance_state(false, false, false), "running");
-        assert_eq!(instance_state(false, true, false), "stopping");
-        assert_eq!(instance_state(false, true, true), "stopping");
-        assert_eq!(instance_state(false, false, true), "restarting");
-        assert_eq!(instance_state(true, false, false), "frozen");
     }
 }

@@ -14,7 +14,7 @@ use appshot_snapshot::image::format::is_temporary_name;
 use appshot_vpm::Registry;
 use tracing::{info, warn};
 
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 
 const DIR: &str = "pending";
 
@@ -37,7 +37,7 @@ impl Pending {
             .unwrap_or(0);
         let record = dir.join(format!("{pid}-{start}-{nanos}"));
         std::fs::write(&record, temporary.as_os_str().as_encoded_bytes())
-            .map_err(|e| RuntimeError::sys(format!("writing {}", record.display()), e))?;
+            .map_err(|e| RuntimeError::file(FileOp::Write, &record, e))?;
         Ok(Pending { record })
     }
 }

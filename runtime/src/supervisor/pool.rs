@@ -168,7 +168,7 @@ fn prepare_and_wait(
     let nofile = super::raise_nofile_limit();
     // Its command line shows no command: it is no instance yet, and must
     // not be taken for one of the template's processes.
-    let init = spawn_awaiting_init(top, &[], nofile)?;
+    let init = spawn_awaiting_init(top, &[], nofile, None)?;
     let mut word = [0u8; 16];
     match nix::unistd::read(init.channel.as_raw_fd(), &mut word) {
         Ok(n) if &word[..n] == b"shell" => {}

@@ -8,7 +8,6 @@
 //! [`restore`] decide, so their tests drive them with a recording double,
 //! without root, as `multiplex/tests.rs` does the notified calls.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::image::InstanceInfo;
@@ -93,7 +92,7 @@ pub struct Restored<H: RestoreHost> {
 }
 
 /// Restores `launch`'s instance as `plan` says. The instance is listed
-/// (`restoring`, from `marker`) while it is rebuilt; if the rebuild
+/// (as its supervisor published it: `restoring`) while it is rebuilt; if the rebuild
 /// fails, its processes are killed and its registry record goes with
 /// every translation registered meanwhile.
 pub fn restore<H: RestoreHost>(
@@ -101,17 +100,13 @@ pub fn restore<H: RestoreHost>(
     plan: &Plan,
     registry: &Registry,
     launch: &Launch,
-    marker: &Path,
     stub_deadline: Duration,
 ) -> Result<Restored<H>, RuntimeError> {
     let (init_pid, init) = host.start_init()?;
     let started = Instant::now();
-    // `ps` reads the marker while the control socket does not answer yet.
-    let _ = std::fs::write(marker, b"");
     let rebuilt = register(registry, launch, init_pid)
         .and_then(|()| wait_for_stubs(host, init_pid, plan.stubs, &launch.name, stub_deadline))
         .and_then(|stubs| host.rebuild(&stubs, plan));
-    let _ = std::fs::remove_file(marker);
     if rebuilt.is_ok() && plan.releases_netlock {
         host.release_netlock();
     }
@@ -275,22 +270,18 @@ mod tests {
 
         fn restore(&mut self, plan: &Plan) -> Result<super::Restored<Double>, RuntimeError> {
             let registry = Registry::open(&self.dir.path().join("run")).unwrap();
-            let marker = self.dir.path().join("restoring");
             let restore_mode = Mode::Restore {
                 image: "/i.img".into(),
                 tcp_close: false,
                 lazy: None,
             };
-            let r = restore(
+            restore(
                 &mut self.host,
                 plan,
                 &registry,
                 &launch(restore_mode),
-                &marker,
                 Duration::ZERO,
-            );
-            assert!(!marker.exists(), "the restoring marker stays");
-            r
+            )
         }
 
         /// The instance's record and its translations, as `ps` and

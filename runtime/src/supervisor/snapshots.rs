@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use appshot_snapshot::dump::{dump, DumpRequest};
@@ -311,7 +310,7 @@ pub struct Subject<'a> {
 /// Dumps the instance into `output` and releases or stops it; returns the
 /// summary `appshot snapshot` prints. Runs in the supervisor, on the
 /// calling thread alone (every ptrace request must come from the thread
-/// that seized). `frozen` is set while the instance is stopped by it.
+/// that seized). `status` says `frozen` while the instance is stopped by it.
 /// Until the image is in place, a `requester` that went away abandons the
 /// dump: the instance is released exactly as it was and the temporary
 /// removed; after that, a stopping snapshot completes without it.
@@ -326,7 +325,7 @@ pub fn take(
     output: &Path,
     options: SnapshotOptions,
     requester: &Peer,
-    frozen_flag: &AtomicBool,
+    status: &super::status::Status,
     armed: &mut Option<Armed>,
 ) -> Result<Taken, RuntimeError> {
     let SnapshotOptions {
@@ -466,7 +465,7 @@ pub fn take(
             return Err(e);
         }
     };
-    frozen_flag.store(true, Ordering::SeqCst);
+    status.set_frozen(true);
     debug!(
         ms = freezing.elapsed().as_secs_f64() * 1e3,
         "snapshot: frozen"
@@ -482,7 +481,7 @@ pub fn take(
         Ok(lock) => lock,
         Err(e) => {
             drop(frozen);
-            frozen_flag.store(false, Ordering::SeqCst);
+            status.set_frozen(false);
             writer.abandon();
             return Err(RuntimeError::NotSnapshottable {
                 name: name.to_string(),
@@ -505,7 +504,7 @@ pub fn take(
             repairs.resume();
             drop(frozen);
             drop(lock);
-            frozen_flag.store(false, Ordering::SeqCst);
+            status.set_frozen(false);
             writer.abandon();
             return Err(e.into());
         }
@@ -521,7 +520,7 @@ pub fn take(
             f.release();
         }
         frozen_for = freezing.elapsed();
-        frozen_flag.store(false, Ordering::SeqCst);
+        status.set_frozen(false);
         drop(lock);
         if !keep_tracking {
             drop(tracking.take());
@@ -547,7 +546,7 @@ pub fn take(
                 repairs.resume();
                 drop(frozen);
                 drop(lock);
-                frozen_flag.store(false, Ordering::SeqCst);
+                status.set_frozen(false);
                 return Err(e);
             }
         }

@@ -19,7 +19,7 @@ use appshot_sys::pidfd;
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 
-use crate::error::RuntimeError;
+use crate::error::{FileOp, RuntimeError};
 
 const HOLDER_FILE: &str = "holder";
 
@@ -153,9 +153,9 @@ fn lock(dir: &Path) -> Result<Flock<File>, RuntimeError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| RuntimeError::sys(format!("opening {}", path.display()), e))?;
+        .map_err(|e| RuntimeError::file(FileOp::Open, &path, e))?;
     Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| RuntimeError::sys(format!("locking {}", path.display()), e))
+        .map_err(|(_, e)| RuntimeError::file(FileOp::Lock, &path, e))
 }
 
 fn read_state(dir: &Path) -> Option<State> {
@@ -167,7 +167,7 @@ fn write_state(dir: &Path, state: &State) -> Result<(), RuntimeError> {
     let path = dir.join(HOLDER_FILE);
     std::fs::write(&tmp, state.text())
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| RuntimeError::sys(format!("writing {}", path.display()), e))
+        .map_err(|e| RuntimeError::file(FileOp::Write, &path, e))
 }
 
 /// The holder of the template `image` (at `path`, canonical), locked;
@@ -180,7 +180,7 @@ pub fn lease(run_dir: &Path, path: &Path, image: &Image) -> Result<Lease, Runtim
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(|e| RuntimeError::sys(format!("creating {}", dir.display()), e))?;
+        .map_err(|e| RuntimeError::file(FileOp::Create, &dir, e))?;
     let held = lock(&dir)?;
     let identity = identity(path)?;
     if let Some(state) = read_state(&dir) {
@@ -264,8 +264,7 @@ pub fn remove(run_dir: &Path, name: &str) -> Result<(), RuntimeError> {
     if let Some(state) = read_state(&dir) {
         kill(&state)?;
     }
-    std::fs::remove_dir_all(&dir)
-        .map_err(|e| RuntimeError::sys(format!("removing {}", dir.display()), e))
+    std::fs::remove_dir_all(&dir).map_err(|e| RuntimeError::file(FileOp::Remove, &dir, e))
 }
 
 /// RSS and PSS of a process, in KiB.

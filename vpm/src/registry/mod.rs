@@ -606,7 +606,9 @@ impl Registry {
 }
 
 /// Writes `value` to `staging` then renames it over `path`, so readers see
-/// the old file or the new one, never part of one.
+/// the old file or the new one, never part of one. Not synced: these files
+/// (an instance's own records) live only as long as the instance, which a
+/// machine crash takes with it; a killed process loses nothing written.
 fn write_atomically(staging: &Path, path: &Path, value: &impl Serialize) -> Result<(), VpmError> {
     write_staging(staging, value)?;
     fs::rename(staging, path).map_err(VpmError::io(path))
@@ -628,9 +630,7 @@ fn write_staging(staging: &Path, value: &impl Serialize) -> Result<(), VpmError>
         .mode(0o600)
         .open(staging)
         .map_err(VpmError::io(staging))?;
-    file.write_all(&bytes)
-        .and_then(|()| file.sync_data())
-        .map_err(VpmError::io(staging))
+    file.write_all(&bytes).map_err(VpmError::io(staging))
 }
 
 /// What appshot keeps in a run directory (registry, instances, logs,

@@ -954,3 +954,20 @@ fn an_earlier_versions_registry_json_is_migrated_once() {
     assert_eq!(on_disk(&registry).translations, state.translations);
     assert!(!json.exists(), "migrated once");
 }
+
+/// Every connection commits without an fsync of the WAL (a process crash
+/// loses nothing in WAL mode): SQLite keeps the setting per connection, so
+/// an opener of the existing database sets it too.
+#[test]
+fn an_existing_database_is_opened_with_normal_synchronous() {
+    let (_tmp, registry) = registry();
+    register(&registry, "a", "x", 21000);
+    let db = Db::open_existing(&registry.db_path())
+        .unwrap()
+        .expect("the database exists");
+    let level: i64 = db
+        .conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(level, 1, "NORMAL");
+}
