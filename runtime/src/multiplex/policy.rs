@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use appshot_sys::seccomp::Response;
-use appshot_vpm::{
-    CachedRegistry, PortRange, Protocol, Registry, RegistryState, Route, Translation,
-};
+use appshot_vpm::{CachedRegistry, PortRange, Protocol, Registry, Route, Translation};
 use tracing::{debug, info, warn};
 
 use super::fresh::FreshRegistry;
@@ -297,15 +295,10 @@ impl Policy {
     /// Whether a translation (of any protocol and address) has a real port
     /// other than its virtual one: `real_port`, or any (`None`).
     fn renames(&self, real_port: Option<u16>, look: Look) -> bool {
-        let renamed = |st: &RegistryState| {
-            st.translations.iter().any(|t| {
-                t.real_port != t.virtual_port && real_port.is_none_or(|p| p == t.real_port)
-            })
-        };
         let mut cache = self.cache.lock().expect("registry cache lock");
         match look {
-            Look::Fresh => cache.get().is_ok_and(renamed),
-            Look::Again => cache.last().is_some_and(renamed),
+            Look::Fresh => cache.renames(real_port),
+            Look::Again => cache.renames_last(real_port),
         }
     }
 
@@ -561,7 +554,7 @@ enum Look {
     Fresh,
     /// As this call read it fresh a moment ago (the answer is then the
     /// registry's at a time after the call was made), sparing a second
-    /// look at the watch.
+    /// load of the change counter.
     Again,
 }
 

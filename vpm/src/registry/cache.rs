@@ -32,6 +32,12 @@ pub struct CachedRegistry {
     /// The change counter as it read before the database was last looked
     /// at, and when that was.
     seen: Option<(u64, Instant)>,
+    /// How many times [`get`](Self::get) answered from a read of its own
+    /// (not from the counter alone): what a reader that derives something
+    /// from the state compares to know when to derive it again.
+    reads: u64,
+    /// Whether the last [`get`](Self::get) answered.
+    answered: bool,
 }
 
 /// How long a read trusts the change counter alone.
@@ -44,6 +50,8 @@ impl CachedRegistry {
             db: None,
             missing: None,
             seen: None,
+            reads: 0,
+            answered: false,
         }
     }
 
@@ -52,6 +60,7 @@ impl CachedRegistry {
     }
 
     pub fn get(&mut self) -> Result<&RegistryState, VpmError> {
+        self.answered = false;
         let unchanged = match (&self.db, self.seen) {
             (Some(db), Some((counter, at))) => {
                 db.cached().is_some() && db.changes() == Some(counter) && at.elapsed() < RECHECK
@@ -59,10 +68,12 @@ impl CachedRegistry {
             _ => false,
         };
         if unchanged {
+            self.answered = true;
             let db = self.db.as_ref().expect("looked at above");
             return Ok(&db.cached().expect("looked at above").state);
         }
         self.seen = None;
+        self.reads += 1;
         if let Some(db) = self.db.take() {
             if db.current()? {
                 self.db = Some(db);
@@ -80,6 +91,7 @@ impl CachedRegistry {
                     if self.missing.is_none() {
                         self.missing = Some(self.registry.rebuilt_from_own_copies()?);
                     }
+                    self.answered = true;
                     return Ok(self.missing.as_ref().expect("rebuilt above"));
                 }
             }
@@ -88,6 +100,26 @@ impl CachedRegistry {
         let counter = db.changes();
         let snapshot = db.snapshot()?;
         self.seen = counter.map(|c| (c, Instant::now()));
+        self.answered = true;
         Ok(&snapshot.state)
+    }
+
+    /// What the last [`get`](Self::get) answered, without looking again;
+    /// `None` if it failed (or was never made).
+    pub fn last(&self) -> Option<&RegistryState> {
+        if !self.answered {
+            return None;
+        }
+        match &self.db {
+            Some(db) => db.cached().map(|s| &s.state),
+            None => self.missing.as_ref(),
+        }
+    }
+
+    /// Raised by every [`get`](Self::get) that read the registry rather
+    /// than trust the change counter: while it stays put, so does
+    /// [`last`](Self::last)'s answer.
+    pub fn reads(&self) -> u64 {
+        self.reads
     }
 }
