@@ -148,6 +148,10 @@ pub struct CloneRules {
     pub hostname: Option<Pattern>,
     /// `KEY = pattern`: lines of the identity file after appshot's own.
     pub values: BTreeMap<String, Pattern>,
+    /// Where each clone sees its own environment file.
+    pub env_file: Option<PathBuf>,
+    /// `KEY = pattern`: the lines of the environment file.
+    pub env: BTreeMap<String, Pattern>,
 }
 
 /// What one clone is given.
@@ -156,6 +160,8 @@ pub struct Identity {
     pub hostname: String,
     /// Rendered `values`, by key.
     pub values: Vec<(String, String)>,
+    /// Rendered `env`, by key.
+    pub env: Vec<(String, String)>,
 }
 
 impl CloneRules {
@@ -170,12 +176,16 @@ impl CloneRules {
             clone: clone.name.to_string(),
             source,
         })?;
-        let values = self
-            .values
-            .iter()
-            .map(|(k, p)| (k.clone(), p.render(clone)))
-            .collect();
-        Ok(Identity { hostname, values })
+        let render = |m: &BTreeMap<String, Pattern>| {
+            m.iter()
+                .map(|(k, p)| (k.clone(), p.render(clone)))
+                .collect()
+        };
+        Ok(Identity {
+            hostname,
+            values: render(&self.values),
+            env: render(&self.env),
+        })
     }
 }
 
@@ -212,6 +222,16 @@ pub fn validate_hostname(hostname: &str) -> Result<(), NameError> {
 /// (`[A-Za-z_][A-Za-z0-9_]*`), not one of appshot's own (`aid`, `name`,
 /// `hostname`).
 pub fn validate_value_key(key: &str) -> Result<(), NameError> {
+    validate_env_key(key)?;
+    if RESERVED_KEYS.contains(&key) {
+        return Err(NameError::Reserved(key.into()));
+    }
+    Ok(())
+}
+
+/// A key of the environment file: a shell variable name (which every
+/// reader of such files takes).
+pub fn validate_env_key(key: &str) -> Result<(), NameError> {
     let mut chars = key.chars();
     let first_ok = chars
         .next()
@@ -219,10 +239,15 @@ pub fn validate_value_key(key: &str) -> Result<(), NameError> {
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(NameError::NotVariable(key.into()));
     }
-    if RESERVED_KEYS.contains(&key) {
-        return Err(NameError::Reserved(key.into()));
-    }
     Ok(())
+}
+
+/// The environment file's text: `KEY='VALUE'` a line, single-quoted as
+/// POSIX sh reads it (`set -a; . FILE`), a `'` in VALUE written `'\''`.
+pub fn env_file_text(env: &[(String, String)]) -> String {
+    env.iter()
+        .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', "'\\''")))
+        .collect()
 }
 
 #[cfg(test)]
@@ -264,17 +289,36 @@ mod tests {
     }
 
     #[test]
+    fn env_file_lines_are_single_quoted_for_sh() {
+        let env = [
+            ("A".to_string(), "plain".to_string()),
+            ("B".to_string(), "it's $HOME `x`".to_string()),
+            ("C".to_string(), String::new()),
+        ];
+        assert_eq!(
+            env_file_text(&env),
+            "A='plain'\nB='it'\\''s $HOME `x`'\nC=''\n"
+        );
+        assert!(validate_env_key("hostname").is_ok());
+        assert!(validate_env_key("1A").is_err());
+        assert!(validate_env_key("A-B").is_err());
+    }
+
+    #[test]
     fn rules_render_hostname_and_values() {
         let rules = CloneRules {
             identity_file: None,
             hostname: Some("h-{n}".parse().unwrap()),
             values: [("SHARD".to_string(), "{n}".parse().unwrap())].into(),
+            env_file: None,
+            env: [("DB".to_string(), "db-{aid}".parse().unwrap())].into(),
         };
         assert_eq!(
             rules.render(&ONE).unwrap(),
             Identity {
                 hostname: "h-7".into(),
-                values: vec![("SHARD".into(), "7".into())]
+                values: vec![("SHARD".into(), "7".into())],
+                env: vec![("DB".into(), "db-shop-7".into())],
             }
         );
         // By default the hostname is the clone's name.

@@ -11,7 +11,10 @@ mod model;
 mod parse;
 mod remote;
 
-pub use clone::{validate_hostname, validate_value_key, CloneId, CloneRules, Identity, Pattern};
+pub use clone::{
+    env_file_text, validate_env_key, validate_hostname, validate_value_key, CloneId, CloneRules,
+    Identity, Pattern,
+};
 pub use error::{ConfigError, NameError, RenderError};
 pub use model::{validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec};
 pub use remote::{Cidr, Peer, SourceRule};

@@ -12,7 +12,9 @@ use serde::Deserialize;
 use serde_path_to_error::Segment;
 use toml::Spanned;
 
-use crate::clone::{validate_hostname, validate_value_key, CloneId, CloneRules, Pattern};
+use crate::clone::{
+    validate_env_key, validate_hostname, validate_value_key, CloneId, CloneRules, Pattern,
+};
 use crate::error::{ConfigError, NameError};
 use crate::model::{
     validate_aid, validate_name, AppConfig, PortRange, PortSpec, Protocol, UserSpec,
@@ -59,6 +61,9 @@ struct RawClone {
     // Keys stay plain strings, as for `env`.
     #[serde(default)]
     values: BTreeMap<String, Spanned<String>>,
+    env_file: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -335,20 +340,25 @@ impl RawConfig {
 
 impl RawClone {
     fn validate(self, src: &Source<'_>) -> Result<CloneRules, ConfigError> {
+        let absolute = |f: Spanned<String>, field: &str| {
+            let span = f.span();
+            let path = PathBuf::from(src.c_string(f, field, false)?);
+            if !path.is_absolute() {
+                return Err(src.invalid(
+                    span,
+                    field,
+                    "must be an absolute path (it names a file inside every clone)",
+                ));
+            }
+            Ok(path)
+        };
         let identity_file = self
             .identity_file
-            .map(|f| {
-                let span = f.span();
-                let path = PathBuf::from(src.c_string(f, "clone.identity_file", false)?);
-                if !path.is_absolute() {
-                    return Err(src.invalid(
-                        span,
-                        "clone.identity_file",
-                        "must be an absolute path (it names a file inside every clone)",
-                    ));
-                }
-                Ok(path)
-            })
+            .map(|f| absolute(f, "clone.identity_file"))
+            .transpose()?;
+        let env_file = self
+            .env_file
+            .map(|f| absolute(f, "clone.env_file"))
             .transpose()?;
         let pattern = |value: &Spanned<String>, field: &str| {
             value
@@ -382,10 +392,22 @@ impl RawClone {
                 Ok((key, pattern(&value, &field)?))
             })
             .collect::<Result<_, _>>()?;
+        let env = self
+            .env
+            .into_iter()
+            .map(|(key, value)| {
+                let field = format!("clone.env.{key}");
+                validate_env_key(&key)
+                    .map_err(|e| src.invalid(value.span(), &field, e.to_string()))?;
+                Ok((key, pattern(&value, &field)?))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(CloneRules {
             identity_file,
             hostname,
             values,
+            env_file,
+            env,
         })
     }
 }

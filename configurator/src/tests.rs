@@ -437,9 +437,15 @@ fn bad_cross_host_settings_name_their_field() {
 fn clone_rules() {
     let c = parse(
         "aid = \"a\"\n[clone]\nidentity_file = \"/srv/www/whoami.txt\"\nhostname = \"shop-{n}\"\n\
-         [clone.values]\nSHARD = \"{n}\"\nDB_URL = \"postgres://db/{aid}\"\n",
+         env_file = \"/run/clone.env\"\n\
+         [clone.values]\nSHARD = \"{n}\"\nDB_URL = \"postgres://db/{aid}\"\n\
+         [clone.env]\nREPLICA = \"r{n}\"\n",
     )
     .unwrap();
+    assert_eq!(
+        c.clone.env_file.as_deref(),
+        Some(Path::new("/run/clone.env"))
+    );
     assert_eq!(
         c.clone.identity_file.as_deref(),
         Some(Path::new("/srv/www/whoami.txt"))
@@ -460,7 +466,20 @@ fn clone_rules() {
             ("SHARD".to_string(), "2".to_string())
         ]
     );
+    assert_eq!(id.env, [("REPLICA".to_string(), "r2".to_string())]);
     assert_eq!(parse("aid = \"a\"\n").unwrap().clone, CloneRules::default());
+    assert_invalid(
+        "aid = \"a\"\n[clone]\nenv_file = \"x.env\"\n",
+        3,
+        "clone.env_file",
+        "absolute path",
+    );
+    assert_invalid(
+        "[clone.env]\nA-B = \"x\"\n",
+        2,
+        "clone.env.A-B",
+        "not a variable name",
+    );
     assert_invalid(
         "aid = \"a\"\n[clone]\nidentity_file = \"whoami.txt\"\n",
         3,

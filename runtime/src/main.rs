@@ -6,15 +6,15 @@
 // The command line's own room: starting detached supervisors and clones.
 mod cli;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use appshot_configurator::{
-    validate_aid, validate_hostname, validate_name, validate_value_key, AppConfig, CloneId,
-    CloneRules, Pattern, PortRange, UserSpec,
+    validate_aid, validate_env_key, validate_hostname, validate_name, validate_value_key,
+    AppConfig, CloneId, CloneRules, Pattern, PortRange, UserSpec,
 };
 use appshot_snapshot::lazy::LazySettings;
 use clap::{ArgAction, Parser, Subcommand};
@@ -22,7 +22,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use appshot::commands::{self, apps, systemd};
 use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
-use appshot::supervisor::{self, init, logs, pending, restart, snapshots, templates, user};
+use appshot::supervisor::{self, init, logs, pending, pool, restart, snapshots, templates, user};
 use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
 use appshot::{error, oci, DEFAULT_RUN_DIR, VERSION};
 use cli::{clones, detach};
@@ -207,6 +207,19 @@ enum Cmd {
         /// `[clone] identity_file`.
         #[arg(long)]
         identity_file: Option<PathBuf>,
+        /// A variable of each clone's environment file (repeatable; VALUE
+        /// takes the placeholders of --hostname), like `docker run --env`
+        /// but read from the file: a running clone's environment is its
+        /// template's. Overrides the config's `[clone.env]` KEY. Needs
+        /// --env-file.
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, Pattern)>,
+        /// A path at which each clone sees its own environment file, a
+        /// `KEY='VALUE'` each line as sh reads it (`set -a; . PATH`), e.g.
+        /// for the processes it starts later. Overrides the config's
+        /// `[clone] env_file`.
+        #[arg(long)]
+        env_file: Option<PathBuf>,
         /// Application config: its `[clone]` rules and `port_range` apply.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -214,6 +227,12 @@ enum Cmd {
         /// the config's `port_range`).
         #[arg(long)]
         port_range: Option<PortRange>,
+        /// Instance shells kept ready for the template's next clones
+        /// (default 2, or what the last --pool said; 0: none): a detached
+        /// clone that claims one skips the start of its supervisor and
+        /// namespace init.
+        #[arg(long, value_name = "N")]
+        pool: Option<u32>,
         #[arg(short, long)]
         detach: bool,
     },
@@ -314,10 +333,11 @@ enum Cmd {
         /// are ready.
         #[arg(long, requires = "channel_fd", conflicts_with = "restore_pid")]
         await_pid: Option<u32>,
-        #[arg(long, requires = "identity_target")]
-        identity_source: Option<PathBuf>,
-        #[arg(long, requires = "identity_source")]
-        identity_target: Option<PathBuf>,
+        /// Repeated with --file-target: one bind mount each.
+        #[arg(long, requires = "file_target")]
+        file_source: Vec<PathBuf>,
+        #[arg(long, requires = "file_source")]
+        file_target: Vec<PathBuf>,
         #[arg(long)]
         hostname: Option<String>,
         #[arg(long)]
@@ -329,6 +349,10 @@ enum Cmd {
     },
     #[command(name = "__supervise", hide = true)]
     Supervise,
+    /// An instance shell for clones of TEMPLATE (canonical path), started
+    /// by `appshot clone`.
+    #[command(name = "__shell", hide = true)]
+    Shell { template: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -443,16 +467,20 @@ fn main() -> ExitCode {
         (_, 1) => "info",
         (_, 2) => "debug",
         (_, n) if n > 2 => "trace",
-        (Cmd::Supervise | Cmd::Vpm { .. } | Cmd::OciAgent { .. }, _) => "info",
+        (Cmd::Supervise | Cmd::Shell { .. } | Cmd::Vpm { .. } | Cmd::OciAgent { .. }, _) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // A detached supervisor's stderr is its own log; it is kept for it here
     // because the application's output takes stderr over (see `supervise`).
-    let supervising = matches!(cli.command, Cmd::Supervise);
+    // A shell's log moves to its clone's once claimed (see `shell`).
+    let supervising = matches!(cli.command, Cmd::Supervise | Cmd::Shell { .. });
     let writer = match std::io::stderr().as_fd().try_clone_to_owned() {
-        Ok(fd) if supervising => BoxMakeWriter::new(std::sync::Mutex::new(std::fs::File::from(fd))),
+        Ok(fd) if supervising => {
+            OWN_LOG_FD.store(fd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+            BoxMakeWriter::new(std::sync::Mutex::new(std::fs::File::from(fd)))
+        }
         _ => BoxMakeWriter::new(std::io::stderr),
     };
     tracing_subscriber::fmt()
@@ -482,7 +510,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     appshot_vpm::set_udp_change_hook(udproutes::refresh);
     if !matches!(
         cli.command,
-        Cmd::Init { .. } | Cmd::Supervise | Cmd::Completion { .. } | Cmd::Man | Cmd::Config { .. }
+        Cmd::Init { .. }
+            | Cmd::Supervise
+            | Cmd::Shell { .. }
+            | Cmd::Completion { .. }
+            | Cmd::Man
+            | Cmd::Config { .. }
     ) {
         pending::sweep(&run_dir);
         netlock::sweep(&run_dir);
@@ -508,12 +541,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             nix::unistd::setsid().context("setsid")?;
             supervise(launch)
         }
+        Cmd::Shell { template } => {
+            nix::unistd::setsid().context("setsid")?;
+            shell(&run_dir, &template)
+        }
         Cmd::Init {
             channel_fd,
             restore_pid,
             await_pid,
-            identity_source,
-            identity_target,
+            file_source,
+            file_target,
             hostname,
             cwd,
             user,
@@ -528,7 +565,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 (Some(fd), None) => init::Start::Launch { channel_fd: fd },
                 (None, _) => init::Start::Restore { pids: restore_pid },
             },
-            identity: identity_source.zip(identity_target),
+            files: file_source.into_iter().zip(file_target).collect(),
             hostname,
             cwd,
             user,
@@ -693,8 +730,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             hostname,
             values,
             identity_file,
+            env,
+            env_file,
             config,
             port_range,
+            pool,
             detach,
         } => {
             commands::require_privileges("clone")?;
@@ -706,17 +746,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             rules.identity_file = identity_file.or(rules.identity_file);
             rules.hostname = hostname.or(rules.hostname);
             rules.values.extend(values);
+            rules.env_file = env_file.or(rules.env_file);
+            rules.env.extend(env);
             let range = port_range.unwrap_or(config.port_range);
             let plan = clones::plan(&aid, &name, count)?;
-            let launches = clone_launches(&template, &plan, &rules, range, &run_dir)?;
-            match launches.as_slice() {
+            let (launches, forkable) = clone_launches(&template, &plan, &rules, range, &run_dir)?;
+            let started = match launches.as_slice() {
                 [launch] if detach => detach::detach_supervisor(launch, cli.verbose),
                 [_] => {
                     let launch = launches.into_iter().next().expect("one launch");
-                    Ok(supervisor::run(launch, &mut None)?.status)
+                    return Ok(supervisor::run(launch, &mut None)?.status);
                 }
                 _ => clones::start_all(&launches, cli.verbose),
+            };
+            // After the clones answered: the shells start while they run.
+            if let (true, Some(Mode::Clone { template })) =
+                (forkable, launches.first().map(|l| &l.mode))
+            {
+                if let Err(e) = pool::replenish(&run_dir, template, pool, cli.verbose) {
+                    tracing::warn!("starting instance shells for the next clones: {e}");
+                }
             }
+            started
         }
         Cmd::Merge {
             image,
@@ -762,6 +813,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             launch.identity = hostname.map(|hostname| CloneIdentity {
                 hostname,
                 file: None,
+                env_file: None,
             });
             if detach {
                 detach::detach_supervisor(&launch, cli.verbose)
@@ -891,6 +943,14 @@ fn parse_value(arg: &str) -> Result<(String, Pattern), String> {
     Ok((key.to_string(), value.parse()?))
 }
 
+fn parse_env(arg: &str) -> Result<(String, Pattern), String> {
+    let (key, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not KEY=VALUE"))?;
+    validate_env_key(key).map_err(|e| e.to_string())?;
+    Ok((key.to_string(), value.parse()?))
+}
+
 fn parse_run_as(arg: &str) -> Result<user::RunAs, String> {
     user::RunAs::from_arg(arg).ok_or_else(|| format!("`{arg}` is not UID:GID:GROUPS"))
 }
@@ -947,11 +1007,18 @@ fn clone_launches(
     rules: &CloneRules,
     range: PortRange,
     run_dir: &Path,
-) -> anyhow::Result<Vec<Launch>> {
+) -> anyhow::Result<(Vec<Launch>, bool)> {
     if rules.identity_file.is_none() && !rules.values.is_empty() {
         let keys: Vec<&str> = rules.values.keys().map(String::as_str).collect();
         bail!(
             "values {} need an identity file to carry them: give --identity-file PATH or the config's [clone] identity_file",
+            keys.join(", ")
+        );
+    }
+    if rules.env_file.is_none() && !rules.env.is_empty() {
+        let keys: Vec<&str> = rules.env.keys().map(String::as_str).collect();
+        bail!(
+            "--env {} need an environment file to carry them (a running clone's environment is the template's memory): give --env-file PATH or the config's [clone] env_file",
             keys.join(", ")
         );
     }
@@ -986,6 +1053,10 @@ fn clone_launches(
                 path,
                 values: identity.values,
             }),
+            env_file: rules.env_file.clone().map(|path| IdentityFile {
+                path,
+                values: identity.env,
+            }),
         });
         launch.range = range;
         launches.push(launch);
@@ -1011,7 +1082,8 @@ fn clone_launches(
             "{count} clones of a template with {sockets} listening sockets need {needed} real ports; port range {range} has {free} free"
         );
     }
-    Ok(launches)
+    let forkable = appshot_snapshot::holder::unforkable(&img).is_none();
+    Ok((launches, forkable))
 }
 
 fn image_launch(
@@ -1090,23 +1162,61 @@ fn each<T>(items: &[T], mut f: impl FnMut(&T) -> anyhow::Result<()>) -> anyhow::
 /// is its log. The application's output (and a restored one's, which takes
 /// the supervisor's stdio) goes through a pipe on fds 1 and 2 into
 /// `app.log`; when the instance has ended the record of how is written.
+/// Where a detached supervisor's (or a shell's) own log is written, so a
+/// claimed shell can move it to its clone's log directory.
+static OWN_LOG_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
 fn supervise(launch: Launch) -> anyhow::Result<i32> {
-    use std::os::fd::AsRawFd;
     let ready = std::io::stdout()
         .as_fd()
         .try_clone_to_owned()
         .context("duplicating stdout")?;
+    let read = output_pipe()?;
+    supervise_with(launch, None, ready, read)
+}
+
+/// Makes stdout and stderr (the application's, through init's) a pipe
+/// whose read end is returned, for the log capture.
+fn output_pipe() -> anyhow::Result<OwnedFd> {
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("the output pipe")?;
     for fd in [1, 2] {
         nix::unistd::dup2(write.as_raw_fd(), fd).context("redirecting stdio to the output pipe")?;
     }
-    drop(write);
+    Ok(read)
+}
+
+/// `__shell`: an instance shell waits to be claimed (see
+/// `supervisor::pool`), then supervises its clone as `__supervise` does.
+fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
+    // Before init starts: it and the clone inherit the output pipe.
+    let read = output_pipe()?;
+    let Some(claimed) = pool::wait_for_claim(run_dir, template)? else {
+        return Ok(0);
+    };
+    let log = logs::append(
+        &logs::dir(&claimed.launch.run_dir, &claimed.launch.name).join(logs::SUPERVISOR_LOG),
+    )?;
+    let own = OWN_LOG_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if own >= 0 {
+        nix::unistd::dup2(log.as_raw_fd(), own).context("moving the log to the clone's")?;
+    }
+    drop(log);
+    tracing::info!(name = %claimed.launch.name, init = claimed.shell.init.pid, "instance shell claimed");
+    supervise_with(claimed.launch, Some(claimed.shell), claimed.answer, read)
+}
+
+fn supervise_with(
+    launch: Launch,
+    shell: Option<pool::Shell>,
+    ready: OwnedFd,
+    read: OwnedFd,
+) -> anyhow::Result<i32> {
     let log_dir = logs::dir(&launch.run_dir, &launch.name);
     let capture = logs::capture(log_dir.clone(), read, launch.log_max_bytes);
     let created = logs::now_unix();
     let mut ready = Some(std::fs::File::from(ready));
-    let result = supervisor::run(launch.clone(), &mut ready);
+    let result = supervisor::run_in(launch.clone(), shell, &mut ready);
     // The supervisor's ends were the last: the capture ends and is joined,
     // so the log is complete before anyone is told the instance ended.
     let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;

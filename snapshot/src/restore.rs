@@ -356,7 +356,8 @@ fn build_tree(
             (Some(j), _) => {
                 let pb = &built[j];
                 let inj = pb.frozen.rebuilding_injector(scratch, pb.template);
-                let frozen = crate::kinds::tree::fork(&pb.frozen, &inj, &pb.mem, data, p.ns_pid)?;
+                let frozen =
+                    crate::kinds::tree::fork(&pb.frozen, &inj, &pb.mem, data, p.ns_pid, None)?;
                 let host = frozen.pid;
                 let mem = Memory::open(host)?;
                 built.push(Built {

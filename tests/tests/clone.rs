@@ -14,8 +14,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg, port_pairs,
-    query_keeper, redis_cli, script, start_keeper, start_redis, uncaptured, Harness, Ran,
+    alive, assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg, poll,
+    port_pairs, query_keeper, redis_cli, script, start_keeper, start_redis, uncaptured, Harness,
+    Ran,
 };
 use serde_json::Value;
 
@@ -957,5 +958,201 @@ fn a_clone_that_cannot_start_is_reported_and_the_others_run_on() {
         refused.code,
         Some(7),
         "AID {failed} has no instance: {refused}"
+    );
+}
+
+/// The supervisor PIDs of template `name`'s instance shells that are ready
+/// (their sockets), once there are `want` of them.
+fn ready_shells(h: &Harness, name: &str, want: usize) -> BTreeSet<u32> {
+    let dir = h.run_dir().join("templates").join(name).join("shells");
+    let ready = || -> BTreeSet<u32> {
+        fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name().to_str()?.to_string();
+                let stem = file.strip_suffix(".sock")?;
+                let pid: u32 = stem.split_once('-')?.0.parse().ok()?;
+                alive(pid).then_some(pid)
+            })
+            .collect()
+    };
+    assert!(
+        poll(Duration::from_secs(20), || ready().len() == want),
+        "{name}: {want} shells ready expected, found {:?} in {}",
+        ready(),
+        dir.display()
+    );
+    ready()
+}
+
+fn supervisor_of(h: &Harness, name: &str) -> u32 {
+    let row = h
+        .instance(name)
+        .unwrap_or_else(|| panic!("{name} is not listed"));
+    row["supervisor_pid"].as_u64().expect("supervisor_pid") as u32
+}
+
+#[test]
+fn clones_claim_ready_shells_once_the_pool_refills_and_goes_with_its_template() {
+    let Some(mut h) = Harness::new(
+        "clones_claim_ready_shells_once_the_pool_refills_and_goes_with_its_template",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let id_file = h.dir("www").join("id.env");
+    let id_path = id_file.to_str().unwrap().to_string();
+    let image = h.dir("images").join("whoami.img");
+    whoami_template(&mut h, "pool-t", "pt", &id_file, &image, &[]);
+    let flags = |aid: &'static str| ["--aid", aid, "--identity-file", &id_path, "--pool", "2"];
+
+    // No shell for the first clone; it leaves two behind.
+    h.clone_template(&["p1".into()], &image, &flags("p1"));
+    let shells = ready_shells(&h, "whoami.img", 2);
+
+    // The next clone is one of them: its supervisor, with the clone's own
+    // identity; it is never handed out again, and the pool is refilled.
+    h.clone_template(&["p2".into()], &image, &flags("p2"));
+    let claimed = supervisor_of(&h, "p2");
+    assert!(
+        shells.contains(&claimed),
+        "p2's supervisor {claimed} is none of the shells {shells:?}"
+    );
+    let refilled = ready_shells(&h, "whoami.img", 2);
+    assert!(
+        !refilled.contains(&claimed),
+        "claimed shell {claimed} still offered: {refilled:?}"
+    );
+    assert_eq!(
+        whoami(&h, "p2"),
+        (
+            "p2".into(),
+            "p2".into(),
+            "aid=p2\nname=p2\nhostname=p2\n".into()
+        )
+    );
+    let mut cmd = h.appshot();
+    cmd.arg("templates");
+    let templates = common::run(&mut cmd, Duration::from_secs(10));
+    assert!(
+        templates
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("whoami.img") && l.trim_end().ends_with("2/2")),
+        "templates shows the ready shells: {templates}"
+    );
+
+    // Killed shells are not handed out: one's supervisor (its socket
+    // stays, nobody accepts on it), the other's namespace init (the
+    // shell goes with it).
+    let [a, b]: [u32; 2] = refilled
+        .iter()
+        .copied()
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let b_init = common::children(b)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("shell {b} has no init"));
+    for pid in [a, b_init] {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    assert!(
+        poll(Duration::from_secs(5), || !alive(a) && !alive(b)),
+        "killed shells linger"
+    );
+    h.clone_template(&["p3".into()], &image, &flags("p3"));
+    let p3 = supervisor_of(&h, "p3");
+    assert!(p3 != a && p3 != b, "a killed shell was handed out");
+    assert_eq!(whoami(&h, "p3").0, "p3");
+
+    // `template rm` ends the shells and the holder; the clones run on.
+    let last = ready_shells(&h, "whoami.img", 2);
+    let mut cmd = h.appshot();
+    cmd.args(["template", "rm", "whoami.img"]);
+    let ran = common::run(&mut cmd, Duration::from_secs(10));
+    assert!(ran.success(), "template rm: {ran}");
+    assert!(
+        poll(Duration::from_secs(5), || last.iter().all(|&p| !alive(p))),
+        "shells {last:?} outlived template rm"
+    );
+    for name in ["p1", "p2", "p3"] {
+        assert_eq!(whoami(&h, name).0, name, "{name} runs on after template rm");
+    }
+}
+
+#[test]
+fn clones_get_their_environment_file_from_env_rules() {
+    let Some(mut h) = Harness::new(
+        "clones_get_their_environment_file_from_env_rules",
+        &["python3", "curl", "nsenter"],
+    ) else {
+        return;
+    };
+    // The template serves the file at the path every clone sees its own
+    // environment file at.
+    let env_file = h.dir("etc").join("app.env");
+    let env_path = env_file.to_str().unwrap().to_string();
+    let image = h.dir("images").join("whoami.img");
+    whoami_template(&mut h, "env-t", "et", &env_file, &image, &[]);
+
+    let refused = h.try_clone(&["lone".into()], &image, &["--aid", "lone", "--env", "A=b"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("--env-file"),
+        "--env without a file to carry it: {refused}"
+    );
+
+    let config = h.dir("config").join("shop.toml");
+    fs::write(
+        &config,
+        format!(
+            "[clone]\nenv_file = \"{env_path}\"\n[clone.env]\nREPLICA = \"r{{n}}\"\nDB = \"x\"\n"
+        ),
+    )
+    .unwrap();
+    let names = numbered("shop", 2);
+    h.clone_template(
+        &names,
+        &image,
+        &[
+            "--aid",
+            "shop",
+            "--count",
+            "2",
+            "--config",
+            config.to_str().unwrap(),
+            // Over the config's DB, with a quote to keep.
+            "--env",
+            "DB=pg://{aid}/it's",
+        ],
+    );
+    for (i, name) in (1..).zip(&names) {
+        assert_eq!(
+            whoami(&h, name).2,
+            format!("DB='pg://{name}/it'\\''s'\nREPLICA='r{i}'\n"),
+            "clone {name} reads its own environment file"
+        );
+        // A process started later in the clone's mount namespace, by sh
+        // reading the file as an env file.
+        let pid = pid_of(&h.instance(name).unwrap());
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.args(["-t", &pid.to_string(), "-m", "--", "sh", "-c"]).arg(format!(
+            "set -a; . {env_path}; exec python3 -c 'import os; print(os.environ[\"DB\"], os.environ[\"REPLICA\"])'"
+        ));
+        let ran = common::run(&mut cmd, Duration::from_secs(10));
+        assert!(ran.success(), "{ran}");
+        assert_eq!(ran.stdout.trim_end(), format!("pg://{name}/it's r{i}"));
+    }
+    assert_eq!(
+        fs::read_to_string(&env_file).unwrap(),
+        "template\n",
+        "the host's file is untouched"
     );
 }

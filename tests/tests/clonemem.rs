@@ -61,7 +61,8 @@ fn templates(h: &Harness) -> Vec<Vec<String>> {
             // RSS and PSS are "N MiB": one column each.
             let words: Vec<&str> = l.split_whitespace().collect();
             let mut cols: Vec<String> = words[..3].iter().map(|w| w.to_string()).collect();
-            cols.extend(words[3..].chunks(2).map(|c| c.join(" ")));
+            cols.extend(words[3..7].chunks(2).map(|c| c.join(" ")));
+            cols.extend(words[7..].iter().map(|w| w.to_string()));
             cols
         })
         .collect()

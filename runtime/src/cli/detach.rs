@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use appshot_vpm::Registry;
 
-use appshot::supervisor::logs;
+use appshot::supervisor::{logs, pool};
 use appshot::supervisor::{Launch, LAUNCH_ENV};
 
 /// How long a supervisor may take to answer before it is taken for hung
@@ -43,8 +43,47 @@ pub struct Starting {
     name: String,
     log_dir: PathBuf,
     pidfile: Option<PathBuf>,
-    child: Child,
+    supervisor: Supervisor,
     since: Instant,
+}
+
+/// The supervisor of a start: our child, or a claimed instance shell.
+enum Supervisor {
+    Child(Child),
+    Shell {
+        pid: u32,
+        pidfd: std::os::fd::OwnedFd,
+    },
+}
+
+impl Supervisor {
+    fn id(&self) -> u32 {
+        match self {
+            Supervisor::Child(c) => c.id(),
+            Supervisor::Shell { pid, .. } => *pid,
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Supervisor::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Supervisor::Shell { pidfd, .. } => {
+                let _ = appshot_sys::pidfd::send_signal(pidfd, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Its exit status, once it ended; a shell, not our child, has none to
+    /// give (its log says why).
+    fn wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self {
+            Supervisor::Child(c) => Ok(Some(c.wait().context("waiting for the supervisor")?)),
+            Supervisor::Shell { .. } => Ok(None),
+        }
+    }
 }
 
 /// How a start went that did not fail in appshot itself.
@@ -85,6 +124,25 @@ pub fn spawn(
         return Err(anyhow!("creating {}: {e}", log_dir.display()));
     }
     logs::start_anew(&launch.run_dir, &launch.name)?;
+    if let Some(claim) = pool::claim(launch) {
+        let tx = answers.clone();
+        let pipe = claim.answer;
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
+            let _ = tx.send((tag, line));
+        });
+        return Ok(Starting {
+            name: launch.name.clone(),
+            log_dir,
+            pidfile: launch.pidfile.clone(),
+            supervisor: Supervisor::Shell {
+                pid: claim.pid,
+                pidfd: claim.pidfd,
+            },
+            since: Instant::now(),
+        });
+    }
     let log = logs::append(&log_dir.join(logs::SUPERVISOR_LOG))?;
     let exe = std::env::current_exe().context("locating the appshot binary")?;
     let mut cmd = Command::new(exe);
@@ -114,7 +172,7 @@ pub fn spawn(
         name: launch.name.clone(),
         log_dir,
         pidfile: launch.pidfile.clone(),
-        child,
+        supervisor: Supervisor::Child(child),
         since: Instant::now(),
     })
 }
@@ -145,8 +203,7 @@ impl Starting {
     /// with it: no start is left under way unaccounted for.
     pub fn finish(mut self, answer: Option<String>) -> anyhow::Result<Started> {
         let Some(answer) = answer else {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.supervisor.kill();
             bail!(
                 "instance `{}` did not start within {}s and was stopped; see {}",
                 self.name,
@@ -156,21 +213,24 @@ impl Starting {
         };
         if answer.trim() == "running" {
             if let Some(path) = &self.pidfile {
-                std::fs::write(path, format!("{}\n", self.child.id()))
+                std::fs::write(path, format!("{}\n", self.supervisor.id()))
                     .with_context(|| format!("writing the pidfile {}", path.display()))?;
             }
             return Ok(Started::Running);
         }
-        let status = self.child.wait().context("waiting for the supervisor")?;
+        let status = self.supervisor.wait()?;
         let output = logs::tail(&self.log_dir);
         let why = match answer.trim().strip_prefix("exited ") {
             Some(code) => format!("exited during start with status {code}"),
             // The supervisor's own error (its status is 125, 126 or 127).
-            None => match status.code() {
+            None => match status.and_then(|s| s.code()) {
                 Some(status @ (126 | 127)) => {
                     return Ok(Started::NotExecuted { status, output });
                 }
-                _ => format!("failed to start ({status})"),
+                _ => match status {
+                    Some(status) => format!("failed to start ({status})"),
+                    None => "failed to start".to_string(),
+                },
             },
         };
         bail!(

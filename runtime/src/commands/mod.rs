@@ -401,7 +401,7 @@ pub fn stop(run_dir: &Path, name: &str, grace: Duration) -> Result<(), RuntimeEr
 
 /// `appshot templates`: one line per template with a running holder.
 pub fn templates(run_dir: &Path) -> String {
-    let mut table = vec![["NAME", "IMAGE", "PID", "RSS", "PSS", "CLONES"]
+    let mut table = vec![["NAME", "IMAGE", "PID", "RSS", "PSS", "CLONES", "SHELLS"]
         .map(String::from)
         .to_vec()];
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
@@ -413,6 +413,7 @@ pub fn templates(run_dir: &Path) -> String {
             mib(t.rss_kib),
             mib(t.pss_kib),
             t.clones.to_string(),
+            format!("{}/{}", t.shells, t.pool_size),
         ]);
     }
     render(&table)

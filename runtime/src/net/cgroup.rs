@@ -115,6 +115,11 @@ impl Drop for InstanceCgroup {
     }
 }
 
+/// Moves process `pid` into the cgroup `dir`.
+pub fn place(dir: &Path, pid: u32) -> std::io::Result<()> {
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

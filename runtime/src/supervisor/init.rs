@@ -8,8 +8,8 @@
 //! application's status, so daemonising programs (nginx's default) keep
 //! their instance alive.
 
-use std::os::fd::{OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::errno::Errno;
@@ -50,12 +50,16 @@ pub enum InitError {
         #[source]
         error: std::io::Error,
     },
-    #[error("bind-mounting the identity file over {}", target.display())]
-    Identity {
+    #[error("bind-mounting the instance's own file over {}", target.display())]
+    IdentityFile {
         target: PathBuf,
         #[source]
         error: Errno,
     },
+    #[error("the supervisor closed the channel before sending the clone's identity")]
+    NoIdentity,
+    #[error("decoding the clone's identity")]
+    Identity(#[source] serde_json::Error),
     #[error("decoding {APP_ENV}")]
     AppEnv(#[source] serde_json::Error),
     #[error("{APP_ENV} is not valid Unicode")]
@@ -88,15 +92,28 @@ pub enum Start {
     Restore { pids: Vec<u32> },
     /// A clone forked from a template holder: it appears as init's child
     /// with PID `pid` once its supervisor forked it into init's
-    /// namespaces, which init says are ready over `channel_fd`.
+    /// namespaces. Over `channel_fd` init says `shell` once its namespaces
+    /// exist, then takes the clone's [`Identity`] (which may come much
+    /// later: an instance shell waits in a template's pool until a clone
+    /// claims it) and says `ready` once it applied it.
     Await { pid: u32, channel_fd: RawFd },
+}
+
+/// What makes an awaiting init's instance the clone's own, sent by its
+/// supervisor as one JSON message.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub hostname: Option<String>,
+    /// (source, target) as [`InitArgs::files`].
+    pub files: Vec<(PathBuf, PathBuf)>,
 }
 
 pub struct InitArgs {
     pub start: Start,
-    /// (source, target): bind-mount the instance's own identity file over
-    /// `target` in the instance's mount namespace.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    /// (source, target): bind-mount each of the instance's own files (its
+    /// identity and environment files) over `target` in the instance's
+    /// mount namespace.
+    pub files: Vec<(PathBuf, PathBuf)>,
     /// A hostname of its own, in a UTS namespace of its own (a clone's).
     pub hostname: Option<String>,
     pub cwd: Option<PathBuf>,
@@ -112,9 +129,16 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
         .map_err(sys("blocking signals in init"))?;
     let signals = SignalFd::with_flags(&all, SfdFlags::SFD_CLOEXEC).map_err(sys("signalfd"))?;
     keep_inherited_fds_from_app();
-    own_mounts(args.identity.as_ref())?;
+    own_mounts(&args.files)?;
+    // An awaiting init learns its hostname later, in the UTS namespace it
+    // makes now.
+    let awaits = matches!(args.start, Start::Await { .. });
+    if args.hostname.is_some() || awaits {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
+            .map_err(sys("unsharing the UTS namespace"))?;
+    }
     if let Some(hostname) = &args.hostname {
-        own_hostname(hostname)?;
+        set_hostname(hostname)?;
     }
 
     let main = match &args.start {
@@ -131,6 +155,8 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
         }
         Start::Await { pid, channel_fd } => {
             let channel = take_channel(*channel_fd)?;
+            nix::unistd::write(&channel, b"shell").map_err(sys("saying the namespaces exist"))?;
+            take_identity(&channel)?;
             nix::unistd::write(&channel, b"ready")
                 .map_err(sys("saying the namespaces are ready"))?;
             Pid::from_raw(*pid as i32)
@@ -202,7 +228,7 @@ pub fn run(args: InitArgs) -> Result<i32, InitError> {
 /// this init), and with the identity file, if any, bind-mounted over its
 /// target. The application and a restore's stub are forked after this and
 /// inherit it.
-fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
+fn own_mounts(files: &[(PathBuf, PathBuf)]) -> Result<(), InitError> {
     use nix::mount::{mount, MsFlags};
     // An IPC namespace of its own too: its System V objects are its own,
     // and a restore can make them again with their ids.
@@ -226,27 +252,56 @@ fn own_mounts(identity: Option<&(PathBuf, PathBuf)>) -> Result<(), InitError> {
         None::<&str>,
     )
     .map_err(sys("mounting the instance's /proc"))?;
-    if let Some((source, target)) = identity {
-        mount(
-            Some(source),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|error| InitError::Identity {
-            target: target.clone(),
-            error,
-        })?;
+    for (source, target) in files {
+        bind_file(source, target)?;
     }
     Ok(())
 }
 
-/// Gives the instance a UTS namespace of its own with `hostname`: what
-/// `uname` and `gethostname` answer its processes, forked after this.
-fn own_hostname(hostname: &str) -> Result<(), InitError> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)
-        .map_err(sys("unsharing the UTS namespace"))?;
+/// Bind-mounts a file of the instance's own (its identity or environment
+/// file) over `target` in its mount namespace.
+fn bind_file(source: &Path, target: &Path) -> Result<(), InitError> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|error| InitError::IdentityFile {
+        target: target.to_path_buf(),
+        error,
+    })
+}
+
+/// Waits for the clone's identity on `channel` and applies it: its
+/// identity and environment files and its hostname (its supervisor moves
+/// init into the instance's cgroup once the clone runs).
+fn take_identity(channel: &OwnedFd) -> Result<(), InitError> {
+    let mut buf = vec![0u8; 64 << 10];
+    let n = loop {
+        match nix::unistd::read(channel.as_raw_fd(), &mut buf) {
+            Err(Errno::EINTR) => continue,
+            other => break other.map_err(sys("reading the clone's identity"))?,
+        }
+    };
+    if n == 0 {
+        return Err(InitError::NoIdentity);
+    }
+    let identity: Identity = serde_json::from_slice(&buf[..n]).map_err(InitError::Identity)?;
+    for (source, target) in &identity.files {
+        bind_file(source, target)?;
+    }
+    if let Some(hostname) = &identity.hostname {
+        set_hostname(hostname)?;
+    }
+    Ok(())
+}
+
+/// Sets the hostname of init's own UTS namespace: what `uname` and
+/// `gethostname` answer its processes.
+fn set_hostname(hostname: &str) -> Result<(), InitError> {
     nix::unistd::sethostname(hostname).map_err(|error| InitError::Hostname {
         hostname: hostname.to_string(),
         error,

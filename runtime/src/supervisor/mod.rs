@@ -6,6 +6,7 @@ pub(crate) mod control;
 pub mod init;
 pub mod logs;
 pub mod pending;
+pub mod pool;
 pub mod restart;
 mod restoring;
 pub mod snapshots;
@@ -122,6 +123,10 @@ pub struct CloneIdentity {
     /// Its hostname, in a UTS namespace of its own.
     pub hostname: String,
     pub file: Option<IdentityFile>,
+    /// Its environment file: `values` as `KEY='VALUE'` lines (what
+    /// `--env` gives), bind-mounted over `path`.
+    #[serde(default)]
+    pub env_file: Option<IdentityFile>,
 }
 
 /// The clone's identity file: `aid=`, `name=`, `hostname=` and the
@@ -167,9 +172,26 @@ const START_PERIOD: Duration = Duration::from_millis(300);
 /// [`START_PERIOD`], and taken; if it ended before, `ready` is left to the
 /// caller, which tells it how once the logs are complete.
 pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, RuntimeError> {
+    run_in(launch, None, ready)
+}
+
+/// [`run`] for a clone claimed from an instance shell: its namespace init
+/// runs already.
+pub fn run_in(
+    launch: Launch,
+    mut shell: Option<pool::Shell>,
+    ready: &mut Option<std::fs::File>,
+) -> Result<Ended, RuntimeError> {
     let mut phases = Phases::new();
     let nofile = raise_nofile_limit();
-    let registry = Registry::open(&launch.run_dir)?;
+    let registry = match shell
+        .as_mut()
+        .and_then(|s| s.take_registry(&launch.run_dir))
+    {
+        Some(registry) => registry,
+        None => Registry::open(&launch.run_dir)?,
+    };
+    phases.mark("registry opened");
     // Also removes whatever a dead earlier instance of this name left in
     // the registry and the kernel's source rules.
     let lock = InstanceLock::acquire(&registry, &launch.name)?;
@@ -250,7 +272,10 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
             // A template's pages were checked by `appshot clone` (once per
             // unchanged file), a lazy restore's are by its page server, an
             // eager restore's while its processes are rebuilt.
-            let image = Image::open_pages_unchecked(path)?;
+            let image = match shell.as_mut().and_then(|s| s.take_image(path)) {
+                Some(image) => image,
+                None => Image::open_pages_unchecked(path)?,
+            };
             restore::check_files(&image)?;
             phases.mark("image opened");
             // A clone that cannot be forked from a holder is restored with
@@ -263,13 +288,17 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                         false
                     }
                 };
-            let identity_file = match launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
-                Some(file) => Some((
-                    write_identity(&launch, file, lock.instance_dir())?,
-                    file.path.clone(),
-                )),
-                _ => None,
-            };
+            let mut files = Vec::new();
+            if let Some(file) = launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
+                let source = write_identity(&launch, file, lock.instance_dir())?;
+                files.push((source, file.path.clone()));
+            }
+            if let Some(file) = launch.identity.as_ref().and_then(|i| i.env_file.as_ref()) {
+                let source = lock.instance_dir().join("env");
+                std::fs::write(&source, appshot_configurator::env_file_text(&file.values))
+                    .map_err(|e| RuntimeError::sys(format!("writing {}", source.display()), e))?;
+                files.push((source, file.path.clone()));
+            }
             // A forked clone has no stub: init waits for it instead.
             let stubs = if forked {
                 0
@@ -277,10 +306,11 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 image.manifest.top_level().count()
             };
             let plan = restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            let claimed_shell = forked && shell.is_some();
             let mut host = RealRestore {
                 launch: &launch,
                 image: &image,
-                identity_file: identity_file.as_ref(),
+                files: &files,
                 cgroup: cgroup_dir,
                 nofile,
                 new_mux: &new_mux,
@@ -291,6 +321,8 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 ready: None,
                 cluster: &cluster,
                 phases: &mut phases,
+                filter: shell.as_mut().and_then(|s| s.filter.take()),
+                shell: shell.take().map(|s| s.init),
             };
             // Listed from the restore's start on, `restoring` until the
             // restored processes are released.
@@ -302,6 +334,16 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
                 restoring::STUB_DEADLINE,
             )?;
             status.released();
+            // A shell's init joins the cgroup only now, the clone running
+            // (the cgroup did not exist when the shell started it): its
+            // migration may wait for an RCU grace period (about 10 ms),
+            // which would hold up every fork meanwhile. The clone was
+            // forked into it.
+            if let (true, Some(dir)) = (claimed_shell, cgroup_dir) {
+                if let Err(e) = cgroup::place(dir, r.init_pid) {
+                    warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
+                }
+            }
             let mux = host.mux.take().expect("the multiplexer of a started init");
             lazy_status = host.lazy_status.take();
             (r.init_pid, r.init, r.listeners, mux, r.main)
@@ -452,7 +494,7 @@ fn serve_notifications(
 /// holds descriptors for every thread of the instance that is in a notified
 /// call. Returns the limits as they were, for the namespace init (and so
 /// the application) to start with; `None` if they could not be read.
-fn raise_nofile_limit() -> Option<(u64, u64)> {
+pub(crate) fn raise_nofile_limit() -> Option<(u64, u64)> {
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
         Err(e) => {
@@ -504,7 +546,7 @@ fn launch_application(
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|e| RuntimeError::sys("socketpair", e))?;
-    let (init_pid, init) = start_init(launch, Some(&theirs), &[], None, None, cgroup, nofile)?;
+    let (init_pid, init) = start_init(launch, Some(&theirs), &[], &[], cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
         let mut word = [0u8; 16];
@@ -560,7 +602,8 @@ fn write_identity(
 struct RealRestore<'a, M> {
     launch: &'a Launch,
     image: &'a Image,
-    identity_file: Option<&'a (PathBuf, PathBuf)>,
+    /// The clone's own files: (source, where it sees it).
+    files: &'a [(PathBuf, PathBuf)],
     cgroup: Option<&'a Path>,
     nofile: Option<(u64, u64)>,
     new_mux: &'a M,
@@ -570,11 +613,15 @@ struct RealRestore<'a, M> {
     lazy: Option<LazySettings>,
     lazy_status: Option<LazyStatus>,
     /// A clone forked from its template's holder; once init started, where
-    /// it says its namespaces are ready, and its PID.
+    /// it speaks, its PID, and whether it made its namespaces already.
     forked: bool,
-    ready: Option<(OwnedFd, u32)>,
+    ready: Option<(OwnedFd, u32, bool)>,
     cluster: &'a Arc<Cluster>,
     phases: &'a mut Phases,
+    /// A claimed instance shell's init, awaiting the clone.
+    shell: Option<AwaitingInit>,
+    /// The seccomp filter, if built ahead (by an instance shell).
+    filter: Option<Vec<appshot_sys::seccomp::SockFilter>>,
 }
 
 impl<M> restoring::RestoreHost for RealRestore<'_, M>
@@ -586,28 +633,41 @@ where
 
     fn start_init(&mut self) -> Result<(u32, OwnedFd), RuntimeError> {
         let top_level: Vec<u32> = self.image.manifest.top_level().map(|p| p.ns_pid).collect();
-        let channel = if self.forked {
-            let pair = socketpair(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .map_err(|e| RuntimeError::sys("socketpair", e))?;
-            Some(pair)
+        let (init_pid, init) = if self.forked {
+            // An instance shell's init, started ahead, or one of our own.
+            let (awaiting, made) = match self.shell.take() {
+                Some(init) => (init, true),
+                None => (
+                    spawn_awaiting_init(
+                        top_level[0],
+                        &self.launch.command,
+                        self.nofile,
+                        self.cgroup,
+                    )?,
+                    false,
+                ),
+            };
+            let identity = init::Identity {
+                hostname: self.launch.identity.as_ref().map(|i| i.hostname.clone()),
+                files: self.files.to_vec(),
+            };
+            let json = serde_json::to_vec(&identity).map_err(|e| {
+                RuntimeError::sys("encoding the clone's identity", std::io::Error::other(e))
+            })?;
+            nix::unistd::write(&awaiting.channel, &json)
+                .map_err(|e| RuntimeError::sys("sending the clone's identity to its init", e))?;
+            self.ready = Some((awaiting.channel, awaiting.pid, made));
+            (awaiting.pid, awaiting.pidfd)
         } else {
-            None
+            start_init(
+                self.launch,
+                None,
+                &top_level,
+                self.files,
+                self.cgroup,
+                self.nofile,
+            )?
         };
-        let (init_pid, init) = start_init(
-            self.launch,
-            channel.as_ref().map(|(_, theirs)| theirs),
-            if self.forked { &[] } else { &top_level },
-            self.forked.then(|| top_level[0]),
-            self.identity_file,
-            self.cgroup,
-            self.nofile,
-        )?;
-        self.ready = channel.map(|(ours, _)| (ours, init_pid));
         self.phases.mark("init started");
         self.mux = Some((self.new_mux)(init_pid)?);
         Ok((init_pid, init))
@@ -623,13 +683,16 @@ where
         plan: &restoring::Plan,
     ) -> Result<(Vec<OwnedFd>, u32), RuntimeError> {
         let forked = match self.ready.take() {
-            Some((ready, init_pid)) => Some(self.fork(ready, init_pid)?),
+            Some((ready, init_pid, made)) => Some(self.fork(ready, init_pid, made)?),
             None => {
                 self.phases.mark("stubs forked");
                 None
             }
         };
-        let program = filter::build()?;
+        let program = match self.filter.take() {
+            Some(program) => program,
+            None => filter::build()?,
+        };
         self.phases.mark("filter built");
         let mux = self.mux.as_ref().expect("init started first");
         let listen = |spec: &restore::ListenSpec, fd| mux.listen_restored(spec, fd);
@@ -664,44 +727,62 @@ where
 
 impl<M> RealRestore<'_, M> {
     /// Forks the image's process from its template's holder into the
-    /// namespaces of init (`init_pid`) once it says they are ready, and
-    /// moves it into the instance's cgroup. Returns it frozen, and the
-    /// holder's scratch address, for the rest of its restore.
+    /// namespaces of init (`init_pid`) once they exist (`made`: an
+    /// instance shell's init made them long ago), moves it into the
+    /// instance's cgroup as it forks it, and waits until init has applied
+    /// the clone's
+    /// identity, which it does meanwhile: the clone runs no instruction
+    /// before its restore is done. Returns it frozen, and the holder's
+    /// scratch address, for the rest of its restore.
     fn fork(
         &mut self,
         ready: OwnedFd,
         init_pid: u32,
+        made: bool,
     ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
-        let mut word = [0u8; 16];
-        match nix::unistd::read(ready.as_raw_fd(), &mut word) {
-            Ok(n) if &word[..n] == b"ready" => {}
-            _ => {
-                return Err(RuntimeError::Start {
-                    name: self.launch.name.clone(),
-                    reason: "the namespace init ended before its namespaces were ready".into(),
-                })
-            }
+        if !made {
+            self.await_init(&ready, b"shell")?;
         }
-        self.phases.mark("namespaces ready");
+        self.phases.mark("namespaces made");
         let mut lease = templates::lease(&self.launch.run_dir, &self.image.path, self.image)?;
         let holder = lease.holder();
         self.phases.mark("template holder locked");
         let namespaces = templates::namespaces_apart(init_pid, holder.pid);
-        let clone = holder::fork_clone(holder, init_pid, namespaces, self.image)?;
+        let clone = holder::fork_clone(holder, init_pid, namespaces, self.cgroup, self.image)?;
         lease.clone_started();
         drop(lease);
         self.phases.mark("forked");
-        if let Some(dir) = self.cgroup {
-            let procs = dir.join("cgroup.procs");
-            if let Err(e) = std::fs::write(&procs, clone.pid.to_string()) {
-                let pid = clone.pid;
-                clone.kill(|| {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                });
-                return Err(RuntimeError::file(FileOp::Write, &procs, e));
+        if let Err(e) = self.await_init(&ready, b"ready") {
+            let pid = clone.pid;
+            clone.kill(|| {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            });
+            return Err(e);
+        }
+        self.phases.mark("identity applied");
+        Ok((clone, holder.scratch))
+    }
+
+    /// Waits for `word` from the awaiting init (`shell` once its namespaces
+    /// exist, then `ready` once it applied the clone's identity).
+    fn await_init(&self, channel: &OwnedFd, word: &[u8]) -> Result<(), RuntimeError> {
+        let mut got = [0u8; 16];
+        loop {
+            match nix::unistd::read(channel.as_raw_fd(), &mut got) {
+                Ok(n) if &got[..n] == word => return Ok(()),
+                Ok(n) if &got[..n] == b"shell" => {}
+                Err(Errno::EINTR) => {}
+                _ => {
+                    return Err(RuntimeError::Start {
+                        name: self.launch.name.clone(),
+                        reason: format!(
+                            "the namespace init ended before it said `{}`",
+                            String::from_utf8_lossy(word)
+                        ),
+                    })
+                }
             }
         }
-        Ok((clone, holder.scratch))
     }
 }
 
@@ -745,8 +826,7 @@ fn start_init(
     launch: &Launch,
     channel: Option<&OwnedFd>,
     restore_pids: &[u32],
-    await_pid: Option<u32>,
-    identity: Option<&(PathBuf, PathBuf)>,
+    files: &[(PathBuf, PathBuf)],
     cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd), RuntimeError> {
@@ -762,10 +842,6 @@ fn start_init(
         argv.push(cstr(b"--channel-fd")?);
         argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
     }
-    if let Some(pid) = await_pid {
-        argv.push(cstr(b"--await-pid")?);
-        argv.push(cstr(pid.to_string().as_bytes())?);
-    }
     if !restore_pids.is_empty() {
         let list: Vec<String> = restore_pids.iter().map(u32::to_string).collect();
         argv.push(cstr(b"--restore-pid")?);
@@ -775,10 +851,10 @@ fn start_init(
         argv.push(cstr(b"--hostname")?);
         argv.push(cstr(identity.hostname.as_bytes())?);
     }
-    if let Some((source, target)) = identity {
-        argv.push(cstr(b"--identity-source")?);
+    for (source, target) in files {
+        argv.push(cstr(b"--file-source")?);
         argv.push(cstr(source.as_os_str().as_bytes())?);
-        argv.push(cstr(b"--identity-target")?);
+        argv.push(cstr(b"--file-target")?);
         argv.push(cstr(target.as_os_str().as_bytes())?);
     }
     if let Some(user) = &launch.user {
@@ -854,6 +930,88 @@ fn start_init(
     };
     spawn::spawn_namespace_init(&argv, &env, setup)
         .map_err(|e| RuntimeError::sys("starting the namespace init", e))
+}
+
+/// A namespace init started for a clone before its identity is known: it
+/// made its namespaces and waits on `channel` for the clone's
+/// [`init::Identity`], then for the clone with PID `pid` in it.
+pub struct AwaitingInit {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    pub channel: OwnedFd,
+}
+
+/// Starts a namespace init that awaits the clone with PID `clone_pid`
+/// (see [`AwaitingInit`]), with the open-files limit `nofile`, in the
+/// cgroup `cgroup` if it is known yet. `command`, the clone's, is shown on
+/// its command line, as a launching init's.
+pub fn spawn_awaiting_init(
+    clone_pid: u32,
+    command: &[String],
+    nofile: Option<(u64, u64)>,
+    cgroup: Option<&Path>,
+) -> Result<AwaitingInit, RuntimeError> {
+    // Both ends close-on-exec from the start; init's process alone keeps
+    // `theirs` across its exec.
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| RuntimeError::sys("socketpair", e))?;
+    let exe =
+        std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
+    let cstr = |s: &[u8]| {
+        CString::new(s).map_err(|_| {
+            RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
+        })
+    };
+    let mut argv = vec![
+        cstr(exe.as_os_str().as_bytes())?,
+        cstr(b"__init")?,
+        cstr(b"--channel-fd")?,
+        cstr(theirs.as_raw_fd().to_string().as_bytes())?,
+        cstr(b"--await-pid")?,
+        cstr(clone_pid.to_string().as_bytes())?,
+    ];
+    if !command.is_empty() {
+        argv.push(cstr(b"--")?);
+    }
+    for a in command {
+        argv.push(cstr(a.as_bytes())?);
+    }
+    let env = std::env::vars_os()
+        .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstr(&kv)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cgroup = cgroup
+        .map(|dir| {
+            std::fs::File::open(dir).map_err(|e| {
+                RuntimeError::sys(
+                    format!("opening the instance's cgroup {}", dir.display()),
+                    e,
+                )
+            })
+        })
+        .transpose()?;
+    let setup = spawn::InitSetup {
+        keep_fd: Some(theirs.as_raw_fd()),
+        nofile,
+        cgroup: cgroup.as_ref().map(|f| f.as_raw_fd()),
+    };
+    let (pid, pidfd) = spawn::spawn_namespace_init(&argv, &env, setup)
+        .map_err(|e| RuntimeError::sys("starting the namespace init", e))?;
+    Ok(AwaitingInit {
+        pid,
+        pidfd,
+        channel: ours,
+    })
 }
 
 fn spawn_signal_forwarder(set: SigSet, control: Arc<Control>) -> Result<(), RuntimeError> {

@@ -93,7 +93,7 @@ impl Lease {
     }
 }
 
-fn templates_dir(run_dir: &Path) -> PathBuf {
+pub(crate) fn templates_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("templates")
 }
 
@@ -117,7 +117,7 @@ pub fn name_of(image: &Path) -> String {
 
 /// What identifies the image file's contents: any write changes its ctime,
 /// which no user can set back.
-fn identity(path: &Path) -> Result<String, RuntimeError> {
+pub(crate) fn identity(path: &Path) -> Result<String, RuntimeError> {
     let meta = std::fs::metadata(path)
         .map_err(|e| RuntimeError::sys(format!("image {}", path.display()), e))?;
     Ok(format!(
@@ -135,7 +135,7 @@ fn identity(path: &Path) -> Result<String, RuntimeError> {
 /// The start time of process `pid` (clock ticks since boot), which tells a
 /// process from a later one with its PID; `None` once it has ended (a
 /// zombie whose parent, such as a subreaper, has not reaped it yet).
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
     let mut fields = rest.split_whitespace();
@@ -251,13 +251,15 @@ fn kill(state: &State) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// `appshot template rm NAME`: ends the holder (its clones run on: their
-/// memory is their own, shared copy-on-write) and forgets the template.
+/// `appshot template rm NAME`: ends the holder and the instance shells
+/// ready for its clones (its clones run on: their memory is their own,
+/// shared copy-on-write) and forgets the template.
 pub fn remove(run_dir: &Path, name: &str) -> Result<(), RuntimeError> {
     let dir = templates_dir(run_dir).join(name);
     if name.contains('/') || !dir.is_dir() {
         return Err(RuntimeError::NoTemplate(name.to_string()));
     }
+    super::pool::remove(&dir);
     let _held = lock(&dir)?;
     if let Some(state) = read_state(&dir) {
         kill(&state)?;
@@ -289,6 +291,9 @@ pub struct Listed {
     pub pss_kib: u64,
     /// Clones started from it.
     pub clones: u64,
+    /// Instance shells ready for its next clones, and how many it keeps.
+    pub shells: usize,
+    pub pool_size: u32,
 }
 
 /// Every template with a running holder, by name.
@@ -309,7 +314,11 @@ pub fn listed(run_dir: &Path) -> Vec<Listed> {
                 return None;
             }
             let (rss_kib, pss_kib) = memory_of(state.pid).unwrap_or((0, 0));
+            let shells = super::pool::ready(run_dir, &state.image);
+            let pool_size = super::pool::size(run_dir, &state.image);
             Some(Listed {
+                shells,
+                pool_size,
                 name,
                 image: state.image,
                 pid: state.pid,

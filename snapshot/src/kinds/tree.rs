@@ -443,19 +443,23 @@ impl FdTable {
 /// Forks the process `child` (ns pid) from the rebuilt, frozen `parent`
 /// with an injected clone3 (a plain fork with `set_tid`), and returns it
 /// frozen as well: it is auto-attached (PTRACE_O_TRACEFORK) and stopped
-/// before it runs an instruction.
+/// before it runs an instruction. With `cgroup` (a cgroup2 directory fd
+/// of the parent's) the child starts in that cgroup (CLONE_INTO_CGROUP).
 pub fn fork(
     parent: &Frozen,
     inj: &Injector,
     mem: &Memory,
     data: u64,
     child: u32,
+    cgroup: Option<u64>,
 ) -> Result<Frozen, SnapshotError> {
     let set_tid_at = data + 128;
     let args = CloneArgs {
+        flags: cgroup.map_or(0, |_| CLONE_INTO_CGROUP),
         exit_signal: libc::SIGCHLD as u64,
         set_tid: set_tid_at,
         set_tid_size: 1,
+        cgroup: cgroup.unwrap_or(0),
         ..CloneArgs::default()
     };
     mem.write_value(data, &args)?;
@@ -476,6 +480,9 @@ pub fn fork(
     })?;
     parent.adopt_process(host)
 }
+
+/// Not in the libc crate's x86_64 constants.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Makes the process a session leader if it was one; run before it forks
 /// its children, which inherit the session.
