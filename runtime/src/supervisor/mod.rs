@@ -901,28 +901,10 @@ fn start_init(
             .map_err(|e| RuntimeError::sys("encoding the environment", std::io::Error::other(e)))?;
         Some((std::ffi::OsString::from(APP_ENV), json.into()))
     };
-    let env = std::env::vars_os()
-        .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
-        .chain(app_env)
-        .map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            cstr(&kv)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let env = init_env(app_env)?;
     // Every process and socket of the instance is made in its cgroup: init
     // starts there.
-    let cgroup = cgroup
-        .map(|dir| {
-            std::fs::File::open(dir).map_err(|e| {
-                RuntimeError::sys(
-                    format!("opening the instance's cgroup {}", dir.display()),
-                    e,
-                )
-            })
-        })
-        .transpose()?;
+    let cgroup = open_cgroup(cgroup)?;
     let setup = spawn::InitSetup {
         keep_fd: channel.map(|c| c.as_raw_fd()),
         nofile,
@@ -981,25 +963,8 @@ pub fn spawn_awaiting_init(
     for a in command {
         argv.push(cstr(a.as_bytes())?);
     }
-    let env = std::env::vars_os()
-        .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
-        .map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            cstr(&kv)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let cgroup = cgroup
-        .map(|dir| {
-            std::fs::File::open(dir).map_err(|e| {
-                RuntimeError::sys(
-                    format!("opening the instance's cgroup {}", dir.display()),
-                    e,
-                )
-            })
-        })
-        .transpose()?;
+    let env = init_env(None)?;
+    let cgroup = open_cgroup(cgroup)?;
     let setup = spawn::InitSetup {
         keep_fd: Some(theirs.as_raw_fd()),
         nofile,
@@ -1012,6 +977,38 @@ pub fn spawn_awaiting_init(
         pidfd,
         channel: ours,
     })
+}
+
+/// A namespace init's environment: the supervisor's without its own
+/// variables, plus `app_env` (the config's variables for the application).
+fn init_env(
+    app_env: Option<(std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<CString>, RuntimeError> {
+    std::env::vars_os()
+        .filter(|(k, _)| k != LAUNCH_ENV && k != APP_ENV)
+        .chain(app_env)
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).map_err(|_| {
+                RuntimeError::sys("variable with NUL byte", std::io::ErrorKind::InvalidInput)
+            })
+        })
+        .collect()
+}
+
+/// The instance's cgroup directory, opened for `CLONE_INTO_CGROUP`.
+fn open_cgroup(dir: Option<&Path>) -> Result<Option<std::fs::File>, RuntimeError> {
+    dir.map(|dir| {
+        std::fs::File::open(dir).map_err(|e| {
+            RuntimeError::sys(
+                format!("opening the instance's cgroup {}", dir.display()),
+                e,
+            )
+        })
+    })
+    .transpose()
 }
 
 fn spawn_signal_forwarder(set: SigSet, control: Arc<Control>) -> Result<(), RuntimeError> {
