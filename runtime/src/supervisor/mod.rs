@@ -536,16 +536,7 @@ fn launch_application(
     cgroup: Option<&Path>,
     nofile: Option<(u64, u64)>,
 ) -> Result<(u32, OwnedFd, OwnedFd), RuntimeError> {
-    // Both ends close-on-exec from the start, so no process spawned
-    // meanwhile by another thread inherits them; init's process alone
-    // keeps `theirs` across its exec.
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| RuntimeError::sys("socketpair", e))?;
+    let (ours, theirs) = init_channel()?;
     let (init_pid, init) = start_init(launch, Some(&theirs), &[], &[], cgroup, nofile)?;
     drop(theirs);
     let started = |ours: &OwnedFd| {
@@ -832,11 +823,6 @@ fn start_init(
 ) -> Result<(u32, OwnedFd), RuntimeError> {
     let exe =
         std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
-    let cstr = |s: &[u8]| {
-        CString::new(s).map_err(|_| {
-            RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
-        })
-    };
     let mut argv = vec![cstr(exe.as_os_str().as_bytes())?, cstr(b"__init")?];
     if let Some(channel) = channel {
         argv.push(cstr(b"--channel-fd")?);
@@ -933,22 +919,9 @@ pub fn spawn_awaiting_init(
     nofile: Option<(u64, u64)>,
     cgroup: Option<&Path>,
 ) -> Result<AwaitingInit, RuntimeError> {
-    // Both ends close-on-exec from the start; init's process alone keeps
-    // `theirs` across its exec.
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| RuntimeError::sys("socketpair", e))?;
+    let (ours, theirs) = init_channel()?;
     let exe =
         std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
-    let cstr = |s: &[u8]| {
-        CString::new(s).map_err(|_| {
-            RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput)
-        })
-    };
     let mut argv = vec![
         cstr(exe.as_os_str().as_bytes())?,
         cstr(b"__init")?,
@@ -977,6 +950,25 @@ pub fn spawn_awaiting_init(
         pidfd,
         channel: ours,
     })
+}
+
+/// The channel to a namespace init: both ends close-on-exec from the
+/// start, so no process spawned meanwhile by another thread inherits them;
+/// init's process alone keeps the second across its exec.
+fn init_channel() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| RuntimeError::sys("socketpair", e))
+}
+
+/// An argument of init's command line.
+fn cstr(s: &[u8]) -> Result<CString, RuntimeError> {
+    CString::new(s)
+        .map_err(|_| RuntimeError::sys("argument with NUL byte", std::io::ErrorKind::InvalidInput))
 }
 
 /// A namespace init's environment: the supervisor's without its own
