@@ -273,12 +273,14 @@ pub(crate) fn dump_memory(
     let mut done = 0;
     let mut reused = 0;
     // Reading the process and writing the image overlap: this thread
-    // copies pages out of the process into a free buffer while a writer
-    // thread checksums and writes the one before. Offsets are known ahead,
-    // since the writer appends in the order it is handed buffers.
+    // copies pages out of the process into a free buffer and checksums it
+    // while a writer thread writes the one before (writing into fresh page
+    // cache is the slower half). Offsets are known ahead, since the writer
+    // appends in the order it is handed buffers.
     let mut next_offset = writer.pages_len();
     std::thread::scope(|scope| -> Result<(), SnapshotError> {
-        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+        let (full_tx, full_rx) =
+            mpsc::sync_channel::<(Vec<u8>, crc32fast::Hasher)>(PIPELINE_BUFFERS);
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
         for _ in 0..PIPELINE_BUFFERS {
             free_tx
@@ -286,8 +288,8 @@ pub(crate) fn dump_memory(
                 .expect("receiver held here");
         }
         let writing = scope.spawn(move || -> Result<(), SnapshotError> {
-            for buf in full_rx {
-                writer.write_pages(&buf)?;
+            for (buf, sum) in full_rx {
+                writer.write_summed_pages(&buf, &sum)?;
                 // The reader may have stopped taking buffers back.
                 let _ = free_tx.send(buf);
             }
@@ -344,7 +346,9 @@ pub(crate) fn dump_memory(
                         None if how == Reading::Exclusive => mem.read_pages(addr, &mut buf)?,
                         None => mem.read(addr, &mut buf)?,
                     }
-                    if full_tx.send(buf).is_err() {
+                    let mut sum = crc32fast::Hasher::new();
+                    sum.update(&buf);
+                    if full_tx.send((buf, sum)).is_err() {
                         return Ok(());
                     }
                     pages.push(PageRun {
