@@ -15,7 +15,7 @@ use crate::error::SnapshotError;
 use crate::image::model::*;
 use crate::image::{ImageWriter, PAGE};
 use crate::kinds::files::file_ref;
-use crate::kinds::memory::{classify, dump_memory, growsdown, MemoryContext};
+use crate::kinds::memory::{classify, dump_memory, MemoryContext, VmFlags};
 use crate::kinds::{self, tree};
 use crate::precopy::Tracking;
 use crate::proc::parse;
@@ -69,9 +69,8 @@ struct Checked {
     /// Host TID to the TID its PID namespace gives it.
     ns_tids: HashMap<u32, u32>,
     posix_timers: Vec<PosixTimer>,
-    /// Start addresses of its grows-down mappings, which the injected
-    /// calls do not change.
-    growsdown: HashSet<u64>,
+    /// Its mappings' VmFlags, which the injected calls do not change.
+    vm_flags: VmFlags,
 }
 
 /// Dumps the frozen processes of an instance (`tree`: every process, each
@@ -151,7 +150,7 @@ pub fn dump(
             SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
         })?;
         for m in &maps {
-            match classify(m, pid, &c.growsdown)? {
+            match classify(m, pid, &c.vm_flags)? {
                 Some(VmaKind::SysvShm { id }) => ipc.check_attached(pid, id, m.end - m.start)?,
                 Some(VmaKind::Memfd { inode, .. }) => {
                     let name = kinds::memfd::name_of(&m.name).unwrap_or_default();
@@ -271,9 +270,9 @@ fn check_process(
     // syscall is injected.
     // Read once: smaps walks every page table of the process, which takes
     // milliseconds per GiB, all of them frozen.
-    let growsdown = growsdown(pid)?;
+    let vm_flags = VmFlags::read(pid)?;
     for m in &maps_before {
-        classify(m, pid, &growsdown)?;
+        classify(m, pid, &vm_flags)?;
     }
     let exe_path = std::fs::read_link(format!("{proc_dir}/exe"))
         .map_err(|e| SnapshotError::process(pid, "reading exe link", e))?;
@@ -293,7 +292,7 @@ fn check_process(
         umask,
         ns_tids,
         posix_timers,
-        growsdown,
+        vm_flags,
     })
 }
 
@@ -338,7 +337,7 @@ fn save_process(
     }
     let shared_pending = kinds::signals::save_shared_pending(pid)?;
 
-    let vmas = dump_memory(pid, &c.mem, &maps, &c.growsdown, ctx, writer, req, check)?;
+    let vmas = dump_memory(pid, &c.mem, &maps, &c.vm_flags, ctx, writer, req, check)?;
     let pages_bytes = vmas
         .iter()
         .flat_map(|v| &v.pages)

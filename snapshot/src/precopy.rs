@@ -37,7 +37,7 @@ use crate::error::SnapshotError;
 use crate::image::model::VmaKind;
 use crate::image::{Image, ImageWriter, PAGE};
 use crate::kinds::memory::{
-    classify, growsdown, CHUNK_PAGES, PAGEMAP_ENTRIES, PM_FILE_PAGE, PM_PRESENT, PM_SWAPPED,
+    classify, VmFlags, CHUNK_PAGES, PAGEMAP_ENTRIES, PM_FILE_PAGE, PM_PRESENT, PM_SWAPPED,
 };
 use crate::proc::parse;
 use crate::ptrace::{Frozen, Memory};
@@ -172,10 +172,10 @@ fn track(pid: u32) -> Result<Tracked, SnapshotError> {
     let maps = parse::maps(&text).ok_or_else(|| {
         SnapshotError::process(pid, "parsing maps", std::io::ErrorKind::InvalidData)
     })?;
-    let growsdown = growsdown(pid)?;
+    let vm_flags = VmFlags::read(pid)?;
     let mut ranges = Vec::new();
     for m in maps.iter().filter(|m| m.write && !m.shared) {
-        let file_backed = match classify(m, pid, &growsdown)? {
+        let file_backed = match classify(m, pid, &vm_flags)? {
             Some(VmaKind::Anon | VmaKind::Stack) => false,
             Some(VmaKind::File { .. } | VmaKind::Memfd { .. }) => true,
             _ => continue,

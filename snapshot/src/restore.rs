@@ -393,6 +393,12 @@ fn build_tree(
             }
         }
     }
+    // What each process set with madvise and mlock, now that no process
+    // of the tree is left to fork.
+    for (b, p) in built.iter().zip(procs) {
+        let inj = b.frozen.rebuilding_injector(scratch, b.template);
+        crate::kinds::memory::advise(&inj, b.frozen.pid, &p.vmas)?;
+    }
     memfds.finish(image, |host| {
         built
             .iter()

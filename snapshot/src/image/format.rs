@@ -33,7 +33,8 @@ pub const MAGIC: [u8; 8] = *b"APPSHOT\0";
 /// and commit) in the manifest. 9: half-closed TCP connections with their
 /// queues (an older image holds them without), Unix sockets saved closed.
 /// 10: incremental images: an id, the parent, the layer of each page run.
-pub const VERSION: u32 = 10;
+/// 11: each mapping's madvise, mlock and MAP_NORESERVE state.
+pub const VERSION: u32 = 11;
 pub const PAGE: u64 = 4096;
 const HEADER_LEN: usize = 64;
 /// A manifest larger than this is not one appshot wrote.
@@ -804,6 +805,7 @@ mod tests {
                     pages,
                     inherited: false,
                     cow: vec![],
+                    advice: Advice::default(),
                 }],
                 sigactions: vec![],
                 shared_pending: vec![],

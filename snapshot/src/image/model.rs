@@ -304,6 +304,63 @@ pub struct Vma {
     /// copy-on-write with the parent: neither saved nor written. Every
     /// other page of it that is not in `pages` is dropped (MADV_DONTNEED).
     pub cow: Vec<(u64, u64)>,
+    /// What madvise, mlock and mmap flags set on it beyond its protection.
+    pub advice: Advice,
+}
+
+/// What a process set on a mapping with madvise, mlock and mmap's flags,
+/// as /proc/PID/smaps shows it (VmFlags). Made again on restore, once
+/// every process of the tree is forked (a mapping kept from fork would
+/// otherwise be missing or wiped in a child).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advice {
+    pub huge: HugePages,
+    pub access: Access,
+    pub lock: Lock,
+    /// MADV_DONTFORK (`dc`).
+    pub dont_fork: bool,
+    /// MADV_WIPEONFORK (`wf`).
+    pub wipe_on_fork: bool,
+    /// MADV_DONTDUMP (`dd`).
+    pub dont_dump: bool,
+    /// MADV_MERGEABLE (`mg`): offered to KSM.
+    pub mergeable: bool,
+    /// Mapped with MAP_NORESERVE (`nr`): no swap space accounted for it.
+    pub no_reserve: bool,
+}
+
+/// Transparent huge pages for a mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// As the system's setting says.
+    #[default]
+    System,
+    /// MADV_HUGEPAGE (`hg`).
+    Wanted,
+    /// MADV_NOHUGEPAGE (`nh`).
+    Refused,
+}
+
+/// The read-ahead a mapping asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Access {
+    #[default]
+    Normal,
+    /// MADV_SEQUENTIAL (`sr`).
+    Sequential,
+    /// MADV_RANDOM (`rr`).
+    Random,
+}
+
+/// Whether a mapping's pages are locked in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lock {
+    #[default]
+    Unlocked,
+    /// mlock (`lo`): every page in memory, now.
+    Locked,
+    /// mlock2 MLOCK_ONFAULT (`lo lf`): pages locked as they are touched.
+    OnFault,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -72,17 +72,119 @@ pub(crate) struct MemoryContext<'a> {
     pub(crate) precopied: Option<&'a Copies>,
 }
 
-/// Start addresses of the process's grows-down mappings.
-pub(crate) fn growsdown(pid: u32) -> Result<HashSet<u64>, SnapshotError> {
-    let path = format!("/proc/{pid}/smaps");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| SnapshotError::process(pid, format!("reading {path}"), e))?;
-    Ok(parse::smaps_growsdown(&text)
-        .ok_or_else(|| {
+/// Each mapping's VmFlags (/proc/PID/smaps), by start address.
+pub(crate) struct VmFlags(HashMap<u64, String>);
+
+impl VmFlags {
+    /// Read once: smaps walks every page table of the process, which takes
+    /// milliseconds per GiB.
+    pub(crate) fn read(pid: u32) -> Result<VmFlags, SnapshotError> {
+        let path = format!("/proc/{pid}/smaps");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| SnapshotError::process(pid, format!("reading {path}"), e))?;
+        let flags = parse::smaps_vm_flags(&text).ok_or_else(|| {
             SnapshotError::process(pid, "parsing smaps", std::io::ErrorKind::InvalidData)
-        })?
+        })?;
+        Ok(VmFlags(flags.into_iter().collect()))
+    }
+
+    fn has(&self, start: u64, flag: &str) -> bool {
+        self.0
+            .get(&start)
+            .is_some_and(|f| f.split_whitespace().any(|x| x == flag))
+    }
+
+    /// What the process set on the mapping at `start`.
+    pub(crate) fn advice(&self, start: u64) -> Advice {
+        let has = |flag| self.has(start, flag);
+        Advice {
+            huge: match (has("hg"), has("nh")) {
+                (true, _) => HugePages::Wanted,
+                (_, true) => HugePages::Refused,
+                _ => HugePages::System,
+            },
+            access: match (has("sr"), has("rr")) {
+                (true, _) => Access::Sequential,
+                (_, true) => Access::Random,
+                _ => Access::Normal,
+            },
+            lock: match (has("lo"), has("lf")) {
+                (true, true) => Lock::OnFault,
+                (true, false) => Lock::Locked,
+                _ => Lock::Unlocked,
+            },
+            dont_fork: has("dc"),
+            wipe_on_fork: has("wf"),
+            dont_dump: has("dd"),
+            mergeable: has("mg"),
+            no_reserve: has("nr"),
+        }
+    }
+}
+
+/// mmap flags a mapping is made with besides its kind's.
+fn mmap_flags(advice: &Advice) -> u64 {
+    if advice.no_reserve {
+        libc::MAP_NORESERVE as u64
+    } else {
+        0
+    }
+}
+
+/// Sets on each mapping of `vmas` what the process had set with madvise
+/// and mlock. Called once every process of the tree is forked, since a
+/// fork leaves out MADV_DONTFORK mappings and wipes MADV_WIPEONFORK ones.
+/// Each call the kernel refuses fails the restore: a mapping is made back
+/// as it was, or not at all.
+pub(crate) fn advise(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), SnapshotError> {
+    const MLOCK_ONFAULT: u64 = 1;
+    for v in vmas {
+        let a = &v.advice;
+        if matches!(v.kind, VmaKind::Vdso(_)) || *a == Advice::default() {
+            continue;
+        }
+        let len = v.end - v.start;
+        let huge = match a.huge {
+            HugePages::System => None,
+            HugePages::Wanted => Some(("MADV_HUGEPAGE", libc::MADV_HUGEPAGE)),
+            HugePages::Refused => Some(("MADV_NOHUGEPAGE", libc::MADV_NOHUGEPAGE)),
+        };
+        let access = match a.access {
+            Access::Normal => None,
+            Access::Sequential => Some(("MADV_SEQUENTIAL", libc::MADV_SEQUENTIAL)),
+            Access::Random => Some(("MADV_RANDOM", libc::MADV_RANDOM)),
+        };
+        let flags = [
+            (a.dont_fork, "MADV_DONTFORK", libc::MADV_DONTFORK),
+            (a.wipe_on_fork, "MADV_WIPEONFORK", libc::MADV_WIPEONFORK),
+            (a.dont_dump, "MADV_DONTDUMP", libc::MADV_DONTDUMP),
+            (a.mergeable, "MADV_MERGEABLE", libc::MADV_MERGEABLE),
+        ]
         .into_iter()
-        .collect())
+        .filter_map(|(set, name, advice)| set.then_some((name, advice)));
+        for (name, advice) in huge.into_iter().chain(access).chain(flags) {
+            inj.ok(
+                pid,
+                &format!("madvise {name} on {:#x}-{:#x}", v.start, v.end),
+                libc::SYS_madvise,
+                &[v.start, len, advice as u64],
+            )?;
+        }
+        let lock = match a.lock {
+            Lock::Unlocked => None,
+            Lock::Locked => Some(0),
+            Lock::OnFault => Some(MLOCK_ONFAULT),
+        };
+        if let Some(flags) = lock {
+            inj.ok(
+                pid,
+                &format!("mlock2 {:#x}-{:#x}", v.start, v.end),
+                libc::SYS_mlock2,
+                &[v.start, len, flags],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// What a mapping is saved as (`None`: not saved), or why it cannot be.
@@ -91,10 +193,10 @@ pub(crate) fn growsdown(pid: u32) -> Result<HashSet<u64>, SnapshotError> {
 pub(crate) fn classify(
     m: &MapsLine,
     pid: u32,
-    growsdown: &HashSet<u64>,
+    flags: &VmFlags,
 ) -> Result<Option<VmaKind>, SnapshotError> {
     let unsupported = |what: String| SnapshotError::Unsupported { pid, what };
-    let anon = if growsdown.contains(&m.start) {
+    let anon = if flags.has(m.start, "gd") {
         VmaKind::Stack
     } else {
         VmaKind::Anon
@@ -170,7 +272,7 @@ pub(crate) fn dump_memory(
     pid: u32,
     mem: &Memory,
     maps: &[MapsLine],
-    growsdown: &HashSet<u64>,
+    flags: &VmFlags,
     ctx: MemoryContext,
     writer: &mut ImageWriter,
     req: &DumpRequest,
@@ -194,7 +296,7 @@ pub(crate) fn dump_memory(
     let mut pagemap_buf = vec![0u64; PAGEMAP_ENTRIES as usize];
     let mut parent_buf = vec![0u64; PAGEMAP_ENTRIES as usize];
     for m in maps {
-        let Some(kind) = classify(m, pid, growsdown)? else {
+        let Some(kind) = classify(m, pid, flags)? else {
             continue;
         };
         let shape = |v: &&Vma| {
@@ -371,6 +473,7 @@ pub(crate) fn dump_memory(
                     pages,
                     inherited,
                     cow: cow.into_iter().map(|(addr, n, _)| (addr, n)).collect(),
+                    advice: flags.advice(m.start),
                 });
             }
             Ok(())
@@ -551,7 +654,9 @@ pub(crate) fn map_memory(
                     inj.call(pid, libc::SYS_close, &[fd])?;
                 }
                 None => {
-                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64 | fixed;
+                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64
+                        | fixed
+                        | mmap_flags(&v.advice);
                     inj.ok(
                         pid,
                         "mmap shared anonymous",
@@ -567,7 +672,9 @@ pub(crate) fn map_memory(
                 } else {
                     0
                 };
-                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64 | fixed;
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64
+                    | fixed
+                    | mmap_flags(&v.advice);
                 inj.ok(
                     pid,
                     "mmap anonymous",
@@ -587,7 +694,14 @@ pub(crate) fn map_memory(
                     pid,
                     "mmap of a memfd",
                     libc::SYS_mmap,
-                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
+                    &[
+                        v.start,
+                        len,
+                        v.prot as u64,
+                        share | fixed | mmap_flags(&v.advice),
+                        fd,
+                        *offset,
+                    ],
                 )?;
                 memfds.release(inj, pid, *inode, fd)?;
             }
@@ -637,7 +751,14 @@ pub(crate) fn map_memory(
                     pid,
                     &format!("mmap {}", file.path),
                     libc::SYS_mmap,
-                    &[v.start, len, v.prot as u64, share | fixed, fd, *offset],
+                    &[
+                        v.start,
+                        len,
+                        v.prot as u64,
+                        share | fixed | mmap_flags(&v.advice),
+                        fd,
+                        *offset,
+                    ],
                 )?;
             }
         }

@@ -65,18 +65,15 @@ fn maps_line(line: &str) -> Option<MapsLine> {
     })
 }
 
-/// Start addresses of the mappings /proc/PID/smaps marks as growing down
-/// (`gd` in VmFlags): a main stack, or a stack that lost its `[stack]`
-/// name by being split into pieces.
-pub fn smaps_growsdown(text: &str) -> Option<Vec<u64>> {
+/// Each mapping's VmFlags line in /proc/PID/smaps (two-letter codes
+/// separated by spaces), by the mapping's start address.
+pub fn smaps_vm_flags(text: &str) -> Option<Vec<(u64, String)>> {
     let mut out = Vec::new();
     let mut current = None;
     for line in text.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if flags.split_whitespace().any(|f| f == "gd") {
-                out.push(current?);
-            }
+            out.push((current?, flags.trim().to_string()));
         } else if !first.ends_with(':') && first.contains('-') {
             current = Some(maps_line(line)?.start);
         }
@@ -219,23 +216,27 @@ mod tests {
     }
 
     #[test]
-    fn smaps_grows_down_flags() {
+    fn smaps_vm_flags_by_mapping() {
         let text = "55d0c0a00000-55d0c0a28000 r--p 00000000 fe:01 1312 /usr/bin/x\n\
              Size:                160 kB\n\
              VmFlags: rd mr mw me sd\n\
              7ffeeb100000-7ffeeb1a5000 rw-p 00000000 00:00 0\n\
              Size:                660 kB\n\
              Rss:                   8 kB\n\
-             VmFlags: rd wr mr mw me gd ac\n\
+             VmFlags: rd wr mr mw me gd ac hg \n\
              7ffeeb1a5000-7ffeeb1c6000 rw-p 00000000 00:00 0                          [stack]\n\
              Size:                132 kB\n\
              VmFlags: rd wr mr mw me gd ac\n";
         assert_eq!(
-            smaps_growsdown(text),
-            Some(vec![0x7ffeeb100000, 0x7ffeeb1a5000])
+            smaps_vm_flags(text),
+            Some(vec![
+                (0x55d0c0a00000, "rd mr mw me sd".to_string()),
+                (0x7ffeeb100000, "rd wr mr mw me gd ac hg".to_string()),
+                (0x7ffeeb1a5000, "rd wr mr mw me gd ac".to_string()),
+            ])
         );
-        assert_eq!(smaps_growsdown("VmFlags: rd gd\n"), None);
-        assert_eq!(smaps_growsdown(""), Some(vec![]));
+        assert_eq!(smaps_vm_flags("VmFlags: rd gd\n"), None);
+        assert_eq!(smaps_vm_flags(""), Some(vec![]));
     }
 
     #[test]
