@@ -971,3 +971,29 @@ fn an_existing_database_is_opened_with_normal_synchronous() {
         .unwrap();
     assert_eq!(level, 1, "NORMAL");
 }
+
+/// A handle prepared ahead (an instance shell's) commits nothing and keeps
+/// the write-ahead log while another handle comes and goes: without it,
+/// that handle's close checkpoints and deletes the log, and the next
+/// writer pays two fsyncs to create it again.
+#[test]
+fn a_prepared_handle_commits_nothing_and_keeps_the_log() {
+    let (_tmp, registry) = registry();
+    register(&registry, "web", "shop", 20001);
+    drop(registry.clone());
+    let dir = registry.dir().to_path_buf();
+    drop(registry);
+    let wal = dir.join(store::WAL_FILE);
+    assert!(!wal.exists(), "the last connection's close deletes the log");
+
+    let shell = Registry::open(&dir).unwrap();
+    let before = on_disk(&shell);
+    shell.prepare().unwrap();
+    assert_eq!(on_disk(&shell), before);
+    let cli = Registry::open(&dir).unwrap();
+    cli.read().unwrap();
+    drop(cli);
+    assert!(wal.exists(), "a prepared handle keeps the log");
+    shell.transaction(|s| s.remove_instance("web")).unwrap();
+    assert!(on_disk(&shell).translations.is_empty());
+}
