@@ -239,13 +239,19 @@ pub fn run_in(
         route_udp: cgroup.is_some(),
     };
     let new_mux = |init_pid| -> Result<Arc<Multiplexer>, RuntimeError> {
+        // The supervisor's own handle for writing: its connection is open
+        // already (a shell's was opened ahead) when the restore registers
+        // the sockets it binds.
         Ok(Arc::new(Multiplexer::new(
             settings(init_pid),
-            Registry::open(&launch.run_dir)?,
+            registry.clone(),
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
     let mut lazy_status = None;
+    // A shell's init, which joins the cgroup once the clone runs and its
+    // starter was answered (see below).
+    let mut init_joins_late = None;
     let (init_pid, init, listeners, mux, app_pid) = match &launch.mode {
         Mode::Run => {
             let (init_pid, init, listener) = launch_application(&launch, cgroup_dir, nofile)?;
@@ -289,14 +295,16 @@ pub fn run_in(
                     }
                 };
             let mut files = Vec::new();
+            let owner = files_owner(launch.user.as_ref(), main_credentials(&image));
             if let Some(file) = launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
-                let source = write_identity(&launch, file, lock.instance_dir())?;
+                let source = lock.instance_dir().join("identity");
+                write_private(&source, &identity_text(&launch, file), owner)?;
                 files.push((source, file.path.clone()));
             }
             if let Some(file) = launch.identity.as_ref().and_then(|i| i.env_file.as_ref()) {
                 let source = lock.instance_dir().join("env");
-                std::fs::write(&source, appshot_configurator::env_file_text(&file.values))
-                    .map_err(|e| RuntimeError::sys(format!("writing {}", source.display()), e))?;
+                let text = appshot_configurator::env_file_text(&file.values);
+                write_private(&source, &text, owner)?;
                 files.push((source, file.path.clone()));
             }
             // A forked clone has no stub: init waits for it instead.
@@ -334,15 +342,8 @@ pub fn run_in(
                 restoring::STUB_DEADLINE,
             )?;
             status.released();
-            // A shell's init joins the cgroup only now, the clone running
-            // (the cgroup did not exist when the shell started it): its
-            // migration may wait for an RCU grace period (about 10 ms),
-            // which would hold up every fork meanwhile. The clone was
-            // forked into it.
-            if let (true, Some(dir)) = (claimed_shell, cgroup_dir) {
-                if let Err(e) = cgroup::place(dir, r.init_pid) {
-                    warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
-                }
+            if claimed_shell {
+                init_joins_late = Some(r.init_pid);
             }
             let mux = host.mux.take().expect("the multiplexer of a started init");
             lazy_status = host.lazy_status.take();
@@ -386,6 +387,16 @@ pub fn run_in(
         if let Some(mut r) = ready.take() {
             // The starter may be gone (killed); the instance runs on.
             let _ = writeln!(r, "running");
+        }
+    }
+    // A shell's init joins the cgroup only now (the cgroup did not exist
+    // when the shell started it; the clone was forked into it): a
+    // migration waits for an RCU grace period when none ran lately (13–18
+    // ms measured here), which would hold up every fork meanwhile and the
+    // starter's answer.
+    if let (Some(pid), Some(dir)) = (init_joins_late, cgroup_dir) {
+        if let Err(e) = cgroup::place(dir, pid) {
+            warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
         }
     }
     let mut restarts = 0;
@@ -568,12 +579,7 @@ fn launch_application(
 
 /// The per-clone identity file: what differs between clones of one
 /// template, readable by the application at the path its rules name.
-fn write_identity(
-    launch: &Launch,
-    file: &IdentityFile,
-    dir: &std::path::Path,
-) -> Result<PathBuf, RuntimeError> {
-    let path = dir.join("identity");
+fn identity_text(launch: &Launch, file: &IdentityFile) -> String {
     let hostname = launch.identity.as_ref().map(|i| i.hostname.as_str());
     let mut text = format!("aid={}\nname={}\n", launch.aid, launch.name);
     for (key, value) in hostname
@@ -583,8 +589,56 @@ fn write_identity(
     {
         text.push_str(&format!("{key}={value}\n"));
     }
-    std::fs::write(&path, text).map_err(|e| RuntimeError::file(FileOp::Write, &path, e))?;
-    Ok(path)
+    text
+}
+
+/// The credentials of the image's first top-level process's main thread:
+/// who the restored application runs as.
+fn main_credentials(image: &Image) -> Option<&appshot_snapshot::image::Credentials> {
+    let p = image.manifest.top_level().next()?;
+    p.threads
+        .iter()
+        .find(|t| t.ns_tid == p.ns_pid)
+        .map(|t| &t.creds)
+}
+
+/// Who owns a clone's own files (identity and environment): the user its
+/// application runs as, as if the application had made them itself: the
+/// run-as user when one was given, else the file-system uid and gid the
+/// restored application has (root for one that runs as root). They hold
+/// the clone's values, which need not be any other user's to read.
+fn files_owner(
+    user: Option<&user::RunAs>,
+    creds: Option<&appshot_snapshot::image::Credentials>,
+) -> (u32, u32) {
+    match (user, creds) {
+        (Some(u), _) => (u.uid, u.gid),
+        (None, Some(c)) => (c.uids[3], c.gids[3]),
+        (None, None) => (0, 0),
+    }
+}
+
+/// Writes `text` to a new file at `path`, mode 0600, owned by `owner`
+/// from its creation on (a file of an earlier instance of the name is
+/// replaced, never reused with its mode and owner).
+fn write_private(path: &Path, text: &str, (uid, gid): (u32, u32)) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |op, e| RuntimeError::file(op, path, e);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(failed(FileOp::Remove, e));
+        }
+        _ => {}
+    }
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(FileOp::Create, e))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(|e| failed(FileOp::Chown, e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| failed(FileOp::Write, e))
 }
 
 /// The restore's steps on this host: the namespace init forks the stubs,
@@ -1298,5 +1352,27 @@ mod tests {
             json["mode"],
             serde_json::json!({"kind": "restore", "image": "/i.img", "tcp_close": false})
         );
+    }
+
+    #[test]
+    fn a_clones_files_belong_to_the_user_its_application_runs_as() {
+        use super::{files_owner, user::RunAs};
+        use appshot_snapshot::image::Credentials;
+        let creds = Credentials {
+            // Real, effective, saved, file-system: it is the last the
+            // kernel judges a file access by.
+            uids: [0, 0, 0, 1000],
+            gids: [0, 0, 0, 100],
+            ..Credentials::default()
+        };
+        assert_eq!(files_owner(None, Some(&creds)), (1000, 100));
+        assert_eq!(files_owner(None, None), (0, 0));
+        let run_as = RunAs {
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+            home: None,
+        };
+        assert_eq!(files_owner(Some(&run_as), Some(&creds)), (65534, 65534));
     }
 }
