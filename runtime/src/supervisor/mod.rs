@@ -192,18 +192,35 @@ pub fn run_in(
         None => Registry::open(&launch.run_dir)?,
     };
     phases.mark("registry opened");
+    let phase = match launch.mode {
+        Mode::Run => status::Phase::Running,
+        Mode::Restore { .. } | Mode::Clone { .. } => status::Phase::Restoring,
+    };
+    // A claimed shell's clone is recorded (for its init, running already)
+    // in the transaction that takes its name: one registry write less
+    // before it answers.
+    let recorded_init = match (&shell, &launch.mode) {
+        (Some(s), Mode::Clone { .. }) => Some(s.init.pid),
+        _ => None,
+    };
     // Also removes whatever a dead earlier instance of this name left in
-    // the registry and the kernel's source rules.
-    let lock = InstanceLock::acquire(&registry, &launch.name)?;
-    // Published before the registry lists the instance: `ps` never meets
-    // a listed instance without its state.
-    let status = Arc::new(status::Status::new(
-        lock.instance_dir(),
-        match launch.mode {
-            Mode::Run => status::Phase::Running,
-            Mode::Restore { .. } | Mode::Clone { .. } => status::Phase::Restoring,
-        },
-    ));
+    // the registry and the kernel's source rules. The state is published
+    // before the registry lists the instance: `ps` never meets a listed
+    // instance without its state.
+    let (lock, status) = match recorded_init {
+        Some(init_pid) => InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
+            let status = status::Status::new(dir, phase);
+            s.instances
+                .insert(launch.name.clone(), record_of(&launch, init_pid));
+            status
+        })?,
+        None => {
+            let lock = InstanceLock::acquire(&registry, &launch.name)?;
+            let status = status::Status::new(lock.instance_dir(), phase);
+            (lock, status)
+        }
+    };
+    let status = Arc::new(status);
     phases.mark("instance lock taken");
 
     // Blocked before any thread exists so every thread inherits the mask
@@ -313,7 +330,9 @@ pub fn run_in(
             } else {
                 image.manifest.top_level().count()
             };
-            let plan = restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            let mut plan =
+                restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            plan.recorded_init = recorded_init;
             let claimed_shell = forked && shell.is_some();
             let mut host = RealRestore {
                 launch: &launch,
@@ -467,26 +486,30 @@ pub struct Ended {
 /// Records (or updates, after a restart) the instance in the registry.
 fn register(registry: &Registry, launch: &Launch, app_pid: u32) -> Result<(), RuntimeError> {
     registry.transaction(|s| {
-        s.instances.insert(
-            launch.name.clone(),
-            InstanceRecord {
-                name: launch.name.clone(),
-                aid: launch.aid.clone(),
-                supervisor_pid: std::process::id(),
-                pid: app_pid,
-                command: launch.command.clone(),
-                started_unix: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                multiplexed: launch.ports.clone(),
-                config: launch.config.clone(),
-                user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
-                port_range: Some(launch.range.to_string()),
-            },
-        );
+        s.instances
+            .insert(launch.name.clone(), record_of(launch, app_pid));
     })?;
     Ok(())
+}
+
+/// The instance's registry record, its application (or, while it is
+/// restored, its namespace init) `app_pid`.
+fn record_of(launch: &Launch, app_pid: u32) -> InstanceRecord {
+    InstanceRecord {
+        name: launch.name.clone(),
+        aid: launch.aid.clone(),
+        supervisor_pid: std::process::id(),
+        pid: app_pid,
+        command: launch.command.clone(),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        multiplexed: launch.ports.clone(),
+        config: launch.config.clone(),
+        user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
+        port_range: Some(launch.range.to_string()),
+    }
 }
 
 /// Serves each listener on a thread of its own: a restored tree has one

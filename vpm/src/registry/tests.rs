@@ -997,3 +997,42 @@ fn a_prepared_handle_commits_nothing_and_keeps_the_log() {
     shell.transaction(|s| s.remove_instance("web")).unwrap();
     assert!(on_disk(&shell).translations.is_empty());
 }
+
+/// The name and the holder's first record in one commit: what a dead
+/// predecessor of the name left is gone before the record is made, and the
+/// holder's own copy already has the record.
+#[test]
+fn the_lock_and_the_first_record_are_one_commit() {
+    let (_tmp, registry) = registry();
+    register(&registry, "web", "old", 20001);
+    let commits = || {
+        Db::open_existing(&registry.db_path())
+            .unwrap()
+            .unwrap()
+            .changes()
+            .unwrap()
+    };
+    let before = commits();
+    let (held, seen) = InstanceLock::acquire_recording(&registry, "web", |s, dir| {
+        assert!(dir.is_dir(), "its directory is there");
+        let seen = s.translations_of("web").count();
+        s.instances.insert("web".into(), record("web", "new"));
+        s.insert(tcp("0.0.0.0", 9000, "new", 20002, "web"));
+        seen
+    })
+    .unwrap();
+    assert_eq!(seen, 0, "the dead predecessor's translation went first");
+    assert_eq!(commits(), before + 1, "one commit");
+    let state = registry.read().unwrap();
+    assert_eq!(state.instances["web"].aid, "new");
+    assert_eq!(
+        state
+            .translations
+            .iter()
+            .map(|t| t.real_port)
+            .collect::<Vec<_>>(),
+        [20002]
+    );
+    let own = own::read(held.instance_dir()).unwrap();
+    assert_eq!(own, OwnRecords::of(&state, "web"), "its own copy has it");
+}
