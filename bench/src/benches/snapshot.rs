@@ -214,6 +214,20 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         sizes.push(size);
     }
 
+    // Linked before any clone: a new link changes the image's ctime, and
+    // with it the identity appshot knows a rewritten template by (it would
+    // build the template's holder again).
+    let no_pool = match sizes.iter().find(|s| s.mib == MEMORY_MIB) {
+        Some(size) => {
+            let copy = dir.join(format!("template-{MEMORY_MIB}-no-pool.img"));
+            std::fs::hard_link(&size.template, &copy).with_context(|| {
+                format!("linking {} to {}", size.template.display(), copy.display())
+            })?;
+            Some(copy)
+        }
+        None => None,
+    };
+
     let warmup = ctx.plan.warmup;
     let total = warmup + ctx.plan.snapshot_runs;
     let mut memory: Vec<CloneMemory> = Vec::new();
@@ -281,7 +295,8 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                     round + 1, warmup_mark(round, warmup), m.pss_mib, m.private_mib, size.template_rss_mib, m.write_us, m.cow_us
                 );
                 memory.push(m);
-                let ms = fresh_clone(appshot, &probe, dir, size, round).with_context(|| {
+                let copy = no_pool.as_deref().expect("linked for this size");
+                let ms = fresh_clone(appshot, &probe, copy, size, round).with_context(|| {
                     format!(
                         "{TITLE} / clone --pool 0 of {MEMORY_MIB} MiB: run {} of {total} failed",
                         round + 1
@@ -633,23 +648,18 @@ fn frozen_writing(
 
 /// The wall time to first answer of a clone of the template started with
 /// `--pool 0`: its supervisor and namespace init started for it, as
-/// before instance shells. It clones a hard link of the template under
-/// another name, which is another template to appshot (its own holder and
-/// pool, the pool 0), so the pool of the template itself is left as it is.
+/// before instance shells. It clones `copy`, a hard link of the template
+/// under another name, which is another template to appshot (its own
+/// holder and pool, the pool 0), so the pool of the template itself is
+/// left as it is.
 fn fresh_clone(
     appshot: &Appshot,
     probe: &str,
-    dir: &Path,
+    copy: &Path,
     size: &Size,
     round: usize,
 ) -> anyhow::Result<f64> {
     let mib = size.mib;
-    let copy = dir.join(format!("template-{mib}-no-pool.img"));
-    if !copy.exists() {
-        std::fs::hard_link(&size.template, &copy).with_context(|| {
-            format!("linking {} to {}", size.template.display(), copy.display())
-        })?;
-    }
     let aid = format!("f{mib}-{round}");
     let (answer_ms, (clones, _)) = time_to_answer(
         appshot,
@@ -658,7 +668,7 @@ fn fresh_clone(
         size.port,
         mib,
         "the clone with --pool 0",
-        || appshot.clone_template_with(&copy, &aid, 1, &["--pool", "0"]),
+        || appshot.clone_template_with(copy, &aid, 1, &["--pool", "0"]),
     )?;
     check_started(appshot, probe, size, &clones[0], &aid, true)?;
     Ok(answer_ms)
