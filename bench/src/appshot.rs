@@ -188,6 +188,17 @@ impl Appshot {
         aid: &str,
         count: u32,
     ) -> anyhow::Result<(Vec<Instance<'_>>, Duration)> {
+        self.clone_template_with(template, aid, count, &[])
+    }
+
+    /// [`Appshot::clone_template`] with more flags (`--pool 0`).
+    pub fn clone_template_with(
+        &self,
+        template: &Path,
+        aid: &str,
+        count: u32,
+        flags: &[&str],
+    ) -> anyhow::Result<(Vec<Instance<'_>>, Duration)> {
         let mut cmd = self.command();
         cmd.arg("clone").arg(template).args([
             "--aid",
@@ -196,6 +207,7 @@ impl Appshot {
             &count.to_string(),
             "--detach",
         ]);
+        cmd.args(flags);
         let what = format!("appshot clone {} --aid {aid}", template.display());
         let started = Instant::now();
         let out = procs::run(&mut cmd, &format!("`{what}`"), START_TIMEOUT)?;

@@ -138,6 +138,8 @@ pub enum FileOp {
     Bind,
     #[error("chmod")]
     Chmod,
+    #[error("chown")]
+    Chown,
     #[error("creating")]
     Create,
     #[error("locking")]

@@ -1203,6 +1203,9 @@ fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
     }
     drop(log);
     tracing::info!(name = %claimed.launch.name, init = claimed.shell.init.pid, "instance shell claimed");
+    if let Err(e) = pool::show_as_supervisor() {
+        tracing::warn!("showing the claimed shell as its clone's supervisor: {e}");
+    }
     supervise_with(claimed.launch, Some(claimed.shell), claimed.answer, read)
 }
 

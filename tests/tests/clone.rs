@@ -1020,6 +1020,12 @@ fn clones_claim_ready_shells_once_the_pool_refills_and_goes_with_its_template() 
         shells.contains(&claimed),
         "p2's supervisor {claimed} is none of the shells {shells:?}"
     );
+    // It shows as what it is now: a clone's supervisor, no shell.
+    let shown = common::cmdline(claimed);
+    assert!(
+        shown.contains(" __supervise") && !shown.contains("__shell"),
+        "p2's supervisor shows as {shown:?}"
+    );
     let refilled = ready_shells(&h, "whoami.img", 2);
     assert!(
         !refilled.contains(&claimed),
@@ -1155,4 +1161,107 @@ fn clones_get_their_environment_file_from_env_rules() {
         "template\n",
         "the host's file is untouched"
     );
+}
+
+/// `stat` of `path` as the clone's mount namespace (`pid`'s) shows it:
+/// mode, uid and gid.
+fn stat_in(pid: u32, path: &str) -> String {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args([
+        "-t",
+        &pid.to_string(),
+        "-m",
+        "--",
+        "stat",
+        "-c",
+        "%a %u %g",
+        path,
+    ]);
+    let ran = common::run(&mut cmd, Duration::from_secs(10));
+    assert!(ran.success(), "stat {path} in the clone: {ran}");
+    ran.stdout.trim_end().to_string()
+}
+
+/// `cat path` in the clone's mount namespace as `uid`:`uid`.
+fn cat_as(pid: u32, uid: u32, path: &str) -> Ran {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args(["-t", &pid.to_string(), "-m"])
+        .args(["-S", &uid.to_string(), "-G", &uid.to_string()])
+        .args(["--", "cat", path]);
+    common::run(&mut cmd, Duration::from_secs(10))
+}
+
+#[test]
+fn a_clones_own_files_are_private_to_the_user_it_runs_as() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(mut h) = Harness::new(
+        "a_clones_own_files_are_private_to_the_user_it_runs_as",
+        &["python3", "curl", "nsenter", "stat"],
+    ) else {
+        return;
+    };
+    const NOBODY: u32 = 65534;
+    // The application runs as nobody: the harness's work dir is root's
+    // alone, so let it reach its own.
+    let dir = h.dir("www");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(dir.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    let id_file = dir.join("id.env");
+    let env_file = dir.join("app.env");
+    fs::write(&id_file, "template\n").unwrap();
+    fs::write(&env_file, "").unwrap();
+    let (id_path, env_path) = (id_file.to_str().unwrap(), env_file.to_str().unwrap());
+    h.start(
+        "priv-t",
+        "prt",
+        &dir,
+        &["--user", "65534:65534"],
+        &["python3", &script("whoami.py"), "9000", id_path],
+    );
+    h.wait_log("priv-t", "serving on port 9000");
+    let image = h.dir("images").join("whoami.img");
+    template(&h, "priv-t", &image, &[]);
+
+    let flags = [
+        "--identity-file",
+        id_path,
+        "--env-file",
+        env_path,
+        "--env",
+        "TOKEN=s3cret-{n}",
+        "--pool",
+        "1",
+    ];
+    // The first clone starts its own supervisor, the second claims the
+    // shell the first left: both make the files alike.
+    for (i, name) in (1..).zip(["priv1", "priv2"]) {
+        let mut args = vec!["--aid", name];
+        args.extend(flags);
+        h.clone_template(&[name.into()], &image, &args);
+        // The application, as nobody, reads its own identity file.
+        assert_eq!(
+            whoami(&h, name).2,
+            format!("aid={name}\nname={name}\nhostname={name}\n"),
+            "{name} reads its identity file"
+        );
+        let pid = pid_of(&h.instance(name).unwrap());
+        let owner = format!("600 {NOBODY} {NOBODY}");
+        for path in [id_path, env_path] {
+            assert_eq!(stat_in(pid, path), owner, "{name}: {path} in the clone");
+            let other = cat_as(pid, 1234, path);
+            assert!(
+                !other.success() && other.stderr.contains("Permission denied"),
+                "{name}: uid 1234 reads {path}: {other}"
+            );
+        }
+        let own = cat_as(pid, NOBODY, env_path);
+        assert!(own.success(), "{name}: nobody reads its env file: {own}");
+        assert_eq!(
+            own.stdout, "TOKEN='s3cret-1'\n",
+            "{name} (clone {i} of one)"
+        );
+        // The host's files are untouched.
+        assert_eq!(fs::read_to_string(&id_file).unwrap(), "template\n");
+        assert_eq!(fs::read_to_string(&env_file).unwrap(), "");
+    }
 }

@@ -34,7 +34,10 @@
 //! the RSS of the instance the template was taken from; then the first
 //! clone's first write to each page (a fault that copies the template's
 //! page) against a native process's copy-on-write fault after fork
-//! (`memhold cow`). For the smallest template, `appshot clone --count 100` gives the wall time of starting
+//! (`memhold cow`); and a clone of it started with `--pool 0` (no instance
+//! shell: its supervisor and namespace init started for it), timed to its
+//! first answer like step 4's clone, which claimed a shell in the same
+//! round. For the smallest template, `appshot clone --count 100` gives the wall time of starting
 //! 100 clones from one command (each then checked to answer).
 //!
 //! Every original, restored and cloned process must answer the checksum of
@@ -211,10 +214,28 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         sizes.push(size);
     }
 
+    // Linked before any clone: a new link changes the image's ctime, and
+    // with it the identity appshot knows a rewritten template by (it would
+    // build the template's holder again).
+    let no_pool = match sizes.iter().find(|s| s.mib == MEMORY_MIB) {
+        Some(size) => {
+            let copy = dir.join(format!("template-{MEMORY_MIB}-no-pool.img"));
+            std::fs::hard_link(&size.template, &copy).with_context(|| {
+                format!("linking {} to {}", size.template.display(), copy.display())
+            })?;
+            Some(copy)
+        }
+        None => None,
+    };
+
     let warmup = ctx.plan.warmup;
     let total = warmup + ctx.plan.snapshot_runs;
     let mut memory: Vec<CloneMemory> = Vec::new();
     let mut count_ms: Vec<f64> = Vec::new();
+    // Of the MEMORY_MIB template's clones: one with no instance shell, to
+    // set beside the same round's clone claimed from the pool.
+    let mut fresh_ms: Vec<f64> = Vec::new();
+    let mut claimed_ms: Vec<f64> = Vec::new();
     let smallest = sizes.iter().map(|s| s.mib).min();
     for round in 0..total {
         for size in &mut sizes {
@@ -274,6 +295,20 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                     round + 1, warmup_mark(round, warmup), m.pss_mib, m.private_mib, size.template_rss_mib, m.write_us, m.cow_us
                 );
                 memory.push(m);
+                let copy = no_pool.as_deref().expect("linked for this size");
+                let ms = fresh_clone(appshot, &probe, copy, size, round).with_context(|| {
+                    format!(
+                        "{TITLE} / clone --pool 0 of {MEMORY_MIB} MiB: run {} of {total} failed",
+                        round + 1
+                    )
+                })?;
+                let claimed = size.runs.last().map_or(f64::NAN, |f| f.clone_answer_ms);
+                eprintln!(
+                    "  {TITLE} / clone of {MEMORY_MIB} MiB: run {}/{total}{}: {claimed:.1} ms to first answer claimed from the pool, {ms:.1} ms with --pool 0",
+                    round + 1, warmup_mark(round, warmup)
+                );
+                fresh_ms.push(ms);
+                claimed_ms.push(claimed);
             }
             if Some(size.mib) == smallest {
                 let ms = clone_count(appshot, &probe, size, round).with_context(|| {
@@ -379,6 +414,28 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         out.rows
             .push(Row::alone("clone", &configuration, &m, "CRIU has no clone"));
         out.measurements.push(m);
+    }
+    if sizes.iter().any(|s| s.mib == MEMORY_MIB) {
+        let configuration = format!(
+            "{MEMORY_MIB} MiB template: wall time to first answer, the clone claimed from the pool; peer: its start with no instance shell (`--pool 0`, a copy of the template), same round"
+        );
+        let fresh = Measurement::from_runs(
+            "clone",
+            &format!("{configuration} (--pool 0)"),
+            Unit::Millis,
+            fresh_ms,
+            warmup,
+        )?;
+        let claimed =
+            Measurement::from_runs("clone", &configuration, Unit::Millis, claimed_ms, warmup)?;
+        out.rows.push(Row::compared(
+            "clone",
+            &configuration,
+            "--pool 0",
+            &fresh,
+            &claimed,
+        ));
+        out.measurements.extend([fresh, claimed]);
     }
     if let Some(size) = sizes.iter().find(|s| s.mib == MEMORY_MIB) {
         let template = Measurement::from_runs(
@@ -587,6 +644,34 @@ fn frozen_writing(
     }
     size.verify(appshot, probe, &aid, &format!("{what} after its snapshots"))?;
     Ok(frozen)
+}
+
+/// The wall time to first answer of a clone of the template started with
+/// `--pool 0`: its supervisor and namespace init started for it, as
+/// before instance shells. It clones `copy`, a hard link of the template
+/// under another name, which is another template to appshot (its own
+/// holder and pool, the pool 0), so the pool of the template itself is
+/// left as it is.
+fn fresh_clone(
+    appshot: &Appshot,
+    probe: &str,
+    copy: &Path,
+    size: &Size,
+    round: usize,
+) -> anyhow::Result<f64> {
+    let mib = size.mib;
+    let aid = format!("f{mib}-{round}");
+    let (answer_ms, (clones, _)) = time_to_answer(
+        appshot,
+        probe,
+        &aid,
+        size.port,
+        mib,
+        "the clone with --pool 0",
+        || appshot.clone_template_with(copy, &aid, 1, &["--pool", "0"]),
+    )?;
+    check_started(appshot, probe, size, &clones[0], &aid, true)?;
+    Ok(answer_ms)
 }
 
 /// Starts 5 clones of the template, has each read all of its memory, and

@@ -192,18 +192,35 @@ pub fn run_in(
         None => Registry::open(&launch.run_dir)?,
     };
     phases.mark("registry opened");
+    let phase = match launch.mode {
+        Mode::Run => status::Phase::Running,
+        Mode::Restore { .. } | Mode::Clone { .. } => status::Phase::Restoring,
+    };
+    // A claimed shell's clone is recorded (for its init, running already)
+    // in the transaction that takes its name: one registry write less
+    // before it answers.
+    let recorded_init = match (&shell, &launch.mode) {
+        (Some(s), Mode::Clone { .. }) => Some(s.init.pid),
+        _ => None,
+    };
     // Also removes whatever a dead earlier instance of this name left in
-    // the registry and the kernel's source rules.
-    let lock = InstanceLock::acquire(&registry, &launch.name)?;
-    // Published before the registry lists the instance: `ps` never meets
-    // a listed instance without its state.
-    let status = Arc::new(status::Status::new(
-        lock.instance_dir(),
-        match launch.mode {
-            Mode::Run => status::Phase::Running,
-            Mode::Restore { .. } | Mode::Clone { .. } => status::Phase::Restoring,
-        },
-    ));
+    // the registry and the kernel's source rules. The state is published
+    // before the registry lists the instance: `ps` never meets a listed
+    // instance without its state.
+    let (lock, status) = match recorded_init {
+        Some(init_pid) => InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
+            let status = status::Status::new(dir, phase);
+            s.instances
+                .insert(launch.name.clone(), record_of(&launch, init_pid));
+            status
+        })?,
+        None => {
+            let lock = InstanceLock::acquire(&registry, &launch.name)?;
+            let status = status::Status::new(lock.instance_dir(), phase);
+            (lock, status)
+        }
+    };
+    let status = Arc::new(status);
     phases.mark("instance lock taken");
 
     // Blocked before any thread exists so every thread inherits the mask
@@ -239,13 +256,19 @@ pub fn run_in(
         route_udp: cgroup.is_some(),
     };
     let new_mux = |init_pid| -> Result<Arc<Multiplexer>, RuntimeError> {
+        // The supervisor's own handle for writing: its connection is open
+        // already (a shell's was opened ahead) when the restore registers
+        // the sockets it binds.
         Ok(Arc::new(Multiplexer::new(
             settings(init_pid),
-            Registry::open(&launch.run_dir)?,
+            registry.clone(),
             CachedRegistry::new(Registry::open(&launch.run_dir)?),
         )))
     };
     let mut lazy_status = None;
+    // A shell's init, which joins the cgroup once the clone runs and its
+    // starter was answered (see below).
+    let mut init_joins_late = None;
     let (init_pid, init, listeners, mux, app_pid) = match &launch.mode {
         Mode::Run => {
             let (init_pid, init, listener) = launch_application(&launch, cgroup_dir, nofile)?;
@@ -289,14 +312,16 @@ pub fn run_in(
                     }
                 };
             let mut files = Vec::new();
+            let owner = files_owner(launch.user.as_ref(), main_credentials(&image));
             if let Some(file) = launch.identity.as_ref().and_then(|i| i.file.as_ref()) {
-                let source = write_identity(&launch, file, lock.instance_dir())?;
+                let source = lock.instance_dir().join("identity");
+                write_private(&source, &identity_text(&launch, file), owner)?;
                 files.push((source, file.path.clone()));
             }
             if let Some(file) = launch.identity.as_ref().and_then(|i| i.env_file.as_ref()) {
                 let source = lock.instance_dir().join("env");
-                std::fs::write(&source, appshot_configurator::env_file_text(&file.values))
-                    .map_err(|e| RuntimeError::sys(format!("writing {}", source.display()), e))?;
+                let text = appshot_configurator::env_file_text(&file.values);
+                write_private(&source, &text, owner)?;
                 files.push((source, file.path.clone()));
             }
             // A forked clone has no stub: init waits for it instead.
@@ -305,7 +330,9 @@ pub fn run_in(
             } else {
                 image.manifest.top_level().count()
             };
-            let plan = restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            let mut plan =
+                restoring::Plan::new(is_clone, tcp_close, &image.manifest.instance, stubs);
+            plan.recorded_init = recorded_init;
             let claimed_shell = forked && shell.is_some();
             let mut host = RealRestore {
                 launch: &launch,
@@ -334,15 +361,8 @@ pub fn run_in(
                 restoring::STUB_DEADLINE,
             )?;
             status.released();
-            // A shell's init joins the cgroup only now, the clone running
-            // (the cgroup did not exist when the shell started it): its
-            // migration may wait for an RCU grace period (about 10 ms),
-            // which would hold up every fork meanwhile. The clone was
-            // forked into it.
-            if let (true, Some(dir)) = (claimed_shell, cgroup_dir) {
-                if let Err(e) = cgroup::place(dir, r.init_pid) {
-                    warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
-                }
+            if claimed_shell {
+                init_joins_late = Some(r.init_pid);
             }
             let mux = host.mux.take().expect("the multiplexer of a started init");
             lazy_status = host.lazy_status.take();
@@ -386,6 +406,16 @@ pub fn run_in(
         if let Some(mut r) = ready.take() {
             // The starter may be gone (killed); the instance runs on.
             let _ = writeln!(r, "running");
+        }
+    }
+    // A shell's init joins the cgroup only now (the cgroup did not exist
+    // when the shell started it; the clone was forked into it): a
+    // migration waits for an RCU grace period when none ran lately (13–18
+    // ms measured here), which would hold up every fork meanwhile and the
+    // starter's answer.
+    if let (Some(pid), Some(dir)) = (init_joins_late, cgroup_dir) {
+        if let Err(e) = cgroup::place(dir, pid) {
+            warn!(name = %launch.name, "moving the namespace init into {}: {e}", dir.display());
         }
     }
     let mut restarts = 0;
@@ -456,26 +486,30 @@ pub struct Ended {
 /// Records (or updates, after a restart) the instance in the registry.
 fn register(registry: &Registry, launch: &Launch, app_pid: u32) -> Result<(), RuntimeError> {
     registry.transaction(|s| {
-        s.instances.insert(
-            launch.name.clone(),
-            InstanceRecord {
-                name: launch.name.clone(),
-                aid: launch.aid.clone(),
-                supervisor_pid: std::process::id(),
-                pid: app_pid,
-                command: launch.command.clone(),
-                started_unix: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                multiplexed: launch.ports.clone(),
-                config: launch.config.clone(),
-                user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
-                port_range: Some(launch.range.to_string()),
-            },
-        );
+        s.instances
+            .insert(launch.name.clone(), record_of(launch, app_pid));
     })?;
     Ok(())
+}
+
+/// The instance's registry record, its application (or, while it is
+/// restored, its namespace init) `app_pid`.
+fn record_of(launch: &Launch, app_pid: u32) -> InstanceRecord {
+    InstanceRecord {
+        name: launch.name.clone(),
+        aid: launch.aid.clone(),
+        supervisor_pid: std::process::id(),
+        pid: app_pid,
+        command: launch.command.clone(),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        multiplexed: launch.ports.clone(),
+        config: launch.config.clone(),
+        user: launch.user.as_ref().map(|u| format!("{}:{}", u.uid, u.gid)),
+        port_range: Some(launch.range.to_string()),
+    }
 }
 
 /// Serves each listener on a thread of its own: a restored tree has one
@@ -568,12 +602,7 @@ fn launch_application(
 
 /// The per-clone identity file: what differs between clones of one
 /// template, readable by the application at the path its rules name.
-fn write_identity(
-    launch: &Launch,
-    file: &IdentityFile,
-    dir: &std::path::Path,
-) -> Result<PathBuf, RuntimeError> {
-    let path = dir.join("identity");
+fn identity_text(launch: &Launch, file: &IdentityFile) -> String {
     let hostname = launch.identity.as_ref().map(|i| i.hostname.as_str());
     let mut text = format!("aid={}\nname={}\n", launch.aid, launch.name);
     for (key, value) in hostname
@@ -583,8 +612,56 @@ fn write_identity(
     {
         text.push_str(&format!("{key}={value}\n"));
     }
-    std::fs::write(&path, text).map_err(|e| RuntimeError::file(FileOp::Write, &path, e))?;
-    Ok(path)
+    text
+}
+
+/// The credentials of the image's first top-level process's main thread:
+/// who the restored application runs as.
+fn main_credentials(image: &Image) -> Option<&appshot_snapshot::image::Credentials> {
+    let p = image.manifest.top_level().next()?;
+    p.threads
+        .iter()
+        .find(|t| t.ns_tid == p.ns_pid)
+        .map(|t| &t.creds)
+}
+
+/// Who owns a clone's own files (identity and environment): the user its
+/// application runs as, as if the application had made them itself: the
+/// run-as user when one was given, else the file-system uid and gid the
+/// restored application has (root for one that runs as root). They hold
+/// the clone's values, which need not be any other user's to read.
+fn files_owner(
+    user: Option<&user::RunAs>,
+    creds: Option<&appshot_snapshot::image::Credentials>,
+) -> (u32, u32) {
+    match (user, creds) {
+        (Some(u), _) => (u.uid, u.gid),
+        (None, Some(c)) => (c.uids[3], c.gids[3]),
+        (None, None) => (0, 0),
+    }
+}
+
+/// Writes `text` to a new file at `path`, mode 0600, owned by `owner`
+/// from its creation on (a file of an earlier instance of the name is
+/// replaced, never reused with its mode and owner).
+fn write_private(path: &Path, text: &str, (uid, gid): (u32, u32)) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |op, e| RuntimeError::file(op, path, e);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(failed(FileOp::Remove, e));
+        }
+        _ => {}
+    }
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| failed(FileOp::Create, e))?;
+    std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(|e| failed(FileOp::Chown, e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| failed(FileOp::Write, e))
 }
 
 /// The restore's steps on this host: the namespace init forks the stubs,
@@ -1298,5 +1375,27 @@ mod tests {
             json["mode"],
             serde_json::json!({"kind": "restore", "image": "/i.img", "tcp_close": false})
         );
+    }
+
+    #[test]
+    fn a_clones_files_belong_to_the_user_its_application_runs_as() {
+        use super::{files_owner, user::RunAs};
+        use appshot_snapshot::image::Credentials;
+        let creds = Credentials {
+            // Real, effective, saved, file-system: it is the last the
+            // kernel judges a file access by.
+            uids: [0, 0, 0, 1000],
+            gids: [0, 0, 0, 100],
+            ..Credentials::default()
+        };
+        assert_eq!(files_owner(None, Some(&creds)), (1000, 100));
+        assert_eq!(files_owner(None, None), (0, 0));
+        let run_as = RunAs {
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+            home: None,
+        };
+        assert_eq!(files_owner(Some(&run_as), Some(&creds)), (65534, 65534));
     }
 }

@@ -185,10 +185,14 @@ fn prepare_and_wait(
     let _ = std::fs::remove_file(dir.join(format!("{me}.{STARTING}")));
     info!(socket = %path.display(), init = init.pid, "shell ready");
     // Work every claim would do first, done while nobody waits: the
-    // filter built and the cgroup mount found.
+    // filter built, the cgroup mount found, the registry opened.
     let filter = Some(crate::seccomp::filter::build()?);
     let _ = crate::net::cgroup::root();
-    let registry = Some((run_dir.to_path_buf(), Registry::open(run_dir)?));
+    // Its connections open ahead: they also keep the registry's log from
+    // being deleted and made again (with fsyncs) around every claim.
+    let opened = Registry::open(run_dir)?;
+    opened.prepare()?;
+    let registry = Some((run_dir.to_path_buf(), opened));
     let mut shell = Some(Shell {
         init,
         image: Some(image),
@@ -265,6 +269,52 @@ fn take_claim(mut stream: UnixStream, template: &Path) -> Result<(Launch, OwnedF
         .write_all(b"claimed\n")
         .map_err(|e| RuntimeError::sys("answering a claim", e))?;
     Ok((launch, stream.into()))
+}
+
+/// After its claim a shell is its clone's supervisor, and shows as one in
+/// `ps`: `appshot __supervise`, as a supervisor started for the clone
+/// (`__shell IMAGE` would have it taken for a shell still waiting). The
+/// command line is rewritten where the kernel reads it from, as
+/// `setproctitle` does; `PR_SET_MM_ARG_START` would need CAP_SYS_RESOURCE.
+pub fn show_as_supervisor() -> std::io::Result<()> {
+    let exe = std::env::args_os().next().unwrap_or_default();
+    set_command_line(&[exe.as_os_str(), std::ffi::OsStr::new("__supervise")])
+}
+
+/// Replaces this process's arguments (`/proc/self/cmdline`) by `args`,
+/// within the room the original ones had, the rest NUL.
+fn set_command_line(args: &[&std::ffi::OsStr]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the name's closing parenthesis start with the third
+    // (state); arg_start and arg_end are the 48th and 49th.
+    let field = |n: usize| -> Option<u64> {
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(n - 3)?
+            .parse()
+            .ok()
+    };
+    let (Some(start), Some(end)) = (field(48), field(49)) else {
+        return Err(std::io::Error::other("no argument area in /proc/self/stat"));
+    };
+    let mut text = Vec::new();
+    for a in args {
+        text.extend_from_slice(a.as_bytes());
+        text.push(0);
+    }
+    let room = end.saturating_sub(start) as usize;
+    if text.len() > room {
+        return Err(std::io::Error::other(format!(
+            "{} bytes of arguments where {room} fit",
+            text.len()
+        )));
+    }
+    text.resize(room, 0);
+    let mem = File::options().write(true).open("/proc/self/mem")?;
+    mem.write_all_at(&text, start)
 }
 
 /// A shell claimed by the CLI for `launch`: its supervisor's PID and the
@@ -444,7 +494,26 @@ pub fn remove(template_dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStrExt;
+
     use super::*;
+
+    #[test]
+    fn the_command_line_is_rewritten_where_ps_reads_it() {
+        // The test binary's own line, whatever arguments it was given, has
+        // room for these.
+        let before = std::fs::read("/proc/self/cmdline").unwrap();
+        set_command_line(&[std::ffi::OsStr::new("/a"), std::ffi::OsStr::new("x")]).unwrap();
+        let after = std::fs::read("/proc/self/cmdline").unwrap();
+        let want = b"/a\0x\0";
+        assert!(after.starts_with(want), "{after:?}");
+        assert!(after[want.len()..].iter().all(|&b| b == 0), "{after:?}");
+        // What no longer fits is refused, the line left as it was.
+        let long = std::ffi::OsString::from("y".repeat(before.len() + 1));
+        assert!(set_command_line(&[long.as_os_str()]).is_err());
+        assert_eq!(std::fs::read("/proc/self/cmdline").unwrap(), after);
+        set_command_line(&[std::ffi::OsStr::from_bytes(&before[..before.len() - 1])]).unwrap();
+    }
 
     #[test]
     fn a_shell_is_counted_once_and_dead_ones_are_forgotten() {

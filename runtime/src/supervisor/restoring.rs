@@ -35,6 +35,10 @@ pub struct Plan {
     pub releases_netlock: bool,
     /// The processes the namespace init forks for the rebuild.
     pub stubs: usize,
+    /// The namespace init the instance's record was made for with its lock
+    /// (a claimed instance shell's, started ahead): if that init is the
+    /// one started, the record is not written again.
+    pub recorded_init: Option<u32>,
 }
 
 impl Plan {
@@ -53,6 +57,7 @@ impl Plan {
             connections,
             releases_netlock: connections == Connections::Own || tcp_close,
             stubs,
+            recorded_init: None,
         }
     }
 }
@@ -104,7 +109,11 @@ pub fn restore<H: RestoreHost>(
 ) -> Result<Restored<H>, RuntimeError> {
     let (init_pid, init) = host.start_init()?;
     let started = Instant::now();
-    let rebuilt = register(registry, launch, init_pid)
+    let recorded = match plan.recorded_init {
+        Some(pid) if pid == init_pid => Ok(()),
+        _ => register(registry, launch, init_pid),
+    };
+    let rebuilt = recorded
         .and_then(|()| wait_for_stubs(host, init_pid, plan.stubs, &launch.name, stub_deadline))
         .and_then(|stubs| host.rebuild(&stubs, plan));
     if rebuilt.is_ok() && plan.releases_netlock {
@@ -381,5 +390,31 @@ mod tests {
         assert!(reason.contains("1 of 2"), "{reason}");
         assert_eq!(w.host.ops, [Op::StartInit, Op::Kill(INIT)]);
         assert_eq!(w.listed(), (false, vec![]));
+    }
+
+    /// A claimed shell's clone was recorded with its lock, for the init
+    /// that is then started: the restore writes no record again (the
+    /// double's one, marked, stays); an init other than the recorded one
+    /// is recorded as any.
+    #[test]
+    fn a_clone_recorded_with_its_lock_for_its_init_is_not_recorded_again() {
+        for (recorded, rewritten) in [(INIT, false), (INIT + 1, true)] {
+            let mut w = World::new(&[201], &[], false);
+            w.host
+                .registry
+                .transaction(|s| {
+                    let mut r = super::super::record_of(&launch(Mode::Run), recorded);
+                    r.command = vec!["marked".into()];
+                    s.instances.insert("web".into(), r);
+                })
+                .unwrap();
+            let mut plan = Plan::new(true, false, &image(true, false), 1);
+            plan.recorded_init = Some(recorded);
+            w.restore(&plan).unwrap();
+            let state = w.host.registry.read().unwrap();
+            let record = &state.instances["web"];
+            assert_eq!(record.command == ["marked"], !rewritten, "{record:?}");
+            assert_eq!(record.pid, if rewritten { INIT } else { recorded });
+        }
     }
 }

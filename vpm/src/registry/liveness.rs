@@ -38,6 +38,21 @@ impl InstanceLock {
     /// registry is removed (and the reclaim hook called for the name)
     /// before this returns.
     pub fn acquire(registry: &Registry, name: &str) -> Result<InstanceLock, VpmError> {
+        Self::acquire_recording(registry, name, |_, _| ()).map(|(lock, ())| lock)
+    }
+
+    /// [`InstanceLock::acquire`] that also runs `record` on the registry
+    /// in the transaction that takes the name (after a dead predecessor's
+    /// entries went), so the new holder's first records cost no second
+    /// write transaction: a claimed instance shell knows its instance's
+    /// record before it takes the lock. `record` also gets the instance's
+    /// directory, made already, for what must be there before the registry
+    /// lists the instance.
+    pub fn acquire_recording<R>(
+        registry: &Registry,
+        name: &str,
+        record: impl FnOnce(&mut super::RegistryState, &Path) -> R,
+    ) -> Result<(InstanceLock, R), VpmError> {
         let dir = instance_dir(registry.dir(), name).ok_or_else(|| VpmError::Io {
             path: registry.instances_dir(),
             error: io::Error::new(
@@ -73,8 +88,9 @@ impl InstanceLock {
         // remove what a dead predecessor of the name left: this holder
         // starts clean, under the same registry lock, before it records
         // anything.
-        let forgotten = registry.transaction_locked(&registry_lock, Some(name), |state| {
-            registry.forget_predecessor(state, name)
+        let recorded = registry.transaction_locked(&registry_lock, Some(name), |state| {
+            registry.forget_predecessor(state, name);
+            record(state, &dir)
         });
         // Released before `lock` can be dropped: its drop takes the
         // registry lock itself.
@@ -85,8 +101,8 @@ impl InstanceLock {
             dir,
             _held: held,
         };
-        forgotten?;
-        Ok(lock)
+        let recorded = recorded?;
+        Ok((lock, recorded))
     }
 
     pub fn name(&self) -> &str {

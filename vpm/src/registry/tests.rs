@@ -971,3 +971,68 @@ fn an_existing_database_is_opened_with_normal_synchronous() {
         .unwrap();
     assert_eq!(level, 1, "NORMAL");
 }
+
+/// A handle prepared ahead (an instance shell's) commits nothing and keeps
+/// the write-ahead log while another handle comes and goes: without it,
+/// that handle's close checkpoints and deletes the log, and the next
+/// writer pays two fsyncs to create it again.
+#[test]
+fn a_prepared_handle_commits_nothing_and_keeps_the_log() {
+    let (_tmp, registry) = registry();
+    register(&registry, "web", "shop", 20001);
+    drop(registry.clone());
+    let dir = registry.dir().to_path_buf();
+    drop(registry);
+    let wal = dir.join(store::WAL_FILE);
+    assert!(!wal.exists(), "the last connection's close deletes the log");
+
+    let shell = Registry::open(&dir).unwrap();
+    let before = on_disk(&shell);
+    shell.prepare().unwrap();
+    assert_eq!(on_disk(&shell), before);
+    let cli = Registry::open(&dir).unwrap();
+    cli.read().unwrap();
+    drop(cli);
+    assert!(wal.exists(), "a prepared handle keeps the log");
+    shell.transaction(|s| s.remove_instance("web")).unwrap();
+    assert!(on_disk(&shell).translations.is_empty());
+}
+
+/// The name and the holder's first record in one commit: what a dead
+/// predecessor of the name left is gone before the record is made, and the
+/// holder's own copy already has the record.
+#[test]
+fn the_lock_and_the_first_record_are_one_commit() {
+    let (_tmp, registry) = registry();
+    register(&registry, "web", "old", 20001);
+    let commits = || {
+        Db::open_existing(&registry.db_path())
+            .unwrap()
+            .unwrap()
+            .changes()
+            .unwrap()
+    };
+    let before = commits();
+    let (held, seen) = InstanceLock::acquire_recording(&registry, "web", |s, dir| {
+        assert!(dir.is_dir(), "its directory is there");
+        let seen = s.translations_of("web").count();
+        s.instances.insert("web".into(), record("web", "new"));
+        s.insert(tcp("0.0.0.0", 9000, "new", 20002, "web"));
+        seen
+    })
+    .unwrap();
+    assert_eq!(seen, 0, "the dead predecessor's translation went first");
+    assert_eq!(commits(), before + 1, "one commit");
+    let state = registry.read().unwrap();
+    assert_eq!(state.instances["web"].aid, "new");
+    assert_eq!(
+        state
+            .translations
+            .iter()
+            .map(|t| t.real_port)
+            .collect::<Vec<_>>(),
+        [20002]
+    );
+    let own = own::read(held.instance_dir()).unwrap();
+    assert_eq!(own, OwnRecords::of(&state, "web"), "its own copy has it");
+}
