@@ -43,6 +43,29 @@ impl RegistryState {
         aid: &str,
         pick: usize,
     ) -> Route {
+        match self.group(protocol, dest, virtual_port, aid) {
+            Group::Members(members) => {
+                let (owner, real_port) = members[pick % members.len()];
+                Route::To {
+                    real_port,
+                    owner: owner.to_owned(),
+                }
+            }
+            Group::PassThrough => Route::PassThrough,
+            Group::Refused => Route::Refused,
+        }
+    }
+
+    /// The group [`route`](Self::route) picks from: what the kernel is
+    /// given to pick from itself for the instances that leave connect to
+    /// it.
+    pub fn group(
+        &self,
+        protocol: Protocol,
+        dest: IpAddr,
+        virtual_port: u16,
+        aid: &str,
+    ) -> Group<'_> {
         let mut served = false;
         // Per owner, the socket the kernel would pick: the most specific
         // address, then (for determinism) the lowest real port.
@@ -63,33 +86,47 @@ impl RegistryState {
                 *best = (rank, t.real_port);
             }
         }
-        match pick
-            .checked_rem(group.len())
-            .and_then(|i| group.into_iter().nth(i))
-        {
-            Some((owner, (_, real_port))) => Route::To {
-                real_port,
-                owner: owner.to_owned(),
-            },
-            None if served => Route::Refused,
-            // Connecting straight to another group's real port would bypass
-            // the AID check.
-            None if self.translations.iter().any(|t| {
-                t.protocol == protocol
-                    && t.real_port == virtual_port
-                    && t.aid != aid
-                    && serves(t.addr, dest).is_some()
-            }) =>
-            {
-                Route::Refused
-            }
-            // A live instance whose translations are lost may hold this very
-            // port (the first instance of a port holds the fixed port
-            // itself): passing through could reach another AID's instance.
-            None if !self.damaged.is_empty() => Route::Refused,
-            None => Route::PassThrough,
+        if !group.is_empty() {
+            return Group::Members(
+                group
+                    .into_iter()
+                    .map(|(owner, (_, real_port))| (owner, real_port))
+                    .collect(),
+            );
         }
+        if served {
+            return Group::Refused;
+        }
+        // Connecting straight to another group's real port would bypass
+        // the AID check.
+        if self.translations.iter().any(|t| {
+            t.protocol == protocol
+                && t.real_port == virtual_port
+                && t.aid != aid
+                && serves(t.addr, dest).is_some()
+        }) {
+            return Group::Refused;
+        }
+        // A live instance whose translations are lost may hold this very
+        // port (the first instance of a port holds the fixed port
+        // itself): passing through could reach another AID's instance.
+        if !self.damaged.is_empty() {
+            return Group::Refused;
+        }
+        Group::PassThrough
     }
+}
+
+/// The instances a connect may go to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Group<'a> {
+    /// As [`Route::PassThrough`].
+    PassThrough,
+    /// (owner, real port) of each instance of the caller's AID, in owner
+    /// order; never empty.
+    Members(Vec<(&'a str, u16)>),
+    /// As [`Route::Refused`].
+    Refused,
 }
 
 #[cfg(test)]

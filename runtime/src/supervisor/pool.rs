@@ -186,7 +186,9 @@ fn prepare_and_wait(
     info!(socket = %path.display(), init = init.pid, "shell ready");
     // Work every claim would do first, done while nobody waits: the
     // filter built and the cgroup mount found.
-    let filter = Some(crate::seccomp::filter::build()?);
+    let filter = Some(crate::seccomp::filter::build(
+        crate::net::connroutes::Routing::Notified,
+    )?);
     let _ = crate::net::cgroup::root();
     let registry = Some((run_dir.to_path_buf(), Registry::open(run_dir)?));
     let mut shell = Some(Shell {
