@@ -384,6 +384,7 @@ pub fn refresh_connects(registry_dir: &Path, state: &RegistryState) {
 /// decides, for as long as this lives.
 #[derive(Debug)]
 pub struct KernelRouted {
+    registry: appshot_vpm::Registry,
     pins: PathBuf,
     id: u64,
 }
@@ -419,21 +420,33 @@ pub fn route_in_kernel(
         routes.sync(&entries(state, &plan, &aids))?;
         Ok::<_, RouteError>(())
     })??;
-    Ok(KernelRouted { pins, id })
+    Ok(KernelRouted {
+        registry: registry.clone(),
+        pins,
+        id,
+    })
 }
 
 impl Drop for KernelRouted {
+    /// Under the registry lock, as the change hooks: the programs go when
+    /// they are left with nothing to do.
     fn drop(&mut self) {
-        if !UdpRoutes::is_current(&self.pins) {
+        let Some(root) = cgroup::root() else {
             return;
-        }
-        let removed =
-            UdpRoutes::open(&self.pins).and_then(|mut routes| routes.set_routed(self.id, false));
-        if let Err(e) = removed {
-            warn!(
-                id = self.id,
-                "the instance stays listed as kernel-routed: {e}"
-            );
+        };
+        let tag = registry_tag(self.registry.dir());
+        let released = self.registry.transaction(|state| {
+            if UdpRoutes::is_current(&self.pins) {
+                UdpRoutes::open(&self.pins)?.set_routed(self.id, false)?;
+            }
+            let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
+            let plan = plan(state, &aids, root, &tag);
+            install_routes(root, &tag, &entries(state, &plan, &aids))
+        });
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(id = self.id, "releasing the kernel's routes: {}", chain(&e)),
+            Err(e) => warn!(id = self.id, "releasing the kernel's routes: {}", chain(&e)),
         }
     }
 }
