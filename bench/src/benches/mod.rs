@@ -147,6 +147,9 @@ where
 /// or under appshot as `aid`, and `figure` of its output is the run's
 /// figure.
 #[derive(Clone, Copy)]
+/// The configuration of a client run with `--routing kernel`.
+pub const KERNEL_ROUTING: &str = "appshot --routing kernel";
+
 pub struct Client<'a, F> {
     pub appshot: &'a Appshot,
     pub aid: &'a str,
@@ -171,6 +174,17 @@ where
     pub fn appshot(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
         Trial::new("appshot", move || {
             let mut cmd = self.appshot.foreground(self.aid, &argv);
+            (self.figure)(&procs::run(&mut cmd, what, self.timeout)?)
+        })
+    }
+
+    /// The trial [`KERNEL_ROUTING`]: as [`appshot`](Self::appshot), with the
+    /// kernel's cgroup programs deciding connect, getsockname and
+    /// getpeername (`--routing kernel`: only bind is notified).
+    pub fn appshot_kernel(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
+        Trial::new(KERNEL_ROUTING, move || {
+            let mut cmd = self.appshot.foreground(self.aid, &argv);
+            cmd.env("APPSHOT_ROUTING", "kernel");
             (self.figure)(&procs::run(&mut cmd, what, self.timeout)?)
         })
     }

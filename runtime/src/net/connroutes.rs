@@ -146,47 +146,59 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
             class,
             pad: 0,
         };
-        let ports: BTreeSet<u16> = own
-            .iter()
-            .flat_map(|t| [t.virtual_port, t.real_port])
-            .collect();
-        for port in ports {
-            let on_port: Vec<&&Translation> = own
-                .iter()
-                .filter(|t| t.virtual_port == port || t.real_port == port)
-                .collect();
+        // The answers for a port depend on its translations alone (and
+        // on damage): each is asked of a state holding just those, so a
+        // change costs in proportion to the host's translations, not
+        // their square.
+        let mut by_port: BTreeMap<u16, Vec<Translation>> = BTreeMap::new();
+        let mut by_real: BTreeMap<u16, Vec<Translation>> = BTreeMap::new();
+        for t in &own {
+            by_port
+                .entry(t.virtual_port)
+                .or_default()
+                .push((*t).clone());
+            if t.real_port != t.virtual_port {
+                by_port.entry(t.real_port).or_default().push((*t).clone());
+            }
+            by_real.entry(t.real_port).or_default().push((*t).clone());
+        }
+        let only = |translations: Vec<Translation>| RegistryState {
+            translations,
+            damaged: state.damaged.clone(),
+            ..RegistryState::default()
+        };
+        for (port, on_port) in by_port {
             // A connect to a wildcard reaches the host itself: its own
             // class whatever the translations name.
             let mut named: BTreeSet<IpAddr> = on_port.iter().map(|t| canonical(t.addr)).collect();
             named.insert(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             named.insert(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
             let classes = classes(&named);
-            let mut askers: Vec<(u64, &str)> = vec![(0, NO_AID)];
+            let mut askers: Vec<(u64, String)> = vec![(0, NO_AID.to_owned())];
             let with_own: BTreeSet<&str> = on_port.iter().map(|t| t.aid.as_str()).collect();
             askers.extend(
                 with_own
                     .into_iter()
-                    .filter_map(|aid| aids.get(aid).map(|id| (*id, aid))),
+                    .filter_map(|aid| aids.get(aid).map(|id| (*id, aid.to_owned()))),
             );
+            let port_state = only(on_port);
             for (id, aid) in askers {
                 for (class, addr, dest) in &classes {
-                    let group = state.group(protocol, *dest, port, aid);
+                    let group = port_state.group(protocol, *dest, port, &aid);
                     out.connects
                         .insert(key(id, *class, *addr, port), conn_route(group, port));
                 }
             }
         }
-        let reals: BTreeSet<u16> = own.iter().map(|t| t.real_port).collect();
-        for real in reals {
-            let named: BTreeSet<IpAddr> = own
-                .iter()
-                .filter(|t| t.real_port == real)
-                .map(|t| canonical(t.addr))
-                .collect();
+        for (real, with_real) in by_real {
+            let named: BTreeSet<IpAddr> = with_real.iter().map(|t| canonical(t.addr)).collect();
+            let real_state = only(with_real);
             let names: Vec<(ClassKey, u32)> = classes(&named)
                 .into_iter()
                 .map(|(class, addr, local)| {
-                    let v = state.virtual_port_of(protocol, local, real).unwrap_or(real);
+                    let v = real_state
+                        .virtual_port_of(protocol, local, real)
+                        .unwrap_or(real);
                     (key(0, class, addr, real), u32::from(v))
                 })
                 .collect();
