@@ -146,10 +146,10 @@ where
 /// A benchmark's client: each run of a trial runs it to its end, natively
 /// or under appshot as `aid`, and `figure` of its output is the run's
 /// figure.
-#[derive(Clone, Copy)]
 /// The configuration of a client run with `--routing kernel`.
 pub const KERNEL_ROUTING: &str = "appshot --routing kernel";
 
+#[derive(Clone, Copy)]
 pub struct Client<'a, F> {
     pub appshot: &'a Appshot,
     pub aid: &'a str,
