@@ -126,14 +126,6 @@ pub struct Entries {
     pub damaged: bool,
 }
 
-impl Entries {
-    /// Whether the programs have anything to do: without routes, names or
-    /// damage every call passes as it would without them.
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.connects.is_empty() && self.names.is_empty() && !self.damaged
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("mounting bpffs on {BPFFS}")]

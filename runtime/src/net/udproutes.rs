@@ -293,7 +293,7 @@ fn entries(state: &RegistryState, plan: &Plan, aids: &BTreeMap<String, u64>) -> 
 }
 
 /// Gives the programs `entries`, attaching them first if they are not; or
-/// detaches them when they have nothing to do and no instance leaves its
+/// detaches them when they route no datagram and no instance leaves its
 /// calls to them.
 fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), RouteError> {
     let scope = cgroup::scope_dir(root, tag);
@@ -307,11 +307,10 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
             udpbpf::detach(&other)?;
         }
     }
-    if entries.is_empty() {
-        let routed = UdpRoutes::is_current(&mine) && UdpRoutes::open(&mine)?.any_routed()?;
-        if !routed {
-            udpbpf::detach(&mine)?;
-        }
+    // The connect and name entries matter only to kernel-routed instances.
+    let routed = UdpRoutes::is_current(&mine) && UdpRoutes::open(&mine)?.any_routed()?;
+    if entries.routes.is_empty() && !routed {
+        udpbpf::detach(&mine)?;
         return Ok(());
     }
     udpbpf::ensure_bpffs()?;
