@@ -160,4 +160,40 @@ fn kernel_routed_clients_reach_their_own_aid_and_no_other_real_port() {
         format!("REPLY kr-b ACCEPTED {local} {PORT}"),
         "{got}"
     );
+
+    // Restored, b's server takes back its translations, and the kernel's
+    // routes follow them.
+    let image = h.dir("images").join("kr-b.img");
+    let ran = h.snapshot("kr-b", &image, &[]);
+    assert!(ran.success(), "{ran}");
+    let got = routed_client(
+        &h,
+        "b",
+        &["python3", &sockets, "connect", PORT, "127.0.0.1"],
+    );
+    assert!(
+        got.stderr.contains("Connection refused"),
+        "b's instance is gone: {got}"
+    );
+    h.restore("kr-b", &image, &["--routing", "kernel"]);
+    let got = routed_client(
+        &h,
+        "b",
+        &["python3", &sockets, "connect", PORT, "127.0.0.1"],
+    );
+    assert_eq!(
+        got.stdout.lines().collect::<Vec<_>>(),
+        [
+            format!("PEER 127.0.0.1 {PORT}"),
+            format!("REPLY kr-b ACCEPTED 127.0.0.1 {PORT}"),
+        ],
+        "{got}"
+    );
+    let restored = common::port_pairs(&h.instance("kr-b").expect("kr-b listed again"));
+    assert_eq!(restored.len(), hosts.len(), "{restored:?}");
+    for p in &restored {
+        let real = p.real.to_string();
+        let got = routed_client(&h, "a", &["python3", "-c", PY_FASTOPEN, "127.0.0.1", &real]);
+        assert_eq!(got.stdout.trim(), refused, "b's real port {real}: {got}");
+    }
 }
