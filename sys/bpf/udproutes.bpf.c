@@ -18,7 +18,7 @@
 // addresses, AIDs with no instance on the port (those are refused by the
 // registry's nftables rules, as from a closed port). Connected sockets are
 // connected to the real port by the supervisor, which is notified of
-// connect.
+// connect, or by connect4/6 below for kernel-routed instances.
 //
 // The maps are filled by the supervisor from the registry
 // (runtime/src/net/udproutes.rs); the key layouts are mirrored by repr(C) types
