@@ -5,8 +5,9 @@
 //! about, and kept in their maps by the registry's change hooks.
 //!
 //! The answers come from the very functions a notified call asks
-//! ([`RegistryState::group`], which [`RegistryState::route`] picks from,
-//! and [`RegistryState::virtual_port_of`]): the policy is written once.
+//! ([`RegistryState::groups`], whose group [`RegistryState::route`] picks
+//! from, and [`RegistryState::virtual_port_of`]): the policy is written
+//! once.
 //! They depend on a destination address only through its equality with an
 //! address some translation of the port is bound to (and on whether it is
 //! a wildcard), so each port has one entry per such address and one for
@@ -182,11 +183,13 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
                     .filter_map(|aid| aids.get(aid).map(|id| (*id, aid.to_owned()))),
             );
             let port_state = only(on_port);
-            for (id, aid) in askers {
-                for (class, addr, dest) in &classes {
-                    let group = port_state.group(protocol, *dest, port, &aid);
-                    out.connects
-                        .insert(key(id, *class, *addr, port), conn_route(group, port));
+            for (class, addr, dest) in &classes {
+                let groups = port_state.groups(protocol, *dest, port);
+                for (id, aid) in &askers {
+                    out.connects.insert(
+                        key(*id, *class, *addr, port),
+                        conn_route(groups.of(aid), port),
+                    );
                 }
             }
         }
