@@ -307,19 +307,15 @@ impl UdpRoutes {
             .all(|name| pins.join(name).exists())
     }
 
-    /// Whether the kernel routes the calls of any instance.
-    pub fn any_routed(&self) -> Result<bool, BpfError> {
-        let err = |source| BpfError::Map {
-            name: "routed",
-            source,
-        };
-        Ok(self
-            .routed
+    /// The instance cgroups whose calls the kernel routes.
+    pub fn routed(&self) -> Result<Vec<u64>, BpfError> {
+        self.routed
             .keys()
-            .next()
-            .transpose()
-            .map_err(err)?
-            .is_some())
+            .collect::<Result<_, _>>()
+            .map_err(|source| BpfError::Map {
+                name: "routed",
+                source,
+            })
     }
 
     /// Lets the kernel route the calls of the instance cgroup `id`, or

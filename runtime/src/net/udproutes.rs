@@ -308,7 +308,7 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
         }
     }
     // The connect and name entries matter only to kernel-routed instances.
-    let routed = UdpRoutes::is_current(&mine) && UdpRoutes::open(&mine)?.any_routed()?;
+    let routed = UdpRoutes::is_current(&mine) && any_routed(&mut UdpRoutes::open(&mine)?, &scope)?;
     if entries.routes.is_empty() && !routed {
         udpbpf::detach(&mine)?;
         return Ok(());
@@ -363,7 +363,7 @@ pub fn refresh_connects(registry_dir: &Path, state: &RegistryState) {
     }
     let synced = (|| {
         let mut routes = UdpRoutes::open(&mine)?;
-        if !routes.any_routed()? {
+        if !any_routed(&mut routes, &scope)? {
             return Ok(());
         }
         let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
@@ -377,6 +377,37 @@ pub fn refresh_connects(registry_dir: &Path, state: &RegistryState) {
             chain(&e)
         );
     }
+}
+
+/// Whether an instance of the registry whose cgroup is `scope` is
+/// kernel-routed; the listed cgroups that are gone (a supervisor killed
+/// before it could take its own out) are taken out first.
+fn any_routed(routes: &mut UdpRoutes, scope: &Path) -> Result<bool, udpbpf::BpfError> {
+    let listed = routes.routed()?;
+    if listed.is_empty() {
+        return Ok(false);
+    }
+    // AID directories, then instance directories below them.
+    let live: BTreeSet<u64> = std::fs::read_dir(scope)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|aid| std::fs::read_dir(aid.path()).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|instance| instance.metadata().ok())
+        .filter(|m| m.is_dir())
+        .map(|m| m.ino())
+        .collect();
+    let mut any = false;
+    for id in listed {
+        if live.contains(&id) {
+            any = true;
+        } else {
+            routes.set_routed(id, false)?;
+        }
+    }
+    Ok(any)
 }
 
 /// An instance whose connect, getsockname and getpeername the kernel
