@@ -165,12 +165,25 @@ impl ImageWriter {
 
     /// Appends page data; returns its offset within the pages section.
     pub fn write_pages(&mut self, data: &[u8]) -> Result<u64, SnapshotError> {
+        let mut sum = crc32fast::Hasher::new();
+        sum.update(data);
+        self.write_summed_pages(data, &sum)
+    }
+
+    /// [`ImageWriter::write_pages`] with the checksum of `data` computed by
+    /// the caller: a dump sums each buffer on the thread that read it, so
+    /// that the writing thread only writes.
+    pub fn write_summed_pages(
+        &mut self,
+        data: &[u8],
+        sum: &crc32fast::Hasher,
+    ) -> Result<u64, SnapshotError> {
         debug_assert_eq!(data.len() as u64 % PAGE, 0);
         let off = self.pages_len;
         self.out
             .write_all(data)
             .map_err(|e| SnapshotError::io(&self.tmp, e))?;
-        self.crc.update(data);
+        self.crc.combine(sum);
         self.pages_len += data.len() as u64;
         if self.durability == Durability::Disk
             && self.pages_len - self.written_back >= WRITEBACK_STEP
@@ -817,6 +830,28 @@ mod tests {
         w.write_pages(&vec![7u8; 2 * PAGE as usize]).unwrap();
         w.finish(&m).unwrap();
         m
+    }
+
+    #[test]
+    fn pages_summed_by_the_caller_verify_as_pages_summed_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let m = sample_manifest(vec![PageRun {
+            addr: 0x1000,
+            pages: 3,
+            offset: 0,
+            layer: 0,
+        }]);
+        let mut w = ImageWriter::create(&path, Durability::PageCache).unwrap();
+        w.write_pages(&vec![7u8; PAGE as usize]).unwrap();
+        for fill in [8u8, 9] {
+            let data = vec![fill; PAGE as usize];
+            let mut sum = crc32fast::Hasher::new();
+            sum.update(&data);
+            w.write_summed_pages(&data, &sum).unwrap();
+        }
+        w.finish(&m).unwrap();
+        Image::open(&path).unwrap().verify_pages().unwrap();
     }
 
     #[test]

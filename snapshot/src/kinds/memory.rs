@@ -43,6 +43,22 @@ pub(crate) const PM_SWAPPED: u64 = 1 << 62;
 /// Pagemap's bit of a page that is the file's (or shared anonymous
 /// memory's), not a private copy.
 pub(crate) const PM_FILE_PAGE: u64 = 1 << 61;
+/// Pagemap's bit of a page mapped by this process only.
+const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
+
+/// How a run of pages is read out of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// Every page is in memory and mapped by this process only:
+    /// `process_vm_readv`, one copy.
+    Exclusive,
+    /// Some page may be shared copy-on-write with another process, or is
+    /// in swap: /proc/PID/mem. `process_vm_readv` pins the pages it reads,
+    /// and the kernel unshares (copies) a shared anonymous page it pins,
+    /// which would break the sharing the dump records and grow the
+    /// instance's memory.
+    Shared,
+}
 
 /// What saving a process's memory needs from the processes before it.
 pub(crate) struct MemoryContext<'a> {
@@ -192,15 +208,23 @@ pub(crate) fn dump_memory(
             .parent
             .is_some_and(|(_, theirs)| theirs.iter().any(|v| shape(&v)));
         let file_backed = matches!(kind, VmaKind::File { .. } | VmaKind::Memfd { .. });
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut cow: Vec<(u64, u64)> = Vec::new();
-        let push = |runs: &mut Vec<(u64, u64)>, addr: u64| match runs.last_mut() {
-            Some((start, n)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES => *n += 1,
-            _ => runs.push((addr, 1)),
+        let mut runs: Vec<(u64, u64, Reading)> = Vec::new();
+        let mut cow: Vec<(u64, u64, Reading)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, u64, Reading)>, addr: u64, how: Reading| match runs
+            .last_mut()
+        {
+            Some((start, n, h)) if *start + *n * PAGE == addr && *n < CHUNK_PAGES && *h == how => {
+                *n += 1
+            }
+            _ => runs.push((addr, 1, how)),
         };
         if let VmaKind::SharedAnon { inode } = kind {
             if !inherited && ctx.shmem_saved.insert(inode) {
-                runs = shmem_extents(pid, m)?;
+                // Read from the object, not through the page tables.
+                runs = shmem_extents(pid, m)?
+                    .into_iter()
+                    .map(|(addr, n)| (addr, n, Reading::Shared))
+                    .collect();
             }
         } else if !m.shared && !matches!(kind, VmaKind::Vdso(_)) {
             let npages = (m.end - m.start) / PAGE;
@@ -228,11 +252,17 @@ pub(crate) fn dump_memory(
                             && e & PFN != 0
                             && e & PFN == p & PFN;
                         if same_frame {
-                            push(&mut cow, addr);
+                            push(&mut cow, addr, Reading::Shared);
                             continue;
                         }
                     }
-                    push(&mut runs, addr);
+                    let how =
+                        if e & (PM_PRESENT | PM_MMAP_EXCLUSIVE) == PM_PRESENT | PM_MMAP_EXCLUSIVE {
+                            Reading::Exclusive
+                        } else {
+                            Reading::Shared
+                        };
+                    push(&mut runs, addr, how);
                 }
                 first += count;
             }
@@ -243,12 +273,14 @@ pub(crate) fn dump_memory(
     let mut done = 0;
     let mut reused = 0;
     // Reading the process and writing the image overlap: this thread
-    // copies pages out of the process into a free buffer while a writer
-    // thread checksums and writes the one before. Offsets are known ahead,
-    // since the writer appends in the order it is handed buffers.
+    // copies pages out of the process into a free buffer and checksums it
+    // while a writer thread writes the one before (writing into fresh page
+    // cache is the slower half). Offsets are known ahead, since the writer
+    // appends in the order it is handed buffers.
     let mut next_offset = writer.pages_len();
     std::thread::scope(|scope| -> Result<(), SnapshotError> {
-        let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+        let (full_tx, full_rx) =
+            mpsc::sync_channel::<(Vec<u8>, crc32fast::Hasher)>(PIPELINE_BUFFERS);
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
         for _ in 0..PIPELINE_BUFFERS {
             free_tx
@@ -256,8 +288,8 @@ pub(crate) fn dump_memory(
                 .expect("receiver held here");
         }
         let writing = scope.spawn(move || -> Result<(), SnapshotError> {
-            for buf in full_rx {
-                writer.write_pages(&buf)?;
+            for (buf, sum) in full_rx {
+                writer.write_summed_pages(&buf, &sum)?;
                 // The reader may have stopped taking buffers back.
                 let _ = free_tx.send(buf);
             }
@@ -274,11 +306,14 @@ pub(crate) fn dump_memory(
                 };
                 let mut pages = Vec::with_capacity(runs.len());
                 let precopied = ctx.precopied.filter(|_| object.is_none());
-                let pieces = runs.into_iter().flat_map(|(addr, n)| match precopied {
-                    Some(copies) => copies.pieces(addr, n),
-                    None => vec![(addr, n, None)],
+                let pieces = runs.into_iter().flat_map(|(addr, n, how)| {
+                    let pieces = match precopied {
+                        Some(copies) => copies.pieces(addr, n),
+                        None => vec![(addr, n, None)],
+                    };
+                    pieces.into_iter().map(move |p| (p, how))
                 });
-                for (addr, n, copy) in pieces {
+                for ((addr, n, copy), how) in pieces {
                     let len = (n * PAGE) as usize;
                     if let Some((layer, offset)) = copy {
                         pages.push(PageRun {
@@ -308,9 +343,12 @@ pub(crate) fn dump_memory(
                                 )
                             })?
                         }
+                        None if how == Reading::Exclusive => mem.read_pages(addr, &mut buf)?,
                         None => mem.read(addr, &mut buf)?,
                     }
-                    if full_tx.send(buf).is_err() {
+                    let mut sum = crc32fast::Hasher::new();
+                    sum.update(&buf);
+                    if full_tx.send((buf, sum)).is_err() {
                         return Ok(());
                     }
                     pages.push(PageRun {
@@ -332,7 +370,7 @@ pub(crate) fn dump_memory(
                     kind,
                     pages,
                     inherited,
-                    cow,
+                    cow: cow.into_iter().map(|(addr, n, _)| (addr, n)).collect(),
                 });
             }
             Ok(())
@@ -627,7 +665,8 @@ pub(crate) fn map_memory(
             && !v.pages.is_empty();
         if by_copy {
             copy_ranges.push((v.start, v.end));
-            copy_pieces.extend(pieces);
+            // Within one mapping: an UFFDIO_COPY must not cross mappings.
+            copy_pieces.extend(joined(pieces));
             continue;
         }
         for run in &v.pages {
@@ -675,6 +714,27 @@ pub(crate) fn map_memory(
     }
     debug!(pid, "address space rebuilt");
     Ok(())
+}
+
+/// The pieces of one mapping, each run that continues the one before it in
+/// memory and in the same image layer made one: the dump cuts runs at
+/// [`CHUNK_PAGES`], and each piece is a call (an `UFFDIO_COPY` of 64 MiB
+/// fills 1 GiB 5–15 % faster than one of 4 MiB).
+fn joined(pieces: impl IntoIterator<Item = Piece>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    for p in pieces {
+        match out.last_mut() {
+            Some(last)
+                if last.layer == p.layer
+                    && last.addr + last.len == p.addr
+                    && last.offset + last.len == p.offset =>
+            {
+                last.len += p.len
+            }
+            _ => out.push(p),
+        }
+    }
+    out
 }
 
 fn pieces_of(run: &PageRun) -> [Piece; 1] {
@@ -892,4 +952,42 @@ pub(crate) fn set_mm(
         inj.call(pid, libc::SYS_close, &[fd])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(addr: u64, len: u64, layer: u32, offset: u64) -> Piece {
+        Piece {
+            addr,
+            len,
+            layer,
+            offset,
+        }
+    }
+
+    #[test]
+    fn runs_continuing_in_memory_and_in_their_layer_are_joined() {
+        let pieces = vec![
+            piece(0x10000, 0x4000, 0, 0),
+            piece(0x14000, 0x1000, 0, 0x4000),
+            // A gap in memory.
+            piece(0x16000, 0x1000, 0, 0x5000),
+            // Contiguous in memory, elsewhere in the image.
+            piece(0x17000, 0x1000, 0, 0x9000),
+            // Contiguous in both, another layer.
+            piece(0x18000, 0x1000, 1, 0xa000),
+            piece(0x19000, 0x2000, 1, 0xb000),
+        ];
+        assert_eq!(
+            joined(pieces),
+            vec![
+                piece(0x10000, 0x5000, 0, 0),
+                piece(0x16000, 0x1000, 0, 0x5000),
+                piece(0x17000, 0x1000, 0, 0x9000),
+                piece(0x18000, 0x3000, 1, 0xa000),
+            ]
+        );
+    }
 }
