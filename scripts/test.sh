@@ -63,6 +63,12 @@ set +e
 # offer the same real port at once, which one registry per host never does.
 cargo test --workspace --no-fail-fast "$@" -- --test-threads=1 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The multiplexing suites again with the kernel routing connects and names
+# (`--routing kernel`): the same outcomes from the cgroup programs.
+APPSHOT_ROUTING=kernel cargo test -p appshot-tests --no-fail-fast \
+    --test sockname --test http --test udp --test connections --test clone \
+    "$@" -- --test-threads=1 2>&1 | tee -a "$log"
+((PIPESTATUS[0] == 0)) || status=1
 set -e
 total() { grep '^test result:' "$log" | grep -Eo "[0-9]+ $1" | awk '{s += $1} END {print s + 0}'; }
 echo "tests: $(total passed) passed, $(total failed) failed"

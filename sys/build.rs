@@ -13,7 +13,12 @@ fn main() {
     let src = "bpf/udproutes.bpf.c";
     println!("cargo:rerun-if-changed={src}");
     let status = Command::new("clang")
-        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-I"])
+        // v3: the connect programs' round-robin counter is an atomic
+        // fetch-and-add, whose result older instruction sets cannot use.
+        .args([
+            "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3",
+        ])
+        .arg("-I")
         .arg(&multiarch)
         .args(["-c", src, "-o"])
         .arg(out.join("udproutes.bpf.o"))

@@ -21,6 +21,7 @@ use clap::{ArgAction, Parser, Subcommand};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use appshot::commands::{self, apps, systemd};
+use appshot::net::connroutes::Routing;
 use appshot::net::{agent, netlock, remote, sourcerules, udproutes};
 use appshot::supervisor::{self, init, logs, pending, pool, restart, snapshots, templates, user};
 use appshot::supervisor::{CloneIdentity, IdentityFile, Launch, Mode, LAUNCH_ENV};
@@ -45,6 +46,19 @@ struct Cli {
         global = true
     )]
     run_dir: PathBuf,
+    /// Who decides connect, getsockname and getpeername of the instances
+    /// `run`, `restore` and `clone` start: their supervisor, notified of
+    /// each call, or the kernel's cgroup programs from the registry (only
+    /// bind is then notified; without a cluster key and with cgroup2 only,
+    /// otherwise notified).
+    #[arg(
+        long,
+        env = "APPSHOT_ROUTING",
+        value_enum,
+        default_value_t = Routing::Notified,
+        global = true
+    )]
+    routing: Routing,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -506,8 +520,10 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let run_dir = cli.run_dir;
+    let routing = cli.routing;
     appshot_vpm::set_reclaim_hook(sourcerules::reclaim);
     appshot_vpm::set_udp_change_hook(udproutes::refresh);
+    appshot_vpm::set_tcp_change_hook(udproutes::refresh_connects);
     if !matches!(
         cli.command,
         Cmd::Init { .. }
@@ -524,7 +540,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Run(args) => {
             commands::require_privileges("run")?;
             let detach = args.detach;
-            let launch = resolve(args, &run_dir)?;
+            let mut launch = resolve(args, &run_dir)?;
+            launch.routing = routing;
             if detach {
                 detach::detach_supervisor(&launch, cli.verbose)
             } else {
@@ -570,6 +587,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             cwd,
             user,
             command,
+            routing,
         })
         .map_err(Into::into),
         Cmd::Config {
@@ -750,7 +768,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             rules.env.extend(env);
             let range = port_range.unwrap_or(config.port_range);
             let plan = clones::plan(&aid, &name, count)?;
-            let (launches, forkable) = clone_launches(&template, &plan, &rules, range, &run_dir)?;
+            let (mut launches, forkable) =
+                clone_launches(&template, &plan, &rules, range, &run_dir)?;
+            for launch in &mut launches {
+                launch.routing = routing;
+            }
             let started = match launches.as_slice() {
                 [launch] if detach => detach::detach_supervisor(launch, cli.verbose),
                 [_] => {
@@ -809,6 +831,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 None => AppConfig::default(),
             };
             let mut launch = restore_launch(&image, name, aid, tcp_close, lazy, &run_dir)?;
+            launch.routing = routing;
             launch.range = port_range.unwrap_or(config.port_range);
             launch.identity = hostname.map(|hostname| CloneIdentity {
                 hostname,
@@ -926,6 +949,7 @@ fn resolve(args: RunArgs, run_dir: &Path) -> anyhow::Result<Launch> {
         log_max_bytes: args.log_max_size,
         restart: args.restart,
         config: config_path,
+        routing: Routing::default(),
     })
 }
 
@@ -1117,6 +1141,7 @@ fn image_launch(
         log_max_bytes: logs::DEFAULT_MAX_BYTES,
         restart: restart::Policy::No,
         config: None,
+        routing: Routing::default(),
     })
 }
 

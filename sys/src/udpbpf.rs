@@ -1,7 +1,9 @@
-//! The kernel's half of UDP multiplexing: the cgroup sock_addr programs of
-//! `bpf/udproutes.bpf.c`, attached to a registry's cgroup and pinned in
-//! bpffs with their maps, so that they outlive the process that attached
-//! them and every later supervisor of the registry updates the same maps.
+//! The kernel's half of multiplexing without a supervisor: the cgroup
+//! sock_addr programs of `bpf/udproutes.bpf.c` (datagrams of every
+//! supervised socket; connect, getsockname and getpeername of the instances
+//! listed in `routed`), attached to a registry's cgroup and pinned in bpffs
+//! with their maps, so that they outlive the process that attached them
+//! and every later supervisor of the registry updates the same maps.
 //!
 //! Loading goes through aya: a pure-Rust loader (no libbpf or libelf to
 //! build), which parses the clang-built object with its BTF map
@@ -25,9 +27,24 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The programs, by the section names the loader knows their hook by.
-const PROGRAMS: [&str; 4] = ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+const PROGRAMS: [&str; 10] = [
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "connect4",
+    "connect6",
+    "getsockname4",
+    "getsockname6",
+    "getpeername4",
+    "getpeername6",
+];
 /// The maps; `routes` is pinned last, so its pin says the set is whole.
-const MAPS: [&str; 3] = ["reverse", "locals", "routes"];
+const MAPS: [&str; 7] = [
+    "reverse", "locals", "connects", "names", "routed", "state", "routes",
+];
+/// How many instances of one AID a connect spreads over (`GROUP_MAX`).
+pub const GROUP_MAX: usize = 64;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udproutes.bpf.o"));
 
@@ -50,13 +67,63 @@ pub struct RouteKey {
 // uninitialised.
 unsafe impl aya::Pod for RouteKey {}
 
+/// A key of the connect and name maps, as `struct class_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClassKey {
+    /// The cgroup id of the caller's AID directory; 0 for every AID
+    /// without entries of its own (and always 0 in the name map).
+    pub aid: u64,
+    /// [`CLASS_EXACT`]: the address as in [`RouteKey`]; otherwise zero.
+    pub addr: [u8; 16],
+    pub port: u32,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    pub class: u8,
+    pub pad: u16,
+}
+
+// SAFETY: repr(C) of integers and a byte array, 8 + 16 + 4 + 1 + 1 + 2
+// bytes with no padding: every bit pattern is valid, no byte uninitialised.
+unsafe impl aya::Pod for ClassKey {}
+
+/// The key names this very address.
+pub const CLASS_EXACT: u8 = 0;
+/// Any local IPv4 address without an exact key.
+pub const CLASS_OTHER4: u8 = 1;
+/// Any local IPv6 address without an exact key.
+pub const CLASS_OTHER6: u8 = 2;
+
+/// What a connect to a key's destination does, as `struct conn_route`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRoute {
+    /// [`PASS`], [`REFUSE`] or [`TO`].
+    pub action: u32,
+    /// How many of `ports` a [`TO`] spreads over.
+    pub count: u32,
+    pub ports: [u16; GROUP_MAX],
+}
+
+// SAFETY: repr(C) of integers, 4 + 4 + 2 * 64 bytes with no padding: every
+// bit pattern is valid, no byte uninitialised.
+unsafe impl aya::Pod for ConnRoute {}
+
+pub const PASS: u32 = 0;
+pub const REFUSE: u32 = 1;
+pub const TO: u32 = 2;
+
 /// What the maps hold: routes by key, virtual ports by real port, the
-/// host's addresses (network order, IPv4 mapped).
+/// host's addresses (network order, IPv4 mapped); the connect and name
+/// classes, and whether the registry has damaged instances.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entries {
     pub routes: BTreeMap<RouteKey, u32>,
     pub reverse: BTreeMap<u32, u32>,
     pub locals: BTreeSet<[u8; 16]>,
+    pub connects: BTreeMap<ClassKey, ConnRoute>,
+    pub names: BTreeMap<ClassKey, u32>,
+    pub damaged: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +206,10 @@ pub struct UdpRoutes {
     routes: HashMap<MapData, RouteKey, u32>,
     reverse: HashMap<MapData, u32, u32>,
     locals: HashMap<MapData, [u8; 16], u32>,
+    connects: HashMap<MapData, ClassKey, ConnRoute>,
+    names: HashMap<MapData, ClassKey, u32>,
+    routed: HashMap<MapData, u64, u32>,
+    state: aya::maps::Array<MapData, u32>,
 }
 
 impl UdpRoutes {
@@ -147,10 +218,11 @@ impl UdpRoutes {
     /// run them) and pins links and maps in `pins`. `aid_level` is the
     /// depth of an AID's directory below the cgroup2 root.
     pub fn attach(pins: &Path, cgroup: &Path, aid_level: u32) -> Result<UdpRoutes, BpfError> {
-        if pins.join("routes").exists() {
+        if Self::is_current(pins) {
             return Self::open(pins);
         }
-        // A set a crash left half-pinned is removed, its links with it.
+        // A set a crash left half-pinned, or an older build's, is removed,
+        // its links with it.
         detach(pins)?;
         // bpffs refuses names with a dot.
         let mut staging = pins.as_os_str().to_owned();
@@ -200,7 +272,8 @@ impl UdpRoutes {
         Self::open(pins)
     }
 
-    fn open(pins: &Path) -> Result<UdpRoutes, BpfError> {
+    /// Opens the maps pinned in `pins`.
+    pub fn open(pins: &Path) -> Result<UdpRoutes, BpfError> {
         fn pinned<K: aya::Pod, V: aya::Pod>(
             pins: &Path,
             name: &'static str,
@@ -209,11 +282,57 @@ impl UdpRoutes {
             let data = MapData::from_pin(pins.join(name)).map_err(err)?;
             HashMap::try_from(Map::HashMap(data)).map_err(err)
         }
+        let err = |source| BpfError::Map {
+            name: "state",
+            source,
+        };
+        let state = MapData::from_pin(pins.join("state")).map_err(err)?;
         Ok(UdpRoutes {
             routes: pinned(pins, "routes")?,
             reverse: pinned(pins, "reverse")?,
             locals: pinned(pins, "locals")?,
+            connects: pinned(pins, "connects")?,
+            names: pinned(pins, "names")?,
+            routed: pinned(pins, "routed")?,
+            state: aya::maps::Array::try_from(Map::Array(state)).map_err(err)?,
         })
+    }
+
+    /// Whether the pins at `pins` hold the programs of this build: a set
+    /// an older build pinned lacks some, and is replaced.
+    pub fn is_current(pins: &Path) -> bool {
+        PROGRAMS
+            .iter()
+            .chain(MAPS.iter())
+            .all(|name| pins.join(name).exists())
+    }
+
+    /// The instance cgroups whose calls the kernel routes.
+    pub fn routed(&self) -> Result<Vec<u64>, BpfError> {
+        self.routed
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| BpfError::Map {
+                name: "routed",
+                source,
+            })
+    }
+
+    /// Lets the kernel route the calls of the instance cgroup `id`, or
+    /// stops it.
+    pub fn set_routed(&mut self, id: u64, routed: bool) -> Result<(), BpfError> {
+        let err = |source| BpfError::Map {
+            name: "routed",
+            source,
+        };
+        if routed {
+            self.routed.insert(id, 1, 0).map_err(err)
+        } else {
+            match self.routed.remove(&id) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        }
     }
 
     /// Makes the maps hold `entries` exactly: stale keys removed, the rest
@@ -223,7 +342,15 @@ impl UdpRoutes {
         sync_map(&mut self.routes, "routes", &entries.routes)?;
         sync_map(&mut self.reverse, "reverse", &entries.reverse)?;
         let locals: BTreeMap<[u8; 16], u32> = entries.locals.iter().map(|a| (*a, 1)).collect();
-        sync_map(&mut self.locals, "locals", &locals)
+        sync_map(&mut self.locals, "locals", &locals)?;
+        sync_map(&mut self.connects, "connects", &entries.connects)?;
+        sync_map(&mut self.names, "names", &entries.names)?;
+        self.state
+            .set(0, u32::from(entries.damaged), 0)
+            .map_err(|source| BpfError::Map {
+                name: "state",
+                source,
+            })
     }
 }
 

@@ -15,7 +15,8 @@ pub mod translation;
 pub use allocator::PortRange;
 pub use error::VpmError;
 pub use registry::{
-    is_alive, set_reclaim_hook, set_udp_change_hook, CachedRegistry, InstanceLock, Registry,
+    is_alive, set_reclaim_hook, set_tcp_change_hook, set_udp_change_hook, CachedRegistry,
+    InstanceLock, Registry,
 };
-pub use routing::Route;
+pub use routing::{Group, Route};
 pub use translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};

@@ -1,7 +1,7 @@
 //! Answers for intercepted calls: which virtual port a real one stands for,
 //! and where a supervised client's connect to a virtual port goes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::address::{covers, serves};
@@ -43,53 +43,123 @@ impl RegistryState {
         aid: &str,
         pick: usize,
     ) -> Route {
-        let mut served = false;
-        // Per owner, the socket the kernel would pick: the most specific
-        // address, then (for determinism) the lowest real port.
-        let mut group: BTreeMap<&str, (u8, u16)> = BTreeMap::new();
+        match self.group(protocol, dest, virtual_port, aid) {
+            Group::Members(members) => {
+                let (owner, real_port) = members[pick % members.len()];
+                Route::To {
+                    real_port,
+                    owner: owner.to_owned(),
+                }
+            }
+            Group::PassThrough => Route::PassThrough,
+            Group::Refused => Route::Refused,
+        }
+    }
+
+    /// The group [`route`](Self::route) picks from: what the kernel is
+    /// given to pick from itself for the instances that leave connect to
+    /// it.
+    pub fn group(
+        &self,
+        protocol: Protocol,
+        dest: IpAddr,
+        virtual_port: u16,
+        aid: &str,
+    ) -> Group<'_> {
+        self.groups(protocol, dest, virtual_port).of(aid)
+    }
+
+    /// What every AID's connect to `dest:virtual_port` finds, read in one
+    /// pass over the translations.
+    pub fn groups(&self, protocol: Protocol, dest: IpAddr, virtual_port: u16) -> Groups<'_> {
+        let mut groups = Groups {
+            served: false,
+            by_aid: BTreeMap::new(),
+            real_port_of: BTreeSet::new(),
+            damaged: !self.damaged.is_empty(),
+        };
         for t in &self.translations {
-            if t.protocol != protocol || t.virtual_port != virtual_port {
+            if t.protocol != protocol {
                 continue;
             }
             let Some(rank) = serves(t.addr, dest) else {
                 continue;
             };
-            served = true;
-            if t.aid != aid {
+            if t.real_port == virtual_port {
+                groups.real_port_of.insert(&t.aid);
+            }
+            if t.virtual_port != virtual_port {
                 continue;
             }
-            let best = group.entry(&t.owner).or_insert((rank, t.real_port));
+            groups.served = true;
+            // Per owner, the socket the kernel would pick: the most
+            // specific address, then (for determinism) the lowest real
+            // port.
+            let best = groups
+                .by_aid
+                .entry(&t.aid)
+                .or_default()
+                .entry(&t.owner)
+                .or_insert((rank, t.real_port));
             if (rank, std::cmp::Reverse(t.real_port)) > (best.0, std::cmp::Reverse(best.1)) {
                 *best = (rank, t.real_port);
             }
         }
-        match pick
-            .checked_rem(group.len())
-            .and_then(|i| group.into_iter().nth(i))
-        {
-            Some((owner, (_, real_port))) => Route::To {
-                real_port,
-                owner: owner.to_owned(),
-            },
-            None if served => Route::Refused,
-            // Connecting straight to another group's real port would bypass
-            // the AID check.
-            None if self.translations.iter().any(|t| {
-                t.protocol == protocol
-                    && t.real_port == virtual_port
-                    && t.aid != aid
-                    && serves(t.addr, dest).is_some()
-            }) =>
-            {
-                Route::Refused
-            }
-            // A live instance whose translations are lost may hold this very
-            // port (the first instance of a port holds the fixed port
-            // itself): passing through could reach another AID's instance.
-            None if !self.damaged.is_empty() => Route::Refused,
-            None => Route::PassThrough,
-        }
+        groups
     }
+}
+
+/// Every AID's group for one destination ([`RegistryState::groups`]).
+pub struct Groups<'a> {
+    /// Some instance serves the destination.
+    served: bool,
+    /// Per AID, per owner: (rank of its address, real port).
+    by_aid: BTreeMap<&'a str, BTreeMap<&'a str, (u8, u16)>>,
+    /// The AIDs whose translations have the destination's port as their
+    /// real port.
+    real_port_of: BTreeSet<&'a str>,
+    damaged: bool,
+}
+
+impl<'a> Groups<'a> {
+    /// The group of a client of `aid`.
+    pub fn of(&self, aid: &str) -> Group<'a> {
+        if let Some(group) = self.by_aid.get(aid) {
+            return Group::Members(
+                group
+                    .iter()
+                    .map(|(owner, (_, real_port))| (*owner, *real_port))
+                    .collect(),
+            );
+        }
+        if self.served {
+            return Group::Refused;
+        }
+        // Connecting straight to another group's real port would bypass
+        // the AID check.
+        if self.real_port_of.iter().any(|other| *other != aid) {
+            return Group::Refused;
+        }
+        // A live instance whose translations are lost may hold this very
+        // port (the first instance of a port holds the fixed port
+        // itself): passing through could reach another AID's instance.
+        if self.damaged {
+            return Group::Refused;
+        }
+        Group::PassThrough
+    }
+}
+
+/// The instances a connect may go to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Group<'a> {
+    /// As [`Route::PassThrough`].
+    PassThrough,
+    /// (owner, real port) of each instance of the caller's AID, in owner
+    /// order; never empty.
+    Members(Vec<(&'a str, u16)>),
+    /// As [`Route::Refused`].
+    Refused,
 }
 
 #[cfg(test)]

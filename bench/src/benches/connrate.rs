@@ -2,7 +2,9 @@
 //! server and the client both native, both under appshot, through a
 //! socat proxy, which stands in for docker-proxy style port publishing, and
 //! both in one sandlock sandbox with port_remap (its supervisor handles the
-//! connect by notification, as appshot's does).
+//! connect by notification, as appshot's does). The appshot client runs
+//! twice: notified (the default), and with `--routing kernel`, where the
+//! cgroup programs route its connect and no call of the round is notified.
 
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use anyhow::Context;
 
 use super::sandlock;
 use super::servers::{native_server, rows_with_socat, socat_proxy};
-use super::{argv, Client, Ctx, Outcome};
+use super::{argv, Client, Ctx, Outcome, KERNEL_ROUTING};
 use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE};
 use crate::table::Row;
@@ -90,16 +92,28 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             client(proxy_port),
             "connrate client via socat",
         ),
+        connrate.appshot_kernel(
+            client(virtual_port),
+            "connrate client under appshot --routing kernel",
+        ),
     ];
     if let Some(argv) = sandboxed {
         trials.push(connrate.native("sandlock", argv, "connrate under sandlock"));
     }
     let m = interleaved(TITLE, Unit::ConnsPerSec, ctx.plan, trials)?;
     let peer_row = match &sandlock {
-        Ok(peer) => Row::compared(TITLE, &peer.row_configuration(), "sandlock", &m[3], &m[1]),
+        Ok(peer) => Row::compared(TITLE, &peer.row_configuration(), "sandlock", &m[4], &m[1]),
         Err(why) => Row::alone(TITLE, "peer: sandlock", &m[1], why),
     };
+    let kernel_row = Row::compared(
+        TITLE,
+        &format!("{KERNEL_ROUTING}: same AID, 2 other AIDs on the port"),
+        "native",
+        &m[0],
+        &m[3],
+    );
     let mut out = rows_with_socat(TITLE, "appshot: same AID, 2 other AIDs on the port", m);
+    out.rows.push(kernel_row);
     out.rows.push(peer_row);
     Ok(out)
 }

@@ -146,6 +146,9 @@ where
 /// A benchmark's client: each run of a trial runs it to its end, natively
 /// or under appshot as `aid`, and `figure` of its output is the run's
 /// figure.
+/// The configuration of a client run with `--routing kernel`.
+pub const KERNEL_ROUTING: &str = "appshot --routing kernel";
+
 #[derive(Clone, Copy)]
 pub struct Client<'a, F> {
     pub appshot: &'a Appshot,
@@ -171,6 +174,17 @@ where
     pub fn appshot(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
         Trial::new("appshot", move || {
             let mut cmd = self.appshot.foreground(self.aid, &argv);
+            (self.figure)(&procs::run(&mut cmd, what, self.timeout)?)
+        })
+    }
+
+    /// The trial [`KERNEL_ROUTING`]: as [`appshot`](Self::appshot), with the
+    /// kernel's cgroup programs deciding connect, getsockname and
+    /// getpeername (`--routing kernel`: only bind is notified).
+    pub fn appshot_kernel(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
+        Trial::new(KERNEL_ROUTING, move || {
+            let mut cmd = self.appshot.foreground(self.aid, &argv);
+            cmd.env("APPSHOT_ROUTING", "kernel");
             (self.figure)(&procs::run(&mut cmd, what, self.timeout)?)
         })
     }

@@ -15,13 +15,18 @@
 //! and only answers CONTINUE. Its row compares appshot with it; what
 //! appshot costs beyond it is appshot's own work. sandlock, a notification
 //! sandbox that remaps ports as well, is the peer of that row.
+//!
+//! With `--routing kernel` getsockname is not notified at all: the cgroup
+//! program renames the port inside the call. Its row compares that with
+//! native; the notified row and its floor measure the default, notified
+//! routing, where getsockname still goes to the supervisor.
 
 use std::time::Duration;
 
 use anyhow::Context;
 
 use super::sandlock;
-use super::{argv, Client, Ctx, Outcome};
+use super::{argv, Client, Ctx, Outcome, KERNEL_ROUTING};
 use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE, NOTIFY_FLOOR, SYSCALL_COST};
 use crate::table::Row;
@@ -96,6 +101,9 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 .chain(args.iter().cloned())
                 .collect();
             trials.push(client.native(FLOOR, under_floor, "syscall_cost under notify_floor"));
+            trials.push(
+                client.appshot_kernel(args.clone(), "syscall_cost under appshot --routing kernel"),
+            );
             if let Ok(peer) = &sandlock {
                 trials.push(client.native(
                     "sandlock",
@@ -114,12 +122,19 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 &m[2],
                 &m[1],
             ));
+            rows.push(Row::compared(
+                "getsockname under appshot vs native",
+                &format!("{KERNEL_ROUTING}: not notified, renamed by the cgroup program"),
+                "native",
+                &m[0],
+                &m[3],
+            ));
             rows.push(match &sandlock {
                 Ok(peer) => Row::compared(
                     benchmark,
                     &peer.row_configuration(),
                     "sandlock",
-                    &m[3],
+                    &m[4],
                     &m[1],
                 ),
                 Err(why) => Row::alone(benchmark, "peer: sandlock", &m[1], why),

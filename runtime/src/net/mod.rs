@@ -1,11 +1,13 @@
 //! The network around the multiplexer: clients outside appshot reaching an
 //! instance through the kernel's NAT (`sourcerules`), negotiation with other
 //! hosts (`remote` the client, `agent` the server), datagrams routed by AID
-//! in the kernel (`cgroup`, `udproutes`) and the lock that drops a
+//! in the kernel (`cgroup`, `udproutes`), connects and names routed by the
+//! kernel for the instances that leave them to it (`connroutes`), and the lock that drops a
 //! connection's packets while it is dumped and restored (`netlock`).
 
 pub mod agent;
 pub(crate) mod cgroup;
+pub mod connroutes;
 pub mod netlock;
 pub mod remote;
 pub mod sourcerules;

@@ -43,8 +43,8 @@ use appshot_vpm::{Protocol, RegistryState, Translation};
 use tracing::{debug, warn};
 
 use crate::error::chain;
-use crate::net::cgroup;
 use crate::net::sourcerules::{nft, registry_tag, TABLE};
+use crate::net::{cgroup, connroutes};
 
 /// The packet mark of refused datagrams ("apsu"), set on output and
 /// read on input (loopback keeps it).
@@ -256,20 +256,46 @@ fn pin_dir(tag: &str, scope: &Path) -> std::io::Result<PathBuf> {
 
 /// Why the programs do not have the plan's routes.
 #[derive(Debug, thiserror::Error)]
-enum RouteError {
+pub enum RouteError {
     #[error("the registry's cgroup {path}")]
     Cgroup {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("the instance's cgroup {path}")]
+    Instance {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no cgroup2 below /sys/fs/cgroup")]
+    NoCgroup2,
+    #[error("an AID's cgroup could not be made")]
+    AidCgroup,
     #[error(transparent)]
     Bpf(#[from] udpbpf::BpfError),
+    #[error(transparent)]
+    Registry(#[from] appshot_vpm::VpmError),
 }
 
-/// Gives the programs `plan`'s routes, attaching them first if they are
-/// not; or detaches them when there are none.
-fn install_routes(root: &Path, tag: &str, plan: &Plan) -> Result<(), RouteError> {
+/// What the maps are given for `state`: the UDP plan's routes, the
+/// connect and name classes, the host's addresses.
+fn entries(state: &RegistryState, plan: &Plan, aids: &BTreeMap<String, u64>) -> Entries {
+    let tables = connroutes::plan(state, aids);
+    Entries {
+        locals: host_addresses(),
+        connects: tables.connects,
+        names: tables.names,
+        damaged: tables.damaged,
+        ..plan.routes.clone()
+    }
+}
+
+/// Gives the programs `entries`, attaching them first if they are not; or
+/// detaches them when they route no datagram and no instance leaves its
+/// calls to them.
+fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), RouteError> {
     let scope = cgroup::scope_dir(root, tag);
     let mine = pin_dir(tag, &scope).map_err(|source| RouteError::Cgroup {
         path: scope.clone(),
@@ -277,20 +303,19 @@ fn install_routes(root: &Path, tag: &str, plan: &Plan) -> Result<(), RouteError>
     })?;
     let parent = mine.parent().expect("below bpffs");
     for other in udpbpf::pin_dirs(parent, &format!("{tag}-")) {
-        if other != mine || plan.routes.routes.is_empty() {
+        if other != mine {
             udpbpf::detach(&other)?;
         }
     }
-    if plan.routes.routes.is_empty() {
+    // The connect and name entries matter only to kernel-routed instances.
+    let routed = UdpRoutes::is_current(&mine) && any_routed(&mut UdpRoutes::open(&mine)?, &scope)?;
+    if entries.routes.is_empty() && !routed {
+        udpbpf::detach(&mine)?;
         return Ok(());
     }
     udpbpf::ensure_bpffs()?;
     let mut routes = UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL))?;
-    let entries = Entries {
-        locals: host_addresses(),
-        ..plan.routes.clone()
-    };
-    Ok(routes.sync(&entries)?)
+    Ok(routes.sync(entries)?)
 }
 
 /// The registry's UDP change hook: the kernel's routes follow the
@@ -302,27 +327,11 @@ pub fn refresh(registry_dir: &Path, state: &RegistryState) {
     let tag = registry_tag(registry_dir);
     // nftables resolves a cgroup path when the rule is loaded, and the
     // programs compare cgroup ids: every AID named must have its directory.
-    let mut aids = BTreeMap::new();
-    for t in state
-        .translations
-        .iter()
-        .filter(|t| t.protocol == Protocol::Udp)
-    {
-        if aids.contains_key(&t.aid) {
-            continue;
-        }
-        match cgroup::ensure_aid_dir(root, &tag, &t.aid).and_then(std::fs::metadata) {
-            Ok(m) => {
-                aids.insert(t.aid.clone(), m.ino());
-            }
-            Err(e) => {
-                warn!(aid = %t.aid, "UDP routes not installed: creating the AID's cgroup: {e}");
-                return;
-            }
-        }
-    }
+    let Some(aids) = connroutes::aid_ids(root, &tag, state) else {
+        return;
+    };
     let plan = plan(state, &aids, root, &tag);
-    if let Err(e) = install_routes(root, &tag, &plan) {
+    if let Err(e) = install_routes(root, &tag, &entries(state, &plan, &aids)) {
         warn!(
             "UDP routes not installed, datagrams to virtual ports are refused: {}",
             chain(&e)
@@ -334,6 +343,141 @@ pub fn refresh(registry_dir: &Path, state: &RegistryState) {
             "UDP refusals not installed, datagrams to virtual ports are not refused: {}",
             chain(&e)
         ),
+    }
+}
+
+/// The registry's TCP change hook: the maps follow the committed state
+/// while some instance leaves its calls to the kernel (which then found
+/// them attached); otherwise nothing reads them.
+pub fn refresh_connects(registry_dir: &Path, state: &RegistryState) {
+    let Some(root) = cgroup::root() else {
+        return;
+    };
+    let tag = registry_tag(registry_dir);
+    let scope = cgroup::scope_dir(root, &tag);
+    let Ok(mine) = pin_dir(&tag, &scope) else {
+        return;
+    };
+    if !UdpRoutes::is_current(&mine) {
+        return;
+    }
+    let synced = (|| {
+        let mut routes = UdpRoutes::open(&mine)?;
+        if !any_routed(&mut routes, &scope)? {
+            return Ok(());
+        }
+        let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
+        let plan = plan(state, &aids, root, &tag);
+        routes.sync(&entries(state, &plan, &aids))?;
+        Ok::<_, RouteError>(())
+    })();
+    if let Err(e) = synced {
+        warn!(
+            "connect routes not installed, kernel-routed connects may be stale: {}",
+            chain(&e)
+        );
+    }
+}
+
+/// Whether an instance of the registry whose cgroup is `scope` is
+/// kernel-routed; the listed cgroups that are gone (a supervisor killed
+/// before it could take its own out) are taken out first.
+fn any_routed(routes: &mut UdpRoutes, scope: &Path) -> Result<bool, udpbpf::BpfError> {
+    let listed = routes.routed()?;
+    if listed.is_empty() {
+        return Ok(false);
+    }
+    // AID directories, then instance directories below them.
+    let live: BTreeSet<u64> = std::fs::read_dir(scope)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|aid| std::fs::read_dir(aid.path()).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|instance| instance.metadata().ok())
+        .filter(|m| m.is_dir())
+        .map(|m| m.ino())
+        .collect();
+    let mut any = false;
+    for id in listed {
+        if live.contains(&id) {
+            any = true;
+        } else {
+            routes.set_routed(id, false)?;
+        }
+    }
+    Ok(any)
+}
+
+/// An instance whose connect, getsockname and getpeername the kernel
+/// decides, for as long as this lives.
+#[derive(Debug)]
+pub struct KernelRouted {
+    registry: appshot_vpm::Registry,
+    pins: PathBuf,
+    id: u64,
+}
+
+/// Lets the programs decide the calls of the instance in cgroup
+/// `instance`: attached (and their maps filled from the registry) under
+/// the registry lock, so that no change of the registry is missed.
+pub fn route_in_kernel(
+    registry: &appshot_vpm::Registry,
+    instance: &Path,
+) -> Result<KernelRouted, RouteError> {
+    let root = cgroup::root().ok_or(RouteError::NoCgroup2)?;
+    let tag = registry_tag(registry.dir());
+    let scope = cgroup::scope_dir(root, &tag);
+    let pins = pin_dir(&tag, &scope).map_err(|source| RouteError::Cgroup {
+        path: scope.clone(),
+        source,
+    })?;
+    let id = std::fs::metadata(instance)
+        .map_err(|source| RouteError::Instance {
+            path: instance.to_owned(),
+            source,
+        })?
+        .ino();
+    registry.transaction(|state| {
+        let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
+        let plan = plan(state, &aids, root, &tag);
+        udpbpf::ensure_bpffs()?;
+        install_routes(root, &tag, &entries(state, &plan, &aids))?;
+        let mut routes = UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?;
+        routes.set_routed(id, true)?;
+        // Attached just now when there was nothing to route.
+        routes.sync(&entries(state, &plan, &aids))?;
+        Ok::<_, RouteError>(())
+    })??;
+    Ok(KernelRouted {
+        registry: registry.clone(),
+        pins,
+        id,
+    })
+}
+
+impl Drop for KernelRouted {
+    /// Under the registry lock, as the change hooks: the programs go when
+    /// they are left with nothing to do.
+    fn drop(&mut self) {
+        let Some(root) = cgroup::root() else {
+            return;
+        };
+        let tag = registry_tag(self.registry.dir());
+        let released = self.registry.transaction(|state| {
+            if UdpRoutes::is_current(&self.pins) {
+                UdpRoutes::open(&self.pins)?.set_routed(self.id, false)?;
+            }
+            let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
+            let plan = plan(state, &aids, root, &tag);
+            install_routes(root, &tag, &entries(state, &plan, &aids))
+        });
+        match released {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(id = self.id, "releasing the kernel's routes: {}", chain(&e)),
+            Err(e) => warn!(id = self.id, "releasing the kernel's routes: {}", chain(&e)),
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Socket calls whose outcome depends on port multiplexing go to the
 //! supervisor (`SECCOMP_RET_USER_NOTIF`); everything else, the data path
-//! included, runs natively. The program also closes the routes around it:
+//! included, runs natively. Under [`Routing::Kernel`] only bind does: the
+//! cgroup programs decide connect (a TCP Fast Open send's too, which passes
+//! the same connect hook), getsockname and getpeername. The program also closes the routes around it:
 //! other ABIs (i386, x32) and io_uring.
 
 use std::io::Read;
@@ -13,9 +15,15 @@ use libseccomp::{
 };
 
 use crate::error::FilterError;
+use crate::net::connroutes::Routing;
 
 /// Syscalls the supervisor emulates for every call.
 pub const NOTIFIED: &[&str] = &["bind", "connect", "getsockname", "getpeername"];
+
+/// The syscalls of [`NOTIFIED`] the supervisor still emulates when the
+/// kernel routes connects and names: a bind takes a real port and records
+/// it in the registry.
+pub const NOTIFIED_KERNEL_ROUTED: &[&str] = &["bind"];
 
 /// TCP Fast Open connects inside a send call, which would reach a real port
 /// without routing; those calls are trapped only when `MSG_FASTOPEN` is set,
@@ -34,18 +42,22 @@ pub const DENIED_ENOSYS: &[&str] = &["io_uring_setup", "io_uring_enter", "io_uri
 /// Builds the BPF program. Any architecture other than native x86_64 (i386
 /// via `int 0x80`, and x32 numbers, which libseccomp checks for explicitly)
 /// kills the process.
-pub fn build() -> Result<Vec<SockFilter>, FilterError> {
+pub fn build(routing: Routing) -> Result<Vec<SockFilter>, FilterError> {
     let err = FilterError::Seccomp;
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(err)?;
     ctx.set_act_badarch(ScmpAction::KillProcess).map_err(err)?;
     if ScmpArch::native() != ScmpArch::X8664 {
         return Err(FilterError::Architecture(ScmpArch::native()));
     }
-    for name in NOTIFIED {
+    let (notified, fastopen_sends) = match routing {
+        Routing::Notified => (NOTIFIED, FASTOPEN_SENDS),
+        Routing::Kernel => (NOTIFIED_KERNEL_ROUTED, &[][..]),
+    };
+    for name in notified {
         let sc = ScmpSyscall::from_name(name).map_err(err)?;
         ctx.add_rule(ScmpAction::Notify, sc).map_err(err)?;
     }
-    for (name, flags_arg) in FASTOPEN_SENDS {
+    for (name, flags_arg) in fastopen_sends {
         let sc = ScmpSyscall::from_name(name).map_err(err)?;
         let fastopen = libc::MSG_FASTOPEN as u64;
         let cmp = ScmpArgCompare::new(*flags_arg, ScmpCompareOp::MaskedEqual(fastopen), fastopen);
@@ -137,7 +149,7 @@ mod tests {
 
     #[test]
     fn socket_calls_notify_and_data_path_is_native() {
-        let p = build().unwrap();
+        let p = build(Routing::Notified).unwrap();
         for nr in [
             libc::SYS_bind,
             libc::SYS_connect,
@@ -171,8 +183,29 @@ mod tests {
     }
 
     #[test]
+    fn kernel_routing_notifies_bind_alone_and_sends_are_native() {
+        let p = build(Routing::Kernel).unwrap();
+        assert_eq!(eval(&p, X86_64, libc::SYS_bind, [0; 6]), NOTIFY);
+        let fastopen = libc::MSG_FASTOPEN as u64;
+        for (nr, args) in [
+            (libc::SYS_connect, [0; 6]),
+            (libc::SYS_getsockname, [0; 6]),
+            (libc::SYS_getpeername, [0; 6]),
+            (libc::SYS_sendto, [3, 0, 10, fastopen, 0, 0]),
+            (libc::SYS_sendmsg, [3, 0, fastopen, 0, 0, 0]),
+        ] {
+            assert_eq!(eval(&p, X86_64, nr, args), ALLOW, "syscall {nr}");
+        }
+        let errno_enosys = 0x0005_0000 | libc::ENOSYS as u32;
+        assert_eq!(
+            eval(&p, X86_64, libc::SYS_io_uring_setup, [0; 6]),
+            errno_enosys
+        );
+    }
+
+    #[test]
     fn sctp_sockets_are_not_supported() {
-        let p = build().unwrap();
+        let p = build(Routing::Notified).unwrap();
         let errno = |e: i32| 0x0005_0000 | e as u32;
         let inet = libc::AF_INET as u64;
         let inet6 = libc::AF_INET6 as u64;
@@ -202,7 +235,7 @@ mod tests {
 
     #[test]
     fn other_abis_are_killed_and_io_uring_is_enosys() {
-        let p = build().unwrap();
+        let p = build(Routing::Notified).unwrap();
         assert_eq!(eval(&p, I386, 361 /* i386 bind */, [0; 6]), KILL_PROCESS);
         let x32_bind = 0x4000_0000 | libc::SYS_bind;
         assert_eq!(eval(&p, X86_64, x32_bind, [0; 6]), KILL_PROCESS);

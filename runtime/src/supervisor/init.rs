@@ -120,6 +120,8 @@ pub struct InitArgs {
     /// Who the launched application runs as.
     pub user: Option<crate::supervisor::user::RunAs>,
     pub command: Vec<String>,
+    /// Which calls the launched application's filter notifies.
+    pub routing: crate::net::connroutes::Routing,
 }
 
 pub fn run(args: InitArgs) -> Result<i32, InitError> {
@@ -334,7 +336,7 @@ fn exec_status(e: &std::io::Error) -> i32 {
 }
 
 fn launch(args: &InitArgs, app_env: &[(String, String)], channel: OwnedFd) -> Result<Pid, Launch> {
-    let program = filter::build().map_err(|e| Launch::Other(e.into()))?;
+    let program = filter::build(args.routing).map_err(|e| Launch::Other(e.into()))?;
     let Some((path, rest)) = args.command.split_first() else {
         return Err(Launch::Other(InitError::NoCommand));
     };

@@ -42,7 +42,9 @@ use self::control::{Peer, Reply, Request};
 use crate::error::{FileOp, RuntimeError};
 use crate::multiplex::{Multiplexer, PortSet, Settings};
 use crate::net::cgroup::{self, InstanceCgroup};
+use crate::net::connroutes::Routing;
 use crate::net::remote::Cluster;
+use crate::net::udproutes::{route_in_kernel, KernelRouted};
 use crate::seccomp::{filter, notify};
 use crate::tree;
 
@@ -92,6 +94,11 @@ pub struct Launch {
     /// generate systemd`.
     #[serde(default)]
     pub config: Option<PathBuf>,
+    /// Who was asked to decide connect and the name calls (the supervisor
+    /// settles who does when it starts: [`Routing::Kernel`] needs the
+    /// programs attached and no cluster key).
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 /// How an instance comes to be, with what each way needs.
@@ -178,7 +185,7 @@ pub fn run(launch: Launch, ready: &mut Option<std::fs::File>) -> Result<Ended, R
 /// [`run`] for a clone claimed from an instance shell: its namespace init
 /// runs already.
 pub fn run_in(
-    launch: Launch,
+    mut launch: Launch,
     mut shell: Option<pool::Shell>,
     ready: &mut Option<std::fs::File>,
 ) -> Result<Ended, RuntimeError> {
@@ -245,6 +252,9 @@ pub fn run_in(
         })?;
     let cgroup = instance_cgroup(&registry, &launch);
     let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
+    // Dropped after the instance's processes are gone.
+    let (routing, _kernel_routed) = settle_routing(&registry, &launch, cgroup_dir);
+    launch.routing = routing;
     let settings = |init_pid| Settings {
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
@@ -565,6 +575,34 @@ fn instance_cgroup(registry: &Registry, launch: &Launch) -> Option<InstanceCgrou
     }
 }
 
+/// Who decides the instance's connect and name calls, from what was asked
+/// and what this host allows: the kernel needs the programs attached to a
+/// cgroup the instance is in, and cannot negotiate with other hosts.
+fn settle_routing(
+    registry: &Registry,
+    launch: &Launch,
+    cgroup: Option<&Path>,
+) -> (Routing, Option<KernelRouted>) {
+    if launch.routing == Routing::Notified {
+        return (Routing::Notified, None);
+    }
+    if launch.cluster.cluster_key_file.is_some() {
+        info!(name = %launch.name, "a cluster key is configured: connect negotiates with other hosts, so the supervisor routes it");
+        return (Routing::Notified, None);
+    }
+    let Some(dir) = cgroup else {
+        warn!(name = %launch.name, "no instance cgroup: the supervisor routes connects");
+        return (Routing::Notified, None);
+    };
+    match route_in_kernel(registry, dir) {
+        Ok(routed) => (Routing::Kernel, Some(routed)),
+        Err(e) => {
+            warn!(name = %launch.name, "the kernel cannot route connects, the supervisor does: {}", crate::error::chain(&e));
+            (Routing::Notified, None)
+        }
+    }
+}
+
 fn launch_application(
     launch: &Launch,
     cgroup: Option<&Path>,
@@ -757,9 +795,10 @@ where
                 None
             }
         };
+        // A shell's filter was built ahead for the supervisor's routing.
         let program = match self.filter.take() {
-            Some(program) => program,
-            None => filter::build()?,
+            Some(program) if self.launch.routing == Routing::Notified => program,
+            _ => filter::build(self.launch.routing)?,
         };
         self.phases.mark("filter built");
         let mux = self.mux.as_ref().expect("init started first");
@@ -901,6 +940,13 @@ fn start_init(
     let exe =
         std::env::current_exe().map_err(|e| RuntimeError::sys("locating the appshot binary", e))?;
     let mut argv = vec![cstr(exe.as_os_str().as_bytes())?, cstr(b"__init")?];
+    // Always named: APPSHOT_ROUTING in the environment init inherits must
+    // not choose a filter the supervisor did not settle on.
+    argv.push(cstr(b"--routing")?);
+    argv.push(cstr(match launch.routing {
+        Routing::Notified => b"notified",
+        Routing::Kernel => b"kernel",
+    })?);
     if let Some(channel) = channel {
         argv.push(cstr(b"--channel-fd")?);
         argv.push(cstr(channel.as_raw_fd().to_string().as_bytes())?);
@@ -1342,6 +1388,7 @@ mod tests {
             log_max_bytes: 1,
             restart: Default::default(),
             config: None,
+            routing: Default::default(),
         }
     }
 

@@ -185,8 +185,11 @@ fn prepare_and_wait(
     let _ = std::fs::remove_file(dir.join(format!("{me}.{STARTING}")));
     info!(socket = %path.display(), init = init.pid, "shell ready");
     // Work every claim would do first, done while nobody waits: the
-    // filter built, the cgroup mount found, the registry opened.
-    let filter = Some(crate::seccomp::filter::build()?);
+    // filter built (for the default routing), the cgroup mount found, the
+    // registry opened.
+    let filter = Some(crate::seccomp::filter::build(
+        crate::net::connroutes::Routing::Notified,
+    )?);
     let _ = crate::net::cgroup::root();
     // Its connections open ahead: they also keep the registry's log from
     // being deleted and made again (with fsyncs) around every claim.

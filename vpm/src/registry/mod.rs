@@ -71,6 +71,18 @@ pub fn set_udp_change_hook(hook: UdpChangeHook) {
     let _ = UDP_CHANGE_HOOK.set(hook);
 }
 
+/// Told, as the UDP change hook is, that the TCP translations or the
+/// damaged instances changed: the kernel's connect and name routes of the
+/// instances that leave those calls to it are rebuilt from the state.
+pub type TcpChangeHook = fn(&Path, &RegistryState);
+
+static TCP_CHANGE_HOOK: OnceLock<TcpChangeHook> = OnceLock::new();
+
+/// Installs the process-wide TCP change hook; the first call wins.
+pub fn set_tcp_change_hook(hook: TcpChangeHook) {
+    let _ = TCP_CHANGE_HOOK.set(hook);
+}
+
 #[derive(Debug, Clone)]
 pub struct Registry {
     dir: PathBuf,
@@ -132,13 +144,17 @@ fn changed_owners(before: &RegistryState, after: &RegistryState) -> BTreeSet<Str
     changed
 }
 
-/// The UDP translations of `owners`: only a change of these calls the UDP
-/// change hook.
-fn udp_of<'a>(state: &'a RegistryState, owners: &BTreeSet<String>) -> Vec<&'a Translation> {
+/// The translations of `protocol` of `owners`: only a change of these calls
+/// its change hook.
+fn of<'a>(
+    state: &'a RegistryState,
+    protocol: Protocol,
+    owners: &BTreeSet<String>,
+) -> Vec<&'a Translation> {
     state
         .translations
         .iter()
-        .filter(|t| t.protocol == Protocol::Udp && owners.contains(&t.owner))
+        .filter(|t| t.protocol == protocol && owners.contains(&t.owner))
         .collect()
 }
 
@@ -174,6 +190,7 @@ struct Committed<R> {
     result: R,
     reclaimed: Vec<String>,
     udp: Option<RegistryState>,
+    tcp: Option<RegistryState>,
 }
 
 impl Registry {
@@ -285,7 +302,7 @@ impl Registry {
             }
             let forget: BTreeSet<&str> =
                 reclaimed.iter().map(String::as_str).chain(fresh).collect();
-            let damaged = state
+            let damaged: Option<BTreeSet<String>> = state
                 .damaged
                 .iter()
                 .any(|n| forget.contains(n.as_str()))
@@ -297,7 +314,15 @@ impl Registry {
                         .cloned()
                         .collect()
                 });
-            let udp = (udp_of(before, &owners) != udp_of(&state, &owners)).then(|| state.clone());
+            let changed = |p| of(before, p, &owners) != of(&state, p, &owners);
+            let udp = changed(Protocol::Udp).then(|| state.clone());
+            let tcp = (changed(Protocol::Tcp) || damaged.is_some()).then(|| {
+                let mut after = state.clone();
+                if let Some(damaged) = &damaged {
+                    after.damaged = damaged.clone();
+                }
+                after
+            });
             let changes =
                 (!owners.is_empty() || !holders.is_empty() || damaged.is_some() || full_due).then(
                     || Changes {
@@ -313,6 +338,7 @@ impl Registry {
                     result,
                     reclaimed,
                     udp,
+                    tcp,
                 },
                 changes,
             ))
@@ -324,6 +350,9 @@ impl Registry {
             hook(&self.dir, &committed.reclaimed);
         }
         if let (Some(after), Some(hook)) = (&committed.udp, UDP_CHANGE_HOOK.get()) {
+            hook(&self.dir, after);
+        }
+        if let (Some(after), Some(hook)) = (&committed.tcp, TCP_CHANGE_HOOK.get()) {
             hook(&self.dir, after);
         }
         Ok(committed.result)

@@ -895,6 +895,50 @@ fn the_udp_hook_hears_of_udp_changes_only() {
     assert_eq!(udp_changes_in(registry.dir()), [1, 0]);
 }
 
+static TCP_CHANGES: std::sync::Mutex<Vec<UdpSeen>> = std::sync::Mutex::new(Vec::new());
+
+fn record_tcp_change(dir: &Path, after: &RegistryState) {
+    let tcp = after
+        .translations
+        .iter()
+        .filter(|t| t.protocol == crate::Protocol::Tcp)
+        .count();
+    TCP_CHANGES.lock().unwrap().push((dir.to_path_buf(), tcp));
+}
+
+#[test]
+fn the_tcp_hook_hears_of_tcp_changes_only() {
+    set_tcp_change_hook(record_tcp_change);
+    let (_tmp, registry) = registry();
+    let seen = || {
+        TCP_CHANGES
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| d == registry.dir())
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+    };
+    let _lock = InstanceLock::acquire(&registry, "web").unwrap();
+    register(&registry, "web", "a", 9000);
+    assert_eq!(seen(), [1]);
+
+    let mut udp = tcp("0.0.0.0", 53, "a", 20053, "web");
+    udp.protocol = crate::Protocol::Udp;
+    registry.transaction(|s| s.insert(udp.clone())).unwrap();
+    registry
+        .transaction(|s| {
+            s.instances.insert("web".into(), record("web", "b"));
+        })
+        .unwrap();
+    assert_eq!(seen(), [1], "UDP rows and records only");
+
+    registry
+        .transaction(|s| s.insert(tcp("0.0.0.0", 9001, "a", 9001, "web")))
+        .unwrap();
+    assert_eq!(seen(), [1, 2]);
+}
+
 #[test]
 fn a_killed_supervisor_not_yet_reaped_is_dead_and_reclaimed_by_a_reclaiming_read() {
     let (_tmp, registry) = registry();
