@@ -63,7 +63,11 @@ fn madvise_mlock_and_noreserve_come_back_with_a_restore() {
     assert_eq!(ask(&h), "contents=ok fork=ok", "before the snapshot");
 
     let before = vm_flags(pid_of(&h.instance("adv").unwrap()), &starts);
-    assert_eq!(before.len(), 7, "every region is its own mapping: {before:?}");
+    assert_eq!(
+        before.len(),
+        7,
+        "every region is its own mapping: {before:?}"
+    );
     for (flag, region) in [
         ("hg", 0),
         ("nh", 1),
@@ -78,7 +82,9 @@ fn madvise_mlock_and_noreserve_come_back_with_a_restore() {
         ("mg", 6),
     ] {
         assert!(
-            before[&starts[region]].split_whitespace().any(|f| f == flag),
+            before[&starts[region]]
+                .split_whitespace()
+                .any(|f| f == flag),
             "region {region} lacks {flag} before the snapshot: {before:?}"
         );
     }
