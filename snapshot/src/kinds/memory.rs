@@ -837,6 +837,31 @@ pub(crate) fn map_memory(
     Ok(())
 }
 
+/// `pieces` cut in two of about the same number of bytes, at a page.
+fn halves(pieces: &[Piece]) -> (Vec<Piece>, Vec<Piece>) {
+    let total: u64 = pieces.iter().map(|p| p.len).sum();
+    let mut left = (total / 2) / PAGE * PAGE;
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for p in pieces {
+        if left == 0 {
+            second.push(*p);
+        } else if p.len <= left {
+            left -= p.len;
+            first.push(*p);
+        } else {
+            first.push(Piece { len: left, ..*p });
+            second.push(Piece {
+                addr: p.addr + left,
+                len: p.len - left,
+                offset: p.offset + left,
+                ..*p
+            });
+            left = 0;
+        }
+    }
+    (first, second)
+}
+
 /// The pieces of one mapping, each run that continues the one before it in
 /// memory and in the same image layer made one: the dump cuts runs at
 /// [`CHUNK_PAGES`], and each piece is a call (an `UFFDIO_COPY` of 64 MiB
@@ -956,23 +981,57 @@ fn copy_in(
             SnapshotError::process(pid, format!("registering {start:#x}-{end:#x}"), e)
         })?;
     }
-    for p in pieces {
-        let (_, source) = layers
-            .iter()
-            .find(|(l, _)| *l == p.layer)
-            .expect("every layer mapped above");
-        let offset = image.layer(p.layer).pages_off + p.offset;
-        uffd::copy_from(fd.as_fd(), p.addr, source, offset, p.len).map_err(|(done, errno)| {
-            SnapshotError::process(
-                pid,
-                format!(
-                    "UFFDIO_COPY of {} saved bytes to {:#x} from {} (stopped after {done})",
-                    p.len,
-                    p.addr,
-                    image.layer(p.layer).path.display()
-                ),
-                Errno::from_raw(errno),
-            )
+    let copy = |pieces: &[Piece]| -> Result<(), SnapshotError> {
+        for p in pieces {
+            let (_, source) = layers
+                .iter()
+                .find(|(l, _)| *l == p.layer)
+                .expect("every layer mapped above");
+            let offset = image.layer(p.layer).pages_off + p.offset;
+            uffd::copy_from(fd.as_fd(), p.addr, source, offset, p.len).map_err(
+                |(done, errno)| {
+                    SnapshotError::process(
+                        pid,
+                        format!(
+                            "UFFDIO_COPY of {} saved bytes to {:#x} from {} (stopped after {done})",
+                            p.len,
+                            p.addr,
+                            image.layer(p.layer).path.display()
+                        ),
+                        Errno::from_raw(errno),
+                    )
+                },
+            )?;
+        }
+        Ok(())
+    };
+    // Half of the pages on another CPU: this thread is pinned to the
+    // stopped process's CPU (for the ptrace round trips), and the kernel
+    // fills pages at 2.6-3.4 GB/s per thread here (256 MiB: 80-96 ms on
+    // one thread, 53-63 ms on two, idle machine).
+    let (here, there) = halves(pieces);
+    if there.is_empty()
+        || nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+            .ok()
+            .flatten()
+            .is_none_or(|n| n < 2)
+    {
+        copy(pieces)?;
+    } else {
+        let current = nix::sched::sched_getcpu().ok();
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| {
+                let mut others = nix::sched::CpuSet::new();
+                for cpu in (0..nix::sched::CpuSet::count()).filter(|&c| Some(c) != current) {
+                    let _ = others.set(cpu);
+                }
+                // Refused (no other CPU allowed): it shares this one.
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &others);
+                copy(&there)
+            });
+            let mine = copy(&here);
+            let theirs = other.join().expect("copying thread");
+            mine.and(theirs)
         })?;
     }
     for &(start, end) in ranges {
@@ -1086,6 +1145,30 @@ mod tests {
             layer,
             offset,
         }
+    }
+
+    #[test]
+    fn halves_split_the_bytes_at_a_page() {
+        let pieces = vec![
+            piece(0x10000, 0x3000, 0, 0),
+            piece(0x20000, 0x2000, 1, 0x8000),
+        ];
+        let (a, b) = halves(&pieces);
+        assert_eq!(
+            a,
+            vec![piece(0x10000, 0x2000, 0, 0)],
+            "5 pages: the first 2 here"
+        );
+        assert_eq!(
+            b,
+            vec![
+                piece(0x12000, 0x1000, 0, 0x2000),
+                piece(0x20000, 0x2000, 1, 0x8000)
+            ]
+        );
+        let (a, b) = halves(&[piece(0x10000, 0x1000, 0, 0)]);
+        assert!(a.is_empty());
+        assert_eq!(b, vec![piece(0x10000, 0x1000, 0, 0)]);
     }
 
     #[test]
