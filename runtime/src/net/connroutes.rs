@@ -239,32 +239,11 @@ pub fn aid_ids(root: &Path, tag: &str, state: &RegistryState) -> Option<BTreeMap
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::fixtures::{aids, state, translation};
     use appshot_vpm::Route;
 
     fn tcp(aid: &str, addr: &str, virtual_port: u16, real_port: u16, owner: &str) -> Translation {
-        Translation {
-            protocol: Protocol::Tcp,
-            addr: addr.parse().unwrap(),
-            virtual_port,
-            aid: aid.into(),
-            real_port,
-            owner: owner.into(),
-            socket_inode: u64::from(real_port),
-        }
-    }
-
-    fn state(translations: Vec<Translation>) -> RegistryState {
-        RegistryState {
-            translations,
-            ..RegistryState::default()
-        }
-    }
-
-    fn aids() -> BTreeMap<String, u64> {
-        [("a", 101), ("b", 102), ("c", 103)]
-            .into_iter()
-            .map(|(aid, id)| (aid.to_string(), id))
-            .collect()
+        translation(Protocol::Tcp, aid, addr, virtual_port, real_port, owner)
     }
 
     /// What the programs find for a caller of cgroup `aid` connecting to

@@ -8,6 +8,8 @@
 pub mod agent;
 pub(crate) mod cgroup;
 pub mod connroutes;
+#[cfg(test)]
+mod fixtures;
 pub mod netlock;
 pub mod remote;
 pub mod sourcerules;

@@ -484,31 +484,11 @@ impl Drop for KernelRouted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::fixtures::{aids, state, translation};
 
     fn udp(aid: &str, addr: &str, virtual_port: u16, real_port: u16) -> Translation {
-        Translation {
-            protocol: Protocol::Udp,
-            addr: addr.parse().unwrap(),
-            virtual_port,
-            aid: aid.into(),
-            real_port,
-            owner: format!("{aid}-{real_port}"),
-            socket_inode: u64::from(real_port),
-        }
-    }
-
-    fn state(translations: Vec<Translation>) -> RegistryState {
-        RegistryState {
-            translations,
-            ..RegistryState::default()
-        }
-    }
-
-    fn aids() -> BTreeMap<String, u64> {
-        [("a", 101), ("b", 102), ("c", 103)]
-            .into_iter()
-            .map(|(aid, id)| (aid.to_string(), id))
-            .collect()
+        let owner = format!("{aid}-{real_port}");
+        translation(Protocol::Udp, aid, addr, virtual_port, real_port, &owner)
     }
 
     fn key(aid: u64, addr: &str, port: u16) -> RouteKey {
