@@ -33,7 +33,7 @@ use appshot_snapshot::image::Image;
 use appshot_sys::pidfd;
 use appshot_vpm::Registry;
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use tracing::{info, warn};
@@ -389,15 +389,7 @@ fn lock(dir: &Path) -> Result<Flock<File>, RuntimeError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| RuntimeError::sys(format!("creating {}", dir.display()), e))?;
-    let path = dir.join("lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| RuntimeError::sys(format!("opening {}", path.display()), e))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| RuntimeError::sys(format!("locking {}", path.display()), e))
+    templates::lock(dir)
 }
 
 /// Shells of the template that are ready or starting, each once (a shell

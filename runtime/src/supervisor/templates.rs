@@ -146,7 +146,8 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-fn lock(dir: &Path) -> Result<Flock<File>, RuntimeError> {
+/// Takes `dir/lock` exclusively, waiting for it.
+pub(super) fn lock(dir: &Path) -> Result<Flock<File>, RuntimeError> {
     let path = dir.join("lock");
     let file = File::options()
         .create(true)
