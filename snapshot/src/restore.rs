@@ -393,12 +393,6 @@ fn build_tree(
             }
         }
     }
-    // What each process set with madvise and mlock, now that no process
-    // of the tree is left to fork.
-    for (b, p) in built.iter().zip(procs) {
-        let inj = b.frozen.rebuilding_injector(scratch, b.template);
-        crate::kinds::memory::advise(&inj, b.frozen.pid, &p.vmas)?;
-    }
     memfds.finish(image, |host| {
         built
             .iter()
@@ -644,6 +638,12 @@ fn second_pass(
             &t.creds,
         )?;
     }
+    // What the process set with madvise and mlock: now, when every process
+    // of the tree is forked (a fork would leave out a DONTFORK mapping and
+    // wipe a WIPEONFORK one), and under the application's own credentials
+    // and rlimits, so that the kernel judges a lock as it judged the
+    // application's (RLIMIT_MEMLOCK, CAP_IPC_LOCK).
+    kinds::memory::advise(&frozen.rebuilding_injector(scratch, template), pid, &p.vmas)?;
 
     // The scratch mapping goes last, unmapped by code briefly written over
     // the restored program's own text.

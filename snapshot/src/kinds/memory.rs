@@ -133,7 +133,9 @@ fn mmap_flags(advice: &Advice) -> u64 {
 
 /// Sets on each mapping of `vmas` what the process had set with madvise
 /// and mlock. Called once every process of the tree is forked, since a
-/// fork leaves out MADV_DONTFORK mappings and wipes MADV_WIPEONFORK ones.
+/// fork leaves out MADV_DONTFORK mappings and wipes MADV_WIPEONFORK ones,
+/// and once the process has its own credentials and rlimits back, so that
+/// a lock is allowed only as the application's own was.
 /// Each call the kernel refuses fails the restore: a mapping is made back
 /// as it was, or not at all.
 pub(crate) fn advise(inj: &Injector, pid: u32, vmas: &[Vma]) -> Result<(), SnapshotError> {
