@@ -60,8 +60,12 @@ struct {
 // load. The supervisor writes it through a mapping (BPF_F_MMAPABLE).
 struct port {
 	__u32 virtual_port;	// a real port: the virtual port it stands for
-	__u32 routed;		// nonzero: some route's virtual port
+	__u32 routed;		// ROUTED_*: the kinds of routes with this
+				// virtual port
 };
+
+#define ROUTED_EXACT 1		// a route for a socket's own address
+#define ROUTED_WILDCARD 2	// a route for a wildcard socket
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -132,26 +136,35 @@ static __always_inline void send(struct bpf_sock_addr *ctx, struct addr *dest)
 		return;
 	key.aid = bpf_get_current_ancestor_cgroup_id(aid_level);
 	key.port = port;
-	key.addr[0] = dest->addr[0];
-	key.addr[1] = dest->addr[1];
-	key.addr[2] = dest->addr[2];
-	key.addr[3] = dest->addr[3];
-	real = bpf_map_lookup_elem(&routes, &key);
-	if (!real) {
-		// A wildcard socket receives on every local address, and on no
-		// other host's.
-		if (!is_local(dest))
-			return;
-		if (is_v4(dest)) {
-			key.addr[3] = 0;
-		} else {
-			key.addr[0] = 0;
-			key.addr[1] = 0;
-			key.addr[2] = 0;
-			key.addr[3] = 0;
-		}
+	// Servers mostly bind a wildcard: the lookup of the address itself is
+	// made only where some socket on the port has one.
+	if (p->routed & ROUTED_EXACT) {
+		key.addr[0] = dest->addr[0];
+		key.addr[1] = dest->addr[1];
+		key.addr[2] = dest->addr[2];
+		key.addr[3] = dest->addr[3];
 		real = bpf_map_lookup_elem(&routes, &key);
+		if (real) {
+			ctx->user_port = bpf_htons(*real);
+			return;
+		}
 	}
+	// A wildcard socket receives on every local address, and on no other
+	// host's.
+	if (!(p->routed & ROUTED_WILDCARD) || !is_local(dest))
+		return;
+	if (is_v4(dest)) {
+		key.addr[0] = 0;
+		key.addr[1] = 0;
+		key.addr[2] = bpf_htonl(0xffff);
+		key.addr[3] = 0;
+	} else {
+		key.addr[0] = 0;
+		key.addr[1] = 0;
+		key.addr[2] = 0;
+		key.addr[3] = 0;
+	}
+	real = bpf_map_lookup_elem(&routes, &key);
 	if (real)
 		ctx->user_port = bpf_htons(*real);
 }

@@ -122,9 +122,15 @@ pub const TO: u32 = 2;
 pub struct Port {
     /// For a real port, the virtual port it stands for; else 0.
     pub virtual_port: u32,
-    /// Nonzero when some route has this port as its virtual port.
+    /// [`ROUTED_EXACT`] and [`ROUTED_WILDCARD`]: the kinds of routes
+    /// whose virtual port this is.
     pub routed: u32,
 }
+
+/// A route for a socket bound to an address of its own.
+pub const ROUTED_EXACT: u32 = 1;
+/// A route for a wildcard socket (`::` or `::ffff:0.0.0.0`).
+pub const ROUTED_WILDCARD: u32 = 2;
 
 /// Entries of the `ports` array: one per port number.
 pub const PORTS: usize = 1 << 16;
@@ -147,9 +153,14 @@ impl Entries {
     /// routes, and the virtual port of each real port.
     pub fn ports(&self) -> Vec<Port> {
         let mut ports = vec![Port::default(); PORTS];
+        let v4_any = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
         for key in self.routes.keys() {
             if let Some(p) = ports.get_mut(key.port as usize) {
-                p.routed = 1;
+                p.routed |= if key.addr == [0; 16] || key.addr == v4_any {
+                    ROUTED_WILDCARD
+                } else {
+                    ROUTED_EXACT
+                };
             }
         }
         for (&real, &virtual_port) in &self.reverse {
@@ -536,26 +547,34 @@ mod tests {
 
     #[test]
     fn ports_mark_virtual_ports_of_routes_and_name_real_ports() {
-        let key = |aid: u64, port: u32| RouteKey {
+        let v4_any = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+        let v4_own = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2];
+        let key = |aid: u64, addr: [u8; 16], port: u32| RouteKey {
             aid,
-            addr: [0; 16],
+            addr,
             port,
             pad: 0,
         };
         let entries = Entries {
-            routes: BTreeMap::from([(key(7, 5353), 20001), (key(8, 5353), 20002)]),
+            routes: BTreeMap::from([
+                (key(7, v4_any, 5353), 20001),
+                (key(8, [0; 16], 5353), 20002),
+                (key(7, v4_own, 53), 20003),
+                (key(7, v4_own, 54), 20004),
+                (key(8, v4_any, 54), 20005),
+            ]),
             reverse: BTreeMap::from([(20001, 5353), (20002, 5353)]),
             ..Entries::default()
         };
         let ports = entries.ports();
         assert_eq!(ports.len(), PORTS);
-        assert_eq!(
-            ports[5353],
-            Port {
-                virtual_port: 0,
-                routed: 1
-            }
-        );
+        let routed = |routed| Port {
+            virtual_port: 0,
+            routed,
+        };
+        assert_eq!(ports[5353], routed(ROUTED_WILDCARD));
+        assert_eq!(ports[53], routed(ROUTED_EXACT));
+        assert_eq!(ports[54], routed(ROUTED_EXACT | ROUTED_WILDCARD));
         for real in [20001, 20002] {
             assert_eq!(
                 ports[real],
@@ -566,7 +585,7 @@ mod tests {
             );
         }
         let marked = ports.iter().filter(|p| **p != Port::default()).count();
-        assert_eq!(marked, 3);
+        assert_eq!(marked, 5);
         assert!(Entries::default()
             .ports()
             .iter()
