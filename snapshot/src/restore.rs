@@ -27,7 +27,7 @@ use crate::kinds;
 use crate::kinds::memory::{map_memory, map_vdso, set_mm};
 use crate::lazy::{LazySettings, LazyStatus, PageServer};
 use crate::proc::parse;
-use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory, BATCH_AT};
 use crate::regs;
 
 pub(crate) const SCRATCH: u64 = 256 * PAGE;
@@ -538,9 +538,22 @@ fn first_pass(
     // fds above the stub's limit. Its temporaries sit above its highest
     // fd, so the soft limit is the hard one until the fds are placed.
     let nofile = libc::RLIMIT_NOFILE;
-    for &(res, cur, max) in &p.rlimits {
-        let raised = res == nofile && set_rlimit(&inj, mem, pid, data, (res, max, max))?;
-        if !raised && !set_rlimit(&inj, mem, pid, data, (res, cur, max))? {
+    let first: Vec<(u32, u64, u64)> = p
+        .rlimits
+        .iter()
+        .map(|&(res, cur, max)| {
+            if res == nofile {
+                (res, max, max)
+            } else {
+                (res, cur, max)
+            }
+        })
+        .collect();
+    let set = set_rlimits(&inj, mem, pid, data, scratch + BATCH_AT, &first)?;
+    for (&(res, cur, max), set) in p.rlimits.iter().zip(set) {
+        // RLIMIT_NOFILE raised to its hard limit, or else as it was.
+        let set = set || (res == nofile && set_rlimit(&inj, mem, pid, data, (res, cur, max))?);
+        if !set {
             warn!(resource = res, "rlimit could not be restored");
         }
     }
@@ -577,7 +590,7 @@ fn second_pass(
         let cwd = write_str(mem, data, &p.cwd)?;
         inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
         inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
-        kinds::signals::restore_actions(&inj, mem, pid, data, &p.sigactions)?;
+        kinds::signals::restore_actions(&inj, mem, pid, data, scratch + BATCH_AT, &p.sigactions)?;
     }
     // Each process gets a filter (and listener) of its own, installed after
     // its children were forked (they get their own) and after every
@@ -663,6 +676,40 @@ fn second_pass(
     kinds::threads::restore_xstate(p, &host_tids)?;
     kinds::threads::restore_registers(p, saved_regs, &host_tids)?;
     Ok(listener)
+}
+
+/// Sets each of `limits` in process `pid` in one batch of injected calls
+/// (code at `code`, the limits written at `data`); whether each was set.
+fn set_rlimits(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    code: u64,
+    limits: &[(u32, u64, u64)],
+) -> Result<Vec<bool>, SnapshotError> {
+    let values: Vec<libc::rlimit> = limits
+        .iter()
+        .map(|&(_, cur, max)| libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        })
+        .collect();
+    mem.write(data, abi::bytes_of_slice(&values))?;
+    let size = std::mem::size_of::<libc::rlimit>() as u64;
+    let calls: Vec<(i64, [u64; 6])> = limits
+        .iter()
+        .enumerate()
+        .map(|(i, &(res, _, _))| {
+            let limit = data + i as u64 * size;
+            (libc::SYS_prlimit64, [0, u64::from(res), limit, 0, 0, 0])
+        })
+        .collect();
+    Ok(inj
+        .call_all(mem, pid, code, &calls)?
+        .into_iter()
+        .map(|ret| ret >= 0)
+        .collect())
 }
 
 fn set_rlimit(
