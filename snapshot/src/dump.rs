@@ -19,12 +19,14 @@ use crate::kinds::memory::{classify, dump_memory, MemoryContext, VmFlags};
 use crate::kinds::{self, tree};
 use crate::precopy::Tracking;
 use crate::proc::parse;
-use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory, BATCH_AT};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory, BATCH_AT, BATCH_LEN};
 use tracing::debug;
 
 /// Scratch memory mapped into the process for the duration of the
 /// injected calls: code at its start, data after the first page.
 const SCRATCH: u64 = 64 * PAGE;
+// Batched calls run from inside the scratch memory.
+const _: () = assert!(BATCH_AT + BATCH_LEN <= SCRATCH);
 const DATA: u64 = PAGE;
 const RLIMIT_COUNT: u32 = 16;
 pub struct DumpRequest<'a> {

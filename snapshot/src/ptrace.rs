@@ -36,11 +36,13 @@ const CALL_CODE_LEN: usize = 7 * 10 + 2 + 10;
 /// calls pass (signal actions and limits take 2.3 KiB).
 pub const BATCH_AT: u64 = 16 * 4096;
 
-/// Scratch bytes [`Injector::call_all`] uses for `calls` calls: their code,
-/// the closing `int3` and their results.
-pub fn batch_len(calls: usize) -> u64 {
-    (calls * (CALL_CODE_LEN + 8) + 1) as u64
-}
+/// Calls run in one stop by [`Injector::call_all`]; more are run in turns.
+const BATCH_CALLS: usize = 512;
+
+/// Scratch bytes from [`BATCH_AT`] that [`Injector::call_all`] uses at
+/// most: the code of [`BATCH_CALLS`] calls, the closing `int3` and their
+/// results (46 KiB; a dump's scratch memory is 256 KiB).
+pub const BATCH_LEN: u64 = (BATCH_CALLS * (CALL_CODE_LEN + 8) + 1) as u64;
 
 /// x86-64 code making each call in turn and storing its `rax` at
 /// `results` + 8 × its index, then trapping.
@@ -443,13 +445,27 @@ impl Injector<'_> {
 
     /// Executes `calls` one after another in thread `tid` in one stop:
     /// their code is written at `code` (in writable, executable scratch
-    /// memory of at least [`batch_len`] bytes) and each raw result (negative
+    /// memory of [`BATCH_LEN`] bytes) and each raw result (negative
     /// errno on failure) is stored there too, read back with one read. A
     /// failing call does not stop the ones after it. Each injected call
     /// costs four to six ptrace requests and two context switches, which a
     /// dump's or restore's ~80 signal-action and limit calls paid each.
     /// The calls must not clone.
     pub fn call_all(
+        &self,
+        mem: &Memory,
+        tid: u32,
+        code: u64,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<Vec<i64>, SnapshotError> {
+        let mut answers = Vec::with_capacity(calls.len());
+        for part in calls.chunks(BATCH_CALLS) {
+            answers.extend(self.run_batch(mem, tid, code, part)?);
+        }
+        Ok(answers)
+    }
+
+    fn run_batch(
         &self,
         mem: &Memory,
         tid: u32,
@@ -481,6 +497,30 @@ impl Injector<'_> {
             .chunks_exact(8)
             .map(|c| i64::from_ne_bytes(c.try_into().expect("8 bytes")))
             .collect())
+    }
+
+    /// [`Injector::call_all`] for calls that must all succeed: the first
+    /// that failed is the error, named `what`.
+    pub fn ok_all(
+        &self,
+        mem: &Memory,
+        tid: u32,
+        code: u64,
+        what: &str,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<(), SnapshotError> {
+        match self
+            .call_all(mem, tid, code, calls)?
+            .into_iter()
+            .find(|&r| r < 0)
+        {
+            Some(r) => Err(SnapshotError::process(
+                tid,
+                what.to_string(),
+                Errno::from_raw(-r as i32),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The registers a call starts from.
@@ -774,10 +814,8 @@ mod tests {
     fn batched_calls_load_every_register_call_and_store_rax_in_turn() {
         let calls = [(39, [1, 2, 3, 4, 5, 6]), (60, [0; 6])];
         let code = batch_code(&calls, 0x1000);
-        assert_eq!(
-            code.len() as u64 + 8 * calls.len() as u64,
-            batch_len(calls.len())
-        );
+        assert_eq!(code.len(), 2 * CALL_CODE_LEN + 1);
+        assert!(BATCH_CALLS * CALL_CODE_LEN + 1 + 8 * BATCH_CALLS <= BATCH_LEN as usize);
         let first = &code[..CALL_CODE_LEN];
         // movabs rax, 39; movabs rdi, 1; ... movabs r9, 6
         let regs: [&[u8]; 7] = [
