@@ -27,10 +27,12 @@ use crate::kinds;
 use crate::kinds::memory::{map_memory, map_vdso, set_mm};
 use crate::lazy::{LazySettings, LazyStatus, PageServer};
 use crate::proc::parse;
-use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory, BATCH_AT, BATCH_LEN};
 use crate::regs;
 
 pub(crate) const SCRATCH: u64 = 256 * PAGE;
+// Batched calls run from inside the scratch memory.
+const _: () = assert!(BATCH_AT + BATCH_LEN <= SCRATCH);
 pub(crate) const DATA: u64 = PAGE;
 const DATA_LEN: u64 = SCRATCH - DATA;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
@@ -461,17 +463,14 @@ pub(crate) fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<
             )?;
         }
     }
-    close_stub_fds(&inj, pid)?;
-    for m in &stub_maps {
-        if m.start != scratch && m.name != "[vsyscall]" {
-            inj.ok(
-                pid,
-                "munmap of stub memory",
-                libc::SYS_munmap,
-                &[m.start, m.end - m.start],
-            )?;
-        }
-    }
+    let code = scratch + BATCH_AT;
+    close_stub_fds(&inj, &b.mem, pid, code)?;
+    let unmaps: Vec<(i64, [u64; 6])> = stub_maps
+        .iter()
+        .filter(|m| m.start != scratch && m.name != "[vsyscall]")
+        .map(|m| (libc::SYS_munmap, [m.start, m.end - m.start, 0, 0, 0, 0]))
+        .collect();
+    inj.ok_all(&b.mem, pid, code, "munmap of stub memory", &unmaps)?;
     map_vdso(&inj, pid, &p.vmas)?;
     Ok(())
 }
@@ -508,16 +507,19 @@ fn first_pass(
     let inj = b.frozen.rebuilding_injector(scratch, b.template);
     if let Some(pp) = parent {
         crate::kinds::tree::keep_inherited(&inj, pid, p)?;
-        for v in &pp.vmas {
-            if !p.vmas.iter().any(|c| c.inherited && same_place(c, v)) {
-                inj.ok(
-                    pid,
-                    "munmap of a mapping of the parent",
-                    libc::SYS_munmap,
-                    &[v.start, v.end - v.start],
-                )?;
-            }
-        }
+        let unmaps: Vec<(i64, [u64; 6])> = pp
+            .vmas
+            .iter()
+            .filter(|v| !p.vmas.iter().any(|c| c.inherited && same_place(c, v)))
+            .map(|v| (libc::SYS_munmap, [v.start, v.end - v.start, 0, 0, 0, 0]))
+            .collect();
+        inj.ok_all(
+            mem,
+            pid,
+            scratch + BATCH_AT,
+            "munmap of a mapping of the parent",
+            &unmaps,
+        )?;
         let vdso_moved = p
             .vmas
             .iter()
@@ -538,9 +540,22 @@ fn first_pass(
     // fds above the stub's limit. Its temporaries sit above its highest
     // fd, so the soft limit is the hard one until the fds are placed.
     let nofile = libc::RLIMIT_NOFILE;
-    for &(res, cur, max) in &p.rlimits {
-        let raised = res == nofile && set_rlimit(&inj, mem, pid, data, (res, max, max))?;
-        if !raised && !set_rlimit(&inj, mem, pid, data, (res, cur, max))? {
+    let first: Vec<(u32, u64, u64)> = p
+        .rlimits
+        .iter()
+        .map(|&(res, cur, max)| {
+            if res == nofile {
+                (res, max, max)
+            } else {
+                (res, cur, max)
+            }
+        })
+        .collect();
+    let set = set_rlimits(&inj, mem, pid, data, scratch + BATCH_AT, &first)?;
+    for (&(res, cur, max), set) in p.rlimits.iter().zip(set) {
+        // RLIMIT_NOFILE raised to its hard limit, or else as it was.
+        let set = set || (res == nofile && set_rlimit(&inj, mem, pid, data, (res, cur, max))?);
+        if !set {
             warn!(resource = res, "rlimit could not be restored");
         }
     }
@@ -577,7 +592,7 @@ fn second_pass(
         let cwd = write_str(mem, data, &p.cwd)?;
         inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
         inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
-        kinds::signals::restore_actions(&inj, mem, pid, data, &p.sigactions)?;
+        kinds::signals::restore_actions(&inj, mem, pid, data, scratch + BATCH_AT, &p.sigactions)?;
     }
     // Each process gets a filter (and listener) of its own, installed after
     // its children were forked (they get their own) and after every
@@ -663,6 +678,40 @@ fn second_pass(
     kinds::threads::restore_xstate(p, &host_tids)?;
     kinds::threads::restore_registers(p, saved_regs, &host_tids)?;
     Ok(listener)
+}
+
+/// Sets each of `limits` in process `pid` in one batch of injected calls
+/// (code at `code`, the limits written at `data`); whether each was set.
+fn set_rlimits(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    code: u64,
+    limits: &[(u32, u64, u64)],
+) -> Result<Vec<bool>, SnapshotError> {
+    let values: Vec<libc::rlimit> = limits
+        .iter()
+        .map(|&(_, cur, max)| libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        })
+        .collect();
+    mem.write(data, abi::bytes_of_slice(&values))?;
+    let size = std::mem::size_of::<libc::rlimit>() as u64;
+    let calls: Vec<(i64, [u64; 6])> = limits
+        .iter()
+        .enumerate()
+        .map(|(i, &(res, _, _))| {
+            let limit = data + i as u64 * size;
+            (libc::SYS_prlimit64, [0, u64::from(res), limit, 0, 0, 0])
+        })
+        .collect();
+    Ok(inj
+        .call_all(mem, pid, code, &calls)?
+        .into_iter()
+        .map(|ret| ret >= 0)
+        .collect())
 }
 
 fn set_rlimit(
@@ -778,17 +827,17 @@ pub(crate) fn choose_scratch(
         .ok_or(RestoreError::NoScratchAddress.into())
 }
 
-fn close_stub_fds(inj: &Injector, pid: u32) -> Result<(), SnapshotError> {
+fn close_stub_fds(inj: &Injector, mem: &Memory, pid: u32, code: u64) -> Result<(), SnapshotError> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map_err(|e| SnapshotError::process(pid, "listing fds", e))?;
-    for fd in fds
+    let closes: Vec<(i64, [u64; 6])> = fds
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()))
-    {
-        if fd > 2 {
-            inj.call(pid, libc::SYS_close, &[fd])?;
-        }
-    }
+        .filter(|&fd| fd > 2)
+        .map(|fd| (libc::SYS_close, [fd, 0, 0, 0, 0, 0]))
+        .collect();
+    // Whatever close says, the fd is gone.
+    inj.call_all(mem, pid, code, &closes)?;
     Ok(())
 }
 
