@@ -40,9 +40,9 @@ pub const BATCH_AT: u64 = 16 * 4096;
 const BATCH_CALLS: usize = 512;
 
 /// Scratch bytes from [`BATCH_AT`] that [`Injector::call_all`] uses at
-/// most: the code of [`BATCH_CALLS`] calls, the closing `int3` and their
-/// results (46 KiB; a dump's scratch memory is 256 KiB).
-pub const BATCH_LEN: u64 = (BATCH_CALLS * (CALL_CODE_LEN + 8) + 1) as u64;
+/// most: the code of [`BATCH_CALLS`] calls, the closing `int3`, padding to
+/// 8 bytes and their results (46 KiB; a dump's scratch memory is 256 KiB).
+pub const BATCH_LEN: u64 = (BATCH_CALLS * (CALL_CODE_LEN + 8) + 8) as u64;
 
 /// x86-64 code making each call in turn and storing its `rax` at
 /// `results` + 8 × its index, then trapping.
@@ -433,7 +433,9 @@ impl Injector<'_> {
             saved,
             armed: true,
         };
-        let cloned = self.run_to_trap(tid, regs, &mut guard, &format!("injected syscall {nr}"))?;
+        let what = format!("injected syscall {nr}");
+        // Past the `syscall; int3`.
+        let cloned = self.run_to_trap(tid, regs, self.code + 3, &mut guard, &what)?;
         // rax alone, rather than the whole register set.
         const RAX: usize = 10 * 8;
         let ret = ptrace::read_user(pid(tid), RAX as ptrace::AddressType)
@@ -472,8 +474,16 @@ impl Injector<'_> {
         code: u64,
         calls: &[(i64, [u64; 6])],
     ) -> Result<Vec<i64>, SnapshotError> {
-        let results = code + (calls.len() * CALL_CODE_LEN + 1) as u64;
-        mem.write(code, &batch_code(calls, results))?;
+        let code_len = (calls.len() * CALL_CODE_LEN + 1) as u64;
+        // Aligned: a thread may run with alignment checks on.
+        let results = (code + code_len).next_multiple_of(8);
+        let mut bytes = batch_code(calls, results);
+        bytes.resize((results - code) as usize, 0xcc);
+        // A slot the batch did not reach reads as a failure, not as 0.
+        for _ in calls {
+            bytes.extend_from_slice(&(-i64::from(libc::EINTR)).to_ne_bytes());
+        }
+        mem.write(code, &bytes)?;
         let saved = self.registers(tid)?;
         let mut regs = saved;
         regs.rip = code;
@@ -483,7 +493,10 @@ impl Injector<'_> {
             armed: true,
         };
         let what = format!("{} injected syscalls", calls.len());
-        if self.run_to_trap(tid, regs, &mut guard, &what)?.is_some() {
+        if self
+            .run_to_trap(tid, regs, code + code_len, &mut guard, &what)?
+            .is_some()
+        {
             return Err(SnapshotError::process(
                 tid,
                 format!("{what} cloned a thread"),
@@ -548,24 +561,46 @@ impl Injector<'_> {
         Ok(())
     }
 
-    /// Runs thread `tid` from `regs` until it traps at an `int3`; returns
-    /// the thread it cloned meanwhile, if any.
+    /// Runs thread `tid` from `regs` until it traps at the `int3` before
+    /// `end`; returns the thread it cloned meanwhile, if any.
     fn run_to_trap(
         &self,
         tid: u32,
         mut regs: libc::user_regs_struct,
+        end: u64,
         guard: &mut PutBack,
         what: &str,
     ) -> Result<Option<u32>, SnapshotError> {
         // Not in a syscall: the kernel must not apply restart logic.
         regs.orig_rax = u64::MAX;
+        // The thread's own trap (single-step), direction and alignment-check
+        // flags would stop the injected code early or fault its stores; its
+        // flags are put back with its registers.
+        const TRAP: u64 = 0x100;
+        const DIRECTION: u64 = 0x400;
+        const ALIGNMENT_CHECK: u64 = 0x4_0000;
+        regs.eflags &= !(TRAP | DIRECTION | ALIGNMENT_CHECK);
         ptrace::setregs(pid(tid), regs)
             .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
         ptrace::cont(pid(tid), None).map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
         let mut cloned = None;
         loop {
             match wait(tid) {
-                Ok(Status::Signal(libc::SIGTRAP)) => return Ok(cloned),
+                Ok(Status::Signal(libc::SIGTRAP)) => {
+                    // rip, after rax in the register set.
+                    const RIP: usize = 16 * 8;
+                    let rip = ptrace::read_user(pid(tid), RIP as ptrace::AddressType)
+                        .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKUSER rip", e))?
+                        as u64;
+                    if rip == end {
+                        return Ok(cloned);
+                    }
+                    // A SIGTRAP sent to the thread, not its int3: owed to
+                    // it like any other signal.
+                    self.frozen.defer(tid, libc::SIGTRAP);
+                    ptrace::cont(pid(tid), None)
+                        .map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
+                }
                 Ok(Status::Event { event, .. }) => {
                     if event == Event::PTRACE_EVENT_CLONE as i32
                         || event == Event::PTRACE_EVENT_FORK as i32
@@ -815,7 +850,8 @@ mod tests {
         let calls = [(39, [1, 2, 3, 4, 5, 6]), (60, [0; 6])];
         let code = batch_code(&calls, 0x1000);
         assert_eq!(code.len(), 2 * CALL_CODE_LEN + 1);
-        assert!(BATCH_CALLS * CALL_CODE_LEN + 1 + 8 * BATCH_CALLS <= BATCH_LEN as usize);
+        let code_len = (BATCH_CALLS * CALL_CODE_LEN + 1).next_multiple_of(8);
+        assert!(code_len + 8 * BATCH_CALLS <= BATCH_LEN as usize);
         let first = &code[..CALL_CODE_LEN];
         // movabs rax, 39; movabs rdi, 1; ... movabs r9, 6
         let regs: [&[u8]; 7] = [
