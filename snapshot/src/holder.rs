@@ -26,6 +26,7 @@ use appshot_sys::ptrace as xptrace;
 use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::sys::ptrace::Options;
 use nix::unistd::Pid;
+use tracing::warn;
 
 use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{ProcessImage, VmaKind};
@@ -33,7 +34,7 @@ use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, set_mm};
 use crate::ptrace::{Frozen, Memory};
-use crate::restore::{choose_scratch, maps_of, open_in, prepare_stub, Built, DATA};
+use crate::restore::{choose_scratch, maps_of, open_in, prepare_stub, set_rlimit, Built, DATA};
 
 /// Where the pause loop lies in the scratch mapping, after the
 /// `syscall; int3` that injected calls use.
@@ -59,6 +60,26 @@ const HUGE: u64 = 2 << 20;
 pub struct Holder {
     pub pid: u32,
     pub scratch: u64,
+    /// It carries the image's signal actions and resource limits (all but
+    /// those [`sets_limit`] and [`sets_action`] leave to each clone), so
+    /// that a clone has them from its fork. False for a holder built before
+    /// holders did: its clones set them all.
+    pub carries_state: bool,
+}
+
+/// Whether a holder carries the image's limit `resource` for its clones.
+/// Not RLIMIT_CPU: every fork is CPU time of the holder's, which would
+/// reach a template's limit over enough clones. RLIMIT_NOFILE is carried
+/// with its soft limit raised to the hard one, as a clone needs it while
+/// its fds are placed; it sets the saved soft limit after.
+pub(crate) fn sets_limit(resource: u32) -> bool {
+    resource != libc::RLIMIT_CPU as u32
+}
+
+/// Whether a holder carries the image's action for `signo`: all but
+/// SIGCHLD's, which the holder ignores for its own children.
+pub(crate) fn sets_action(signo: u32) -> bool {
+    signo != libc::SIGCHLD as u32
 }
 
 /// Why clones of the image cannot be forked from a holder, if they cannot:
@@ -94,17 +115,21 @@ fn top(image: &Image) -> Option<&ProcessImage> {
 
 /// Makes `stub` (a single-threaded process of ours that waits in `pause`,
 /// in the host's namespaces) the holder of the image's process: its memory
-/// copied in, its mm fields set, and then parked and let go. Its file
-/// descriptors, signal handlers, filter, threads and credentials stay as
-/// they are (each clone gets the image's after its fork). On error the
-/// stub is killed.
+/// copied in, its mm fields, signal actions and resource limits set (see
+/// [`Holder::carries_state`]), and then parked and let go. Its file
+/// descriptors, filter, threads and credentials stay as they are (each
+/// clone gets the image's after its fork). On error the stub is killed.
 pub fn build_holder(stub: u32, image: &Image) -> Result<Holder, SnapshotError> {
     let p = top(image).ok_or(SnapshotError::NoProcess)?;
     let b = Built::of(Frozen::seize(stub, Options::empty())?)?;
     match park(&b, p, image) {
         Ok(scratch) => {
             b.frozen.release();
-            Ok(Holder { pid: stub, scratch })
+            Ok(Holder {
+                pid: stub,
+                scratch,
+                carries_state: true,
+            })
         }
         Err(e) => {
             b.frozen.kill(|| {
@@ -162,6 +187,30 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
             &[v.start, v.end - v.start, MADV_COLLAPSE],
         )?;
     }
+    // Nothing but SIGKILL ends its pause: a stray signal's default action
+    // would end it, and an application's handler (set below) is not its
+    // own. Blocked before the handlers exist, so that none can run here.
+    xptrace::set_sigmask(pid, u64::MAX)
+        .map_err(|e| SnapshotError::process(pid, "PTRACE_SETSIGMASK", e))?;
+    // What each clone would set anew after its fork, one injected call
+    // each (about 80 of a clone's 130), set once here and inherited.
+    let actions: Vec<_> = p
+        .sigactions
+        .iter()
+        .filter(|a| sets_action(a.signo))
+        .copied()
+        .collect();
+    kinds::signals::restore_actions(&inj, &b.mem, pid, data, &actions)?;
+    for &(res, cur, max) in p.rlimits.iter().filter(|l| sets_limit(l.0)) {
+        let cur = if res == libc::RLIMIT_NOFILE as u32 {
+            max
+        } else {
+            cur
+        };
+        if !set_rlimit(&inj, &b.mem, pid, data, (res, cur, max))? {
+            warn!(resource = res, "rlimit could not be set in the template holder");
+        }
+    }
     // The helper each clone is forked through is its child: reaped by
     // the kernel when it exits.
     let ignore = [SIG_IGN, 0, 0, 0].map(u64::to_ne_bytes).concat();
@@ -172,10 +221,6 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
         libc::SYS_rt_sigaction,
         &[libc::SIGCHLD as u64, data, 0, 8],
     )?;
-    // Nothing but SIGKILL ends its pause: a stray signal's default action
-    // would end it, and an application's handler is not its own.
-    xptrace::set_sigmask(pid, u64::MAX)
-        .map_err(|e| SnapshotError::process(pid, "PTRACE_SETSIGMASK", e))?;
     // Told apart from its clones in `ps`, which show the application's
     // name.
     b.mem.write(data, b"appshot-tmpl\0")?;

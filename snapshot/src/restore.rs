@@ -109,8 +109,9 @@ enum Tops {
     /// Stubs the namespace init forked: ns pid → our pid.
     Stubs(HashMap<u32, u32>),
     /// The one top-level process, forked from a template holder with its
-    /// memory, mm fields and scratch mapping (`built[0]` from the start).
-    Forked { scratch: u64 },
+    /// memory, mm fields and scratch mapping (`built[0]` from the start),
+    /// and its signal actions and limits if the holder carries them.
+    Forked { scratch: u64, carried: bool },
 }
 
 /// Restores the image's process tree. `stubs` are the processes the
@@ -148,14 +149,17 @@ pub fn restore(
 /// On error it is killed, as every process of a failed restore is.
 pub fn restore_forked(
     forked: Frozen,
-    scratch: u64,
+    holder: crate::holder::Holder,
     image: &Image,
     hooks: &RestoreHooks,
 ) -> Result<Restored, SnapshotError> {
     let pid = forked.pid;
     let first = Built::of(forked)?;
     rebuild(
-        Tops::Forked { scratch },
+        Tops::Forked {
+            scratch: holder.scratch,
+            carried: holder.carries_state,
+        },
         vec![first],
         Some(pid),
         image,
@@ -324,9 +328,10 @@ fn build_tree(
             let all_vmas: Vec<Vma> = procs.iter().flat_map(|p| p.vmas.iter().cloned()).collect();
             choose_scratch(&stub_maps, &all_vmas)?
         }
-        Tops::Forked { scratch } => *scratch,
+        Tops::Forked { scratch, .. } => *scratch,
     };
     let data = scratch + DATA;
+    let carried = matches!(tops, Tops::Forked { carried: true, .. });
     let mut shmem = HashMap::new();
     let mut memfds = kinds::memfd::Made::default();
     for (i, p) in procs.iter().enumerate() {
@@ -379,6 +384,7 @@ fn build_tree(
             hooks,
             scratch,
             memory,
+            carried && parent.is_none(),
             &mut shmem,
             &mut memfds,
             lazy,
@@ -401,7 +407,15 @@ fn build_tree(
     })?;
     let mut listeners = Vec::with_capacity(procs.len());
     for ((b, p), regs_of) in built.iter_mut().zip(procs).zip(saved_regs) {
-        listeners.push(second_pass(b, p, regs_of, hooks, scratch)?);
+        let top = !procs.iter().any(|q| q.ns_pid == p.ns_ppid);
+        listeners.push(second_pass(
+            b,
+            p,
+            regs_of,
+            hooks,
+            scratch,
+            carried && top,
+        )?);
     }
     Ok(listeners)
 }
@@ -486,9 +500,10 @@ fn same_place(a: &Vma, b: &Vma) -> bool {
 
 /// What a process needs before it forks its children: memory and mm
 /// fields (unless `memory` is false: a clone forked from its template
-/// holder has them, all but its arguments and executable), limits,
-/// session, fds. A forked child starts as a copy of its rebuilt parent and
-/// drops what it did not have.
+/// holder has them, all but its arguments and executable), limits (those
+/// its holder carries only if `carried` is false), session, fds. A forked
+/// child starts as a copy of its rebuilt parent and drops what it did not
+/// have.
 #[allow(clippy::too_many_arguments)]
 fn first_pass(
     b: &Built,
@@ -498,6 +513,7 @@ fn first_pass(
     hooks: &RestoreHooks,
     scratch: u64,
     memory: bool,
+    carried: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
     lazy: Option<&PageServer>,
@@ -538,7 +554,9 @@ fn first_pass(
     // fds above the stub's limit. Its temporaries sit above its highest
     // fd, so the soft limit is the hard one until the fds are placed.
     let nofile = libc::RLIMIT_NOFILE;
-    for &(res, cur, max) in &p.rlimits {
+    // A holder that carries a limit carries RLIMIT_NOFILE raised already.
+    let own = |res: u32| !carried || !crate::holder::sets_limit(res);
+    for &(res, cur, max) in p.rlimits.iter().filter(|l| own(l.0)) {
         let raised = res == nofile && set_rlimit(&inj, mem, pid, data, (res, max, max))?;
         if !raised && !set_rlimit(&inj, mem, pid, data, (res, cur, max))? {
             warn!(resource = res, "rlimit could not be restored");
@@ -556,14 +574,16 @@ fn first_pass(
 }
 
 /// Everything else, once every process exists: stashes closed, cwd,
-/// umask, signal handlers, the seccomp filter, threads, pending signals,
-/// credentials, and last the registers.
+/// umask, signal handlers (but those its holder carries, if `carried`),
+/// the seccomp filter, threads, pending signals, credentials, and last the
+/// registers.
 fn second_pass(
     b: &mut Built,
     p: &ProcessImage,
     saved_regs: &[libc::user_regs_struct],
     hooks: &RestoreHooks,
     scratch: u64,
+    carried: bool,
 ) -> Result<OwnedFd, SnapshotError> {
     let pid = b.frozen.pid;
     let data = scratch + DATA;
@@ -577,7 +597,13 @@ fn second_pass(
         let cwd = write_str(mem, data, &p.cwd)?;
         inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
         inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
-        kinds::signals::restore_actions(&inj, mem, pid, data, &p.sigactions)?;
+        let actions: Vec<_> = p
+            .sigactions
+            .iter()
+            .filter(|a| !carried || !crate::holder::sets_action(a.signo))
+            .copied()
+            .collect();
+        kinds::signals::restore_actions(&inj, mem, pid, data, &actions)?;
     }
     // Each process gets a filter (and listener) of its own, installed after
     // its children were forked (they get their own) and after every
@@ -665,7 +691,7 @@ fn second_pass(
     Ok(listener)
 }
 
-fn set_rlimit(
+pub(crate) fn set_rlimit(
     inj: &Injector,
     mem: &Memory,
     pid: u32,

@@ -813,7 +813,7 @@ where
             check_pages: !plan.clone && self.lazy.is_none(),
         };
         let restored = match forked {
-            Some((clone, scratch)) => restore::restore_forked(clone, scratch, self.image, &hooks)?,
+            Some((clone, holder)) => restore::restore_forked(clone, holder, self.image, &hooks)?,
             None => restore::restore(stubs, self.image, &hooks)?,
         };
         self.lazy_status = restored.lazy;
@@ -839,14 +839,14 @@ impl<M> RealRestore<'_, M> {
     /// instance's cgroup as it forks it, and waits until init has applied
     /// the clone's
     /// identity, which it does meanwhile: the clone runs no instruction
-    /// before its restore is done. Returns it frozen, and the holder's
-    /// scratch address, for the rest of its restore.
+    /// before its restore is done. Returns it frozen, and its holder, for
+    /// the rest of its restore.
     fn fork(
         &mut self,
         ready: OwnedFd,
         init_pid: u32,
         made: bool,
-    ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
+    ) -> Result<(appshot_snapshot::ptrace::Frozen, holder::Holder), RuntimeError> {
         if !made {
             self.await_init(&ready, b"shell")?;
         }
@@ -867,7 +867,7 @@ impl<M> RealRestore<'_, M> {
             return Err(e);
         }
         self.phases.mark("identity applied");
-        Ok((clone, holder.scratch))
+        Ok((clone, holder))
     }
 
     /// Waits for `word` from the awaiting init (`shell` once its namespaces
