@@ -99,6 +99,35 @@ pub struct Launch {
     /// programs attached and no cluster key).
     #[serde(default)]
     pub routing: Routing,
+    /// Real ports the instance's listening sockets need free in `range`,
+    /// checked by the supervisor when it takes the instance's name (a
+    /// single clone: its starter sends the claim of an instance shell
+    /// without reading the registry first); 0 when its starter checked.
+    #[serde(default)]
+    pub free_ports: usize,
+}
+
+/// Refuses `count` clones of a template with `sockets` listening sockets
+/// when fewer real ports than they need are free in `range`.
+pub fn check_free_ports(
+    state: &appshot_vpm::RegistryState,
+    range: PortRange,
+    sockets: usize,
+    count: usize,
+) -> Result<(), String> {
+    let used = state
+        .translations
+        .iter()
+        .filter(|t| (range.start..=range.end).contains(&t.real_port))
+        .count();
+    let free = (usize::from(range.end) - usize::from(range.start) + 1).saturating_sub(used);
+    let needed = sockets * count;
+    if needed > free {
+        return Err(format!(
+            "{count} clones of a template with {sockets} listening sockets need {needed} real ports; port range {range} has {free} free"
+        ));
+    }
+    Ok(())
 }
 
 /// How an instance comes to be, with what each way needs.
@@ -214,14 +243,26 @@ pub fn run_in(
     // the registry and the kernel's source rules. The state is published
     // before the registry lists the instance: `ps` never meets a listed
     // instance without its state.
+    let short = |why| RuntimeError::Start {
+        name: launch.name.clone(),
+        reason: why,
+    };
     let (lock, status) = match recorded_init {
-        Some(init_pid) => InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
-            let status = status::Status::new(dir, phase);
-            s.instances
-                .insert(launch.name.clone(), record_of(&launch, init_pid));
-            status
-        })?,
+        Some(init_pid) => {
+            let (lock, status) =
+                InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
+                    check_free_ports(s, launch.range, launch.free_ports, 1)?;
+                    s.instances
+                        .insert(launch.name.clone(), record_of(&launch, init_pid));
+                    Ok(status::Status::new(dir, phase))
+                })?;
+            (lock, status.map_err(short)?)
+        }
         None => {
+            if launch.free_ports > 0 {
+                check_free_ports(&registry.read()?, launch.range, launch.free_ports, 1)
+                    .map_err(short)?;
+            }
             let lock = InstanceLock::acquire(&registry, &launch.name)?;
             let status = status::Status::new(lock.instance_dir(), phase);
             (lock, status)
@@ -1389,6 +1430,7 @@ mod tests {
             restart: Default::default(),
             config: None,
             routing: Default::default(),
+            free_ports: 0,
         }
     }
 
