@@ -208,7 +208,10 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
             cur
         };
         if !set_rlimit(&inj, &b.mem, pid, data, (res, cur, max))? {
-            warn!(resource = res, "rlimit could not be set in the template holder");
+            warn!(
+                resource = res,
+                "rlimit could not be set in the template holder"
+            );
         }
     }
     // The helper each clone is forked through is its child: reaped by

@@ -408,14 +408,7 @@ fn build_tree(
     let mut listeners = Vec::with_capacity(procs.len());
     for ((b, p), regs_of) in built.iter_mut().zip(procs).zip(saved_regs) {
         let top = !procs.iter().any(|q| q.ns_pid == p.ns_ppid);
-        listeners.push(second_pass(
-            b,
-            p,
-            regs_of,
-            hooks,
-            scratch,
-            carried && top,
-        )?);
+        listeners.push(second_pass(b, p, regs_of, hooks, scratch, carried && top)?);
     }
     Ok(listeners)
 }

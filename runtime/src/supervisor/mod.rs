@@ -1435,6 +1435,37 @@ mod tests {
     }
 
     #[test]
+    fn clones_are_refused_when_their_range_has_too_few_free_real_ports() {
+        use appshot_vpm::{PortRange, Protocol, RegistryState, Translation};
+        let held = |real_port| Translation {
+            protocol: Protocol::Tcp,
+            addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            virtual_port: 9000,
+            aid: "a".into(),
+            real_port,
+            owner: "x".into(),
+            socket_inode: 1,
+        };
+        let state = RegistryState {
+            // Two in the range; one below it does not count.
+            translations: vec![held(20000), held(20002), held(9000)],
+            ..Default::default()
+        };
+        let range = PortRange {
+            start: 20000,
+            end: 20003,
+        };
+        assert_eq!(super::check_free_ports(&state, range, 1, 2), Ok(()));
+        assert_eq!(super::check_free_ports(&state, range, 2, 1), Ok(()));
+        assert_eq!(super::check_free_ports(&state, range, 0, 9), Ok(()));
+        assert_eq!(
+            super::check_free_ports(&state, range, 1, 3),
+            Err("3 clones of a template with 1 listening sockets need 3 real ports; port range 20000-20003 has 2 free".into())
+        );
+        assert!(super::check_free_ports(&state, range, 3, 1).is_err());
+    }
+
+    #[test]
     fn a_launch_reaches_a_detached_supervisor_as_it_was_made() {
         // `run --detach` hands the Launch to `__supervise` as JSON.
         for mode in [
