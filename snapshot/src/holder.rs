@@ -73,7 +73,7 @@ pub struct Holder {
 /// with its soft limit raised to the hard one, as a clone needs it while
 /// its fds are placed; it sets the saved soft limit after.
 pub(crate) fn sets_limit(resource: u32) -> bool {
-    resource != libc::RLIMIT_CPU as u32
+    resource != libc::RLIMIT_CPU
 }
 
 /// Whether a holder carries the image's action for `signo`: all but
@@ -202,7 +202,7 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
         .collect();
     kinds::signals::restore_actions(&inj, &b.mem, pid, data, &actions)?;
     for &(res, cur, max) in p.rlimits.iter().filter(|l| sets_limit(l.0)) {
-        let cur = if res == libc::RLIMIT_NOFILE as u32 {
+        let cur = if res == libc::RLIMIT_NOFILE {
             max
         } else {
             cur
