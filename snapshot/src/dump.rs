@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use appshot_sys::pidfd;
+use appshot_sys::{abi, pidfd};
 use nix::sys::socket::{
     getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike, SockaddrStorage,
 };
@@ -19,12 +19,14 @@ use crate::kinds::memory::{classify, dump_memory, MemoryContext, VmFlags};
 use crate::kinds::{self, tree};
 use crate::precopy::Tracking;
 use crate::proc::parse;
-use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Memory};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory, BATCH_AT, BATCH_LEN};
 use tracing::debug;
 
 /// Scratch memory mapped into the process for the duration of the
 /// injected calls: code at its start, data after the first page.
 const SCRATCH: u64 = 64 * PAGE;
+// Batched calls run from inside the scratch memory.
+const _: () = assert!(BATCH_AT + BATCH_LEN <= SCRATCH);
 const DATA: u64 = PAGE;
 const RLIMIT_COUNT: u32 = 16;
 pub struct DumpRequest<'a> {
@@ -390,17 +392,9 @@ fn ask_process(
     let result = (|| {
         let inj = frozen.injector(scratch);
         let data = scratch + DATA;
-        let sigactions = kinds::signals::save_actions(&inj, mem, main, data)?;
-        let mut rlimits = Vec::new();
-        for res in 0..RLIMIT_COUNT {
-            if inj
-                .call(main, libc::SYS_prlimit64, &[0, res as u64, 0, data])?
-                .ret
-                == 0
-            {
-                rlimits.push((res, mem.read_u64(data)?, mem.read_u64(data + 8)?));
-            }
-        }
+        let code = scratch + BATCH_AT;
+        let sigactions = kinds::signals::save_actions(&inj, mem, main, data, code)?;
+        let rlimits = ask_rlimits(&inj, mem, main, data, code)?;
         let brk = inj.ok(main, "brk(0)", libc::SYS_brk, &[0])?;
         let itimers = kinds::itimer::save(&inj, mem, main, data)?;
         kinds::posix_timer::save_times(&inj, mem, main, data, posix_timers)?;
@@ -418,6 +412,39 @@ fn ask_process(
     })();
     unmap_scratch(frozen, mem, text, scratch, SCRATCH)?;
     result
+}
+
+/// Each resource limit of process `main` that it has, in one batch of
+/// injected `prlimit64` calls (code at `code`, answers at `data`).
+fn ask_rlimits(
+    inj: &Injector,
+    mem: &Memory,
+    main: u32,
+    data: u64,
+    code: u64,
+) -> Result<Vec<(u32, u64, u64)>, SnapshotError> {
+    let size = std::mem::size_of::<libc::rlimit>() as u64;
+    let calls: Vec<(i64, [u64; 6])> = (0..RLIMIT_COUNT)
+        .map(|res| {
+            let out = data + u64::from(res) * size;
+            (libc::SYS_prlimit64, [0, u64::from(res), 0, out, 0, 0])
+        })
+        .collect();
+    let answers = inj.call_all(mem, main, code, &calls)?;
+    let mut limits = vec![
+        libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0
+        };
+        calls.len()
+    ];
+    mem.read(data, abi::bytes_of_slice_mut(&mut limits))?;
+    Ok((0..RLIMIT_COUNT)
+        .zip(limits)
+        .zip(answers)
+        .filter(|(_, ret)| *ret == 0)
+        .map(|((res, l), _)| (res, l.rlim_cur, l.rlim_max))
+        .collect())
 }
 
 /// The Unix sockets of later processes a process rebuilds with its own,

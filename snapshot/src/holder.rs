@@ -33,8 +33,8 @@ use crate::image::model::{ProcessImage, VmaKind};
 use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, set_mm};
-use crate::ptrace::{Frozen, Memory};
-use crate::restore::{choose_scratch, maps_of, open_in, prepare_stub, set_rlimit, Built, DATA};
+use crate::ptrace::{Frozen, Memory, BATCH_AT};
+use crate::restore::{choose_scratch, maps_of, open_in, prepare_stub, set_rlimits, Built, DATA};
 
 /// Where the pause loop lies in the scratch mapping, after the
 /// `syscall; int3` that injected calls use.
@@ -192,22 +192,30 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
     // own. Blocked before the handlers exist, so that none can run here.
     xptrace::set_sigmask(pid, u64::MAX)
         .map_err(|e| SnapshotError::process(pid, "PTRACE_SETSIGMASK", e))?;
-    // What each clone would set anew after its fork, one injected call
-    // each (about 80 of a clone's 130), set once here and inherited.
+    // What each clone would set anew after its fork, set once here and
+    // inherited.
     let actions: Vec<_> = p
         .sigactions
         .iter()
         .filter(|a| sets_action(a.signo))
         .copied()
         .collect();
-    kinds::signals::restore_actions(&inj, &b.mem, pid, data, &actions)?;
-    for &(res, cur, max) in p.rlimits.iter().filter(|l| sets_limit(l.0)) {
-        let cur = if res == libc::RLIMIT_NOFILE {
-            max
-        } else {
-            cur
-        };
-        if !set_rlimit(&inj, &b.mem, pid, data, (res, cur, max))? {
+    kinds::signals::restore_actions(&inj, &b.mem, pid, data, scratch + BATCH_AT, &actions)?;
+    let limits: Vec<(u32, u64, u64)> = p
+        .rlimits
+        .iter()
+        .filter(|l| sets_limit(l.0))
+        .map(|&(res, cur, max)| {
+            if res == libc::RLIMIT_NOFILE {
+                (res, max, max)
+            } else {
+                (res, cur, max)
+            }
+        })
+        .collect();
+    let set = set_rlimits(&inj, &b.mem, pid, data, scratch + BATCH_AT, &limits)?;
+    for (&(res, _, _), set) in limits.iter().zip(set) {
+        if !set {
             warn!(
                 resource = res,
                 "rlimit could not be set in the template holder"

@@ -27,6 +27,53 @@ use crate::error::SnapshotError;
 /// `syscall; int3`, padded.
 pub const SYSCALL_INT3: [u8; 8] = [0x0f, 0x05, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc];
 
+/// Bytes of code per call of [`Injector::call_all`]: seven `movabs` of the
+/// syscall number and arguments, `syscall`, and a `movabs` storing `rax`.
+const CALL_CODE_LEN: usize = 7 * 10 + 2 + 10;
+
+/// Where a dump or restore puts the code of [`Injector::call_all`] in its
+/// scratch memory: past the first page (`syscall; int3`) and the data its
+/// calls pass (signal actions and limits take 2.3 KiB).
+pub const BATCH_AT: u64 = 16 * 4096;
+
+/// Calls run in one stop by [`Injector::call_all`]; more are run in turns.
+const BATCH_CALLS: usize = 512;
+
+/// Scratch bytes from [`BATCH_AT`] that [`Injector::call_all`] uses at
+/// most: the code of [`BATCH_CALLS`] calls, the closing `int3` and their
+/// results (46 KiB; a dump's scratch memory is 256 KiB).
+pub const BATCH_LEN: u64 = (BATCH_CALLS * (CALL_CODE_LEN + 8) + 1) as u64;
+
+/// x86-64 code making each call in turn and storing its `rax` at
+/// `results` + 8 × its index, then trapping.
+fn batch_code(calls: &[(i64, [u64; 6])], results: u64) -> Vec<u8> {
+    // REX prefix and opcode of `movabs reg, imm64` for rax, rdi, rsi, rdx,
+    // r10, r8, r9: the syscall number and arguments.
+    const MOVABS: [[u8; 2]; 7] = [
+        [0x48, 0xb8],
+        [0x48, 0xbf],
+        [0x48, 0xbe],
+        [0x48, 0xba],
+        [0x49, 0xba],
+        [0x49, 0xb8],
+        [0x49, 0xb9],
+    ];
+    let mut code = Vec::with_capacity(calls.len() * CALL_CODE_LEN + 1);
+    for (i, (nr, args)) in calls.iter().enumerate() {
+        let values = std::iter::once(*nr as u64).chain(args.iter().copied());
+        for (op, value) in MOVABS.iter().zip(values) {
+            code.extend_from_slice(op);
+            code.extend_from_slice(&value.to_le_bytes());
+        }
+        code.extend_from_slice(&[0x0f, 0x05]);
+        // movabs [results + 8 i], rax
+        code.extend_from_slice(&[0x48, 0xa3]);
+        code.extend_from_slice(&(results + 8 * i as u64).to_le_bytes());
+    }
+    code.push(0xcc);
+    code
+}
+
 fn pid(tid: u32) -> Pid {
     Pid::from_raw(tid as i32)
 }
@@ -370,11 +417,7 @@ impl Injector<'_> {
     /// unless this injector is rebuilding the process; on error they are
     /// put back in every case.
     pub fn call(&self, tid: u32, nr: i64, args: &[u64]) -> Result<Injected, SnapshotError> {
-        let saved = match self.template {
-            Some(t) => t,
-            None => ptrace::getregs(pid(tid))
-                .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e))?,
-        };
+        let saved = self.registers(tid)?;
         let mut regs = saved;
         let a = |i: usize| args.get(i).copied().unwrap_or(0);
         regs.rax = nr as u64;
@@ -385,20 +428,144 @@ impl Injector<'_> {
         regs.r8 = a(4);
         regs.r9 = a(5);
         regs.rip = self.code;
-        // Not in a syscall: the kernel must not apply restart logic.
-        regs.orig_rax = u64::MAX;
         let mut guard = PutBack {
             tid,
             saved,
             armed: true,
         };
+        let cloned = self.run_to_trap(tid, regs, &mut guard, &format!("injected syscall {nr}"))?;
+        // rax alone, rather than the whole register set.
+        const RAX: usize = 10 * 8;
+        let ret = ptrace::read_user(pid(tid), RAX as ptrace::AddressType)
+            .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKUSER rax", e))?
+            as i64;
+        self.put_back(tid, saved, guard)?;
+        Ok(Injected { ret, cloned })
+    }
+
+    /// Executes `calls` one after another in thread `tid` in one stop:
+    /// their code is written at `code` (in writable, executable scratch
+    /// memory of [`BATCH_LEN`] bytes) and each raw result (negative
+    /// errno on failure) is stored there too, read back with one read. A
+    /// failing call does not stop the ones after it. Each injected call
+    /// costs four to six ptrace requests and two context switches, which a
+    /// dump's or restore's ~80 signal-action and limit calls paid each.
+    /// The calls must not clone.
+    pub fn call_all(
+        &self,
+        mem: &Memory,
+        tid: u32,
+        code: u64,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<Vec<i64>, SnapshotError> {
+        let mut answers = Vec::with_capacity(calls.len());
+        for part in calls.chunks(BATCH_CALLS) {
+            answers.extend(self.run_batch(mem, tid, code, part)?);
+        }
+        Ok(answers)
+    }
+
+    fn run_batch(
+        &self,
+        mem: &Memory,
+        tid: u32,
+        code: u64,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<Vec<i64>, SnapshotError> {
+        let results = code + (calls.len() * CALL_CODE_LEN + 1) as u64;
+        mem.write(code, &batch_code(calls, results))?;
+        let saved = self.registers(tid)?;
+        let mut regs = saved;
+        regs.rip = code;
+        let mut guard = PutBack {
+            tid,
+            saved,
+            armed: true,
+        };
+        let what = format!("{} injected syscalls", calls.len());
+        if self.run_to_trap(tid, regs, &mut guard, &what)?.is_some() {
+            return Err(SnapshotError::process(
+                tid,
+                format!("{what} cloned a thread"),
+                Errno::EINVAL,
+            ));
+        }
+        self.put_back(tid, saved, guard)?;
+        let mut raw = vec![0u8; calls.len() * 8];
+        mem.read(results, &mut raw)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| i64::from_ne_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
+
+    /// [`Injector::call_all`] for calls that must all succeed: the first
+    /// that failed is the error, named `what`.
+    pub fn ok_all(
+        &self,
+        mem: &Memory,
+        tid: u32,
+        code: u64,
+        what: &str,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<(), SnapshotError> {
+        match self
+            .call_all(mem, tid, code, calls)?
+            .into_iter()
+            .find(|&r| r < 0)
+        {
+            Some(r) => Err(SnapshotError::process(
+                tid,
+                what.to_string(),
+                Errno::from_raw(-r as i32),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The registers a call starts from.
+    fn registers(&self, tid: u32) -> Result<libc::user_regs_struct, SnapshotError> {
+        match self.template {
+            Some(t) => Ok(t),
+            None => ptrace::getregs(pid(tid))
+                .map_err(|e| SnapshotError::process(tid, "PTRACE_GETREGS", e)),
+        }
+    }
+
+    /// The thread's registers back as they were, unless this injector is
+    /// rebuilding the process.
+    fn put_back(
+        &self,
+        tid: u32,
+        saved: libc::user_regs_struct,
+        mut guard: PutBack,
+    ) -> Result<(), SnapshotError> {
+        guard.armed = false;
+        if self.template.is_none() {
+            ptrace::setregs(pid(tid), saved)
+                .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs thread `tid` from `regs` until it traps at an `int3`; returns
+    /// the thread it cloned meanwhile, if any.
+    fn run_to_trap(
+        &self,
+        tid: u32,
+        mut regs: libc::user_regs_struct,
+        guard: &mut PutBack,
+        what: &str,
+    ) -> Result<Option<u32>, SnapshotError> {
+        // Not in a syscall: the kernel must not apply restart logic.
+        regs.orig_rax = u64::MAX;
         ptrace::setregs(pid(tid), regs)
             .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
         ptrace::cont(pid(tid), None).map_err(|e| SnapshotError::process(tid, "PTRACE_CONT", e))?;
         let mut cloned = None;
         loop {
             match wait(tid) {
-                Ok(Status::Signal(libc::SIGTRAP)) => break,
+                Ok(Status::Signal(libc::SIGTRAP)) => return Ok(cloned),
                 Ok(Status::Event { event, .. }) => {
                     if event == Event::PTRACE_EVENT_CLONE as i32
                         || event == Event::PTRACE_EVENT_FORK as i32
@@ -420,7 +587,7 @@ impl Injector<'_> {
                     if matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) {
                         return Err(SnapshotError::process(
                             tid,
-                            format!("injected syscall {nr} faulted (signal {sig})"),
+                            format!("{what} faulted (signal {sig})"),
                             Errno::EFAULT,
                         ));
                     }
@@ -434,7 +601,7 @@ impl Injector<'_> {
                     guard.armed = false;
                     return Err(SnapshotError::process(
                         tid,
-                        format!("died during injected syscall {nr}"),
+                        format!("died during {what}"),
                         Errno::ESRCH,
                     ));
                 }
@@ -442,17 +609,6 @@ impl Injector<'_> {
                 Err(e) => return Err(SnapshotError::process(tid, "waitpid", e)),
             }
         }
-        // rax alone, rather than the whole register set.
-        const RAX: usize = 10 * 8;
-        let ret = ptrace::read_user(pid(tid), RAX as ptrace::AddressType)
-            .map_err(|e| SnapshotError::process(tid, "PTRACE_PEEKUSER rax", e))?
-            as i64;
-        guard.armed = false;
-        if self.template.is_none() {
-            ptrace::setregs(pid(tid), saved)
-                .map_err(|e| SnapshotError::process(tid, "PTRACE_SETREGS", e))?;
-        }
-        Ok(Injected { ret, cloned })
     }
 
     /// Like [`Injector::call`], turning a negative result into an error
@@ -652,5 +808,40 @@ mod tests {
         assert_eq!(decode(3 << 8), Status::Gone, "exit(3)");
         assert_eq!(decode(libc::SIGKILL), Status::Gone, "killed");
         assert_eq!(decode(0xffff), Status::Other, "continued");
+    }
+
+    #[test]
+    fn batched_calls_load_every_register_call_and_store_rax_in_turn() {
+        let calls = [(39, [1, 2, 3, 4, 5, 6]), (60, [0; 6])];
+        let code = batch_code(&calls, 0x1000);
+        assert_eq!(code.len(), 2 * CALL_CODE_LEN + 1);
+        assert!(BATCH_CALLS * CALL_CODE_LEN + 1 + 8 * BATCH_CALLS <= BATCH_LEN as usize);
+        let first = &code[..CALL_CODE_LEN];
+        // movabs rax, 39; movabs rdi, 1; ... movabs r9, 6
+        let regs: [&[u8]; 7] = [
+            &[0x48, 0xb8],
+            &[0x48, 0xbf],
+            &[0x48, 0xbe],
+            &[0x48, 0xba],
+            &[0x49, 0xba],
+            &[0x49, 0xb8],
+            &[0x49, 0xb9],
+        ];
+        for (i, (op, value)) in regs.iter().zip([39u64, 1, 2, 3, 4, 5, 6]).enumerate() {
+            let at = &first[i * 10..i * 10 + 10];
+            assert_eq!(&at[..2], *op, "register {i}");
+            assert_eq!(at[2..], value.to_le_bytes(), "value {i}");
+        }
+        assert_eq!(first[70..72], [0x0f, 0x05], "syscall");
+        assert_eq!(first[72..74], [0x48, 0xa3], "movabs [moffs64], rax");
+        assert_eq!(first[74..82], 0x1000u64.to_le_bytes());
+        let second = &code[CALL_CODE_LEN..2 * CALL_CODE_LEN];
+        assert_eq!(second[2..10], 60u64.to_le_bytes());
+        assert_eq!(
+            second[74..82],
+            0x1008u64.to_le_bytes(),
+            "the next result slot"
+        );
+        assert_eq!(code.last(), Some(&0xcc), "int3 at the end");
     }
 }

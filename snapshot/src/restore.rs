@@ -27,10 +27,12 @@ use crate::kinds;
 use crate::kinds::memory::{map_memory, map_vdso, set_mm};
 use crate::lazy::{LazySettings, LazyStatus, PageServer};
 use crate::proc::parse;
-use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory};
+use crate::ptrace::{map_scratch, unmap_scratch, Frozen, Injector, Memory, BATCH_AT, BATCH_LEN};
 use crate::regs;
 
 pub(crate) const SCRATCH: u64 = 256 * PAGE;
+// Batched calls run from inside the scratch memory.
+const _: () = assert!(BATCH_AT + BATCH_LEN <= SCRATCH);
 pub(crate) const DATA: u64 = PAGE;
 const DATA_LEN: u64 = SCRATCH - DATA;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
@@ -468,17 +470,14 @@ pub(crate) fn prepare_stub(b: &Built, p: &ProcessImage, scratch: u64) -> Result<
             )?;
         }
     }
-    close_stub_fds(&inj, pid)?;
-    for m in &stub_maps {
-        if m.start != scratch && m.name != "[vsyscall]" {
-            inj.ok(
-                pid,
-                "munmap of stub memory",
-                libc::SYS_munmap,
-                &[m.start, m.end - m.start],
-            )?;
-        }
-    }
+    let code = scratch + BATCH_AT;
+    close_stub_fds(&inj, &b.mem, pid, code)?;
+    let unmaps: Vec<(i64, [u64; 6])> = stub_maps
+        .iter()
+        .filter(|m| m.start != scratch && m.name != "[vsyscall]")
+        .map(|m| (libc::SYS_munmap, [m.start, m.end - m.start, 0, 0, 0, 0]))
+        .collect();
+    inj.ok_all(&b.mem, pid, code, "munmap of stub memory", &unmaps)?;
     map_vdso(&inj, pid, &p.vmas)?;
     Ok(())
 }
@@ -517,16 +516,19 @@ fn first_pass(
     let inj = b.frozen.rebuilding_injector(scratch, b.template);
     if let Some(pp) = parent {
         crate::kinds::tree::keep_inherited(&inj, pid, p)?;
-        for v in &pp.vmas {
-            if !p.vmas.iter().any(|c| c.inherited && same_place(c, v)) {
-                inj.ok(
-                    pid,
-                    "munmap of a mapping of the parent",
-                    libc::SYS_munmap,
-                    &[v.start, v.end - v.start],
-                )?;
-            }
-        }
+        let unmaps: Vec<(i64, [u64; 6])> = pp
+            .vmas
+            .iter()
+            .filter(|v| !p.vmas.iter().any(|c| c.inherited && same_place(c, v)))
+            .map(|v| (libc::SYS_munmap, [v.start, v.end - v.start, 0, 0, 0, 0]))
+            .collect();
+        inj.ok_all(
+            mem,
+            pid,
+            scratch + BATCH_AT,
+            "munmap of a mapping of the parent",
+            &unmaps,
+        )?;
         let vdso_moved = p
             .vmas
             .iter()
@@ -548,10 +550,27 @@ fn first_pass(
     // fd, so the soft limit is the hard one until the fds are placed.
     let nofile = libc::RLIMIT_NOFILE;
     // A holder that carries a limit carries RLIMIT_NOFILE raised already.
-    let own = |res: u32| !carried || !crate::holder::sets_limit(res);
-    for &(res, cur, max) in p.rlimits.iter().filter(|l| own(l.0)) {
-        let raised = res == nofile && set_rlimit(&inj, mem, pid, data, (res, max, max))?;
-        if !raised && !set_rlimit(&inj, mem, pid, data, (res, cur, max))? {
+    let own: Vec<(u32, u64, u64)> = p
+        .rlimits
+        .iter()
+        .copied()
+        .filter(|l| !carried || !crate::holder::sets_limit(l.0))
+        .collect();
+    let first: Vec<(u32, u64, u64)> = own
+        .iter()
+        .map(|&(res, cur, max)| {
+            if res == nofile {
+                (res, max, max)
+            } else {
+                (res, cur, max)
+            }
+        })
+        .collect();
+    let set = set_rlimits(&inj, mem, pid, data, scratch + BATCH_AT, &first)?;
+    for (&(res, cur, max), set) in own.iter().zip(set) {
+        // RLIMIT_NOFILE raised to its hard limit, or else as it was.
+        let set = set || (res == nofile && set_rlimit(&inj, mem, pid, data, (res, cur, max))?);
+        if !set {
             warn!(resource = res, "rlimit could not be restored");
         }
     }
@@ -596,7 +615,7 @@ fn second_pass(
             .filter(|a| !carried || !crate::holder::sets_action(a.signo))
             .copied()
             .collect();
-        kinds::signals::restore_actions(&inj, mem, pid, data, &actions)?;
+        kinds::signals::restore_actions(&inj, mem, pid, data, scratch + BATCH_AT, &actions)?;
     }
     // Each process gets a filter (and listener) of its own, installed after
     // its children were forked (they get their own) and after every
@@ -682,6 +701,40 @@ fn second_pass(
     kinds::threads::restore_xstate(p, &host_tids)?;
     kinds::threads::restore_registers(p, saved_regs, &host_tids)?;
     Ok(listener)
+}
+
+/// Sets each of `limits` in process `pid` in one batch of injected calls
+/// (code at `code`, the limits written at `data`); whether each was set.
+pub(crate) fn set_rlimits(
+    inj: &Injector,
+    mem: &Memory,
+    pid: u32,
+    data: u64,
+    code: u64,
+    limits: &[(u32, u64, u64)],
+) -> Result<Vec<bool>, SnapshotError> {
+    let values: Vec<libc::rlimit> = limits
+        .iter()
+        .map(|&(_, cur, max)| libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        })
+        .collect();
+    mem.write(data, abi::bytes_of_slice(&values))?;
+    let size = std::mem::size_of::<libc::rlimit>() as u64;
+    let calls: Vec<(i64, [u64; 6])> = limits
+        .iter()
+        .enumerate()
+        .map(|(i, &(res, _, _))| {
+            let limit = data + i as u64 * size;
+            (libc::SYS_prlimit64, [0, u64::from(res), limit, 0, 0, 0])
+        })
+        .collect();
+    Ok(inj
+        .call_all(mem, pid, code, &calls)?
+        .into_iter()
+        .map(|ret| ret >= 0)
+        .collect())
 }
 
 pub(crate) fn set_rlimit(
@@ -797,17 +850,17 @@ pub(crate) fn choose_scratch(
         .ok_or(RestoreError::NoScratchAddress.into())
 }
 
-fn close_stub_fds(inj: &Injector, pid: u32) -> Result<(), SnapshotError> {
+fn close_stub_fds(inj: &Injector, mem: &Memory, pid: u32, code: u64) -> Result<(), SnapshotError> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map_err(|e| SnapshotError::process(pid, "listing fds", e))?;
-    for fd in fds
+    let closes: Vec<(i64, [u64; 6])> = fds
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()))
-    {
-        if fd > 2 {
-            inj.call(pid, libc::SYS_close, &[fd])?;
-        }
-    }
+        .filter(|&fd| fd > 2)
+        .map(|fd| (libc::SYS_close, [fd, 0, 0, 0, 0, 0]))
+        .collect();
+    // Whatever close says, the fd is gone.
+    inj.call_all(mem, pid, code, &closes)?;
     Ok(())
 }
 

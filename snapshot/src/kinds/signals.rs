@@ -10,62 +10,85 @@ use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::SigAction;
 use crate::ptrace::{Injector, Memory};
 
+/// Every signal that can have a handler.
+fn catchable() -> impl Iterator<Item = u32> {
+    (1..=64u32).filter(|&s| s != libc::SIGKILL as u32 && s != libc::SIGSTOP as u32)
+}
+
 /// The handler of every signal that can have one, asked in thread `main`
-/// with `data` in its memory as scratch space.
+/// in one batch of injected calls (code at `code`), answered in its
+/// memory at `data`.
 pub fn save_actions(
     inj: &Injector,
     mem: &Memory,
     main: u32,
     data: u64,
+    code: u64,
 ) -> Result<Vec<SigAction>, SnapshotError> {
-    let mut sigactions = Vec::new();
-    for signo in 1..=64u32 {
-        if signo == libc::SIGKILL as u32 || signo == libc::SIGSTOP as u32 {
-            continue;
-        }
-        if inj
-            .call(main, libc::SYS_rt_sigaction, &[signo as u64, 0, data, 8])?
-            .ret
-            < 0
-        {
-            continue;
-        }
-        let act: KernelSigaction = mem.read_value(data)?;
-        sigactions.push(SigAction {
+    let signals: Vec<u32> = catchable().collect();
+    let mut acts = vec![KernelSigaction::default(); signals.len()];
+    let size = std::mem::size_of::<KernelSigaction>() as u64;
+    let calls: Vec<(i64, [u64; 6])> = (0..signals.len())
+        .map(|i| {
+            let out = data + i as u64 * size;
+            (libc::SYS_rt_sigaction, [signals[i] as u64, 0, out, 8, 0, 0])
+        })
+        .collect();
+    let answers = inj.call_all(mem, main, code, &calls)?;
+    mem.read(data, abi::bytes_of_slice_mut(&mut acts))?;
+    Ok(signals
+        .into_iter()
+        .zip(acts)
+        .zip(answers)
+        .filter(|(_, ret)| *ret >= 0)
+        .map(|((signo, act), _)| SigAction {
             signo,
             handler: act.handler,
             flags: act.flags,
             restorer: act.restorer,
             mask: act.mask,
-        });
-    }
-    Ok(sigactions)
+        })
+        .collect())
 }
 
-/// Sets the saved handlers in process `pid`.
+/// Sets the saved handlers in process `pid`, in one batch of injected
+/// calls (code at `code`, the actions written at `data`).
 pub fn restore_actions(
     inj: &Injector,
     mem: &Memory,
     pid: u32,
     data: u64,
+    code: u64,
     sigactions: &[SigAction],
 ) -> Result<(), SnapshotError> {
-    for a in sigactions {
-        let act = KernelSigaction {
+    let acts: Vec<KernelSigaction> = sigactions
+        .iter()
+        .map(|a| KernelSigaction {
             handler: a.handler,
             flags: a.flags,
             restorer: a.restorer,
             mask: a.mask,
-        };
-        mem.write_value(data, &act)?;
-        inj.ok(
+        })
+        .collect();
+    mem.write(data, abi::bytes_of_slice(&acts))?;
+    let size = std::mem::size_of::<KernelSigaction>() as u64;
+    let calls: Vec<(i64, [u64; 6])> = sigactions
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let act = data + i as u64 * size;
+            (libc::SYS_rt_sigaction, [a.signo as u64, act, 0, 8, 0, 0])
+        })
+        .collect();
+    let answers = inj.call_all(mem, pid, code, &calls)?;
+    match sigactions.iter().zip(answers).find(|(_, ret)| *ret < 0) {
+        Some((a, ret)) => Err(SnapshotError::process(
             pid,
-            &format!("rt_sigaction {}", a.signo),
-            libc::SYS_rt_sigaction,
-            &[a.signo as u64, data, 0, 8],
-        )?;
+            format!("rt_sigaction {}", a.signo),
+            nix::errno::Errno::from_raw(-ret as i32),
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The siginfo of each signal pending for the whole process `pid`.
