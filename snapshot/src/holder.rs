@@ -381,6 +381,19 @@ pub fn fork_clone(
     }
 }
 
+/// An injected call's raw result `ret` in process `pid` as an error
+/// saying `what` failed, if it did.
+fn failed(pid: u32, ret: i64, what: impl FnOnce() -> String) -> Result<(), SnapshotError> {
+    if (-4095..0).contains(&ret) {
+        return Err(SnapshotError::process(
+            pid,
+            what(),
+            nix::errno::Errno::from_raw(-ret as i32),
+        ));
+    }
+    Ok(())
+}
+
 /// The caller's thread and a holder on the caller's CPU, until dropped.
 struct Pinned {
     holder: Pid,
@@ -450,20 +463,31 @@ fn fork_in_helper(
         libc::SYS_pidfd_open,
         &[1, 0],
     )?;
-    for fd in 0..=2u64 {
-        let theirs = inj.ok(
-            pid,
-            &format!("pidfd_getfd of the namespace init's fd {fd}"),
-            libc::SYS_pidfd_getfd,
-            &[init, fd, 0],
-        )?;
-        inj.ok(
-            pid,
-            "dup3 of a standard stream",
-            libc::SYS_dup3,
-            &[theirs, fd, 0],
-        )?;
-        inj.call(pid, libc::SYS_close, &[theirs])?;
+    // Init's standard streams, taken in one batch of injected calls and
+    // placed in another (nine calls, each a ptrace round trip, before).
+    let code = scratch + BATCH_AT;
+    let take: Vec<(i64, [u64; 6])> = (0..=2u64)
+        .map(|fd| (libc::SYS_pidfd_getfd, [init, fd, 0, 0, 0, 0]))
+        .collect();
+    let mut theirs = Vec::with_capacity(take.len());
+    for (fd, ret) in inj.call_all(mem, pid, code, &take)?.into_iter().enumerate() {
+        failed(pid, ret, || {
+            format!("pidfd_getfd of the namespace init's fd {fd}")
+        })?;
+        theirs.push(ret as u64);
+    }
+    let place: Vec<(i64, [u64; 6])> = (0..)
+        .zip(&theirs)
+        .map(|(fd, &t)| (libc::SYS_dup3, [t, fd, 0, 0, 0, 0]))
+        .chain(
+            theirs
+                .iter()
+                .map(|&t| (libc::SYS_close, [t, 0, 0, 0, 0, 0])),
+        )
+        .collect();
+    let placed = inj.call_all(mem, pid, code, &place)?;
+    for &ret in &placed[..theirs.len()] {
+        failed(pid, ret, || "dup3 of a standard stream".to_string())?;
     }
     // Opened in the holder's mount namespace, where the supervisor found
     // it. Forked straight into it, the clone is never migrated: a write to
