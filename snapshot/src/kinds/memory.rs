@@ -24,7 +24,7 @@ use crate::kinds::files::file_ref;
 use crate::lazy::{PageServer, Piece};
 use crate::precopy::Copies;
 use crate::proc::parse::{self, MapsLine};
-use crate::ptrace::{Injector, Memory};
+use crate::ptrace::{Injector, Memory, BATCH_AT};
 use crate::restore::{highest_fd, open_in};
 use tracing::debug;
 
@@ -631,6 +631,11 @@ pub(crate) fn map_memory(
         layer_fds.insert(layer, fd);
         Ok(fd)
     };
+    let mut maps = Mappings {
+        code: data - crate::restore::DATA + BATCH_AT,
+        calls: Vec::new(),
+        names: Vec::new(),
+    };
     for v in &p.vmas {
         let len = v.end - v.start;
         let fixed = libc::MAP_FIXED as u64;
@@ -690,12 +695,10 @@ pub(crate) fn map_memory(
                 let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64
                     | fixed
                     | mmap_flags(&v.advice);
-                inj.ok(
-                    pid,
-                    "mmap anonymous",
-                    libc::SYS_mmap,
-                    &[v.start, len, v.prot as u64, flags, u64::MAX, 0],
-                )?;
+                maps.push(
+                    "mmap anonymous".into(),
+                    [v.start, len, v.prot as u64, flags, u64::MAX, 0],
+                );
             }
             VmaKind::Memfd { inode, offset } => {
                 let fd =
@@ -762,11 +765,9 @@ pub(crate) fn map_memory(
                 } else {
                     libc::MAP_PRIVATE
                 } as u64;
-                inj.ok(
-                    pid,
-                    &format!("mmap {}", file.path),
-                    libc::SYS_mmap,
-                    &[
+                maps.push(
+                    format!("mmap {}", file.path),
+                    [
                         v.start,
                         len,
                         v.prot as u64,
@@ -774,7 +775,7 @@ pub(crate) fn map_memory(
                         fd,
                         *offset,
                     ],
-                )?;
+                );
             }
         }
         let lazily = lazy.is_some()
@@ -805,6 +806,9 @@ pub(crate) fn map_memory(
             copy_pieces.extend(joined(pieces));
             continue;
         }
+        if !v.pages.is_empty() {
+            maps.make(inj, mem, pid)?;
+        }
         for run in &v.pages {
             let n = (run.pages * PAGE) as usize;
             let layer = image.layer(run.layer);
@@ -819,6 +823,7 @@ pub(crate) fn map_memory(
             mem.write(run.addr, &buf[..n])?;
         }
     }
+    maps.make(inj, mem, pid)?;
     if !copy_pieces.is_empty() {
         let started = std::time::Instant::now();
         let how = match copy_in(inj, pid, image, &copy_ranges, &copy_pieces)? {
@@ -850,6 +855,42 @@ pub(crate) fn map_memory(
     }
     debug!(pid, "address space rebuilt");
     Ok(())
+}
+
+/// Private anonymous and file mappings to make, made together in one batch
+/// of injected calls (code at `code`) before any page is put into one of
+/// them: a 64 MiB memhold's ~20 mappings took a ptrace round trip each.
+struct Mappings {
+    code: u64,
+    calls: Vec<(i64, [u64; 6])>,
+    /// Each call's name for its error.
+    names: Vec<String>,
+}
+
+impl Mappings {
+    fn push(&mut self, name: String, args: [u64; 6]) {
+        self.calls.push((libc::SYS_mmap, args));
+        self.names.push(name);
+    }
+
+    /// Makes those pushed so far.
+    fn make(&mut self, inj: &Injector, mem: &Memory, pid: u32) -> Result<(), SnapshotError> {
+        let answers = inj.call_all(mem, pid, self.code, &self.calls)?;
+        self.calls.clear();
+        let names = std::mem::take(&mut self.names);
+        match names
+            .into_iter()
+            .zip(answers)
+            .find(|(_, r)| (-4095..0).contains(r))
+        {
+            Some((name, r)) => Err(SnapshotError::process(
+                pid,
+                name,
+                nix::errno::Errno::from_raw(-r as i32),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// `pieces` cut in two of about the same number of bytes, at a page.
