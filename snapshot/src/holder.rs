@@ -34,7 +34,9 @@ use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, set_mm};
 use crate::ptrace::{Frozen, Memory, BATCH_AT};
-use crate::restore::{choose_scratch, maps_of, open_in, prepare_stub, set_rlimits, Built, DATA};
+use crate::restore::{
+    choose_scratch, maps_of, open_in, prepare_stub, set_rlimits, write_str, Built, DATA,
+};
 
 /// Where the pause loop lies in the scratch mapping, after the
 /// `syscall; int3` that injected calls use.
@@ -463,8 +465,14 @@ fn fork_in_helper(
         libc::SYS_pidfd_open,
         &[1, 0],
     )?;
-    // Init's standard streams, taken in one batch of injected calls and
-    // placed in another (nine calls, each a ptrace round trip, before).
+    // Init's standard streams taken in one batch of injected calls; then,
+    // in one more, placed, the clone's cgroup opened, init's namespaces
+    // joined and its pidfd closed (fourteen calls, each a ptrace round
+    // trip, before). The cgroup is opened before the namespaces are
+    // joined: in the holder's mount namespace, where the supervisor found
+    // it. Forked straight into it, the clone is never migrated: a write to
+    // cgroup.procs waits for an RCU grace period when the cgroup lock was
+    // idle (13 ms measured here), a fork into a cgroup does not.
     let code = scratch + BATCH_AT;
     let take: Vec<(i64, [u64; 6])> = (0..=2u64)
         .map(|fd| (libc::SYS_pidfd_getfd, [init, fd, 0, 0, 0, 0]))
@@ -476,7 +484,7 @@ fn fork_in_helper(
         })?;
         theirs.push(ret as u64);
     }
-    let place: Vec<(i64, [u64; 6])> = (0..)
+    let mut calls: Vec<(i64, [u64; 6])> = (0..)
         .zip(&theirs)
         .map(|(fd, &t)| (libc::SYS_dup3, [t, fd, 0, 0, 0, 0]))
         .chain(
@@ -485,35 +493,39 @@ fn fork_in_helper(
                 .map(|&t| (libc::SYS_close, [t, 0, 0, 0, 0, 0])),
         )
         .collect();
-    let placed = inj.call_all(mem, pid, code, &place)?;
-    for &ret in &placed[..theirs.len()] {
+    let cgroup_at = match cgroup {
+        Some(dir) => {
+            let path = write_str(mem, data, &dir.to_string_lossy())?;
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+            calls.push((
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, path, flags as u64, 0, 0, 0],
+            ));
+            Some((dir, calls.len() - 1))
+        }
+        None => None,
+    };
+    let setns_at = (namespaces != 0).then(|| {
+        calls.push((libc::SYS_setns, [init, namespaces, 0, 0, 0, 0]));
+        calls.len() - 1
+    });
+    calls.push((libc::SYS_close, [init, 0, 0, 0, 0, 0]));
+    let done = inj.call_all(mem, pid, code, &calls)?;
+    for &ret in &done[..theirs.len()] {
         failed(pid, ret, || "dup3 of a standard stream".to_string())?;
     }
-    // Opened in the holder's mount namespace, where the supervisor found
-    // it. Forked straight into it, the clone is never migrated: a write to
-    // cgroup.procs waits for an RCU grace period when the cgroup lock was
-    // idle (13 ms measured here), a fork into a cgroup does not.
-    let cgroup_fd = cgroup
-        .map(|dir| {
-            open_in(
-                &inj,
-                mem,
-                pid,
-                data,
-                &dir.to_string_lossy(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })
-        .transpose()?;
-    if namespaces != 0 {
-        inj.ok(
-            pid,
-            "setns into the namespace init's namespaces",
-            libc::SYS_setns,
-            &[init, namespaces],
-        )?;
+    let cgroup_fd = match cgroup_at {
+        Some((dir, i)) => {
+            failed(pid, done[i], || format!("open {}", dir.display()))?;
+            Some(done[i] as u64)
+        }
+        None => None,
+    };
+    if let Some(i) = setns_at {
+        failed(pid, done[i], || {
+            "setns into the namespace init's namespaces".to_string()
+        })?;
     }
-    inj.call(pid, libc::SYS_close, &[init])?;
     let clone = kinds::tree::fork(&helper.frozen, &inj, mem, data, ns_pid, cgroup_fd)?;
     let Some(fd) = cgroup_fd else {
         return Ok(clone);
