@@ -53,12 +53,27 @@ struct {
 	__type(value, __u32);	// real port, host order
 } routes SEC(".maps");
 
+// What a port is to the datagram programs, read with no hashing (an
+// array lookup the verifier inlines): every datagram of every supervised
+// socket passes them, and most ports are neither virtual nor real (a
+// server's reply to a client's ephemeral port), so those leave after one
+// load. The supervisor writes it through a mapping (BPF_F_MMAPABLE).
+struct port {
+	__u32 virtual_port;	// a real port: the virtual port it stands for
+	__u32 routed;		// ROUTED_*: the kinds of routes with this
+				// virtual port
+};
+
+#define ROUTED_EXACT 1		// a route for a socket's own address
+#define ROUTED_WILDCARD 2	// a route for a wildcard socket
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);
-	__type(key, __u32);	// real port, host order
-	__type(value, __u32);	// virtual port, host order
-} reverse SEC(".maps");
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);	// port, host order
+	__type(value, struct port);
+} ports SEC(".maps");
 
 // An address as in route_key.
 struct addr {
@@ -111,31 +126,45 @@ static __always_inline int is_local(struct addr *a)
 
 static __always_inline void send(struct bpf_sock_addr *ctx, struct addr *dest)
 {
+	__u32 port = bpf_ntohs(ctx->user_port);
 	struct route_key key = {};
+	struct port *p;
 	__u32 *real;
 
+	p = bpf_map_lookup_elem(&ports, &port);
+	if (!p || !p->routed)
+		return;
 	key.aid = bpf_get_current_ancestor_cgroup_id(aid_level);
-	key.port = bpf_ntohs(ctx->user_port);
-	key.addr[0] = dest->addr[0];
-	key.addr[1] = dest->addr[1];
-	key.addr[2] = dest->addr[2];
-	key.addr[3] = dest->addr[3];
-	real = bpf_map_lookup_elem(&routes, &key);
-	if (!real) {
-		// A wildcard socket receives on every local address, and on no
-		// other host's.
-		if (!is_local(dest))
-			return;
-		if (is_v4(dest)) {
-			key.addr[3] = 0;
-		} else {
-			key.addr[0] = 0;
-			key.addr[1] = 0;
-			key.addr[2] = 0;
-			key.addr[3] = 0;
-		}
+	key.port = port;
+	// Servers mostly bind a wildcard: the lookup of the address itself is
+	// made only where some socket on the port has one.
+	if (p->routed & ROUTED_EXACT) {
+		key.addr[0] = dest->addr[0];
+		key.addr[1] = dest->addr[1];
+		key.addr[2] = dest->addr[2];
+		key.addr[3] = dest->addr[3];
 		real = bpf_map_lookup_elem(&routes, &key);
+		if (real) {
+			ctx->user_port = bpf_htons(*real);
+			return;
+		}
 	}
+	// A wildcard socket receives on every local address, and on no other
+	// host's.
+	if (!(p->routed & ROUTED_WILDCARD) || !is_local(dest))
+		return;
+	if (is_v4(dest)) {
+		key.addr[0] = 0;
+		key.addr[1] = 0;
+		key.addr[2] = bpf_htonl(0xffff);
+		key.addr[3] = 0;
+	} else {
+		key.addr[0] = 0;
+		key.addr[1] = 0;
+		key.addr[2] = 0;
+		key.addr[3] = 0;
+	}
+	real = bpf_map_lookup_elem(&routes, &key);
 	if (real)
 		ctx->user_port = bpf_htons(*real);
 }
@@ -143,13 +172,12 @@ static __always_inline void send(struct bpf_sock_addr *ctx, struct addr *dest)
 static __always_inline void receive(struct bpf_sock_addr *ctx, struct addr *src)
 {
 	__u32 port = bpf_ntohs(ctx->user_port);
-	__u32 *virtual;
+	struct port *p;
 
-	if (!is_local(src))
+	p = bpf_map_lookup_elem(&ports, &port);
+	if (!p || !p->virtual_port || !is_local(src))
 		return;
-	virtual = bpf_map_lookup_elem(&reverse, &port);
-	if (virtual)
-		ctx->user_port = bpf_htons(*virtual);
+	ctx->user_port = bpf_htons(p->virtual_port);
 }
 
 SEC("cgroup/sendmsg4")

@@ -13,8 +13,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::pin::PinError;
@@ -41,7 +44,7 @@ const PROGRAMS: [&str; 10] = [
 ];
 /// The maps; `routes` is pinned last, so its pin says the set is whole.
 const MAPS: [&str; 7] = [
-    "reverse", "locals", "connects", "names", "routed", "state", "routes",
+    "ports", "locals", "connects", "names", "routed", "state", "routes",
 ];
 /// How many instances of one AID a connect spreads over (`GROUP_MAX`).
 pub const GROUP_MAX: usize = 64;
@@ -113,6 +116,25 @@ pub const PASS: u32 = 0;
 pub const REFUSE: u32 = 1;
 pub const TO: u32 = 2;
 
+/// What a port is to the datagram programs, as `struct port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Port {
+    /// For a real port, the virtual port it stands for; else 0.
+    pub virtual_port: u32,
+    /// [`ROUTED_EXACT`] and [`ROUTED_WILDCARD`]: the kinds of routes
+    /// whose virtual port this is.
+    pub routed: u32,
+}
+
+/// A route for a socket bound to an address of its own.
+pub const ROUTED_EXACT: u32 = 1;
+/// A route for a wildcard socket (`::` or `::ffff:0.0.0.0`).
+pub const ROUTED_WILDCARD: u32 = 2;
+
+/// Entries of the `ports` array: one per port number.
+pub const PORTS: usize = 1 << 16;
+
 /// What the maps hold: routes by key, virtual ports by real port, the
 /// host's addresses (network order, IPv4 mapped); the connect and name
 /// classes, and whether the registry has damaged instances.
@@ -124,6 +146,30 @@ pub struct Entries {
     pub connects: BTreeMap<ClassKey, ConnRoute>,
     pub names: BTreeMap<ClassKey, u32>,
     pub damaged: bool,
+}
+
+impl Entries {
+    /// The `ports` array these entries make: the virtual ports of the
+    /// routes, and the virtual port of each real port.
+    pub fn ports(&self) -> Vec<Port> {
+        let mut ports = vec![Port::default(); PORTS];
+        let v4_any = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+        for key in self.routes.keys() {
+            if let Some(p) = ports.get_mut(key.port as usize) {
+                p.routed |= if key.addr == [0; 16] || key.addr == v4_any {
+                    ROUTED_WILDCARD
+                } else {
+                    ROUTED_EXACT
+                };
+            }
+        }
+        for (&real, &virtual_port) in &self.reverse {
+            if let Some(p) = ports.get_mut(real as usize) {
+                p.virtual_port = virtual_port;
+            }
+        }
+        ports
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +208,8 @@ pub enum BpfError {
         #[source]
         source: MapError,
     },
+    #[error("mapping the ports array")]
+    MapPorts(#[source] io::Error),
     #[error("the object has no {0}")]
     Missing(&'static str),
 }
@@ -204,7 +252,7 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
 /// The maps of the programs attached for one registry.
 pub struct UdpRoutes {
     routes: HashMap<MapData, RouteKey, u32>,
-    reverse: HashMap<MapData, u32, u32>,
+    ports: PortTable,
     locals: HashMap<MapData, [u8; 16], u32>,
     connects: HashMap<MapData, ClassKey, ConnRoute>,
     names: HashMap<MapData, ClassKey, u32>,
@@ -289,7 +337,7 @@ impl UdpRoutes {
         let state = MapData::from_pin(pins.join("state")).map_err(err)?;
         Ok(UdpRoutes {
             routes: pinned(pins, "routes")?,
-            reverse: pinned(pins, "reverse")?,
+            ports: PortTable::open(pins)?,
             locals: pinned(pins, "locals")?,
             connects: pinned(pins, "connects")?,
             names: pinned(pins, "names")?,
@@ -337,10 +385,31 @@ impl UdpRoutes {
 
     /// Makes the maps hold `entries` exactly: stale keys removed, the rest
     /// written (a datagram sent meanwhile sees the old route or the new
-    /// one, never none for a key in both).
+    /// one, never none for a key in both). The ports array takes the new
+    /// ports' marks before the routes change and loses the old ones' only
+    /// after, so no route is hidden behind an unmarked port meanwhile.
     pub fn sync(&mut self, entries: &Entries) -> Result<(), BpfError> {
+        let ports = entries.ports();
+        for (i, want) in ports.iter().enumerate() {
+            let have = self.ports.get(i);
+            let both = Port {
+                virtual_port: if want.virtual_port != 0 {
+                    want.virtual_port
+                } else {
+                    have.virtual_port
+                },
+                routed: want.routed | have.routed,
+            };
+            if both != have {
+                self.ports.set(i, both);
+            }
+        }
         sync_map(&mut self.routes, "routes", &entries.routes)?;
-        sync_map(&mut self.reverse, "reverse", &entries.reverse)?;
+        for (i, want) in ports.iter().enumerate() {
+            if self.ports.get(i) != *want {
+                self.ports.set(i, *want);
+            }
+        }
         let locals: BTreeMap<[u8; 16], u32> = entries.locals.iter().map(|a| (*a, 1)).collect();
         sync_map(&mut self.locals, "locals", &locals)?;
         sync_map(&mut self.connects, "connects", &entries.connects)?;
@@ -353,6 +422,77 @@ impl UdpRoutes {
             })
     }
 }
+
+/// The pinned `ports` array mapped into this process, where the kernel's
+/// programs read it: the supervisor writes 65,536 entries without a
+/// syscall each.
+struct PortTable {
+    words: NonNull<AtomicU32>,
+}
+
+impl PortTable {
+    const WORDS: usize = PORTS * 2;
+    const LEN: usize = Self::WORDS * std::mem::size_of::<u32>();
+
+    fn open(pins: &Path) -> Result<PortTable, BpfError> {
+        let data = MapData::from_pin(pins.join("ports")).map_err(|source| BpfError::Map {
+            name: "ports",
+            source,
+        })?;
+        // SAFETY: a shared mapping of a map fd we hold, at offset 0 and of
+        // the array's size (the kernel refuses a larger one); nothing else
+        // in this process aliases it. It outlives the fd, which may close.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(BpfError::MapPorts(io::Error::last_os_error()));
+        }
+        let words = NonNull::new(addr.cast::<AtomicU32>())
+            .ok_or_else(|| BpfError::MapPorts(io::ErrorKind::InvalidData.into()))?;
+        Ok(PortTable { words })
+    }
+
+    fn words(&self) -> &[AtomicU32] {
+        // SAFETY: the mapping holds WORDS aligned u32s for as long as self
+        // lives; the kernel's programs read them concurrently, which
+        // atomics (plain aligned loads and stores on x86_64) allow.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), Self::WORDS) }
+    }
+
+    fn get(&self, port: usize) -> Port {
+        let w = &self.words()[port * 2..][..2];
+        Port {
+            virtual_port: w[0].load(Ordering::Relaxed),
+            routed: w[1].load(Ordering::Relaxed),
+        }
+    }
+
+    fn set(&self, port: usize, value: Port) {
+        let w = &self.words()[port * 2..][..2];
+        w[0].store(value.virtual_port, Ordering::Relaxed);
+        w[1].store(value.routed, Ordering::Relaxed);
+    }
+}
+
+impl Drop for PortTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping open made, of that length; no reference into
+        // it outlives self.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), Self::LEN) };
+    }
+}
+
+// SAFETY: the mapping is owned by the table alone and only reached through
+// atomics, from any thread.
+unsafe impl Send for PortTable {}
 
 fn sync_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     map: &mut HashMap<MapData, K, V>,
@@ -399,4 +539,56 @@ pub fn pin_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .filter(|e| e.file_name().as_bytes().starts_with(prefix.as_bytes()))
         .map(|e| e.path())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_mark_virtual_ports_of_routes_and_name_real_ports() {
+        let v4_any = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+        let v4_own = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2];
+        let key = |aid: u64, addr: [u8; 16], port: u32| RouteKey {
+            aid,
+            addr,
+            port,
+            pad: 0,
+        };
+        let entries = Entries {
+            routes: BTreeMap::from([
+                (key(7, v4_any, 5353), 20001),
+                (key(8, [0; 16], 5353), 20002),
+                (key(7, v4_own, 53), 20003),
+                (key(7, v4_own, 54), 20004),
+                (key(8, v4_any, 54), 20005),
+            ]),
+            reverse: BTreeMap::from([(20001, 5353), (20002, 5353)]),
+            ..Entries::default()
+        };
+        let ports = entries.ports();
+        assert_eq!(ports.len(), PORTS);
+        let routed = |routed| Port {
+            virtual_port: 0,
+            routed,
+        };
+        assert_eq!(ports[5353], routed(ROUTED_WILDCARD));
+        assert_eq!(ports[53], routed(ROUTED_EXACT));
+        assert_eq!(ports[54], routed(ROUTED_EXACT | ROUTED_WILDCARD));
+        for real in [20001, 20002] {
+            assert_eq!(
+                ports[real],
+                Port {
+                    virtual_port: 5353,
+                    routed: 0
+                }
+            );
+        }
+        let marked = ports.iter().filter(|p| **p != Port::default()).count();
+        assert_eq!(marked, 5);
+        assert!(Entries::default()
+            .ports()
+            .iter()
+            .all(|p| *p == Port::default()));
+    }
 }

@@ -161,7 +161,12 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>, root: &Path, ta
         }
     }
     // Per port, the AIDs it is theirs to reach return first; then every
-    // other supervised socket is refused.
+    // other supervised socket is refused. Every datagram of a routed
+    // request passes these rules, so the cheap matches come first: the
+    // socket's cgroup before a route lookup (`fib`). A real port's return
+    // needs none: only a local destination is ever marked, so returning
+    // early for another changes no verdict (a fib lookup per request cost
+    // 2.5 % of the one-CPU request/response rate).
     let scope = format!(
         "socket cgroupv2 level {} \"{}\"",
         cgroup::SCOPE_LEVEL,
@@ -180,12 +185,12 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>, root: &Path, ta
         let allowed = rules.entry(v).or_default();
         if t.real_port == v {
             let to = destination(t.addr, has_v4_sibling(&udp, t));
-            allowed.insert(format!("udp dport {v} {to} {} return", aid_of(t)));
+            allowed.insert(format!("udp dport {v} {} {to} return", aid_of(t)));
         } else {
             // A real port is its own AID's: another's datagrams sent to
             // it directly are refused as well.
             rules.entry(t.real_port).or_default().insert(format!(
-                "udp dport {} fib daddr type local {} return",
+                "udp dport {} {} return",
                 t.real_port,
                 aid_of(t)
             ));
@@ -194,7 +199,7 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>, root: &Path, ta
     for (port, allowed) in rules {
         out.mark.extend(allowed);
         out.mark.push(format!(
-            "udp dport {port} fib daddr type local {scope} meta mark set {REFUSED:#x}"
+            "udp dport {port} {scope} fib daddr type local meta mark set {REFUSED:#x}"
         ));
     }
     out.reject.push(format!("meta mark {REFUSED:#x} reject"));
@@ -527,10 +532,10 @@ mod tests {
         assert_eq!(
             p.mark,
             [
-                format!("udp dport 5353 {local4} {a} return"),
-                format!("udp dport 5353 fib daddr type local {scope} {mark}"),
-                format!("udp dport 20001 fib daddr type local {b} return"),
-                format!("udp dport 20001 fib daddr type local {scope} {mark}"),
+                format!("udp dport 5353 {a} {local4} return"),
+                format!("udp dport 5353 {scope} fib daddr type local {mark}"),
+                format!("udp dport 20001 {b} return"),
+                format!("udp dport 20001 {scope} fib daddr type local {mark}"),
             ]
         );
         assert_eq!(p.reject, ["meta mark 0x61707375 reject"]);
