@@ -26,14 +26,17 @@ use appshot_sys::ptrace as xptrace;
 use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::sys::ptrace::Options;
 use nix::unistd::Pid;
+use tracing::warn;
 
 use crate::error::{RestoreError, SnapshotError};
 use crate::image::model::{ProcessImage, VmaKind};
 use crate::image::{Image, PAGE};
 use crate::kinds;
 use crate::kinds::memory::{map_memory, set_mm};
-use crate::ptrace::{Frozen, Memory};
-use crate::restore::{choose_scratch, maps_of, open_in, prepare_stub, Built, DATA};
+use crate::ptrace::{Frozen, Memory, BATCH_AT};
+use crate::restore::{
+    choose_scratch, maps_of, open_in, prepare_stub, set_rlimits, write_str, Built, DATA,
+};
 
 /// Where the pause loop lies in the scratch mapping, after the
 /// `syscall; int3` that injected calls use.
@@ -59,6 +62,26 @@ const HUGE: u64 = 2 << 20;
 pub struct Holder {
     pub pid: u32,
     pub scratch: u64,
+    /// It carries the image's signal actions and resource limits (all but
+    /// those [`sets_limit`] and [`sets_action`] leave to each clone), so
+    /// that a clone has them from its fork. False for a holder built before
+    /// holders did: its clones set them all.
+    pub carries_state: bool,
+}
+
+/// Whether a holder carries the image's limit `resource` for its clones.
+/// Not RLIMIT_CPU: every fork is CPU time of the holder's, which would
+/// reach a template's limit over enough clones. RLIMIT_NOFILE is carried
+/// with its soft limit raised to the hard one, as a clone needs it while
+/// its fds are placed; it sets the saved soft limit after.
+pub(crate) fn sets_limit(resource: u32) -> bool {
+    resource != libc::RLIMIT_CPU
+}
+
+/// Whether a holder carries the image's action for `signo`: all but
+/// SIGCHLD's, which the holder ignores for its own children.
+pub(crate) fn sets_action(signo: u32) -> bool {
+    signo != libc::SIGCHLD as u32
 }
 
 /// Why clones of the image cannot be forked from a holder, if they cannot:
@@ -94,17 +117,21 @@ fn top(image: &Image) -> Option<&ProcessImage> {
 
 /// Makes `stub` (a single-threaded process of ours that waits in `pause`,
 /// in the host's namespaces) the holder of the image's process: its memory
-/// copied in, its mm fields set, and then parked and let go. Its file
-/// descriptors, signal handlers, filter, threads and credentials stay as
-/// they are (each clone gets the image's after its fork). On error the
-/// stub is killed.
+/// copied in, its mm fields, signal actions and resource limits set (see
+/// [`Holder::carries_state`]), and then parked and let go. Its file
+/// descriptors, filter, threads and credentials stay as they are (each
+/// clone gets the image's after its fork). On error the stub is killed.
 pub fn build_holder(stub: u32, image: &Image) -> Result<Holder, SnapshotError> {
     let p = top(image).ok_or(SnapshotError::NoProcess)?;
     let b = Built::of(Frozen::seize(stub, Options::empty())?)?;
     match park(&b, p, image) {
         Ok(scratch) => {
             b.frozen.release();
-            Ok(Holder { pid: stub, scratch })
+            Ok(Holder {
+                pid: stub,
+                scratch,
+                carries_state: true,
+            })
         }
         Err(e) => {
             b.frozen.kill(|| {
@@ -162,6 +189,41 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
             &[v.start, v.end - v.start, MADV_COLLAPSE],
         )?;
     }
+    // Nothing but SIGKILL ends its pause: a stray signal's default action
+    // would end it, and an application's handler (set below) is not its
+    // own. Blocked before the handlers exist, so that none can run here.
+    xptrace::set_sigmask(pid, u64::MAX)
+        .map_err(|e| SnapshotError::process(pid, "PTRACE_SETSIGMASK", e))?;
+    // What each clone would set anew after its fork, set once here and
+    // inherited.
+    let actions: Vec<_> = p
+        .sigactions
+        .iter()
+        .filter(|a| sets_action(a.signo))
+        .copied()
+        .collect();
+    kinds::signals::restore_actions(&inj, &b.mem, pid, data, scratch + BATCH_AT, &actions)?;
+    let limits: Vec<(u32, u64, u64)> = p
+        .rlimits
+        .iter()
+        .filter(|l| sets_limit(l.0))
+        .map(|&(res, cur, max)| {
+            if res == libc::RLIMIT_NOFILE {
+                (res, max, max)
+            } else {
+                (res, cur, max)
+            }
+        })
+        .collect();
+    let set = set_rlimits(&inj, &b.mem, pid, data, scratch + BATCH_AT, &limits)?;
+    for (&(res, _, _), set) in limits.iter().zip(set) {
+        if !set {
+            warn!(
+                resource = res,
+                "rlimit could not be set in the template holder"
+            );
+        }
+    }
     // The helper each clone is forked through is its child: reaped by
     // the kernel when it exits.
     let ignore = [SIG_IGN, 0, 0, 0].map(u64::to_ne_bytes).concat();
@@ -172,10 +234,6 @@ fn park(b: &Built, p: &ProcessImage, image: &Image) -> Result<u64, SnapshotError
         libc::SYS_rt_sigaction,
         &[libc::SIGCHLD as u64, data, 0, 8],
     )?;
-    // Nothing but SIGKILL ends its pause: a stray signal's default action
-    // would end it, and an application's handler is not its own.
-    xptrace::set_sigmask(pid, u64::MAX)
-        .map_err(|e| SnapshotError::process(pid, "PTRACE_SETSIGMASK", e))?;
     // Told apart from its clones in `ps`, which show the application's
     // name.
     b.mem.write(data, b"appshot-tmpl\0")?;
@@ -325,6 +383,19 @@ pub fn fork_clone(
     }
 }
 
+/// An injected call's raw result `ret` in process `pid` as an error
+/// saying `what` failed, if it did.
+fn failed(pid: u32, ret: i64, what: impl FnOnce() -> String) -> Result<(), SnapshotError> {
+    if (-4095..0).contains(&ret) {
+        return Err(SnapshotError::process(
+            pid,
+            what(),
+            nix::errno::Errno::from_raw(-ret as i32),
+        ));
+    }
+    Ok(())
+}
+
 /// The caller's thread and a holder on the caller's CPU, until dropped.
 struct Pinned {
     holder: Pid,
@@ -394,46 +465,67 @@ fn fork_in_helper(
         libc::SYS_pidfd_open,
         &[1, 0],
     )?;
-    for fd in 0..=2u64 {
-        let theirs = inj.ok(
-            pid,
-            &format!("pidfd_getfd of the namespace init's fd {fd}"),
-            libc::SYS_pidfd_getfd,
-            &[init, fd, 0],
-        )?;
-        inj.ok(
-            pid,
-            "dup3 of a standard stream",
-            libc::SYS_dup3,
-            &[theirs, fd, 0],
-        )?;
-        inj.call(pid, libc::SYS_close, &[theirs])?;
-    }
-    // Opened in the holder's mount namespace, where the supervisor found
+    // Init's standard streams taken in one batch of injected calls; then,
+    // in one more, placed, the clone's cgroup opened, init's namespaces
+    // joined and its pidfd closed (fourteen calls, each a ptrace round
+    // trip, before). The cgroup is opened before the namespaces are
+    // joined: in the holder's mount namespace, where the supervisor found
     // it. Forked straight into it, the clone is never migrated: a write to
     // cgroup.procs waits for an RCU grace period when the cgroup lock was
     // idle (13 ms measured here), a fork into a cgroup does not.
-    let cgroup_fd = cgroup
-        .map(|dir| {
-            open_in(
-                &inj,
-                mem,
-                pid,
-                data,
-                &dir.to_string_lossy(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })
-        .transpose()?;
-    if namespaces != 0 {
-        inj.ok(
-            pid,
-            "setns into the namespace init's namespaces",
-            libc::SYS_setns,
-            &[init, namespaces],
-        )?;
+    let code = scratch + BATCH_AT;
+    let take: Vec<(i64, [u64; 6])> = (0..=2u64)
+        .map(|fd| (libc::SYS_pidfd_getfd, [init, fd, 0, 0, 0, 0]))
+        .collect();
+    let mut theirs = Vec::with_capacity(take.len());
+    for (fd, ret) in inj.call_all(mem, pid, code, &take)?.into_iter().enumerate() {
+        failed(pid, ret, || {
+            format!("pidfd_getfd of the namespace init's fd {fd}")
+        })?;
+        theirs.push(ret as u64);
     }
-    inj.call(pid, libc::SYS_close, &[init])?;
+    let mut calls: Vec<(i64, [u64; 6])> = (0..)
+        .zip(&theirs)
+        .map(|(fd, &t)| (libc::SYS_dup3, [t, fd, 0, 0, 0, 0]))
+        .chain(
+            theirs
+                .iter()
+                .map(|&t| (libc::SYS_close, [t, 0, 0, 0, 0, 0])),
+        )
+        .collect();
+    let cgroup_at = match cgroup {
+        Some(dir) => {
+            let path = write_str(mem, data, &dir.to_string_lossy())?;
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+            calls.push((
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, path, flags as u64, 0, 0, 0],
+            ));
+            Some((dir, calls.len() - 1))
+        }
+        None => None,
+    };
+    let setns_at = (namespaces != 0).then(|| {
+        calls.push((libc::SYS_setns, [init, namespaces, 0, 0, 0, 0]));
+        calls.len() - 1
+    });
+    calls.push((libc::SYS_close, [init, 0, 0, 0, 0, 0]));
+    let done = inj.call_all(mem, pid, code, &calls)?;
+    for &ret in &done[..theirs.len()] {
+        failed(pid, ret, || "dup3 of a standard stream".to_string())?;
+    }
+    let cgroup_fd = match cgroup_at {
+        Some((dir, i)) => {
+            failed(pid, done[i], || format!("open {}", dir.display()))?;
+            Some(done[i] as u64)
+        }
+        None => None,
+    };
+    if let Some(i) = setns_at {
+        failed(pid, done[i], || {
+            "setns into the namespace init's namespaces".to_string()
+        })?;
+    }
     let clone = kinds::tree::fork(&helper.frozen, &inj, mem, data, ns_pid, cgroup_fd)?;
     let Some(fd) = cgroup_fd else {
         return Ok(clone);

@@ -111,8 +111,9 @@ enum Tops {
     /// Stubs the namespace init forked: ns pid → our pid.
     Stubs(HashMap<u32, u32>),
     /// The one top-level process, forked from a template holder with its
-    /// memory, mm fields and scratch mapping (`built[0]` from the start).
-    Forked { scratch: u64 },
+    /// memory, mm fields and scratch mapping (`built[0]` from the start),
+    /// and its signal actions and limits if the holder carries them.
+    Forked { scratch: u64, carried: bool },
 }
 
 /// Restores the image's process tree. `stubs` are the processes the
@@ -150,14 +151,17 @@ pub fn restore(
 /// On error it is killed, as every process of a failed restore is.
 pub fn restore_forked(
     forked: Frozen,
-    scratch: u64,
+    holder: crate::holder::Holder,
     image: &Image,
     hooks: &RestoreHooks,
 ) -> Result<Restored, SnapshotError> {
     let pid = forked.pid;
     let first = Built::of(forked)?;
     rebuild(
-        Tops::Forked { scratch },
+        Tops::Forked {
+            scratch: holder.scratch,
+            carried: holder.carries_state,
+        },
         vec![first],
         Some(pid),
         image,
@@ -326,9 +330,10 @@ fn build_tree(
             let all_vmas: Vec<Vma> = procs.iter().flat_map(|p| p.vmas.iter().cloned()).collect();
             choose_scratch(&stub_maps, &all_vmas)?
         }
-        Tops::Forked { scratch } => *scratch,
+        Tops::Forked { scratch, .. } => *scratch,
     };
     let data = scratch + DATA;
+    let carried = matches!(tops, Tops::Forked { carried: true, .. });
     let mut shmem = HashMap::new();
     let mut memfds = kinds::memfd::Made::default();
     for (i, p) in procs.iter().enumerate() {
@@ -381,6 +386,7 @@ fn build_tree(
             hooks,
             scratch,
             memory,
+            carried && parent.is_none(),
             &mut shmem,
             &mut memfds,
             lazy,
@@ -403,7 +409,8 @@ fn build_tree(
     })?;
     let mut listeners = Vec::with_capacity(procs.len());
     for ((b, p), regs_of) in built.iter_mut().zip(procs).zip(saved_regs) {
-        listeners.push(second_pass(b, p, regs_of, hooks, scratch)?);
+        let top = !procs.iter().any(|q| q.ns_pid == p.ns_ppid);
+        listeners.push(second_pass(b, p, regs_of, hooks, scratch, carried && top)?);
     }
     Ok(listeners)
 }
@@ -485,9 +492,10 @@ fn same_place(a: &Vma, b: &Vma) -> bool {
 
 /// What a process needs before it forks its children: memory and mm
 /// fields (unless `memory` is false: a clone forked from its template
-/// holder has them, all but its arguments and executable), limits,
-/// session, fds. A forked child starts as a copy of its rebuilt parent and
-/// drops what it did not have.
+/// holder has them, all but its arguments and executable), limits (those
+/// its holder carries only if `carried` is false), session, fds. A forked
+/// child starts as a copy of its rebuilt parent and drops what it did not
+/// have.
 #[allow(clippy::too_many_arguments)]
 fn first_pass(
     b: &Built,
@@ -497,6 +505,7 @@ fn first_pass(
     hooks: &RestoreHooks,
     scratch: u64,
     memory: bool,
+    carried: bool,
     shmem: &mut HashMap<u64, (u32, u64, u64)>,
     memfds: &mut kinds::memfd::Made,
     lazy: Option<&PageServer>,
@@ -540,8 +549,14 @@ fn first_pass(
     // fds above the stub's limit. Its temporaries sit above its highest
     // fd, so the soft limit is the hard one until the fds are placed.
     let nofile = libc::RLIMIT_NOFILE;
-    let first: Vec<(u32, u64, u64)> = p
+    // A holder that carries a limit carries RLIMIT_NOFILE raised already.
+    let own: Vec<(u32, u64, u64)> = p
         .rlimits
+        .iter()
+        .copied()
+        .filter(|l| !carried || !crate::holder::sets_limit(l.0))
+        .collect();
+    let first: Vec<(u32, u64, u64)> = own
         .iter()
         .map(|&(res, cur, max)| {
             if res == nofile {
@@ -552,7 +567,7 @@ fn first_pass(
         })
         .collect();
     let set = set_rlimits(&inj, mem, pid, data, scratch + BATCH_AT, &first)?;
-    for (&(res, cur, max), set) in p.rlimits.iter().zip(set) {
+    for (&(res, cur, max), set) in own.iter().zip(set) {
         // RLIMIT_NOFILE raised to its hard limit, or else as it was.
         let set = set || (res == nofile && set_rlimit(&inj, mem, pid, data, (res, cur, max))?);
         if !set {
@@ -571,14 +586,16 @@ fn first_pass(
 }
 
 /// Everything else, once every process exists: stashes closed, cwd,
-/// umask, signal handlers, the seccomp filter, threads, pending signals,
-/// credentials, and last the registers.
+/// umask, signal handlers (but those its holder carries, if `carried`),
+/// the seccomp filter, threads, pending signals, credentials, and last the
+/// registers.
 fn second_pass(
     b: &mut Built,
     p: &ProcessImage,
     saved_regs: &[libc::user_regs_struct],
     hooks: &RestoreHooks,
     scratch: u64,
+    carried: bool,
 ) -> Result<OwnedFd, SnapshotError> {
     let pid = b.frozen.pid;
     let data = scratch + DATA;
@@ -592,7 +609,13 @@ fn second_pass(
         let cwd = write_str(mem, data, &p.cwd)?;
         inj.ok(pid, &format!("chdir {}", p.cwd), libc::SYS_chdir, &[cwd])?;
         inj.ok(pid, "umask", libc::SYS_umask, &[p.umask as u64])?;
-        kinds::signals::restore_actions(&inj, mem, pid, data, scratch + BATCH_AT, &p.sigactions)?;
+        let actions: Vec<_> = p
+            .sigactions
+            .iter()
+            .filter(|a| !carried || !crate::holder::sets_action(a.signo))
+            .copied()
+            .collect();
+        kinds::signals::restore_actions(&inj, mem, pid, data, scratch + BATCH_AT, &actions)?;
     }
     // Each process gets a filter (and listener) of its own, installed after
     // its children were forked (they get their own) and after every
@@ -682,7 +705,7 @@ fn second_pass(
 
 /// Sets each of `limits` in process `pid` in one batch of injected calls
 /// (code at `code`, the limits written at `data`); whether each was set.
-fn set_rlimits(
+pub(crate) fn set_rlimits(
     inj: &Injector,
     mem: &Memory,
     pid: u32,
@@ -714,7 +737,7 @@ fn set_rlimits(
         .collect())
 }
 
-fn set_rlimit(
+pub(crate) fn set_rlimit(
     inj: &Injector,
     mem: &Memory,
     pid: u32,

@@ -488,6 +488,30 @@ fn more_clones_than_the_port_range_holds_are_refused() {
         ["keeper-n", "one"],
         "no other clone's supervisor started"
     );
+
+    // A single clone that claims an instance shell has its ports counted
+    // by the shell, in the transaction that would record it: a range whose
+    // one port `one` holds refuses it all the same, and nothing of it runs.
+    ready_shells(&h, "keeper.img", 2);
+    let held = h.translations("one")[0]["real_port"]
+        .as_u64()
+        .expect("one's real port");
+    let range = format!("{held}-{held}");
+    let lone = vec!["lone".to_string()];
+    let ran = h.try_clone(&lone, &image, &["--aid", "lone", "--port-range", &range]);
+    assert!(!ran.success(), "lone must be refused: {ran}");
+    for says in [
+        "need 1 real ports".to_string(),
+        format!("port range {range} has 0 free"),
+    ] {
+        assert!(
+            ran.stderr.contains(&says),
+            "the refusal says {says:?}: {ran}"
+        );
+    }
+    assert!(h.instance("lone").is_none(), "lone is not listed");
+    assert!(h.translations("lone").is_empty(), "lone holds no port");
+    assert_eq!(pids_with_arg(&data), running, "keeper-n and one run on");
     assert_eq!(
         keeper(&h, "n1").secret,
         keeper(&h, "kn").secret,
@@ -1264,4 +1288,106 @@ fn a_clones_own_files_are_private_to_the_user_it_runs_as() {
         assert_eq!(fs::read_to_string(&id_file).unwrap(), "template\n");
         assert_eq!(fs::read_to_string(&env_file).unwrap(), "");
     }
+}
+
+/// A field of `/proc/PID/status` (`SigCgt`, `SigIgn`, `SigBlk` …).
+fn status_field(pid: u32, key: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
+        .trim()
+        .to_string()
+}
+
+fn signal_bit(mask: &str, signo: u32) -> bool {
+    u64::from_str_radix(mask, 16).unwrap() & (1 << (signo - 1)) != 0
+}
+
+#[test]
+fn clones_inherit_their_templates_signal_actions_and_limits_from_its_holder() {
+    let Some(mut h) = Harness::new(
+        "clones_inherit_their_templates_signal_actions_and_limits_from_its_holder",
+        &["gcc"],
+    ) else {
+        return;
+    };
+    let bin = h.compile("sigkeeper.c", "sigkeeper");
+    let cwd = h.dir("sk");
+    h.start("sk", "sk", &cwd, &[], &[bin.to_str().unwrap()]);
+    h.wait_log("sk", "ready");
+    let original = pid_of(&h.instance("sk").expect("sk listed"));
+    let caught = status_field(original, "SigCgt");
+    let ignored = status_field(original, "SigIgn");
+    let limits = fs::read_to_string(format!("/proc/{original}/limits")).unwrap();
+    assert!(
+        signal_bit(&caught, libc::SIGUSR1 as u32) && signal_bit(&caught, libc::SIGCHLD as u32),
+        "the template catches SIGUSR1 and SIGCHLD: {caught}"
+    );
+    let image = h.dir("images").join("sk.img");
+    template(&h, "sk", &image, &["--leave-running"]);
+
+    // Two from one command (the first builds the holder), then one that
+    // claims an instance shell started after them.
+    let names = numbered("skc", 2);
+    h.clone_template(&names, &image, &["--aid", "skc", "--count", "2"]);
+    ready_shells(&h, "sk.img", 2);
+    h.clone_template(&["sk3".to_string()], &image, &["--aid", "sk3"]);
+    for name in names.iter().chain([&"sk3".to_string()]) {
+        let pid = pid_of(&h.instance(name).unwrap_or_else(|| panic!("{name} listed")));
+        assert_eq!(status_field(pid, "SigCgt"), caught, "{name}: handlers");
+        assert_eq!(status_field(pid, "SigIgn"), ignored, "{name}: ignored");
+        assert_eq!(
+            fs::read_to_string(format!("/proc/{pid}/limits")).unwrap(),
+            limits,
+            "{name}: limits"
+        );
+        // The inherited handler is the application's own: it runs.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        h.wait_log(name, "usr1 1");
+    }
+
+    // The holder carries the handlers and limits for its clones, but no
+    // signal reaches it, it reaps its fork helpers by ignoring SIGCHLD,
+    // and the CPU time of every fork is its own, under no template limit.
+    let holder = h.holder_pid("sk.img");
+    let held = status_field(holder, "SigCgt");
+    assert!(
+        signal_bit(&held, libc::SIGUSR1 as u32),
+        "the holder carries the SIGUSR1 handler: {held}"
+    );
+    let blocked = u64::from_str_radix(&status_field(holder, "SigBlk"), 16).unwrap();
+    let handled = u64::from_str_radix(&held, 16).unwrap();
+    assert_eq!(
+        blocked & handled,
+        handled,
+        "no signal the holder has a handler for can reach it: blocked {blocked:x}, handled {handled:x}"
+    );
+    assert!(signal_bit(
+        &status_field(holder, "SigIgn"),
+        libc::SIGCHLD as u32
+    ));
+    let holder_limits = fs::read_to_string(format!("/proc/{holder}/limits")).unwrap();
+    let line = |text: &str, what: &str| {
+        text.lines()
+            .find(|l| l.starts_with(what))
+            .unwrap_or_else(|| panic!("no {what}:\n{text}"))
+            .split_whitespace()
+            .skip(what.split_whitespace().count())
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line(&holder_limits, "Max core file size"), "0 0");
+    assert_eq!(
+        line(&holder_limits, "Max cpu time"),
+        "unlimited unlimited",
+        "no template's CPU limit on the holder"
+    );
+    assert_eq!(line(&limits, "Max cpu time"), "3000 4000");
 }

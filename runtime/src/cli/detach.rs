@@ -2,6 +2,7 @@
 //! own, logging to `RUN_DIR/logs/NAME/`, and its answer on a pipe: whether
 //! the instance runs. Several can be under way at once (`clone --count`).
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, Sender};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use appshot_vpm::Registry;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use appshot::supervisor::{logs, pool};
 use appshot::supervisor::{Launch, LAUNCH_ENV};
@@ -16,6 +18,10 @@ use appshot::supervisor::{Launch, LAUNCH_ENV};
 /// How long a supervisor may take to answer before it is taken for hung
 /// (and killed, with its instance).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a claimed shell that failed may take to end (and finish its
+/// log) before its log is read anyway.
+const SHELL_END_TIMEOUT_MS: u16 = 5000;
 
 /// Starts the supervisor of `launch` and returns once the instance has run
 /// for the supervisor's start period: 0 when it runs (its name printed),
@@ -77,11 +83,17 @@ impl Supervisor {
     }
 
     /// Its exit status, once it ended; a shell, not our child, has none to
-    /// give (its log says why).
+    /// give (its log says why), but its end is awaited all the same: it
+    /// closes the claim's connection before it logs why it failed, and its
+    /// log's tail is read next.
     fn wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
         match self {
             Supervisor::Child(c) => Ok(Some(c.wait().context("waiting for the supervisor")?)),
-            Supervisor::Shell { .. } => Ok(None),
+            Supervisor::Shell { pidfd, .. } => {
+                let mut ended = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut ended, PollTimeout::from(SHELL_END_TIMEOUT_MS));
+                Ok(None)
+            }
         }
     }
 }

@@ -99,6 +99,35 @@ pub struct Launch {
     /// programs attached and no cluster key).
     #[serde(default)]
     pub routing: Routing,
+    /// Real ports the instance's listening sockets need free in `range`,
+    /// checked by the supervisor when it takes the instance's name (a
+    /// single clone: its starter sends the claim of an instance shell
+    /// without reading the registry first); 0 when its starter checked.
+    #[serde(default)]
+    pub free_ports: usize,
+}
+
+/// Refuses `count` clones of a template with `sockets` listening sockets
+/// when fewer real ports than they need are free in `range`.
+pub fn check_free_ports(
+    state: &appshot_vpm::RegistryState,
+    range: PortRange,
+    sockets: usize,
+    count: usize,
+) -> Result<(), String> {
+    let used = state
+        .translations
+        .iter()
+        .filter(|t| (range.start..=range.end).contains(&t.real_port))
+        .count();
+    let free = (usize::from(range.end) - usize::from(range.start) + 1).saturating_sub(used);
+    let needed = sockets * count;
+    if needed > free {
+        return Err(format!(
+            "{count} clones of a template with {sockets} listening sockets need {needed} real ports; port range {range} has {free} free"
+        ));
+    }
+    Ok(())
 }
 
 /// How an instance comes to be, with what each way needs.
@@ -214,14 +243,26 @@ pub fn run_in(
     // the registry and the kernel's source rules. The state is published
     // before the registry lists the instance: `ps` never meets a listed
     // instance without its state.
+    let short = |why| RuntimeError::Start {
+        name: launch.name.clone(),
+        reason: why,
+    };
     let (lock, status) = match recorded_init {
-        Some(init_pid) => InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
-            let status = status::Status::new(dir, phase);
-            s.instances
-                .insert(launch.name.clone(), record_of(&launch, init_pid));
-            status
-        })?,
+        Some(init_pid) => {
+            let (lock, status) =
+                InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
+                    check_free_ports(s, launch.range, launch.free_ports, 1)?;
+                    s.instances
+                        .insert(launch.name.clone(), record_of(&launch, init_pid));
+                    Ok(status::Status::new(dir, phase))
+                })?;
+            (lock, status.map_err(short)?)
+        }
         None => {
+            if launch.free_ports > 0 {
+                check_free_ports(&registry.read()?, launch.range, launch.free_ports, 1)
+                    .map_err(short)?;
+            }
             let lock = InstanceLock::acquire(&registry, &launch.name)?;
             let status = status::Status::new(lock.instance_dir(), phase);
             (lock, status)
@@ -813,7 +854,7 @@ where
             check_pages: !plan.clone && self.lazy.is_none(),
         };
         let restored = match forked {
-            Some((clone, scratch)) => restore::restore_forked(clone, scratch, self.image, &hooks)?,
+            Some((clone, holder)) => restore::restore_forked(clone, holder, self.image, &hooks)?,
             None => restore::restore(stubs, self.image, &hooks)?,
         };
         self.lazy_status = restored.lazy;
@@ -839,14 +880,14 @@ impl<M> RealRestore<'_, M> {
     /// instance's cgroup as it forks it, and waits until init has applied
     /// the clone's
     /// identity, which it does meanwhile: the clone runs no instruction
-    /// before its restore is done. Returns it frozen, and the holder's
-    /// scratch address, for the rest of its restore.
+    /// before its restore is done. Returns it frozen, and its holder, for
+    /// the rest of its restore.
     fn fork(
         &mut self,
         ready: OwnedFd,
         init_pid: u32,
         made: bool,
-    ) -> Result<(appshot_snapshot::ptrace::Frozen, u64), RuntimeError> {
+    ) -> Result<(appshot_snapshot::ptrace::Frozen, holder::Holder), RuntimeError> {
         if !made {
             self.await_init(&ready, b"shell")?;
         }
@@ -867,7 +908,7 @@ impl<M> RealRestore<'_, M> {
             return Err(e);
         }
         self.phases.mark("identity applied");
-        Ok((clone, holder.scratch))
+        Ok((clone, holder))
     }
 
     /// Waits for `word` from the awaiting init (`shell` once its namespaces
@@ -1389,7 +1430,39 @@ mod tests {
             restart: Default::default(),
             config: None,
             routing: Default::default(),
+            free_ports: 0,
         }
+    }
+
+    #[test]
+    fn clones_are_refused_when_their_range_has_too_few_free_real_ports() {
+        use appshot_vpm::{PortRange, Protocol, RegistryState, Translation};
+        let held = |real_port| Translation {
+            protocol: Protocol::Tcp,
+            addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            virtual_port: 9000,
+            aid: "a".into(),
+            real_port,
+            owner: "x".into(),
+            socket_inode: 1,
+        };
+        let state = RegistryState {
+            // Two in the range; one below it does not count.
+            translations: vec![held(20000), held(20002), held(9000)],
+            ..Default::default()
+        };
+        let range = PortRange {
+            start: 20000,
+            end: 20003,
+        };
+        assert_eq!(super::check_free_ports(&state, range, 1, 2), Ok(()));
+        assert_eq!(super::check_free_ports(&state, range, 2, 1), Ok(()));
+        assert_eq!(super::check_free_ports(&state, range, 0, 9), Ok(()));
+        assert_eq!(
+            super::check_free_ports(&state, range, 1, 3),
+            Err("3 clones of a template with 1 listening sockets need 3 real ports; port range 20000-20003 has 2 free".into())
+        );
+        assert!(super::check_free_ports(&state, range, 3, 1).is_err());
     }
 
     #[test]

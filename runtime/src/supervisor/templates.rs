@@ -39,6 +39,9 @@ struct State {
     image: PathBuf,
     identity: String,
     clones: u64,
+    /// See [`Holder::carries_state`]; absent (false) in the file of a
+    /// holder started by an appshot from before.
+    carries_state: bool,
 }
 
 impl State {
@@ -54,18 +57,20 @@ impl State {
             image: PathBuf::from(field("image")?),
             identity: field("identity")?.to_string(),
             clones: field("clones")?.parse().ok()?,
+            carries_state: field("carries_state") == Some("1"),
         })
     }
 
     fn text(&self) -> String {
         format!(
-            "pid={}\nstart={}\nscratch={:#x}\nimage={}\nidentity={}\nclones={}\n",
+            "pid={}\nstart={}\nscratch={:#x}\nimage={}\nidentity={}\nclones={}\ncarries_state={}\n",
             self.pid,
             self.start,
             self.scratch,
             self.image.display(),
             self.identity,
-            self.clones
+            self.clones,
+            u8::from(self.carries_state)
         )
     }
 
@@ -80,6 +85,7 @@ impl Lease {
         Holder {
             pid: self.state.pid,
             scratch: self.state.scratch,
+            carries_state: self.state.carries_state,
         }
     }
 
@@ -223,6 +229,7 @@ pub fn lease(run_dir: &Path, path: &Path, image: &Image) -> Result<Lease, Runtim
         image: path.to_path_buf(),
         identity,
         clones: 0,
+        carries_state: built.carries_state,
     };
     write_state(&dir, &state)?;
     info!(template = %name, pid = stub, ms = started.elapsed().as_secs_f64() * 1e3, "template holder started");
@@ -361,9 +368,21 @@ mod tests {
             image: PathBuf::from("/var/lib/t/redis.img"),
             identity: "1:2:3:4.5:6.7".into(),
             clones: 9,
+            carries_state: true,
         };
-        assert_eq!(State::parse(&state.text()), Some(state));
+        assert_eq!(State::parse(&state.text()), Some(state.clone()));
         assert_eq!(State::parse("pid=1\n"), None);
+        // A holder's file from before holders carried the image's signal
+        // actions and limits: its clones must set them all.
+        let old: String = state
+            .text()
+            .lines()
+            .filter(|l| !l.starts_with("carries_state="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let read = State::parse(&old).expect("an older holder's file");
+        assert!(!read.carries_state);
+        assert_eq!(read.clones, 9);
     }
 
     #[test]
