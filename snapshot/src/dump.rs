@@ -558,9 +558,9 @@ fn dump_fds(
                 continue;
             }
             if getsockopt(&sock, sockopt::SockType) == Ok(SockType::Datagram) {
-                kinds::udp::save(&sock, flags, req.virtualize_udp).map_err(unsupported)?
+                kinds::udp::save(pid, fd, &sock, flags, req.virtualize_udp)?
             } else {
-                kinds::tcp::save(&sock, flags, req.virtualize, req.repairs).map_err(unsupported)?
+                kinds::tcp::save(pid, fd, &sock, flags, req.virtualize, req.repairs)?
             }
         } else if link == "anon_inode:[eventpoll]" {
             kinds::events::save_epoll(info, flags)

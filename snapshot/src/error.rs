@@ -48,13 +48,14 @@ pub enum SnapshotError {
     },
     #[error("{path}: {why}; the image cannot be restored")]
     FileChanged { path: String, why: String },
-    #[error("pid {pid}: fd {fd}: TCP connection {local} -> {peer}: {what}: {error}")]
+    #[error("pid {pid}: fd {fd}: TCP connection {local} -> {peer}: {what}")]
     TcpConnection {
         pid: u32,
         fd: i32,
         local: String,
         peer: String,
         what: &'static str,
+        #[source]
         error: std::io::Error,
     },
     #[error(transparent)]

@@ -100,23 +100,30 @@ fn inet(a: &SockaddrStorage) -> Option<SocketAddr> {
 /// application believes in. A connected one is put in repair mode and
 /// recorded in `repairs`.
 pub fn save(
+    pid: u32,
+    fd: i32,
     sock: &OwnedFd,
     flags: i32,
     virtualize: &dyn Fn(SocketAddr) -> SocketAddr,
     repairs: &Repairs,
-) -> Result<FdKind, String> {
-    let listening = getsockopt(sock, sockopt::AcceptConn).map_err(|e| e.to_string())?;
+) -> Result<FdKind, SnapshotError> {
+    let call = |call: &'static str| move |e: nix::Error| SnapshotError::fd_call(pid, fd, call, e);
+    let listening = getsockopt(sock, sockopt::AcceptConn).map_err(call("SO_ACCEPTCONN"))?;
     let peer = getpeername::<SockaddrStorage>(sock.as_raw_fd())
         .ok()
         .as_ref()
         .and_then(inet);
-    let stype = getsockopt(sock, sockopt::SockType).map_err(|e| e.to_string())?;
-    let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(|e| e.to_string())?;
+    let stype = getsockopt(sock, sockopt::SockType).map_err(call("SO_TYPE"))?;
+    let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(call("getsockname"))?;
     let Some(addr) = inet(&local).filter(|_| stype == SockType::Stream) else {
-        return Err("only TCP and UDP sockets of the Internet families can be saved".into());
+        return Err(SnapshotError::UnsupportedFd {
+            pid,
+            fd,
+            what: "only TCP and UDP sockets of the Internet families can be saved".into(),
+        });
     };
     if let Some(peer) = peer {
-        return save_connection(sock, flags, addr, peer, virtualize, repairs)
+        return save_connection(pid, fd, sock, flags, addr, peer, virtualize, repairs)
             .map(|c| FdKind::TcpConn(Box::new(c)));
     }
     Ok(FdKind::TcpSocket {
@@ -124,24 +131,37 @@ pub fn save(
         listening,
         flags,
         v6only: addr.is_ipv6()
-            && getsockopt(sock, sockopt::Ipv6V6Only).map_err(|e| e.to_string())?,
-        reuseaddr: getsockopt(sock, sockopt::ReuseAddr).map_err(|e| e.to_string())?,
-        reuseport: getsockopt(sock, sockopt::ReusePort).map_err(|e| e.to_string())?,
+            && getsockopt(sock, sockopt::Ipv6V6Only).map_err(call("IPV6_V6ONLY"))?,
+        reuseaddr: getsockopt(sock, sockopt::ReuseAddr).map_err(call("SO_REUSEADDR"))?,
+        reuseport: getsockopt(sock, sockopt::ReusePort).map_err(call("SO_REUSEPORT"))?,
         real_port: addr.port(),
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn save_connection(
+    pid: u32,
+    fd: i32,
     sock: &OwnedFd,
     flags: i32,
     local: SocketAddr,
     peer: SocketAddr,
     virtualize: &dyn Fn(SocketAddr) -> SocketAddr,
     repairs: &Repairs,
-) -> Result<TcpConn, String> {
-    let ctx = |what: &str| {
-        let what = what.to_string();
-        move |e: std::io::Error| format!("connection {local} -> {peer}: {what}: {e}")
+) -> Result<TcpConn, SnapshotError> {
+    let ctx = |what: &'static str| {
+        move |error: std::io::Error| SnapshotError::TcpConnection {
+            pid,
+            fd,
+            local: local.to_string(),
+            peer: peer.to_string(),
+            what,
+            error,
+        }
+    };
+    let opt = |what: &'static str| {
+        let ctx = ctx(what);
+        move |e: nix::Error| ctx(e.into())
     };
     repair::repair_on(sock).map_err(ctx("TCP_REPAIR"))?;
     repairs
@@ -149,11 +169,11 @@ fn save_connection(
         .borrow_mut()
         .push(sock.try_clone().map_err(ctx("dup"))?);
     let info = repair::info(sock).map_err(ctx("TCP_INFO"))?;
-    let nodelay = getsockopt(sock, sockopt::TcpNoDelay).map_err(|e| e.to_string())?;
-    let keepalive = getsockopt(sock, sockopt::KeepAlive).map_err(|e| e.to_string())?;
+    let nodelay = getsockopt(sock, sockopt::TcpNoDelay).map_err(opt("TCP_NODELAY"))?;
+    let keepalive = getsockopt(sock, sockopt::KeepAlive).map_err(opt("SO_KEEPALIVE"))?;
     // The kernel reports twice what was asked for.
-    let sndbuf = (getsockopt(sock, sockopt::SndBuf).map_err(|e| e.to_string())? / 2) as u32;
-    let rcvbuf = (getsockopt(sock, sockopt::RcvBuf).map_err(|e| e.to_string())? / 2) as u32;
+    let sndbuf = (getsockopt(sock, sockopt::SndBuf).map_err(opt("SO_SNDBUF"))? / 2) as u32;
+    let rcvbuf = (getsockopt(sock, sockopt::RcvBuf).map_err(opt("SO_RCVBUF"))? / 2) as u32;
     let mut conn = TcpConn {
         flags,
         local: local.to_string(),
@@ -186,11 +206,15 @@ fn save_connection(
     conn.send = repair::peek_queue(sock, Queue::Send, outq).map_err(ctx("send queue"))?;
     conn.recv = repair::peek_queue(sock, Queue::Recv, inq).map_err(ctx("receive queue"))?;
     if conn.send.len() != outq as usize || conn.recv.len() != inq as usize {
-        return Err(format!(
-            "connection {local} -> {peer}: queues read short ({} of {outq} bytes to send, {} of {inq} received)",
-            conn.send.len(),
-            conn.recv.len()
-        ));
+        return Err(SnapshotError::UnsupportedFd {
+            pid,
+            fd,
+            what: format!(
+                "TCP connection {local} -> {peer}: queues read short ({} of {outq} bytes to send, {} of {inq} received)",
+                conn.send.len(),
+                conn.recv.len()
+            ),
+        });
     }
     conn.unsent = unsent;
     // The sequence numbers are kept as after the last byte of data: a FIN
@@ -537,7 +561,7 @@ mod tests {
         let peer = server.peer_addr().unwrap();
         let server = OwnedFd::from(server);
         let repairs = Repairs::default();
-        let c = save_connection(&server, 0, local, peer, &|a| a, &repairs).unwrap();
+        let c = save_connection(1, 3, &server, 0, local, peer, &|a| a, &repairs).unwrap();
         assert_eq!(c.recv, b"unread by the server");
         assert!(c.unsent > 0, "nothing unsent in {} queued", c.send.len());
         drop(server);
@@ -601,7 +625,7 @@ mod tests {
         let peer = server.peer_addr().unwrap();
         let server = OwnedFd::from(server);
         let repairs = Repairs::default();
-        let c = save_connection(&server, 0, local, peer, &|a| a, &repairs).unwrap();
+        let c = save_connection(1, 3, &server, 0, local, peer, &|a| a, &repairs).unwrap();
         assert_eq!(c.state, state);
         drop(server);
         drop(repairs);

@@ -25,16 +25,19 @@ fn inet(a: &SockaddrStorage) -> Option<SocketAddr> {
 /// A UDP socket of the process (our duplicate of it); `virtualize` maps
 /// its real address to the one its application bound.
 pub fn save(
+    pid: u32,
+    fd: i32,
     sock: &OwnedFd,
     flags: i32,
     virtualize: &dyn Fn(SocketAddr) -> SocketAddr,
-) -> Result<FdKind, String> {
-    let e = |what: &str| {
-        let what = what.to_string();
-        move |e: nix::Error| format!("UDP socket: {what}: {e}")
-    };
+) -> Result<FdKind, SnapshotError> {
+    let e = |call: &'static str| move |e: nix::Error| SnapshotError::fd_call(pid, fd, call, e);
     let local: SockaddrStorage = getsockname(sock.as_raw_fd()).map_err(e("getsockname"))?;
-    let local = inet(&local).ok_or("UDP socket of an unknown family")?;
+    let local = inet(&local).ok_or_else(|| SnapshotError::UnsupportedFd {
+        pid,
+        fd,
+        what: "UDP socket of an unknown family".into(),
+    })?;
     let peer = getpeername::<SockaddrStorage>(sock.as_raw_fd())
         .ok()
         .as_ref()
