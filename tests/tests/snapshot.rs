@@ -1063,3 +1063,57 @@ fn a_snapshot_of_a_clone_keeps_a_stack_that_grows() {
     wait_ticks(&h, "c1", before, 2);
     assert!(alive(app), "c1 died growing its stack");
 }
+
+/// A field of /proc/PID/status.
+fn status_field(pid: u32, key: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_process_single_stepping_itself_keeps_its_signal_actions_and_limits() {
+    // Its saved flags have the trap flag on: code the dump injects must
+    // not trap after its first instruction and be taken as done (every
+    // handler then read back as SIG_DFL, every limit as 0).
+    let test = "a_process_single_stepping_itself_keeps_its_signal_actions_and_limits";
+    let Some(mut h) = Harness::new(test, &["gcc"]) else {
+        return;
+    };
+    let bin = h.compile("sigkeeper.c", "sigkeeper");
+    let cwd = h.dir("step");
+    h.start("step", "st", &cwd, &[], &[bin.to_str().unwrap(), "step"]);
+    let ready = h.wait_log("step", "ready traps=");
+    assert!(
+        !ready.contains("ready traps=0\n"),
+        "sigkeeper steps itself: {ready}"
+    );
+    let before = pid_of(&h.instance("step").expect("step listed"));
+    let caught = status_field(before, "SigCgt");
+    let ignored = status_field(before, "SigIgn");
+    let limits = fs::read_to_string(format!("/proc/{before}/limits")).unwrap();
+
+    let image = h.dir("images").join("step.img");
+    let ran = h.snapshot("step", &image, &[]);
+    assert!(ran.success(), "snapshot of a stepping process: {ran}");
+    h.restore("step", &image, &[]);
+    let after = pid_of(&h.instance("step").expect("step listed after restore"));
+    assert_eq!(status_field(after, "SigCgt"), caught, "handlers");
+    assert_eq!(status_field(after, "SigIgn"), ignored, "ignored signals");
+    assert_eq!(
+        fs::read_to_string(format!("/proc/{after}/limits")).unwrap(),
+        limits,
+        "limits"
+    );
+    // Its own handler, still stepped through after the restore.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(after as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    h.wait_log("step", "usr1 1");
+}
