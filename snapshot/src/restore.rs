@@ -566,10 +566,13 @@ fn first_pass(
             }
         })
         .collect();
-    let set = set_rlimits(&inj, mem, pid, data, scratch + BATCH_AT, &first)?;
+    let code = scratch + BATCH_AT;
+    let set_one =
+        |limit| Ok::<_, SnapshotError>(set_rlimits(&inj, mem, pid, data, code, &[limit])?[0]);
+    let set = set_rlimits(&inj, mem, pid, data, code, &first)?;
     for (&(res, cur, max), set) in own.iter().zip(set) {
         // RLIMIT_NOFILE raised to its hard limit, or else as it was.
-        let set = set || (res == nofile && set_rlimit(&inj, mem, pid, data, (res, cur, max))?);
+        let set = set || (res == nofile && set_one((res, cur, max))?);
         if !set {
             warn!(resource = res, "rlimit could not be restored");
         }
@@ -578,7 +581,7 @@ fn first_pass(
     crate::kinds::tree::fetch_fds(&inj, pid, p)?;
     restore_fds(&inj, mem, pid, data, p, hooks, image, memfds)?;
     for &limit in p.rlimits.iter().filter(|l| l.0 == nofile) {
-        if !set_rlimit(&inj, mem, pid, data, limit)? {
+        if !set_one(limit)? {
             warn!(resource = limit.0, "rlimit could not be restored");
         }
     }
@@ -735,24 +738,6 @@ pub(crate) fn set_rlimits(
         .into_iter()
         .map(|ret| ret >= 0)
         .collect())
-}
-
-pub(crate) fn set_rlimit(
-    inj: &Injector,
-    mem: &Memory,
-    pid: u32,
-    data: u64,
-    (res, cur, max): (u32, u64, u64),
-) -> Result<bool, SnapshotError> {
-    let limit = libc::rlimit {
-        rlim_cur: cur,
-        rlim_max: max,
-    };
-    mem.write_value(data, &limit)?;
-    Ok(inj
-        .call(pid, libc::SYS_prlimit64, &[0, res as u64, data, 0])?
-        .ret
-        >= 0)
 }
 
 /// Keeps the calling thread and the processes being rebuilt on the CPU the
