@@ -768,6 +768,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             rules.env.extend(env);
             let range = port_range.unwrap_or(config.port_range);
             let plan = clones::plan(&aid, &name, count)?;
+            if let ([one], true) = (plan.as_slice(), detach) {
+                if let Some(mut launch) = unopened_launch(&template, one, &rules, range, &run_dir)?
+                {
+                    launch.routing = routing;
+                    let started = detach::detach_unopened(&launch);
+                    if !matches!(started, Ok(None)) {
+                        replenish(&run_dir, &launch, pool, cli.verbose);
+                        return started.map(|status| status.unwrap_or_default());
+                    }
+                }
+            }
             let (mut launches, forkable) =
                 clone_launches(&template, &plan, &rules, range, &run_dir, detach)?;
             for launch in &mut launches {
@@ -781,13 +792,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 _ => clones::start_all(&launches, cli.verbose),
             };
-            // After the clones answered: the shells start while they run.
-            if let (true, Some(Mode::Clone { template })) =
-                (forkable, launches.first().map(|l| &l.mode))
-            {
-                if let Err(e) = pool::replenish(&run_dir, template, pool, cli.verbose) {
-                    tracing::warn!("starting instance shells for the next clones: {e}");
-                }
+            if let (true, Some(launch)) = (forkable, launches.first()) {
+                replenish(&run_dir, launch, pool, cli.verbose);
             }
             started
         }
@@ -1001,7 +1007,8 @@ fn restore_launch(
             tcp_close,
             lazy,
         },
-        &img,
+        info.command.clone(),
+        info.multiplexed.clone(),
         name.unwrap_or_else(|| info.name.clone()),
         aid.unwrap_or_else(|| info.aid.clone()),
         run_dir,
@@ -1018,6 +1025,89 @@ fn checked_image(image: &Path) -> anyhow::Result<(PathBuf, appshot_snapshot::ima
     let img = appshot_snapshot::image::Image::open_pages_unchecked(&path)?;
     appshot_snapshot::restore::check_files(&img)?;
     Ok((path, img))
+}
+
+/// After the clones answered: the shells for the next clones of
+/// `launch`'s template start while they run.
+fn replenish(run_dir: &Path, launch: &Launch, size: Option<u32>, verbose: u8) {
+    if let Mode::Clone { template } = &launch.mode {
+        if let Err(e) = pool::replenish(run_dir, template, size, verbose) {
+            tracing::warn!("starting instance shells for the next clones: {e}");
+        }
+    }
+}
+
+/// Refuses rules whose values have no file to carry them.
+fn check_rules(rules: &CloneRules) -> anyhow::Result<()> {
+    if rules.identity_file.is_none() && !rules.values.is_empty() {
+        let keys: Vec<&str> = rules.values.keys().map(String::as_str).collect();
+        bail!(
+            "values {} need an identity file to carry them: give --identity-file PATH or the config's [clone] identity_file",
+            keys.join(", ")
+        );
+    }
+    if rules.env_file.is_none() && !rules.env.is_empty() {
+        let keys: Vec<&str> = rules.env.keys().map(String::as_str).collect();
+        bail!(
+            "--env {} need an environment file to carry them (a running clone's environment is the template's memory): give --env-file PATH or the config's [clone] env_file",
+            keys.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A clone's hostname and files, as `rules` render them for it.
+fn clone_identity(rules: &CloneRules, identity: appshot_configurator::Identity) -> CloneIdentity {
+    CloneIdentity {
+        hostname: identity.hostname,
+        file: rules.identity_file.clone().map(|path| IdentityFile {
+            path,
+            values: identity.values,
+        }),
+        env_file: rules.env_file.clone().map(|path| IdentityFile {
+            path,
+            values: identity.env,
+        }),
+    }
+}
+
+/// The launch of a single detached clone (`one`: its AID and name) made
+/// without opening the template, for one of the template's instance
+/// shells to complete from the image it holds (`detach::detach_unopened`):
+/// the shell opened and verified the image when it started and refuses the
+/// claim if the file changed since, so the CLI checks here only what needs
+/// no image (the rules, the clone's identity, AID and name). Opening the
+/// template, its manifest and the files it maps was most of the CLI's own
+/// work before the claim, on the path of the clone's first answer. `None`
+/// when the template path does not resolve (the full path says why).
+fn unopened_launch(
+    template: &Path,
+    (clone_aid, clone_name): &(String, String),
+    rules: &CloneRules,
+    range: PortRange,
+    run_dir: &Path,
+) -> anyhow::Result<Option<Launch>> {
+    check_rules(rules)?;
+    let Ok(path) = std::fs::canonicalize(template) else {
+        return Ok(None);
+    };
+    let identity = rules.render(&CloneId {
+        number: 1,
+        aid: clone_aid,
+        name: clone_name,
+    })?;
+    let mode = Mode::Clone { template: path };
+    let mut launch = image_launch(
+        mode,
+        Vec::new(),
+        Vec::new(),
+        clone_name.clone(),
+        clone_aid.clone(),
+        run_dir,
+    )?;
+    launch.identity = Some(clone_identity(rules, identity));
+    launch.range = range;
+    Ok(Some(launch))
 }
 
 /// Launches for the clones of a template in `plan` (AID and name of
@@ -1038,20 +1128,7 @@ fn clone_launches(
     run_dir: &Path,
     detach: bool,
 ) -> anyhow::Result<(Vec<Launch>, bool)> {
-    if rules.identity_file.is_none() && !rules.values.is_empty() {
-        let keys: Vec<&str> = rules.values.keys().map(String::as_str).collect();
-        bail!(
-            "values {} need an identity file to carry them: give --identity-file PATH or the config's [clone] identity_file",
-            keys.join(", ")
-        );
-    }
-    if rules.env_file.is_none() && !rules.env.is_empty() {
-        let keys: Vec<&str> = rules.env.keys().map(String::as_str).collect();
-        bail!(
-            "--env {} need an environment file to carry them (a running clone's environment is the template's memory): give --env-file PATH or the config's [clone] env_file",
-            keys.join(", ")
-        );
-    }
+    check_rules(rules)?;
     let path = std::fs::canonicalize(template)
         .with_context(|| format!("template {}", template.display()))?;
     let img = snapshots::open_template(&path, run_dir)?;
@@ -1076,18 +1153,16 @@ fn clone_launches(
         let mode = Mode::Clone {
             template: path.clone(),
         };
-        let mut launch = image_launch(mode, &img, clone_name.clone(), clone_aid.clone(), run_dir)?;
-        launch.identity = Some(CloneIdentity {
-            hostname: identity.hostname,
-            file: rules.identity_file.clone().map(|path| IdentityFile {
-                path,
-                values: identity.values,
-            }),
-            env_file: rules.env_file.clone().map(|path| IdentityFile {
-                path,
-                values: identity.env,
-            }),
-        });
+        let info = &img.manifest.instance;
+        let mut launch = image_launch(
+            mode,
+            info.command.clone(),
+            info.multiplexed.clone(),
+            clone_name.clone(),
+            clone_aid.clone(),
+            run_dir,
+        )?;
+        launch.identity = Some(clone_identity(rules, identity));
         launch.range = range;
         launches.push(launch);
     }
@@ -1109,24 +1184,26 @@ fn clone_launches(
     Ok((launches, forkable))
 }
 
+/// The launch of an image's instance: `command` and `ports` are the
+/// image's (its command line and multiplexed ports).
 fn image_launch(
     mode: Mode,
-    img: &appshot_snapshot::image::Image,
+    command: Vec<String>,
+    ports: Vec<u16>,
     name: String,
     aid: String,
     run_dir: &Path,
 ) -> anyhow::Result<Launch> {
-    let info = &img.manifest.instance;
     validate_aid(&aid).map_err(|e| anyhow!("--aid {aid:?}: {e}"))?;
     validate_name(&name).map_err(|e| anyhow!("--name {name:?}: {e}"))?;
     let defaults = AppConfig::default();
     Ok(Launch {
         name,
         aid,
-        command: info.command.clone(),
+        command,
         cwd: None,
         env: Vec::new(),
-        ports: info.multiplexed.clone(),
+        ports,
         ephemeral_start: ephemeral_range()?.0,
         range: defaults.port_range,
         allocation_timeout_ms: defaults.allocation_timeout.as_millis() as u64,
@@ -1219,6 +1296,15 @@ fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
     let Some(claimed) = pool::wait_for_claim(run_dir, template)? else {
         return Ok(0);
     };
+    if claimed.unopened {
+        if let Err(e) = make_clone_logs(&claimed) {
+            let status = e
+                .downcast_ref::<error::RuntimeError>()
+                .map_or(125, error::RuntimeError::exit_status);
+            let _ = nix::unistd::write(&claimed.answer, detach::refusal(status, &e).as_bytes());
+            return Err(e);
+        }
+    }
     let log = logs::append(
         &logs::dir(&claimed.launch.run_dir, &claimed.launch.name).join(logs::SUPERVISOR_LOG),
     )?;
@@ -1232,6 +1318,27 @@ fn shell(run_dir: &Path, template: &Path) -> anyhow::Result<i32> {
         tracing::warn!("showing the claimed shell as its clone's supervisor: {e}");
     }
     supervise_with(claimed.launch, Some(claimed.shell), claimed.answer, read)
+}
+
+/// The log directory of the clone a shell completed the launch of (see
+/// `pool::claim`): the CLI left it to the shell, which has the registry
+/// open. Its name is checked first, as the CLI checks it: the logs of a
+/// name in use belong to the running instance.
+fn make_clone_logs(claimed: &pool::Claimed) -> anyhow::Result<()> {
+    let launch = &claimed.launch;
+    if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
+        return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
+    }
+    let opened;
+    let registry = match claimed.shell.registry(&launch.run_dir) {
+        Some(registry) => registry,
+        None => {
+            opened = appshot_vpm::Registry::open(&launch.run_dir)?;
+            &opened
+        }
+    };
+    logs::make_dir(registry, &launch.name)?;
+    Ok(())
 }
 
 fn supervise_with(

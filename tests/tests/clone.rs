@@ -1118,6 +1118,59 @@ fn clones_claim_ready_shells_once_the_pool_refills_and_goes_with_its_template() 
     }
 }
 
+/// A single detached clone that claims a shell leaves the template
+/// unopened and its logs to the shell; what the shell then refuses reaches
+/// the CLI, which prints it and fails as it did when it made the logs
+/// itself. Here the logs cannot be made (`RUN_DIR/logs` is a file): the
+/// same message and status claimed from a shell as from a template with
+/// none (a copy under another name). The test fails where the CLI made
+/// the logs before its claim: no shell takes the claim.
+#[test]
+fn a_refusal_by_the_claimed_shell_is_the_clis_own() {
+    let Some(mut h) = Harness::new(
+        "a_refusal_by_the_claimed_shell_is_the_clis_own",
+        &["python3", "curl"],
+    ) else {
+        return;
+    };
+    let id_file = h.dir("www").join("id.env");
+    let image = h.dir("images").join("whoami.img");
+    whoami_template(&mut h, "refuse-t", "rt", &id_file, &image, &[]);
+    h.clone_template(&["r1".into()], &image, &["--aid", "r1"]);
+    let shells = ready_shells(&h, "whoami.img", 2);
+    let copy = h.dir("images").join("copy.img");
+    fs::copy(&image, &copy).unwrap();
+    let processes = pids_with_arg(id_file.to_str().unwrap());
+
+    let logs = h.run_dir().join("logs");
+    let aside = h.run_dir().join("logs.aside");
+    fs::rename(&logs, &aside).unwrap();
+    fs::write(&logs, "").unwrap();
+    let names = vec!["r2".to_string()];
+    let claimed = h.try_clone(&names, &image, &["--aid", "r2"]);
+    // With no shells to start for the copy: no holder would take them away.
+    let unclaimed = h.try_clone(&names, &copy, &["--aid", "r2", "--pool", "0"]);
+    fs::remove_file(&logs).unwrap();
+    fs::rename(&aside, &logs).unwrap();
+
+    let gone: Vec<u32> = shells.iter().copied().filter(|&p| !alive(p)).collect();
+    assert_eq!(
+        gone.len(),
+        1,
+        "one shell of {shells:?} took the claim and ended"
+    );
+    for ran in [&claimed, &unclaimed] {
+        assert_eq!(ran.code, Some(125), "{ran}");
+        assert!(
+            ran.stderr.contains("logs") && ran.stderr.contains("not a directory"),
+            "the refusal says why: {ran}"
+        );
+        assert_clone_refused(&h, ran, &names, &[], id_file.to_str().unwrap(), &processes);
+    }
+    assert_eq!(claimed.stderr, unclaimed.stderr);
+    assert_eq!(whoami(&h, "r1").0, "r1", "r1 runs on");
+}
+
 #[test]
 fn clones_get_their_environment_file_from_env_rules() {
     let Some(mut h) = Harness::new(

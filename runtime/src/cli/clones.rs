@@ -152,6 +152,7 @@ fn ended(starting: Starting, answer: Option<String>) -> anyhow::Result<()> {
                 output.trim_end()
             )
         }
+        Started::Refused { message, .. } => bail!(message),
     }
 }
 

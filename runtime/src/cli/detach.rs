@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use appshot_vpm::Registry;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -31,7 +31,39 @@ pub fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
     let (tx, rx) = std::sync::mpsc::channel();
     let starting = spawn(launch, verbose, 0, &tx)?;
     drop(tx);
-    let answer = next_answer(&rx, starting.deadline()).map(|(_, line)| line);
+    report(launch, starting, &rx)
+}
+
+/// [`detach_supervisor`] for a single clone whose launch was made without
+/// opening its template: it claims one of the template's instance shells,
+/// which completes the launch from the image it holds and makes the
+/// clone's logs (`pool::claim` unopened). `None` when no shell took it
+/// (none is ready, or the image changed since they opened it): the caller
+/// then opens the template and starts the clone as any.
+pub fn detach_unopened(launch: &Launch) -> anyhow::Result<Option<i32>> {
+    // Checked before a shell touches the logs: they belong to the running
+    // instance.
+    if appshot_vpm::is_alive(&launch.run_dir, &launch.name) {
+        return Err(appshot_vpm::VpmError::NameInUse(launch.name.clone()).into());
+    }
+    let Some(claim) = pool::claim(launch, true) else {
+        return Ok(None);
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log_dir = logs::dir(&launch.run_dir, &launch.name);
+    let starting = claimed(launch, claim, log_dir, 0, &tx);
+    drop(tx);
+    report(launch, starting, &rx).map(Some)
+}
+
+/// Waits for the answer of a single detached start and says how it went:
+/// the instance's name when it runs, or why not.
+fn report(
+    launch: &Launch,
+    starting: Starting,
+    answers: &Receiver<(usize, String)>,
+) -> anyhow::Result<i32> {
+    let answer = next_answer(answers, starting.deadline()).map(|(_, line)| line);
     match starting.finish(answer)? {
         Started::Running => {
             println!("{}", launch.name);
@@ -39,6 +71,10 @@ pub fn detach_supervisor(launch: &Launch, verbose: u8) -> anyhow::Result<i32> {
         }
         Started::NotExecuted { status, output } => {
             eprintln!("{}", output.trim_end());
+            Ok(status)
+        }
+        Started::Refused { status, message } => {
+            eprintln!("appshot: {message}");
             Ok(status)
         }
     }
@@ -107,6 +143,31 @@ pub enum Started {
         status: i32,
         output: String,
     },
+    /// A claimed instance shell refused the clone before it started
+    /// anything (see [`REFUSED`]), as the CLI would have: `message` is
+    /// the error the CLI prints, `status` its exit status.
+    Refused {
+        status: i32,
+        message: String,
+    },
+}
+
+/// How a claimed shell that completes its clone's launch refuses it (the
+/// name in use, its logs that cannot be made): `refused STATUS MESSAGE`,
+/// one line, on the claim's connection instead of `running`.
+pub const REFUSED: &str = "refused";
+
+/// The line a claimed shell sends to refuse its clone with `error`.
+pub fn refusal(status: u8, error: &anyhow::Error) -> String {
+    let message = format!("{error:#}").replace('\n', " ");
+    format!("{REFUSED} {status} {message}\n")
+}
+
+/// A refusal line's status and message.
+fn parse_refusal(line: &str) -> Option<(i32, String)> {
+    let rest = line.trim_end().strip_prefix(REFUSED)?.strip_prefix(' ')?;
+    let (status, message) = rest.split_once(' ')?;
+    Some((status.parse().ok()?, message.to_string()))
 }
 
 /// Starts `appshot __supervise` for `launch` in its own session. Its
@@ -125,35 +186,9 @@ pub fn spawn(
     }
     // Opened first: it creates the run directory private, and so the logs.
     let registry = Registry::open(&launch.run_dir)?;
-    registry.private_subdir("logs")?;
-    let log_dir = logs::dir(&launch.run_dir, &launch.name);
-    let created = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
-        .create(&log_dir);
-    if let Err(e) = created.or_else(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => Ok(()),
-        _ => Err(e),
-    }) {
-        return Err(anyhow!("creating {}: {e}", log_dir.display()));
-    }
-    logs::start_anew(&launch.run_dir, &launch.name)?;
-    if let Some(claim) = pool::claim(launch) {
-        let tx = answers.clone();
-        let pipe = claim.answer;
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
-            let _ = tx.send((tag, line));
-        });
-        return Ok(Starting {
-            name: launch.name.clone(),
-            log_dir,
-            pidfile: launch.pidfile.clone(),
-            supervisor: Supervisor::Shell {
-                pid: claim.pid,
-                pidfd: claim.pidfd,
-            },
-            since: Instant::now(),
-        });
+    let log_dir = logs::make_dir(&registry, &launch.name)?;
+    if let Some(claim) = pool::claim(launch, false) {
+        return Ok(claimed(launch, claim, log_dir, tag, answers));
     }
     let log = logs::append(&log_dir.join(logs::SUPERVISOR_LOG))?;
     let exe = std::env::current_exe().context("locating the appshot binary")?;
@@ -187,6 +222,34 @@ pub fn spawn(
         supervisor: Supervisor::Child(child),
         since: Instant::now(),
     })
+}
+
+/// The start of `launch` by the shell it claimed; its answer arrives on
+/// `answers` tagged with `tag`.
+fn claimed(
+    launch: &Launch,
+    claim: pool::Claim,
+    log_dir: PathBuf,
+    tag: usize,
+    answers: &Sender<(usize, String)>,
+) -> Starting {
+    let tx = answers.clone();
+    let pipe = claim.answer;
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(pipe), &mut line);
+        let _ = tx.send((tag, line));
+    });
+    Starting {
+        name: launch.name.clone(),
+        log_dir,
+        pidfile: launch.pidfile.clone(),
+        supervisor: Supervisor::Shell {
+            pid: claim.pid,
+            pidfd: claim.pidfd,
+        },
+        since: Instant::now(),
+    }
 }
 
 /// The next answer on `answers` before `deadline`; `None` past it.
@@ -229,6 +292,9 @@ impl Starting {
                     .with_context(|| format!("writing the pidfile {}", path.display()))?;
             }
             return Ok(Started::Running);
+        }
+        if let Some((status, message)) = parse_refusal(&answer) {
+            return Ok(Started::Refused { status, message });
         }
         let status = self.supervisor.wait()?;
         let output = logs::tail(&self.log_dir);

@@ -34,6 +34,25 @@ pub fn dir(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("logs").join(name)
 }
 
+/// Makes instance `name`'s log directory in the registry's run directory
+/// (`logs/` private, as the run directory is), with a previous instance's
+/// files moved aside ([`start_anew`]). Not for a name in use: its logs
+/// belong to the running instance.
+pub fn make_dir(registry: &appshot_vpm::Registry, name: &str) -> Result<PathBuf, RuntimeError> {
+    registry.private_subdir("logs")?;
+    let log_dir = dir(registry.dir(), name);
+    let created = std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&log_dir);
+    match created {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(RuntimeError::file(FileOp::Create, &log_dir, e))
+        }
+        _ => {}
+    }
+    start_anew(registry.dir(), name)?;
+    Ok(log_dir)
+}
+
 /// Opens `path` for appending, private to root, creating it.
 pub fn append(path: &Path) -> Result<File, RuntimeError> {
     OpenOptions::new()

@@ -36,6 +36,7 @@ use nix::errno::Errno;
 use nix::fcntl::Flock;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::templates;
@@ -70,19 +71,73 @@ pub struct Shell {
 }
 
 impl Shell {
-    /// The opened image, if the file at `path` is still the one that was
-    /// opened.
     /// The registry opened ahead, if it is `run_dir`'s.
     pub fn take_registry(&mut self, run_dir: &Path) -> Option<Registry> {
         let (dir, registry) = self.registry.take()?;
         (dir == run_dir).then_some(registry)
     }
 
+    /// The registry opened ahead, if it is `run_dir`'s, left in place.
+    pub fn registry(&self, run_dir: &Path) -> Option<&Registry> {
+        self.registry
+            .as_ref()
+            .filter(|(dir, _)| dir == run_dir)
+            .map(|(_, registry)| registry)
+    }
+
+    /// The opened image, if the file at `path` is still the one that was
+    /// opened.
     pub fn take_image(&mut self, path: &Path) -> Option<Image> {
         let current = templates::identity(path).ok()?;
         let image = self.image.take()?;
         (current == self.identity && image.path == path).then_some(image)
     }
+
+    /// Completes a launch its starter made without opening the template
+    /// (see [`Unopened`]) from the image this shell holds: the template's
+    /// command, multiplexed ports and listening sockets (whose real ports
+    /// the supervisor counts as it takes the clone's name). Refused, so
+    /// that the starter opens the template itself and says what is wrong,
+    /// when the image file was rewritten since this shell opened it or the
+    /// files it maps changed.
+    fn complete(&self, launch: &mut Launch, template: &Path) -> Result<(), String> {
+        let image = self
+            .image
+            .as_ref()
+            .filter(|i| i.path == template)
+            .ok_or("no image held")?;
+        match templates::identity(template) {
+            Ok(current) if current == self.identity => {}
+            _ => {
+                return Err(format!(
+                    "{} changed since the shell opened it",
+                    template.display()
+                ))
+            }
+        }
+        appshot_snapshot::restore::check_files(image).map_err(|e| e.to_string())?;
+        let info = &image.manifest.instance;
+        launch.command = info.command.clone();
+        launch.ports = info.multiplexed.clone();
+        launch.free_ports = image
+            .manifest
+            .processes
+            .iter()
+            .map(|p| p.listening().count())
+            .sum();
+        Ok(())
+    }
+}
+
+/// A claim whose launch its starter made without opening the template (a
+/// single detached clone: the CLI's start is on the clone's path, and the
+/// shell holds the image already), with no command or ports: the shell
+/// completes it ([`Shell::complete`]) and makes its log directory. Sent
+/// wrapped, so that a shell of an earlier appshot, which would take it for
+/// a whole launch, refuses it instead.
+#[derive(Serialize, Deserialize)]
+struct Unopened {
+    unopened: Launch,
 }
 
 /// What a claim hands the shell's supervisor.
@@ -91,6 +146,9 @@ pub struct Claimed {
     pub shell: Shell,
     /// Where `running` is said, as a detached supervisor's stdout.
     pub answer: OwnedFd,
+    /// The launch was completed by the shell ([`Unopened`]): the clone's
+    /// log directory is the shell's to make.
+    pub unopened: bool,
 }
 
 pub fn shells_dir(run_dir: &Path, template: &Path) -> PathBuf {
@@ -150,8 +208,14 @@ fn prepare_and_wait(
     template: &Path,
 ) -> Result<Option<Claimed>, RuntimeError> {
     let identity = templates::identity(template)?;
-    let image = Image::open_pages_unchecked(template)?;
+    // Verified here (once per unchanged file, as `appshot clone` does): a
+    // claim that leaves the template unopened relies on it.
+    let image = super::snapshots::open_template(template, run_dir)?;
     appshot_snapshot::restore::check_files(&image)?;
+    if !image.manifest.instance.template {
+        info!(template = %template.display(), "no shells for an image that is not a template");
+        return Ok(None);
+    }
     if let Some(why) = holder::unforkable(&image) {
         info!(template = %template.display(), "no shells for clones that are not forked: {why}");
         return Ok(None);
@@ -224,12 +288,13 @@ fn prepare_and_wait(
         let Ok((stream, _)) = listener.accept() else {
             continue;
         };
-        match take_claim(stream, template) {
-            Ok((launch, answer)) => {
+        match take_claim(stream, template, live) {
+            Ok((launch, unopened, answer)) => {
                 break Ok(Some(Claimed {
                     launch,
                     shell: shell.take().expect("claimed once"),
                     answer,
+                    unopened,
                 }))
             }
             Err(e) => warn!("a claim refused: {e}"),
@@ -241,8 +306,13 @@ fn prepare_and_wait(
 }
 
 /// Reads a claim: the clone's `Launch` from a root (or our own user's)
-/// process, for this very template. Says `claimed` to it.
-fn take_claim(mut stream: UnixStream, template: &Path) -> Result<(Launch, OwnedFd), RuntimeError> {
+/// process, for this very template, completed by `shell` if its starter
+/// left it [`Unopened`]. Says `claimed` to it.
+fn take_claim(
+    mut stream: UnixStream,
+    template: &Path,
+    shell: &Shell,
+) -> Result<(Launch, bool, OwnedFd), RuntimeError> {
     let creds = getsockopt(&stream, PeerCredentials)
         .map_err(|e| RuntimeError::sys("reading the claimant's credentials", e))?;
     let euid = nix::unistd::geteuid().as_raw();
@@ -256,8 +326,12 @@ fn take_claim(mut stream: UnixStream, template: &Path) -> Result<(Launch, OwnedF
     stream.set_read_timeout(Some(CLAIM_TIMEOUT)).map_err(io)?;
     let mut json = Vec::new();
     stream.read_to_end(&mut json).map_err(io)?;
-    let launch: Launch = serde_json::from_slice(&json)
-        .map_err(|e| RuntimeError::sys("decoding a claim", std::io::Error::other(e)))?;
+    let decoded = match serde_json::from_slice::<Unopened>(&json) {
+        Ok(claim) => Ok((claim.unopened, true)),
+        Err(_) => serde_json::from_slice::<Launch>(&json).map(|launch| (launch, false)),
+    };
+    let (mut launch, unopened) =
+        decoded.map_err(|e| RuntimeError::sys("decoding a claim", std::io::Error::other(e)))?;
     match &launch.mode {
         Mode::Clone { template: t } if t == template => {}
         _ => {
@@ -267,11 +341,19 @@ fn take_claim(mut stream: UnixStream, template: &Path) -> Result<(Launch, OwnedF
             })
         }
     }
+    if unopened {
+        shell
+            .complete(&mut launch, template)
+            .map_err(|reason| RuntimeError::Start {
+                name: launch.name.clone(),
+                reason,
+            })?;
+    }
     stream.set_read_timeout(None).map_err(io)?;
     stream
         .write_all(b"claimed\n")
         .map_err(|e| RuntimeError::sys("answering a claim", e))?;
-    Ok((launch, stream.into()))
+    Ok((launch, unopened, stream.into()))
 }
 
 /// After its claim a shell is its clone's supervisor, and shows as one in
@@ -328,13 +410,22 @@ pub struct Claim {
     pub answer: UnixStream,
 }
 
-/// Claims a ready shell of `launch`'s template for it, if one is there.
-/// Shells that are gone are removed on the way.
-pub fn claim(launch: &Launch) -> Option<Claim> {
+/// Claims a ready shell of `launch`'s template for it, if one is there;
+/// `unopened`: a launch made without opening the template, for the shell
+/// to complete (see [`Unopened`]). Shells that are gone are removed on the
+/// way.
+pub fn claim(launch: &Launch, unopened: bool) -> Option<Claim> {
     let Mode::Clone { template } = &launch.mode else {
         return None;
     };
-    let json = serde_json::to_vec(launch).ok()?;
+    let json = if unopened {
+        serde_json::to_vec(&Unopened {
+            unopened: launch.clone(),
+        })
+    } else {
+        serde_json::to_vec(launch)
+    }
+    .ok()?;
     let dir = shells_dir(&launch.run_dir, template);
     for file in entries(&dir) {
         if file.extension().and_then(|e| e.to_str()) != Some(SOCKET) {
