@@ -16,7 +16,7 @@ pub use allocator::PortRange;
 pub use error::VpmError;
 pub use registry::{
     is_alive, set_reclaim_hook, set_tcp_change_hook, set_udp_change_hook, CachedRegistry,
-    InstanceLock, Registry,
+    InstanceLock, PendingRecord, Registry,
 };
 pub use routing::{Group, Route};
 pub use translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};

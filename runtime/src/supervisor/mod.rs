@@ -247,16 +247,23 @@ pub fn run_in(
         name: launch.name.clone(),
         reason: why,
     };
-    let (lock, status) = match recorded_init {
+    let (lock, status, recording) = match recorded_init {
         Some(init_pid) => {
-            let (lock, status) =
-                InstanceLock::acquire_recording(&registry, &launch.name, |s, dir| {
-                    check_free_ports(s, launch.range, launch.free_ports, 1)?;
-                    s.instances
-                        .insert(launch.name.clone(), record_of(&launch, init_pid));
-                    Ok(status::Status::new(dir, phase))
+            let (lock, pending) = InstanceLock::acquire_pending(&registry, &launch.name)?;
+            let status = status::Status::new(lock.instance_dir(), phase);
+            let (name, range, free_ports) = (launch.name.clone(), launch.range, launch.free_ports);
+            let record = record_of(&launch, init_pid);
+            let recording = Recording::start(pending, move |s| {
+                check_free_ports(s, range, free_ports, 1).map_err(|reason| {
+                    RuntimeError::Start {
+                        name: name.clone(),
+                        reason,
+                    }
                 })?;
-            (lock, status.map_err(short)?)
+                s.instances.insert(name, record);
+                Ok(())
+            });
+            (lock, status, Some(recording))
         }
         None => {
             if launch.free_ports > 0 {
@@ -265,7 +272,7 @@ pub fn run_in(
             }
             let lock = InstanceLock::acquire(&registry, &launch.name)?;
             let status = status::Status::new(lock.instance_dir(), phase);
-            (lock, status)
+            (lock, status, None)
         }
     };
     let status = Arc::new(status);
@@ -401,6 +408,7 @@ pub fn run_in(
                 phases: &mut phases,
                 filter: shell.as_mut().and_then(|s| s.filter.take()),
                 shell: shell.take().map(|s| s.init),
+                recording,
             };
             // Listed from the restore's start on, `restoring` until the
             // restored processes are released.
@@ -769,6 +777,8 @@ struct RealRestore<'a, M> {
     shell: Option<AwaitingInit>,
     /// The seccomp filter, if built ahead (by an instance shell).
     filter: Option<Vec<appshot_sys::seccomp::SockFilter>>,
+    /// A claimed shell's record of its clone, written while it is forked.
+    recording: Option<Recording>,
 }
 
 impl<M> restoring::RestoreHost for RealRestore<'_, M>
@@ -836,6 +846,18 @@ where
                 None
             }
         };
+        // Before the restore registers the listeners' translations under
+        // the instance's name.
+        if let Some(Err(e)) = self.recording.take().map(Recording::finish) {
+            if let Some((clone, _)) = forked {
+                let pid = clone.pid;
+                clone.kill(|| {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                });
+            }
+            return Err(e);
+        }
+        self.phases.mark("recorded");
         // A shell's filter was built ahead for the supervisor's routing.
         let program = match self.filter.take() {
             Some(program) if self.launch.routing == Routing::Notified => program,
@@ -930,6 +952,46 @@ impl<M> RealRestore<'_, M> {
                     })
                 }
             }
+        }
+    }
+}
+
+/// A claimed shell's first registry transaction, which records its clone
+/// in the transaction that takes the clone's name (after a dead
+/// predecessor's entries went), run on a thread of its own while the clone
+/// is forked from its holder: the fork needs the name taken (the clone's
+/// cgroup and files are the name's), not its record, and the two were
+/// about 1 ms each of a clone's start, one after the other. Joined before
+/// the restore registers translations under the name, or when dropped.
+struct Recording(Option<std::thread::JoinHandle<Result<(), RuntimeError>>>);
+
+impl Recording {
+    fn start(
+        pending: appshot_vpm::PendingRecord,
+        record: impl FnOnce(&mut appshot_vpm::RegistryState) -> Result<(), RuntimeError>
+            + Send
+            + 'static,
+    ) -> Recording {
+        Recording(Some(std::thread::spawn(move || {
+            pending.record(|s, _| record(s))?
+        })))
+    }
+
+    fn finish(mut self) -> Result<(), RuntimeError> {
+        let thread = self.0.take().expect("joined once");
+        thread.join().unwrap_or_else(|_| {
+            Err(RuntimeError::sys(
+                "recording the instance",
+                std::io::Error::other("the recording thread panicked"),
+            ))
+        })
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
         }
     }
 }

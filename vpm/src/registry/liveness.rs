@@ -53,6 +53,23 @@ impl InstanceLock {
         name: &str,
         record: impl FnOnce(&mut super::RegistryState, &Path) -> R,
     ) -> Result<(InstanceLock, R), VpmError> {
+        let (lock, pending) = Self::acquire_pending(registry, name)?;
+        let recorded = pending.record(record)?;
+        Ok((lock, recorded))
+    }
+
+    /// [`InstanceLock::acquire_recording`] in two steps: the name is taken
+    /// here, and its first transaction is [`PendingRecord::record`]'s,
+    /// which may run on another thread meanwhile (a claimed instance
+    /// shell forks its clone while its record is written). The registry
+    /// lock is held until then: no other transaction sees the name alive
+    /// before a dead predecessor's entries are gone. The pending record
+    /// must be recorded or dropped before this lock is dropped (whose drop
+    /// takes the registry lock too).
+    pub fn acquire_pending(
+        registry: &Registry,
+        name: &str,
+    ) -> Result<(InstanceLock, PendingRecord), VpmError> {
         let dir = instance_dir(registry.dir(), name).ok_or_else(|| VpmError::Io {
             path: registry.instances_dir(),
             error: io::Error::new(
@@ -84,25 +101,19 @@ impl InstanceLock {
                 Err((_, errno)) => return Err(VpmError::io(&path)(errno.into())),
             }
         };
-        // The name is alive again from here on, so no reclaim would ever
-        // remove what a dead predecessor of the name left: this holder
-        // starts clean, under the same registry lock, before it records
-        // anything.
-        let recorded = registry.transaction_locked(&registry_lock, Some(name), |state| {
-            registry.forget_predecessor(state, name);
-            record(state, &dir)
-        });
-        // Released before `lock` can be dropped: its drop takes the
-        // registry lock itself.
-        drop(registry_lock);
         let lock = InstanceLock {
             registry: registry.clone(),
             name: name.to_owned(),
-            dir,
+            dir: dir.clone(),
             _held: held,
         };
-        let recorded = recorded?;
-        Ok((lock, recorded))
+        let pending = PendingRecord {
+            registry: registry.clone(),
+            name: name.to_owned(),
+            dir,
+            registry_lock,
+        };
+        Ok((lock, pending))
     }
 
     pub fn name(&self) -> &str {
@@ -111,6 +122,42 @@ impl InstanceLock {
 
     pub fn instance_dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// The first transaction of an instance whose name was just taken
+/// ([`InstanceLock::acquire_pending`]), the registry lock held until it
+/// runs.
+#[derive(Debug)]
+pub struct PendingRecord {
+    registry: Registry,
+    name: String,
+    dir: PathBuf,
+    registry_lock: Flock<File>,
+}
+
+impl PendingRecord {
+    /// Runs `record` on the registry (with the instance's directory) in
+    /// the transaction that makes the name's holder this process, then
+    /// releases the registry lock.
+    pub fn record<R>(
+        self,
+        record: impl FnOnce(&mut super::RegistryState, &Path) -> R,
+    ) -> Result<R, VpmError> {
+        let PendingRecord {
+            registry,
+            name,
+            dir,
+            registry_lock,
+        } = self;
+        // The name is alive again from here on, so no reclaim would ever
+        // remove what a dead predecessor of the name left: this holder
+        // starts clean, under the same registry lock, before it records
+        // anything.
+        registry.transaction_locked(&registry_lock, Some(&name), |state| {
+            registry.forget_predecessor(state, &name);
+            record(state, &dir)
+        })
     }
 }
 

@@ -27,7 +27,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use cache::CachedRegistry;
-pub use liveness::{is_alive, InstanceLock};
+pub use liveness::{is_alive, InstanceLock, PendingRecord};
 
 use crate::error::VpmError;
 use crate::translation::{InstanceRecord, Protocol, RegistryState, SourceRuleRecord, Translation};
