@@ -319,3 +319,27 @@ impl Starting {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_carries_its_status_and_message_on_one_line() {
+        let error = anyhow::anyhow!("second line").context("first");
+        let line = refusal(125, &error);
+        assert_eq!(line, "refused 125 first: second line\n");
+        assert_eq!(
+            parse_refusal(&line),
+            Some((125, "first: second line".to_string()))
+        );
+        let multi = anyhow::anyhow!("a\nb");
+        assert_eq!(
+            parse_refusal(&refusal(1, &multi)),
+            Some((1, "a b".to_string()))
+        );
+        for other in ["running\n", "exited 3\n", "", "refused\n", "refused x y\n"] {
+            assert_eq!(parse_refusal(other), None, "{other:?}");
+        }
+    }
+}

@@ -1042,6 +1042,54 @@ fn a_prepared_handle_commits_nothing_and_keeps_the_log() {
     assert!(on_disk(&shell).translations.is_empty());
 }
 
+/// The name taken first and its first record written later from another
+/// thread (a claimed shell forks its clone meanwhile): the name is alive
+/// from the first step, nothing is listed for it until the record, and the
+/// record is still one commit made after the dead predecessor's entries
+/// went.
+#[test]
+fn a_pending_record_is_written_from_another_thread_once_the_name_is_taken() {
+    let (_tmp, registry) = registry();
+    register(&registry, "web", "old", 20001);
+    let commits = || {
+        Db::open_existing(&registry.db_path())
+            .unwrap()
+            .unwrap()
+            .changes()
+            .unwrap()
+    };
+    let before = commits();
+    let (held, pending) = InstanceLock::acquire_pending(&registry, "web").unwrap();
+    assert!(is_alive(registry.dir(), "web"), "the name is taken");
+    assert_eq!(commits(), before, "nothing committed yet");
+    let recorder = std::thread::spawn(move || {
+        pending
+            .record(|s, dir| {
+                assert!(dir.is_dir(), "its directory is there");
+                let seen = s.translations_of("web").count();
+                s.instances.insert("web".into(), record("web", "new"));
+                seen
+            })
+            .unwrap()
+    });
+    assert_eq!(
+        recorder.join().unwrap(),
+        0,
+        "the predecessor's translation went first"
+    );
+    assert_eq!(commits(), before + 1, "one commit");
+    let state = registry.read().unwrap();
+    assert_eq!(state.instances["web"].aid, "new");
+    assert!(state.translations.is_empty());
+    assert_eq!(
+        own::read(held.instance_dir()).unwrap(),
+        OwnRecords::of(&state, "web")
+    );
+    // The registry lock went with the record: the lock's own drop takes it.
+    drop(held);
+    assert!(!is_alive(registry.dir(), "web"));
+}
+
 /// The name and the holder's first record in one commit: what a dead
 /// predecessor of the name left is gone before the record is made, and the
 /// holder's own copy already has the record.
