@@ -25,17 +25,21 @@ use appshot_vpm::{Group, Protocol, RegistryState, Translation};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-/// Who decides an instance's connect, getsockname and getpeername.
+/// Who decides an instance's connect, getsockname and getpeername. The
+/// kernel by default: a connect is then the application's own, judged in
+/// its own context and as fast as native; the supervisor falls back to
+/// deciding them itself where the kernel cannot (see
+/// `supervisor::settle_routing`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
     /// The supervisor, notified of each call: needed to negotiate with
     /// other hosts (a cluster key), and wherever the programs cannot be
     /// attached.
-    #[default]
     Notified,
     /// The cgroup programs, from the registry's answers in their maps;
     /// only bind is notified.
+    #[default]
     Kernel,
 }
 
