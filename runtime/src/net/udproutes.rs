@@ -359,6 +359,7 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
     }
     // The connect and name entries matter only to kernel-routed instances.
     let routed = UdpRoutes::is_current(&mine) && any_routed(&mut UdpRoutes::open(&mine)?, &scope)?;
+    let _attaching = attach_lock(&scope)?;
     if entries.routes.is_empty() && !routed {
         udpbpf::detach(&mine)?;
         return Ok(());
@@ -366,6 +367,24 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
     udpbpf::ensure_bpffs()?;
     let mut routes = UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL))?;
     Ok(routes.sync(entries)?)
+}
+
+/// Held (on the registry's cgroup directory) while the programs are
+/// attached or detached: a kernel-routed start attaches them before its
+/// registry transaction, outside the registry lock, as loading them takes
+/// 20-30 ms (their loader parses the kernel's BTF), and must not meet a
+/// detach or another attach half-way.
+fn attach_lock(scope: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, RouteError> {
+    let dir = std::fs::File::open(scope).map_err(|source| RouteError::Cgroup {
+        path: scope.to_owned(),
+        source,
+    })?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
+        RouteError::Cgroup {
+            path: scope.to_owned(),
+            source: errno.into(),
+        }
+    })
 }
 
 /// The registry's UDP change hook: the kernel's routes follow the
@@ -527,6 +546,15 @@ pub fn route_in_kernel(
         })?
         .ino();
     let dir = registry.dir();
+    // Attached ahead, their maps empty (no instance is routed by them
+    // yet), so that the transaction below only fills them.
+    {
+        let _attaching = attach_lock(&scope)?;
+        if !UdpRoutes::is_current(&pins) {
+            udpbpf::ensure_bpffs()?;
+            UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?;
+        }
+    }
     registry.transaction(|state| {
         // Kept by the change hooks while another instance is routed: this
         // one only joins.
@@ -539,11 +567,13 @@ pub fn route_in_kernel(
         forget_synced(dir);
         let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
         let plan = plan(state, &aids, root, &tag);
-        udpbpf::ensure_bpffs()?;
-        install_routes(root, &tag, &entries(state, &plan, &aids))?;
-        let mut routes = UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?;
+        // Attached above, unless a change detached them since.
+        let mut routes = {
+            let _attaching = attach_lock(&scope)?;
+            udpbpf::ensure_bpffs()?;
+            UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?
+        };
         routes.set_routed(id, true)?;
-        // Attached just now when there was nothing to route.
         routes.sync(&entries(state, &plan, &aids))?;
         mark_synced(dir, state);
         Ok::<_, RouteError>(())
