@@ -65,7 +65,10 @@ cargo test --workspace --no-fail-fast "$@" -- --test-threads=1 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The multiplexing suites again with the kernel routing connects and names
 # (`--routing kernel`): the same outcomes from the cgroup programs.
-APPSHOT_ROUTING=kernel cargo test -p appshot-tests --no-fail-fast \
+# The routing the kernel's programs do by default, the supervisor with
+# `--routing notified` (and with a cluster key): the tests of connect and
+# the name calls run under both.
+APPSHOT_ROUTING=notified cargo test -p appshot-tests --no-fail-fast \
     --test sockname --test http --test udp --test connections --test clone \
     "$@" -- --test-threads=1 2>&1 | tee -a "$log"
 ((PIPESTATUS[0] == 0)) || status=1

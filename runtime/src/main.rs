@@ -47,15 +47,16 @@ struct Cli {
     )]
     run_dir: PathBuf,
     /// Who decides connect, getsockname and getpeername of the instances
-    /// `run`, `restore` and `clone` start: their supervisor, notified of
-    /// each call, or the kernel's cgroup programs from the registry (only
-    /// bind is then notified; without a cluster key and with cgroup2 only,
-    /// otherwise notified).
+    /// `run`, `restore` and `clone` start: the kernel's cgroup programs
+    /// from the registry (only bind is then notified), or their supervisor,
+    /// notified of each call. `kernel`, the default, falls back to
+    /// `notified` with a cluster key (connect negotiates with other hosts)
+    /// or where the programs cannot be attached.
     #[arg(
         long,
         env = "APPSHOT_ROUTING",
         value_enum,
-        default_value_t = Routing::Notified,
+        default_value_t = Routing::Kernel,
         global = true
     )]
     routing: Routing,

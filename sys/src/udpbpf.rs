@@ -366,6 +366,30 @@ impl UdpRoutes {
             })
     }
 
+    /// Whether any instance cgroup is listed as routed, without listing
+    /// them all.
+    pub fn any_routed(&self) -> Result<bool, BpfError> {
+        match self.routed.keys().next() {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(source)) => Err(BpfError::Map {
+                name: "routed",
+                source,
+            }),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) connect and name entries: what a
+    /// change of the registry alters, given without the maps being read.
+    pub fn change(
+        &mut self,
+        connects: &[(ClassKey, Option<ConnRoute>)],
+        names: &[(ClassKey, Option<u32>)],
+    ) -> Result<(), BpfError> {
+        change_map(&mut self.connects, "connects", connects)?;
+        change_map(&mut self.names, "names", names)
+    }
+
     /// Lets the kernel route the calls of the instance cgroup `id`, or
     /// stops it.
     pub fn set_routed(&mut self, id: u64, routed: bool) -> Result<(), BpfError> {
@@ -510,6 +534,24 @@ fn sync_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
     for (key, value) in want {
         if map.get(key, 0).ok().as_ref() != Some(value) {
             map.insert(key, value, 0).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn change_map<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    changes: &[(K, Option<V>)],
+) -> Result<(), BpfError> {
+    let err = |source| BpfError::Map { name, source };
+    for (key, value) in changes {
+        match value {
+            Some(v) => map.insert(key, v, 0).map_err(err)?,
+            None => match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(err(e)),
+            },
         }
     }
     Ok(())

@@ -197,3 +197,82 @@ fn kernel_routed_clients_reach_their_own_aid_and_no_other_real_port() {
         assert_eq!(got.stdout.trim(), refused, "b's real port {real}: {got}");
     }
 }
+
+/// The maps change port by port as instances come and go, from the state
+/// they were last made to hold; a record of that state that no longer
+/// matches (a process killed between its commit and its change) makes the
+/// next change rebuild them whole.
+#[test]
+fn kernel_routes_follow_instances_coming_and_going() {
+    let test = "kernel_routes_follow_instances_coming_and_going";
+    let Some(mut h) = Harness::new(test, &["python3"]) else {
+        return;
+    };
+    let sockets = script("sockets.py");
+    let dir = h.dir("cwd");
+    let port = "9731";
+    let kernel = ["--routing", "kernel", "--port", port];
+    let start = |h: &mut Harness, name: &str, aid: &str| {
+        h.start(
+            name,
+            aid,
+            &dir,
+            &kernel,
+            &["python3", &sockets, "serve", name, port, "127.0.0.1"],
+        );
+        h.wait_log(name, &format!("LISTEN 127.0.0.1 {port}"));
+    };
+    let client = |h: &Harness, aid: &str| {
+        let mut cmd = h.appshot();
+        cmd.args([
+            "run",
+            "--routing",
+            "kernel",
+            "--aid",
+            aid,
+            "--port",
+            port,
+            "--",
+        ])
+        .args(["python3", &sockets, "connect", port, "127.0.0.1"]);
+        common::run(&mut cmd, std::time::Duration::from_secs(30))
+    };
+    let reaches = |h: &Harness, aid: &str, name: &str| {
+        let got = client(h, aid);
+        assert_eq!(
+            got.stdout.lines().last(),
+            Some(format!("REPLY {name} ACCEPTED 127.0.0.1 {port}").as_str()),
+            "AID {aid} should reach {name}: {got}"
+        );
+    };
+    let refused = |h: &Harness, aid: &str| {
+        let got = client(h, aid);
+        assert!(
+            got.stderr.contains("Connection refused"),
+            "AID {aid} has no instance: {got}"
+        );
+    };
+    let marker = h.run_dir().join("kernel-routes.synced");
+
+    for (name, aid) in [("kc-a", "a"), ("kc-b", "b"), ("kc-c", "c")] {
+        start(&mut h, name, aid);
+    }
+    assert!(marker.exists(), "the maps' state is recorded");
+    for (name, aid) in [("kc-a", "a"), ("kc-b", "b"), ("kc-c", "c")] {
+        reaches(&h, aid, name);
+    }
+    h.stop("kc-b");
+    refused(&h, "b");
+    reaches(&h, "a", "kc-a");
+    reaches(&h, "c", "kc-c");
+
+    // A record that names no state: the next change makes the maps anew.
+    std::fs::write(&marker, "0\n").unwrap();
+    start(&mut h, "kc-b2", "b");
+    reaches(&h, "b", "kc-b2");
+    reaches(&h, "a", "kc-a");
+    h.stop("kc-a");
+    refused(&h, "a");
+    reaches(&h, "b", "kc-b2");
+    reaches(&h, "c", "kc-c");
+}

@@ -24,7 +24,7 @@ impl fmt::Display for Protocol {
 
 /// One socket of a supervised app that bound a virtual port and really holds
 /// `real_port`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Translation {
     pub protocol: Protocol,
     /// The address the app bound; may be unspecified (`0.0.0.0` or `::`).

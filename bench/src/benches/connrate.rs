@@ -2,9 +2,10 @@
 //! server and the client both native, both under appshot, through a
 //! socat proxy, which stands in for docker-proxy style port publishing, and
 //! both in one sandlock sandbox with port_remap (its supervisor handles the
-//! connect by notification, as appshot's does). The appshot client runs
-//! twice: notified (the default), and with `--routing kernel`, where the
-//! cgroup programs route its connect and no call of the round is notified.
+//! connect by notification, as appshot's does with `--routing notified`).
+//! The appshot client runs twice: with the default routing, where the
+//! cgroup programs route its connect and no call of the round is notified,
+//! and with `--routing notified`, where its supervisor makes the connect.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use anyhow::Context;
 
 use super::sandlock;
 use super::servers::{native_server, rows_with_socat, socat_proxy};
-use super::{argv, Client, Ctx, Outcome, KERNEL_ROUTING};
+use super::{argv, Client, Ctx, Outcome, NOTIFIED_ROUTING};
 use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE};
 use crate::table::Row;
@@ -92,9 +93,9 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             client(proxy_port),
             "connrate client via socat",
         ),
-        connrate.appshot_kernel(
+        connrate.appshot_notified(
             client(virtual_port),
-            "connrate client under appshot --routing kernel",
+            "connrate client under appshot --routing notified",
         ),
     ];
     if let Some(argv) = sandboxed {
@@ -105,15 +106,19 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
         Ok(peer) => Row::compared(TITLE, &peer.row_configuration(), "sandlock", &m[4], &m[1]),
         Err(why) => Row::alone(TITLE, "peer: sandlock", &m[1], why),
     };
-    let kernel_row = Row::compared(
+    let notified_row = Row::compared(
         TITLE,
-        &format!("{KERNEL_ROUTING}: same AID, 2 other AIDs on the port"),
+        &format!("{NOTIFIED_ROUTING}: same AID, 2 other AIDs on the port"),
         "native",
         &m[0],
         &m[3],
     );
-    let mut out = rows_with_socat(TITLE, "appshot: same AID, 2 other AIDs on the port", m);
-    out.rows.push(kernel_row);
+    let mut out = rows_with_socat(
+        TITLE,
+        "appshot (default routing, the kernel's): same AID, 2 other AIDs on the port",
+        m,
+    );
+    out.rows.push(notified_row);
     out.rows.push(peer_row);
     Ok(out)
 }

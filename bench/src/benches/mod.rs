@@ -146,8 +146,10 @@ where
 /// A benchmark's client: each run of a trial runs it to its end, natively
 /// or under appshot as `aid`, and `figure` of its output is the run's
 /// figure.
-/// The configuration of a client run with `--routing kernel`.
-pub const KERNEL_ROUTING: &str = "appshot --routing kernel";
+/// The configuration of a client run with `--routing notified`: its
+/// supervisor decides connect, getsockname and getpeername, notified of
+/// each (the default is the kernel's cgroup programs).
+pub const NOTIFIED_ROUTING: &str = "appshot --routing notified";
 
 #[derive(Clone, Copy)]
 pub struct Client<'a, F> {
@@ -178,13 +180,12 @@ where
         })
     }
 
-    /// The trial [`KERNEL_ROUTING`]: as [`appshot`](Self::appshot), with the
-    /// kernel's cgroup programs deciding connect, getsockname and
-    /// getpeername (`--routing kernel`: only bind is notified).
-    pub fn appshot_kernel(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
-        Trial::new(KERNEL_ROUTING, move || {
+    /// The trial [`NOTIFIED_ROUTING`]: as [`appshot`](Self::appshot), with
+    /// the supervisor notified of connect, getsockname and getpeername.
+    pub fn appshot_notified(self, argv: Vec<String>, what: &'a str) -> Trial<'a> {
+        Trial::new(NOTIFIED_ROUTING, move || {
             let mut cmd = self.appshot.foreground(self.aid, &argv);
-            cmd.env("APPSHOT_ROUTING", "kernel");
+            cmd.env("APPSHOT_ROUTING", "notified");
             (self.figure)(&procs::run(&mut cmd, what, self.timeout)?)
         })
     }

@@ -16,17 +16,18 @@
 //! appshot costs beyond it is appshot's own work. sandlock, a notification
 //! sandbox that remaps ports as well, is the peer of that row.
 //!
-//! With `--routing kernel` getsockname is not notified at all: the cgroup
-//! program renames the port inside the call. Its row compares that with
-//! native; the notified row and its floor measure the default, notified
-//! routing, where getsockname still goes to the supervisor.
+//! The notified rows and the floor's run their client with `--routing
+//! notified`, where getsockname goes to the supervisor. Under the default
+//! routing (the kernel's) getsockname is not notified at all: the cgroup
+//! program renames the port inside the call; its row compares that with
+//! native.
 
 use std::time::Duration;
 
 use anyhow::Context;
 
 use super::sandlock;
-use super::{argv, Client, Ctx, Outcome, KERNEL_ROUTING};
+use super::{argv, Client, Ctx, Outcome, NOTIFIED_ROUTING};
 use crate::measure::{interleaved, Unit};
 use crate::probes::{self, CONNRATE, NOTIFY_FLOOR, SYSCALL_COST};
 use crate::table::Row;
@@ -91,19 +92,26 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             call.to_string(),
             iterations.to_string(),
         ]);
+        let with_floor = call == "getsockname";
+        // The untrapped call is untrapped either way: it runs as users get it.
+        let under_appshot = if call == "getsockopt" {
+            client.appshot(args.clone(), "syscall_cost under appshot")
+        } else {
+            client.appshot_notified(
+                args.clone(),
+                "syscall_cost under appshot --routing notified",
+            )
+        };
         let mut trials = vec![
             client.native("native", args.clone(), "syscall_cost (native)"),
-            client.appshot(args.clone(), "syscall_cost under appshot"),
+            under_appshot,
         ];
-        let with_floor = call == "getsockname";
         if with_floor {
             let under_floor = std::iter::once(floor.display().to_string())
                 .chain(args.iter().cloned())
                 .collect();
             trials.push(client.native(FLOOR, under_floor, "syscall_cost under notify_floor"));
-            trials.push(
-                client.appshot_kernel(args.clone(), "syscall_cost under appshot --routing kernel"),
-            );
+            trials.push(client.appshot(args.clone(), "syscall_cost under appshot"));
             if let Ok(peer) = &sandlock {
                 trials.push(client.native(
                     "sandlock",
@@ -124,7 +132,7 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
             ));
             rows.push(Row::compared(
                 "getsockname under appshot vs native",
-                &format!("{KERNEL_ROUTING}: not notified, renamed by the cgroup program"),
+                "appshot (default routing, the kernel's): not notified, renamed by the cgroup program",
                 "native",
                 &m[0],
                 &m[3],
@@ -140,7 +148,12 @@ pub fn run(ctx: &mut Ctx<'_>) -> anyhow::Result<Outcome> {
                 Err(why) => Row::alone(benchmark, "peer: sandlock", &m[1], why),
             });
         }
-        out.add_against_native(benchmark, configuration, m);
+        let configuration = if call == "getsockopt" {
+            configuration.to_string()
+        } else {
+            format!("{configuration} ({NOTIFIED_ROUTING})")
+        };
+        out.add_against_native(benchmark, &configuration, m);
         out.rows.extend(rows);
     }
     Ok(out)

@@ -25,17 +25,21 @@ use appshot_vpm::{Group, Protocol, RegistryState, Translation};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-/// Who decides an instance's connect, getsockname and getpeername.
+/// Who decides an instance's connect, getsockname and getpeername. The
+/// kernel by default: a connect is then the application's own, judged in
+/// its own context and as fast as native; the supervisor falls back to
+/// deciding them itself where the kernel cannot (see
+/// `supervisor::settle_routing`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
     /// The supervisor, notified of each call: needed to negotiate with
     /// other hosts (a cluster key), and wherever the programs cannot be
     /// attached.
-    #[default]
     Notified,
     /// The cgroup programs, from the registry's answers in their maps;
     /// only bind is notified.
+    #[default]
     Kernel,
 }
 
@@ -124,23 +128,83 @@ fn conn_route(group: Group<'_>, port: u16) -> ConnRoute {
     route
 }
 
+/// A connect entry's key before its asker is resolved to a cgroup id: the
+/// asker's AID by name ([`NO_AID`] for any AID without entries of its own)
+/// and the key with `aid` 0.
+pub type NamedKey = (String, ClassKey);
+
+/// [`Tables`] with askers by name: what a state says, before any cgroup is
+/// looked at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NamedTables {
+    pub connects: BTreeMap<NamedKey, ConnRoute>,
+    pub names: BTreeMap<ClassKey, u32>,
+}
+
+/// The ports a plan covers.
+#[derive(Clone, Copy)]
+pub enum Ports<'a> {
+    All,
+    /// These (protocol, port) only: the entries of other ports depend on
+    /// none of their translations.
+    Only(&'a BTreeSet<(Protocol, u16)>),
+}
+
+impl Ports<'_> {
+    fn covers(&self, protocol: Protocol, port: u16) -> bool {
+        match self {
+            Ports::All => true,
+            Ports::Only(set) => set.contains(&(protocol, port)),
+        }
+    }
+}
+
+/// The (protocol, port) pairs whose entries a change from `before` to
+/// `after` may alter: the virtual and real port of every translation that
+/// one has and the other has not.
+pub fn changed_ports(before: &RegistryState, after: &RegistryState) -> BTreeSet<(Protocol, u16)> {
+    let mut out = BTreeSet::new();
+    let mut note = |one: &RegistryState, other: &RegistryState| {
+        let others: std::collections::HashSet<&Translation> = other.translations.iter().collect();
+        for t in one.translations.iter().filter(|t| !others.contains(t)) {
+            out.insert((t.protocol, t.virtual_port));
+            out.insert((t.protocol, t.real_port));
+        }
+    };
+    note(before, after);
+    note(after, before);
+    out
+}
+
 /// The maps' entries for `state`; `aids` gives each AID's cgroup id (an AID
 /// without one has no entries of its own: its callers would not be found
 /// in its cgroup).
 pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
-    let mut out = Tables {
+    let named = plan_named(state, Ports::All);
+    Tables {
+        connects: named
+            .connects
+            .into_iter()
+            .filter_map(|(key, route)| resolve(&key, aids).map(|key| (key, route)))
+            .collect(),
+        names: named.names,
         damaged: !state.damaged.is_empty(),
-        ..Tables::default()
-    };
+    }
+}
+
+/// `key` with its asker's cgroup id; `None` for an AID without one.
+pub fn resolve((aid, key): &NamedKey, aids: &BTreeMap<String, u64>) -> Option<ClassKey> {
+    let id = if aid == NO_AID { 0 } else { *aids.get(aid)? };
+    Some(ClassKey { aid: id, ..*key })
+}
+
+/// The entries of `ports` for `state`, askers by name.
+pub fn plan_named(state: &RegistryState, ports: Ports<'_>) -> NamedTables {
+    let mut out = NamedTables::default();
     for protocol in [Protocol::Tcp, Protocol::Udp] {
-        let own: Vec<&Translation> = state
-            .translations
-            .iter()
-            .filter(|t| t.protocol == protocol)
-            .collect();
         let number = protocol_number(protocol);
-        let key = |aid: u64, class: u8, addr: [u8; 16], port: u16| ClassKey {
-            aid,
+        let key = |class: u8, addr: [u8; 16], port: u16| ClassKey {
+            aid: 0,
             addr,
             port: u32::from(port),
             protocol: number,
@@ -149,19 +213,20 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
         };
         // The answers for a port depend on its translations alone (and
         // on damage): each is asked of a state holding just those, so a
-        // change costs in proportion to the host's translations, not
-        // their square.
+        // change costs in proportion to the port's translations, not the
+        // host's.
         let mut by_port: BTreeMap<u16, Vec<Translation>> = BTreeMap::new();
         let mut by_real: BTreeMap<u16, Vec<Translation>> = BTreeMap::new();
-        for t in &own {
-            by_port
-                .entry(t.virtual_port)
-                .or_default()
-                .push((*t).clone());
-            if t.real_port != t.virtual_port {
-                by_port.entry(t.real_port).or_default().push((*t).clone());
+        for t in state.translations.iter().filter(|t| t.protocol == protocol) {
+            if ports.covers(protocol, t.virtual_port) {
+                by_port.entry(t.virtual_port).or_default().push(t.clone());
             }
-            by_real.entry(t.real_port).or_default().push((*t).clone());
+            if t.real_port != t.virtual_port && ports.covers(protocol, t.real_port) {
+                by_port.entry(t.real_port).or_default().push(t.clone());
+            }
+            if ports.covers(protocol, t.real_port) {
+                by_real.entry(t.real_port).or_default().push(t.clone());
+            }
         }
         let only = |translations: Vec<Translation>| RegistryState {
             translations,
@@ -175,19 +240,14 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
             named.insert(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
             named.insert(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
             let classes = classes(&named);
-            let mut askers: Vec<(u64, String)> = vec![(0, NO_AID.to_owned())];
-            let with_own: BTreeSet<&str> = on_port.iter().map(|t| t.aid.as_str()).collect();
-            askers.extend(
-                with_own
-                    .into_iter()
-                    .filter_map(|aid| aids.get(aid).map(|id| (*id, aid.to_owned()))),
-            );
+            let mut askers: BTreeSet<String> = on_port.iter().map(|t| t.aid.clone()).collect();
+            askers.insert(NO_AID.to_owned());
             let port_state = only(on_port);
             for (class, addr, dest) in &classes {
                 let groups = port_state.groups(protocol, *dest, port);
-                for (id, aid) in &askers {
+                for aid in &askers {
                     out.connects.insert(
-                        key(*id, *class, *addr, port),
+                        (aid.clone(), key(*class, *addr, port)),
                         conn_route(groups.of(aid), port),
                     );
                 }
@@ -202,7 +262,7 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
                     let v = real_state
                         .virtual_port_of(protocol, local, real)
                         .unwrap_or(real);
-                    (key(0, class, addr, real), u32::from(v))
+                    (key(class, addr, real), u32::from(v))
                 })
                 .collect();
             if names.iter().any(|(_, v)| *v != u32::from(real)) {
@@ -213,27 +273,77 @@ pub fn plan(state: &RegistryState, aids: &BTreeMap<String, u64>) -> Tables {
     out
 }
 
+/// What turns the maps' entries for one state into another's.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub connects: Vec<(NamedKey, Option<ConnRoute>)>,
+    pub names: Vec<(ClassKey, Option<u32>)>,
+}
+
+impl Diff {
+    /// The AIDs whose cgroup ids the connect changes need.
+    pub fn aids(&self) -> BTreeSet<&str> {
+        self.connects
+            .iter()
+            .map(|((aid, _), _)| aid.as_str())
+            .filter(|aid| *aid != NO_AID)
+            .collect()
+    }
+}
+
+/// The changes (a value to set, or `None` to remove) from `old`'s entries
+/// to `new`'s.
+pub fn diff(old: &NamedTables, new: &NamedTables) -> Diff {
+    fn changes<K: Ord + Clone, V: PartialEq + Copy>(
+        old: &BTreeMap<K, V>,
+        new: &BTreeMap<K, V>,
+    ) -> Vec<(K, Option<V>)> {
+        let gone = old
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .map(|k| (k.clone(), None));
+        let set = new
+            .iter()
+            .filter(|(k, v)| old.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), Some(*v)));
+        gone.chain(set).collect()
+    }
+    Diff {
+        connects: changes(&old.connects, &new.connects),
+        names: changes(&old.names, &new.names),
+    }
+}
+
 /// The cgroup ids of the AIDs of `state`'s translations, their directories
 /// made if missing (the programs compare ids, so each must exist); `None`
 /// when one cannot be made.
 pub fn aid_ids(root: &Path, tag: &str, state: &RegistryState) -> Option<BTreeMap<String, u64>> {
+    ids_of(root, tag, state.translations.iter().map(|t| t.aid.as_str()))
+}
+
+/// [`aid_ids`] of the AIDs `aids`.
+pub fn ids_of<'a>(
+    root: &Path,
+    tag: &str,
+    aids: impl IntoIterator<Item = &'a str>,
+) -> Option<BTreeMap<String, u64>> {
     use std::os::unix::fs::MetadataExt;
-    let mut aids = BTreeMap::new();
-    for t in &state.translations {
-        if aids.contains_key(&t.aid) {
+    let mut ids = BTreeMap::new();
+    for aid in aids {
+        if ids.contains_key(aid) {
             continue;
         }
-        match crate::net::cgroup::ensure_aid_dir(root, tag, &t.aid).and_then(std::fs::metadata) {
+        match crate::net::cgroup::ensure_aid_dir(root, tag, aid).and_then(std::fs::metadata) {
             Ok(m) => {
-                aids.insert(t.aid.clone(), m.ino());
+                ids.insert(aid.to_owned(), m.ino());
             }
             Err(e) => {
-                warn!(aid = %t.aid, "routes not installed: creating the AID's cgroup: {e}");
+                warn!(aid, "routes not installed: creating the AID's cgroup: {e}");
                 return None;
             }
         }
     }
-    Some(aids)
+    Some(ids)
 }
 
 #[cfg(test)]
@@ -374,6 +484,85 @@ mod tests {
         let mut s = state(vec![tcp("a", "0.0.0.0", 8080, 20001, "a1")]);
         s.damaged.insert("lost".into());
         assert_same_as_policy(&s);
+    }
+
+    /// The maps `before` left, changed by `diff` as the TCP change hook
+    /// changes them.
+    fn changed(before: &RegistryState, after: &RegistryState) -> Tables {
+        let mut maps = plan(before, &aids());
+        let ports = changed_ports(before, after);
+        let only = Ports::Only(&ports);
+        let d = diff(&plan_named(before, only), &plan_named(after, only));
+        for (key, route) in &d.connects {
+            let Some(key) = resolve(key, &aids()) else {
+                continue;
+            };
+            match route {
+                Some(r) => maps.connects.insert(key, *r),
+                None => maps.connects.remove(&key),
+            };
+        }
+        for (key, name) in &d.names {
+            match name {
+                Some(v) => maps.names.insert(*key, *v),
+                None => maps.names.remove(key),
+            };
+        }
+        maps.damaged = !after.damaged.is_empty();
+        maps
+    }
+
+    #[test]
+    fn the_ports_a_change_touches_are_enough_to_reach_the_full_plan() {
+        let udp = |aid, addr, v, r, owner| translation(Protocol::Udp, aid, addr, v, r, owner);
+        let a1 = tcp("a", "0.0.0.0", 8080, 8080, "a1");
+        let a2 = tcp("a", "0.0.0.0", 8080, 20001, "a2");
+        let b1 = tcp("b", "0.0.0.0", 8080, 20002, "b1");
+        let b1_exact = tcp("b", "127.0.0.2", 8080, 20002, "b1");
+        let c1 = tcp("c", "::", 8080, 20003, "c1");
+        let c2 = tcp("c", "::1", 443, 20004, "c2");
+        let z1 = tcp("z", "0.0.0.0", 8080, 20005, "z1");
+        let d1 = udp("a", "0.0.0.0", 53, 20053, "d1");
+        // Starts and stops one by one, a socket rebound to an address of
+        // its own, an AID without a cgroup, UDP beside TCP, and back to
+        // nothing.
+        let steps = [
+            vec![],
+            vec![a1.clone()],
+            vec![a1.clone(), a2.clone()],
+            vec![a1.clone(), a2.clone(), b1.clone()],
+            vec![a1.clone(), a2.clone(), b1_exact.clone()],
+            vec![a2.clone(), b1_exact.clone(), c1.clone(), c2.clone()],
+            vec![
+                a2.clone(),
+                b1_exact.clone(),
+                c1.clone(),
+                c2.clone(),
+                z1.clone(),
+                d1.clone(),
+            ],
+            vec![b1.clone(), c2.clone(), z1.clone()],
+            vec![c2.clone()],
+            vec![],
+        ];
+        for pair in steps.windows(2) {
+            let (before, after) = (state(pair[0].clone()), state(pair[1].clone()));
+            assert_eq!(
+                changed(&before, &after),
+                plan(&after, &aids()),
+                "from {:?} to {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_touching_nothing_changes_nothing() {
+        let s = state(vec![tcp("a", "0.0.0.0", 8080, 20001, "a1")]);
+        assert!(changed_ports(&s, &s).is_empty());
+        let named = plan_named(&s, Ports::Only(&BTreeSet::new()));
+        assert_eq!(named, NamedTables::default());
     }
 
     #[test]

@@ -297,6 +297,51 @@ fn entries(state: &RegistryState, plan: &Plan, aids: &BTreeMap<String, u64>) -> 
     }
 }
 
+/// The file in the registry's directory naming (by [`digest`]) the state
+/// the connect and name maps were last made to hold: a change that starts
+/// from that state alters only the entries of the ports it touches; after
+/// any other (a process killed between its commit and its hook) the maps
+/// are made anew.
+const SYNCED: &str = "kernel-routes.synced";
+
+/// What the connect and name entries depend on, as one number whatever
+/// the order of the translations.
+fn digest(state: &RegistryState) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let hash = |value: &dyn Fn(&mut std::collections::hash_map::DefaultHasher)| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value(&mut h);
+        h.finish()
+    };
+    state
+        .translations
+        .iter()
+        .map(|t| hash(&|h| t.hash(h)))
+        .fold(hash(&|h| state.damaged.hash(h)), u64::wrapping_add)
+}
+
+fn synced(registry_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(registry_dir.join(SYNCED)).ok()?;
+    u64::from_str_radix(text.trim(), 16).ok()
+}
+
+/// Records that the maps hold `state`'s entries; failing that, that they
+/// are unknown.
+fn mark_synced(registry_dir: &Path, state: &RegistryState) {
+    let path = registry_dir.join(SYNCED);
+    if let Err(e) = std::fs::write(&path, format!("{:016x}\n", digest(state))) {
+        warn!(
+            "{}: {e}; the next change rebuilds the kernel's routes",
+            path.display()
+        );
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+fn forget_synced(registry_dir: &Path) {
+    let _ = std::fs::remove_file(registry_dir.join(SYNCED));
+}
+
 /// Gives the programs `entries`, attaching them first if they are not; or
 /// detaches them when they route no datagram and no instance leaves its
 /// calls to them.
@@ -314,6 +359,7 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
     }
     // The connect and name entries matter only to kernel-routed instances.
     let routed = UdpRoutes::is_current(&mine) && any_routed(&mut UdpRoutes::open(&mine)?, &scope)?;
+    let _attaching = attach_lock(&scope)?;
     if entries.routes.is_empty() && !routed {
         udpbpf::detach(&mine)?;
         return Ok(());
@@ -321,6 +367,24 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
     udpbpf::ensure_bpffs()?;
     let mut routes = UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL))?;
     Ok(routes.sync(entries)?)
+}
+
+/// Held (on the registry's cgroup directory) while the programs are
+/// attached or detached: a kernel-routed start attaches them before its
+/// registry transaction, outside the registry lock, as loading them takes
+/// 20-30 ms (their loader parses the kernel's BTF), and must not meet a
+/// detach or another attach half-way.
+fn attach_lock(scope: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, RouteError> {
+    let dir = std::fs::File::open(scope).map_err(|source| RouteError::Cgroup {
+        path: scope.to_owned(),
+        source,
+    })?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
+        RouteError::Cgroup {
+            path: scope.to_owned(),
+            source: errno.into(),
+        }
+    })
 }
 
 /// The registry's UDP change hook: the kernel's routes follow the
@@ -336,11 +400,13 @@ pub fn refresh(registry_dir: &Path, state: &RegistryState) {
         return;
     };
     let plan = plan(state, &aids, root, &tag);
-    if let Err(e) = install_routes(root, &tag, &entries(state, &plan, &aids)) {
-        warn!(
+    forget_synced(registry_dir);
+    match install_routes(root, &tag, &entries(state, &plan, &aids)) {
+        Ok(()) => mark_synced(registry_dir, state),
+        Err(e) => warn!(
             "UDP routes not installed, datagrams to virtual ports are refused: {}",
             chain(&e)
-        );
+        ),
     }
     match nft(&script(&chains(registry_dir), &plan)) {
         Ok(()) => debug!(routes = plan.routes.routes.len(), "UDP routes installed"),
@@ -353,8 +419,11 @@ pub fn refresh(registry_dir: &Path, state: &RegistryState) {
 
 /// The registry's TCP change hook: the maps follow the committed state
 /// while some instance leaves its calls to the kernel (which then found
-/// them attached); otherwise nothing reads them.
-pub fn refresh_connects(registry_dir: &Path, state: &RegistryState) {
+/// them attached); otherwise nothing reads them. From the state the maps
+/// hold, only the entries of the ports the change touched are written: a
+/// start or stop costs the same with a thousand instances on the host as
+/// with one.
+pub fn refresh_connects(registry_dir: &Path, before: &RegistryState, after: &RegistryState) {
     let Some(root) = cgroup::root() else {
         return;
     };
@@ -368,12 +437,44 @@ pub fn refresh_connects(registry_dir: &Path, state: &RegistryState) {
     }
     let synced = (|| {
         let mut routes = UdpRoutes::open(&mine)?;
-        if !any_routed(&mut routes, &scope)? {
+        if !routes.any_routed()? {
             return Ok(());
         }
-        let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
-        let plan = plan(state, &aids, root, &tag);
-        routes.sync(&entries(state, &plan, &aids))?;
+        let held = synced(registry_dir);
+        if held == Some(digest(after)) {
+            // Written by this transaction's UDP hook.
+            return Ok(());
+        }
+        forget_synced(registry_dir);
+        if held == Some(digest(before)) && before.damaged == after.damaged {
+            let ports = connroutes::changed_ports(before, after);
+            let only = connroutes::Ports::Only(&ports);
+            let diff = connroutes::diff(
+                &connroutes::plan_named(before, only),
+                &connroutes::plan_named(after, only),
+            );
+            let aids = connroutes::ids_of(root, &tag, diff.aids()).ok_or(RouteError::AidCgroup)?;
+            let connects: Vec<_> = diff
+                .connects
+                .iter()
+                .filter_map(|(key, route)| connroutes::resolve(key, &aids).map(|k| (k, *route)))
+                .collect();
+            routes.change(&connects, &diff.names)?;
+            debug!(
+                ports = ports.len(),
+                connects = connects.len(),
+                names = diff.names.len(),
+                "connect routes changed"
+            );
+        } else {
+            if !any_routed(&mut routes, &scope)? {
+                return Ok(());
+            }
+            let aids = connroutes::aid_ids(root, &tag, after).ok_or(RouteError::AidCgroup)?;
+            let plan = plan(after, &aids, root, &tag);
+            routes.sync(&entries(after, &plan, &aids))?;
+        }
+        mark_synced(registry_dir, after);
         Ok::<_, RouteError>(())
     })();
     if let Err(e) = synced {
@@ -444,15 +545,37 @@ pub fn route_in_kernel(
             source,
         })?
         .ino();
+    let dir = registry.dir();
+    // Attached ahead, their maps empty (no instance is routed by them
+    // yet), so that the transaction below only fills them.
+    {
+        let _attaching = attach_lock(&scope)?;
+        if !UdpRoutes::is_current(&pins) {
+            udpbpf::ensure_bpffs()?;
+            UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?;
+        }
+    }
     registry.transaction(|state| {
+        // Kept by the change hooks while another instance is routed: this
+        // one only joins.
+        if UdpRoutes::is_current(&pins) && synced(dir) == Some(digest(state)) {
+            let mut routes = UdpRoutes::open(&pins)?;
+            if routes.any_routed()? {
+                return Ok(routes.set_routed(id, true)?);
+            }
+        }
+        forget_synced(dir);
         let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
         let plan = plan(state, &aids, root, &tag);
-        udpbpf::ensure_bpffs()?;
-        install_routes(root, &tag, &entries(state, &plan, &aids))?;
-        let mut routes = UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?;
+        // Attached above, unless a change detached them since.
+        let mut routes = {
+            let _attaching = attach_lock(&scope)?;
+            udpbpf::ensure_bpffs()?;
+            UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?
+        };
         routes.set_routed(id, true)?;
-        // Attached just now when there was nothing to route.
         routes.sync(&entries(state, &plan, &aids))?;
+        mark_synced(dir, state);
         Ok::<_, RouteError>(())
     })??;
     Ok(KernelRouted {
@@ -470,13 +593,22 @@ impl Drop for KernelRouted {
             return;
         };
         let tag = registry_tag(self.registry.dir());
+        let dir = self.registry.dir();
         let released = self.registry.transaction(|state| {
             if UdpRoutes::is_current(&self.pins) {
-                UdpRoutes::open(&self.pins)?.set_routed(self.id, false)?;
+                let mut routes = UdpRoutes::open(&self.pins)?;
+                routes.set_routed(self.id, false)?;
+                // The hooks keep the maps for the others.
+                if routes.any_routed()? {
+                    return Ok::<_, RouteError>(());
+                }
             }
+            forget_synced(dir);
             let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
             let plan = plan(state, &aids, root, &tag);
-            install_routes(root, &tag, &entries(state, &plan, &aids))
+            install_routes(root, &tag, &entries(state, &plan, &aids))?;
+            mark_synced(dir, state);
+            Ok(())
         });
         match released {
             Ok(Ok(())) => {}

@@ -639,8 +639,9 @@ fn settle_routing(
         info!(name = %launch.name, "a cluster key is configured: connect negotiates with other hosts, so the supervisor routes it");
         return (Routing::Notified, None);
     }
+    // `instance_cgroup` warned already: the default routing adds nothing.
     let Some(dir) = cgroup else {
-        warn!(name = %launch.name, "no instance cgroup: the supervisor routes connects");
+        info!(name = %launch.name, "no instance cgroup: the supervisor routes connects");
         return (Routing::Notified, None);
     };
     match route_in_kernel(registry, dir) {
@@ -860,7 +861,7 @@ where
         self.phases.mark("recorded");
         // A shell's filter was built ahead for the supervisor's routing.
         let program = match self.filter.take() {
-            Some(program) if self.launch.routing == Routing::Notified => program,
+            Some(program) if self.launch.routing == Routing::default() => program,
             _ => filter::build(self.launch.routing)?,
         };
         self.phases.mark("filter built");

@@ -252,7 +252,7 @@ fn prepare_and_wait(
     // filter built (for the default routing), the cgroup mount found, the
     // registry opened.
     let filter = Some(crate::seccomp::filter::build(
-        crate::net::connroutes::Routing::Notified,
+        crate::net::connroutes::Routing::default(),
     )?);
     let _ = crate::net::cgroup::root();
     // Its connections open ahead: they also keep the registry's log from

@@ -72,9 +72,10 @@ pub fn set_udp_change_hook(hook: UdpChangeHook) {
 }
 
 /// Told, as the UDP change hook is, that the TCP translations or the
-/// damaged instances changed: the kernel's connect and name routes of the
-/// instances that leave those calls to it are rebuilt from the state.
-pub type TcpChangeHook = fn(&Path, &RegistryState);
+/// damaged instances changed, with the state the transaction began from and
+/// the one it committed: the kernel's connect and name routes of the
+/// instances that leave those calls to it follow the difference.
+pub type TcpChangeHook = fn(&Path, &RegistryState, &RegistryState);
 
 static TCP_CHANGE_HOOK: OnceLock<TcpChangeHook> = OnceLock::new();
 
@@ -190,7 +191,8 @@ struct Committed<R> {
     result: R,
     reclaimed: Vec<String>,
     udp: Option<RegistryState>,
-    tcp: Option<RegistryState>,
+    /// Before and after.
+    tcp: Option<(RegistryState, RegistryState)>,
 }
 
 impl Registry {
@@ -321,7 +323,7 @@ impl Registry {
                 if let Some(damaged) = &damaged {
                     after.damaged = damaged.clone();
                 }
-                after
+                (before.clone(), after)
             });
             let changes =
                 (!owners.is_empty() || !holders.is_empty() || damaged.is_some() || full_due).then(
@@ -352,8 +354,8 @@ impl Registry {
         if let (Some(after), Some(hook)) = (&committed.udp, UDP_CHANGE_HOOK.get()) {
             hook(&self.dir, after);
         }
-        if let (Some(after), Some(hook)) = (&committed.tcp, TCP_CHANGE_HOOK.get()) {
-            hook(&self.dir, after);
+        if let (Some((before, after)), Some(hook)) = (&committed.tcp, TCP_CHANGE_HOOK.get()) {
+            hook(&self.dir, before, after);
         }
         Ok(committed.result)
     }

@@ -897,7 +897,7 @@ fn the_udp_hook_hears_of_udp_changes_only() {
 
 static TCP_CHANGES: std::sync::Mutex<Vec<UdpSeen>> = std::sync::Mutex::new(Vec::new());
 
-fn record_tcp_change(dir: &Path, after: &RegistryState) {
+fn record_tcp_change(dir: &Path, _before: &RegistryState, after: &RegistryState) {
     let tcp = after
         .translations
         .iter()
