@@ -247,23 +247,11 @@ pub fn run_in(
         name: launch.name.clone(),
         reason: why,
     };
-    let (lock, status, recording) = match recorded_init {
+    let (lock, status, pending) = match recorded_init {
         Some(init_pid) => {
             let (lock, pending) = InstanceLock::acquire_pending(&registry, &launch.name)?;
             let status = status::Status::new(lock.instance_dir(), phase);
-            let (name, range, free_ports) = (launch.name.clone(), launch.range, launch.free_ports);
-            let record = record_of(&launch, init_pid);
-            let recording = Recording::start(pending, move |s| {
-                check_free_ports(s, range, free_ports, 1).map_err(|reason| {
-                    RuntimeError::Start {
-                        name: name.clone(),
-                        reason,
-                    }
-                })?;
-                s.instances.insert(name, record);
-                Ok(())
-            });
-            (lock, status, Some(recording))
+            (lock, status, Some((pending, record_of(&launch, init_pid))))
         }
         None => {
             if launch.free_ports > 0 {
@@ -301,8 +289,23 @@ pub fn run_in(
     let cgroup = instance_cgroup(&registry, &launch);
     let cgroup_dir = cgroup.as_ref().map(InstanceCgroup::dir);
     // Dropped after the instance's processes are gone.
-    let (routing, _kernel_routed) = settle_routing(&registry, &launch, cgroup_dir);
-    launch.routing = routing;
+    let mut _kernel_routed = None;
+    let recording = match pending {
+        Some((pending, record)) => Some(Recording::start(
+            pending,
+            record,
+            registry.clone(),
+            launch.clone(),
+            cgroup_dir.map(Path::to_path_buf),
+        )),
+        None => {
+            let (routing, kernel_routed) = settle_routing(&registry, &launch, cgroup_dir);
+            launch.routing = routing;
+            _kernel_routed = kernel_routed;
+            None
+        }
+    };
+    let mut settled_late = None;
     let settings = |init_pid| Settings {
         instance: launch.name.clone(),
         aid: launch.aid.clone(),
@@ -409,6 +412,7 @@ pub fn run_in(
                 filter: shell.as_mut().and_then(|s| s.filter.take()),
                 shell: shell.take().map(|s| s.init),
                 recording,
+                settled: None,
             };
             // Listed from the restore's start on, `restoring` until the
             // restored processes are released.
@@ -425,10 +429,15 @@ pub fn run_in(
             }
             let mux = host.mux.take().expect("the multiplexer of a started init");
             lazy_status = host.lazy_status.take();
+            settled_late = host.settled.take();
             (r.init_pid, r.init, r.listeners, mux, r.main)
         }
     };
 
+    if let Some(settled) = settled_late {
+        launch.routing = settled.routing;
+        _kernel_routed = settled.kernel_routed;
+    }
     register(&registry, &launch, app_pid)?;
     info!(name = %launch.name, aid = %launch.aid, pid = app_pid, "instance started");
     serve_notifications(listeners, &mux)?;
@@ -780,6 +789,8 @@ struct RealRestore<'a, M> {
     filter: Option<Vec<appshot_sys::seccomp::SockFilter>>,
     /// A claimed shell's record of its clone, written while it is forked.
     recording: Option<Recording>,
+    /// Its routing, settled on the recording's thread.
+    settled: Option<Settled>,
 }
 
 impl<M> restoring::RestoreHost for RealRestore<'_, M>
@@ -848,21 +859,29 @@ where
             }
         };
         // Before the restore registers the listeners' translations under
-        // the instance's name.
-        if let Some(Err(e)) = self.recording.take().map(Recording::finish) {
-            if let Some((clone, _)) = forked {
-                let pid = clone.pid;
-                clone.kill(|| {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                });
+        // the instance's name, and builds the filter for its routing.
+        match self.recording.take().map(Recording::finish) {
+            Some(Err(e)) => {
+                if let Some((clone, _)) = forked {
+                    let pid = clone.pid;
+                    clone.kill(|| {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    });
+                }
+                return Err(e);
             }
-            return Err(e);
+            Some(Ok(settled)) => self.settled = Some(settled),
+            None => {}
         }
         self.phases.mark("recorded");
-        // A shell's filter was built ahead for the supervisor's routing.
+        let routing = self
+            .settled
+            .as_ref()
+            .map_or(self.launch.routing, |s| s.routing);
+        // A shell's filter was built ahead for the default routing.
         let program = match self.filter.take() {
-            Some(program) if self.launch.routing == Routing::default() => program,
-            _ => filter::build(self.launch.routing)?,
+            Some(program) if routing == Routing::default() => program,
+            _ => filter::build(routing)?,
         };
         self.phases.mark("filter built");
         let mux = self.mux.as_ref().expect("init started first");
@@ -957,28 +976,49 @@ impl<M> RealRestore<'_, M> {
     }
 }
 
-/// A claimed shell's first registry transaction, which records its clone
-/// in the transaction that takes the clone's name (after a dead
-/// predecessor's entries went), run on a thread of its own while the clone
-/// is forked from its holder: the fork needs the name taken (the clone's
-/// cgroup and files are the name's), not its record, and the two were
-/// about 1 ms each of a clone's start, one after the other. Joined before
-/// the restore registers translations under the name, or when dropped.
-struct Recording(Option<std::thread::JoinHandle<Result<(), RuntimeError>>>);
+/// A claimed shell's registry transactions before its clone runs, made on
+/// a thread of their own while the clone is forked from its holder: the
+/// one that takes the clone's name and records it (after a dead
+/// predecessor's entries went; the real ports it needs counted), then the
+/// one that settles its routing (the kernel's programs told to route the
+/// clone's cgroup). The fork needs the name taken (the clone's cgroup and
+/// files are the name's), not the record nor the routing, and each was
+/// about 1 ms of a clone's start, one after the other. Joined before the
+/// restore registers translations under the name and builds the clone's
+/// filter, or when dropped.
+struct Recording(Option<std::thread::JoinHandle<Result<Settled, RuntimeError>>>);
+
+/// The routing settled for a clone by its recording.
+struct Settled {
+    routing: Routing,
+    kernel_routed: Option<KernelRouted>,
+}
 
 impl Recording {
     fn start(
         pending: appshot_vpm::PendingRecord,
-        record: impl FnOnce(&mut appshot_vpm::RegistryState) -> Result<(), RuntimeError>
-            + Send
-            + 'static,
+        record: InstanceRecord,
+        registry: Registry,
+        launch: Launch,
+        cgroup: Option<PathBuf>,
     ) -> Recording {
         Recording(Some(std::thread::spawn(move || {
-            pending.record(|s, _| record(s))?
+            let name = launch.name.clone();
+            pending.record(|s, _| {
+                check_free_ports(s, launch.range, launch.free_ports, 1)
+                    .map_err(|reason| RuntimeError::Start { name, reason })?;
+                s.instances.insert(launch.name.clone(), record);
+                Ok::<_, RuntimeError>(())
+            })??;
+            let (routing, kernel_routed) = settle_routing(&registry, &launch, cgroup.as_deref());
+            Ok(Settled {
+                routing,
+                kernel_routed,
+            })
         })))
     }
 
-    fn finish(mut self) -> Result<(), RuntimeError> {
+    fn finish(mut self) -> Result<Settled, RuntimeError> {
         let thread = self.0.take().expect("joined once");
         thread.join().unwrap_or_else(|_| {
             Err(RuntimeError::sys(
