@@ -22,19 +22,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, LinkError};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, ProgramError};
 use aya::{EbpfError, EbpfLoader};
 
 /// Where bpffs is mounted.
 pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The programs, by the section names the loader knows their hook by.
-const PROGRAMS: [&str; 10] = [
-    "sendmsg4",
-    "sendmsg6",
-    "recvmsg4",
-    "recvmsg6",
+/// The programs linked whenever the set is attached (connect and the name
+/// calls of kernel-routed instances), by the section names the loader
+/// knows their hook by.
+const CALL_PROGRAMS: [&str; 6] = [
     "connect4",
     "connect6",
     "getsockname4",
@@ -42,6 +40,29 @@ const PROGRAMS: [&str; 10] = [
     "getpeername4",
     "getpeername6",
 ];
+/// The programs of the datagram path: every send and receive of every
+/// supervised UDP socket runs them, so they are linked only while some
+/// datagram route exists (linked for nothing, they cost a one-CPU UDP
+/// request/response on an unmultiplexed port about 5 %).
+const DATAGRAM_PROGRAMS: [(&str, CgroupSockAddrAttachType); 4] = [
+    ("sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4),
+    ("sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6),
+    ("recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4),
+    ("recvmsg6", CgroupSockAddrAttachType::UDPRecvMsg6),
+];
+
+/// Where a loaded program is pinned (its link, when linked, is pinned
+/// under its own name); bpffs refuses names with a dot.
+fn program_pin(pins: &Path, name: &str) -> PathBuf {
+    pins.join(format!("prog_{name}"))
+}
+
+fn all_programs() -> impl Iterator<Item = &'static str> {
+    CALL_PROGRAMS
+        .into_iter()
+        .chain(DATAGRAM_PROGRAMS.iter().map(|(name, _)| *name))
+}
+
 /// The maps; `routes` is pinned last, so its pin says the set is whole.
 const MAPS: [&str; 7] = [
     "ports", "locals", "connects", "names", "routed", "state", "routes",
@@ -251,6 +272,7 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
 
 /// The maps of the programs attached for one registry.
 pub struct UdpRoutes {
+    pins: PathBuf,
     routes: HashMap<MapData, RouteKey, u32>,
     ports: PortTable,
     locals: HashMap<MapData, [u8; 16], u32>,
@@ -286,7 +308,7 @@ impl UdpRoutes {
             .load(OBJECT)
             .map_err(BpfError::Load)?;
         let cgroup_fd = File::open(cgroup).map_err(io_at(cgroup))?;
-        for name in PROGRAMS {
+        for name in all_programs() {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(BpfError::Missing(name))?
@@ -294,19 +316,13 @@ impl UdpRoutes {
                 .map_err(|source| BpfError::Program { name, source })?;
             let program_err = |source| BpfError::Program { name, source };
             program.load().map_err(program_err)?;
-            // A BPF link takes no flags (the kernel refuses any): links to
-            // one cgroup always run side by side, whoever else attaches.
-            let id = program
-                .attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(program_err)?;
-            let link: FdLink = program
-                .take_link(id)
-                .map_err(program_err)?
-                .try_into()
-                .map_err(|source| BpfError::Link { name, source })?;
-            let path = staging.join(name);
-            link.pin(&path)
+            let path = program_pin(&staging, name);
+            program
+                .pin(&path)
                 .map_err(|source| BpfError::Pin { path, source })?;
+            if CALL_PROGRAMS.contains(&name) {
+                link(program, name, &cgroup_fd, &staging.join(name))?;
+            }
         }
         for name in MAPS {
             let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
@@ -336,6 +352,7 @@ impl UdpRoutes {
         };
         let state = MapData::from_pin(pins.join("state")).map_err(err)?;
         Ok(UdpRoutes {
+            pins: pins.to_owned(),
             routes: pinned(pins, "routes")?,
             ports: PortTable::open(pins)?,
             locals: pinned(pins, "locals")?,
@@ -349,10 +366,46 @@ impl UdpRoutes {
     /// Whether the pins at `pins` hold the programs of this build: a set
     /// an older build pinned lacks some, and is replaced.
     pub fn is_current(pins: &Path) -> bool {
-        PROGRAMS
+        CALL_PROGRAMS
             .iter()
             .chain(MAPS.iter())
             .all(|name| pins.join(name).exists())
+            && all_programs().all(|name| program_pin(pins, name).exists())
+    }
+
+    /// Makes the maps hold `entries` ([`UdpRoutes::sync`]) and links the
+    /// datagram programs to `cgroup` while they have routes to follow:
+    /// linked after the routes are in, unlinked before they go.
+    pub fn sync_linked(&mut self, entries: &Entries, cgroup: &Path) -> Result<(), BpfError> {
+        let datagrams = !entries.routes.is_empty();
+        if !datagrams {
+            self.link_datagrams(cgroup, false)?;
+        }
+        self.sync(entries)?;
+        if datagrams {
+            self.link_datagrams(cgroup, true)?;
+        }
+        Ok(())
+    }
+
+    fn link_datagrams(&self, cgroup: &Path, on: bool) -> Result<(), BpfError> {
+        for (name, attach_type) in DATAGRAM_PROGRAMS {
+            let path = self.pins.join(name);
+            match (on, path.exists()) {
+                (true, false) => {
+                    let mut program =
+                        CgroupSockAddr::from_pin(program_pin(&self.pins, name), attach_type)
+                            .map_err(|source| BpfError::Program { name, source })?;
+                    let cgroup_fd = File::open(cgroup).map_err(io_at(cgroup))?;
+                    link(&mut program, name, &cgroup_fd, &path)?;
+                }
+                // The pin held the link's last reference: the program is
+                // unlinked as it goes.
+                (false, true) => std::fs::remove_file(&path).map_err(io_at(&path))?,
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The instance cgroups whose calls the kernel routes.
@@ -412,7 +465,7 @@ impl UdpRoutes {
     /// one, never none for a key in both). The ports array takes the new
     /// ports' marks before the routes change and loses the old ones' only
     /// after, so no route is hidden behind an unmarked port meanwhile.
-    pub fn sync(&mut self, entries: &Entries) -> Result<(), BpfError> {
+    fn sync(&mut self, entries: &Entries) -> Result<(), BpfError> {
         let ports = entries.ports();
         for (i, want) in ports.iter().enumerate() {
             let have = self.ports.get(i);
@@ -536,6 +589,31 @@ fn sync_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
             map.insert(key, value, 0).map_err(err)?;
         }
     }
+    Ok(())
+}
+
+/// Links `program` to the cgroup `cgroup_fd` and pins the link at `path`.
+fn link(
+    program: &mut CgroupSockAddr,
+    name: &'static str,
+    cgroup_fd: &File,
+    path: &Path,
+) -> Result<(), BpfError> {
+    let program_err = |source| BpfError::Program { name, source };
+    // A BPF link takes no flags (the kernel refuses any): links to one
+    // cgroup always run side by side, whoever else attaches.
+    let id = program
+        .attach(cgroup_fd, CgroupAttachMode::Single)
+        .map_err(program_err)?;
+    let link: FdLink = program
+        .take_link(id)
+        .map_err(program_err)?
+        .try_into()
+        .map_err(|source| BpfError::Link { name, source })?;
+    link.pin(path).map_err(|source| BpfError::Pin {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(())
 }
 

@@ -366,7 +366,7 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
     }
     udpbpf::ensure_bpffs()?;
     let mut routes = UdpRoutes::attach(&mine, &scope, u32::from(cgroup::AID_LEVEL))?;
-    Ok(routes.sync(entries)?)
+    Ok(routes.sync_linked(entries, &scope)?)
 }
 
 /// Held (on the registry's cgroup directory) while the programs are
@@ -472,7 +472,7 @@ pub fn refresh_connects(registry_dir: &Path, before: &RegistryState, after: &Reg
             }
             let aids = connroutes::aid_ids(root, &tag, after).ok_or(RouteError::AidCgroup)?;
             let plan = plan(after, &aids, root, &tag);
-            routes.sync(&entries(after, &plan, &aids))?;
+            routes.sync_linked(&entries(after, &plan, &aids), &scope)?;
         }
         mark_synced(registry_dir, after);
         Ok::<_, RouteError>(())
@@ -574,7 +574,7 @@ pub fn route_in_kernel(
             UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?
         };
         routes.set_routed(id, true)?;
-        routes.sync(&entries(state, &plan, &aids))?;
+        routes.sync_linked(&entries(state, &plan, &aids), &scope)?;
         mark_synced(dir, state);
         Ok::<_, RouteError>(())
     })??;
@@ -594,12 +594,18 @@ impl Drop for KernelRouted {
         };
         let tag = registry_tag(self.registry.dir());
         let dir = self.registry.dir();
+        let scope = cgroup::scope_dir(root, &tag);
         let released = self.registry.transaction(|state| {
             if UdpRoutes::is_current(&self.pins) {
                 let mut routes = UdpRoutes::open(&self.pins)?;
                 routes.set_routed(self.id, false)?;
-                // The hooks keep the maps for the others.
-                if routes.any_routed()? {
+                // The hooks keep the maps for the others, if any: with no
+                // other instance in the registry, the cgroups still listed
+                // are those of supervisors killed before they could take
+                // theirs out, and are taken out now (looking costs a read
+                // of the registry's cgroups, which are few then).
+                let others = state.instances.len() > 1;
+                if routes.any_routed()? && (others || any_routed(&mut routes, &scope)?) {
                     return Ok::<_, RouteError>(());
                 }
             }
