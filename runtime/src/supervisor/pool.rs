@@ -602,6 +602,24 @@ mod tests {
     }
 
     #[test]
+    fn an_unopened_claim_is_told_apart_from_a_whole_launch() {
+        let launch = crate::supervisor::tests::launch(Mode::Clone {
+            template: "/t/a.img".into(),
+        });
+        let unopened = serde_json::to_vec(&Unopened {
+            unopened: launch.clone(),
+        })
+        .unwrap();
+        // A shell that knows only whole launches refuses it.
+        assert!(serde_json::from_slice::<Launch>(&unopened).is_err());
+        let back: Unopened = serde_json::from_slice(&unopened).unwrap();
+        assert_eq!(back.unopened.name, launch.name);
+        // And a whole launch, from an earlier CLI, is not taken for one.
+        let whole = serde_json::to_vec(&launch).unwrap();
+        assert!(serde_json::from_slice::<Unopened>(&whole).is_err());
+    }
+
+    #[test]
     fn a_shell_is_counted_once_and_dead_ones_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let me = tag_of(std::process::id()).unwrap();
