@@ -357,9 +357,11 @@ fn install_routes(root: &Path, tag: &str, entries: &Entries) -> Result<(), Route
             udpbpf::detach(&other)?;
         }
     }
+    // Looked at under the attach lock: an instance joins the routed list
+    // under it, without the registry's.
+    let _attaching = attach_lock(&scope)?;
     // The connect and name entries matter only to kernel-routed instances.
     let routed = UdpRoutes::is_current(&mine) && any_routed(&mut UdpRoutes::open(&mine)?, &scope)?;
-    let _attaching = attach_lock(&scope)?;
     if entries.routes.is_empty() && !routed {
         udpbpf::detach(&mine)?;
         return Ok(());
@@ -546,24 +548,31 @@ pub fn route_in_kernel(
         })?
         .ino();
     let dir = registry.dir();
-    // Attached ahead, their maps empty (no instance is routed by them
-    // yet), so that the transaction below only fills them.
+    let routed = |registry: &appshot_vpm::Registry, pins| KernelRouted {
+        registry: registry.clone(),
+        pins,
+        id,
+    };
     {
         let _attaching = attach_lock(&scope)?;
-        if !UdpRoutes::is_current(&pins) {
+        if UdpRoutes::is_current(&pins) {
+            // Kept by the change hooks while another instance is routed:
+            // this one only joins, without a registry transaction (the
+            // attach lock keeps the last one's end from detaching them
+            // meanwhile).
+            let mut routes = UdpRoutes::open(&pins)?;
+            if routes.any_routed()? {
+                routes.set_routed(id, true)?;
+                return Ok(routed(registry, pins));
+            }
+        } else {
+            // Attached ahead, their maps empty (no instance is routed by
+            // them yet), so that the transaction below only fills them.
             udpbpf::ensure_bpffs()?;
             UdpRoutes::attach(&pins, &scope, u32::from(cgroup::AID_LEVEL))?;
         }
     }
     registry.transaction(|state| {
-        // Kept by the change hooks while another instance is routed: this
-        // one only joins.
-        if UdpRoutes::is_current(&pins) && synced(dir) == Some(digest(state)) {
-            let mut routes = UdpRoutes::open(&pins)?;
-            if routes.any_routed()? {
-                return Ok(routes.set_routed(id, true)?);
-            }
-        }
         forget_synced(dir);
         let aids = connroutes::aid_ids(root, &tag, state).ok_or(RouteError::AidCgroup)?;
         let plan = plan(state, &aids, root, &tag);
@@ -578,11 +587,7 @@ pub fn route_in_kernel(
         mark_synced(dir, state);
         Ok::<_, RouteError>(())
     })??;
-    Ok(KernelRouted {
-        registry: registry.clone(),
-        pins,
-        id,
-    })
+    Ok(routed(registry, pins))
 }
 
 impl Drop for KernelRouted {
