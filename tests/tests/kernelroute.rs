@@ -210,43 +210,28 @@ fn kernel_routes_follow_instances_coming_and_going() {
     };
     let sockets = script("sockets.py");
     let dir = h.dir("cwd");
-    let port = "9731";
-    let kernel = ["--routing", "kernel", "--port", port];
+    let kernel = ["--routing", "kernel", "--port", PORT];
     let start = |h: &mut Harness, name: &str, aid: &str| {
         h.start(
             name,
             aid,
             &dir,
             &kernel,
-            &["python3", &sockets, "serve", name, port, "127.0.0.1"],
+            &["python3", &sockets, "serve", name, PORT, "127.0.0.1"],
         );
-        h.wait_log(name, &format!("LISTEN 127.0.0.1 {port}"));
+        h.wait_log(name, &format!("LISTEN 127.0.0.1 {PORT}"));
     };
-    let client = |h: &Harness, aid: &str| {
-        let mut cmd = h.appshot();
-        cmd.args([
-            "run",
-            "--routing",
-            "kernel",
-            "--aid",
-            aid,
-            "--port",
-            port,
-            "--",
-        ])
-        .args(["python3", &sockets, "connect", port, "127.0.0.1"]);
-        common::run(&mut cmd, std::time::Duration::from_secs(30))
-    };
+    let connect = ["python3", &sockets, "connect", PORT, "127.0.0.1"];
     let reaches = |h: &Harness, aid: &str, name: &str| {
-        let got = client(h, aid);
+        let got = routed_client(h, aid, &connect);
         assert_eq!(
             got.stdout.lines().last(),
-            Some(format!("REPLY {name} ACCEPTED 127.0.0.1 {port}").as_str()),
+            Some(format!("REPLY {name} ACCEPTED 127.0.0.1 {PORT}").as_str()),
             "AID {aid} should reach {name}: {got}"
         );
     };
     let refused = |h: &Harness, aid: &str| {
-        let got = client(h, aid);
+        let got = routed_client(h, aid, &connect);
         assert!(
             got.stderr.contains("Connection refused"),
             "AID {aid} has no instance: {got}"
