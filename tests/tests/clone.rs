@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{
     alive, assert_left_nothing, info_field, keeper, keeper_copy, pid_of, pids_with_arg, poll,
-    port_pairs, query_keeper, redis_cli, script, start_keeper, start_redis, uncaptured, Harness,
-    Ran,
+    port_pairs, query_keeper, redis_cli, script, start_keeper, start_redis, status_field,
+    uncaptured, Harness, Ran, SignalState,
 };
 use serde_json::Value;
 
@@ -1343,17 +1343,6 @@ fn a_clones_own_files_are_private_to_the_user_it_runs_as() {
     }
 }
 
-/// A field of `/proc/PID/status` (`SigCgt`, `SigIgn`, `SigBlk` …).
-fn status_field(pid: u32, key: &str) -> String {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
-        .trim()
-        .to_string()
-}
-
 fn signal_bit(mask: &str, signo: u32) -> bool {
     u64::from_str_radix(mask, 16).unwrap() & (1 << (signo - 1)) != 0
 }
@@ -1371,12 +1360,12 @@ fn clones_inherit_their_templates_signal_actions_and_limits_from_its_holder() {
     h.start("sk", "sk", &cwd, &[], &[bin.to_str().unwrap()]);
     h.wait_log("sk", "ready");
     let original = pid_of(&h.instance("sk").expect("sk listed"));
-    let caught = status_field(original, "SigCgt");
-    let ignored = status_field(original, "SigIgn");
-    let limits = fs::read_to_string(format!("/proc/{original}/limits")).unwrap();
+    let kept = SignalState::of(original);
     assert!(
-        signal_bit(&caught, libc::SIGUSR1 as u32) && signal_bit(&caught, libc::SIGCHLD as u32),
-        "the template catches SIGUSR1 and SIGCHLD: {caught}"
+        signal_bit(&kept.caught, libc::SIGUSR1 as u32)
+            && signal_bit(&kept.caught, libc::SIGCHLD as u32),
+        "the template catches SIGUSR1 and SIGCHLD: {}",
+        kept.caught
     );
     let image = h.dir("images").join("sk.img");
     template(&h, "sk", &image, &["--leave-running"]);
@@ -1389,20 +1378,8 @@ fn clones_inherit_their_templates_signal_actions_and_limits_from_its_holder() {
     h.clone_template(&["sk3".to_string()], &image, &["--aid", "sk3"]);
     for name in names.iter().chain([&"sk3".to_string()]) {
         let pid = pid_of(&h.instance(name).unwrap_or_else(|| panic!("{name} listed")));
-        assert_eq!(status_field(pid, "SigCgt"), caught, "{name}: handlers");
-        assert_eq!(status_field(pid, "SigIgn"), ignored, "{name}: ignored");
-        assert_eq!(
-            fs::read_to_string(format!("/proc/{pid}/limits")).unwrap(),
-            limits,
-            "{name}: limits"
-        );
         // The inherited handler is the application's own: it runs.
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGUSR1,
-        )
-        .unwrap();
-        h.wait_log(name, "usr1 1");
+        kept.assert_kept(&h, name, pid);
     }
 
     // The holder carries the handlers and limits for its clones, but no
@@ -1442,5 +1419,5 @@ fn clones_inherit_their_templates_signal_actions_and_limits_from_its_holder() {
         "unlimited unlimited",
         "no template's CPU limit on the holder"
     );
-    assert_eq!(line(&limits, "Max cpu time"), "3000 4000");
+    assert_eq!(line(&kept.limits, "Max cpu time"), "3000 4000");
 }

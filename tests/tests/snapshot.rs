@@ -14,7 +14,7 @@ use std::path::Path;
 use common::{
     alive, ask_keeper, assert_left_nothing, info_field, keeper, keeper_copy, mkfifo, pid_of,
     pids_with_arg, poll, port_pairs, redis_cli, refused_as_fifo, start_keeper, start_redis,
-    Harness, Keeper, Ran, READY,
+    Harness, Keeper, Ran, SignalState, READY,
 };
 use serde_json::Value;
 
@@ -1064,17 +1064,6 @@ fn a_snapshot_of_a_clone_keeps_a_stack_that_grows() {
     assert!(alive(app), "c1 died growing its stack");
 }
 
-/// A field of /proc/PID/status.
-fn status_field(pid: u32, key: &str) -> String {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn a_process_single_stepping_itself_keeps_its_signal_actions_and_limits() {
     // Its saved flags have the trap flag on: code the dump injects must
@@ -1093,27 +1082,13 @@ fn a_process_single_stepping_itself_keeps_its_signal_actions_and_limits() {
         "sigkeeper steps itself: {ready}"
     );
     let before = pid_of(&h.instance("step").expect("step listed"));
-    let caught = status_field(before, "SigCgt");
-    let ignored = status_field(before, "SigIgn");
-    let limits = fs::read_to_string(format!("/proc/{before}/limits")).unwrap();
+    let kept = SignalState::of(before);
 
     let image = h.dir("images").join("step.img");
     let ran = h.snapshot("step", &image, &[]);
     assert!(ran.success(), "snapshot of a stepping process: {ran}");
     h.restore("step", &image, &[]);
     let after = pid_of(&h.instance("step").expect("step listed after restore"));
-    assert_eq!(status_field(after, "SigCgt"), caught, "handlers");
-    assert_eq!(status_field(after, "SigIgn"), ignored, "ignored signals");
-    assert_eq!(
-        fs::read_to_string(format!("/proc/{after}/limits")).unwrap(),
-        limits,
-        "limits"
-    );
     // Its own handler, still stepped through after the restore.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(after as i32),
-        nix::sys::signal::Signal::SIGUSR1,
-    )
-    .unwrap();
-    h.wait_log("step", "usr1 1");
+    kept.assert_kept(&h, "step", after);
 }

@@ -1058,3 +1058,46 @@ fn parse_keeper(line: &str) -> Keeper {
 pub fn keeper(h: &Harness, aid: &str) -> Keeper {
     parse_keeper(&ask_keeper(h, aid, ""))
 }
+
+/// A field of `/proc/PID/status` (`SigCgt`, `SigIgn`, `SigBlk` …).
+pub fn status_field(pid: u32, key: &str) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{status}"))
+        .trim()
+        .to_string()
+}
+
+/// A process's signal actions and resource limits, as /proc shows them.
+pub struct SignalState {
+    pub caught: String,
+    pub ignored: String,
+    pub limits: String,
+}
+
+impl SignalState {
+    pub fn of(pid: u32) -> SignalState {
+        SignalState {
+            caught: status_field(pid, "SigCgt"),
+            ignored: status_field(pid, "SigIgn"),
+            limits: fs::read_to_string(format!("/proc/{pid}/limits")).unwrap(),
+        }
+    }
+
+    /// Asserts that process `pid` of instance `name` (a `sigkeeper`) has
+    /// these actions and limits, and that its own SIGUSR1 handler runs.
+    pub fn assert_kept(&self, h: &Harness, name: &str, pid: u32) {
+        let now = SignalState::of(pid);
+        assert_eq!(now.caught, self.caught, "{name}: handlers");
+        assert_eq!(now.ignored, self.ignored, "{name}: ignored signals");
+        assert_eq!(now.limits, self.limits, "{name}: limits");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        h.wait_log(name, "usr1 1");
+    }
+}
