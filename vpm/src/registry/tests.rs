@@ -1042,6 +1042,15 @@ fn a_prepared_handle_commits_nothing_and_keeps_the_log() {
     assert!(on_disk(&shell).translations.is_empty());
 }
 
+/// The commits made to `registry`'s database so far.
+fn commits(registry: &Registry) -> u64 {
+    Db::open_existing(&registry.db_path())
+        .unwrap()
+        .unwrap()
+        .changes()
+        .unwrap()
+}
+
 /// The name taken first and its first record written later from another
 /// thread (a claimed shell forks its clone meanwhile): the name is alive
 /// from the first step, nothing is listed for it until the record, and the
@@ -1051,17 +1060,10 @@ fn a_prepared_handle_commits_nothing_and_keeps_the_log() {
 fn a_pending_record_is_written_from_another_thread_once_the_name_is_taken() {
     let (_tmp, registry) = registry();
     register(&registry, "web", "old", 20001);
-    let commits = || {
-        Db::open_existing(&registry.db_path())
-            .unwrap()
-            .unwrap()
-            .changes()
-            .unwrap()
-    };
-    let before = commits();
+    let before = commits(&registry);
     let (held, pending) = InstanceLock::acquire_pending(&registry, "web").unwrap();
     assert!(is_alive(registry.dir(), "web"), "the name is taken");
-    assert_eq!(commits(), before, "nothing committed yet");
+    assert_eq!(commits(&registry), before, "nothing committed yet");
     let recorder = std::thread::spawn(move || {
         pending
             .record(|s, dir| {
@@ -1077,7 +1079,7 @@ fn a_pending_record_is_written_from_another_thread_once_the_name_is_taken() {
         0,
         "the predecessor's translation went first"
     );
-    assert_eq!(commits(), before + 1, "one commit");
+    assert_eq!(commits(&registry), before + 1, "one commit");
     let state = registry.read().unwrap();
     assert_eq!(state.instances["web"].aid, "new");
     assert!(state.translations.is_empty());
@@ -1097,14 +1099,7 @@ fn a_pending_record_is_written_from_another_thread_once_the_name_is_taken() {
 fn the_lock_and_the_first_record_are_one_commit() {
     let (_tmp, registry) = registry();
     register(&registry, "web", "old", 20001);
-    let commits = || {
-        Db::open_existing(&registry.db_path())
-            .unwrap()
-            .unwrap()
-            .changes()
-            .unwrap()
-    };
-    let before = commits();
+    let before = commits(&registry);
     let (held, seen) = InstanceLock::acquire_recording(&registry, "web", |s, dir| {
         assert!(dir.is_dir(), "its directory is there");
         let seen = s.translations_of("web").count();
@@ -1114,7 +1109,7 @@ fn the_lock_and_the_first_record_are_one_commit() {
     })
     .unwrap();
     assert_eq!(seen, 0, "the dead predecessor's translation went first");
-    assert_eq!(commits(), before + 1, "one commit");
+    assert_eq!(commits(&registry), before + 1, "one commit");
     let state = registry.read().unwrap();
     assert_eq!(state.instances["web"].aid, "new");
     assert_eq!(
